@@ -1,0 +1,163 @@
+//! The Rust client for kvd (and any etcd v3 server): the etcd v3 KV, Cluster
+//! and Maintenance calls over gRPC, failing over between endpoints.
+//!
+//! A call goes to the endpoint that last answered. If that endpoint cannot be
+//! reached, or answers that it has no leader, the call moves on to the next;
+//! a call whose outcome is unknown (the server timed out after taking it) is
+//! not repeated, so a write is never applied twice by the client.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::proto::etcdserverpb::cluster_client::ClusterClient;
+use crate::proto::etcdserverpb::kv_client::KvClient;
+use crate::proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use crate::proto::etcdserverpb::*;
+
+/// Whether a failed call certainly never reached a server: its channel could
+/// not connect.
+pub fn not_sent(status: &Status) -> bool {
+    status.message().starts_with("Service was not ready")
+        || (status.code() == Code::Unavailable && status.message().contains("connect"))
+}
+
+fn retryable(status: &Status) -> bool {
+    not_sent(status)
+        || (status.code() == Code::Unavailable && status.message() == crate::error::Error::NoLeader.to_string())
+}
+
+/// A client of a kvd (or etcd) cluster.
+pub struct Client {
+    endpoints: Vec<String>,
+    channels: Vec<Channel>,
+    current: AtomicUsize,
+    max_message_bytes: usize,
+}
+
+/// Turns `host:port` into `http://host:port`; keeps URLs as they are.
+pub fn endpoint_url(endpoint: &str) -> String {
+    if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    }
+}
+
+impl Client {
+    /// A client of the given endpoints (`host:port` or `http://host:port`).
+    /// Connections are made on first use.
+    pub fn new(endpoints: &[String], dial_timeout: Duration) -> Result<Client, String> {
+        if endpoints.is_empty() {
+            return Err("no endpoints given".into());
+        }
+        let mut channels = Vec::new();
+        for e in endpoints {
+            let url = endpoint_url(e);
+            let ep = Endpoint::from_shared(url.clone()).map_err(|err| format!("bad endpoint {e:?}: {err}"))?;
+            channels.push(ep.connect_timeout(dial_timeout).tcp_nodelay(true).connect_lazy());
+        }
+        Ok(Client {
+            endpoints: endpoints.to_vec(),
+            channels,
+            current: AtomicUsize::new(0),
+            max_message_bytes: 256 * 1024 * 1024,
+        })
+    }
+
+    /// The endpoints, in order.
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, Status>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let n = self.channels.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..n {
+            let idx = (start + i) % n;
+            match f(self.channels[idx].clone()).await {
+                Ok(resp) => {
+                    self.current.store(idx, Ordering::Relaxed);
+                    return Ok(resp.into_inner());
+                }
+                Err(s) if retryable(&s) => last = Some(s),
+                Err(s) => return Err(s),
+            }
+        }
+        Err(last.unwrap_or_else(|| Status::unavailable("no endpoint answered")))
+    }
+
+    fn kv(&self, ch: Channel) -> KvClient<Channel> {
+        KvClient::new(ch)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes)
+    }
+
+    /// Range (get).
+    pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse, Status> {
+        self.call(|ch| {
+            let req = req.clone();
+            async move { self.kv(ch).range(req).await }
+        })
+        .await
+    }
+
+    /// Put.
+    pub async fn put(&self, req: PutRequest) -> Result<PutResponse, Status> {
+        self.call(|ch| {
+            let req = req.clone();
+            async move { self.kv(ch).put(req).await }
+        })
+        .await
+    }
+
+    /// DeleteRange.
+    pub async fn delete_range(&self, req: DeleteRangeRequest) -> Result<DeleteRangeResponse, Status> {
+        self.call(|ch| {
+            let req = req.clone();
+            async move { self.kv(ch).delete_range(req).await }
+        })
+        .await
+    }
+
+    /// Txn.
+    pub async fn txn(&self, req: TxnRequest) -> Result<TxnResponse, Status> {
+        self.call(|ch| {
+            let req = req.clone();
+            async move { self.kv(ch).txn(req).await }
+        })
+        .await
+    }
+
+    /// Compact.
+    pub async fn compact(&self, req: CompactionRequest) -> Result<CompactionResponse, Status> {
+        self.call(|ch| async move { self.kv(ch).compact(req).await })
+        .await
+    }
+
+    /// MemberList.
+    pub async fn member_list(&self) -> Result<MemberListResponse, Status> {
+        self.call(|ch| async move { ClusterClient::new(ch).member_list(MemberListRequest::default()).await }).await
+    }
+
+    /// Status of the endpoint at `index` (no failover: it asks that member).
+    pub async fn status_of(&self, index: usize) -> Result<StatusResponse, Status> {
+        let ch = self.channels.get(index).cloned().ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
+        MaintenanceClient::new(ch).status(StatusRequest::default()).await.map(|r| r.into_inner())
+    }
+
+    /// A linearizable get of `key` on the endpoint at `index` (no failover),
+    /// which is how etcd clients check an endpoint's health.
+    pub async fn get_on(&self, index: usize, key: &[u8]) -> Result<RangeResponse, Status> {
+        let ch = self.channels.get(index).cloned().ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
+        self.kv(ch).range(RangeRequest { key: key.to_vec(), ..Default::default() }).await.map(|r| r.into_inner())
+    }
+}

@@ -1,0 +1,276 @@
+//! `kvd`'s configuration: etcd's flag names, each also read from a `KVD_`
+//! environment variable, validated into addresses and ids before anything
+//! starts.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use sha2::{Digest, Sha256};
+
+use crate::raft::NodeId;
+
+/// Whether this member starts a new cluster or joins an existing one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClusterState {
+    /// Form a new cluster from `--initial-cluster`.
+    New,
+    /// The cluster exists; this member only restarts or waits to be added.
+    Existing,
+}
+
+/// The flags of `kvd`.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "kvd", version, about = "kvd: a Raft-replicated key-value store that speaks the etcd v3 API")]
+pub struct Config {
+    /// Human-readable name of this member.
+    #[arg(long, env = "KVD_NAME", default_value = "default")]
+    pub name: String,
+    /// Directory for the Raft log, the data and snapshots (default: `<name>.kvd`).
+    #[arg(long, env = "KVD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Comma-separated URLs to serve clients on.
+    #[arg(long, env = "KVD_LISTEN_CLIENT_URLS", default_value = "http://localhost:2379")]
+    pub listen_client_urls: String,
+    /// Comma-separated client URLs to tell the cluster about.
+    #[arg(long, env = "KVD_ADVERTISE_CLIENT_URLS", default_value = "http://localhost:2379")]
+    pub advertise_client_urls: String,
+    /// URL to serve peers on.
+    #[arg(long, env = "KVD_LISTEN_PEER_URLS", default_value = "http://localhost:2380")]
+    pub listen_peer_urls: String,
+    /// This member's peer URL as the other members reach it.
+    #[arg(long, env = "KVD_INITIAL_ADVERTISE_PEER_URLS", default_value = "http://localhost:2380")]
+    pub initial_advertise_peer_urls: String,
+    /// The initial members, as `name=peer-url,name=peer-url,...`.
+    #[arg(long, env = "KVD_INITIAL_CLUSTER", default_value = "default=http://localhost:2380")]
+    pub initial_cluster: String,
+    /// `new` to form a cluster, `existing` to restart into one.
+    #[arg(long, env = "KVD_INITIAL_CLUSTER_STATE", value_enum, default_value = "new")]
+    pub initial_cluster_state: ClusterState,
+    /// Token that keeps the ids of different clusters apart.
+    #[arg(long, env = "KVD_INITIAL_CLUSTER_TOKEN", default_value = "etcd-cluster")]
+    pub initial_cluster_token: String,
+    /// Leader heartbeat interval, in milliseconds.
+    #[arg(long, env = "KVD_HEARTBEAT_INTERVAL", default_value_t = 100)]
+    pub heartbeat_interval: u64,
+    /// Election timeout, in milliseconds.
+    #[arg(long, env = "KVD_ELECTION_TIMEOUT", default_value_t = 1000)]
+    pub election_timeout: u64,
+    /// Number of applied entries that triggers a snapshot (and log purge).
+    #[arg(long, env = "KVD_SNAPSHOT_COUNT", default_value_t = 100_000)]
+    pub snapshot_count: u64,
+    /// Largest client request, in bytes.
+    #[arg(long, env = "KVD_MAX_REQUEST_BYTES", default_value_t = 1_572_864)]
+    pub max_request_bytes: usize,
+    /// Most operations in one transaction.
+    #[arg(long, env = "KVD_MAX_TXN_OPS", default_value_t = 128)]
+    pub max_txn_ops: usize,
+}
+
+/// A configuration that cannot work, with what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A URL could not be parsed or resolved.
+    #[error("invalid URL {url:?} in --{flag}: {why}")]
+    BadUrl {
+        /// The flag it came from.
+        flag: &'static str,
+        /// The URL.
+        url: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// `--initial-cluster` is malformed.
+    #[error("invalid --initial-cluster: {0}")]
+    BadCluster(String),
+    /// This member is not in `--initial-cluster` with its advertised peer URL.
+    #[error("--initial-cluster has no member named {name:?} with peer URL {url} (from --initial-advertise-peer-urls)")]
+    NotAMember {
+        /// This member's name.
+        name: String,
+        /// Its advertised peer URL.
+        url: String,
+    },
+    /// The timing flags are inconsistent.
+    #[error("--election-timeout ({election}ms) must be at least 5 times --heartbeat-interval ({heartbeat}ms), and both above 0")]
+    BadTiming {
+        /// Election timeout in ms.
+        election: u64,
+        /// Heartbeat interval in ms.
+        heartbeat: u64,
+    },
+    /// A limit is out of range.
+    #[error("{0}")]
+    BadLimit(String),
+}
+
+/// One initial member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitialMember {
+    /// Its name.
+    pub name: String,
+    /// Its peer URL.
+    pub peer_url: String,
+    /// Its id.
+    pub id: NodeId,
+}
+
+/// A configuration checked and resolved.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    /// The flags.
+    pub config: Config,
+    /// Where to keep data.
+    pub data_dir: PathBuf,
+    /// Addresses to serve clients on.
+    pub client_addrs: Vec<SocketAddr>,
+    /// Address to serve peers on.
+    pub peer_addr: SocketAddr,
+    /// Client URLs to publish.
+    pub client_urls: Vec<String>,
+    /// This member's id.
+    pub id: NodeId,
+    /// The initial members.
+    pub members: Vec<InitialMember>,
+    /// The id of the cluster formed from the initial members.
+    pub cluster_id: u64,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// Election timeout.
+    pub election: Duration,
+}
+
+fn split(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// Normalises a URL (`http://host:port`) and resolves it to an address.
+pub fn parse_url(flag: &'static str, raw: &str) -> Result<(String, SocketAddr), ConfigError> {
+    let bad = |why: &str| ConfigError::BadUrl { flag, url: raw.to_string(), why: why.to_string() };
+    let url = url::Url::parse(raw).map_err(|e| bad(&e.to_string()))?;
+    if url.scheme() != "http" {
+        return Err(bad("only http:// URLs are supported"));
+    }
+    let host = url.host_str().ok_or_else(|| bad("no host"))?;
+    let port = url.port().ok_or_else(|| bad("no port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let addr = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| bad(&e.to_string()))?
+        .next()
+        .ok_or_else(|| bad("host does not resolve"))?;
+    Ok((format!("http://{}:{}", url.host_str().unwrap_or(host), port), addr))
+}
+
+/// A member's id, from its peer URL and the cluster token (as etcd derives
+/// it from the same inputs). Never 0.
+pub fn member_id(peer_url: &str, token: &str) -> NodeId {
+    let digest = Sha256::new().chain_update(peer_url.as_bytes()).chain_update(token.as_bytes()).finalize();
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(id).max(1)
+}
+
+impl Config {
+    /// Checks the flags and resolves addresses and ids.
+    pub fn validate(&self) -> Result<Validated, ConfigError> {
+        if self.heartbeat_interval == 0 || self.election_timeout < 5 * self.heartbeat_interval {
+            return Err(ConfigError::BadTiming { election: self.election_timeout, heartbeat: self.heartbeat_interval });
+        }
+        if self.max_txn_ops == 0 {
+            return Err(ConfigError::BadLimit("--max-txn-ops must be at least 1".into()));
+        }
+        if self.max_request_bytes < 1024 {
+            return Err(ConfigError::BadLimit("--max-request-bytes must be at least 1024".into()));
+        }
+        if self.snapshot_count == 0 {
+            return Err(ConfigError::BadLimit("--snapshot-count must be at least 1".into()));
+        }
+        let client_addrs = split(&self.listen_client_urls)
+            .map(|u| parse_url("listen-client-urls", u).map(|(_, a)| a))
+            .collect::<Result<Vec<_>, _>>()?;
+        if client_addrs.is_empty() {
+            return Err(ConfigError::BadUrl {
+                flag: "listen-client-urls",
+                url: String::new(),
+                why: "no URL given".into(),
+            });
+        }
+        let client_urls = split(&self.advertise_client_urls)
+            .map(|u| parse_url("advertise-client-urls", u).map(|(u, _)| u))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (_, peer_addr) = parse_url("listen-peer-urls", &self.listen_peer_urls)?;
+        let (own_url, _) = parse_url("initial-advertise-peer-urls", &self.initial_advertise_peer_urls)?;
+        let mut members = Vec::new();
+        for entry in split(&self.initial_cluster) {
+            let (name, url) = entry
+                .split_once('=')
+                .ok_or_else(|| ConfigError::BadCluster(format!("{entry:?} is not name=peer-url")))?;
+            let (url, _) = parse_url("initial-cluster", url)?;
+            let id = member_id(&url, &self.initial_cluster_token);
+            if members.iter().any(|m: &InitialMember| m.name == name || m.id == id) {
+                return Err(ConfigError::BadCluster(format!("member {name:?} or its URL {url} appears twice")));
+            }
+            members.push(InitialMember { name: name.to_string(), peer_url: url, id });
+        }
+        let me = members
+            .iter()
+            .find(|m| m.name == self.name && m.peer_url == own_url)
+            .ok_or_else(|| ConfigError::NotAMember { name: self.name.clone(), url: own_url.clone() })?;
+        let mut ids: Vec<NodeId> = members.iter().map(|m| m.id).collect();
+        ids.sort_unstable();
+        let cluster_seed: Vec<String> = ids.iter().map(|i| format!("{i:016x}")).collect();
+        let cluster_id = member_id(&cluster_seed.join(","), &self.initial_cluster_token);
+        Ok(Validated {
+            data_dir: self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.kvd", self.name))),
+            client_addrs,
+            peer_addr,
+            client_urls,
+            id: me.id,
+            members: members.clone(),
+            cluster_id,
+            heartbeat: Duration::from_millis(self.heartbeat_interval),
+            election: Duration::from_millis(self.election_timeout),
+            config: self.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Config {
+        Config::parse_from(std::iter::once("kvd").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_form_a_single_member_cluster() {
+        let v = config(&[]).validate().expect("defaults are valid");
+        assert_eq!(v.members.len(), 1);
+        assert_eq!(v.data_dir, PathBuf::from("default.kvd"));
+        assert_eq!(v.id, v.members[0].id);
+    }
+
+    #[test]
+    fn a_member_must_be_in_the_initial_cluster() {
+        let err = config(&["--name", "x", "--initial-cluster", "a=http://127.0.0.1:1,b=http://127.0.0.1:2"])
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("no member named \"x\""), "{err}");
+    }
+
+    #[test]
+    fn bad_urls_and_timings_are_rejected() {
+        assert!(config(&["--listen-client-urls", "https://127.0.0.1:1"]).validate().is_err());
+        assert!(config(&["--listen-peer-urls", "nonsense"]).validate().is_err());
+        assert!(config(&["--heartbeat-interval", "500", "--election-timeout", "1000"]).validate().is_err());
+    }
+
+    #[test]
+    fn ids_depend_on_url_and_token() {
+        assert_ne!(member_id("http://a:1", "t"), member_id("http://a:1", "u"));
+        assert_ne!(member_id("http://a:1", "t"), member_id("http://a:2", "t"));
+    }
+}

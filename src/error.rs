@@ -1,0 +1,99 @@
+//! Errors a client can see, and the one mapping from them to gRPC statuses.
+//!
+//! Every variant that etcd also has carries etcd's message and gRPC code, so
+//! etcd clients recognise it (clientv3 matches on the message text).
+
+use serde::{Deserialize, Serialize};
+use tonic::{Code, Status};
+
+/// An error answered to a client. It is serializable because a leader sends
+/// it back to the follower that forwarded the request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum Error {
+    /// A request named no key.
+    #[error("etcdserver: key is not provided")]
+    EmptyKey,
+    /// `ignore_value` or `ignore_lease` on a key that does not exist.
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
+    /// `ignore_value` together with a value.
+    #[error("etcdserver: value is provided")]
+    ValueProvided,
+    /// `ignore_lease` together with a lease.
+    #[error("etcdserver: lease is provided")]
+    LeaseProvided,
+    /// More compares or operations in one Txn than `--max-txn-ops`.
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps,
+    /// One Txn writes the same key twice.
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
+    /// A read or compaction at a revision that was compacted away.
+    #[error("etcdserver: mvcc: required revision has been compacted")]
+    Compacted,
+    /// A read or compaction at a revision the store has not reached.
+    #[error("etcdserver: mvcc: required revision is a future revision")]
+    FutureRev,
+    /// A put names a lease that does not exist.
+    #[error("etcdserver: requested lease not found")]
+    LeaseNotFound,
+    /// An unknown sort order or sort target.
+    #[error("etcdserver: invalid sort option")]
+    InvalidSortOption,
+    /// A request larger than `--max-request-bytes`.
+    #[error("etcdserver: request is too large")]
+    RequestTooLarge,
+    /// No leader is known, so nothing can be committed or read linearizably.
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    /// The request may or may not have been applied: the leader stopped
+    /// answering after it was sent.
+    #[error("etcdserver: request timed out")]
+    Timeout,
+    /// The member is shutting down.
+    #[error("etcdserver: server stopped")]
+    Stopped,
+    /// A storage or internal failure; the text says what failed.
+    #[error("kvd: internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The gRPC code etcd uses for this error.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::EmptyKey
+            | Error::KeyNotFound
+            | Error::ValueProvided
+            | Error::LeaseProvided
+            | Error::TooManyOps
+            | Error::DuplicateKey
+            | Error::InvalidSortOption
+            | Error::RequestTooLarge => Code::InvalidArgument,
+            Error::Compacted | Error::FutureRev => Code::OutOfRange,
+            Error::LeaseNotFound => Code::NotFound,
+            Error::NoLeader | Error::Timeout | Error::Stopped => Code::Unavailable,
+            Error::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// Wraps any displayable failure as an internal error.
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        Error::Internal(e.to_string())
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+impl From<sled::Error> for Error {
+    fn from(e: sled::Error) -> Self {
+        Error::internal(format!("storage: {e}"))
+    }
+}
+
+/// The result type of the key-value layer.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,56 @@
+//! The Cluster service: the member list, from Raft's membership and the
+//! attributes members published.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::node::Node;
+use crate::proto::etcdserverpb::cluster_server::Cluster;
+use crate::proto::etcdserverpb::{Member, MemberListRequest, MemberListResponse};
+
+/// The Cluster service of one member.
+pub struct ClusterService {
+    node: Arc<Node>,
+}
+
+impl ClusterService {
+    /// A service for `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        ClusterService { node }
+    }
+}
+
+/// The members as etcd lists them: voters and learners, with the name and
+/// client URLs each published (empty until it has).
+pub fn members(node: &Node) -> Vec<Member> {
+    let metrics = node.raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership();
+    let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+    let state = node.state.read();
+    membership
+        .nodes()
+        .map(|(id, n)| {
+            let attrs = state.attrs.get(id);
+            Member {
+                id: *id,
+                name: attrs.map(|a| a.name.clone()).unwrap_or_default(),
+                peer_ur_ls: vec![n.addr.clone()],
+                client_ur_ls: attrs.map(|a| a.client_urls.clone()).unwrap_or_default(),
+                is_learner: !voters.contains(id),
+            }
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn member_list(&self, req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
+        if req.into_inner().linearizable {
+            self.node.read_barrier().await?;
+        }
+        let mut resp = MemberListResponse { header: None, members: members(&self.node) };
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+}

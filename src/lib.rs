@@ -1,0 +1,26 @@
+//! kvd: a Raft-replicated key-value store that speaks the etcd v3 API.
+//!
+//! # Layout
+//!
+//! - [`mvcc`]: etcd's data model (revisions, versions, history, compaction,
+//!   Range/Put/DeleteRange/Txn semantics) over sled. Pure logic, no async.
+//! - [`raft`]: openraft wiring: the type config and commands, the log store,
+//!   the state machine that applies commands to the MVCC store, and the peer
+//!   network (client and server) over tonic.
+//! - [`node`]: one member: proposes writes (forwarding to the leader when it
+//!   is not the leader), serves linearizable reads through ReadIndex, and fills
+//!   response headers.
+//! - [`grpc`]: the etcd v3 gRPC services, one file per service.
+//! - [`server`]: starts a member on its listeners and stops it on a signal.
+//! - [`client`]: the Rust client that `kvctl` and the tests use.
+//! - [`config`]: `kvd`'s flags, named as etcd's.
+
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod mvcc;
+pub mod node;
+pub mod proto;
+pub mod raft;
+pub mod server;

@@ -1,0 +1,282 @@
+//! The MVCC key-value store: etcd's data model over sled.
+//!
+//! Every write gets the next cluster-wide revision; every version of every key
+//! is kept, by key and by revision, until compaction removes what no read at or
+//! after the compacted revision can see. The newest version of each live key is
+//! also held in memory (as etcd holds its key index), so a read at the current
+//! revision never touches history.
+//!
+//! This module is pure: no async, no network. The Raft state machine drives it
+//! and commits the sled batch each write produces together with the applied
+//! log id.
+
+pub mod keys;
+pub mod ops;
+pub mod txn;
+
+use std::collections::BTreeMap;
+
+use prost::Message;
+
+use crate::error::{Error, Result};
+use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
+use keys::RangeEnd;
+
+/// The revision of a store that has never been written, as in etcd.
+pub const INITIAL_REVISION: i64 = 1;
+
+/// An MVCC key-value store kept in one sled tree.
+pub struct MvccStore {
+    tree: sled::Tree,
+    /// Newest version of every live key.
+    index: BTreeMap<Vec<u8>, KeyValue>,
+    revision: i64,
+    compacted: i64,
+}
+
+impl MvccStore {
+    /// Opens the store kept in `tree`, rebuilding the in-memory index from
+    /// history.
+    pub fn open(tree: sled::Tree) -> Result<Self> {
+        let revision = read_meta_i64(&tree, "revision")?.unwrap_or(INITIAL_REVISION);
+        let compacted = read_meta_i64(&tree, "compacted")?.unwrap_or(0);
+        let mut index = BTreeMap::new();
+        let mut last: Option<KeyValue> = None;
+        for item in tree.scan_prefix([keys::HIST]) {
+            let (_, value) = item?;
+            let kv = decode_kv(&value)?;
+            if let Some(prev) = last.take() {
+                if prev.key != kv.key && prev.version != 0 {
+                    index.insert(prev.key.clone(), prev);
+                }
+            }
+            last = Some(kv);
+        }
+        if let Some(prev) = last {
+            if prev.version != 0 {
+                index.insert(prev.key.clone(), prev);
+            }
+        }
+        Ok(MvccStore { tree, index, revision, compacted })
+    }
+
+    /// The sled tree the store lives in.
+    pub fn tree(&self) -> &sled::Tree {
+        &self.tree
+    }
+
+    /// The current revision.
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// The compacted revision (0 if never compacted).
+    pub fn compacted(&self) -> i64 {
+        self.compacted
+    }
+
+    /// Number of live keys.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Whether no key is live.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Checks that a read at `rev` (0 or less for current) can be served, and
+    /// returns the revision it reads at.
+    pub fn check_read_rev(&self, rev: i64, current: i64) -> Result<i64> {
+        if rev > current {
+            return Err(Error::FutureRev);
+        }
+        if rev <= 0 {
+            return Ok(current);
+        }
+        if rev < self.compacted {
+            return Err(Error::Compacted);
+        }
+        Ok(rev)
+    }
+
+    /// The newest version of `key`, if it is live.
+    pub fn get(&self, key: &[u8]) -> Option<&KeyValue> {
+        self.index.get(key)
+    }
+
+    /// Live key-values in `[key, end)` at the current revision, in key order.
+    pub fn current<'a>(&'a self, key: &'a [u8], end: &'a RangeEnd) -> Box<dyn Iterator<Item = &'a KeyValue> + 'a> {
+        use std::ops::Bound::*;
+        match end {
+            RangeEnd::Single => Box::new(self.index.get(key).into_iter()),
+            RangeEnd::Unbounded => Box::new(self.index.range::<[u8], _>((Included(key), Unbounded)).map(|(_, v)| v)),
+            RangeEnd::Before(e) if e.as_slice() <= key => Box::new(std::iter::empty()),
+            RangeEnd::Before(e) => {
+                Box::new(self.index.range::<[u8], _>((Included(key), Excluded(e.as_slice()))).map(|(_, v)| v))
+            }
+        }
+    }
+
+    /// Key-values in `[key, end)` as they were at revision `rev`, in key order,
+    /// read from history. `rev` must be at or above the compacted revision.
+    pub fn at_revision(&self, key: &[u8], end: &RangeEnd, rev: i64) -> Result<Vec<KeyValue>> {
+        let start = keys::hist_prefix(key);
+        let iter = match end {
+            RangeEnd::Single => self.tree.scan_prefix(&start),
+            RangeEnd::Unbounded => self.tree.range(start..vec![keys::HIST + 1]),
+            RangeEnd::Before(e) if e.as_slice() <= key => return Ok(Vec::new()),
+            RangeEnd::Before(e) => self.tree.range(start..keys::hist_prefix(e)),
+        };
+        let mut out = Vec::new();
+        let mut candidate: Option<KeyValue> = None;
+        let mut current_key: Option<Vec<u8>> = None;
+        for item in iter {
+            let (rec, value) = item?;
+            let (k, r) = keys::parse_hist_key(&rec).ok_or_else(|| Error::internal("corrupt history record key"))?;
+            if current_key.as_deref() != Some(k.as_slice()) {
+                if let Some(kv) = candidate.take() {
+                    out.push(kv);
+                }
+                current_key = Some(k);
+            }
+            if r <= rev {
+                let kv = decode_kv(&value)?;
+                candidate = if kv.version == 0 { None } else { Some(kv) };
+            }
+        }
+        if let Some(kv) = candidate {
+            out.push(kv);
+        }
+        Ok(out)
+    }
+
+    /// Starts a write at the next revision. Its changes show in reads through
+    /// the writer at once; the returned batch must be committed to sled.
+    pub fn write(&mut self) -> Writer<'_> {
+        let rev = self.revision + 1;
+        Writer { store: self, batch: sled::Batch::default(), rev, sub: 0, events: Vec::new() }
+    }
+
+    /// Removes the history that no read at or after `rev` can see: every
+    /// version older than `rev` that was replaced or deleted by revision `rev`.
+    /// Versions at `rev` itself are kept whole.
+    pub fn compact(&mut self, rev: i64, batch: &mut sled::Batch) -> Result<()> {
+        if rev <= self.compacted {
+            return Err(Error::Compacted);
+        }
+        if rev > self.revision {
+            return Err(Error::FutureRev);
+        }
+        for item in self.tree.range(keys::rev_key(0, 0).to_vec()..keys::rev_key(rev, 0).to_vec()) {
+            let (rec, key) = item?;
+            let r = keys::parse_rev_key(&rec).ok_or_else(|| Error::internal("corrupt revision record key"))?;
+            let newest_by_rev =
+                self.tree.range(keys::hist_key(&key, r)..keys::hist_key(&key, rev + 1)).next_back().transpose()?;
+            let remove = match newest_by_rev {
+                Some((hist_rec, value)) => {
+                    let (_, newest) =
+                        keys::parse_hist_key(&hist_rec).ok_or_else(|| Error::internal("corrupt history record key"))?;
+                    newest > r || decode_kv(&value)?.version == 0
+                }
+                None => true,
+            };
+            if remove {
+                batch.remove(keys::hist_key(&key, r));
+                batch.remove(rec);
+            }
+        }
+        self.compacted = rev;
+        batch.insert(keys::meta_key("compacted"), &rev.to_be_bytes());
+        Ok(())
+    }
+}
+
+/// A write in progress at one revision. Reads through it see its own changes.
+pub struct Writer<'a> {
+    store: &'a mut MvccStore,
+    batch: sled::Batch,
+    rev: i64,
+    sub: u32,
+    events: Vec<Event>,
+}
+
+impl Writer<'_> {
+    /// The store as this write sees it.
+    pub fn store(&self) -> &MvccStore {
+        self.store
+    }
+
+    /// The revision reads through this write see: the new revision once
+    /// something changed, the old one before.
+    pub fn view_revision(&self) -> i64 {
+        if self.sub > 0 {
+            self.rev
+        } else {
+            self.rev - 1
+        }
+    }
+
+    /// The revision this write commits at.
+    pub fn revision(&self) -> i64 {
+        self.rev
+    }
+
+    /// Puts `key`; returns the previous version.
+    pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> Option<KeyValue> {
+        let prev = self.store.index.get(key).cloned();
+        let (create_revision, version) = match &prev {
+            Some(p) => (p.create_revision, p.version + 1),
+            None => (self.rev, 1),
+        };
+        let kv = KeyValue { key: key.to_vec(), create_revision, mod_revision: self.rev, version, value, lease };
+        self.record(&kv);
+        self.events.push(Event { r#type: EventType::Put as i32, kv: Some(kv.clone()), prev_kv: prev.clone() });
+        self.store.index.insert(key.to_vec(), kv);
+        prev
+    }
+
+    /// Deletes every live key in `[key, end)`; returns the deleted versions.
+    pub fn delete_range(&mut self, key: &[u8], end: &RangeEnd) -> Vec<KeyValue> {
+        let doomed: Vec<KeyValue> = self.store.current(key, end).cloned().collect();
+        for prev in &doomed {
+            let tomb = KeyValue { key: prev.key.clone(), mod_revision: self.rev, ..Default::default() };
+            self.record(&tomb);
+            self.store.index.remove(&prev.key);
+            self.events.push(Event { r#type: EventType::Delete as i32, kv: Some(tomb), prev_kv: Some(prev.clone()) });
+        }
+        doomed
+    }
+
+    fn record(&mut self, kv: &KeyValue) {
+        self.batch.insert(keys::hist_key(&kv.key, self.rev), kv.encode_to_vec());
+        self.batch.insert(&keys::rev_key(self.rev, self.sub), kv.key.as_slice());
+        self.sub += 1;
+    }
+
+    /// Finishes the write: returns the sled batch to commit and the events it
+    /// produced (empty if nothing changed, and then the revision stays).
+    pub fn finish(self) -> (sled::Batch, Vec<Event>) {
+        let mut batch = self.batch;
+        if self.sub > 0 {
+            self.store.revision = self.rev;
+            batch.insert(keys::meta_key("revision"), &self.rev.to_be_bytes());
+        }
+        (batch, self.events)
+    }
+}
+
+fn decode_kv(value: &[u8]) -> Result<KeyValue> {
+    KeyValue::decode(value).map_err(|e| Error::internal(format!("corrupt key-value record: {e}")))
+}
+
+fn read_meta_i64(tree: &sled::Tree, name: &str) -> Result<Option<i64>> {
+    match tree.get(keys::meta_key(name))? {
+        None => Ok(None),
+        Some(v) => {
+            let bytes: [u8; 8] =
+                v.as_ref().try_into().map_err(|_| Error::internal(format!("corrupt metadata record {name}")))?;
+            Ok(Some(i64::from_be_bytes(bytes)))
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! etcd's Range, Put and DeleteRange over the MVCC store, with etcd's
+//! validation, limits, sorting and filters.
+
+use super::keys::RangeEnd;
+use super::{MvccStore, Writer};
+use crate::error::{Error, Result};
+use crate::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
+use crate::proto::etcdserverpb::{
+    DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, ResponseHeader,
+};
+use crate::proto::mvccpb::KeyValue;
+
+/// A header that carries only a revision; the gRPC layer fills in the ids and
+/// term of top-level responses (responses nested in a Txn keep only this).
+pub fn rev_header(revision: i64) -> Option<ResponseHeader> {
+    Some(ResponseHeader { revision, ..Default::default() })
+}
+
+/// Checks a Range request as etcd does before serving it.
+pub fn check_range(req: &RangeRequest) -> Result<()> {
+    if req.key.is_empty() {
+        return Err(Error::EmptyKey);
+    }
+    if SortOrder::try_from(req.sort_order).is_err() || SortTarget::try_from(req.sort_target).is_err() {
+        return Err(Error::InvalidSortOption);
+    }
+    Ok(())
+}
+
+/// Checks a Put request as etcd does before proposing it.
+pub fn check_put(req: &PutRequest) -> Result<()> {
+    if req.key.is_empty() {
+        return Err(Error::EmptyKey);
+    }
+    if req.ignore_value && !req.value.is_empty() {
+        return Err(Error::ValueProvided);
+    }
+    if req.ignore_lease && req.lease != 0 {
+        return Err(Error::LeaseProvided);
+    }
+    Ok(())
+}
+
+/// Checks a DeleteRange request as etcd does before proposing it.
+pub fn check_delete(req: &DeleteRangeRequest) -> Result<()> {
+    if req.key.is_empty() {
+        return Err(Error::EmptyKey);
+    }
+    Ok(())
+}
+
+/// Serves a Range on `store` as seen at revision `current` (the store's
+/// revision, or the revision a write in progress sees).
+pub fn range(store: &MvccStore, current: i64, req: &RangeRequest) -> Result<RangeResponse> {
+    let rev = store.check_read_rev(req.revision, current)?;
+    let end = RangeEnd::from_request(&req.range_end);
+    let filtered = req.min_mod_revision != 0
+        || req.max_mod_revision != 0
+        || req.min_create_revision != 0
+        || req.max_create_revision != 0;
+    // Like etcd: fetch everything when sorting or filtering, else one more
+    // than the limit, to tell whether there is more.
+    let fetch = if req.sort_order != SortOrder::None as i32 || filtered {
+        usize::MAX
+    } else if req.limit > 0 {
+        (req.limit as usize).saturating_add(1)
+    } else {
+        usize::MAX
+    };
+    let mut count = 0usize;
+    let mut kvs = Vec::new();
+    if rev == current {
+        for kv in store.current(&req.key, &end) {
+            if !req.count_only && kvs.len() < fetch {
+                kvs.push(kv.clone());
+            }
+            count += 1;
+        }
+    } else {
+        let all = store.at_revision(&req.key, &end, rev)?;
+        count = all.len();
+        if !req.count_only {
+            kvs = all.into_iter().take(fetch).collect();
+        }
+    }
+    if filtered {
+        kvs.retain(|kv| {
+            !(req.max_mod_revision != 0 && kv.mod_revision > req.max_mod_revision
+                || req.min_mod_revision != 0 && kv.mod_revision < req.min_mod_revision
+                || req.max_create_revision != 0 && kv.create_revision > req.max_create_revision
+                || req.min_create_revision != 0 && kv.create_revision < req.min_create_revision)
+        });
+    }
+    sort(&mut kvs, req.sort_order, req.sort_target);
+    let mut more = false;
+    if req.limit > 0 && kvs.len() > req.limit as usize {
+        kvs.truncate(req.limit as usize);
+        more = true;
+    }
+    if req.keys_only {
+        for kv in &mut kvs {
+            kv.value.clear();
+        }
+    }
+    Ok(RangeResponse { header: rev_header(current), kvs, more, count: count as i64 })
+}
+
+fn sort(kvs: &mut [KeyValue], order: i32, target: i32) {
+    let target = SortTarget::try_from(target).unwrap_or(SortTarget::Key);
+    let mut order = SortOrder::try_from(order).unwrap_or(SortOrder::None);
+    if target != SortTarget::Key && order == SortOrder::None {
+        order = SortOrder::Ascend;
+    }
+    if order == SortOrder::None || (order == SortOrder::Ascend && target == SortTarget::Key) {
+        return;
+    }
+    match target {
+        SortTarget::Key => kvs.sort_by(|a, b| a.key.cmp(&b.key)),
+        SortTarget::Version => kvs.sort_by_key(|kv| kv.version),
+        SortTarget::Create => kvs.sort_by_key(|kv| kv.create_revision),
+        SortTarget::Mod => kvs.sort_by_key(|kv| kv.mod_revision),
+        SortTarget::Value => kvs.sort_by(|a, b| a.value.cmp(&b.value)),
+    }
+    if order == SortOrder::Descend {
+        kvs.reverse();
+    }
+}
+
+/// What a Put needs to hold before it is applied; checked against the state
+/// before any change of the request it belongs to.
+pub fn check_put_applies(store: &MvccStore, req: &PutRequest) -> Result<()> {
+    if req.lease != 0 {
+        // No lease has been granted through this store, so every lease id is
+        // unknown; etcd answers the same for an id it does not hold.
+        return Err(Error::LeaseNotFound);
+    }
+    if (req.ignore_value || req.ignore_lease) && store.get(&req.key).is_none() {
+        return Err(Error::KeyNotFound);
+    }
+    Ok(())
+}
+
+/// Applies a Put that passed [`check_put`] and [`check_put_applies`].
+pub fn put(w: &mut Writer<'_>, req: &PutRequest) -> Result<PutResponse> {
+    let prev = w.store().get(&req.key).cloned();
+    if (req.ignore_value || req.ignore_lease) && prev.is_none() {
+        return Err(Error::KeyNotFound);
+    }
+    let value = match (&prev, req.ignore_value) {
+        (Some(p), true) => p.value.clone(),
+        _ => req.value.clone(),
+    };
+    let lease = match (&prev, req.ignore_lease) {
+        (Some(p), true) => p.lease,
+        _ => req.lease,
+    };
+    w.put(&req.key, value, lease);
+    Ok(PutResponse { header: rev_header(w.revision()), prev_kv: if req.prev_kv { prev } else { None } })
+}
+
+/// Applies a DeleteRange.
+pub fn delete_range(w: &mut Writer<'_>, req: &DeleteRangeRequest) -> DeleteRangeResponse {
+    let end = RangeEnd::from_request(&req.range_end);
+    let prev = w.delete_range(&req.key, &end);
+    DeleteRangeResponse {
+        header: rev_header(w.view_revision()),
+        deleted: prev.len() as i64,
+        prev_kvs: if req.prev_kv { prev } else { Vec::new() },
+    }
+}

@@ -1,0 +1,259 @@
+//! etcd's Txn: validation (op limits, duplicate keys), compares, and applying
+//! the chosen branch, nested transactions included.
+//!
+//! As in etcd, every compare of the whole nested transaction is evaluated
+//! against the state before the transaction, the chosen branches are checked
+//! before anything changes, and then the operations run in order, each seeing
+//! the effects of the ones before it.
+
+use std::collections::HashSet;
+
+use super::keys::RangeEnd;
+use super::ops::{self, rev_header};
+use super::{MvccStore, Writer};
+use crate::error::{Error, Result};
+use crate::proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+use crate::proto::etcdserverpb::request_op::Request;
+use crate::proto::etcdserverpb::response_op::Response;
+use crate::proto::etcdserverpb::{Compare, RequestOp, ResponseOp, TxnRequest, TxnResponse};
+use crate::proto::mvccpb::KeyValue;
+
+/// Checks a Txn as etcd does before proposing it: operation counts, each
+/// operation, and that no key is written twice.
+pub fn check_txn(req: &TxnRequest, max_ops: usize) -> Result<()> {
+    if req.compare.len() > max_ops || req.success.len() > max_ops || req.failure.len() > max_ops {
+        return Err(Error::TooManyOps);
+    }
+    for op in req.success.iter().chain(&req.failure) {
+        match &op.request {
+            Some(Request::RequestRange(r)) => ops::check_range(r)?,
+            Some(Request::RequestPut(p)) => ops::check_put(p)?,
+            Some(Request::RequestDeleteRange(d)) => ops::check_delete(d)?,
+            Some(Request::RequestTxn(t)) => check_txn(t, max_ops)?,
+            None => {}
+        }
+    }
+    check_intervals(&req.success)?;
+    check_intervals(&req.failure)?;
+    Ok(())
+}
+
+/// Deleted ranges as etcd compares them: `[key, range_end)` by raw bytes, or
+/// the single key.
+struct Deletes(Vec<(Vec<u8>, Vec<u8>)>);
+
+impl Deletes {
+    fn hits(&self, k: &[u8]) -> bool {
+        self.0.iter().any(
+            |(key, end)| if end.is_empty() { k == key.as_slice() } else { k >= key.as_slice() && k < end.as_slice() },
+        )
+    }
+}
+
+/// Returns the keys put and the ranges deleted by `ops` (and the operations
+/// nested in them), or `DuplicateKey` if a key is written twice. A key may be
+/// put in both branches of a nested Txn, which are exclusive.
+fn check_intervals(ops: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Deletes)> {
+    let mut dels = Deletes(Vec::new());
+    for op in ops {
+        if let Some(Request::RequestDeleteRange(d)) = &op.request {
+            dels.0.push((d.key.clone(), d.range_end.clone()));
+        }
+    }
+    let mut puts: HashSet<Vec<u8>> = HashSet::new();
+    for op in ops {
+        let Some(Request::RequestTxn(t)) = &op.request else { continue };
+        let (puts_then, dels_then) = check_intervals(&t.success)?;
+        let (puts_else, dels_else) = check_intervals(&t.failure)?;
+        for k in &puts_then {
+            if puts.contains(k) || dels.hits(k) {
+                return Err(Error::DuplicateKey);
+            }
+            puts.insert(k.clone());
+        }
+        for k in puts_else {
+            if (puts.contains(&k) && !puts_then.contains(&k)) || dels.hits(&k) {
+                return Err(Error::DuplicateKey);
+            }
+            puts.insert(k);
+        }
+        dels.0.extend(dels_then.0);
+        dels.0.extend(dels_else.0);
+    }
+    for op in ops {
+        if let Some(Request::RequestPut(p)) = &op.request {
+            if puts.contains(&p.key) || dels.hits(&p.key) {
+                return Err(Error::DuplicateKey);
+            }
+            puts.insert(p.key.clone());
+        }
+    }
+    Ok((puts, dels))
+}
+
+/// Whether no branch of the Txn writes.
+pub fn is_read_only(req: &TxnRequest) -> bool {
+    req.success.iter().chain(&req.failure).all(|op| match &op.request {
+        Some(Request::RequestPut(_)) | Some(Request::RequestDeleteRange(_)) => false,
+        Some(Request::RequestTxn(t)) => is_read_only(t),
+        _ => true,
+    })
+}
+
+/// Whether every read of the Txn asked for a serializable read.
+pub fn is_serializable(req: &TxnRequest) -> bool {
+    req.success.iter().chain(&req.failure).all(|op| match &op.request {
+        Some(Request::RequestRange(r)) => r.serializable,
+        Some(Request::RequestTxn(t)) => is_serializable(t),
+        _ => true,
+    })
+}
+
+/// Evaluates the compares of the Txn and of the nested Txns on the chosen
+/// branches, in pre-order.
+fn compare_path(store: &MvccStore, req: &TxnRequest, path: &mut Vec<bool>) {
+    let ok = req.compare.iter().all(|c| compare(store, c));
+    path.push(ok);
+    for op in if ok { &req.success } else { &req.failure } {
+        if let Some(Request::RequestTxn(t)) = &op.request {
+            compare_path(store, t, path);
+        }
+    }
+}
+
+fn compare(store: &MvccStore, c: &Compare) -> bool {
+    let end = RangeEnd::from_request(&c.range_end);
+    let mut kvs = store.current(&c.key, &end).peekable();
+    if kvs.peek().is_none() {
+        return c.target != CompareTarget::Value as i32 && compare_kv(c, &KeyValue::default());
+    }
+    kvs.all(|kv| compare_kv(c, kv))
+}
+
+fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
+    use std::cmp::Ordering;
+    let int = |want: Option<i64>, have: i64| have.cmp(&want.unwrap_or(0));
+    let ord: Ordering = match (CompareTarget::try_from(c.target), &c.target_union) {
+        (Ok(CompareTarget::Value), u) => {
+            let want: &[u8] = match u {
+                Some(TargetUnion::Value(v)) => v,
+                _ => &[],
+            };
+            kv.value.as_slice().cmp(want)
+        }
+        (Ok(CompareTarget::Version), u) => {
+            int(matches_int(u, |u| if let TargetUnion::Version(v) = u { Some(*v) } else { None }), kv.version)
+        }
+        (Ok(CompareTarget::Create), u) => int(
+            matches_int(u, |u| if let TargetUnion::CreateRevision(v) = u { Some(*v) } else { None }),
+            kv.create_revision,
+        ),
+        (Ok(CompareTarget::Mod), u) => {
+            int(matches_int(u, |u| if let TargetUnion::ModRevision(v) = u { Some(*v) } else { None }), kv.mod_revision)
+        }
+        (Ok(CompareTarget::Lease), u) => {
+            int(matches_int(u, |u| if let TargetUnion::Lease(v) = u { Some(*v) } else { None }), kv.lease)
+        }
+        (Err(_), _) => return false,
+    };
+    match CompareResult::try_from(c.result) {
+        Ok(CompareResult::Equal) => ord == Ordering::Equal,
+        Ok(CompareResult::NotEqual) => ord != Ordering::Equal,
+        Ok(CompareResult::Greater) => ord == Ordering::Greater,
+        Ok(CompareResult::Less) => ord == Ordering::Less,
+        Err(_) => false,
+    }
+}
+
+fn matches_int(u: &Option<TargetUnion>, f: impl Fn(&TargetUnion) -> Option<i64>) -> Option<i64> {
+    u.as_ref().and_then(f)
+}
+
+/// Checks the operations on the chosen branches against the state before the
+/// Txn: puts (lease, ignore flags) when `writes`, and read revisions.
+fn check_branches(
+    store: &MvccStore,
+    req: &TxnRequest,
+    path: &mut std::slice::Iter<'_, bool>,
+    writes: bool,
+) -> Result<()> {
+    let ok = *path.next().ok_or_else(|| Error::internal("txn path too short"))?;
+    for op in if ok { &req.success } else { &req.failure } {
+        match &op.request {
+            Some(Request::RequestTxn(t)) => check_branches(store, t, path, writes)?,
+            Some(Request::RequestPut(p)) if writes => ops::check_put_applies(store, p)?,
+            Some(Request::RequestRange(r)) => {
+                let first = if store.compacted() == 0 { -1 } else { store.compacted() };
+                if r.revision != 0 && r.revision > store.revision() {
+                    return Err(Error::FutureRev);
+                }
+                if r.revision != 0 && r.revision < first {
+                    return Err(Error::Compacted);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Plans a Txn on the current state: evaluates its compares and checks the
+/// chosen branches. Nothing changes.
+pub fn plan(store: &MvccStore, req: &TxnRequest) -> Result<Vec<bool>> {
+    let mut path = Vec::new();
+    compare_path(store, req, &mut path);
+    check_branches(store, req, &mut path.iter(), !is_read_only(req))?;
+    Ok(path)
+}
+
+/// Applies a Txn planned by [`plan`] through a write.
+pub fn apply(w: &mut Writer<'_>, req: &TxnRequest, path: &[bool]) -> Result<TxnResponse> {
+    let mut resp = apply_branch(&mut Target::Write(w), req, &mut path.iter())?;
+    resp.header = rev_header(w.view_revision());
+    Ok(resp)
+}
+
+/// Serves a read-only Txn on the current state.
+pub fn read_only(store: &MvccStore, req: &TxnRequest) -> Result<TxnResponse> {
+    let path = plan(store, req)?;
+    let mut resp = apply_branch(&mut Target::Read(store), req, &mut path.iter())?;
+    resp.header = rev_header(store.revision());
+    Ok(resp)
+}
+
+enum Target<'a, 'b> {
+    Write(&'a mut Writer<'b>),
+    Read(&'a MvccStore),
+}
+
+fn apply_branch(
+    t: &mut Target<'_, '_>,
+    req: &TxnRequest,
+    path: &mut std::slice::Iter<'_, bool>,
+) -> Result<TxnResponse> {
+    let ok = *path.next().ok_or_else(|| Error::internal("txn path too short"))?;
+    let mut responses = Vec::new();
+    for op in if ok { &req.success } else { &req.failure } {
+        let response = match (&op.request, &mut *t) {
+            (Some(Request::RequestRange(r)), Target::Write(w)) => {
+                Response::ResponseRange(ops::range(w.store(), w.view_revision(), r)?)
+            }
+            (Some(Request::RequestRange(r)), Target::Read(s)) => {
+                Response::ResponseRange(ops::range(s, s.revision(), r)?)
+            }
+            (Some(Request::RequestPut(p)), Target::Write(w)) => Response::ResponsePut(ops::put(w, p)?),
+            (Some(Request::RequestDeleteRange(d)), Target::Write(w)) => {
+                Response::ResponseDeleteRange(ops::delete_range(w, d))
+            }
+            (Some(Request::RequestTxn(n)), t) => {
+                let mut nested = apply_branch(t, n, path)?;
+                nested.header = Some(Default::default());
+                Response::ResponseTxn(nested)
+            }
+            (Some(_), Target::Read(_)) => return Err(Error::internal("write in a read-only txn")),
+            (None, _) => continue,
+        };
+        responses.push(ResponseOp { response: Some(response) });
+    }
+    Ok(TxnResponse { header: None, succeeded: ok, responses })
+}

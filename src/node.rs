@@ -1,0 +1,223 @@
+//! One member of a kvd cluster: its Raft handle, its state, and the two paths
+//! every client request takes.
+//!
+//! - Writes are proposed to Raft. A follower forwards the proposal to the
+//!   leader over the peer API and returns the leader's answer, so clients may
+//!   send writes to any member. A proposal is retried only when it certainly
+//!   never reached a leader; otherwise the client gets "request timed out", as
+//!   from etcd, because the write may have been applied.
+//! - Linearizable reads first confirm a read index with the leader (ReadIndex;
+//!   a follower asks the leader for it), wait until this member has applied
+//!   that far, and then read local state. Serializable reads skip the first
+//!   step.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::proto::etcdserverpb::ResponseHeader;
+use crate::proto::kvdpb::{command, command_result, Command, CommandResult};
+use crate::raft::network::{CallError, Network, Rpc};
+use crate::raft::state_machine::Shared;
+use crate::raft::{decode, encode, Node as RaftNode, NodeId, Raft, Request, Response};
+
+/// How a leader answers a forwarded proposal or read-index request.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Forwarded<T> {
+    /// The leader handled it.
+    Done(T),
+    /// The receiver is not the leader; it names the leader it knows of.
+    NotLeader(Option<NodeId>),
+    /// The leader could not handle it.
+    Failed(Error),
+}
+
+/// Request limits, from the flags of the same names.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest proposal, in bytes (`--max-request-bytes`).
+    pub max_request_bytes: usize,
+    /// Most operations in one Txn (`--max-txn-ops`).
+    pub max_txn_ops: usize,
+}
+
+/// A running member.
+pub struct Node {
+    /// This member's id.
+    pub id: NodeId,
+    /// The cluster's id.
+    pub cluster_id: u64,
+    /// The Raft handle.
+    pub raft: Raft,
+    /// The applied state.
+    pub state: Arc<Shared>,
+    /// Channels to peers (and the test partition switch).
+    pub network: Network,
+    /// Request limits.
+    pub limits: Limits,
+    /// How long a request may wait for a leader, a commit or a read index.
+    pub request_timeout: Duration,
+}
+
+impl Node {
+    /// The current Raft term.
+    pub fn term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
+    }
+
+    /// The leader this member knows of.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// Fills in a response header: the ids and term, and the current revision
+    /// where the response carries none.
+    pub fn fill_header(&self, header: &mut Option<ResponseHeader>) {
+        let h = header.get_or_insert_with(Default::default);
+        h.cluster_id = self.cluster_id;
+        h.member_id = self.id;
+        h.raft_term = self.term();
+        if h.revision == 0 {
+            h.revision = self.state.read().store.revision();
+        }
+    }
+
+    fn leader_node(&self, id: NodeId) -> Option<RaftNode> {
+        self.raft.metrics().borrow().membership_config.membership().get_node(&id).cloned()
+    }
+
+    /// Waits, up to `deadline`, until a leader other than `stale` is known.
+    async fn await_leader(&self, stale: Option<NodeId>, deadline: Instant) {
+        let wait = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
+        let _ = self
+            .raft
+            .wait(Some(wait))
+            .metrics(|m| m.current_leader.is_some() && m.current_leader != stale, "leader")
+            .await;
+    }
+
+    /// Replicates a write and returns what applying it produced.
+    pub async fn propose(&self, op: command::Op) -> Result<command_result::Result, Error> {
+        let bytes = Command { op: Some(op) }.encode_to_vec();
+        if bytes.len() > self.limits.max_request_bytes {
+            return Err(Error::RequestTooLarge);
+        }
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let leader = match self.raft.client_write(Request(bytes.clone())).await {
+                Ok(written) => return unpack(written.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f.leader_id,
+                Err(RaftError::APIError(e)) => return Err(Error::internal(e)),
+                Err(RaftError::Fatal(_)) => return Err(Error::Stopped),
+            };
+            if let Some(leader) = leader {
+                match self.ask_leader::<Response>(leader, Rpc::Forward, bytes.clone(), deadline).await? {
+                    Some(Forwarded::Done(resp)) => return unpack(resp),
+                    Some(Forwarded::Failed(e)) => return Err(e),
+                    Some(Forwarded::NotLeader(_)) | None => {}
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(if self.leader().is_some() { Error::Timeout } else { Error::NoLeader });
+            }
+            self.await_leader(leader, deadline).await;
+        }
+    }
+
+    /// Sends a request to the leader. `Ok(None)` means it was certainly not
+    /// delivered, so it may be retried.
+    async fn ask_leader<T: serde::de::DeserializeOwned>(
+        &self,
+        leader: NodeId,
+        rpc: Rpc,
+        payload: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Option<Forwarded<T>>, Error> {
+        let Some(node) = self.leader_node(leader) else { return Ok(None) };
+        let timeout = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        match self.network.call(leader, &node.addr, rpc, payload, timeout).await {
+            Ok(bytes) => Ok(Some(decode(&bytes)?)),
+            Err(CallError::NotSent(_)) => Ok(None),
+            Err(CallError::Unknown(m)) => {
+                tracing::debug!(leader, "request to leader failed: {m}");
+                Err(Error::Timeout)
+            }
+        }
+    }
+
+    /// Waits until this member's state reflects every write committed before
+    /// the call (a linearizable read barrier).
+    pub async fn read_barrier(&self) -> Result<(), Error> {
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let leader = match self.raft.get_read_log_id().await {
+                Ok((read, _)) => return self.await_applied(read.map(|l| l.index), deadline).await,
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => f.leader_id,
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => None,
+                Err(RaftError::Fatal(_)) => return Err(Error::Stopped),
+            };
+            if let Some(leader) = leader {
+                match self.ask_leader::<Option<u64>>(leader, Rpc::ReadIndex, Vec::new(), deadline).await {
+                    Ok(Some(Forwarded::Done(index))) => return self.await_applied(index, deadline).await,
+                    Ok(Some(Forwarded::Failed(e))) => return Err(e),
+                    Ok(_) | Err(Error::Timeout) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(if self.leader().is_some() { Error::Timeout } else { Error::NoLeader });
+            }
+            self.await_leader(leader, deadline).await;
+        }
+    }
+
+    async fn await_applied(&self, index: Option<u64>, deadline: Instant) -> Result<(), Error> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        self.raft
+            .wait(Some(timeout))
+            .applied_index_at_least(index, "read index")
+            .await
+            .map(|_| ())
+            .map_err(|_| Error::Timeout)
+    }
+
+    /// Handles a proposal forwarded by a follower.
+    pub async fn serve_forward(&self, bytes: Vec<u8>) -> Forwarded<Response> {
+        if bytes.len() > self.limits.max_request_bytes {
+            return Forwarded::Failed(Error::RequestTooLarge);
+        }
+        match self.raft.client_write(Request(bytes)).await {
+            Ok(written) => Forwarded::Done(written.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Forwarded::NotLeader(f.leader_id),
+            Err(RaftError::APIError(e)) => Forwarded::Failed(Error::internal(e)),
+            Err(RaftError::Fatal(_)) => Forwarded::Failed(Error::Stopped),
+        }
+    }
+
+    /// Handles a read-index request from a follower.
+    pub async fn serve_read_index(&self) -> Forwarded<Option<u64>> {
+        match self.raft.get_read_log_id().await {
+            Ok((read, _)) => Forwarded::Done(read.map(|l| l.index)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Forwarded::NotLeader(f.leader_id),
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => Forwarded::NotLeader(None),
+            Err(RaftError::Fatal(_)) => Forwarded::Failed(Error::Stopped),
+        }
+    }
+}
+
+fn unpack(resp: Response) -> Result<command_result::Result, Error> {
+    let bytes = resp.0?;
+    CommandResult::decode(bytes.as_slice())
+        .ok()
+        .and_then(|r| r.result)
+        .ok_or_else(|| Error::internal("undecodable command result"))
+}
+
+/// Encodes a peer answer; an answer that cannot be encoded becomes a failure.
+pub fn encode_answer<T: Serialize>(answer: &Forwarded<T>) -> Vec<u8> {
+    encode(answer).unwrap_or_else(|e| encode(&Forwarded::<()>::Failed(e)).unwrap_or_default())
+}

@@ -1,0 +1,16 @@
+//! Generated protobuf and gRPC code: the etcd v3 API (`etcdserverpb`,
+//! `mvccpb`) and kvd's peer API (`kvdpb`).
+
+#![allow(clippy::all, missing_docs)]
+
+pub mod mvccpb {
+    tonic::include_proto!("mvccpb");
+}
+
+pub mod etcdserverpb {
+    tonic::include_proto!("etcdserverpb");
+}
+
+pub mod kvdpb {
+    tonic::include_proto!("kvdpb");
+}

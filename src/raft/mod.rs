@@ -1,0 +1,59 @@
+//! openraft wiring: the type configuration, the replicated command, and the
+//! storage and network pieces openraft drives.
+
+pub mod log_store;
+pub mod network;
+pub mod peer;
+pub mod state_machine;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+/// A member's id: etcd's member id, derived from its peer URL and the cluster
+/// token.
+pub type NodeId = u64;
+
+/// A member as Raft knows it: its peer URL.
+pub type Node = openraft::BasicNode;
+
+openraft::declare_raft_types!(
+    /// kvd's openraft types.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = NodeId,
+        Node = Node,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// The Raft handle of a member.
+pub type Raft = openraft::Raft<TypeConfig>;
+/// A storage failure as openraft reports it.
+pub type StorageError = openraft::StorageError<NodeId>;
+/// A log entry.
+pub type Entry = openraft::Entry<TypeConfig>;
+/// A log id.
+pub type LogId = openraft::LogId<NodeId>;
+
+/// A replicated write: a protobuf-encoded `kvdpb::Command`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+/// The outcome of applying a [`Request`]: a protobuf-encoded
+/// `kvdpb::CommandResult`, or the error etcd would answer. Every member
+/// computes the same outcome from the same entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response(pub Result<serde_bytes::ByteBuf, Error>);
+
+/// Encodes a value for the peer API and the log (bincode).
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
+    bincode::serialize(value).map_err(|e| Error::internal(format!("encode: {e}")))
+}
+
+/// Decodes a value encoded by [`encode`].
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Error> {
+    bincode::deserialize(bytes).map_err(|e| Error::internal(format!("decode: {e}")))
+}

@@ -1,0 +1,340 @@
+//! The Raft state machine: applies committed commands to the MVCC store.
+//!
+//! Each log entry's effects and the new last-applied log id are committed in
+//! one sled batch, so after a crash the store is exactly as of some applied
+//! entry and openraft re-applies the rest from the log. The state machine is
+//! not flushed per entry (the log is the durable record), but it is flushed
+//! before a snapshot is handed to openraft, which may then purge the log.
+//!
+//! Snapshots are a copy of the whole state tree taken between two applies,
+//! kept in `<data-dir>/snapshot.bin` and sent by openraft in chunks.
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError, StoredMembership};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+use super::{decode, encode, Entry, LogId, Node, NodeId, Request, Response, StorageError, TypeConfig};
+use crate::error::Error;
+use crate::mvcc::keys::meta_key;
+use crate::mvcc::{ops, txn, MvccStore};
+use crate::proto::etcdserverpb::CompactionResponse;
+use crate::proto::kvdpb::{command, command_result, Command, CommandResult, MemberAttributes};
+
+const ATTRS: u8 = b'a';
+const APPLIED: &str = "applied";
+const MEMBERSHIP: &str = "membership";
+const SNAPSHOT_FILE: &str = "snapshot.bin";
+const INSTALLING: &[u8] = b"installing_snapshot";
+
+/// What a member serves reads from: the MVCC store and the published member
+/// attributes, as of the last applied entry.
+pub struct State {
+    /// The key-value data.
+    pub store: MvccStore,
+    /// Names and client URLs that members published about themselves.
+    pub attrs: BTreeMap<NodeId, MemberAttributes>,
+}
+
+/// The state shared between the state machine and the request handlers.
+pub struct Shared {
+    db: sled::Db,
+    state: RwLock<State>,
+}
+
+impl Shared {
+    /// Locks the state for reading.
+    pub fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Bytes the member's database takes on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+/// The state machine openraft drives.
+pub struct StateMachine {
+    shared: Arc<Shared>,
+    tree: sled::Tree,
+    dir: PathBuf,
+    last_applied: Option<LogId>,
+    membership: StoredMembership<NodeId, Node>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, Node>,
+    data: Vec<u8>,
+}
+
+type Records = Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>;
+
+impl StateMachine {
+    /// Opens the state machine kept in `db`; `dir` holds the snapshot file.
+    /// Finishes a snapshot install that a crash interrupted.
+    pub fn open(db: &sled::Db, dir: &Path) -> Result<Self, Error> {
+        let tree = db.open_tree("state")?;
+        if db.get(INSTALLING)?.is_some() {
+            let stored = read_snapshot_file(dir)?
+                .ok_or_else(|| Error::internal("snapshot install was interrupted and its file is gone"))?;
+            load_records(db, &tree, &decode::<Records>(&stored.data)?)?;
+        }
+        let (state, last_applied, membership) = load_state(&tree)?;
+        Ok(StateMachine {
+            shared: Arc::new(Shared { db: db.clone(), state: RwLock::new(state) }),
+            tree,
+            dir: dir.to_path_buf(),
+            last_applied,
+            membership,
+        })
+    }
+
+    /// The state that request handlers read.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    fn apply_entry(&mut self, entry: &Entry) -> Result<Response, Error> {
+        let mut state = self.shared.write();
+        let (mut batch, response) = match &entry.payload {
+            EntryPayload::Blank => (sled::Batch::default(), Response(Ok(Default::default()))),
+            EntryPayload::Normal(Request(bytes)) => apply_command(&mut state, bytes)?,
+            EntryPayload::Membership(m) => {
+                self.membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                let mut batch = sled::Batch::default();
+                batch.insert(meta_key(MEMBERSHIP), encode(&self.membership)?);
+                (batch, Response(Ok(Default::default())))
+            }
+        };
+        batch.insert(meta_key(APPLIED), encode(&Some(entry.log_id))?);
+        self.tree.apply_batch(batch)?;
+        self.last_applied = Some(entry.log_id);
+        Ok(response)
+    }
+}
+
+/// Applies one command. Errors a client caused come back in the `Response`;
+/// an `Err` is a storage failure that leaves the member unable to go on.
+fn apply_command(state: &mut State, bytes: &[u8]) -> Result<(sled::Batch, Response), Error> {
+    let refused = |e: Error| Ok((sled::Batch::default(), Response(Err(e))));
+    let Ok(Command { op: Some(op) }) = Command::decode(bytes) else {
+        return refused(Error::internal("undecodable command in the log"));
+    };
+    let result = match op {
+        command::Op::Put(p) => {
+            if let Err(e) = ops::check_put_applies(&state.store, &p) {
+                return refused(e);
+            }
+            let mut w = state.store.write();
+            let resp = ops::put(&mut w, &p)?;
+            let (batch, _events) = w.finish();
+            (batch, command_result::Result::Put(resp))
+        }
+        command::Op::DeleteRange(d) => {
+            let mut w = state.store.write();
+            let resp = ops::delete_range(&mut w, &d);
+            let (batch, _events) = w.finish();
+            (batch, command_result::Result::DeleteRange(resp))
+        }
+        command::Op::Txn(t) => {
+            let path = match txn::plan(&state.store, &t) {
+                Ok(path) => path,
+                Err(e) => return refused(e),
+            };
+            let mut w = state.store.write();
+            let resp = txn::apply(&mut w, &t, &path)?;
+            let (batch, _events) = w.finish();
+            (batch, command_result::Result::Txn(resp))
+        }
+        command::Op::Compact(c) => {
+            let mut batch = sled::Batch::default();
+            if let Err(e) = state.store.compact(c.revision, &mut batch) {
+                return refused(e);
+            }
+            let header = ops::rev_header(state.store.revision());
+            (batch, command_result::Result::Compact(CompactionResponse { header }))
+        }
+        command::Op::Publish(attrs) => {
+            let mut batch = sled::Batch::default();
+            let mut key = vec![ATTRS];
+            key.extend_from_slice(&attrs.id.to_be_bytes());
+            batch.insert(key, attrs.encode_to_vec());
+            state.attrs.insert(attrs.id, attrs);
+            (batch, command_result::Result::Published(true))
+        }
+    };
+    let (batch, result) = result;
+    let encoded = CommandResult { result: Some(result) }.encode_to_vec();
+    Ok((batch, Response(Ok(serde_bytes::ByteBuf::from(encoded)))))
+}
+
+type Loaded = (State, Option<LogId>, StoredMembership<NodeId, Node>);
+
+fn load_state(tree: &sled::Tree) -> Result<Loaded, Error> {
+    let read = |name: &str| tree.get(meta_key(name));
+    let last_applied = match read(APPLIED)? {
+        Some(v) => decode(&v)?,
+        None => None,
+    };
+    let membership = match read(MEMBERSHIP)? {
+        Some(v) => decode(&v)?,
+        None => StoredMembership::default(),
+    };
+    let mut attrs = BTreeMap::new();
+    for item in tree.scan_prefix([ATTRS]) {
+        let (_, v) = item?;
+        let a =
+            MemberAttributes::decode(v.as_ref()).map_err(|e| Error::internal(format!("corrupt member record: {e}")))?;
+        attrs.insert(a.id, a);
+    }
+    let store = MvccStore::open(tree.clone())?;
+    Ok((State { store, attrs }, last_applied, membership))
+}
+
+/// Replaces the state tree with `records`, marking the install in progress so
+/// that a crash midway is finished at the next start.
+fn load_records(db: &sled::Db, tree: &sled::Tree, records: &Records) -> Result<(), Error> {
+    db.insert(INSTALLING, &[1u8])?;
+    db.flush()?;
+    tree.clear()?;
+    let mut batch = sled::Batch::default();
+    for (k, v) in records {
+        batch.insert(k.as_slice(), v.as_slice());
+    }
+    tree.apply_batch(batch)?;
+    db.flush()?;
+    db.remove(INSTALLING)?;
+    db.flush()?;
+    Ok(())
+}
+
+fn read_snapshot_file(dir: &Path) -> Result<Option<StoredSnapshot>, Error> {
+    match std::fs::read(dir.join(SNAPSHOT_FILE)) {
+        Ok(bytes) => Ok(Some(decode(&bytes)?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::internal(format!("read snapshot: {e}"))),
+    }
+}
+
+fn write_snapshot_file(dir: &Path, stored: &StoredSnapshot) -> Result<(), Error> {
+    let io = |e: std::io::Error| Error::internal(format!("write snapshot: {e}"));
+    let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+    let bytes = encode(stored)?;
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE)).map_err(io)?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    Ok(())
+}
+
+/// Builds a snapshot from a copy of the state taken between two applies.
+pub struct SnapshotBuilder {
+    db: sled::Db,
+    dir: PathBuf,
+    records: Records,
+    last_applied: Option<LogId>,
+    membership: StoredMembership<NodeId, Node>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let fail = |e: Error| StorageError::from(StorageIOError::write_snapshot(None, &e));
+        // The log up to the snapshot may be purged once it is returned, so the
+        // applied state must be on disk first.
+        self.db.flush_async().await.map_err(|e| fail(e.into()))?;
+        let data = encode(&self.records).map_err(fail)?;
+        let id = match self.last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, data.len()),
+            None => format!("0-0-{}", data.len()),
+        };
+        let meta =
+            SnapshotMeta { last_log_id: self.last_applied, last_membership: self.membership.clone(), snapshot_id: id };
+        let stored = StoredSnapshot { meta: meta.clone(), data };
+        write_snapshot_file(&self.dir, &stored).map_err(fail)?;
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = stored.data.len(), "built snapshot");
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership<NodeId, Node>), StorageError> {
+        Ok((self.last_applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut out = Vec::new();
+        for entry in entries {
+            let r = self.apply_entry(&entry).map_err(|e| StorageIOError::apply(entry.log_id, &e))?;
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let _state = self.shared.read();
+        let records = self
+            .tree
+            .iter()
+            .filter_map(|item| item.ok())
+            .map(|(k, v)| (serde_bytes::ByteBuf::from(k.to_vec()), serde_bytes::ByteBuf::from(v.to_vec())))
+            .collect();
+        SnapshotBuilder {
+            db: self.shared.db.clone(),
+            dir: self.dir.clone(),
+            records,
+            last_applied: self.last_applied,
+            membership: self.membership.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, Node>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let fail = |e: Error| StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e));
+        let data = snapshot.into_inner();
+        let records: Records = decode(&data).map_err(fail)?;
+        let stored = StoredSnapshot { meta: meta.clone(), data };
+        write_snapshot_file(&self.dir, &stored).map_err(fail)?;
+        let mut state = self.shared.write();
+        load_records(&self.shared.db, &self.tree, &records).map_err(fail)?;
+        let (new_state, _, _) = load_state(&self.tree).map_err(fail)?;
+        *state = new_state;
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let stored =
+            read_snapshot_file(&self.dir).map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))?;
+        Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+    }
+}

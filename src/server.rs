@@ -1,0 +1,286 @@
+//! Starting and stopping a member.
+//!
+//! [`start`] opens the data directory, starts Raft, forms the cluster when
+//! this is a new member of a new cluster, and serves the client and peer APIs
+//! on listeners the caller may have bound already (tests bind port 0).
+//! [`ServerHandle::shutdown`] stops serving, stops Raft and flushes.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{InitializeError, RaftError};
+use openraft::{BasicNode, SnapshotPolicy};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::config::{ClusterState, Validated};
+use crate::grpc::{cluster::ClusterService, kv::KvService, maintenance::MaintenanceService, GRPC_OVERHEAD_BYTES};
+use crate::node::{Limits, Node};
+use crate::proto::etcdserverpb::{
+    cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
+};
+use crate::proto::kvdpb::{command, peer_server::PeerServer, MemberAttributes};
+use crate::raft::log_store::LogStore;
+use crate::raft::network::Network;
+use crate::raft::peer::PeerService;
+use crate::raft::state_machine::StateMachine;
+use crate::raft::Raft;
+
+/// Why a member could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The data directory could not be opened (in use, unreadable, corrupt).
+    #[error("cannot open data dir {dir}: {why}")]
+    DataDir {
+        /// The directory.
+        dir: String,
+        /// The cause.
+        why: String,
+    },
+    /// The data directory belongs to another member or cluster.
+    #[error("data dir {dir} belongs to member {found:x} of cluster {cluster:x}, not to member {expected:x}")]
+    WrongMember {
+        /// The directory.
+        dir: String,
+        /// The member id stored there.
+        found: u64,
+        /// The cluster id stored there.
+        cluster: u64,
+        /// This member's id.
+        expected: u64,
+    },
+    /// Raft refused to start.
+    #[error("cannot start raft: {0}")]
+    Raft(String),
+}
+
+/// A running member.
+pub struct ServerHandle {
+    /// The member.
+    pub node: Arc<Node>,
+    /// Addresses the client API listens on.
+    pub client_addrs: Vec<SocketAddr>,
+    /// Address the peer API listens on.
+    pub peer_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    db: sled::Db,
+}
+
+/// Binds the listeners the configuration names and starts the member.
+pub async fn start(cfg: Validated) -> Result<ServerHandle, StartError> {
+    let mut clients = Vec::new();
+    for addr in &cfg.client_addrs {
+        clients.push(TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr: *addr, source })?);
+    }
+    let peer =
+        TcpListener::bind(cfg.peer_addr).await.map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?;
+    start_on(cfg, clients, peer).await
+}
+
+fn open_db(cfg: &Validated) -> Result<sled::Db, StartError> {
+    let dir = cfg.data_dir.display().to_string();
+    let fail = |why: String| StartError::DataDir { dir: dir.clone(), why };
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| fail(e.to_string()))?;
+    let db = sled::Config::new()
+        .path(cfg.data_dir.join("db"))
+        .cache_capacity(64 * 1024 * 1024)
+        .open()
+        .map_err(|e| fail(e.to_string()))?;
+    // The first start records whose directory this is, so that a directory
+    // is never served under another member's name.
+    let ident = (cfg.id.to_be_bytes(), cfg.cluster_id.to_be_bytes()).0;
+    match db.get(b"member_id").map_err(|e| fail(e.to_string()))? {
+        None => {
+            db.insert(b"member_id", &ident).map_err(|e| fail(e.to_string()))?;
+            db.insert(b"cluster_id", &cfg.cluster_id.to_be_bytes()).map_err(|e| fail(e.to_string()))?;
+            db.flush().map_err(|e| fail(e.to_string()))?;
+        }
+        Some(found) if found.as_ref() != ident => {
+            let found = found.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            let cluster = db
+                .get(b"cluster_id")
+                .ok()
+                .flatten()
+                .and_then(|c| c.as_ref().try_into().ok().map(u64::from_be_bytes))
+                .unwrap_or(0);
+            return Err(StartError::WrongMember { dir, found, cluster, expected: cfg.id });
+        }
+        Some(_) => {}
+    }
+    Ok(db)
+}
+
+/// Reads the cluster id stored in the data directory.
+fn stored_cluster_id(db: &sled::Db) -> Option<u64> {
+    db.get(b"cluster_id").ok().flatten().and_then(|c| c.as_ref().try_into().ok().map(u64::from_be_bytes))
+}
+
+/// Starts the member on listeners bound by the caller.
+pub async fn start_on(
+    cfg: Validated,
+    clients: Vec<TcpListener>,
+    peer: TcpListener,
+) -> Result<ServerHandle, StartError> {
+    let db = open_db(&cfg)?;
+    let data_err =
+        |e: crate::error::Error| StartError::DataDir { dir: cfg.data_dir.display().to_string(), why: e.to_string() };
+    let log_store = LogStore::open(&db).map_err(|e| data_err(e.into()))?;
+    let state_machine = StateMachine::open(&db, &cfg.data_dir).map_err(data_err)?;
+    let shared = state_machine.shared();
+    let network = Network::default();
+
+    let snapshot_count = cfg.config.snapshot_count;
+    let raft_config = openraft::Config {
+        cluster_name: cfg.config.initial_cluster_token.clone(),
+        heartbeat_interval: cfg.heartbeat.as_millis() as u64,
+        election_timeout_min: cfg.election.as_millis() as u64,
+        election_timeout_max: cfg.election.as_millis() as u64 * 2,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_count),
+        max_in_snapshot_log_to_keep: snapshot_count.min(5000),
+        snapshot_max_chunk_size: 1024 * 1024,
+        max_payload_entries: 1000,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| StartError::Raft(e.to_string()))?;
+    let raft = Raft::new(cfg.id, Arc::new(raft_config), network.clone(), log_store, state_machine)
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+
+    if cfg.config.initial_cluster_state == ClusterState::New {
+        let members: BTreeMap<u64, BasicNode> =
+            cfg.members.iter().map(|m| (m.id, BasicNode::new(&m.peer_url))).collect();
+        match raft.initialize(members).await {
+            Ok(()) => tracing::info!(members = cfg.members.len(), "formed a new cluster"),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+            Err(e) => return Err(StartError::Raft(e.to_string())),
+        }
+    }
+
+    let node = Arc::new(Node {
+        id: cfg.id,
+        cluster_id: stored_cluster_id(&db).unwrap_or(cfg.cluster_id),
+        raft,
+        state: shared,
+        network,
+        limits: Limits { max_request_bytes: cfg.config.max_request_bytes, max_txn_ops: cfg.config.max_txn_ops },
+        request_timeout: Duration::from_secs(5) + 2 * cfg.election,
+    });
+
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let peer_addr = peer.local_addr().map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?;
+    tasks.push(serve_peer(node.clone(), peer, stop_rx.clone()));
+    let mut client_addrs = Vec::new();
+    for listener in clients {
+        let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?;
+        client_addrs.push(addr);
+        tasks.push(serve_clients(node.clone(), listener, stop_rx.clone()));
+    }
+    tasks.push(publish_attributes(node.clone(), cfg.config.name.clone(), cfg.client_urls.clone(), stop_rx));
+    tracing::info!(member = %format!("{:x}", cfg.id), name = %cfg.config.name, ?client_addrs, %peer_addr, "kvd member started");
+    Ok(ServerHandle { node, client_addrs, peer_addr, stop, tasks, db })
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+fn serve_peer(node: Arc<Node>, listener: TcpListener, stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    let svc = PeerServer::new(PeerService::new(node))
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    tokio::spawn(async move {
+        let incoming = TcpListenerStream::new(listener);
+        let result = Server::builder()
+            .tcp_nodelay(true)
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, stopped(stop))
+            .await;
+        if let Err(e) = result {
+            tracing::error!("peer server failed: {e}");
+        }
+    })
+}
+
+fn serve_clients(node: Arc<Node>, listener: TcpListener, stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    let max_in = node.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let kv = KvServer::new(KvService::new(node.clone()))
+        .max_decoding_message_size(max_in)
+        .max_encoding_message_size(usize::MAX);
+    let cluster = ClusterServer::new(ClusterService::new(node.clone())).max_decoding_message_size(max_in);
+    let maintenance = MaintenanceServer::new(MaintenanceService::new(node)).max_decoding_message_size(max_in);
+    tokio::spawn(async move {
+        let incoming = TcpListenerStream::new(listener);
+        let result = Server::builder()
+            .tcp_nodelay(true)
+            .add_service(kv)
+            .add_service(cluster)
+            .add_service(maintenance)
+            .serve_with_incoming_shutdown(incoming, stopped(stop))
+            .await;
+        if let Err(e) = result {
+            tracing::error!("client server failed: {e}");
+        }
+    })
+}
+
+/// Publishes this member's name and client URLs through the log, as etcd
+/// does, retrying until it is committed or the member stops.
+fn publish_attributes(
+    node: Arc<Node>,
+    name: String,
+    client_urls: Vec<String>,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let attrs = MemberAttributes { id: node.id, name, client_urls };
+        let publish = async {
+            loop {
+                if node.state.read().attrs.get(&node.id) == Some(&attrs) {
+                    return;
+                }
+                match node.propose(command::Op::Publish(attrs.clone())).await {
+                    Ok(_) => return,
+                    Err(e) => tracing::debug!("publishing member attributes: {e}; retrying"),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        tokio::select! {
+            _ = publish => {}
+            _ = stopped(stop) => {}
+        }
+    })
+}
+
+impl ServerHandle {
+    /// Stops serving, stops Raft and flushes the data directory.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        if let Err(e) = self.node.raft.shutdown().await {
+            tracing::warn!("raft shutdown: {e}");
+        }
+        if let Err(e) = self.db.flush_async().await {
+            tracing::warn!("flush on shutdown: {e}");
+        }
+        tracing::info!("kvd member stopped");
+    }
+}
