@@ -139,8 +139,7 @@ impl Client {
 
     /// Compact.
     pub async fn compact(&self, req: CompactionRequest) -> Result<CompactionResponse, Status> {
-        self.call(|ch| async move { self.kv(ch).compact(req).await })
-        .await
+        self.call(|ch| async move { self.kv(ch).compact(req).await }).await
     }
 
     /// MemberList.

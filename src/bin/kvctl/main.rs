@@ -1,1 +1,102 @@
-fn main() {}
+//! `kvctl`: the command-line client of kvd, with etcdctl's verbs, flags and
+//! output formats. It works against etcd too.
+
+mod cluster;
+mod kv;
+mod output;
+mod txn;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use kvd::client::Client;
+use output::Format;
+
+#[derive(Parser)]
+#[command(name = "kvctl", version, about = "Command-line client for kvd (and any etcd v3 server)")]
+struct Cli {
+    /// Comma-separated endpoints (host:port or http://host:port).
+    #[arg(long, global = true, env = "KVCTL_ENDPOINTS", default_value = "127.0.0.1:2379")]
+    endpoints: String,
+    /// Output format.
+    #[arg(short = 'w', long = "write-out", global = true, value_enum, default_value = "simple")]
+    write_out: Format,
+    /// Time to wait for a connection, e.g. 2s or 500ms.
+    #[arg(long, global = true, default_value = "2s", value_parser = parse_duration)]
+    dial_timeout: Duration,
+    /// Time to wait for a command, e.g. 5s.
+    #[arg(long, global = true, default_value = "5s", value_parser = parse_duration)]
+    command_timeout: Duration,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Puts the given key into the store.
+    Put(kv::PutArgs),
+    /// Gets the key or a range of keys.
+    Get(kv::GetArgs),
+    /// Removes the specified key or range of keys [key, range_end).
+    Del(kv::DelArgs),
+    /// Txn processes all the requests in one transaction.
+    Txn(txn::TxnArgs),
+    /// Compacts the event history.
+    Compaction(kv::CompactionArgs),
+    /// Membership commands.
+    #[command(subcommand)]
+    Member(cluster::MemberCommand),
+    /// Endpoint commands.
+    #[command(subcommand)]
+    Endpoint(cluster::EndpointCommand),
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map(|i| s.split_at(i)).unwrap_or((s, "s"));
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s or m)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let endpoints: Vec<String> =
+        cli.endpoints.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let client = match Client::new(&endpoints, cli.dial_timeout) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let fmt = cli.write_out;
+    let run = async {
+        match cli.command {
+            Command::Put(a) => kv::put(&client, a, fmt).await,
+            Command::Get(a) => kv::get(&client, a, fmt).await,
+            Command::Del(a) => kv::del(&client, a, fmt).await,
+            Command::Txn(a) => txn::run(&client, a, fmt).await,
+            Command::Compaction(a) => kv::compaction(&client, a, fmt).await,
+            Command::Member(c) => cluster::member(&client, c, fmt).await,
+            Command::Endpoint(c) => cluster::endpoint(&client, c, fmt, cli.command_timeout).await,
+        }
+    };
+    let result = match tokio::time::timeout(cli.command_timeout, run).await {
+        Ok(r) => r,
+        Err(_) => Err(anyhow::anyhow!("context deadline exceeded")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {}", output::error_text(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

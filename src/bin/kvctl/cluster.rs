@@ -1,0 +1,196 @@
+//! `member list`, `endpoint status` and `endpoint health`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use clap::Subcommand;
+use kvd::client::{endpoint_url, Client};
+use serde_json::json;
+
+use crate::output::{self, Format};
+
+/// Membership commands.
+#[derive(Subcommand)]
+pub enum MemberCommand {
+    /// Lists all members in the cluster.
+    List,
+}
+
+/// Endpoint commands.
+#[derive(Subcommand)]
+pub enum EndpointCommand {
+    /// Prints the status of each endpoint.
+    Status {
+        /// Use all members' client URLs instead of --endpoints.
+        #[arg(long)]
+        cluster: bool,
+    },
+    /// Checks the health of each endpoint.
+    Health {
+        /// Use all members' client URLs instead of --endpoints.
+        #[arg(long)]
+        cluster: bool,
+    },
+}
+
+/// `member list`.
+pub async fn member(client: &Client, cmd: MemberCommand, fmt: Format) -> Result<()> {
+    let MemberCommand::List = cmd;
+    let resp = client.member_list().await?;
+    let rows: Vec<Vec<String>> = resp
+        .members
+        .iter()
+        .map(|m| {
+            vec![
+                format!("{:x}", m.id),
+                if m.name.is_empty() { "unstarted" } else { "started" }.to_string(),
+                m.name.clone(),
+                m.peer_ur_ls.join(","),
+                m.client_ur_ls.join(","),
+                m.is_learner.to_string(),
+            ]
+        })
+        .collect();
+    match fmt {
+        Format::Simple => rows.iter().for_each(|r| println!("{}", r.join(", "))),
+        Format::Table => {
+            output::print_table(&["ID", "STATUS", "NAME", "PEER ADDRS", "CLIENT ADDRS", "IS LEARNER"], &rows)
+        }
+        Format::Json => {
+            let members: Vec<_> = resp
+                .members
+                .iter()
+                .map(|m| json!({"ID": m.id, "name": m.name, "peerURLs": m.peer_ur_ls, "clientURLs": m.client_ur_ls, "isLearner": m.is_learner}))
+                .collect();
+            output::print_json(&json!({"header": output::header_json(&resp.header), "members": members}));
+        }
+    }
+    Ok(())
+}
+
+async fn targets(client: &Client, cluster: bool, dial: Duration) -> Result<Client> {
+    let endpoints: Vec<String> = if cluster {
+        client.member_list().await?.members.iter().flat_map(|m| m.client_ur_ls.clone()).collect()
+    } else {
+        client.endpoints().to_vec()
+    };
+    Client::new(&endpoints, dial).map_err(anyhow::Error::msg)
+}
+
+fn display(endpoint: &str) -> String {
+    endpoint_url(endpoint).trim_start_matches("http://").to_string()
+}
+
+/// `endpoint status` and `endpoint health`.
+pub async fn endpoint(client: &Client, cmd: EndpointCommand, fmt: Format, timeout: Duration) -> Result<()> {
+    match cmd {
+        EndpointCommand::Status { cluster } => {
+            let each = targets(client, cluster, timeout).await?;
+            let mut rows = Vec::new();
+            let mut failed = false;
+            for (i, ep) in each.endpoints().iter().enumerate() {
+                match each.status_of(i).await {
+                    Ok(s) => {
+                        let id = s.header.as_ref().map(|h| h.member_id).unwrap_or(0);
+                        rows.push((
+                            ep.clone(),
+                            s.clone(),
+                            vec![
+                                display(ep),
+                                format!("{id:x}"),
+                                s.version.clone(),
+                                output::human_bytes(s.db_size),
+                                (s.leader == id).to_string(),
+                                s.is_learner.to_string(),
+                                s.raft_term.to_string(),
+                                s.raft_index.to_string(),
+                                s.raft_applied_index.to_string(),
+                                s.errors.join(", "),
+                            ],
+                        ))
+                    }
+                    Err(e) => {
+                        eprintln!("Failed to get the status of endpoint {} ({})", display(ep), e.message());
+                        failed = true;
+                    }
+                }
+            }
+            match fmt {
+                Format::Simple => rows.iter().for_each(|(_, _, r)| println!("{}", r.join(", "))),
+                Format::Table => output::print_table(
+                    &[
+                        "ENDPOINT",
+                        "ID",
+                        "VERSION",
+                        "DB SIZE",
+                        "IS LEADER",
+                        "IS LEARNER",
+                        "RAFT TERM",
+                        "RAFT INDEX",
+                        "RAFT APPLIED INDEX",
+                        "ERRORS",
+                    ],
+                    &rows.iter().map(|(_, _, r)| r.clone()).collect::<Vec<_>>(),
+                ),
+                Format::Json => {
+                    let all: Vec<_> = rows
+                        .iter()
+                        .map(|(ep, s, _)| {
+                            json!({"Endpoint": ep, "Status": {"header": output::header_json(&s.header), "version": s.version,
+                                "dbSize": s.db_size, "leader": s.leader, "raftIndex": s.raft_index, "raftTerm": s.raft_term,
+                                "raftAppliedIndex": s.raft_applied_index, "dbSizeInUse": s.db_size_in_use}})
+                        })
+                        .collect();
+                    output::print_json(&json!(all));
+                }
+            }
+            if failed {
+                bail!("unhealthy cluster");
+            }
+        }
+        EndpointCommand::Health { cluster } => {
+            let each = targets(client, cluster, timeout).await?;
+            let mut rows = Vec::new();
+            for (i, ep) in each.endpoints().iter().enumerate() {
+                let start = Instant::now();
+                let res = each.get_on(i, b"health").await;
+                let took = start.elapsed();
+                rows.push((
+                    display(ep),
+                    res.is_ok(),
+                    took,
+                    res.err().map(|e| e.message().to_string()).unwrap_or_default(),
+                ));
+            }
+            match fmt {
+                Format::Json => {
+                    let all: Vec<_> = rows
+                        .iter()
+                        .map(|(ep, ok, took, err)| json!({"endpoint": ep, "health": ok, "took": format!("{took:?}"), "error": err}))
+                        .collect();
+                    output::print_json(&json!(all));
+                }
+                Format::Table => output::print_table(
+                    &["ENDPOINT", "HEALTH", "TOOK", "ERROR"],
+                    &rows
+                        .iter()
+                        .map(|(ep, ok, took, err)| vec![ep.clone(), ok.to_string(), format!("{took:?}"), err.clone()])
+                        .collect::<Vec<_>>(),
+                ),
+                Format::Simple => {
+                    for (ep, ok, took, err) in &rows {
+                        if *ok {
+                            println!("{ep} is healthy: successfully committed proposal: took = {took:?}");
+                        } else {
+                            eprintln!("{ep} is unhealthy: failed to commit proposal: {err}");
+                        }
+                    }
+                }
+            }
+            if rows.iter().any(|(_, ok, _, _)| !ok) {
+                bail!("unhealthy cluster");
+            }
+        }
+    }
+    Ok(())
+}
