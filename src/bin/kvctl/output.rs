@@ -54,7 +54,7 @@ fn object(fields: Vec<(&str, Value)>) -> Value {
 
 /// A response header as JSON.
 pub fn header_json(h: &Option<ResponseHeader>) -> Value {
-    let h = h.clone().unwrap_or_default();
+    let h = h.unwrap_or_default();
     object(vec![
         ("cluster_id", json!(h.cluster_id)),
         ("member_id", json!(h.member_id)),
