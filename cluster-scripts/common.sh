@@ -1,0 +1,23 @@
+# Shared settings of the cluster scripts; sourced, not run.
+#
+# KVD_CLUSTER_DIR  where data, logs and pid files go (default: ./kvd-cluster)
+# KVD_CLIENT_PORTS client ports of the three members (default: "2379 22379 32379")
+# KVD_PEER_PORTS   peer ports of the three members   (default: "2380 22380 32380")
+# KVD_BIN_DIR      where kvd and kvctl are (default: target/release, built when needed)
+# KVD_EXTRA_FLAGS  more flags for every member (e.g. "--snapshot-count 1000")
+
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CLUSTER_DIR="${KVD_CLUSTER_DIR:-$PWD/kvd-cluster}"
+read -r -a CLIENT_PORTS <<< "${KVD_CLIENT_PORTS:-2379 22379 32379}"
+read -r -a PEER_PORTS <<< "${KVD_PEER_PORTS:-2380 22380 32380}"
+NAMES=(n1 n2 n3)
+BIN_DIR="${KVD_BIN_DIR:-$ROOT/target/release}"
+
+endpoints() {
+  local out=() p
+  for p in "${CLIENT_PORTS[@]}"; do out+=("127.0.0.1:$p"); done
+  (IFS=,; echo "${out[*]}")
+}
+
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }

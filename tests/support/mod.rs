@@ -1,0 +1,179 @@
+//! Test support: in-process kvd clusters on ephemeral ports and temporary
+//! directories, with restart on the same directory and port, a partition
+//! switch, and waits on Raft metrics instead of sleeps.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use kvd::client::Client;
+use kvd::config::Config;
+use kvd::server::{start_on, ServerHandle};
+use tokio::net::{TcpListener, TcpSocket};
+
+/// How long tests wait for a condition before failing.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Binds a listener on `addr`, allowing reuse of a port that was just closed.
+pub fn listen(addr: SocketAddr) -> TcpListener {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.set_reuseaddr(true).expect("reuseaddr");
+    socket.bind(addr).expect("bind");
+    socket.listen(1024).expect("listen")
+}
+
+/// A cluster of in-process members.
+pub struct TestCluster {
+    pub members: Vec<Option<ServerHandle>>,
+    pub configs: Vec<Config>,
+    pub client_addrs: Vec<SocketAddr>,
+    pub peer_addrs: Vec<SocketAddr>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl TestCluster {
+    /// Starts `n` members; `tune` adjusts every member's flags.
+    pub async fn start(n: usize, tune: impl Fn(&mut Vec<String>)) -> TestCluster {
+        let mut clients = Vec::new();
+        let mut peers = Vec::new();
+        for _ in 0..n {
+            clients.push(listen("127.0.0.1:0".parse().unwrap()));
+            peers.push(listen("127.0.0.1:0".parse().unwrap()));
+        }
+        let client_addrs: Vec<SocketAddr> = clients.iter().map(|l| l.local_addr().unwrap()).collect();
+        let peer_addrs: Vec<SocketAddr> = peers.iter().map(|l| l.local_addr().unwrap()).collect();
+        let initial: Vec<String> = peer_addrs.iter().enumerate().map(|(i, a)| format!("m{i}=http://{a}")).collect();
+        let mut dirs = Vec::new();
+        let mut configs = Vec::new();
+        for i in 0..n {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut args: Vec<String> = vec![
+                "kvd".into(),
+                "--name".into(),
+                format!("m{i}"),
+                "--data-dir".into(),
+                dir.path().join("data").display().to_string(),
+                "--listen-client-urls".into(),
+                format!("http://{}", client_addrs[i]),
+                "--advertise-client-urls".into(),
+                format!("http://{}", client_addrs[i]),
+                "--listen-peer-urls".into(),
+                format!("http://{}", peer_addrs[i]),
+                "--initial-advertise-peer-urls".into(),
+                format!("http://{}", peer_addrs[i]),
+                "--initial-cluster".into(),
+                initial.join(","),
+                "--heartbeat-interval".into(),
+                "50".into(),
+                "--election-timeout".into(),
+                "500".into(),
+            ];
+            tune(&mut args);
+            configs.push(Config::parse_from(args));
+            dirs.push(dir);
+        }
+        let mut members = Vec::new();
+        for (i, (c, p)) in clients.into_iter().zip(peers).enumerate() {
+            let v = configs[i].validate().expect("valid config");
+            members.push(Some(start_on(v, vec![c], p).await.expect("member starts")));
+        }
+        let cluster = TestCluster { members, configs, client_addrs, peer_addrs, _dirs: dirs };
+        cluster.wait_leader().await;
+        cluster
+    }
+
+    /// The running member `i`.
+    pub fn member(&self, i: usize) -> &ServerHandle {
+        self.members[i].as_ref().expect("member is running")
+    }
+
+    /// Indexes of running members.
+    pub fn running(&self) -> Vec<usize> {
+        (0..self.members.len()).filter(|i| self.members[*i].is_some()).collect()
+    }
+
+    /// Waits until every running member knows the same leader, and returns
+    /// the leader's index.
+    pub async fn wait_leader(&self) -> usize {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let leaders: Vec<Option<u64>> = self.running().iter().map(|i| self.member(*i).node.leader()).collect();
+            if let Some(Some(l)) = leaders.first() {
+                if leaders.iter().all(|x| *x == Some(*l)) {
+                    if let Some(i) = self.running().into_iter().find(|i| self.member(*i).node.id == *l) {
+                        return i;
+                    }
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no agreed leader within {WAIT:?}: {leaders:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until member `i` has applied at least `index`.
+    pub async fn wait_applied(&self, i: usize, index: u64) {
+        self.member(i)
+            .node
+            .raft
+            .wait(Some(WAIT))
+            .applied_index_at_least(Some(index), "catch up")
+            .await
+            .expect("member catches up");
+    }
+
+    /// The leader's last applied log index.
+    pub fn applied(&self, i: usize) -> u64 {
+        self.member(i).node.raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0)
+    }
+
+    /// A client of member `i` alone.
+    pub fn client(&self, i: usize) -> Client {
+        Client::new(&[format!("http://{}", self.client_addrs[i])], Duration::from_secs(2)).expect("client")
+    }
+
+    /// A client of every member.
+    pub fn client_all(&self) -> Client {
+        let eps: Vec<String> = self.client_addrs.iter().map(|a| format!("http://{a}")).collect();
+        Client::new(&eps, Duration::from_secs(2)).expect("client")
+    }
+
+    /// Stops member `i`.
+    pub async fn stop(&mut self, i: usize) {
+        if let Some(m) = self.members[i].take() {
+            m.shutdown().await;
+        }
+    }
+
+    /// Starts member `i` again on its directory and ports.
+    pub async fn restart(&mut self, i: usize) {
+        assert!(self.members[i].is_none(), "member {i} is running");
+        let v = self.configs[i].validate().expect("valid config");
+        let m =
+            start_on(v, vec![listen(self.client_addrs[i])], listen(self.peer_addrs[i])).await.expect("member restarts");
+        self.members[i] = Some(m);
+    }
+
+    /// Stops every member.
+    pub async fn shutdown(mut self) {
+        for i in 0..self.members.len() {
+            self.stop(i).await;
+        }
+    }
+}
+
+/// A Put request.
+pub fn put(key: &str, value: &str) -> kvd::proto::etcdserverpb::PutRequest {
+    kvd::proto::etcdserverpb::PutRequest { key: key.into(), value: value.into(), ..Default::default() }
+}
+
+/// A serializable single-key Range request.
+pub fn get_local(key: &str) -> kvd::proto::etcdserverpb::RangeRequest {
+    kvd::proto::etcdserverpb::RangeRequest { key: key.into(), serializable: true, ..Default::default() }
+}
+
+/// A linearizable single-key Range request.
+pub fn get(key: &str) -> kvd::proto::etcdserverpb::RangeRequest {
+    kvd::proto::etcdserverpb::RangeRequest { key: key.into(), ..Default::default() }
+}
