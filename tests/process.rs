@@ -1,0 +1,162 @@
+//! Process-level tests: the real `kvd` and `kvctl` binaries, started,
+//! inspected and stopped through `cluster-scripts/`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Picks `n` distinct free ports (bound on port 0, then released).
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    client_ports: Vec<u16>,
+    peer_ports: Vec<u16>,
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        let ports = free_ports(6);
+        Cluster {
+            dir: tempfile::tempdir().unwrap(),
+            client_ports: ports[..3].to_vec(),
+            peer_ports: ports[3..].to_vec(),
+        }
+    }
+
+    fn bin_dir() -> PathBuf {
+        Path::new(env!("CARGO_BIN_EXE_kvd")).parent().unwrap().to_path_buf()
+    }
+
+    fn script(&self, name: &str) -> Output {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        Command::new("bash")
+            .arg(root.join("cluster-scripts").join(name))
+            .env("KVD_CLUSTER_DIR", self.dir.path())
+            .env("KVD_CLIENT_PORTS", self.client_ports.iter().map(u16::to_string).collect::<Vec<_>>().join(" "))
+            .env("KVD_PEER_PORTS", self.peer_ports.iter().map(u16::to_string).collect::<Vec<_>>().join(" "))
+            .env("KVD_BIN_DIR", Self::bin_dir())
+            .env("KVD_EXTRA_FLAGS", "--heartbeat-interval 50 --election-timeout 500")
+            .output()
+            .expect("run script")
+    }
+
+    fn endpoints(&self) -> String {
+        self.client_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
+    }
+
+    fn kvctl(&self, endpoints: &str, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_kvctl"))
+            .arg("--endpoints")
+            .arg(endpoints)
+            .args(args)
+            .output()
+            .expect("run kvctl")
+    }
+
+    fn pid(&self, member: &str) -> i32 {
+        std::fs::read_to_string(self.dir.path().join(format!("{member}.pid"))).unwrap().trim().parse().unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.script("stop.sh");
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn cluster_scripts_and_kvctl_survive_a_kill_and_a_full_restart() {
+    let c = Cluster::new();
+    let up = c.script("start.sh");
+    assert!(up.status.success(), "start.sh: {}", text(&up));
+    assert!(text(&up).contains("kvd cluster is up"));
+
+    let again = c.script("start.sh");
+    assert!(!again.status.success(), "a second start must refuse");
+    assert!(text(&again).contains("already running"), "{}", text(&again));
+
+    let eps = c.endpoints();
+    let first = format!("127.0.0.1:{}", c.client_ports[0]);
+    let third = format!("127.0.0.1:{}", c.client_ports[2]);
+    let put = c.kvctl(&first, &["put", "greeting", "hello"]);
+    assert!(put.status.success(), "{}", text(&put));
+    assert_eq!(String::from_utf8_lossy(&put.stdout), "OK\n");
+    let get = c.kvctl(&third, &["get", "greeting"]);
+    assert_eq!(String::from_utf8_lossy(&get.stdout), "greeting\nhello\n");
+
+    let status = c.script("status.sh");
+    assert!(status.status.success(), "{}", text(&status));
+    assert_eq!(text(&status).matches("running (pid").count(), 3, "{}", text(&status));
+
+    // kill -9 the leader: the others elect a new one, kvctl fails over.
+    let status = c.kvctl(&eps, &["endpoint", "status", "-w", "json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    let leader_at = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|r| r["Status"]["leader"] == r["Status"]["header"]["member_id"])
+        .expect("one member is the leader");
+    let victim = c.pid(&format!("n{}", leader_at + 1));
+    assert!(Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap().success());
+    for i in 0..20 {
+        let out = c.kvctl(&eps, &["put", &format!("after-kill-{i}"), "v"]);
+        assert!(out.status.success(), "write {i} after the kill: {}", text(&out));
+    }
+    let count = c.kvctl(&eps, &["get", "after-kill-", "--prefix", "--count-only"]);
+    assert_eq!(String::from_utf8_lossy(&count.stdout).trim(), "20", "{}", text(&count));
+
+    // Errors go to stderr with a non-zero exit code.
+    let bad = c.kvctl(&eps, &["get", "x", "--rev", "100000"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("required revision is a future revision"), "{}", text(&bad));
+
+    // Stop everything and start again: every key is still there.
+    let down = c.script("stop.sh");
+    assert!(down.status.success(), "{}", text(&down));
+    let up = c.script("start.sh");
+    assert!(up.status.success(), "restart: {}", text(&up));
+    let all = c.kvctl(&eps, &["get", "", "--from-key", "--count-only"]);
+    assert_eq!(String::from_utf8_lossy(&all.stdout).trim(), "21", "{}", text(&all));
+    let members = c.kvctl(&eps, &["member", "list"]);
+    assert_eq!(String::from_utf8_lossy(&members.stdout).lines().count(), 3, "{}", text(&members));
+    let health = c.kvctl(&eps, &["endpoint", "health"]);
+    assert!(health.status.success(), "{}", text(&health));
+}
+
+#[test]
+fn kvd_rejects_bad_flags_and_a_locked_data_dir_with_one_line() {
+    let bad = Command::new(env!("CARGO_BIN_EXE_kvd")).args(["--listen-peer-urls", "nonsense"]).output().unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("kvd: error: invalid URL \"nonsense\" in --listen-peer-urls"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    let c = Cluster::new();
+    let up = c.script("start.sh");
+    assert!(up.status.success(), "{}", text(&up));
+    // A second member on a data dir that is in use refuses to start.
+    let ports = free_ports(2);
+    let dir = c.dir.path().join("n1.data");
+    let out = Command::new(env!("CARGO_BIN_EXE_kvd"))
+        .args(["--name", "n1", "--data-dir"])
+        .arg(&dir)
+        .args(["--listen-client-urls", &format!("http://127.0.0.1:{}", ports[0])])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{}", ports[1])])
+        .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{}", c.peer_ports[0])])
+        .args(["--initial-cluster", &format!("n1=http://127.0.0.1:{}", c.peer_ports[0])])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("kvd: error: cannot open data dir"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
