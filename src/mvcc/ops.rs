@@ -141,11 +141,14 @@ pub fn check_put_applies(store: &MvccStore, req: &PutRequest) -> Result<()> {
 }
 
 /// Applies a Put that passed [`check_put`] and [`check_put_applies`].
-pub fn put(w: &mut Writer<'_>, req: &PutRequest) -> Result<PutResponse> {
+///
+/// It cannot fail: applying happens on every member, after the entry is
+/// committed, so a failure here could only stop the whole cluster. Should a
+/// Txn ever reach an `ignore_value` put whose key its own earlier operations
+/// removed (the duplicate-key check rules this out), the request's own value
+/// and lease are used.
+pub fn put(w: &mut Writer<'_>, req: &PutRequest) -> PutResponse {
     let prev = w.store().get(&req.key).cloned();
-    if (req.ignore_value || req.ignore_lease) && prev.is_none() {
-        return Err(Error::KeyNotFound);
-    }
     let value = match (&prev, req.ignore_value) {
         (Some(p), true) => p.value.clone(),
         _ => req.value.clone(),
@@ -155,7 +158,7 @@ pub fn put(w: &mut Writer<'_>, req: &PutRequest) -> Result<PutResponse> {
         _ => req.lease,
     };
     w.put(&req.key, value, lease);
-    Ok(PutResponse { header: rev_header(w.revision()), prev_kv: if req.prev_kv { prev } else { None } })
+    PutResponse { header: rev_header(w.revision()), prev_kv: if req.prev_kv { prev } else { None } }
 }
 
 /// Applies a DeleteRange.

@@ -38,15 +38,15 @@ pub fn check_txn(req: &TxnRequest, max_ops: usize) -> Result<()> {
     Ok(())
 }
 
-/// Deleted ranges as etcd compares them: `[key, range_end)` by raw bytes, or
-/// the single key.
-struct Deletes(Vec<(Vec<u8>, Vec<u8>)>);
+/// Key ranges deleted by a Txn: `[key, range_end)`, the single key, or with
+/// a `"\0"` range end every key from `key` on. (etcd 3.4 compares `"\0"` as
+/// a plain byte string here, so it misses a put after a from-key delete and
+/// then fails while applying; kvd rejects such a Txn as a duplicate key.)
+struct Deletes(Vec<(Vec<u8>, RangeEnd)>);
 
 impl Deletes {
     fn hits(&self, k: &[u8]) -> bool {
-        self.0.iter().any(
-            |(key, end)| if end.is_empty() { k == key.as_slice() } else { k >= key.as_slice() && k < end.as_slice() },
-        )
+        self.0.iter().any(|(key, end)| end.contains(key, k))
     }
 }
 
@@ -57,7 +57,7 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Deletes)> {
     let mut dels = Deletes(Vec::new());
     for op in ops {
         if let Some(Request::RequestDeleteRange(d)) = &op.request {
-            dels.0.push((d.key.clone(), d.range_end.clone()));
+            dels.0.push((d.key.clone(), RangeEnd::from_request(&d.range_end)));
         }
     }
     let mut puts: HashSet<Vec<u8>> = HashSet::new();
@@ -100,13 +100,14 @@ pub fn is_read_only(req: &TxnRequest) -> bool {
     })
 }
 
-/// Whether every read of the Txn asked for a serializable read.
+/// Whether the Txn may be served from local state without a read barrier:
+/// it has operations, and every one is a serializable Range. etcd also
+/// serves a Txn with no operations (compares only) locally; kvd does not,
+/// because such a Txn is how clients check state, and a stale answer there
+/// is a wrong answer.
 pub fn is_serializable(req: &TxnRequest) -> bool {
-    req.success.iter().chain(&req.failure).all(|op| match &op.request {
-        Some(Request::RequestRange(r)) => r.serializable,
-        Some(Request::RequestTxn(t)) => is_serializable(t),
-        _ => true,
-    })
+    let ops: Vec<&RequestOp> = req.success.iter().chain(&req.failure).collect();
+    !ops.is_empty() && ops.iter().all(|op| matches!(&op.request, Some(Request::RequestRange(r)) if r.serializable))
 }
 
 /// Evaluates the compares of the Txn and of the nested Txns on the chosen
@@ -169,20 +170,28 @@ fn matches_int(u: &Option<TargetUnion>, f: impl Fn(&TargetUnion) -> Option<i64>)
     u.as_ref().and_then(f)
 }
 
-/// Checks the operations on the chosen branches against the state before the
-/// Txn: puts (lease, ignore flags) when `writes`, and read revisions.
+/// Which operations [`check_branches`] checks.
+#[derive(Clone, Copy, PartialEq)]
+enum Check {
+    Puts,
+    Ranges,
+}
+
+/// Checks one kind of operation on the chosen branches against the state
+/// before the Txn: puts (lease, ignore flags), or read revisions. etcd checks
+/// every put of the Txn before any range, so errors come in that order.
 fn check_branches(
     store: &MvccStore,
     req: &TxnRequest,
     path: &mut std::slice::Iter<'_, bool>,
-    writes: bool,
+    check: Check,
 ) -> Result<()> {
     let ok = *path.next().ok_or_else(|| Error::internal("txn path too short"))?;
     for op in if ok { &req.success } else { &req.failure } {
         match &op.request {
-            Some(Request::RequestTxn(t)) => check_branches(store, t, path, writes)?,
-            Some(Request::RequestPut(p)) if writes => ops::check_put_applies(store, p)?,
-            Some(Request::RequestRange(r)) => {
+            Some(Request::RequestTxn(t)) => check_branches(store, t, path, check)?,
+            Some(Request::RequestPut(p)) if check == Check::Puts => ops::check_put_applies(store, p)?,
+            Some(Request::RequestRange(r)) if check == Check::Ranges => {
                 let first = if store.compacted() == 0 { -1 } else { store.compacted() };
                 if r.revision != 0 && r.revision > store.revision() {
                     return Err(Error::FutureRev);
@@ -202,7 +211,10 @@ fn check_branches(
 pub fn plan(store: &MvccStore, req: &TxnRequest) -> Result<Vec<bool>> {
     let mut path = Vec::new();
     compare_path(store, req, &mut path);
-    check_branches(store, req, &mut path.iter(), !is_read_only(req))?;
+    if !is_read_only(req) {
+        check_branches(store, req, &mut path.iter(), Check::Puts)?;
+    }
+    check_branches(store, req, &mut path.iter(), Check::Ranges)?;
     Ok(path)
 }
 
@@ -241,7 +253,7 @@ fn apply_branch(
             (Some(Request::RequestRange(r)), Target::Read(s)) => {
                 Response::ResponseRange(ops::range(s, s.revision(), r)?)
             }
-            (Some(Request::RequestPut(p)), Target::Write(w)) => Response::ResponsePut(ops::put(w, p)?),
+            (Some(Request::RequestPut(p)), Target::Write(w)) => Response::ResponsePut(ops::put(w, p)),
             (Some(Request::RequestDeleteRange(d)), Target::Write(w)) => {
                 Response::ResponseDeleteRange(ops::delete_range(w, d))
             }
@@ -256,4 +268,53 @@ fn apply_branch(
         responses.push(ResponseOp { response: Some(response) });
     }
     Ok(TxnResponse { header: None, succeeded: ok, responses })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::etcdserverpb::{DeleteRangeRequest, PutRequest};
+
+    fn put(key: &[u8]) -> RequestOp {
+        RequestOp { request: Some(Request::RequestPut(PutRequest { key: key.to_vec(), ..Default::default() })) }
+    }
+
+    fn del(key: &[u8], end: &[u8]) -> RequestOp {
+        let d = DeleteRangeRequest { key: key.to_vec(), range_end: end.to_vec(), prev_kv: false };
+        RequestOp { request: Some(Request::RequestDeleteRange(d)) }
+    }
+
+    fn nested(success: Vec<RequestOp>, failure: Vec<RequestOp>) -> RequestOp {
+        RequestOp { request: Some(Request::RequestTxn(TxnRequest { compare: vec![], success, failure })) }
+    }
+
+    fn txn(success: Vec<RequestOp>) -> TxnRequest {
+        TxnRequest { compare: vec![], success, failure: vec![] }
+    }
+
+    #[test]
+    fn a_key_written_twice_is_a_duplicate() {
+        assert_eq!(check_txn(&txn(vec![put(b"a"), put(b"a")]), 128), Err(Error::DuplicateKey));
+        assert_eq!(check_txn(&txn(vec![del(b"a", b"c"), put(b"b")]), 128), Err(Error::DuplicateKey));
+        assert_eq!(check_txn(&txn(vec![nested(vec![put(b"a")], vec![]), put(b"a")]), 128), Err(Error::DuplicateKey));
+        assert_eq!(check_txn(&txn(vec![del(b"a", b"b"), put(b"b")]), 128), Ok(()));
+        // Both branches of a nested Txn may put the same key: only one runs.
+        assert_eq!(check_txn(&txn(vec![nested(vec![put(b"a")], vec![put(b"a")])]), 128), Ok(()));
+    }
+
+    #[test]
+    fn a_from_key_delete_covers_every_later_key() {
+        // A nested from-key delete followed by a put of a key it covers must
+        // be refused before it is proposed: applying it cannot be undone.
+        let t = txn(vec![nested(vec![del(b"a/1", b"\0")], vec![]), nested(vec![put(b"b")], vec![])]);
+        assert_eq!(check_txn(&t, 128), Err(Error::DuplicateKey));
+        assert_eq!(check_txn(&txn(vec![del(b"b", b"\0"), put(b"a")]), 128), Ok(()));
+    }
+
+    #[test]
+    fn op_counts_are_limited() {
+        let many: Vec<RequestOp> = (0..3u8).map(|i| put(&[b'k', i])).collect();
+        assert_eq!(check_txn(&txn(many.clone()), 3), Ok(()));
+        assert_eq!(check_txn(&txn(many), 2), Err(Error::TooManyOps));
+    }
 }

@@ -137,7 +137,7 @@ fn apply_command(state: &mut State, bytes: &[u8]) -> Result<(sled::Batch, Respon
                 return refused(e);
             }
             let mut w = state.store.write();
-            let resp = ops::put(&mut w, &p)?;
+            let resp = ops::put(&mut w, &p);
             let (batch, _events) = w.finish();
             (batch, command_result::Result::Put(resp))
         }
