@@ -299,7 +299,7 @@ fn next_op(g: &mut Gen) -> Op {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kvd_answers_like_etcd_for_random_kv_operations() {
     let etcd = Etcd::start();
-    let reference = Client::new(&[etcd.client.clone()], Duration::from_secs(2)).unwrap();
+    let reference = Client::new(std::slice::from_ref(&etcd.client), Duration::from_secs(2)).unwrap();
     wait_ready(&reference).await;
     let cluster = TestCluster::start(3, |_| {}).await;
     let members: Vec<Client> = (0..3).map(|i| cluster.client(i)).collect();
