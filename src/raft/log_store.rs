@@ -1,9 +1,12 @@
 //! The Raft log and vote, in sled.
 //!
 //! Entries are keyed by index (big-endian, so sled's order is log order) and
-//! encoded with bincode. `append` writes a whole batch and flushes once before
-//! it tells openraft the entries are durable; the vote is flushed before it is
-//! acknowledged. This module is the whole log store, so that it can be
+//! encoded with bincode. `append` writes a batch and returns at once; a flusher
+//! task then makes it durable and only then tells openraft. The flusher takes
+//! every batch that queued up while the previous flush ran and covers them all
+//! with one flush (group commit), so under load many client writes share one
+//! fsync and no write is acknowledged before it is on disk. The vote is
+//! flushed before it is acknowledged. This module is the whole log store, so that it can be
 //! measured and replaced on its own (DESIGN.md §3).
 
 // openraft's StorageError is large by design; the trait fixes the error type.
@@ -14,6 +17,7 @@ use std::ops::{Bound, RangeBounds};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader, StorageIOError, Vote};
+use tokio::sync::mpsc;
 
 use super::{decode, encode, Entry, LogId, NodeId, StorageError, TypeConfig};
 
@@ -26,12 +30,16 @@ pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    flusher: mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
 }
 
 impl LogStore {
-    /// Opens the log kept in `db`.
+    /// Opens the log kept in `db` and starts its flusher task (so it must be
+    /// called within a tokio runtime).
     pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
-        Ok(LogStore { db: db.clone(), log: db.open_tree("raft_log")?, meta: db.open_tree("raft_meta")? })
+        let (flusher, pending) = mpsc::unbounded_channel();
+        tokio::spawn(flush_loop(db.clone(), pending));
+        Ok(LogStore { db: db.clone(), log: db.open_tree("raft_log")?, meta: db.open_tree("raft_meta")?, flusher })
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
@@ -41,6 +49,21 @@ impl LogStore {
 
     fn last_purged(&self) -> Result<Option<LogId>, StorageError> {
         self.read_meta(PURGED)
+    }
+}
+
+/// Completes appends once they are durable: one flush for every append that
+/// queued up meanwhile. It ends when every `LogStore` handle is dropped.
+async fn flush_loop(db: sled::Db, mut pending: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>) {
+    while let Some(first) = pending.recv().await {
+        let mut waiting = vec![first];
+        while let Ok(more) = pending.try_recv() {
+            waiting.push(more);
+        }
+        let flushed = db.flush_async().await.map(|_| ());
+        for callback in waiting {
+            callback.log_io_completed(flushed.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+        }
     }
 }
 
@@ -110,13 +133,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.insert(&index_key(entry.log_id.index), bytes);
         }
         self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
-        let flushed = self.db.flush_async().await.map(|_| ()).map_err(std::io::Error::other);
-        let failed = flushed.as_ref().err().map(StorageIOError::write_logs);
-        callback.log_io_completed(flushed);
-        match failed {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
+        if let Err(mpsc::error::SendError(callback)) = self.flusher.send(callback) {
+            // The flusher is gone (the runtime is shutting down): flush here.
+            let flushed = self.db.flush_async().await.map(|_| ()).map_err(std::io::Error::other);
+            callback.log_io_completed(flushed);
         }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {

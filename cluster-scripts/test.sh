@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs kvd's whole test suite. Installs what the interop and differential
+# tests need first: etcd 3.4 and etcdctl from Debian's packages (etcd-server,
+# etcd-client), without starting Debian's own etcd service.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if ! command -v etcd > /dev/null || ! command -v etcdctl > /dev/null; then
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO=sudo
+  echo "installing etcd-server and etcd-client (etcd 3.4) from Debian's packages..." >&2
+  # Keep the package from starting a system etcd on the default ports.
+  policy=/usr/sbin/policy-rc.d
+  added_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" > /dev/null
+    $SUDO chmod +x "$policy"
+    added_policy=1
+  fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server etcd-client > /dev/null
+  [ "$added_policy" = 0 ] || $SUDO rm -f "$policy"
+fi
+etcd --version | head -n 1 >&2
+
+cargo test --all-targets "$@"
