@@ -196,6 +196,20 @@ pub async fn start_on(
     Ok(ServerHandle { node, client_addrs, peer_addr, stop, tasks, db })
 }
 
+/// Accepted connections with Nagle's algorithm off: small gRPC messages
+/// would otherwise wait for delayed ACKs (40 ms per round trip). The server
+/// builder's own `tcp_nodelay` only covers listeners it binds itself.
+fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        if let Err(e) = conn.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY on an accepted connection: {e}");
+        }
+        Ok(conn)
+    })
+}
+
 async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
@@ -205,12 +219,8 @@ fn serve_peer(node: Arc<Node>, listener: TcpListener, stop: watch::Receiver<bool
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
     tokio::spawn(async move {
-        let incoming = TcpListenerStream::new(listener);
-        let result = Server::builder()
-            .tcp_nodelay(true)
-            .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, stopped(stop))
-            .await;
+        let result =
+            Server::builder().add_service(svc).serve_with_incoming_shutdown(incoming(listener), stopped(stop)).await;
         if let Err(e) = result {
             tracing::error!("peer server failed: {e}");
         }
@@ -225,13 +235,11 @@ fn serve_clients(node: Arc<Node>, listener: TcpListener, stop: watch::Receiver<b
     let cluster = ClusterServer::new(ClusterService::new(node.clone())).max_decoding_message_size(max_in);
     let maintenance = MaintenanceServer::new(MaintenanceService::new(node)).max_decoding_message_size(max_in);
     tokio::spawn(async move {
-        let incoming = TcpListenerStream::new(listener);
         let result = Server::builder()
-            .tcp_nodelay(true)
             .add_service(kv)
             .add_service(cluster)
             .add_service(maintenance)
-            .serve_with_incoming_shutdown(incoming, stopped(stop))
+            .serve_with_incoming_shutdown(incoming(listener), stopped(stop))
             .await;
         if let Err(e) = result {
             tracing::error!("client server failed: {e}");
