@@ -66,6 +66,10 @@ pub struct Config {
     /// Most operations in one transaction.
     #[arg(long, env = "KVD_MAX_TXN_OPS", default_value_t = 128)]
     pub max_txn_ops: usize,
+    /// How long a watch that asked for progress notifications may go without
+    /// a response before it gets an empty one with the current revision.
+    #[arg(long = "experimental-watch-progress-notify-interval", env = "KVD_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub watch_progress_notify_interval: std::time::Duration,
 }
 
 /// A configuration that cannot work, with what to fix.

@@ -37,6 +37,21 @@ pub enum Error {
     /// A put names a lease that does not exist.
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound,
+    /// A lease grant names an ID that is already granted.
+    #[error("etcdserver: lease already exists")]
+    LeaseExist,
+    /// A lease grant asks for a TTL above the maximum.
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
+    /// Proclaim by a candidate that does not hold leadership.
+    #[error("election: not leader")]
+    ElectionNotLeader,
+    /// Leader of an election nobody holds.
+    #[error("election: no leader")]
+    ElectionNoLeader,
+    /// A lock or election request whose lease expired while it waited.
+    #[error("kvd: the lease of this lock or campaign expired while it waited")]
+    SessionExpired,
     /// An unknown sort order or sort target.
     #[error("etcdserver: invalid sort option")]
     InvalidSortOption,
@@ -72,6 +87,10 @@ impl Error {
             | Error::RequestTooLarge => Code::InvalidArgument,
             Error::Compacted | Error::FutureRev => Code::OutOfRange,
             Error::LeaseNotFound => Code::NotFound,
+            Error::LeaseExist => Code::FailedPrecondition,
+            Error::LeaseTtlTooLarge => Code::OutOfRange,
+            Error::ElectionNotLeader | Error::ElectionNoLeader => Code::Unknown,
+            Error::SessionExpired => Code::FailedPrecondition,
             Error::NoLeader | Error::Timeout | Error::Stopped => Code::Unavailable,
             Error::Internal(_) => Code::Internal,
         }

@@ -10,15 +10,20 @@
 //! - [`node`]: one member: proposes writes (forwarding to the leader when it
 //!   is not the leader), serves linearizable reads through ReadIndex, and fills
 //!   response headers.
-//! - [`grpc`]: the etcd v3 gRPC services, one file per service.
+//! - [`lease`]: lease deadlines, kept by the leader, and lease requests.
+//! - [`concurrency`]: locks and elections on keys, leases and watches.
+//! - [`grpc`]: the etcd v3 gRPC services, one file per service (KV, Watch,
+//!   Lease, Cluster, Maintenance, and etcd's Lock and Election).
 //! - [`server`]: starts a member on its listeners and stops it on a signal.
 //! - [`client`]: the Rust client that `kvctl` and the tests use.
 //! - [`config`]: `kvd`'s flags, named as etcd's.
 
 pub mod client;
+pub mod concurrency;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod lease;
 pub mod mvcc;
 pub mod node;
 pub mod proto;

@@ -61,6 +61,10 @@ pub struct Node {
     pub limits: Limits,
     /// How long a request may wait for a leader, a commit or a read index.
     pub request_timeout: Duration,
+    /// The smallest TTL a lease is granted with, in seconds.
+    pub min_lease_ttl: i64,
+    /// Lease deadlines, kept while this member leads.
+    pub lessor: crate::lease::Lessor,
 }
 
 impl Node {
@@ -91,7 +95,7 @@ impl Node {
     }
 
     /// Waits, up to `deadline`, until a leader other than `stale` is known.
-    async fn await_leader(&self, stale: Option<NodeId>, deadline: Instant) {
+    pub(crate) async fn await_leader(&self, stale: Option<NodeId>, deadline: Instant) {
         let wait = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
         let _ = self
             .raft
@@ -130,7 +134,7 @@ impl Node {
 
     /// Sends a request to the leader. `Ok(None)` means it was certainly not
     /// delivered, so it may be retried.
-    async fn ask_leader<T: serde::de::DeserializeOwned>(
+    pub(crate) async fn ask_leader<T: serde::de::DeserializeOwned>(
         &self,
         leader: NodeId,
         rpc: Rpc,
@@ -175,7 +179,7 @@ impl Node {
         }
     }
 
-    async fn await_applied(&self, index: Option<u64>, deadline: Instant) -> Result<(), Error> {
+    pub(crate) async fn await_applied(&self, index: Option<u64>, deadline: Instant) -> Result<(), Error> {
         let timeout = deadline.saturating_duration_since(Instant::now());
         self.raft
             .wait(Some(timeout))

@@ -1,5 +1,5 @@
 //! Generated protobuf and gRPC code: the etcd v3 API (`etcdserverpb`,
-//! `mvccpb`) and kvd's peer API (`kvdpb`).
+//! `mvccpb`, `v3lockpb`, `v3electionpb`) and kvd's peer API (`kvdpb`).
 
 #![allow(clippy::all, missing_docs)]
 
@@ -13,4 +13,12 @@ pub mod etcdserverpb {
 
 pub mod kvdpb {
     tonic::include_proto!("kvdpb");
+}
+
+pub mod v3lockpb {
+    tonic::include_proto!("v3lockpb");
+}
+
+pub mod v3electionpb {
+    tonic::include_proto!("v3electionpb");
 }

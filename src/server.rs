@@ -19,12 +19,19 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
 use crate::config::{ClusterState, Validated};
+use crate::grpc::election::ElectionService;
+use crate::grpc::lease::LeaseService;
+use crate::grpc::lock::LockService;
+use crate::grpc::watch::WatchService;
 use crate::grpc::{cluster::ClusterService, kv::KvService, maintenance::MaintenanceService, GRPC_OVERHEAD_BYTES};
 use crate::node::{Limits, Node};
 use crate::proto::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
 };
+use crate::proto::etcdserverpb::{lease_server::LeaseServer, watch_server::WatchServer};
 use crate::proto::kvdpb::{command, peer_server::PeerServer, MemberAttributes};
+use crate::proto::v3electionpb::election_server::ElectionServer;
+use crate::proto::v3lockpb::lock_server::LockServer;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::Network;
 use crate::raft::peer::PeerService;
@@ -179,6 +186,8 @@ pub async fn start_on(
         network,
         limits: Limits { max_request_bytes: cfg.config.max_request_bytes, max_txn_ops: cfg.config.max_txn_ops },
         request_timeout: Duration::from_secs(5) + 2 * cfg.election,
+        min_lease_ttl: crate::lease::min_lease_ttl(cfg.election),
+        lessor: Default::default(),
     });
 
     let (stop, stop_rx) = watch::channel(false);
@@ -189,8 +198,10 @@ pub async fn start_on(
     for listener in clients {
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?;
         client_addrs.push(addr);
-        tasks.push(serve_clients(node.clone(), listener, stop_rx.clone()));
+        let progress = cfg.config.watch_progress_notify_interval;
+        tasks.push(serve_clients(node.clone(), listener, progress, stop_rx.clone()));
     }
+    tasks.push(tokio::spawn(crate::lease::run_expiry(node.clone(), stop_rx.clone())));
     tasks.push(publish_attributes(node.clone(), cfg.config.name.clone(), cfg.client_urls.clone(), stop_rx));
     tracing::info!(member = %format!("{:x}", cfg.id), name = %cfg.config.name, ?client_addrs, %peer_addr, "kvd member started");
     Ok(ServerHandle { node, client_addrs, peer_addr, stop, tasks, db })
@@ -227,18 +238,31 @@ fn serve_peer(node: Arc<Node>, listener: TcpListener, stop: watch::Receiver<bool
     })
 }
 
-fn serve_clients(node: Arc<Node>, listener: TcpListener, stop: watch::Receiver<bool>) -> JoinHandle<()> {
+fn serve_clients(
+    node: Arc<Node>,
+    listener: TcpListener,
+    progress_interval: Duration,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
     let max_in = node.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let kv = KvServer::new(KvService::new(node.clone()))
         .max_decoding_message_size(max_in)
         .max_encoding_message_size(usize::MAX);
     let cluster = ClusterServer::new(ClusterService::new(node.clone())).max_decoding_message_size(max_in);
-    let maintenance = MaintenanceServer::new(MaintenanceService::new(node)).max_decoding_message_size(max_in);
+    let maintenance = MaintenanceServer::new(MaintenanceService::new(node.clone())).max_decoding_message_size(max_in);
+    let watch = WatchServer::new(WatchService::new(node.clone(), progress_interval)).max_decoding_message_size(max_in);
+    let lease = LeaseServer::new(LeaseService::new(node.clone())).max_decoding_message_size(max_in);
+    let lock = LockServer::new(LockService::new(node.clone())).max_decoding_message_size(max_in);
+    let election = ElectionServer::new(ElectionService::new(node)).max_decoding_message_size(max_in);
     tokio::spawn(async move {
         let result = Server::builder()
             .add_service(kv)
             .add_service(cluster)
             .add_service(maintenance)
+            .add_service(watch)
+            .add_service(lease)
+            .add_service(lock)
+            .add_service(election)
             .serve_with_incoming_shutdown(incoming(listener), stopped(stop))
             .await;
         if let Err(e) = result {

@@ -10,6 +10,8 @@
 //! - `r` + revision + sub-index: the key written at that point, so history can
 //!   be walked in revision order (watch replay, compaction).
 //! - `m` + name: store metadata (revision, compacted revision, raft state).
+//! - `l` + lease id: a granted lease and its TTL. The keys attached to a lease
+//!   are not stored twice: they are the live keys whose `lease` names it.
 
 /// Prefix of history records.
 pub const HIST: u8 = b'h';
@@ -17,6 +19,16 @@ pub const HIST: u8 = b'h';
 pub const REVS: u8 = b'r';
 /// Prefix of metadata records.
 pub const META: u8 = b'm';
+/// Prefix of lease records.
+pub const LEASE: u8 = b'l';
+
+/// The record key of lease `id`.
+pub fn lease_key(id: i64) -> [u8; 9] {
+    let mut out = [0u8; 9];
+    out[0] = LEASE;
+    out[1..].copy_from_slice(&id.to_be_bytes());
+    out
+}
 
 /// Escapes `key` so that byte order of escaped keys equals byte order of the
 /// keys, and no escaped key is a prefix of another: `0x00` becomes

@@ -14,7 +14,7 @@ pub mod keys;
 pub mod ops;
 pub mod txn;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use prost::Message;
 
@@ -25,11 +25,23 @@ use keys::RangeEnd;
 /// The revision of a store that has never been written, as in etcd.
 pub const INITIAL_REVISION: i64 = 1;
 
+/// A granted lease as the store knows it. When it expires is not part of the
+/// replicated state: the leader alone decides that, and revokes it through Raft.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lease {
+    /// The TTL it was granted with, in seconds.
+    pub ttl: i64,
+    /// The live keys attached to it.
+    pub keys: BTreeSet<Vec<u8>>,
+}
+
 /// An MVCC key-value store kept in one sled tree.
 pub struct MvccStore {
     tree: sled::Tree,
     /// Newest version of every live key.
     index: BTreeMap<Vec<u8>, KeyValue>,
+    /// Granted leases.
+    leases: BTreeMap<i64, Lease>,
     revision: i64,
     compacted: i64,
 }
@@ -57,7 +69,96 @@ impl MvccStore {
                 index.insert(prev.key.clone(), prev);
             }
         }
-        Ok(MvccStore { tree, index, revision, compacted })
+        let mut leases = BTreeMap::new();
+        for item in tree.scan_prefix([keys::LEASE]) {
+            let (rec, value) = item?;
+            let id: [u8; 8] = rec
+                .get(1..)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| Error::internal("corrupt lease record key"))?;
+            let ttl: [u8; 8] = value.as_ref().try_into().map_err(|_| Error::internal("corrupt lease record"))?;
+            leases.insert(i64::from_be_bytes(id), Lease { ttl: i64::from_be_bytes(ttl), keys: BTreeSet::new() });
+        }
+        for kv in index.values() {
+            if kv.lease != 0 {
+                // A key can only have been attached to a lease that existed,
+                // and revoking a lease deletes its keys in the same batch.
+                let lease = leases
+                    .get_mut(&kv.lease)
+                    .ok_or_else(|| Error::internal(format!("key attached to unknown lease {:x}", kv.lease)))?;
+                lease.keys.insert(kv.key.clone());
+            }
+        }
+        Ok(MvccStore { tree, index, leases, revision, compacted })
+    }
+
+    /// The lease `id`, if it is granted.
+    pub fn lease(&self, id: i64) -> Option<&Lease> {
+        self.leases.get(&id)
+    }
+
+    /// Every granted lease.
+    pub fn leases(&self) -> &BTreeMap<i64, Lease> {
+        &self.leases
+    }
+
+    /// Grants lease `id` with `ttl` seconds; false if it already exists.
+    pub fn grant_lease(&mut self, id: i64, ttl: i64, batch: &mut sled::Batch) -> bool {
+        if self.leases.contains_key(&id) {
+            return false;
+        }
+        self.leases.insert(id, Lease { ttl, keys: BTreeSet::new() });
+        batch.insert(&keys::lease_key(id), &ttl.to_be_bytes());
+        true
+    }
+
+    /// Events of revisions `from..=to` on keys in `[key, end)`, in revision
+    /// order, read from history. Whole revisions only: it stops after the
+    /// first revision that brings the count to `max_events` or more. Returns
+    /// the events and the last revision read (so the caller goes on after it).
+    pub fn history_events(
+        &self,
+        key: &[u8],
+        end: &RangeEnd,
+        from: i64,
+        to: i64,
+        max_events: usize,
+        with_prev: bool,
+    ) -> Result<(Vec<Event>, i64)> {
+        if from > to {
+            return Ok((Vec::new(), to));
+        }
+        if from < self.compacted {
+            return Err(Error::Compacted);
+        }
+        let mut out = Vec::new();
+        let mut last = to;
+        for item in self.tree.range(keys::rev_key(from, 0).to_vec()..keys::rev_key(to + 1, 0).to_vec()) {
+            let (rec, k) = item?;
+            let rev = keys::parse_rev_key(&rec).ok_or_else(|| Error::internal("corrupt revision record key"))?;
+            if out.len() >= max_events && out.last().map(event_rev) != Some(rev) {
+                last = rev - 1;
+                break;
+            }
+            if !end.contains(key, &k) {
+                continue;
+            }
+            let kv = match self.tree.get(keys::hist_key(&k, rev))? {
+                Some(v) => decode_kv(&v)?,
+                None => return Err(Error::Compacted),
+            };
+            let prev_kv = if with_prev {
+                match self.tree.range(keys::hist_key(&k, 0)..keys::hist_key(&k, rev)).next_back() {
+                    Some(item) => Some(decode_kv(&item?.1)?).filter(|p| p.version != 0),
+                    None => None,
+                }
+            } else {
+                None
+            };
+            let r#type = if kv.version == 0 { EventType::Delete } else { EventType::Put };
+            out.push(Event { r#type: r#type as i32, kv: Some(kv), prev_kv });
+        }
+        Ok((out, last))
     }
 
     /// The sled tree the store lives in.
@@ -222,9 +323,17 @@ impl Writer<'_> {
         self.rev
     }
 
-    /// Puts `key`; returns the previous version.
+    /// Puts `key`; returns the previous version. `lease`, if not 0, must be
+    /// granted.
     pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> Option<KeyValue> {
         let prev = self.store.index.get(key).cloned();
+        let old_lease = prev.as_ref().map_or(0, |p| p.lease);
+        if old_lease != lease {
+            self.detach(old_lease, key);
+            if let Some(l) = self.store.leases.get_mut(&lease) {
+                l.keys.insert(key.to_vec());
+            }
+        }
         let (create_revision, version) = match &prev {
             Some(p) => (p.create_revision, p.version + 1),
             None => (self.rev, 1),
@@ -242,10 +351,31 @@ impl Writer<'_> {
         for prev in &doomed {
             let tomb = KeyValue { key: prev.key.clone(), mod_revision: self.rev, ..Default::default() };
             self.record(&tomb);
+            self.detach(prev.lease, &prev.key);
             self.store.index.remove(&prev.key);
             self.events.push(Event { r#type: EventType::Delete as i32, kv: Some(tomb), prev_kv: Some(prev.clone()) });
         }
         doomed
+    }
+
+    /// Revokes lease `id`: deletes its keys at this revision and forgets it.
+    /// Returns false if there is no such lease.
+    pub fn revoke_lease(&mut self, id: i64) -> bool {
+        let Some(lease) = self.store.leases.get(&id) else { return false };
+        for key in lease.keys.clone() {
+            self.delete_range(&key, &RangeEnd::Single);
+        }
+        self.store.leases.remove(&id);
+        self.batch.remove(&keys::lease_key(id));
+        true
+    }
+
+    fn detach(&mut self, lease: i64, key: &[u8]) {
+        if lease != 0 {
+            if let Some(l) = self.store.leases.get_mut(&lease) {
+                l.keys.remove(key);
+            }
+        }
     }
 
     fn record(&mut self, kv: &KeyValue) {
@@ -264,6 +394,10 @@ impl Writer<'_> {
         }
         (batch, self.events)
     }
+}
+
+fn event_rev(e: &Event) -> i64 {
+    e.kv.as_ref().map_or(0, |kv| kv.mod_revision)
 }
 
 fn decode_kv(value: &[u8]) -> Result<KeyValue> {

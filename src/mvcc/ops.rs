@@ -129,9 +129,7 @@ fn sort(kvs: &mut [KeyValue], order: i32, target: i32) {
 /// What a Put needs to hold before it is applied; checked against the state
 /// before any change of the request it belongs to.
 pub fn check_put_applies(store: &MvccStore, req: &PutRequest) -> Result<()> {
-    if req.lease != 0 {
-        // No lease has been granted through this store, so every lease id is
-        // unknown; etcd answers the same for an id it does not hold.
+    if req.lease != 0 && store.lease(req.lease).is_none() {
         return Err(Error::LeaseNotFound);
     }
     if (req.ignore_value || req.ignore_lease) && store.get(&req.key).is_none() {

@@ -40,6 +40,8 @@ pub enum Rpc {
     Forward,
     /// A read index asked of the leader.
     ReadIndex,
+    /// A lease keep-alive or time-to-live query for the leader.
+    Lease,
 }
 
 /// Channels to peers, shared by everything in a member that talks to them.
@@ -115,6 +117,7 @@ impl Network {
                 Rpc::InstallSnapshot => client.install_snapshot(req).await,
                 Rpc::Forward => client.forward(req).await,
                 Rpc::ReadIndex => client.read_index(req).await,
+                Rpc::Lease => client.lease(req).await,
             }
         };
         match tokio::time::timeout(timeout, fut).await {

@@ -59,6 +59,11 @@ impl Peer for PeerService {
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
     }
 
+    async fn lease(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let answer = self.node.serve_lease(input(req)?).await;
+        Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
+    }
+
     async fn read_index(&self, _req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let answer = self.node.serve_read_index().await;
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))

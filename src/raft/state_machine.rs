@@ -18,13 +18,15 @@ use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError, StoredMembership};
 use prost::Message;
 use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
 
 use super::{decode, encode, Entry, LogId, Node, NodeId, Request, Response, StorageError, TypeConfig};
 use crate::error::Error;
 use crate::mvcc::keys::meta_key;
 use crate::mvcc::{ops, txn, MvccStore};
-use crate::proto::etcdserverpb::CompactionResponse;
+use crate::proto::etcdserverpb::{CompactionResponse, LeaseGrantResponse, LeaseRevokeResponse};
 use crate::proto::kvdpb::{command, command_result, Command, CommandResult, MemberAttributes};
+use crate::proto::mvccpb::Event;
 
 const ATTRS: u8 = b'a';
 const APPLIED: &str = "applied";
@@ -41,13 +43,38 @@ pub struct State {
     pub attrs: BTreeMap<NodeId, MemberAttributes>,
 }
 
+/// The events of one applied revision, as watchers receive them. An entry
+/// with no events announces that the state jumped to `rev` without events
+/// (a snapshot was installed): watchers catch up from history.
+#[derive(Debug)]
+pub struct Applied {
+    /// The revision.
+    pub rev: i64,
+    /// Its events in order, each with its previous key-value.
+    pub events: Vec<Event>,
+}
+
+/// How many applied revisions the watch broadcast holds for watchers that
+/// fall behind; a watcher further behind catches up from history on disk, so
+/// memory stays bounded whatever watchers do.
+const WATCH_BUFFER: usize = 1024;
+
 /// The state shared between the state machine and the request handlers.
 pub struct Shared {
     db: sled::Db,
     state: RwLock<State>,
+    applied: broadcast::Sender<Arc<Applied>>,
 }
 
 impl Shared {
+    /// Subscribes to applied revisions. Also returns the current revision,
+    /// read under the same lock: every revision after it reaches the receiver
+    /// (or the receiver reports that it lagged).
+    pub fn subscribe(&self) -> (broadcast::Receiver<Arc<Applied>>, i64) {
+        let state = self.read();
+        (self.applied.subscribe(), state.store.revision())
+    }
+
     /// Locks the state for reading.
     pub fn read(&self) -> RwLockReadGuard<'_, State> {
         self.state.read().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -92,7 +119,11 @@ impl StateMachine {
         }
         let (state, last_applied, membership) = load_state(&tree)?;
         Ok(StateMachine {
-            shared: Arc::new(Shared { db: db.clone(), state: RwLock::new(state) }),
+            shared: Arc::new(Shared {
+                db: db.clone(),
+                state: RwLock::new(state),
+                applied: broadcast::channel(WATCH_BUFFER).0,
+            }),
             tree,
             dir: dir.to_path_buf(),
             last_applied,
@@ -107,27 +138,35 @@ impl StateMachine {
 
     fn apply_entry(&mut self, entry: &Entry) -> Result<Response, Error> {
         let mut state = self.shared.write();
-        let (mut batch, response) = match &entry.payload {
-            EntryPayload::Blank => (sled::Batch::default(), Response(Ok(Default::default()))),
+        let (mut batch, response, events) = match &entry.payload {
+            EntryPayload::Blank => (sled::Batch::default(), Response(Ok(Default::default())), Vec::new()),
             EntryPayload::Normal(Request(bytes)) => apply_command(&mut state, bytes)?,
             EntryPayload::Membership(m) => {
                 self.membership = StoredMembership::new(Some(entry.log_id), m.clone());
                 let mut batch = sled::Batch::default();
                 batch.insert(meta_key(MEMBERSHIP), encode(&self.membership)?);
-                (batch, Response(Ok(Default::default())))
+                (batch, Response(Ok(Default::default())), Vec::new())
             }
         };
         batch.insert(meta_key(APPLIED), encode(&Some(entry.log_id))?);
         self.tree.apply_batch(batch)?;
         self.last_applied = Some(entry.log_id);
+        if !events.is_empty() {
+            // Sent under the state lock, so that `Shared::subscribe` sees each
+            // revision either in the state or in the receiver, never neither.
+            let _ = self.shared.applied.send(Arc::new(Applied { rev: state.store.revision(), events }));
+        }
         Ok(response)
     }
 }
 
+type Applying = (sled::Batch, Response, Vec<Event>);
+
 /// Applies one command. Errors a client caused come back in the `Response`;
 /// an `Err` is a storage failure that leaves the member unable to go on.
-fn apply_command(state: &mut State, bytes: &[u8]) -> Result<(sled::Batch, Response), Error> {
-    let refused = |e: Error| Ok((sled::Batch::default(), Response(Err(e))));
+fn apply_command(state: &mut State, bytes: &[u8]) -> Result<Applying, Error> {
+    let refused = |e: Error| Ok((sled::Batch::default(), Response(Err(e)), Vec::new()));
+    let mut events = Vec::new();
     let Ok(Command { op: Some(op) }) = Command::decode(bytes) else {
         return refused(Error::internal("undecodable command in the log"));
     };
@@ -138,13 +177,15 @@ fn apply_command(state: &mut State, bytes: &[u8]) -> Result<(sled::Batch, Respon
             }
             let mut w = state.store.write();
             let resp = ops::put(&mut w, &p);
-            let (batch, _events) = w.finish();
+            let batch;
+            (batch, events) = w.finish();
             (batch, command_result::Result::Put(resp))
         }
         command::Op::DeleteRange(d) => {
             let mut w = state.store.write();
             let resp = ops::delete_range(&mut w, &d);
-            let (batch, _events) = w.finish();
+            let batch;
+            (batch, events) = w.finish();
             (batch, command_result::Result::DeleteRange(resp))
         }
         command::Op::Txn(t) => {
@@ -154,7 +195,8 @@ fn apply_command(state: &mut State, bytes: &[u8]) -> Result<(sled::Batch, Respon
             };
             let mut w = state.store.write();
             let resp = txn::apply(&mut w, &t, &path)?;
-            let (batch, _events) = w.finish();
+            let batch;
+            (batch, events) = w.finish();
             (batch, command_result::Result::Txn(resp))
         }
         command::Op::Compact(c) => {
@@ -173,10 +215,37 @@ fn apply_command(state: &mut State, bytes: &[u8]) -> Result<(sled::Batch, Respon
             state.attrs.insert(attrs.id, attrs);
             (batch, command_result::Result::Published(true))
         }
+        command::Op::LeaseGrant(g) => {
+            let mut batch = sled::Batch::default();
+            if !state.store.grant_lease(g.id, g.ttl, &mut batch) {
+                return refused(Error::LeaseExist);
+            }
+            let header = ops::rev_header(state.store.revision());
+            (
+                batch,
+                command_result::Result::LeaseGrant(LeaseGrantResponse {
+                    header,
+                    id: g.id,
+                    ttl: g.ttl,
+                    error: String::new(),
+                }),
+            )
+        }
+        command::Op::LeaseRevoke(r) => {
+            let mut w = state.store.write();
+            if !w.revoke_lease(r.id) {
+                return refused(Error::LeaseNotFound);
+            }
+            let header = ops::rev_header(w.revision());
+            let batch;
+            (batch, events) = w.finish();
+            let header = if events.is_empty() { ops::rev_header(state.store.revision()) } else { header };
+            (batch, command_result::Result::LeaseRevoke(LeaseRevokeResponse { header }))
+        }
     };
     let (batch, result) = result;
     let encoded = CommandResult { result: Some(result) }.encode_to_vec();
-    Ok((batch, Response(Ok(serde_bytes::ByteBuf::from(encoded)))))
+    Ok((batch, Response(Ok(serde_bytes::ByteBuf::from(encoded))), events))
 }
 
 type Loaded = (State, Option<LogId>, StoredMembership<NodeId, Node>);
@@ -326,6 +395,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         load_records(&self.shared.db, &self.tree, &records).map_err(fail)?;
         let (new_state, _, _) = load_state(&self.tree).map_err(fail)?;
         *state = new_state;
+        let rev = state.store.revision();
+        let _ = self.shared.applied.send(Arc::new(Applied { rev, events: Vec::new() }));
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");

@@ -1,0 +1,97 @@
+//! The Lease service: Grant, Revoke, KeepAlive (a stream), TimeToLive and
+//! Leases. Deadlines live on the leader (see [`crate::lease`]); a member that
+//! is not the leader passes keep-alives and time-to-live queries to it.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::node::Node;
+use crate::proto::etcdserverpb::lease_server::Lease;
+use crate::proto::etcdserverpb::{
+    LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest,
+    LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus, LeaseTimeToLiveRequest,
+    LeaseTimeToLiveResponse,
+};
+
+/// The Lease service of one member.
+pub struct LeaseService {
+    node: Arc<Node>,
+}
+
+impl LeaseService {
+    /// A service for `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        LeaseService { node }
+    }
+}
+
+#[tonic::async_trait]
+impl Lease for LeaseService {
+    async fn lease_grant(&self, req: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
+        Ok(Response::new(self.node.lease_grant(req.into_inner()).await?))
+    }
+
+    async fn lease_revoke(&self, req: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
+        Ok(Response::new(self.node.lease_revoke(req.into_inner().id).await?))
+    }
+
+    type LeaseKeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send + 'static>>;
+
+    async fn lease_keep_alive(
+        &self,
+        req: Request<Streaming<LeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    msg = inbound.message() => msg,
+                    _ = tx.closed() => return,
+                };
+                let Ok(Some(req)) = msg else { return };
+                // An unknown or expired lease answers TTL 0, as etcd does; a
+                // failure to reach the leader ends the stream with the error,
+                // so the client retries elsewhere.
+                let resp = match node.lease_renew(req.id).await {
+                    Ok(ttl) => {
+                        let mut resp = LeaseKeepAliveResponse { header: None, id: req.id, ttl };
+                        node.fill_header(&mut resp.header);
+                        Ok(resp)
+                    }
+                    Err(e) => Err(Status::from(e)),
+                };
+                let failed = resp.is_err();
+                if tx.send(resp).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        req: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let req = req.into_inner();
+        Ok(Response::new(self.node.lease_time_to_live(req.id, req.keys).await?))
+    }
+
+    async fn lease_leases(&self, _req: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
+        self.node.read_barrier().await?;
+        let leases = {
+            let state = self.node.state.read();
+            state.store.leases().keys().map(|id| LeaseStatus { id: *id }).collect()
+        };
+        let mut resp = LeaseLeasesResponse { header: None, leases };
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+}

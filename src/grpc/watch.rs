@@ -1,0 +1,427 @@
+//! The Watch service: many watches per bidirectional stream, each served from
+//! this member's own applied state.
+//!
+//! A watch first replays history from its start revision (in chunks of whole
+//! revisions, read from disk), then follows the applied revisions that the
+//! state machine broadcasts. The broadcast holds a bounded number of
+//! revisions; a watch that falls further behind (a slow reader) is told so and
+//! goes back to replaying from history where it left off. No event is skipped
+//! and none is sent twice: the watch keeps the next revision it owes its
+//! client and discards anything older.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use prost::Message;
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::Error;
+use crate::mvcc::keys::RangeEnd;
+use crate::node::Node;
+use crate::proto::etcdserverpb::watch_create_request::FilterType;
+use crate::proto::etcdserverpb::watch_request::RequestUnion;
+use crate::proto::etcdserverpb::watch_server::Watch;
+use crate::proto::etcdserverpb::{ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse};
+use crate::proto::mvccpb::event::EventType;
+use crate::proto::mvccpb::Event;
+use crate::raft::state_machine::Applied;
+
+/// Events read from history per chunk while a watch catches up.
+const REPLAY_CHUNK: usize = 1000;
+/// Responses buffered per stream before watches wait for the client.
+const STREAM_BUFFER: usize = 64;
+
+/// The Watch service of one member.
+pub struct WatchService {
+    node: Arc<Node>,
+    progress_interval: Duration,
+}
+
+impl WatchService {
+    /// A service for `node`; watches that ask for progress notifications get
+    /// one after each `progress_interval` without events.
+    pub fn new(node: Arc<Node>, progress_interval: Duration) -> Self {
+        WatchService { node, progress_interval }
+    }
+}
+
+type Outbound = mpsc::Sender<Result<WatchResponse, Status>>;
+
+#[tonic::async_trait]
+impl Watch for WatchService {
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send + 'static>>;
+
+    async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+        let inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let stream = WatchStreamState {
+            node: self.node.clone(),
+            progress_interval: self.progress_interval,
+            tx,
+            watches: HashMap::new(),
+            next_id: 0,
+        };
+        tokio::spawn(stream.run(inbound));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct ActiveWatch {
+    task: JoinHandle<()>,
+    /// Every event at or below this revision has been queued to the client.
+    synced: Arc<AtomicI64>,
+}
+
+struct WatchStreamState {
+    node: Arc<Node>,
+    progress_interval: Duration,
+    tx: Outbound,
+    watches: HashMap<i64, ActiveWatch>,
+    next_id: i64,
+}
+
+impl WatchStreamState {
+    async fn run(mut self, mut inbound: Streaming<WatchRequest>) {
+        loop {
+            let msg = tokio::select! {
+                msg = inbound.message() => msg,
+                _ = self.tx.closed() => break,
+            };
+            let req = match msg {
+                Ok(Some(req)) => req,
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::debug!("watch stream ended: {status}");
+                    break;
+                }
+            };
+            self.watches.retain(|_, w| !w.task.is_finished());
+            let sent = match req.request_union {
+                Some(RequestUnion::CreateRequest(c)) => self.create(c).await,
+                Some(RequestUnion::CancelRequest(c)) => self.cancel(c.watch_id).await,
+                Some(RequestUnion::ProgressRequest(_)) => self.progress().await,
+                None => true,
+            };
+            if !sent {
+                break;
+            }
+        }
+        for (_, w) in self.watches.drain() {
+            w.task.abort();
+        }
+    }
+
+    fn header(&self, revision: i64) -> Option<ResponseHeader> {
+        let mut header = Some(ResponseHeader { revision, ..Default::default() });
+        self.node.fill_header(&mut header);
+        header
+    }
+
+    async fn send(&self, resp: WatchResponse) -> bool {
+        self.tx.send(Ok(resp)).await.is_ok()
+    }
+
+    async fn create(&mut self, c: WatchCreateRequest) -> bool {
+        let (rx, current) = self.node.state.subscribe();
+        let id = if c.watch_id != 0 {
+            if self.watches.contains_key(&c.watch_id) {
+                return self
+                    .send(WatchResponse {
+                        header: self.header(current),
+                        watch_id: c.watch_id,
+                        created: true,
+                        canceled: true,
+                        cancel_reason: "mvcc: duplicate watch ID provided on the WatchStream".into(),
+                        ..Default::default()
+                    })
+                    .await;
+            }
+            c.watch_id
+        } else {
+            while self.watches.contains_key(&self.next_id) {
+                self.next_id += 1;
+            }
+            self.next_id += 1;
+            self.next_id - 1
+        };
+        let start = if c.start_revision > 0 { c.start_revision } else { current + 1 };
+        let created = WatchResponse { header: self.header(current), watch_id: id, created: true, ..Default::default() };
+        if !self.send(created).await {
+            return false;
+        }
+        let synced = Arc::new(AtomicI64::new(start - 1));
+        let watcher = Watcher {
+            node: self.node.clone(),
+            id,
+            key: c.key,
+            end: RangeEnd::from_request(&c.range_end),
+            no_put: c.filters.contains(&(FilterType::Noput as i32)),
+            no_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
+            prev_kv: c.prev_kv,
+            fragment: c.fragment,
+            progress: c.progress_notify.then_some(self.progress_interval),
+            next: start,
+            synced: synced.clone(),
+            tx: self.tx.clone(),
+        };
+        let task = tokio::spawn(watcher.run(rx));
+        self.watches.insert(id, ActiveWatch { task, synced });
+        true
+    }
+
+    async fn cancel(&mut self, id: i64) -> bool {
+        // As etcd, cancelling a watch this stream does not have answers nothing.
+        let Some(w) = self.watches.remove(&id) else { return true };
+        w.task.abort();
+        let _ = w.task.await;
+        let current = self.node.state.read().store.revision();
+        self.send(WatchResponse { header: self.header(current), watch_id: id, canceled: true, ..Default::default() })
+            .await
+    }
+
+    /// Answers a progress request with a revision every watch on the stream
+    /// has delivered all events up to (watch id -1, as etcd 3.4).
+    async fn progress(&mut self) -> bool {
+        let current = self.node.state.read().store.revision();
+        let rev = self.watches.values().map(|w| w.synced.load(Ordering::Acquire)).fold(current, i64::min);
+        self.send(WatchResponse { header: self.header(rev), watch_id: -1, ..Default::default() }).await
+    }
+}
+
+/// One watch: where it is, what it wants, where it sends.
+struct Watcher {
+    node: Arc<Node>,
+    id: i64,
+    key: Vec<u8>,
+    end: RangeEnd,
+    no_put: bool,
+    no_delete: bool,
+    prev_kv: bool,
+    fragment: bool,
+    progress: Option<Duration>,
+    /// The next revision this watch owes its client.
+    next: i64,
+    synced: Arc<AtomicI64>,
+    tx: Outbound,
+}
+
+/// How a watch stops.
+enum Stop {
+    /// The client is gone or cancelled.
+    Gone,
+    /// The watch was cancelled by the server (compaction, failure); the
+    /// response saying so has been sent.
+    Cancelled,
+}
+
+impl Watcher {
+    async fn run(mut self, mut rx: broadcast::Receiver<Arc<Applied>>) {
+        loop {
+            if self.catch_up().await.is_err() {
+                return;
+            }
+            match self.follow(&mut rx).await {
+                Ok(Resync::FromHistory) => {}
+                Ok(Resync::Resubscribe) => rx = self.node.state.subscribe().0,
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Replays history from `next` up to the current revision.
+    async fn catch_up(&mut self) -> Result<(), Stop> {
+        loop {
+            let read = {
+                let state = self.node.state.read();
+                let current = state.store.revision();
+                if self.next > current {
+                    return Ok(());
+                }
+                let compacted = state.store.compacted();
+                state
+                    .store
+                    .history_events(&self.key, &self.end, self.next, current, REPLAY_CHUNK, self.prev_kv)
+                    .map_err(|e| (e, compacted))
+            };
+            match read {
+                Ok((events, last)) => {
+                    self.deliver(events, last).await?;
+                    self.next = last + 1;
+                    self.synced.store(last, Ordering::Release);
+                }
+                Err((Error::Compacted, compacted)) => {
+                    let resp = WatchResponse {
+                        header: self.header(compacted),
+                        watch_id: self.id,
+                        canceled: true,
+                        compact_revision: compacted,
+                        cancel_reason: Error::Compacted.to_string(),
+                        ..Default::default()
+                    };
+                    let _ = self.tx.send(Ok(resp)).await;
+                    return Err(Stop::Cancelled);
+                }
+                Err((e, _)) => {
+                    tracing::warn!(watch = self.id, "watch replay failed: {e}");
+                    let resp = WatchResponse {
+                        header: self.header(0),
+                        watch_id: self.id,
+                        canceled: true,
+                        cancel_reason: e.to_string(),
+                        ..Default::default()
+                    };
+                    let _ = self.tx.send(Ok(resp)).await;
+                    return Err(Stop::Cancelled);
+                }
+            }
+        }
+    }
+
+    /// Follows applied revisions live until it falls behind.
+    async fn follow(&mut self, rx: &mut broadcast::Receiver<Arc<Applied>>) -> Result<Resync, Stop> {
+        let period = self.progress.unwrap_or(Duration::from_secs(3600));
+        let mut quiet = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut sent_since_tick = false;
+        loop {
+            tokio::select! {
+                item = rx.recv() => match item {
+                    Ok(applied) => {
+                        if applied.rev < self.next {
+                            continue;
+                        }
+                        if applied.rev > self.next || applied.events.is_empty() {
+                            // A revision this member applied without events
+                            // (a snapshot install): replay from history.
+                            return Ok(Resync::FromHistory);
+                        }
+                        let events = applied.events.clone();
+                        sent_since_tick |= self.deliver(events, applied.rev).await?;
+                        self.next = applied.rev + 1;
+                        self.synced.store(applied.rev, Ordering::Release);
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::debug!(watch = self.id, missed, "watch fell behind; replaying from history");
+                        return Ok(Resync::Resubscribe);
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return Err(Stop::Gone),
+                },
+                _ = quiet.tick(), if self.progress.is_some() => {
+                    if !sent_since_tick {
+                        let resp = WatchResponse { header: self.header(self.next - 1), watch_id: self.id, ..Default::default() };
+                        self.tx.send(Ok(resp)).await.map_err(|_| Stop::Gone)?;
+                    }
+                    sent_since_tick = false;
+                }
+                _ = self.tx.closed() => return Err(Stop::Gone),
+            }
+        }
+    }
+
+    fn header(&self, revision: i64) -> Option<ResponseHeader> {
+        let mut header = Some(ResponseHeader { revision, ..Default::default() });
+        self.node.fill_header(&mut header);
+        header
+    }
+
+    fn wanted(&self, e: &Event) -> bool {
+        let Some(kv) = &e.kv else { return false };
+        if !self.end.contains(&self.key, &kv.key) {
+            return false;
+        }
+        let put = e.r#type == EventType::Put as i32;
+        !(put && self.no_put || !put && self.no_delete)
+    }
+
+    /// Sends the wanted ones of `events` (whole revisions, up to `last`).
+    /// Returns whether anything was sent.
+    async fn deliver(&self, mut events: Vec<Event>, last: i64) -> Result<bool, Stop> {
+        events.retain(|e| self.wanted(e));
+        if events.is_empty() {
+            return Ok(false);
+        }
+        if !self.prev_kv {
+            for e in &mut events {
+                e.prev_kv = None;
+            }
+        }
+        let header = self.header(last);
+        let limit = self.node.limits.max_request_bytes;
+        let chunks: Vec<Vec<Event>> = if self.fragment && events.iter().map(|e| e.encoded_len()).sum::<usize>() > limit
+        {
+            fragments(events, limit)
+        } else {
+            vec![events]
+        };
+        let n = chunks.len();
+        for (i, events) in chunks.into_iter().enumerate() {
+            let resp = WatchResponse {
+                header,
+                watch_id: self.id,
+                events,
+                fragment: i + 1 < n,
+                ..Default::default()
+            };
+            self.tx.send(Ok(resp)).await.map_err(|_| Stop::Gone)?;
+        }
+        Ok(true)
+    }
+}
+
+enum Resync {
+    /// Replay from history; the receiver is still good.
+    FromHistory,
+    /// The receiver lost revisions: take a new one, then replay.
+    Resubscribe,
+}
+
+/// Splits events into runs of at most `limit` encoded bytes (at least one
+/// event each).
+fn fragments(events: Vec<Event>, limit: usize) -> Vec<Vec<Event>> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    let mut size = 0;
+    for e in events {
+        let len = e.encoded_len();
+        if !cur.is_empty() && size + len > limit {
+            out.push(std::mem::take(&mut cur));
+            size = 0;
+        }
+        size += len;
+        cur.push(e);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::mvccpb::KeyValue;
+
+    fn ev(n: usize) -> Event {
+        Event { kv: Some(KeyValue { key: vec![b'k'; n], ..Default::default() }), ..Default::default() }
+    }
+
+    #[test]
+    fn fragments_respect_the_limit_and_keep_every_event() {
+        let events: Vec<Event> = (1..=20).map(ev).collect();
+        let limit = 40;
+        let parts = fragments(events.clone(), limit);
+        assert!(parts.len() > 1);
+        for p in &parts {
+            assert!(!p.is_empty());
+            let size: usize = p.iter().map(|e| e.encoded_len()).sum();
+            assert!(size <= limit || p.len() == 1, "fragment of {size} bytes");
+        }
+        assert_eq!(parts.concat(), events);
+    }
+}
