@@ -6,6 +6,9 @@
 //! a call whose outcome is unknown (the server timed out after taking it) is
 //! not repeated, so a write is never applied twice by the client.
 
+pub mod coord;
+pub use coord::{Election, Leadership, LeaseState, Lock, LockGuard, Session, WatchStream};
+
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;

@@ -2,6 +2,7 @@
 //! output formats. It works against etcd too.
 
 mod cluster;
+mod coord;
 mod kv;
 mod output;
 mod txn;
@@ -50,6 +51,15 @@ enum Command {
     /// Endpoint commands.
     #[command(subcommand)]
     Endpoint(cluster::EndpointCommand),
+    /// Watches events on a key or prefix.
+    Watch(coord::WatchArgs),
+    /// Lease commands.
+    #[command(subcommand)]
+    Lease(coord::LeaseCommand),
+    /// Acquires a named lock (and runs a command while holding it).
+    Lock(coord::LockArgs),
+    /// Campaigns in a named election, or observes it with -l.
+    Elect(coord::ElectArgs),
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -77,6 +87,12 @@ async fn main() -> ExitCode {
         }
     };
     let fmt = cli.write_out;
+    // Commands that run until interrupted have no command timeout.
+    let long_running = match &cli.command {
+        Command::Watch(_) | Command::Lock(_) | Command::Elect(_) => true,
+        Command::Lease(c) => coord::lease_is_long_running(c),
+        _ => false,
+    };
     let run = async {
         match cli.command {
             Command::Put(a) => kv::put(&client, a, fmt).await,
@@ -86,11 +102,19 @@ async fn main() -> ExitCode {
             Command::Compaction(a) => kv::compaction(&client, a, fmt).await,
             Command::Member(c) => cluster::member(&client, c, fmt).await,
             Command::Endpoint(c) => cluster::endpoint(&client, c, fmt, cli.command_timeout).await,
+            Command::Watch(a) => coord::watch(&client, a, fmt).await,
+            Command::Lease(c) => coord::lease(&client, c, fmt).await,
+            Command::Lock(a) => coord::lock(&client, a).await,
+            Command::Elect(a) => coord::elect(&client, a).await,
         }
     };
-    let result = match tokio::time::timeout(cli.command_timeout, run).await {
-        Ok(r) => r,
-        Err(_) => Err(anyhow::anyhow!("context deadline exceeded")),
+    let result = if long_running {
+        run.await
+    } else {
+        match tokio::time::timeout(cli.command_timeout, run).await {
+            Ok(r) => r,
+            Err(_) => Err(anyhow::anyhow!("context deadline exceeded")),
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

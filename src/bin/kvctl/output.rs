@@ -28,7 +28,8 @@ pub fn error_text(e: &anyhow::Error) -> String {
     }
 }
 
-fn b64(bytes: &[u8]) -> Value {
+/// Bytes as a base64 JSON string.
+pub fn b64(bytes: &[u8]) -> Value {
     Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
@@ -63,7 +64,8 @@ pub fn header_json(h: &Option<ResponseHeader>) -> Value {
     ])
 }
 
-fn kv_json(kv: &KeyValue) -> Value {
+/// A key-value as JSON.
+pub fn kv_json(kv: &KeyValue) -> Value {
     object(vec![
         ("key", b64(&kv.key)),
         ("create_revision", json!(kv.create_revision)),
