@@ -162,3 +162,184 @@ async fn member_list_and_endpoint_status_and_health() {
     .unwrap();
     c.shutdown().await;
 }
+
+/// A long-running etcdctl (watch, lock, elect) whose stdout lines are read as
+/// they come.
+struct Running {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn start(e: &Etcdctl, args: &[&str]) -> Running {
+        let mut child = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(&e.endpoints)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcdctl runs");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Running { child, lines }
+    }
+
+    /// The next `n` lines, waiting up to `support::WAIT` in all.
+    fn take(&self, n: usize) -> Vec<String> {
+        let deadline = std::time::Instant::now() + support::WAIT;
+        (0..n)
+            .map(|i| {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("line {i} of {n} did not come"))
+            })
+            .collect()
+    }
+
+    /// Whether a line comes within `d`.
+    fn quiet_for(&self, d: std::time::Duration) -> bool {
+        self.lines.recv_timeout(d).is_err()
+    }
+
+    /// Stops it as a user would (SIGTERM: etcdctl releases what it holds).
+    fn terminate(mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_live_and_from_a_revision() {
+    let (c, e) = cluster_and_etcdctl().await;
+    tokio::task::spawn_blocking(move || {
+        let rev: i64 = {
+            let out = e.ok(&["put", "w/a", "1", "-w", "json"]);
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            v["header"]["revision"].as_i64().unwrap()
+        };
+        e.ok(&["put", "w/b", "2"]);
+        e.ok(&["del", "w/a"]);
+        // From a revision: the history, in order, with previous values.
+        let hist = Running::start(&e, &["watch", "--prefix", "w/", "--rev", &rev.to_string(), "--prev-kv"]);
+        // A delete shows the previous key-value, then the deleted key.
+        assert_eq!(hist.take(11), ["PUT", "w/a", "1", "PUT", "w/b", "2", "DELETE", "w/a", "1", "w/a", ""]);
+        // Live: a watch from now sees writes made after it is established
+        // (it is established once it reports the first probe).
+        let live = Running::start(&e, &["watch", "live/", "--prefix"]);
+        let mut n = 0;
+        loop {
+            e.ok(&["put", &format!("live/probe{n}"), "x"]);
+            if live.lines.recv_timeout(std::time::Duration::from_millis(300)).is_ok() {
+                live.take(2);
+                break;
+            }
+            n += 1;
+            assert!(n < 50, "the live watch never reported a write");
+        }
+        e.ok(&["put", "live/k", "v"]);
+        e.ok(&["del", "live/k"]);
+        assert_eq!(live.take(5), ["PUT", "live/k", "v", "DELETE", "live/k"]);
+        live.terminate();
+        hist.terminate();
+        // A watch from a compacted revision is cancelled with the reason.
+        e.ok(&["compaction", &(rev + 1).to_string()]);
+        let out = e.run_with(&["watch", "w/", "--prefix", "--rev", &rev.to_string()], None);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("required revision has been compacted"));
+    })
+    .await
+    .unwrap();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lease_grant_keep_alive_timetolive_list_revoke() {
+    let (c, e) = cluster_and_etcdctl().await;
+    tokio::task::spawn_blocking(move || {
+        let granted = e.ok(&["lease", "grant", "100"]);
+        assert!(granted.starts_with("lease ") && granted.ends_with(" granted with TTL(100s)\n"), "{granted}");
+        let id = granted.split_whitespace().nth(1).unwrap().to_string();
+        assert_eq!(e.ok(&["put", "--lease", &id, "leased", "v"]), "OK\n");
+        let ttl = e.ok(&["lease", "timetolive", &id, "--keys"]);
+        assert!(ttl.starts_with(&format!("lease {id} granted with TTL(100s), remaining(")), "{ttl}");
+        assert!(ttl.ends_with("attached keys([leased])\n"), "{ttl}");
+        assert_eq!(e.ok(&["lease", "keep-alive", "--once", &id]), format!("lease {id} keepalived with TTL(100)\n"));
+        let list = e.ok(&["lease", "list"]);
+        assert!(list.starts_with("found 1 leases\n") && list.contains(&id), "{list}");
+        assert_eq!(e.ok(&["lease", "revoke", &id]), format!("lease {id} revoked\n"));
+        assert_eq!(e.ok(&["get", "leased"]), "");
+        assert_eq!(e.ok(&["lease", "timetolive", &id]), format!("lease {id} already expired\n"));
+        assert!(e.fails(&["lease", "revoke", &id]).contains("requested lease not found"));
+        assert!(e.fails(&["put", "--lease", &id, "k", "v"]).contains("requested lease not found"));
+        assert!(e.fails(&["lease", "grant", "9000000001"]).contains("too large lease TTL"));
+        // A short lease expires on its own, and its key with it.
+        let short = e.ok(&["lease", "grant", "1"]);
+        let short = short.split_whitespace().nth(1).unwrap().to_string();
+        e.ok(&["put", "--lease", &short, "brief", "v"]);
+        let deadline = std::time::Instant::now() + support::WAIT;
+        while e.ok(&["get", "brief"]) != "" {
+            assert!(std::time::Instant::now() < deadline, "the lease never expired");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert_eq!(e.ok(&["lease", "timetolive", &short]), format!("lease {short} already expired\n"));
+    })
+    .await
+    .unwrap();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lock_and_elect() {
+    let (c, e) = cluster_and_etcdctl().await;
+    tokio::task::spawn_blocking(move || {
+        // lock with a command: it runs holding the lock.
+        let out = e.ok(&["lock", "job", "--", "sh", "-c", "echo held $ETCD_LOCK_KEY"]);
+        assert!(out.starts_with("held job/"), "{out}");
+        // A second holder waits until the first lets go.
+        let first = Running::start(&e, &["lock", "job"]);
+        let key = first.take(1).remove(0);
+        assert!(key.starts_with("job/"), "{key}");
+        let second = Running::start(&e, &["lock", "job"]);
+        assert!(second.quiet_for(std::time::Duration::from_millis(1500)), "two holders of one lock");
+        first.terminate();
+        let key2 = second.take(1).remove(0);
+        assert!(key2.starts_with("job/") && key2 != key, "{key2}");
+        second.terminate();
+
+        // Elections: the observer sees each leader in turn.
+        let observer = Running::start(&e, &["elect", "-l", "svc"]);
+        let alice = Running::start(&e, &["elect", "svc", "alice"]);
+        let alice_key = alice.take(2);
+        assert_eq!(alice_key[1], "alice");
+        assert_eq!(observer.take(2), alice_key);
+        let bob = Running::start(&e, &["elect", "svc", "bob"]);
+        assert!(bob.quiet_for(std::time::Duration::from_millis(1500)), "two leaders at once");
+        alice.terminate();
+        let bob_key = bob.take(2);
+        assert_eq!(bob_key[1], "bob");
+        assert_ne!(bob_key[0], alice_key[0]);
+        assert_eq!(observer.take(2), bob_key);
+        bob.terminate();
+        observer.terminate();
+    })
+    .await
+    .unwrap();
+    c.shutdown().await;
+}
