@@ -152,7 +152,11 @@ impl Node {
             let Some(predecessor) = predecessor else { return Ok(()) };
             // Wait for the predecessor's deletion (or our own).
             'wait: loop {
-                match rx.recv().await {
+                let applied = tokio::select! {
+                    applied = rx.recv() => applied,
+                    _ = self.stopped() => return Err(Error::Stopped),
+                };
+                match applied {
                     Ok(applied) => {
                         let gone = applied.events.is_empty()
                             || applied.events.iter().any(|e| {

@@ -65,9 +65,19 @@ pub struct Node {
     pub min_lease_ttl: i64,
     /// Lease deadlines, kept while this member leads.
     pub lessor: crate::lease::Lessor,
+    /// Turns true when the member begins to stop.
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Node {
+    /// Resolves once the member begins to stop. Long-lived calls (watch,
+    /// keep-alive and observe streams, waiting locks and campaigns) end on it,
+    /// so that a stop is never held open by a client.
+    pub async fn stopped(&self) {
+        let mut stop = self.stop.clone();
+        let _ = stop.wait_for(|s| *s).await;
+    }
+
     /// The current Raft term.
     pub fn term(&self) -> u64 {
         self.raft.metrics().borrow().current_term

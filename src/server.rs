@@ -74,6 +74,9 @@ pub enum StartError {
     Raft(String),
 }
 
+/// How long a stopping member waits for requests in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
 /// A running member.
 pub struct ServerHandle {
     /// The member.
@@ -178,6 +181,7 @@ pub async fn start_on(
         }
     }
 
+    let (stop, stop_rx) = watch::channel(false);
     let node = Arc::new(Node {
         id: cfg.id,
         cluster_id: stored_cluster_id(&db).unwrap_or(cfg.cluster_id),
@@ -188,9 +192,9 @@ pub async fn start_on(
         request_timeout: Duration::from_secs(5) + 2 * cfg.election,
         min_lease_ttl: crate::lease::min_lease_ttl(cfg.election),
         lessor: Default::default(),
+        stop: stop_rx.clone(),
     });
 
-    let (stop, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let peer_addr = peer.local_addr().map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?;
     tasks.push(serve_peer(node.clone(), peer, stop_rx.clone()));
@@ -304,13 +308,20 @@ impl ServerHandle {
     /// Stops serving, stops Raft and flushes the data directory.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
+        // Unary requests in flight get a moment to finish; long-lived streams
+        // (watches, keep-alives, campaigns) would hold a graceful stop open
+        // for ever, so after the grace period their connections are dropped
+        // and their clients move to another member.
         for t in self.tasks {
-            let _ = t.await;
+            let abort = t.abort_handle();
+            if tokio::time::timeout(SHUTDOWN_GRACE, t).await.is_err() {
+                abort.abort();
+            }
         }
         if let Err(e) = self.node.raft.shutdown().await {
             tracing::warn!("raft shutdown: {e}");
         }
-        if let Err(e) = self.db.flush_async().await {
+        if let Err(e) = crate::raft::flush(&self.db).await {
             tracing::warn!("flush on shutdown: {e}");
         }
         tracing::info!("kvd member stopped");

@@ -294,7 +294,7 @@ async fn lease_grant_keep_alive_timetolive_list_revoke() {
         let short = short.split_whitespace().nth(1).unwrap().to_string();
         e.ok(&["put", "--lease", &short, "brief", "v"]);
         let deadline = std::time::Instant::now() + support::WAIT;
-        while e.ok(&["get", "brief"]) != "" {
+        while !e.ok(&["get", "brief"]).is_empty() {
             assert!(std::time::Instant::now() < deadline, "the lease never expired");
             std::thread::sleep(std::time::Duration::from_millis(100));
         }

@@ -129,6 +129,10 @@ async fn observe(node: Arc<Node>, prefix: Vec<u8>, tx: mpsc::Sender<Result<Leade
             let applied = tokio::select! {
                 item = rx.recv() => item,
                 _ = tx.closed() => return,
+                _ = node.stopped() => {
+                    let _ = tx.send(Err(Error::Stopped.into())).await;
+                    return;
+                }
             };
             match applied {
                 Ok(applied) if applied.events.is_empty() => continue 'resync,

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::error::Error;
 use crate::node::Node;
 use crate::proto::etcdserverpb::lease_server::Lease;
 use crate::proto::etcdserverpb::{
@@ -54,6 +55,10 @@ impl Lease for LeaseService {
                 let msg = tokio::select! {
                     msg = inbound.message() => msg,
                     _ = tx.closed() => return,
+                    _ = node.stopped() => {
+                        let _ = tx.send(Err(Error::Stopped.into())).await;
+                        return;
+                    }
                 };
                 let Ok(Some(req)) = msg else { return };
                 // An unknown or expired lease answers TTL 0, as etcd does; a

@@ -93,6 +93,10 @@ impl WatchStreamState {
             let msg = tokio::select! {
                 msg = inbound.message() => msg,
                 _ = self.tx.closed() => break,
+                _ = self.node.stopped() => {
+                    let _ = self.tx.send(Err(Error::Stopped.into())).await;
+                    break;
+                }
             };
             let req = match msg {
                 Ok(Some(req)) => req,
@@ -361,13 +365,7 @@ impl Watcher {
         };
         let n = chunks.len();
         for (i, events) in chunks.into_iter().enumerate() {
-            let resp = WatchResponse {
-                header,
-                watch_id: self.id,
-                events,
-                fragment: i + 1 < n,
-                ..Default::default()
-            };
+            let resp = WatchResponse { header, watch_id: self.id, events, fragment: i + 1 < n, ..Default::default() };
             self.tx.send(Ok(resp)).await.map_err(|_| Stop::Gone)?;
         }
         Ok(true)

@@ -38,7 +38,11 @@ impl LogStore {
     /// called within a tokio runtime).
     pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
         let (flusher, pending) = mpsc::unbounded_channel();
-        tokio::spawn(flush_loop(db.clone(), pending));
+        let flushing = db.clone();
+        std::thread::Builder::new()
+            .name("kvd-log-flush".into())
+            .spawn(move || flush_loop(flushing, pending))
+            .map_err(sled::Error::Io)?;
         Ok(LogStore { db: db.clone(), log: db.open_tree("raft_log")?, meta: db.open_tree("raft_meta")?, flusher })
     }
 
@@ -53,14 +57,15 @@ impl LogStore {
 }
 
 /// Completes appends once they are durable: one flush for every append that
-/// queued up meanwhile. It ends when every `LogStore` handle is dropped.
-async fn flush_loop(db: sled::Db, mut pending: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>) {
-    while let Some(first) = pending.recv().await {
+/// queued up meanwhile. It runs on its own thread (a flush blocks) and ends
+/// when every `LogStore` handle is dropped.
+fn flush_loop(db: sled::Db, mut pending: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>) {
+    while let Some(first) = pending.blocking_recv() {
         let mut waiting = vec![first];
         while let Ok(more) = pending.try_recv() {
             waiting.push(more);
         }
-        let flushed = db.flush_async().await.map(|_| ());
+        let flushed = db.flush().map(|_| ());
         for callback in waiting {
             callback.log_io_completed(flushed.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
         }
@@ -114,7 +119,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
         let bytes = encode(vote).map_err(|e| StorageIOError::write_vote(&e))?;
         self.meta.insert(VOTE, bytes).map_err(|e| StorageIOError::write_vote(&e))?;
-        self.db.flush_async().await.map_err(|e| StorageIOError::write_vote(&e))?;
+        super::flush(&self.db).await.map_err(|e| StorageIOError::write_vote(&e))?;
         Ok(())
     }
 
@@ -134,8 +139,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
         if let Err(mpsc::error::SendError(callback)) = self.flusher.send(callback) {
-            // The flusher is gone (the runtime is shutting down): flush here.
-            let flushed = self.db.flush_async().await.map(|_| ()).map_err(std::io::Error::other);
+            // The flusher is gone (it could not keep up with a stop): flush here.
+            let flushed = super::flush(&self.db).await.map_err(std::io::Error::other);
             callback.log_io_completed(flushed);
         }
         Ok(())

@@ -57,3 +57,16 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Error> {
     bincode::deserialize(bytes).map_err(|e| Error::internal(format!("decode: {e}")))
 }
+
+/// Flushes `db` to disk on a blocking thread.
+///
+/// sled 0.34's own `flush_async` can miss its wake-up when several flushes
+/// (of one database or of several in one process) are polled at once, and the
+/// awaiting task then never resumes; a blocking `flush` has no such race.
+pub async fn flush(db: &sled::Db) -> Result<(), sled::Error> {
+    let db = db.clone();
+    match tokio::task::spawn_blocking(move || db.flush()).await {
+        Ok(flushed) => flushed.map(|_| ()),
+        Err(e) => Err(sled::Error::Io(std::io::Error::other(format!("flush task failed: {e}")))),
+    }
+}

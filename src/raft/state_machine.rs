@@ -325,7 +325,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let fail = |e: Error| StorageError::from(StorageIOError::write_snapshot(None, &e));
         // The log up to the snapshot may be purged once it is returned, so the
         // applied state must be on disk first.
-        self.db.flush_async().await.map_err(|e| fail(e.into()))?;
+        super::flush(&self.db).await.map_err(|e| fail(e.into()))?;
         let data = encode(&self.records).map_err(fail)?;
         let id = match self.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, data.len()),
