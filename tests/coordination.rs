@@ -1,0 +1,293 @@
+//! Watches, leases and elections on in-process clusters, under the faults
+//! that matter to them: leader changes, member restarts, client reconnects,
+//! slow readers and holders that die.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvd::client::{Client, LeaseState};
+use kvd::proto::etcdserverpb::{CompactionRequest, PutRequest, WatchCreateRequest, WatchResponse};
+use kvd::proto::mvccpb::event::EventType;
+use support::{get, put, TestCluster, WAIT};
+use tokio::sync::Mutex;
+
+/// Election timeout the test clusters run with (support sets 500 ms).
+const ELECTION: Duration = Duration::from_millis(500);
+
+fn prefix_watch(prefix: &str, start: i64) -> WatchCreateRequest {
+    WatchCreateRequest {
+        key: prefix.into(),
+        range_end: kvd::mvcc::keys::prefix_end(prefix.as_bytes()),
+        start_revision: start,
+        ..Default::default()
+    }
+}
+
+/// Puts through `client` until `n` are acknowledged; returns their revisions.
+/// Puts that fail (a member going down mid-call) are retried under a new
+/// key: they may or may not have been applied.
+async fn write(client: &Client, tag: &str, n: usize) -> Vec<i64> {
+    let mut revs = Vec::new();
+    let mut attempt = 0;
+    while revs.len() < n {
+        attempt += 1;
+        match client.put(put(&format!("w/{tag}-{attempt}"), "v")).await {
+            Ok(r) => revs.push(r.header.unwrap().revision),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    revs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_misses_nothing_and_repeats_nothing_across_leader_change_restart_and_reconnect() {
+    let mut c = TestCluster::start(3, |_| {}).await;
+    let leader = c.wait_leader().await;
+    let follower = (leader + 1) % 3;
+    // The watcher prefers a follower; when that member goes, its client
+    // reconnects elsewhere and resumes.
+    let order = [follower, leader, (leader + 2) % 3];
+    let watch_client = Client::new(
+        &order.iter().map(|i| format!("http://{}", c.client_addrs[*i])).collect::<Vec<_>>(),
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    let mut stream = watch_client.watch(prefix_watch("w/", 0)).await.expect("watch");
+    let created = stream.next().await.unwrap().unwrap();
+    assert!(created.created);
+    let start = created.header.unwrap().revision + 1;
+    let events: Arc<Mutex<Vec<i64>>> = Default::default();
+    let collected = events.clone();
+    let reader = tokio::spawn(async move {
+        while let Some(resp) = stream.next().await {
+            let resp: WatchResponse = resp.expect("watch response");
+            assert!(!resp.canceled, "watch cancelled: {}", resp.cancel_reason);
+            let mut got = collected.lock().await;
+            for e in resp.events {
+                assert_eq!(e.r#type, EventType::Put as i32);
+                got.push(e.kv.unwrap().mod_revision);
+            }
+        }
+    });
+
+    let writer = c.client_all();
+    let mut acked = write(&writer, "a", 20).await;
+    // The leader dies; a new one is elected.
+    c.stop(leader).await;
+    c.wait_leader().await;
+    acked.extend(write(&writer, "b", 20).await);
+    c.restart(leader).await;
+    acked.extend(write(&writer, "c", 20).await);
+    // The member the watcher is connected to dies: the client reconnects.
+    c.stop(follower).await;
+    c.wait_leader().await;
+    acked.extend(write(&writer, "d", 20).await);
+    c.restart(follower).await;
+    acked.extend(write(&writer, "e", 20).await);
+
+    let last = *acked.iter().max().unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = events.lock().await.clone();
+        if got.last() >= Some(&last) {
+            // Every revision once, in order: the watched prefix is the only
+            // thing written, so revisions are contiguous.
+            let expected: Vec<i64> = (start..=*got.last().unwrap()).collect();
+            assert_eq!(got, expected, "events out of order, missing or repeated");
+            let seen: BTreeSet<i64> = got.into_iter().collect();
+            assert!(acked.iter().all(|r| seen.contains(r)), "an acknowledged write has no event");
+            break;
+        }
+        assert!(Instant::now() < deadline, "watch stalled at {:?} of {last}", got.last());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    reader.abort();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_on_a_compacted_revision_is_cancelled_with_the_compact_revision() {
+    let c = TestCluster::start(3, |_| {}).await;
+    let client = c.client_all();
+    let mut revs = Vec::new();
+    for i in 0..6 {
+        revs.push(client.put(put(&format!("w/{i}"), "v")).await.unwrap().header.unwrap().revision);
+    }
+    client.compact(CompactionRequest { revision: revs[3], physical: false }).await.unwrap();
+    for i in 0..3 {
+        // On every member: each serves watches from its own state.
+        let mut s = c.client(i).watch(prefix_watch("w/", revs[1])).await.unwrap();
+        assert!(s.next().await.unwrap().unwrap().created);
+        let cancel = s.next().await.unwrap().unwrap();
+        assert!(cancel.canceled, "member {i}");
+        assert_eq!(cancel.compact_revision, revs[3]);
+        // From the compacted revision itself, history is still there.
+        let mut s = c.client(i).watch(prefix_watch("w/", revs[3])).await.unwrap();
+        assert!(s.next().await.unwrap().unwrap().created);
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            let r = s.next().await.unwrap().unwrap();
+            got.extend(r.events.iter().map(|e| e.kv.as_ref().unwrap().mod_revision));
+        }
+        assert_eq!(got, revs[3..].to_vec());
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_watcher_is_caught_up_from_history_not_skipped() {
+    let c = TestCluster::start(3, |_| {}).await;
+    let client = c.client(0);
+    let mut s = client.watch(prefix_watch("w/", 0)).await.unwrap();
+    let start = s.next().await.unwrap().unwrap().header.unwrap().revision + 1;
+    // Far more revisions than the member buffers for watchers, while the
+    // watcher reads nothing.
+    let writer = Arc::new(c.client_all());
+    let total = 1600;
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let w = writer.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..total / 16 {
+                w.put(PutRequest { key: format!("w/{t}-{i}").into(), value: vec![b'x'; 100], ..Default::default() })
+                    .await
+                    .expect("put");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < total {
+        let r = tokio::time::timeout(WAIT, s.next()).await.expect("events keep coming").unwrap().unwrap();
+        assert!(!r.canceled);
+        got.extend(r.events.iter().map(|e| e.kv.as_ref().unwrap().mod_revision));
+    }
+    let expected: Vec<i64> = (start..start + total as i64).collect();
+    assert_eq!(got, expected);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_of_a_dead_holder_vanish_within_ttl_and_an_election_timeout_and_not_before() {
+    let c = TestCluster::start(3, |_| {}).await;
+    let client = c.client_all();
+    let ttl = 2;
+    let session = client.session(ttl).await.unwrap();
+    client
+        .put(PutRequest { key: "held".into(), value: "v".into(), lease: session.id(), ..Default::default() })
+        .await
+        .unwrap();
+    // Alive while keep-alives arrive: three TTLs.
+    let until = Instant::now() + Duration::from_secs(3 * ttl as u64);
+    while Instant::now() < until {
+        assert_eq!(client.range(get("held")).await.unwrap().kvs.len(), 1, "expired while kept alive");
+        assert!(matches!(session.state(), LeaseState::Alive(_)));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The holder dies: no more keep-alives. One last renewal marks the start.
+    drop(session);
+    let lease = client.lease_leases().await.unwrap().leases[0].id;
+    let last_renewal = Instant::now();
+    assert_eq!(client.lease_keep_alive_once(lease).await.unwrap(), ttl);
+    let bound = Duration::from_secs(ttl as u64) + ELECTION;
+    loop {
+        let present = client.range(get("held")).await.unwrap().kvs.len() == 1;
+        let elapsed = last_renewal.elapsed();
+        if !present {
+            println!("key vanished {elapsed:?} after the last renewal (TTL {ttl}s, bound {bound:?})");
+            assert!(elapsed >= Duration::from_secs(ttl as u64) - Duration::from_millis(100), "expired early");
+            assert!(elapsed <= bound, "took {elapsed:?}, more than TTL + one election timeout");
+            break;
+        }
+        assert!(elapsed <= bound + Duration::from_millis(500), "key still there after {elapsed:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_kept_alive_through_a_follower_survives_the_leader_being_killed() {
+    let mut c = TestCluster::start(3, |_| {}).await;
+    let leader = c.wait_leader().await;
+    let follower = (leader + 1) % 3;
+    let via_follower = c.client(follower);
+    let ttl = 2;
+    let session = via_follower.session(ttl).await.unwrap();
+    via_follower
+        .put(PutRequest { key: "svc".into(), value: "v".into(), lease: session.id(), ..Default::default() })
+        .await
+        .unwrap();
+    c.stop(leader).await;
+    let new_leader = c.wait_leader().await;
+    assert_ne!(new_leader, leader);
+    // Three TTLs later the lease and its key are still there.
+    let until = Instant::now() + Duration::from_secs(3 * ttl as u64);
+    while Instant::now() < until {
+        assert_eq!(via_follower.range(get("svc")).await.unwrap().kvs.len(), 1, "lease expired after failover");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(matches!(session.state(), LeaseState::Alive(_)), "the client saw its lease lost");
+    let ttl_left = via_follower.lease_time_to_live(session.id(), true).await.unwrap();
+    assert!(ttl_left.ttl > 0 && ttl_left.keys == vec![b"svc".to_vec()], "{ttl_left:?}");
+    session.close(&via_follower).await.unwrap();
+    assert!(via_follower.range(get("svc")).await.unwrap().kvs.is_empty(), "revoking deletes the key");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn election_and_lock_handles_hand_over_in_order_with_growing_fencing_tokens() {
+    let c = TestCluster::start(3, |_| {}).await;
+    let clients: Vec<Client> = (0..3).map(|i| c.client(i)).collect();
+    let mut sessions = Vec::new();
+    for cl in &clients {
+        sessions.push(cl.session(5).await.unwrap());
+    }
+    // Observe from the start.
+    let mut observe = clients[0].observe(b"svc").await.unwrap();
+    let e0 = clients[0].election("svc", &sessions[0]);
+    let lead0 = e0.campaign(b"r0").await.unwrap();
+    // Two more candidates wait their turn.
+    let e1 = clients[1].election("svc", &sessions[1]);
+    let e2 = clients[2].election("svc", &sessions[2]);
+    let c1 = tokio::spawn(async move { (e1.campaign(b"r1").await, e1) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c2 = tokio::spawn(async move { (e2.campaign(b"r2").await, e2) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!c1.is_finished() && !c2.is_finished(), "a second leader while the first leads");
+    e0.proclaim(&lead0, b"r0-v2").await.unwrap();
+    assert_eq!(e0.leader().await.unwrap().kv.unwrap().value, b"r0-v2");
+    e0.resign(lead0.clone()).await.unwrap();
+    let (lead1, e1) = c1.await.unwrap();
+    let lead1 = lead1.unwrap();
+    assert!(lead1.rev() > lead0.rev());
+    assert!(!c2.is_finished());
+    // The first leader can no longer proclaim.
+    assert!(e0.proclaim(&lead0, b"stale").await.unwrap_err().message().contains("election: not leader"));
+    e1.resign(lead1.clone()).await.unwrap();
+    let (lead2, _e2) = c2.await.unwrap();
+    assert!(lead2.unwrap().rev() > lead1.rev());
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let r = tokio::time::timeout(WAIT, observe.message()).await.unwrap().unwrap().unwrap();
+        seen.push(r.kv.unwrap().value);
+    }
+    assert_eq!(seen, [b"r0".to_vec(), b"r0-v2".to_vec(), b"r1".to_vec(), b"r2".to_vec()]);
+
+    // Locks: one holder at a time, tokens grow.
+    let l0 = clients[0].lock_handle("job", &sessions[0]);
+    let g0 = l0.lock().await.unwrap();
+    let l1 = clients[1].lock_handle("job", &sessions[1]);
+    let waiter = tokio::spawn(async move { (l1.lock().await, l1) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "two holders of one lock");
+    let r0 = g0.rev;
+    l0.unlock(g0).await.unwrap();
+    let (g1, _l1) = waiter.await.unwrap();
+    assert!(g1.unwrap().rev > r0);
+    c.shutdown().await;
+}
