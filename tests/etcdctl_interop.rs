@@ -1,6 +1,8 @@
 //! etcdctl 3.4 (Debian's `etcd-client`) against a three-member kvd: every KV
-//! command, the member list and endpoint status and health. The test runner
-//! (`cluster-scripts/test.sh`) installs etcdctl; without it these tests fail.
+//! command, the member list and endpoint status and health, watch, lease,
+//! lock and elect. The test runner (`cluster-scripts/test.sh`) installs
+//! etcdctl; without it these tests fail. The watch, lease, lock and elect
+//! scenarios also run with `kvctl`, whose output follows etcdctl's.
 
 mod support;
 
@@ -10,12 +12,14 @@ use std::process::{Command, Output, Stdio};
 use support::TestCluster;
 
 struct Etcdctl {
+    /// The program: `etcdctl`, or the path of `kvctl`.
+    bin: String,
     endpoints: String,
 }
 
 impl Etcdctl {
     fn run_with(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new("etcdctl")
+        let mut child = Command::new(&self.bin)
             .env("ETCDCTL_API", "3")
             .arg("--endpoints")
             .arg(&self.endpoints)
@@ -48,10 +52,16 @@ impl Etcdctl {
 }
 
 async fn cluster_and_etcdctl() -> (TestCluster, Etcdctl) {
+    cluster_and("etcdctl").await
+}
+
+async fn cluster_and(bin: &str) -> (TestCluster, Etcdctl) {
     let c = TestCluster::start(3, |_| {}).await;
     let endpoints = c.client_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
-    (c, Etcdctl { endpoints })
+    (c, Etcdctl { bin: bin.to_string(), endpoints })
 }
+
+const KVCTL: &str = env!("CARGO_BIN_EXE_kvctl");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn put_get_del_with_every_option() {
@@ -129,7 +139,7 @@ async fn member_list_and_endpoint_status_and_health() {
     // Members publish their names through the log shortly after start.
     let deadline = std::time::Instant::now() + support::WAIT;
     let list = loop {
-        let e2 = Etcdctl { endpoints: e.endpoints.clone() };
+        let e2 = Etcdctl { bin: e.bin.clone(), endpoints: e.endpoints.clone() };
         let list = tokio::task::spawn_blocking(move || e2.ok(&["member", "list"])).await.unwrap();
         if list.lines().all(|l| l.contains(", started, m")) || std::time::Instant::now() > deadline {
             break list;
@@ -172,7 +182,7 @@ struct Running {
 
 impl Running {
     fn start(e: &Etcdctl, args: &[&str]) -> Running {
-        let mut child = Command::new("etcdctl")
+        let mut child = Command::new(&e.bin)
             .env("ETCDCTL_API", "3")
             .arg("--endpoints")
             .arg(&e.endpoints)
@@ -227,7 +237,16 @@ impl Drop for Running {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn watch_live_and_from_a_revision() {
-    let (c, e) = cluster_and_etcdctl().await;
+    watch_live_and_from_a_revision_with("etcdctl").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kvctl_watch_live_and_from_a_revision() {
+    watch_live_and_from_a_revision_with(KVCTL).await;
+}
+
+async fn watch_live_and_from_a_revision_with(bin: &str) {
+    let (c, e) = cluster_and(bin).await;
     tokio::task::spawn_blocking(move || {
         let rev: i64 = {
             let out = e.ok(&["put", "w/a", "1", "-w", "json"]);
@@ -271,7 +290,16 @@ async fn watch_live_and_from_a_revision() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lease_grant_keep_alive_timetolive_list_revoke() {
-    let (c, e) = cluster_and_etcdctl().await;
+    lease_grant_keep_alive_timetolive_list_revoke_with("etcdctl").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kvctl_lease_grant_keep_alive_timetolive_list_revoke() {
+    lease_grant_keep_alive_timetolive_list_revoke_with(KVCTL).await;
+}
+
+async fn lease_grant_keep_alive_timetolive_list_revoke_with(bin: &str) {
+    let (c, e) = cluster_and(bin).await;
     tokio::task::spawn_blocking(move || {
         let granted = e.ok(&["lease", "grant", "100"]);
         assert!(granted.starts_with("lease ") && granted.ends_with(" granted with TTL(100s)\n"), "{granted}");
@@ -307,7 +335,16 @@ async fn lease_grant_keep_alive_timetolive_list_revoke() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lock_and_elect() {
-    let (c, e) = cluster_and_etcdctl().await;
+    lock_and_elect_with("etcdctl").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kvctl_lock_and_elect() {
+    lock_and_elect_with(KVCTL).await;
+}
+
+async fn lock_and_elect_with(bin: &str) {
+    let (c, e) = cluster_and(bin).await;
     tokio::task::spawn_blocking(move || {
         // lock with a command: it runs holding the lock.
         let out = e.ok(&["lock", "job", "--", "sh", "-c", "echo held $ETCD_LOCK_KEY"]);
