@@ -1,6 +1,7 @@
 //! `kvctl`: the command-line client of kvd, with etcdctl's verbs, flags and
 //! output formats. It works against etcd too.
 
+mod bench;
 mod cluster;
 mod coord;
 mod kv;
@@ -60,9 +61,11 @@ enum Command {
     Lock(coord::LockArgs),
     /// Campaigns in a named election, or observes it with -l.
     Elect(coord::ElectArgs),
+    /// Load generator: put, range, txn-put or watch-latency, against kvd or etcd.
+    Bench(bench::BenchArgs),
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map(|i| s.split_at(i)).unwrap_or((s, "s"));
     let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
     let secs = match unit {
@@ -89,7 +92,7 @@ async fn main() -> ExitCode {
     let fmt = cli.write_out;
     // Commands that run until interrupted have no command timeout.
     let long_running = match &cli.command {
-        Command::Watch(_) | Command::Lock(_) | Command::Elect(_) => true,
+        Command::Watch(_) | Command::Lock(_) | Command::Elect(_) | Command::Bench(_) => true,
         Command::Lease(c) => coord::lease_is_long_running(c),
         _ => false,
     };
@@ -106,6 +109,7 @@ async fn main() -> ExitCode {
             Command::Lease(c) => coord::lease(&client, c, fmt).await,
             Command::Lock(a) => coord::lock(&client, a).await,
             Command::Elect(a) => coord::elect(&client, a).await,
+            Command::Bench(a) => bench::run(client.endpoints(), a, fmt, cli.dial_timeout).await,
         }
     };
     let result = if long_running {

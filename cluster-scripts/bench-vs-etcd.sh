@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: a three-member etcd 3.4 cluster (Debian's etcd-server),
+# then a three-member kvd cluster with the same layout (same ports, one data
+# directory each under one scratch directory), each driven by the same
+# `kvctl bench` workloads. Prints one table: throughput and p99 of each
+# workload for both, the ratio kvd/etcd, and each member's resident memory and
+# data-directory size after the run.
+#
+# Settings (environment):
+#   BENCH_DIR        scratch directory (default: a new one under /tmp, removed at the end)
+#   BENCH_TOTAL      requests per closed-loop workload (default 20000)
+#   BENCH_KEYS       keys written before measuring memory and disk (default 100000)
+#   BENCH_WORKLOADS  which workloads (default: all of them, see WORKLOADS below)
+#   BENCH_JSON       if set, also write every result as JSON lines to this file
+#   KVD_BIN_DIR      where kvd and kvctl are (default: target/release, built here)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BIN_DIR="${KVD_BIN_DIR:-$ROOT/target/release}"
+TOTAL="${BENCH_TOTAL:-20000}"
+KEYS="${BENCH_KEYS:-100000}"
+CLIENT_PORTS=(2379 22379 32379)
+PEER_PORTS=(2380 22380 32380)
+NAMES=(n1 n2 n3)
+EPS="127.0.0.1:2379,127.0.0.1:22379,127.0.0.1:32379"
+
+if ! command -v etcd > /dev/null; then
+  echo "etcd is not installed; cluster-scripts/test.sh installs it (etcd-server, etcd-client)" >&2
+  exit 1
+fi
+if [ -z "${KVD_BIN_DIR:-}" ]; then
+  echo "building release binaries..." >&2
+  (cd "$ROOT" && cargo build --release --bins --quiet)
+fi
+
+if [ -n "${BENCH_DIR:-}" ]; then
+  WORK="$BENCH_DIR"; mkdir -p "$WORK"; KEEP=1
+else
+  WORK="$(mktemp -d /tmp/kvd-bench.XXXXXX)"; KEEP=0
+fi
+RESULTS="$WORK/results.jsonl"
+: > "$RESULTS"
+PIDS=()
+
+stop_all() {
+  local pid
+  for pid in "${PIDS[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  PIDS=()
+}
+cleanup() {
+  stop_all
+  [ "$KEEP" = 1 ] || rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# name label workload options...
+WORKLOADS=(
+  "put-1|put --conns 1 --clients 1"
+  "put-64|put --conns 8 --clients 64"
+  "put-256|put --conns 16 --clients 256"
+  "range-l-64|range --consistency l --conns 8 --clients 64"
+  "range-s-64|range --consistency s --conns 8 --clients 64"
+  "txn-put-64|txn-put --conns 8 --clients 64"
+  "watch-latency|watch-latency --conns 2 --watchers 10 --rate 200 --total 2000"
+)
+if [ -n "${BENCH_WORKLOADS:-}" ]; then
+  selected=()
+  for w in "${WORKLOADS[@]}"; do
+    for want in $BENCH_WORKLOADS; do [ "${w%%|*}" = "$want" ] && selected+=("$w"); done
+  done
+  WORKLOADS=("${selected[@]}")
+fi
+
+wait_healthy() {
+  local deadline=$((SECONDS + 60))
+  until "$BIN_DIR/kvctl" --endpoints "$EPS" --command-timeout 3s endpoint health > /dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ]; then echo "$1 cluster did not become healthy; logs in $WORK" >&2; exit 1; fi
+    sleep 0.2
+  done
+}
+
+start_etcd() {
+  local cluster="" i
+  for i in 0 1 2; do cluster+="${cluster:+,}${NAMES[$i]}=http://127.0.0.1:${PEER_PORTS[$i]}"; done
+  for i in 0 1 2; do
+    etcd --name "${NAMES[$i]}" --data-dir "$WORK/etcd-${NAMES[$i]}" \
+      --listen-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
+      --advertise-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
+      --listen-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
+      --initial-advertise-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
+      --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token bench \
+      > "$WORK/etcd-${NAMES[$i]}.log" 2>&1 < /dev/null &
+    PIDS+=($!)
+  done
+  wait_healthy etcd
+}
+
+start_kvd() {
+  local cluster="" i
+  for i in 0 1 2; do cluster+="${cluster:+,}${NAMES[$i]}=http://127.0.0.1:${PEER_PORTS[$i]}"; done
+  for i in 0 1 2; do
+    "$BIN_DIR/kvd" --name "${NAMES[$i]}" --data-dir "$WORK/kvd-${NAMES[$i]}" \
+      --listen-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
+      --advertise-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
+      --listen-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
+      --initial-advertise-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
+      --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token bench \
+      > "$WORK/kvd-${NAMES[$i]}.log" 2>&1 < /dev/null &
+    PIDS+=($!)
+  done
+  wait_healthy kvd
+}
+
+# system: runs every workload, then fills to $KEYS keys and records memory and disk.
+measure() {
+  local system=$1 w label args
+  for w in "${WORKLOADS[@]}"; do
+    label=${w%%|*}; args=${w#*|}
+    echo "[$system] $label: kvctl bench $args" >&2
+    # shellcheck disable=SC2086
+    "$BIN_DIR/kvctl" --endpoints "$EPS" -w json bench $args --total "$TOTAL" --key-space-size "$KEYS" --quiet \
+      | sed "s/^{/{\"system\":\"$system\",\"label\":\"$label\",/" >> "$RESULTS"
+  done
+  echo "[$system] writing $KEYS distinct keys (256-byte values) for the memory and disk figures" >&2
+  "$BIN_DIR/kvctl" --endpoints "$EPS" bench put --conns 8 --clients 64 --total "$KEYS" --sequential-keys \
+    --key-space-size "$KEYS" --val-size 256 --quiet > /dev/null
+  local rss=() disk=() i
+  for i in 0 1 2; do
+    rss+=("$(awk '/VmRSS/ {print $2}' "/proc/${PIDS[$i]}/status")")
+    disk+=("$(du -sk "$WORK/$system-${NAMES[$i]}" | cut -f1)")
+  done
+  printf '{"system":"%s","label":"resources","rss_kb":[%s],"disk_kb":[%s]}\n' \
+    "$system" "$(IFS=,; echo "${rss[*]}")" "$(IFS=,; echo "${disk[*]}")" >> "$RESULTS"
+}
+
+echo "etcd: $(etcd --version | head -n 1)" >&2
+start_etcd
+measure etcd
+stop_all
+start_kvd
+measure kvd
+stop_all
+
+[ -z "${BENCH_JSON:-}" ] || cp "$RESULTS" "$BENCH_JSON"
+python3 - "$RESULTS" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+by = {(r["system"], r["label"]): r for r in rows}
+labels = [r["label"] for r in rows if r["system"] == "etcd" and r["label"] != "resources"]
+def cell(r, key):
+    if r is None: return "-"
+    return f'{r["throughput"]:,.0f}/s' if key == "tput" else f'{r["latency_ms"]["p99"]:.2f} ms'
+print(f'{"workload":<15}{"etcd /s":>12}{"kvd /s":>12}{"kvd/etcd":>10}{"etcd p99":>12}{"kvd p99":>12}{"p50 etcd":>11}{"p50 kvd":>10}')
+for l in labels:
+    e, k = by.get(("etcd", l)), by.get(("kvd", l))
+    ratio = k["throughput"] / e["throughput"] if e and k and e["throughput"] else float("nan")
+    err = "" if not (e and k) or (e["errors"] == 0 and k["errors"] == 0) else f'  errors etcd {e["errors"]} kvd {k["errors"]}'
+    print(f'{l:<15}{e["throughput"]:>12,.0f}{k["throughput"]:>12,.0f}{ratio:>9.2f}x'
+          f'{e["latency_ms"]["p99"]:>10.2f}ms{k["latency_ms"]["p99"]:>10.2f}ms'
+          f'{e["latency_ms"]["p50"]:>9.2f}ms{k["latency_ms"]["p50"]:>8.2f}ms{err}')
+for s in ("etcd", "kvd"):
+    r = by.get((s, "resources"))
+    if r:
+        mb = lambda kb: f"{kb/1024:.0f}"
+        print(f'{s}: resident memory per member {"/".join(mb(x) for x in r["rss_kb"])} MB; '
+              f'data dir per member {"/".join(mb(x) for x in r["disk_kb"])} MB')
+EOF

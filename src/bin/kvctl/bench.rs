@@ -1,0 +1,408 @@
+//! `bench`: a load generator that speaks the etcd v3 API, so it drives kvd
+//! and etcd alike. Workloads: `put`, `range` (linearizable or serializable),
+//! `txn-put`, and `watch-latency` (from a put being sent to its event
+//! reaching a watcher). Latencies go into an HDR histogram (microsecond
+//! resolution, 3 significant digits); the report gives throughput and the
+//! p50/p90/p99/p99.9/max latencies, as text or JSON.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use kvd::client::endpoint_url;
+use kvd::proto::etcdserverpb::kv_client::KvClient;
+use kvd::proto::etcdserverpb::request_op::Request as Op;
+use kvd::proto::etcdserverpb::watch_client::WatchClient;
+use kvd::proto::etcdserverpb::watch_request::RequestUnion;
+use kvd::proto::etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchRequest};
+use rand::Rng;
+use serde_json::json;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::output::Format;
+
+/// What `bench` runs.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// Puts of random (or sequential) keys.
+    Put,
+    /// Ranges over one key (see --consistency).
+    Range,
+    /// Txns that each put one key.
+    TxnPut,
+    /// Puts at --rate, timed until their events reach every watcher.
+    WatchLatency,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The workload.
+    #[arg(value_enum)]
+    workload: Workload,
+    /// gRPC connections, spread over the endpoints.
+    #[arg(long, default_value_t = 1)]
+    conns: usize,
+    /// Concurrent clients, spread over the connections.
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+    /// Requests in all (for watch-latency: puts).
+    #[arg(long, default_value_t = 10_000)]
+    total: u64,
+    /// Run for this long instead of --total requests (e.g. 10s).
+    #[arg(long, value_parser = crate::parse_duration)]
+    duration: Option<Duration>,
+    /// Key size in bytes.
+    #[arg(long, default_value_t = 8)]
+    key_size: usize,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 8)]
+    val_size: usize,
+    /// Distinct keys written.
+    #[arg(long, default_value_t = 100_000)]
+    key_space_size: u64,
+    /// Write keys in order instead of at random.
+    #[arg(long)]
+    sequential_keys: bool,
+    /// Requests per second in all (0: as fast as possible). watch-latency
+    /// puts at 100/s unless this says otherwise.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Range consistency: l (linearizable) or s (serializable).
+    #[arg(long, default_value = "l", value_parser = ["l", "s"])]
+    consistency: String,
+    /// Watchers for watch-latency (spread over the connections).
+    #[arg(long, default_value_t = 10)]
+    watchers: usize,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// Latencies and counts of one run.
+struct Tally {
+    latency_us: Histogram<u64>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        // 1 µs to 10 min at 3 significant digits.
+        let latency_us = Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds");
+        Tally { latency_us, errors: 0, first_error: None }
+    }
+
+    fn ok(&mut self, took: Duration) {
+        let us = (took.as_micros() as u64).clamp(1, 600_000_000);
+        let _ = self.latency_us.record(us);
+    }
+
+    fn failed(&mut self, e: impl ToString) {
+        self.errors += 1;
+        self.first_error.get_or_insert_with(|| e.to_string());
+    }
+
+    fn merge(&mut self, other: Tally) {
+        let _ = self.latency_us.add(&other.latency_us);
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+}
+
+/// Which request a client sends next, and when to stop.
+struct Schedule {
+    issued: AtomicU64,
+    done: AtomicU64,
+    total: u64,
+    until: Option<Instant>,
+    rate: u64,
+    start: Instant,
+}
+
+impl Schedule {
+    /// The number of the next request, after waiting for its turn under
+    /// --rate; `None` when the run is over.
+    async fn next(&self) -> Option<u64> {
+        let n = self.issued.fetch_add(1, Ordering::Relaxed);
+        match self.until {
+            Some(until) if Instant::now() >= until => return None,
+            None if n >= self.total => return None,
+            _ => {}
+        }
+        if self.rate > 0 {
+            let at = self.start + Duration::from_secs_f64(n as f64 / self.rate as f64);
+            tokio::time::sleep_until(at.into()).await;
+        }
+        Some(n)
+    }
+}
+
+pub async fn run(endpoints: &[String], a: BenchArgs, fmt: Format, dial_timeout: Duration) -> Result<()> {
+    if a.conns == 0 || a.clients == 0 {
+        bail!("--conns and --clients must be at least 1");
+    }
+    if a.key_size == 0 || a.key_space_size == 0 {
+        bail!("--key-size and --key-space-size must be at least 1");
+    }
+    let channels = connect(endpoints, a.conns, dial_timeout).await?;
+    let start = Instant::now();
+    let (tally, requests) = match a.workload {
+        Workload::WatchLatency => watch_latency(&channels, &a).await?,
+        _ => closed_loop(&channels, &a).await?,
+    };
+    let elapsed = start.elapsed();
+    report(&a, fmt, &tally, requests, elapsed);
+    if requests > 0 && tally.errors == requests {
+        bail!("every request failed: {}", tally.first_error.unwrap_or_default());
+    }
+    Ok(())
+}
+
+async fn connect(endpoints: &[String], conns: usize, dial_timeout: Duration) -> Result<Vec<Channel>> {
+    let mut channels = Vec::new();
+    for i in 0..conns {
+        let url = endpoint_url(&endpoints[i % endpoints.len()]);
+        let ep = Endpoint::from_shared(url.clone()).with_context(|| format!("bad endpoint {url}"))?;
+        let ch = ep
+            .connect_timeout(dial_timeout)
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {url}"))?;
+        channels.push(ch);
+    }
+    Ok(channels)
+}
+
+/// The keys a run writes: `size` bytes, the key number in the last (up to)
+/// eight, big-endian.
+#[derive(Clone, Copy)]
+struct Keys {
+    sequential: bool,
+    space: u64,
+    size: usize,
+}
+
+impl Keys {
+    fn key(&self, n: u64) -> Vec<u8> {
+        let k = if self.sequential { n % self.space } else { rand::thread_rng().gen_range(0..self.space) };
+        let mut key = vec![b'k'; self.size];
+        let take = self.size.min(8);
+        key[self.size - take..].copy_from_slice(&k.to_be_bytes()[8 - take..]);
+        key
+    }
+}
+
+const RANGE_KEY: &[u8] = b"kvctl-bench-range";
+const WATCH_KEY: &[u8] = b"kvctl-bench-watch";
+
+/// `clients` closed-loop clients, each sending its next request when the
+/// previous one is answered (or when --rate allows).
+async fn closed_loop(channels: &[Channel], a: &BenchArgs) -> Result<(Tally, u64)> {
+    let value = vec![b'v'; a.val_size];
+    if a.workload == Workload::Range {
+        let put = PutRequest { key: RANGE_KEY.to_vec(), value: value.clone(), ..Default::default() };
+        KvClient::new(channels[0].clone()).put(put).await.context("writing the key to range over")?;
+    }
+    let schedule = Arc::new(Schedule {
+        issued: AtomicU64::new(0),
+        done: AtomicU64::new(0),
+        total: a.total,
+        until: a.duration.map(|d| Instant::now() + d),
+        rate: a.rate,
+        start: Instant::now(),
+    });
+    let progress = (!a.quiet).then(|| tokio::spawn(show_progress(schedule.clone(), a.duration.is_none())));
+    let mut tasks = Vec::new();
+    for c in 0..a.clients {
+        let mut kv = KvClient::new(channels[c % channels.len()].clone());
+        let schedule = schedule.clone();
+        let workload = a.workload;
+        let serializable = a.consistency == "s";
+        let keys = Keys { sequential: a.sequential_keys, space: a.key_space_size, size: a.key_size };
+        let value = value.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tally = Tally::new();
+            while let Some(n) = schedule.next().await {
+                let sent = Instant::now();
+                let result = match workload {
+                    Workload::Put => {
+                        let req = PutRequest { key: keys.key(n), value: value.clone(), ..Default::default() };
+                        kv.put(req).await.map(|_| ())
+                    }
+                    Workload::TxnPut => {
+                        let put = PutRequest { key: keys.key(n), value: value.clone(), ..Default::default() };
+                        let req = TxnRequest {
+                            compare: Vec::new(),
+                            success: vec![RequestOp { request: Some(Op::RequestPut(put)) }],
+                            failure: Vec::new(),
+                        };
+                        kv.txn(req).await.map(|_| ())
+                    }
+                    Workload::Range | Workload::WatchLatency => {
+                        let req = RangeRequest { key: RANGE_KEY.to_vec(), serializable, ..Default::default() };
+                        kv.range(req).await.map(|_| ())
+                    }
+                };
+                match result {
+                    Ok(()) => tally.ok(sent.elapsed()),
+                    Err(e) => tally.failed(e.message()),
+                }
+                schedule.done.fetch_add(1, Ordering::Relaxed);
+            }
+            tally
+        }));
+    }
+    let mut tally = Tally::new();
+    for t in tasks {
+        tally.merge(t.await?);
+    }
+    if let Some(p) = progress {
+        p.abort();
+    }
+    let requests = schedule.done.load(Ordering::Relaxed);
+    Ok((tally, requests))
+}
+
+async fn show_progress(schedule: Arc<Schedule>, by_total: bool) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut last = 0;
+    loop {
+        tick.tick().await;
+        let done = schedule.done.load(Ordering::Relaxed);
+        let elapsed = schedule.start.elapsed().as_secs();
+        if by_total {
+            eprintln!("{elapsed:>4}s  {done}/{} requests  {}/s", schedule.total, done - last);
+        } else {
+            eprintln!("{elapsed:>4}s  {done} requests  {}/s", done - last);
+        }
+        last = done;
+    }
+}
+
+/// Puts `total` values at `rate` (100/s by default) to one key watched by
+/// `watchers` streams; each event's latency runs from its put being sent to
+/// its arrival at a watcher.
+async fn watch_latency(channels: &[Channel], a: &BenchArgs) -> Result<(Tally, u64)> {
+    let total = a.total;
+    let rate = if a.rate == 0 { 100 } else { a.rate };
+    let epoch = Instant::now();
+    // When each put was sent, in µs since `epoch` (0: not yet).
+    let sent_us: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
+    let mut watchers = Vec::new();
+    for w in 0..a.watchers.max(1) {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let create = WatchCreateRequest { key: WATCH_KEY.to_vec(), ..Default::default() };
+        tx.send(WatchRequest { request_union: Some(RequestUnion::CreateRequest(create)) }).await?;
+        let mut stream =
+            WatchClient::new(channels[w % channels.len()].clone()).watch(ReceiverStream::new(rx)).await?.into_inner();
+        let created = stream.message().await?.context("watch stream closed")?;
+        if !created.created || created.canceled {
+            bail!("watch not created: {}", created.cancel_reason);
+        }
+        let sent_us = sent_us.clone();
+        watchers.push(tokio::spawn(async move {
+            let _keep_open = tx;
+            let mut tally = Tally::new();
+            let mut seen = 0;
+            while seen < total {
+                let resp = match stream.message().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tally.failed(e.message());
+                        break;
+                    }
+                };
+                let now_us = epoch.elapsed().as_micros() as u64;
+                for e in resp.events {
+                    let Some(kv) = e.kv else { continue };
+                    let Some(seq) = kv.value.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes) else {
+                        continue;
+                    };
+                    seen += 1;
+                    if let Some(at) = sent_us.get(seq as usize).map(|s| s.load(Ordering::Acquire)) {
+                        tally.ok(Duration::from_micros(now_us.saturating_sub(at)));
+                    }
+                }
+            }
+            tally
+        }));
+    }
+    let mut kv = KvClient::new(channels[0].clone());
+    let mut put_errors = Tally::new();
+    let start = Instant::now();
+    for seq in 0..total {
+        let at = start + Duration::from_secs_f64(seq as f64 / rate as f64);
+        tokio::time::sleep_until(at.into()).await;
+        let mut value = seq.to_be_bytes().to_vec();
+        value.resize(a.val_size.max(8), b'v');
+        sent_us[seq as usize].store(epoch.elapsed().as_micros().max(1) as u64, Ordering::Release);
+        if let Err(e) = kv.put(PutRequest { key: WATCH_KEY.to_vec(), value, ..Default::default() }).await {
+            put_errors.failed(e.message());
+        }
+        if !a.quiet && seq > 0 && seq % rate == 0 {
+            eprintln!("{:>4}s  {seq}/{total} puts", start.elapsed().as_secs());
+        }
+    }
+    let mut tally = put_errors;
+    let wait = Duration::from_secs(10);
+    for w in watchers {
+        match tokio::time::timeout(wait, w).await {
+            Ok(t) => tally.merge(t?),
+            Err(_) => tally.failed("a watcher did not receive every event within 10s of the last put"),
+        }
+    }
+    let events = tally.latency_us.len();
+    Ok((tally, events))
+}
+
+fn report(a: &BenchArgs, fmt: Format, tally: &Tally, requests: u64, elapsed: Duration) {
+    let name = a.workload.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();
+    let h = &tally.latency_us;
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let secs = elapsed.as_secs_f64();
+    let ok = h.len();
+    let throughput = ok as f64 / secs;
+    if fmt == Format::Json {
+        let v = json!({
+            "workload": name,
+            "consistency": a.consistency,
+            "conns": a.conns,
+            "clients": a.clients,
+            "requests": requests,
+            "errors": tally.errors,
+            "first_error": tally.first_error,
+            "seconds": secs,
+            "throughput": throughput,
+            "latency_ms": {
+                "mean": h.mean() / 1000.0,
+                "p50": ms(0.50), "p90": ms(0.90), "p99": ms(0.99), "p99.9": ms(0.999),
+                "max": h.max() as f64 / 1000.0,
+            },
+        });
+        println!("{v}");
+        return;
+    }
+    let unit = if a.workload == Workload::WatchLatency { "events" } else { "requests" };
+    println!("{name}: {ok} {unit} in {secs:.2}s, {throughput:.1}/s, {} errors", tally.errors);
+    if let Some(e) = &tally.first_error {
+        println!("first error: {e}");
+    }
+    println!(
+        "latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}",
+        ms(0.5),
+        ms(0.9),
+        ms(0.99),
+        ms(0.999),
+        h.max() as f64 / 1000.0,
+        h.mean() / 1000.0
+    );
+}
