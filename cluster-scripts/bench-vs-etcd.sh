@@ -76,9 +76,19 @@ if [ -n "${BENCH_WORKLOADS:-}" ]; then
   WORKLOADS=("${selected[@]}")
 fi
 
+# Waits until the members just started answer; fails if one of them exited
+# (a port already taken, for instance: another cluster must not be measured).
 wait_healthy() {
-  local deadline=$((SECONDS + 60))
-  until "$BIN_DIR/kvctl" --endpoints "$EPS" --command-timeout 3s endpoint health > /dev/null 2>&1; do
+  local deadline=$((SECONDS + 60)) pid
+  while true; do
+    for pid in "${PIDS[@]}"; do
+      if ! kill -0 "$pid" 2>/dev/null; then
+        echo "a $1 member exited at start (ports ${CLIENT_PORTS[*]} ${PEER_PORTS[*]} must be free); logs in $WORK" >&2
+        KEEP=1
+        exit 1
+      fi
+    done
+    "$BIN_DIR/kvctl" --endpoints "$EPS" --command-timeout 3s endpoint health > /dev/null 2>&1 && return 0
     if [ $SECONDS -ge $deadline ]; then echo "$1 cluster did not become healthy; logs in $WORK" >&2; exit 1; fi
     sleep 0.2
   done
@@ -121,9 +131,10 @@ measure() {
   local system=$1 w label args
   for w in "${WORKLOADS[@]}"; do
     label=${w%%|*}; args=${w#*|}
+    case " $args " in *" --total "*) ;; *) args+=" --total $TOTAL" ;; esac
     echo "[$system] $label: kvctl bench $args" >&2
     # shellcheck disable=SC2086
-    "$BIN_DIR/kvctl" --endpoints "$EPS" -w json bench $args --total "$TOTAL" --key-space-size "$KEYS" --quiet \
+    "$BIN_DIR/kvctl" --endpoints "$EPS" -w json bench $args --key-space-size "$KEYS" --quiet \
       | sed "s/^{/{\"system\":\"$system\",\"label\":\"$label\",/" >> "$RESULTS"
   done
   echo "[$system] writing $KEYS distinct keys (256-byte values) for the memory and disk figures" >&2

@@ -4,9 +4,10 @@
 //!
 //! - [`mvcc`]: etcd's data model (revisions, versions, history, compaction,
 //!   Range/Put/DeleteRange/Txn semantics) over sled. Pure logic, no async.
-//! - [`raft`]: openraft wiring: the type config and commands, the log store,
-//!   the state machine that applies commands to the MVCC store, and the peer
-//!   network (client and server) over tonic.
+//! - [`raft`]: openraft wiring: the type config and commands, the log store
+//!   (segment files of its own, one fdatasync per batch), the proposal batcher
+//!   (concurrent writes share a log entry), the state machine that applies
+//!   commands to the MVCC store, and the peer network over tonic.
 //! - [`node`]: one member: proposes writes (forwarding to the leader when it
 //!   is not the leader), serves linearizable reads through ReadIndex, and fills
 //!   response headers.

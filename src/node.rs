@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, RaftError};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
@@ -23,7 +23,7 @@ use crate::proto::etcdserverpb::ResponseHeader;
 use crate::proto::kvdpb::{command, command_result, Command, CommandResult};
 use crate::raft::network::{CallError, Network, Rpc};
 use crate::raft::state_machine::Shared;
-use crate::raft::{decode, encode, Node as RaftNode, NodeId, Raft, Request, Response};
+use crate::raft::{decode, encode, Node as RaftNode, NodeId, Raft, Response};
 
 /// How a leader answers a forwarded proposal or read-index request.
 #[derive(Debug, Serialize, Deserialize)]
@@ -67,6 +67,8 @@ pub struct Node {
     pub lessor: crate::lease::Lessor,
     /// Turns true when the member begins to stop.
     pub stop: tokio::sync::watch::Receiver<bool>,
+    /// Where proposals to this member's Raft go (see [`crate::raft::batcher`]).
+    pub proposals: crate::raft::batcher::Proposals,
 }
 
 impl Node {
@@ -122,11 +124,10 @@ impl Node {
         }
         let deadline = Instant::now() + self.request_timeout;
         loop {
-            let leader = match self.raft.client_write(Request(bytes.clone())).await {
-                Ok(written) => return unpack(written.data),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f.leader_id,
-                Err(RaftError::APIError(e)) => return Err(Error::internal(e)),
-                Err(RaftError::Fatal(_)) => return Err(Error::Stopped),
+            let leader = match self.proposals.propose(bytes.clone()).await {
+                Forwarded::Done(resp) => return unpack(resp),
+                Forwarded::NotLeader(leader) => leader,
+                Forwarded::Failed(e) => return Err(e),
             };
             if let Some(leader) = leader {
                 match self.ask_leader::<Response>(leader, Rpc::Forward, bytes.clone(), deadline).await? {
@@ -204,12 +205,7 @@ impl Node {
         if bytes.len() > self.limits.max_request_bytes {
             return Forwarded::Failed(Error::RequestTooLarge);
         }
-        match self.raft.client_write(Request(bytes)).await {
-            Ok(written) => Forwarded::Done(written.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Forwarded::NotLeader(f.leader_id),
-            Err(RaftError::APIError(e)) => Forwarded::Failed(Error::internal(e)),
-            Err(RaftError::Fatal(_)) => Forwarded::Failed(Error::Stopped),
-        }
+        self.proposals.propose(bytes).await
     }
 
     /// Handles a read-index request from a follower.

@@ -148,7 +148,8 @@ pub async fn start_on(
     let db = open_db(&cfg)?;
     let data_err =
         |e: crate::error::Error| StartError::DataDir { dir: cfg.data_dir.display().to_string(), why: e.to_string() };
-    let log_store = LogStore::open(&db).map_err(|e| data_err(e.into()))?;
+    let mut log_store = LogStore::open(&cfg.data_dir.join("log")).map_err(data_err)?;
+    log_store.import_from_sled(&db).map_err(data_err)?;
     let state_machine = StateMachine::open(&db, &cfg.data_dir).map_err(data_err)?;
     let shared = state_machine.shared();
     let network = Network::default();
@@ -182,6 +183,7 @@ pub async fn start_on(
     }
 
     let (stop, stop_rx) = watch::channel(false);
+    let proposals = crate::raft::batcher::Proposals::start(raft.clone());
     let node = Arc::new(Node {
         id: cfg.id,
         cluster_id: stored_cluster_id(&db).unwrap_or(cfg.cluster_id),
@@ -193,6 +195,7 @@ pub async fn start_on(
         min_lease_ttl: crate::lease::min_lease_ttl(cfg.election),
         lessor: Default::default(),
         stop: stop_rx.clone(),
+        proposals,
     });
 
     let mut tasks = Vec::new();

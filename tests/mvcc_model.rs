@@ -105,8 +105,8 @@ fn check_no_dead_history(tree: &sled::Tree, rev: i64) {
     }
 }
 
-fn commit(tree: &sled::Tree, batch: sled::Batch) {
-    tree.apply_batch(batch).expect("commit");
+fn commit(tree: &sled::Tree, batch: kvd::mvcc::Batch) {
+    tree.apply_batch(batch.into_sled()).expect("commit");
 }
 
 proptest! {
@@ -162,7 +162,7 @@ proptest! {
                     }
                 }
                 Op::Compact(rev) => {
-                    let mut batch = sled::Batch::default();
+                    let mut batch = kvd::mvcc::Batch::default();
                     let got = store.compact(rev, &mut batch);
                     if rev <= model.compacted {
                         prop_assert_eq!(got, Err(Error::Compacted));

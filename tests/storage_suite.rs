@@ -1,5 +1,5 @@
 //! openraft's storage conformance suite against kvd's log store and state
-//! machine, each on a fresh sled database in a temporary directory.
+//! machine, each in a fresh temporary directory.
 
 use kvd::raft::log_store::LogStore;
 use kvd::raft::state_machine::StateMachine;
@@ -13,7 +13,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
         let db = sled::open(dir.path().join("db")).map_err(|e| StorageIOError::write(&e))?;
-        let log = LogStore::open(&db).map_err(|e| StorageIOError::write(&e))?;
+        let log = LogStore::open(&dir.path().join("log")).map_err(|e| StorageIOError::write(&e))?;
         let sm = StateMachine::open(&db, dir.path()).map_err(|e| StorageIOError::write(&e))?;
         Ok((dir, log, sm))
     }

@@ -10,6 +10,7 @@
 //! and commits the sled batch each write produces together with the applied
 //! log id.
 
+pub mod batch;
 pub mod keys;
 pub mod ops;
 pub mod txn;
@@ -20,6 +21,7 @@ use prost::Message;
 
 use crate::error::{Error, Result};
 use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
+pub use batch::Batch;
 use keys::RangeEnd;
 
 /// The revision of a store that has never been written, as in etcd.
@@ -103,12 +105,12 @@ impl MvccStore {
     }
 
     /// Grants lease `id` with `ttl` seconds; false if it already exists.
-    pub fn grant_lease(&mut self, id: i64, ttl: i64, batch: &mut sled::Batch) -> bool {
+    pub fn grant_lease(&mut self, id: i64, ttl: i64, batch: &mut Batch) -> bool {
         if self.leases.contains_key(&id) {
             return false;
         }
         self.leases.insert(id, Lease { ttl, keys: BTreeSet::new() });
-        batch.insert(&keys::lease_key(id), &ttl.to_be_bytes());
+        batch.insert(keys::lease_key(id), ttl.to_be_bytes());
         true
     }
 
@@ -256,13 +258,13 @@ impl MvccStore {
     /// the writer at once; the returned batch must be committed to sled.
     pub fn write(&mut self) -> Writer<'_> {
         let rev = self.revision + 1;
-        Writer { store: self, batch: sled::Batch::default(), rev, sub: 0, events: Vec::new() }
+        Writer { store: self, batch: Batch::default(), rev, sub: 0, events: Vec::new() }
     }
 
     /// Removes the history that no read at or after `rev` can see: every
     /// version older than `rev` that was replaced or deleted by revision `rev`.
     /// Versions at `rev` itself are kept whole.
-    pub fn compact(&mut self, rev: i64, batch: &mut sled::Batch) -> Result<()> {
+    pub fn compact(&mut self, rev: i64, batch: &mut Batch) -> Result<()> {
         if rev <= self.compacted {
             return Err(Error::Compacted);
         }
@@ -288,7 +290,7 @@ impl MvccStore {
             }
         }
         self.compacted = rev;
-        batch.insert(keys::meta_key("compacted"), &rev.to_be_bytes());
+        batch.insert(keys::meta_key("compacted"), rev.to_be_bytes());
         Ok(())
     }
 }
@@ -296,7 +298,7 @@ impl MvccStore {
 /// A write in progress at one revision. Reads through it see its own changes.
 pub struct Writer<'a> {
     store: &'a mut MvccStore,
-    batch: sled::Batch,
+    batch: Batch,
     rev: i64,
     sub: u32,
     events: Vec<Event>,
@@ -366,7 +368,7 @@ impl Writer<'_> {
             self.delete_range(&key, &RangeEnd::Single);
         }
         self.store.leases.remove(&id);
-        self.batch.remove(&keys::lease_key(id));
+        self.batch.remove(keys::lease_key(id));
         true
     }
 
@@ -380,17 +382,17 @@ impl Writer<'_> {
 
     fn record(&mut self, kv: &KeyValue) {
         self.batch.insert(keys::hist_key(&kv.key, self.rev), kv.encode_to_vec());
-        self.batch.insert(&keys::rev_key(self.rev, self.sub), kv.key.as_slice());
+        self.batch.insert(keys::rev_key(self.rev, self.sub), kv.key.as_slice());
         self.sub += 1;
     }
 
     /// Finishes the write: returns the sled batch to commit and the events it
     /// produced (empty if nothing changed, and then the revision stays).
-    pub fn finish(self) -> (sled::Batch, Vec<Event>) {
+    pub fn finish(self) -> (Batch, Vec<Event>) {
         let mut batch = self.batch;
         if self.sub > 0 {
             self.store.revision = self.rev;
-            batch.insert(keys::meta_key("revision"), &self.rev.to_be_bytes());
+            batch.insert(keys::meta_key("revision"), self.rev.to_be_bytes());
         }
         (batch, self.events)
     }

@@ -1,79 +1,461 @@
-//! The Raft log and vote, in sled.
+//! The Raft log and vote, in append-only segment files of kvd's own
+//! (`<data-dir>/log/`), not in sled: an append is one `pwrite` and a batch of
+//! appends is made durable by one `fdatasync` (DESIGN.md §3).
 //!
-//! Entries are keyed by index (big-endian, so sled's order is log order) and
-//! encoded with bincode. `append` writes a batch and returns at once; a flusher
-//! task then makes it durable and only then tells openraft. The flusher takes
-//! every batch that queued up while the previous flush ran and covers them all
-//! with one flush (group commit), so under load many client writes share one
-//! fsync and no write is acknowledged before it is on disk. The vote is
-//! flushed before it is acknowledged. This module is the whole log store, so that it can be
-//! measured and replaced on its own (DESIGN.md §3).
+//! - A segment `<first index, 20 digits>.log` holds records back to back:
+//!   `[payload length: u32 LE][crc32 of payload: u32 LE][payload]`, the
+//!   payload being the bincode-encoded entry. A new segment starts past
+//!   [`SEGMENT_BYTES`].
+//! - `append` writes the batch at once (readers see it when it returns) and
+//!   hands its callback to a flusher thread, which covers every batch queued
+//!   meanwhile with one `fdatasync` and only then tells openraft (group
+//!   commit). No write is acknowledged before it is on disk.
+//! - The vote and the purge point are small files replaced atomically
+//!   (write, fsync, rename, fsync the directory). The vote is written after
+//!   the log file is synced, so log and vote writes reach disk in order.
+//! - At start every record is checked. A damaged record at the end of the
+//!   last segment is a write torn by a crash and is cut off; damage anywhere
+//!   else refuses the start, rather than serving a log that lost entries.
+//!
+//! The whole log store is this module, so it can be measured and changed on
+//! its own.
 
 // openraft's StorageError is large by design; the trait fixes the error type.
 #![allow(clippy::result_large_err)]
 
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Debug;
+use std::fs::{File, OpenOptions};
+use std::io::ErrorKind;
 use std::ops::{Bound, RangeBounds};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader, StorageIOError, Vote};
 use tokio::sync::mpsc;
 
 use super::{decode, encode, Entry, LogId, NodeId, StorageError, TypeConfig};
+use crate::error::Error;
 
-const VOTE: &[u8] = b"vote";
-const PURGED: &[u8] = b"last_purged";
+/// A segment grows to about this size before the next one starts.
+pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// The largest record accepted when reading (a bound on what a corrupt length
+/// field can make the reader allocate).
+const MAX_RECORD_BYTES: u32 = 256 * 1024 * 1024;
+const HEADER_BYTES: u64 = 8;
+const VOTE_FILE: &str = "vote";
+const PURGED_FILE: &str = "purged";
 
-/// The Raft log of one member.
+/// Where one entry's record is.
+#[derive(Clone, Copy)]
+struct Loc {
+    log_id: LogId,
+    /// The segment's first index (its key in `segments`).
+    segment: u64,
+    offset: u64,
+    len: u32,
+}
+
+struct Segment {
+    file: Arc<File>,
+    path: PathBuf,
+    /// Bytes of valid records.
+    len: u64,
+}
+
+struct Inner {
+    /// Segments by the first index they were created for.
+    segments: BTreeMap<u64, Segment>,
+    /// The entry locations after the purge point, in index order.
+    locs: VecDeque<Loc>,
+    purged: Option<LogId>,
+    vote: Option<Vote<NodeId>>,
+}
+
+impl Inner {
+    fn last_log_id(&self) -> Option<LogId> {
+        self.locs.back().map(|l| l.log_id).or(self.purged)
+    }
+
+    fn active(&mut self) -> Option<(&u64, &mut Segment)> {
+        self.segments.iter_mut().next_back()
+    }
+}
+
+struct Shared {
+    dir: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The Raft log of one member; clones share it (and read it concurrently).
 #[derive(Clone)]
 pub struct LogStore {
-    db: sled::Db,
-    log: sled::Tree,
-    meta: sled::Tree,
-    flusher: mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
+    shared: Arc<Shared>,
+    flusher: mpsc::UnboundedSender<(Arc<File>, LogFlushed<TypeConfig>)>,
+}
+
+fn io_err(what: impl std::fmt::Display, e: std::io::Error) -> Error {
+    Error::internal(format!("{what}: {e}"))
 }
 
 impl LogStore {
-    /// Opens the log kept in `db` and starts its flusher task (so it must be
-    /// called within a tokio runtime).
-    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+    /// Opens (or creates) the log in `dir`, checking every record, and starts
+    /// its flusher thread.
+    pub fn open(dir: &Path) -> Result<Self, Error> {
+        std::fs::create_dir_all(dir).map_err(|e| io_err(format!("create {}", dir.display()), e))?;
+        let vote = read_small_file(&dir.join(VOTE_FILE))?;
+        let purged: Option<LogId> = read_small_file(&dir.join(PURGED_FILE))?;
+        let mut names = Vec::new();
+        for item in std::fs::read_dir(dir).map_err(|e| io_err(format!("list {}", dir.display()), e))? {
+            let name = item.map_err(|e| io_err("list log dir", e))?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(first) = name.strip_suffix(".log").and_then(|n| n.parse::<u64>().ok()) {
+                names.push(first);
+            }
+        }
+        names.sort_unstable();
+        let mut inner = Inner { segments: BTreeMap::new(), locs: VecDeque::new(), purged, vote };
+        let count = names.len();
+        for (i, first) in names.into_iter().enumerate() {
+            let path = dir.join(segment_name(first));
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| io_err(format!("open {}", path.display()), e))?;
+            let len = scan_segment(&file, &path, first, i + 1 == count, &mut inner)?;
+            inner.segments.insert(first, Segment { file: Arc::new(file), path, len });
+        }
+        if inner.segments.is_empty() {
+            let first = purged.map_or(0, |p| p.index + 1);
+            let seg = create_segment(dir, first)?;
+            inner.segments.insert(first, seg);
+        }
+        let shared = Arc::new(Shared { dir: dir.to_path_buf(), inner: Mutex::new(inner) });
         let (flusher, pending) = mpsc::unbounded_channel();
-        let flushing = db.clone();
         std::thread::Builder::new()
             .name("kvd-log-flush".into())
-            .spawn(move || flush_loop(flushing, pending))
-            .map_err(sled::Error::Io)?;
-        Ok(LogStore { db: db.clone(), log: db.open_tree("raft_log")?, meta: db.open_tree("raft_meta")?, flusher })
+            .spawn(move || flush_loop(pending))
+            .map_err(|e| io_err("start the log flusher", e))?;
+        Ok(LogStore { shared, flusher })
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
-        let raw = self.meta.get(key).map_err(|e| StorageIOError::read(&e))?;
-        raw.map(|v| decode(&v).map_err(|e| StorageIOError::read(&e).into())).transpose()
+    /// Moves a log kept in sled by earlier kvd versions (trees `raft_log` and
+    /// `raft_meta` of `db`) into this store, when this store is empty, and
+    /// drops the old trees.
+    pub fn import_from_sled(&mut self, db: &sled::Db) -> Result<(), Error> {
+        let (log, meta) = (db.open_tree("raft_log")?, db.open_tree("raft_meta")?);
+        if log.is_empty() && meta.is_empty() {
+            return Ok(());
+        }
+        {
+            let inner = self.shared.lock();
+            if !inner.locs.is_empty() || inner.vote.is_some() {
+                return Err(Error::internal("raft log found both in sled and in the log directory"));
+            }
+        }
+        if let Some(v) = meta.get(b"vote")? {
+            self.write_vote(&decode(&v)?)?;
+        }
+        if let Some(p) = meta.get(b"last_purged")? {
+            let p: LogId = decode(&p)?;
+            self.purge_to(p)?;
+        }
+        let mut entries = Vec::new();
+        for item in log.iter() {
+            entries.push(decode::<Entry>(&item?.1)?);
+        }
+        let count = entries.len();
+        let file = self.write_entries(entries)?;
+        file.sync_data().map_err(|e| io_err("sync imported log", e))?;
+        drop((log, meta));
+        db.drop_tree("raft_log")?;
+        db.drop_tree("raft_meta")?;
+        tracing::info!(entries = count, "moved the raft log out of sled into the log directory");
+        Ok(())
     }
 
-    fn last_purged(&self) -> Result<Option<LogId>, StorageError> {
-        self.read_meta(PURGED)
+    /// Writes entries after the last one; returns the file to sync.
+    fn write_entries(&self, entries: impl IntoIterator<Item = Entry>) -> Result<Arc<File>, Error> {
+        let mut inner = self.shared.lock();
+        let mut buf = Vec::new();
+        let mut locs = Vec::new();
+        let (&segment, active) = inner.active().ok_or_else(|| Error::internal("no active log segment"))?;
+        let base = active.len;
+        for entry in entries {
+            let payload = encode(&entry)?;
+            let len = u32::try_from(payload.len()).map_err(|_| Error::internal("log entry over 4 GiB"))?;
+            locs.push(Loc { log_id: entry.log_id, segment, offset: base + buf.len() as u64, len });
+            buf.extend_from_slice(&len.to_le_bytes());
+            buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+            buf.extend_from_slice(&payload);
+        }
+        active.file.write_all_at(&buf, base).map_err(|e| io_err(format!("append to {}", active.path.display()), e))?;
+        active.len += buf.len() as u64;
+        let file = active.file.clone();
+        let full = active.len >= SEGMENT_BYTES;
+        inner.locs.extend(locs);
+        if full {
+            // The next segment starts after this one is durable, so that one
+            // fdatasync of the newest file always covers every earlier write.
+            file.sync_data().map_err(|e| io_err("sync a full log segment", e))?;
+            let next = inner.last_log_id().map_or(0, |l| l.index + 1);
+            let seg = create_segment(&self.shared.dir, next)?;
+            inner.segments.insert(next, seg);
+        }
+        Ok(file)
+    }
+
+    fn write_vote(&self, vote: &Vote<NodeId>) -> Result<(), Error> {
+        let mut inner = self.shared.lock();
+        if let Some((_, active)) = inner.active() {
+            active.file.sync_data().map_err(|e| io_err("sync the log before the vote", e))?;
+        }
+        write_small_file(&self.shared.dir, VOTE_FILE, &encode(vote)?)?;
+        inner.vote = Some(*vote);
+        Ok(())
+    }
+
+    fn purge_to(&self, log_id: LogId) -> Result<(), Error> {
+        let mut inner = self.shared.lock();
+        if inner.purged.is_some_and(|p| p.index >= log_id.index) {
+            return Ok(());
+        }
+        // The purge point is recorded first: a crash before the files go
+        // leaves entries that are merely unused, never a gap.
+        write_small_file(&self.shared.dir, PURGED_FILE, &encode(&log_id)?)?;
+        inner.purged = Some(log_id);
+        while inner.locs.front().is_some_and(|l| l.log_id.index <= log_id.index) {
+            inner.locs.pop_front();
+        }
+        // Whole segments before the first kept entry go. When nothing is
+        // kept, the log starts afresh in a segment named after the purge
+        // point, so that indexes in every segment stay consecutive.
+        let keep_from = match inner.locs.front() {
+            Some(l) => l.segment,
+            None => {
+                let next = log_id.index + 1;
+                if let std::collections::btree_map::Entry::Vacant(e) = inner.segments.entry(next) {
+                    let seg = create_segment(&self.shared.dir, next)?;
+                    e.insert(seg);
+                }
+                next
+            }
+        };
+        let gone: Vec<u64> = inner.segments.range(..keep_from).map(|(k, _)| *k).collect();
+        for first in gone {
+            if let Some(seg) = inner.segments.remove(&first) {
+                std::fs::remove_file(&seg.path).map_err(|e| io_err(format!("remove {}", seg.path.display()), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn truncate_from(&self, index: u64) -> Result<(), Error> {
+        let mut inner = self.shared.lock();
+        let pos = inner.locs.partition_point(|l| l.log_id.index < index);
+        let Some(&cut) = inner.locs.get(pos) else { return Ok(()) };
+        inner.locs.truncate(pos);
+        // Later segments go whole; the segment holding the first removed
+        // entry is cut at its record and becomes the active one.
+        let later: Vec<u64> = inner.segments.range(cut.segment + 1..).map(|(k, _)| *k).collect();
+        for first in later {
+            if let Some(seg) = inner.segments.remove(&first) {
+                std::fs::remove_file(&seg.path).map_err(|e| io_err(format!("remove {}", seg.path.display()), e))?;
+            }
+        }
+        let seg = inner.segments.get_mut(&cut.segment).ok_or_else(|| Error::internal("log segment missing"))?;
+        seg.file.set_len(cut.offset).map_err(|e| io_err(format!("truncate {}", seg.path.display()), e))?;
+        seg.file.sync_data().map_err(|e| io_err(format!("sync {}", seg.path.display()), e))?;
+        seg.len = cut.offset;
+        Ok(())
+    }
+
+    fn read(&self, start: u64, end: Option<u64>) -> Result<Vec<Entry>, Error> {
+        // Locations are taken under the lock; the reads happen outside it.
+        let runs: Vec<(Arc<File>, Vec<Loc>)> = {
+            let inner = self.shared.lock();
+            let from = inner.locs.partition_point(|l| l.log_id.index < start);
+            let to = end.map_or(inner.locs.len(), |e| inner.locs.partition_point(|l| l.log_id.index < e));
+            let mut runs: Vec<(Arc<File>, Vec<Loc>)> = Vec::new();
+            for loc in inner.locs.range(from.min(to)..to) {
+                match runs.last_mut() {
+                    Some((_, locs)) if locs[0].segment == loc.segment => locs.push(*loc),
+                    _ => {
+                        let seg =
+                            inner.segments.get(&loc.segment).ok_or_else(|| Error::internal("log segment missing"))?;
+                        runs.push((seg.file.clone(), vec![*loc]));
+                    }
+                }
+            }
+            runs
+        };
+        let mut out = Vec::new();
+        for (file, locs) in runs {
+            // Records of one segment are contiguous: one read covers them.
+            let begin = locs[0].offset;
+            let last = locs[locs.len() - 1];
+            let mut buf = vec![0u8; (last.offset + HEADER_BYTES + last.len as u64 - begin) as usize];
+            file.read_exact_at(&mut buf, begin).map_err(|e| io_err("read the raft log", e))?;
+            for loc in locs {
+                let at = (loc.offset - begin) as usize;
+                let payload = check_record(&buf[at..]).ok_or_else(|| {
+                    Error::internal(format!("raft log record of index {} is damaged", loc.log_id.index))
+                })?;
+                out.push(decode(payload)?);
+            }
+        }
+        Ok(out)
     }
 }
 
-/// Completes appends once they are durable: one flush for every append that
-/// queued up meanwhile. It runs on its own thread (a flush blocks) and ends
+fn segment_name(first: u64) -> String {
+    format!("{first:020}.log")
+}
+
+fn create_segment(dir: &Path, first: u64) -> Result<Segment, Error> {
+    let path = dir.join(segment_name(first));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| io_err(format!("create {}", path.display()), e))?;
+    sync_dir(dir)?;
+    Ok(Segment { file: Arc::new(file), path, len: 0 })
+}
+
+fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err(format!("sync {}", dir.display()), e))
+}
+
+/// The payload of the record at the start of `buf`, if it is whole and its
+/// checksum matches.
+fn check_record(buf: &[u8]) -> Option<&[u8]> {
+    let len = u32::from_le_bytes(buf.get(0..4)?.try_into().ok()?);
+    let crc = u32::from_le_bytes(buf.get(4..8)?.try_into().ok()?);
+    let payload = buf.get(8..8 + len as usize)?;
+    (crc32fast::hash(payload) == crc).then_some(payload)
+}
+
+/// Reads and checks a segment's records into `inner.locs`; returns the
+/// segment's valid length. A damaged tail of the last segment is cut off.
+fn scan_segment(file: &File, path: &Path, first: u64, last: bool, inner: &mut Inner) -> Result<u64, Error> {
+    let size = file.metadata().map_err(|e| io_err(format!("stat {}", path.display()), e))?.len();
+    let data = {
+        let mut buf = vec![0u8; size as usize];
+        file.read_exact_at(&mut buf, 0).map_err(|e| io_err(format!("read {}", path.display()), e))?;
+        buf
+    };
+    let purged = inner.purged.map(|p| p.index);
+    let mut offset = 0u64;
+    let mut previous = inner.locs.back().map(|l| l.log_id.index);
+    while offset < size {
+        let at = offset as usize;
+        let record = data.get(at..at + HEADER_BYTES as usize).and_then(|h| {
+            let len = u32::from_le_bytes(h[0..4].try_into().ok()?);
+            if len > MAX_RECORD_BYTES {
+                return None;
+            }
+            let payload = check_record(&data[at..])?;
+            let entry: Entry = decode(payload).ok()?;
+            Some((entry.log_id, len))
+        });
+        let Some((log_id, len)) = record else {
+            if last {
+                tracing::warn!(
+                    segment = %path.display(), offset, "cutting off a damaged record at the end of the raft log (a write torn by a crash)"
+                );
+                file.set_len(offset).map_err(|e| io_err(format!("truncate {}", path.display()), e))?;
+                file.sync_data().map_err(|e| io_err(format!("sync {}", path.display()), e))?;
+                return Ok(offset);
+            }
+            return Err(Error::internal(format!(
+                "raft log segment {} is damaged at byte {offset}; refusing to start",
+                path.display()
+            )));
+        };
+        if previous.is_some_and(|p| log_id.index <= p) {
+            return Err(Error::internal(format!(
+                "raft log segment {} holds index {} after index {}; refusing to start",
+                path.display(),
+                log_id.index,
+                previous.unwrap_or_default()
+            )));
+        }
+        if purged.is_none_or(|p| log_id.index > p) {
+            inner.locs.push_back(Loc { log_id, segment: first, offset, len });
+        }
+        previous = Some(log_id.index);
+        offset += HEADER_BYTES + len as u64;
+    }
+    Ok(offset)
+}
+
+fn read_small_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, Error> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let payload = check_record(&bytes)
+                .ok_or_else(|| Error::internal(format!("{} is damaged; refusing to start", path.display())))?;
+            Ok(Some(decode(payload)?))
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(format!("read {}", path.display()), e)),
+    }
+}
+
+/// Replaces `dir/name` with one checksummed record, atomically and durably.
+fn write_small_file(dir: &Path, name: &str, payload: &[u8]) -> Result<(), Error> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut bytes = Vec::with_capacity(payload.len() + 8);
+    bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    bytes.extend_from_slice(payload);
+    let f = File::create(&tmp).map_err(|e| io_err(format!("create {}", tmp.display()), e))?;
+    f.write_all_at(&bytes, 0).and_then(|_| f.sync_all()).map_err(|e| io_err(format!("write {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, dir.join(name)).map_err(|e| io_err(format!("rename {}", tmp.display()), e))?;
+    sync_dir(dir)
+}
+
+/// Completes appends once they are durable: one fdatasync for every append
+/// queued up meanwhile. It runs on its own thread (the sync blocks) and ends
 /// when every `LogStore` handle is dropped.
-fn flush_loop(db: sled::Db, mut pending: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>) {
+fn flush_loop(mut pending: mpsc::UnboundedReceiver<(Arc<File>, LogFlushed<TypeConfig>)>) {
     while let Some(first) = pending.blocking_recv() {
         let mut waiting = vec![first];
         while let Ok(more) = pending.try_recv() {
             waiting.push(more);
         }
-        let flushed = db.flush().map(|_| ());
-        for callback in waiting {
-            callback.log_io_completed(flushed.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+        // Earlier segments were synced before a newer one started, so the
+        // newest file named in the batch is the only one left to sync.
+        let synced = match waiting.last() {
+            Some((file, _)) => file.sync_data(),
+            None => Ok(()),
+        };
+        for (_, callback) in waiting {
+            callback.log_io_completed(match &synced {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            });
         }
     }
 }
 
-fn index_key(index: u64) -> [u8; 8] {
-    index.to_be_bytes()
+fn read_err(e: Error) -> StorageError {
+    StorageIOError::read_logs(&e).into()
+}
+
+fn write_err(e: Error) -> StorageError {
+    StorageIOError::write_logs(&e).into()
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -86,17 +468,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => i.saturating_add(1),
             Bound::Unbounded => 0,
         };
-        let iter = match range.end_bound() {
-            Bound::Included(i) => self.log.range(index_key(start)..=index_key(*i)),
-            Bound::Excluded(i) => self.log.range(index_key(start)..index_key(*i)),
-            Bound::Unbounded => self.log.range(index_key(start)..),
+        let end = match range.end_bound() {
+            Bound::Included(i) => Some(i.saturating_add(1)),
+            Bound::Excluded(i) => Some(*i),
+            Bound::Unbounded => None,
         };
-        let mut out = Vec::new();
-        for item in iter {
-            let (_, value) = item.map_err(|e| StorageIOError::read_logs(&e))?;
-            out.push(decode(&value).map_err(|e| StorageIOError::read_logs(&e))?);
-        }
-        Ok(out)
+        self.read(start, end).map_err(read_err)
     }
 }
 
@@ -104,12 +481,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged_log_id = self.last_purged()?;
-        let last = match self.log.last().map_err(|e| StorageIOError::read_logs(&e))? {
-            Some((_, value)) => Some(decode::<Entry>(&value).map_err(|e| StorageIOError::read_logs(&e))?.log_id),
-            None => last_purged_log_id,
-        };
-        Ok(LogState { last_purged_log_id, last_log_id: last })
+        let inner = self.shared.lock();
+        Ok(LogState { last_purged_log_id: inner.purged, last_log_id: inner.last_log_id() })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -117,14 +490,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
-        let bytes = encode(vote).map_err(|e| StorageIOError::write_vote(&e))?;
-        self.meta.insert(VOTE, bytes).map_err(|e| StorageIOError::write_vote(&e))?;
-        super::flush(&self.db).await.map_err(|e| StorageIOError::write_vote(&e))?;
-        Ok(())
+        let store = self.clone();
+        let vote = *vote;
+        let saved = tokio::task::spawn_blocking(move || store.write_vote(&vote)).await;
+        saved.map_err(Error::internal).and_then(|r| r).map_err(|e| StorageIOError::write_vote(&e).into())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
-        self.read_meta(VOTE)
+        Ok(self.shared.lock().vote)
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
@@ -132,41 +505,87 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
-        for entry in entries {
-            let bytes = encode(&entry).map_err(|e| StorageIOError::write_logs(&e))?;
-            batch.insert(&index_key(entry.log_id.index), bytes);
-        }
-        self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
-        if let Err(mpsc::error::SendError(callback)) = self.flusher.send(callback) {
-            // The flusher is gone (it could not keep up with a stop): flush here.
-            let flushed = super::flush(&self.db).await.map_err(std::io::Error::other);
-            callback.log_io_completed(flushed);
+        let file = self.write_entries(entries).map_err(write_err)?;
+        if let Err(mpsc::error::SendError((file, callback))) = self.flusher.send((file, callback)) {
+            // The flusher thread is gone: sync here.
+            callback.log_io_completed(file.sync_data());
         }
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(index_key(log_id.index)..) {
-            let (key, _) = item.map_err(|e| StorageIOError::write_logs(&e))?;
-            batch.remove(key);
-        }
-        self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
-        Ok(())
+        self.truncate_from(log_id.index).map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        // Record the purge point first: a crash between the two steps leaves
-        // entries that are merely unused, never a gap.
-        let bytes = encode(&log_id).map_err(|e| StorageIOError::write_logs(&e))?;
-        self.meta.insert(PURGED, bytes).map_err(|e| StorageIOError::write_logs(&e))?;
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(..=index_key(log_id.index)) {
-            let (key, _) = item.map_err(|e| StorageIOError::write_logs(&e))?;
-            batch.remove(key);
+        self.purge_to(log_id).map_err(write_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(term: u64, index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Normal(super::super::Request(vec![index as u8; 10])),
         }
-        self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
-        Ok(())
+    }
+
+    fn indexes(store: &LogStore) -> Vec<u64> {
+        store.read(0, None).unwrap().iter().map(|e| e.log_id.index).collect()
+    }
+
+    #[test]
+    fn reopens_with_the_same_entries_after_truncate_and_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        store.write_entries((1..=10).map(|i| entry(1, i))).unwrap();
+        store.truncate_from(8).unwrap();
+        store.write_entries((8..=12).map(|i| entry(2, i))).unwrap();
+        store.purge_to(entry(1, 3).log_id).unwrap();
+        assert_eq!(indexes(&store), (4..=12).collect::<Vec<_>>());
+        drop(store);
+        let store = LogStore::open(dir.path()).unwrap();
+        assert_eq!(indexes(&store), (4..=12).collect::<Vec<_>>());
+        assert_eq!(store.read(8, Some(9)).unwrap()[0].log_id.leader_id.term, 2);
+        assert_eq!(store.shared.lock().purged.map(|p| p.index), Some(3));
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_off_and_damage_elsewhere_refuses_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        store.write_entries((0..5).map(|i| entry(1, i))).unwrap();
+        drop(store);
+        let seg = dir.path().join(segment_name(0));
+        let full = std::fs::metadata(&seg).unwrap().len();
+        // A torn last record: the log reopens with the first four entries.
+        let f = OpenOptions::new().write(true).open(&seg).unwrap();
+        f.set_len(full - 3).unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        assert_eq!(indexes(&store), vec![0, 1, 2, 3]);
+        drop(store);
+        // A flipped bit in a record that is followed by a later segment.
+        std::fs::write(dir.path().join(segment_name(4)), b"").unwrap();
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes[12] ^= 0x40;
+        std::fs::write(&seg, &bytes).unwrap();
+        let err = LogStore::open(dir.path()).err().expect("a damaged log must not open");
+        assert!(err.to_string().contains("damaged"), "{err}");
+    }
+
+    #[test]
+    fn purging_past_the_end_starts_a_fresh_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        store.write_entries((0..3).map(|i| entry(1, i))).unwrap();
+        store.purge_to(entry(1, 100).log_id).unwrap();
+        store.write_entries((101..104).map(|i| entry(1, i))).unwrap();
+        drop(store);
+        let store = LogStore::open(dir.path()).unwrap();
+        assert_eq!(indexes(&store), vec![101, 102, 103]);
     }
 }

@@ -1,6 +1,7 @@
 //! openraft wiring: the type configuration, the replicated command, and the
 //! storage and network pieces openraft drives.
 
+pub mod batcher;
 pub mod log_store;
 pub mod network;
 pub mod peer;

@@ -1,8 +1,9 @@
 //! The Raft state machine: applies committed commands to the MVCC store.
 //!
-//! Each log entry's effects and the new last-applied log id are committed in
-//! one sled batch, so after a crash the store is exactly as of some applied
-//! entry and openraft re-applies the rest from the log. The state machine is
+//! The effects of the entries in one `apply` call and the new last-applied
+//! log id are committed in one sled batch, so after a crash the store is
+//! exactly as of some applied entry and openraft re-applies the rest from the
+//! log. The state machine is
 //! not flushed per entry (the log is the durable record), but it is flushed
 //! before a snapshot is handed to openraft, which may then purge the log.
 //!
@@ -23,8 +24,8 @@ use tokio::sync::broadcast;
 use super::{decode, encode, Entry, LogId, Node, NodeId, Request, Response, StorageError, TypeConfig};
 use crate::error::Error;
 use crate::mvcc::keys::meta_key;
-use crate::mvcc::{ops, txn, MvccStore};
-use crate::proto::etcdserverpb::{CompactionResponse, LeaseGrantResponse, LeaseRevokeResponse};
+use crate::mvcc::{ops, txn, Batch, MvccStore};
+use crate::proto::etcdserverpb::{request_op, CompactionResponse, LeaseGrantResponse, LeaseRevokeResponse, TxnRequest};
 use crate::proto::kvdpb::{command, command_result, Command, CommandResult, MemberAttributes};
 use crate::proto::mvccpb::Event;
 
@@ -136,41 +137,122 @@ impl StateMachine {
         self.shared.clone()
     }
 
-    fn apply_entry(&mut self, entry: &Entry) -> Result<Response, Error> {
+    /// Applies `entries` in order under one hold of the state lock, and
+    /// commits their writes to sled in one batch together with the last
+    /// applied log id. Readers never see state that sled does not hold: they
+    /// wait for the lock. A command that reads history from sled first has
+    /// the writes before it committed.
+    // openraft's StorageError is large by design; the trait fixes the type.
+    #[allow(clippy::result_large_err)]
+    fn apply_entries(&mut self, entries: impl IntoIterator<Item = Entry>) -> Result<Vec<Response>, StorageError> {
+        let fail = |log_id: LogId, e: Error| StorageError::from(StorageIOError::apply(log_id, &e));
         let mut state = self.shared.write();
-        let (mut batch, response, events) = match &entry.payload {
-            EntryPayload::Blank => (sled::Batch::default(), Response(Ok(Default::default())), Vec::new()),
-            EntryPayload::Normal(Request(bytes)) => apply_command(&mut state, bytes)?,
-            EntryPayload::Membership(m) => {
-                self.membership = StoredMembership::new(Some(entry.log_id), m.clone());
-                let mut batch = sled::Batch::default();
-                batch.insert(meta_key(MEMBERSHIP), encode(&self.membership)?);
-                (batch, Response(Ok(Default::default())), Vec::new())
-            }
-        };
-        batch.insert(meta_key(APPLIED), encode(&Some(entry.log_id))?);
-        self.tree.apply_batch(batch)?;
-        self.last_applied = Some(entry.log_id);
-        if !events.is_empty() {
-            // Sent under the state lock, so that `Shared::subscribe` sees each
-            // revision either in the state or in the receiver, never neither.
-            let _ = self.shared.applied.send(Arc::new(Applied { rev: state.store.revision(), events }));
+        let mut group = Group::default();
+        let mut out = Vec::new();
+        for entry in entries {
+            let response = match &entry.payload {
+                EntryPayload::Blank => Response(Ok(Default::default())),
+                EntryPayload::Normal(Request(bytes)) => match Command::decode(bytes.as_slice()) {
+                    Ok(Command { op: Some(command::Op::Batch(b)) }) => {
+                        // One response per command, encoded together.
+                        let mut responses = Vec::with_capacity(b.commands.len());
+                        for bytes in &b.commands {
+                            let applied = apply_command(&mut state, decode_command(bytes), &mut group, &self.tree);
+                            let (batch, response, events) = applied.map_err(|e| fail(entry.log_id, e))?;
+                            self.shared.publish(&state, &mut group, batch, events);
+                            responses.push(response);
+                        }
+                        Response(Ok(serde_bytes::ByteBuf::from(encode(&responses).map_err(|e| fail(entry.log_id, e))?)))
+                    }
+                    decoded => {
+                        let applied = apply_command(&mut state, decoded.ok(), &mut group, &self.tree);
+                        let (batch, response, events) = applied.map_err(|e| fail(entry.log_id, e))?;
+                        self.shared.publish(&state, &mut group, batch, events);
+                        response
+                    }
+                },
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                    let encoded = encode(&self.membership).map_err(|e| fail(entry.log_id, e))?;
+                    group.batch.insert(meta_key(MEMBERSHIP), encoded);
+                    Response(Ok(Default::default()))
+                }
+            };
+            group.last = Some(entry.log_id);
+            self.last_applied = Some(entry.log_id);
+            out.push(response);
         }
-        Ok(response)
+        if let Some(last) = group.last {
+            group.commit(&self.tree).map_err(|e| fail(last, e))?;
+        }
+        Ok(out)
     }
 }
 
-type Applying = (sled::Batch, Response, Vec<Event>);
+fn decode_command(bytes: &[u8]) -> Option<Command> {
+    Command::decode(bytes).ok()
+}
+
+impl Shared {
+    /// Adds one command's writes to the group and broadcasts its events.
+    /// Called under the state lock, so that `subscribe` sees each revision
+    /// either in the state or in the receiver.
+    fn publish(&self, state: &State, group: &mut Group, batch: Batch, events: Vec<Event>) {
+        group.batch.append(batch);
+        if !events.is_empty() {
+            let _ = self.applied.send(Arc::new(Applied { rev: state.store.revision(), events }));
+        }
+    }
+}
+
+/// The sled writes of consecutive applied entries not yet committed.
+#[derive(Default)]
+struct Group {
+    batch: Batch,
+    /// The last entry whose writes are in `batch`.
+    last: Option<LogId>,
+}
+
+impl Group {
+    /// Commits the writes with the last entry's log id, in one sled batch.
+    fn commit(&mut self, tree: &sled::Tree) -> Result<(), Error> {
+        let Some(last) = self.last.take() else { return Ok(()) };
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.insert(meta_key(APPLIED), encode(&Some(last))?);
+        tree.apply_batch(batch.into_sled())?;
+        Ok(())
+    }
+}
+
+/// Whether a Txn reads history (a range at a set revision), which sled must
+/// then hold up to date.
+fn reads_history(t: &TxnRequest) -> bool {
+    t.success.iter().chain(&t.failure).any(|op| match &op.request {
+        Some(request_op::Request::RequestRange(r)) => r.revision != 0,
+        Some(request_op::Request::RequestTxn(inner)) => reads_history(inner),
+        _ => false,
+    })
+}
+
+type Applying = (Batch, Response, Vec<Event>);
 
 /// Applies one command. Errors a client caused come back in the `Response`;
 /// an `Err` is a storage failure that leaves the member unable to go on.
-fn apply_command(state: &mut State, bytes: &[u8]) -> Result<Applying, Error> {
-    let refused = |e: Error| Ok((sled::Batch::default(), Response(Err(e)), Vec::new()));
+/// Commands that read history first commit `group` to `tree`.
+fn apply_command(
+    state: &mut State,
+    command: Option<Command>,
+    group: &mut Group,
+    tree: &sled::Tree,
+) -> Result<Applying, Error> {
+    let refused = |e: Error| Ok((Batch::default(), Response(Err(e)), Vec::new()));
     let mut events = Vec::new();
-    let Ok(Command { op: Some(op) }) = Command::decode(bytes) else {
+    let Some(Command { op: Some(op) }) = command else {
         return refused(Error::internal("undecodable command in the log"));
     };
     let result = match op {
+        // Batches are unpacked by the caller and never nested.
+        command::Op::Batch(_) => return refused(Error::internal("a command batch inside a command batch")),
         command::Op::Put(p) => {
             if let Err(e) = ops::check_put_applies(&state.store, &p) {
                 return refused(e);
@@ -189,6 +271,9 @@ fn apply_command(state: &mut State, bytes: &[u8]) -> Result<Applying, Error> {
             (batch, command_result::Result::DeleteRange(resp))
         }
         command::Op::Txn(t) => {
+            if reads_history(&t) {
+                group.commit(tree)?;
+            }
             let path = match txn::plan(&state.store, &t) {
                 Ok(path) => path,
                 Err(e) => return refused(e),
@@ -200,7 +285,8 @@ fn apply_command(state: &mut State, bytes: &[u8]) -> Result<Applying, Error> {
             (batch, command_result::Result::Txn(resp))
         }
         command::Op::Compact(c) => {
-            let mut batch = sled::Batch::default();
+            group.commit(tree)?;
+            let mut batch = Batch::default();
             if let Err(e) = state.store.compact(c.revision, &mut batch) {
                 return refused(e);
             }
@@ -208,7 +294,7 @@ fn apply_command(state: &mut State, bytes: &[u8]) -> Result<Applying, Error> {
             (batch, command_result::Result::Compact(CompactionResponse { header }))
         }
         command::Op::Publish(attrs) => {
-            let mut batch = sled::Batch::default();
+            let mut batch = Batch::default();
             let mut key = vec![ATTRS];
             key.extend_from_slice(&attrs.id.to_be_bytes());
             batch.insert(key, attrs.encode_to_vec());
@@ -216,7 +302,7 @@ fn apply_command(state: &mut State, bytes: &[u8]) -> Result<Applying, Error> {
             (batch, command_result::Result::Published(true))
         }
         command::Op::LeaseGrant(g) => {
-            let mut batch = sled::Batch::default();
+            let mut batch = Batch::default();
             if !state.store.grant_lease(g.id, g.ttl, &mut batch) {
                 return refused(Error::LeaseExist);
             }
@@ -352,12 +438,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut out = Vec::new();
-        for entry in entries {
-            let r = self.apply_entry(&entry).map_err(|e| StorageIOError::apply(entry.log_id, &e))?;
-            out.push(r);
-        }
-        Ok(out)
+        self.apply_entries(entries)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

@@ -1,0 +1,153 @@
+//! Proposal batching on the leader.
+//!
+//! openraft appends and flushes one client write at a time on the leader, so
+//! a write per log entry caps the cluster at one fsync per write. Proposals
+//! that arrive while earlier ones are being committed are therefore gathered
+//! into one log entry (`kvdpb::CommandBatch`), which the state machine applies
+//! command by command, each at its own revision, and whose response lists
+//! each command's response. A lone proposal goes in an entry of its own.
+//!
+//! At most [`MAX_IN_FLIGHT`] entries are being committed at a time; while
+//! they are, new proposals queue and form the next batch, so batches grow
+//! with load and stay single under light load.
+
+use std::sync::Arc;
+
+use openraft::error::{ClientWriteError, RaftError};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::{decode, NodeId, Raft, Request, Response};
+use crate::error::Error;
+use crate::node::Forwarded;
+use crate::proto::kvdpb::{command, Command, CommandBatch};
+
+/// Entries being committed at once.
+pub const MAX_IN_FLIGHT: usize = 2;
+/// Most proposals in one entry.
+pub const MAX_BATCH: usize = 1024;
+/// A batch closes once its proposals add up to this many bytes.
+pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Proposals waiting for a batch; past this, proposers wait their turn.
+const QUEUE: usize = 4 * MAX_BATCH;
+
+struct Pending {
+    bytes: Vec<u8>,
+    done: oneshot::Sender<Forwarded<Response>>,
+}
+
+/// The queue of proposals to this member's Raft.
+pub struct Proposals {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl Proposals {
+    /// Starts the batching task for `raft`; it ends when this is dropped.
+    pub fn start(raft: Raft) -> Proposals {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(raft, rx));
+        Proposals { tx }
+    }
+
+    /// Proposes an encoded `Command` and waits for what applying it
+    /// produced. `NotLeader` means it was not appended here.
+    pub async fn propose(&self, bytes: Vec<u8>) -> Forwarded<Response> {
+        let (done, answer) = oneshot::channel();
+        if self.tx.send(Pending { bytes, done }).await.is_err() {
+            return Forwarded::Failed(Error::Stopped);
+        }
+        answer.await.unwrap_or(Forwarded::Failed(Error::Stopped))
+    }
+}
+
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        // Waiting for a slot is what lets the next batch gather.
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let mut size = first.bytes.len();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH && size < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(p) => {
+                    size += p.bytes.len();
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            commit(&raft, batch).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Commits one entry holding `batch` and answers each proposer.
+async fn commit(raft: &Raft, mut batch: Vec<Pending>) {
+    if batch.len() == 1 {
+        let Some(p) = batch.pop() else { return };
+        let answer = match raft.client_write(Request(p.bytes)).await {
+            Ok(written) => Forwarded::Done(written.data),
+            Err(e) => rejected(e).answer(),
+        };
+        let _ = p.done.send(answer);
+        return;
+    }
+    let (bytes, waiting): (Vec<Vec<u8>>, Vec<oneshot::Sender<Forwarded<Response>>>) =
+        batch.into_iter().map(|p| (p.bytes, p.done)).unzip();
+    let entry = Command { op: Some(command::Op::Batch(CommandBatch { commands: bytes })) }.encode_to_vec();
+    match raft.client_write(Request(entry)).await {
+        Ok(written) => {
+            let responses = written.data.0.and_then(|list| decode::<Vec<Response>>(&list)).and_then(|list| {
+                if list.len() == waiting.len() {
+                    Ok(list)
+                } else {
+                    Err(Error::internal("a command batch answered with the wrong number of responses"))
+                }
+            });
+            match responses {
+                Ok(list) => {
+                    for (done, resp) in waiting.into_iter().zip(list) {
+                        let _ = done.send(Forwarded::Done(resp));
+                    }
+                }
+                Err(e) => {
+                    for done in waiting {
+                        let _ = done.send(Forwarded::Failed(e.clone()));
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            let why = rejected(e);
+            for done in waiting {
+                let _ = done.send(why.answer());
+            }
+        }
+    }
+}
+
+/// Why Raft did not take an entry.
+enum Rejected {
+    NotLeader(Option<NodeId>),
+    Failed(Error),
+}
+
+impl Rejected {
+    fn answer(&self) -> Forwarded<Response> {
+        match self {
+            Rejected::NotLeader(leader) => Forwarded::NotLeader(*leader),
+            Rejected::Failed(e) => Forwarded::Failed(e.clone()),
+        }
+    }
+}
+
+fn rejected(e: RaftError<NodeId, ClientWriteError<NodeId, super::Node>>) -> Rejected {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Rejected::NotLeader(f.leader_id),
+        RaftError::APIError(e) => Rejected::Failed(Error::internal(e)),
+        RaftError::Fatal(_) => Rejected::Failed(Error::Stopped),
+    }
+}
