@@ -11,6 +11,7 @@
 //! - [`node`]: one member: proposes writes (forwarding to the leader when it
 //!   is not the leader), serves linearizable reads through ReadIndex, and fills
 //!   response headers.
+//! - [`read_index`]: ReadIndex rounds that concurrent linearizable reads share.
 //! - [`lease`]: lease deadlines, kept by the leader, and lease requests.
 //! - [`concurrency`]: locks and elections on keys, leases and watches.
 //! - [`grpc`]: the etcd v3 gRPC services, one file per service (KV, Watch,
@@ -29,4 +30,5 @@ pub mod mvcc;
 pub mod node;
 pub mod proto;
 pub mod raft;
+pub mod read_index;
 pub mod server;

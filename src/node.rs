@@ -69,6 +69,8 @@ pub struct Node {
     pub stop: tokio::sync::watch::Receiver<bool>,
     /// Where proposals to this member's Raft go (see [`crate::raft::batcher`]).
     pub proposals: crate::raft::batcher::Proposals,
+    /// Read index rounds shared by linearizable reads.
+    pub reads: crate::read_index::ReadIndex,
 }
 
 impl Node {
@@ -165,29 +167,12 @@ impl Node {
     }
 
     /// Waits until this member's state reflects every write committed before
-    /// the call (a linearizable read barrier).
+    /// the call (a linearizable read barrier). Concurrent calls share one
+    /// ReadIndex round.
     pub async fn read_barrier(&self) -> Result<(), Error> {
         let deadline = Instant::now() + self.request_timeout;
-        loop {
-            let leader = match self.raft.get_read_log_id().await {
-                Ok((read, _)) => return self.await_applied(read.map(|l| l.index), deadline).await,
-                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => f.leader_id,
-                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => None,
-                Err(RaftError::Fatal(_)) => return Err(Error::Stopped),
-            };
-            if let Some(leader) = leader {
-                match self.ask_leader::<Option<u64>>(leader, Rpc::ReadIndex, Vec::new(), deadline).await {
-                    Ok(Some(Forwarded::Done(index))) => return self.await_applied(index, deadline).await,
-                    Ok(Some(Forwarded::Failed(e))) => return Err(e),
-                    Ok(_) | Err(Error::Timeout) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(if self.leader().is_some() { Error::Timeout } else { Error::NoLeader });
-            }
-            self.await_leader(leader, deadline).await;
-        }
+        let index = self.reads.get().await?;
+        self.await_applied(index, deadline).await
     }
 
     pub(crate) async fn await_applied(&self, index: Option<u64>, deadline: Instant) -> Result<(), Error> {

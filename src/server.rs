@@ -184,6 +184,8 @@ pub async fn start_on(
 
     let (stop, stop_rx) = watch::channel(false);
     let proposals = crate::raft::batcher::Proposals::start(raft.clone());
+    let request_timeout = Duration::from_secs(5) + 2 * cfg.election;
+    let reads = crate::read_index::ReadIndex::new(raft.clone(), network.clone(), request_timeout);
     let node = Arc::new(Node {
         id: cfg.id,
         cluster_id: stored_cluster_id(&db).unwrap_or(cfg.cluster_id),
@@ -191,11 +193,12 @@ pub async fn start_on(
         state: shared,
         network,
         limits: Limits { max_request_bytes: cfg.config.max_request_bytes, max_txn_ops: cfg.config.max_txn_ops },
-        request_timeout: Duration::from_secs(5) + 2 * cfg.election,
+        request_timeout,
         min_lease_ttl: crate::lease::min_lease_ttl(cfg.election),
         lessor: Default::default(),
         stop: stop_rx.clone(),
         proposals,
+        reads,
     });
 
     let mut tasks = Vec::new();
@@ -263,6 +266,7 @@ fn serve_clients(
     let election = ElectionServer::new(ElectionService::new(node)).max_decoding_message_size(max_in);
     tokio::spawn(async move {
         let result = Server::builder()
+            .layer(tower::util::MapResponseLayer::new(crate::grpc::size_limit_as_resource_exhausted))
             .add_service(kv)
             .add_service(cluster)
             .add_service(maintenance)

@@ -11,3 +11,38 @@ pub mod watch;
 /// Bytes etcd allows on top of `--max-request-bytes` for gRPC framing; larger
 /// messages are refused by the gRPC layer itself.
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// Answers a message over the size limit as etcd's gRPC layer does:
+/// `RESOURCE_EXHAUSTED` (the gRPC status for it), where tonic says
+/// `OUT_OF_RANGE`. Only tonic's own size-limit answer is changed; kvd's
+/// out-of-range errors (compacted or future revisions) are left alone. The
+/// status is in the trailers, or in the headers of a trailers-only answer.
+pub fn size_limit_as_resource_exhausted(resp: http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> {
+    use http_body_util::BodyExt;
+    let (mut parts, body) = resp.into_parts();
+    fix_size_status(&mut parts.headers);
+    let body = body.map_frame(|frame| match frame.into_trailers() {
+        Ok(mut trailers) => {
+            fix_size_status(&mut trailers);
+            http_body::Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
+    });
+    http::Response::from_parts(parts, tonic::body::Body::new(body))
+}
+
+fn fix_size_status(headers: &mut http::HeaderMap) {
+    let too_large = headers.get("grpc-status").is_some_and(|s| s == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            // The message is percent-encoded on the wire.
+            .is_some_and(|m| {
+                m.contains("decoded%20message%20length%20too%20large") || m.contains("decoded message length too large")
+            });
+    if too_large {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+        headers
+            .insert("grpc-message", http::HeaderValue::from_static("grpc:%20received%20message%20larger%20than%20max"));
+    }
+}

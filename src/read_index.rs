@@ -1,0 +1,126 @@
+//! ReadIndex rounds shared by concurrent linearizable reads.
+//!
+//! A linearizable read needs a read index: a commit index confirmed by the
+//! leader (a heartbeat round to a quorum) after the read arrived. One round
+//! serves every read that arrived before it started, so reads queue while a
+//! round is under way and the next round answers all of them at once: under
+//! load there is one round in flight per member, not one per read. On a
+//! follower a round is one request to the leader.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::error::{CheckIsLeaderError, RaftError};
+use tokio::sync::oneshot;
+
+use crate::error::Error;
+use crate::node::Forwarded;
+use crate::raft::network::{CallError, Network, Rpc};
+use crate::raft::{decode, NodeId, Raft};
+
+type Answer = Result<Option<u64>, Error>;
+
+/// The read index rounds of one member.
+#[derive(Clone)]
+pub struct ReadIndex {
+    raft: Raft,
+    network: Network,
+    timeout: Duration,
+    rounds: Arc<Mutex<Rounds>>,
+}
+
+#[derive(Default)]
+struct Rounds {
+    /// Whether a task is running rounds.
+    running: bool,
+    /// Reads waiting for the next round.
+    waiting: Vec<oneshot::Sender<Answer>>,
+}
+
+impl ReadIndex {
+    /// Read index rounds through `raft`, asking the leader over `network`
+    /// when this member is a follower; a round gives up after `timeout`.
+    pub fn new(raft: Raft, network: Network, timeout: Duration) -> Self {
+        ReadIndex { raft, network, timeout, rounds: Default::default() }
+    }
+
+    /// A read index confirmed after this call began: once this member has
+    /// applied it, its state reflects every write committed before the call.
+    pub async fn get(&self) -> Answer {
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut r = self.rounds.lock().unwrap_or_else(|p| p.into_inner());
+            r.waiting.push(tx);
+            !std::mem::replace(&mut r.running, true)
+        };
+        if start {
+            // The rounds run in a task of their own, so a read whose client
+            // goes away never strands the others.
+            tokio::spawn(self.clone().run());
+        }
+        rx.await.unwrap_or(Err(Error::Stopped))
+    }
+
+    async fn run(self) {
+        loop {
+            let waiting = {
+                let mut r = self.rounds.lock().unwrap_or_else(|p| p.into_inner());
+                if r.waiting.is_empty() {
+                    r.running = false;
+                    return;
+                }
+                std::mem::take(&mut r.waiting)
+            };
+            let answer = self.round().await;
+            for w in waiting {
+                let _ = w.send(answer.clone());
+            }
+        }
+    }
+
+    /// One round: the leader's read index, from this member if it leads,
+    /// else from the leader; retried across leader changes until the timeout.
+    async fn round(&self) -> Answer {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let leader = match self.raft.get_read_log_id().await {
+                Ok((read, _)) => return Ok(read.map(|l| l.index)),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => f.leader_id,
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => None,
+                Err(RaftError::Fatal(_)) => return Err(Error::Stopped),
+            };
+            if let Some(leader) = leader {
+                match self.ask_leader(leader, deadline).await {
+                    Ok(Some(Forwarded::Done(index))) => return Ok(index),
+                    Ok(Some(Forwarded::Failed(e))) => return Err(e),
+                    Ok(_) | Err(Error::Timeout) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let metrics = self.raft.metrics();
+            if Instant::now() >= deadline {
+                return Err(if metrics.borrow().current_leader.is_some() { Error::Timeout } else { Error::NoLeader });
+            }
+            let wait = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
+            let _ = self
+                .raft
+                .wait(Some(wait))
+                .metrics(|m| m.current_leader.is_some() && m.current_leader != leader, "leader")
+                .await;
+        }
+    }
+
+    async fn ask_leader(&self, leader: NodeId, deadline: Instant) -> Result<Option<Forwarded<Option<u64>>>, Error> {
+        let node = self.raft.metrics().borrow().membership_config.membership().get_node(&leader).cloned();
+        let Some(node) = node else { return Ok(None) };
+        let timeout = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        match self.network.call(leader, &node.addr, Rpc::ReadIndex, Vec::new(), timeout).await {
+            Ok(bytes) => Ok(Some(decode(&bytes)?)),
+            Err(CallError::NotSent(_)) => Ok(None),
+            Err(CallError::Unknown(m)) => {
+                tracing::debug!(leader, "read index request to the leader failed: {m}");
+                Err(Error::Timeout)
+            }
+        }
+    }
+}
