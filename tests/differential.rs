@@ -5,8 +5,7 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvd::client::Client;
 use kvd::proto::etcdserverpb::compare::TargetUnion;
@@ -16,51 +15,7 @@ use kvd::proto::etcdserverpb::response_op::Response;
 use kvd::proto::etcdserverpb::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::TestCluster;
-
-struct Etcd {
-    child: Child,
-    _dir: tempfile::TempDir,
-    client: String,
-}
-
-impl Etcd {
-    fn start() -> Etcd {
-        let ports: Vec<u16> = {
-            let ls: Vec<_> = (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-            ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let client = format!("http://127.0.0.1:{}", ports[0]);
-        let peer = format!("http://127.0.0.1:{}", ports[1]);
-        let child = Command::new("etcd")
-            .args(["--name", "ref", "--data-dir"])
-            .arg(dir.path().join("etcd"))
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("ref={peer}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd 3.4 is installed (apt-get install etcd-server; cluster-scripts/test.sh does it)");
-        Etcd { child, _dir: dir, client }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn wait_ready(client: &Client) {
-    let deadline = Instant::now() + support::WAIT;
-    while client.range(RangeRequest { key: b"ready".to_vec(), ..Default::default() }).await.is_err() {
-        assert!(Instant::now() < deadline, "etcd did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use support::{wait_ready, Etcd, TestCluster};
 
 const KEYS: &[&[u8]] = &[b"a", b"a/1", b"a/2", b"b", b"b\0", b"c", b"\xff", b"\xff\xff"];
 

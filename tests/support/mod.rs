@@ -5,7 +5,8 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use kvd::client::Client;
@@ -176,4 +177,57 @@ pub fn get_local(key: &str) -> kvd::proto::etcdserverpb::RangeRequest {
 /// A linearizable single-key Range request.
 pub fn get(key: &str) -> kvd::proto::etcdserverpb::RangeRequest {
     kvd::proto::etcdserverpb::RangeRequest { key: key.into(), ..Default::default() }
+}
+
+/// A single-member etcd 3.4 (Debian's `etcd-server`) on ephemeral ports in a
+/// temporary directory, killed when dropped: the reference implementation.
+pub struct Etcd {
+    child: Child,
+    _dir: tempfile::TempDir,
+    /// Its client URL.
+    pub client: String,
+}
+
+impl Etcd {
+    /// Starts it; see [`wait_ready`].
+    pub fn start() -> Etcd {
+        let ports: Vec<u16> = {
+            let ls: Vec<_> = (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+            ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let client = format!("http://127.0.0.1:{}", ports[0]);
+        let peer = format!("http://127.0.0.1:{}", ports[1]);
+        let child = Command::new("etcd")
+            .args(["--name", "ref", "--data-dir"])
+            .arg(dir.path().join("etcd"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("ref={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd 3.4 is installed (apt-get install etcd-server; cluster-scripts/test.sh does it)");
+        Etcd { child, _dir: dir, client }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `client` answers a read.
+pub async fn wait_ready(client: &Client) {
+    let deadline = Instant::now() + WAIT;
+    while client
+        .range(kvd::proto::etcdserverpb::RangeRequest { key: b"ready".to_vec(), ..Default::default() })
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "etcd did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
