@@ -338,6 +338,22 @@ fn sync_dir(dir: &Path) -> Result<(), Error> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err(format!("sync {}", dir.display()), e))
 }
 
+/// Whether a whole record of an entry after index `previous` starts anywhere
+/// in `data` from `from` on.
+fn whole_record_after(data: &[u8], from: usize, previous: Option<u64>) -> bool {
+    (from..data.len().saturating_sub(HEADER_BYTES as usize)).any(|at| {
+        let Some(len) = data.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes) else {
+            return false;
+        };
+        if len == 0 || at + HEADER_BYTES as usize + len as usize > data.len() {
+            return false;
+        }
+        check_record(&data[at..])
+            .and_then(|payload| decode::<Entry>(payload).ok())
+            .is_some_and(|e| previous.is_none_or(|p| e.log_id.index > p))
+    })
+}
+
 /// The payload of the record at the start of `buf`, if it is whole and its
 /// checksum matches.
 fn check_record(buf: &[u8]) -> Option<&[u8]> {
@@ -371,7 +387,10 @@ fn scan_segment(file: &File, path: &Path, first: u64, last: bool, inner: &mut In
             Some((entry.log_id, len))
         });
         let Some((log_id, len)) = record else {
-            if last {
+            // A crash tears only the last, unsynced writes: nothing whole
+            // can follow them. A whole record after the damage means records
+            // that were on disk were damaged since, so they are not cut off.
+            if last && !whole_record_after(&data, at + 1, previous) {
                 tracing::warn!(
                     segment = %path.display(), offset, "cutting off a damaged record at the end of the raft log (a write torn by a crash)"
                 );
@@ -575,6 +594,28 @@ mod tests {
         std::fs::write(&seg, &bytes).unwrap();
         let err = LogStore::open(dir.path()).err().expect("a damaged log must not open");
         assert!(err.to_string().contains("damaged"), "{err}");
+    }
+
+    #[test]
+    fn damage_before_whole_records_of_the_last_segment_refuses_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        store.write_entries((0..50).map(|i| entry(1, i))).unwrap();
+        drop(store);
+        let seg = dir.path().join(segment_name(0));
+        let clean = std::fs::read(&seg).unwrap();
+        // A flipped byte in a payload, and one in a length field, each with
+        // whole records after it: neither is a torn write.
+        for at in [clean.len() / 3, 0] {
+            let mut bytes = clean.clone();
+            bytes[at] ^= 0x5a;
+            std::fs::write(&seg, &bytes).unwrap();
+            let err = LogStore::open(dir.path()).err().expect("damage before whole records must refuse the start");
+            assert!(err.to_string().contains("damaged"), "{err}");
+        }
+        // The same log undamaged still opens with all of its entries.
+        std::fs::write(&seg, &clean).unwrap();
+        assert_eq!(indexes(&LogStore::open(dir.path()).unwrap()).len(), 50);
     }
 
     #[test]
