@@ -195,8 +195,8 @@ impl Node {
 
     /// Handles a read-index request from a follower.
     pub async fn serve_read_index(&self) -> Forwarded<Option<u64>> {
-        match self.raft.get_read_log_id().await {
-            Ok((read, _)) => Forwarded::Done(read.map(|l| l.index)),
+        match self.reads.leader_read_index().await {
+            Ok(read) => Forwarded::Done(read),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Forwarded::NotLeader(f.leader_id),
             Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => Forwarded::NotLeader(None),
             Err(RaftError::Fatal(_)) => Forwarded::Failed(Error::Stopped),

@@ -27,6 +27,37 @@ pub struct ReadIndex {
     network: Network,
     timeout: Duration,
     rounds: Arc<Mutex<Rounds>>,
+    restored: Restored,
+}
+
+/// A floor under the read index of a leader that restarted as leader.
+///
+/// A member whose stored vote at start is its own, committed, takes up
+/// leadership again in the same term without an election, and openraft then
+/// takes the first entry it proposed in that term as the read index floor
+/// (with its commit index, which after a restart is only what it had
+/// applied). Entries after that first one may have been committed and
+/// acknowledged before the restart, so such a read could miss them. Until a
+/// new term begins, the floor is the last entry of its log at start: every
+/// entry that can have been committed before the restart.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Restored {
+    /// The term of the leadership restored at start, and the last log index
+    /// then.
+    term_and_last: Option<(u64, u64)>,
+}
+
+impl Restored {
+    /// What member `id` found on disk at start.
+    pub fn from_start(id: NodeId, vote: Option<openraft::Vote<NodeId>>, last: Option<crate::raft::LogId>) -> Self {
+        let term_and_last = match (vote, last) {
+            (Some(v), Some(last)) if v.is_committed() && v.leader_id().voted_for() == Some(id) => {
+                Some((v.leader_id().get_term(), last.index))
+            }
+            _ => None,
+        };
+        Restored { term_and_last }
+    }
 }
 
 #[derive(Default)]
@@ -40,8 +71,23 @@ struct Rounds {
 impl ReadIndex {
     /// Read index rounds through `raft`, asking the leader over `network`
     /// when this member is a follower; a round gives up after `timeout`.
-    pub fn new(raft: Raft, network: Network, timeout: Duration) -> Self {
-        ReadIndex { raft, network, timeout, rounds: Default::default() }
+    pub fn new(raft: Raft, network: Network, timeout: Duration, restored: Restored) -> Self {
+        ReadIndex { raft, network, timeout, rounds: Default::default(), restored }
+    }
+
+    /// This member's read index if it is the leader (a heartbeat round to a
+    /// quorum confirms it), with the floor of a restored leadership.
+    pub async fn leader_read_index(
+        &self,
+    ) -> Result<Option<u64>, RaftError<NodeId, CheckIsLeaderError<NodeId, crate::raft::Node>>> {
+        let (read, _) = self.raft.get_read_log_id().await?;
+        let read = read.map(|l| l.index);
+        match self.restored.term_and_last {
+            Some((term, last)) if self.raft.metrics().borrow().current_term == term => {
+                Ok(Some(read.map_or(last, |r| r.max(last))))
+            }
+            _ => Ok(read),
+        }
     }
 
     /// A read index confirmed after this call began: once this member has
@@ -83,8 +129,8 @@ impl ReadIndex {
     async fn round(&self) -> Answer {
         let deadline = Instant::now() + self.timeout;
         loop {
-            let leader = match self.raft.get_read_log_id().await {
-                Ok((read, _)) => return Ok(read.map(|l| l.index)),
+            let leader = match self.leader_read_index().await {
+                Ok(read) => return Ok(read),
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => f.leader_id,
                 Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => None,
                 Err(RaftError::Fatal(_)) => return Err(Error::Stopped),

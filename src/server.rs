@@ -168,6 +168,12 @@ pub async fn start_on(
     }
     .validate()
     .map_err(|e| StartError::Raft(e.to_string()))?;
+    let restored = {
+        use openraft::storage::RaftLogStorage;
+        let vote = log_store.read_vote().await.map_err(|e| StartError::Raft(e.to_string()))?;
+        let last = log_store.get_log_state().await.map_err(|e| StartError::Raft(e.to_string()))?.last_log_id;
+        crate::read_index::Restored::from_start(cfg.id, vote, last)
+    };
     let raft = Raft::new(cfg.id, Arc::new(raft_config), network.clone(), log_store, state_machine)
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
@@ -185,7 +191,7 @@ pub async fn start_on(
     let (stop, stop_rx) = watch::channel(false);
     let proposals = crate::raft::batcher::Proposals::start(raft.clone());
     let request_timeout = Duration::from_secs(5) + 2 * cfg.election;
-    let reads = crate::read_index::ReadIndex::new(raft.clone(), network.clone(), request_timeout);
+    let reads = crate::read_index::ReadIndex::new(raft.clone(), network.clone(), request_timeout, restored);
     let node = Arc::new(Node {
         id: cfg.id,
         cluster_id: stored_cluster_id(&db).unwrap_or(cfg.cluster_id),
