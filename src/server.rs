@@ -152,7 +152,7 @@ pub async fn start_on(
     log_store.import_from_sled(&db).map_err(data_err)?;
     let state_machine = StateMachine::open(&db, &cfg.data_dir).map_err(data_err)?;
     let shared = state_machine.shared();
-    let network = Network::default();
+    let network = Network::new(peer.local_addr().map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?);
 
     let snapshot_count = cfg.config.snapshot_count;
     let raft_config = openraft::Config {

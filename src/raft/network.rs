@@ -6,6 +6,7 @@
 //! as unreachable, which the tests use to cut links without touching sockets.
 
 use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,6 +50,7 @@ pub enum Rpc {
 pub struct Network {
     channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
     blocked: Arc<Mutex<HashSet<NodeId>>>,
+    source: Option<IpAddr>,
 }
 
 /// Why a peer call failed.
@@ -62,6 +64,16 @@ pub enum CallError {
 }
 
 impl Network {
+    /// Channels whose connections leave from `peer_listen`'s IP when this
+    /// member listens for peers on one specific address: then every
+    /// connection between two members, in either direction, carries the
+    /// address of each at its ends, which is what a firewall rule (or the
+    /// fault harness's proxy) tells members apart by.
+    pub fn new(peer_listen: SocketAddr) -> Self {
+        let ip = peer_listen.ip();
+        Network { source: (!ip.is_unspecified()).then_some(ip), ..Default::default() }
+    }
+
     /// Makes peer `id` unreachable from this member (tests).
     pub fn block(&self, id: NodeId) {
         self.blocked.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
@@ -88,7 +100,8 @@ impl Network {
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_while_idle(true);
+            .keep_alive_while_idle(true)
+            .local_address(self.source);
         let ch = endpoint.connect_lazy();
         channels.insert(id, (addr.to_string(), ch.clone()));
         Ok(ch)

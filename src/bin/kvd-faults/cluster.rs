@@ -1,0 +1,292 @@
+//! A three-member kvd cluster of real processes, and the proxy on its peer
+//! links that the harness cuts.
+//!
+//! Member `i` listens for peers on its own loopback address `127.0.0.(11+i)`
+//! and kvd makes its outgoing peer connections from that address. The peer
+//! URL the members know each other by is a proxy port of the harness, one per
+//! member, which forwards to the member's real peer port. A proxy sees which
+//! member a connection comes from by its source address, so it can refuse and
+//! cut the links the harness names: `(from, to)` pairs, one direction each.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvd::client::Client;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// Members of the cluster.
+pub const MEMBERS: usize = 3;
+
+/// Links that carry nothing: `(from, to)` means connections that member
+/// `from` opens to member `to` are refused, and open ones are cut.
+pub type Cuts = Arc<HashSet<(usize, usize)>>;
+
+fn member_ip(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 11 + i as u8))
+}
+
+fn free_port(ip: IpAddr) -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
+}
+
+/// What the member processes run with.
+pub struct Layout {
+    pub kvd: PathBuf,
+    pub dir: PathBuf,
+    pub client_addrs: Vec<SocketAddr>,
+    pub peer_listen: Vec<SocketAddr>,
+    pub peer_proxy: Vec<SocketAddr>,
+    pub election_ms: u64,
+}
+
+/// The member processes, the proxies and the cuts.
+pub struct Cluster {
+    pub layout: Layout,
+    children: Vec<Option<Child>>,
+    paused: Vec<bool>,
+    cuts: watch::Sender<Cuts>,
+    /// A client of every member.
+    pub client: Client,
+}
+
+impl Cluster {
+    /// Starts the proxies and three members under `dir`.
+    pub async fn start(kvd: PathBuf, dir: PathBuf, election_ms: u64) -> anyhow::Result<Cluster> {
+        let mut client_addrs = Vec::new();
+        let mut peer_listen = Vec::new();
+        let mut proxies = Vec::new();
+        for i in 0..MEMBERS {
+            let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            client_addrs.push(SocketAddr::new(local, free_port(local)?));
+            peer_listen.push(SocketAddr::new(member_ip(i), free_port(member_ip(i))?));
+            proxies.push(TcpListener::bind((local, 0)).await?);
+        }
+        let peer_proxy: Vec<SocketAddr> = proxies.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
+        let (cuts, cuts_rx) = watch::channel(Cuts::default());
+        for (to, listener) in proxies.into_iter().enumerate() {
+            tokio::spawn(proxy(listener, to, peer_listen[to], cuts_rx.clone()));
+        }
+        let endpoints: Vec<String> = client_addrs.iter().map(|a| a.to_string()).collect();
+        let client = Client::new(&endpoints, Duration::from_millis(500)).map_err(anyhow::Error::msg)?;
+        let layout = Layout { kvd, dir, client_addrs, peer_listen, peer_proxy, election_ms };
+        let mut cluster = Cluster {
+            layout,
+            children: (0..MEMBERS).map(|_| None).collect(),
+            paused: vec![false; MEMBERS],
+            cuts,
+            client,
+        };
+        for i in 0..MEMBERS {
+            cluster.start_member(i)?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.layout.dir.join(format!("m{i}"))
+    }
+
+    fn command(&self, i: usize) -> Command {
+        let l = &self.layout;
+        let initial: Vec<String> = (0..MEMBERS).map(|m| format!("m{m}=http://{}", l.peer_proxy[m])).collect();
+        let mut cmd = Command::new(&l.kvd);
+        cmd.args(["--name", &format!("m{i}")])
+            .arg("--data-dir")
+            .arg(self.data_dir(i))
+            .args(["--listen-client-urls", &format!("http://{}", l.client_addrs[i])])
+            .args(["--advertise-client-urls", &format!("http://{}", l.client_addrs[i])])
+            .args(["--listen-peer-urls", &format!("http://{}", l.peer_listen[i])])
+            .args(["--initial-advertise-peer-urls", &format!("http://{}", l.peer_proxy[i])])
+            .args(["--initial-cluster", &initial.join(",")])
+            .args(["--initial-cluster-token", "faults"])
+            .args(["--election-timeout", &l.election_ms.to_string()])
+            .args(["--heartbeat-interval", &(l.election_ms / 5).to_string()])
+            // Small enough that snapshots and log purges happen in a run.
+            .args(["--snapshot-count", "2000"]);
+        cmd
+    }
+
+    /// Starts member `i` (which must not be running).
+    pub fn start_member(&mut self, i: usize) -> anyhow::Result<()> {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.layout.dir.join(format!("m{i}.log")))?;
+        let child = self.command(i).stdout(Stdio::null()).stderr(log).spawn()?;
+        self.children[i] = Some(child);
+        self.paused[i] = false;
+        Ok(())
+    }
+
+    /// Starts member `i` and expects it to refuse: it must exit non-zero
+    /// within `within`; returns the last line it wrote.
+    pub async fn start_refused(&mut self, i: usize, within: Duration) -> anyhow::Result<Result<String, String>> {
+        let path = self.layout.dir.join(format!("m{i}-refused.log"));
+        let log = std::fs::File::create(&path)?;
+        let mut child = self.command(i).stdout(Stdio::null()).stderr(log).spawn()?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let last = text.lines().last().unwrap_or("").to_string();
+                return Ok(if status.success() { Err(format!("exited 0: {last}")) } else { Ok(last) });
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Ok(Err(format!("still running after {within:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn is_running(&self, i: usize) -> bool {
+        self.children[i].is_some()
+    }
+
+    /// SIGKILL to member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.children[i].take() {
+            if self.paused[i] {
+                signal(&child, libc::SIGCONT);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.paused[i] = false;
+    }
+
+    /// SIGSTOP (`pause`) or SIGCONT to member `i`.
+    pub fn pause(&mut self, i: usize, pause: bool) {
+        if let Some(child) = &self.children[i] {
+            signal(child, if pause { libc::SIGSTOP } else { libc::SIGCONT });
+            self.paused[i] = pause;
+        }
+    }
+
+    /// Sets the links that carry nothing (an empty set heals everything).
+    pub fn cut(&self, links: HashSet<(usize, usize)>) {
+        self.cuts.send_replace(Arc::new(links));
+    }
+
+    /// The member every running member names as leader, if they agree and it
+    /// is running.
+    pub async fn leader(&self) -> Option<usize> {
+        let mut seen = None;
+        for i in 0..MEMBERS {
+            if !self.is_running(i) || self.paused[i] {
+                continue;
+            }
+            let status = tokio::time::timeout(Duration::from_millis(500), self.client.status_of(i)).await.ok()?.ok()?;
+            let own = status.header.as_ref()?.member_id;
+            if status.leader == own {
+                seen = Some(i);
+            }
+        }
+        seen
+    }
+
+    /// Waits for a leader, up to `within`.
+    pub async fn wait_leader(&self, within: Duration) -> Option<usize> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(l) = self.leader().await {
+                return Some(l);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops every member.
+    pub fn stop_all(&mut self) {
+        for i in 0..MEMBERS {
+            self.kill(i);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+fn signal(child: &Child, sig: libc::c_int) {
+    // The pid is our own child's, still unreaped, so it names that process.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, sig);
+    }
+}
+
+/// Which member a peer connection comes from, by its source address.
+fn member_of(addr: SocketAddr) -> Option<usize> {
+    (0..MEMBERS).find(|&i| member_ip(i) == addr.ip())
+}
+
+async fn proxy(listener: TcpListener, to: usize, target: SocketAddr, cuts: watch::Receiver<Cuts>) {
+    loop {
+        let Ok((conn, from)) = listener.accept().await else { continue };
+        let from = member_of(from);
+        let mut cuts = cuts.clone();
+        tokio::spawn(async move {
+            let is_cut = |c: &Cuts| from.is_some_and(|f| c.contains(&(f, to)));
+            if is_cut(&cuts.borrow_and_update()) {
+                return;
+            }
+            let Ok(upstream) = TcpStream::connect(target).await else { return };
+            let _ = conn.set_nodelay(true);
+            let _ = upstream.set_nodelay(true);
+            let (mut a, mut b) = (conn, upstream);
+            let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+            tokio::pin!(copy);
+            loop {
+                tokio::select! {
+                    _ = &mut copy => return,
+                    changed = cuts.changed() => {
+                        if changed.is_err() || is_cut(&cuts.borrow_and_update()) {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Flips one byte in the middle of the member's oldest Raft log segment;
+/// returns the file changed.
+pub fn flip_a_log_byte(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    let log_dir = data_dir.join("log");
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(&log_dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.metadata().map(|m| m.len() > 4096).unwrap_or(false))
+        .collect();
+    segments.sort();
+    let file = segments.first().ok_or_else(|| anyhow::anyhow!("no log segment in {}", log_dir.display()))?.clone();
+    let mut bytes = std::fs::read(&file)?;
+    let at = bytes.len() / 3;
+    bytes[at] ^= 0x5a;
+    std::fs::write(&file, bytes)?;
+    Ok(file)
+}
+
+/// Copies a directory tree (a member's data, kept to restore after damage).
+pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,533 @@
+//! kvd-faults: runs a three-member kvd cluster of real processes under client
+//! load while injecting faults, records every operation, and checks the
+//! history afterwards. Exits non-zero on any anomaly.
+//!
+//! ```sh
+//! kvd-faults --seed 7 --duration 60s --faults all
+//! kvd-faults --runs 20 --duration 60s          # seeds 1..=20
+//! ```
+
+mod cluster;
+mod linearizability;
+mod workload;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use cluster::{Cluster, MEMBERS};
+use kvd::proto::etcdserverpb::RangeRequest;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use workload::{Clock, Record};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The faults the harness knows.
+const FAULTS: &[&str] = &[
+    "kill-leader",
+    "kill-member",
+    "restart-all",
+    "pause-leader",
+    "pause-follower",
+    "partition-leader",
+    "partition-member",
+    "one-way",
+    "corrupt-log",
+];
+
+#[derive(Parser, Debug)]
+#[command(name = "kvd-faults", about = "Fault injection with a linearizability checker for a three-member kvd")]
+struct Args {
+    /// Seed of the first run (faults, timings and client choices follow from it).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Runs, with seeds seed, seed+1, ...
+    #[arg(long, default_value_t = 1)]
+    runs: u64,
+    /// How long each run injects faults (at least until each chosen fault
+    /// has been injected once).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Faults to inject, comma-separated, or "all": kill-leader, kill-member,
+    /// restart-all, pause-leader, pause-follower, partition-leader,
+    /// partition-member, one-way, corrupt-log.
+    #[arg(long, default_value = "all")]
+    faults: String,
+    /// Register clients (reads, writes, compare-and-swaps).
+    #[arg(long, default_value_t = 6)]
+    clients: usize,
+    /// The members' election timeout, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    election_timeout: u64,
+    /// Where the kvd binary is (default: beside this one).
+    #[arg(long)]
+    kvd: Option<PathBuf>,
+    /// Keep each run's data directories and logs (always kept on failure).
+    #[arg(long)]
+    keep: bool,
+}
+
+/// What one run found.
+#[derive(Default)]
+struct Report {
+    anomalies: Vec<String>,
+    notes: Vec<String>,
+    faults: BTreeMap<String, u32>,
+    ops: usize,
+    ops_unknown: usize,
+    histories: usize,
+    undecided: usize,
+    acked_inserts: usize,
+    lost: usize,
+    resume_after_kill: Vec<Duration>,
+    resume_after_partition: Vec<Duration>,
+    heal_to_serve: Vec<Duration>,
+}
+
+fn main() {
+    let args = Args::parse();
+    let faults: Vec<&'static str> = if args.faults == "all" {
+        FAULTS.to_vec()
+    } else {
+        let mut chosen = Vec::new();
+        for f in args.faults.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+            match FAULTS.iter().find(|k| **k == f) {
+                Some(k) => chosen.push(*k),
+                None => {
+                    eprintln!("kvd-faults: unknown fault {f:?}; known: {}", FAULTS.join(", "));
+                    std::process::exit(2);
+                }
+            }
+        }
+        chosen
+    };
+    let kvd = args.kvd.clone().unwrap_or_else(|| {
+        let me = std::env::current_exe().unwrap_or_default();
+        me.with_file_name("kvd")
+    });
+    if !kvd.exists() {
+        eprintln!("kvd-faults: no kvd binary at {} (build it, or pass --kvd)", kvd.display());
+        std::process::exit(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kvd-faults: {e}");
+            std::process::exit(2);
+        }
+    };
+    let mut failed = 0;
+    let mut totals = Report::default();
+    for seed in args.seed..args.seed + args.runs {
+        let dir = match tempfile::Builder::new().prefix(&format!("kvd-faults-{seed}-")).tempdir() {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("kvd-faults: {e}");
+                std::process::exit(2);
+            }
+        };
+        println!("== run seed {seed}: {:?} of {}; data in {}", args.duration, faults.join(","), dir.path().display());
+        let report = match runtime.block_on(run(&args, &faults, seed, kvd.clone(), dir.path().to_path_buf())) {
+            Ok(r) => r,
+            Err(e) => Report { anomalies: vec![format!("the harness failed: {e:#}")], ..Default::default() },
+        };
+        print_report(seed, &report);
+        if !report.anomalies.is_empty() || args.keep {
+            let kept = dir.keep();
+            println!("   data and logs kept in {}", kept.display());
+        }
+        if !report.anomalies.is_empty() {
+            failed += 1;
+        }
+        merge(&mut totals, report);
+    }
+    if args.runs > 1 {
+        println!("== {} runs, {failed} with anomalies", args.runs);
+        print_report(0, &totals);
+    }
+    std::process::exit(if failed > 0 { 1 } else { 0 });
+}
+
+fn merge(t: &mut Report, r: Report) {
+    t.anomalies.extend(r.anomalies);
+    for (k, v) in r.faults {
+        *t.faults.entry(k).or_default() += v;
+    }
+    t.ops += r.ops;
+    t.ops_unknown += r.ops_unknown;
+    t.histories += r.histories;
+    t.undecided += r.undecided;
+    t.acked_inserts += r.acked_inserts;
+    t.lost += r.lost;
+    t.resume_after_kill.extend(r.resume_after_kill);
+    t.resume_after_partition.extend(r.resume_after_partition);
+    t.heal_to_serve.extend(r.heal_to_serve);
+}
+
+fn spread(v: &[Duration]) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    let mut ms: Vec<u128> = v.iter().map(|d| d.as_millis()).collect();
+    ms.sort();
+    format!("median {} ms, max {} ms (n={})", ms[ms.len() / 2], ms[ms.len() - 1], ms.len())
+}
+
+fn print_report(seed: u64, r: &Report) {
+    let faults: Vec<String> = r.faults.iter().map(|(k, v)| format!("{k}×{v}")).collect();
+    let head = if seed == 0 { "   totals".to_string() } else { format!("   seed {seed}") };
+    println!("{head}: faults {}", if faults.is_empty() { "none".into() } else { faults.join(" ") });
+    println!(
+        "   operations {} ({} with unknown outcome); histories checked {} ({} undecided); acknowledged inserts {}, lost {}",
+        r.ops, r.ops_unknown, r.histories, r.undecided, r.acked_inserts, r.lost
+    );
+    println!("   writes resumed after a leader kill: {}", spread(&r.resume_after_kill));
+    println!("   writes resumed after the leader was cut off: {}", spread(&r.resume_after_partition));
+    println!("   a cut-off member served again after the heal: {}", spread(&r.heal_to_serve));
+    for n in &r.notes {
+        println!("   note: {n}");
+    }
+    if r.anomalies.is_empty() {
+        println!("   no anomalies");
+    }
+    for a in &r.anomalies {
+        println!("   ANOMALY: {a}");
+    }
+}
+
+/// Time from `from` until the first acknowledgement of a write called after
+/// it, waiting up to `limit`.
+async fn resumed(record: &Record, from: u64, limit: Duration) -> Option<Duration> {
+    let deadline = Instant::now() + limit;
+    loop {
+        // The first write called after `from` and acknowledged.
+        let first = record
+            .write_acks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|&&(call, _)| call > from)
+            .map(|&(_, ret)| ret)
+            .min();
+        if let Some(t) = first {
+            return Some(Duration::from_nanos(t - from));
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Time until member `i` answers a linearizable read itself.
+async fn serves(cluster: &Cluster, i: usize, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        let r = tokio::time::timeout(Duration::from_millis(500), cluster.client.get_on(i, b"probe")).await;
+        if matches!(r, Ok(Ok(_))) {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir: PathBuf) -> anyhow::Result<Report> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let election = Duration::from_millis(args.election_timeout);
+    let mut cluster = Cluster::start(kvd, dir.clone(), args.election_timeout).await?;
+    let mut report = Report::default();
+    if cluster.wait_leader(Duration::from_secs(20)).await.is_none() {
+        anyhow::bail!("the cluster elected no leader at start");
+    }
+
+    let clock = Clock(Instant::now());
+    let record = Arc::new(Record::default());
+    *record.watched.lock().unwrap_or_else(|p| p.into_inner()) = vec![Vec::new(); MEMBERS];
+    let stop = Arc::new(AtomicBool::new(false));
+    let endpoints: Vec<String> = cluster.layout.client_addrs.iter().map(|a| a.to_string()).collect();
+    let op_timeout = Duration::from_secs(2);
+    let mut tasks = Vec::new();
+    for c in 0..args.clients {
+        let client = workload::client_from(&endpoints, c);
+        tasks.push(tokio::spawn(workload::register_client(
+            c,
+            client,
+            seed,
+            record.clone(),
+            clock,
+            stop.clone(),
+            op_timeout,
+        )));
+    }
+    for c in 0..2 {
+        let client = workload::client_from(&endpoints, c + 1);
+        tasks.push(tokio::spawn(workload::insert_client(c, client, record.clone(), stop.clone(), op_timeout)));
+    }
+    let watch_until: Arc<Mutex<Option<i64>>> = Default::default();
+    let mut watchers = Vec::new();
+    for m in 0..MEMBERS {
+        let client = workload::client_from(&endpoints, m);
+        watchers.push(tokio::spawn(workload::watcher(m, client, record.clone(), watch_until.clone())));
+    }
+
+    // The faults.
+    let end = Instant::now() + args.duration;
+    // Every chosen fault once before any repeats, in a seeded order; the
+    // first round is always finished, however short the duration.
+    let mut schedule: Vec<&'static str> = faults.to_vec();
+    schedule.shuffle(&mut rng);
+    while Instant::now() < end || !schedule.is_empty() {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(500..2000))).await;
+        if schedule.is_empty() {
+            if Instant::now() >= end {
+                break;
+            }
+            schedule = faults.to_vec();
+            schedule.shuffle(&mut rng);
+        }
+        let Some(fault) = schedule.pop() else { break };
+        let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+        let Some(leader) = leader else {
+            report.anomalies.push(format!("no leader before {fault} ({:?} into the run)", clock.0.elapsed()));
+            break;
+        };
+        let follower = (leader + rng.gen_range(1..MEMBERS)) % MEMBERS;
+        let at = clock.now();
+        *report.faults.entry(fault.to_string()).or_default() += 1;
+        println!("   {:>6.1}s {fault} (leader m{leader})", Duration::from_nanos(at).as_secs_f64());
+        match fault {
+            "kill-leader" | "kill-member" => {
+                let victim = if fault == "kill-leader" { leader } else { rng.gen_range(0..MEMBERS) };
+                cluster.kill(victim);
+                if victim == leader {
+                    match resumed(&record, at, Duration::from_secs(10)).await {
+                        Some(d) => report.resume_after_kill.push(d),
+                        None => {
+                            report.anomalies.push(format!("writes did not resume within 10 s of killing m{victim}"))
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(200..3000))).await;
+                cluster.start_member(victim)?;
+            }
+            "restart-all" => {
+                for m in 0..MEMBERS {
+                    cluster.kill(m);
+                }
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1500))).await;
+                for m in 0..MEMBERS {
+                    cluster.start_member(m)?;
+                }
+            }
+            "pause-leader" | "pause-follower" => {
+                let victim = if fault == "pause-leader" { leader } else { follower };
+                cluster.pause(victim, true);
+                tokio::time::sleep(election * rng.gen_range(3..7)).await;
+                cluster.pause(victim, false);
+            }
+            "partition-leader" | "partition-member" => {
+                let victim = if fault == "partition-leader" { leader } else { follower };
+                let mut cuts = HashSet::new();
+                for other in (0..MEMBERS).filter(|&o| o != victim) {
+                    cuts.insert((victim, other));
+                    cuts.insert((other, victim));
+                }
+                cluster.cut(cuts);
+                let hold = Duration::from_millis(rng.gen_range(1500..4000));
+                if victim == leader {
+                    match resumed(&record, at, hold.max(Duration::from_secs(8))).await {
+                        Some(d) => report.resume_after_partition.push(d),
+                        None => report.anomalies.push(format!("writes did not resume with leader m{victim} cut off")),
+                    }
+                }
+                let elapsed = Duration::from_nanos(clock.now() - at);
+                tokio::time::sleep(hold.saturating_sub(elapsed)).await;
+                cluster.cut(HashSet::new());
+                match serves(&cluster, victim, Duration::from_secs(10)).await {
+                    Some(d) => report.heal_to_serve.push(d),
+                    None => report.anomalies.push(format!("m{victim} did not serve within 10 s of the heal")),
+                }
+            }
+            "one-way" => {
+                // The leader's connections to the followers fail; theirs to
+                // it still work.
+                let cuts: HashSet<_> = (0..MEMBERS).filter(|&o| o != leader).map(|o| (leader, o)).collect();
+                cluster.cut(cuts);
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(1500..4000))).await;
+                cluster.cut(HashSet::new());
+            }
+            "corrupt-log" => {
+                let victim = follower;
+                cluster.kill(victim);
+                let data = cluster.data_dir(victim);
+                let saved = dir.join(format!("m{victim}-saved"));
+                let _ = std::fs::remove_dir_all(&saved);
+                cluster::copy_dir(&data, &saved)?;
+                match cluster::flip_a_log_byte(&data) {
+                    Ok(file) => match cluster.start_refused(victim, Duration::from_secs(10)).await? {
+                        Ok(msg) => report.notes.push(format!(
+                            "m{victim} refused to start on a flipped byte in {}: {msg}",
+                            file.file_name().unwrap_or_default().to_string_lossy()
+                        )),
+                        Err(what) => report
+                            .anomalies
+                            .push(format!("m{victim} started on a damaged log ({}): {what}", file.display())),
+                    },
+                    Err(e) => report.notes.push(format!("corrupt-log skipped: {e}")),
+                }
+                std::fs::remove_dir_all(&data)?;
+                cluster::copy_dir(&saved, &data)?;
+                std::fs::remove_dir_all(&saved)?;
+                cluster.start_member(victim)?;
+            }
+            other => anyhow::bail!("unknown fault {other}"),
+        }
+    }
+
+    // Heal, let the load run on a healthy cluster for a moment, then stop it.
+    cluster.cut(HashSet::new());
+    for m in 0..MEMBERS {
+        if !cluster.is_running(m) {
+            cluster.start_member(m)?;
+        }
+        cluster.pause(m, false);
+    }
+    if cluster.wait_leader(Duration::from_secs(20)).await.is_none() {
+        report.anomalies.push("no leader after healing everything".into());
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+
+    // The final revision, by a linearizable read that must succeed now.
+    let mut last = None;
+    for _ in 0..50 {
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            cluster.client.range(RangeRequest { key: b"probe".to_vec(), ..Default::default() }),
+        )
+        .await
+        {
+            Ok(Ok(r)) => {
+                last = r.header.map(|h| h.revision);
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    let Some(last) = last else {
+        report.anomalies.push("the healed cluster did not answer a read".into());
+        return Ok(report);
+    };
+
+    // Watches: every revision, once, in order.
+    *watch_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(last);
+    for w in watchers {
+        if tokio::time::timeout(Duration::from_secs(20), w).await.is_err() {
+            report.anomalies.push(format!("a watcher did not reach revision {last} within 20 s"));
+        }
+    }
+    report.anomalies.extend(record.watch_errors.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
+    for (i, seen) in record.watched.lock().unwrap_or_else(|p| p.into_inner()).iter().enumerate() {
+        report.anomalies.extend(workload::check_watch(i, seen, last));
+    }
+
+    // Every member has the same data at the final revision.
+    let mut contents = Vec::new();
+    for m in 0..MEMBERS {
+        let own = workload::client_from(&endpoints[m..=m], 0);
+        let mut got = None;
+        for _ in 0..100 {
+            let req = RangeRequest {
+                key: vec![0],
+                range_end: vec![0],
+                revision: last,
+                serializable: true,
+                ..Default::default()
+            };
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(2), own.range(req)).await {
+                got = Some(r.kvs);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        match got {
+            Some(kvs) => contents.push(kvs),
+            None => report.anomalies.push(format!("m{m} never reached revision {last}")),
+        }
+    }
+    if contents.windows(2).any(|w| w[0] != w[1]) {
+        let sizes: Vec<usize> = contents.iter().map(|c| c.len()).collect();
+        report.anomalies.push(format!("members differ at revision {last} (keys per member {sizes:?})"));
+    }
+
+    // Acknowledged inserts are all there; definitely failed ones are not.
+    let present: HashSet<Vec<u8>> = contents
+        .first()
+        .map(|kvs| kvs.iter().filter(|kv| kv.key.starts_with(b"ins/")).map(|kv| kv.key.clone()).collect())
+        .unwrap_or_default();
+    let acked = record.inserts_acked.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    report.acked_inserts = acked.len();
+    let lost: Vec<&String> = acked.iter().filter(|k| !present.contains(k.as_bytes())).collect();
+    report.lost = lost.len();
+    if !lost.is_empty() {
+        report.anomalies.push(format!(
+            "{} acknowledged inserts lost, e.g. {:?}",
+            lost.len(),
+            &lost[..lost.len().min(5)]
+        ));
+    }
+    for k in record.inserts_failed.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        if present.contains(k.as_bytes()) {
+            report.anomalies.push(format!("insert {k} failed before it was sent, yet it is there"));
+        }
+    }
+
+    // Revisions never went backwards for a client.
+    for r in record.regressions.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        report.anomalies.push(format!("revision went back: {r}"));
+    }
+
+    for (what, n) in record.errors.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        report.notes.push(format!("{n}× {what}"));
+    }
+
+    // Linearizability, per register.
+    let ops = std::mem::take(&mut *record.registers.lock().unwrap_or_else(|p| p.into_inner()));
+    report.ops = ops.len();
+    report.ops_unknown = ops.iter().filter(|r| r.op.output == linearizability::Output::Unknown).count();
+    let mut per_key: Vec<Vec<linearizability::Op>> = vec![Vec::new(); workload::REGISTERS];
+    for r in &ops {
+        per_key[r.key].push(r.op);
+    }
+    let checks: Vec<_> = per_key
+        .into_iter()
+        .enumerate()
+        .map(|(k, h)| tokio::task::spawn_blocking(move || (k, h.len(), linearizability::check(&h, 0, 50_000_000))))
+        .collect();
+    for c in checks {
+        let (k, n, verdict) = c.await?;
+        report.histories += 1;
+        match verdict {
+            linearizability::Verdict::Linearizable => {}
+            linearizability::Verdict::NotLinearizable { stuck_at } => report
+                .anomalies
+                .push(format!("register {k}: {n} operations are not linearizable (stuck at op {stuck_at})")),
+            linearizability::Verdict::Undecided { steps } => {
+                report.undecided += 1;
+                report.notes.push(format!("register {k}: {n} operations, undecided after {steps} search steps"));
+            }
+        }
+    }
+    cluster.stop_all();
+    Ok(report)
+}

@@ -1,0 +1,304 @@
+//! The client load the harness runs while it injects faults, and the record
+//! of what every client asked and was told.
+//!
+//! - register clients: reads, writes and compare-and-swaps on a few keys,
+//!   every value unique, recorded for the linearizability checker; each
+//!   client also checks that the revisions it sees never go backwards;
+//! - insert clients: puts of keys never written before, to count afterwards
+//!   which acknowledged ones are missing;
+//! - watchers, one per member: every revision must arrive exactly once and in
+//!   order, across the faults, with the stream resuming where it broke off.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvd::client::Client;
+use kvd::proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+use kvd::proto::etcdserverpb::request_op::Request as Op;
+use kvd::proto::etcdserverpb::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::linearizability::{Input, Output, Value};
+
+/// Registers the clients share.
+pub const REGISTERS: usize = 24;
+
+/// One recorded register operation.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub key: usize,
+    pub op: crate::linearizability::Op,
+}
+
+/// Everything the clients saw.
+#[derive(Default)]
+pub struct Record {
+    pub registers: Mutex<Vec<Recorded>>,
+    /// Revisions that went backwards for a client: (client, before, after).
+    pub regressions: Mutex<Vec<String>>,
+    pub inserts_acked: Mutex<Vec<String>>,
+    pub inserts_failed: Mutex<Vec<String>>,
+    pub inserts_unknown: Mutex<u64>,
+    /// Per watcher: the revisions of the events it received, in order, with
+    /// the number of events of each.
+    pub watched: Mutex<Vec<Vec<(i64, usize)>>>,
+    /// Watch anomalies seen as they happened.
+    pub watch_errors: Mutex<Vec<String>>,
+    /// Failed calls, counted by their error.
+    pub errors: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Successful writes, (call, return) in ns since the start: for "writes
+    /// resumed".
+    pub write_acks: Mutex<Vec<(u64, u64)>>,
+}
+
+pub fn register_key(k: usize) -> Vec<u8> {
+    format!("reg/{k}").into_bytes()
+}
+
+fn parse_value(kv: Option<&kvd::proto::mvccpb::KeyValue>) -> Value {
+    kv.and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse().ok()).unwrap_or(0)
+}
+
+/// The shared clock: nanoseconds since the run began.
+#[derive(Clone, Copy)]
+pub struct Clock(pub Instant);
+
+impl Clock {
+    pub fn now(&self) -> u64 {
+        self.0.elapsed().as_nanos() as u64
+    }
+}
+
+/// A client whose first choice is member `first` (it fails over to the
+/// others).
+pub fn client_from(endpoints: &[String], first: usize) -> Client {
+    let mut order = endpoints.to_vec();
+    order.rotate_left(first % endpoints.len());
+    Client::new(&order, Duration::from_millis(500)).expect("endpoints are valid")
+}
+
+/// A register client: sequential operations until `stop`.
+pub async fn register_client(
+    id: usize,
+    client: Client,
+    seed: u64,
+    record: Arc<Record>,
+    clock: Clock,
+    stop: Arc<AtomicBool>,
+    timeout: Duration,
+) {
+    let mut rng = StdRng::seed_from_u64(seed ^ (id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut known: Vec<Value> = vec![0; REGISTERS];
+    let mut counter = 0u64;
+    let mut last_rev = 0i64;
+    let mut last_what = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        let key = rng.gen_range(0..REGISTERS);
+        let k = register_key(key);
+        let choice = rng.gen_range(0..10);
+        counter += 1;
+        let fresh = (id as u64 + 1) * 1_000_000_000 + counter;
+        let call = clock.now();
+        let (input, result) = if choice < 4 {
+            let r = tokio::time::timeout(timeout, client.range(RangeRequest { key: k, ..Default::default() })).await;
+            let r = outcome(&record, r);
+            (Input::Read, r.map(|resp| (resp.header.map(|h| h.revision), Output::Read(parse_value(resp.kvs.first())))))
+        } else if choice < 7 {
+            let put = PutRequest { key: k, value: fresh.to_string().into_bytes(), ..Default::default() };
+            let r = tokio::time::timeout(timeout, client.put(put)).await;
+            let r = outcome(&record, r);
+            (Input::Write(fresh), r.map(|resp| (resp.header.map(|h| h.revision), Output::Written)))
+        } else {
+            let expected = known[key];
+            let compare = if expected == 0 {
+                Compare {
+                    result: CompareResult::Equal as i32,
+                    target: CompareTarget::Version as i32,
+                    key: k.clone(),
+                    target_union: Some(TargetUnion::Version(0)),
+                    range_end: Vec::new(),
+                }
+            } else {
+                Compare {
+                    result: CompareResult::Equal as i32,
+                    target: CompareTarget::Value as i32,
+                    key: k.clone(),
+                    target_union: Some(TargetUnion::Value(expected.to_string().into_bytes())),
+                    range_end: Vec::new(),
+                }
+            };
+            let put = PutRequest { key: k, value: fresh.to_string().into_bytes(), ..Default::default() };
+            let txn = TxnRequest {
+                compare: vec![compare],
+                success: vec![RequestOp { request: Some(Op::RequestPut(put)) }],
+                failure: Vec::new(),
+            };
+            let r = tokio::time::timeout(timeout, client.txn(txn)).await;
+            let r = outcome(&record, r);
+            (Input::Cas(expected, fresh), r.map(|resp| (resp.header.map(|h| h.revision), Output::Cas(resp.succeeded))))
+        };
+        let ret = clock.now();
+        let (output, ret) = match result {
+            Ok((rev, output)) => {
+                let rev = rev.unwrap_or(0);
+                let what = format!("{input:?} on reg/{key} -> {output:?} at revision {rev}, {:.3}s", ret as f64 / 1e9);
+                if rev < last_rev {
+                    record
+                        .regressions
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(format!("client {id}: {what} after {last_what}"));
+                }
+                if rev >= last_rev {
+                    last_rev = rev;
+                    last_what = what;
+                }
+                match output {
+                    Output::Read(v) => known[key] = v,
+                    Output::Written | Output::Cas(true) => {
+                        known[key] = fresh;
+                        record.write_acks.lock().unwrap_or_else(|p| p.into_inner()).push((call, ret));
+                    }
+                    _ => {}
+                }
+                (output, ret)
+            }
+            // A read that failed says nothing; a write that failed may still
+            // take effect.
+            Err(certain) if input == Input::Read => {
+                if certain {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                continue;
+            }
+            Err(true) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Err(false) => (Output::Unknown, u64::MAX),
+        };
+        let op = crate::linearizability::Op { input, output, call, ret };
+        record.registers.lock().unwrap_or_else(|p| p.into_inner()).push(Recorded { key, op });
+        if output == Output::Unknown {
+            // Give a struggling cluster a moment instead of piling on (and
+            // keep the outcomes the checker must guess at few).
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
+/// Counts the error of a failed call; `Err(true)` if the call certainly had
+/// no effect.
+fn outcome<T>(record: &Record, r: Result<Result<T, tonic::Status>, tokio::time::error::Elapsed>) -> Result<T, bool> {
+    let (what, certain) = match r {
+        Ok(Ok(v)) => return Ok(v),
+        Ok(Err(s)) => (format!("{:?}: {}", s.code(), s.message()), kvd::client::not_sent(&s)),
+        Err(_) => ("timed out".to_string(), false),
+    };
+    *record.errors.lock().unwrap_or_else(|p| p.into_inner()).entry(what).or_default() += 1;
+    Err(certain)
+}
+
+/// An insert client: puts `ins/<id>/<n>`, each key once.
+pub async fn insert_client(id: usize, client: Client, record: Arc<Record>, stop: Arc<AtomicBool>, timeout: Duration) {
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let key = format!("ins/{id}/{n:08}");
+        let put = PutRequest { key: key.clone().into_bytes(), value: b"x".to_vec(), ..Default::default() };
+        match tokio::time::timeout(timeout, client.put(put)).await {
+            Ok(Ok(_)) => record.inserts_acked.lock().unwrap_or_else(|p| p.into_inner()).push(key),
+            Ok(Err(s)) if kvd::client::not_sent(&s) => {
+                record.inserts_failed.lock().unwrap_or_else(|p| p.into_inner()).push(key)
+            }
+            _ => {
+                *record.inserts_unknown.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A watcher of every key from revision 1 on, through member `first` first;
+/// runs until `until` returns true for the revision it has reached.
+pub async fn watcher(index: usize, client: Client, record: Arc<Record>, stop_at: Arc<Mutex<Option<i64>>>) {
+    let req = WatchCreateRequest { key: vec![0], range_end: vec![0], start_revision: 1, ..Default::default() };
+    let mut seen: Vec<(i64, usize)> = Vec::new();
+    let fail = |m: String| record.watch_errors.lock().unwrap_or_else(|p| p.into_inner()).push(m);
+    let mut stream = loop {
+        match client.watch(req.clone()).await {
+            Ok(s) => break s,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    loop {
+        let last = seen.last().map(|&(r, _)| r).unwrap_or(1);
+        if let Some(target) = *stop_at.lock().unwrap_or_else(|p| p.into_inner()) {
+            if last >= target {
+                break;
+            }
+        }
+        let next = tokio::time::timeout(Duration::from_millis(200), stream.next()).await;
+        let resp = match next {
+            Err(_) => continue,
+            Ok(None) => {
+                fail(format!("watcher {index}: the stream ended"));
+                break;
+            }
+            Ok(Some(Err(s))) => {
+                fail(format!("watcher {index}: {s}"));
+                break;
+            }
+            Ok(Some(Ok(resp))) => resp,
+        };
+        if resp.canceled {
+            fail(format!("watcher {index}: canceled: {}", resp.cancel_reason));
+            break;
+        }
+        for e in &resp.events {
+            let rev = e.kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0);
+            match seen.last_mut() {
+                Some((r, n)) if *r == rev => *n += 1,
+                Some((r, _)) if *r > rev => {
+                    fail(format!("watcher {index}: revision {rev} after {r}"));
+                    seen.push((rev, 1));
+                }
+                _ => seen.push((rev, 1)),
+            }
+        }
+    }
+    record.watched.lock().unwrap_or_else(|p| p.into_inner())[index] = seen;
+}
+
+/// Checks what a watcher received against the final revision: every
+/// revision from 2 to `last` exactly once, in order. Returns the problems.
+pub fn check_watch(index: usize, seen: &[(i64, usize)], last: i64) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut revs = BTreeSet::new();
+    let mut dup = HashSet::new();
+    for &(r, _) in seen {
+        if !revs.insert(r) {
+            dup.insert(r);
+        }
+    }
+    if !dup.is_empty() {
+        let mut d: Vec<_> = dup.into_iter().collect();
+        d.sort();
+        problems.push(format!("watcher {index}: revisions delivered twice: {:?}", &d[..d.len().min(10)]));
+    }
+    let missing: Vec<i64> = (2..=last).filter(|r| !revs.contains(r)).collect();
+    if !missing.is_empty() {
+        problems.push(format!(
+            "watcher {index}: {} revisions missing, first {:?}",
+            missing.len(),
+            &missing[..missing.len().min(10)]
+        ));
+    }
+    if let Some(&extra) = revs.iter().find(|&&r| r > last || r < 2) {
+        problems.push(format!("watcher {index}: revision {extra} outside 2..={last}"));
+    }
+    problems
+}

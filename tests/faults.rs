@@ -1,0 +1,38 @@
+//! The fault-injection harness, short: two seeds, every fault kind at least
+//! once in each, against the kvd binary of this build. A longer run is
+//! `kvd-faults --runs 20 --duration 60s` (see the README).
+
+use std::process::Command;
+
+const FAULTS: &[&str] = &[
+    "kill-leader",
+    "kill-member",
+    "restart-all",
+    "pause-leader",
+    "pause-follower",
+    "partition-leader",
+    "partition-member",
+    "one-way",
+    "corrupt-log",
+];
+
+#[test]
+fn two_seeds_of_every_fault_find_no_anomaly() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvd-faults"))
+        .args(["--seed", "1", "--runs", "2", "--duration", "30s"])
+        .output()
+        .expect("run kvd-faults");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "kvd-faults found anomalies (exit {:?})", out.status.code());
+    assert!(text.contains("no anomalies"), "no verdict in the output");
+    // Each run injected every kind of fault.
+    for run in text.split("== run").skip(1) {
+        let faults = run.lines().find(|l| l.trim_start().starts_with("seed ")).unwrap_or("");
+        for f in FAULTS {
+            assert!(faults.contains(&format!("{f}×")), "{f} was not injected: {faults}");
+        }
+        assert!(run.contains("lost 0"), "acknowledged writes were lost: {run}");
+    }
+}
