@@ -33,7 +33,7 @@ fn two_seeds_of_every_fault_find_no_anomaly() {
     for run in runs {
         // The last run's text also holds the totals; its own lines come first.
         let run = run.split("== 2 runs").next().unwrap_or(run);
-        let faults = run.lines().find(|l| l.trim_start().starts_with("seed ")).unwrap_or("");
+        let faults = run.lines().find(|l| l.trim_start().starts_with("seed ") && l.contains(": faults ")).unwrap_or("");
         for f in FAULTS {
             assert!(faults.contains(&format!("{f}×")), "{f} was not injected: {faults}");
         }
