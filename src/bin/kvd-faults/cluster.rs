@@ -189,6 +189,23 @@ impl Cluster {
         seen
     }
 
+    /// Time until a member other than `old` says it leads, up to `within`.
+    pub async fn new_leader_without(&self, old: usize, within: Duration) -> Option<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            for i in (0..MEMBERS).filter(|&i| i != old && self.is_running(i) && !self.paused[i]) {
+                let status = tokio::time::timeout(Duration::from_millis(200), self.client.status_of(i)).await;
+                if let Ok(Ok(st)) = status {
+                    if st.header.as_ref().is_some_and(|h| h.member_id == st.leader) {
+                        return Some(start.elapsed());
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
     /// Waits for a leader, up to `within`.
     pub async fn wait_leader(&self, within: Duration) -> Option<usize> {
         let deadline = Instant::now() + within;

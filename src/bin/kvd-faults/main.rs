@@ -96,6 +96,11 @@ struct Report {
     lost: usize,
     resume_after_kill: Vec<Duration>,
     resume_after_partition: Vec<Duration>,
+    elected_after_cut: Vec<Duration>,
+    elected_after_kill: Vec<Duration>,
+    lease_expiry: Vec<Duration>,
+    leases_late: usize,
+    fenced: usize,
     heal_to_serve: Vec<Duration>,
 }
 
@@ -178,6 +183,11 @@ fn merge(t: &mut Report, r: Report) {
     t.lost += r.lost;
     t.resume_after_kill.extend(r.resume_after_kill);
     t.resume_after_partition.extend(r.resume_after_partition);
+    t.elected_after_cut.extend(r.elected_after_cut);
+    t.elected_after_kill.extend(r.elected_after_kill);
+    t.lease_expiry.extend(r.lease_expiry);
+    t.leases_late += r.leases_late;
+    t.fenced += r.fenced;
     t.heal_to_serve.extend(r.heal_to_serve);
 }
 
@@ -198,7 +208,15 @@ fn print_report(seed: u64, r: &Report) {
         "   operations {} ({} with unknown outcome); histories checked {} ({} undecided); acknowledged inserts {}, lost {}",
         r.ops, r.ops_unknown, r.histories, r.undecided, r.acked_inserts, r.lost
     );
+    println!("   a new leader after a leader kill: {}", spread(&r.elected_after_kill));
     println!("   writes resumed after a leader kill: {}", spread(&r.resume_after_kill));
+    println!(
+        "   leases let go: key gone after the last keep-alive: {}; later than TTL + election timeout (during faults): {}",
+        spread(&r.lease_expiry),
+        r.leases_late
+    );
+    println!("   writes fenced on a lock token: {}", r.fenced);
+    println!("   a new leader after the leader was cut off: {}", spread(&r.elected_after_cut));
     println!("   writes resumed after the leader was cut off: {}", spread(&r.resume_after_partition));
     println!("   a cut-off member served again after the heal: {}", spread(&r.heal_to_serve));
     for n in &r.notes {
@@ -284,6 +302,20 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
         let client = workload::client_from(&endpoints, c + 1);
         tasks.push(tokio::spawn(workload::insert_client(c, client, record.clone(), stop.clone(), op_timeout)));
     }
+    for c in 0..2 {
+        let client = workload::client_from(&endpoints, c + 2);
+        tasks.push(tokio::spawn(workload::lease_client(
+            c,
+            client,
+            seed,
+            record.clone(),
+            clock,
+            stop.clone(),
+            op_timeout,
+        )));
+        let client = workload::client_from(&endpoints, c);
+        tasks.push(tokio::spawn(workload::lock_client(client, record.clone(), stop.clone(), op_timeout)));
+    }
     let watch_until: Arc<Mutex<Option<i64>>> = Default::default();
     let mut watchers = Vec::new();
     for m in 0..MEMBERS {
@@ -295,6 +327,7 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
     let end = Instant::now() + args.duration;
     // Every chosen fault once before any repeats, in a seeded order; the
     // first round is always finished, however short the duration.
+    let mut windows: Vec<(u64, u64)> = Vec::new();
     let mut schedule: Vec<&'static str> = faults.to_vec();
     schedule.shuffle(&mut rng);
     while Instant::now() < end || !schedule.is_empty() {
@@ -321,6 +354,9 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
                 let victim = if fault == "kill-leader" { leader } else { rng.gen_range(0..MEMBERS) };
                 cluster.kill(victim);
                 if victim == leader {
+                    if let Some(d) = cluster.new_leader_without(victim, Duration::from_secs(8)).await {
+                        report.elected_after_kill.push(d);
+                    }
                     match resumed(&record, at, Duration::from_secs(10)).await {
                         Some(d) => report.resume_after_kill.push(d),
                         None => report.liveness.push(format!("writes did not resume within 10 s of killing m{victim}")),
@@ -354,6 +390,9 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
                 cluster.cut(cuts);
                 let hold = Duration::from_millis(rng.gen_range(1500..4000));
                 if victim == leader {
+                    if let Some(d) = cluster.new_leader_without(victim, Duration::from_secs(8)).await {
+                        report.elected_after_cut.push(d);
+                    }
                     match resumed(&record, at, hold.max(Duration::from_secs(8))).await {
                         Some(d) => report.resume_after_partition.push(d),
                         None => report.liveness.push(format!(
@@ -404,6 +443,9 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
             }
             other => anyhow::bail!("unknown fault {other}"),
         }
+        // The fault's effects last until a leader is back (or 10 s).
+        let _ = cluster.wait_leader(Duration::from_secs(10)).await;
+        windows.push((at, clock.now()));
     }
 
     // Heal, let the load run on a healthy cluster for a moment, then stop it.
@@ -515,6 +557,31 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
     for (what, n) in record.errors.lock().unwrap_or_else(|p| p.into_inner()).iter() {
         report.notes.push(format!("{n}× {what}"));
     }
+
+    // Leases: never gone early (checked as they ran); how long they took.
+    report.anomalies.extend(record.lease_errors.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
+    for life in record.leases.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        if let Some(gone) = life.gone {
+            let after = Duration::from_nanos(gone.saturating_sub(life.last_ok_ret));
+            report.lease_expiry.push(after);
+            if after > Duration::from_nanos(life.ttl_ns) + election {
+                report.leases_late += 1;
+                // Faults (a new leader restarts every countdown) excuse it;
+                // with none under way it is a missed bound.
+                let calm = windows.iter().all(|&(from, to)| to < life.last_ok_ret || from > gone);
+                if calm {
+                    report.liveness.push(format!(
+                        "a lease's key went {after:?} after its last keep-alive (TTL {:?}), with no fault under way",
+                        Duration::from_nanos(life.ttl_ns)
+                    ));
+                }
+            }
+        }
+    }
+    // Locks: fenced writes never go back to an older token.
+    let fenced = record.fenced.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    report.fenced = fenced.len();
+    report.anomalies.extend(workload::check_fenced(&fenced));
 
     // Linearizability, per register.
     let ops = std::mem::take(&mut *record.registers.lock().unwrap_or_else(|p| p.into_inner()));

@@ -7,7 +7,11 @@
 //! - insert clients: puts of keys never written before, to count afterwards
 //!   which acknowledged ones are missing;
 //! - watchers, one per member: every revision must arrive exactly once and in
-//!   order, across the faults, with the stream resuming where it broke off.
+//!   order, across the faults, with the stream resuming where it broke off;
+//! - lease clients: a lease never expires before its TTL has passed since
+//!   the last keep-alive, and its keys go once it is let go;
+//! - lock clients: writes fenced on the holder's token never go back to an
+//!   older token.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,6 +51,11 @@ pub struct Record {
     pub watched: Mutex<Vec<Vec<(i64, usize)>>>,
     /// Watch anomalies seen as they happened.
     pub watch_errors: Mutex<Vec<String>>,
+    /// Leases kept alive and then let go.
+    pub leases: Mutex<Vec<LeaseLife>>,
+    pub lease_errors: Mutex<Vec<String>>,
+    /// Writes fenced on a lock holder's token.
+    pub fenced: Mutex<Vec<Fenced>>,
     /// Failed calls, counted by their error.
     pub errors: Mutex<std::collections::BTreeMap<String, u64>>,
     /// Successful writes, (call, return) in ns since the start: for "writes
@@ -301,4 +310,179 @@ pub fn check_watch(index: usize, seen: &[(i64, usize)], last: i64) -> Vec<String
         problems.push(format!("watcher {index}: revision {extra} outside 2..={last}"));
     }
     problems
+}
+
+/// What a lease client saw of one lease: when its last keep-alive was called
+/// and answered, and when its key was first seen gone.
+#[derive(Debug, Clone)]
+pub struct LeaseLife {
+    pub ttl_ns: u64,
+    pub last_ok_call: u64,
+    pub last_ok_ret: u64,
+    /// The answer time of the first read that found the key gone.
+    pub gone: Option<u64>,
+}
+
+/// A lease client: grants a lease, puts a key with it, keeps it alive for a
+/// while, then lets it expire and watches for the key to go. A keep-alive
+/// that finds the lease gone, or a read that finds the key gone, before the
+/// TTL has passed since the last successful keep-alive was called, is an
+/// anomaly (the leader counts from when it got that keep-alive, which is
+/// later).
+pub async fn lease_client(
+    id: usize,
+    client: Client,
+    seed: u64,
+    record: Arc<Record>,
+    clock: Clock,
+    stop: Arc<AtomicBool>,
+    timeout: Duration,
+) {
+    const TTL: i64 = 2;
+    let ttl_ns = Duration::from_secs(TTL as u64).as_nanos() as u64;
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x1ea5e ^ id as u64);
+    let mut n = 0u64;
+    let fail = |m: String| record.lease_errors.lock().unwrap_or_else(|p| p.into_inner()).push(m);
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let call = clock.now();
+        let lease = match tokio::time::timeout(timeout, client.lease_grant(TTL, 0)).await {
+            Ok(Ok(r)) if r.error.is_empty() => r.id,
+            _ => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let mut life = LeaseLife { ttl_ns, last_ok_call: call, last_ok_ret: clock.now(), gone: None };
+        let key = format!("lease/{id}/{n}").into_bytes();
+        let put = PutRequest { key: key.clone(), value: b"x".to_vec(), lease, ..Default::default() };
+        if !matches!(tokio::time::timeout(timeout, client.put(put)).await, Ok(Ok(_))) {
+            // The lease may have expired already, or the put may still land:
+            // nothing certain to check; let it go.
+            continue;
+        }
+        // Keep it alive for a while.
+        let until = clock.now() + rng.gen_range(500..4000) * 1_000_000;
+        while clock.now() < until && !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let call = clock.now();
+            match tokio::time::timeout(timeout, client.lease_keep_alive_once(lease)).await {
+                Ok(Ok(ttl)) if ttl > 0 => {
+                    life.last_ok_call = call;
+                    life.last_ok_ret = clock.now();
+                }
+                Ok(Ok(_)) => {
+                    let ret = clock.now();
+                    if ret < life.last_ok_call + ttl_ns {
+                        fail(format!(
+                            "lease {lease:x}: a keep-alive answered {:.3}s found it gone {} ms after the last good keep-alive was sent (TTL {TTL}s)",
+                            ret as f64 / 1e9,
+                            (ret - life.last_ok_call) / 1_000_000
+                        ));
+                    }
+                    life.gone = Some(ret);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        // Let it expire; watch the key go.
+        while life.gone.is_none() {
+            let r = tokio::time::timeout(timeout, client.range(RangeRequest { key: key.clone(), ..Default::default() }));
+            if let Ok(Ok(resp)) = r.await {
+                let ret = clock.now();
+                if resp.kvs.is_empty() {
+                    if ret < life.last_ok_call + ttl_ns {
+                        fail(format!(
+                            "lease {lease:x}: its key was gone {} ms after the last good keep-alive was sent (TTL {TTL}s)",
+                            (ret - life.last_ok_call) / 1_000_000
+                        ));
+                    }
+                    life.gone = Some(ret);
+                    break;
+                }
+            }
+            if clock.now() > life.last_ok_ret + ttl_ns + 30_000_000_000 {
+                fail(format!("lease {lease:x}: its key was still there 30 s after its TTL"));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        record.leases.lock().unwrap_or_else(|p| p.into_inner()).push(life);
+    }
+}
+
+/// One write made while holding the lock, fenced on the holder's token.
+#[derive(Debug, Clone, Copy)]
+pub struct Fenced {
+    pub token: i64,
+    pub revision: i64,
+}
+
+/// A lock client: takes the lock "faults-lock" with a 2 s session, makes a
+/// write fenced on its token (a Txn that succeeds only while its lock key
+/// still exists with that create revision), releases it, and again.
+pub async fn lock_client(client: Client, record: Arc<Record>, stop: Arc<AtomicBool>, timeout: Duration) {
+    while !stop.load(Ordering::Relaxed) {
+        let session = match tokio::time::timeout(timeout, client.session(2)).await {
+            Ok(Ok(s)) => s,
+            _ => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let lock = client.lock_handle("faults-lock", &session);
+        while !stop.load(Ordering::Relaxed) && matches!(session.state(), kvd::client::LeaseState::Alive(_)) {
+            let guard = match tokio::time::timeout(Duration::from_secs(10), lock.lock()).await {
+                Ok(Ok(g)) => g,
+                _ => break,
+            };
+            let txn = TxnRequest {
+                compare: vec![Compare {
+                    result: CompareResult::Equal as i32,
+                    target: CompareTarget::Create as i32,
+                    key: guard.key.clone(),
+                    target_union: Some(TargetUnion::CreateRevision(guard.rev)),
+                    range_end: Vec::new(),
+                }],
+                success: vec![RequestOp {
+                    request: Some(Op::RequestPut(PutRequest {
+                        key: b"fenced".to_vec(),
+                        value: guard.rev.to_string().into_bytes(),
+                        ..Default::default()
+                    })),
+                }],
+                failure: Vec::new(),
+            };
+            if let Ok(Ok(resp)) = tokio::time::timeout(timeout, client.txn(txn)).await {
+                if resp.succeeded {
+                    let revision = resp.header.map(|h| h.revision).unwrap_or(0);
+                    record
+                        .fenced
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(Fenced { token: guard.rev, revision });
+                }
+            }
+            let _ = tokio::time::timeout(timeout, lock.unlock(guard)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = tokio::time::timeout(timeout, session.close(&client)).await;
+    }
+}
+
+/// Fenced writes in revision order must carry tokens that never go down: a
+/// holder whose lock was lost cannot write after a newer holder did.
+pub fn check_fenced(writes: &[Fenced]) -> Vec<String> {
+    let mut w = writes.to_vec();
+    w.sort_by_key(|f| f.revision);
+    w.windows(2)
+        .filter(|p| p[1].token < p[0].token)
+        .map(|p| {
+            format!(
+                "fenced write at revision {} with token {} after one at revision {} with token {}",
+                p[1].revision, p[1].token, p[0].revision, p[0].token
+            )
+        })
+        .collect()
 }
