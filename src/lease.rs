@@ -204,6 +204,14 @@ impl Node {
         match call {
             LeaseCall::Renew(id) => {
                 let Some(lease) = state.store.lease(id) else { return Forwarded::Done(LeaseAnswer::default()) };
+                // An expired lease is being revoked (or is about to be, at
+                // the next tick); renewing it now would answer "alive" for a
+                // lease whose revocation may apply a moment later. It is
+                // gone, as etcd answers.
+                let expired = d.due.get(&id).is_some_and(|due| *due <= now) || d.revoking.contains_key(&id);
+                if expired {
+                    return Forwarded::Done(LeaseAnswer::default());
+                }
                 d.due.insert(id, now + secs(lease.ttl));
                 Forwarded::Done(LeaseAnswer { ttl: lease.ttl, granted_ttl: lease.ttl, keys: Vec::new() })
             }
@@ -251,7 +259,13 @@ impl Node {
         for id in expired {
             let node = self.clone();
             tokio::spawn(async move {
-                match node.lease_revoke(id).await {
+                // Only through this member's own log: if it was deposed
+                // meanwhile (paused, cut off), its deadlines are stale and the
+                // new leader, which restarted every countdown, decides.
+                // Forwarding the revocation would cut short a lease the new
+                // leader is keeping alive.
+                let revoke = command::Op::LeaseRevoke(LeaseRevokeRequest { id });
+                match node.propose_here(revoke).await.map(|_| ()) {
                     Ok(_) => tracing::info!(lease = format!("{id:x}"), "lease expired and was revoked"),
                     Err(Error::LeaseNotFound) => {}
                     Err(e) => tracing::warn!(lease = format!("{id:x}"), "revoking an expired lease failed: {e}"),

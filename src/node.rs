@@ -145,6 +145,18 @@ impl Node {
         }
     }
 
+    /// Proposes `op` to this member's Raft only, never forwarding it: for
+    /// decisions that hold only while this member leads (a lease expired on
+    /// its clock). If it is no longer the leader the proposal is dropped.
+    pub async fn propose_here(&self, op: command::Op) -> Result<command_result::Result, Error> {
+        let bytes = Command { op: Some(op) }.encode_to_vec();
+        match self.proposals.propose(bytes).await {
+            Forwarded::Done(resp) => unpack(resp),
+            Forwarded::NotLeader(_) => Err(Error::NoLeader),
+            Forwarded::Failed(e) => Err(e),
+        }
+    }
+
     /// Sends a request to the leader. `Ok(None)` means it was certainly not
     /// delivered, so it may be retried.
     pub(crate) async fn ask_leader<T: serde::de::DeserializeOwned>(

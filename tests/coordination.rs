@@ -293,3 +293,63 @@ async fn election_and_lock_handles_hand_over_in_order_with_growing_fencing_token
     assert!(g1.unwrap().rev > r0);
     c.shutdown().await;
 }
+
+/// A leader cut off from the others still counts its lease deadlines down;
+/// when it learns it was replaced, its own expiry decisions must not reach
+/// the new leader, which is keeping the lease alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deposed_leader_does_not_expire_a_lease_the_new_leader_keeps_alive() {
+    let c = TestCluster::start(3, |_| {}).await;
+    let old = c.wait_leader().await;
+    let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let via = c.client(others[0]);
+    let ttl = 2;
+    let lease = via.lease_grant(ttl, 0).await.unwrap().id;
+    via.put(PutRequest { key: "held".into(), value: "v".into(), lease, ..Default::default() }).await.unwrap();
+
+    // Cut the leader off, both ways.
+    let ids: Vec<u64> = (0..3).map(|i| c.member(i).node.id).collect();
+    for &o in &others {
+        c.member(old).node.network.block(ids[o]);
+        c.member(o).node.network.block(ids[old]);
+    }
+    // A new leader among the others.
+    let deadline = Instant::now() + WAIT;
+    let new = loop {
+        let found = others.iter().copied().find(|&o| {
+            let m = c.member(o).node.raft.metrics().borrow().clone();
+            m.current_leader == Some(ids[o]) && m.state.is_leader()
+        });
+        if let Some(n) = found {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "no new leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Keep the lease alive through the new leader well past the old one's
+    // deadline, then heal: the old leader steps down, and whatever it had
+    // decided about the lease must stay with it.
+    let keep = |until: Instant| {
+        let via = via.clone_handle();
+        async move {
+            while Instant::now() < until {
+                assert!(via.lease_keep_alive_once(lease).await.unwrap() > 0, "the lease was lost while kept alive");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    keep(Instant::now() + Duration::from_secs(3 * ttl as u64)).await;
+    for &o in &others {
+        c.member(old).node.network.heal();
+        c.member(o).node.network.heal();
+    }
+    let until = Instant::now() + Duration::from_secs(2 * ttl as u64);
+    let keeper = tokio::spawn(keep(until));
+    while Instant::now() < until {
+        assert_eq!(via.range(get("held")).await.unwrap().kvs.len(), 1, "the deposed leader expired the lease");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    keeper.await.unwrap();
+    assert_ne!(new, old);
+    c.shutdown().await;
+}
