@@ -318,6 +318,23 @@ fn publish_attributes(
 }
 
 impl ServerHandle {
+    /// Resolves if this member's Raft stops on its own: a storage error (a
+    /// full disk, a failed write) is fatal to it. The member then serves
+    /// nothing useful, so the caller should report the reason and exit; what
+    /// is on disk is what was acknowledged, and a restart (once the cause is
+    /// gone) catches up from the others.
+    pub async fn fatal(&self) -> String {
+        let mut metrics = self.node.raft.metrics();
+        loop {
+            if let Err(fatal) = &metrics.borrow_and_update().running_state {
+                return fatal.to_string();
+            }
+            if metrics.changed().await.is_err() {
+                return "raft stopped".into();
+            }
+        }
+    }
+
     /// Stops serving, stops Raft and flushes the data directory.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);

@@ -28,7 +28,14 @@ async fn main() {
 async fn run(config: Config) -> anyhow::Result<()> {
     let validated = config.validate()?;
     let server = kvd::server::start(validated).await?;
-    shutdown_signal().await?;
+    tokio::select! {
+        r = shutdown_signal() => r?,
+        why = server.fatal() => {
+            // Nothing is lost by stopping here: only writes on disk were
+            // acknowledged. Restart the member once the cause is fixed.
+            anyhow::bail!("raft stopped: {why}; restart this member once the cause is fixed")
+        }
+    }
     tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())

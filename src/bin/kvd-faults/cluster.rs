@@ -42,6 +42,10 @@ pub struct Layout {
     pub peer_listen: Vec<SocketAddr>,
     pub peer_proxy: Vec<SocketAddr>,
     pub election_ms: u64,
+    /// The member whose data directory is a small tmpfs of its own, for the
+    /// disk-full fault; `None` when that fault is off or no tmpfs could be
+    /// mounted.
+    pub small_disk: Option<usize>,
 }
 
 /// The member processes, the proxies and the cuts.
@@ -56,7 +60,12 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts the proxies and three members under `dir`.
-    pub async fn start(kvd: PathBuf, dir: PathBuf, election_ms: u64) -> anyhow::Result<Cluster> {
+    pub async fn start(
+        kvd: PathBuf,
+        dir: PathBuf,
+        election_ms: u64,
+        small_disk: Option<usize>,
+    ) -> anyhow::Result<Cluster> {
         let mut client_addrs = Vec::new();
         let mut peer_listen = Vec::new();
         let mut proxies = Vec::new();
@@ -73,7 +82,27 @@ impl Cluster {
         }
         let endpoints: Vec<String> = client_addrs.iter().map(|a| a.to_string()).collect();
         let client = Client::new(&endpoints, Duration::from_millis(500)).map_err(anyhow::Error::msg)?;
-        let layout = Layout { kvd, dir, client_addrs, peer_listen, peer_proxy, election_ms };
+        let small_disk = match small_disk {
+            Some(m) => {
+                let mount = dir.join(format!("m{m}"));
+                std::fs::create_dir_all(&mount)?;
+                let out = Command::new("mount")
+                    .args(["-t", "tmpfs", "-o", "size=512m", "tmpfs"])
+                    .arg(&mount)
+                    .stderr(Stdio::piped())
+                    .output();
+                match out {
+                    Ok(o) if o.status.success() => Some(m),
+                    Ok(o) => anyhow::bail!(
+                        "disk-full needs a tmpfs (run as root, or leave the fault out): mount: {}",
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ),
+                    Err(e) => anyhow::bail!("disk-full needs a tmpfs: mount: {e}"),
+                }
+            }
+            None => None,
+        };
+        let layout = Layout { kvd, dir, client_addrs, peer_listen, peer_proxy, election_ms, small_disk };
         let mut cluster = Cluster {
             layout,
             children: (0..MEMBERS).map(|_| None).collect(),
@@ -145,6 +174,18 @@ impl Cluster {
 
     pub fn is_running(&self, i: usize) -> bool {
         self.children[i].is_some()
+    }
+
+    /// Whether member `i` has exited on its own (reaping it if so).
+    pub fn exited(&mut self, i: usize) -> bool {
+        let gone = match &mut self.children[i] {
+            Some(child) => matches!(child.try_wait(), Ok(Some(_))),
+            None => false,
+        };
+        if gone {
+            self.children[i] = None;
+        }
+        gone
     }
 
     /// SIGKILL to member `i`.
@@ -231,6 +272,26 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop_all();
+        if let Some(m) = self.layout.small_disk {
+            let _ = Command::new("umount").arg(self.data_dir(m)).status();
+        }
+    }
+}
+
+/// Fills the file system holding `dir` with a file `dir/filler` until a
+/// write fails for lack of space; returns the bytes written.
+pub fn fill(dir: &Path) -> std::io::Result<u64> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(dir.join("filler"))?;
+    let chunk = vec![0u8; 1 << 20];
+    let mut written = 0u64;
+    loop {
+        match f.write(&chunk) {
+            Ok(0) => return Ok(written),
+            Ok(n) => written += n as u64,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return Ok(written),
+            Err(e) => return Err(e),
+        }
     }
 }
 

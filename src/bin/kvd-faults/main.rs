@@ -39,6 +39,7 @@ const FAULTS: &[&str] = &[
     "partition-member",
     "one-way",
     "corrupt-log",
+    "disk-full",
 ];
 
 #[derive(Parser, Debug)]
@@ -56,7 +57,8 @@ struct Args {
     duration: Duration,
     /// Faults to inject, comma-separated, or "all": kill-leader, kill-member,
     /// restart-all, pause-leader, pause-follower, partition-leader,
-    /// partition-member, one-way, corrupt-log.
+    /// partition-member, one-way, corrupt-log, disk-full (needs root: the
+    /// data directory of member 2 is a 512 MiB tmpfs).
     #[arg(long, default_value = "all")]
     faults: String,
     /// Register clients (reads, writes, compare-and-swaps).
@@ -273,7 +275,22 @@ async fn serves(cluster: &Cluster, i: usize, limit: Duration) -> Option<Duration
 async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir: PathBuf) -> anyhow::Result<Report> {
     let mut rng = StdRng::seed_from_u64(seed);
     let election = Duration::from_millis(args.election_timeout);
-    let mut cluster = Cluster::start(kvd, dir.clone(), args.election_timeout).await?;
+    let small_disk = faults.contains(&"disk-full").then_some(2);
+    let mut cluster = match Cluster::start(kvd.clone(), dir.clone(), args.election_timeout, small_disk).await {
+        Ok(c) => c,
+        Err(e) if small_disk.is_some() => {
+            // No tmpfs here (not root, or no mount rights): run without it.
+            println!("   disk-full skipped: {e:#}");
+            let _ = std::fs::remove_dir_all(dir.join("m2"));
+            let mut c = Cluster::start(kvd, dir.clone(), args.election_timeout, None).await?;
+            c.layout.small_disk = None;
+            c
+        }
+        Err(e) => return Err(e),
+    };
+    let faults: Vec<&'static str> =
+        faults.iter().copied().filter(|f| *f != "disk-full" || cluster.layout.small_disk.is_some()).collect();
+    let faults = &faults[..];
     let mut report = Report::default();
     if cluster.wait_leader(Duration::from_secs(20)).await.is_none() {
         anyhow::bail!("the cluster elected no leader at start");
@@ -436,10 +453,43 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
                     },
                     Err(e) => report.notes.push(format!("corrupt-log skipped: {e}")),
                 }
-                std::fs::remove_dir_all(&data)?;
+                // Empty it rather than remove it: it may be a mount point.
+                for entry in std::fs::read_dir(&data)? {
+                    let path = entry?.path();
+                    if path.is_dir() {
+                        std::fs::remove_dir_all(&path)?;
+                    } else {
+                        std::fs::remove_file(&path)?;
+                    }
+                }
                 cluster::copy_dir(&saved, &data)?;
                 std::fs::remove_dir_all(&saved)?;
                 cluster.start_member(victim)?;
+            }
+            "disk-full" => {
+                let victim = cluster.layout.small_disk.unwrap_or(2);
+                let data = cluster.data_dir(victim);
+                let filled = cluster::fill(&data)?;
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(1500..3000))).await;
+                let exited = cluster.exited(victim);
+                let log = std::fs::read_to_string(dir.join(format!("m{victim}.log"))).unwrap_or_default();
+                let last = log.lines().rev().find(|l| l.contains("error")).unwrap_or("").to_string();
+                std::fs::remove_file(data.join("filler"))?;
+                report.notes.push(format!(
+                    "disk-full: {} MiB filled m{victim}'s disk; it {}{}",
+                    filled >> 20,
+                    if exited { "exited" } else { "kept running" },
+                    if last.is_empty() { String::new() } else { format!(": {}", last.trim()) }
+                ));
+                if exited {
+                    // As a supervisor would, once space is back.
+                    cluster.start_member(victim)?;
+                }
+                if serves(&cluster, victim, Duration::from_secs(20)).await.is_none() {
+                    report
+                        .anomalies
+                        .push(format!("m{victim} did not serve within 20 s of its disk having space again"));
+                }
             }
             other => anyhow::bail!("unknown fault {other}"),
         }

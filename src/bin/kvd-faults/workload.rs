@@ -388,7 +388,8 @@ pub async fn lease_client(
         }
         // Let it expire; watch the key go.
         while life.gone.is_none() {
-            let r = tokio::time::timeout(timeout, client.range(RangeRequest { key: key.clone(), ..Default::default() }));
+            let r =
+                tokio::time::timeout(timeout, client.range(RangeRequest { key: key.clone(), ..Default::default() }));
             if let Ok(Ok(resp)) = r.await {
                 let ret = clock.now();
                 if resp.kvs.is_empty() {
@@ -457,11 +458,7 @@ pub async fn lock_client(client: Client, record: Arc<Record>, stop: Arc<AtomicBo
             if let Ok(Ok(resp)) = tokio::time::timeout(timeout, client.txn(txn)).await {
                 if resp.succeeded {
                     let revision = resp.header.map(|h| h.revision).unwrap_or(0);
-                    record
-                        .fenced
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(Fenced { token: guard.rev, revision });
+                    record.fenced.lock().unwrap_or_else(|p| p.into_inner()).push(Fenced { token: guard.rev, revision });
                 }
             }
             let _ = tokio::time::timeout(timeout, lock.unlock(guard)).await;
