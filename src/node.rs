@@ -63,6 +63,9 @@ pub struct Node {
     pub request_timeout: Duration,
     /// The smallest TTL a lease is granted with, in seconds.
     pub min_lease_ttl: i64,
+    /// The election timeout: a leader that has heard from no quorum for
+    /// longer stops taking requests (see [`Node::cut_off`]).
+    pub election: Duration,
     /// Lease deadlines, kept while this member leads.
     pub lessor: crate::lease::Lessor,
     /// Turns true when the member begins to stop.
@@ -126,6 +129,9 @@ impl Node {
         }
         let deadline = Instant::now() + self.request_timeout;
         loop {
+            if self.cut_off() {
+                return Err(Error::NoLeader);
+            }
             let leader = match self.proposals.propose(bytes.clone()).await {
                 Forwarded::Done(resp) => return unpack(resp),
                 Forwarded::NotLeader(leader) => leader,
@@ -143,6 +149,17 @@ impl Node {
             }
             self.await_leader(leader, deadline).await;
         }
+    }
+
+    /// Whether this member leads but has heard from no quorum of members for
+    /// longer than an election timeout: it is cut off, and the others have
+    /// probably elected a leader already. Like etcd's CheckQuorum, it then
+    /// answers "no leader" at once, so that clients move to another member
+    /// instead of waiting for a commit that cannot come.
+    pub fn cut_off(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state.is_leader() && m.millis_since_quorum_ack.is_some_and(|ms| u128::from(ms) > self.election.as_millis())
     }
 
     /// Proposes `op` to this member's Raft only, never forwarding it: for
@@ -182,6 +199,9 @@ impl Node {
     /// the call (a linearizable read barrier). Concurrent calls share one
     /// ReadIndex round.
     pub async fn read_barrier(&self) -> Result<(), Error> {
+        if self.cut_off() {
+            return Err(Error::NoLeader);
+        }
         let deadline = Instant::now() + self.request_timeout;
         let index = self.reads.get().await?;
         self.await_applied(index, deadline).await

@@ -158,8 +158,12 @@ pub async fn start_on(
     let raft_config = openraft::Config {
         cluster_name: cfg.config.initial_cluster_token.clone(),
         heartbeat_interval: cfg.heartbeat.as_millis() as u64,
-        election_timeout_min: cfg.election.as_millis() as u64,
-        election_timeout_max: cfg.election.as_millis() as u64 * 2,
+        // openraft waits a leader lease (election_timeout_max) plus a random
+        // time in [min, max) without a leader before it campaigns; these
+        // make that [T, 4T/3) for --election-timeout T, as etcd waits T
+        // (randomised) before it campaigns.
+        election_timeout_min: (cfg.election.as_millis() as u64 / 3).max(cfg.heartbeat.as_millis() as u64 + 1),
+        election_timeout_max: (cfg.election.as_millis() as u64 * 2 / 3).max(cfg.heartbeat.as_millis() as u64 + 2),
         snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_count),
         max_in_snapshot_log_to_keep: snapshot_count.min(5000),
         snapshot_max_chunk_size: 1024 * 1024,
@@ -201,6 +205,7 @@ pub async fn start_on(
         limits: Limits { max_request_bytes: cfg.config.max_request_bytes, max_txn_ops: cfg.config.max_txn_ops },
         request_timeout,
         min_lease_ttl: crate::lease::min_lease_ttl(cfg.election),
+        election: cfg.election,
         lessor: Default::default(),
         stop: stop_rx.clone(),
         proposals,
