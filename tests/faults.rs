@@ -14,6 +14,7 @@ const FAULTS: &[&str] = &[
     "partition-member",
     "one-way",
     "corrupt-log",
+    "truncate-log",
     "disk-full",
 ];
 

@@ -354,6 +354,21 @@ pub fn flip_a_log_byte(data_dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(file)
 }
 
+/// Cuts the member's oldest Raft log segment to half its length; returns the
+/// new length.
+pub fn truncate_log(data_dir: &Path) -> anyhow::Result<u64> {
+    let log_dir = data_dir.join("log");
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(&log_dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    segments.sort();
+    let file = segments.first().ok_or_else(|| anyhow::anyhow!("no log segment in {}", log_dir.display()))?;
+    let len = std::fs::metadata(file)?.len() / 2;
+    std::fs::OpenOptions::new().write(true).open(file)?.set_len(len)?;
+    Ok(len)
+}
+
 /// Copies a directory tree (a member's data, kept to restore after damage).
 pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;

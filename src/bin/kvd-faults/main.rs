@@ -39,6 +39,7 @@ const FAULTS: &[&str] = &[
     "partition-member",
     "one-way",
     "corrupt-log",
+    "truncate-log",
     "disk-full",
 ];
 
@@ -57,7 +58,7 @@ struct Args {
     duration: Duration,
     /// Faults to inject, comma-separated, or "all": kill-leader, kill-member,
     /// restart-all, pause-leader, pause-follower, partition-leader,
-    /// partition-member, one-way, corrupt-log, disk-full (needs root: the
+    /// partition-member, one-way, corrupt-log, truncate-log, disk-full (needs root: the
     /// data directory of member 2 is a 512 MiB tmpfs).
     #[arg(long, default_value = "all")]
     faults: String,
@@ -465,6 +466,25 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
                 cluster::copy_dir(&saved, &data)?;
                 std::fs::remove_dir_all(&saved)?;
                 cluster.start_member(victim)?;
+            }
+            "truncate-log" => {
+                // Half of a stopped follower's oldest log segment goes, as a
+                // crash in the middle of writing it would leave it: the
+                // member must start, drop the torn end and catch up from the
+                // leader (the final checks see that it serves nothing wrong).
+                let victim = follower;
+                cluster.kill(victim);
+                let cut = cluster::truncate_log(&cluster.data_dir(victim))?;
+                cluster.start_member(victim)?;
+                match serves(&cluster, victim, Duration::from_secs(20)).await {
+                    Some(d) => report.notes.push(format!(
+                        "m{victim} started on a log cut to {cut} bytes and served again after {} ms",
+                        d.as_millis()
+                    )),
+                    None => report
+                        .anomalies
+                        .push(format!("m{victim} did not serve within 20 s on a log cut to {cut} bytes")),
+                }
             }
             "disk-full" => {
                 let victim = cluster.layout.small_disk.unwrap_or(2);
