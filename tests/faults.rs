@@ -1,4 +1,4 @@
-//! The fault-injection harness, short: two seeds, every fault kind at least
+//! The fault-injection harness, short: three seeds, every fault kind at least
 //! once in each, against the kvd binary of this build. A longer run is
 //! `kvd-faults --runs 20 --duration 60s` (see the README).
 
@@ -19,9 +19,9 @@ const FAULTS: &[&str] = &[
 ];
 
 #[test]
-fn two_seeds_of_every_fault_find_no_anomaly() {
+fn three_seeds_of_every_fault_find_no_anomaly() {
     let out = Command::new(env!("CARGO_BIN_EXE_kvd-faults"))
-        .args(["--seed", "1", "--runs", "2", "--duration", "30s"])
+        .args(["--seed", "1", "--runs", "3", "--duration", "20s"])
         .output()
         .expect("run kvd-faults");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -31,10 +31,10 @@ fn two_seeds_of_every_fault_find_no_anomaly() {
     assert!(text.contains("no anomalies"), "no verdict in the output");
     // Each run injected every kind of fault.
     let runs: Vec<&str> = text.split("== run").skip(1).collect();
-    assert_eq!(runs.len(), 2, "two runs");
+    assert_eq!(runs.len(), 3, "three runs");
     for run in runs {
         // The last run's text also holds the totals; its own lines come first.
-        let run = run.split("== 2 runs").next().unwrap_or(run);
+        let run = run.split("== 3 runs").next().unwrap_or(run);
         let faults = run.lines().find(|l| l.trim_start().starts_with("seed ") && l.contains(": faults ")).unwrap_or("");
         for f in FAULTS {
             // disk-full needs a tmpfs mount; the harness says so when it
