@@ -176,6 +176,21 @@ pub async fn start_on(
         use openraft::storage::RaftLogStorage;
         let vote = log_store.read_vote().await.map_err(|e| StartError::Raft(e.to_string()))?;
         let last = log_store.get_log_state().await.map_err(|e| StartError::Raft(e.to_string()))?.last_log_id;
+        // Every applied entry was committed and written to this log before
+        // it was applied; a log that ends before them lost its end (cut or
+        // damaged). Going on would have Raft rebuild from a state it cannot
+        // reconcile, so refuse, and say how to recover.
+        let applied = state_machine.last_applied();
+        if last.map(|l| l.index) < applied.map(|l| l.index) {
+            return Err(StartError::DataDir {
+                dir: cfg.data_dir.display().to_string(),
+                why: format!(
+                    "the raft log ends at index {} but entries up to {} were applied: its end was lost (truncated or damaged); refusing to start. Restore this member's data directory from a copy",
+                    last.map_or(0, |l| l.index),
+                    applied.map_or(0, |l| l.index)
+                ),
+            });
+        }
         crate::read_index::Restored::from_start(cfg.id, vote, last)
     };
     let raft = Raft::new(cfg.id, Arc::new(raft_config), network.clone(), log_store, state_machine)

@@ -98,6 +98,8 @@ pub struct StateMachine {
     dir: PathBuf,
     last_applied: Option<LogId>,
     membership: StoredMembership<NodeId, Node>,
+    /// The last log id of the snapshot in the snapshot file.
+    snapshot_file: Arc<std::sync::Mutex<Option<LogId>>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -119,6 +121,7 @@ impl StateMachine {
             load_records(db, &tree, &decode::<Records>(&stored.data)?)?;
         }
         let (state, last_applied, membership) = load_state(&tree)?;
+        let on_disk = read_snapshot_file(dir)?.and_then(|s| s.meta.last_log_id);
         Ok(StateMachine {
             shared: Arc::new(Shared {
                 db: db.clone(),
@@ -129,7 +132,13 @@ impl StateMachine {
             dir: dir.to_path_buf(),
             last_applied,
             membership,
+            snapshot_file: Arc::new(std::sync::Mutex::new(on_disk)),
         })
+    }
+
+    /// The last log id applied.
+    pub fn last_applied(&self) -> Option<LogId> {
+        self.last_applied
     }
 
     /// The state that request handlers read.
@@ -382,6 +391,24 @@ fn read_snapshot_file(dir: &Path) -> Result<Option<StoredSnapshot>, Error> {
     }
 }
 
+/// Writes `stored` as the snapshot file unless the file already holds a
+/// later snapshot: a snapshot built from an older state can finish after a
+/// newer one was installed from the leader, and must not replace it (the log
+/// before the newer one may already be purged). Returns whether it wrote.
+fn write_snapshot_if_newer(
+    dir: &Path,
+    on_disk: &std::sync::Mutex<Option<LogId>>,
+    stored: &StoredSnapshot,
+) -> Result<bool, Error> {
+    let mut on_disk = on_disk.lock().unwrap_or_else(|p| p.into_inner());
+    if on_disk.is_some() && *on_disk >= stored.meta.last_log_id {
+        return Ok(false);
+    }
+    write_snapshot_file(dir, stored)?;
+    *on_disk = stored.meta.last_log_id;
+    Ok(true)
+}
+
 fn write_snapshot_file(dir: &Path, stored: &StoredSnapshot) -> Result<(), Error> {
     let io = |e: std::io::Error| Error::internal(format!("write snapshot: {e}"));
     let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
@@ -401,6 +428,7 @@ fn write_snapshot_file(dir: &Path, stored: &StoredSnapshot) -> Result<(), Error>
 pub struct SnapshotBuilder {
     db: sled::Db,
     dir: PathBuf,
+    snapshot_file: Arc<std::sync::Mutex<Option<LogId>>>,
     records: Records,
     last_applied: Option<LogId>,
     membership: StoredMembership<NodeId, Node>,
@@ -420,7 +448,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let meta =
             SnapshotMeta { last_log_id: self.last_applied, last_membership: self.membership.clone(), snapshot_id: id };
         let stored = StoredSnapshot { meta: meta.clone(), data };
-        write_snapshot_file(&self.dir, &stored).map_err(fail)?;
+        if !write_snapshot_if_newer(&self.dir, &self.snapshot_file, &stored).map_err(fail)? {
+            tracing::info!(snapshot = %meta.snapshot_id, "built snapshot is older than the one on disk; kept that one");
+            return Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) });
+        }
         tracing::info!(snapshot = %meta.snapshot_id, bytes = stored.data.len(), "built snapshot");
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
     }
@@ -452,6 +483,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         SnapshotBuilder {
             db: self.shared.db.clone(),
             dir: self.dir.clone(),
+            snapshot_file: self.snapshot_file.clone(),
             records,
             last_applied: self.last_applied,
             membership: self.membership.clone(),
@@ -471,7 +503,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let data = snapshot.into_inner();
         let records: Records = decode(&data).map_err(fail)?;
         let stored = StoredSnapshot { meta: meta.clone(), data };
-        write_snapshot_file(&self.dir, &stored).map_err(fail)?;
+        // Under the same lock as a build, so the two never interleave.
+        {
+            let mut on_disk = self.snapshot_file.lock().unwrap_or_else(|p| p.into_inner());
+            write_snapshot_file(&self.dir, &stored).map_err(fail)?;
+            *on_disk = meta.last_log_id;
+        }
         let mut state = self.shared.write();
         load_records(&self.shared.db, &self.tree, &records).map_err(fail)?;
         let (new_state, _, _) = load_state(&self.tree).map_err(fail)?;
