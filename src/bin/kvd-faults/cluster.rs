@@ -221,9 +221,13 @@ impl Cluster {
             if !self.is_running(i) || self.paused[i] {
                 continue;
             }
-            let status = tokio::time::timeout(Duration::from_millis(500), self.client.status_of(i)).await.ok()?.ok()?;
-            let own = status.header.as_ref()?.member_id;
-            if status.leader == own {
+            // A member that does not answer (it may have exited on its own)
+            // is skipped: the others can still have a leader.
+            let Ok(Ok(status)) = tokio::time::timeout(Duration::from_millis(500), self.client.status_of(i)).await
+            else {
+                continue;
+            };
+            if status.header.as_ref().is_some_and(|h| h.member_id == status.leader) {
                 seen = Some(i);
             }
         }

@@ -444,6 +444,9 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
                 cluster::copy_dir(&data, &saved)?;
                 match cluster::flip_a_log_byte(&data) {
                     Ok(file) => match cluster.start_refused(victim, Duration::from_secs(10)).await? {
+                        Ok(msg) if !msg.contains("refusing to start") => report
+                            .anomalies
+                            .push(format!("m{victim} failed on a damaged log without a clear message: {msg}")),
                         Ok(msg) => report.notes.push(format!(
                             "m{victim} refused to start on a flipped byte in {}: {msg}",
                             file.file_name().unwrap_or_default().to_string_lossy()
@@ -468,23 +471,41 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
                 cluster.start_member(victim)?;
             }
             "truncate-log" => {
-                // Half of a stopped follower's oldest log segment goes, as a
-                // crash in the middle of writing it would leave it: the
-                // member must start, drop the torn end and catch up from the
-                // leader (the final checks see that it serves nothing wrong).
+                // Half of a stopped follower's oldest log segment goes. The
+                // member must either start, drop the cut end and catch up
+                // (the end held only entries it had not applied), or refuse
+                // with a clear message (it had applied some of them); then
+                // its data is restored, as an operator would.
                 let victim = follower;
                 cluster.kill(victim);
-                let cut = cluster::truncate_log(&cluster.data_dir(victim))?;
-                cluster.start_member(victim)?;
-                match serves(&cluster, victim, Duration::from_secs(20)).await {
-                    Some(d) => report.notes.push(format!(
-                        "m{victim} started on a log cut to {cut} bytes and served again after {} ms",
-                        d.as_millis()
-                    )),
-                    None => report
+                let data = cluster.data_dir(victim);
+                let saved = dir.join(format!("m{victim}-saved"));
+                let _ = std::fs::remove_dir_all(&saved);
+                cluster::copy_dir(&data, &saved)?;
+                let cut = cluster::truncate_log(&data)?;
+                match cluster.start_refused(victim, Duration::from_secs(5)).await? {
+                    Ok(msg) if msg.contains("refusing to start") => {
+                        report.notes.push(format!("m{victim} refused to start on a log cut to {cut} bytes: {msg}"));
+                    }
+                    Ok(msg) => report
                         .anomalies
-                        .push(format!("m{victim} did not serve within 20 s on a log cut to {cut} bytes")),
+                        .push(format!("m{victim} failed on a log cut to {cut} bytes without a clear message: {msg}")),
+                    Err(_) => {
+                        // It ran for 5 s (stopped now): it took the cut log.
+                        report.notes.push(format!("m{victim} started on a log cut to {cut} bytes"));
+                    }
                 }
+                for entry in std::fs::read_dir(&data)? {
+                    let path = entry?.path();
+                    if path.is_dir() {
+                        std::fs::remove_dir_all(&path)?;
+                    } else {
+                        std::fs::remove_file(&path)?;
+                    }
+                }
+                cluster::copy_dir(&saved, &data)?;
+                std::fs::remove_dir_all(&saved)?;
+                cluster.start_member(victim)?;
             }
             "disk-full" => {
                 let victim = cluster.layout.small_disk.unwrap_or(2);
@@ -521,6 +542,9 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
     // Heal, let the load run on a healthy cluster for a moment, then stop it.
     cluster.cut(HashSet::new());
     for m in 0..MEMBERS {
+        if cluster.exited(m) {
+            report.anomalies.push(format!("m{m} had exited on its own (see m{m}.log)"));
+        }
         if !cluster.is_running(m) {
             cluster.start_member(m)?;
         }
