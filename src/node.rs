@@ -23,7 +23,7 @@ use crate::proto::etcdserverpb::ResponseHeader;
 use crate::proto::kvdpb::{command, command_result, Command, CommandResult};
 use crate::raft::network::{CallError, Network, Rpc};
 use crate::raft::state_machine::Shared;
-use crate::raft::{decode, encode, Node as RaftNode, NodeId, Raft, Response};
+use crate::raft::{decode, encode, NodeId, Raft, Response};
 
 /// How a leader answers a forwarded proposal or read-index request.
 #[derive(Debug, Serialize, Deserialize)]
@@ -107,18 +107,9 @@ impl Node {
         }
     }
 
-    fn leader_node(&self, id: NodeId) -> Option<RaftNode> {
-        self.raft.metrics().borrow().membership_config.membership().get_node(&id).cloned()
-    }
-
     /// Waits, up to `deadline`, until a leader other than `stale` is known.
     pub(crate) async fn await_leader(&self, stale: Option<NodeId>, deadline: Instant) {
-        let wait = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
-        let _ = self
-            .raft
-            .wait(Some(wait))
-            .metrics(|m| m.current_leader.is_some() && m.current_leader != stale, "leader")
-            .await;
+        await_leader(&self.raft, stale, deadline).await
     }
 
     /// Replicates a write and returns what applying it produced.
@@ -174,8 +165,7 @@ impl Node {
         }
     }
 
-    /// Sends a request to the leader. `Ok(None)` means it was certainly not
-    /// delivered, so it may be retried.
+    /// Sends a request to the leader (see [`ask_leader`]).
     pub(crate) async fn ask_leader<T: serde::de::DeserializeOwned>(
         &self,
         leader: NodeId,
@@ -183,16 +173,7 @@ impl Node {
         payload: Vec<u8>,
         deadline: Instant,
     ) -> Result<Option<Forwarded<T>>, Error> {
-        let Some(node) = self.leader_node(leader) else { return Ok(None) };
-        let timeout = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        match self.network.call(leader, &node.addr, rpc, payload, timeout).await {
-            Ok(bytes) => Ok(Some(decode(&bytes)?)),
-            Err(CallError::NotSent(_)) => Ok(None),
-            Err(CallError::Unknown(m)) => {
-                tracing::debug!(leader, "request to leader failed: {m}");
-                Err(Error::Timeout)
-            }
-        }
+        ask_leader(&self.raft, &self.network, leader, rpc, payload, deadline).await
     }
 
     /// Waits until this member's state reflects every write committed before
@@ -232,6 +213,38 @@ impl Node {
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Forwarded::NotLeader(f.leader_id),
             Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => Forwarded::NotLeader(None),
             Err(RaftError::Fatal(_)) => Forwarded::Failed(Error::Stopped),
+        }
+    }
+}
+
+/// Waits, up to `deadline` (and at most 100 ms), until `raft` knows a leader
+/// other than `stale`.
+pub(crate) async fn await_leader(raft: &Raft, stale: Option<NodeId>, deadline: Instant) {
+    let wait = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
+    let _ = raft.wait(Some(wait)).metrics(|m| m.current_leader.is_some() && m.current_leader != stale, "leader").await;
+}
+
+/// Sends `rpc` to `leader` over `network` and decodes its answer. `Ok(None)`
+/// means it was certainly not delivered (or the leader's address is not
+/// known), so it may be retried; a request that may have arrived but got no
+/// answer is `Err(Timeout)`.
+pub(crate) async fn ask_leader<T: serde::de::DeserializeOwned>(
+    raft: &Raft,
+    network: &Network,
+    leader: NodeId,
+    rpc: Rpc,
+    payload: Vec<u8>,
+    deadline: Instant,
+) -> Result<Option<Forwarded<T>>, Error> {
+    let node = raft.metrics().borrow().membership_config.membership().get_node(&leader).cloned();
+    let Some(node) = node else { return Ok(None) };
+    let timeout = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    match network.call(leader, &node.addr, rpc, payload, timeout).await {
+        Ok(bytes) => Ok(Some(decode(&bytes)?)),
+        Err(CallError::NotSent(_)) => Ok(None),
+        Err(CallError::Unknown(m)) => {
+            tracing::debug!(leader, ?rpc, "request to the leader failed: {m}");
+            Err(Error::Timeout)
         }
     }
 }

@@ -14,9 +14,9 @@ use openraft::error::{CheckIsLeaderError, RaftError};
 use tokio::sync::oneshot;
 
 use crate::error::Error;
-use crate::node::Forwarded;
-use crate::raft::network::{CallError, Network, Rpc};
-use crate::raft::{decode, NodeId, Raft};
+use crate::node::{ask_leader, await_leader, Forwarded};
+use crate::raft::network::{Network, Rpc};
+use crate::raft::{NodeId, Raft};
 
 type Answer = Result<Option<u64>, Error>;
 
@@ -136,7 +136,9 @@ impl ReadIndex {
                 Err(RaftError::Fatal(_)) => return Err(Error::Stopped),
             };
             if let Some(leader) = leader {
-                match self.ask_leader(leader, deadline).await {
+                match ask_leader::<Option<u64>>(&self.raft, &self.network, leader, Rpc::ReadIndex, Vec::new(), deadline)
+                    .await
+                {
                     Ok(Some(Forwarded::Done(index))) => return Ok(index),
                     Ok(Some(Forwarded::Failed(e))) => return Err(e),
                     Ok(_) | Err(Error::Timeout) => {}
@@ -147,26 +149,7 @@ impl ReadIndex {
             if Instant::now() >= deadline {
                 return Err(if metrics.borrow().current_leader.is_some() { Error::Timeout } else { Error::NoLeader });
             }
-            let wait = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
-            let _ = self
-                .raft
-                .wait(Some(wait))
-                .metrics(|m| m.current_leader.is_some() && m.current_leader != leader, "leader")
-                .await;
-        }
-    }
-
-    async fn ask_leader(&self, leader: NodeId, deadline: Instant) -> Result<Option<Forwarded<Option<u64>>>, Error> {
-        let node = self.raft.metrics().borrow().membership_config.membership().get_node(&leader).cloned();
-        let Some(node) = node else { return Ok(None) };
-        let timeout = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        match self.network.call(leader, &node.addr, Rpc::ReadIndex, Vec::new(), timeout).await {
-            Ok(bytes) => Ok(Some(decode(&bytes)?)),
-            Err(CallError::NotSent(_)) => Ok(None),
-            Err(CallError::Unknown(m)) => {
-                tracing::debug!(leader, "read index request to the leader failed: {m}");
-                Err(Error::Timeout)
-            }
+            await_leader(&self.raft, leader, deadline).await;
         }
     }
 }

@@ -120,6 +120,32 @@ impl Cluster {
         self.layout.dir.join(format!("m{i}"))
     }
 
+    /// Copies stopped member `i`'s data directory aside; returns the copy.
+    pub fn save_data(&self, i: usize) -> anyhow::Result<PathBuf> {
+        let saved = self.layout.dir.join(format!("m{i}-saved"));
+        let _ = std::fs::remove_dir_all(&saved);
+        copy_dir(&self.data_dir(i), &saved)?;
+        Ok(saved)
+    }
+
+    /// Puts back what [`Cluster::save_data`] copied, and removes the copy.
+    /// The data directory is emptied rather than removed: it may be a mount
+    /// point.
+    pub fn restore_data(&self, i: usize, saved: &Path) -> anyhow::Result<()> {
+        let data = self.data_dir(i);
+        for entry in std::fs::read_dir(&data)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        copy_dir(saved, &data)?;
+        std::fs::remove_dir_all(saved)?;
+        Ok(())
+    }
+
     fn command(&self, i: usize) -> Command {
         let l = &self.layout;
         let initial: Vec<String> = (0..MEMBERS).map(|m| format!("m{m}=http://{}", l.peer_proxy[m])).collect();

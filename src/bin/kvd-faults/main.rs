@@ -439,9 +439,7 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
                 let victim = follower;
                 cluster.kill(victim);
                 let data = cluster.data_dir(victim);
-                let saved = dir.join(format!("m{victim}-saved"));
-                let _ = std::fs::remove_dir_all(&saved);
-                cluster::copy_dir(&data, &saved)?;
+                let saved = cluster.save_data(victim)?;
                 match cluster::flip_a_log_byte(&data) {
                     Ok(file) => match cluster.start_refused(victim, Duration::from_secs(10)).await? {
                         Ok(msg) if !msg.contains("refusing to start") => report
@@ -457,17 +455,7 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
                     },
                     Err(e) => report.notes.push(format!("corrupt-log skipped: {e}")),
                 }
-                // Empty it rather than remove it: it may be a mount point.
-                for entry in std::fs::read_dir(&data)? {
-                    let path = entry?.path();
-                    if path.is_dir() {
-                        std::fs::remove_dir_all(&path)?;
-                    } else {
-                        std::fs::remove_file(&path)?;
-                    }
-                }
-                cluster::copy_dir(&saved, &data)?;
-                std::fs::remove_dir_all(&saved)?;
+                cluster.restore_data(victim, &saved)?;
                 cluster.start_member(victim)?;
             }
             "truncate-log" => {
@@ -479,9 +467,7 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
                 let victim = follower;
                 cluster.kill(victim);
                 let data = cluster.data_dir(victim);
-                let saved = dir.join(format!("m{victim}-saved"));
-                let _ = std::fs::remove_dir_all(&saved);
-                cluster::copy_dir(&data, &saved)?;
+                let saved = cluster.save_data(victim)?;
                 let cut = cluster::truncate_log(&data)?;
                 match cluster.start_refused(victim, Duration::from_secs(5)).await? {
                     Ok(msg) if msg.contains("refusing to start") => {
@@ -495,16 +481,7 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
                         report.notes.push(format!("m{victim} started on a log cut to {cut} bytes"));
                     }
                 }
-                for entry in std::fs::read_dir(&data)? {
-                    let path = entry?.path();
-                    if path.is_dir() {
-                        std::fs::remove_dir_all(&path)?;
-                    } else {
-                        std::fs::remove_file(&path)?;
-                    }
-                }
-                cluster::copy_dir(&saved, &data)?;
-                std::fs::remove_dir_all(&saved)?;
+                cluster.restore_data(victim, &saved)?;
                 cluster.start_member(victim)?;
             }
             "disk-full" => {
