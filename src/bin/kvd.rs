@@ -4,11 +4,6 @@ use clap::Parser;
 use kvd::config::Config;
 use tracing_subscriber::EnvFilter;
 
-// The write path allocates many small buffers per request (decode, encode,
-// copies for events and the index); mimalloc serves them faster than glibc.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() {
     tracing_subscriber::fmt()

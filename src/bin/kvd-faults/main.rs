@@ -25,9 +25,6 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use workload::{Clock, Record};
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// The faults the harness knows.
 const FAULTS: &[&str] = &[
     "kill-leader",
