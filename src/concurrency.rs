@@ -145,9 +145,9 @@ impl Node {
                 state
                     .store
                     .current(prefix, &end)
-                    .filter(|kv| kv.create_revision < rev)
-                    .max_by_key(|kv| kv.create_revision)
-                    .map(|kv| kv.key.clone())
+                    .filter(|(_, m)| m.create_revision < rev)
+                    .max_by_key(|(_, m)| m.create_revision)
+                    .map(|(k, _)| k.to_vec())
             };
             let Some(predecessor) = predecessor else { return Ok(()) };
             // Wait for the predecessor's deletion (or our own).
@@ -175,10 +175,11 @@ impl Node {
     }
 
     /// The live key under `prefix` with the lowest create revision.
-    pub fn first_candidate(&self, prefix: &[u8]) -> Option<KeyValue> {
+    pub fn first_candidate(&self, prefix: &[u8]) -> Result<Option<KeyValue>, Error> {
         let state = self.state.read();
         let end = RangeEnd::Before(prefix_end(prefix));
-        state.store.current(prefix, &end).min_by_key(|kv| kv.create_revision).cloned()
+        let first = state.store.current(prefix, &end).min_by_key(|(_, m)| m.create_revision);
+        first.map(|(k, m)| state.store.load(k, m)).transpose()
     }
 }
 

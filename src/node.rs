@@ -22,7 +22,7 @@ use crate::error::Error;
 use crate::proto::etcdserverpb::ResponseHeader;
 use crate::proto::kvdpb::{command, command_result, Command, CommandResult};
 use crate::raft::network::{CallError, Network, Rpc};
-use crate::raft::state_machine::Shared;
+use crate::raft::state_machine::{reads_history, Shared};
 use crate::raft::{decode, encode, NodeId, Raft, Response};
 
 /// How a leader answers a forwarded proposal or read-index request.
@@ -114,6 +114,7 @@ impl Node {
 
     /// Replicates a write and returns what applying it produced.
     pub async fn propose(&self, op: command::Op) -> Result<command_result::Result, Error> {
+        let alone = reads_history(&op);
         let bytes = Command { op: Some(op) }.encode_to_vec();
         if bytes.len() > self.limits.max_request_bytes {
             return Err(Error::RequestTooLarge);
@@ -123,7 +124,7 @@ impl Node {
             if self.cut_off() {
                 return Err(Error::NoLeader);
             }
-            let leader = match self.proposals.propose(bytes.clone()).await {
+            let leader = match self.proposals.propose(bytes.clone(), alone).await {
                 Forwarded::Done(resp) => return unpack(resp),
                 Forwarded::NotLeader(leader) => leader,
                 Forwarded::Failed(e) => return Err(e),
@@ -157,8 +158,9 @@ impl Node {
     /// decisions that hold only while this member leads (a lease expired on
     /// its clock). If it is no longer the leader the proposal is dropped.
     pub async fn propose_here(&self, op: command::Op) -> Result<command_result::Result, Error> {
+        let alone = reads_history(&op);
         let bytes = Command { op: Some(op) }.encode_to_vec();
-        match self.proposals.propose(bytes).await {
+        match self.proposals.propose(bytes, alone).await {
             Forwarded::Done(resp) => unpack(resp),
             Forwarded::NotLeader(_) => Err(Error::NoLeader),
             Forwarded::Failed(e) => Err(e),
@@ -203,7 +205,13 @@ impl Node {
         if bytes.len() > self.limits.max_request_bytes {
             return Forwarded::Failed(Error::RequestTooLarge);
         }
-        self.proposals.propose(bytes).await
+        // Decoded only to tell whether it needs an entry of its own; the
+        // bytes go into the log as they came.
+        let alone = match Command::decode(bytes.as_slice()) {
+            Ok(Command { op: Some(op) }) => reads_history(&op),
+            _ => false,
+        };
+        self.proposals.propose(bytes, alone).await
     }
 
     /// Handles a read-index request from a follower.

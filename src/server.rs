@@ -101,13 +101,19 @@ pub async fn start(cfg: Validated) -> Result<ServerHandle, StartError> {
     start_on(cfg, clients, peer).await
 }
 
+/// sled's page cache. Values are read from sled (the in-memory index holds
+/// no values), and the operating system's page cache keeps the data files
+/// warm, so a small cache costs reads little and keeps a member's memory
+/// low (see the README's Performance section).
+const SLED_CACHE_BYTES: u64 = 24 * 1024 * 1024;
+
 fn open_db(cfg: &Validated) -> Result<sled::Db, StartError> {
     let dir = cfg.data_dir.display().to_string();
     let fail = |why: String| StartError::DataDir { dir: dir.clone(), why };
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| fail(e.to_string()))?;
     let db = sled::Config::new()
         .path(cfg.data_dir.join("db"))
-        .cache_capacity(64 * 1024 * 1024)
+        .cache_capacity(SLED_CACHE_BYTES)
         .open()
         .map_err(|e| fail(e.to_string()))?;
     // The first start records whose directory this is, so that a directory

@@ -260,8 +260,9 @@ async fn watch_live_and_from_a_revision_with(bin: &str) {
         // A delete shows the previous key-value, then the deleted key.
         assert_eq!(hist.take(11), ["PUT", "w/a", "1", "PUT", "w/b", "2", "DELETE", "w/a", "1", "w/a", ""]);
         // Live: a watch from now sees writes made after it is established
-        // (it is established once it reports the first probe).
-        let live = Running::start(&e, &["watch", "live/", "--prefix"]);
+        // (it is established once it reports the first probe), with the
+        // previous key-values read back from history.
+        let live = Running::start(&e, &["watch", "live/", "--prefix", "--prev-kv"]);
         let mut n = 0;
         loop {
             e.ok(&["put", &format!("live/probe{n}"), "x"]);
@@ -273,8 +274,10 @@ async fn watch_live_and_from_a_revision_with(bin: &str) {
             assert!(n < 50, "the live watch never reported a write");
         }
         e.ok(&["put", "live/k", "v"]);
+        e.ok(&["put", "live/k", "v2"]);
         e.ok(&["del", "live/k"]);
-        assert_eq!(live.take(5), ["PUT", "live/k", "v", "DELETE", "live/k"]);
+        let want = ["PUT", "live/k", "v", "PUT", "live/k", "v", "live/k", "v2", "DELETE", "live/k", "v2", "live/k", ""];
+        assert_eq!(live.take(13), want);
         live.terminate();
         hist.terminate();
         // A watch from a compacted revision is cancelled with the reason.

@@ -70,7 +70,7 @@ fn check_all_reads(store: &MvccStore, model: &Model) {
                 } else {
                     store.check_read_rev(rev, cur).and_then(|r| {
                         if r == cur {
-                            Ok(store.current(key, &end).cloned().collect())
+                            store.current_kvs(key, &end)
                         } else {
                             store.at_revision(key, &end, r)
                         }
@@ -141,19 +141,25 @@ proptest! {
                             lease: 0,
                         });
                     }
+                    // Reads through the write see its values before they
+                    // are committed to the tree.
+                    let all = w.store().current_kvs(b"\0", &RangeEnd::Unbounded);
+                    prop_assert_eq!(all, Ok(expected(&next, b"\0", &RangeEnd::Unbounded)));
                     let (batch, events) = w.finish();
                     prop_assert_eq!(events.len(), keys.len());
                     commit(&tree, batch);
+                    store.committed();
                     model.states.insert(cur + 1, next);
                 }
                 Op::Delete(k, e) => {
                     let end = end_of(e);
                     let doomed = expected(state, KEYS[k], &end);
                     let mut w = store.write();
-                    let deleted = w.delete_range(KEYS[k], &end);
-                    prop_assert_eq!(&deleted, &doomed);
+                    let deleted = w.delete_range(KEYS[k], &end, true);
+                    prop_assert_eq!(&deleted, &Ok((doomed.len(), doomed.clone())));
                     let (batch, _) = w.finish();
                     commit(&tree, batch);
+                    store.committed();
                     if !doomed.is_empty() {
                         for kv in doomed {
                             next.remove(&kv.key);

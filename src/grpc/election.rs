@@ -79,7 +79,7 @@ impl Election for ElectionService {
     async fn leader(&self, req: Request<LeaderRequest>) -> Result<Response<LeaderResponse>, Status> {
         let name = req.into_inner().name;
         self.node.read_barrier().await?;
-        let kv = self.node.first_candidate(&candidates_prefix(&name)).ok_or(Error::ElectionNoLeader)?;
+        let kv = self.node.first_candidate(&candidates_prefix(&name))?.ok_or(Error::ElectionNoLeader)?;
         Ok(Response::new(LeaderResponse { header: self.header(0), kv: Some(kv) }))
     }
 
@@ -109,9 +109,16 @@ async fn observe(node: Arc<Node>, prefix: Vec<u8>, tx: mpsc::Sender<Result<Leade
         // The candidates as of the subscription; then kept up to date from
         // each applied revision, so no leader in between is missed.
         let (mut rx, current) = node.state.subscribe();
-        let mut candidates: BTreeMap<i64, KeyValue> = {
+        let loaded = {
             let state = node.state.read();
-            state.store.current(&prefix, &end).map(|kv| (kv.create_revision, kv.clone())).collect()
+            state.store.current_kvs(&prefix, &end)
+        };
+        let mut candidates: BTreeMap<i64, KeyValue> = match loaded {
+            Ok(kvs) => kvs.into_iter().map(|kv| (kv.create_revision, kv)).collect(),
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
         };
         let mut rev = current;
         loop {

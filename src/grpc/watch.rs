@@ -343,6 +343,23 @@ impl Watcher {
         !(put && self.no_put || !put && self.no_delete)
     }
 
+    /// Reads from history the previous key-value of each event that had one
+    /// and does not carry it (live events never do: applying a write does
+    /// not read old values). As in etcd, it is left out if it was compacted
+    /// away meanwhile.
+    fn fill_prev(&self, events: &mut [Event]) -> Result<(), Error> {
+        // Under the state lock, so that the revision the events came from
+        // is committed to disk.
+        let state = self.node.state.read();
+        for e in events.iter_mut().filter(|e| e.prev_kv.is_none()) {
+            let Some(kv) = &e.kv else { continue };
+            if e.r#type == EventType::Delete as i32 || kv.version > 1 {
+                e.prev_kv = state.store.prev_version(&kv.key, kv.mod_revision)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Sends the wanted ones of `events` (whole revisions, up to `last`).
     /// Returns whether anything was sent.
     async fn deliver(&self, mut events: Vec<Event>, last: i64) -> Result<bool, Stop> {
@@ -354,6 +371,17 @@ impl Watcher {
             for e in &mut events {
                 e.prev_kv = None;
             }
+        } else if let Err(e) = self.fill_prev(&mut events) {
+            tracing::warn!(watch = self.id, "reading previous key-values failed: {e}");
+            let resp = WatchResponse {
+                header: self.header(0),
+                watch_id: self.id,
+                canceled: true,
+                cancel_reason: e.to_string(),
+                ..Default::default()
+            };
+            let _ = self.tx.send(Ok(resp)).await;
+            return Err(Stop::Cancelled);
         }
         let header = self.header(last);
         let limit = self.node.limits.max_request_bytes;

@@ -2,9 +2,12 @@
 //!
 //! Every write gets the next cluster-wide revision; every version of every key
 //! is kept, by key and by revision, until compaction removes what no read at or
-//! after the compacted revision can see. The newest version of each live key is
-//! also held in memory (as etcd holds its key index), so a read at the current
-//! revision never touches history.
+//! after the compacted revision can see. What the newest version of each live
+//! key is (its revisions, version and lease, not its value) is also held in
+//! memory, as etcd holds its key index: a read at the current revision finds
+//! its keys without scanning history, and reads each value by its exact
+//! history record. Values stay on disk, so a member's memory grows with its
+//! number of keys, not with their size.
 //!
 //! This module is pure: no async, no network. The Raft state machine drives it
 //! and commits the sled batch each write produces together with the applied
@@ -15,7 +18,7 @@ pub mod keys;
 pub mod ops;
 pub mod txn;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use prost::Message;
 
@@ -37,11 +40,51 @@ pub struct Lease {
     pub keys: BTreeSet<Vec<u8>>,
 }
 
+/// What the index holds of a live key's newest version: all but the value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Meta {
+    /// Revision of the key's creation (since it was last deleted).
+    pub create_revision: i64,
+    /// Revision of its newest version.
+    pub mod_revision: i64,
+    /// Number of versions since creation.
+    pub version: i64,
+    /// The lease it is attached to, or 0.
+    pub lease: i64,
+}
+
+impl Meta {
+    fn of(kv: &KeyValue) -> Meta {
+        Meta {
+            create_revision: kv.create_revision,
+            mod_revision: kv.mod_revision,
+            version: kv.version,
+            lease: kv.lease,
+        }
+    }
+
+    /// The key-value this describes, without its value.
+    pub fn without_value(&self, key: &[u8]) -> KeyValue {
+        KeyValue {
+            key: key.to_vec(),
+            create_revision: self.create_revision,
+            mod_revision: self.mod_revision,
+            version: self.version,
+            value: Vec::new(),
+            lease: self.lease,
+        }
+    }
+}
+
 /// An MVCC key-value store kept in one sled tree.
 pub struct MvccStore {
     tree: sled::Tree,
     /// Newest version of every live key.
-    index: BTreeMap<Vec<u8>, KeyValue>,
+    index: BTreeMap<Vec<u8>, Meta>,
+    /// Versions written but not yet committed to the tree, by history record
+    /// key, so that reads through a write in progress (and before the
+    /// state machine commits its group of writes) find their values.
+    pending: HashMap<Vec<u8>, KeyValue>,
     /// Granted leases.
     leases: BTreeMap<i64, Lease>,
     revision: i64,
@@ -61,14 +104,14 @@ impl MvccStore {
             let kv = decode_kv(&value)?;
             if let Some(prev) = last.take() {
                 if prev.key != kv.key && prev.version != 0 {
-                    index.insert(prev.key.clone(), prev);
+                    index.insert(prev.key.clone(), Meta::of(&prev));
                 }
             }
             last = Some(kv);
         }
         if let Some(prev) = last {
             if prev.version != 0 {
-                index.insert(prev.key.clone(), prev);
+                index.insert(prev.key.clone(), Meta::of(&prev));
             }
         }
         let mut leases = BTreeMap::new();
@@ -81,17 +124,17 @@ impl MvccStore {
             let ttl: [u8; 8] = value.as_ref().try_into().map_err(|_| Error::internal("corrupt lease record"))?;
             leases.insert(i64::from_be_bytes(id), Lease { ttl: i64::from_be_bytes(ttl), keys: BTreeSet::new() });
         }
-        for kv in index.values() {
-            if kv.lease != 0 {
+        for (key, meta) in &index {
+            if meta.lease != 0 {
                 // A key can only have been attached to a lease that existed,
                 // and revoking a lease deletes its keys in the same batch.
                 let lease = leases
-                    .get_mut(&kv.lease)
-                    .ok_or_else(|| Error::internal(format!("key attached to unknown lease {:x}", kv.lease)))?;
-                lease.keys.insert(kv.key.clone());
+                    .get_mut(&meta.lease)
+                    .ok_or_else(|| Error::internal(format!("key attached to unknown lease {:x}", meta.lease)))?;
+                lease.keys.insert(key.clone());
             }
         }
-        Ok(MvccStore { tree, index, leases, revision, compacted })
+        Ok(MvccStore { tree, index, pending: HashMap::new(), leases, revision, compacted })
     }
 
     /// The lease `id`, if it is granted.
@@ -149,18 +192,42 @@ impl MvccStore {
                 Some(v) => decode_kv(&v)?,
                 None => return Err(Error::Compacted),
             };
-            let prev_kv = if with_prev {
-                match self.tree.range(keys::hist_key(&k, 0)..keys::hist_key(&k, rev)).next_back() {
-                    Some(item) => Some(decode_kv(&item?.1)?).filter(|p| p.version != 0),
-                    None => None,
-                }
-            } else {
-                None
-            };
+            let prev_kv = if with_prev { self.prev_version(&k, rev)? } else { None };
             let r#type = if kv.version == 0 { EventType::Delete } else { EventType::Put };
             out.push(Event { r#type: r#type as i32, kv: Some(kv), prev_kv });
         }
         Ok((out, last))
+    }
+
+    /// The live version of `key` before revision `rev`, read from history:
+    /// what a watch event at `rev` reports as the previous key-value. None if
+    /// the key was not live then, or if that version was compacted away.
+    pub fn prev_version(&self, key: &[u8], rev: i64) -> Result<Option<KeyValue>> {
+        match self.tree.range(keys::hist_key(key, 0)..keys::hist_key(key, rev)).next_back() {
+            Some(item) => Ok(Some(decode_kv(&item?.1)?).filter(|p| p.version != 0)),
+            None => Ok(None),
+        }
+    }
+
+    /// The full key-value of a live key whose index entry is `meta`.
+    pub fn load(&self, key: &[u8], meta: &Meta) -> Result<KeyValue> {
+        let rec = keys::hist_key(key, meta.mod_revision);
+        if let Some(kv) = self.pending.get(&rec) {
+            return Ok(kv.clone());
+        }
+        match self.tree.get(&rec)? {
+            Some(v) => decode_kv(&v),
+            None => Err(Error::internal(format!(
+                "the history record of a live key is missing (revision {})",
+                meta.mod_revision
+            ))),
+        }
+    }
+
+    /// Tells the store that every write made so far is committed to its
+    /// tree, so their values are read from there from now on.
+    pub fn committed(&mut self) {
+        self.pending.clear();
     }
 
     /// The sled tree the store lives in.
@@ -203,22 +270,34 @@ impl MvccStore {
         Ok(rev)
     }
 
-    /// The newest version of `key`, if it is live.
-    pub fn get(&self, key: &[u8]) -> Option<&KeyValue> {
+    /// The index entry of `key`, if it is live.
+    pub fn get(&self, key: &[u8]) -> Option<&Meta> {
         self.index.get(key)
     }
 
-    /// Live key-values in `[key, end)` at the current revision, in key order.
-    pub fn current<'a>(&'a self, key: &'a [u8], end: &'a RangeEnd) -> Box<dyn Iterator<Item = &'a KeyValue> + 'a> {
+    /// Live keys in `[key, end)` at the current revision, in key order, with
+    /// their index entries ([`MvccStore::load`] reads a value).
+    pub fn current<'a>(
+        &'a self,
+        key: &'a [u8],
+        end: &'a RangeEnd,
+    ) -> Box<dyn Iterator<Item = (&'a [u8], &'a Meta)> + 'a> {
         use std::ops::Bound::*;
+        let pair = |(k, m): (&'a Vec<u8>, &'a Meta)| (k.as_slice(), m);
         match end {
-            RangeEnd::Single => Box::new(self.index.get(key).into_iter()),
-            RangeEnd::Unbounded => Box::new(self.index.range::<[u8], _>((Included(key), Unbounded)).map(|(_, v)| v)),
+            RangeEnd::Single => Box::new(self.index.get_key_value(key).map(pair).into_iter()),
+            RangeEnd::Unbounded => Box::new(self.index.range::<[u8], _>((Included(key), Unbounded)).map(pair)),
             RangeEnd::Before(e) if e.as_slice() <= key => Box::new(std::iter::empty()),
             RangeEnd::Before(e) => {
-                Box::new(self.index.range::<[u8], _>((Included(key), Excluded(e.as_slice()))).map(|(_, v)| v))
+                Box::new(self.index.range::<[u8], _>((Included(key), Excluded(e.as_slice()))).map(pair))
             }
         }
+    }
+
+    /// Live key-values in `[key, end)` at the current revision, in key order,
+    /// values included.
+    pub fn current_kvs(&self, key: &[u8], end: &RangeEnd) -> Result<Vec<KeyValue>> {
+        self.current(key, end).map(|(k, m)| self.load(k, m)).collect()
     }
 
     /// Key-values in `[key, end)` as they were at revision `rev`, in key order,
@@ -325,10 +404,12 @@ impl Writer<'_> {
         self.rev
     }
 
-    /// Puts `key`; returns the previous version. `lease`, if not 0, must be
-    /// granted.
-    pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> Option<KeyValue> {
-        let prev = self.store.index.get(key).cloned();
+    /// Puts `key`; returns the index entry of the previous version. `lease`,
+    /// if not 0, must be granted. Its event carries no previous key-value:
+    /// a watch that asks for one reads it from history
+    /// ([`MvccStore::prev_version`]).
+    pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> Option<Meta> {
+        let prev = self.store.index.get(key).copied();
         let old_lease = prev.as_ref().map_or(0, |p| p.lease);
         if old_lease != lease {
             self.detach(old_lease, key);
@@ -342,31 +423,42 @@ impl Writer<'_> {
         };
         let kv = KeyValue { key: key.to_vec(), create_revision, mod_revision: self.rev, version, value, lease };
         self.record(&kv);
-        self.events.push(Event { r#type: EventType::Put as i32, kv: Some(kv.clone()), prev_kv: prev.clone() });
-        self.store.index.insert(key.to_vec(), kv);
+        self.store.index.insert(key.to_vec(), Meta::of(&kv));
+        self.store.pending.insert(keys::hist_key(key, self.rev), kv.clone());
+        self.events.push(Event { r#type: EventType::Put as i32, kv: Some(kv), prev_kv: None });
         prev
     }
 
-    /// Deletes every live key in `[key, end)`; returns the deleted versions.
-    pub fn delete_range(&mut self, key: &[u8], end: &RangeEnd) -> Vec<KeyValue> {
-        let doomed: Vec<KeyValue> = self.store.current(key, end).cloned().collect();
-        for prev in &doomed {
-            let tomb = KeyValue { key: prev.key.clone(), mod_revision: self.rev, ..Default::default() };
+    /// Deletes every live key in `[key, end)`; returns how many, and, if
+    /// `load` is set, the deleted versions. Like a put's, the events carry
+    /// no previous key-value.
+    pub fn delete_range(&mut self, key: &[u8], end: &RangeEnd, load: bool) -> Result<(usize, Vec<KeyValue>)> {
+        let doomed: Vec<(Vec<u8>, Meta)> = self.store.current(key, end).map(|(k, m)| (k.to_vec(), *m)).collect();
+        let loaded = match load {
+            true => doomed.iter().map(|(k, m)| self.store.load(k, m)).collect::<Result<Vec<_>>>()?,
+            false => Vec::new(),
+        };
+        self.delete(&doomed);
+        Ok((doomed.len(), loaded))
+    }
+
+    fn delete(&mut self, doomed: &[(Vec<u8>, Meta)]) {
+        for (k, prev) in doomed {
+            let tomb = KeyValue { key: k.clone(), mod_revision: self.rev, ..Default::default() };
             self.record(&tomb);
-            self.detach(prev.lease, &prev.key);
-            self.store.index.remove(&prev.key);
-            self.events.push(Event { r#type: EventType::Delete as i32, kv: Some(tomb), prev_kv: Some(prev.clone()) });
+            self.detach(prev.lease, k);
+            self.store.index.remove(k);
+            self.events.push(Event { r#type: EventType::Delete as i32, kv: Some(tomb), prev_kv: None });
         }
-        doomed
     }
 
     /// Revokes lease `id`: deletes its keys at this revision and forgets it.
     /// Returns false if there is no such lease.
     pub fn revoke_lease(&mut self, id: i64) -> bool {
         let Some(lease) = self.store.leases.get(&id) else { return false };
-        for key in lease.keys.clone() {
-            self.delete_range(&key, &RangeEnd::Single);
-        }
+        let doomed: Vec<(Vec<u8>, Meta)> =
+            lease.keys.iter().filter_map(|k| self.store.index.get(k).map(|m| (k.clone(), *m))).collect();
+        self.delete(&doomed);
         self.store.leases.remove(&id);
         self.batch.remove(keys::lease_key(id));
         true

@@ -70,9 +70,14 @@ pub fn range(store: &MvccStore, current: i64, req: &RangeRequest) -> Result<Rang
     let mut count = 0usize;
     let mut kvs = Vec::new();
     if rev == current {
-        for kv in store.current(&req.key, &end) {
-            if !req.count_only && kvs.len() < fetch {
-                kvs.push(kv.clone());
+        // Values are read only for the key-values returned (or sorted by).
+        let load = !req.keys_only || req.sort_target == SortTarget::Value as i32;
+        for (key, meta) in store.current(&req.key, &end) {
+            if !req.count_only
+                && kvs.len() < fetch
+                && (!filtered || passes(req, meta.mod_revision, meta.create_revision))
+            {
+                kvs.push(if load { store.load(key, meta)? } else { meta.without_value(key) });
             }
             count += 1;
         }
@@ -84,12 +89,7 @@ pub fn range(store: &MvccStore, current: i64, req: &RangeRequest) -> Result<Rang
         }
     }
     if filtered {
-        kvs.retain(|kv| {
-            !(req.max_mod_revision != 0 && kv.mod_revision > req.max_mod_revision
-                || req.min_mod_revision != 0 && kv.mod_revision < req.min_mod_revision
-                || req.max_create_revision != 0 && kv.create_revision > req.max_create_revision
-                || req.min_create_revision != 0 && kv.create_revision < req.min_create_revision)
-        });
+        kvs.retain(|kv| passes(req, kv.mod_revision, kv.create_revision));
     }
     sort(&mut kvs, req.sort_order, req.sort_target);
     let mut more = false;
@@ -103,6 +103,14 @@ pub fn range(store: &MvccStore, current: i64, req: &RangeRequest) -> Result<Rang
         }
     }
     Ok(RangeResponse { header: rev_header(current), kvs, more, count: count as i64 })
+}
+
+/// Whether a key-value with these revisions passes the request's filters.
+fn passes(req: &RangeRequest, mod_revision: i64, create_revision: i64) -> bool {
+    !(req.max_mod_revision != 0 && mod_revision > req.max_mod_revision
+        || req.min_mod_revision != 0 && mod_revision < req.min_mod_revision
+        || req.max_create_revision != 0 && create_revision > req.max_create_revision
+        || req.min_create_revision != 0 && create_revision < req.min_create_revision)
 }
 
 fn sort(kvs: &mut [KeyValue], order: i32, target: i32) {
@@ -140,13 +148,18 @@ pub fn check_put_applies(store: &MvccStore, req: &PutRequest) -> Result<()> {
 
 /// Applies a Put that passed [`check_put`] and [`check_put_applies`].
 ///
-/// It cannot fail: applying happens on every member, after the entry is
-/// committed, so a failure here could only stop the whole cluster. Should a
-/// Txn ever reach an `ignore_value` put whose key its own earlier operations
-/// removed (the duplicate-key check rules this out), the request's own value
-/// and lease are used.
-pub fn put(w: &mut Writer<'_>, req: &PutRequest) -> PutResponse {
-    let prev = w.store().get(&req.key).cloned();
+/// Its checks are done: it fails only if the previous value, when the request
+/// needs it, cannot be read from disk. Should a Txn ever reach an
+/// `ignore_value` put whose key its own earlier operations removed (the
+/// duplicate-key check rules this out), the request's own value and lease are
+/// used.
+pub fn put(w: &mut Writer<'_>, req: &PutRequest) -> Result<PutResponse> {
+    let store = w.store();
+    let prev = match store.get(&req.key) {
+        Some(meta) if req.prev_kv || req.ignore_value => Some(store.load(&req.key, meta)?),
+        Some(meta) => Some(meta.without_value(&req.key)),
+        None => None,
+    };
     let value = match (&prev, req.ignore_value) {
         (Some(p), true) => p.value.clone(),
         _ => req.value.clone(),
@@ -156,16 +169,13 @@ pub fn put(w: &mut Writer<'_>, req: &PutRequest) -> PutResponse {
         _ => req.lease,
     };
     w.put(&req.key, value, lease);
-    PutResponse { header: rev_header(w.revision()), prev_kv: if req.prev_kv { prev } else { None } }
+    Ok(PutResponse { header: rev_header(w.revision()), prev_kv: if req.prev_kv { prev } else { None } })
 }
 
-/// Applies a DeleteRange.
-pub fn delete_range(w: &mut Writer<'_>, req: &DeleteRangeRequest) -> DeleteRangeResponse {
+/// Applies a DeleteRange; it fails only if the deleted values, when the
+/// request asks for them, cannot be read from disk.
+pub fn delete_range(w: &mut Writer<'_>, req: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {
     let end = RangeEnd::from_request(&req.range_end);
-    let prev = w.delete_range(&req.key, &end);
-    DeleteRangeResponse {
-        header: rev_header(w.view_revision()),
-        deleted: prev.len() as i64,
-        prev_kvs: if req.prev_kv { prev } else { Vec::new() },
-    }
+    let (deleted, prev_kvs) = w.delete_range(&req.key, &end, req.prev_kv)?;
+    Ok(DeleteRangeResponse { header: rev_header(w.view_revision()), deleted: deleted as i64, prev_kvs })
 }

@@ -112,23 +112,38 @@ pub fn is_serializable(req: &TxnRequest) -> bool {
 
 /// Evaluates the compares of the Txn and of the nested Txns on the chosen
 /// branches, in pre-order.
-fn compare_path(store: &MvccStore, req: &TxnRequest, path: &mut Vec<bool>) {
-    let ok = req.compare.iter().all(|c| compare(store, c));
+fn compare_path(store: &MvccStore, req: &TxnRequest, path: &mut Vec<bool>) -> Result<()> {
+    let mut ok = true;
+    for c in &req.compare {
+        if !compare(store, c)? {
+            ok = false;
+            break;
+        }
+    }
     path.push(ok);
     for op in if ok { &req.success } else { &req.failure } {
         if let Some(Request::RequestTxn(t)) = &op.request {
-            compare_path(store, t, path);
+            compare_path(store, t, path)?;
         }
     }
+    Ok(())
 }
 
-fn compare(store: &MvccStore, c: &Compare) -> bool {
+/// Evaluates one compare; only a compare on values reads them from disk.
+fn compare(store: &MvccStore, c: &Compare) -> Result<bool> {
     let end = RangeEnd::from_request(&c.range_end);
-    let mut kvs = store.current(&c.key, &end).peekable();
-    if kvs.peek().is_none() {
-        return c.target != CompareTarget::Value as i32 && compare_kv(c, &KeyValue::default());
+    let mut keys = store.current(&c.key, &end).peekable();
+    if keys.peek().is_none() {
+        return Ok(c.target != CompareTarget::Value as i32 && compare_kv(c, &KeyValue::default()));
     }
-    kvs.all(|kv| compare_kv(c, kv))
+    let values = c.target == CompareTarget::Value as i32;
+    for (key, meta) in keys {
+        let kv = if values { store.load(key, meta)? } else { meta.without_value(key) };
+        if !compare_kv(c, &kv) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
@@ -210,7 +225,7 @@ fn check_branches(
 /// chosen branches. Nothing changes.
 pub fn plan(store: &MvccStore, req: &TxnRequest) -> Result<Vec<bool>> {
     let mut path = Vec::new();
-    compare_path(store, req, &mut path);
+    compare_path(store, req, &mut path)?;
     if !is_read_only(req) {
         check_branches(store, req, &mut path.iter(), Check::Puts)?;
     }
@@ -253,9 +268,9 @@ fn apply_branch(
             (Some(Request::RequestRange(r)), Target::Read(s)) => {
                 Response::ResponseRange(ops::range(s, s.revision(), r)?)
             }
-            (Some(Request::RequestPut(p)), Target::Write(w)) => Response::ResponsePut(ops::put(w, p)),
+            (Some(Request::RequestPut(p)), Target::Write(w)) => Response::ResponsePut(ops::put(w, p)?),
             (Some(Request::RequestDeleteRange(d)), Target::Write(w)) => {
-                Response::ResponseDeleteRange(ops::delete_range(w, d))
+                Response::ResponseDeleteRange(ops::delete_range(w, d)?)
             }
             (Some(Request::RequestTxn(n)), t) => {
                 let mut nested = apply_branch(t, n, path)?;

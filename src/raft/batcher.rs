@@ -10,6 +10,10 @@
 //! At most [`MAX_IN_FLIGHT`] entries are being committed at a time; while
 //! they are, new proposals queue and form the next batch, so batches grow
 //! with load and stay single under light load.
+//!
+//! A proposal marked `alone` (one that reads history while it is applied,
+//! see [`super::state_machine::reads_history`]) always gets an entry of its
+//! own.
 
 use std::sync::Arc;
 
@@ -33,6 +37,7 @@ const QUEUE: usize = 4 * MAX_BATCH;
 
 struct Pending {
     bytes: Vec<u8>,
+    alone: bool,
     done: oneshot::Sender<Forwarded<Response>>,
 }
 
@@ -50,10 +55,11 @@ impl Proposals {
     }
 
     /// Proposes an encoded `Command` and waits for what applying it
-    /// produced. `NotLeader` means it was not appended here.
-    pub async fn propose(&self, bytes: Vec<u8>) -> Forwarded<Response> {
+    /// produced; `alone` puts it in an entry of its own. `NotLeader` means it
+    /// was not appended here.
+    pub async fn propose(&self, bytes: Vec<u8>, alone: bool) -> Forwarded<Response> {
         let (done, answer) = oneshot::channel();
-        if self.tx.send(Pending { bytes, done }).await.is_err() {
+        if self.tx.send(Pending { bytes, alone, done }).await.is_err() {
             return Forwarded::Failed(Error::Stopped);
         }
         answer.await.unwrap_or(Forwarded::Failed(Error::Stopped))
@@ -62,26 +68,47 @@ impl Proposals {
 
 async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    while let Some(first) = rx.recv().await {
+    // A proposal taken from the queue that must start the next batch.
+    let mut held: Option<Pending> = None;
+    loop {
+        let first = match held.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
         // Waiting for a slot is what lets the next batch gather.
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let mut size = first.bytes.len();
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH && size < MAX_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(p) => {
-                    size += p.bytes.len();
-                    batch.push(p);
-                }
-                Err(_) => break,
-            }
-        }
+        let batch = gather(first, &mut rx, &mut held);
         let raft = raft.clone();
         tokio::spawn(async move {
             commit(&raft, batch).await;
             drop(slot);
         });
     }
+}
+
+/// The proposals of the next entry: `first`, then what is queued, up to the
+/// limits, stopping before a proposal that must go alone (left in `held`).
+fn gather(first: Pending, rx: &mut mpsc::Receiver<Pending>, held: &mut Option<Pending>) -> Vec<Pending> {
+    let mut size = first.bytes.len();
+    let single = first.alone;
+    let mut batch = vec![first];
+    while !single && batch.len() < MAX_BATCH && size < MAX_BATCH_BYTES {
+        match rx.try_recv() {
+            Ok(p) if p.alone => {
+                *held = Some(p);
+                break;
+            }
+            Ok(p) => {
+                size += p.bytes.len();
+                batch.push(p);
+            }
+            Err(_) => break,
+        }
+    }
+    batch
 }
 
 /// Commits one entry holding `batch` and answers each proposer.
@@ -149,5 +176,33 @@ fn rejected(e: RaftError<NodeId, ClientWriteError<NodeId, super::Node>>) -> Reje
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Rejected::NotLeader(f.leader_id),
         RaftError::APIError(e) => Rejected::Failed(Error::internal(e)),
         RaftError::Fatal(_) => Rejected::Failed(Error::Stopped),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(tag: u8, alone: bool) -> Pending {
+        Pending { bytes: vec![tag], alone, done: oneshot::channel().0 }
+    }
+
+    fn tags(batch: &[Pending]) -> Vec<u8> {
+        batch.iter().map(|p| p.bytes[0]).collect()
+    }
+
+    #[test]
+    fn a_proposal_that_must_go_alone_gets_an_entry_of_its_own() {
+        let (tx, mut rx) = mpsc::channel(16);
+        for p in [pending(2, false), pending(3, true), pending(4, false), pending(5, false)] {
+            tx.try_send(p).expect("queued");
+        }
+        let mut held = None;
+        assert_eq!(tags(&gather(pending(1, false), &mut rx, &mut held)), vec![1, 2]);
+        let alone = held.take().expect("held back");
+        assert_eq!(tags(&gather(alone, &mut rx, &mut held)), vec![3]);
+        assert!(held.is_none());
+        let next = rx.try_recv().expect("still queued");
+        assert_eq!(tags(&gather(next, &mut rx, &mut held)), vec![4, 5]);
     }
 }

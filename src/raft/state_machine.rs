@@ -150,7 +150,9 @@ impl StateMachine {
     /// commits their writes to sled in one batch together with the last
     /// applied log id. Readers never see state that sled does not hold: they
     /// wait for the lock. A command that reads history from sled first has
-    /// the writes before it committed.
+    /// the writes of the entries before it committed; such a command is
+    /// always proposed in an entry of its own (see [`reads_history`]), so
+    /// that nothing but whole entries is ever committed.
     // openraft's StorageError is large by design; the trait fixes the type.
     #[allow(clippy::result_large_err)]
     fn apply_entries(&mut self, entries: impl IntoIterator<Item = Entry>) -> Result<Vec<Response>, StorageError> {
@@ -166,7 +168,8 @@ impl StateMachine {
                         // One response per command, encoded together.
                         let mut responses = Vec::with_capacity(b.commands.len());
                         for bytes in &b.commands {
-                            let applied = apply_command(&mut state, decode_command(bytes), &mut group, &self.tree);
+                            let applied =
+                                apply_command(&mut state, decode_command(bytes), &mut group, &self.tree, true);
                             let (batch, response, events) = applied.map_err(|e| fail(entry.log_id, e))?;
                             self.shared.publish(&state, &mut group, batch, events);
                             responses.push(response);
@@ -174,7 +177,7 @@ impl StateMachine {
                         Response(Ok(serde_bytes::ByteBuf::from(encode(&responses).map_err(|e| fail(entry.log_id, e))?)))
                     }
                     decoded => {
-                        let applied = apply_command(&mut state, decoded.ok(), &mut group, &self.tree);
+                        let applied = apply_command(&mut state, decoded.ok(), &mut group, &self.tree, false);
                         let (batch, response, events) = applied.map_err(|e| fail(entry.log_id, e))?;
                         self.shared.publish(&state, &mut group, batch, events);
                         response
@@ -192,7 +195,7 @@ impl StateMachine {
             out.push(response);
         }
         if let Some(last) = group.last {
-            group.commit(&self.tree).map_err(|e| fail(last, e))?;
+            group.commit(&self.tree, &mut state.store).map_err(|e| fail(last, e))?;
         }
         Ok(out)
     }
@@ -223,22 +226,35 @@ struct Group {
 }
 
 impl Group {
-    /// Commits the writes with the last entry's log id, in one sled batch.
-    fn commit(&mut self, tree: &sled::Tree) -> Result<(), Error> {
+    /// Commits the writes with the last entry's log id, in one sled batch,
+    /// and tells the store they are there.
+    fn commit(&mut self, tree: &sled::Tree, store: &mut MvccStore) -> Result<(), Error> {
         let Some(last) = self.last.take() else { return Ok(()) };
         let mut batch = std::mem::take(&mut self.batch);
         batch.insert(meta_key(APPLIED), encode(&Some(last))?);
         tree.apply_batch(batch.into_sled())?;
+        store.committed();
         Ok(())
     }
 }
 
-/// Whether a Txn reads history (a range at a set revision), which sled must
-/// then hold up to date.
-fn reads_history(t: &TxnRequest) -> bool {
+/// Whether a command reads history from sled while it is applied (a Txn
+/// with a range at a set revision, or a compaction), which sled must then
+/// hold up to date. Such a command goes into a log entry of its own: the
+/// entries before it are committed first, and an entry is never committed
+/// in part.
+pub fn reads_history(op: &command::Op) -> bool {
+    match op {
+        command::Op::Txn(t) => txn_reads_history(t),
+        command::Op::Compact(_) => true,
+        _ => false,
+    }
+}
+
+fn txn_reads_history(t: &TxnRequest) -> bool {
     t.success.iter().chain(&t.failure).any(|op| match &op.request {
         Some(request_op::Request::RequestRange(r)) => r.revision != 0,
-        Some(request_op::Request::RequestTxn(inner)) => reads_history(inner),
+        Some(request_op::Request::RequestTxn(inner)) => txn_reads_history(inner),
         _ => false,
     })
 }
@@ -247,18 +263,25 @@ type Applying = (Batch, Response, Vec<Event>);
 
 /// Applies one command. Errors a client caused come back in the `Response`;
 /// an `Err` is a storage failure that leaves the member unable to go on.
-/// Commands that read history first commit `group` to `tree`.
+/// Commands that read history first commit `group` to `tree`; `in_batch`
+/// tells that earlier commands of the same entry may be in `group`, which
+/// only whole entries may leave.
 fn apply_command(
     state: &mut State,
     command: Option<Command>,
     group: &mut Group,
     tree: &sled::Tree,
+    in_batch: bool,
 ) -> Result<Applying, Error> {
     let refused = |e: Error| Ok((Batch::default(), Response(Err(e)), Vec::new()));
     let mut events = Vec::new();
     let Some(Command { op: Some(op) }) = command else {
         return refused(Error::internal("undecodable command in the log"));
     };
+    if in_batch && reads_history(&op) {
+        // The batcher never does this; refusing is the same on every member.
+        return refused(Error::internal("a command that reads history was batched with others"));
+    }
     let result = match op {
         // Batches are unpacked by the caller and never nested.
         command::Op::Batch(_) => return refused(Error::internal("a command batch inside a command batch")),
@@ -267,24 +290,28 @@ fn apply_command(
                 return refused(e);
             }
             let mut w = state.store.write();
-            let resp = ops::put(&mut w, &p);
+            let resp = ops::put(&mut w, &p)?;
             let batch;
             (batch, events) = w.finish();
             (batch, command_result::Result::Put(resp))
         }
         command::Op::DeleteRange(d) => {
             let mut w = state.store.write();
-            let resp = ops::delete_range(&mut w, &d);
+            let resp = ops::delete_range(&mut w, &d)?;
             let batch;
             (batch, events) = w.finish();
             (batch, command_result::Result::DeleteRange(resp))
         }
         command::Op::Txn(t) => {
-            if reads_history(&t) {
-                group.commit(tree)?;
+            if txn_reads_history(&t) {
+                group.commit(tree, &mut state.store)?;
             }
             let path = match txn::plan(&state.store, &t) {
                 Ok(path) => path,
+                // A value that cannot be read is this member's fault, not
+                // the request's: answering otherwise than the others would
+                // let the members diverge.
+                Err(e @ Error::Internal(_)) => return Err(e),
                 Err(e) => return refused(e),
             };
             let mut w = state.store.write();
@@ -294,7 +321,7 @@ fn apply_command(
             (batch, command_result::Result::Txn(resp))
         }
         command::Op::Compact(c) => {
-            group.commit(tree)?;
+            group.commit(tree, &mut state.store)?;
             let mut batch = Batch::default();
             if let Err(e) = state.store.compact(c.revision, &mut batch) {
                 return refused(e);
@@ -525,5 +552,87 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let stored =
             read_snapshot_file(&self.dir).map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))?;
         Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnResponse};
+    use openraft::storage::RaftStateMachine;
+    use openraft::testing::log_id;
+
+    fn put(key: &str, value: &str) -> Command {
+        let p = PutRequest { key: key.into(), value: value.into(), ..Default::default() };
+        Command { op: Some(command::Op::Put(p)) }
+    }
+
+    /// A Txn that reads `key` at `revision`.
+    fn read_at(key: &str, revision: i64) -> Command {
+        let r = RangeRequest { key: key.into(), revision, ..Default::default() };
+        let op = RequestOp { request: Some(request_op::Request::RequestRange(r)) };
+        Command { op: Some(command::Op::Txn(TxnRequest { compare: vec![], success: vec![op], failure: vec![] })) }
+    }
+
+    fn entry(index: u64, command: Command) -> Entry {
+        Entry { log_id: log_id(1, 1, index), payload: EntryPayload::Normal(Request(command.encode_to_vec())) }
+    }
+
+    fn batch(index: u64, commands: Vec<Command>) -> Entry {
+        let commands = commands.iter().map(|c| c.encode_to_vec()).collect();
+        entry(index, Command { op: Some(command::Op::Batch(crate::proto::kvdpb::CommandBatch { commands })) })
+    }
+
+    fn result(response: &Response) -> command_result::Result {
+        let bytes = response.0.as_ref().expect("applied");
+        CommandResult::decode(bytes.as_slice()).expect("result").result.expect("some result")
+    }
+
+    fn values(txn: command_result::Result) -> Vec<Vec<u8>> {
+        let command_result::Result::Txn(TxnResponse { responses, .. }) = txn else { panic!("not a txn: {txn:?}") };
+        responses
+            .into_iter()
+            .flat_map(|r| match r.response {
+                Some(crate::proto::etcdserverpb::response_op::Response::ResponseRange(r)) => r.kvs,
+                other => panic!("not a range: {other:?}"),
+            })
+            .map(|kv| kv.value)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn history_reads_see_every_earlier_entry_and_are_never_batched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::Config::new().path(dir.path().join("db")).open().expect("sled");
+        let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+        // Entry 1 writes revisions 2 and 3; entry 2, applied in the same
+        // call, reads revision 3 from history: it must see entry 1.
+        let out = sm.apply(vec![batch(1, vec![put("a", "1"), put("a", "2")]), entry(2, read_at("a", 3))]).await;
+        let out = out.expect("apply");
+        assert_eq!(values(result(&out[1])), vec![b"2".to_vec()]);
+        // Within a batch, a history read could only see part of its own
+        // entry; every member refuses it alike.
+        let out = sm.apply(vec![batch(3, vec![put("a", "3"), read_at("a", 4)])]).await.expect("apply");
+        let list: Vec<Response> = decode(out[0].0.as_ref().expect("batch applied")).expect("responses");
+        assert!(matches!(result(&list[0]), command_result::Result::Put(_)));
+        assert!(matches!(&list[1].0, Err(Error::Internal(m)) if m.contains("batched")), "{:?}", list[1].0);
+    }
+
+    #[tokio::test]
+    async fn values_are_read_from_disk_after_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let db = sled::Config::new().path(dir.path().join("db")).open().expect("sled");
+            let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+            sm.apply(vec![batch(1, vec![put("a", "1"), put("b", "2")]), entry(2, put("a", "3"))]).await.expect("apply");
+            db.flush().expect("flush");
+        }
+        let db = sled::Config::new().path(dir.path().join("db")).open().expect("sled");
+        let sm = StateMachine::open(&db, dir.path()).expect("state machine");
+        let shared = sm.shared();
+        let state = shared.read();
+        let kvs = state.store.current_kvs(b"a", &crate::mvcc::keys::RangeEnd::Before(b"c".to_vec())).expect("read");
+        let got: Vec<(&[u8], &[u8], i64)> = kvs.iter().map(|kv| (&kv.key[..], &kv.value[..], kv.version)).collect();
+        assert_eq!(got, vec![(&b"a"[..], &b"3"[..], 2), (&b"b"[..], &b"2"[..], 1)]);
     }
 }
