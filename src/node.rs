@@ -124,10 +124,17 @@ impl Node {
             if self.cut_off() {
                 return Err(Error::NoLeader);
             }
-            let leader = match self.proposals.propose(bytes.clone(), alone).await {
-                Forwarded::Done(resp) => return unpack(resp),
-                Forwarded::NotLeader(leader) => leader,
-                Forwarded::Failed(e) => return Err(e),
+            // A follower that knows the leader forwards at once; its own
+            // Raft would only answer "not the leader".
+            let known = self.leader();
+            let leader = if known.is_some_and(|l| l != self.id) {
+                known
+            } else {
+                match self.proposals.propose(bytes.clone(), alone).await {
+                    Forwarded::Done(resp) => return unpack(resp),
+                    Forwarded::NotLeader(leader) => leader,
+                    Forwarded::Failed(e) => return Err(e),
+                }
             };
             if let Some(leader) = leader {
                 match self.ask_leader::<Response>(leader, Rpc::Forward, bytes.clone(), deadline).await? {

@@ -105,7 +105,7 @@ pub async fn start(cfg: Validated) -> Result<ServerHandle, StartError> {
 /// no values), and the operating system's page cache keeps the data files
 /// warm, so a small cache costs reads little and keeps a member's memory
 /// low (see the README's Performance section).
-const SLED_CACHE_BYTES: u64 = 24 * 1024 * 1024;
+const SLED_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 fn open_db(cfg: &Validated) -> Result<sled::Db, StartError> {
     let dir = cfg.data_dir.display().to_string();
