@@ -72,6 +72,8 @@ pub struct Node {
     pub stop: tokio::sync::watch::Receiver<bool>,
     /// Where proposals to this member's Raft go (see [`crate::raft::batcher`]).
     pub proposals: crate::raft::batcher::Proposals,
+    /// Where writes forwarded to the leader go (see [`crate::raft::forwarder`]).
+    pub forwards: crate::raft::forwarder::Forwarder,
     /// Read index rounds shared by linearizable reads.
     pub reads: crate::read_index::ReadIndex,
 }
@@ -137,7 +139,7 @@ impl Node {
                 }
             };
             if let Some(leader) = leader {
-                match self.ask_leader::<Response>(leader, Rpc::Forward, bytes.clone(), deadline).await? {
+                match self.forwards.forward(leader, bytes.clone(), deadline).await? {
                     Some(Forwarded::Done(resp)) => return unpack(resp),
                     Some(Forwarded::Failed(e)) => return Err(e),
                     Some(Forwarded::NotLeader(_)) | None => {}

@@ -215,6 +215,7 @@ pub async fn start_on(
 
     let (stop, stop_rx) = watch::channel(false);
     let proposals = crate::raft::batcher::Proposals::start(raft.clone());
+    let forwards = crate::raft::forwarder::Forwarder::start(raft.clone(), network.clone());
     let request_timeout = Duration::from_secs(5) + 2 * cfg.election;
     let reads = crate::read_index::ReadIndex::new(raft.clone(), network.clone(), request_timeout, restored);
     let node = Arc::new(Node {
@@ -230,6 +231,7 @@ pub async fn start_on(
         lessor: Default::default(),
         stop: stop_rx.clone(),
         proposals,
+        forwards,
         reads,
     });
 

@@ -2,6 +2,7 @@
 //! storage and network pieces openraft drives.
 
 pub mod batcher;
+pub mod forwarder;
 pub mod log_store;
 pub mod network;
 pub mod peer;

@@ -39,6 +39,8 @@ pub enum Rpc {
     InstallSnapshot,
     /// A client write forwarded to the leader.
     Forward,
+    /// Client writes forwarded to the leader together.
+    ForwardBatch,
     /// A read index asked of the leader.
     ReadIndex,
     /// A lease keep-alive or time-to-live query for the leader.
@@ -129,6 +131,7 @@ impl Network {
                 Rpc::Vote => client.vote(req).await,
                 Rpc::InstallSnapshot => client.install_snapshot(req).await,
                 Rpc::Forward => client.forward(req).await,
+                Rpc::ForwardBatch => client.forward_batch(req).await,
                 Rpc::ReadIndex => client.read_index(req).await,
                 Rpc::Lease => client.lease(req).await,
             }

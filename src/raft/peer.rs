@@ -59,6 +59,13 @@ impl Peer for PeerService {
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
     }
 
+    async fn forward_batch(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let list: Vec<Vec<u8>> = input(req)?;
+        let answers = futures::future::join_all(list.into_iter().map(|bytes| self.node.serve_forward(bytes))).await;
+        let data = encode(&answers).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(RaftPayload { data }))
+    }
+
     async fn lease(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let answer = self.node.serve_lease(input(req)?).await;
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
