@@ -32,14 +32,19 @@ fn apply_puts(c: &mut Criterion) {
     let mut next = 1u64;
     let mut group = c.benchmark_group("state_machine");
     for batch in [1u64, 64] {
-        group.bench_function(format!("apply {batch} put(s) of 256 B"), |b| {
+        group.bench_function(format!("apply and commit {batch} put(s) of 256 B"), |b| {
             b.iter_batched(
                 || {
                     let entries: Vec<Entry> = (next..next + batch).map(put_entry).collect();
                     next += batch;
                     entries
                 },
-                |entries| rt.block_on(sm.apply(entries)).expect("apply"),
+                |entries| {
+                    rt.block_on(sm.apply(entries)).expect("apply");
+                    // Applying commits to sled only now and then; count the
+                    // commit every time.
+                    drop(sm.shared().read_committed().expect("commit"));
+                },
                 BatchSize::SmallInput,
             )
         });

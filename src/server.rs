@@ -379,6 +379,9 @@ impl ServerHandle {
         if let Err(e) = self.node.raft.shutdown().await {
             tracing::warn!("raft shutdown: {e}");
         }
+        if let Err(e) = self.node.state.read_committed() {
+            tracing::warn!("commit on shutdown: {e}");
+        }
         if let Err(e) = crate::raft::flush(&self.db).await {
             tracing::warn!("flush on shutdown: {e}");
         }

@@ -38,7 +38,11 @@ impl Kv for KvService {
         if !req.serializable {
             self.node.read_barrier().await?;
         }
-        let mut resp = {
+        let mut resp = if req.revision > 0 {
+            // A past revision is read from history in sled.
+            let state = self.node.state.read_committed()?;
+            ops::range(&state.store, state.store.revision(), &req)?
+        } else {
             let state = self.node.state.read();
             ops::range(&state.store, state.store.revision(), &req)?
         };
@@ -79,7 +83,7 @@ impl Kv for KvService {
             if !txn::is_serializable(&req) {
                 self.node.read_barrier().await?;
             }
-            let state = self.node.state.read();
+            let state = self.node.state.read_committed()?;
             txn::read_only(&state.store, &req)?
         } else {
             match self.node.propose(command::Op::Txn(req)).await? {

@@ -217,6 +217,9 @@ struct Watcher {
 }
 
 /// How a watch stops.
+/// Replayed events and the last revision they cover.
+type Chunk = (Vec<Event>, i64);
+
 enum Stop {
     /// The client is gone or cancelled.
     Gone,
@@ -242,18 +245,7 @@ impl Watcher {
     /// Replays history from `next` up to the current revision.
     async fn catch_up(&mut self) -> Result<(), Stop> {
         loop {
-            let read = {
-                let state = self.node.state.read();
-                let current = state.store.revision();
-                if self.next > current {
-                    return Ok(());
-                }
-                let compacted = state.store.compacted();
-                state
-                    .store
-                    .history_events(&self.key, &self.end, self.next, current, REPLAY_CHUNK, self.prev_kv)
-                    .map_err(|e| (e, compacted))
-            };
+            let Some(read) = self.next_chunk() else { return Ok(()) };
             match read {
                 Ok((events, last)) => {
                     self.deliver(events, last).await?;
@@ -272,20 +264,40 @@ impl Watcher {
                     let _ = self.tx.send(Ok(resp)).await;
                     return Err(Stop::Cancelled);
                 }
-                Err((e, _)) => {
-                    tracing::warn!(watch = self.id, "watch replay failed: {e}");
-                    let resp = WatchResponse {
-                        header: self.header(0),
-                        watch_id: self.id,
-                        canceled: true,
-                        cancel_reason: e.to_string(),
-                        ..Default::default()
-                    };
-                    let _ = self.tx.send(Ok(resp)).await;
-                    return Err(Stop::Cancelled);
-                }
+                Err((e, _)) => return self.cancel(e).await,
             }
         }
+    }
+
+    /// The next chunk of history to replay, with the last revision it
+    /// covers; None once `next` is past the current revision. An error
+    /// comes with the compacted revision.
+    fn next_chunk(&self) -> Option<Result<Chunk, (Error, i64)>> {
+        let state = match self.node.state.read_committed() {
+            Ok(state) => state,
+            Err(e) => return Some(Err((e, 0))),
+        };
+        let current = state.store.revision();
+        if self.next > current {
+            return None;
+        }
+        let compacted = state.store.compacted();
+        let read = state.store.history_events(&self.key, &self.end, self.next, current, REPLAY_CHUNK, self.prev_kv);
+        Some(read.map_err(|e| (e, compacted)))
+    }
+
+    /// Cancels the watch because reading history failed.
+    async fn cancel(&self, e: Error) -> Result<(), Stop> {
+        tracing::warn!(watch = self.id, "reading history for a watch failed: {e}");
+        let resp = WatchResponse {
+            header: self.header(0),
+            watch_id: self.id,
+            canceled: true,
+            cancel_reason: e.to_string(),
+            ..Default::default()
+        };
+        let _ = self.tx.send(Ok(resp)).await;
+        Err(Stop::Cancelled)
     }
 
     /// Follows applied revisions live until it falls behind.
@@ -350,7 +362,7 @@ impl Watcher {
     fn fill_prev(&self, events: &mut [Event]) -> Result<(), Error> {
         // Under the state lock, so that the revision the events came from
         // is committed to disk.
-        let state = self.node.state.read();
+        let state = self.node.state.read_committed()?;
         for e in events.iter_mut().filter(|e| e.prev_kv.is_none()) {
             let Some(kv) = &e.kv else { continue };
             if e.r#type == EventType::Delete as i32 || kv.version > 1 {
@@ -372,16 +384,7 @@ impl Watcher {
                 e.prev_kv = None;
             }
         } else if let Err(e) = self.fill_prev(&mut events) {
-            tracing::warn!(watch = self.id, "reading previous key-values failed: {e}");
-            let resp = WatchResponse {
-                header: self.header(0),
-                watch_id: self.id,
-                canceled: true,
-                cancel_reason: e.to_string(),
-                ..Default::default()
-            };
-            let _ = self.tx.send(Ok(resp)).await;
-            return Err(Stop::Cancelled);
+            self.cancel(e).await?;
         }
         let header = self.header(last);
         let limit = self.node.limits.max_request_bytes;

@@ -24,6 +24,11 @@ impl Batch {
         self.writes.extend(other.writes);
     }
 
+    /// Number of writes.
+    pub fn len(&self) -> usize {
+        self.writes.len()
+    }
+
     /// Whether it writes nothing.
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
