@@ -13,6 +13,7 @@ use crate::proto::etcdserverpb::{
     RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
 use crate::proto::kvdpb::{command, command_result};
+use crate::raft::state_machine::txn_reads_history;
 
 /// The KV service of one member.
 pub struct KvService {
@@ -83,8 +84,13 @@ impl Kv for KvService {
             if !txn::is_serializable(&req) {
                 self.node.read_barrier().await?;
             }
-            let state = self.node.state.read_committed()?;
-            txn::read_only(&state.store, &req)?
+            if txn_reads_history(&req) {
+                let state = self.node.state.read_committed()?;
+                txn::read_only(&state.store, &req)?
+            } else {
+                let state = self.node.state.read();
+                txn::read_only(&state.store, &req)?
+            }
         } else {
             match self.node.propose(command::Op::Txn(req)).await? {
                 command_result::Result::Txn(resp) => resp,

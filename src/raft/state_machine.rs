@@ -318,7 +318,8 @@ pub fn reads_history(op: &command::Op) -> bool {
     }
 }
 
-fn txn_reads_history(t: &TxnRequest) -> bool {
+/// Whether a Txn has a range at a set revision, at any depth.
+pub fn txn_reads_history(t: &TxnRequest) -> bool {
     t.success.iter().chain(&t.failure).any(|op| match &op.request {
         Some(request_op::Request::RequestRange(r)) => r.revision != 0,
         Some(request_op::Request::RequestTxn(inner)) => txn_reads_history(inner),
