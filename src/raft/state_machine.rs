@@ -261,11 +261,12 @@ impl Shared {
     }
 }
 
-/// Applied writes wait for a commit to sled until there are this many.
-pub const MAX_UNFLUSHED_WRITES: usize = 8192;
+/// Applied writes wait for a commit to sled until there are this many (a
+/// commit holds the state lock for its length: 8,192 made p99 latency jump).
+pub const MAX_UNFLUSHED_WRITES: usize = 1024;
 /// ... or until the oldest of them is this old (checked when entries are
 /// applied).
-pub const MAX_UNFLUSHED_AGE: std::time::Duration = std::time::Duration::from_millis(50);
+pub const MAX_UNFLUSHED_AGE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The sled writes of consecutive applied entries not yet committed. They
 /// are committed together with the last entry's log id, in one sled batch:
