@@ -253,6 +253,18 @@ pub(crate) async fn ask_leader<T: serde::de::DeserializeOwned>(
     payload: Vec<u8>,
     deadline: Instant,
 ) -> Result<Option<Forwarded<T>>, Error> {
+    ask_leader_as(raft, network, leader, rpc, payload, deadline).await
+}
+
+/// [`ask_leader`] for an answer of any type `T`.
+pub(crate) async fn ask_leader_as<T: serde::de::DeserializeOwned>(
+    raft: &Raft,
+    network: &Network,
+    leader: NodeId,
+    rpc: Rpc,
+    payload: Vec<u8>,
+    deadline: Instant,
+) -> Result<Option<T>, Error> {
     let node = raft.metrics().borrow().membership_config.membership().get_node(&leader).cloned();
     let Some(node) = node else { return Ok(None) };
     let timeout = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));

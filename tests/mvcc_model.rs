@@ -62,6 +62,14 @@ fn expected(state: &State, key: &[u8], end: &RangeEnd) -> Vec<KeyValue> {
 fn check_all_reads(store: &MvccStore, model: &Model) {
     let (cur, _) = model.current();
     assert_eq!(store.revision(), cur);
+    // What a watch event at `rev` reports as the previous key-value: the
+    // version live at `rev - 1`, kept as long as `rev - 1` is not compacted.
+    for rev in (model.compacted.max(INITIAL_REVISION) + 1)..=cur + 1 {
+        for key in KEYS {
+            let want = model.states.range(..rev).next_back().and_then(|(_, s)| s.get(*key).cloned());
+            assert_eq!(store.prev_version(key, rev), Ok(want), "previous version of {key:?} at {rev}");
+        }
+    }
     for rev in 0..=cur + 1 {
         for (ki, key) in KEYS.iter().enumerate() {
             for end in [RangeEnd::Single, RangeEnd::Unbounded, end_of(Some((ki + 2) % KEYS.len()))] {
@@ -145,6 +153,12 @@ proptest! {
                     // are committed to the tree.
                     let all = w.store().current_kvs(b"\0", &RangeEnd::Unbounded);
                     prop_assert_eq!(all, Ok(expected(&next, b"\0", &RangeEnd::Unbounded)));
+                    // ... and the versions it wrote, as the previous ones
+                    // of a later revision.
+                    for key in KEYS {
+                        let prev = w.store().prev_version(key, cur + 2);
+                        prop_assert_eq!(prev, Ok(next.get(*key).cloned()), "previous version of {:?}", key);
+                    }
                     let (batch, events) = w.finish();
                     prop_assert_eq!(events.len(), keys.len());
                     commit(&tree, batch);

@@ -39,12 +39,9 @@ impl Kv for KvService {
         if !req.serializable {
             self.node.read_barrier().await?;
         }
-        let mut resp = if req.revision > 0 {
+        let mut resp = {
             // A past revision is read from history in sled.
-            let state = self.node.state.read_committed()?;
-            ops::range(&state.store, state.store.revision(), &req)?
-        } else {
-            let state = self.node.state.read();
+            let state = self.node.state.read_for(req.revision > 0)?;
             ops::range(&state.store, state.store.revision(), &req)?
         };
         self.node.fill_header(&mut resp.header);
@@ -84,13 +81,8 @@ impl Kv for KvService {
             if !txn::is_serializable(&req) {
                 self.node.read_barrier().await?;
             }
-            if txn_reads_history(&req) {
-                let state = self.node.state.read_committed()?;
-                txn::read_only(&state.store, &req)?
-            } else {
-                let state = self.node.state.read();
-                txn::read_only(&state.store, &req)?
-            }
+            let state = self.node.state.read_for(txn_reads_history(&req))?;
+            txn::read_only(&state.store, &req)?
         } else {
             match self.node.propose(command::Op::Txn(req)).await? {
                 command_result::Result::Txn(resp) => resp,

@@ -216,10 +216,10 @@ struct Watcher {
     tx: Outbound,
 }
 
-/// How a watch stops.
 /// Replayed events and the last revision they cover.
 type Chunk = (Vec<Event>, i64);
 
+/// How a watch stops.
 enum Stop {
     /// The client is gone or cancelled.
     Gone,
@@ -360,9 +360,9 @@ impl Watcher {
     /// not read old values). As in etcd, it is left out if it was compacted
     /// away meanwhile.
     fn fill_prev(&self, events: &mut [Event]) -> Result<(), Error> {
-        // Under the state lock, so that the revision the events came from
-        // is committed to disk.
-        let state = self.node.state.read_committed()?;
+        // The store finds versions not yet committed to sled too, so this
+        // needs no commit.
+        let state = self.node.state.read();
         for e in events.iter_mut().filter(|e| e.prev_kv.is_none()) {
             let Some(kv) = &e.kv else { continue };
             if e.r#type == EventType::Delete as i32 || kv.version > 1 {

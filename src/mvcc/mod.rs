@@ -18,7 +18,7 @@ pub mod keys;
 pub mod ops;
 pub mod txn;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use prost::Message;
 
@@ -81,10 +81,11 @@ pub struct MvccStore {
     tree: sled::Tree,
     /// Newest version of every live key.
     index: BTreeMap<Vec<u8>, Meta>,
-    /// Versions written but not yet committed to the tree, by history record
-    /// key, so that reads through a write in progress (and before the
-    /// state machine commits its group of writes) find their values.
-    pending: HashMap<Vec<u8>, KeyValue>,
+    /// Versions (deletions included) written but not yet committed to the
+    /// tree, by history record key, so that reads through a write in
+    /// progress, and before the state machine commits its group of writes,
+    /// find them. All are newer than any version in the tree.
+    pending: BTreeMap<Vec<u8>, KeyValue>,
     /// Granted leases.
     leases: BTreeMap<i64, Lease>,
     revision: i64,
@@ -134,7 +135,7 @@ impl MvccStore {
                 lease.keys.insert(key.clone());
             }
         }
-        Ok(MvccStore { tree, index, pending: HashMap::new(), leases, revision, compacted })
+        Ok(MvccStore { tree, index, pending: BTreeMap::new(), leases, revision, compacted })
     }
 
     /// The lease `id`, if it is granted.
@@ -203,7 +204,11 @@ impl MvccStore {
     /// what a watch event at `rev` reports as the previous key-value. None if
     /// the key was not live then, or if that version was compacted away.
     pub fn prev_version(&self, key: &[u8], rev: i64) -> Result<Option<KeyValue>> {
-        match self.tree.range(keys::hist_key(key, 0)..keys::hist_key(key, rev)).next_back() {
+        let (from, to) = (keys::hist_key(key, 0), keys::hist_key(key, rev));
+        if let Some((_, kv)) = self.pending.range(from.clone()..to.clone()).next_back() {
+            return Ok(Some(kv.clone()).filter(|p| p.version != 0));
+        }
+        match self.tree.range(from..to).next_back() {
             Some(item) => Ok(Some(decode_kv(&item?.1)?).filter(|p| p.version != 0)),
             None => Ok(None),
         }
@@ -422,9 +427,8 @@ impl Writer<'_> {
             None => (self.rev, 1),
         };
         let kv = KeyValue { key: key.to_vec(), create_revision, mod_revision: self.rev, version, value, lease };
-        self.record(&kv);
         self.store.index.insert(key.to_vec(), Meta::of(&kv));
-        self.store.pending.insert(keys::hist_key(key, self.rev), kv.clone());
+        self.record(kv.clone());
         self.events.push(Event { r#type: EventType::Put as i32, kv: Some(kv), prev_kv: None });
         prev
     }
@@ -445,7 +449,7 @@ impl Writer<'_> {
     fn delete(&mut self, doomed: &[(Vec<u8>, Meta)]) {
         for (k, prev) in doomed {
             let tomb = KeyValue { key: k.clone(), mod_revision: self.rev, ..Default::default() };
-            self.record(&tomb);
+            self.record(tomb.clone());
             self.detach(prev.lease, k);
             self.store.index.remove(k);
             self.events.push(Event { r#type: EventType::Delete as i32, kv: Some(tomb), prev_kv: None });
@@ -472,9 +476,13 @@ impl Writer<'_> {
         }
     }
 
-    fn record(&mut self, kv: &KeyValue) {
-        self.batch.insert(keys::hist_key(&kv.key, self.rev), kv.encode_to_vec());
+    /// Writes a version to history, and keeps it among the pending ones
+    /// until the state machine commits.
+    fn record(&mut self, kv: KeyValue) {
+        let rec = keys::hist_key(&kv.key, self.rev);
+        self.batch.insert(&rec, kv.encode_to_vec());
         self.batch.insert(keys::rev_key(self.rev, self.sub), kv.key.as_slice());
+        self.store.pending.insert(rec, kv);
         self.sub += 1;
     }
 

@@ -15,12 +15,11 @@
 //! see [`super::state_machine::reads_history`]) always gets an entry of its
 //! own.
 
-use std::sync::Arc;
-
 use openraft::error::{ClientWriteError, RaftError};
 use prost::Message;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
+use super::gather::{Limits, Queued};
 use super::{decode, NodeId, Raft, Request, Response};
 use crate::error::Error;
 use crate::node::Forwarded;
@@ -66,49 +65,26 @@ impl Proposals {
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
-    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    // A proposal taken from the queue that must start the next batch.
-    let mut held: Option<Pending> = None;
-    loop {
-        let first = match held.take() {
-            Some(p) => p,
-            None => match rx.recv().await {
-                Some(p) => p,
-                None => return,
-            },
-        };
-        // Waiting for a slot is what lets the next batch gather.
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let batch = gather(first, &mut rx, &mut held);
-        let raft = raft.clone();
-        tokio::spawn(async move {
-            commit(&raft, batch).await;
-            drop(slot);
-        });
+const LIMITS: Limits = Limits { in_flight: MAX_IN_FLIGHT, items: MAX_BATCH, bytes: MAX_BATCH_BYTES };
+
+/// A proposal joins the entry of the ones before it unless either must go
+/// alone.
+impl Queued for Pending {
+    fn size(&self) -> usize {
+        self.bytes.len()
+    }
+
+    fn joins(&self, first: &Self) -> bool {
+        !self.alone && !first.alone
     }
 }
 
-/// The proposals of the next entry: `first`, then what is queued, up to the
-/// limits, stopping before a proposal that must go alone (left in `held`).
-fn gather(first: Pending, rx: &mut mpsc::Receiver<Pending>, held: &mut Option<Pending>) -> Vec<Pending> {
-    let mut size = first.bytes.len();
-    let single = first.alone;
-    let mut batch = vec![first];
-    while !single && batch.len() < MAX_BATCH && size < MAX_BATCH_BYTES {
-        match rx.try_recv() {
-            Ok(p) if p.alone => {
-                *held = Some(p);
-                break;
-            }
-            Ok(p) => {
-                size += p.bytes.len();
-                batch.push(p);
-            }
-            Err(_) => break,
-        }
-    }
-    batch
+async fn run(raft: Raft, rx: mpsc::Receiver<Pending>) {
+    super::gather::run(rx, LIMITS, |batch| {
+        let raft = raft.clone();
+        async move { commit(&raft, batch).await }
+    })
+    .await
 }
 
 /// Commits one entry holding `batch` and answers each proposer.
@@ -181,6 +157,7 @@ fn rejected(e: RaftError<NodeId, ClientWriteError<NodeId, super::Node>>) -> Reje
 
 #[cfg(test)]
 mod tests {
+    use super::super::gather::gather;
     use super::*;
 
     fn pending(tag: u8, alone: bool) -> Pending {
@@ -198,11 +175,11 @@ mod tests {
             tx.try_send(p).expect("queued");
         }
         let mut held = None;
-        assert_eq!(tags(&gather(pending(1, false), &mut rx, &mut held)), vec![1, 2]);
+        assert_eq!(tags(&gather(pending(1, false), &mut rx, &mut held, LIMITS)), vec![1, 2]);
         let alone = held.take().expect("held back");
-        assert_eq!(tags(&gather(alone, &mut rx, &mut held)), vec![3]);
+        assert_eq!(tags(&gather(alone, &mut rx, &mut held, LIMITS)), vec![3]);
+        let next = held.take().expect("held back after the lone one");
+        assert_eq!(tags(&gather(next, &mut rx, &mut held, LIMITS)), vec![4, 5]);
         assert!(held.is_none());
-        let next = rx.try_recv().expect("still queued");
-        assert_eq!(tags(&gather(next, &mut rx, &mut held)), vec![4, 5]);
     }
 }

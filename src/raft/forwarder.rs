@@ -11,15 +11,15 @@
 //! the leader", "not sent" (safe to retry) or, when the call may have
 //! reached the leader but no answer came back, a timeout.
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
-use super::network::{CallError, Network, Rpc};
-use super::{decode, encode, NodeId, Raft, Response};
+use super::gather::{Limits, Queued};
+use super::network::{Network, Rpc};
+use super::{encode, NodeId, Raft, Response};
 use crate::error::Error;
-use crate::node::Forwarded;
+use crate::node::{ask_leader_as, Forwarded};
 
 /// Forward calls under way at once.
 const MAX_IN_FLIGHT: usize = 4;
@@ -65,48 +65,25 @@ impl Forwarder {
     }
 }
 
-async fn run(raft: Raft, network: Network, mut rx: mpsc::Receiver<Pending>) {
-    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let mut held: Option<Pending> = None;
-    loop {
-        let first = match held.take() {
-            Some(p) => p,
-            None => match rx.recv().await {
-                Some(p) => p,
-                None => return,
-            },
-        };
-        // Waiting for a slot is what lets the next batch gather.
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let batch = gather(first, &mut rx, &mut held);
-        let (raft, network) = (raft.clone(), network.clone());
-        tokio::spawn(async move {
-            send(&raft, &network, batch).await;
-            drop(slot);
-        });
+const LIMITS: Limits = Limits { in_flight: MAX_IN_FLIGHT, items: MAX_BATCH, bytes: MAX_BATCH_BYTES };
+
+/// Writes go in one call when they go to the same leader.
+impl Queued for Pending {
+    fn size(&self) -> usize {
+        self.bytes.len()
+    }
+
+    fn joins(&self, first: &Self) -> bool {
+        self.leader == first.leader
     }
 }
 
-/// The writes of the next call: `first`, then what is queued for the same
-/// leader, up to the limits; a write for another leader is left in `held`.
-fn gather(first: Pending, rx: &mut mpsc::Receiver<Pending>, held: &mut Option<Pending>) -> Vec<Pending> {
-    let mut size = first.bytes.len();
-    let leader = first.leader;
-    let mut batch = vec![first];
-    while batch.len() < MAX_BATCH && size < MAX_BATCH_BYTES {
-        match rx.try_recv() {
-            Ok(p) if p.leader != leader => {
-                *held = Some(p);
-                break;
-            }
-            Ok(p) => {
-                size += p.bytes.len();
-                batch.push(p);
-            }
-            Err(_) => break,
-        }
-    }
-    batch
+async fn run(raft: Raft, network: Network, rx: mpsc::Receiver<Pending>) {
+    super::gather::run(rx, LIMITS, |batch| {
+        let (raft, network) = (raft.clone(), network.clone());
+        async move { send(&raft, &network, batch).await }
+    })
+    .await
 }
 
 /// Sends one call for `batch` and hands each write its answer.
@@ -121,7 +98,19 @@ async fn send(raft: &Raft, network: &Network, mut batch: Vec<Pending>) {
     }
     let (list, waiting): (Vec<Vec<u8>>, Vec<oneshot::Sender<Answer>>) =
         batch.into_iter().map(|p| (p.bytes, p.done)).unzip();
-    let answers = call_batch(raft, network, leader, list, deadline, waiting.len()).await;
+    let answers = match encode(&list) {
+        Ok(payload) => {
+            ask_leader_as::<Vec<Forwarded<Response>>>(raft, network, leader, Rpc::ForwardBatch, payload, deadline)
+                .await
+                // Delivered, but with the wrong number of answers: what became
+                // of the writes is unknown.
+                .and_then(|a| match a {
+                    Some(list) if list.len() != waiting.len() => Err(Error::Timeout),
+                    a => Ok(a),
+                })
+        }
+        Err(e) => Err(e),
+    };
     match answers {
         Ok(Some(list)) => {
             for (done, answer) in waiting.into_iter().zip(list) {
@@ -141,38 +130,9 @@ async fn send(raft: &Raft, network: &Network, mut batch: Vec<Pending>) {
     }
 }
 
-/// One `ForwardBatch` call: the answers in order, `Ok(None)` if it was
-/// certainly not delivered.
-async fn call_batch(
-    raft: &Raft,
-    network: &Network,
-    leader: NodeId,
-    list: Vec<Vec<u8>>,
-    deadline: Instant,
-    count: usize,
-) -> Result<Option<Vec<Forwarded<Response>>>, Error> {
-    let node = raft.metrics().borrow().membership_config.membership().get_node(&leader).cloned();
-    let Some(node) = node else { return Ok(None) };
-    let timeout = deadline.saturating_duration_since(Instant::now()).max(std::time::Duration::from_millis(1));
-    match network.call(leader, &node.addr, Rpc::ForwardBatch, encode(&list)?, timeout).await {
-        Ok(bytes) => {
-            let answers: Vec<Forwarded<Response>> = decode(&bytes)?;
-            if answers.len() != count {
-                // The writes were delivered; what became of them is unknown.
-                return Err(Error::Timeout);
-            }
-            Ok(Some(answers))
-        }
-        Err(CallError::NotSent(_)) => Ok(None),
-        Err(CallError::Unknown(m)) => {
-            tracing::debug!(leader, "forwarding {count} writes to the leader failed: {m}");
-            Err(Error::Timeout)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::gather::gather;
     use super::*;
 
     fn pending(leader: NodeId, tag: u8) -> Pending {
@@ -190,9 +150,9 @@ mod tests {
             tx.try_send(p).expect("queued");
         }
         let mut held = None;
-        assert_eq!(tags(&gather(pending(1, 1), &mut rx, &mut held)), vec![1, 2]);
+        assert_eq!(tags(&gather(pending(1, 1), &mut rx, &mut held, LIMITS)), vec![1, 2]);
         let other = held.take().expect("held back");
-        assert_eq!(tags(&gather(other, &mut rx, &mut held)), vec![3, 4]);
+        assert_eq!(tags(&gather(other, &mut rx, &mut held, LIMITS)), vec![3, 4]);
         assert!(held.is_none());
     }
 }

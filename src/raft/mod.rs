@@ -3,6 +3,7 @@
 
 pub mod batcher;
 pub mod forwarder;
+mod gather;
 pub mod log_store;
 pub mod network;
 pub mod peer;

@@ -115,8 +115,14 @@ impl Shared {
     /// [`MAX_UNFLUSHED_AGE`]; reads of current values find the rest in the
     /// store's own overlay.
     pub fn read_committed(&self) -> Result<Committed<'_>, Error> {
+        self.read_for(true)
+    }
+
+    /// The state for a read that reads `history` or not: committed first
+    /// only if it does (see [`Shared::read_committed`]).
+    pub fn read_for(&self, history: bool) -> Result<Committed<'_>, Error> {
         let state = self.read();
-        if state.unflushed.is_empty() {
+        if !history || state.unflushed.is_empty() {
             return Ok(Committed::Read(state));
         }
         drop(state);
@@ -486,17 +492,19 @@ fn read_snapshot_file(dir: &Path) -> Result<Option<StoredSnapshot>, Error> {
     }
 }
 
-/// Writes `stored` as the snapshot file unless the file already holds a
+/// Writes `stored` as the snapshot file, under the lock that builds and
+/// installs share. With `only_if_newer` it keeps a file that already holds a
 /// later snapshot: a snapshot built from an older state can finish after a
 /// newer one was installed from the leader, and must not replace it (the log
 /// before the newer one may already be purged). Returns whether it wrote.
-fn write_snapshot_if_newer(
+fn write_snapshot_locked(
     dir: &Path,
     on_disk: &std::sync::Mutex<Option<LogId>>,
     stored: &StoredSnapshot,
+    only_if_newer: bool,
 ) -> Result<bool, Error> {
     let mut on_disk = on_disk.lock().unwrap_or_else(|p| p.into_inner());
-    if on_disk.is_some() && *on_disk >= stored.meta.last_log_id {
+    if only_if_newer && on_disk.is_some() && *on_disk >= stored.meta.last_log_id {
         return Ok(false);
     }
     write_snapshot_file(dir, stored)?;
@@ -545,7 +553,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let meta =
             SnapshotMeta { last_log_id: self.last_applied, last_membership: self.membership.clone(), snapshot_id: id };
         let stored = StoredSnapshot { meta: meta.clone(), data };
-        if !write_snapshot_if_newer(&self.dir, &self.snapshot_file, &stored).map_err(fail)? {
+        if !write_snapshot_locked(&self.dir, &self.snapshot_file, &stored, true).map_err(fail)? {
             tracing::info!(snapshot = %meta.snapshot_id, "built snapshot is older than the one on disk; kept that one");
             return Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) });
         }
@@ -604,12 +612,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let data = snapshot.into_inner();
         let records: Records = decode(&data).map_err(fail)?;
         let stored = StoredSnapshot { meta: meta.clone(), data };
-        // Under the same lock as a build, so the two never interleave.
-        {
-            let mut on_disk = self.snapshot_file.lock().unwrap_or_else(|p| p.into_inner());
-            write_snapshot_file(&self.dir, &stored).map_err(fail)?;
-            *on_disk = meta.last_log_id;
-        }
+        // An installed snapshot is the leader's newest: it always replaces.
+        write_snapshot_locked(&self.dir, &self.snapshot_file, &stored, false).map_err(fail)?;
         let mut state = self.shared.write();
         load_records(&self.shared.db, &self.tree, &records).map_err(fail)?;
         let (new_state, _, _) = load_state(&self.tree).map_err(fail)?;

@@ -300,36 +300,21 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
     let stop = Arc::new(AtomicBool::new(false));
     let endpoints: Vec<String> = cluster.layout.client_addrs.iter().map(|a| a.to_string()).collect();
     let op_timeout = Duration::from_secs(2);
+    let load = workload::Load { record: record.clone(), clock, stop: stop.clone(), timeout: op_timeout, seed };
     let mut tasks = Vec::new();
     for c in 0..args.clients {
         let client = workload::client_from(&endpoints, c);
-        tasks.push(tokio::spawn(workload::register_client(
-            c,
-            client,
-            seed,
-            record.clone(),
-            clock,
-            stop.clone(),
-            op_timeout,
-        )));
+        tasks.push(tokio::spawn(workload::register_client(c, client, load.clone())));
     }
     for c in 0..2 {
         let client = workload::client_from(&endpoints, c + 1);
-        tasks.push(tokio::spawn(workload::insert_client(c, client, record.clone(), stop.clone(), op_timeout)));
+        tasks.push(tokio::spawn(workload::insert_client(c, client, load.clone())));
     }
     for c in 0..2 {
         let client = workload::client_from(&endpoints, c + 2);
-        tasks.push(tokio::spawn(workload::lease_client(
-            c,
-            client,
-            seed,
-            record.clone(),
-            clock,
-            stop.clone(),
-            op_timeout,
-        )));
+        tasks.push(tokio::spawn(workload::lease_client(c, client, load.clone())));
         let client = workload::client_from(&endpoints, c);
-        tasks.push(tokio::spawn(workload::lock_client(client, record.clone(), stop.clone(), op_timeout)));
+        tasks.push(tokio::spawn(workload::lock_client(client, load.clone())));
     }
     let watch_until: Arc<Mutex<Option<i64>>> = Default::default();
     let mut watchers = Vec::new();

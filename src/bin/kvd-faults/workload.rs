@@ -89,16 +89,24 @@ pub fn client_from(endpoints: &[String], first: usize) -> Client {
     Client::new(&order, Duration::from_millis(500)).expect("endpoints are valid")
 }
 
+/// What every load client of a run shares.
+#[derive(Clone)]
+pub struct Load {
+    /// Where operations and anomalies are recorded.
+    pub record: Arc<Record>,
+    /// The run's clock.
+    pub clock: Clock,
+    /// Turns true when the clients must stop.
+    pub stop: Arc<AtomicBool>,
+    /// How long one operation may take.
+    pub timeout: Duration,
+    /// The run's seed.
+    pub seed: u64,
+}
+
 /// A register client: sequential operations until `stop`.
-pub async fn register_client(
-    id: usize,
-    client: Client,
-    seed: u64,
-    record: Arc<Record>,
-    clock: Clock,
-    stop: Arc<AtomicBool>,
-    timeout: Duration,
-) {
+pub async fn register_client(id: usize, client: Client, load: Load) {
+    let Load { record, clock, stop, timeout, seed } = load;
     let mut rng = StdRng::seed_from_u64(seed ^ (id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut known: Vec<Value> = vec![0; REGISTERS];
     let mut counter = 0u64;
@@ -212,7 +220,8 @@ fn outcome<T>(record: &Record, r: Result<Result<T, tonic::Status>, tokio::time::
 }
 
 /// An insert client: puts `ins/<id>/<n>`, each key once.
-pub async fn insert_client(id: usize, client: Client, record: Arc<Record>, stop: Arc<AtomicBool>, timeout: Duration) {
+pub async fn insert_client(id: usize, client: Client, load: Load) {
+    let Load { record, stop, timeout, .. } = load;
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         n += 1;
@@ -329,15 +338,8 @@ pub struct LeaseLife {
 /// TTL has passed since the last successful keep-alive was called, is an
 /// anomaly (the leader counts from when it got that keep-alive, which is
 /// later).
-pub async fn lease_client(
-    id: usize,
-    client: Client,
-    seed: u64,
-    record: Arc<Record>,
-    clock: Clock,
-    stop: Arc<AtomicBool>,
-    timeout: Duration,
-) {
+pub async fn lease_client(id: usize, client: Client, load: Load) {
+    let Load { record, clock, stop, timeout, seed } = load;
     const TTL: i64 = 2;
     let ttl_ns = Duration::from_secs(TTL as u64).as_nanos() as u64;
     let mut rng = StdRng::seed_from_u64(seed ^ 0x1ea5e ^ id as u64);
@@ -423,7 +425,8 @@ pub struct Fenced {
 /// A lock client: takes the lock "faults-lock" with a 2 s session, makes a
 /// write fenced on its token (a Txn that succeeds only while its lock key
 /// still exists with that create revision), releases it, and again.
-pub async fn lock_client(client: Client, record: Arc<Record>, stop: Arc<AtomicBool>, timeout: Duration) {
+pub async fn lock_client(client: Client, load: Load) {
+    let Load { record, stop, timeout, .. } = load;
     while !stop.load(Ordering::Relaxed) {
         let session = match tokio::time::timeout(timeout, client.session(2)).await {
             Ok(Ok(s)) => s,
