@@ -167,3 +167,42 @@ async fn a_member_behind_the_purged_log_catches_up_by_snapshot() {
     assert_eq!(c.client(lagging).range(get("after-snapshot")).await.unwrap().kvs.len(), 1);
     c.shutdown().await;
 }
+
+/// An endpoint that takes connections and drops them at once, as a member
+/// does while it is being killed.
+fn dropping_endpoint() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            drop(conn);
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broken_endpoint_fails_reads_over_but_not_writes() {
+    let c = TestCluster::start(1, |_| {}).await;
+    let live = c.client(0);
+    support::wait_ready(&live).await;
+    live.put(put("k", "v1")).await.expect("put");
+    let eps = vec![dropping_endpoint(), c.client_all().endpoints()[0].clone()];
+    let client = kvd::client::Client::new(&eps, std::time::Duration::from_secs(2)).expect("client");
+
+    // A read is repeated on the next endpoint: it changes nothing.
+    let got = client.range(get("k")).await.expect("the read moves on to the live member");
+    assert_eq!(got.kvs[0].value, b"v1");
+    assert_eq!(client.member_list().await.expect("member list").members.len(), 1);
+
+    // A write whose connection broke may have been taken: it is reported,
+    // not sent again.
+    let client = kvd::client::Client::new(&eps, std::time::Duration::from_secs(2)).expect("client");
+    let err = client.put(put("k", "v2")).await.expect_err("a write on a broken connection is not repeated");
+    let broken = std::error::Error::source(&err).is_some_and(|e| e.is::<tonic::transport::Error>());
+    assert!(broken, "the error names the broken connection: {err:?}");
+    let got = live.range(get("k")).await.expect("get");
+    assert_eq!(got.kvs[0].value, b"v1");
+    assert_eq!(got.kvs[0].version, 1);
+    c.shutdown().await;
+}

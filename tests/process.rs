@@ -68,6 +68,15 @@ impl Drop for Cluster {
     }
 }
 
+/// Waits until nothing listens on `port` any more.
+fn wait_until_refused(port: u16) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "port {port} still takes connections");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
@@ -107,6 +116,11 @@ fn cluster_scripts_and_kvctl_survive_a_kill_and_a_full_restart() {
         .expect("one member is the leader");
     let victim = c.pid(&format!("n{}", leader_at + 1));
     assert!(Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap().success());
+    // kill(2) returns before the process is gone; until then its socket
+    // still takes connections and drops them, and a write sent into that
+    // has an unknown outcome, which kvctl reports rather than repeats. The
+    // failover under test starts once the member has stopped listening.
+    wait_until_refused(c.client_ports[leader_at]);
     for i in 0..20 {
         let out = c.kvctl(&eps, &["put", &format!("after-kill-{i}"), "v"]);
         assert!(out.status.success(), "write {i} after the kill: {}", text(&out));

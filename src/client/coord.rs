@@ -57,15 +57,15 @@ impl Client {
 
     /// LeaseTimeToLive.
     pub async fn lease_time_to_live(&self, id: i64, keys: bool) -> Result<LeaseTimeToLiveResponse, Status> {
-        self.call(
-            |ch| async move { LeaseClient::new(ch).lease_time_to_live(LeaseTimeToLiveRequest { id, keys }).await },
-        )
+        self.read_call(|ch| async move {
+            LeaseClient::new(ch).lease_time_to_live(LeaseTimeToLiveRequest { id, keys }).await
+        })
         .await
     }
 
     /// LeaseLeases.
     pub async fn lease_leases(&self) -> Result<LeaseLeasesResponse, Status> {
-        self.call(|ch| async move { LeaseClient::new(ch).lease_leases(LeaseLeasesRequest {}).await }).await
+        self.read_call(|ch| async move { LeaseClient::new(ch).lease_leases(LeaseLeasesRequest {}).await }).await
     }
 
     /// One keep-alive; returns the TTL the lease was extended by (0: the
@@ -138,7 +138,8 @@ impl Client {
 
     /// The current leader of election `name`.
     pub async fn leader(&self, name: &[u8]) -> Result<LeaderResponse, Status> {
-        self.call(|ch| async move { ElectionClient::new(ch).leader(LeaderRequest { name: name.to_vec() }).await }).await
+        self.read_call(|ch| async move { ElectionClient::new(ch).leader(LeaderRequest { name: name.to_vec() }).await })
+            .await
     }
 
     /// Each leader of election `name` as it changes.

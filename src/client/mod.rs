@@ -33,6 +33,15 @@ fn retryable(status: &Status) -> bool {
         || (status.code() == Code::Unavailable && status.message() == crate::error::Error::NoLeader.to_string())
 }
 
+/// Whether a call that only reads may go to the next endpoint: any
+/// Unavailable or broken connection will do (tonic reports the latter as
+/// Unknown "transport error", e.g. from a member that was being killed),
+/// since repeating a read changes nothing.
+fn read_retryable(status: &Status) -> bool {
+    let broken = std::error::Error::source(status).is_some_and(|e| e.is::<tonic::transport::Error>());
+    broken || status.code() == Code::Unavailable || retryable(status)
+}
+
 /// A client of a kvd (or etcd) cluster.
 pub struct Client {
     endpoints: Vec<String>,
@@ -76,7 +85,27 @@ impl Client {
         &self.endpoints
     }
 
+    /// A call that may change something: it moves to the next endpoint only
+    /// if it certainly was not taken (or the member had no leader).
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, Status>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call_retrying(retryable, f).await
+    }
+
+    /// A call that only reads: it moves to the next endpoint on any
+    /// Unavailable.
+    async fn read_call<T, F, Fut>(&self, f: F) -> Result<T, Status>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call_retrying(read_retryable, f).await
+    }
+
+    async fn call_retrying<T, F, Fut>(&self, retry: fn(&Status) -> bool, f: F) -> Result<T, Status>
     where
         F: Fn(Channel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
@@ -91,7 +120,7 @@ impl Client {
                     self.current.store(idx, Ordering::Relaxed);
                     return Ok(resp.into_inner());
                 }
-                Err(s) if retryable(&s) => last = Some(s),
+                Err(s) if retry(&s) => last = Some(s),
                 Err(s) => return Err(s),
             }
         }
@@ -106,7 +135,7 @@ impl Client {
 
     /// Range (get).
     pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse, Status> {
-        self.call(|ch| {
+        self.read_call(|ch| {
             let req = req.clone();
             async move { self.kv(ch).range(req).await }
         })
@@ -147,7 +176,7 @@ impl Client {
 
     /// MemberList.
     pub async fn member_list(&self) -> Result<MemberListResponse, Status> {
-        self.call(|ch| async move { ClusterClient::new(ch).member_list(MemberListRequest::default()).await }).await
+        self.read_call(|ch| async move { ClusterClient::new(ch).member_list(MemberListRequest::default()).await }).await
     }
 
     /// Status of the endpoint at `index` (no failover: it asks that member).
