@@ -76,6 +76,8 @@ pub enum StartError {
 
 /// How long a stopping member waits for requests in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// How often `kvd` looks whether its Raft has stopped on its own.
+const FATAL_CHECK: Duration = Duration::from_millis(100);
 
 /// A running member.
 pub struct ServerHandle {
@@ -351,13 +353,19 @@ impl ServerHandle {
     /// nothing useful, so the caller should report the reason and exit; what
     /// is on disk is what was acknowledged, and a restart (once the cause is
     /// gone) catches up from the others.
+    ///
+    /// It looks every [`FATAL_CHECK`] rather than waiting on Raft's metrics:
+    /// those change several times per write, and each change would wake the
+    /// thread this waits on.
     pub async fn fatal(&self) -> String {
-        let mut metrics = self.node.raft.metrics();
+        let metrics = self.node.raft.metrics();
+        let mut tick = tokio::time::interval(FATAL_CHECK);
         loop {
-            if let Err(fatal) = &metrics.borrow_and_update().running_state {
+            tick.tick().await;
+            if let Err(fatal) = &metrics.borrow().running_state {
                 return fatal.to_string();
             }
-            if metrics.changed().await.is_err() {
+            if metrics.has_changed().is_err() {
                 return "raft stopped".into();
             }
         }
