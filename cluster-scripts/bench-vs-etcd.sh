@@ -10,6 +10,7 @@
 #   BENCH_DIR        scratch directory (default: a new one under /tmp, removed at the end)
 #   BENCH_TOTAL      requests per closed-loop workload (default 20000)
 #   BENCH_KEYS       keys written before measuring memory and disk (default 100000)
+#   BENCH_SETTLE     seconds idle before memory is measured a second time (default 5)
 #   BENCH_WORKLOADS  which workloads (default: all of them, see WORKLOADS below)
 #   BENCH_JSON       if set, also write every result as JSON lines to this file
 #   KVD_BIN_DIR      where kvd and kvctl are (default: target/release, built here)
@@ -18,6 +19,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN_DIR="${KVD_BIN_DIR:-$ROOT/target/release}"
 TOTAL="${BENCH_TOTAL:-20000}"
 KEYS="${BENCH_KEYS:-100000}"
+SETTLE="${BENCH_SETTLE:-5}"
 CLIENT_PORTS=(2379 22379 32379)
 PEER_PORTS=(2380 22380 32380)
 NAMES=(n1 n2 n3)
@@ -140,14 +142,28 @@ measure() {
   echo "[$system] writing $KEYS distinct keys (256-byte values) for the memory and disk figures" >&2
   "$BIN_DIR/kvctl" --endpoints "$EPS" bench put --conns 8 --clients 64 --total "$KEYS" --sequential-keys \
     --key-space-size "$KEYS" --val-size 256 --quiet > /dev/null
-  local rss=() disk=() i
+  local rss=() settled=() disk=() i
   for i in 0 1 2; do
     rss+=("$(awk '/VmRSS/ {print $2}' "/proc/${PIDS[$i]}/status")")
+  done
+  # Resident memory again once the members have been idle a few seconds:
+  # what a member holds between bursts (both systems free memory lazily).
+  sleep "$SETTLE"
+  for i in 0 1 2; do
+    settled+=("$(awk '/VmRSS/ {print $2}' "/proc/${PIDS[$i]}/status")")
     disk+=("$(du -sk "$WORK/$system-${NAMES[$i]}" | cut -f1)")
   done
-  printf '{"system":"%s","label":"resources","rss_kb":[%s],"disk_kb":[%s]}\n' \
-    "$system" "$(IFS=,; echo "${rss[*]}")" "$(IFS=,; echo "${disk[*]}")" >> "$RESULTS"
+  printf '{"system":"%s","label":"resources","rss_kb":[%s],"rss_settled_kb":[%s],"disk_kb":[%s]}\n' \
+    "$system" "$(IFS=,; echo "${rss[*]}")" "$(IFS=,; echo "${settled[*]}")" "$(IFS=,; echo "${disk[*]}")" >> "$RESULTS"
 }
+
+# Another server on these ports would answer in place of the one measured.
+for port in "${CLIENT_PORTS[@]}" "${PEER_PORTS[@]}"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "port $port is in use: stop what listens there first (this script needs ${CLIENT_PORTS[*]} ${PEER_PORTS[*]})" >&2
+    exit 1
+  fi
+done
 
 echo "etcd: $(etcd --version | head -n 1)" >&2
 start_etcd
@@ -158,7 +174,7 @@ measure kvd
 stop_all
 
 [ -z "${BENCH_JSON:-}" ] || cp "$RESULTS" "$BENCH_JSON"
-python3 - "$RESULTS" <<'EOF'
+python3 - "$RESULTS" "$SETTLE" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 by = {(r["system"], r["label"]): r for r in rows}
@@ -178,6 +194,7 @@ for s in ("etcd", "kvd"):
     r = by.get((s, "resources"))
     if r:
         mb = lambda kb: f"{kb/1024:.0f}"
-        print(f'{s}: resident memory per member {"/".join(mb(x) for x in r["rss_kb"])} MB; '
+        print(f'{s}: resident memory per member {"/".join(mb(x) for x in r["rss_kb"])} MB right after the writes, '
+              f'{"/".join(mb(x) for x in r["rss_settled_kb"])} MB {sys.argv[2]} s later; '
               f'data dir per member {"/".join(mb(x) for x in r["disk_kb"])} MB')
 EOF

@@ -17,6 +17,7 @@
 //! - [`grpc`]: the etcd v3 gRPC services, one file per service (KV, Watch,
 //!   Lease, Cluster, Maintenance, and etcd's Lock and Election).
 //! - [`server`]: starts a member on its listeners and stops it on a signal.
+//! - [`idle_memory`]: gives freed heap back to the system after a burst.
 //! - [`client`]: the Rust client that `kvctl` and the tests use.
 //! - [`config`]: `kvd`'s flags, named as etcd's.
 
@@ -25,6 +26,7 @@ pub mod concurrency;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod idle_memory;
 pub mod lease;
 pub mod mvcc;
 pub mod node;
