@@ -367,25 +367,35 @@ async fn proxy(listener: TcpListener, to: usize, target: SocketAddr, cuts: watch
     }
 }
 
-/// Flips one byte in the middle of the member's oldest Raft log segment;
-/// returns the file changed.
+/// Where a log segment's records end: kvd allocates segments ahead, so the
+/// records are followed by zeros up to the file's end.
+fn records_end(bytes: &[u8]) -> usize {
+    bytes.iter().rposition(|&b| b != 0).map_or(0, |last| last + 1)
+}
+
+/// Flips one byte a third of the way into the records of the member's oldest
+/// Raft log segment; returns the file changed.
 pub fn flip_a_log_byte(data_dir: &Path) -> anyhow::Result<PathBuf> {
     let log_dir = data_dir.join("log");
     let mut segments: Vec<PathBuf> = std::fs::read_dir(&log_dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.metadata().map(|m| m.len() > 4096).unwrap_or(false))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
         .collect();
     segments.sort();
-    let file = segments.first().ok_or_else(|| anyhow::anyhow!("no log segment in {}", log_dir.display()))?.clone();
-    let mut bytes = std::fs::read(&file)?;
-    let at = bytes.len() / 3;
-    bytes[at] ^= 0x5a;
-    std::fs::write(&file, bytes)?;
-    Ok(file)
+    for file in segments {
+        let mut bytes = std::fs::read(&file)?;
+        let end = records_end(&bytes);
+        if end > 4096 {
+            bytes[end / 3] ^= 0x5a;
+            std::fs::write(&file, bytes)?;
+            return Ok(file);
+        }
+    }
+    anyhow::bail!("no log segment with over 4 KiB of records in {}", log_dir.display())
 }
 
-/// Cuts the member's oldest Raft log segment to half its length; returns the
-/// new length.
+/// Cuts the member's oldest Raft log segment to half of its records; returns
+/// the new length.
 pub fn truncate_log(data_dir: &Path) -> anyhow::Result<u64> {
     let log_dir = data_dir.join("log");
     let mut segments: Vec<PathBuf> = std::fs::read_dir(&log_dir)?
@@ -394,7 +404,7 @@ pub fn truncate_log(data_dir: &Path) -> anyhow::Result<u64> {
         .collect();
     segments.sort();
     let file = segments.first().ok_or_else(|| anyhow::anyhow!("no log segment in {}", log_dir.display()))?;
-    let len = std::fs::metadata(file)?.len() / 2;
+    let len = records_end(&std::fs::read(file)?) as u64 / 2;
     std::fs::OpenOptions::new().write(true).open(file)?.set_len(len)?;
     Ok(len)
 }
