@@ -373,15 +373,21 @@ fn records_end(bytes: &[u8]) -> usize {
     bytes.iter().rposition(|&b| b != 0).map_or(0, |last| last + 1)
 }
 
-/// Flips one byte a third of the way into the records of the member's oldest
-/// Raft log segment; returns the file changed.
-pub fn flip_a_log_byte(data_dir: &Path) -> anyhow::Result<PathBuf> {
-    let log_dir = data_dir.join("log");
-    let mut segments: Vec<PathBuf> = std::fs::read_dir(&log_dir)?
+/// The Raft log segments in `log_dir`, oldest first.
+fn log_segments(log_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(log_dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "log"))
         .collect();
     segments.sort();
+    Ok(segments)
+}
+
+/// Flips one byte a third of the way into the records of the member's oldest
+/// Raft log segment; returns the file changed.
+pub fn flip_a_log_byte(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    let log_dir = data_dir.join("log");
+    let segments = log_segments(&log_dir)?;
     for file in segments {
         let mut bytes = std::fs::read(&file)?;
         let end = records_end(&bytes);
@@ -398,11 +404,7 @@ pub fn flip_a_log_byte(data_dir: &Path) -> anyhow::Result<PathBuf> {
 /// the new length.
 pub fn truncate_log(data_dir: &Path) -> anyhow::Result<u64> {
     let log_dir = data_dir.join("log");
-    let mut segments: Vec<PathBuf> = std::fs::read_dir(&log_dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .collect();
-    segments.sort();
+    let segments = log_segments(&log_dir)?;
     let file = segments.first().ok_or_else(|| anyhow::anyhow!("no log segment in {}", log_dir.display()))?;
     let len = records_end(&std::fs::read(file)?) as u64 / 2;
     std::fs::OpenOptions::new().write(true).open(file)?.set_len(len)?;
