@@ -157,6 +157,7 @@ pub async fn start_on(
     let data_err =
         |e: crate::error::Error| StartError::DataDir { dir: cfg.data_dir.display().to_string(), why: e.to_string() };
     let mut log_store = LogStore::open(&cfg.data_dir.join("log")).map_err(data_err)?;
+    let writes = log_store.writes_in_flight();
     log_store.import_from_sled(&db).map_err(data_err)?;
     let state_machine = StateMachine::open(&db, &cfg.data_dir).map_err(data_err)?;
     let shared = state_machine.shared();
@@ -216,8 +217,8 @@ pub async fn start_on(
     }
 
     let (stop, stop_rx) = watch::channel(false);
-    let proposals = crate::raft::batcher::Proposals::start(raft.clone());
-    let forwards = crate::raft::forwarder::Forwarder::start(raft.clone(), network.clone());
+    let proposals = crate::raft::batcher::Proposals::start(raft.clone(), writes.clone());
+    let forwards = crate::raft::forwarder::Forwarder::start(raft.clone(), network.clone(), writes);
     let request_timeout = Duration::from_secs(5) + 2 * cfg.election;
     let reads = crate::read_index::ReadIndex::new(raft.clone(), network.clone(), request_timeout, restored);
     let node = Arc::new(Node {

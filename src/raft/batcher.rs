@@ -20,7 +20,7 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use super::gather::{Limits, Queued};
-use super::{decode, NodeId, Raft, Request, Response};
+use super::{decode, NodeId, Raft, Request, Response, WritesInFlight};
 use crate::error::Error;
 use crate::node::Forwarded;
 use crate::proto::kvdpb::{command, Command, CommandBatch};
@@ -43,20 +43,23 @@ struct Pending {
 /// The queue of proposals to this member's Raft.
 pub struct Proposals {
     tx: mpsc::Sender<Pending>,
+    writes: WritesInFlight,
 }
 
 impl Proposals {
     /// Starts the batching task for `raft`; it ends when this is dropped.
-    pub fn start(raft: Raft) -> Proposals {
+    /// Each proposal is counted in `writes` while it waits.
+    pub fn start(raft: Raft, writes: WritesInFlight) -> Proposals {
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(run(raft, rx));
-        Proposals { tx }
+        Proposals { tx, writes }
     }
 
     /// Proposes an encoded `Command` and waits for what applying it
     /// produced; `alone` puts it in an entry of its own. `NotLeader` means it
     /// was not appended here.
     pub async fn propose(&self, bytes: Vec<u8>, alone: bool) -> Forwarded<Response> {
+        let _counted = self.writes.enter();
         let (done, answer) = oneshot::channel();
         if self.tx.send(Pending { bytes, alone, done }).await.is_err() {
             return Forwarded::Failed(Error::Stopped);

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::gather::{Limits, Queued};
 use super::network::{Network, Rpc};
-use super::{encode, NodeId, Raft, Response};
+use super::{encode, NodeId, Raft, Response, WritesInFlight};
 use crate::error::Error;
 use crate::node::{ask_leader_as, Forwarded};
 
@@ -44,19 +44,22 @@ struct Pending {
 /// The queue of writes this member forwards to the leader.
 pub struct Forwarder {
     tx: mpsc::Sender<Pending>,
+    writes: WritesInFlight,
 }
 
 impl Forwarder {
-    /// Starts the forwarding task; it ends when this is dropped.
-    pub fn start(raft: Raft, network: Network) -> Forwarder {
+    /// Starts the forwarding task; it ends when this is dropped. Each write
+    /// is counted in `writes` while it waits.
+    pub fn start(raft: Raft, network: Network, writes: WritesInFlight) -> Forwarder {
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(run(raft, network, rx));
-        Forwarder { tx }
+        Forwarder { tx, writes }
     }
 
     /// Forwards an encoded `Command` to `leader`, waiting at most until
     /// `deadline`.
     pub async fn forward(&self, leader: NodeId, bytes: Vec<u8>, deadline: Instant) -> Answer {
+        let _counted = self.writes.enter();
         let (done, answer) = oneshot::channel();
         if self.tx.send(Pending { leader, bytes, deadline, done }).await.is_err() {
             return Err(Error::Stopped);

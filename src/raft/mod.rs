@@ -9,6 +9,9 @@ pub mod network;
 pub mod peer;
 pub mod state_machine;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
@@ -61,6 +64,34 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Error> {
     bincode::deserialize(bytes).map_err(|e| Error::internal(format!("decode: {e}")))
 }
 
+/// How many client writes this member is handling right now: the proposal
+/// and forwarding queues count them, and the log store looks at the count to
+/// choose where to sync (see `LogStore::append`).
+#[derive(Clone, Default)]
+pub struct WritesInFlight(Arc<AtomicUsize>);
+
+/// One write counted in [`WritesInFlight`] until it is dropped.
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl WritesInFlight {
+    /// Counts one more write until the returned guard is dropped.
+    pub fn enter(&self) -> InFlight {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.0.clone())
+    }
+
+    /// The writes being handled.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Flushes `db` to disk on a blocking thread.
 ///
 /// sled 0.34's own `flush_async` can miss its wake-up when several flushes
@@ -71,5 +102,23 @@ pub async fn flush(db: &sled::Db) -> Result<(), sled::Error> {
     match tokio::task::spawn_blocking(move || db.flush()).await {
         Ok(flushed) => flushed.map(|_| ()),
         Err(e) => Err(sled::Error::Io(std::io::Error::other(format!("flush task failed: {e}")))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WritesInFlight;
+
+    #[test]
+    fn a_write_is_counted_until_its_guard_is_dropped() {
+        let writes = WritesInFlight::default();
+        let shared = writes.clone();
+        let first = writes.enter();
+        let second = shared.enter();
+        assert_eq!(writes.count(), 2);
+        drop(first);
+        assert_eq!(shared.count(), 1);
+        drop(second);
+        assert_eq!(writes.count(), 0);
     }
 }
