@@ -184,7 +184,7 @@ impl Node {
         payload: Vec<u8>,
         deadline: Instant,
     ) -> Result<Option<Forwarded<T>>, Error> {
-        ask_leader(&self.raft, &self.network, leader, rpc, payload, deadline).await
+        ask_leader::<Forwarded<T>>(&self.raft, &self.network, leader, rpc, payload, deadline).await
     }
 
     /// Waits until this member's state reflects every write committed before
@@ -241,23 +241,11 @@ pub(crate) async fn await_leader(raft: &Raft, stale: Option<NodeId>, deadline: I
     let _ = raft.wait(Some(wait)).metrics(|m| m.current_leader.is_some() && m.current_leader != stale, "leader").await;
 }
 
-/// Sends `rpc` to `leader` over `network` and decodes its answer. `Ok(None)`
-/// means it was certainly not delivered (or the leader's address is not
-/// known), so it may be retried; a request that may have arrived but got no
-/// answer is `Err(Timeout)`.
+/// Sends `rpc` to `leader` over `network` and decodes its answer, a `T`
+/// (mostly a [`Forwarded`]). `Ok(None)` means it was certainly not delivered
+/// (or the leader's address is not known), so it may be retried; a request
+/// that may have arrived but got no answer is `Err(Timeout)`.
 pub(crate) async fn ask_leader<T: serde::de::DeserializeOwned>(
-    raft: &Raft,
-    network: &Network,
-    leader: NodeId,
-    rpc: Rpc,
-    payload: Vec<u8>,
-    deadline: Instant,
-) -> Result<Option<Forwarded<T>>, Error> {
-    ask_leader_as(raft, network, leader, rpc, payload, deadline).await
-}
-
-/// [`ask_leader`] for an answer of any type `T`.
-pub(crate) async fn ask_leader_as<T: serde::de::DeserializeOwned>(
     raft: &Raft,
     network: &Network,
     leader: NodeId,

@@ -136,8 +136,15 @@ impl ReadIndex {
                 Err(RaftError::Fatal(_)) => return Err(Error::Stopped),
             };
             if let Some(leader) = leader {
-                match ask_leader::<Option<u64>>(&self.raft, &self.network, leader, Rpc::ReadIndex, Vec::new(), deadline)
-                    .await
+                match ask_leader::<Forwarded<Option<u64>>>(
+                    &self.raft,
+                    &self.network,
+                    leader,
+                    Rpc::ReadIndex,
+                    Vec::new(),
+                    deadline,
+                )
+                .await
                 {
                     Ok(Some(Forwarded::Done(index))) => return Ok(index),
                     Ok(Some(Forwarded::Failed(e))) => return Err(e),

@@ -19,7 +19,7 @@ use super::gather::{Limits, Queued};
 use super::network::{Network, Rpc};
 use super::{encode, NodeId, Raft, Response, WritesInFlight};
 use crate::error::Error;
-use crate::node::{ask_leader_as, Forwarded};
+use crate::node::{ask_leader, Forwarded};
 
 /// Forward calls under way at once.
 const MAX_IN_FLIGHT: usize = 4;
@@ -95,7 +95,7 @@ async fn send(raft: &Raft, network: &Network, mut batch: Vec<Pending>) {
     let deadline = batch.iter().map(|p| p.deadline).min().unwrap_or_else(Instant::now);
     if batch.len() == 1 {
         let Some(p) = batch.pop() else { return };
-        let answer = crate::node::ask_leader(raft, network, leader, Rpc::Forward, p.bytes, deadline).await;
+        let answer = ask_leader::<Forwarded<Response>>(raft, network, leader, Rpc::Forward, p.bytes, deadline).await;
         let _ = p.done.send(answer);
         return;
     }
@@ -103,7 +103,7 @@ async fn send(raft: &Raft, network: &Network, mut batch: Vec<Pending>) {
         batch.into_iter().map(|p| (p.bytes, p.done)).unzip();
     let answers = match encode(&list) {
         Ok(payload) => {
-            ask_leader_as::<Vec<Forwarded<Response>>>(raft, network, leader, Rpc::ForwardBatch, payload, deadline)
+            ask_leader::<Vec<Forwarded<Response>>>(raft, network, leader, Rpc::ForwardBatch, payload, deadline)
                 .await
                 // Delivered, but with the wrong number of answers: what became
                 // of the writes is unknown.
