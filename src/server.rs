@@ -113,11 +113,9 @@ fn open_db(cfg: &Validated) -> Result<sled::Db, StartError> {
     let dir = cfg.data_dir.display().to_string();
     let fail = |why: String| StartError::DataDir { dir: dir.clone(), why };
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| fail(e.to_string()))?;
-    let db = sled::Config::new()
-        .path(cfg.data_dir.join("db"))
-        .cache_capacity(SLED_CACHE_BYTES)
-        .open()
-        .map_err(|e| fail(e.to_string()))?;
+    let db =
+        crate::raft::open_sled(&sled::Config::new().path(cfg.data_dir.join("db")).cache_capacity(SLED_CACHE_BYTES))
+            .map_err(|e| fail(e.to_string()))?;
     // The first start records whose directory this is, so that a directory
     // is never served under another member's name.
     let ident = (cfg.id.to_be_bytes(), cfg.cluster_id.to_be_bytes()).0;

@@ -86,6 +86,10 @@ pub struct MvccStore {
     /// progress, and before the state machine commits its group of writes,
     /// find them. All are newer than any version in the tree.
     pending: BTreeMap<Vec<u8>, KeyValue>,
+    /// Versions handed off to be committed to the tree in the background
+    /// (see [`MvccStore::hand_off`]): older than every pending one, newer
+    /// than any in the tree, and perhaps in the tree already.
+    sending: BTreeMap<Vec<u8>, KeyValue>,
     /// Granted leases.
     leases: BTreeMap<i64, Lease>,
     revision: i64,
@@ -135,7 +139,7 @@ impl MvccStore {
                 lease.keys.insert(key.clone());
             }
         }
-        Ok(MvccStore { tree, index, pending: BTreeMap::new(), leases, revision, compacted })
+        Ok(MvccStore { tree, index, pending: BTreeMap::new(), sending: BTreeMap::new(), leases, revision, compacted })
     }
 
     /// The lease `id`, if it is granted.
@@ -205,8 +209,12 @@ impl MvccStore {
     /// the key was not live then, or if that version was compacted away.
     pub fn prev_version(&self, key: &[u8], rev: i64) -> Result<Option<KeyValue>> {
         let (from, to) = (keys::hist_key(key, 0), keys::hist_key(key, rev));
-        if let Some((_, kv)) = self.pending.range(from.clone()..to.clone()).next_back() {
-            return Ok(Some(kv.clone()).filter(|p| p.version != 0));
+        // Newest first: pending versions, then those being committed, then
+        // the tree.
+        for overlay in [&self.pending, &self.sending] {
+            if let Some((_, kv)) = overlay.range(from.clone()..to.clone()).next_back() {
+                return Ok(Some(kv.clone()).filter(|p| p.version != 0));
+            }
         }
         match self.tree.range(from..to).next_back() {
             Some(item) => Ok(Some(decode_kv(&item?.1)?).filter(|p| p.version != 0)),
@@ -217,7 +225,7 @@ impl MvccStore {
     /// The full key-value of a live key whose index entry is `meta`.
     pub fn load(&self, key: &[u8], meta: &Meta) -> Result<KeyValue> {
         let rec = keys::hist_key(key, meta.mod_revision);
-        if let Some(kv) = self.pending.get(&rec) {
+        if let Some(kv) = self.pending.get(&rec).or_else(|| self.sending.get(&rec)) {
             return Ok(kv.clone());
         }
         match self.tree.get(&rec)? {
@@ -233,6 +241,24 @@ impl MvccStore {
     /// tree, so their values are read from there from now on.
     pub fn committed(&mut self) {
         self.pending.clear();
+        self.sending.clear();
+    }
+
+    /// Tells the store that the writes made so far are being committed to
+    /// its tree in the background: they are read from memory until
+    /// [`MvccStore::sent`] says they are there.
+    pub fn hand_off(&mut self) {
+        self.sending.append(&mut self.pending);
+    }
+
+    /// Tells the store that the writes handed off are in its tree.
+    pub fn sent(&mut self) {
+        self.sending.clear();
+    }
+
+    /// Whether writes handed off may still be on their way to the tree.
+    pub fn is_sending(&self) -> bool {
+        !self.sending.is_empty()
     }
 
     /// The sled tree the store lives in.

@@ -2,6 +2,7 @@
 //! storage and network pieces openraft drives.
 
 pub mod batcher;
+mod committer;
 pub mod forwarder;
 mod gather;
 pub mod log_store;
@@ -89,6 +90,28 @@ impl WritesInFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How long [`open_sled`] waits for a database closed in this process to
+/// let go of its files.
+const SLED_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens a sled database. A database closed a moment ago in this same
+/// process (a member stopped and started again in place) can hold its file
+/// lock for a few milliseconds longer, while sled's own threads finish with
+/// it; a lock held past [`SLED_RELEASE_WAIT`] is reported as sled reports it.
+pub fn open_sled(config: &sled::Config) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + SLED_RELEASE_WAIT;
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            opened => return opened,
+        }
     }
 }
 

@@ -1,11 +1,12 @@
 //! The Raft state machine: applies committed commands to the MVCC store.
 //!
-//! The effects of the entries in one `apply` call and the new last-applied
-//! log id are committed in one sled batch, so after a crash the store is
-//! exactly as of some applied entry and openraft re-applies the rest from the
-//! log. The state machine is
-//! not flushed per entry (the log is the durable record), but it is flushed
-//! before a snapshot is handed to openraft, which may then purge the log.
+//! The effects of applied entries are committed to sled in groups, each in
+//! one sled batch with the log id of its last entry, by a thread of its own
+//! (see [`super::committer`]), so after a crash the store is exactly as of
+//! some applied entry and openraft re-applies the rest from the log. The
+//! state machine is not flushed per entry (the log is the durable record),
+//! but it is flushed before a snapshot is handed to openraft, which may then
+//! purge the log.
 //!
 //! Snapshots are a copy of the whole state tree taken between two applies,
 //! kept in `<data-dir>/snapshot.bin` and sent by openraft in chunks.
@@ -21,6 +22,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use super::committer::Committer;
 use super::{decode, encode, Entry, LogId, Node, NodeId, Request, Response, StorageError, TypeConfig};
 use crate::error::Error;
 use crate::mvcc::keys::meta_key;
@@ -88,6 +90,7 @@ pub struct Shared {
     db: sled::Db,
     state: RwLock<State>,
     applied: broadcast::Sender<Arc<Applied>>,
+    committer: Committer,
 }
 
 impl Shared {
@@ -111,9 +114,9 @@ impl Shared {
     /// The state, with every applied write committed to sled first: what a
     /// read of history (a range at a past revision, a watch replay, a
     /// previous key-value) needs, since those read sled directly. Applying
-    /// commits to sled only every [`MAX_UNFLUSHED_WRITES`] writes or
-    /// [`MAX_UNFLUSHED_AGE`]; reads of current values find the rest in the
-    /// store's own overlay.
+    /// hands writes to the [`Committer`] only every [`MAX_UNFLUSHED_WRITES`]
+    /// writes or [`MAX_UNFLUSHED_AGE`]; reads of current values find the
+    /// rest, and those being committed, in the store's own overlay.
     pub fn read_committed(&self) -> Result<Committed<'_>, Error> {
         self.read_for(true)
     }
@@ -122,13 +125,13 @@ impl Shared {
     /// only if it does (see [`Shared::read_committed`]).
     pub fn read_for(&self, history: bool) -> Result<Committed<'_>, Error> {
         let state = self.read();
-        if !history || state.unflushed.is_empty() {
+        if !history || (state.unflushed.is_empty() && !state.store.is_sending()) {
             return Ok(Committed::Read(state));
         }
         drop(state);
         let mut state = self.write();
         let State { store, unflushed, .. } = &mut *state;
-        unflushed.commit(store)?;
+        unflushed.commit(store, &self.committer)?;
         Ok(Committed::Written(state))
     }
 
@@ -174,6 +177,7 @@ impl StateMachine {
                 db: db.clone(),
                 state: RwLock::new(state),
                 applied: broadcast::channel(WATCH_BUFFER).0,
+                committer: Committer::start(tree.clone())?,
             }),
             tree,
             dir: dir.to_path_buf(),
@@ -193,17 +197,19 @@ impl StateMachine {
         self.shared.clone()
     }
 
-    /// Applies `entries` in order under one hold of the state lock, and
-    /// commits their writes to sled in one batch together with the last
-    /// applied log id. Readers never see state that sled does not hold: they
-    /// wait for the lock. A command that reads history from sled first has
-    /// the writes of the entries before it committed; such a command is
-    /// always proposed in an entry of its own (see [`reads_history`]), so
-    /// that nothing but whole entries is ever committed.
+    /// Applies `entries` in order under one hold of the state lock. Their
+    /// writes join the group waiting to be committed to sled, which goes to
+    /// the [`Committer`] with the last applied log id when it is due.
+    /// Readers find writes not yet in sled in the store's overlay. A command
+    /// that reads history from sled first has the writes of the entries
+    /// before it committed; such a command is always proposed in an entry of
+    /// its own (see [`reads_history`]), so that nothing but whole entries is
+    /// ever committed.
     // openraft's StorageError is large by design; the trait fixes the type.
     #[allow(clippy::result_large_err)]
     fn apply_entries(&mut self, entries: impl IntoIterator<Item = Entry>) -> Result<Vec<Response>, StorageError> {
         let fail = |log_id: LogId, e: Error| StorageError::from(StorageIOError::apply(log_id, &e));
+        let committer = &self.shared.committer;
         let mut state = self.shared.write();
         let mut group = std::mem::take(&mut state.unflushed);
         let mut out = Vec::new();
@@ -215,7 +221,7 @@ impl StateMachine {
                         // One response per command, encoded together.
                         let mut responses = Vec::with_capacity(b.commands.len());
                         for bytes in &b.commands {
-                            let applied = apply_command(&mut state, decode_command(bytes), &mut group, true);
+                            let applied = apply_command(&mut state, decode_command(bytes), &mut group, committer, true);
                             let (batch, response, events) = applied.map_err(|e| fail(entry.log_id, e))?;
                             self.shared.publish(&state, &mut group, batch, events);
                             responses.push(response);
@@ -223,7 +229,7 @@ impl StateMachine {
                         Response(Ok(serde_bytes::ByteBuf::from(encode(&responses).map_err(|e| fail(entry.log_id, e))?)))
                     }
                     decoded => {
-                        let applied = apply_command(&mut state, decoded.ok(), &mut group, false);
+                        let applied = apply_command(&mut state, decoded.ok(), &mut group, committer, false);
                         let (batch, response, events) = applied.map_err(|e| fail(entry.log_id, e))?;
                         self.shared.publish(&state, &mut group, batch, events);
                         response
@@ -243,7 +249,7 @@ impl StateMachine {
         }
         if let Some(last) = group.last {
             if group.due() {
-                group.commit(&mut state.store).map_err(|e| fail(last, e))?;
+                group.hand_off(&mut state.store, committer).map_err(|e| fail(last, e))?;
             }
         }
         state.unflushed = group;
@@ -267,9 +273,13 @@ impl Shared {
     }
 }
 
-/// Applied writes wait for a commit to sled until there are this many (a
-/// commit holds the state lock for its length: 8,192 made p99 latency jump).
+/// Applied writes wait to be handed to the committer until there are this
+/// many (8,192, when the commit still held the state lock, made p99 latency
+/// jump).
 pub const MAX_UNFLUSHED_WRITES: usize = 1024;
+/// While the committer is busy, applied writes go on gathering up to this
+/// many; then applying waits for it.
+const MAX_GATHERED_WRITES: usize = 8 * MAX_UNFLUSHED_WRITES;
 /// ... or until the oldest of them is this old (checked when entries are
 /// applied).
 pub const MAX_UNFLUSHED_AGE: std::time::Duration = std::time::Duration::from_millis(20);
@@ -299,16 +309,41 @@ impl Group {
         self.batch.len() >= MAX_UNFLUSHED_WRITES || self.since.is_some_and(|t| t.elapsed() >= MAX_UNFLUSHED_AGE)
     }
 
-    /// Commits the writes with the last entry's log id, in one sled batch,
-    /// and tells the store they are there.
-    fn commit(&mut self, store: &mut MvccStore) -> Result<(), Error> {
-        let Some(last) = self.last.take() else { return Ok(()) };
+    /// Commits every applied write now: waits for the group being committed
+    /// in the background, then commits these with the last entry's log id,
+    /// in one sled batch, and tells the store they are there.
+    fn commit(&mut self, store: &mut MvccStore, committer: &Committer) -> Result<(), Error> {
+        committer.wait_idle()?;
+        store.sent();
+        let Some(batch) = self.take()? else { return Ok(()) };
+        store.tree().apply_batch(batch)?;
+        store.committed();
+        Ok(())
+    }
+
+    /// Hands the writes to the committer, unless it is still busy with the
+    /// last group: then they go on gathering, up to [`MAX_GATHERED_WRITES`].
+    fn hand_off(&mut self, store: &mut MvccStore, committer: &Committer) -> Result<(), Error> {
+        if !committer.is_idle()? {
+            if self.batch.len() < MAX_GATHERED_WRITES {
+                return Ok(());
+            }
+            committer.wait_idle()?;
+        }
+        store.sent();
+        let Some(batch) = self.take()? else { return Ok(()) };
+        store.hand_off();
+        committer.send(batch)
+    }
+
+    /// The sled batch of the writes and the last entry's log id, if any
+    /// entry was applied since the last one.
+    fn take(&mut self) -> Result<Option<sled::Batch>, Error> {
+        let Some(last) = self.last.take() else { return Ok(None) };
         self.since = None;
         let mut batch = std::mem::take(&mut self.batch);
         batch.insert(meta_key(APPLIED), encode(&Some(last))?);
-        store.tree().apply_batch(batch.into_sled())?;
-        store.committed();
-        Ok(())
+        Ok(Some(batch.into_sled()))
     }
 }
 
@@ -345,6 +380,7 @@ fn apply_command(
     state: &mut State,
     command: Option<Command>,
     group: &mut Group,
+    committer: &Committer,
     in_batch: bool,
 ) -> Result<Applying, Error> {
     let refused = |e: Error| Ok((Batch::default(), Response(Err(e)), Vec::new()));
@@ -378,7 +414,7 @@ fn apply_command(
         }
         command::Op::Txn(t) => {
             if txn_reads_history(&t) {
-                group.commit(&mut state.store)?;
+                group.commit(&mut state.store, committer)?;
             }
             let path = match txn::plan(&state.store, &t) {
                 Ok(path) => path,
@@ -395,7 +431,7 @@ fn apply_command(
             (batch, command_result::Result::Txn(resp))
         }
         command::Op::Compact(c) => {
-            group.commit(&mut state.store)?;
+            group.commit(&mut state.store, committer)?;
             let mut batch = Batch::default();
             if let Err(e) = state.store.compact(c.revision, &mut batch) {
                 return refused(e);
@@ -615,6 +651,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // An installed snapshot is the leader's newest: it always replaces.
         write_snapshot_locked(&self.dir, &self.snapshot_file, &stored, false).map_err(fail)?;
         let mut state = self.shared.write();
+        // No group may land on top of the snapshot's records.
+        self.shared.committer.wait_idle().map_err(fail)?;
         load_records(&self.shared.db, &self.tree, &records).map_err(fail)?;
         let (new_state, _, _) = load_state(&self.tree).map_err(fail)?;
         *state = new_state;
@@ -681,7 +719,7 @@ mod tests {
     #[tokio::test]
     async fn history_reads_see_every_earlier_entry_and_are_never_batched() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = sled::Config::new().path(dir.path().join("db")).open().expect("sled");
+        let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
         let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
         // Entry 1 writes revisions 2 and 3; entry 2, applied in the same
         // call, reads revision 3 from history: it must see entry 1.
@@ -697,11 +735,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn handed_off_writes_are_read_from_memory_until_sled_has_them() {
+        use crate::mvcc::keys::RangeEnd;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let n = MAX_UNFLUSHED_WRITES; // two sled writes per put: a hand-off is due
+        let key = |i: usize| format!("k{i:05}");
+        {
+            let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+            let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+            let puts = (0..n).map(|i| put(&key(i), &i.to_string())).collect();
+            sm.apply(vec![batch(1, puts)]).await.expect("apply");
+            let shared = sm.shared();
+            {
+                let state = shared.read();
+                assert!(state.unflushed.is_empty(), "the group was not handed off");
+                assert!(state.store.is_sending());
+                // Every value reads at once, from memory or from sled.
+                let kvs = state.store.current_kvs(b"k", &RangeEnd::Before(b"l".to_vec())).expect("read");
+                let got: Vec<Vec<u8>> = kvs.into_iter().map(|kv| kv.value).collect();
+                assert_eq!(got, (0..n).map(|i| i.to_string().into_bytes()).collect::<Vec<_>>());
+            }
+            // A command that reads history waits for the group on its way.
+            let out = sm.apply(vec![entry(2, read_at(&key(0), 2))]).await.expect("apply");
+            assert_eq!(values(result(&out[0])), vec![b"0".to_vec()]);
+            // So does a read of history.
+            let state = shared.read_committed().expect("commit");
+            assert!(!state.store.is_sending());
+            let old = state.store.at_revision(key(n - 1).as_bytes(), &RangeEnd::Single, n as i64 + 1).expect("read");
+            assert_eq!(
+                old.iter().map(|kv| kv.value.clone()).collect::<Vec<_>>(),
+                vec![(n - 1).to_string().into_bytes()]
+            );
+            drop(state);
+            db.flush().expect("flush");
+        }
+        let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+        let sm = StateMachine::open(&db, dir.path()).expect("state machine");
+        assert_eq!(sm.last_applied().map(|l| l.index), Some(2));
+        assert_eq!(sm.shared().read().store.len(), n);
+    }
+
+    #[tokio::test]
     async fn applied_writes_wait_for_a_commit_and_are_read_from_disk_after_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let entries = || vec![batch(1, vec![put("a", "1"), put("b", "2")]), entry(2, put("a", "3"))];
         {
-            let db = sled::Config::new().path(dir.path().join("db")).open().expect("sled");
+            let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
             let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
             sm.apply(entries()).await.expect("apply");
             db.flush().expect("flush");
@@ -709,7 +788,7 @@ mod tests {
         // Not committed yet: the member starts from before them, and
         // applies them again from the log.
         {
-            let db = sled::Config::new().path(dir.path().join("db")).open().expect("sled");
+            let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
             let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
             assert_eq!(sm.last_applied(), None);
             assert!(sm.shared().read().store.is_empty());
@@ -720,7 +799,7 @@ mod tests {
             assert!(matches!(shared.read_committed().expect("commit"), Committed::Read(_)));
             db.flush().expect("flush");
         }
-        let db = sled::Config::new().path(dir.path().join("db")).open().expect("sled");
+        let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
         let sm = StateMachine::open(&db, dir.path()).expect("state machine");
         assert_eq!(sm.last_applied().map(|l| l.index), Some(2));
         let shared = sm.shared();
