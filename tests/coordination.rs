@@ -117,6 +117,13 @@ async fn a_watch_on_a_compacted_revision_is_cancelled_with_the_compact_revision(
         revs.push(client.put(put(&format!("w/{i}"), "v")).await.unwrap().header.unwrap().revision);
     }
     client.compact(CompactionRequest { revision: revs[3], physical: false }).await.unwrap();
+    // Each member serves watches from its own state: wait until every one
+    // has applied the compaction.
+    let leader = c.wait_leader().await;
+    let target = c.applied(leader);
+    for i in 0..3 {
+        c.wait_applied(i, target).await;
+    }
     for i in 0..3 {
         // On every member: each serves watches from its own state.
         let mut s = c.client(i).watch(prefix_watch("w/", revs[1])).await.unwrap();
