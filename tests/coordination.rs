@@ -125,7 +125,6 @@ async fn a_watch_on_a_compacted_revision_is_cancelled_with_the_compact_revision(
         c.wait_applied(i, target).await;
     }
     for i in 0..3 {
-        // On every member: each serves watches from its own state.
         let mut s = c.client(i).watch(prefix_watch("w/", revs[1])).await.unwrap();
         assert!(s.next().await.unwrap().unwrap().created);
         let cancel = s.next().await.unwrap().unwrap();

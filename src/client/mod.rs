@@ -96,7 +96,7 @@ impl Client {
     }
 
     /// A call that only reads: it moves to the next endpoint on any
-    /// Unavailable.
+    /// Unavailable or broken connection.
     async fn read_call<T, F, Fut>(&self, f: F) -> Result<T, Status>
     where
         F: Fn(Channel) -> Fut,

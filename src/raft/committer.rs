@@ -117,7 +117,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn groups_are_committed_one_at_a_time_and_in_order() {
+    fn each_group_sent_is_in_sled_once_the_committer_is_idle() {
         let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
         let committer = Committer::start(tree.clone()).expect("start");
         assert!(committer.is_idle().expect("idle"));

@@ -18,9 +18,9 @@
 //!   commit). No write is acknowledged before it is on disk. When the member
 //!   handles at most one client write, `append` syncs on the calling thread
 //!   instead: no other write waits for that worker (a read may, for the
-//!   length of one `fdatasync`), and the two thread wake-ups of the hand-off
-//!   (on the leader and a follower, in series) took a lone put from 1.04 to
-//!   1.19 ms at p50.
+//!   length of one `fdatasync`). The two thread wake-ups of the hand-off (on
+//!   the leader and a follower, in series) had made a lone put's p50 1.19 ms
+//!   against 1.04 ms with the sync in place.
 //! - The vote and the purge point are small files replaced atomically
 //!   (write, fsync, rename, fsync the directory). The vote is written after
 //!   the log file is synced, so log and vote writes reach disk in order.
