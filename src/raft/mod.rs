@@ -128,6 +128,20 @@ pub async fn flush(db: &sled::Db) -> Result<(), sled::Error> {
     }
 }
 
+/// Runs `work` on tokio's blocking threads: for reads and writes of whole
+/// snapshots, which would otherwise hold an async worker (and with it
+/// heartbeats and every request on that worker) for as long as they take.
+pub async fn blocking<T, F>(work: F) -> Result<T, Error>
+where
+    F: FnOnce() -> Result<T, Error> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(done) => done,
+        Err(e) => Err(Error::internal(format!("blocking task failed: {e}"))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::WritesInFlight;

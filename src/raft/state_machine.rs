@@ -581,20 +581,28 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         // applied state must be on disk first.
         super::flush(&self.db).await.map_err(|e| fail(e.into()))?;
         let records = std::mem::replace(&mut self.records, Ok(Vec::new())).map_err(fail)?;
-        let data = encode(&records).map_err(fail)?;
-        let id = match self.last_applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, data.len()),
-            None => format!("0-0-{}", data.len()),
-        };
-        let meta =
-            SnapshotMeta { last_log_id: self.last_applied, last_membership: self.membership.clone(), snapshot_id: id };
-        let stored = StoredSnapshot { meta: meta.clone(), data };
-        if !write_snapshot_locked(&self.dir, &self.snapshot_file, &stored, true).map_err(fail)? {
+        let (last_applied, membership) = (self.last_applied, self.membership.clone());
+        let (dir, on_disk) = (self.dir.clone(), self.snapshot_file.clone());
+        let (stored, written) = super::blocking(move || {
+            let data = encode(&records)?;
+            let id = match last_applied {
+                Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, data.len()),
+                None => format!("0-0-{}", data.len()),
+            };
+            let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id: id };
+            let stored = StoredSnapshot { meta, data };
+            let written = write_snapshot_locked(&dir, &on_disk, &stored, true)?;
+            Ok((stored, written))
+        })
+        .await
+        .map_err(fail)?;
+        let StoredSnapshot { meta, data } = stored;
+        if written {
+            tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
+        } else {
             tracing::info!(snapshot = %meta.snapshot_id, "built snapshot is older than the one on disk; kept that one");
-            return Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) });
         }
-        tracing::info!(snapshot = %meta.snapshot_id, bytes = stored.data.len(), "built snapshot");
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
 
@@ -615,16 +623,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // The records and the last applied id must agree: every applied
-        // write is committed first, and applying waits meanwhile.
-        let records = self.shared.read_committed().and_then(|_state| {
-            self.tree
-                .iter()
+        // write is committed first, and applying waits meanwhile (it waits
+        // anyway: openraft applies on the task that called this).
+        let (shared, tree) = (self.shared.clone(), self.tree.clone());
+        let records = super::blocking(move || {
+            let _state = shared.read_committed()?;
+            tree.iter()
                 .map(|item| {
                     let (k, v) = item?;
                     Ok((serde_bytes::ByteBuf::from(k.to_vec()), serde_bytes::ByteBuf::from(v.to_vec())))
                 })
                 .collect::<Result<Records, Error>>()
-        });
+        })
+        .await;
         SnapshotBuilder {
             db: self.shared.db.clone(),
             dir: self.dir.clone(),
@@ -645,19 +656,25 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let fail = |e: Error| StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e));
-        let data = snapshot.into_inner();
-        let records: Records = decode(&data).map_err(fail)?;
-        let stored = StoredSnapshot { meta: meta.clone(), data };
-        // An installed snapshot is the leader's newest: it always replaces.
-        write_snapshot_locked(&self.dir, &self.snapshot_file, &stored, false).map_err(fail)?;
-        let mut state = self.shared.write();
-        // No group may land on top of the snapshot's records.
-        self.shared.committer.wait_idle().map_err(fail)?;
-        load_records(&self.shared.db, &self.tree, &records).map_err(fail)?;
-        let (new_state, _, _) = load_state(&self.tree).map_err(fail)?;
-        *state = new_state;
-        let rev = state.store.revision();
-        let _ = self.shared.applied.send(Arc::new(Applied { rev, events: Vec::new() }));
+        let stored = StoredSnapshot { meta: meta.clone(), data: snapshot.into_inner() };
+        let (shared, tree) = (self.shared.clone(), self.tree.clone());
+        let (dir, on_disk) = (self.dir.clone(), self.snapshot_file.clone());
+        super::blocking(move || {
+            let records: Records = decode(&stored.data)?;
+            // An installed snapshot is the leader's newest: it always replaces.
+            write_snapshot_locked(&dir, &on_disk, &stored, false)?;
+            let mut state = shared.write();
+            // No group may land on top of the snapshot's records.
+            shared.committer.wait_idle()?;
+            load_records(&shared.db, &tree, &records)?;
+            let (new_state, _, _) = load_state(&tree)?;
+            *state = new_state;
+            let rev = state.store.revision();
+            let _ = shared.applied.send(Arc::new(Applied { rev, events: Vec::new() }));
+            Ok(())
+        })
+        .await
+        .map_err(fail)?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
@@ -665,8 +682,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let stored =
-            read_snapshot_file(&self.dir).map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))?;
+        let dir = self.dir.clone();
+        let stored = super::blocking(move || read_snapshot_file(&dir))
+            .await
+            .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))?;
         Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
     }
 }
