@@ -13,6 +13,8 @@
 #   BENCH_SETTLE     seconds idle before memory is measured a second time (default 5)
 #   BENCH_WORKLOADS  which workloads (default: all of them, see WORKLOADS below)
 #   BENCH_JSON       if set, also write every result as JSON lines to this file
+#   BENCH_THREADS    if set, threads per member for both: GOMAXPROCS for etcd,
+#                    --worker-threads for kvd (default: each system's own, one per CPU)
 #   KVD_BIN_DIR      where kvd and kvctl are (default: target/release, built here)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -100,7 +102,7 @@ start_etcd() {
   local cluster="" i
   for i in 0 1 2; do cluster+="${cluster:+,}${NAMES[$i]}=http://127.0.0.1:${PEER_PORTS[$i]}"; done
   for i in 0 1 2; do
-    etcd --name "${NAMES[$i]}" --data-dir "$WORK/etcd-${NAMES[$i]}" \
+    env ${BENCH_THREADS:+GOMAXPROCS="$BENCH_THREADS"} etcd --name "${NAMES[$i]}" --data-dir "$WORK/etcd-${NAMES[$i]}" \
       --listen-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
       --advertise-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
       --listen-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
@@ -122,6 +124,7 @@ start_kvd() {
       --listen-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
       --initial-advertise-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
       --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token bench \
+      ${BENCH_THREADS:+--worker-threads "$BENCH_THREADS"} \
       > "$WORK/kvd-${NAMES[$i]}.log" 2>&1 < /dev/null &
     PIDS+=($!)
   done
@@ -166,6 +169,7 @@ for port in "${CLIENT_PORTS[@]}" "${PEER_PORTS[@]}"; do
 done
 
 echo "etcd: $(etcd --version | head -n 1)" >&2
+echo "threads per member: ${BENCH_THREADS:-the default of each (one per CPU)}" >&2
 start_etcd
 measure etcd
 stop_all

@@ -5,6 +5,8 @@
 # KVD_PEER_PORTS   peer ports of the three members   (default: "2380 22380 32380")
 # KVD_BIN_DIR      where kvd and kvctl are (default: target/release, built when needed)
 # KVD_EXTRA_FLAGS  more flags for every member (e.g. "--snapshot-count 1000")
+# KVD_WORKER_THREADS async threads per member (default: a third of the CPUs, at
+#                  least one, since the three members share this machine)
 
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,6 +15,8 @@ read -r -a CLIENT_PORTS <<< "${KVD_CLIENT_PORTS:-2379 22379 32379}"
 read -r -a PEER_PORTS <<< "${KVD_PEER_PORTS:-2380 22380 32380}"
 NAMES=(n1 n2 n3)
 BIN_DIR="${KVD_BIN_DIR:-$ROOT/target/release}"
+WORKER_THREADS="${KVD_WORKER_THREADS:-$(( $(nproc) / 3 ))}"
+[ "$WORKER_THREADS" -ge 1 ] || WORKER_THREADS=1
 
 endpoints() {
   local out=() p

@@ -31,7 +31,7 @@ for i in 0 1 2; do
     --advertise-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
     --listen-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
     --initial-advertise-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
-    --initial-cluster "$cluster" ${KVD_EXTRA_FLAGS:-} \
+    --initial-cluster "$cluster" --worker-threads "$WORKER_THREADS" ${KVD_EXTRA_FLAGS:-} \
     >> "$CLUSTER_DIR/$n.log" 2>&1 < /dev/null &
   echo $! > "$CLUSTER_DIR/$n.pid"
 done

@@ -70,6 +70,12 @@ pub struct Config {
     /// a response before it gets an empty one with the current revision.
     #[arg(long = "experimental-watch-progress-notify-interval", env = "KVD_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
     pub watch_progress_notify_interval: std::time::Duration,
+    /// Threads that serve clients and peers and run Raft (default: one per
+    /// CPU). Members that share a machine do better with fewer each: every
+    /// extra thread wakes and sleeps on its own, and the log and sled write
+    /// on threads of their own anyway.
+    #[arg(long, env = "KVD_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
 }
 
 /// A configuration that cannot work, with what to fix.
@@ -191,6 +197,9 @@ impl Config {
         if self.snapshot_count == 0 {
             return Err(ConfigError::BadLimit("--snapshot-count must be at least 1".into()));
         }
+        if self.worker_threads == Some(0) {
+            return Err(ConfigError::BadLimit("--worker-threads must be at least 1".into()));
+        }
         let client_addrs = split(&self.listen_client_urls)
             .map(|u| parse_url("listen-client-urls", u).map(|(_, a)| a))
             .collect::<Result<Vec<_>, _>>()?;
@@ -270,6 +279,15 @@ mod tests {
         assert!(config(&["--listen-client-urls", "https://127.0.0.1:1"]).validate().is_err());
         assert!(config(&["--listen-peer-urls", "nonsense"]).validate().is_err());
         assert!(config(&["--heartbeat-interval", "500", "--election-timeout", "1000"]).validate().is_err());
+    }
+
+    #[test]
+    fn worker_threads_must_be_at_least_one() {
+        let err = config(&["--worker-threads", "0"]).validate().unwrap_err();
+        assert_eq!(err.to_string(), "--worker-threads must be at least 1");
+        let v = config(&["--worker-threads", "1"]).validate().expect("one thread is enough");
+        assert_eq!(v.config.worker_threads, Some(1));
+        assert!(Config::try_parse_from(["kvd", "--worker-threads", "-1"]).is_err());
     }
 
     #[test]

@@ -1,11 +1,10 @@
 //! `kvd`: one member of a kvd cluster.
 
 use clap::Parser;
-use kvd::config::Config;
+use kvd::config::{Config, Validated};
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() {
+fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=warn,sled=warn")),
@@ -14,14 +13,24 @@ async fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = Config::parse();
-    if let Err(e) = run(config).await {
-        eprintln!("kvd: error: {e}");
-        std::process::exit(1);
+    let validated = config.validate().unwrap_or_else(|e| fail(e.into()));
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.worker_threads {
+        runtime.worker_threads(n);
+    }
+    let runtime = runtime.enable_all().build().unwrap_or_else(|e| fail(e.into()));
+    if let Err(e) = runtime.block_on(serve(validated)) {
+        // Exits at once, without waiting for the runtime's tasks to wind down.
+        fail(e);
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
-    let validated = config.validate()?;
+fn fail(e: anyhow::Error) -> ! {
+    eprintln!("kvd: error: {e}");
+    std::process::exit(1);
+}
+
+async fn serve(validated: Validated) -> anyhow::Result<()> {
     let server = kvd::server::start(validated).await?;
     tokio::select! {
         r = shutdown_signal() => r?,
