@@ -153,6 +153,10 @@ fn kvd_rejects_bad_flags_and_a_locked_data_dir_with_one_line() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("kvd: error: invalid URL \"nonsense\" in --listen-peer-urls"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    let none = Command::new(env!("CARGO_BIN_EXE_kvd")).args(["--worker-threads", "0"]).output().unwrap();
+    assert_eq!(none.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&none.stderr);
+    assert_eq!(err.trim(), "kvd: error: --worker-threads must be at least 1");
 
     let c = Cluster::new();
     let up = c.script("start.sh");
