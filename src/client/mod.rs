@@ -38,8 +38,14 @@ fn retryable(status: &Status) -> bool {
 /// Unknown "transport error", e.g. from a member that was being killed),
 /// since repeating a read changes nothing.
 fn read_retryable(status: &Status) -> bool {
-    let broken = std::error::Error::source(status).is_some_and(|e| e.is::<tonic::transport::Error>());
-    broken || status.code() == Code::Unavailable || retryable(status)
+    broken(status) || status.code() == Code::Unavailable || retryable(status)
+}
+
+/// Whether the connection failed under a call (tonic reports that as Unknown
+/// "transport error" or Cancelled, with the transport's error as source),
+/// rather than the server answering with an error.
+pub fn broken(status: &Status) -> bool {
+    std::error::Error::source(status).is_some_and(|e| e.is::<tonic::transport::Error>())
 }
 
 /// A client of a kvd (or etcd) cluster.

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
@@ -27,6 +27,13 @@ use crate::proto::kvdpb::RaftPayload;
 
 /// Bound on how long a connection attempt to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The longest wait before openraft tries an unreachable peer again.
+pub const MAX_BACKOFF: Duration = Duration::from_millis(100);
+
+fn backoff_delays() -> impl Iterator<Item = Duration> + Send + 'static {
+    std::iter::successors(Some(Duration::from_millis(10)), |d| Some((*d * 2).min(MAX_BACKOFF)))
+}
 
 /// The peer RPCs.
 #[derive(Debug, Clone, Copy)]
@@ -63,6 +70,10 @@ pub enum CallError {
     NotSent(String),
     /// The request may have reached the peer; its effect is unknown.
     Unknown(String),
+    /// The connection failed under the request: its effect is unknown, and
+    /// the peer is not reachable through it for now (it reset or dropped
+    /// the connection, as a peer that is stopping or cut off does).
+    Broken(String),
 }
 
 impl Network {
@@ -141,6 +152,7 @@ impl Network {
             // tonic reports a channel that could not connect this way, before
             // anything is sent.
             Ok(Err(s)) if crate::client::not_sent(&s) => Err(CallError::NotSent(s.to_string())),
+            Ok(Err(s)) if crate::client::broken(&s) => Err(CallError::Broken(s.to_string())),
             Ok(Err(s)) => Err(CallError::Unknown(s.to_string())),
             Ok(Ok(resp)) => Ok(resp.into_inner().data),
         }
@@ -172,8 +184,14 @@ impl PeerConnection {
         E: std::error::Error + DeserializeOwned,
     {
         let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        // Unreachable makes openraft wait (see `backoff`) before it tries
+        // this peer again; after any other error it retries with the next
+        // entry or heartbeat, which against a peer that resets every
+        // connection made thousands of failed calls a second.
         let bytes = self.net.call(self.target, &self.addr, rpc, payload, timeout).await.map_err(|e| match e {
-            CallError::NotSent(m) => RPCError::Unreachable(Unreachable::new(&Error::Internal(m))),
+            CallError::NotSent(m) | CallError::Broken(m) => {
+                RPCError::Unreachable(Unreachable::new(&Error::Internal(m)))
+            }
             CallError::Unknown(m) => RPCError::Network(NetworkError::new(&Error::Internal(m))),
         })?;
         let answer: Result<Resp, RaftError<NodeId, E>> =
@@ -183,6 +201,12 @@ impl PeerConnection {
 }
 
 impl RaftNetwork<TypeConfig> for PeerConnection {
+    /// Waits before retrying an unreachable peer: 10 ms, doubling up to
+    /// [`MAX_BACKOFF`]; openraft starts over after a call that succeeds.
+    fn backoff(&self) -> Backoff {
+        Backoff::new(backoff_delays())
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
@@ -205,5 +229,56 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
         self.raft_call(Rpc::Vote, &rpc, option.hard_ttl()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::Vote;
+
+    fn heartbeat() -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: None,
+            entries: vec![],
+            leader_commit: None,
+        }
+    }
+
+    /// A peer address whose listener runs `serve` on every connection.
+    fn peer(serve: fn(std::net::TcpStream)) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                std::thread::spawn(move || serve(conn));
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[test]
+    fn backoff_doubles_from_10_ms_up_to_the_cap() {
+        let ms: Vec<u128> = backoff_delays().take(8).map(|d| d.as_millis()).collect();
+        assert_eq!(ms, [10, 20, 40, 80, 100, 100, 100, 100]);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_drops_connections_is_unreachable_and_one_that_is_silent_is_not() {
+        let option = || RPCOption::new(Duration::from_millis(500));
+        // Dropped at once: openraft should back off, not retry at once.
+        let mut dropping = PeerConnection { net: Network::default(), target: 2, addr: peer(drop) };
+        let err = dropping.append_entries(heartbeat(), option()).await.expect_err("nothing answers");
+        assert!(matches!(err, RPCError::Unreachable(_)), "{err:?}");
+        // Held open without a word: the call times out, which says nothing
+        // of whether the peer can be reached.
+        let silent = |conn: std::net::TcpStream| {
+            std::thread::sleep(Duration::from_secs(2));
+            drop(conn);
+        };
+        let mut silent = PeerConnection { net: Network::default(), target: 3, addr: peer(silent) };
+        let err = silent.append_entries(heartbeat(), option()).await.expect_err("nothing answers");
+        assert!(matches!(err, RPCError::Network(_)), "{err:?}");
     }
 }
