@@ -17,10 +17,18 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::error::Error;
 
+/// Work for the commit thread.
+enum Job {
+    /// A group of writes to commit.
+    Commit(sled::Batch),
+    /// Something to do with the tree between two groups.
+    Run(Box<dyn FnOnce(&sled::Tree) + Send>),
+}
+
 /// The thread that commits handed-off groups, and what it is doing.
 pub struct Committer {
     /// None only while dropping.
-    tx: Option<mpsc::Sender<sled::Batch>>,
+    tx: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
     progress: Arc<(Mutex<Progress>, Condvar)>,
 }
@@ -38,14 +46,20 @@ impl Committer {
     /// thread to commit what it has and end, so that sled's files are free
     /// for the next start.
     pub fn start(tree: sled::Tree) -> Result<Committer, Error> {
-        let (tx, rx) = mpsc::channel::<sled::Batch>();
+        let (tx, rx) = mpsc::channel::<Job>();
         let progress = Arc::new((Mutex::new(Progress::default()), Condvar::new()));
         let theirs = progress.clone();
         let thread = std::thread::Builder::new()
             .name("kvd-sm-commit".into())
             .spawn(move || {
-                while let Ok(batch) = rx.recv() {
-                    let result = tree.apply_batch(batch);
+                while let Ok(job) = rx.recv() {
+                    let result = match job {
+                        Job::Commit(batch) => tree.apply_batch(batch),
+                        Job::Run(work) => {
+                            work(&tree);
+                            Ok(())
+                        }
+                    };
                     let (lock, done) = &*theirs;
                     let mut progress = lock.lock().unwrap_or_else(|p| p.into_inner());
                     progress.busy = false;
@@ -78,12 +92,25 @@ impl Committer {
 
     /// Starts committing `batch`. The group before it must be committed.
     pub fn send(&self, batch: sled::Batch) -> Result<(), Error> {
+        self.begin(Job::Commit(batch))
+    }
+
+    /// Starts `work` with the tree on the commit thread, as if it were a
+    /// group: the group before it must be committed, and the committer is
+    /// busy until it ends. A snapshot copies the tree this way, so that the
+    /// copy holds exactly the groups committed before it while applying
+    /// goes on.
+    pub fn run(&self, work: impl FnOnce(&sled::Tree) + Send + 'static) -> Result<(), Error> {
+        self.begin(Job::Run(Box::new(work)))
+    }
+
+    fn begin(&self, job: Job) -> Result<(), Error> {
         let mut progress = self.lock();
         check(&progress)?;
         if progress.busy {
-            return Err(Error::internal("a group was handed off before the one before it was committed"));
+            return Err(Error::internal("work was handed to the committer before the group before it was committed"));
         }
-        if self.tx.as_ref().is_none_or(|tx| tx.send(batch).is_err()) {
+        if self.tx.as_ref().is_none_or(|tx| tx.send(job).is_err()) {
             progress.failed = Some("the commit thread is gone".into());
             return check(&progress);
         }

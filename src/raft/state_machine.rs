@@ -20,7 +20,7 @@ use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError, StoredMembership};
 use prost::Message;
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, oneshot};
 
 use super::committer::Committer;
 use super::{decode, encode, Entry, LogId, Node, NodeId, Request, Response, StorageError, TypeConfig};
@@ -503,6 +503,16 @@ fn load_state(tree: &sled::Tree) -> Result<Loaded, Error> {
     Ok((State { store, attrs, unflushed: Group::default() }, last_applied, membership))
 }
 
+/// Every record of the state tree.
+fn copy_records(tree: &sled::Tree) -> Result<Records, Error> {
+    tree.iter()
+        .map(|item| {
+            let (k, v) = item?;
+            Ok((serde_bytes::ByteBuf::from(k.to_vec()), serde_bytes::ByteBuf::from(v.to_vec())))
+        })
+        .collect()
+}
+
 /// Replaces the state tree with `records`, marking the install in progress so
 /// that a crash midway is finished at the next start.
 fn load_records(db: &sled::Db, tree: &sled::Tree, records: &Records) -> Result<(), Error> {
@@ -568,8 +578,9 @@ pub struct SnapshotBuilder {
     db: sled::Db,
     dir: PathBuf,
     snapshot_file: Arc<std::sync::Mutex<Option<LogId>>>,
-    /// The state's records, or why they could not be read.
-    records: Result<Records, Error>,
+    /// The state's records as the commit thread copies them, or why they
+    /// cannot be; taken by the build.
+    records: Option<Result<oneshot::Receiver<Result<Records, Error>>, Error>>,
     last_applied: Option<LogId>,
     membership: StoredMembership<NodeId, Node>,
 }
@@ -579,8 +590,15 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let fail = |e: Error| StorageError::from(StorageIOError::write_snapshot(None, &e));
         // The log up to the snapshot may be purged once it is returned, so the
         // applied state must be on disk first.
+        let copying = self.records.take().unwrap_or_else(|| Err(Error::internal("the snapshot was built already")));
+        let records = match copying {
+            Ok(copied) => {
+                copied.await.unwrap_or_else(|_| Err(Error::internal("the commit thread ended before the copy")))
+            }
+            Err(e) => Err(e),
+        }
+        .map_err(fail)?;
         super::flush(&self.db).await.map_err(|e| fail(e.into()))?;
-        let records = std::mem::replace(&mut self.records, Ok(Vec::new())).map_err(fail)?;
         let (last_applied, membership) = (self.last_applied, self.membership.clone());
         let (dir, on_disk) = (self.dir.clone(), self.snapshot_file.clone());
         let (stored, written) = super::blocking(move || {
@@ -623,24 +641,24 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // The records and the last applied id must agree: every applied
-        // write is committed first, and applying waits meanwhile (it waits
-        // anyway: openraft applies on the task that called this).
-        let (shared, tree) = (self.shared.clone(), self.tree.clone());
-        let records = super::blocking(move || {
-            let _state = shared.read_committed()?;
-            tree.iter()
-                .map(|item| {
-                    let (k, v) = item?;
-                    Ok((serde_bytes::ByteBuf::from(k.to_vec()), serde_bytes::ByteBuf::from(v.to_vec())))
+        // write is committed first, and the commit thread copies the tree
+        // before it commits any later group. Applying goes on meanwhile:
+        // openraft builds the snapshot on a task of its own.
+        let (tx, rx) = oneshot::channel();
+        let records = {
+            let mut state = self.shared.write();
+            let State { store, unflushed, .. } = &mut *state;
+            unflushed.commit(store, &self.shared.committer).and_then(|()| {
+                self.shared.committer.run(move |tree| {
+                    let _ = tx.send(copy_records(tree));
                 })
-                .collect::<Result<Records, Error>>()
-        })
-        .await;
+            })
+        };
         SnapshotBuilder {
             db: self.shared.db.clone(),
             dir: self.dir.clone(),
             snapshot_file: self.snapshot_file.clone(),
-            records,
+            records: Some(records.map(|()| rx)),
             last_applied: self.last_applied,
             membership: self.membership.clone(),
         }
@@ -826,5 +844,35 @@ mod tests {
         let kvs = state.store.current_kvs(b"a", &crate::mvcc::keys::RangeEnd::Before(b"c".to_vec())).expect("read");
         let got: Vec<(&[u8], &[u8], i64)> = kvs.iter().map(|kv| (&kv.key[..], &kv.value[..], kv.version)).collect();
         assert_eq!(got, vec![(&b"a"[..], &b"3"[..], 2), (&b"b"[..], &b"2"[..], 1)]);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_holds_the_entry_it_names_though_later_ones_are_applied_before_it_is_built() {
+        use openraft::storage::RaftSnapshotBuilder;
+        let n = MAX_UNFLUSHED_WRITES;
+        let key = |i: usize| format!("k{i:05}");
+        let puts = |value: &str| (0..n).map(|i| put(&key(i), value)).collect::<Vec<_>>();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+        let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+        sm.apply(vec![batch(1, puts("a"))]).await.expect("apply");
+        let mut builder = sm.get_snapshot_builder().await;
+        // Applying goes on while the tree is copied: a group large enough
+        // to be handed off, and one more entry.
+        sm.apply(vec![batch(2, puts("b"))]).await.expect("apply");
+        sm.apply(vec![entry(3, put("late", "x"))]).await.expect("apply");
+        let snapshot = builder.build_snapshot().await.expect("build");
+        assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(1));
+
+        let other = tempfile::tempdir().expect("tempdir");
+        let db2 = super::super::open_sled(&sled::Config::new().path(other.path().join("db"))).expect("sled");
+        let mut sm2 = StateMachine::open(&db2, other.path()).expect("state machine");
+        sm2.install_snapshot(&snapshot.meta, snapshot.snapshot).await.expect("install");
+        let shared = sm2.shared();
+        let state = shared.read();
+        assert_eq!(state.store.revision(), n as i64 + 1);
+        let kvs = state.store.current_kvs(b"", &crate::mvcc::keys::RangeEnd::Unbounded).expect("read");
+        assert_eq!(kvs.len(), n, "only the keys of entry 1");
+        assert!(kvs.iter().all(|kv| kv.value == b"a" && kv.version == 1), "values of entry 1 only");
     }
 }
