@@ -120,16 +120,13 @@ pub fn open_sled(config: &sled::Config) -> Result<sled::Db, sled::Error> {
 /// sled 0.34's own `flush_async` can miss its wake-up when several flushes
 /// (of one database or of several in one process) are polled at once, and the
 /// awaiting task then never resumes; a blocking `flush` has no such race.
-pub async fn flush(db: &sled::Db) -> Result<(), sled::Error> {
+pub async fn flush(db: &sled::Db) -> Result<(), Error> {
     let db = db.clone();
-    match tokio::task::spawn_blocking(move || db.flush()).await {
-        Ok(flushed) => flushed.map(|_| ()),
-        Err(e) => Err(sled::Error::Io(std::io::Error::other(format!("flush task failed: {e}")))),
-    }
+    blocking(move || Ok(db.flush().map(|_| ())?)).await
 }
 
-/// Runs `work` on tokio's blocking threads: for reads and writes of whole
-/// snapshots, which would otherwise hold an async worker (and with it
+/// Runs `work` on tokio's blocking threads: for flushes and for reads and
+/// writes of whole snapshots, which would otherwise hold an async worker (and with it
 /// heartbeats and every request on that worker) for as long as they take.
 pub async fn blocking<T, F>(work: F) -> Result<T, Error>
 where

@@ -8,8 +8,8 @@
 //! but it is flushed before a snapshot is handed to openraft, which may then
 //! purge the log.
 //!
-//! Snapshots are a copy of the whole state tree taken between two applies,
-//! kept in `<data-dir>/snapshot.bin` and sent by openraft in chunks.
+//! Snapshots are a copy of the whole state tree that the commit thread takes
+//! between two groups while applying goes on, kept in `<data-dir>/snapshot.bin` and sent by openraft in chunks.
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -579,8 +579,8 @@ pub struct SnapshotBuilder {
     dir: PathBuf,
     snapshot_file: Arc<std::sync::Mutex<Option<LogId>>>,
     /// The state's records as the commit thread copies them, or why they
-    /// cannot be; taken by the build.
-    records: Option<Result<oneshot::Receiver<Result<Records, Error>>, Error>>,
+    /// could not be copied; taken by the build.
+    records: Option<oneshot::Receiver<Result<Records, Error>>>,
     last_applied: Option<LogId>,
     membership: StoredMembership<NodeId, Node>,
 }
@@ -588,17 +588,12 @@ pub struct SnapshotBuilder {
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let fail = |e: Error| StorageError::from(StorageIOError::write_snapshot(None, &e));
+        let copied = self.records.take().ok_or_else(|| fail(Error::internal("the snapshot was built already")))?;
+        let records = copied.await.unwrap_or_else(|_| Err(Error::internal("the commit thread ended before the copy")));
+        let records = records.map_err(fail)?;
         // The log up to the snapshot may be purged once it is returned, so the
         // applied state must be on disk first.
-        let copying = self.records.take().unwrap_or_else(|| Err(Error::internal("the snapshot was built already")));
-        let records = match copying {
-            Ok(copied) => {
-                copied.await.unwrap_or_else(|_| Err(Error::internal("the commit thread ended before the copy")))
-            }
-            Err(e) => Err(e),
-        }
-        .map_err(fail)?;
-        super::flush(&self.db).await.map_err(|e| fail(e.into()))?;
+        super::flush(&self.db).await.map_err(fail)?;
         let (last_applied, membership) = (self.last_applied, self.membership.clone());
         let (dir, on_disk) = (self.dir.clone(), self.snapshot_file.clone());
         let (stored, written) = super::blocking(move || {
@@ -645,20 +640,30 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // before it commits any later group. Applying goes on meanwhile:
         // openraft builds the snapshot on a task of its own.
         let (tx, rx) = oneshot::channel();
-        let records = {
+        let copy = move |tree: &sled::Tree| {
+            let _ = tx.send(copy_records(tree));
+        };
+        let started = {
             let mut state = self.shared.write();
             let State { store, unflushed, .. } = &mut *state;
-            unflushed.commit(store, &self.shared.committer).and_then(|()| {
-                self.shared.committer.run(move |tree| {
-                    let _ = tx.send(copy_records(tree));
-                })
-            })
+            let committer = &self.shared.committer;
+            unflushed.commit(store, committer).and_then(|()| committer.run(copy))
+        };
+        let records = match started {
+            Ok(()) => rx,
+            // `tx` went with the copy that did not start: the build learns
+            // why from a channel of its own.
+            Err(e) => {
+                let (failed, rx) = oneshot::channel();
+                let _ = failed.send(Err(e));
+                rx
+            }
         };
         SnapshotBuilder {
             db: self.shared.db.clone(),
             dir: self.dir.clone(),
             snapshot_file: self.snapshot_file.clone(),
-            records: Some(records.map(|()| rx)),
+            records: Some(records),
             last_applied: self.last_applied,
             membership: self.membership.clone(),
         }

@@ -258,6 +258,12 @@ async fn resumed(record: &Record, from: u64, limit: Duration) -> Option<Duration
 }
 
 /// Time until member `i` answers a linearizable read itself.
+/// The last line of member `i`'s log that mentions an error, trimmed, or "".
+fn last_error(dir: &std::path::Path, i: usize) -> String {
+    let log = std::fs::read_to_string(dir.join(format!("m{i}.log"))).unwrap_or_default();
+    log.lines().rev().find(|l| l.contains("error")).unwrap_or("").trim().to_string()
+}
+
 async fn serves(cluster: &Cluster, i: usize, limit: Duration) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < limit {
@@ -472,14 +478,13 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
                 let filled = cluster::fill(&data)?;
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(1500..3000))).await;
                 let exited = cluster.exited(victim);
-                let log = std::fs::read_to_string(dir.join(format!("m{victim}.log"))).unwrap_or_default();
-                let last = log.lines().rev().find(|l| l.contains("error")).unwrap_or("").to_string();
+                let last = last_error(&dir, victim);
                 std::fs::remove_file(data.join("filler"))?;
                 report.notes.push(format!(
                     "disk-full: {} MiB filled m{victim}'s disk; it {}{}",
                     filled >> 20,
                     if exited { "exited" } else { "kept running" },
-                    if last.is_empty() { String::new() } else { format!(": {}", last.trim()) }
+                    if last.is_empty() { String::new() } else { format!(": {last}") }
                 ));
                 if exited {
                     // As a supervisor would, once space is back.
@@ -492,8 +497,7 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
                         // A write begun on the full disk (a snapshot, say)
                         // can fail a moment after the check above: restart
                         // it for that cause only, as a supervisor would.
-                        let log = std::fs::read_to_string(dir.join(format!("m{victim}.log"))).unwrap_or_default();
-                        let last = log.lines().rev().find(|l| l.contains("error")).unwrap_or("").trim().to_string();
+                        let last = last_error(&dir, victim);
                         if !last.contains("No space left on device") {
                             report.anomalies.push(format!("m{victim} exited after its disk had space again: {last}"));
                             break;
