@@ -1,13 +1,16 @@
 //! A property test of the MVCC store against a plain in-memory model: every
-//! revision's full key-value state is kept in a map, and every read at every
-//! revision must agree with it, across compactions and reopening the store.
+//! revision's full key-value state and events are kept in maps, and every
+//! read and every replay of history from every revision must agree with
+//! them, across compactions and reopening the store. Writes are committed to
+//! the tree now after each, now several together, as the state machine
+//! commits them in groups.
 
 use std::collections::BTreeMap;
 
 use kvd::error::Error;
 use kvd::mvcc::keys::RangeEnd;
 use kvd::mvcc::{MvccStore, INITIAL_REVISION};
-use kvd::proto::mvccpb::KeyValue;
+use kvd::proto::mvccpb::{event::EventType, Event, KeyValue};
 use proptest::prelude::*;
 
 const KEYS: &[&[u8]] = &[b"a", b"a\0", b"ab", b"b", b"c", b"\xff", b"\0"];
@@ -20,6 +23,8 @@ enum Op {
     Delete(usize, Option<usize>),
     Compact(i64),
     Reopen,
+    /// Commits the writes made since the last commit.
+    Commit,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -30,6 +35,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (k.clone(), proptest::option::of(k)).prop_map(|(k, e)| Op::Delete(k, e)),
         1 => (0i64..40).prop_map(Op::Compact),
         1 => Just(Op::Reopen),
+        3 => Just(Op::Commit),
     ]
 }
 
@@ -38,6 +44,8 @@ type State = BTreeMap<Vec<u8>, KeyValue>;
 struct Model {
     /// The state after each revision.
     states: BTreeMap<i64, State>,
+    /// The events of each revision, in the order they were written.
+    events: BTreeMap<i64, Vec<Event>>,
     compacted: i64,
 }
 
@@ -98,6 +106,58 @@ fn check_all_reads(store: &MvccStore, model: &Model) {
     }
 }
 
+/// Replays history from every revision a watch may start at, for a key, a
+/// range and every key, whole and in chunks of whole revisions, with and
+/// without previous key-values.
+fn check_replays(store: &MvccStore, model: &Model) {
+    let (cur, _) = model.current();
+    for from in model.compacted.max(INITIAL_REVISION)..=cur + 1 {
+        for (key, end) in
+            [(&b"a"[..], RangeEnd::Single), (b"a", RangeEnd::Before(b"b".to_vec())), (b"\0", RangeEnd::Unbounded)]
+        {
+            for with_prev in [false, true] {
+                let want: Vec<Event> = model
+                    .events
+                    .range(from..)
+                    .flat_map(|(rev, events)| {
+                        let before = &model.states[&(rev - 1)];
+                        events.iter().filter(|e| end.contains(key, &e.kv.as_ref().expect("kv").key)).map(move |e| {
+                            // As etcd's, a previous version lost to compaction is left out.
+                            let prev_kv = match with_prev && *rev > model.compacted {
+                                true => before.get(&e.kv.as_ref().expect("kv").key).cloned(),
+                                false => None,
+                            };
+                            Event { prev_kv, ..e.clone() }
+                        })
+                    })
+                    .collect();
+                for chunk in [usize::MAX, 1, 2] {
+                    let mut got = Vec::new();
+                    let mut next = from;
+                    while next <= cur {
+                        let (events, last) =
+                            store.history_events(key, &end, next, cur, chunk, with_prev).expect("replay");
+                        assert!(last >= next && last <= cur, "replay from {next} ended at {last}");
+                        if let Some(e) = events.last() {
+                            assert!(e.kv.as_ref().expect("kv").mod_revision <= last, "an event after the chunk's end");
+                        }
+                        got.extend(events);
+                        next = last + 1;
+                    }
+                    assert_eq!(
+                        got, want,
+                        "replay of {key:?}..{end:?} from {from} in chunks of {chunk}, prev {with_prev}"
+                    );
+                }
+            }
+        }
+    }
+    if model.compacted > INITIAL_REVISION {
+        let got = store.history_events(b"\0", &RangeEnd::Unbounded, model.compacted - 1, cur, usize::MAX, false);
+        assert_eq!(got, Err(Error::Compacted));
+    }
+}
+
 /// After compaction at `rev`, history below `rev` holds only each key's
 /// newest version, and only if that version is live.
 fn check_no_dead_history(tree: &sled::Tree, rev: i64) {
@@ -113,8 +173,13 @@ fn check_no_dead_history(tree: &sled::Tree, rev: i64) {
     }
 }
 
-fn commit(tree: &sled::Tree, batch: kvd::mvcc::Batch) {
+/// Commits the writes gathered in `unsaved` with their revision order, as
+/// the state machine commits a group.
+fn commit(store: &mut MvccStore, tree: &sled::Tree, unsaved: &mut kvd::mvcc::Batch) {
+    let mut batch = std::mem::take(unsaved);
+    store.seal(&mut batch);
     tree.apply_batch(batch.into_sled()).expect("commit");
+    store.committed();
 }
 
 proptest! {
@@ -125,7 +190,8 @@ proptest! {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let tree = db.open_tree("state").unwrap();
         let mut store = MvccStore::open(tree.clone()).unwrap();
-        let mut model = Model { states: BTreeMap::from([(INITIAL_REVISION, State::new())]), compacted: 0 };
+        let mut model = Model { states: BTreeMap::from([(INITIAL_REVISION, State::new())]), events: BTreeMap::new(), compacted: 0 };
+        let mut unsaved = kvd::mvcc::Batch::default();
         for op in ops {
             let (cur, state) = model.current();
             let mut next = state.clone();
@@ -161,8 +227,9 @@ proptest! {
                     }
                     let (batch, events) = w.finish();
                     prop_assert_eq!(events.len(), keys.len());
-                    commit(&tree, batch);
-                    store.committed();
+                    unsaved.append(batch);
+                    let written = keys.iter().map(|k| Event { r#type: EventType::Put as i32, kv: next.get(KEYS[*k]).cloned(), prev_kv: None });
+                    model.events.insert(cur + 1, written.collect());
                     model.states.insert(cur + 1, next);
                 }
                 Op::Delete(k, e) => {
@@ -171,17 +238,23 @@ proptest! {
                     let mut w = store.write();
                     let deleted = w.delete_range(KEYS[k], &end, true);
                     prop_assert_eq!(&deleted, &Ok((doomed.len(), doomed.clone())));
-                    let (batch, _) = w.finish();
-                    commit(&tree, batch);
-                    store.committed();
+                    let (batch, events) = w.finish();
+                    unsaved.append(batch);
+                    let tomb = |kv: &KeyValue| KeyValue { key: kv.key.clone(), mod_revision: cur + 1, ..Default::default() };
+                    let written: Vec<Event> = doomed.iter().map(|kv| Event { r#type: EventType::Delete as i32, kv: Some(tomb(kv)), prev_kv: None }).collect();
+                    prop_assert_eq!(&events, &written);
                     if !doomed.is_empty() {
                         for kv in doomed {
                             next.remove(&kv.key);
                         }
+                        model.events.insert(cur + 1, written);
                         model.states.insert(cur + 1, next);
                     }
                 }
                 Op::Compact(rev) => {
+                    // Compaction reads history: the state machine commits
+                    // every write before it.
+                    commit(&mut store, &tree, &mut unsaved);
                     let mut batch = kvd::mvcc::Batch::default();
                     let got = store.compact(rev, &mut batch);
                     if rev <= model.compacted {
@@ -190,17 +263,28 @@ proptest! {
                         prop_assert_eq!(got, Err(Error::FutureRev));
                     } else {
                         prop_assert_eq!(got, Ok(()));
-                        commit(&tree, batch);
+                        unsaved.append(batch);
+                        commit(&mut store, &tree, &mut unsaved);
                         model.compacted = rev;
                         check_no_dead_history(&tree, rev);
                     }
                 }
                 Op::Reopen => {
+                    commit(&mut store, &tree, &mut unsaved);
                     drop(store);
                     store = MvccStore::open(tree.clone()).unwrap();
                 }
+                Op::Commit => commit(&mut store, &tree, &mut unsaved),
             }
-            check_all_reads(&store, &model);
+            // Reads of history read the tree: like the state machine, commit
+            // what was written first, now and then.
+            if unsaved.is_empty() {
+                check_all_reads(&store, &model);
+                check_replays(&store, &model);
+            }
         }
+        commit(&mut store, &tree, &mut unsaved);
+        check_all_reads(&store, &model);
+        check_replays(&store, &model);
     }
 }

@@ -7,16 +7,15 @@
 //! - `h` + escaped key + revision: one version of a key (its history). The
 //!   escaping keeps byte order, so all versions of a key sit together, sorted
 //!   by revision, and key ranges map to tree ranges.
-//! - `r` + revision + sub-index: the key written at that point, so history can
-//!   be walked in revision order (watch replay, compaction).
+//! - `s` + revision + sub-index: a run of changes in revision order, each
+//!   with the key it wrote, so that a watch can replay history by revision
+//!   (see [`super::changes`]).
 //! - `m` + name: store metadata (revision, compacted revision, raft state).
 //! - `l` + lease id: a granted lease and its TTL. The keys attached to a lease
 //!   are not stored twice: they are the live keys whose `lease` names it.
 
 /// Prefix of history records.
 pub const HIST: u8 = b'h';
-/// Prefix of revision-order records.
-pub const REVS: u8 = b'r';
 /// Prefix of metadata records.
 pub const META: u8 = b'm';
 /// Prefix of lease records.
@@ -88,21 +87,6 @@ pub fn parse_hist_key(rec: &[u8]) -> Option<(Vec<u8>, i64)> {
     let (key, rev) = unescape(rest)?;
     let rev: [u8; 8] = rev.try_into().ok()?;
     Some((key, u64::from_be_bytes(rev) as i64))
-}
-
-/// The revision-order record key of the `sub`-th change in revision `rev`.
-pub fn rev_key(rev: i64, sub: u32) -> [u8; 13] {
-    let mut out = [0u8; 13];
-    out[0] = REVS;
-    out[1..9].copy_from_slice(&(rev as u64).to_be_bytes());
-    out[9..].copy_from_slice(&sub.to_be_bytes());
-    out
-}
-
-/// The revision of a revision-order record key.
-pub fn parse_rev_key(rec: &[u8]) -> Option<i64> {
-    let rev: [u8; 8] = rec.get(1..9)?.try_into().ok()?;
-    Some(u64::from_be_bytes(rev) as i64)
 }
 
 /// A metadata record key.

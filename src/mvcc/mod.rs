@@ -14,6 +14,7 @@
 //! log id.
 
 pub mod batch;
+pub mod changes;
 pub mod keys;
 pub mod ops;
 pub mod txn;
@@ -90,6 +91,8 @@ pub struct MvccStore {
     /// (see [`MvccStore::hand_off`]): older than every pending one, newer
     /// than any in the tree, and perhaps in the tree already.
     sending: BTreeMap<Vec<u8>, KeyValue>,
+    /// Which key each change since the last [`MvccStore::seal`] wrote.
+    run: changes::Run,
     /// Granted leases.
     leases: BTreeMap<i64, Lease>,
     revision: i64,
@@ -100,6 +103,7 @@ impl MvccStore {
     /// Opens the store kept in `tree`, rebuilding the in-memory index from
     /// history.
     pub fn open(tree: sled::Tree) -> Result<Self> {
+        changes::upgrade(&tree)?;
         let revision = read_meta_i64(&tree, "revision")?.unwrap_or(INITIAL_REVISION);
         let compacted = read_meta_i64(&tree, "compacted")?.unwrap_or(0);
         let mut index = BTreeMap::new();
@@ -139,7 +143,16 @@ impl MvccStore {
                 lease.keys.insert(key.clone());
             }
         }
-        Ok(MvccStore { tree, index, pending: BTreeMap::new(), sending: BTreeMap::new(), leases, revision, compacted })
+        Ok(MvccStore {
+            tree,
+            index,
+            pending: BTreeMap::new(),
+            sending: BTreeMap::new(),
+            run: changes::Run::default(),
+            leases,
+            revision,
+            compacted,
+        })
     }
 
     /// The lease `id`, if it is granted.
@@ -183,24 +196,23 @@ impl MvccStore {
         }
         let mut out = Vec::new();
         let mut last = to;
-        for item in self.tree.range(keys::rev_key(from, 0).to_vec()..keys::rev_key(to + 1, 0).to_vec()) {
-            let (rec, k) = item?;
-            let rev = keys::parse_rev_key(&rec).ok_or_else(|| Error::internal("corrupt revision record key"))?;
+        changes::walk(&self.tree, from, to, |rev, k| {
             if out.len() >= max_events && out.last().map(event_rev) != Some(rev) {
                 last = rev - 1;
-                break;
+                return Ok(false);
             }
-            if !end.contains(key, &k) {
-                continue;
+            if !end.contains(key, k) {
+                return Ok(true);
             }
-            let kv = match self.tree.get(keys::hist_key(&k, rev))? {
+            let kv = match self.tree.get(keys::hist_key(k, rev))? {
                 Some(v) => decode_kv(&v)?,
                 None => return Err(Error::Compacted),
             };
-            let prev_kv = if with_prev { self.prev_version(&k, rev)? } else { None };
+            let prev_kv = if with_prev { self.prev_version(k, rev)? } else { None };
             let r#type = if kv.version == 0 { EventType::Delete } else { EventType::Put };
             out.push(Event { r#type: r#type as i32, kv: Some(kv), prev_kv });
-        }
+            Ok(true)
+        })?;
         Ok((out, last))
     }
 
@@ -235,6 +247,14 @@ impl MvccStore {
                 meta.mod_revision
             ))),
         }
+    }
+
+    /// Adds to `batch` the revision-order record of every change made since
+    /// the last call. Call it on each batch of writes committed to the tree,
+    /// after the writes it holds: a watch replays history in this order, and
+    /// finds no change a batch committed without it.
+    pub fn seal(&mut self, batch: &mut Batch) {
+        self.run.seal(batch);
     }
 
     /// Tells the store that every write made so far is committed to its
@@ -381,24 +401,28 @@ impl MvccStore {
         if rev > self.revision {
             return Err(Error::FutureRev);
         }
-        for item in self.tree.range(keys::rev_key(0, 0).to_vec()..keys::rev_key(rev, 0).to_vec()) {
-            let (rec, key) = item?;
-            let r = keys::parse_rev_key(&rec).ok_or_else(|| Error::internal("corrupt revision record key"))?;
-            let newest_by_rev =
-                self.tree.range(keys::hist_key(&key, r)..keys::hist_key(&key, rev + 1)).next_back().transpose()?;
-            let remove = match newest_by_rev {
-                Some((hist_rec, value)) => {
-                    let (_, newest) =
-                        keys::parse_hist_key(&hist_rec).ok_or_else(|| Error::internal("corrupt history record key"))?;
-                    newest > r || decode_kv(&value)?.version == 0
+        // History is sorted by key, then revision: a version older than
+        // `rev` goes if the next record is a version of the same key at or
+        // before `rev`, or if it is the newest such and a deletion.
+        let mut older: Option<(sled::IVec, Vec<u8>, sled::IVec)> = None;
+        for item in self.tree.scan_prefix([keys::HIST]) {
+            let (rec, value) = item?;
+            let (key, r) = keys::parse_hist_key(&rec).ok_or_else(|| Error::internal("corrupt history record key"))?;
+            if let Some((old_rec, old_key, old_value)) = older.take() {
+                if (old_key == key && r <= rev) || decode_kv(&old_value)?.version == 0 {
+                    batch.remove(old_rec);
                 }
-                None => true,
-            };
-            if remove {
-                batch.remove(keys::hist_key(&key, r));
-                batch.remove(rec);
+            }
+            if r < rev {
+                older = Some((rec, key, value));
             }
         }
+        if let Some((old_rec, _, old_value)) = older {
+            if decode_kv(&old_value)?.version == 0 {
+                batch.remove(old_rec);
+            }
+        }
+        changes::compact(&self.tree, rev, batch)?;
         self.compacted = rev;
         batch.insert(keys::meta_key("compacted"), rev.to_be_bytes());
         Ok(())
@@ -507,7 +531,7 @@ impl Writer<'_> {
     fn record(&mut self, kv: KeyValue) {
         let rec = keys::hist_key(&kv.key, self.rev);
         self.batch.insert(&rec, kv.encode_to_vec());
-        self.batch.insert(keys::rev_key(self.rev, self.sub), kv.key.as_slice());
+        self.store.run.push(self.rev, self.sub, &kv.key);
         self.store.pending.insert(rec, kv);
         self.sub += 1;
     }

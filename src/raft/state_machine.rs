@@ -315,7 +315,7 @@ impl Group {
     fn commit(&mut self, store: &mut MvccStore, committer: &Committer) -> Result<(), Error> {
         committer.wait_idle()?;
         store.sent();
-        let Some(batch) = self.take()? else { return Ok(()) };
+        let Some(batch) = self.take(store)? else { return Ok(()) };
         store.tree().apply_batch(batch)?;
         store.committed();
         Ok(())
@@ -331,17 +331,18 @@ impl Group {
             committer.wait_idle()?;
         }
         store.sent();
-        let Some(batch) = self.take()? else { return Ok(()) };
+        let Some(batch) = self.take(store)? else { return Ok(()) };
         store.hand_off();
         committer.send(batch)
     }
 
-    /// The sled batch of the writes and the last entry's log id, if any
-    /// entry was applied since the last one.
-    fn take(&mut self) -> Result<Option<sled::Batch>, Error> {
+    /// The sled batch of the writes, their revision order and the last
+    /// entry's log id, if any entry was applied since the last one.
+    fn take(&mut self, store: &mut MvccStore) -> Result<Option<sled::Batch>, Error> {
         let Some(last) = self.last.take() else { return Ok(None) };
         self.since = None;
         let mut batch = std::mem::take(&mut self.batch);
+        store.seal(&mut batch);
         batch.insert(meta_key(APPLIED), encode(&Some(last))?);
         Ok(Some(batch.into_sled()))
     }
