@@ -74,6 +74,11 @@ fn parse(mut value: &[u8]) -> Result<Vec<(i64, &[u8])>> {
 /// Calls `f` with the revision and key of every change of revisions
 /// `from..=to`, in revision order, until it returns false.
 pub fn walk(tree: &sled::Tree, from: i64, to: i64, mut f: impl FnMut(i64, &[u8]) -> Result<bool>) -> Result<()> {
+    // Revisions start at 1; the keys below sort as unsigned numbers.
+    let from = from.max(0);
+    if from > to {
+        return Ok(());
+    }
     let end = run_key(to.saturating_add(1), 0);
     // The run that holds `from` may start before it.
     let start = match tree.range(run_key(0, 0)..run_key(from.saturating_add(1), 0)).next_back() {
@@ -173,6 +178,8 @@ mod tests {
         assert_eq!(changes(&tree, 5, 7), vec![(7, b"e".to_vec())]);
         assert_eq!(changes(&tree, 1, 2), vec![(2, b"a".to_vec())]);
         assert_eq!(changes(&tree, 8, 9), vec![]);
+        assert_eq!(changes(&tree, 4, 3), vec![]);
+        assert_eq!(changes(&tree, -5, 2), vec![(2, b"a".to_vec())]);
         // It stops when told to.
         let mut seen = 0;
         walk(&tree, 0, 10, |_, _| {
