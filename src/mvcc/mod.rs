@@ -250,9 +250,9 @@ impl MvccStore {
     }
 
     /// Adds to `batch` the revision-order record of every change made since
-    /// the last call. Call it on each batch of writes committed to the tree,
-    /// after the writes it holds: a watch replays history in this order, and
-    /// finds no change a batch committed without it.
+    /// the last call. Every batch of writes committed to the tree needs it:
+    /// a watch replays history in this order, and finds no change that a
+    /// batch committed without it.
     pub fn seal(&mut self, batch: &mut Batch) {
         self.run.seal(batch);
     }
@@ -404,22 +404,23 @@ impl MvccStore {
         // History is sorted by key, then revision: a version older than
         // `rev` goes if the next record is a version of the same key at or
         // before `rev`, or if it is the newest such and a deletion.
-        let mut older: Option<(sled::IVec, Vec<u8>, sled::IVec)> = None;
-        for item in self.tree.scan_prefix([keys::HIST]) {
+        let mut records = self.tree.scan_prefix([keys::HIST]).map(|item| -> Result<_> {
             let (rec, value) = item?;
             let (key, r) = keys::parse_hist_key(&rec).ok_or_else(|| Error::internal("corrupt history record key"))?;
+            Ok((rec, key, r, value))
+        });
+        let mut older: Option<(sled::IVec, Vec<u8>, sled::IVec)> = None;
+        loop {
+            let next = records.next().transpose()?;
             if let Some((old_rec, old_key, old_value)) = older.take() {
-                if (old_key == key && r <= rev) || decode_kv(&old_value)?.version == 0 {
+                let superseded = next.as_ref().is_some_and(|(_, key, r, _)| *key == old_key && *r <= rev);
+                if superseded || decode_kv(&old_value)?.version == 0 {
                     batch.remove(old_rec);
                 }
             }
+            let Some((rec, key, r, value)) = next else { break };
             if r < rev {
                 older = Some((rec, key, value));
-            }
-        }
-        if let Some((old_rec, _, old_value)) = older {
-            if decode_kv(&old_value)?.version == 0 {
-                batch.remove(old_rec);
             }
         }
         changes::compact(&self.tree, rev, batch)?;

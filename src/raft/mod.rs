@@ -126,8 +126,9 @@ pub async fn flush(db: &sled::Db) -> Result<(), Error> {
 }
 
 /// Runs `work` on tokio's blocking threads: for flushes and for reads and
-/// writes of whole snapshots, which would otherwise hold an async worker (and with it
-/// heartbeats and every request on that worker) for as long as they take.
+/// writes of whole snapshots, which would otherwise hold an async worker
+/// (and with it heartbeats and every request on that worker) for as long as
+/// they take.
 pub async fn blocking<T, F>(work: F) -> Result<T, Error>
 where
     F: FnOnce() -> Result<T, Error> + Send + 'static,

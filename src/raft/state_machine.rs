@@ -9,7 +9,8 @@
 //! purge the log.
 //!
 //! Snapshots are a copy of the whole state tree that the commit thread takes
-//! between two groups while applying goes on, kept in `<data-dir>/snapshot.bin` and sent by openraft in chunks.
+//! between two groups while applying goes on, kept in
+//! `<data-dir>/snapshot.bin` and sent by openraft in chunks.
 
 use std::collections::BTreeMap;
 use std::io::Cursor;

@@ -257,13 +257,13 @@ async fn resumed(record: &Record, from: u64, limit: Duration) -> Option<Duration
     }
 }
 
-/// Time until member `i` answers a linearizable read itself.
 /// The last line of member `i`'s log that mentions an error, trimmed, or "".
 fn last_error(dir: &std::path::Path, i: usize) -> String {
     let log = std::fs::read_to_string(dir.join(format!("m{i}.log"))).unwrap_or_default();
     log.lines().rev().find(|l| l.contains("error")).unwrap_or("").trim().to_string()
 }
 
+/// Time until member `i` answers a linearizable read itself.
 async fn serves(cluster: &Cluster, i: usize, limit: Duration) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < limit {
