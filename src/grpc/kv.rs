@@ -94,12 +94,21 @@ impl Kv for KvService {
     }
 
     async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
-        match self.node.propose(command::Op::Compact(req.into_inner())).await? {
-            command_result::Result::Compact(mut resp) => {
-                self.node.fill_header(&mut resp.header);
-                Ok(Response::new(resp))
+        let req = req.into_inner();
+        let (rev, physical) = (req.revision, req.physical);
+        let mut resp = match self.node.propose(command::Op::Compact(req)).await? {
+            command_result::Result::Compact(resp) => resp,
+            _ => return Err(mismatch()),
+        };
+        if physical {
+            // As etcd does, the answer waits until this member has removed
+            // the compacted history, however long the client waits.
+            tokio::select! {
+                done = self.node.state.await_physical(rev) => done?,
+                () = self.node.stopped() => return Err(Error::Stopped.into()),
             }
-            _ => Err(mismatch()),
         }
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
     }
 }

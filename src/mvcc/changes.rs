@@ -99,15 +99,26 @@ pub fn walk(tree: &sled::Tree, from: i64, to: i64, mut f: impl FnMut(i64, &[u8])
     Ok(())
 }
 
-/// Removes the runs whose every change is older than `rev`.
-pub fn compact(tree: &sled::Tree, rev: i64, batch: &mut Batch) -> Result<()> {
-    for item in tree.range(run_key(0, 0)..run_key(rev, 0)) {
+/// Where compaction of runs begins.
+pub fn first_run() -> Vec<u8> {
+    run_key(0, 0).to_vec()
+}
+
+/// Adds to `batch` the removal of each run whose every change is older than
+/// `rev`, reading runs from the record key `from` on, at most `limit` of
+/// them. Returns the record key to go on from, or `None` once no run that
+/// starts below `rev` is left.
+pub fn compact(tree: &sled::Tree, rev: i64, from: &[u8], limit: usize, batch: &mut Batch) -> Result<Option<Vec<u8>>> {
+    for (read, item) in tree.range(from.to_vec()..run_key(rev, 0).to_vec()).enumerate() {
         let (rec, value) = item?;
+        if read == limit {
+            return Ok(Some(rec.to_vec()));
+        }
         if parse(&value)?.last().is_none_or(|(last, _)| *last < rev) {
             batch.remove(rec);
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Turns the per-change records of an older kvd into runs, in one sled
@@ -200,8 +211,12 @@ mod tests {
         run.push(4, 0, b"c");
         run.push(5, 0, b"d");
         commit(&tree, &mut run);
+        // One run per step: the first step stops at the second run.
         let mut batch = Batch::default();
-        compact(&tree, 5, &mut batch).expect("compact");
+        let next = compact(&tree, 5, &first_run(), 1, &mut batch).expect("compact");
+        assert_eq!(next, Some(run_key(4, 0).to_vec()));
+        let next = compact(&tree, 5, &next.expect("more"), 1, &mut batch).expect("compact");
+        assert_eq!(next, None);
         tree.apply_batch(batch.into_sled()).expect("commit");
         assert_eq!(tree.len(), 1);
         assert_eq!(changes(&tree, 5, 5), vec![(5, b"d".to_vec())]);

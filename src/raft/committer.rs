@@ -11,7 +11,8 @@
 //! One group at a time, in order, each with the log id of its last entry:
 //! after a crash, sled holds the writes up to some applied entry, and the
 //! Raft log has the rest. A snapshot's copy of the tree runs here too, as one
-//! more job between two groups (see [`Committer::run`]).
+//! more job between two groups (see [`Committer::run`]), and so does each
+//! step of physical compaction (see [`super::compactor`]).
 
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};

@@ -3,6 +3,7 @@
 
 pub mod batcher;
 mod committer;
+mod compactor;
 pub mod forwarder;
 mod gather;
 pub mod log_store;
