@@ -303,6 +303,7 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
     let clock = Clock(Instant::now());
     let record = Arc::new(Record::default());
     *record.watched.lock().unwrap_or_else(|p| p.into_inner()) = vec![Vec::new(); MEMBERS];
+    *record.watch_progress.lock().unwrap_or_else(|p| p.into_inner()) = vec![1; MEMBERS];
     let stop = Arc::new(AtomicBool::new(false));
     let endpoints: Vec<String> = cluster.layout.client_addrs.iter().map(|a| a.to_string()).collect();
     let op_timeout = Duration::from_secs(2);
@@ -322,6 +323,7 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
         let client = workload::client_from(&endpoints, c);
         tasks.push(tokio::spawn(workload::lock_client(client, load.clone())));
     }
+    tasks.push(tokio::spawn(workload::compaction_client(workload::client_from(&endpoints, 1), load.clone())));
     let watch_until: Arc<Mutex<Option<i64>>> = Default::default();
     let mut watchers = Vec::new();
     for m in 0..MEMBERS {
@@ -573,33 +575,26 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
         report.anomalies.extend(workload::check_watch(i, seen, last));
     }
 
-    // Every member has the same data at the final revision.
+    // Every member has the same data at the final revision, and at the
+    // last compacted one, whose history compaction must have left whole.
+    let compacted = *record.compacted.lock().unwrap_or_else(|p| p.into_inner());
+    report.notes.push(format!("compacted up to revision {compacted}"));
     let mut contents = Vec::new();
-    for m in 0..MEMBERS {
-        let own = workload::client_from(&endpoints[m..=m], 0);
-        let mut got = None;
-        for _ in 0..100 {
-            let req = RangeRequest {
-                key: vec![0],
-                range_end: vec![0],
-                revision: last,
-                serializable: true,
-                ..Default::default()
-            };
-            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(2), own.range(req)).await {
-                got = Some(r.kvs);
-                break;
+    for rev in [last, compacted].into_iter().filter(|&r| r > 1) {
+        let mut at_rev = Vec::new();
+        for m in 0..MEMBERS {
+            match workload::contents_at(&endpoints[m..=m], rev).await {
+                Some(kvs) => at_rev.push(kvs),
+                None => report.anomalies.push(format!("m{m} never answered a read at revision {rev}")),
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        match got {
-            Some(kvs) => contents.push(kvs),
-            None => report.anomalies.push(format!("m{m} never reached revision {last}")),
+        if at_rev.windows(2).any(|w| w[0] != w[1]) {
+            let sizes: Vec<usize> = at_rev.iter().map(|c| c.len()).collect();
+            report.anomalies.push(format!("members differ at revision {rev} (keys per member {sizes:?})"));
         }
-    }
-    if contents.windows(2).any(|w| w[0] != w[1]) {
-        let sizes: Vec<usize> = contents.iter().map(|c| c.len()).collect();
-        report.anomalies.push(format!("members differ at revision {last} (keys per member {sizes:?})"));
+        if rev == last {
+            contents = at_rev;
+        }
     }
 
     // Acknowledged inserts are all there; definitely failed ones are not.

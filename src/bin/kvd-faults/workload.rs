@@ -11,7 +11,10 @@
 //! - lease clients: a lease never expires before its TTL has passed since
 //!   the last keep-alive, and its keys go once it is let go;
 //! - lock clients: writes fenced on the holder's token never go back to an
-//!   older token.
+//!   older token;
+//! - a compaction client: compacts, now and then, up to the revision every
+//!   watcher has reached, half the time waiting for the history to be
+//!   removed, so that faults meet compactions under way.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,6 +54,10 @@ pub struct Record {
     pub watched: Mutex<Vec<Vec<(i64, usize)>>>,
     /// Watch anomalies seen as they happened.
     pub watch_errors: Mutex<Vec<String>>,
+    /// Per watcher: the last revision it received.
+    pub watch_progress: Mutex<Vec<i64>>,
+    /// The highest revision a compaction was acknowledged at.
+    pub compacted: Mutex<i64>,
     /// Leases kept alive and then let go.
     pub leases: Mutex<Vec<LeaseLife>>,
     pub lease_errors: Mutex<Vec<String>>,
@@ -287,8 +294,54 @@ pub async fn watcher(index: usize, client: Client, record: Arc<Record>, stop_at:
                 _ => seen.push((rev, 1)),
             }
         }
+        if let (Some(&(rev, _)), Some(p)) =
+            (seen.last(), record.watch_progress.lock().unwrap_or_else(|p| p.into_inner()).get_mut(index))
+        {
+            *p = rev;
+        }
     }
     record.watched.lock().unwrap_or_else(|p| p.into_inner())[index] = seen;
+}
+
+/// The compaction client: every second or two, compacts at the lowest
+/// revision the watchers have reached, if that moved on. A watcher resumes
+/// after the last revision it got, so it never meets the compaction.
+pub async fn compaction_client(client: Client, load: Load) {
+    let Load { record, stop, seed, .. } = load;
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xc0_4ac7);
+    let mut physical = false;
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(1000..2000))).await;
+        let reached = record.watch_progress.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().min();
+        let done = *record.compacted.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(rev) = reached.filter(|&r| r > done) else { continue };
+        physical = !physical;
+        // Removing the history may take a while on a loaded member.
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.compact(CompactionRequest { revision: rev, physical }),
+        )
+        .await;
+        if outcome(&record, r).is_ok() {
+            let mut compacted = record.compacted.lock().unwrap_or_else(|p| p.into_inner());
+            *compacted = (*compacted).max(rev);
+        }
+    }
+}
+
+/// Every key-value at `rev`, read from the member at `endpoint` alone;
+/// `None` if it gives no answer within about 20 s.
+pub async fn contents_at(endpoint: &[String], rev: i64) -> Option<Vec<kvd::proto::mvccpb::KeyValue>> {
+    let own = client_from(endpoint, 0);
+    for _ in 0..100 {
+        let req =
+            RangeRequest { key: vec![0], range_end: vec![0], revision: rev, serializable: true, ..Default::default() };
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(2), own.range(req)).await {
+            return Some(r.kvs);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
 }
 
 /// Checks what a watcher received against the final revision: every
