@@ -243,13 +243,17 @@ pub struct StateMachine {
     snapshot_file: Arc<std::sync::Mutex<Option<LogId>>>,
 }
 
+/// A snapshot as the snapshot file holds it: bincode's layout of this
+/// struct, the data last.
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, Node>,
+    /// Every record of the state tree (see [`copy_records`]).
     data: Vec<u8>,
 }
 
-type Records = Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>;
+/// The records of snapshot data, borrowed from it.
+type Records<'a> = Vec<(&'a [u8], &'a [u8])>;
 
 impl StateMachine {
     /// Opens the state machine kept in `db`; `dir` holds the snapshot file.
@@ -262,7 +266,7 @@ impl StateMachine {
             load_records(db, &tree, &decode::<Records>(&stored.data)?)?;
         }
         let (state, last_applied, membership) = load_state(&tree)?;
-        let on_disk = read_snapshot_file(dir)?.and_then(|s| s.meta.last_log_id);
+        let on_disk = read_snapshot_meta(dir)?.and_then(|meta| meta.last_log_id);
         let physical = Physical { rev: state.store.physical(), failed: None };
         let shared = Arc::new(Shared {
             db: db.clone(),
@@ -604,25 +608,46 @@ fn load_state(tree: &sled::Tree) -> Result<Loaded, Error> {
     Ok((State { store, attrs, unflushed: Group::default() }, last_applied, membership))
 }
 
-/// Every record of the state tree.
-fn copy_records(tree: &sled::Tree) -> Result<Records, Error> {
-    tree.iter()
-        .map(|item| {
-            let (k, v) = item?;
-            Ok((serde_bytes::ByteBuf::from(k.to_vec()), serde_bytes::ByteBuf::from(v.to_vec())))
-        })
-        .collect()
+/// Every record of the state tree, as snapshot data: the layout bincode
+/// gives a `Vec<(ByteBuf, ByteBuf)>` (a count, then each key and value as a
+/// length and its bytes; integers u64 little-endian), which members of
+/// every kvd version read. Written straight from the tree, so that the
+/// records are held once while a snapshot is built, not twice.
+fn copy_records(tree: &sled::Tree) -> Result<Vec<u8>, Error> {
+    let mut out = vec![0u8; 8];
+    let mut count = 0u64;
+    for item in tree.iter() {
+        let (k, v) = item?;
+        for part in [&k[..], &v[..]] {
+            out.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            out.extend_from_slice(part);
+        }
+        count += 1;
+    }
+    out[..8].copy_from_slice(&count.to_le_bytes());
+    Ok(out)
 }
+
+/// Records written to sled in one batch while a snapshot is loaded: a
+/// batch holds a copy of what it writes, so a whole snapshot in one would
+/// hold the data once more.
+const LOAD_BATCH_BYTES: usize = 16 << 20;
 
 /// Replaces the state tree with `records`, marking the install in progress so
 /// that a crash midway is finished at the next start.
-fn load_records(db: &sled::Db, tree: &sled::Tree, records: &Records) -> Result<(), Error> {
+fn load_records(db: &sled::Db, tree: &sled::Tree, records: &Records<'_>) -> Result<(), Error> {
     db.insert(INSTALLING, &[1u8])?;
     db.flush()?;
     tree.clear()?;
     let mut batch = sled::Batch::default();
+    let mut bytes = 0;
     for (k, v) in records {
-        batch.insert(k.as_slice(), v.as_slice());
+        batch.insert(*k, *v);
+        bytes += k.len() + v.len();
+        if bytes >= LOAD_BATCH_BYTES {
+            tree.apply_batch(std::mem::take(&mut batch))?;
+            bytes = 0;
+        }
     }
     tree.apply_batch(batch)?;
     db.flush()?;
@@ -631,12 +656,46 @@ fn load_records(db: &sled::Db, tree: &sled::Tree, records: &Records) -> Result<(
     Ok(())
 }
 
+/// A snapshot's metadata.
+type Meta = SnapshotMeta<NodeId, Node>;
+
+/// The snapshot file, opened, with the metadata at its start read.
+fn open_snapshot_file(dir: &Path) -> Result<Option<(Meta, std::io::BufReader<std::fs::File>)>, Error> {
+    let io = |e: std::io::Error| Error::internal(format!("read snapshot: {e}"));
+    let file = match std::fs::File::open(dir.join(SNAPSHOT_FILE)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(e)),
+    };
+    let mut reader = std::io::BufReader::new(file);
+    let meta = bincode::deserialize_from(&mut reader).map_err(|e| Error::internal(format!("read snapshot: {e}")))?;
+    Ok(Some((meta, reader)))
+}
+
+/// The metadata of the snapshot in the snapshot file, without its data.
+fn read_snapshot_meta(dir: &Path) -> Result<Option<Meta>, Error> {
+    Ok(open_snapshot_file(dir)?.map(|(meta, _)| meta))
+}
+
 fn read_snapshot_file(dir: &Path) -> Result<Option<StoredSnapshot>, Error> {
-    match std::fs::read(dir.join(SNAPSHOT_FILE)) {
-        Ok(bytes) => Ok(Some(decode(&bytes)?)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::internal(format!("read snapshot: {e}"))),
+    use std::io::{Read, Seek};
+    let io = |e: std::io::Error| Error::internal(format!("read snapshot: {e}"));
+    let Some((meta, mut reader)) = open_snapshot_file(dir)? else { return Ok(None) };
+    let mut len = [0u8; 8];
+    reader.read_exact(&mut len).map_err(io)?;
+    let len = u64::from_le_bytes(len);
+    // The length must be what the file holds, before it is allocated.
+    let at = reader.stream_position().map_err(io)?;
+    let size = reader.get_ref().metadata().map_err(io)?.len();
+    if size.checked_sub(at) != Some(len) {
+        return Err(Error::internal(format!(
+            "read snapshot: the file says {len} bytes of data and holds {}",
+            size.saturating_sub(at)
+        )));
     }
+    let mut data = vec![0u8; usize::try_from(len).map_err(|_| Error::internal("read snapshot: too large"))?];
+    reader.read_exact(&mut data).map_err(io)?;
+    Ok(Some(StoredSnapshot { meta, data }))
 }
 
 /// Writes `stored` as the snapshot file, under the lock that builds and
@@ -662,11 +721,14 @@ fn write_snapshot_locked(
 fn write_snapshot_file(dir: &Path, stored: &StoredSnapshot) -> Result<(), Error> {
     let io = |e: std::io::Error| Error::internal(format!("write snapshot: {e}"));
     let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
-    let bytes = encode(stored)?;
     {
         use std::io::Write;
+        // bincode's layout of the struct, written in parts so that the data
+        // is not copied.
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
+        f.write_all(&encode(&stored.meta)?).map_err(io)?;
+        f.write_all(&(stored.data.len() as u64).to_le_bytes()).map_err(io)?;
+        f.write_all(&stored.data).map_err(io)?;
         f.sync_all().map_err(io)?;
     }
     std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE)).map_err(io)?;
@@ -681,7 +743,7 @@ pub struct SnapshotBuilder {
     snapshot_file: Arc<std::sync::Mutex<Option<LogId>>>,
     /// The state's records as the commit thread copies them, or why they
     /// could not be copied; taken by the build.
-    records: Option<oneshot::Receiver<Result<Records, Error>>>,
+    records: Option<oneshot::Receiver<Result<Vec<u8>, Error>>>,
     last_applied: Option<LogId>,
     membership: StoredMembership<NodeId, Node>,
 }
@@ -691,14 +753,13 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let fail = |e: Error| StorageError::from(StorageIOError::write_snapshot(None, &e));
         let copied = self.records.take().ok_or_else(|| fail(Error::internal("the snapshot was built already")))?;
         let records = copied.await.unwrap_or_else(|_| Err(Error::internal("the commit thread ended before the copy")));
-        let records = records.map_err(fail)?;
+        let data = records.map_err(fail)?;
         // The log up to the snapshot may be purged once it is returned, so the
         // applied state must be on disk first.
         super::flush(&self.db).await.map_err(fail)?;
         let (last_applied, membership) = (self.last_applied, self.membership.clone());
         let (dir, on_disk) = (self.dir.clone(), self.snapshot_file.clone());
         let (stored, written) = super::blocking(move || {
-            let data = encode(&records)?;
             let id = match last_applied {
                 Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, data.len()),
                 None => format!("0-0-{}", data.len()),
@@ -953,6 +1014,80 @@ mod tests {
         let kvs = state.store.current_kvs(b"a", &crate::mvcc::keys::RangeEnd::Before(b"c".to_vec())).expect("read");
         let got: Vec<(&[u8], &[u8], i64)> = kvs.iter().map(|kv| (&kv.key[..], &kv.value[..], kv.version)).collect();
         assert_eq!(got, vec![(&b"a"[..], &b"3"[..], 2), (&b"b"[..], &b"2"[..], 1)]);
+    }
+
+    #[test]
+    fn snapshot_data_and_file_keep_the_layout_every_kvd_reads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
+        for (k, v) in [(&b"a"[..], &b"1"[..]), (b"bb", b""), (b"\xff", &[7u8; 300][..])] {
+            tree.insert(k, v).expect("insert");
+        }
+        // The data as bincode gives the records' list, as older members wrote it.
+        let data = copy_records(&tree).expect("copy");
+        let listed: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)> = tree
+            .iter()
+            .map(|item| {
+                item.map(|(k, v)| (serde_bytes::ByteBuf::from(k.to_vec()), serde_bytes::ByteBuf::from(v.to_vec())))
+            })
+            .collect::<Result<_, _>>()
+            .expect("iter");
+        assert_eq!(data, encode(&listed).expect("encode"));
+        let records: Records = decode(&data).expect("decode");
+        assert_eq!(records.len(), 3);
+        assert_eq!(records[2], (&b"\xff"[..], &[7u8; 300][..]));
+        // The file as bincode gives the whole struct.
+        let meta = SnapshotMeta { last_log_id: Some(log_id(2, 1, 9)), snapshot_id: "2-9".into(), ..Default::default() };
+        let stored = StoredSnapshot { meta: meta.clone(), data };
+        write_snapshot_file(dir.path(), &stored).expect("write");
+        let file = std::fs::read(dir.path().join(SNAPSHOT_FILE)).expect("read");
+        assert_eq!(file, encode(&stored).expect("encode"));
+        assert_eq!(read_snapshot_meta(dir.path()).expect("meta"), Some(meta));
+        let back = read_snapshot_file(dir.path()).expect("read").expect("a snapshot");
+        assert_eq!(back.data, stored.data);
+        // A file cut short, or one that claims more data than it holds, is
+        // refused, not read past its end.
+        std::fs::write(dir.path().join(SNAPSHOT_FILE), &file[..file.len() - 1]).expect("cut");
+        assert!(read_snapshot_file(dir.path()).is_err());
+        let mut bad = file.clone();
+        let at = file.len() - stored.data.len() - 8;
+        bad[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        std::fs::write(dir.path().join(SNAPSHOT_FILE), &bad).expect("corrupt");
+        assert!(read_snapshot_file(dir.path()).is_err());
+        std::fs::write(dir.path().join(SNAPSHOT_FILE), &file[..5]).expect("cut");
+        assert!(read_snapshot_meta(dir.path()).is_err());
+    }
+
+    #[tokio::test]
+    async fn an_install_cut_short_by_a_crash_is_finished_at_start() {
+        use openraft::storage::RaftSnapshotBuilder;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+        let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+        sm.apply(vec![batch(1, vec![put("a", "1"), put("b", "2")])]).await.expect("apply");
+        let snapshot = sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
+
+        // The snapshot file is written and the tree half replaced when the
+        // member stops.
+        let other = tempfile::tempdir().expect("tempdir");
+        {
+            let db2 = super::super::open_sled(&sled::Config::new().path(other.path().join("db"))).expect("sled");
+            let stored = StoredSnapshot { meta: snapshot.meta.clone(), data: snapshot.snapshot.into_inner() };
+            write_snapshot_file(other.path(), &stored).expect("write");
+            db2.insert(INSTALLING, &[1u8]).expect("mark");
+            db2.open_tree("state").expect("tree").insert(b"junk", b"x").expect("junk");
+            db2.flush().expect("flush");
+        }
+        let db2 = super::super::open_sled(&sled::Config::new().path(other.path().join("db"))).expect("sled");
+        let sm2 = StateMachine::open(&db2, other.path()).expect("state machine");
+        assert_eq!(db2.get(INSTALLING).expect("get"), None);
+        assert_eq!(sm2.tree.get(b"junk").expect("get"), None);
+        assert_eq!(sm2.last_applied(), snapshot.meta.last_log_id);
+        let shared = sm2.shared();
+        let state = shared.read();
+        let kvs = state.store.current_kvs(b"", &crate::mvcc::keys::RangeEnd::Unbounded).expect("read");
+        let got: Vec<(&[u8], &[u8])> = kvs.iter().map(|kv| (&kv.key[..], &kv.value[..])).collect();
+        assert_eq!(got, vec![(&b"a"[..], &b"1"[..]), (&b"b"[..], &b"2"[..])]);
     }
 
     /// The history records of `key` in the state tree.
