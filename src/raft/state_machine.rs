@@ -175,6 +175,7 @@ impl Shared {
                 // hides is removed: a member that restarts must not serve
                 // reads at a revision whose history is gone.
                 unflushed.commit(store, &self.committer)?;
+                tracing::info!(revision = step.rev, "removing compacted history");
             }
             if !self.committer.is_idle()? {
                 continue;
@@ -194,6 +195,7 @@ impl Shared {
         let mut state = self.write();
         if state.store.compaction_stepped(&step, next) {
             let rev = state.store.physical();
+            tracing::info!(revision = rev, "removed compacted history");
             self.physical.send_replace(Physical { rev, failed: None });
         }
         Ok(true)
