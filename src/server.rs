@@ -299,10 +299,14 @@ fn serve_clients(
     let watch = WatchServer::new(WatchService::new(node.clone(), progress_interval)).max_decoding_message_size(max_in);
     let lease = LeaseServer::new(LeaseService::new(node.clone())).max_decoding_message_size(max_in);
     let lock = LockServer::new(LockService::new(node.clone())).max_decoding_message_size(max_in);
+    let metrics_node = node.clone();
     let election = ElectionServer::new(ElectionService::new(node)).max_decoding_message_size(max_in);
     tokio::spawn(async move {
         let result = Server::builder()
+            // `/metrics` and `/health` are HTTP/1.1 as well, as etcd's are.
+            .accept_http1(true)
             .layer(tower::util::MapResponseLayer::new(crate::grpc::size_limit_as_resource_exhausted))
+            .layer(crate::grpc::endpoints::layer(metrics_node))
             .add_service(kv)
             .add_service(cluster)
             .add_service(maintenance)

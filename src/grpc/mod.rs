@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod election;
+pub mod endpoints;
 pub mod kv;
 pub mod lease;
 pub mod lock;

@@ -1,0 +1,159 @@
+//! `GET /metrics` and `GET /health` on the client port, over HTTP/1.1 or
+//! HTTP/2, as etcd serves them beside its gRPC API, so that monitoring set
+//! up for etcd scrapes kvd unchanged.
+//!
+//! - `/metrics`: Prometheus text format. The names are etcd's where kvd has
+//!   the same quantity (`etcd_server_has_leader`, `etcd_server_is_leader`,
+//!   `etcd_server_proposals_applied_total`, `etcd_mvcc_db_total_size_in_bytes`,
+//!   `etcd_debugging_mvcc_keys_total`, …) and `process_resident_memory_bytes`;
+//!   `kvd_` names for the rest.
+//! - `/health`: `{"health":"true"}` with status 200 when the member knows a
+//!   leader and a linearizable read goes through within a second, as etcd's
+//!   quorum read does; `{"health":"false"}` with status 503 otherwise.
+//!
+//! Every other request goes on to the gRPC services.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use crate::node::Node;
+
+/// How long `/health` waits for a linearizable read.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Wraps the gRPC services with the HTTP endpoints of [`self`](self).
+pub fn layer<S>(node: Arc<Node>) -> impl tower::Layer<S, Service = HttpEndpoints<S>> + Clone {
+    tower::layer::layer_fn(move |inner| HttpEndpoints { inner, node: node.clone() })
+}
+
+/// The gRPC services `S` with `/metrics` and `/health` in front.
+#[derive(Clone)]
+pub struct HttpEndpoints<S> {
+    inner: S,
+    node: Arc<Node>,
+}
+
+type Reply = http::Response<tonic::body::Body>;
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for HttpEndpoints<S>
+where
+    S: tower::Service<http::Request<tonic::body::Body>, Response = Reply>,
+    S::Future: Send + 'static,
+{
+    type Response = Reply;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Reply, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        if req.method() == http::Method::GET {
+            let node = self.node.clone();
+            match req.uri().path() {
+                "/metrics" => {
+                    return Box::pin(async move { Ok(text(http::StatusCode::OK, METRICS_TYPE, metrics(&node))) })
+                }
+                "/health" => {
+                    return Box::pin(async move {
+                        let healthy = node.leader().is_some()
+                            && matches!(tokio::time::timeout(HEALTH_TIMEOUT, node.read_barrier()).await, Ok(Ok(())));
+                        let (status, body) = if healthy {
+                            (http::StatusCode::OK, r#"{"health":"true"}"#)
+                        } else {
+                            (http::StatusCode::SERVICE_UNAVAILABLE, r#"{"health":"false"}"#)
+                        };
+                        Ok(text(status, "text/plain; charset=utf-8", format!("{body}\n")))
+                    })
+                }
+                _ => {}
+            }
+        }
+        Box::pin(self.inner.call(req))
+    }
+}
+
+/// The content type of Prometheus' text format.
+const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+fn text(status: http::StatusCode, content_type: &'static str, body: String) -> Reply {
+    let mut resp = http::Response::new(tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(body))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    resp
+}
+
+/// The metrics, in Prometheus text format.
+fn metrics(node: &Node) -> String {
+    let m = node.raft.metrics().borrow().clone();
+    let leader = m.current_leader;
+    let (revision, compacted, keys) = {
+        let state = node.state.read();
+        (state.store.revision(), state.store.compacted(), state.store.len())
+    };
+    let mut out = String::new();
+    let mut put = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    };
+    put(
+        "etcd_server_has_leader",
+        "gauge",
+        "Whether a leader exists. 1 is existence, 0 is not.",
+        flag(leader.is_some()),
+    );
+    put("etcd_server_is_leader", "gauge", "Whether this member is the leader.", flag(leader == Some(node.id)));
+    put("kvd_raft_term", "gauge", "The Raft term of this member.", m.current_term as f64);
+    put(
+        "etcd_server_proposals_applied_total",
+        "gauge",
+        "The index of the last Raft entry applied.",
+        m.last_applied.map_or(0, |l| l.index) as f64,
+    );
+    put(
+        "kvd_raft_last_log_index",
+        "gauge",
+        "The index of the last entry in this member's Raft log.",
+        m.last_log_index.unwrap_or(0) as f64,
+    );
+    put(
+        "etcd_mvcc_db_total_size_in_bytes",
+        "gauge",
+        "Total size of the underlying database in bytes.",
+        node.state.size_on_disk() as f64,
+    );
+    put("etcd_debugging_mvcc_keys_total", "gauge", "Total number of keys.", keys as f64);
+    put("etcd_debugging_mvcc_current_revision", "gauge", "The current revision of the store.", revision as f64);
+    // -1 before any compaction, as etcd says.
+    let compacted = if compacted == 0 { -1 } else { compacted };
+    put(
+        "etcd_debugging_mvcc_compact_revision",
+        "gauge",
+        "The revision of the last compaction in the store.",
+        compacted as f64,
+    );
+    if let Some(rss) = resident_bytes() {
+        put("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", rss as f64);
+    }
+    out
+}
+
+fn flag(b: bool) -> f64 {
+    if b {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+/// This process's resident memory, from `/proc/self/status`.
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

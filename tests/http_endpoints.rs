@@ -1,0 +1,71 @@
+//! `/metrics` and `/health` on the client port, over plain HTTP/1.1 as a
+//! Prometheus scraper or a load balancer's health check speaks it, beside
+//! gRPC on the same port.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{put, TestCluster};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Sends `GET path` over HTTP/1.1 and returns the status code and body.
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    conn.write_all(req.as_bytes()).await.expect("send");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut raw))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    let raw = String::from_utf8(raw).expect("utf-8");
+    let status = raw.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status line");
+    // The body may come chunked: keep the lines that are not chunk sizes.
+    let body = raw.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let body = body.lines().filter(|l| u64::from_str_radix(l.trim(), 16).is_err()).collect::<Vec<_>>().join("\n");
+    (status, body.trim().to_string())
+}
+
+fn value(metrics: &str, name: &str) -> f64 {
+    let line = metrics
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .unwrap_or_else(|| panic!("no {name} in\n{metrics}"));
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_and_health_answer_over_http_beside_grpc() {
+    let mut c = TestCluster::start(3, |_| {}).await;
+    let leader = c.wait_leader().await;
+    let client = c.client(leader);
+    for i in 0..5 {
+        client.put(put(&format!("k{i}"), "v")).await.expect("put");
+    }
+    let revision = client.put(put("k0", "w")).await.expect("put").header.expect("header").revision;
+    c.wait_applied(leader, c.applied(leader)).await;
+
+    let (status, metrics) = get(c.client_addrs[leader], "/metrics").await;
+    assert_eq!(status, 200, "{metrics}");
+    assert_eq!(value(&metrics, "etcd_server_has_leader"), 1.0);
+    assert_eq!(value(&metrics, "etcd_server_is_leader"), 1.0);
+    assert_eq!(value(&metrics, "etcd_debugging_mvcc_keys_total"), 5.0);
+    assert_eq!(value(&metrics, "etcd_debugging_mvcc_current_revision"), revision as f64);
+    assert_eq!(value(&metrics, "etcd_debugging_mvcc_compact_revision"), -1.0);
+    assert!(value(&metrics, "etcd_server_proposals_applied_total") >= 6.0);
+    assert!(value(&metrics, "process_resident_memory_bytes") > 0.0);
+    let follower = (leader + 1) % 3;
+    let (_, metrics) = get(c.client_addrs[follower], "/metrics").await;
+    assert_eq!(value(&metrics, "etcd_server_is_leader"), 0.0);
+
+    assert_eq!(get(c.client_addrs[follower], "/health").await, (200, r#"{"health":"true"}"#.to_string()));
+    // gRPC still answers on the same port.
+    c.client(follower).range(support::get("k0")).await.expect("range");
+
+    // A member left alone cannot read through a quorum: unhealthy.
+    c.stop(leader).await;
+    c.stop((leader + 2) % 3).await;
+    assert_eq!(get(c.client_addrs[follower], "/health").await, (503, r#"{"health":"false"}"#.to_string()));
+    c.shutdown().await;
+}
