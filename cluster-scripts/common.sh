@@ -25,3 +25,11 @@ endpoints() {
 }
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# Builds the release binaries, unless KVD_BIN_DIR names ones already built.
+build_bins() {
+  if [ -z "${KVD_BIN_DIR:-}" ]; then
+    echo "building release binaries (cargo build --release)..." >&2
+    (cd "$ROOT" && cargo build --release --bins --quiet)
+  fi
+}

@@ -8,15 +8,11 @@
 # Settings (environment):
 #   KVD_BIN_DIR  where kvd and kvctl are (default: target/release, built here)
 #   PORT         client port (default 42379; the peer port is PORT+1)
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BIN_DIR="${KVD_BIN_DIR:-$ROOT/target/release}"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PORT="${PORT:-42379}"
 E="127.0.0.1:$PORT"
 PEER="http://127.0.0.1:$((PORT + 1))"
-if [ -z "${KVD_BIN_DIR:-}" ]; then
-  (cd "$ROOT" && cargo build --release --bins --quiet)
-fi
+build_bins
 K=("$BIN_DIR/kvctl" --endpoints "$E")
 WORK="$(mktemp -d /tmp/kvd-compaction.XXXXXX)"
 "$BIN_DIR/kvd" --name c1 --data-dir "$WORK/d" --listen-client-urls "http://$E" --advertise-client-urls "http://$E" \

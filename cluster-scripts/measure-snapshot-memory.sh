@@ -8,13 +8,9 @@
 #   KVD_BIN_DIR  where kvd and kvctl are (default: target/release, built here)
 #   PORT         first client port (default 43379); the members use PORT,
 #                PORT+10 and PORT+20 for clients and one more for peers
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BIN_DIR="${KVD_BIN_DIR:-$ROOT/target/release}"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PORT="${PORT:-43379}"
-if [ -z "${KVD_BIN_DIR:-}" ]; then
-  (cd "$ROOT" && cargo build --release --bins --quiet)
-fi
+build_bins
 NAMES=(n1 n2 n3)
 CP=("$PORT" "$((PORT + 10))" "$((PORT + 20))")
 EPS="127.0.0.1:${CP[0]},127.0.0.1:${CP[1]}"

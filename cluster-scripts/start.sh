@@ -10,10 +10,7 @@ for n in "${NAMES[@]}"; do
   fi
 done
 
-if [ -z "${KVD_BIN_DIR:-}" ]; then
-  echo "building release binaries (cargo build --release)..." >&2
-  (cd "$ROOT" && cargo build --release --bins --quiet)
-fi
+build_bins
 for b in kvd kvctl; do
   [ -x "$BIN_DIR/$b" ] || { echo "missing $BIN_DIR/$b" >&2; exit 1; }
 done

@@ -7,79 +7,33 @@
 //! [`Shared::compaction_step`]). Removing it all at once held applying, and
 //! every write, for half a second per 200,000 revisions.
 //!
-//! The thread sleeps until it is woken: when a compaction is applied, when
-//! a snapshot is installed, and once at start, since a data dir or a
-//! snapshot may hold a pass that was cut short.
+//! The thread sleeps until it is woken through its channel: when a
+//! compaction is applied, when a snapshot is installed, and once at start,
+//! since a data dir or a snapshot may hold a pass that was cut short. It
+//! ends when the state, which holds the sending side, is dropped.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::mpsc;
+use std::sync::Weak;
 
 use super::state_machine::Shared;
 use crate::error::Error;
 
-/// Wakes the compaction thread, or stops it.
-#[derive(Default)]
-pub struct Wake {
-    state: Mutex<WakeState>,
-    changed: Condvar,
-}
-
-#[derive(Default)]
-struct WakeState {
-    /// How many times the thread was woken.
-    count: u64,
-    stopped: bool,
-}
-
-impl Wake {
-    /// Has the thread look for compaction work.
-    pub fn wake(&self) {
-        self.lock().count += 1;
-        self.changed.notify_all();
-    }
-
-    /// Ends the thread once its current step is done.
-    pub fn stop(&self) {
-        self.lock().stopped = true;
-        self.changed.notify_all();
-    }
-
-    fn stopped(&self) -> bool {
-        self.lock().stopped
-    }
-
-    /// Waits until woken after `seen`; `None` once stopped.
-    fn wait(&self, seen: u64) -> Option<u64> {
-        let mut state = self.lock();
-        while !state.stopped && state.count == seen {
-            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
-        }
-        (!state.stopped).then_some(state.count)
-    }
-
-    fn lock(&self) -> MutexGuard<'_, WakeState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Starts the thread. It holds the state only during a step, and ends when
-/// the state is dropped or [`Wake::stop`] is called.
-pub fn start(shared: Weak<Shared>, wake: Arc<Wake>) -> Result<(), Error> {
-    wake.wake();
+/// Starts the thread, woken once now. It holds the state only during a
+/// step.
+pub fn start(shared: Weak<Shared>, woken: mpsc::Receiver<()>) -> Result<(), Error> {
     std::thread::Builder::new()
         .name("kvd-compact".into())
-        .spawn(move || run(shared, wake))
+        .spawn(move || run(shared, woken))
         .map(|_| ())
         .map_err(|e| Error::internal(format!("cannot start the compaction thread: {e}")))
 }
 
-fn run(shared: Weak<Shared>, wake: Arc<Wake>) {
-    let mut seen = 0;
-    while let Some(count) = wake.wait(seen) {
-        seen = count;
+fn run(shared: Weak<Shared>, woken: mpsc::Receiver<()>) {
+    // A round at start, then one per wake; wakes that came meanwhile are
+    // served by the same round.
+    loop {
+        while woken.try_recv().is_ok() {}
         loop {
-            if wake.stopped() {
-                return;
-            }
             let Some(shared) = shared.upgrade() else { return };
             match shared.compaction_step() {
                 Ok(true) => {}
@@ -91,6 +45,9 @@ fn run(shared: Weak<Shared>, wake: Arc<Wake>) {
                     break;
                 }
             }
+        }
+        if woken.recv().is_err() {
+            return;
         }
     }
 }

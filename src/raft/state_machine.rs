@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, oneshot, watch};
 
 use super::committer::Committer;
-use super::compactor::{self, Wake};
+use super::compactor;
 use super::{decode, encode, Entry, LogId, Node, NodeId, Request, Response, StorageError, TypeConfig};
 use crate::error::Error;
 use crate::mvcc::keys::meta_key;
@@ -98,8 +98,8 @@ pub struct Shared {
     state: RwLock<State>,
     applied: broadcast::Sender<Arc<Applied>>,
     committer: Committer,
-    /// Wakes the compaction thread.
-    compaction: Arc<Wake>,
+    /// Wakes the compaction thread; dropping it ends the thread.
+    compaction: std::sync::mpsc::Sender<()>,
     /// How far physical compaction has come (see [`Shared::await_physical`]).
     physical: watch::Sender<Physical>,
 }
@@ -111,12 +111,6 @@ struct Physical {
     rev: i64,
     /// The compacted revision whose removal last failed, and why.
     failed: Option<(i64, String)>,
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        self.compaction.stop();
-    }
 }
 
 impl Shared {
@@ -166,8 +160,13 @@ impl Shared {
     /// nothing to do.
     pub(super) fn compaction_step(&self) -> Result<bool, Error> {
         let (step, done) = loop {
+            // Waiting here, not under the state lock, keeps applying going
+            // while the commit thread finishes a group.
             self.committer.wait_idle()?;
             let mut state = self.write();
+            if !self.committer.is_idle()? {
+                continue;
+            }
             let State { store, unflushed, .. } = &mut *state;
             let Some(step) = store.compaction_step() else { return Ok(false) };
             if step.from == CompactionStep::FIRST {
@@ -176,9 +175,6 @@ impl Shared {
                 // reads at a revision whose history is gone.
                 unflushed.commit(store, &self.committer)?;
                 tracing::info!(revision = step.rev, "removing compacted history");
-            }
-            if !self.committer.is_idle()? {
-                continue;
             }
             let (tx, rx) = std::sync::mpsc::channel();
             let work = step.clone();
@@ -270,15 +266,16 @@ impl StateMachine {
         let (state, last_applied, membership) = load_state(&tree)?;
         let on_disk = read_snapshot_meta(dir)?.and_then(|meta| meta.last_log_id);
         let physical = Physical { rev: state.store.physical(), failed: None };
+        let (wake, woken) = std::sync::mpsc::channel();
         let shared = Arc::new(Shared {
             db: db.clone(),
             state: RwLock::new(state),
             applied: broadcast::channel(WATCH_BUFFER).0,
             committer: Committer::start(tree.clone())?,
-            compaction: Arc::new(Wake::default()),
+            compaction: wake,
             physical: watch::channel(physical).0,
         });
-        compactor::start(Arc::downgrade(&shared), shared.compaction.clone())?;
+        compactor::start(Arc::downgrade(&shared), woken)?;
         Ok(StateMachine {
             shared,
             tree,
@@ -357,7 +354,7 @@ impl StateMachine {
         }
         state.unflushed = group;
         if state.store.compacted() != compacted {
-            self.shared.compaction.wake();
+            let _ = self.shared.compaction.send(());
         }
         Ok(out)
     }
@@ -858,7 +855,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             *state = new_state;
             // The snapshot may hold a pass of physical compaction cut short.
             shared.physical.send_replace(Physical { rev: state.store.physical(), failed: None });
-            shared.compaction.wake();
+            let _ = shared.compaction.send(());
             let rev = state.store.revision();
             let _ = shared.applied.send(Arc::new(Applied { rev, events: Vec::new() }));
             Ok(())
