@@ -18,6 +18,7 @@
 //!   Lease, Cluster, Maintenance, and etcd's Lock and Election).
 //! - [`server`]: starts a member on its listeners and stops it on a signal.
 //! - [`idle_memory`]: gives freed heap back to the system after a burst.
+//! - [`metrics`]: counters and latency histograms for `GET /metrics`.
 //! - [`client`]: the Rust client that `kvctl` and the tests use.
 //! - [`config`]: `kvd`'s flags, named as etcd's.
 
@@ -28,6 +29,7 @@ pub mod error;
 pub mod grpc;
 pub mod idle_memory;
 pub mod lease;
+pub mod metrics;
 pub mod mvcc;
 pub mod node;
 pub mod proto;

@@ -76,6 +76,8 @@ pub struct Node {
     pub forwards: crate::raft::forwarder::Forwarder,
     /// Read index rounds shared by linearizable reads.
     pub reads: crate::read_index::ReadIndex,
+    /// Counters and latency histograms for `GET /metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Node {

@@ -156,9 +156,15 @@ pub async fn start_on(
         |e: crate::error::Error| StartError::DataDir { dir: cfg.data_dir.display().to_string(), why: e.to_string() };
     let mut log_store = LogStore::open(&cfg.data_dir.join("log")).map_err(data_err)?;
     let writes = log_store.writes_in_flight();
+    let wal_fsync = log_store.fsync_histogram();
     log_store.import_from_sled(&db).map_err(data_err)?;
     let state_machine = StateMachine::open(&db, &cfg.data_dir).map_err(data_err)?;
     let shared = state_machine.shared();
+    let metrics = Arc::new(crate::metrics::Metrics {
+        wal_fsync,
+        backend_commit: shared.commit_histogram(),
+        ..Default::default()
+    });
     let network = Network::new(peer.local_addr().map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?);
 
     let snapshot_count = cfg.config.snapshot_count;
@@ -234,6 +240,7 @@ pub async fn start_on(
         proposals,
         forwards,
         reads,
+        metrics: metrics.clone(),
     });
 
     let mut tasks = Vec::new();
@@ -248,6 +255,7 @@ pub async fn start_on(
     }
     tasks.push(tokio::spawn(crate::lease::run_expiry(node.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(crate::idle_memory::run(node.clone(), stop_rx.clone())));
+    tasks.push(tokio::spawn(crate::metrics::count_leader_changes(node.raft.clone(), metrics, stop_rx.clone())));
     tasks.push(publish_attributes(node.clone(), cfg.config.name.clone(), cfg.client_urls.clone(), stop_rx));
     tracing::info!(member = %format!("{:x}", cfg.id), name = %cfg.config.name, ?client_addrs, %peer_addr, "kvd member started");
     Ok(ServerHandle { node, client_addrs, peer_addr, stop, tasks, db })

@@ -35,6 +35,22 @@ fn value(metrics: &str, name: &str) -> f64 {
     line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number")
 }
 
+/// Checks that histogram `name` has at least `least` observations, in
+/// cumulative buckets that end with its count, and a sum to match.
+fn check_histogram(metrics: &str, name: &str, least: f64) {
+    let count = value(metrics, &format!("{name}_count"));
+    assert!(count >= least, "{name}: {count} observations, expected {least} or more");
+    let buckets: Vec<f64> = metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}_bucket{{")))
+        .map(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number"))
+        .collect();
+    assert_eq!(buckets.len(), 15, "{name}: 14 bounds and +Inf");
+    assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{name}: buckets not cumulative: {buckets:?}");
+    assert_eq!(value(metrics, &format!("{name}_bucket{{le=\"+Inf\"}}")), count);
+    assert!(value(metrics, &format!("{name}_sum")) > 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_and_health_answer_over_http_beside_grpc() {
     let mut c = TestCluster::start(3, |_| {}).await;
@@ -55,6 +71,36 @@ async fn metrics_and_health_answer_over_http_beside_grpc() {
     assert_eq!(value(&metrics, "etcd_debugging_mvcc_compact_revision"), -1.0);
     assert!(value(&metrics, "etcd_server_proposals_applied_total") >= 6.0);
     assert!(value(&metrics, "process_resident_memory_bytes") > 0.0);
+    assert_eq!(value(&metrics, "etcd_server_proposals_pending"), 0.0);
+    assert!(value(&metrics, "etcd_server_leader_changes_seen_total") >= 1.0);
+
+    // Client RPCs by method and code, under etcd's labels.
+    let future =
+        kvd::proto::etcdserverpb::RangeRequest { key: b"k0".to_vec(), revision: revision + 100, ..Default::default() };
+    let err = client.range(future).await.expect_err("a future revision");
+    assert_eq!(err.code(), tonic::Code::OutOfRange);
+    let (_, metrics) = get(c.client_addrs[leader], "/metrics").await;
+    let kv = |method: &str| format!("grpc_method=\"{method}\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"");
+    assert_eq!(value(&metrics, &format!("grpc_server_started_total{{{}}}", kv("Put"))), 6.0);
+    assert_eq!(value(&metrics, &format!("grpc_server_handled_total{{grpc_code=\"OK\",{}}}", kv("Put"))), 6.0);
+    assert_eq!(value(&metrics, &format!("grpc_server_started_total{{{}}}", kv("Range"))), 1.0);
+    assert_eq!(value(&metrics, &format!("grpc_server_handled_total{{grpc_code=\"OutOfRange\",{}}}", kv("Range"))), 1.0);
+    assert!(!metrics.contains("grpc_code=\"OK\",grpc_method=\"Range\""), "{metrics}");
+
+    // The log's syncs: at least one per put, in buckets that add up.
+    check_histogram(&metrics, "etcd_disk_wal_fsync_duration_seconds", 6.0);
+    // Groups of applied writes are committed to sled after they are applied.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let (_, metrics) = get(c.client_addrs[leader], "/metrics").await;
+        if value(&metrics, "etcd_disk_backend_commit_duration_seconds_count") >= 1.0 {
+            break metrics;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no commit to sled recorded:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    check_histogram(&metrics, "etcd_disk_backend_commit_duration_seconds", 1.0);
+
     let follower = (leader + 1) % 3;
     let (_, metrics) = get(c.client_addrs[follower], "/metrics").await;
     assert_eq!(value(&metrics, "etcd_server_is_leader"), 0.0);

@@ -6,7 +6,9 @@
 //!   the same quantity (`etcd_server_has_leader`, `etcd_server_is_leader`,
 //!   `etcd_server_proposals_applied_total`, `etcd_mvcc_db_total_size_in_bytes`,
 //!   `etcd_debugging_mvcc_keys_total`, …) and `process_resident_memory_bytes`;
-//!   `kvd_` names for the rest.
+//!   `kvd_` names for the rest; then the counters and histograms of
+//!   [`crate::metrics`]. This layer counts the client RPCs for them: started
+//!   when a request comes in, handled when its answer's status goes out.
 //! - `/health`: `{"health":"true"}` with status 200 when the member knows a
 //!   leader and a linearizable read goes through within a second, as etcd's
 //!   quorum read does; `{"health":"false"}` with status 503 otherwise.
@@ -20,6 +22,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::metrics::{self, Metrics};
 use crate::node::Node;
 
 /// How long `/health` waits for a linearizable read.
@@ -74,7 +77,93 @@ where
                 _ => {}
             }
         }
-        Box::pin(self.inner.call(req))
+        let Some(method) = self.node.metrics.grpc.start(req.uri().path()) else {
+            return Box::pin(self.inner.call(req));
+        };
+        let handled = Handled { metrics: self.node.metrics.clone(), method, done: false };
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            let resp = answer.await?;
+            Ok(counted(resp, handled))
+        })
+    }
+}
+
+/// Counts one RPC as handled, with its status code, once: with the code the
+/// answer ends with, or as canceled if it is dropped before that (its
+/// client went away).
+struct Handled {
+    metrics: Arc<Metrics>,
+    method: usize,
+    done: bool,
+}
+
+impl Handled {
+    fn finish(&mut self, code: usize) {
+        if !self.done {
+            self.done = true;
+            self.metrics.grpc.handled(self.method, code);
+        }
+    }
+}
+
+impl Drop for Handled {
+    fn drop(&mut self) {
+        self.finish(metrics::CANCELED);
+    }
+}
+
+/// The code of a `grpc-status` header or trailer.
+fn status_code(headers: &http::HeaderMap) -> Option<usize> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// The answer, set to count its RPC handled when it ends: at once when it
+/// carries its status in its headers (an error before any message), else
+/// when its body's trailers go out.
+fn counted(resp: Reply, mut handled: Handled) -> Reply {
+    if let Some(code) = status_code(resp.headers()) {
+        handled.finish(code);
+        return resp;
+    }
+    resp.map(|inner| tonic::body::Body::new(CountedBody { inner, handled }))
+}
+
+/// A gRPC answer's body that counts its RPC handled when it ends.
+struct CountedBody {
+    inner: tonic::body::Body,
+    handled: Handled,
+}
+
+impl http_body::Body for CountedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    self.handled.finish(status_code(trailers).unwrap_or(metrics::UNKNOWN));
+                }
+            }
+            Poll::Ready(Some(Err(status))) => self.handled.finish(status.code() as usize),
+            // Ended without trailers: not a whole gRPC answer.
+            Poll::Ready(None) => self.handled.finish(metrics::UNKNOWN),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -136,9 +225,16 @@ fn metrics(node: &Node) -> String {
         "The revision of the last compaction in the store.",
         compacted as f64,
     );
+    put(
+        "etcd_server_proposals_pending",
+        "gauge",
+        "The current number of pending proposals to commit.",
+        node.proposals.pending() as f64,
+    );
     if let Some(rss) = resident_bytes() {
         put("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", rss as f64);
     }
+    node.metrics.render(&mut out);
     out
 }
 

@@ -55,6 +55,12 @@ impl Proposals {
         Proposals { tx, writes }
     }
 
+    /// Client writes this member is handling: waiting, proposed or being
+    /// forwarded to the leader.
+    pub fn pending(&self) -> usize {
+        self.writes.count()
+    }
+
     /// Proposes an encoded `Command` and waits for what applying it
     /// produced; `alone` puts it in an entry of its own. `NotLeader` means it
     /// was not appended here.

@@ -18,6 +18,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::error::Error;
+use crate::metrics::Histogram;
 
 /// Work for the commit thread.
 enum Job {
@@ -33,6 +34,8 @@ pub struct Committer {
     tx: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
     progress: Arc<(Mutex<Progress>, Condvar)>,
+    /// How long each group took to commit.
+    commits: Arc<Histogram>,
 }
 
 #[derive(Default)]
@@ -51,12 +54,19 @@ impl Committer {
         let (tx, rx) = mpsc::channel::<Job>();
         let progress = Arc::new((Mutex::new(Progress::default()), Condvar::new()));
         let theirs = progress.clone();
+        let commits = Arc::new(Histogram::default());
+        let timed = commits.clone();
         let thread = std::thread::Builder::new()
             .name("kvd-sm-commit".into())
             .spawn(move || {
                 while let Ok(job) = rx.recv() {
                     let result = match job {
-                        Job::Commit(batch) => tree.apply_batch(batch),
+                        Job::Commit(batch) => {
+                            let start = std::time::Instant::now();
+                            let committed = tree.apply_batch(batch);
+                            timed.observe(start.elapsed());
+                            committed
+                        }
                         Job::Run(work) => {
                             work(&tree);
                             Ok(())
@@ -72,7 +82,12 @@ impl Committer {
                 }
             })
             .map_err(|e| Error::internal(format!("cannot start the state machine's commit thread: {e}")))?;
-        Ok(Committer { tx: Some(tx), thread: Some(thread), progress })
+        Ok(Committer { tx: Some(tx), thread: Some(thread), progress, commits })
+    }
+
+    /// The durations of the groups' commits.
+    pub fn commit_histogram(&self) -> Arc<Histogram> {
+        self.commits.clone()
     }
 
     /// Whether no group is being committed. An error if a commit failed.

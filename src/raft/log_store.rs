@@ -49,6 +49,7 @@ use tokio::sync::mpsc;
 
 use super::{decode, encode, Entry, LogId, NodeId, StorageError, TypeConfig, WritesInFlight};
 use crate::error::Error;
+use crate::metrics::Histogram;
 
 /// A segment grows to about this size before the next one starts.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -116,6 +117,8 @@ pub struct LogStore {
     shared: Arc<Shared>,
     flusher: mpsc::UnboundedSender<(Arc<File>, LogFlushed<TypeConfig>)>,
     writes: WritesInFlight,
+    /// How long each sync of appended entries took.
+    fsync: Arc<Histogram>,
 }
 
 fn io_err(what: impl std::fmt::Display, e: std::io::Error) -> Error {
@@ -157,11 +160,18 @@ impl LogStore {
         }
         let shared = Arc::new(Shared { dir: dir.to_path_buf(), inner: Mutex::new(inner) });
         let (flusher, pending) = mpsc::unbounded_channel();
+        let fsync = Arc::new(Histogram::default());
+        let timed = fsync.clone();
         std::thread::Builder::new()
             .name("kvd-log-flush".into())
-            .spawn(move || flush_loop(pending))
+            .spawn(move || flush_loop(pending, &timed))
             .map_err(|e| io_err("start the log flusher", e))?;
-        Ok(LogStore { shared, flusher, writes: WritesInFlight::default() })
+        Ok(LogStore { shared, flusher, writes: WritesInFlight::default(), fsync })
+    }
+
+    /// The durations of the syncs that make appended entries durable.
+    pub fn fsync_histogram(&self) -> Arc<Histogram> {
+        self.fsync.clone()
     }
 
     /// The count of client writes in flight that `append` looks at; the
@@ -504,7 +514,7 @@ fn write_small_file(dir: &Path, name: &str, payload: &[u8]) -> Result<(), Error>
 /// Completes appends once they are durable: one fdatasync for every append
 /// queued up meanwhile. It runs on its own thread (the sync blocks) and ends
 /// when every `LogStore` handle is dropped.
-fn flush_loop(mut pending: mpsc::UnboundedReceiver<(Arc<File>, LogFlushed<TypeConfig>)>) {
+fn flush_loop(mut pending: mpsc::UnboundedReceiver<(Arc<File>, LogFlushed<TypeConfig>)>, fsync: &Histogram) {
     while let Some(first) = pending.blocking_recv() {
         let mut waiting = vec![first];
         while let Ok(more) = pending.try_recv() {
@@ -513,7 +523,7 @@ fn flush_loop(mut pending: mpsc::UnboundedReceiver<(Arc<File>, LogFlushed<TypeCo
         // Earlier segments were synced before a newer one started, so the
         // newest file named in the batch is the only one left to sync.
         let synced = match waiting.last() {
-            Some((file, _)) => file.sync_data(),
+            Some((file, _)) => timed_sync(file, fsync),
             None => Ok(()),
         };
         for (_, callback) in waiting {
@@ -523,6 +533,14 @@ fn flush_loop(mut pending: mpsc::UnboundedReceiver<(Arc<File>, LogFlushed<TypeCo
             });
         }
     }
+}
+
+/// Syncs a segment's data, recording how long it took.
+fn timed_sync(file: &File, fsync: &Histogram) -> std::io::Result<()> {
+    let start = std::time::Instant::now();
+    let synced = file.sync_data();
+    fsync.observe(start.elapsed());
+    synced
 }
 
 fn read_err(e: Error) -> StorageError {
@@ -584,12 +602,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // openraft waits for this flush before its next log write, so an
         // inline sync never overtakes one queued to the flusher.
         if self.writes.count() <= 1 {
-            callback.log_io_completed(file.sync_data());
+            callback.log_io_completed(timed_sync(&file, &self.fsync));
             return Ok(());
         }
         if let Err(mpsc::error::SendError((file, callback))) = self.flusher.send((file, callback)) {
             // The flusher thread is gone: sync here.
-            callback.log_io_completed(file.sync_data());
+            callback.log_io_completed(timed_sync(&file, &self.fsync));
         }
         Ok(())
     }

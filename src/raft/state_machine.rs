@@ -224,6 +224,11 @@ impl Shared {
         }
     }
 
+    /// The durations of the commits of applied writes to sled.
+    pub fn commit_histogram(&self) -> Arc<crate::metrics::Histogram> {
+        self.committer.commit_histogram()
+    }
+
     /// Bytes the member's database takes on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)

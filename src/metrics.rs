@@ -1,0 +1,304 @@
+//! Counters and latency histograms of one member, for `GET /metrics` (see
+//! [`crate::grpc::endpoints`]). Each member has its own (several members can
+//! run in one process); recording is a few relaxed atomic adds.
+//!
+//! - `etcd_disk_wal_fsync_duration_seconds`: each sync of the Raft log.
+//! - `etcd_disk_backend_commit_duration_seconds`: each commit of a group of
+//!   applied writes to sled.
+//! - `grpc_server_started_total` and `grpc_server_handled_total`: client
+//!   RPCs by service and method, and by status code once they end.
+//! - `etcd_server_leader_changes_seen_total`: leaders this member has seen.
+//!
+//! The names, labels and buckets are etcd 3.4's, so that dashboards and
+//! alerts written for etcd read kvd unchanged.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Upper bounds of the histogram buckets, in seconds: 1 ms doubling to
+/// 8.192 s, as etcd's disk histograms.
+const BUCKETS: [f64; 14] =
+    [0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048, 4.096, 8.192];
+
+/// A latency histogram with [`BUCKETS`].
+#[derive(Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last is past 8.192 s.
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one duration.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let bucket = BUCKETS.iter().position(|&le| secs <= le).unwrap_or(BUCKETS.len());
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Writes the histogram in Prometheus text format.
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut total = 0;
+        for (i, count) in self.counts.iter().enumerate() {
+            total += count.load(Ordering::Relaxed);
+            match BUCKETS.get(i) {
+                Some(le) => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {total}");
+                }
+                None => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
+                }
+            }
+        }
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {total}");
+    }
+}
+
+/// gRPC status codes by number, as the `grpc_code` label names them.
+const CODES: [&str; 17] = [
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+];
+
+/// The code counted for a status code outside [`CODES`].
+pub const UNKNOWN: usize = 2;
+/// The code counted for an RPC whose client went away before it ended.
+pub const CANCELED: usize = 1;
+
+/// The client RPCs kvd serves: path, and gRPC type as etcd labels it.
+const METHODS: &[(&str, &str)] = &[
+    ("/etcdserverpb.KV/Range", "unary"),
+    ("/etcdserverpb.KV/Put", "unary"),
+    ("/etcdserverpb.KV/DeleteRange", "unary"),
+    ("/etcdserverpb.KV/Txn", "unary"),
+    ("/etcdserverpb.KV/Compact", "unary"),
+    ("/etcdserverpb.Watch/Watch", "bidi_stream"),
+    ("/etcdserverpb.Lease/LeaseGrant", "unary"),
+    ("/etcdserverpb.Lease/LeaseRevoke", "unary"),
+    ("/etcdserverpb.Lease/LeaseKeepAlive", "bidi_stream"),
+    ("/etcdserverpb.Lease/LeaseTimeToLive", "unary"),
+    ("/etcdserverpb.Lease/LeaseLeases", "unary"),
+    ("/etcdserverpb.Cluster/MemberAdd", "unary"),
+    ("/etcdserverpb.Cluster/MemberRemove", "unary"),
+    ("/etcdserverpb.Cluster/MemberUpdate", "unary"),
+    ("/etcdserverpb.Cluster/MemberList", "unary"),
+    ("/etcdserverpb.Cluster/MemberPromote", "unary"),
+    ("/etcdserverpb.Maintenance/Alarm", "unary"),
+    ("/etcdserverpb.Maintenance/Status", "unary"),
+    ("/etcdserverpb.Maintenance/Defragment", "unary"),
+    ("/etcdserverpb.Maintenance/Hash", "unary"),
+    ("/etcdserverpb.Maintenance/HashKV", "unary"),
+    ("/etcdserverpb.Maintenance/Snapshot", "server_stream"),
+    ("/etcdserverpb.Maintenance/MoveLeader", "unary"),
+    ("/v3lockpb.Lock/Lock", "unary"),
+    ("/v3lockpb.Lock/Unlock", "unary"),
+    ("/v3electionpb.Election/Campaign", "unary"),
+    ("/v3electionpb.Election/Proclaim", "unary"),
+    ("/v3electionpb.Election/Leader", "unary"),
+    ("/v3electionpb.Election/Observe", "server_stream"),
+    ("/v3electionpb.Election/Resign", "unary"),
+];
+
+/// Started and handled counts of each of [`METHODS`].
+pub struct GrpcCounters {
+    index: HashMap<&'static str, usize>,
+    started: Vec<AtomicU64>,
+    handled: Vec<[AtomicU64; CODES.len()]>,
+}
+
+impl Default for GrpcCounters {
+    fn default() -> Self {
+        GrpcCounters {
+            index: METHODS.iter().enumerate().map(|(i, (path, _))| (*path, i)).collect(),
+            started: METHODS.iter().map(|_| AtomicU64::new(0)).collect(),
+            handled: METHODS.iter().map(|_| Default::default()).collect(),
+        }
+    }
+}
+
+impl GrpcCounters {
+    /// Counts an RPC to `path` as started; the method's index, to count it
+    /// handled with, or None for a path that is not one of kvd's methods.
+    pub fn start(&self, path: &str) -> Option<usize> {
+        let method = *self.index.get(path)?;
+        self.started[method].fetch_add(1, Ordering::Relaxed);
+        Some(method)
+    }
+
+    /// Counts an RPC of `method` (from [`Self::start`]) as ended with status
+    /// `code`.
+    pub fn handled(&self, method: usize, code: usize) {
+        let code = if code < CODES.len() { code } else { UNKNOWN };
+        if let Some(counts) = self.handled.get(method) {
+            counts[code].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes both counters in Prometheus text format, the methods and codes
+    /// seen so far.
+    fn render(&self, out: &mut String) {
+        let labels = |path: &str, kind: &str| {
+            let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or(("", path));
+            format!("grpc_method=\"{method}\",grpc_service=\"{service}\",grpc_type=\"{kind}\"")
+        };
+        let _ = writeln!(
+            out,
+            "# HELP grpc_server_started_total Total number of RPCs started on the server.\n\
+             # TYPE grpc_server_started_total counter"
+        );
+        for ((path, kind), started) in METHODS.iter().zip(&self.started) {
+            let n = started.load(Ordering::Relaxed);
+            if n > 0 {
+                let _ = writeln!(out, "grpc_server_started_total{{{}}} {n}", labels(path, kind));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP grpc_server_handled_total Total number of RPCs completed on the server, regardless of success or failure.\n\
+             # TYPE grpc_server_handled_total counter"
+        );
+        for ((path, kind), codes) in METHODS.iter().zip(&self.handled) {
+            for (code, count) in CODES.iter().zip(codes) {
+                let n = count.load(Ordering::Relaxed);
+                if n > 0 {
+                    let _ =
+                        writeln!(out, "grpc_server_handled_total{{grpc_code=\"{code}\",{}}} {n}", labels(path, kind));
+                }
+            }
+        }
+    }
+}
+
+/// The counters and histograms of one member.
+#[derive(Default)]
+pub struct Metrics {
+    /// Syncs of the Raft log.
+    pub wal_fsync: Arc<Histogram>,
+    /// Commits of applied writes to sled.
+    pub backend_commit: Arc<Histogram>,
+    /// Client RPCs.
+    pub grpc: GrpcCounters,
+    /// Leaders seen.
+    pub leader_changes: AtomicU64,
+}
+
+impl Metrics {
+    /// Writes every counter and histogram in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        self.wal_fsync.render(
+            out,
+            "etcd_disk_wal_fsync_duration_seconds",
+            "The latency distributions of fsync called by WAL.",
+        );
+        self.backend_commit.render(
+            out,
+            "etcd_disk_backend_commit_duration_seconds",
+            "The latency distributions of commit called by backend.",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP etcd_server_leader_changes_seen_total The number of leader changes seen.\n\
+             # TYPE etcd_server_leader_changes_seen_total counter\n\
+             etcd_server_leader_changes_seen_total {}",
+            self.leader_changes.load(Ordering::Relaxed)
+        );
+        self.grpc.render(out);
+    }
+}
+
+/// Counts each leader `raft` comes to know of, until `stop` turns true.
+pub async fn count_leader_changes(
+    raft: crate::raft::Raft,
+    metrics: Arc<Metrics>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut server = raft.server_metrics();
+    let mut last = None;
+    loop {
+        let leader = server.borrow_and_update().current_leader;
+        if leader.is_some() && leader != last {
+            metrics.leader_changes.fetch_add(1, Ordering::Relaxed);
+        }
+        last = leader;
+        tokio::select! {
+            changed = server.changed() => if changed.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rendered(h: &Histogram) -> String {
+        let mut out = String::new();
+        h.render(&mut out, "h", "help");
+        out
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_end_with_the_count() {
+        let h = Histogram::default();
+        for ms in [0.5, 1.0, 1.5, 3.0, 3.0, 9000.0] {
+            h.observe(Duration::from_secs_f64(ms / 1000.0));
+        }
+        let out = rendered(&h);
+        for line in [
+            "h_bucket{le=\"0.001\"} 2",
+            "h_bucket{le=\"0.002\"} 3",
+            "h_bucket{le=\"0.004\"} 5",
+            "h_bucket{le=\"8.192\"} 5",
+            "h_bucket{le=\"+Inf\"} 6",
+            "h_count 6",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} missing from\n{out}");
+        }
+        let sum: f64 = out.lines().find_map(|l| l.strip_prefix("h_sum ")).expect("sum").parse().expect("number");
+        assert!((sum - 9.009).abs() < 1e-6, "{sum}");
+    }
+
+    #[test]
+    fn rpcs_are_counted_by_method_and_code() {
+        let c = GrpcCounters::default();
+        let put = c.start("/etcdserverpb.KV/Put").expect("known");
+        let range = c.start("/etcdserverpb.KV/Range").expect("known");
+        assert_eq!(c.start("/etcdserverpb.Auth/UserAdd"), None);
+        c.handled(put, 0);
+        c.handled(range, 11);
+        c.handled(range, 99);
+        let mut out = String::new();
+        c.render(&mut out);
+        for line in [
+            "grpc_server_started_total{grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 1",
+            "grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 1",
+            "grpc_server_handled_total{grpc_code=\"OutOfRange\",grpc_method=\"Range\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 1",
+            "grpc_server_handled_total{grpc_code=\"Unknown\",grpc_method=\"Range\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 1",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} missing from\n{out}");
+        }
+        assert!(!out.contains("Auth"), "{out}");
+    }
+}
