@@ -1,6 +1,8 @@
 //! The client side of the peer API: one long-lived gRPC channel per peer,
 //! used by openraft for its RPCs and by the node to forward proposals and ask
-//! for read indexes.
+//! for read indexes. AppendEntries go on one long-lived gRPC stream per peer
+//! over that channel (see [`PeerConnection`]), with unary calls to a peer
+//! that does not serve the stream.
 //!
 //! It also holds a partition switch: a member can be told to treat some peers
 //! as unreachable, which the tests use to cut links without touching sockets.
@@ -18,6 +20,8 @@ use openraft::raft::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use super::{decode, encode, Node, NodeId, TypeConfig};
@@ -129,12 +133,7 @@ impl Network {
         payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, CallError> {
-        if self.is_blocked(id) {
-            return Err(CallError::NotSent(format!("peer {id:x} is cut off")));
-        }
-        let mut client = PeerClient::new(self.channel(id, addr).map_err(CallError::NotSent)?)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX);
+        let mut client = self.client(id, addr)?;
         let req = RaftPayload { data: payload };
         let fut = async {
             match rpc {
@@ -149,12 +148,65 @@ impl Network {
         };
         match tokio::time::timeout(timeout, fut).await {
             Err(_) => Err(CallError::Unknown(format!("{rpc:?} to {id:x} timed out after {timeout:?}"))),
-            // tonic reports a channel that could not connect this way, before
-            // anything is sent.
-            Ok(Err(s)) if crate::client::not_sent(&s) => Err(CallError::NotSent(s.to_string())),
-            Ok(Err(s)) if crate::client::broken(&s) => Err(CallError::Broken(s.to_string())),
-            Ok(Err(s)) => Err(CallError::Unknown(s.to_string())),
+            Ok(Err(s)) => Err(call_error(s)),
             Ok(Ok(resp)) => Ok(resp.into_inner().data),
+        }
+    }
+
+    /// A client for peer `id` at `addr`, unless the peer is cut off.
+    fn client(&self, id: NodeId, addr: &str) -> Result<PeerClient<Channel>, CallError> {
+        if self.is_blocked(id) {
+            return Err(CallError::NotSent(format!("peer {id:x} is cut off")));
+        }
+        Ok(PeerClient::new(self.channel(id, addr).map_err(CallError::NotSent)?)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX))
+    }
+
+    /// Opens a stream of AppendEntries to peer `id` at `addr`; None if the
+    /// peer does not serve such streams (a kvd from before them).
+    async fn open_append_stream(&self, id: NodeId, addr: &str) -> Result<Option<AppendStream>, CallError> {
+        let mut client = self.client(id, addr)?;
+        let (requests, outgoing) = mpsc::channel(1);
+        match client.append_entries_stream(ReceiverStream::new(outgoing)).await {
+            Ok(answers) => Ok(Some(AppendStream { requests, answers: answers.into_inner() })),
+            Err(s) if s.code() == tonic::Code::Unimplemented => Ok(None),
+            Err(s) => Err(call_error(s)),
+        }
+    }
+}
+
+/// What a failed peer call means for the request.
+fn call_error(s: tonic::Status) -> CallError {
+    // tonic reports a channel that could not connect this way, before
+    // anything is sent.
+    if crate::client::not_sent(&s) {
+        CallError::NotSent(s.to_string())
+    } else if crate::client::broken(&s) {
+        CallError::Broken(s.to_string())
+    } else {
+        CallError::Unknown(s.to_string())
+    }
+}
+
+/// One peer's stream of AppendEntries: a request goes out, and its answer
+/// comes back before the next request is sent.
+struct AppendStream {
+    requests: mpsc::Sender<RaftPayload>,
+    answers: tonic::Streaming<RaftPayload>,
+}
+
+impl AppendStream {
+    /// Sends one request and waits for its answer.
+    async fn call(&mut self, payload: Vec<u8>) -> Result<Vec<u8>, CallError> {
+        if self.requests.send(RaftPayload { data: payload }).await.is_err() {
+            // The request body is gone: the stream ended under us.
+            return Err(CallError::Broken("the AppendEntries stream closed".into()));
+        }
+        match self.answers.message().await {
+            Ok(Some(answer)) => Ok(answer.data),
+            Ok(None) => Err(CallError::Broken("the peer ended the AppendEntries stream".into())),
+            Err(s) => Err(call_error(s)),
         }
     }
 }
@@ -163,20 +215,30 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerConnection {
-        PeerConnection { net: self.clone(), target, addr: node.addr.clone() }
+        PeerConnection::new(self.clone(), target, node.addr.clone())
     }
 }
 
-/// openraft's handle on one peer.
+/// openraft's handle on one peer. AppendEntries, which openraft sends to a
+/// peer one at a time, go on one long-lived stream, opened at the first and
+/// again after any failure: a unary call per entry batch and heartbeat cost
+/// a new HTTP/2 stream each, with its headers and a task on both sides.
 pub struct PeerConnection {
     net: Network,
     target: NodeId,
     addr: String,
+    stream: Option<AppendStream>,
+    /// The peer serves no AppendEntries stream: unary calls instead.
+    unary: bool,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, Node, RaftError<NodeId, E>>>;
 
 impl PeerConnection {
+    fn new(net: Network, target: NodeId, addr: String) -> Self {
+        PeerConnection { net, target, addr, stream: None, unary: false }
+    }
+
     async fn raft_call<Req, Resp, E>(&self, rpc: Rpc, req: &Req, timeout: Duration) -> RpcResult<Resp, E>
     where
         Req: Serialize,
@@ -184,19 +246,57 @@ impl PeerConnection {
         E: std::error::Error + DeserializeOwned,
     {
         let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        // Unreachable makes openraft wait (see `backoff`) before it tries
-        // this peer again; after any other error it retries with the next
-        // entry or heartbeat, which against a peer that resets every
-        // connection made thousands of failed calls a second.
-        let bytes = self.net.call(self.target, &self.addr, rpc, payload, timeout).await.map_err(|e| match e {
-            CallError::NotSent(m) | CallError::Broken(m) => {
-                RPCError::Unreachable(Unreachable::new(&Error::Internal(m)))
-            }
-            CallError::Unknown(m) => RPCError::Network(NetworkError::new(&Error::Internal(m))),
-        })?;
+        let bytes = self.net.call(self.target, &self.addr, rpc, payload, timeout).await.map_err(rpc_error)?;
+        self.answer(&bytes)
+    }
+
+    // openraft's RPCError is large by design; the trait fixes the error type.
+    #[allow(clippy::result_large_err)]
+    fn answer<Resp, E>(&self, bytes: &[u8]) -> RpcResult<Resp, E>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
         let answer: Result<Resp, RaftError<NodeId, E>> =
-            decode(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            decode(bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    /// Sends one AppendEntries on the stream, opening it first if need be.
+    /// None if the peer serves no such stream.
+    ///
+    /// The stream is taken out of `self` for the call and put back only
+    /// once the answer is in. A call dropped midway (openraft drops a call
+    /// that outlives its timeout) thus drops its stream with it: otherwise
+    /// the next request would read the late answer to this one as its own,
+    /// and openraft would count entries as stored on a member that does not
+    /// have them.
+    async fn stream_call(&mut self, payload: Vec<u8>) -> Result<Option<Vec<u8>>, CallError> {
+        if self.net.is_blocked(self.target) {
+            self.stream = None;
+            return Err(CallError::NotSent(format!("peer {:x} is cut off", self.target)));
+        }
+        let mut stream = match self.stream.take() {
+            Some(stream) => stream,
+            None => match self.net.open_append_stream(self.target, &self.addr).await? {
+                Some(stream) => stream,
+                None => return Ok(None),
+            },
+        };
+        let answer = stream.call(payload).await?;
+        self.stream = Some(stream);
+        Ok(Some(answer))
+    }
+}
+
+/// The openraft error for a failed peer call. Unreachable makes openraft wait
+/// (see `backoff`) before it tries this peer again; after any other error it
+/// retries with the next entry or heartbeat, which against a peer that resets
+/// every connection made thousands of failed calls a second.
+fn rpc_error<E: std::error::Error>(e: CallError) -> RPCError<NodeId, Node, RaftError<NodeId, E>> {
+    match e {
+        CallError::NotSent(m) | CallError::Broken(m) => RPCError::Unreachable(Unreachable::new(&Error::Internal(m))),
+        CallError::Unknown(m) => RPCError::Network(NetworkError::new(&Error::Internal(m))),
     }
 }
 
@@ -212,7 +312,26 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        self.raft_call(Rpc::AppendEntries, &rpc, option.hard_ttl()).await
+        let timeout = option.hard_ttl();
+        if self.unary {
+            return self.raft_call(Rpc::AppendEntries, &rpc, timeout).await;
+        }
+        let payload = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        match tokio::time::timeout(timeout, self.stream_call(payload)).await {
+            Ok(Ok(Some(bytes))) => self.answer(&bytes),
+            Ok(Ok(None)) => {
+                tracing::info!(peer = %format!("{:x}", self.target), "peer serves no AppendEntries stream; using unary calls");
+                self.unary = true;
+                self.raft_call(Rpc::AppendEntries, &rpc, timeout).await
+            }
+            // A stream that failed or timed out is dropped (see
+            // `stream_call`): it may still carry an answer to this request.
+            Ok(Err(e)) => Err(rpc_error(e)),
+            Err(_) => {
+                let m = format!("AppendEntries to {:x} timed out after {timeout:?}", self.target);
+                Err(RPCError::Network(NetworkError::new(&Error::Internal(m))))
+            }
+        }
     }
 
     async fn install_snapshot(
@@ -235,6 +354,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::raft::LogId;
     use openraft::Vote;
 
     fn heartbeat() -> AppendEntriesRequest<TypeConfig> {
@@ -258,6 +378,124 @@ mod tests {
         format!("http://{addr}")
     }
 
+    #[tokio::test]
+    async fn a_peer_without_the_append_stream_gets_unary_calls() {
+        // A gRPC server with no services answers every call Unimplemented,
+        // as a kvd from before the stream answers the stream.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tonic::transport::Server::builder()
+            .add_routes(tonic::service::Routes::default())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        let server = tokio::spawn(server);
+        let mut conn = PeerConnection::new(Network::default(), 2, format!("http://{addr}"));
+        let err = conn.append_entries(heartbeat(), RPCOption::new(Duration::from_secs(5))).await;
+        // The unary call was made, and refused too.
+        let err = err.expect_err("nothing serves AppendEntries");
+        assert!(matches!(err, RPCError::Network(_)), "{err:?}");
+        assert!(format!("{err:?}").contains("not implemented"), "{err:?}");
+        assert!(conn.unary && conn.stream.is_none());
+        server.abort();
+    }
+
+    /// A peer whose AppendEntries stream answers a request with a previous
+    /// log id only after a long wait, with a conflict, and any other at once,
+    /// with success.
+    struct SlowPeer;
+
+    type Answers = std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftPayload, tonic::Status>> + Send>>;
+
+    fn unimplemented() -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+
+    #[tonic::async_trait]
+    impl crate::proto::kvdpb::peer_server::Peer for SlowPeer {
+        type AppendEntriesStreamStream = Answers;
+
+        async fn append_entries_stream(
+            &self,
+            req: tonic::Request<tonic::Streaming<RaftPayload>>,
+        ) -> Result<tonic::Response<Answers>, tonic::Status> {
+            use futures::StreamExt;
+            let answers = req.into_inner().then(|request| async move {
+                let rpc: AppendEntriesRequest<TypeConfig> = decode(&request?.data).expect("a request");
+                let answer: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> = match rpc.prev_log_id {
+                    Some(_) => {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        Ok(AppendEntriesResponse::Conflict)
+                    }
+                    None => Ok(AppendEntriesResponse::Success),
+                };
+                Ok(RaftPayload { data: encode(&answer).expect("encode") })
+            });
+            Ok(tonic::Response::new(Box::pin(answers)))
+        }
+
+        async fn append_entries(
+            &self,
+            _: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            unimplemented()
+        }
+        async fn vote(&self, _: tonic::Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            unimplemented()
+        }
+        async fn install_snapshot(
+            &self,
+            _: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            unimplemented()
+        }
+        async fn forward(&self, _: tonic::Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            unimplemented()
+        }
+        async fn forward_batch(
+            &self,
+            _: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            unimplemented()
+        }
+        async fn read_index(
+            &self,
+            _: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            unimplemented()
+        }
+        async fn lease(&self, _: tonic::Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            unimplemented()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_midway_leaves_no_answer_for_the_next() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tonic::transport::Server::builder()
+            .add_service(crate::proto::kvdpb::peer_server::PeerServer::new(SlowPeer))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        let server = tokio::spawn(server);
+        let mut conn = PeerConnection::new(Network::default(), 2, format!("http://{addr}"));
+        let option = || RPCOption::new(Duration::from_secs(5));
+        // The stream works, and stays open between calls.
+        let ok = conn.append_entries(heartbeat(), option()).await.expect("answered");
+        assert!(matches!(ok, AppendEntriesResponse::Success), "{ok:?}");
+        assert!(conn.stream.is_some());
+        // A call dropped while its answer is on the way, as openraft drops
+        // one past its own timeout...
+        let slow = AppendEntriesRequest {
+            prev_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), 1)),
+            ..heartbeat()
+        };
+        let dropped = tokio::time::timeout(Duration::from_millis(50), conn.append_entries(slow, option())).await;
+        assert!(dropped.is_err(), "the slow answer came early");
+        // ... must not hand its late conflict to the next call.
+        let next = conn.append_entries(heartbeat(), option()).await.expect("answered");
+        assert!(matches!(next, AppendEntriesResponse::Success), "the next call read {next:?}");
+        assert!(!conn.unary);
+        server.abort();
+    }
+
     #[test]
     fn backoff_doubles_from_10_ms_up_to_the_cap() {
         let ms: Vec<u128> = backoff_delays().take(8).map(|d| d.as_millis()).collect();
@@ -268,7 +506,7 @@ mod tests {
     async fn a_peer_that_drops_connections_is_unreachable_and_one_that_is_silent_is_not() {
         let option = || RPCOption::new(Duration::from_millis(500));
         // Dropped at once: openraft should back off, not retry at once.
-        let mut dropping = PeerConnection { net: Network::default(), target: 2, addr: peer(drop) };
+        let mut dropping = PeerConnection::new(Network::default(), 2, peer(drop));
         let err = dropping.append_entries(heartbeat(), option()).await.expect_err("nothing answers");
         assert!(matches!(err, RPCError::Unreachable(_)), "{err:?}");
         // Held open without a word: the call times out, which says nothing
@@ -277,7 +515,7 @@ mod tests {
             std::thread::sleep(Duration::from_secs(2));
             drop(conn);
         };
-        let mut silent = PeerConnection { net: Network::default(), target: 3, addr: peer(silent) };
+        let mut silent = PeerConnection::new(Network::default(), 3, peer(silent));
         let err = silent.append_entries(heartbeat(), option()).await.expect_err("nothing answers");
         assert!(matches!(err, RPCError::Network(_)), "{err:?}");
     }

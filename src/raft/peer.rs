@@ -1,12 +1,14 @@
 //! The server side of the peer API: hands Raft RPCs to openraft, and serves
 //! the proposals and read-index requests that followers forward.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
+use futures::{Stream, StreamExt};
 use openraft::error::{InstallSnapshotError, RaftError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::{decode, encode, NodeId};
 use crate::node::{encode_answer, Node};
@@ -38,8 +40,35 @@ where
     Ok(Response::new(RaftPayload { data }))
 }
 
+/// Answers to a stream of AppendEntries, in order.
+type AppendAnswers = Pin<Box<dyn Stream<Item = Result<RaftPayload, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Peer for PeerService {
+    type AppendEntriesStreamStream = AppendAnswers;
+
+    /// Hands each request to openraft in turn and answers it before taking
+    /// the next. Ends when the leader closes the stream, on a request that
+    /// cannot be read, or when this member stops.
+    async fn append_entries_stream(
+        &self,
+        req: Request<Streaming<RaftPayload>>,
+    ) -> Result<Response<AppendAnswers>, Status> {
+        let node = self.node.clone();
+        let stopping = self.node.clone();
+        let answers = req.into_inner().then(move |request| {
+            let node = node.clone();
+            async move {
+                let rpc = decode(&request?.data).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                let res: Result<_, RaftError<NodeId>> = node.raft.append_entries(rpc).await;
+                let data = encode(&res).map_err(|e| Status::internal(e.to_string()))?;
+                Ok(RaftPayload { data })
+            }
+        });
+        let until_stop = async move { stopping.stopped().await };
+        Ok(Response::new(Box::pin(answers.take_until(until_stop))))
+    }
+
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         output(self.node.raft.append_entries(input(req)?).await)
     }
