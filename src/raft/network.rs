@@ -64,7 +64,28 @@ pub struct Network {
     channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
     blocked: Arc<Mutex<HashSet<NodeId>>>,
     source: Option<IpAddr>,
+    streams: Arc<Mutex<HashMap<NodeId, Streams>>>,
 }
+
+/// Idle AppendEntries streams to `addr` of one peer. openraft replicates to
+/// a peer through one connection, and makes a new one for each heartbeat
+/// round that confirms a read index: each takes an idle stream when it
+/// calls and gives it back with the answer, so both reuse open streams.
+#[derive(Default)]
+struct Streams {
+    addr: String,
+    idle: Vec<AppendStream>,
+    /// When the peer was found to serve no stream.
+    unary_since: Option<std::time::Instant>,
+}
+
+/// Idle streams kept per peer: one for replication and one for read index
+/// rounds, with room to spare.
+const MAX_IDLE_STREAMS: usize = 4;
+
+/// How long a peer found to serve no AppendEntries stream gets unary calls
+/// before a stream is tried again (it may have been upgraded meanwhile).
+const UNARY_RETRY: Duration = Duration::from_secs(60);
 
 /// Why a peer call failed.
 #[derive(Debug)]
@@ -103,6 +124,42 @@ impl Network {
 
     fn is_blocked(&self, id: NodeId) -> bool {
         self.blocked.lock().unwrap_or_else(|p| p.into_inner()).contains(&id)
+    }
+
+    /// The idle streams to peer `id` at `addr`, forgetting those to another
+    /// address.
+    fn with_streams<T>(&self, id: NodeId, addr: &str, f: impl FnOnce(&mut Streams) -> T) -> T {
+        let mut all = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let streams = all.entry(id).or_default();
+        if streams.addr != addr {
+            *streams = Streams { addr: addr.to_string(), ..Default::default() };
+        }
+        f(streams)
+    }
+
+    fn take_stream(&self, id: NodeId, addr: &str) -> Option<AppendStream> {
+        self.with_streams(id, addr, |s| s.idle.pop())
+    }
+
+    fn give_back_stream(&self, id: NodeId, addr: &str, stream: AppendStream) {
+        self.with_streams(id, addr, |s| {
+            if s.idle.len() < MAX_IDLE_STREAMS {
+                s.idle.push(stream);
+            }
+        })
+    }
+
+    fn drop_streams(&self, id: NodeId, addr: &str) {
+        self.with_streams(id, addr, |s| s.idle.clear())
+    }
+
+    /// Whether AppendEntries to peer `id` go in unary calls for now.
+    fn unary(&self, id: NodeId, addr: &str) -> bool {
+        self.with_streams(id, addr, |s| s.unary_since.is_some_and(|t| t.elapsed() < UNARY_RETRY))
+    }
+
+    fn set_unary(&self, id: NodeId, addr: &str) {
+        self.with_streams(id, addr, |s| s.unary_since = Some(std::time::Instant::now()))
     }
 
     fn channel(&self, id: NodeId, addr: &str) -> Result<Channel, String> {
@@ -219,24 +276,21 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
-/// openraft's handle on one peer. AppendEntries, which openraft sends to a
-/// peer one at a time, go on one long-lived stream, opened at the first and
-/// again after any failure: a unary call per entry batch and heartbeat cost
-/// a new HTTP/2 stream each, with its headers and a task on both sides.
+/// openraft's handle on one peer. AppendEntries, which openraft sends on a
+/// handle one at a time, go on long-lived streams kept by the [`Network`]:
+/// a unary call per entry batch and heartbeat cost a new HTTP/2 stream each,
+/// with its headers and a task on both sides.
 pub struct PeerConnection {
     net: Network,
     target: NodeId,
     addr: String,
-    stream: Option<AppendStream>,
-    /// The peer serves no AppendEntries stream: unary calls instead.
-    unary: bool,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, Node, RaftError<NodeId, E>>>;
 
 impl PeerConnection {
     fn new(net: Network, target: NodeId, addr: String) -> Self {
-        PeerConnection { net, target, addr, stream: None, unary: false }
+        PeerConnection { net, target, addr }
     }
 
     async fn raft_call<Req, Resp, E>(&self, rpc: Rpc, req: &Req, timeout: Duration) -> RpcResult<Resp, E>
@@ -262,21 +316,21 @@ impl PeerConnection {
         answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
-    /// Sends one AppendEntries on the stream, opening it first if need be.
-    /// None if the peer serves no such stream.
+    /// Sends one AppendEntries on an idle stream, or a new one. None if the
+    /// peer serves no such stream.
     ///
-    /// The stream is taken out of `self` for the call and put back only
-    /// once the answer is in. A call dropped midway (openraft drops a call
-    /// that outlives its timeout) thus drops its stream with it: otherwise
-    /// the next request would read the late answer to this one as its own,
-    /// and openraft would count entries as stored on a member that does not
-    /// have them.
+    /// The stream is taken from the idle ones for the call and given back
+    /// only once the answer is in. A call dropped midway (openraft drops a
+    /// call that outlives its timeout) thus drops its stream with it:
+    /// otherwise the next request on it would read the late answer to this
+    /// one as its own, and openraft would count entries as stored on a
+    /// member that does not have them.
     async fn stream_call(&mut self, payload: Vec<u8>) -> Result<Option<Vec<u8>>, CallError> {
         if self.net.is_blocked(self.target) {
-            self.stream = None;
+            self.net.drop_streams(self.target, &self.addr);
             return Err(CallError::NotSent(format!("peer {:x} is cut off", self.target)));
         }
-        let mut stream = match self.stream.take() {
+        let mut stream = match self.net.take_stream(self.target, &self.addr) {
             Some(stream) => stream,
             None => match self.net.open_append_stream(self.target, &self.addr).await? {
                 Some(stream) => stream,
@@ -284,7 +338,7 @@ impl PeerConnection {
             },
         };
         let answer = stream.call(payload).await?;
-        self.stream = Some(stream);
+        self.net.give_back_stream(self.target, &self.addr, stream);
         Ok(Some(answer))
     }
 }
@@ -313,7 +367,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
         let timeout = option.hard_ttl();
-        if self.unary {
+        if self.net.unary(self.target, &self.addr) {
             return self.raft_call(Rpc::AppendEntries, &rpc, timeout).await;
         }
         let payload = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
@@ -321,7 +375,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
             Ok(Ok(Some(bytes))) => self.answer(&bytes),
             Ok(Ok(None)) => {
                 tracing::info!(peer = %format!("{:x}", self.target), "peer serves no AppendEntries stream; using unary calls");
-                self.unary = true;
+                self.net.set_unary(self.target, &self.addr);
                 self.raft_call(Rpc::AppendEntries, &rpc, timeout).await
             }
             // A stream that failed or timed out is dropped (see
@@ -394,7 +448,8 @@ mod tests {
         let err = err.expect_err("nothing serves AppendEntries");
         assert!(matches!(err, RPCError::Network(_)), "{err:?}");
         assert!(format!("{err:?}").contains("not implemented"), "{err:?}");
-        assert!(conn.unary && conn.stream.is_none());
+        assert!(conn.net.unary(2, &conn.addr));
+        assert_eq!(idle_streams(&conn), 0);
         server.abort();
     }
 
@@ -467,6 +522,10 @@ mod tests {
         }
     }
 
+    fn idle_streams(conn: &PeerConnection) -> usize {
+        conn.net.with_streams(conn.target, &conn.addr, |s| s.idle.len())
+    }
+
     #[tokio::test]
     async fn a_call_dropped_midway_leaves_no_answer_for_the_next() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -480,7 +539,13 @@ mod tests {
         // The stream works, and stays open between calls.
         let ok = conn.append_entries(heartbeat(), option()).await.expect("answered");
         assert!(matches!(ok, AppendEntriesResponse::Success), "{ok:?}");
-        assert!(conn.stream.is_some());
+        assert_eq!(idle_streams(&conn), 1);
+        // Another handle on the same peer, as openraft makes for each read
+        // index round, takes the idle stream and gives it back.
+        let mut other = PeerConnection::new(conn.net.clone(), 2, conn.addr.clone());
+        let ok = other.append_entries(heartbeat(), option()).await.expect("answered");
+        assert!(matches!(ok, AppendEntriesResponse::Success), "{ok:?}");
+        assert_eq!(idle_streams(&conn), 1);
         // A call dropped while its answer is on the way, as openraft drops
         // one past its own timeout...
         let slow = AppendEntriesRequest {
@@ -492,7 +557,7 @@ mod tests {
         // ... must not hand its late conflict to the next call.
         let next = conn.append_entries(heartbeat(), option()).await.expect("answered");
         assert!(matches!(next, AppendEntriesResponse::Success), "the next call read {next:?}");
-        assert!(!conn.unary);
+        assert!(!conn.net.unary(2, &conn.addr));
         server.abort();
     }
 
