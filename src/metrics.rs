@@ -217,24 +217,28 @@ impl Metrics {
             "etcd_disk_backend_commit_duration_seconds",
             "The latency distributions of commit called by backend.",
         );
-        let _ = writeln!(
+        write_one(
             out,
-            "# HELP etcd_server_leader_changes_seen_total The number of leader changes seen.\n\
-             # TYPE etcd_server_leader_changes_seen_total counter\n\
-             etcd_server_leader_changes_seen_total {}",
-            self.leader_changes.load(Ordering::Relaxed)
+            "etcd_server_leader_changes_seen_total",
+            "counter",
+            "The number of leader changes seen.",
+            self.leader_changes.load(Ordering::Relaxed) as f64,
         );
         self.grpc.render(out);
     }
 }
 
-/// Counts each leader `raft` comes to know of, until `stop` turns true.
-pub async fn count_leader_changes(
-    raft: crate::raft::Raft,
-    metrics: Arc<Metrics>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut server = raft.server_metrics();
+/// Writes one metric of a single value, with its help and type lines, in
+/// Prometheus text format.
+pub fn write_one(out: &mut String, name: &str, kind: &str, help: &str, value: f64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+}
+
+/// Counts each leader `node` comes to know of, in its metrics, until `stop`
+/// turns true.
+pub async fn count_leader_changes(node: Arc<crate::node::Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let metrics = &node.metrics;
+    let mut server = node.raft.server_metrics();
     let mut last = None;
     loop {
         let leader = server.borrow_and_update().current_leader;

@@ -240,7 +240,7 @@ pub async fn start_on(
         proposals,
         forwards,
         reads,
-        metrics: metrics.clone(),
+        metrics,
     });
 
     let mut tasks = Vec::new();
@@ -255,7 +255,7 @@ pub async fn start_on(
     }
     tasks.push(tokio::spawn(crate::lease::run_expiry(node.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(crate::idle_memory::run(node.clone(), stop_rx.clone())));
-    tasks.push(tokio::spawn(crate::metrics::count_leader_changes(node.raft.clone(), metrics, stop_rx.clone())));
+    tasks.push(tokio::spawn(crate::metrics::count_leader_changes(node.clone(), stop_rx.clone())));
     tasks.push(publish_attributes(node.clone(), cfg.config.name.clone(), cfg.client_urls.clone(), stop_rx));
     tracing::info!(member = %format!("{:x}", cfg.id), name = %cfg.config.name, ?client_addrs, %peer_addr, "kvd member started");
     Ok(ServerHandle { node, client_addrs, peer_addr, stop, tasks, db })

@@ -15,7 +15,6 @@
 //!
 //! Every other request goes on to the gRPC services.
 
-use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -186,9 +185,8 @@ fn metrics(node: &Node) -> String {
         (state.store.revision(), state.store.compacted(), state.store.len())
     };
     let mut out = String::new();
-    let mut put = |name: &str, kind: &str, help: &str, value: f64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-    };
+    let mut put =
+        |name: &str, kind: &str, help: &str, value: f64| metrics::write_one(&mut out, name, kind, help, value);
     put(
         "etcd_server_has_leader",
         "gauge",
