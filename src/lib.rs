@@ -22,6 +22,7 @@
 //! - [`client`]: the Rust client that `kvctl` and the tests use.
 //! - [`config`]: `kvd`'s flags, named as etcd's.
 
+pub mod backup;
 pub mod client;
 pub mod concurrency;
 pub mod config;

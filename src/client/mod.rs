@@ -191,6 +191,14 @@ impl Client {
         MaintenanceClient::new(ch).status(StatusRequest::default()).await.map(|r| r.into_inner())
     }
 
+    /// A snapshot of the data of the member at endpoint `index` (no
+    /// failover): the stream of its chunks, the last one its SHA-256.
+    pub async fn snapshot_of(&self, index: usize) -> Result<tonic::Streaming<SnapshotResponse>, Status> {
+        let ch = self.channels.get(index).cloned().ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
+        let mut client = MaintenanceClient::new(ch).max_decoding_message_size(usize::MAX);
+        client.snapshot(SnapshotRequest::default()).await.map(|r| r.into_inner())
+    }
+
     /// A linearizable get of `key` on the endpoint at `index` (no failover),
     /// which is how etcd clients check an endpoint's health.
     pub async fn get_on(&self, index: usize, key: &[u8]) -> Result<RangeResponse, Status> {

@@ -155,6 +155,26 @@ impl Shared {
         Ok(Committed::Written(state))
     }
 
+    /// A copy of every record of the state tree as of the last applied
+    /// entry, in the layout of snapshot data, and that entry's revision:
+    /// what `snapshot save` sends. The commit thread copies the tree between
+    /// two groups, after every applied write is committed, as it does for a
+    /// Raft snapshot; applying goes on meanwhile.
+    pub async fn backup(&self) -> Result<(i64, Vec<u8>), Error> {
+        let (tx, rx) = oneshot::channel();
+        let rev = {
+            let mut state = self.write();
+            let State { store, unflushed, .. } = &mut *state;
+            unflushed.commit(store, &self.committer)?;
+            self.committer.run(move |tree| {
+                let _ = tx.send(copy_records(tree));
+            })?;
+            store.revision()
+        };
+        let records = rx.await.map_err(|_| Error::internal("the commit thread ended before the copy"))??;
+        Ok((rev, records))
+    }
+
     /// Runs the next step of physical compaction on the commit thread,
     /// between two groups of writes, and waits for it. False if there is
     /// nothing to do.
@@ -630,6 +650,41 @@ fn copy_records(tree: &sled::Tree) -> Result<Vec<u8>, Error> {
     }
     out[..8].copy_from_slice(&count.to_le_bytes());
     Ok(out)
+}
+
+/// Whether a record of the state tree belongs to the cluster that wrote it
+/// rather than to its data: the last applied log id, the membership and the
+/// members' published attributes.
+fn is_cluster_record(key: &[u8]) -> bool {
+    key.first() == Some(&ATTRS) || key == meta_key(APPLIED) || key == meta_key(MEMBERSHIP)
+}
+
+/// Writes the data records of `records` (snapshot data, as [`Shared::backup`]
+/// copies it) into the state tree of `db`, a new data directory's, and
+/// flushes it. The records of the cluster it came from are left out, so a
+/// member started on the directory with `--initial-cluster-state new` forms
+/// a new cluster that holds the data: its first revision is the next one.
+/// Returns how many records it wrote.
+pub fn load_backup(db: &sled::Db, records: &[u8]) -> Result<u64, Error> {
+    let records: Records = decode(records)?;
+    let tree = db.open_tree("state")?;
+    if !tree.is_empty() {
+        return Err(Error::internal("the state tree is not empty"));
+    }
+    let mut batch = sled::Batch::default();
+    let (mut bytes, mut count) = (0, 0u64);
+    for (k, v) in records.into_iter().filter(|(k, _)| !is_cluster_record(k)) {
+        batch.insert(k, v);
+        bytes += k.len() + v.len();
+        count += 1;
+        if bytes >= LOAD_BATCH_BYTES {
+            tree.apply_batch(std::mem::take(&mut batch))?;
+            bytes = 0;
+        }
+    }
+    tree.apply_batch(batch)?;
+    db.flush()?;
+    Ok(count)
 }
 
 /// Records written to sled in one batch while a snapshot is loaded: a

@@ -37,6 +37,16 @@ pub struct TestCluster {
 impl TestCluster {
     /// Starts `n` members; `tune` adjusts every member's flags.
     pub async fn start(n: usize, tune: impl Fn(&mut Vec<String>)) -> TestCluster {
+        Self::start_prepared(n, tune, |_, _| {}).await
+    }
+
+    /// Starts `n` members after `prepare` has been given each member's
+    /// index and its data directory, which does not exist yet.
+    pub async fn start_prepared(
+        n: usize,
+        tune: impl Fn(&mut Vec<String>),
+        prepare: impl Fn(usize, &std::path::Path),
+    ) -> TestCluster {
         let mut clients = Vec::new();
         let mut peers = Vec::new();
         for _ in 0..n {
@@ -72,6 +82,7 @@ impl TestCluster {
                 "500".into(),
             ];
             tune(&mut args);
+            prepare(i, &dir.path().join("data"));
             configs.push(Config::parse_from(args));
             dirs.push(dir);
         }

@@ -6,6 +6,7 @@ mod cluster;
 mod coord;
 mod kv;
 mod output;
+mod snapshot;
 mod txn;
 
 use std::process::ExitCode;
@@ -61,6 +62,9 @@ enum Command {
     Lock(coord::LockArgs),
     /// Campaigns in a named election, or observes it with -l.
     Elect(coord::ElectArgs),
+    /// Snapshot commands: save, status, restore.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// Load generator: put, range, txn-put or watch-latency, against kvd or etcd.
     Bench(bench::BenchArgs),
 }
@@ -93,6 +97,9 @@ async fn main() -> ExitCode {
     // Commands that run until interrupted have no command timeout.
     let long_running = match &cli.command {
         Command::Watch(_) | Command::Lock(_) | Command::Elect(_) | Command::Bench(_) => true,
+        // A file is read and written locally, for as long as that takes;
+        // save has the command timeout, as in etcdctl.
+        Command::Snapshot(c) => snapshot::is_local(c),
         Command::Lease(c) => coord::lease_is_long_running(c),
         _ => false,
     };
@@ -109,6 +116,7 @@ async fn main() -> ExitCode {
             Command::Lease(c) => coord::lease(&client, c, fmt).await,
             Command::Lock(a) => coord::lock(&client, a).await,
             Command::Elect(a) => coord::elect(&client, a).await,
+            Command::Snapshot(c) => snapshot::run(&client, c, fmt).await,
             Command::Bench(a) => bench::run(client.endpoints(), a, fmt, cli.dial_timeout).await,
         }
     };

@@ -1,0 +1,144 @@
+//! `snapshot save`, `status` and `restore`: a snapshot taken from one member
+//! with etcdctl 3.4 (Debian's `etcd-client`, installed by
+//! `cluster-scripts/test.sh`) and with kvctl, checked, and restored into the
+//! data directories of a new three-member cluster that serves the same data,
+//! history and leases, and goes on from the next revision.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use kvd::proto::etcdserverpb::{CompactionRequest, PutRequest, RangeRequest};
+use support::{put, TestCluster};
+
+const KVCTL: &str = env!("CARGO_BIN_EXE_kvctl");
+
+fn run(bin: &str, args: &[&str]) -> Output {
+    Command::new(bin).env("ETCDCTL_API", "3").args(args).output().unwrap_or_else(|e| {
+        panic!("{bin} runs (etcdctl: apt-get install etcd-client; cluster-scripts/test.sh does it): {e}")
+    })
+}
+
+fn ok(bin: &str, args: &[&str]) -> String {
+    let out = run(bin, args);
+    assert!(out.status.success(), "{bin} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(bin: &str, args: &[&str]) -> String {
+    let out = run(bin, args);
+    assert!(!out.status.success(), "{bin} {args:?} should fail");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+fn status_json(file: &Path) -> serde_json::Value {
+    serde_json::from_str(&ok(KVCTL, &["snapshot", "status", "-w", "json", file.to_str().unwrap()])).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_saved_snapshot_restores_into_a_new_cluster_with_the_same_data_and_history() {
+    let c = TestCluster::start(3, |_| {}).await;
+    let client = c.client_all();
+    for i in 0..50 {
+        client.put(put(&format!("k{i:02}"), &format!("v{i}"))).await.unwrap();
+    }
+    client.put(put("k00", "second")).await.unwrap();
+    let before_compact = client.put(put("k01", "second")).await.unwrap().header.unwrap().revision;
+    client.put(put("k01", "third")).await.unwrap();
+    client.compact(CompactionRequest { revision: before_compact, physical: true }).await.unwrap();
+    let lease = client.lease_grant(3600, 0).await.unwrap().id;
+    client
+        .put(PutRequest { key: b"leased".to_vec(), value: b"x".to_vec(), lease, ..Default::default() })
+        .await
+        .unwrap();
+    let last = client.put(put("last", "y")).await.unwrap().header.unwrap().revision;
+    let everything = RangeRequest { key: vec![0], range_end: vec![0], ..Default::default() };
+    let want = client.range(everything.clone()).await.unwrap().kvs;
+    assert_eq!(want.len(), 52);
+
+    // The member asked must have applied the last write: wait for it.
+    let leader = c.wait_leader().await;
+    let ask = (leader + 1) % 3;
+    c.wait_applied(ask, c.applied(leader)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = c.client_addrs[ask].to_string();
+    let by_etcdctl = dir.path().join("etcdctl.snap");
+    let by_kvctl = dir.path().join("kvctl.snap");
+    let out = ok("etcdctl", &["--endpoints", &endpoint, "snapshot", "save", by_etcdctl.to_str().unwrap()]);
+    assert!(out.contains("Snapshot saved at"), "{out}");
+    let out = ok(KVCTL, &["--endpoints", &endpoint, "snapshot", "save", by_kvctl.to_str().unwrap()]);
+    assert_eq!(out.trim(), format!("Snapshot saved at {}", by_kvctl.display()));
+    assert!(!Path::new(&format!("{}.part", by_kvctl.display())).exists());
+    // Both are taken at the same state of the same member.
+    assert_eq!(std::fs::read(&by_etcdctl).unwrap(), std::fs::read(&by_kvctl).unwrap());
+
+    let status = status_json(&by_kvctl);
+    assert_eq!(status["revision"], last);
+    assert_eq!(status["totalKey"], 52);
+    assert_eq!(status["totalSize"], std::fs::metadata(&by_kvctl).unwrap().len());
+    let table = ok(KVCTL, &["snapshot", "status", "-w", "table", by_kvctl.to_str().unwrap()]);
+    assert!(table.contains("TOTAL KEYS") && table.contains(&last.to_string()), "{table}");
+
+    // A snapshot must be asked of one member.
+    let all = c.client_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
+    let err = fails(KVCTL, &["--endpoints", &all, "snapshot", "save", dir.path().join("x").to_str().unwrap()]);
+    assert!(err.contains("one selected node"), "{err}");
+    c.shutdown().await;
+
+    // Every member of the new cluster is restored from the same file.
+    let file = by_etcdctl.clone();
+    let r = TestCluster::start_prepared(
+        3,
+        |_| {},
+        |_, data_dir| {
+            let out =
+                ok(KVCTL, &["snapshot", "restore", file.to_str().unwrap(), "--data-dir", data_dir.to_str().unwrap()]);
+            assert!(out.contains(&format!("revision {last} (52 keys)")), "{out}");
+        },
+    )
+    .await;
+    let client = r.client_all();
+    let got = client.range(everything.clone()).await.unwrap();
+    assert_eq!(got.kvs, want, "the same keys, values, revisions and versions");
+    assert_eq!(got.header.unwrap().revision, last);
+    // History above the compacted revision is there, below it is not.
+    let old = client
+        .range(RangeRequest { key: b"k01".to_vec(), revision: before_compact, ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(old.kvs[0].value, b"second");
+    let gone =
+        client.range(RangeRequest { key: b"k01".to_vec(), revision: before_compact - 1, ..Default::default() }).await;
+    assert!(gone.unwrap_err().message().contains("compacted"));
+    // The lease came along, with its key.
+    let ttl = client.lease_time_to_live(lease, true).await.unwrap();
+    assert_eq!(ttl.granted_ttl, 3600);
+    assert_eq!(ttl.keys, vec![b"leased".to_vec()]);
+    // The new cluster goes on from the next revision.
+    let next = client.put(put("after", "z")).await.unwrap().header.unwrap().revision;
+    assert_eq!(next, last + 1);
+    for i in r.running() {
+        let local = r.client(i).range(support::get_local("after")).await.unwrap();
+        assert!(local.kvs.is_empty() || local.kvs[0].mod_revision == next);
+    }
+    r.shutdown().await;
+
+    // A directory in use, and a damaged file, are refused with a reason.
+    let used = dir.path().join("used");
+    std::fs::create_dir(&used).unwrap();
+    std::fs::write(used.join("keep"), b"x").unwrap();
+    let err = fails(KVCTL, &["snapshot", "restore", by_kvctl.to_str().unwrap(), "--data-dir", used.to_str().unwrap()]);
+    assert!(err.contains("not empty"), "{err}");
+    let mut bytes = std::fs::read(&by_kvctl).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    let damaged = dir.path().join("damaged.snap");
+    std::fs::write(&damaged, &bytes).unwrap();
+    let fresh = dir.path().join("fresh");
+    let err = fails(KVCTL, &["snapshot", "restore", damaged.to_str().unwrap(), "--data-dir", fresh.to_str().unwrap()]);
+    assert!(err.contains("digest does not match"), "{err}");
+    assert!(!fresh.exists());
+    let err = fails(KVCTL, &["snapshot", "status", damaged.to_str().unwrap()]);
+    assert!(err.contains("digest does not match"), "{err}");
+}
