@@ -129,7 +129,12 @@ impl ReadIndex {
     async fn round(&self) -> Answer {
         let deadline = Instant::now() + self.timeout;
         loop {
-            let leader = match self.leader_read_index().await {
+            // Bounded like every other wait here: a round that openraft
+            // never answered would hold up every later read on this member.
+            let Ok(asked) = tokio::time::timeout_at(deadline.into(), self.leader_read_index()).await else {
+                return Err(Error::Timeout);
+            };
+            let leader = match asked {
                 Ok(read) => return Ok(read),
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => f.leader_id,
                 Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => None,

@@ -221,9 +221,9 @@ pub async fn start_on(
     }
 
     let (stop, stop_rx) = watch::channel(false);
-    let proposals = crate::raft::batcher::Proposals::start(raft.clone(), writes.clone());
-    let forwards = crate::raft::forwarder::Forwarder::start(raft.clone(), network.clone(), writes);
     let request_timeout = Duration::from_secs(5) + 2 * cfg.election;
+    let proposals = crate::raft::batcher::Proposals::start(raft.clone(), writes.clone(), request_timeout);
+    let forwards = crate::raft::forwarder::Forwarder::start(raft.clone(), network.clone(), writes);
     let reads = crate::read_index::ReadIndex::new(raft.clone(), network.clone(), request_timeout, restored);
     let node = Arc::new(Node {
         id: cfg.id,

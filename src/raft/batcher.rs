@@ -14,13 +14,20 @@
 //! A proposal marked `alone` (one that reads history while it is applied,
 //! see [`super::state_machine::reads_history`]) always gets an entry of its
 //! own.
+//!
+//! An entry not committed within the request timeout is given up on (see
+//! [`commit`]), so that a write Raft never answers cannot hold a slot.
+
+use std::future::Future;
+use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
+use openraft::raft::ClientWriteResponse;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use super::gather::{Limits, Queued};
-use super::{decode, NodeId, Raft, Request, Response, WritesInFlight};
+use super::{decode, NodeId, Raft, Request, Response, TypeConfig, WritesInFlight};
 use crate::error::Error;
 use crate::node::Forwarded;
 use crate::proto::kvdpb::{command, Command, CommandBatch};
@@ -48,10 +55,11 @@ pub struct Proposals {
 
 impl Proposals {
     /// Starts the batching task for `raft`; it ends when this is dropped.
-    /// Each proposal is counted in `writes` while it waits.
-    pub fn start(raft: Raft, writes: WritesInFlight) -> Proposals {
+    /// Each proposal is counted in `writes` while it waits; an entry not
+    /// committed within `timeout` answers its proposers "request timed out".
+    pub fn start(raft: Raft, writes: WritesInFlight, timeout: Duration) -> Proposals {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(raft, rx));
+        tokio::spawn(run(raft, rx, timeout));
         Proposals { tx, writes }
     }
 
@@ -88,30 +96,47 @@ impl Queued for Pending {
     }
 }
 
-async fn run(raft: Raft, rx: mpsc::Receiver<Pending>) {
+async fn run(raft: Raft, rx: mpsc::Receiver<Pending>, timeout: Duration) {
     super::gather::run(rx, LIMITS, |batch| {
         let raft = raft.clone();
-        async move { commit(&raft, batch).await }
+        async move { commit(move |entry| async move { raft.client_write(entry).await }, batch, timeout).await }
     })
     .await
 }
 
-/// Commits one entry holding `batch` and answers each proposer.
-async fn commit(raft: &Raft, mut batch: Vec<Pending>) {
-    if batch.len() == 1 {
+type WriteResult = Result<ClientWriteResponse<TypeConfig>, RaftError<NodeId, ClientWriteError<NodeId, super::Node>>>;
+
+/// Commits one entry holding `batch` through `write` and answers each
+/// proposer.
+///
+/// If the entry is not committed and applied within `timeout`, its
+/// proposers hear "request timed out", as from etcd (the entry may still be
+/// committed later), and the slot it held is freed. openraft 0.9 never
+/// answers a write whose entry a snapshot install discarded: a leader cut off
+/// with entries in flight, which then catches up from a snapshot, would
+/// otherwise hold both slots for good and propose nothing more while it led
+/// again (the fault harness saw writes stop for 14 s that way).
+async fn commit<W, Fut>(write: W, mut batch: Vec<Pending>, timeout: Duration)
+where
+    W: FnOnce(Request) -> Fut,
+    Fut: Future<Output = WriteResult>,
+{
+    let (entry, waiting): (Vec<u8>, Vec<oneshot::Sender<Forwarded<Response>>>) = if batch.len() == 1 {
         let Some(p) = batch.pop() else { return };
-        let answer = match raft.client_write(Request(p.bytes)).await {
-            Ok(written) => Forwarded::Done(written.data),
-            Err(e) => rejected(e).answer(),
-        };
-        let _ = p.done.send(answer);
-        return;
-    }
-    let (bytes, waiting): (Vec<Vec<u8>>, Vec<oneshot::Sender<Forwarded<Response>>>) =
-        batch.into_iter().map(|p| (p.bytes, p.done)).unzip();
-    let entry = Command { op: Some(command::Op::Batch(CommandBatch { commands: bytes })) }.encode_to_vec();
-    match raft.client_write(Request(entry)).await {
-        Ok(written) => {
+        (p.bytes, vec![p.done])
+    } else {
+        let (bytes, waiting): (Vec<Vec<u8>>, Vec<_>) = batch.into_iter().map(|p| (p.bytes, p.done)).unzip();
+        (Command { op: Some(command::Op::Batch(CommandBatch { commands: bytes })) }.encode_to_vec(), waiting)
+    };
+    let single = waiting.len() == 1;
+    let answers: Vec<Forwarded<Response>> = match tokio::time::timeout(timeout, write(Request(entry))).await {
+        Err(_) => waiting.iter().map(|_| Forwarded::Failed(Error::Timeout)).collect(),
+        Ok(Err(e)) => {
+            let why = rejected(e);
+            waiting.iter().map(|_| why.answer()).collect()
+        }
+        Ok(Ok(written)) if single => vec![Forwarded::Done(written.data)],
+        Ok(Ok(written)) => {
             let responses = written.data.0.and_then(|list| decode::<Vec<Response>>(&list)).and_then(|list| {
                 if list.len() == waiting.len() {
                     Ok(list)
@@ -120,24 +145,13 @@ async fn commit(raft: &Raft, mut batch: Vec<Pending>) {
                 }
             });
             match responses {
-                Ok(list) => {
-                    for (done, resp) in waiting.into_iter().zip(list) {
-                        let _ = done.send(Forwarded::Done(resp));
-                    }
-                }
-                Err(e) => {
-                    for done in waiting {
-                        let _ = done.send(Forwarded::Failed(e.clone()));
-                    }
-                }
+                Ok(list) => list.into_iter().map(Forwarded::Done).collect(),
+                Err(e) => waiting.iter().map(|_| Forwarded::Failed(e.clone())).collect(),
             }
         }
-        Err(e) => {
-            let why = rejected(e);
-            for done in waiting {
-                let _ = done.send(why.answer());
-            }
-        }
+    };
+    for (done, answer) in waiting.into_iter().zip(answers) {
+        let _ = done.send(answer);
     }
 }
 
@@ -171,6 +185,80 @@ mod tests {
 
     fn pending(tag: u8, alone: bool) -> Pending {
         Pending { bytes: vec![tag], alone, done: oneshot::channel().0 }
+    }
+
+    fn answered(tag: u8) -> (Pending, oneshot::Receiver<Forwarded<Response>>) {
+        let (done, answer) = oneshot::channel();
+        (Pending { bytes: vec![tag], alone: false, done }, answer)
+    }
+
+    fn written(data: Response) -> ClientWriteResponse<TypeConfig> {
+        ClientWriteResponse { log_id: Default::default(), data, membership: None }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_never_answered_times_out_and_frees_its_slot_for_the_next() {
+        let timeout = Duration::from_secs(6);
+        let (tx, rx) = mpsc::channel(16);
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        // The first MAX_IN_FLIGHT entries are never answered, as openraft
+        // leaves a write whose entry a snapshot install discarded; later
+        // ones are committed.
+        tokio::spawn(crate::raft::gather::run(rx, LIMITS, move |batch| {
+            let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                commit(
+                    move |_| async move {
+                        if n < MAX_IN_FLIGHT {
+                            std::future::pending::<()>().await;
+                        }
+                        Ok(written(Response(Ok(serde_bytes::ByteBuf::from(vec![7])))))
+                    },
+                    batch,
+                    timeout,
+                )
+                .await
+            }
+        }));
+        let mut stuck = Vec::new();
+        for tag in 0..MAX_IN_FLIGHT as u8 {
+            let (p, answer) = answered(tag);
+            tx.send(p).await.unwrap();
+            // Let the runner take it as a batch of its own.
+            tokio::task::yield_now().await;
+            stuck.push(answer);
+        }
+        let (p, next) = answered(9);
+        tx.send(p).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let got = tokio::time::timeout(2 * timeout, next).await.expect("a slot was freed by the timeout");
+        match got.unwrap() {
+            Forwarded::Done(Response(Ok(b))) => assert_eq!(b.as_ref(), &[7]),
+            other => panic!("the next entry was not committed: {other:?}"),
+        }
+        assert!(started.elapsed() >= timeout, "it had to wait for a slot");
+        for answer in stuck {
+            assert!(matches!(answer.await.unwrap(), Forwarded::Failed(Error::Timeout)));
+        }
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), MAX_IN_FLIGHT + 1);
+    }
+
+    #[tokio::test]
+    async fn each_proposer_of_a_batch_gets_its_own_response() {
+        let (a, ra) = answered(1);
+        let (b, rb) = answered(2);
+        let list =
+            vec![Response(Ok(serde_bytes::ByteBuf::from(vec![1]))), Response(Ok(serde_bytes::ByteBuf::from(vec![2])))];
+        let encoded = crate::raft::encode(&list).unwrap();
+        let reply = Ok(written(Response(Ok(serde_bytes::ByteBuf::from(encoded)))));
+        commit(move |_| async move { reply }, vec![a, b], Duration::from_secs(1)).await;
+        for (rx, want) in [(ra, 1u8), (rb, 2)] {
+            match rx.await.unwrap() {
+                Forwarded::Done(Response(Ok(b))) => assert_eq!(b.as_ref(), &[want]),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     fn tags(batch: &[Pending]) -> Vec<u8> {
