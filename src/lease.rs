@@ -186,10 +186,14 @@ impl Node {
     /// known), then reads or extends the deadline.
     pub async fn serve_lease(&self, call: LeaseCall) -> Forwarded<LeaseAnswer> {
         let Some(term) = self.leading_term() else { return Forwarded::NotLeader(self.leader()) };
-        match self.raft.get_read_log_id().await {
-            Ok((read, _)) => {
+        // The read index of reads, with the floor of a leadership restored
+        // at start: a restarted leader has applied only what it had before
+        // the restart, and a revocation committed just before it would
+        // otherwise let a keep-alive answer "alive" for a lease that is gone.
+        match self.reads.leader_read_index().await {
+            Ok(read) => {
                 let deadline = Instant::now() + self.request_timeout;
-                if let Err(e) = self.await_applied(read.map(|l| l.index), deadline).await {
+                if let Err(e) = self.await_applied(read, deadline).await {
                     return Forwarded::Failed(e);
                 }
             }
