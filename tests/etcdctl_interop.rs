@@ -1,6 +1,6 @@
 //! etcdctl 3.4 (Debian's `etcd-client`) against a three-member kvd: every KV
-//! command, the member list and endpoint status and health, watch, lease,
-//! lock and elect. The test runner (`cluster-scripts/test.sh`) installs
+//! command, the member list and endpoint status and health, alarms and
+//! defrag, watch, lease, lock and elect. The test runner (`cluster-scripts/test.sh`) installs
 //! etcdctl; without it these tests fail. The watch, lease, lock and elect
 //! scenarios also run with `kvctl`, whose output follows etcdctl's.
 
@@ -167,6 +167,31 @@ async fn member_list_and_endpoint_status_and_health() {
         assert!(health.status.success(), "{}", String::from_utf8_lossy(&health.stderr));
         let text = String::from_utf8_lossy(&health.stdout).to_string() + &String::from_utf8_lossy(&health.stderr);
         assert_eq!(text.matches("is healthy: successfully committed proposal").count(), 3, "{text}");
+    })
+    .await
+    .unwrap();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn alarm_list_and_disarm_and_defrag() {
+    let (c, e) = cluster_and_etcdctl().await;
+    use kvd::proto::etcdserverpb::{maintenance_client::MaintenanceClient, AlarmRequest};
+    let mut m = MaintenanceClient::connect(format!("http://{}", c.client_addrs[0])).await.unwrap();
+    let activate = AlarmRequest { action: 1, member_id: 0, alarm: 1 };
+    assert_eq!(m.alarm(activate).await.unwrap_err().code(), tonic::Code::Unimplemented);
+    let unknown = AlarmRequest { action: 7, member_id: 0, alarm: 0 };
+    assert_eq!(m.alarm(unknown).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    tokio::task::spawn_blocking(move || {
+        // kvd raises no alarms: none listed, none to disarm.
+        assert_eq!(e.ok(&["alarm", "list"]), "");
+        assert_eq!(e.ok(&["alarm", "disarm"]), "");
+        e.ok(&["put", "k", "v"]);
+        let defrag = e.ok(&["defrag"]);
+        for ep in e.endpoints.split(',') {
+            assert!(defrag.contains(&format!("Finished defragmenting etcd member[{ep}]")), "{defrag}");
+        }
+        assert!(e.ok(&["get", "k", "--print-value-only"]).starts_with('v'));
     })
     .await
     .unwrap();

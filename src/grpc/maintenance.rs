@@ -1,5 +1,5 @@
-//! The Maintenance service: member status, and snapshots of a member's data
-//! for `snapshot save`.
+//! The Maintenance service: member status, alarms, defragmentation, and
+//! snapshots of a member's data for `snapshot save`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -8,8 +8,12 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::node::Node;
+use crate::proto::etcdserverpb::alarm_request::AlarmAction;
 use crate::proto::etcdserverpb::maintenance_server::Maintenance;
-use crate::proto::etcdserverpb::{SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse};
+use crate::proto::etcdserverpb::{
+    AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, SnapshotRequest, SnapshotResponse,
+    StatusRequest, StatusResponse,
+};
 
 /// Bytes of a snapshot per message.
 const SNAPSHOT_CHUNK: usize = 64 * 1024;
@@ -31,6 +35,34 @@ impl MaintenanceService {
 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
+    /// kvd raises no alarms: a member that runs out of disk stops (see the
+    /// README) rather than raising NOSPACE and refusing writes. So GET lists
+    /// none and DEACTIVATE has none to clear, as etcd answers with no alarm
+    /// raised; ACTIVATE is refused.
+    async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let req = req.into_inner();
+        match AlarmAction::try_from(req.action) {
+            Ok(AlarmAction::Get) | Ok(AlarmAction::Deactivate) => {
+                let mut resp = AlarmResponse { header: None, alarms: Vec::new() };
+                self.node.fill_header(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            Ok(AlarmAction::Activate) => Err(Status::unimplemented("kvd raises no alarms; ACTIVATE is not supported")),
+            Err(_) => Err(Status::invalid_argument(format!("unknown alarm action {}", req.action))),
+        }
+    }
+
+    /// sled reclaims the space of old records itself, in the background, so
+    /// there is nothing to defragment as etcd's bbolt file needs; this
+    /// writes what the member holds in memory to disk and answers, so that
+    /// maintenance jobs written for etcd keep working.
+    async fn defragment(&self, _req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+        self.node.state.flush().await.map_err(Status::from)?;
+        let mut resp = DefragmentResponse { header: None };
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
     type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send + 'static>>;
 
     /// Streams a copy of this member's data as of its last applied entry

@@ -249,6 +249,11 @@ impl Shared {
         self.committer.commit_histogram()
     }
 
+    /// Writes everything sled holds in memory to disk.
+    pub async fn flush(&self) -> Result<(), Error> {
+        super::flush(&self.db).await
+    }
+
     /// Bytes the member's database takes on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
