@@ -1,6 +1,6 @@
 //! etcdctl 3.4 (Debian's `etcd-client`) against a three-member kvd: every KV
-//! command, the member list and endpoint status and health, alarms and
-//! defrag, watch, lease, lock and elect. The test runner (`cluster-scripts/test.sh`) installs
+//! command, the member list, endpoint status, health and hashkv, alarms
+//! and defrag, watch, lease, lock and elect. The test runner (`cluster-scripts/test.sh`) installs
 //! etcdctl; without it these tests fail. The watch, lease, lock and elect
 //! scenarios also run with `kvctl`, whose output follows etcdctl's.
 
@@ -192,6 +192,44 @@ async fn alarm_list_and_disarm_and_defrag() {
             assert!(defrag.contains(&format!("Finished defragmenting etcd member[{ep}]")), "{defrag}");
         }
         assert!(e.ok(&["get", "k", "--print-value-only"]).starts_with('v'));
+    })
+    .await
+    .unwrap();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn endpoint_hashkv_agrees_across_members() {
+    let (c, e) = cluster_and_etcdctl().await;
+    let client = c.client_all();
+    for i in 0..20 {
+        client.put(support::put(&format!("h{}", i % 7), &format!("v{i}"))).await.unwrap();
+    }
+    client
+        .delete_range(kvd::proto::etcdserverpb::DeleteRangeRequest { key: b"h3".to_vec(), ..Default::default() })
+        .await
+        .unwrap();
+    let last = client.put(support::put("h0", "last")).await.unwrap().header.unwrap().revision;
+    client.compact(kvd::proto::etcdserverpb::CompactionRequest { revision: last - 5, physical: false }).await.unwrap();
+    let leader = c.wait_leader().await;
+    for i in 0..3 {
+        c.wait_applied(i, c.applied(leader)).await;
+    }
+    tokio::task::spawn_blocking(move || {
+        let hashes = |rev: i64| -> Vec<String> {
+            let out = e.ok(&["endpoint", "hashkv", "--rev", &rev.to_string()]);
+            let hashes: Vec<String> = out.lines().map(|l| l.rsplit(", ").next().unwrap().to_string()).collect();
+            assert_eq!(hashes.len(), 3, "{out}");
+            hashes
+        };
+        let at_last = hashes(last);
+        assert!(at_last.iter().all(|h| *h == at_last[0]), "members disagree: {at_last:?}");
+        let earlier = hashes(last - 1);
+        assert!(earlier.iter().all(|h| *h == earlier[0]), "members disagree: {earlier:?}");
+        assert_ne!(at_last[0], earlier[0], "the last write is not in the hash");
+        // Below the compacted revision, etcd's error.
+        let err = e.fails(&["endpoint", "hashkv", "--rev", &(last - 6).to_string()]);
+        assert!(err.contains("required revision has been compacted"), "{err}");
     })
     .await
     .unwrap();

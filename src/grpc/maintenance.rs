@@ -11,8 +11,8 @@ use crate::node::Node;
 use crate::proto::etcdserverpb::alarm_request::AlarmAction;
 use crate::proto::etcdserverpb::maintenance_server::Maintenance;
 use crate::proto::etcdserverpb::{
-    AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, SnapshotRequest, SnapshotResponse,
-    StatusRequest, StatusResponse,
+    AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, HashKvRequest, HashKvResponse, SnapshotRequest,
+    SnapshotResponse, StatusRequest, StatusResponse,
 };
 
 /// Bytes of a snapshot per message.
@@ -59,6 +59,17 @@ impl Maintenance for MaintenanceService {
     async fn defragment(&self, _req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
         self.node.state.flush().await.map_err(Status::from)?;
         let mut resp = DefragmentResponse { header: None };
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
+    /// A hash of this member's history up to a revision, for comparing
+    /// members (`etcdctl endpoint hashkv`): members that applied the same
+    /// entries give the same hash, whatever their progress in removing
+    /// compacted history. It is kvd's own, not comparable with etcd's.
+    async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        let (hash, compact_revision, _) = self.node.state.hash_kv(req.into_inner().revision).await?;
+        let mut resp = HashKvResponse { header: None, hash, compact_revision };
         self.node.fill_header(&mut resp.header);
         Ok(Response::new(resp))
     }

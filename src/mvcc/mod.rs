@@ -196,6 +196,49 @@ fn compact_history(
     }
 }
 
+/// A hash of the history that reads at revisions `compacted` to `rev` can
+/// see: every version from `compacted` to `rev`, and each key's newest
+/// version before `compacted` unless that is a deletion. That is what stays
+/// once compaction at `compacted` has removed what it removes, whether it has
+/// yet or not, so members that applied the same entries agree on it. CRC-32
+/// over each such history record's key and value, each preceded by its
+/// length, in record order; versions after `rev` are left out. History
+/// records at or below `rev` must all be committed to `tree`.
+pub fn hash_history(tree: &sled::Tree, compacted: i64, rev: i64) -> Result<u32> {
+    let mut hasher = crc32fast::Hasher::new();
+    let mut add = |rec: &[u8], value: &[u8]| {
+        for part in [rec, value] {
+            hasher.update(&(part.len() as u64).to_le_bytes());
+            hasher.update(part);
+        }
+    };
+    // As in `compact_history`: a version before `compacted` stays if the
+    // next record is not a version of the same key at or before `compacted`,
+    // and it is not a deletion.
+    let mut older: Option<(sled::IVec, Vec<u8>, sled::IVec)> = None;
+    for item in tree.range(vec![keys::HIST]..vec![keys::HIST + 1]) {
+        let (rec, value) = item?;
+        let (key, r) = keys::parse_hist_key(&rec).ok_or_else(|| Error::internal("corrupt history record key"))?;
+        if let Some((old_rec, old_key, old_value)) = older.take() {
+            let superseded = key == old_key && r <= compacted;
+            if !superseded && decode_kv(&old_value)?.version != 0 {
+                add(&old_rec, &old_value);
+            }
+        }
+        if r < compacted {
+            older = Some((rec, key, value));
+        } else if r <= rev {
+            add(&rec, &value);
+        }
+    }
+    if let Some((old_rec, _, old_value)) = older {
+        if decode_kv(&old_value)?.version != 0 {
+            add(&old_rec, &old_value);
+        }
+    }
+    Ok(hasher.finalize())
+}
+
 impl MvccStore {
     /// Opens the store kept in `tree`, rebuilding the in-memory index from
     /// history.
@@ -713,6 +756,28 @@ mod tests {
         let mut w = store.write();
         w.put(b"k", value.as_bytes().to_vec(), 0);
         w.finish().0
+    }
+
+    #[test]
+    fn the_history_hash_covers_values_and_revisions_up_to_the_one_asked() {
+        let store_of = |values: &[&str]| {
+            let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
+            let mut store = MvccStore::open(tree.clone()).expect("open");
+            for v in values {
+                tree.apply_batch(write(&mut store, v).into_sled()).expect("apply");
+            }
+            tree
+        };
+        let a = store_of(&["1", "2", "3"]);
+        let b = store_of(&["1", "2", "x"]);
+        // Revisions 2..=4 hold the three versions.
+        assert_eq!(hash_history(&a, 0, 3).unwrap(), hash_history(&b, 0, 3).unwrap());
+        assert_ne!(hash_history(&a, 0, 4).unwrap(), hash_history(&b, 0, 4).unwrap());
+        assert_ne!(hash_history(&a, 0, 3).unwrap(), hash_history(&a, 0, 4).unwrap());
+        // Compacted at 3, the version at 2 is out of sight: it no longer counts.
+        let c = store_of(&["0", "2", "3"]);
+        assert_ne!(hash_history(&a, 0, 4).unwrap(), hash_history(&c, 0, 4).unwrap());
+        assert_eq!(hash_history(&a, 3, 4).unwrap(), hash_history(&c, 3, 4).unwrap());
     }
 
     #[test]

@@ -175,6 +175,26 @@ impl Shared {
         Ok((rev, records))
     }
 
+    /// The hash of history up to `rev` (0 or less: the current revision),
+    /// the compacted revision it assumes, and the revision it covers (see
+    /// [`crate::mvcc::hash_history`]). History is read from sled while
+    /// applying goes on; a compaction applied meanwhile would change what
+    /// the hash must cover, so the hash is taken again then.
+    pub async fn hash_kv(&self, rev: i64) -> Result<(u32, i64, i64), Error> {
+        for _ in 0..3 {
+            let (tree, compacted, rev) = {
+                let state = self.read_committed()?;
+                let rev = state.store.check_read_rev(rev, state.store.revision())?;
+                (state.store.tree().clone(), state.store.compacted(), rev)
+            };
+            let hash = super::blocking(move || crate::mvcc::hash_history(&tree, compacted, rev)).await?;
+            if self.read().store.compacted() == compacted {
+                return Ok((hash, compacted, rev));
+            }
+        }
+        Err(Error::Timeout)
+    }
+
     /// Runs the next step of physical compaction on the commit thread,
     /// between two groups of writes, and waits for it. False if there is
     /// nothing to do.
