@@ -93,14 +93,18 @@ fn read(path: &Path) -> Result<Vec<u8>, BackupError> {
     std::fs::read(path).map_err(|e| BackupError::Invalid(format!("cannot read {}: {e}", path.display())))
 }
 
-fn summarize(file: &[u8], store: &MvccStore) -> Summary {
-    Summary {
+/// Loads `records`, those of `file` that [`check`] returned, into `db`, and
+/// says what they hold.
+fn load(db: &sled::Db, file: &[u8], records: &[u8]) -> Result<Summary, BackupError> {
+    crate::raft::state_machine::load_backup(db, records)?;
+    let store = MvccStore::open(db.open_tree("state")?)?;
+    Ok(Summary {
         hash: crc32fast::hash(&file[..file.len() - DIGEST_LEN]),
         revision: store.revision(),
         compacted: store.compacted(),
         keys: store.len(),
         size: file.len() as u64,
-    }
+    })
 }
 
 /// Reads and checks the file at `path`, and says what it holds: its records
@@ -109,10 +113,7 @@ fn summarize(file: &[u8], store: &MvccStore) -> Summary {
 pub fn status(path: &Path) -> Result<Summary, BackupError> {
     let file = read(path)?;
     let records = check(&file)?;
-    let db = sled::Config::new().temporary(true).open()?;
-    crate::raft::state_machine::load_backup(&db, records)?;
-    let store = MvccStore::open(db.open_tree("state")?)?;
-    Ok(summarize(&file, &store))
+    load(&sled::Config::new().temporary(true).open()?, &file, records)
 }
 
 /// Makes `data_dir`, which must not exist or be empty, the data directory
@@ -133,14 +134,11 @@ pub fn restore(path: &Path, data_dir: &Path) -> Result<Summary, BackupError> {
         Err(e) => return Err(in_use(e.to_string())),
     }
     std::fs::create_dir_all(data_dir).map_err(|e| in_use(e.to_string()))?;
-    let summary = (|| {
-        let db = sled::Config::new().path(data_dir.join("db")).open()?;
-        crate::raft::state_machine::load_backup(&db, records)?;
-        let store = MvccStore::open(db.open_tree("state")?)?;
-        let summary = summarize(&file, &store);
+    let summary = sled::Config::new().path(data_dir.join("db")).open().map_err(BackupError::from).and_then(|db| {
+        let summary = load(&db, &file, records)?;
         db.flush()?;
-        Ok::<_, BackupError>(summary)
-    })();
+        Ok(summary)
+    });
     if summary.is_err() {
         // Leave no half-made directory that a member could start on.
         let _ = std::fs::remove_dir_all(data_dir);

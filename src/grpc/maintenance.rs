@@ -87,8 +87,13 @@ impl Maintenance for MaintenanceService {
         if let Some(h) = header.as_mut() {
             h.revision = revision;
         }
-        let parts = crate::backup::body(records);
-        let digest = crate::backup::digest(&[&parts[0], &parts[1], &parts[2]]).to_vec();
+        // Hashing the whole copy takes a while: not on an async thread.
+        let (parts, digest) = crate::raft::blocking(move || {
+            let parts = crate::backup::body(records);
+            let digest = crate::backup::digest(&[&parts[0], &parts[1], &parts[2]]).to_vec();
+            Ok((parts, digest))
+        })
+        .await?;
         let total: usize = parts.iter().map(Vec::len).sum();
         // Chunks are copied out one at a time as the client takes them.
         let (mut part, mut at, mut sent) = (0, 0, 0);

@@ -180,8 +180,7 @@ fn compact_history(
     loop {
         let next = records.next().transpose()?;
         if let Some((old_rec, old_key, old_value)) = older.take() {
-            let superseded = next.as_ref().is_some_and(|(_, key, r, _)| *key == old_key && *r <= rev);
-            if superseded || decode_kv(&old_value)?.version == 0 {
+            if compacted_away(&old_key, &old_value, next.as_ref().map(|(_, key, r, _)| (key.as_slice(), *r)), rev)? {
                 batch.remove(old_rec);
             }
         }
@@ -212,16 +211,14 @@ pub fn hash_history(tree: &sled::Tree, compacted: i64, rev: i64) -> Result<u32> 
             hasher.update(part);
         }
     };
-    // As in `compact_history`: a version before `compacted` stays if the
-    // next record is not a version of the same key at or before `compacted`,
-    // and it is not a deletion.
+    // The versions before `compacted` that compaction keeps (see
+    // `compact_history`), decided once the record after each is read.
     let mut older: Option<(sled::IVec, Vec<u8>, sled::IVec)> = None;
     for item in tree.range(vec![keys::HIST]..vec![keys::HIST + 1]) {
         let (rec, value) = item?;
         let (key, r) = keys::parse_hist_key(&rec).ok_or_else(|| Error::internal("corrupt history record key"))?;
         if let Some((old_rec, old_key, old_value)) = older.take() {
-            let superseded = key == old_key && r <= compacted;
-            if !superseded && decode_kv(&old_value)?.version != 0 {
+            if !compacted_away(&old_key, &old_value, Some((&key, r)), compacted)? {
                 add(&old_rec, &old_value);
             }
         }
@@ -231,12 +228,21 @@ pub fn hash_history(tree: &sled::Tree, compacted: i64, rev: i64) -> Result<u32> 
             add(&rec, &value);
         }
     }
-    if let Some((old_rec, _, old_value)) = older {
-        if decode_kv(&old_value)?.version != 0 {
+    if let Some((old_rec, old_key, old_value)) = older {
+        if !compacted_away(&old_key, &old_value, None, compacted)? {
             add(&old_rec, &old_value);
         }
     }
     Ok(hasher.finalize())
+}
+
+/// Whether compaction at `rev` removes `value`, a version of `key` older
+/// than `rev`, given the history record after it (its key and revision), if
+/// any: it does if that is a later version of the same key at or before
+/// `rev`, or if the version is a deletion.
+fn compacted_away(key: &[u8], value: &[u8], next: Option<(&[u8], i64)>, rev: i64) -> Result<bool> {
+    let superseded = next.is_some_and(|(k, r)| k == key && r <= rev);
+    Ok(superseded || decode_kv(value)?.version == 0)
 }
 
 impl MvccStore {

@@ -381,10 +381,10 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
             // A stream that failed or timed out is dropped (see
             // `stream_call`): it may still carry an answer to this request.
             Ok(Err(e)) => Err(rpc_error(e)),
-            Err(_) => {
-                let m = format!("AppendEntries to {:x} timed out after {timeout:?}", self.target);
-                Err(RPCError::Network(NetworkError::new(&Error::Internal(m))))
-            }
+            Err(_) => Err(rpc_error(CallError::Unknown(format!(
+                "AppendEntries to {:x} timed out after {timeout:?}",
+                self.target
+            )))),
         }
     }
 

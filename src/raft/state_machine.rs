@@ -689,27 +689,15 @@ fn is_cluster_record(key: &[u8]) -> bool {
 /// flushes it. The records of the cluster it came from are left out, so a
 /// member started on the directory with `--initial-cluster-state new` forms
 /// a new cluster that holds the data: its first revision is the next one.
-/// Returns how many records it wrote.
-pub fn load_backup(db: &sled::Db, records: &[u8]) -> Result<u64, Error> {
+pub fn load_backup(db: &sled::Db, records: &[u8]) -> Result<(), Error> {
     let records: Records = decode(records)?;
     let tree = db.open_tree("state")?;
     if !tree.is_empty() {
         return Err(Error::internal("the state tree is not empty"));
     }
-    let mut batch = sled::Batch::default();
-    let (mut bytes, mut count) = (0, 0u64);
-    for (k, v) in records.into_iter().filter(|(k, _)| !is_cluster_record(k)) {
-        batch.insert(k, v);
-        bytes += k.len() + v.len();
-        count += 1;
-        if bytes >= LOAD_BATCH_BYTES {
-            tree.apply_batch(std::mem::take(&mut batch))?;
-            bytes = 0;
-        }
-    }
-    tree.apply_batch(batch)?;
+    insert_in_batches(&tree, records.into_iter().filter(|(k, _)| !is_cluster_record(k)))?;
     db.flush()?;
-    Ok(count)
+    Ok(())
 }
 
 /// Records written to sled in one batch while a snapshot is loaded: a
@@ -723,10 +711,22 @@ fn load_records(db: &sled::Db, tree: &sled::Tree, records: &Records<'_>) -> Resu
     db.insert(INSTALLING, &[1u8])?;
     db.flush()?;
     tree.clear()?;
+    insert_in_batches(tree, records.iter().copied())?;
+    db.flush()?;
+    db.remove(INSTALLING)?;
+    db.flush()?;
+    Ok(())
+}
+
+/// Inserts `records` into `tree`, [`LOAD_BATCH_BYTES`] at a time.
+fn insert_in_batches<'a>(
+    tree: &sled::Tree,
+    records: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+) -> Result<(), Error> {
     let mut batch = sled::Batch::default();
     let mut bytes = 0;
     for (k, v) in records {
-        batch.insert(*k, *v);
+        batch.insert(k, v);
         bytes += k.len() + v.len();
         if bytes >= LOAD_BATCH_BYTES {
             tree.apply_batch(std::mem::take(&mut batch))?;
@@ -734,9 +734,6 @@ fn load_records(db: &sled::Db, tree: &sled::Tree, records: &Records<'_>) -> Resu
         }
     }
     tree.apply_batch(batch)?;
-    db.flush()?;
-    db.remove(INSTALLING)?;
-    db.flush()?;
     Ok(())
 }
 
