@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::node::Node;
+use crate::raft::state_machine::Shared;
 
 /// How often the revision is looked at.
 const CHECK: Duration = Duration::from_secs(1);
@@ -49,7 +49,7 @@ impl Trimmer {
 }
 
 /// Runs until `stop`: trims the heap after each burst of writes.
-pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
+pub async fn run(state: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut trimmer = Trimmer::default();
     let mut tick = tokio::time::interval(CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -58,7 +58,7 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let revision = node.state.read().store.revision();
+        let revision = state.read().store.revision();
         if trimmer.should_trim(revision) {
             let started = std::time::Instant::now();
             let _ = tokio::task::spawn_blocking(trim).await;

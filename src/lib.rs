@@ -24,7 +24,6 @@
 
 pub mod backup;
 pub mod client;
-pub mod concurrency;
 pub mod config;
 pub mod error;
 pub mod grpc;

@@ -234,25 +234,6 @@ pub fn write_one(out: &mut String, name: &str, kind: &str, help: &str, value: f6
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
 }
 
-/// Counts each leader `node` comes to know of, in its metrics, until `stop`
-/// turns true.
-pub async fn count_leader_changes(node: Arc<crate::node::Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let metrics = &node.metrics;
-    let mut server = node.raft.server_metrics();
-    let mut last = None;
-    loop {
-        let leader = server.borrow_and_update().current_leader;
-        if leader.is_some() && leader != last {
-            metrics.leader_changes.fetch_add(1, Ordering::Relaxed);
-        }
-        last = leader;
-        tokio::select! {
-            changed = server.changed() => if changed.is_err() { return },
-            _ = stop.wait_for(|s| *s) => return,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

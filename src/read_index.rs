@@ -14,7 +14,7 @@ use openraft::error::{CheckIsLeaderError, RaftError};
 use tokio::sync::oneshot;
 
 use crate::error::Error;
-use crate::node::{ask_leader, await_leader, Forwarded};
+use crate::raft::leader::{ask_leader, until_leader, Attempt, Forwarded};
 use crate::raft::network::{Network, Rpc};
 use crate::raft::{NodeId, Raft};
 
@@ -128,40 +128,35 @@ impl ReadIndex {
     /// else from the leader; retried across leader changes until the timeout.
     async fn round(&self) -> Answer {
         let deadline = Instant::now() + self.timeout;
-        loop {
-            // Bounded like every other wait here: a round that openraft
-            // never answered would hold up every later read on this member.
-            let Ok(asked) = tokio::time::timeout_at(deadline.into(), self.leader_read_index()).await else {
-                return Err(Error::Timeout);
-            };
-            let leader = match asked {
-                Ok(read) => return Ok(read),
-                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => f.leader_id,
-                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => None,
-                Err(RaftError::Fatal(_)) => return Err(Error::Stopped),
-            };
-            if let Some(leader) = leader {
-                match ask_leader::<Forwarded<Option<u64>>>(
-                    &self.raft,
-                    &self.network,
-                    leader,
-                    Rpc::ReadIndex,
-                    Vec::new(),
-                    deadline,
-                )
-                .await
-                {
-                    Ok(Some(Forwarded::Done(index))) => return Ok(index),
-                    Ok(Some(Forwarded::Failed(e))) => return Err(e),
-                    Ok(_) | Err(Error::Timeout) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            let metrics = self.raft.metrics();
-            if Instant::now() >= deadline {
-                return Err(if metrics.borrow().current_leader.is_some() { Error::Timeout } else { Error::NoLeader });
-            }
-            await_leader(&self.raft, leader, deadline).await;
+        until_leader(&self.raft, deadline, || self.attempt(deadline)).await
+    }
+
+    async fn attempt(&self, deadline: Instant) -> Attempt<Option<u64>> {
+        // Bounded like every other wait here: a round that openraft never
+        // answered would hold up every later read on this member.
+        let Ok(asked) = tokio::time::timeout_at(deadline.into(), self.leader_read_index()).await else {
+            return Attempt::Answered(Err(Error::Timeout));
+        };
+        let leader = match asked {
+            Ok(read) => return Attempt::Answered(Ok(read)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => f.leader_id,
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => None,
+            Err(RaftError::Fatal(_)) => return Attempt::Answered(Err(Error::Stopped)),
+        };
+        let Some(leader) = leader else { return Attempt::Retry { stale: None } };
+        let asked = ask_leader::<Forwarded<Option<u64>>>(
+            &self.raft,
+            &self.network,
+            leader,
+            Rpc::ReadIndex,
+            Vec::new(),
+            deadline,
+        )
+        .await;
+        match asked {
+            Ok(Some(answer @ (Forwarded::Done(_) | Forwarded::Failed(_)))) => answer.into(),
+            Ok(_) | Err(Error::Timeout) => Attempt::Retry { stale: Some(leader) },
+            Err(e) => Attempt::Answered(Err(e)),
         }
     }
 }

@@ -22,19 +22,19 @@ use crate::config::{ClusterState, Validated};
 use crate::grpc::election::ElectionService;
 use crate::grpc::lease::LeaseService;
 use crate::grpc::lock::LockService;
+use crate::grpc::peer::PeerService;
 use crate::grpc::watch::WatchService;
 use crate::grpc::{cluster::ClusterService, kv::KvService, maintenance::MaintenanceService, GRPC_OVERHEAD_BYTES};
-use crate::node::{Limits, Node};
+use crate::node::{Member, RequestLimits};
 use crate::proto::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
 };
 use crate::proto::etcdserverpb::{lease_server::LeaseServer, watch_server::WatchServer};
-use crate::proto::kvdpb::{command, peer_server::PeerServer, MemberAttributes};
+use crate::proto::kvdpb::{peer_server::PeerServer, MemberAttributes};
 use crate::proto::v3electionpb::election_server::ElectionServer;
 use crate::proto::v3lockpb::lock_server::LockServer;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::Network;
-use crate::raft::peer::PeerService;
 use crate::raft::state_machine::StateMachine;
 use crate::raft::Raft;
 
@@ -82,7 +82,7 @@ const FATAL_CHECK: Duration = Duration::from_millis(100);
 /// A running member.
 pub struct ServerHandle {
     /// The member.
-    pub node: Arc<Node>,
+    pub member: Arc<Member>,
     /// Addresses the client API listens on.
     pub client_addrs: Vec<SocketAddr>,
     /// Address the peer API listens on.
@@ -225,13 +225,13 @@ pub async fn start_on(
     let proposals = crate::raft::batcher::Proposals::start(raft.clone(), writes.clone(), request_timeout);
     let forwards = crate::raft::forwarder::Forwarder::start(raft.clone(), network.clone(), writes);
     let reads = crate::read_index::ReadIndex::new(raft.clone(), network.clone(), request_timeout, restored);
-    let node = Arc::new(Node {
+    let member = Arc::new(Member {
         id: cfg.id,
         cluster_id: stored_cluster_id(&db).unwrap_or(cfg.cluster_id),
         raft,
         state: shared,
         network,
-        limits: Limits { max_request_bytes: cfg.config.max_request_bytes, max_txn_ops: cfg.config.max_txn_ops },
+        limits: RequestLimits { max_request_bytes: cfg.config.max_request_bytes, max_txn_ops: cfg.config.max_txn_ops },
         request_timeout,
         min_lease_ttl: crate::lease::min_lease_ttl(cfg.election),
         election: cfg.election,
@@ -245,20 +245,20 @@ pub async fn start_on(
 
     let mut tasks = Vec::new();
     let peer_addr = peer.local_addr().map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?;
-    tasks.push(serve_peer(node.clone(), peer, stop_rx.clone()));
+    tasks.push(serve_peer(member.clone(), peer, stop_rx.clone()));
     let mut client_addrs = Vec::new();
     for listener in clients {
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?;
         client_addrs.push(addr);
         let progress = cfg.config.watch_progress_notify_interval;
-        tasks.push(serve_clients(node.clone(), listener, progress, stop_rx.clone()));
+        tasks.push(serve_clients(member.clone(), listener, progress, stop_rx.clone()));
     }
-    tasks.push(tokio::spawn(crate::lease::run_expiry(node.clone(), stop_rx.clone())));
-    tasks.push(tokio::spawn(crate::idle_memory::run(node.clone(), stop_rx.clone())));
-    tasks.push(tokio::spawn(crate::metrics::count_leader_changes(node.clone(), stop_rx.clone())));
-    tasks.push(publish_attributes(node.clone(), cfg.config.name.clone(), cfg.client_urls.clone(), stop_rx));
+    tasks.push(tokio::spawn(member.clone().run_lease_expiry()));
+    tasks.push(tokio::spawn(crate::idle_memory::run(member.state.clone(), stop_rx.clone())));
+    tasks.push(tokio::spawn(member.clone().count_leader_changes()));
+    tasks.push(publish_attributes(member.clone(), cfg.config.name.clone(), cfg.client_urls.clone(), stop_rx));
     tracing::info!(member = %format!("{:x}", cfg.id), name = %cfg.config.name, ?client_addrs, %peer_addr, "kvd member started");
-    Ok(ServerHandle { node, client_addrs, peer_addr, stop, tasks, db })
+    Ok(ServerHandle { member, client_addrs, peer_addr, stop, tasks, db })
 }
 
 /// Accepted connections with Nagle's algorithm off: small gRPC messages
@@ -279,8 +279,8 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-fn serve_peer(node: Arc<Node>, listener: TcpListener, stop: watch::Receiver<bool>) -> JoinHandle<()> {
-    let svc = PeerServer::new(PeerService::new(node))
+fn serve_peer(member: Arc<Member>, listener: TcpListener, stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    let svc = PeerServer::new(PeerService::new(member))
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
     tokio::spawn(async move {
@@ -293,28 +293,29 @@ fn serve_peer(node: Arc<Node>, listener: TcpListener, stop: watch::Receiver<bool
 }
 
 fn serve_clients(
-    node: Arc<Node>,
+    member: Arc<Member>,
     listener: TcpListener,
     progress_interval: Duration,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
-    let max_in = node.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
-    let kv = KvServer::new(KvService::new(node.clone()))
+    let max_in = member.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let kv = KvServer::new(KvService::new(member.clone()))
         .max_decoding_message_size(max_in)
         .max_encoding_message_size(usize::MAX);
-    let cluster = ClusterServer::new(ClusterService::new(node.clone())).max_decoding_message_size(max_in);
-    let maintenance = MaintenanceServer::new(MaintenanceService::new(node.clone())).max_decoding_message_size(max_in);
-    let watch = WatchServer::new(WatchService::new(node.clone(), progress_interval)).max_decoding_message_size(max_in);
-    let lease = LeaseServer::new(LeaseService::new(node.clone())).max_decoding_message_size(max_in);
-    let lock = LockServer::new(LockService::new(node.clone())).max_decoding_message_size(max_in);
-    let metrics_node = node.clone();
-    let election = ElectionServer::new(ElectionService::new(node)).max_decoding_message_size(max_in);
+    let cluster = ClusterServer::new(ClusterService::new(member.clone())).max_decoding_message_size(max_in);
+    let maintenance = MaintenanceServer::new(MaintenanceService::new(member.clone())).max_decoding_message_size(max_in);
+    let watch =
+        WatchServer::new(WatchService::new(member.clone(), progress_interval)).max_decoding_message_size(max_in);
+    let lease = LeaseServer::new(LeaseService::new(member.clone())).max_decoding_message_size(max_in);
+    let lock = LockServer::new(LockService::new(member.clone())).max_decoding_message_size(max_in);
+    let metrics_member = member.clone();
+    let election = ElectionServer::new(ElectionService::new(member)).max_decoding_message_size(max_in);
     tokio::spawn(async move {
         let result = Server::builder()
             // `/metrics` and `/health` are HTTP/1.1 as well, as etcd's are.
             .accept_http1(true)
             .layer(tower::util::MapResponseLayer::new(crate::grpc::size_limit_as_resource_exhausted))
-            .layer(crate::grpc::endpoints::layer(metrics_node))
+            .layer(crate::grpc::endpoints::layer(metrics_member))
             .add_service(kv)
             .add_service(cluster)
             .add_service(maintenance)
@@ -333,19 +334,19 @@ fn serve_clients(
 /// Publishes this member's name and client URLs through the log, as etcd
 /// does, retrying until it is committed or the member stops.
 fn publish_attributes(
-    node: Arc<Node>,
+    member: Arc<Member>,
     name: String,
     client_urls: Vec<String>,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let attrs = MemberAttributes { id: node.id, name, client_urls };
+        let attrs = MemberAttributes { id: member.id, name, client_urls };
         let publish = async {
             loop {
-                if node.state.read().attrs.get(&node.id) == Some(&attrs) {
+                if member.state.read().attrs.get(&member.id) == Some(&attrs) {
                     return;
                 }
-                match node.propose(command::Op::Publish(attrs.clone())).await {
+                match member.publish(attrs.clone()).await {
                     Ok(_) => return,
                     Err(e) => tracing::debug!("publishing member attributes: {e}; retrying"),
                 }
@@ -370,7 +371,7 @@ impl ServerHandle {
     /// those change several times per write, and each change would wake the
     /// thread this waits on.
     pub async fn fatal(&self) -> String {
-        let metrics = self.node.raft.metrics();
+        let metrics = self.member.raft.metrics();
         let mut tick = tokio::time::interval(FATAL_CHECK);
         loop {
             tick.tick().await;
@@ -396,10 +397,10 @@ impl ServerHandle {
                 abort.abort();
             }
         }
-        if let Err(e) = self.node.raft.shutdown().await {
+        if let Err(e) = self.member.raft.shutdown().await {
             tracing::warn!("raft shutdown: {e}");
         }
-        if let Err(e) = self.node.state.read_committed() {
+        if let Err(e) = self.member.state.read_committed() {
             tracing::warn!("commit on shutdown: {e}");
         }
         if let Err(e) = crate::raft::flush(&self.db).await {

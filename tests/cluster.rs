@@ -20,7 +20,7 @@ async fn a_write_through_any_member_is_read_from_every_member() {
         }
     }
     // Headers name the member that answered and the same cluster.
-    let ids: Vec<u64> = (0..3).map(|i| c.member(i).node.id).collect();
+    let ids: Vec<u64> = (0..3).map(|i| c.member(i).member.id).collect();
     let mut cluster_ids = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         let h = c.client(i).range(get("from-0")).await.unwrap().header.unwrap();
@@ -42,10 +42,10 @@ async fn killing_the_leader_elects_a_new_one_and_loses_no_acknowledged_write() {
         acked.push(key);
     }
     let old = c.wait_leader().await;
-    let old_id = c.member(old).node.id;
+    let old_id = c.member(old).member.id;
     c.stop(old).await;
     let new = c.wait_leader().await;
-    assert_ne!(c.member(new).node.id, old_id, "a new leader is elected");
+    assert_ne!(c.member(new).member.id, old_id, "a new leader is elected");
     // Writes go on through the survivors.
     let survivor = c.running()[0];
     for i in 50..60 {
@@ -146,7 +146,7 @@ async fn a_member_behind_the_purged_log_catches_up_by_snapshot() {
     // can be a moment after the snapshot.
     let purged = c
         .member(leader)
-        .node
+        .member
         .raft
         .wait(Some(std::time::Duration::from_secs(10)))
         .metrics(|m| m.purged.is_some_and(|l| l.index > 20), "purge after snapshots")
@@ -155,7 +155,7 @@ async fn a_member_behind_the_purged_log_catches_up_by_snapshot() {
     c.restart(lagging).await;
     let target = c.applied(leader);
     c.wait_applied(lagging, target).await;
-    let snap = c.member(lagging).node.raft.metrics().borrow().snapshot;
+    let snap = c.member(lagging).member.raft.metrics().borrow().snapshot;
     assert!(snap.is_some(), "the lagging member installed a snapshot");
     let got = c
         .client(lagging)

@@ -314,16 +314,16 @@ async fn a_deposed_leader_does_not_expire_a_lease_the_new_leader_keeps_alive() {
     via.put(PutRequest { key: "held".into(), value: "v".into(), lease, ..Default::default() }).await.unwrap();
 
     // Cut the leader off, both ways.
-    let ids: Vec<u64> = (0..3).map(|i| c.member(i).node.id).collect();
+    let ids: Vec<u64> = (0..3).map(|i| c.member(i).member.id).collect();
     for &o in &others {
-        c.member(old).node.network.block(ids[o]);
-        c.member(o).node.network.block(ids[old]);
+        c.member(old).member.network.block(ids[o]);
+        c.member(o).member.network.block(ids[old]);
     }
     // A new leader among the others.
     let deadline = Instant::now() + WAIT;
     let new = loop {
         let found = others.iter().copied().find(|&o| {
-            let m = c.member(o).node.raft.metrics().borrow().clone();
+            let m = c.member(o).member.raft.metrics().borrow().clone();
             m.current_leader == Some(ids[o]) && m.state.is_leader()
         });
         if let Some(n) = found {
@@ -346,8 +346,8 @@ async fn a_deposed_leader_does_not_expire_a_lease_the_new_leader_keeps_alive() {
     };
     keep(Instant::now() + Duration::from_secs(3 * ttl as u64)).await;
     for &o in &others {
-        c.member(old).node.network.heal();
-        c.member(o).node.network.heal();
+        c.member(old).member.network.heal();
+        c.member(o).member.network.heal();
     }
     let until = Instant::now() + Duration::from_secs(2 * ttl as u64);
     let keeper = tokio::spawn(keep(until));

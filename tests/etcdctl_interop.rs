@@ -134,7 +134,7 @@ async fn txn_and_compaction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn member_list_and_endpoint_status_and_health() {
     let (c, e) = cluster_and_etcdctl().await;
-    let ids: Vec<String> = (0..3).map(|i| format!("{:x}", c.member(i).node.id)).collect();
+    let ids: Vec<String> = (0..3).map(|i| format!("{:x}", c.member(i).member.id)).collect();
     let peers: Vec<String> = c.peer_addrs.iter().map(|a| format!("http://{a}")).collect();
     // Members publish their names through the log shortly after start.
     let deadline = std::time::Instant::now() + support::WAIT;
@@ -154,7 +154,7 @@ async fn member_list_and_endpoint_status_and_health() {
     for (id, peer) in ids.iter().zip(&peers) {
         assert!(list.contains(&format!("{id}, started")) && list.contains(peer.as_str()), "{list}");
     }
-    let leader_id = format!("{:x}", c.member(c.wait_leader().await).node.id);
+    let leader_id = format!("{:x}", c.member(c.wait_leader().await).member.id);
     tokio::task::spawn_blocking(move || {
         let status = e.ok(&["endpoint", "status"]);
         assert_eq!(status.lines().count(), 3, "{status}");

@@ -5,34 +5,34 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::node::Node;
+use crate::node::Member;
 use crate::proto::etcdserverpb::cluster_server::Cluster;
-use crate::proto::etcdserverpb::{Member, MemberListRequest, MemberListResponse};
+use crate::proto::etcdserverpb::{self as pb, MemberListRequest, MemberListResponse};
 
 /// The Cluster service of one member.
 pub struct ClusterService {
-    node: Arc<Node>,
+    member: Arc<Member>,
 }
 
 impl ClusterService {
-    /// A service for `node`.
-    pub fn new(node: Arc<Node>) -> Self {
-        ClusterService { node }
+    /// A service for `member`.
+    pub fn new(member: Arc<Member>) -> Self {
+        ClusterService { member }
     }
 }
 
 /// The members as etcd lists them: voters and learners, with the name and
 /// client URLs each published (empty until it has).
-pub fn members(node: &Node) -> Vec<Member> {
-    let metrics = node.raft.metrics().borrow().clone();
+pub fn members(member: &Member) -> Vec<pb::Member> {
+    let metrics = member.raft.metrics().borrow().clone();
     let membership = metrics.membership_config.membership();
     let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
-    let state = node.state.read();
+    let state = member.state.read();
     membership
         .nodes()
         .map(|(id, n)| {
             let attrs = state.attrs.get(id);
-            Member {
+            pb::Member {
                 id: *id,
                 name: attrs.map(|a| a.name.clone()).unwrap_or_default(),
                 peer_ur_ls: vec![n.addr.clone()],
@@ -47,10 +47,10 @@ pub fn members(node: &Node) -> Vec<Member> {
 impl Cluster for ClusterService {
     async fn member_list(&self, req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
         if req.into_inner().linearizable {
-            self.node.read_barrier().await?;
+            self.member.read_barrier().await?;
         }
-        let mut resp = MemberListResponse { header: None, members: members(&self.node) };
-        self.node.fill_header(&mut resp.header);
+        let mut resp = MemberListResponse { header: None, members: members(&self.member) };
+        self.member.fill_header(&mut resp.header);
         Ok(Response::new(resp))
     }
 }

@@ -11,10 +11,10 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::concurrency::{candidate_key, candidates_prefix, Abandon};
 use crate::error::Error;
 use crate::mvcc::keys::{prefix_end, RangeEnd};
-use crate::node::Node;
+use crate::node::coordination::{candidate_key, candidates_prefix, Abandon};
+use crate::node::Member;
 use crate::proto::etcdserverpb::ResponseHeader;
 use crate::proto::mvccpb::event::EventType;
 use crate::proto::mvccpb::KeyValue;
@@ -26,18 +26,18 @@ use crate::proto::v3electionpb::{
 
 /// The Election service of one member.
 pub struct ElectionService {
-    node: Arc<Node>,
+    member: Arc<Member>,
 }
 
 impl ElectionService {
-    /// A service for `node`.
-    pub fn new(node: Arc<Node>) -> Self {
-        ElectionService { node }
+    /// A service for `member`.
+    pub fn new(member: Arc<Member>) -> Self {
+        ElectionService { member }
     }
 
     fn header(&self, revision: i64) -> Option<ResponseHeader> {
         let mut header = Some(ResponseHeader { revision, ..Default::default() });
-        self.node.fill_header(&mut header);
+        self.member.fill_header(&mut header);
         header
     }
 }
@@ -51,17 +51,17 @@ impl Election for ElectionService {
     async fn campaign(&self, req: Request<CampaignRequest>) -> Result<Response<CampaignResponse>, Status> {
         let req = req.into_inner();
         let key = candidate_key(&req.name, req.lease);
-        let claim = self.node.claim(&key, &req.value, req.lease).await?;
+        let claim = self.member.claim(&key, &req.value, req.lease).await?;
         let rev = claim.kv.create_revision;
-        let guard = Abandon::new(self.node.clone(), &key, rev, claim.created);
+        let guard = Abandon::new(self.member.clone(), &key, rev, claim.created);
         if !claim.created && claim.kv.value != req.value {
             // The same lease campaigns again with another value: as etcd,
             // take the new value rather than failing.
-            if !self.node.put_if_created_at(&key, rev, &req.value, req.lease).await? {
+            if !self.member.put_if_created_at(&key, rev, &req.value, req.lease).await? {
                 return Err(Error::SessionExpired.into());
             }
         }
-        self.node.wait_turn(&candidates_prefix(&req.name), &key, rev).await?;
+        self.member.wait_turn(&candidates_prefix(&req.name), &key, rev).await?;
         guard.disarm();
         let leader = LeaderKey { name: req.name, key, rev, lease: req.lease };
         Ok(Response::new(CampaignResponse { header: self.header(claim.revision), leader: Some(leader) }))
@@ -70,7 +70,7 @@ impl Election for ElectionService {
     async fn proclaim(&self, req: Request<ProclaimRequest>) -> Result<Response<ProclaimResponse>, Status> {
         let req = req.into_inner();
         let leader = req.leader.ok_or_else(missing_leader_key)?;
-        if !self.node.put_if_created_at(&leader.key, leader.rev, &req.value, leader.lease).await? {
+        if !self.member.put_if_created_at(&leader.key, leader.rev, &req.value, leader.lease).await? {
             return Err(Error::ElectionNotLeader.into());
         }
         Ok(Response::new(ProclaimResponse { header: self.header(0) }))
@@ -78,8 +78,8 @@ impl Election for ElectionService {
 
     async fn leader(&self, req: Request<LeaderRequest>) -> Result<Response<LeaderResponse>, Status> {
         let name = req.into_inner().name;
-        self.node.read_barrier().await?;
-        let kv = self.node.first_candidate(&candidates_prefix(&name))?.ok_or(Error::ElectionNoLeader)?;
+        self.member.read_barrier().await?;
+        let kv = self.member.first_candidate(&candidates_prefix(&name))?.ok_or(Error::ElectionNoLeader)?;
         Ok(Response::new(LeaderResponse { header: self.header(0), kv: Some(kv) }))
     }
 
@@ -87,30 +87,30 @@ impl Election for ElectionService {
 
     async fn observe(&self, req: Request<LeaderRequest>) -> Result<Response<Self::ObserveStream>, Status> {
         let name = req.into_inner().name;
-        self.node.read_barrier().await?;
+        self.member.read_barrier().await?;
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(observe(self.node.clone(), candidates_prefix(&name), tx));
+        tokio::spawn(observe(self.member.clone(), candidates_prefix(&name), tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn resign(&self, req: Request<ResignRequest>) -> Result<Response<ResignResponse>, Status> {
         let leader = req.into_inner().leader.ok_or_else(missing_leader_key)?;
-        let resp = self.node.delete_if_created_at(&leader.key, leader.rev).await?;
+        let resp = self.member.delete_if_created_at(&leader.key, leader.rev).await?;
         Ok(Response::new(ResignResponse { header: self.header(resp.header.map_or(0, |h| h.revision)) }))
     }
 }
 
 /// Streams the election's leader each time it changes (a new leader, or a new
 /// value from the same one), revision by revision, until the client leaves.
-async fn observe(node: Arc<Node>, prefix: Vec<u8>, tx: mpsc::Sender<Result<LeaderResponse, Status>>) {
+async fn observe(member: Arc<Member>, prefix: Vec<u8>, tx: mpsc::Sender<Result<LeaderResponse, Status>>) {
     let end = RangeEnd::Before(prefix_end(&prefix));
     let mut last_sent: Option<(Vec<u8>, i64)> = None;
     'resync: loop {
         // The candidates as of the subscription; then kept up to date from
         // each applied revision, so no leader in between is missed.
-        let (mut rx, current) = node.state.subscribe();
+        let (mut rx, current) = member.state.subscribe();
         let loaded = {
-            let state = node.state.read();
+            let state = member.state.read();
             state.store.current_kvs(&prefix, &end)
         };
         let mut candidates: BTreeMap<i64, KeyValue> = match loaded {
@@ -126,7 +126,7 @@ async fn observe(node: Arc<Node>, prefix: Vec<u8>, tx: mpsc::Sender<Result<Leade
                 let id = (leader.key.clone(), leader.mod_revision);
                 if last_sent.as_ref() != Some(&id) {
                     let mut header = Some(ResponseHeader { revision: rev, ..Default::default() });
-                    node.fill_header(&mut header);
+                    member.fill_header(&mut header);
                     if tx.send(Ok(LeaderResponse { header, kv: Some(leader.clone()) })).await.is_err() {
                         return;
                     }
@@ -136,7 +136,7 @@ async fn observe(node: Arc<Node>, prefix: Vec<u8>, tx: mpsc::Sender<Result<Leade
             let applied = tokio::select! {
                 item = rx.recv() => item,
                 _ = tx.closed() => return,
-                _ = node.stopped() => {
+                _ = member.stopped() => {
                     let _ = tx.send(Err(Error::Stopped.into())).await;
                     return;
                 }

@@ -22,21 +22,21 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crate::metrics::{self, Metrics};
-use crate::node::Node;
+use crate::node::Member;
 
 /// How long `/health` waits for a linearizable read.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Wraps the gRPC services with the HTTP endpoints of [`self`](self).
-pub fn layer<S>(node: Arc<Node>) -> impl tower::Layer<S, Service = HttpEndpoints<S>> + Clone {
-    tower::layer::layer_fn(move |inner| HttpEndpoints { inner, node: node.clone() })
+pub fn layer<S>(member: Arc<Member>) -> impl tower::Layer<S, Service = HttpEndpoints<S>> + Clone {
+    tower::layer::layer_fn(move |inner| HttpEndpoints { inner, member: member.clone() })
 }
 
 /// The gRPC services `S` with `/metrics` and `/health` in front.
 #[derive(Clone)]
 pub struct HttpEndpoints<S> {
     inner: S,
-    node: Arc<Node>,
+    member: Arc<Member>,
 }
 
 type Reply = http::Response<tonic::body::Body>;
@@ -56,15 +56,15 @@ where
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         if req.method() == http::Method::GET {
-            let node = self.node.clone();
+            let member = self.member.clone();
             match req.uri().path() {
                 "/metrics" => {
-                    return Box::pin(async move { Ok(text(http::StatusCode::OK, METRICS_TYPE, metrics(&node))) })
+                    return Box::pin(async move { Ok(text(http::StatusCode::OK, METRICS_TYPE, metrics(&member))) })
                 }
                 "/health" => {
                     return Box::pin(async move {
-                        let healthy = node.leader().is_some()
-                            && matches!(tokio::time::timeout(HEALTH_TIMEOUT, node.read_barrier()).await, Ok(Ok(())));
+                        let healthy = member.leader().is_some()
+                            && matches!(tokio::time::timeout(HEALTH_TIMEOUT, member.read_barrier()).await, Ok(Ok(())));
                         let (status, body) = if healthy {
                             (http::StatusCode::OK, r#"{"health":"true"}"#)
                         } else {
@@ -76,10 +76,10 @@ where
                 _ => {}
             }
         }
-        let Some(method) = self.node.metrics.grpc.start(req.uri().path()) else {
+        let Some(method) = self.member.metrics.grpc.start(req.uri().path()) else {
             return Box::pin(self.inner.call(req));
         };
-        let handled = Handled { metrics: self.node.metrics.clone(), method, done: false };
+        let handled = Handled { metrics: self.member.metrics.clone(), method, done: false };
         let answer = self.inner.call(req);
         Box::pin(async move {
             let resp = answer.await?;
@@ -177,11 +177,11 @@ fn text(status: http::StatusCode, content_type: &'static str, body: String) -> R
 }
 
 /// The metrics, in Prometheus text format.
-fn metrics(node: &Node) -> String {
-    let m = node.raft.metrics().borrow().clone();
+fn metrics(member: &Member) -> String {
+    let m = member.raft.metrics().borrow().clone();
     let leader = m.current_leader;
     let (revision, compacted, keys) = {
-        let state = node.state.read();
+        let state = member.state.read();
         (state.store.revision(), state.store.compacted(), state.store.len())
     };
     let mut out = String::new();
@@ -193,7 +193,7 @@ fn metrics(node: &Node) -> String {
         "Whether a leader exists. 1 is existence, 0 is not.",
         flag(leader.is_some()),
     );
-    put("etcd_server_is_leader", "gauge", "Whether this member is the leader.", flag(leader == Some(node.id)));
+    put("etcd_server_is_leader", "gauge", "Whether this member is the leader.", flag(leader == Some(member.id)));
     put("kvd_raft_term", "gauge", "The Raft term of this member.", m.current_term as f64);
     put(
         "etcd_server_proposals_applied_total",
@@ -211,7 +211,7 @@ fn metrics(node: &Node) -> String {
         "etcd_mvcc_db_total_size_in_bytes",
         "gauge",
         "Total size of the underlying database in bytes.",
-        node.state.size_on_disk() as f64,
+        member.state.size_on_disk() as f64,
     );
     put("etcd_debugging_mvcc_keys_total", "gauge", "Total number of keys.", keys as f64);
     put("etcd_debugging_mvcc_current_revision", "gauge", "The current revision of the store.", revision as f64);
@@ -227,12 +227,12 @@ fn metrics(node: &Node) -> String {
         "etcd_server_proposals_pending",
         "gauge",
         "The current number of pending proposals to commit.",
-        node.proposals.pending() as f64,
+        member.proposals.pending() as f64,
     );
     if let Some(rss) = resident_bytes() {
         put("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", rss as f64);
     }
-    node.metrics.render(&mut out);
+    member.metrics.render(&mut out);
     out
 }
 

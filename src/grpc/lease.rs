@@ -11,7 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
-use crate::node::Node;
+use crate::node::Member;
 use crate::proto::etcdserverpb::lease_server::Lease;
 use crate::proto::etcdserverpb::{
     LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest,
@@ -21,24 +21,24 @@ use crate::proto::etcdserverpb::{
 
 /// The Lease service of one member.
 pub struct LeaseService {
-    node: Arc<Node>,
+    member: Arc<Member>,
 }
 
 impl LeaseService {
-    /// A service for `node`.
-    pub fn new(node: Arc<Node>) -> Self {
-        LeaseService { node }
+    /// A service for `member`.
+    pub fn new(member: Arc<Member>) -> Self {
+        LeaseService { member }
     }
 }
 
 #[tonic::async_trait]
 impl Lease for LeaseService {
     async fn lease_grant(&self, req: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
-        Ok(Response::new(self.node.lease_grant(req.into_inner()).await?))
+        Ok(Response::new(self.member.lease_grant(req.into_inner()).await?))
     }
 
     async fn lease_revoke(&self, req: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
-        Ok(Response::new(self.node.lease_revoke(req.into_inner().id).await?))
+        Ok(Response::new(self.member.lease_revoke(req.into_inner().id).await?))
     }
 
     type LeaseKeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send + 'static>>;
@@ -49,13 +49,13 @@ impl Lease for LeaseService {
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(16);
-        let node = self.node.clone();
+        let member = self.member.clone();
         tokio::spawn(async move {
             loop {
                 let msg = tokio::select! {
                     msg = inbound.message() => msg,
                     _ = tx.closed() => return,
-                    _ = node.stopped() => {
+                    _ = member.stopped() => {
                         let _ = tx.send(Err(Error::Stopped.into())).await;
                         return;
                     }
@@ -64,10 +64,10 @@ impl Lease for LeaseService {
                 // An unknown or expired lease answers TTL 0, as etcd does; a
                 // failure to reach the leader ends the stream with the error,
                 // so the client retries elsewhere.
-                let resp = match node.lease_renew(req.id).await {
+                let resp = match member.lease_renew(req.id).await {
                     Ok(ttl) => {
                         let mut resp = LeaseKeepAliveResponse { header: None, id: req.id, ttl };
-                        node.fill_header(&mut resp.header);
+                        member.fill_header(&mut resp.header);
                         Ok(resp)
                     }
                     Err(e) => Err(Status::from(e)),
@@ -86,17 +86,17 @@ impl Lease for LeaseService {
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let req = req.into_inner();
-        Ok(Response::new(self.node.lease_time_to_live(req.id, req.keys).await?))
+        Ok(Response::new(self.member.lease_time_to_live(req.id, req.keys).await?))
     }
 
     async fn lease_leases(&self, _req: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
-        self.node.read_barrier().await?;
+        self.member.read_barrier().await?;
         let leases = {
-            let state = self.node.state.read();
+            let state = self.member.state.read();
             state.store.leases().keys().map(|id| LeaseStatus { id: *id }).collect()
         };
         let mut resp = LeaseLeasesResponse { header: None, leases };
-        self.node.fill_header(&mut resp.header);
+        self.member.fill_header(&mut resp.header);
         Ok(Response::new(resp))
     }
 }

@@ -5,21 +5,21 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::concurrency::{candidate_key, candidates_prefix, Abandon};
-use crate::node::Node;
+use crate::node::coordination::{candidate_key, candidates_prefix, Abandon};
+use crate::node::Member;
 use crate::proto::etcdserverpb::ResponseHeader;
 use crate::proto::v3lockpb::lock_server::Lock;
 use crate::proto::v3lockpb::{LockRequest, LockResponse, UnlockRequest, UnlockResponse};
 
 /// The Lock service of one member.
 pub struct LockService {
-    node: Arc<Node>,
+    member: Arc<Member>,
 }
 
 impl LockService {
-    /// A service for `node`.
-    pub fn new(node: Arc<Node>) -> Self {
-        LockService { node }
+    /// A service for `member`.
+    pub fn new(member: Arc<Member>) -> Self {
+        LockService { member }
     }
 }
 
@@ -28,19 +28,19 @@ impl Lock for LockService {
     async fn lock(&self, req: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
         let req = req.into_inner();
         let key = candidate_key(&req.name, req.lease);
-        let claim = self.node.claim(&key, b"", req.lease).await?;
-        let guard = Abandon::new(self.node.clone(), &key, claim.kv.create_revision, claim.created);
-        self.node.wait_turn(&candidates_prefix(&req.name), &key, claim.kv.create_revision).await?;
+        let claim = self.member.claim(&key, b"", req.lease).await?;
+        let guard = Abandon::new(self.member.clone(), &key, claim.kv.create_revision, claim.created);
+        self.member.wait_turn(&candidates_prefix(&req.name), &key, claim.kv.create_revision).await?;
         guard.disarm();
         let mut header = Some(ResponseHeader { revision: claim.revision, ..Default::default() });
-        self.node.fill_header(&mut header);
+        self.member.fill_header(&mut header);
         Ok(Response::new(LockResponse { header, key }))
     }
 
     async fn unlock(&self, req: Request<UnlockRequest>) -> Result<Response<UnlockResponse>, Status> {
-        let rev = self.node.delete_key(&req.into_inner().key).await?;
+        let rev = self.member.delete_key(&req.into_inner().key).await?;
         let mut header = Some(ResponseHeader { revision: rev, ..Default::default() });
-        self.node.fill_header(&mut header);
+        self.member.fill_header(&mut header);
         Ok(Response::new(UnlockResponse { header }))
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::node::Node;
+use crate::node::Member;
 use crate::proto::etcdserverpb::alarm_request::AlarmAction;
 use crate::proto::etcdserverpb::maintenance_server::Maintenance;
 use crate::proto::etcdserverpb::{
@@ -23,13 +23,13 @@ pub const API_VERSION: &str = "3.4.0";
 
 /// The Maintenance service of one member.
 pub struct MaintenanceService {
-    node: Arc<Node>,
+    member: Arc<Member>,
 }
 
 impl MaintenanceService {
-    /// A service for `node`.
-    pub fn new(node: Arc<Node>) -> Self {
-        MaintenanceService { node }
+    /// A service for `member`.
+    pub fn new(member: Arc<Member>) -> Self {
+        MaintenanceService { member }
     }
 }
 
@@ -44,7 +44,7 @@ impl Maintenance for MaintenanceService {
         match AlarmAction::try_from(req.action) {
             Ok(AlarmAction::Get) | Ok(AlarmAction::Deactivate) => {
                 let mut resp = AlarmResponse { header: None, alarms: Vec::new() };
-                self.node.fill_header(&mut resp.header);
+                self.member.fill_header(&mut resp.header);
                 Ok(Response::new(resp))
             }
             Ok(AlarmAction::Activate) => Err(Status::unimplemented("kvd raises no alarms; ACTIVATE is not supported")),
@@ -57,9 +57,9 @@ impl Maintenance for MaintenanceService {
     /// writes what the member holds in memory to disk and answers, so that
     /// maintenance jobs written for etcd keep working.
     async fn defragment(&self, _req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
-        self.node.state.flush().await.map_err(Status::from)?;
+        self.member.state.flush().await.map_err(Status::from)?;
         let mut resp = DefragmentResponse { header: None };
-        self.node.fill_header(&mut resp.header);
+        self.member.fill_header(&mut resp.header);
         Ok(Response::new(resp))
     }
 
@@ -68,9 +68,9 @@ impl Maintenance for MaintenanceService {
     /// entries give the same hash, whatever their progress in removing
     /// compacted history. It is kvd's own, not comparable with etcd's.
     async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
-        let (hash, compact_revision, _) = self.node.state.hash_kv(req.into_inner().revision).await?;
+        let (hash, compact_revision, _) = self.member.state.hash_kv(req.into_inner().revision).await?;
         let mut resp = HashKvResponse { header: None, hash, compact_revision };
-        self.node.fill_header(&mut resp.header);
+        self.member.fill_header(&mut resp.header);
         Ok(Response::new(resp))
     }
 
@@ -81,9 +81,9 @@ impl Maintenance for MaintenanceService {
     /// many are still to come, then the SHA-256 of them all, as etcd sends
     /// its own. The first message's header has the snapshot's revision.
     async fn snapshot(&self, _req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
-        let (revision, records) = self.node.state.backup().await.map_err(Status::from)?;
+        let (revision, records) = self.member.state.backup().await.map_err(Status::from)?;
         let mut header = None;
-        self.node.fill_header(&mut header);
+        self.member.fill_header(&mut header);
         if let Some(h) = header.as_mut() {
             h.revision = revision;
         }
@@ -119,10 +119,10 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let m = self.node.raft.metrics().borrow().clone();
-        let db_size = self.node.state.size_on_disk() as i64;
+        let m = self.member.raft.metrics().borrow().clone();
+        let db_size = self.member.state.size_on_disk() as i64;
         let membership = m.membership_config.membership();
-        let is_learner = !membership.voter_ids().any(|id| id == self.node.id);
+        let is_learner = !membership.voter_ids().any(|id| id == self.member.id);
         let mut errors = Vec::new();
         if m.current_leader.is_none() {
             errors.push(crate::error::Error::NoLeader.to_string());
@@ -139,7 +139,7 @@ impl Maintenance for MaintenanceService {
             db_size_in_use: db_size,
             is_learner,
         };
-        self.node.fill_header(&mut resp.header);
+        self.member.fill_header(&mut resp.header);
         Ok(Response::new(resp))
     }
 }

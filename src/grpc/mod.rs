@@ -7,6 +7,7 @@ pub mod kv;
 pub mod lease;
 pub mod lock;
 pub mod maintenance;
+pub mod peer;
 pub mod watch;
 
 /// Bytes etcd allows on top of `--max-request-bytes` for gRPC framing; larger

@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
 use crate::mvcc::keys::RangeEnd;
-use crate::node::Node;
+use crate::node::Member;
 use crate::proto::etcdserverpb::watch_create_request::FilterType;
 use crate::proto::etcdserverpb::watch_request::RequestUnion;
 use crate::proto::etcdserverpb::watch_server::Watch;
@@ -40,15 +40,15 @@ const STREAM_BUFFER: usize = 64;
 
 /// The Watch service of one member.
 pub struct WatchService {
-    node: Arc<Node>,
+    member: Arc<Member>,
     progress_interval: Duration,
 }
 
 impl WatchService {
-    /// A service for `node`; watches that ask for progress notifications get
+    /// A service for `member`; watches that ask for progress notifications get
     /// one after each `progress_interval` without events.
-    pub fn new(node: Arc<Node>, progress_interval: Duration) -> Self {
-        WatchService { node, progress_interval }
+    pub fn new(member: Arc<Member>, progress_interval: Duration) -> Self {
+        WatchService { member, progress_interval }
     }
 }
 
@@ -62,7 +62,7 @@ impl Watch for WatchService {
         let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let stream = WatchStreamState {
-            node: self.node.clone(),
+            member: self.member.clone(),
             progress_interval: self.progress_interval,
             tx,
             watches: HashMap::new(),
@@ -80,7 +80,7 @@ struct ActiveWatch {
 }
 
 struct WatchStreamState {
-    node: Arc<Node>,
+    member: Arc<Member>,
     progress_interval: Duration,
     tx: Outbound,
     watches: HashMap<i64, ActiveWatch>,
@@ -93,7 +93,7 @@ impl WatchStreamState {
             let msg = tokio::select! {
                 msg = inbound.message() => msg,
                 _ = self.tx.closed() => break,
-                _ = self.node.stopped() => {
+                _ = self.member.stopped() => {
                     let _ = self.tx.send(Err(Error::Stopped.into())).await;
                     break;
                 }
@@ -124,7 +124,7 @@ impl WatchStreamState {
 
     fn header(&self, revision: i64) -> Option<ResponseHeader> {
         let mut header = Some(ResponseHeader { revision, ..Default::default() });
-        self.node.fill_header(&mut header);
+        self.member.fill_header(&mut header);
         header
     }
 
@@ -133,7 +133,7 @@ impl WatchStreamState {
     }
 
     async fn create(&mut self, c: WatchCreateRequest) -> bool {
-        let (rx, current) = self.node.state.subscribe();
+        let (rx, current) = self.member.state.subscribe();
         let id = if c.watch_id != 0 {
             if self.watches.contains_key(&c.watch_id) {
                 return self
@@ -162,7 +162,7 @@ impl WatchStreamState {
         }
         let synced = Arc::new(AtomicI64::new(start - 1));
         let watcher = Watcher {
-            node: self.node.clone(),
+            member: self.member.clone(),
             id,
             key: c.key,
             end: RangeEnd::from_request(&c.range_end),
@@ -185,7 +185,7 @@ impl WatchStreamState {
         let Some(w) = self.watches.remove(&id) else { return true };
         w.task.abort();
         let _ = w.task.await;
-        let current = self.node.state.read().store.revision();
+        let current = self.member.state.read().store.revision();
         self.send(WatchResponse { header: self.header(current), watch_id: id, canceled: true, ..Default::default() })
             .await
     }
@@ -193,7 +193,7 @@ impl WatchStreamState {
     /// Answers a progress request with a revision every watch on the stream
     /// has delivered all events up to (watch id -1, as etcd 3.4).
     async fn progress(&mut self) -> bool {
-        let current = self.node.state.read().store.revision();
+        let current = self.member.state.read().store.revision();
         let rev = self.watches.values().map(|w| w.synced.load(Ordering::Acquire)).fold(current, i64::min);
         self.send(WatchResponse { header: self.header(rev), watch_id: -1, ..Default::default() }).await
     }
@@ -201,7 +201,7 @@ impl WatchStreamState {
 
 /// One watch: where it is, what it wants, where it sends.
 struct Watcher {
-    node: Arc<Node>,
+    member: Arc<Member>,
     id: i64,
     key: Vec<u8>,
     end: RangeEnd,
@@ -236,7 +236,7 @@ impl Watcher {
             }
             match self.follow(&mut rx).await {
                 Ok(Resync::FromHistory) => {}
-                Ok(Resync::Resubscribe) => rx = self.node.state.subscribe().0,
+                Ok(Resync::Resubscribe) => rx = self.member.state.subscribe().0,
                 Err(_) => return,
             }
         }
@@ -273,7 +273,7 @@ impl Watcher {
     /// covers; None once `next` is past the current revision. An error
     /// comes with the compacted revision.
     fn next_chunk(&self) -> Option<Result<Chunk, (Error, i64)>> {
-        let state = match self.node.state.read_committed() {
+        let state = match self.member.state.read_committed() {
             Ok(state) => state,
             Err(e) => return Some(Err((e, 0))),
         };
@@ -342,7 +342,7 @@ impl Watcher {
 
     fn header(&self, revision: i64) -> Option<ResponseHeader> {
         let mut header = Some(ResponseHeader { revision, ..Default::default() });
-        self.node.fill_header(&mut header);
+        self.member.fill_header(&mut header);
         header
     }
 
@@ -362,7 +362,7 @@ impl Watcher {
     fn fill_prev(&self, events: &mut [Event]) -> Result<(), Error> {
         // The store finds versions not yet committed to sled too, so this
         // needs no commit.
-        let state = self.node.state.read();
+        let state = self.member.state.read();
         for e in events.iter_mut().filter(|e| e.prev_kv.is_none()) {
             let Some(kv) = &e.kv else { continue };
             if e.r#type == EventType::Delete as i32 || kv.version > 1 {
@@ -387,7 +387,7 @@ impl Watcher {
             self.cancel(e).await?;
         }
         let header = self.header(last);
-        let limit = self.node.limits.max_request_bytes;
+        let limit = self.member.limits.max_request_bytes;
         let chunks: Vec<Vec<Event>> = if self.fragment && events.iter().map(|e| e.encoded_len()).sum::<usize>() > limit
         {
             fragments(events, limit)

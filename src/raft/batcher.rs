@@ -27,9 +27,9 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use super::gather::{Limits, Queued};
+use super::leader::{Forwarded, Proposal};
 use super::{decode, NodeId, Raft, Request, Response, TypeConfig, WritesInFlight};
 use crate::error::Error;
-use crate::node::Forwarded;
 use crate::proto::kvdpb::{command, Command, CommandBatch};
 
 /// Entries being committed at once.
@@ -69,10 +69,11 @@ impl Proposals {
         self.writes.count()
     }
 
-    /// Proposes an encoded `Command` and waits for what applying it
-    /// produced; `alone` puts it in an entry of its own. `NotLeader` means it
+    /// Proposes a write and waits for what applying it produced; one marked
+    /// `alone` gets an entry of its own. `NotLeader` means it
     /// was not appended here.
-    pub async fn propose(&self, bytes: Vec<u8>, alone: bool) -> Forwarded<Response> {
+    pub async fn propose(&self, proposal: Proposal) -> Forwarded<Response> {
+        let Proposal { command: bytes, alone } = proposal;
         let _counted = self.writes.enter();
         let (done, answer) = oneshot::channel();
         if self.tx.send(Pending { bytes, alone, done }).await.is_err() {

@@ -16,10 +16,10 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 use super::gather::{Limits, Queued};
+use super::leader::{ask_leader, Forwarded, Proposal};
 use super::network::{Network, Rpc};
 use super::{encode, NodeId, Raft, Response, WritesInFlight};
 use crate::error::Error;
-use crate::node::{ask_leader, Forwarded};
 
 /// Forward calls under way at once.
 const MAX_IN_FLIGHT: usize = 4;
@@ -36,7 +36,7 @@ pub type Answer = Result<Option<Forwarded<Response>>, Error>;
 
 struct Pending {
     leader: NodeId,
-    bytes: Vec<u8>,
+    proposal: Proposal,
     deadline: Instant,
     done: oneshot::Sender<Answer>,
 }
@@ -56,12 +56,11 @@ impl Forwarder {
         Forwarder { tx, writes }
     }
 
-    /// Forwards an encoded `Command` to `leader`, waiting at most until
-    /// `deadline`.
-    pub async fn forward(&self, leader: NodeId, bytes: Vec<u8>, deadline: Instant) -> Answer {
+    /// Forwards a proposal to `leader`, waiting at most until `deadline`.
+    pub async fn forward(&self, leader: NodeId, proposal: Proposal, deadline: Instant) -> Answer {
         let _counted = self.writes.enter();
         let (done, answer) = oneshot::channel();
-        if self.tx.send(Pending { leader, bytes, deadline, done }).await.is_err() {
+        if self.tx.send(Pending { leader, proposal, deadline, done }).await.is_err() {
             return Err(Error::Stopped);
         }
         answer.await.unwrap_or(Err(Error::Stopped))
@@ -73,7 +72,7 @@ const LIMITS: Limits = Limits { in_flight: MAX_IN_FLIGHT, items: MAX_BATCH, byte
 /// Writes go in one call when they go to the same leader.
 impl Queued for Pending {
     fn size(&self) -> usize {
-        self.bytes.len()
+        self.proposal.command.len()
     }
 
     fn joins(&self, first: &Self) -> bool {
@@ -95,12 +94,17 @@ async fn send(raft: &Raft, network: &Network, mut batch: Vec<Pending>) {
     let deadline = batch.iter().map(|p| p.deadline).min().unwrap_or_else(Instant::now);
     if batch.len() == 1 {
         let Some(p) = batch.pop() else { return };
-        let answer = ask_leader::<Forwarded<Response>>(raft, network, leader, Rpc::Forward, p.bytes, deadline).await;
+        let answer = match encode(&p.proposal) {
+            Ok(payload) => {
+                ask_leader::<Forwarded<Response>>(raft, network, leader, Rpc::Forward, payload, deadline).await
+            }
+            Err(e) => Err(e),
+        };
         let _ = p.done.send(answer);
         return;
     }
-    let (list, waiting): (Vec<Vec<u8>>, Vec<oneshot::Sender<Answer>>) =
-        batch.into_iter().map(|p| (p.bytes, p.done)).unzip();
+    let (list, waiting): (Vec<Proposal>, Vec<oneshot::Sender<Answer>>) =
+        batch.into_iter().map(|p| (p.proposal, p.done)).unzip();
     let answers = match encode(&list) {
         Ok(payload) => {
             ask_leader::<Vec<Forwarded<Response>>>(raft, network, leader, Rpc::ForwardBatch, payload, deadline)
@@ -139,11 +143,16 @@ mod tests {
     use super::*;
 
     fn pending(leader: NodeId, tag: u8) -> Pending {
-        Pending { leader, bytes: vec![tag], deadline: Instant::now(), done: oneshot::channel().0 }
+        Pending {
+            leader,
+            proposal: Proposal { command: vec![tag], alone: false },
+            deadline: Instant::now(),
+            done: oneshot::channel().0,
+        }
     }
 
     fn tags(batch: &[Pending]) -> Vec<u8> {
-        batch.iter().map(|p| p.bytes[0]).collect()
+        batch.iter().map(|p| p.proposal.command[0]).collect()
     }
 
     #[test]

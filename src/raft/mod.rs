@@ -6,9 +6,9 @@ mod committer;
 mod compactor;
 pub mod forwarder;
 mod gather;
+pub mod leader;
 pub mod log_store;
 pub mod network;
-pub mod peer;
 pub mod state_machine;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

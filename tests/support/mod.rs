@@ -111,10 +111,10 @@ impl TestCluster {
     pub async fn wait_leader(&self) -> usize {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let leaders: Vec<Option<u64>> = self.running().iter().map(|i| self.member(*i).node.leader()).collect();
+            let leaders: Vec<Option<u64>> = self.running().iter().map(|i| self.member(*i).member.leader()).collect();
             if let Some(Some(l)) = leaders.first() {
                 if leaders.iter().all(|x| *x == Some(*l)) {
-                    if let Some(i) = self.running().into_iter().find(|i| self.member(*i).node.id == *l) {
+                    if let Some(i) = self.running().into_iter().find(|i| self.member(*i).member.id == *l) {
                         return i;
                     }
                 }
@@ -127,7 +127,7 @@ impl TestCluster {
     /// Waits until member `i` has applied at least `index`.
     pub async fn wait_applied(&self, i: usize, index: u64) {
         self.member(i)
-            .node
+            .member
             .raft
             .wait(Some(WAIT))
             .applied_index_at_least(Some(index), "catch up")
@@ -137,7 +137,7 @@ impl TestCluster {
 
     /// The leader's last applied log index.
     pub fn applied(&self, i: usize) -> u64 {
-        self.member(i).node.raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0)
+        self.member(i).member.raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0)
     }
 
     /// A client of member `i` alone.

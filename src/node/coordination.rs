@@ -11,16 +11,15 @@
 
 use std::sync::Arc;
 
+use super::Member;
 use crate::error::Error;
 use crate::mvcc::keys::{prefix_end, RangeEnd};
-use crate::node::Node;
 use crate::proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use crate::proto::etcdserverpb::request_op::Request as Op;
 use crate::proto::etcdserverpb::response_op::Response as OpResponse;
 use crate::proto::etcdserverpb::{
     Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, TxnResponse,
 };
-use crate::proto::kvdpb::{command, command_result};
 use crate::proto::mvccpb::event::EventType;
 use crate::proto::mvccpb::KeyValue;
 
@@ -48,7 +47,7 @@ fn create_rev_is(key: &[u8], rev: i64) -> Compare {
     }
 }
 
-/// A candidate's key as it stands after [`Node::claim`].
+/// A candidate's key as it stands after [`Member::claim`].
 pub struct Claim {
     /// Its key-value (value as stored, create revision = fencing token).
     pub kv: KeyValue,
@@ -58,13 +57,11 @@ pub struct Claim {
     pub revision: i64,
 }
 
-impl Node {
-    /// Runs a Txn through Raft.
+impl Member {
+    /// Runs a Txn through Raft, even one that only reads: its reads see the
+    /// state at its own revision.
     pub async fn txn_write(&self, req: TxnRequest) -> Result<TxnResponse, Error> {
-        match self.propose(command::Op::Txn(req)).await? {
-            command_result::Result::Txn(resp) => Ok(resp),
-            _ => Err(Error::internal("unexpected command result")),
-        }
+        self.write(req).await
     }
 
     /// Creates `key` with `value` and `lease` unless it exists.
@@ -121,10 +118,8 @@ impl Node {
     /// Deletes `key`.
     pub async fn delete_key(&self, key: &[u8]) -> Result<i64, Error> {
         let del = DeleteRangeRequest { key: key.to_vec(), ..Default::default() };
-        match self.propose(command::Op::DeleteRange(del)).await? {
-            command_result::Result::DeleteRange(r) => Ok(r.header.map_or(0, |h| h.revision)),
-            _ => Err(Error::internal("unexpected command result")),
-        }
+        let resp = self.write(del).await?;
+        Ok(resp.header.map_or(0, |h| h.revision))
     }
 
     /// Waits until the candidate `key` (created at `rev`) is first in line
@@ -186,13 +181,13 @@ impl Node {
 /// Deletes a candidate's key if the request that created it is abandoned
 /// (its client went away) before it completes.
 pub struct Abandon {
-    node: Arc<Node>,
+    node: Arc<Member>,
     key: Option<(Vec<u8>, i64)>,
 }
 
 impl Abandon {
     /// Guards `key`, created at `rev`, when `created`.
-    pub fn new(node: Arc<Node>, key: &[u8], rev: i64, created: bool) -> Self {
+    pub fn new(node: Arc<Member>, key: &[u8], rev: i64, created: bool) -> Self {
         Abandon { node, key: created.then(|| (key.to_vec(), rev)) }
     }
 

@@ -10,20 +10,21 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{decode, encode, NodeId};
-use crate::node::{encode_answer, Node};
+use crate::node::Member;
 use crate::proto::kvdpb::peer_server::Peer;
 use crate::proto::kvdpb::RaftPayload;
+use crate::raft::leader::{encode_answer, Proposal};
+use crate::raft::{decode, encode, NodeId};
 
 /// The peer gRPC service of one member.
 pub struct PeerService {
-    node: Arc<Node>,
+    member: Arc<Member>,
 }
 
 impl PeerService {
-    /// A service for `node`.
-    pub fn new(node: Arc<Node>) -> Self {
-        PeerService { node }
+    /// A service for `member`.
+    pub fn new(member: Arc<Member>) -> Self {
+        PeerService { member }
     }
 }
 
@@ -54,13 +55,13 @@ impl Peer for PeerService {
         &self,
         req: Request<Streaming<RaftPayload>>,
     ) -> Result<Response<AppendAnswers>, Status> {
-        let node = self.node.clone();
-        let stopping = self.node.clone();
+        let member = self.member.clone();
+        let stopping = self.member.clone();
         let answers = req.into_inner().then(move |request| {
-            let node = node.clone();
+            let member = member.clone();
             async move {
                 let rpc = decode(&request?.data).map_err(|e| Status::invalid_argument(e.to_string()))?;
-                let res: Result<_, RaftError<NodeId>> = node.raft.append_entries(rpc).await;
+                let res: Result<_, RaftError<NodeId>> = member.raft.append_entries(rpc).await;
                 let data = encode(&res).map_err(|e| Status::internal(e.to_string()))?;
                 Ok(RaftPayload { data })
             }
@@ -70,38 +71,38 @@ impl Peer for PeerService {
     }
 
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        output(self.node.raft.append_entries(input(req)?).await)
+        output(self.member.raft.append_entries(input(req)?).await)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        output(self.node.raft.vote(input(req)?).await)
+        output(self.member.raft.vote(input(req)?).await)
     }
 
     async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let res: Result<_, RaftError<NodeId, InstallSnapshotError>> =
-            self.node.raft.install_snapshot(input(req)?).await;
+            self.member.raft.install_snapshot(input(req)?).await;
         output(res)
     }
 
     async fn forward(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let answer = self.node.serve_forward(req.into_inner().data).await;
+        let answer = self.member.serve_forward(input(req)?).await;
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
     }
 
     async fn forward_batch(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let list: Vec<Vec<u8>> = input(req)?;
-        let answers = futures::future::join_all(list.into_iter().map(|bytes| self.node.serve_forward(bytes))).await;
+        let list: Vec<Proposal> = input(req)?;
+        let answers = futures::future::join_all(list.into_iter().map(|p| self.member.serve_forward(p))).await;
         let data = encode(&answers).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(RaftPayload { data }))
     }
 
     async fn lease(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let answer = self.node.serve_lease(input(req)?).await;
+        let answer = self.member.serve_lease(input(req)?).await;
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
     }
 
     async fn read_index(&self, _req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let answer = self.node.serve_read_index().await;
+        let answer = self.member.serve_read_index().await;
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
     }
 }

@@ -1,0 +1,158 @@
+//! The lease API of a member. Grants and revocations are replicated writes;
+//! keep-alives and time-to-live questions are answered by the leader alone,
+//! from the deadlines it keeps (see [`crate::lease`]), and a follower asks
+//! the leader for them. The leader's expiry task revokes what has expired.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use super::Member;
+use crate::error::Error;
+use crate::lease::{LeaseAnswer, LeaseCall, MAX_LEASE_TTL};
+use crate::proto::etcdserverpb::{
+    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseTimeToLiveResponse,
+};
+use crate::proto::kvdpb::command;
+use crate::raft::encode;
+use crate::raft::leader::{ask_leader, until_leader, Attempt, Forwarded};
+use crate::raft::network::Rpc;
+
+/// How often the leader looks for expired leases.
+const EXPIRY_TICK: Duration = Duration::from_millis(100);
+
+impl Member {
+    /// The term in which this member leads, if it does.
+    pub(crate) fn leading_term(&self) -> Option<u64> {
+        let m = self.raft.metrics().borrow().clone();
+        (m.current_leader == Some(self.id) && m.state.is_leader()).then_some(m.current_term)
+    }
+
+    /// Grants a lease (LeaseGrant).
+    pub async fn lease_grant(&self, req: LeaseGrantRequest) -> Result<LeaseGrantResponse, Error> {
+        if req.ttl > MAX_LEASE_TTL {
+            return Err(Error::LeaseTtlTooLarge);
+        }
+        let id = if req.id == 0 { rand::thread_rng().gen_range(1..=i64::MAX) } else { req.id };
+        // As etcd, a TTL below the minimum (one and a half election
+        // timeouts, in whole seconds) is raised to it.
+        let ttl = req.ttl.max(self.min_lease_ttl);
+        let mut resp = self.write(LeaseGrantRequest { ttl, id }).await?;
+        self.fill_header(&mut resp.header);
+        Ok(resp)
+    }
+
+    /// Revokes a lease and deletes its keys (LeaseRevoke).
+    pub async fn lease_revoke(&self, id: i64) -> Result<LeaseRevokeResponse, Error> {
+        let mut resp = self.write(LeaseRevokeRequest { id }).await?;
+        self.fill_header(&mut resp.header);
+        Ok(resp)
+    }
+
+    /// Extends a lease by its TTL; returns the TTL, or 0 if the lease does not
+    /// exist. Asks the leader when this member is not it.
+    pub async fn lease_renew(&self, id: i64) -> Result<i64, Error> {
+        Ok(self.lease_call(LeaseCall::Renew(id)).await?.ttl)
+    }
+
+    /// How long a lease has left (LeaseTimeToLive).
+    pub async fn lease_time_to_live(&self, id: i64, keys: bool) -> Result<LeaseTimeToLiveResponse, Error> {
+        let a = self.lease_call(LeaseCall::TimeToLive { id, keys }).await?;
+        let mut resp =
+            LeaseTimeToLiveResponse { header: None, id, ttl: a.ttl, granted_ttl: a.granted_ttl, keys: a.keys };
+        self.fill_header(&mut resp.header);
+        Ok(resp)
+    }
+
+    /// Answers `call` here when this member leads, else asks the leader,
+    /// retrying across leader changes until the request timeout.
+    async fn lease_call(&self, call: LeaseCall) -> Result<LeaseAnswer, Error> {
+        let deadline = Instant::now() + self.request_timeout;
+        until_leader(&self.raft, deadline, || async move {
+            let leader = self.leader();
+            if leader == Some(self.id) {
+                return self.serve_lease(call).await.into();
+            }
+            let Some(leader) = leader else { return Attempt::Retry { stale: None } };
+            let payload = match encode(&call) {
+                Ok(p) => p,
+                Err(e) => return Attempt::Answered(Err(e)),
+            };
+            match ask_leader::<Forwarded<LeaseAnswer>>(&self.raft, &self.network, leader, Rpc::Lease, payload, deadline)
+                .await
+            {
+                Ok(Some(answer @ (Forwarded::Done(_) | Forwarded::Failed(_)))) => answer.into(),
+                Ok(_) | Err(Error::Timeout) => Attempt::Retry { stale: Some(leader) },
+                Err(e) => Attempt::Answered(Err(e)),
+            }
+        })
+        .await
+    }
+
+    /// Answers a lease call as the leader: confirms leadership and catches up
+    /// with every committed write first (so a lease granted just before is
+    /// known), then reads or extends the deadline.
+    pub async fn serve_lease(&self, call: LeaseCall) -> Forwarded<LeaseAnswer> {
+        let Some(term) = self.leading_term() else { return Forwarded::NotLeader(self.leader()) };
+        // The read index of reads, with the floor of a leadership restored
+        // at start: a restarted leader has applied only what it had before
+        // the restart, and a revocation committed just before it would
+        // otherwise let a keep-alive answer "alive" for a lease that is gone.
+        match self.reads.leader_read_index().await {
+            Ok(read) => {
+                let deadline = Instant::now() + self.request_timeout;
+                if let Err(e) = self.await_applied(read, deadline).await {
+                    return Forwarded::Failed(e);
+                }
+            }
+            Err(_) => return Forwarded::NotLeader(self.leader()),
+        }
+        if self.leading_term() != Some(term) {
+            return Forwarded::NotLeader(self.leader());
+        }
+        let id = match call {
+            LeaseCall::Renew(id) | LeaseCall::TimeToLive { id, .. } => id,
+        };
+        let state = self.state.read();
+        Forwarded::Done(self.lessor.answer(term, call, state.store.lease(id), Instant::now()))
+    }
+
+    /// One pass of the leader's expiry check: proposes the revocation of
+    /// every lease past its deadline. Followers forget their deadlines.
+    fn expire_leases(self: &Arc<Self>) {
+        let Some(term) = self.leading_term() else {
+            self.lessor.forget();
+            return;
+        };
+        let expired = self.lessor.expired(term, self.state.read().store.leases(), Instant::now());
+        for id in expired {
+            let member = self.clone();
+            tokio::spawn(async move {
+                // Only through this member's own log: if it was deposed
+                // meanwhile (paused, cut off), its deadlines are stale and the
+                // new leader, which restarted every countdown, decides.
+                // Forwarding the revocation would cut short a lease the new
+                // leader is keeping alive.
+                let revoke = command::Op::LeaseRevoke(LeaseRevokeRequest { id });
+                match member.propose_here(revoke).await.map(|_| ()) {
+                    Ok(_) => tracing::info!(lease = format!("{id:x}"), "lease expired and was revoked"),
+                    Err(Error::LeaseNotFound) => {}
+                    Err(e) => tracing::warn!(lease = format!("{id:x}"), "revoking an expired lease failed: {e}"),
+                }
+            });
+        }
+    }
+
+    /// Runs the leader's lease expiry check until the member stops.
+    pub async fn run_lease_expiry(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(EXPIRY_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.expire_leases(),
+                () = self.stopped() => return,
+            }
+        }
+    }
+}

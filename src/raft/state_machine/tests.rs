@@ -1,0 +1,298 @@
+use super::*;
+use crate::mvcc::{Batch, MvccStore};
+use crate::proto::etcdserverpb::{request_op, PutRequest, RangeRequest, RequestOp, TxnRequest, TxnResponse};
+use crate::proto::kvdpb::{command_result, CommandResult};
+use openraft::storage::RaftStateMachine;
+use openraft::testing::log_id;
+
+fn put(key: &str, value: &str) -> Command {
+    let p = PutRequest { key: key.into(), value: value.into(), ..Default::default() };
+    Command { op: Some(command::Op::Put(p)) }
+}
+
+/// A Txn that reads `key` at `revision`.
+fn read_at(key: &str, revision: i64) -> Command {
+    let r = RangeRequest { key: key.into(), revision, ..Default::default() };
+    let op = RequestOp { request: Some(request_op::Request::RequestRange(r)) };
+    Command { op: Some(command::Op::Txn(TxnRequest { compare: vec![], success: vec![op], failure: vec![] })) }
+}
+
+fn entry(index: u64, command: Command) -> Entry {
+    Entry { log_id: log_id(1, 1, index), payload: EntryPayload::Normal(Request(command.encode_to_vec())) }
+}
+
+fn batch(index: u64, commands: Vec<Command>) -> Entry {
+    let commands = commands.iter().map(|c| c.encode_to_vec()).collect();
+    entry(index, Command { op: Some(command::Op::Batch(crate::proto::kvdpb::CommandBatch { commands })) })
+}
+
+fn result(response: &Response) -> command_result::Result {
+    let bytes = response.0.as_ref().expect("applied");
+    CommandResult::decode(bytes.as_slice()).expect("result").result.expect("some result")
+}
+
+fn values(txn: command_result::Result) -> Vec<Vec<u8>> {
+    let command_result::Result::Txn(TxnResponse { responses, .. }) = txn else { panic!("not a txn: {txn:?}") };
+    responses
+        .into_iter()
+        .flat_map(|r| match r.response {
+            Some(crate::proto::etcdserverpb::response_op::Response::ResponseRange(r)) => r.kvs,
+            other => panic!("not a range: {other:?}"),
+        })
+        .map(|kv| kv.value)
+        .collect()
+}
+
+#[tokio::test]
+async fn history_reads_see_every_earlier_entry_and_are_never_batched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+    let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+    // Entry 1 writes revisions 2 and 3; entry 2, applied in the same
+    // call, reads revision 3 from history: it must see entry 1.
+    let out = sm.apply(vec![batch(1, vec![put("a", "1"), put("a", "2")]), entry(2, read_at("a", 3))]).await;
+    let out = out.expect("apply");
+    assert_eq!(values(result(&out[1])), vec![b"2".to_vec()]);
+    // Within a batch, a history read could only see part of its own
+    // entry; every member refuses it alike.
+    let out = sm.apply(vec![batch(3, vec![put("a", "3"), read_at("a", 4)])]).await.expect("apply");
+    let list: Vec<Response> = decode(out[0].0.as_ref().expect("batch applied")).expect("responses");
+    assert!(matches!(result(&list[0]), command_result::Result::Put(_)));
+    assert!(matches!(&list[1].0, Err(Error::Internal(m)) if m.contains("batched")), "{:?}", list[1].0);
+}
+
+#[tokio::test]
+async fn handed_off_writes_are_read_from_memory_until_sled_has_them() {
+    use crate::mvcc::keys::RangeEnd;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = MAX_UNFLUSHED_WRITES; // two sled writes per put: a hand-off is due
+    let key = |i: usize| format!("k{i:05}");
+    {
+        let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+        let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+        let puts = (0..n).map(|i| put(&key(i), &i.to_string())).collect();
+        sm.apply(vec![batch(1, puts)]).await.expect("apply");
+        let shared = sm.shared();
+        {
+            let state = shared.read();
+            assert!(state.unflushed.is_empty(), "the group was not handed off");
+            assert!(state.store.is_sending());
+            // Every value reads at once, from memory or from sled.
+            let kvs = state.store.current_kvs(b"k", &RangeEnd::Before(b"l".to_vec())).expect("read");
+            let got: Vec<Vec<u8>> = kvs.into_iter().map(|kv| kv.value).collect();
+            assert_eq!(got, (0..n).map(|i| i.to_string().into_bytes()).collect::<Vec<_>>());
+        }
+        // A command that reads history waits for the group on its way.
+        let out = sm.apply(vec![entry(2, read_at(&key(0), 2))]).await.expect("apply");
+        assert_eq!(values(result(&out[0])), vec![b"0".to_vec()]);
+        // So does a read of history.
+        let state = shared.read_committed().expect("commit");
+        assert!(!state.store.is_sending());
+        let old = state.store.at_revision(key(n - 1).as_bytes(), &RangeEnd::Single, n as i64 + 1).expect("read");
+        assert_eq!(old.iter().map(|kv| kv.value.clone()).collect::<Vec<_>>(), vec![(n - 1).to_string().into_bytes()]);
+        drop(state);
+        db.flush().expect("flush");
+    }
+    let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+    let sm = StateMachine::open(&db, dir.path()).expect("state machine");
+    assert_eq!(sm.last_applied().map(|l| l.index), Some(2));
+    assert_eq!(sm.shared().read().store.len(), n);
+}
+
+#[tokio::test]
+async fn applied_writes_wait_for_a_commit_and_are_read_from_disk_after_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let entries = || vec![batch(1, vec![put("a", "1"), put("b", "2")]), entry(2, put("a", "3"))];
+    {
+        let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+        let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+        sm.apply(entries()).await.expect("apply");
+        db.flush().expect("flush");
+    }
+    // Not committed yet: the member starts from before them, and
+    // applies them again from the log.
+    {
+        let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+        let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+        assert_eq!(sm.last_applied(), None);
+        assert!(sm.shared().read().store.is_empty());
+        sm.apply(entries()).await.expect("apply again");
+        // A read of history commits them.
+        let shared = sm.shared();
+        assert!(matches!(shared.read_committed().expect("commit"), Committed::Written(_)));
+        assert!(matches!(shared.read_committed().expect("commit"), Committed::Read(_)));
+        db.flush().expect("flush");
+    }
+    let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+    let sm = StateMachine::open(&db, dir.path()).expect("state machine");
+    assert_eq!(sm.last_applied().map(|l| l.index), Some(2));
+    let shared = sm.shared();
+    let state = shared.read();
+    let kvs = state.store.current_kvs(b"a", &crate::mvcc::keys::RangeEnd::Before(b"c".to_vec())).expect("read");
+    let got: Vec<(&[u8], &[u8], i64)> = kvs.iter().map(|kv| (&kv.key[..], &kv.value[..], kv.version)).collect();
+    assert_eq!(got, vec![(&b"a"[..], &b"3"[..], 2), (&b"b"[..], &b"2"[..], 1)]);
+}
+
+#[test]
+fn snapshot_data_and_file_keep_the_layout_every_kvd_reads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
+    for (k, v) in [(&b"a"[..], &b"1"[..]), (b"bb", b""), (b"\xff", &[7u8; 300][..])] {
+        tree.insert(k, v).expect("insert");
+    }
+    // The data as bincode gives the records' list, as older members wrote it.
+    let data = copy_records(&tree).expect("copy");
+    let listed: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)> = tree
+        .iter()
+        .map(|item| item.map(|(k, v)| (serde_bytes::ByteBuf::from(k.to_vec()), serde_bytes::ByteBuf::from(v.to_vec()))))
+        .collect::<Result<_, _>>()
+        .expect("iter");
+    assert_eq!(data, encode(&listed).expect("encode"));
+    let records: Records = decode(&data).expect("decode");
+    assert_eq!(records.len(), 3);
+    assert_eq!(records[2], (&b"\xff"[..], &[7u8; 300][..]));
+    // The file as bincode gives the whole struct.
+    let meta = SnapshotMeta { last_log_id: Some(log_id(2, 1, 9)), snapshot_id: "2-9".into(), ..Default::default() };
+    let stored = StoredSnapshot { meta: meta.clone(), data };
+    write_snapshot_file(dir.path(), &stored).expect("write");
+    let file = std::fs::read(dir.path().join(SNAPSHOT_FILE)).expect("read");
+    assert_eq!(file, encode(&stored).expect("encode"));
+    assert_eq!(read_snapshot_meta(dir.path()).expect("meta"), Some(meta));
+    let back = read_snapshot_file(dir.path()).expect("read").expect("a snapshot");
+    assert_eq!(back.data, stored.data);
+    // A file cut short, or one that claims more data than it holds, is
+    // refused, not read past its end.
+    std::fs::write(dir.path().join(SNAPSHOT_FILE), &file[..file.len() - 1]).expect("cut");
+    assert!(read_snapshot_file(dir.path()).is_err());
+    let mut bad = file.clone();
+    let at = file.len() - stored.data.len() - 8;
+    bad[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+    std::fs::write(dir.path().join(SNAPSHOT_FILE), &bad).expect("corrupt");
+    assert!(read_snapshot_file(dir.path()).is_err());
+    std::fs::write(dir.path().join(SNAPSHOT_FILE), &file[..5]).expect("cut");
+    assert!(read_snapshot_meta(dir.path()).is_err());
+}
+
+#[tokio::test]
+async fn an_install_cut_short_by_a_crash_is_finished_at_start() {
+    use openraft::storage::RaftSnapshotBuilder;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+    let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+    sm.apply(vec![batch(1, vec![put("a", "1"), put("b", "2")])]).await.expect("apply");
+    let snapshot = sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
+
+    // The snapshot file is written and the tree half replaced when the
+    // member stops.
+    let other = tempfile::tempdir().expect("tempdir");
+    {
+        let db2 = super::super::open_sled(&sled::Config::new().path(other.path().join("db"))).expect("sled");
+        let stored = StoredSnapshot { meta: snapshot.meta.clone(), data: snapshot.snapshot.into_inner() };
+        write_snapshot_file(other.path(), &stored).expect("write");
+        db2.insert(INSTALLING, &[1u8]).expect("mark");
+        db2.open_tree("state").expect("tree").insert(b"junk", b"x").expect("junk");
+        db2.flush().expect("flush");
+    }
+    let db2 = super::super::open_sled(&sled::Config::new().path(other.path().join("db"))).expect("sled");
+    let sm2 = StateMachine::open(&db2, other.path()).expect("state machine");
+    assert_eq!(db2.get(INSTALLING).expect("get"), None);
+    assert_eq!(sm2.tree.get(b"junk").expect("get"), None);
+    assert_eq!(sm2.last_applied(), snapshot.meta.last_log_id);
+    let shared = sm2.shared();
+    let state = shared.read();
+    let kvs = state.store.current_kvs(b"", &crate::mvcc::keys::RangeEnd::Unbounded).expect("read");
+    let got: Vec<(&[u8], &[u8])> = kvs.iter().map(|kv| (&kv.key[..], &kv.value[..])).collect();
+    assert_eq!(got, vec![(&b"a"[..], &b"1"[..]), (&b"b"[..], &b"2"[..])]);
+}
+
+/// The history records of `key` in the state tree.
+fn versions(tree: &sled::Tree, key: &[u8]) -> usize {
+    tree.scan_prefix(crate::mvcc::keys::hist_prefix(key)).count()
+}
+
+async fn physical(shared: &Shared, rev: i64) {
+    let wait = tokio::time::timeout(std::time::Duration::from_secs(60), shared.await_physical(rev));
+    wait.await.expect("physical compaction took over a minute").expect("physical compaction");
+}
+
+#[tokio::test]
+async fn compacted_history_is_removed_in_steps_after_the_compaction_is_applied() {
+    use crate::proto::etcdserverpb::CompactionRequest;
+    // Versions of one key, more than one step reads.
+    let n = 3 * COMPACTION_STEP;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+    let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+    sm.apply(vec![batch(1, (0..n).map(|i| put("k", &i.to_string())).collect())]).await.expect("apply");
+    let rev = n as i64 + 1;
+    let compact =
+        |revision| Command { op: Some(command::Op::Compact(CompactionRequest { revision, physical: false })) };
+    let out = sm.apply(vec![entry(2, compact(rev - 10))]).await.expect("apply");
+    assert!(matches!(result(&out[0]), command_result::Result::Compact(_)));
+    // A second compaction before the first is done takes over its pass.
+    let out = sm.apply(vec![entry(3, compact(rev))]).await.expect("apply");
+    assert!(matches!(result(&out[0]), command_result::Result::Compact(_)));
+    let shared = sm.shared();
+    physical(&shared, rev).await;
+    assert_eq!(versions(&sm.tree, b"k"), 1, "only the version at the compacted revision is left");
+    assert_eq!(shared.read().store.physical(), rev);
+}
+
+#[tokio::test]
+async fn a_member_that_stopped_before_compacted_history_was_removed_removes_it_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rev = {
+        // A compaction applied and committed, none of its history
+        // removed yet: what a member leaves when it stops midway.
+        let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+        let tree = db.open_tree("state").expect("tree");
+        let mut store = MvccStore::open(tree.clone()).expect("store");
+        let mut batch = Batch::default();
+        for i in 0..100 {
+            let mut w = store.write();
+            w.put(b"k", i.to_string().into_bytes(), 0);
+            batch.append(w.finish().0);
+        }
+        let rev = store.revision();
+        store.compact(rev, &mut batch).expect("compact");
+        store.seal(&mut batch);
+        tree.apply_batch(batch.into_sled()).expect("commit");
+        assert!(store.compaction_step().is_some());
+        db.flush().expect("flush");
+        rev
+    };
+    let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+    let sm = StateMachine::open(&db, dir.path()).expect("state machine");
+    physical(&sm.shared(), rev).await;
+    assert_eq!(versions(&sm.tree, b"k"), 1);
+}
+
+#[tokio::test]
+async fn a_snapshot_holds_the_entry_it_names_though_later_ones_are_applied_before_it_is_built() {
+    use openraft::storage::RaftSnapshotBuilder;
+    let n = MAX_UNFLUSHED_WRITES;
+    let key = |i: usize| format!("k{i:05}");
+    let puts = |value: &str| (0..n).map(|i| put(&key(i), value)).collect::<Vec<_>>();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+    let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+    sm.apply(vec![batch(1, puts("a"))]).await.expect("apply");
+    let mut builder = sm.get_snapshot_builder().await;
+    // Applying goes on while the tree is copied: a group large enough
+    // to be handed off, and one more entry.
+    sm.apply(vec![batch(2, puts("b"))]).await.expect("apply");
+    sm.apply(vec![entry(3, put("late", "x"))]).await.expect("apply");
+    let snapshot = builder.build_snapshot().await.expect("build");
+    assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(1));
+
+    let other = tempfile::tempdir().expect("tempdir");
+    let db2 = super::super::open_sled(&sled::Config::new().path(other.path().join("db"))).expect("sled");
+    let mut sm2 = StateMachine::open(&db2, other.path()).expect("state machine");
+    sm2.install_snapshot(&snapshot.meta, snapshot.snapshot).await.expect("install");
+    let shared = sm2.shared();
+    let state = shared.read();
+    assert_eq!(state.store.revision(), n as i64 + 1);
+    let kvs = state.store.current_kvs(b"", &crate::mvcc::keys::RangeEnd::Unbounded).expect("read");
+    assert_eq!(kvs.len(), n, "only the keys of entry 1");
+    assert!(kvs.iter().all(|kv| kv.value == b"a" && kv.version == 1), "values of entry 1 only");
+}

@@ -1,0 +1,267 @@
+//! The applied state as request handlers see it: the MVCC store and member
+//! attributes behind one lock, the broadcast of applied revisions that
+//! watches follow, and the reads that need history, hashes or backups.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use tokio::sync::{broadcast, oneshot, watch};
+
+use super::super::committer::Committer;
+use super::super::NodeId;
+use super::group::Group;
+use super::records::copy_records;
+use super::COMPACTION_STEP;
+use crate::error::Error;
+use crate::mvcc::{Batch, CompactionStep, MvccStore};
+use crate::proto::kvdpb::MemberAttributes;
+use crate::proto::mvccpb::Event;
+
+/// What a member serves reads from: the MVCC store and the published member
+/// attributes, as of the last applied entry.
+pub struct State {
+    /// The key-value data.
+    pub store: MvccStore,
+    /// Names and client URLs that members published about themselves.
+    pub attrs: BTreeMap<NodeId, MemberAttributes>,
+    /// Writes of applied entries not yet committed to sled (see
+    /// [`Shared::read_committed`]).
+    pub(super) unflushed: Group,
+}
+
+/// A view of the state whose writes are all in sled, for reads of history
+/// (see [`Shared::read_committed`]).
+pub enum Committed<'a> {
+    /// Nothing was waiting to be committed.
+    Read(RwLockReadGuard<'a, State>),
+    /// Writes were committed first; applying waits while this is held.
+    Written(RwLockWriteGuard<'a, State>),
+}
+
+impl std::ops::Deref for Committed<'_> {
+    type Target = State;
+
+    fn deref(&self) -> &State {
+        match self {
+            Committed::Read(g) => g,
+            Committed::Written(g) => g,
+        }
+    }
+}
+
+/// The events of one applied revision, as watchers receive them. An entry
+/// with no events announces that the state jumped to `rev` without events
+/// (a snapshot was installed): watchers catch up from history.
+#[derive(Debug)]
+pub struct Applied {
+    /// The revision.
+    pub rev: i64,
+    /// Its events in order, each with its previous key-value.
+    pub events: Vec<Event>,
+}
+
+/// How many applied revisions the watch broadcast holds for watchers that
+/// fall behind; a watcher further behind catches up from history on disk, so
+/// memory stays bounded whatever watchers do.
+pub(super) const WATCH_BUFFER: usize = 1024;
+
+/// The state shared between the state machine and the request handlers.
+pub struct Shared {
+    pub(super) db: sled::Db,
+    pub(super) state: RwLock<State>,
+    pub(super) applied: broadcast::Sender<Arc<Applied>>,
+    pub(super) committer: Committer,
+    /// Wakes the compaction thread; dropping it ends the thread.
+    pub(super) compaction: std::sync::mpsc::Sender<()>,
+    /// How far physical compaction has come (see [`Shared::await_physical`]).
+    pub(super) physical: watch::Sender<Physical>,
+}
+
+/// How far this member has removed compacted history.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Physical {
+    /// History below this revision is removed.
+    pub(super) rev: i64,
+    /// The compacted revision whose removal last failed, and why.
+    pub(super) failed: Option<(i64, String)>,
+}
+
+impl Shared {
+    /// Subscribes to applied revisions. Also returns the current revision,
+    /// read under the same lock: every revision after it reaches the receiver
+    /// (or the receiver reports that it lagged).
+    pub fn subscribe(&self) -> (broadcast::Receiver<Arc<Applied>>, i64) {
+        let state = self.read();
+        (self.applied.subscribe(), state.store.revision())
+    }
+
+    /// Locks the state for reading.
+    pub fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(super) fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The state, with every applied write committed to sled first: what a
+    /// read of history (a range at a past revision, a watch replay, a
+    /// previous key-value) needs, since those read sled directly. Applying
+    /// hands writes to the [`Committer`] only every [`MAX_UNFLUSHED_WRITES`]
+    /// writes or [`MAX_UNFLUSHED_AGE`]; reads of current values find the
+    /// rest, and those being committed, in the store's own overlay.
+    pub fn read_committed(&self) -> Result<Committed<'_>, Error> {
+        self.read_for(true)
+    }
+
+    /// The state for a read that reads `history` or not: committed first
+    /// only if it does (see [`Shared::read_committed`]).
+    pub fn read_for(&self, history: bool) -> Result<Committed<'_>, Error> {
+        let state = self.read();
+        if !history || (state.unflushed.is_empty() && !state.store.is_sending()) {
+            return Ok(Committed::Read(state));
+        }
+        drop(state);
+        let mut state = self.write();
+        let State { store, unflushed, .. } = &mut *state;
+        unflushed.commit(store, &self.committer)?;
+        Ok(Committed::Written(state))
+    }
+
+    /// A copy of every record of the state tree as of the last applied
+    /// entry, in the layout of snapshot data, and that entry's revision:
+    /// what `snapshot save` sends. The commit thread copies the tree between
+    /// two groups, after every applied write is committed, as it does for a
+    /// Raft snapshot; applying goes on meanwhile.
+    pub async fn backup(&self) -> Result<(i64, Vec<u8>), Error> {
+        let (tx, rx) = oneshot::channel();
+        let rev = {
+            let mut state = self.write();
+            let State { store, unflushed, .. } = &mut *state;
+            unflushed.commit(store, &self.committer)?;
+            self.committer.run(move |tree| {
+                let _ = tx.send(copy_records(tree));
+            })?;
+            store.revision()
+        };
+        let records = rx.await.map_err(|_| Error::internal("the commit thread ended before the copy"))??;
+        Ok((rev, records))
+    }
+
+    /// The hash of history up to `rev` (0 or less: the current revision),
+    /// the compacted revision it assumes, and the revision it covers (see
+    /// [`crate::mvcc::hash_history`]). History is read from sled while
+    /// applying goes on; a compaction applied meanwhile would change what
+    /// the hash must cover, so the hash is taken again then.
+    pub async fn hash_kv(&self, rev: i64) -> Result<(u32, i64, i64), Error> {
+        for _ in 0..3 {
+            let (tree, compacted, rev) = {
+                let state = self.read_committed()?;
+                let rev = state.store.check_read_rev(rev, state.store.revision())?;
+                (state.store.tree().clone(), state.store.compacted(), rev)
+            };
+            let hash = crate::raft::blocking(move || crate::mvcc::hash_history(&tree, compacted, rev)).await?;
+            if self.read().store.compacted() == compacted {
+                return Ok((hash, compacted, rev));
+            }
+        }
+        Err(Error::Timeout)
+    }
+
+    /// Runs the next step of physical compaction on the commit thread,
+    /// between two groups of writes, and waits for it. False if there is
+    /// nothing to do.
+    pub(in crate::raft) fn compaction_step(&self) -> Result<bool, Error> {
+        let (step, done) = loop {
+            // Waiting here, not under the state lock, keeps applying going
+            // while the commit thread finishes a group.
+            self.committer.wait_idle()?;
+            let mut state = self.write();
+            if !self.committer.is_idle()? {
+                continue;
+            }
+            let State { store, unflushed, .. } = &mut *state;
+            let Some(step) = store.compaction_step() else { return Ok(false) };
+            if step.from == CompactionStep::FIRST {
+                // The compaction itself is on disk before any history it
+                // hides is removed: a member that restarts must not serve
+                // reads at a revision whose history is gone.
+                unflushed.commit(store, &self.committer)?;
+                tracing::info!(revision = step.rev, "removing compacted history");
+            }
+            let (tx, rx) = std::sync::mpsc::channel();
+            let work = step.clone();
+            self.committer.run(move |tree| {
+                let done = work.run(tree, COMPACTION_STEP).and_then(|(batch, next)| {
+                    tree.apply_batch(batch.into_sled())?;
+                    Ok(next)
+                });
+                let _ = tx.send(done);
+            })?;
+            break (step, rx);
+        };
+        let next = done.recv().map_err(|_| Error::internal("the commit thread ended during a compaction step"))??;
+        let mut state = self.write();
+        if state.store.compaction_stepped(&step, next) {
+            let rev = state.store.physical();
+            tracing::info!(revision = rev, "removed compacted history");
+            self.physical.send_replace(Physical { rev, failed: None });
+        }
+        Ok(true)
+    }
+
+    /// Records that physical compaction failed, for those waiting on it.
+    pub(in crate::raft) fn compaction_failed(&self, e: Error) {
+        let rev = self.read().store.compacted();
+        self.physical.send_modify(|p| p.failed = Some((rev, e.to_string())));
+    }
+
+    /// Waits until history below `rev` is removed on this member: what a
+    /// compaction with `physical` set answers after. An error if physical
+    /// compaction at `rev` or later failed meanwhile.
+    pub async fn await_physical(&self, rev: i64) -> Result<(), Error> {
+        let mut physical = self.physical.subscribe();
+        loop {
+            {
+                let now = physical.borrow_and_update();
+                if now.rev >= rev {
+                    return Ok(());
+                }
+                if let Some((failed, why)) = now.failed.as_ref().filter(|(failed, _)| *failed >= rev) {
+                    return Err(Error::internal(format!("physical compaction at revision {failed} failed: {why}")));
+                }
+            }
+            if physical.changed().await.is_err() {
+                return Err(Error::Stopped);
+            }
+        }
+    }
+
+    /// The durations of the commits of applied writes to sled.
+    pub fn commit_histogram(&self) -> Arc<crate::metrics::Histogram> {
+        self.committer.commit_histogram()
+    }
+
+    /// Writes everything sled holds in memory to disk.
+    pub async fn flush(&self) -> Result<(), Error> {
+        crate::raft::flush(&self.db).await
+    }
+
+    /// Bytes the member's database takes on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+/// The state machine openraft drives.
+impl Shared {
+    /// Adds one command's writes to the group and broadcasts its events.
+    /// Called under the state lock, so that `subscribe` sees each revision
+    /// either in the state or in the receiver.
+    pub(super) fn publish(&self, state: &State, group: &mut Group, batch: Batch, events: Vec<Event>) {
+        group.batch.append(batch);
+        if !events.is_empty() {
+            let _ = self.applied.send(Arc::new(Applied { rev: state.store.revision(), events }));
+        }
+    }
+}
