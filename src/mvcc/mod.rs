@@ -15,9 +15,12 @@
 
 pub mod batch;
 pub mod changes;
+mod compaction;
+mod hash;
 pub mod keys;
 pub mod ops;
 pub mod txn;
+mod writer;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -26,7 +29,10 @@ use prost::Message;
 use crate::error::{Error, Result};
 use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
 pub use batch::Batch;
+pub use compaction::CompactionStep;
+pub use hash::hash_history;
 use keys::RangeEnd;
+pub use writer::Writer;
 
 /// The revision of a store that has never been written, as in etcd.
 pub const INITIAL_REVISION: i64 = 1;
@@ -104,145 +110,6 @@ pub struct MvccStore {
     /// starts.
     pass: u64,
     cursor: Vec<u8>,
-}
-
-/// Ids of passes of physical compaction, unique in the process, so that a
-/// step of a pass that was given up (a newer compaction, or a snapshot that
-/// replaced the store) is told apart.
-static PASSES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
-/// One step of physical compaction to do: reads at most a given number of
-/// records from `from` on and removes what no read at or after `rev` can see.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CompactionStep {
-    /// The pass the step belongs to.
-    pub pass: u64,
-    /// The compacted revision.
-    pub rev: i64,
-    /// The record key it starts at.
-    pub from: Vec<u8>,
-}
-
-impl CompactionStep {
-    /// Where a pass starts: the first history record.
-    pub const FIRST: &'static [u8] = &[keys::HIST];
-
-    /// The removals of this step, at most `limit` records read, and the
-    /// record key the next step starts at; `None` when the pass is complete.
-    /// The last step also records that history is compacted up to `rev`.
-    /// Nothing but compaction changes the records it reads, so it may run
-    /// while later revisions are applied.
-    pub fn run(&self, tree: &sled::Tree, limit: usize) -> Result<(Batch, Option<Vec<u8>>)> {
-        let limit = limit.max(1);
-        let mut batch = Batch::default();
-        let mut read = 0;
-        let mut from = self.from.clone();
-        if from.first() == Some(&keys::HIST) {
-            match compact_history(tree, self.rev, &from, limit, &mut batch)? {
-                (_, Some(next)) => return Ok((batch, Some(next))),
-                (n, None) => read = n,
-            }
-            from = changes::first_run();
-        }
-        let left = limit.saturating_sub(read).max(1);
-        match changes::compact(tree, self.rev, &from, left, &mut batch)? {
-            Some(next) => Ok((batch, Some(next))),
-            None => {
-                batch.insert(keys::meta_key("physical"), self.rev.to_be_bytes());
-                Ok((batch, None))
-            }
-        }
-    }
-}
-
-/// Adds to `batch` the removal of every version older than `rev` that was
-/// replaced or deleted by revision `rev`, reading history records from
-/// `from` on, at most `limit` of them. Returns how many it read and the
-/// record key to go on from, `None` at the end of history.
-fn compact_history(
-    tree: &sled::Tree,
-    rev: i64,
-    from: &[u8],
-    limit: usize,
-    batch: &mut Batch,
-) -> Result<(usize, Option<Vec<u8>>)> {
-    // History is sorted by key, then revision: a version older than `rev`
-    // goes if the next record is a version of the same key at or before
-    // `rev`, or if it is the newest such and a deletion. A step that stops
-    // has decided every record before the one it stops at.
-    let mut records = tree.range(from.to_vec()..vec![keys::HIST + 1]).map(|item| -> Result<_> {
-        let (rec, value) = item?;
-        let (key, r) = keys::parse_hist_key(&rec).ok_or_else(|| Error::internal("corrupt history record key"))?;
-        Ok((rec, key, r, value))
-    });
-    let mut older: Option<(sled::IVec, Vec<u8>, sled::IVec)> = None;
-    let mut read = 0;
-    loop {
-        let next = records.next().transpose()?;
-        if let Some((old_rec, old_key, old_value)) = older.take() {
-            if compacted_away(&old_key, &old_value, next.as_ref().map(|(_, key, r, _)| (key.as_slice(), *r)), rev)? {
-                batch.remove(old_rec);
-            }
-        }
-        let Some((rec, key, r, value)) = next else { return Ok((read, None)) };
-        if read == limit {
-            return Ok((read, Some(rec.to_vec())));
-        }
-        read += 1;
-        if r < rev {
-            older = Some((rec, key, value));
-        }
-    }
-}
-
-/// A hash of the history that reads at revisions `compacted` to `rev` can
-/// see: every version from `compacted` to `rev`, and each key's newest
-/// version before `compacted` unless that is a deletion. That is what stays
-/// once compaction at `compacted` has removed what it removes, whether it has
-/// yet or not, so members that applied the same entries agree on it. CRC-32
-/// over each such history record's key and value, each preceded by its
-/// length, in record order; versions after `rev` are left out. History
-/// records at or below `rev` must all be committed to `tree`.
-pub fn hash_history(tree: &sled::Tree, compacted: i64, rev: i64) -> Result<u32> {
-    let mut hasher = crc32fast::Hasher::new();
-    let mut add = |rec: &[u8], value: &[u8]| {
-        for part in [rec, value] {
-            hasher.update(&(part.len() as u64).to_le_bytes());
-            hasher.update(part);
-        }
-    };
-    // The versions before `compacted` that compaction keeps (see
-    // `compact_history`), decided once the record after each is read.
-    let mut older: Option<(sled::IVec, Vec<u8>, sled::IVec)> = None;
-    for item in tree.range(vec![keys::HIST]..vec![keys::HIST + 1]) {
-        let (rec, value) = item?;
-        let (key, r) = keys::parse_hist_key(&rec).ok_or_else(|| Error::internal("corrupt history record key"))?;
-        if let Some((old_rec, old_key, old_value)) = older.take() {
-            if !compacted_away(&old_key, &old_value, Some((&key, r)), compacted)? {
-                add(&old_rec, &old_value);
-            }
-        }
-        if r < compacted {
-            older = Some((rec, key, value));
-        } else if r <= rev {
-            add(&rec, &value);
-        }
-    }
-    if let Some((old_rec, old_key, old_value)) = older {
-        if !compacted_away(&old_key, &old_value, None, compacted)? {
-            add(&old_rec, &old_value);
-        }
-    }
-    Ok(hasher.finalize())
-}
-
-/// Whether compaction at `rev` removes `value`, a version of `key` older
-/// than `rev`, given the history record after it (its key and revision), if
-/// any: it does if that is a later version of the same key at or before
-/// `rev`, or if the version is a deletion.
-fn compacted_away(key: &[u8], value: &[u8], next: Option<(&[u8], i64)>, rev: i64) -> Result<bool> {
-    let superseded = next.is_some_and(|(k, r)| k == key && r <= rev);
-    Ok(superseded || decode_kv(value)?.version == 0)
 }
 
 impl MvccStore {
@@ -550,188 +417,6 @@ impl MvccStore {
     pub fn write(&mut self) -> Writer<'_> {
         let rev = self.revision + 1;
         Writer { store: self, batch: Batch::default(), rev, sub: 0, events: Vec::new() }
-    }
-
-    /// Compacts at `rev`: from now on, reads and watches below `rev` are
-    /// refused. The history no read at or after `rev` can see (every version
-    /// older than `rev` that was replaced or deleted by revision `rev`) is
-    /// removed afterwards, in steps ([`MvccStore::compaction_step`]), so
-    /// that applying does not wait for it; until then it is left where no
-    /// read looks. Versions at `rev` itself are kept whole.
-    pub fn compact(&mut self, rev: i64, batch: &mut Batch) -> Result<()> {
-        if rev <= self.compacted {
-            return Err(Error::Compacted);
-        }
-        if rev > self.revision {
-            return Err(Error::FutureRev);
-        }
-        self.compacted = rev;
-        batch.insert(keys::meta_key("compacted"), rev.to_be_bytes());
-        // Written with every compaction, so that its absence means a store
-        // of an older kvd (see `open`).
-        batch.insert(keys::meta_key("physical"), self.physical.to_be_bytes());
-        self.start_pass();
-        Ok(())
-    }
-
-    fn start_pass(&mut self) {
-        self.pass = PASSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.cursor = CompactionStep::FIRST.to_vec();
-    }
-
-    /// The next step of physical compaction, if history below the compacted
-    /// revision is not all removed yet. Every write at or below the
-    /// compacted revision must be in the tree before the step runs.
-    pub fn compaction_step(&self) -> Option<CompactionStep> {
-        (self.physical < self.compacted).then(|| CompactionStep {
-            pass: self.pass,
-            rev: self.compacted,
-            from: self.cursor.clone(),
-        })
-    }
-
-    /// Tells the store that `step` is committed to the tree, and where the
-    /// next one starts (`None`: the pass is complete). Returns whether
-    /// history is now removed up to the compacted revision. A step of an
-    /// earlier pass changes nothing.
-    pub fn compaction_stepped(&mut self, step: &CompactionStep, next: Option<Vec<u8>>) -> bool {
-        if step.pass != self.pass || self.physical >= self.compacted {
-            return false;
-        }
-        match next {
-            Some(next) => {
-                self.cursor = next;
-                false
-            }
-            None => {
-                self.physical = step.rev;
-                true
-            }
-        }
-    }
-
-    /// The revision up to which history is physically removed.
-    pub fn physical(&self) -> i64 {
-        self.physical
-    }
-}
-
-/// A write in progress at one revision. Reads through it see its own changes.
-pub struct Writer<'a> {
-    store: &'a mut MvccStore,
-    batch: Batch,
-    rev: i64,
-    sub: u32,
-    events: Vec<Event>,
-}
-
-impl Writer<'_> {
-    /// The store as this write sees it.
-    pub fn store(&self) -> &MvccStore {
-        self.store
-    }
-
-    /// The revision reads through this write see: the new revision once
-    /// something changed, the old one before.
-    pub fn view_revision(&self) -> i64 {
-        if self.sub > 0 {
-            self.rev
-        } else {
-            self.rev - 1
-        }
-    }
-
-    /// The revision this write commits at.
-    pub fn revision(&self) -> i64 {
-        self.rev
-    }
-
-    /// Puts `key`; returns the index entry of the previous version. `lease`,
-    /// if not 0, must be granted. Its event carries no previous key-value:
-    /// a watch that asks for one reads it from history
-    /// ([`MvccStore::prev_version`]).
-    pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> Option<Meta> {
-        let prev = self.store.index.get(key).copied();
-        let old_lease = prev.as_ref().map_or(0, |p| p.lease);
-        if old_lease != lease {
-            self.detach(old_lease, key);
-            if let Some(l) = self.store.leases.get_mut(&lease) {
-                l.keys.insert(key.to_vec());
-            }
-        }
-        let (create_revision, version) = match &prev {
-            Some(p) => (p.create_revision, p.version + 1),
-            None => (self.rev, 1),
-        };
-        let kv = KeyValue { key: key.to_vec(), create_revision, mod_revision: self.rev, version, value, lease };
-        self.store.index.insert(key.to_vec(), Meta::of(&kv));
-        self.record(kv.clone());
-        self.events.push(Event { r#type: EventType::Put as i32, kv: Some(kv), prev_kv: None });
-        prev
-    }
-
-    /// Deletes every live key in `[key, end)`; returns how many, and, if
-    /// `load` is set, the deleted versions. Like a put's, the events carry
-    /// no previous key-value.
-    pub fn delete_range(&mut self, key: &[u8], end: &RangeEnd, load: bool) -> Result<(usize, Vec<KeyValue>)> {
-        let doomed: Vec<(Vec<u8>, Meta)> = self.store.current(key, end).map(|(k, m)| (k.to_vec(), *m)).collect();
-        let loaded = match load {
-            true => doomed.iter().map(|(k, m)| self.store.load(k, m)).collect::<Result<Vec<_>>>()?,
-            false => Vec::new(),
-        };
-        self.delete(&doomed);
-        Ok((doomed.len(), loaded))
-    }
-
-    fn delete(&mut self, doomed: &[(Vec<u8>, Meta)]) {
-        for (k, prev) in doomed {
-            let tomb = KeyValue { key: k.clone(), mod_revision: self.rev, ..Default::default() };
-            self.record(tomb.clone());
-            self.detach(prev.lease, k);
-            self.store.index.remove(k);
-            self.events.push(Event { r#type: EventType::Delete as i32, kv: Some(tomb), prev_kv: None });
-        }
-    }
-
-    /// Revokes lease `id`: deletes its keys at this revision and forgets it.
-    /// Returns false if there is no such lease.
-    pub fn revoke_lease(&mut self, id: i64) -> bool {
-        let Some(lease) = self.store.leases.get(&id) else { return false };
-        let doomed: Vec<(Vec<u8>, Meta)> =
-            lease.keys.iter().filter_map(|k| self.store.index.get(k).map(|m| (k.clone(), *m))).collect();
-        self.delete(&doomed);
-        self.store.leases.remove(&id);
-        self.batch.remove(keys::lease_key(id));
-        true
-    }
-
-    fn detach(&mut self, lease: i64, key: &[u8]) {
-        if lease != 0 {
-            if let Some(l) = self.store.leases.get_mut(&lease) {
-                l.keys.remove(key);
-            }
-        }
-    }
-
-    /// Writes a version to history, and keeps it among the pending ones
-    /// until the state machine commits.
-    fn record(&mut self, kv: KeyValue) {
-        let rec = keys::hist_key(&kv.key, self.rev);
-        self.batch.insert(&rec, kv.encode_to_vec());
-        self.store.run.push(self.rev, self.sub, &kv.key);
-        self.store.pending.insert(rec, kv);
-        self.sub += 1;
-    }
-
-    /// Finishes the write: returns the sled batch to commit and the events it
-    /// produced (empty if nothing changed, and then the revision stays).
-    pub fn finish(self) -> (Batch, Vec<Event>) {
-        let mut batch = self.batch;
-        if self.sub > 0 {
-            self.store.revision = self.rev;
-            batch.insert(keys::meta_key("revision"), self.rev.to_be_bytes());
-        }
-        (batch, self.events)
     }
 }
 

@@ -37,7 +37,6 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
-use std::io::ErrorKind;
 use std::ops::{Bound, RangeBounds};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -50,6 +49,12 @@ use tokio::sync::mpsc;
 use super::{decode, encode, Entry, LogId, NodeId, StorageError, TypeConfig, WritesInFlight};
 use crate::error::Error;
 use crate::metrics::Histogram;
+
+mod files;
+#[cfg(test)]
+mod tests;
+
+use files::{check_record, create_segment, preallocate, read_small_file, scan_segment, segment_name, write_small_file};
 
 /// A segment grows to about this size before the next one starts.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -121,7 +126,7 @@ pub struct LogStore {
     fsync: Arc<Histogram>,
 }
 
-fn io_err(what: impl std::fmt::Display, e: std::io::Error) -> Error {
+pub(super) fn io_err(what: impl std::fmt::Display, e: std::io::Error) -> Error {
     Error::internal(format!("{what}: {e}"))
 }
 
@@ -359,158 +364,6 @@ impl LogStore {
     }
 }
 
-fn segment_name(first: u64) -> String {
-    format!("{first:020}.log")
-}
-
-fn create_segment(dir: &Path, first: u64) -> Result<Segment, Error> {
-    let path = dir.join(segment_name(first));
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .map_err(|e| io_err(format!("create {}", path.display()), e))?;
-    sync_dir(dir)?;
-    Ok(Segment { file: Arc::new(file), path, len: 0, allocated: 0 })
-}
-
-/// Allocates `file` (zeros) from `from` up to `to` bytes; returns its size
-/// afterwards. If the file system cannot, the file just grows as it is
-/// written.
-fn preallocate(file: &File, from: u64, to: u64) -> u64 {
-    use std::os::fd::AsRawFd;
-    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(from), libc::off_t::try_from(to.saturating_sub(from))) else {
-        return from;
-    };
-    // SAFETY: posix_fallocate only reads its integer arguments; the file
-    // descriptor is open for as long as `file` is borrowed.
-    match unsafe { libc::posix_fallocate(file.as_raw_fd(), offset, len) } {
-        0 => to,
-        errno => {
-            tracing::debug!(errno, "could not allocate the raft log ahead; it grows as it is written");
-            from
-        }
-    }
-}
-
-fn sync_dir(dir: &Path) -> Result<(), Error> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err(format!("sync {}", dir.display()), e))
-}
-
-/// Whether a whole record of an entry after index `previous` starts anywhere
-/// in `data` from `from` on.
-fn whole_record_after(data: &[u8], from: usize, previous: Option<u64>) -> bool {
-    (from..data.len().saturating_sub(HEADER_BYTES as usize)).any(|at| {
-        let Some(len) = data.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes) else {
-            return false;
-        };
-        if len == 0 || at + HEADER_BYTES as usize + len as usize > data.len() {
-            return false;
-        }
-        check_record(&data[at..])
-            .and_then(|payload| decode::<Entry>(payload).ok())
-            .is_some_and(|e| previous.is_none_or(|p| e.log_id.index > p))
-    })
-}
-
-/// The payload of the record at the start of `buf`, if it is whole and its
-/// checksum matches.
-fn check_record(buf: &[u8]) -> Option<&[u8]> {
-    let len = u32::from_le_bytes(buf.get(0..4)?.try_into().ok()?);
-    let crc = u32::from_le_bytes(buf.get(4..8)?.try_into().ok()?);
-    let payload = buf.get(8..8 + len as usize)?;
-    (crc32fast::hash(payload) == crc).then_some(payload)
-}
-
-/// Reads and checks a segment's records into `inner.locs`; returns the
-/// segment's valid length and its file size. A damaged tail of the last
-/// segment is cut off.
-fn scan_segment(file: &File, path: &Path, first: u64, last: bool, inner: &mut Inner) -> Result<(u64, u64), Error> {
-    let size = file.metadata().map_err(|e| io_err(format!("stat {}", path.display()), e))?.len();
-    let data = {
-        let mut buf = vec![0u8; size as usize];
-        file.read_exact_at(&mut buf, 0).map_err(|e| io_err(format!("read {}", path.display()), e))?;
-        buf
-    };
-    let purged = inner.purged.map(|p| p.index);
-    let mut offset = 0u64;
-    let mut previous = inner.locs.back().map(|l| l.log_id.index);
-    while offset < size {
-        let at = offset as usize;
-        // The records end where the zeros allocated ahead of them begin.
-        if data[at..].starts_with(&[0; 4]) && data[at..].iter().all(|&b| b == 0) {
-            break;
-        }
-        let record = data.get(at..at + HEADER_BYTES as usize).and_then(|h| {
-            let len = u32::from_le_bytes(h[0..4].try_into().ok()?);
-            if len > MAX_RECORD_BYTES {
-                return None;
-            }
-            let payload = check_record(&data[at..])?;
-            let entry: Entry = decode(payload).ok()?;
-            Some((entry.log_id, len))
-        });
-        let Some((log_id, len)) = record else {
-            // A crash tears only the last, unsynced writes: nothing whole
-            // can follow them. A whole record after the damage means records
-            // that were on disk were damaged since, so they are not cut off.
-            if last && !whole_record_after(&data, at + 1, previous) {
-                tracing::warn!(
-                    segment = %path.display(), offset, "cutting off a damaged record at the end of the raft log (a write torn by a crash)"
-                );
-                file.set_len(offset).map_err(|e| io_err(format!("truncate {}", path.display()), e))?;
-                file.sync_data().map_err(|e| io_err(format!("sync {}", path.display()), e))?;
-                return Ok((offset, offset));
-            }
-            return Err(Error::internal(format!(
-                "raft log segment {} is damaged at byte {offset}; refusing to start",
-                path.display()
-            )));
-        };
-        if previous.is_some_and(|p| log_id.index <= p) {
-            return Err(Error::internal(format!(
-                "raft log segment {} holds index {} after index {}; refusing to start",
-                path.display(),
-                log_id.index,
-                previous.unwrap_or_default()
-            )));
-        }
-        if purged.is_none_or(|p| log_id.index > p) {
-            inner.locs.push_back(Loc { log_id, segment: first, offset, len });
-        }
-        previous = Some(log_id.index);
-        offset += HEADER_BYTES + len as u64;
-    }
-    Ok((offset, size))
-}
-
-fn read_small_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, Error> {
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            let payload = check_record(&bytes)
-                .ok_or_else(|| Error::internal(format!("{} is damaged; refusing to start", path.display())))?;
-            Ok(Some(decode(payload)?))
-        }
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_err(format!("read {}", path.display()), e)),
-    }
-}
-
-/// Replaces `dir/name` with one checksummed record, atomically and durably.
-fn write_small_file(dir: &Path, name: &str, payload: &[u8]) -> Result<(), Error> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut bytes = Vec::with_capacity(payload.len() + 8);
-    bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    bytes.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-    bytes.extend_from_slice(payload);
-    let f = File::create(&tmp).map_err(|e| io_err(format!("create {}", tmp.display()), e))?;
-    f.write_all_at(&bytes, 0).and_then(|_| f.sync_all()).map_err(|e| io_err(format!("write {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, dir.join(name)).map_err(|e| io_err(format!("rename {}", tmp.display()), e))?;
-    sync_dir(dir)
-}
-
 /// Completes appends once they are durable: one fdatasync for every append
 /// queued up meanwhile. It runs on its own thread (the sync blocks) and ends
 /// when every `LogStore` handle is dropped.
@@ -618,161 +471,5 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.purge_to(log_id).map_err(write_err)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use openraft::{CommittedLeaderId, EntryPayload};
-
-    fn entry(term: u64, index: u64) -> Entry {
-        Entry {
-            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
-            payload: EntryPayload::Normal(super::super::Request(vec![index as u8; 10])),
-        }
-    }
-
-    /// The bytes of records in the active segment.
-    fn records_len(store: &LogStore) -> u64 {
-        store.shared.lock().active().map_or(0, |(_, seg)| seg.len)
-    }
-
-    fn indexes(store: &LogStore) -> Vec<u64> {
-        store.read(0, None).unwrap().iter().map(|e| e.log_id.index).collect()
-    }
-
-    #[test]
-    fn reopens_with_the_same_entries_after_truncate_and_purge() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LogStore::open(dir.path()).unwrap();
-        store.write_entries((1..=10).map(|i| entry(1, i))).unwrap();
-        store.truncate_from(8).unwrap();
-        store.write_entries((8..=12).map(|i| entry(2, i))).unwrap();
-        store.purge_to(entry(1, 3).log_id).unwrap();
-        assert_eq!(indexes(&store), (4..=12).collect::<Vec<_>>());
-        drop(store);
-        let store = LogStore::open(dir.path()).unwrap();
-        assert_eq!(indexes(&store), (4..=12).collect::<Vec<_>>());
-        assert_eq!(store.read(8, Some(9)).unwrap()[0].log_id.leader_id.term, 2);
-        assert_eq!(store.shared.lock().purged.map(|p| p.index), Some(3));
-    }
-
-    #[test]
-    fn a_torn_tail_is_cut_off_and_damage_elsewhere_refuses_the_start() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LogStore::open(dir.path()).unwrap();
-        store.write_entries((0..5).map(|i| entry(1, i))).unwrap();
-        let full = records_len(&store);
-        drop(store);
-        let seg = dir.path().join(segment_name(0));
-        // A torn last record: the log reopens with the first four entries.
-        let f = OpenOptions::new().write(true).open(&seg).unwrap();
-        f.set_len(full - 3).unwrap();
-        let store = LogStore::open(dir.path()).unwrap();
-        assert_eq!(indexes(&store), vec![0, 1, 2, 3]);
-        drop(store);
-        // A flipped bit in a record that is followed by a later segment.
-        std::fs::write(dir.path().join(segment_name(4)), b"").unwrap();
-        let mut bytes = std::fs::read(&seg).unwrap();
-        bytes[12] ^= 0x40;
-        std::fs::write(&seg, &bytes).unwrap();
-        let err = LogStore::open(dir.path()).err().expect("a damaged log must not open");
-        assert!(err.to_string().contains("damaged"), "{err}");
-    }
-
-    #[test]
-    fn damage_before_whole_records_of_the_last_segment_refuses_the_start() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LogStore::open(dir.path()).unwrap();
-        store.write_entries((0..50).map(|i| entry(1, i))).unwrap();
-        let records = records_len(&store) as usize;
-        drop(store);
-        let seg = dir.path().join(segment_name(0));
-        let clean = std::fs::read(&seg).unwrap();
-        // A flipped byte in a payload, and one in a length field, each with
-        // whole records after it: neither is a torn write.
-        for at in [records / 3, 0] {
-            let mut bytes = clean.clone();
-            bytes[at] ^= 0x5a;
-            std::fs::write(&seg, &bytes).unwrap();
-            let err = LogStore::open(dir.path()).err().expect("damage before whole records must refuse the start");
-            assert!(err.to_string().contains("damaged"), "{err}");
-        }
-        // The same log undamaged still opens with all of its entries.
-        std::fs::write(&seg, &clean).unwrap();
-        assert_eq!(indexes(&LogStore::open(dir.path()).unwrap()).len(), 50);
-    }
-
-    #[test]
-    fn the_zeros_allocated_ahead_end_the_records_and_a_torn_record_before_them_is_cut_off() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LogStore::open(dir.path()).unwrap();
-        store.write_entries((0..5).map(|i| entry(1, i))).unwrap();
-        let records = records_len(&store);
-        drop(store);
-        let seg = dir.path().join(segment_name(0));
-        assert!(std::fs::metadata(&seg).unwrap().len() >= records + PREALLOC_BYTES, "allocated ahead");
-        // Reopened, the log goes on after its last record, not after the zeros.
-        let store = LogStore::open(dir.path()).unwrap();
-        assert_eq!(records_len(&store), records);
-        assert!(std::fs::metadata(&seg).unwrap().len() >= records + PREALLOC_BYTES, "the zeros are not a torn write");
-        store.write_entries((5..8).map(|i| entry(1, i))).unwrap();
-        let records = records_len(&store);
-        drop(store);
-        let store = LogStore::open(dir.path()).unwrap();
-        assert_eq!(indexes(&store), (0..8).collect::<Vec<_>>());
-        drop(store);
-        // A crash that wrote the last record's header but not all of its
-        // payload leaves zeros in its place: that record is cut off.
-        let mut bytes = std::fs::read(&seg).unwrap();
-        let last_payload_end = records as usize;
-        bytes[last_payload_end - 4..last_payload_end].fill(0);
-        std::fs::write(&seg, &bytes).unwrap();
-        let store = LogStore::open(dir.path()).unwrap();
-        assert_eq!(indexes(&store), (0..7).collect::<Vec<_>>());
-        store.write_entries([entry(2, 7)]).unwrap();
-        drop(store);
-        let store = LogStore::open(dir.path()).unwrap();
-        assert_eq!(indexes(&store), (0..8).collect::<Vec<_>>());
-        assert_eq!(store.read(7, Some(8)).unwrap()[0].log_id.leader_id.term, 2);
-    }
-
-    #[test]
-    fn a_full_segment_is_trimmed_to_its_records() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LogStore::open(dir.path()).unwrap();
-        let big = |i: u64| Entry {
-            log_id: LogId::new(CommittedLeaderId::new(1, 1), i),
-            payload: EntryPayload::Normal(super::super::Request(vec![i as u8; 1 << 20])),
-        };
-        let count = SEGMENT_BYTES / (1 << 20) + 2;
-        for i in 0..count {
-            store.write_entries([big(i)]).unwrap();
-        }
-        let (first, second) = {
-            let inner = store.shared.lock();
-            let segs: Vec<(u64, u64, u64)> = inner.segments.iter().map(|(k, s)| (*k, s.len, s.allocated)).collect();
-            assert_eq!(segs.len(), 2, "{segs:?}");
-            (segs[0], segs[1])
-        };
-        assert_eq!(first.1, first.2, "the full segment keeps no zeros");
-        assert_eq!(std::fs::metadata(dir.path().join(segment_name(first.0))).unwrap().len(), first.1);
-        assert!(second.2 > second.1, "the active segment is allocated ahead: {second:?}");
-        drop(store);
-        let store = LogStore::open(dir.path()).unwrap();
-        assert_eq!(indexes(&store), (0..count).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn purging_past_the_end_starts_a_fresh_segment() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LogStore::open(dir.path()).unwrap();
-        store.write_entries((0..3).map(|i| entry(1, i))).unwrap();
-        store.purge_to(entry(1, 100).log_id).unwrap();
-        store.write_entries((101..104).map(|i| entry(1, i))).unwrap();
-        drop(store);
-        let store = LogStore::open(dir.path()).unwrap();
-        assert_eq!(indexes(&store), vec![101, 102, 103]);
     }
 }

@@ -1,0 +1,169 @@
+//! Compaction: from a compacted revision on, reads below it are refused, and
+//! the history no read can see any more is removed afterwards in steps, so
+//! that applying never waits for a whole pass.
+
+use super::{changes, decode_kv, keys, Batch, MvccStore};
+use crate::error::{Error, Result};
+
+/// Ids of passes of physical compaction, unique in the process, so that a
+/// step of a pass that was given up (a newer compaction, or a snapshot that
+/// replaced the store) is told apart.
+static PASSES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// One step of physical compaction to do: reads at most a given number of
+/// records from `from` on and removes what no read at or after `rev` can see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactionStep {
+    /// The pass the step belongs to.
+    pub pass: u64,
+    /// The compacted revision.
+    pub rev: i64,
+    /// The record key it starts at.
+    pub from: Vec<u8>,
+}
+
+impl CompactionStep {
+    /// Where a pass starts: the first history record.
+    pub const FIRST: &'static [u8] = &[keys::HIST];
+
+    /// The removals of this step, at most `limit` records read, and the
+    /// record key the next step starts at; `None` when the pass is complete.
+    /// The last step also records that history is compacted up to `rev`.
+    /// Nothing but compaction changes the records it reads, so it may run
+    /// while later revisions are applied.
+    pub fn run(&self, tree: &sled::Tree, limit: usize) -> Result<(Batch, Option<Vec<u8>>)> {
+        let limit = limit.max(1);
+        let mut batch = Batch::default();
+        let mut read = 0;
+        let mut from = self.from.clone();
+        if from.first() == Some(&keys::HIST) {
+            match compact_history(tree, self.rev, &from, limit, &mut batch)? {
+                (_, Some(next)) => return Ok((batch, Some(next))),
+                (n, None) => read = n,
+            }
+            from = changes::first_run();
+        }
+        let left = limit.saturating_sub(read).max(1);
+        match changes::compact(tree, self.rev, &from, left, &mut batch)? {
+            Some(next) => Ok((batch, Some(next))),
+            None => {
+                batch.insert(keys::meta_key("physical"), self.rev.to_be_bytes());
+                Ok((batch, None))
+            }
+        }
+    }
+}
+
+/// Adds to `batch` the removal of every version older than `rev` that was
+/// replaced or deleted by revision `rev`, reading history records from
+/// `from` on, at most `limit` of them. Returns how many it read and the
+/// record key to go on from, `None` at the end of history.
+fn compact_history(
+    tree: &sled::Tree,
+    rev: i64,
+    from: &[u8],
+    limit: usize,
+    batch: &mut Batch,
+) -> Result<(usize, Option<Vec<u8>>)> {
+    // History is sorted by key, then revision: a version older than `rev`
+    // goes if the next record is a version of the same key at or before
+    // `rev`, or if it is the newest such and a deletion. A step that stops
+    // has decided every record before the one it stops at.
+    let mut records = tree.range(from.to_vec()..vec![keys::HIST + 1]).map(|item| -> Result<_> {
+        let (rec, value) = item?;
+        let (key, r) = keys::parse_hist_key(&rec).ok_or_else(|| Error::internal("corrupt history record key"))?;
+        Ok((rec, key, r, value))
+    });
+    let mut older: Option<(sled::IVec, Vec<u8>, sled::IVec)> = None;
+    let mut read = 0;
+    loop {
+        let next = records.next().transpose()?;
+        if let Some((old_rec, old_key, old_value)) = older.take() {
+            if compacted_away(&old_key, &old_value, next.as_ref().map(|(_, key, r, _)| (key.as_slice(), *r)), rev)? {
+                batch.remove(old_rec);
+            }
+        }
+        let Some((rec, key, r, value)) = next else { return Ok((read, None)) };
+        if read == limit {
+            return Ok((read, Some(rec.to_vec())));
+        }
+        read += 1;
+        if r < rev {
+            older = Some((rec, key, value));
+        }
+    }
+}
+
+/// Whether compaction at `rev` removes `value`, a version of `key` older
+/// than `rev`, given the history record after it (its key and revision), if
+/// any: it does if that is a later version of the same key at or before
+/// `rev`, or if the version is a deletion.
+pub(super) fn compacted_away(key: &[u8], value: &[u8], next: Option<(&[u8], i64)>, rev: i64) -> Result<bool> {
+    let superseded = next.is_some_and(|(k, r)| k == key && r <= rev);
+    Ok(superseded || decode_kv(value)?.version == 0)
+}
+
+impl MvccStore {
+    /// Compacts at `rev`: from now on, reads and watches below `rev` are
+    /// refused. The history no read at or after `rev` can see (every version
+    /// older than `rev` that was replaced or deleted by revision `rev`) is
+    /// removed afterwards, in steps ([`MvccStore::compaction_step`]), so
+    /// that applying does not wait for it; until then it is left where no
+    /// read looks. Versions at `rev` itself are kept whole.
+    pub fn compact(&mut self, rev: i64, batch: &mut Batch) -> Result<()> {
+        if rev <= self.compacted {
+            return Err(Error::Compacted);
+        }
+        if rev > self.revision {
+            return Err(Error::FutureRev);
+        }
+        self.compacted = rev;
+        batch.insert(keys::meta_key("compacted"), rev.to_be_bytes());
+        // Written with every compaction, so that its absence means a store
+        // of an older kvd (see `open`).
+        batch.insert(keys::meta_key("physical"), self.physical.to_be_bytes());
+        self.start_pass();
+        Ok(())
+    }
+
+    pub(super) fn start_pass(&mut self) {
+        self.pass = PASSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.cursor = CompactionStep::FIRST.to_vec();
+    }
+
+    /// The next step of physical compaction, if history below the compacted
+    /// revision is not all removed yet. Every write at or below the
+    /// compacted revision must be in the tree before the step runs.
+    pub fn compaction_step(&self) -> Option<CompactionStep> {
+        (self.physical < self.compacted).then(|| CompactionStep {
+            pass: self.pass,
+            rev: self.compacted,
+            from: self.cursor.clone(),
+        })
+    }
+
+    /// Tells the store that `step` is committed to the tree, and where the
+    /// next one starts (`None`: the pass is complete). Returns whether
+    /// history is now removed up to the compacted revision. A step of an
+    /// earlier pass changes nothing.
+    pub fn compaction_stepped(&mut self, step: &CompactionStep, next: Option<Vec<u8>>) -> bool {
+        if step.pass != self.pass || self.physical >= self.compacted {
+            return false;
+        }
+        match next {
+            Some(next) => {
+                self.cursor = next;
+                false
+            }
+            None => {
+                self.physical = step.rev;
+                true
+            }
+        }
+    }
+
+    /// The revision up to which history is physically removed.
+    pub fn physical(&self) -> i64 {
+        self.physical
+    }
+}

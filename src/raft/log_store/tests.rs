@@ -1,0 +1,152 @@
+use super::*;
+use openraft::{CommittedLeaderId, EntryPayload};
+
+fn entry(term: u64, index: u64) -> Entry {
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+        payload: EntryPayload::Normal(super::super::Request(vec![index as u8; 10])),
+    }
+}
+
+/// The bytes of records in the active segment.
+fn records_len(store: &LogStore) -> u64 {
+    store.shared.lock().active().map_or(0, |(_, seg)| seg.len)
+}
+
+fn indexes(store: &LogStore) -> Vec<u64> {
+    store.read(0, None).unwrap().iter().map(|e| e.log_id.index).collect()
+}
+
+#[test]
+fn reopens_with_the_same_entries_after_truncate_and_purge() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LogStore::open(dir.path()).unwrap();
+    store.write_entries((1..=10).map(|i| entry(1, i))).unwrap();
+    store.truncate_from(8).unwrap();
+    store.write_entries((8..=12).map(|i| entry(2, i))).unwrap();
+    store.purge_to(entry(1, 3).log_id).unwrap();
+    assert_eq!(indexes(&store), (4..=12).collect::<Vec<_>>());
+    drop(store);
+    let store = LogStore::open(dir.path()).unwrap();
+    assert_eq!(indexes(&store), (4..=12).collect::<Vec<_>>());
+    assert_eq!(store.read(8, Some(9)).unwrap()[0].log_id.leader_id.term, 2);
+    assert_eq!(store.shared.lock().purged.map(|p| p.index), Some(3));
+}
+
+#[test]
+fn a_torn_tail_is_cut_off_and_damage_elsewhere_refuses_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LogStore::open(dir.path()).unwrap();
+    store.write_entries((0..5).map(|i| entry(1, i))).unwrap();
+    let full = records_len(&store);
+    drop(store);
+    let seg = dir.path().join(segment_name(0));
+    // A torn last record: the log reopens with the first four entries.
+    let f = OpenOptions::new().write(true).open(&seg).unwrap();
+    f.set_len(full - 3).unwrap();
+    let store = LogStore::open(dir.path()).unwrap();
+    assert_eq!(indexes(&store), vec![0, 1, 2, 3]);
+    drop(store);
+    // A flipped bit in a record that is followed by a later segment.
+    std::fs::write(dir.path().join(segment_name(4)), b"").unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[12] ^= 0x40;
+    std::fs::write(&seg, &bytes).unwrap();
+    let err = LogStore::open(dir.path()).err().expect("a damaged log must not open");
+    assert!(err.to_string().contains("damaged"), "{err}");
+}
+
+#[test]
+fn damage_before_whole_records_of_the_last_segment_refuses_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LogStore::open(dir.path()).unwrap();
+    store.write_entries((0..50).map(|i| entry(1, i))).unwrap();
+    let records = records_len(&store) as usize;
+    drop(store);
+    let seg = dir.path().join(segment_name(0));
+    let clean = std::fs::read(&seg).unwrap();
+    // A flipped byte in a payload, and one in a length field, each with
+    // whole records after it: neither is a torn write.
+    for at in [records / 3, 0] {
+        let mut bytes = clean.clone();
+        bytes[at] ^= 0x5a;
+        std::fs::write(&seg, &bytes).unwrap();
+        let err = LogStore::open(dir.path()).err().expect("damage before whole records must refuse the start");
+        assert!(err.to_string().contains("damaged"), "{err}");
+    }
+    // The same log undamaged still opens with all of its entries.
+    std::fs::write(&seg, &clean).unwrap();
+    assert_eq!(indexes(&LogStore::open(dir.path()).unwrap()).len(), 50);
+}
+
+#[test]
+fn the_zeros_allocated_ahead_end_the_records_and_a_torn_record_before_them_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LogStore::open(dir.path()).unwrap();
+    store.write_entries((0..5).map(|i| entry(1, i))).unwrap();
+    let records = records_len(&store);
+    drop(store);
+    let seg = dir.path().join(segment_name(0));
+    assert!(std::fs::metadata(&seg).unwrap().len() >= records + PREALLOC_BYTES, "allocated ahead");
+    // Reopened, the log goes on after its last record, not after the zeros.
+    let store = LogStore::open(dir.path()).unwrap();
+    assert_eq!(records_len(&store), records);
+    assert!(std::fs::metadata(&seg).unwrap().len() >= records + PREALLOC_BYTES, "the zeros are not a torn write");
+    store.write_entries((5..8).map(|i| entry(1, i))).unwrap();
+    let records = records_len(&store);
+    drop(store);
+    let store = LogStore::open(dir.path()).unwrap();
+    assert_eq!(indexes(&store), (0..8).collect::<Vec<_>>());
+    drop(store);
+    // A crash that wrote the last record's header but not all of its
+    // payload leaves zeros in its place: that record is cut off.
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let last_payload_end = records as usize;
+    bytes[last_payload_end - 4..last_payload_end].fill(0);
+    std::fs::write(&seg, &bytes).unwrap();
+    let store = LogStore::open(dir.path()).unwrap();
+    assert_eq!(indexes(&store), (0..7).collect::<Vec<_>>());
+    store.write_entries([entry(2, 7)]).unwrap();
+    drop(store);
+    let store = LogStore::open(dir.path()).unwrap();
+    assert_eq!(indexes(&store), (0..8).collect::<Vec<_>>());
+    assert_eq!(store.read(7, Some(8)).unwrap()[0].log_id.leader_id.term, 2);
+}
+
+#[test]
+fn a_full_segment_is_trimmed_to_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LogStore::open(dir.path()).unwrap();
+    let big = |i: u64| Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), i),
+        payload: EntryPayload::Normal(super::super::Request(vec![i as u8; 1 << 20])),
+    };
+    let count = SEGMENT_BYTES / (1 << 20) + 2;
+    for i in 0..count {
+        store.write_entries([big(i)]).unwrap();
+    }
+    let (first, second) = {
+        let inner = store.shared.lock();
+        let segs: Vec<(u64, u64, u64)> = inner.segments.iter().map(|(k, s)| (*k, s.len, s.allocated)).collect();
+        assert_eq!(segs.len(), 2, "{segs:?}");
+        (segs[0], segs[1])
+    };
+    assert_eq!(first.1, first.2, "the full segment keeps no zeros");
+    assert_eq!(std::fs::metadata(dir.path().join(segment_name(first.0))).unwrap().len(), first.1);
+    assert!(second.2 > second.1, "the active segment is allocated ahead: {second:?}");
+    drop(store);
+    let store = LogStore::open(dir.path()).unwrap();
+    assert_eq!(indexes(&store), (0..count).collect::<Vec<_>>());
+}
+
+#[test]
+fn purging_past_the_end_starts_a_fresh_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LogStore::open(dir.path()).unwrap();
+    store.write_entries((0..3).map(|i| entry(1, i))).unwrap();
+    store.purge_to(entry(1, 100).log_id).unwrap();
+    store.write_entries((101..104).map(|i| entry(1, i))).unwrap();
+    drop(store);
+    let store = LogStore::open(dir.path()).unwrap();
+    assert_eq!(indexes(&store), vec![101, 102, 103]);
+}
