@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs kvd's whole test suite. Installs what the interop and differential
+# Runs kvd's whole test suite, with the format and lint checks. Installs what the interop and differential
 # tests need first: etcd 3.4 and etcdctl from Debian's packages (etcd-server,
 # etcd-client), without starting Debian's own etcd service.
 set -euo pipefail
@@ -23,4 +23,10 @@ if ! command -v etcd > /dev/null || ! command -v etcdctl > /dev/null; then
 fi
 etcd --version | head -n 1 >&2
 
-cargo test --all-targets "$@"
+# The same checks CI makes of every change: formatting and lints first, as
+# they take seconds and say the most about a change that breaks them.
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+# Every package: kvd itself and its fault harness (tests/kvd-faults), whose
+# short run uses the kvd binary this builds.
+cargo test --workspace --all-targets "$@"

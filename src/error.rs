@@ -1,10 +1,8 @@
-//! Errors a client can see, and the one mapping from them to gRPC statuses.
-//!
-//! Every variant that etcd also has carries etcd's message and gRPC code, so
-//! etcd clients recognise it (clientv3 matches on the message text).
+//! Errors a client can see. Every variant that etcd also has carries etcd's
+//! message, so etcd clients recognise it (clientv3 matches on the message
+//! text); the gRPC code of each is in one table, `grpc::status`.
 
 use serde::{Deserialize, Serialize};
-use tonic::{Code, Status};
 
 /// An error answered to a client. It is serializable because a leader sends
 /// it back to the follower that forwarded the request.
@@ -68,43 +66,25 @@ pub enum Error {
     /// The member is shutting down.
     #[error("etcdserver: server stopped")]
     Stopped,
+    /// An Election request without the leader key it acts for.
+    #[error("\"leader\" field must be provided")]
+    LeaderKeyMissing,
+    /// An alarm request kvd does not take: it raises no alarms itself, so an
+    /// operator cannot activate one either.
+    #[error("kvd raises no alarms; ACTIVATE is not supported")]
+    AlarmActivateUnsupported,
+    /// An alarm action that is not GET, ACTIVATE or DEACTIVATE.
+    #[error("unknown alarm action {0}")]
+    UnknownAlarmAction(i32),
     /// A storage or internal failure; the text says what failed.
     #[error("kvd: internal error: {0}")]
     Internal(String),
 }
 
 impl Error {
-    /// The gRPC code etcd uses for this error.
-    pub fn code(&self) -> Code {
-        match self {
-            Error::EmptyKey
-            | Error::KeyNotFound
-            | Error::ValueProvided
-            | Error::LeaseProvided
-            | Error::TooManyOps
-            | Error::DuplicateKey
-            | Error::InvalidSortOption
-            | Error::RequestTooLarge => Code::InvalidArgument,
-            Error::Compacted | Error::FutureRev => Code::OutOfRange,
-            Error::LeaseNotFound => Code::NotFound,
-            Error::LeaseExist => Code::FailedPrecondition,
-            Error::LeaseTtlTooLarge => Code::OutOfRange,
-            Error::ElectionNotLeader | Error::ElectionNoLeader => Code::Unknown,
-            Error::SessionExpired => Code::FailedPrecondition,
-            Error::NoLeader | Error::Timeout | Error::Stopped => Code::Unavailable,
-            Error::Internal(_) => Code::Internal,
-        }
-    }
-
     /// Wraps any displayable failure as an internal error.
     pub fn internal(e: impl std::fmt::Display) -> Self {
         Error::Internal(e.to_string())
-    }
-}
-
-impl From<Error> for Status {
-    fn from(e: Error) -> Status {
-        Status::new(e.code(), e.to_string())
     }
 }
 

@@ -43,7 +43,7 @@ impl ElectionService {
 }
 
 fn missing_leader_key() -> Status {
-    Status::invalid_argument("\"leader\" field must be provided")
+    Error::LeaderKeyMissing.into()
 }
 
 #[tonic::async_trait]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::error::Error;
 use crate::node::Member;
 use crate::proto::etcdserverpb::alarm_request::AlarmAction;
 use crate::proto::etcdserverpb::maintenance_server::Maintenance;
@@ -47,8 +48,8 @@ impl Maintenance for MaintenanceService {
                 self.member.fill_header(&mut resp.header);
                 Ok(Response::new(resp))
             }
-            Ok(AlarmAction::Activate) => Err(Status::unimplemented("kvd raises no alarms; ACTIVATE is not supported")),
-            Err(_) => Err(Status::invalid_argument(format!("unknown alarm action {}", req.action))),
+            Ok(AlarmAction::Activate) => Err(Error::AlarmActivateUnsupported.into()),
+            Err(_) => Err(Error::UnknownAlarmAction(req.action).into()),
         }
     }
 

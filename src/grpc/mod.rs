@@ -1,4 +1,6 @@
-//! The etcd v3 gRPC services kvd serves on its client port, one file each.
+//! The gRPC services: etcd's v3 services on the client port, one file each,
+//! and kvd's peer service on the peer port. Errors become statuses in one
+//! place, [`status`].
 
 pub mod cluster;
 pub mod election;
@@ -8,6 +10,7 @@ pub mod lease;
 pub mod lock;
 pub mod maintenance;
 pub mod peer;
+pub mod status;
 pub mod watch;
 
 /// Bytes etcd allows on top of `--max-request-bytes` for gRPC framing; larger

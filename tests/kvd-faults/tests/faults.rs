@@ -1,22 +1,11 @@
 //! The fault-injection harness, short: three seeds, every fault kind at least
-//! once in each, against the kvd binary of this build. A longer run is
+//! once in each, against the kvd binary of this build (`target/<profile>/kvd`,
+//! which `cargo test --workspace` builds). A longer run is
 //! `kvd-faults --runs 20 --duration 60s` (see the README).
 
 use std::process::Command;
 
-const FAULTS: &[&str] = &[
-    "kill-leader",
-    "kill-member",
-    "restart-all",
-    "pause-leader",
-    "pause-follower",
-    "partition-leader",
-    "partition-member",
-    "one-way",
-    "corrupt-log",
-    "truncate-log",
-    "disk-full",
-];
+use kvd_faults::Fault;
 
 #[test]
 fn three_seeds_of_every_fault_find_no_anomaly() {
@@ -36,10 +25,10 @@ fn three_seeds_of_every_fault_find_no_anomaly() {
         // The last run's text also holds the totals; its own lines come first.
         let run = run.split("== 3 runs").next().unwrap_or(run);
         let faults = run.lines().find(|l| l.trim_start().starts_with("seed ") && l.contains(": faults ")).unwrap_or("");
-        for f in FAULTS {
+        for f in Fault::ALL {
             // disk-full needs a tmpfs mount; the harness says so when it
             // cannot make one.
-            let skipped = *f == "disk-full" && run.contains("disk-full skipped:");
+            let skipped = *f == Fault::DiskFull && run.contains("disk-full skipped:");
             assert!(skipped || faults.contains(&format!("{f}×")), "{f} was not injected: {faults}");
         }
         assert!(run.contains("lost 0"), "acknowledged writes were lost: {run}");

@@ -8,6 +8,7 @@
 //! ```
 
 mod cluster;
+mod inject;
 mod linearizability;
 mod workload;
 
@@ -19,26 +20,13 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use cluster::{Cluster, MEMBERS};
+use inject::{inject, Injection};
 use kvd::proto::etcdserverpb::RangeRequest;
+use kvd_faults::Fault;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use workload::{Clock, Record};
-
-/// The faults the harness knows.
-const FAULTS: &[&str] = &[
-    "kill-leader",
-    "kill-member",
-    "restart-all",
-    "pause-leader",
-    "pause-follower",
-    "partition-leader",
-    "partition-member",
-    "one-way",
-    "corrupt-log",
-    "truncate-log",
-    "disk-full",
-];
 
 #[derive(Parser, Debug)]
 #[command(name = "kvd-faults", about = "Fault injection with a linearizability checker for a three-member kvd")]
@@ -53,10 +41,9 @@ struct Args {
     /// has been injected once).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Faults to inject, comma-separated, or "all": kill-leader, kill-member,
-    /// restart-all, pause-leader, pause-follower, partition-leader,
-    /// partition-member, one-way, corrupt-log, truncate-log, disk-full (needs root: the
-    /// data directory of member 2 is a 512 MiB tmpfs).
+    /// Faults to inject, comma-separated, or "all" (see `Fault` for the
+    /// list; disk-full needs root: the data directory of member 2 is a
+    /// 512 MiB tmpfs).
     #[arg(long, default_value = "all")]
     faults: String,
     /// Register clients (reads, writes, compare-and-swaps).
@@ -106,20 +93,18 @@ struct Report {
 
 fn main() {
     let args = Args::parse();
-    let faults: Vec<&'static str> = if args.faults == "all" {
-        FAULTS.to_vec()
+    let faults: Vec<Fault> = if args.faults == "all" {
+        Fault::ALL.to_vec()
     } else {
-        let mut chosen = Vec::new();
-        for f in args.faults.split(',').map(str::trim).filter(|f| !f.is_empty()) {
-            match FAULTS.iter().find(|k| **k == f) {
-                Some(k) => chosen.push(*k),
-                None => {
-                    eprintln!("kvd-faults: unknown fault {f:?}; known: {}", FAULTS.join(", "));
-                    std::process::exit(2);
-                }
+        let parsed: Result<Vec<Fault>, String> =
+            args.faults.split(',').map(str::trim).filter(|f| !f.is_empty()).map(str::parse).collect();
+        match parsed {
+            Ok(chosen) => chosen,
+            Err(e) => {
+                eprintln!("kvd-faults: {e}");
+                std::process::exit(2);
             }
         }
-        chosen
     };
     let kvd = args.kvd.clone().unwrap_or_else(|| {
         let me = std::env::current_exe().unwrap_or_default();
@@ -146,7 +131,12 @@ fn main() {
                 std::process::exit(2);
             }
         };
-        println!("== run seed {seed}: {:?} of {}; data in {}", args.duration, faults.join(","), dir.path().display());
+        println!(
+            "== run seed {seed}: {:?} of {}; data in {}",
+            args.duration,
+            faults.iter().map(|f| f.name()).collect::<Vec<_>>().join(","),
+            dir.path().display()
+        );
         let report = match runtime.block_on(run(&args, &faults, seed, kvd.clone(), dir.path().to_path_buf())) {
             Ok(r) => r,
             Err(e) => Report { anomalies: vec![format!("the harness failed: {e:#}")], ..Default::default() },
@@ -276,10 +266,10 @@ async fn serves(cluster: &Cluster, i: usize, limit: Duration) -> Option<Duration
     None
 }
 
-async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir: PathBuf) -> anyhow::Result<Report> {
+async fn run(args: &Args, faults: &[Fault], seed: u64, kvd: PathBuf, dir: PathBuf) -> anyhow::Result<Report> {
     let mut rng = StdRng::seed_from_u64(seed);
     let election = Duration::from_millis(args.election_timeout);
-    let small_disk = faults.contains(&"disk-full").then_some(2);
+    let small_disk = faults.contains(&Fault::DiskFull).then_some(2);
     let mut cluster = match Cluster::start(kvd.clone(), dir.clone(), args.election_timeout, small_disk).await {
         Ok(c) => c,
         Err(e) if small_disk.is_some() => {
@@ -292,8 +282,8 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
         }
         Err(e) => return Err(e),
     };
-    let faults: Vec<&'static str> =
-        faults.iter().copied().filter(|f| *f != "disk-full" || cluster.layout.small_disk.is_some()).collect();
+    let faults: Vec<Fault> =
+        faults.iter().copied().filter(|f| *f != Fault::DiskFull || cluster.layout.small_disk.is_some()).collect();
     let faults = &faults[..];
     let mut report = Report::default();
     if cluster.wait_leader(Duration::from_secs(20)).await.is_none() {
@@ -336,7 +326,7 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
     // Every chosen fault once before any repeats, in a seeded order; the
     // first round is always finished, however short the duration.
     let mut windows: Vec<(u64, u64)> = Vec::new();
-    let mut schedule: Vec<&'static str> = faults.to_vec();
+    let mut schedule: Vec<Fault> = faults.to_vec();
     schedule.shuffle(&mut rng);
     while Instant::now() < end || !schedule.is_empty() {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(500..2000))).await;
@@ -357,166 +347,16 @@ async fn run(args: &Args, faults: &[&'static str], seed: u64, kvd: PathBuf, dir:
         let at = clock.now();
         *report.faults.entry(fault.to_string()).or_default() += 1;
         println!("   {:>6.1}s {fault} (leader m{leader})", Duration::from_nanos(at).as_secs_f64());
-        match fault {
-            "kill-leader" | "kill-member" => {
-                let victim = if fault == "kill-leader" { leader } else { rng.gen_range(0..MEMBERS) };
-                cluster.kill(victim);
-                if victim == leader {
-                    if let Some(d) = cluster.new_leader_without(victim, Duration::from_secs(8)).await {
-                        report.elected_after_kill.push(d);
-                    }
-                    match resumed(&record, at, Duration::from_secs(10)).await {
-                        Some(d) => report.resume_after_kill.push(d),
-                        None => report.liveness.push(format!("writes did not resume within 10 s of killing m{victim}")),
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(rng.gen_range(200..3000))).await;
-                cluster.start_member(victim)?;
-            }
-            "restart-all" => {
-                for m in 0..MEMBERS {
-                    cluster.kill(m);
-                }
-                tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1500))).await;
-                for m in 0..MEMBERS {
-                    cluster.start_member(m)?;
-                }
-            }
-            "pause-leader" | "pause-follower" => {
-                let victim = if fault == "pause-leader" { leader } else { follower };
-                cluster.pause(victim, true);
-                tokio::time::sleep(election * rng.gen_range(3..7)).await;
-                cluster.pause(victim, false);
-            }
-            "partition-leader" | "partition-member" => {
-                let victim = if fault == "partition-leader" { leader } else { follower };
-                let mut cuts = HashSet::new();
-                for other in (0..MEMBERS).filter(|&o| o != victim) {
-                    cuts.insert((victim, other));
-                    cuts.insert((other, victim));
-                }
-                cluster.cut(cuts);
-                let hold = Duration::from_millis(rng.gen_range(1500..4000));
-                if victim == leader {
-                    if let Some(d) = cluster.new_leader_without(victim, Duration::from_secs(8)).await {
-                        report.elected_after_cut.push(d);
-                    }
-                    match resumed(&record, at, hold.max(Duration::from_secs(8))).await {
-                        Some(d) => report.resume_after_partition.push(d),
-                        None => report.liveness.push(format!(
-                            "writes did not resume within {:?} with leader m{victim} cut off",
-                            hold.max(Duration::from_secs(8))
-                        )),
-                    }
-                }
-                let elapsed = Duration::from_nanos(clock.now() - at);
-                tokio::time::sleep(hold.saturating_sub(elapsed)).await;
-                cluster.cut(HashSet::new());
-                match serves(&cluster, victim, Duration::from_secs(10)).await {
-                    Some(d) => report.heal_to_serve.push(d),
-                    None => report.liveness.push(format!("m{victim} did not serve within 10 s of the heal")),
-                }
-            }
-            "one-way" => {
-                // The leader's connections to the followers fail; theirs to
-                // it still work.
-                let cuts: HashSet<_> = (0..MEMBERS).filter(|&o| o != leader).map(|o| (leader, o)).collect();
-                cluster.cut(cuts);
-                tokio::time::sleep(Duration::from_millis(rng.gen_range(1500..4000))).await;
-                cluster.cut(HashSet::new());
-            }
-            "corrupt-log" => {
-                let victim = follower;
-                cluster.kill(victim);
-                let data = cluster.data_dir(victim);
-                let saved = cluster.save_data(victim)?;
-                match cluster::flip_a_log_byte(&data) {
-                    Ok(file) => match cluster.start_refused(victim, Duration::from_secs(10)).await? {
-                        Ok(msg) if !msg.contains("refusing to start") => report
-                            .anomalies
-                            .push(format!("m{victim} failed on a damaged log without a clear message: {msg}")),
-                        Ok(msg) => report.notes.push(format!(
-                            "m{victim} refused to start on a flipped byte in {}: {msg}",
-                            file.file_name().unwrap_or_default().to_string_lossy()
-                        )),
-                        Err(what) => report
-                            .anomalies
-                            .push(format!("m{victim} started on a damaged log ({}): {what}", file.display())),
-                    },
-                    Err(e) => report.notes.push(format!("corrupt-log skipped: {e}")),
-                }
-                cluster.restore_data(victim, &saved)?;
-                cluster.start_member(victim)?;
-            }
-            "truncate-log" => {
-                // Half of a stopped follower's oldest log segment goes. The
-                // member must either start, drop the cut end and catch up
-                // (the end held only entries it had not applied), or refuse
-                // with a clear message (it had applied some of them); then
-                // its data is restored, as an operator would.
-                let victim = follower;
-                cluster.kill(victim);
-                let data = cluster.data_dir(victim);
-                let saved = cluster.save_data(victim)?;
-                let cut = cluster::truncate_log(&data)?;
-                match cluster.start_refused(victim, Duration::from_secs(5)).await? {
-                    Ok(msg) if msg.contains("refusing to start") => {
-                        report.notes.push(format!("m{victim} refused to start on a log cut to {cut} bytes: {msg}"));
-                    }
-                    Ok(msg) => report
-                        .anomalies
-                        .push(format!("m{victim} failed on a log cut to {cut} bytes without a clear message: {msg}")),
-                    Err(_) => {
-                        // It ran for 5 s (stopped now): it took the cut log.
-                        report.notes.push(format!("m{victim} started on a log cut to {cut} bytes"));
-                    }
-                }
-                cluster.restore_data(victim, &saved)?;
-                cluster.start_member(victim)?;
-            }
-            "disk-full" => {
-                let victim = cluster.layout.small_disk.unwrap_or(2);
-                let data = cluster.data_dir(victim);
-                let filled = cluster::fill(&data)?;
-                tokio::time::sleep(Duration::from_millis(rng.gen_range(1500..3000))).await;
-                let exited = cluster.exited(victim);
-                let last = last_error(&dir, victim);
-                std::fs::remove_file(data.join("filler"))?;
-                report.notes.push(format!(
-                    "disk-full: {} MiB filled m{victim}'s disk; it {}{}",
-                    filled >> 20,
-                    if exited { "exited" } else { "kept running" },
-                    if last.is_empty() { String::new() } else { format!(": {last}") }
-                ));
-                if exited {
-                    // As a supervisor would, once space is back.
-                    cluster.start_member(victim)?;
-                }
-                let deadline = Instant::now() + Duration::from_secs(20);
-                let mut served = false;
-                while !served && Instant::now() < deadline {
-                    if cluster.exited(victim) {
-                        // A write begun on the full disk (a snapshot, say)
-                        // can fail a moment after the check above: restart
-                        // it for that cause only, as a supervisor would.
-                        let last = last_error(&dir, victim);
-                        if !last.contains("No space left on device") {
-                            report.anomalies.push(format!("m{victim} exited after its disk had space again: {last}"));
-                            break;
-                        }
-                        report.notes.push(format!("disk-full: m{victim} exited after the check: {last}"));
-                        cluster.start_member(victim)?;
-                    }
-                    served = serves(&cluster, victim, Duration::from_millis(500)).await.is_some();
-                }
-                if !served {
-                    report
-                        .anomalies
-                        .push(format!("m{victim} did not serve within 20 s of its disk having space again"));
-                }
-            }
-            other => anyhow::bail!("unknown fault {other}"),
-        }
+        let ctx = Injection {
+            cluster: &mut cluster,
+            rng: &mut rng,
+            report: &mut report,
+            record: &record,
+            clock,
+            election,
+            dir: &dir,
+        };
+        inject(ctx, fault, leader, follower, at).await?;
         // The fault's effects last until a leader is back (or 10 s).
         let _ = cluster.wait_leader(Duration::from_secs(10)).await;
         windows.push((at, clock.now()));
