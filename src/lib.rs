@@ -2,25 +2,26 @@
 //!
 //! # Layout
 //!
-//! - [`mvcc`]: etcd's data model (revisions, versions, history, compaction,
-//!   Range/Put/DeleteRange/Txn semantics) over sled. Pure logic, no async.
-//! - [`raft`]: openraft wiring: the type config and commands, the log store
-//!   (segment files of its own, one fdatasync per batch), the proposal batcher
-//!   (concurrent writes share a log entry), the state machine that applies
-//!   commands to the MVCC store, and the peer network over tonic.
-//! - [`node`]: one member: proposes writes (forwarding to the leader when it
-//!   is not the leader), serves linearizable reads through ReadIndex, and fills
-//!   response headers.
-//! - [`read_index`]: ReadIndex rounds that concurrent linearizable reads share.
-//! - [`lease`]: lease deadlines, kept by the leader, and lease requests.
-//! - [`concurrency`]: locks and elections on keys, leases and watches.
-//! - [`grpc`]: the etcd v3 gRPC services, one file per service (KV, Watch,
-//!   Lease, Cluster, Maintenance, and etcd's Lock and Election).
-//! - [`server`]: starts a member on its listeners and stops it on a signal.
-//! - [`idle_memory`]: gives freed heap back to the system after a burst.
-//! - [`metrics`]: counters and latency histograms for `GET /metrics`.
-//! - [`client`]: the Rust client that `kvctl` and the tests use.
-//! - [`config`]: `kvd`'s flags, named as etcd's.
+//! Layers import downward only (`docs/architecture.md` has the picture):
+//!
+//! - [`grpc`]: the etcd v3 services on the client port, one file each, the
+//!   peer service on the peer port, and [`grpc::status`], the one table from
+//!   errors to gRPC codes.
+//! - [`node`]: one member and its typed API: key-value, leases, locks and
+//!   elections, and what it answers followers as leader.
+//! - [`read_index`]: ReadIndex rounds that concurrent linearizable reads
+//!   share. [`lease`]: lease deadlines, pure bookkeeping.
+//! - [`raft`]: openraft wiring: the types, the leader round trip
+//!   ([`raft::leader`]), the proposal batcher and forwarder, the peer network,
+//!   the log store (segment files) and the state machine.
+//! - [`mvcc`]: etcd's data model over sled. Pure logic, no async.
+//!
+//! Beside them: [`server`] starts a member on its listeners and stops it;
+//! [`config`] holds `kvd`'s flags; [`metrics`] the counters and histograms
+//! for `GET /metrics`; [`idle_memory`] gives freed heap back after a burst;
+//! [`backup`] is the file `snapshot save` writes; [`error`] the errors a
+//! client can see; [`proto`] the generated protobuf code; [`client`] the Rust
+//! client that `kvctl` and the tests use.
 
 pub mod backup;
 pub mod client;

@@ -1,6 +1,6 @@
 //! The Election service (etcd's v3electionpb). The leader of an election is
 //! its candidate with the lowest create revision (see
-//! [`crate::concurrency`]); its key-value carries the proclaimed value.
+//! [`crate::node::coordination`]); its key-value carries the proclaimed value.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;

@@ -1,5 +1,5 @@
 //! The Lock service (etcd's v3lockpb): Lock waits its turn among the
-//! candidates for a name (see [`crate::concurrency`]); Unlock deletes the key.
+//! candidates for a name (see [`crate::node::coordination`]); Unlock deletes the key.
 
 use std::sync::Arc;
 
