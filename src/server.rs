@@ -154,10 +154,10 @@ pub async fn start_on(
     let db = open_db(&cfg)?;
     let data_err =
         |e: crate::error::Error| StartError::DataDir { dir: cfg.data_dir.display().to_string(), why: e.to_string() };
-    let mut log_store = LogStore::open(&cfg.data_dir.join("log")).map_err(data_err)?;
+    let mut log_store = LogStore::open(&cfg.data_dir.join("log")).map_err(|e| data_err(e.into()))?;
     let writes = log_store.writes_in_flight();
     let wal_fsync = log_store.fsync_histogram();
-    log_store.import_from_sled(&db).map_err(data_err)?;
+    log_store.import_from_sled(&db).map_err(|e| data_err(e.into()))?;
     let state_machine = StateMachine::open(&db, &cfg.data_dir).map_err(data_err)?;
     let shared = state_machine.shared();
     let metrics = Arc::new(crate::metrics::Metrics {

@@ -77,7 +77,7 @@ impl Member {
             let Some(leader) = leader else { return Attempt::Retry { stale: None } };
             let payload = match encode(&call) {
                 Ok(p) => p,
-                Err(e) => return Attempt::Answered(Err(e)),
+                Err(e) => return Attempt::Answered(Err(e.into())),
             };
             match ask_leader::<Forwarded<LeaseAnswer>>(&self.raft, &self.network, leader, Rpc::Lease, payload, deadline)
                 .await

@@ -138,7 +138,7 @@ where
         }
         Ok(Ok(written)) if single => vec![Forwarded::Done(written.data)],
         Ok(Ok(written)) => {
-            let responses = written.data.0.and_then(|list| decode::<Vec<Response>>(&list)).and_then(|list| {
+            let responses = written.data.0.and_then(|list| Ok(decode::<Vec<Response>>(&list)?)).and_then(|list| {
                 if list.len() == waiting.len() {
                     Ok(list)
                 } else {

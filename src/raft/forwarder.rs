@@ -98,7 +98,7 @@ async fn send(raft: &Raft, network: &Network, mut batch: Vec<Pending>) {
             Ok(payload) => {
                 ask_leader::<Forwarded<Response>>(raft, network, leader, Rpc::Forward, payload, deadline).await
             }
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         };
         let _ = p.done.send(answer);
         return;
@@ -116,7 +116,7 @@ async fn send(raft: &Raft, network: &Network, mut batch: Vec<Pending>) {
                     a => Ok(a),
                 })
         }
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     };
     match answers {
         Ok(Some(list)) => {

@@ -117,7 +117,7 @@ pub async fn ask_leader<T: serde::de::DeserializeOwned>(
 
 /// Encodes a peer answer; an answer that cannot be encoded becomes a failure.
 pub fn encode_answer<T: Serialize>(answer: &Forwarded<T>) -> Vec<u8> {
-    encode(answer).unwrap_or_else(|e| encode(&Forwarded::<()>::Failed(e)).unwrap_or_default())
+    encode(answer).unwrap_or_else(|e| encode(&Forwarded::<()>::Failed(e.into())).unwrap_or_default())
 }
 
 #[cfg(test)]

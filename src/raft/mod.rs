@@ -56,14 +56,32 @@ pub struct Request(#[serde(with = "serde_bytes")] pub Vec<u8>);
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response(pub Result<serde_bytes::ByteBuf, Error>);
 
+/// A value that could not be encoded, or bytes that do not decode as the
+/// value expected (from a peer, the log or a snapshot).
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The value could not be encoded.
+    #[error("encode: {0}")]
+    Encode(bincode::Error),
+    /// The bytes are not an encoded value of the type expected.
+    #[error("decode: {0}")]
+    Decode(bincode::Error),
+}
+
+impl From<CodecError> for Error {
+    fn from(e: CodecError) -> Error {
+        Error::internal(e)
+    }
+}
+
 /// Encodes a value for the peer API and the log (bincode).
-pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
-    bincode::serialize(value).map_err(|e| Error::internal(format!("encode: {e}")))
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    bincode::serialize(value).map_err(CodecError::Encode)
 }
 
 /// Decodes a value encoded by [`encode`].
-pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Error> {
-    bincode::deserialize(bytes).map_err(|e| Error::internal(format!("decode: {e}")))
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, CodecError> {
+    bincode::deserialize(bytes).map_err(CodecError::Decode)
 }
 
 /// How many client writes this member is handling right now: the proposal

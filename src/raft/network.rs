@@ -25,7 +25,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use super::{decode, encode, Node, NodeId, TypeConfig};
-use crate::error::Error;
 use crate::proto::kvdpb::peer_client::PeerClient;
 use crate::proto::kvdpb::RaftPayload;
 
@@ -88,16 +87,19 @@ const MAX_IDLE_STREAMS: usize = 4;
 const UNARY_RETRY: Duration = Duration::from_secs(60);
 
 /// Why a peer call failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum CallError {
     /// The request never left this member (no connection, or the peer is cut
     /// off by the partition switch); it is safe to retry.
+    #[error("not sent: {0}")]
     NotSent(String),
     /// The request may have reached the peer; its effect is unknown.
+    #[error("no answer: {0}")]
     Unknown(String),
     /// The connection failed under the request: its effect is unknown, and
     /// the peer is not reachable through it for now (it reset or dropped
     /// the connection, as a peer that is stopping or cut off does).
+    #[error("connection broken: {0}")]
     Broken(String),
 }
 
@@ -349,8 +351,8 @@ impl PeerConnection {
 /// every connection made thousands of failed calls a second.
 fn rpc_error<E: std::error::Error>(e: CallError) -> RPCError<NodeId, Node, RaftError<NodeId, E>> {
     match e {
-        CallError::NotSent(m) | CallError::Broken(m) => RPCError::Unreachable(Unreachable::new(&Error::Internal(m))),
-        CallError::Unknown(m) => RPCError::Network(NetworkError::new(&Error::Internal(m))),
+        CallError::NotSent(_) | CallError::Broken(_) => RPCError::Unreachable(Unreachable::new(&e)),
+        CallError::Unknown(_) => RPCError::Network(NetworkError::new(&e)),
     }
 }
 

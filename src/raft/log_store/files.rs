@@ -8,14 +8,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::super::{decode, Entry};
-use super::{io_err, Inner, Loc, Segment, HEADER_BYTES, MAX_RECORD_BYTES};
-use crate::error::Error;
+use super::{io_err, Inner, Loc, LogError, Segment, HEADER_BYTES, MAX_RECORD_BYTES};
 
 pub(super) fn segment_name(first: u64) -> String {
     format!("{first:020}.log")
 }
 
-pub(super) fn create_segment(dir: &Path, first: u64) -> Result<Segment, Error> {
+pub(super) fn create_segment(dir: &Path, first: u64) -> Result<Segment, LogError> {
     let path = dir.join(segment_name(first));
     let file = OpenOptions::new()
         .read(true)
@@ -47,7 +46,7 @@ pub(super) fn preallocate(file: &File, from: u64, to: u64) -> u64 {
     }
 }
 
-pub(super) fn sync_dir(dir: &Path) -> Result<(), Error> {
+pub(super) fn sync_dir(dir: &Path) -> Result<(), LogError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err(format!("sync {}", dir.display()), e))
 }
 
@@ -85,7 +84,7 @@ pub(super) fn scan_segment(
     first: u64,
     last: bool,
     inner: &mut Inner,
-) -> Result<(u64, u64), Error> {
+) -> Result<(u64, u64), LogError> {
     let size = file.metadata().map_err(|e| io_err(format!("stat {}", path.display()), e))?.len();
     let data = {
         let mut buf = vec![0u8; size as usize];
@@ -122,13 +121,13 @@ pub(super) fn scan_segment(
                 file.sync_data().map_err(|e| io_err(format!("sync {}", path.display()), e))?;
                 return Ok((offset, offset));
             }
-            return Err(Error::internal(format!(
+            return Err(LogError::damaged(format!(
                 "raft log segment {} is damaged at byte {offset}; refusing to start",
                 path.display()
             )));
         };
         if previous.is_some_and(|p| log_id.index <= p) {
-            return Err(Error::internal(format!(
+            return Err(LogError::damaged(format!(
                 "raft log segment {} holds index {} after index {}; refusing to start",
                 path.display(),
                 log_id.index,
@@ -144,11 +143,11 @@ pub(super) fn scan_segment(
     Ok((offset, size))
 }
 
-pub(super) fn read_small_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, Error> {
+pub(super) fn read_small_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, LogError> {
     match std::fs::read(path) {
         Ok(bytes) => {
             let payload = check_record(&bytes)
-                .ok_or_else(|| Error::internal(format!("{} is damaged; refusing to start", path.display())))?;
+                .ok_or_else(|| LogError::damaged(format!("{} is damaged; refusing to start", path.display())))?;
             Ok(Some(decode(payload)?))
         }
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
@@ -157,7 +156,7 @@ pub(super) fn read_small_file<T: serde::de::DeserializeOwned>(path: &Path) -> Re
 }
 
 /// Replaces `dir/name` with one checksummed record, atomically and durably.
-pub(super) fn write_small_file(dir: &Path, name: &str, payload: &[u8]) -> Result<(), Error> {
+pub(super) fn write_small_file(dir: &Path, name: &str, payload: &[u8]) -> Result<(), LogError> {
     let tmp = dir.join(format!("{name}.tmp"));
     let mut bytes = Vec::with_capacity(payload.len() + 8);
     bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());

@@ -46,7 +46,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader, StorageIOError, Vote};
 use tokio::sync::mpsc;
 
-use super::{decode, encode, Entry, LogId, NodeId, StorageError, TypeConfig, WritesInFlight};
+use super::{decode, encode, CodecError, Entry, LogId, NodeId, StorageError, TypeConfig, WritesInFlight};
 use crate::error::Error;
 use crate::metrics::Histogram;
 
@@ -126,14 +126,52 @@ pub struct LogStore {
     fsync: Arc<Histogram>,
 }
 
-pub(super) fn io_err(what: impl std::fmt::Display, e: std::io::Error) -> Error {
-    Error::internal(format!("{what}: {e}"))
+/// What can go wrong with the Raft log on disk. Every variant is a failure
+/// of this member's storage, which a client sees as an internal error.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// A file operation failed; `what` names the operation and the file.
+    #[error("{what}: {source}")]
+    Io {
+        /// The operation and its file.
+        what: String,
+        /// What the system answered.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A record or file is damaged, or the log is not in a state kvd leaves
+    /// it in; the text says which and where.
+    #[error("{0}")]
+    Damaged(String),
+    /// An entry or the vote could not be encoded or decoded.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// Reading the log an older kvd kept in sled failed.
+    #[error("storage: {0}")]
+    Sled(#[from] sled::Error),
+}
+
+impl LogError {
+    /// A damaged record or file, or a log in a state kvd never leaves it in.
+    pub fn damaged(why: impl std::fmt::Display) -> Self {
+        LogError::Damaged(why.to_string())
+    }
+}
+
+impl From<LogError> for Error {
+    fn from(e: LogError) -> Error {
+        Error::internal(e)
+    }
+}
+
+pub(super) fn io_err(what: impl std::fmt::Display, e: std::io::Error) -> LogError {
+    LogError::Io { what: what.to_string(), source: e }
 }
 
 impl LogStore {
     /// Opens (or creates) the log in `dir`, checking every record, and starts
     /// its flusher thread.
-    pub fn open(dir: &Path) -> Result<Self, Error> {
+    pub fn open(dir: &Path) -> Result<Self, LogError> {
         std::fs::create_dir_all(dir).map_err(|e| io_err(format!("create {}", dir.display()), e))?;
         let vote = read_small_file(&dir.join(VOTE_FILE))?;
         let purged: Option<LogId> = read_small_file(&dir.join(PURGED_FILE))?;
@@ -188,7 +226,7 @@ impl LogStore {
     /// Moves a log kept in sled by earlier kvd versions (trees `raft_log` and
     /// `raft_meta` of `db`) into this store, when this store is empty, and
     /// drops the old trees.
-    pub fn import_from_sled(&mut self, db: &sled::Db) -> Result<(), Error> {
+    pub fn import_from_sled(&mut self, db: &sled::Db) -> Result<(), LogError> {
         let (log, meta) = (db.open_tree("raft_log")?, db.open_tree("raft_meta")?);
         if log.is_empty() && meta.is_empty() {
             return Ok(());
@@ -196,7 +234,7 @@ impl LogStore {
         {
             let inner = self.shared.lock();
             if !inner.locs.is_empty() || inner.vote.is_some() {
-                return Err(Error::internal("raft log found both in sled and in the log directory"));
+                return Err(LogError::damaged("raft log found both in sled and in the log directory"));
             }
         }
         if let Some(v) = meta.get(b"vote")? {
@@ -221,15 +259,15 @@ impl LogStore {
     }
 
     /// Writes entries after the last one; returns the file to sync.
-    fn write_entries(&self, entries: impl IntoIterator<Item = Entry>) -> Result<Arc<File>, Error> {
+    fn write_entries(&self, entries: impl IntoIterator<Item = Entry>) -> Result<Arc<File>, LogError> {
         let mut inner = self.shared.lock();
         let mut buf = Vec::new();
         let mut locs = Vec::new();
-        let (&segment, active) = inner.active().ok_or_else(|| Error::internal("no active log segment"))?;
+        let (&segment, active) = inner.active().ok_or_else(|| LogError::damaged("no active log segment"))?;
         let base = active.len;
         for entry in entries {
             let payload = encode(&entry)?;
-            let len = u32::try_from(payload.len()).map_err(|_| Error::internal("log entry over 4 GiB"))?;
+            let len = u32::try_from(payload.len()).map_err(|_| LogError::damaged("log entry over 4 GiB"))?;
             locs.push(Loc { log_id: entry.log_id, segment, offset: base + buf.len() as u64, len });
             buf.extend_from_slice(&len.to_le_bytes());
             buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
@@ -260,7 +298,7 @@ impl LogStore {
         Ok(file)
     }
 
-    fn write_vote(&self, vote: &Vote<NodeId>) -> Result<(), Error> {
+    fn write_vote(&self, vote: &Vote<NodeId>) -> Result<(), LogError> {
         let mut inner = self.shared.lock();
         if let Some((_, active)) = inner.active() {
             active.file.sync_data().map_err(|e| io_err("sync the log before the vote", e))?;
@@ -270,7 +308,7 @@ impl LogStore {
         Ok(())
     }
 
-    fn purge_to(&self, log_id: LogId) -> Result<(), Error> {
+    fn purge_to(&self, log_id: LogId) -> Result<(), LogError> {
         let mut inner = self.shared.lock();
         if inner.purged.is_some_and(|p| p.index >= log_id.index) {
             return Ok(());
@@ -305,7 +343,7 @@ impl LogStore {
         Ok(())
     }
 
-    fn truncate_from(&self, index: u64) -> Result<(), Error> {
+    fn truncate_from(&self, index: u64) -> Result<(), LogError> {
         let mut inner = self.shared.lock();
         let pos = inner.locs.partition_point(|l| l.log_id.index < index);
         let Some(&cut) = inner.locs.get(pos) else { return Ok(()) };
@@ -318,7 +356,7 @@ impl LogStore {
                 std::fs::remove_file(&seg.path).map_err(|e| io_err(format!("remove {}", seg.path.display()), e))?;
             }
         }
-        let seg = inner.segments.get_mut(&cut.segment).ok_or_else(|| Error::internal("log segment missing"))?;
+        let seg = inner.segments.get_mut(&cut.segment).ok_or_else(|| LogError::damaged("log segment missing"))?;
         seg.file.set_len(cut.offset).map_err(|e| io_err(format!("truncate {}", seg.path.display()), e))?;
         seg.file.sync_data().map_err(|e| io_err(format!("sync {}", seg.path.display()), e))?;
         seg.len = cut.offset;
@@ -326,7 +364,7 @@ impl LogStore {
         Ok(())
     }
 
-    fn read(&self, start: u64, end: Option<u64>) -> Result<Vec<Entry>, Error> {
+    fn read(&self, start: u64, end: Option<u64>) -> Result<Vec<Entry>, LogError> {
         // Locations are taken under the lock; the reads happen outside it.
         let runs: Vec<(Arc<File>, Vec<Loc>)> = {
             let inner = self.shared.lock();
@@ -338,7 +376,7 @@ impl LogStore {
                     Some((_, locs)) if locs[0].segment == loc.segment => locs.push(*loc),
                     _ => {
                         let seg =
-                            inner.segments.get(&loc.segment).ok_or_else(|| Error::internal("log segment missing"))?;
+                            inner.segments.get(&loc.segment).ok_or_else(|| LogError::damaged("log segment missing"))?;
                         runs.push((seg.file.clone(), vec![*loc]));
                     }
                 }
@@ -355,7 +393,7 @@ impl LogStore {
             for loc in locs {
                 let at = (loc.offset - begin) as usize;
                 let payload = check_record(&buf[at..]).ok_or_else(|| {
-                    Error::internal(format!("raft log record of index {} is damaged", loc.log_id.index))
+                    LogError::damaged(format!("raft log record of index {} is damaged", loc.log_id.index))
                 })?;
                 out.push(decode(payload)?);
             }
@@ -396,11 +434,11 @@ fn timed_sync(file: &File, fsync: &Histogram) -> std::io::Result<()> {
     synced
 }
 
-fn read_err(e: Error) -> StorageError {
+fn read_err(e: LogError) -> StorageError {
     StorageIOError::read_logs(&e).into()
 }
 
-fn write_err(e: Error) -> StorageError {
+fn write_err(e: LogError) -> StorageError {
     StorageIOError::write_logs(&e).into()
 }
 
@@ -439,7 +477,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let store = self.clone();
         let vote = *vote;
         let saved = tokio::task::spawn_blocking(move || store.write_vote(&vote)).await;
-        saved.map_err(Error::internal).and_then(|r| r).map_err(|e| StorageIOError::write_vote(&e).into())
+        saved
+            .map_err(Error::internal)
+            .and_then(|r| r.map_err(Error::from))
+            .map_err(|e| StorageIOError::write_vote(&e).into())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {

@@ -141,7 +141,9 @@ impl StateMachine {
                             self.shared.publish(&state, &mut group, batch, events);
                             responses.push(response);
                         }
-                        Response(Ok(serde_bytes::ByteBuf::from(encode(&responses).map_err(|e| fail(entry.log_id, e))?)))
+                        Response(Ok(serde_bytes::ByteBuf::from(
+                            encode(&responses).map_err(|e| fail(entry.log_id, e.into()))?,
+                        )))
                     }
                     decoded => {
                         let applied = apply_command(&mut state, decoded.ok(), &mut group, committer, false);
@@ -152,7 +154,7 @@ impl StateMachine {
                 },
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(entry.log_id), m.clone());
-                    let encoded = encode(&self.membership).map_err(|e| fail(entry.log_id, e))?;
+                    let encoded = encode(&self.membership).map_err(|e| fail(entry.log_id, e.into()))?;
                     group.batch.insert(meta_key(MEMBERSHIP), encoded);
                     Response(Ok(Default::default()))
                 }
