@@ -1,8 +1,14 @@
 //! Test support: in-process kvd clusters on ephemeral ports and temporary
 //! directories, with restart on the same directory and port, a partition
-//! switch, and waits on Raft metrics instead of sleeps.
+//! switch, and waits on Raft metrics instead of sleeps; clusters of real
+//! `kvd` processes ([`processes`]); the [`cluster::Cluster`] handle both
+//! implement, and the [`scenarios`] written once against it.
 
 #![allow(dead_code)]
+
+pub mod cluster;
+pub mod processes;
+pub mod scenarios;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -172,6 +178,36 @@ impl TestCluster {
         for i in 0..self.members.len() {
             self.stop(i).await;
         }
+    }
+}
+
+impl cluster::Cluster for TestCluster {
+    fn size(&self) -> usize {
+        self.members.len()
+    }
+
+    fn running(&self) -> Vec<usize> {
+        TestCluster::running(self)
+    }
+
+    fn client(&self, i: usize) -> Client {
+        TestCluster::client(self, i)
+    }
+
+    fn client_all(&self) -> Client {
+        TestCluster::client_all(self)
+    }
+
+    async fn leader(&self) -> usize {
+        self.wait_leader().await
+    }
+
+    async fn kill(&mut self, i: usize) {
+        self.stop(i).await
+    }
+
+    async fn restart(&mut self, i: usize) {
+        TestCluster::restart(self, i).await
     }
 }
 

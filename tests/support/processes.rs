@@ -1,0 +1,164 @@
+//! A kvd cluster of real `kvd` processes, on ports picked by binding port 0
+//! and temporary data directories; every process is killed when the cluster
+//! is dropped.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use kvd::client::Client;
+
+use super::cluster::Cluster;
+use super::WAIT;
+
+/// Members as child processes of the test.
+pub struct ProcessCluster {
+    children: Vec<Option<Child>>,
+    args: Vec<Vec<String>>,
+    client_ports: Vec<u16>,
+    dir: tempfile::TempDir,
+}
+
+/// Picks `n` distinct free ports (bound on port 0, then released).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
+    listeners.iter().map(|l| l.local_addr().expect("local addr").port()).collect()
+}
+
+impl ProcessCluster {
+    /// Starts `n` members of the `kvd` binary of this build and waits for a
+    /// leader.
+    pub async fn start(n: usize) -> ProcessCluster {
+        let ports = free_ports(2 * n);
+        let (client_ports, peer_ports) = ports.split_at(n);
+        let initial: Vec<String> =
+            peer_ports.iter().enumerate().map(|(i, p)| format!("m{i}=http://127.0.0.1:{p}")).collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let args: Vec<Vec<String>> = (0..n)
+            .map(|i| {
+                let client = format!("http://127.0.0.1:{}", client_ports[i]);
+                let peer = format!("http://127.0.0.1:{}", peer_ports[i]);
+                let data = dir.path().join(format!("m{i}")).display().to_string();
+                [
+                    "--name",
+                    &format!("m{i}"),
+                    "--data-dir",
+                    &data,
+                    "--listen-client-urls",
+                    &client,
+                    "--advertise-client-urls",
+                    &client,
+                    "--listen-peer-urls",
+                    &peer,
+                    "--initial-advertise-peer-urls",
+                    &peer,
+                    "--initial-cluster",
+                    &initial.join(","),
+                    "--heartbeat-interval",
+                    "50",
+                    "--election-timeout",
+                    "500",
+                    "--worker-threads",
+                    "1",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+            })
+            .collect();
+        let mut c =
+            ProcessCluster { children: (0..n).map(|_| None).collect(), args, client_ports: client_ports.to_vec(), dir };
+        for i in 0..n {
+            c.spawn(i);
+        }
+        c.leader().await;
+        c
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let log = File::options().create(true).append(true).open(self.log(i)).expect("member log");
+        let child = Command::new(env!("CARGO_BIN_EXE_kvd"))
+            .args(&self.args[i])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start kvd");
+        self.children[i] = Some(child);
+    }
+
+    /// Member `i`'s log file.
+    pub fn log(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("m{i}.log"))
+    }
+}
+
+impl Cluster for ProcessCluster {
+    fn size(&self) -> usize {
+        self.children.len()
+    }
+
+    fn running(&self) -> Vec<usize> {
+        (0..self.children.len()).filter(|i| self.children[*i].is_some()).collect()
+    }
+
+    fn client(&self, i: usize) -> Client {
+        Client::new(&[format!("http://127.0.0.1:{}", self.client_ports[i])], Duration::from_secs(2)).expect("client")
+    }
+
+    fn client_all(&self) -> Client {
+        let eps: Vec<String> = self.client_ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+        Client::new(&eps, Duration::from_secs(2)).expect("client")
+    }
+
+    async fn leader(&self) -> usize {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let mut seen = Vec::new();
+            for i in self.running() {
+                let status = self.client(i).status_of(0).await.ok();
+                seen.push((i, status.map(|s| (s.leader, s.header.map_or(0, |h| h.member_id)))));
+            }
+            let leaders: Vec<Option<u64>> = seen.iter().map(|(_, s)| s.map(|(l, _)| l)).collect();
+            if let Some(Some(l)) = leaders.first() {
+                if *l != 0 && leaders.iter().all(|x| *x == Some(*l)) {
+                    if let Some((i, _)) = seen.iter().find(|(_, s)| s.is_some_and(|(_, id)| id == *l)) {
+                        return *i;
+                    }
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no agreed leader within {WAIT:?}: {leaders:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.children[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    async fn restart(&mut self, i: usize) {
+        assert!(self.children[i].is_none(), "member {i} is running");
+        self.spawn(i);
+        // Up once it answers on its client port.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.client(i).status_of(0).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "member {i} did not come back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for ProcessCluster {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut().filter_map(Option::take) {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
