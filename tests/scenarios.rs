@@ -1,10 +1,11 @@
-//! The scenarios of `support::scenarios`, each run twice: on three members
-//! in this process, and on three real `kvd` processes (SIGKILL for a kill).
+//! The scenarios of `kvd_testkit::scenarios`, each run twice: on three
+//! members in this process, and on three real `kvd` processes (SIGKILL for a
+//! kill).
 
 mod support;
 
+use kvd_testkit::scenarios;
 use support::processes::ProcessCluster;
-use support::scenarios;
 use support::TestCluster;
 
 macro_rules! both_ways {

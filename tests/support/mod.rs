@@ -1,14 +1,12 @@
 //! Test support: in-process kvd clusters on ephemeral ports and temporary
 //! directories, with restart on the same directory and port, a partition
-//! switch, and waits on Raft metrics instead of sleeps; clusters of real
-//! `kvd` processes ([`processes`]); the [`cluster::Cluster`] handle both
-//! implement, and the [`scenarios`] written once against it.
+//! switch, and waits on Raft metrics instead of sleeps; and clusters of real
+//! `kvd` processes ([`processes`]). Both implement `kvd_testkit::Cluster`, so
+//! the scenarios of `kvd_testkit::scenarios` run on either.
 
 #![allow(dead_code)]
 
-pub mod cluster;
 pub mod processes;
-pub mod scenarios;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -181,7 +179,7 @@ impl TestCluster {
     }
 }
 
-impl cluster::Cluster for TestCluster {
+impl kvd_testkit::Cluster for TestCluster {
     fn size(&self) -> usize {
         self.members.len()
     }

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use kvd::client::Client;
 
-use super::cluster::Cluster;
+use kvd_testkit::Cluster;
+
 use super::WAIT;
 
 /// Members as child processes of the test.

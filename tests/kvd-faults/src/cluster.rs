@@ -425,3 +425,62 @@ pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// The harness's cluster as the scenarios shared with kvd's own tests see
+/// it (`kvd_testkit`): a kill is SIGKILL, a restart starts the process
+/// again on its data directory.
+impl kvd_testkit::Cluster for Cluster {
+    fn size(&self) -> usize {
+        MEMBERS
+    }
+
+    fn running(&self) -> Vec<usize> {
+        (0..MEMBERS).filter(|&i| self.is_running(i)).collect()
+    }
+
+    fn client(&self, i: usize) -> Client {
+        Client::new(&[self.layout.client_addrs[i].to_string()], Duration::from_secs(2)).expect("client")
+    }
+
+    fn client_all(&self) -> Client {
+        let endpoints: Vec<String> = self.layout.client_addrs.iter().map(|a| a.to_string()).collect();
+        Client::new(&endpoints, Duration::from_secs(2)).expect("client")
+    }
+
+    async fn leader(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut named = Vec::new();
+            let mut leading = None;
+            for i in (0..MEMBERS).filter(|&i| self.is_running(i) && !self.paused[i]) {
+                let status = tokio::time::timeout(Duration::from_millis(500), self.client.status_of(i)).await;
+                let leader = status.ok().and_then(Result::ok).map(|st| {
+                    if st.header.as_ref().is_some_and(|h| h.member_id == st.leader) {
+                        leading = Some(i);
+                    }
+                    st.leader
+                });
+                named.push(leader);
+            }
+            let agreed = named.first().copied().flatten().filter(|l| *l != 0 && named.iter().all(|n| *n == Some(*l)));
+            if let (Some(_), Some(i)) = (agreed, leading) {
+                return i;
+            }
+            assert!(Instant::now() < deadline, "no agreed leader within 30 s: {named:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn kill(&mut self, i: usize) {
+        Cluster::kill(self, i)
+    }
+
+    async fn restart(&mut self, i: usize) {
+        self.start_member(i).expect("start the member again");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.client.status_of(i).await.is_err() {
+            assert!(Instant::now() < deadline, "member {i} did not come back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

@@ -7,9 +7,9 @@ use kvd_faults::Fault;
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use crate::cluster::{self, Cluster, MEMBERS};
 use crate::workload::{Clock, Record};
 use crate::{last_error, resumed, serves, Report};
+use kvd_faults::cluster::{self, Cluster, MEMBERS};
 /// What injecting a fault works with: the cluster, the run's seeded
 /// randomness, its report, and the history of operations so far.
 pub struct Injection<'a> {

@@ -1,5 +1,7 @@
-//! kvd-faults as a library: the faults it injects, listed once, for the
-//! binary and for the test that checks a run injected each of them.
+//! kvd-faults as a library: the faults it injects, listed once, and the
+//! cluster it injects them into, for the binary and for its tests.
+
+pub mod cluster;
 
 use std::fmt;
 use std::str::FromStr;

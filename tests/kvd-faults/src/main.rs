@@ -7,7 +7,6 @@
 //! kvd-faults --runs 20 --duration 60s          # seeds 1..=20
 //! ```
 
-mod cluster;
 mod inject;
 mod linearizability;
 mod workload;
@@ -19,9 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use cluster::{Cluster, MEMBERS};
 use inject::{inject, Injection};
 use kvd::proto::etcdserverpb::RangeRequest;
+use kvd_faults::cluster::{Cluster, MEMBERS};
 use kvd_faults::Fault;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;

@@ -34,3 +34,21 @@ fn three_seeds_of_every_fault_find_no_anomaly() {
         assert!(run.contains("lost 0"), "acknowledged writes were lost: {run}");
     }
 }
+
+/// The scenarios kvd's own tests run in-process and on plain processes, run
+/// on the harness's cluster: peer links through its proxies, members on
+/// addresses of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_shared_scenarios_pass_on_the_harness_cluster() {
+    use kvd_testkit::scenarios;
+    let kvd = std::path::Path::new(env!("CARGO_BIN_EXE_kvd-faults")).with_file_name("kvd");
+    assert!(kvd.exists(), "no kvd binary at {} (cargo test --workspace builds it)", kvd.display());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster =
+        kvd_faults::cluster::Cluster::start(kvd, dir.path().to_path_buf(), 500, None).await.expect("start");
+    kvd_testkit::Cluster::leader(&cluster).await;
+    scenarios::write_anywhere_read_everywhere(&mut cluster).await;
+    scenarios::leader_killed_loses_no_acknowledged_write(&mut cluster).await;
+    scenarios::whole_cluster_restarts_intact(&mut cluster).await;
+    cluster.stop_all();
+}

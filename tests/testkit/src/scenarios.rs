@@ -1,10 +1,18 @@
-//! Scenarios written once against [`Cluster`], run on in-process members and
-//! on real processes alike (`tests/scenarios.rs`).
+//! Scenarios written once against [`Cluster`]: `tests/scenarios.rs` runs
+//! them on in-process members and on real processes, and the fault harness's
+//! own test on its cluster.
 
-use kvd::proto::etcdserverpb::{DeleteRangeRequest, RangeRequest};
+use kvd::proto::etcdserverpb::{DeleteRangeRequest, PutRequest, RangeRequest};
 
-use super::cluster::Cluster;
-use super::{get, put};
+use crate::Cluster;
+
+fn put(key: &str, value: &str) -> PutRequest {
+    PutRequest { key: key.into(), value: value.into(), ..Default::default() }
+}
+
+fn get(key: &str) -> RangeRequest {
+    RangeRequest { key: key.into(), ..Default::default() }
+}
 
 fn range(from: &str, to: &str) -> RangeRequest {
     RangeRequest { key: from.into(), range_end: to.into(), ..Default::default() }
@@ -40,7 +48,7 @@ pub async fn leader_killed_loses_no_acknowledged_write(c: &mut impl Cluster) {
     let client = c.client_all();
     let mut acked = Vec::new();
     for i in 0..50 {
-        let key = format!("k{i:03}");
+        let key = format!("acked/{i:03}");
         client.put(put(&key, &i.to_string())).await.expect("put before failover");
         acked.push(key);
     }
@@ -51,19 +59,19 @@ pub async fn leader_killed_loses_no_acknowledged_write(c: &mut impl Cluster) {
     assert_ne!(c.member_id(new).await, old_id, "a new leader is elected");
     let survivor = c.running()[0];
     for i in 50..60 {
-        let key = format!("k{i:03}");
+        let key = format!("acked/{i:03}");
         c.client(survivor).put(put(&key, &i.to_string())).await.expect("put after failover");
         acked.push(key);
     }
     for m in c.running() {
-        let all = c.client(m).range(range("k", "l")).await.expect("range");
+        let all = c.client(m).range(range("acked/", "acked0")).await.expect("range");
         let keys: Vec<String> = all.kvs.iter().map(|kv| String::from_utf8_lossy(&kv.key).into_owned()).collect();
         assert_eq!(keys, acked, "member {m} has every acknowledged write");
     }
     // The old leader comes back and catches up.
     c.restart(old).await;
     c.leader().await;
-    let all = c.client(old).range(range("k", "l")).await.expect("range on the restarted member");
+    let all = c.client(old).range(range("acked/", "acked0")).await.expect("range on the restarted member");
     assert_eq!(all.kvs.len(), acked.len(), "the restarted member has every acknowledged write");
 }
 
@@ -71,8 +79,12 @@ pub async fn leader_killed_loses_no_acknowledged_write(c: &mut impl Cluster) {
 /// history are as they were.
 pub async fn whole_cluster_restarts_intact(c: &mut impl Cluster) {
     let client = c.client_all();
+    let mut first_rev = 0;
     for i in 0..30 {
-        client.put(put(&format!("key-{i:02}"), &format!("value-{i}"))).await.expect("put");
+        let resp = client.put(put(&format!("key-{i:02}"), &format!("value-{i}"))).await.expect("put");
+        if i == 0 {
+            first_rev = resp.header.expect("header").revision;
+        }
     }
     client.delete_range(DeleteRangeRequest { key: b"key-00".to_vec(), ..Default::default() }).await.expect("delete");
     let before = client.range(get("key-05")).await.expect("get");
@@ -93,8 +105,8 @@ pub async fn whole_cluster_restarts_intact(c: &mut impl Cluster) {
     // And the history too: a read at an old revision still sees the deleted key.
     let old = c
         .client_all()
-        .range(RangeRequest { key: b"key-00".to_vec(), revision: 2, ..Default::default() })
+        .range(RangeRequest { key: b"key-00".to_vec(), revision: first_rev, ..Default::default() })
         .await
-        .expect("read at revision 2");
+        .expect("read at the revision of the first put");
     assert_eq!(old.kvs.len(), 1);
 }

@@ -1,7 +1,10 @@
-//! One handle for a kvd cluster in a test, whichever way its members run:
-//! in this process ([`super::TestCluster`]) or as real `kvd` processes
-//! ([`super::processes::ProcessCluster`]). A scenario written against
-//! [`Cluster`] runs both ways (see `tests/scenarios.rs`).
+//! One handle for a kvd cluster under test, whichever way its members run:
+//! in the test's own process (`tests/support`'s `TestCluster`), as real
+//! `kvd` processes (`tests/support/processes.rs`), or as the fault harness
+//! runs them, behind its peer-link proxies (`tests/kvd-faults`). A scenario
+//! written once against [`Cluster`] ([`scenarios`]) runs on each.
+
+pub mod scenarios;
 
 use kvd::client::Client;
 
