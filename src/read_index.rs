@@ -18,7 +18,7 @@ use crate::raft::leader::{ask_leader, until_leader, Attempt, Forwarded};
 use crate::raft::network::{Network, Rpc};
 use crate::raft::{NodeId, Raft};
 
-type Answer = Result<Option<u64>, Error>;
+type ReadAnswer = Result<Option<u64>, Error>;
 
 /// The read index rounds of one member.
 #[derive(Clone)]
@@ -65,7 +65,7 @@ struct Rounds {
     /// Whether a task is running rounds.
     running: bool,
     /// Reads waiting for the next round.
-    waiting: Vec<oneshot::Sender<Answer>>,
+    waiting: Vec<oneshot::Sender<ReadAnswer>>,
 }
 
 impl ReadIndex {
@@ -92,7 +92,7 @@ impl ReadIndex {
 
     /// A read index confirmed after this call began: once this member has
     /// applied it, its state reflects every write committed before the call.
-    pub async fn get(&self) -> Answer {
+    pub async fn get(&self) -> ReadAnswer {
         let (tx, rx) = oneshot::channel();
         let start = {
             let mut r = self.rounds.lock().unwrap_or_else(|p| p.into_inner());
@@ -126,7 +126,7 @@ impl ReadIndex {
 
     /// One round: the leader's read index, from this member if it leads,
     /// else from the leader; retried across leader changes until the timeout.
-    async fn round(&self) -> Answer {
+    async fn round(&self) -> ReadAnswer {
         let deadline = Instant::now() + self.timeout;
         until_leader(&self.raft, deadline, || self.attempt(deadline)).await
     }

@@ -41,7 +41,7 @@ pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Proposals waiting for a batch; past this, proposers wait their turn.
 const QUEUE: usize = 4 * MAX_BATCH;
 
-struct Pending {
+struct Proposed {
     bytes: Vec<u8>,
     alone: bool,
     done: oneshot::Sender<Forwarded<Response>>,
@@ -49,7 +49,7 @@ struct Pending {
 
 /// The queue of proposals to this member's Raft.
 pub struct Proposals {
-    tx: mpsc::Sender<Pending>,
+    tx: mpsc::Sender<Proposed>,
     writes: WritesInFlight,
 }
 
@@ -76,7 +76,7 @@ impl Proposals {
         let Proposal { command: bytes, alone } = proposal;
         let _counted = self.writes.enter();
         let (done, answer) = oneshot::channel();
-        if self.tx.send(Pending { bytes, alone, done }).await.is_err() {
+        if self.tx.send(Proposed { bytes, alone, done }).await.is_err() {
             return Forwarded::Failed(Error::Stopped);
         }
         answer.await.unwrap_or(Forwarded::Failed(Error::Stopped))
@@ -87,7 +87,7 @@ const LIMITS: Limits = Limits { in_flight: MAX_IN_FLIGHT, items: MAX_BATCH, byte
 
 /// A proposal joins the entry of the ones before it unless either must go
 /// alone.
-impl Queued for Pending {
+impl Queued for Proposed {
     fn size(&self) -> usize {
         self.bytes.len()
     }
@@ -97,7 +97,7 @@ impl Queued for Pending {
     }
 }
 
-async fn run(raft: Raft, rx: mpsc::Receiver<Pending>, timeout: Duration) {
+async fn run(raft: Raft, rx: mpsc::Receiver<Proposed>, timeout: Duration) {
     super::gather::run(rx, LIMITS, |batch| {
         let raft = raft.clone();
         async move { commit(move |entry| async move { raft.client_write(entry).await }, batch, timeout).await }
@@ -117,7 +117,7 @@ type WriteResult = Result<ClientWriteResponse<TypeConfig>, RaftError<NodeId, Cli
 /// with entries in flight, which then catches up from a snapshot, would
 /// otherwise hold both slots for good and propose nothing more while it led
 /// again (the fault harness saw writes stop for 14 s that way).
-async fn commit<W, Fut>(write: W, mut batch: Vec<Pending>, timeout: Duration)
+async fn commit<W, Fut>(write: W, mut batch: Vec<Proposed>, timeout: Duration)
 where
     W: FnOnce(Request) -> Fut,
     Fut: Future<Output = WriteResult>,
@@ -184,13 +184,13 @@ mod tests {
     use super::super::gather::gather;
     use super::*;
 
-    fn pending(tag: u8, alone: bool) -> Pending {
-        Pending { bytes: vec![tag], alone, done: oneshot::channel().0 }
+    fn pending(tag: u8, alone: bool) -> Proposed {
+        Proposed { bytes: vec![tag], alone, done: oneshot::channel().0 }
     }
 
-    fn answered(tag: u8) -> (Pending, oneshot::Receiver<Forwarded<Response>>) {
+    fn answered(tag: u8) -> (Proposed, oneshot::Receiver<Forwarded<Response>>) {
         let (done, answer) = oneshot::channel();
-        (Pending { bytes: vec![tag], alone: false, done }, answer)
+        (Proposed { bytes: vec![tag], alone: false, done }, answer)
     }
 
     fn written(data: Response) -> ClientWriteResponse<TypeConfig> {
@@ -262,7 +262,7 @@ mod tests {
         }
     }
 
-    fn tags(batch: &[Pending]) -> Vec<u8> {
+    fn tags(batch: &[Proposed]) -> Vec<u8> {
         batch.iter().map(|p| p.bytes[0]).collect()
     }
 

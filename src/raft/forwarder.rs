@@ -32,18 +32,18 @@ const QUEUE: usize = 4 * MAX_BATCH;
 
 /// What a forwarded write came back with: `Ok(None)` if it certainly never
 /// reached the leader (or the leader's address is unknown).
-pub type Answer = Result<Option<Forwarded<Response>>, Error>;
+pub type ForwardAnswer = Result<Option<Forwarded<Response>>, Error>;
 
-struct Pending {
+struct Forwarding {
     leader: NodeId,
     proposal: Proposal,
     deadline: Instant,
-    done: oneshot::Sender<Answer>,
+    done: oneshot::Sender<ForwardAnswer>,
 }
 
 /// The queue of writes this member forwards to the leader.
 pub struct Forwarder {
-    tx: mpsc::Sender<Pending>,
+    tx: mpsc::Sender<Forwarding>,
     writes: WritesInFlight,
 }
 
@@ -57,10 +57,10 @@ impl Forwarder {
     }
 
     /// Forwards a proposal to `leader`, waiting at most until `deadline`.
-    pub async fn forward(&self, leader: NodeId, proposal: Proposal, deadline: Instant) -> Answer {
+    pub async fn forward(&self, leader: NodeId, proposal: Proposal, deadline: Instant) -> ForwardAnswer {
         let _counted = self.writes.enter();
         let (done, answer) = oneshot::channel();
-        if self.tx.send(Pending { leader, proposal, deadline, done }).await.is_err() {
+        if self.tx.send(Forwarding { leader, proposal, deadline, done }).await.is_err() {
             return Err(Error::Stopped);
         }
         answer.await.unwrap_or(Err(Error::Stopped))
@@ -70,7 +70,7 @@ impl Forwarder {
 const LIMITS: Limits = Limits { in_flight: MAX_IN_FLIGHT, items: MAX_BATCH, bytes: MAX_BATCH_BYTES };
 
 /// Writes go in one call when they go to the same leader.
-impl Queued for Pending {
+impl Queued for Forwarding {
     fn size(&self) -> usize {
         self.proposal.command.len()
     }
@@ -80,7 +80,7 @@ impl Queued for Pending {
     }
 }
 
-async fn run(raft: Raft, network: Network, rx: mpsc::Receiver<Pending>) {
+async fn run(raft: Raft, network: Network, rx: mpsc::Receiver<Forwarding>) {
     super::gather::run(rx, LIMITS, |batch| {
         let (raft, network) = (raft.clone(), network.clone());
         async move { send(&raft, &network, batch).await }
@@ -89,7 +89,7 @@ async fn run(raft: Raft, network: Network, rx: mpsc::Receiver<Pending>) {
 }
 
 /// Sends one call for `batch` and hands each write its answer.
-async fn send(raft: &Raft, network: &Network, mut batch: Vec<Pending>) {
+async fn send(raft: &Raft, network: &Network, mut batch: Vec<Forwarding>) {
     let Some(leader) = batch.first().map(|p| p.leader) else { return };
     let deadline = batch.iter().map(|p| p.deadline).min().unwrap_or_else(Instant::now);
     if batch.len() == 1 {
@@ -103,7 +103,7 @@ async fn send(raft: &Raft, network: &Network, mut batch: Vec<Pending>) {
         let _ = p.done.send(answer);
         return;
     }
-    let (list, waiting): (Vec<Proposal>, Vec<oneshot::Sender<Answer>>) =
+    let (list, waiting): (Vec<Proposal>, Vec<oneshot::Sender<ForwardAnswer>>) =
         batch.into_iter().map(|p| (p.proposal, p.done)).unzip();
     let answers = match encode(&list) {
         Ok(payload) => {
@@ -142,8 +142,8 @@ mod tests {
     use super::super::gather::gather;
     use super::*;
 
-    fn pending(leader: NodeId, tag: u8) -> Pending {
-        Pending {
+    fn pending(leader: NodeId, tag: u8) -> Forwarding {
+        Forwarding {
             leader,
             proposal: Proposal { command: vec![tag], alone: false },
             deadline: Instant::now(),
@@ -151,7 +151,7 @@ mod tests {
         }
     }
 
-    fn tags(batch: &[Pending]) -> Vec<u8> {
+    fn tags(batch: &[Forwarding]) -> Vec<u8> {
         batch.iter().map(|p| p.proposal.command[0]).collect()
     }
 

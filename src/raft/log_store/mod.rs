@@ -105,12 +105,12 @@ impl Inner {
     }
 }
 
-struct Shared {
+struct SharedLog {
     dir: PathBuf,
     inner: Mutex<Inner>,
 }
 
-impl Shared {
+impl SharedLog {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -119,7 +119,7 @@ impl Shared {
 /// The Raft log of one member; clones share it (and read it concurrently).
 #[derive(Clone)]
 pub struct LogStore {
-    shared: Arc<Shared>,
+    shared: Arc<SharedLog>,
     flusher: mpsc::UnboundedSender<(Arc<File>, LogFlushed<TypeConfig>)>,
     writes: WritesInFlight,
     /// How long each sync of appended entries took.
@@ -201,7 +201,7 @@ impl LogStore {
             let seg = create_segment(dir, first)?;
             inner.segments.insert(first, seg);
         }
-        let shared = Arc::new(Shared { dir: dir.to_path_buf(), inner: Mutex::new(inner) });
+        let shared = Arc::new(SharedLog { dir: dir.to_path_buf(), inner: Mutex::new(inner) });
         let (flusher, pending) = mpsc::unbounded_channel();
         let fsync = Arc::new(Histogram::default());
         let timed = fsync.clone();
