@@ -12,7 +12,8 @@
 //! is the last one that starts at or before it.
 
 use super::batch::Batch;
-use crate::error::{Error, Result};
+use super::StoreError;
+use crate::error::Result;
 
 /// Prefix of run records.
 pub const RUNS: u8 = b's';
@@ -58,7 +59,7 @@ impl Run {
 
 /// The changes a run record lists, in order: revision and key.
 fn parse(mut value: &[u8]) -> Result<Vec<(i64, &[u8])>> {
-    let corrupt = || Error::internal("corrupt revision-order record");
+    let corrupt = || StoreError::corrupt("revision-order record");
     let mut out = Vec::new();
     while !value.is_empty() {
         let rev: [u8; 8] = value.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(corrupt)?;
@@ -129,7 +130,7 @@ pub fn upgrade(tree: &sled::Tree) -> Result<()> {
     let mut in_run = 0;
     for item in tree.scan_prefix([OLD_CHANGES]) {
         let (rec, key) = item?;
-        let corrupt = || Error::internal("corrupt revision record key");
+        let corrupt = || StoreError::corrupt("revision record key");
         let rev: [u8; 8] = rec.get(1..9).and_then(|b| b.try_into().ok()).ok_or_else(corrupt)?;
         let sub: [u8; 4] = rec.get(9..13).and_then(|b| b.try_into().ok()).ok_or_else(corrupt)?;
         run.push(u64::from_be_bytes(rev) as i64, u32::from_be_bytes(sub), &key);

@@ -2,6 +2,7 @@
 //! the history no read can see any more is removed afterwards in steps, so
 //! that applying never waits for a whole pass.
 
+use super::StoreError;
 use super::{changes, decode_kv, keys, Batch, MvccStore};
 use crate::error::{Error, Result};
 
@@ -71,7 +72,7 @@ fn compact_history(
     // has decided every record before the one it stops at.
     let mut records = tree.range(from.to_vec()..vec![keys::HIST + 1]).map(|item| -> Result<_> {
         let (rec, value) = item?;
-        let (key, r) = keys::parse_hist_key(&rec).ok_or_else(|| Error::internal("corrupt history record key"))?;
+        let (key, r) = keys::parse_hist_key(&rec).ok_or_else(|| StoreError::corrupt("history record key"))?;
         Ok((rec, key, r, value))
     });
     let mut older: Option<(sled::IVec, Vec<u8>, sled::IVec)> = None;

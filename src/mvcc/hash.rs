@@ -2,7 +2,8 @@
 
 use super::compaction::compacted_away;
 use super::keys;
-use crate::error::{Error, Result};
+use super::StoreError;
+use crate::error::Result;
 
 /// A hash of the history that reads at revisions `compacted` to `rev` can
 /// see: every version from `compacted` to `rev`, and each key's newest
@@ -25,7 +26,7 @@ pub fn hash_history(tree: &sled::Tree, compacted: i64, rev: i64) -> Result<u32> 
     let mut older: Option<(sled::IVec, Vec<u8>, sled::IVec)> = None;
     for item in tree.range(vec![keys::HIST]..vec![keys::HIST + 1]) {
         let (rec, value) = item?;
-        let (key, r) = keys::parse_hist_key(&rec).ok_or_else(|| Error::internal("corrupt history record key"))?;
+        let (key, r) = keys::parse_hist_key(&rec).ok_or_else(|| StoreError::corrupt("history record key"))?;
         if let Some((old_rec, old_key, old_value)) = older.take() {
             if !compacted_away(&old_key, &old_value, Some((&key, r)), compacted)? {
                 add(&old_rec, &old_value);

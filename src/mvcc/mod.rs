@@ -16,6 +16,7 @@
 pub mod batch;
 pub mod changes;
 mod compaction;
+mod error;
 mod hash;
 pub mod keys;
 pub mod ops;
@@ -30,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
 pub use batch::Batch;
 pub use compaction::CompactionStep;
+pub use error::StoreError;
 pub use hash::hash_history;
 use keys::RangeEnd;
 pub use writer::Writer;
@@ -141,20 +143,18 @@ impl MvccStore {
         let mut leases = BTreeMap::new();
         for item in tree.scan_prefix([keys::LEASE]) {
             let (rec, value) = item?;
-            let id: [u8; 8] = rec
-                .get(1..)
-                .and_then(|b| b.try_into().ok())
-                .ok_or_else(|| Error::internal("corrupt lease record key"))?;
-            let ttl: [u8; 8] = value.as_ref().try_into().map_err(|_| Error::internal("corrupt lease record"))?;
+            let id: [u8; 8] =
+                rec.get(1..).and_then(|b| b.try_into().ok()).ok_or_else(|| StoreError::corrupt("lease record key"))?;
+            let ttl: [u8; 8] = value.as_ref().try_into().map_err(|_| StoreError::corrupt("lease record"))?;
             leases.insert(i64::from_be_bytes(id), Lease { ttl: i64::from_be_bytes(ttl), keys: BTreeSet::new() });
         }
         for (key, meta) in &index {
             if meta.lease != 0 {
                 // A key can only have been attached to a lease that existed,
                 // and revoking a lease deletes its keys in the same batch.
-                let lease = leases
-                    .get_mut(&meta.lease)
-                    .ok_or_else(|| Error::internal(format!("key attached to unknown lease {:x}", meta.lease)))?;
+                let lease = leases.get_mut(&meta.lease).ok_or_else(|| {
+                    StoreError::inconsistent(format!("key attached to unknown lease {:x}", meta.lease))
+                })?;
                 lease.keys.insert(key.clone());
             }
         }
@@ -270,10 +270,11 @@ impl MvccStore {
         }
         match self.tree.get(&rec)? {
             Some(v) => decode_kv(&v),
-            None => Err(Error::internal(format!(
+            None => Err(StoreError::inconsistent(format!(
                 "the history record of a live key is missing (revision {})",
                 meta.mod_revision
-            ))),
+            ))
+            .into()),
         }
     }
 
@@ -394,7 +395,7 @@ impl MvccStore {
         let mut current_key: Option<Vec<u8>> = None;
         for item in iter {
             let (rec, value) = item?;
-            let (k, r) = keys::parse_hist_key(&rec).ok_or_else(|| Error::internal("corrupt history record key"))?;
+            let (k, r) = keys::parse_hist_key(&rec).ok_or_else(|| StoreError::corrupt("history record key"))?;
             if current_key.as_deref() != Some(k.as_slice()) {
                 if let Some(kv) = candidate.take() {
                     out.push(kv);
@@ -425,7 +426,7 @@ fn event_rev(e: &Event) -> i64 {
 }
 
 fn decode_kv(value: &[u8]) -> Result<KeyValue> {
-    KeyValue::decode(value).map_err(|e| Error::internal(format!("corrupt key-value record: {e}")))
+    Ok(KeyValue::decode(value).map_err(|e| StoreError::corrupt(format!("key-value record: {e}")))?)
 }
 
 fn read_meta_i64(tree: &sled::Tree, name: &str) -> Result<Option<i64>> {
@@ -433,7 +434,7 @@ fn read_meta_i64(tree: &sled::Tree, name: &str) -> Result<Option<i64>> {
         None => Ok(None),
         Some(v) => {
             let bytes: [u8; 8] =
-                v.as_ref().try_into().map_err(|_| Error::internal(format!("corrupt metadata record {name}")))?;
+                v.as_ref().try_into().map_err(|_| StoreError::corrupt(format!("metadata record {name}")))?;
             Ok(Some(i64::from_be_bytes(bytes)))
         }
     }

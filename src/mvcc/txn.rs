@@ -10,6 +10,7 @@ use std::collections::HashSet;
 
 use super::keys::RangeEnd;
 use super::ops::{self, rev_header};
+use super::StoreError;
 use super::{MvccStore, Writer};
 use crate::error::{Error, Result};
 use crate::proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
@@ -201,7 +202,7 @@ fn check_branches(
     path: &mut std::slice::Iter<'_, bool>,
     check: Check,
 ) -> Result<()> {
-    let ok = *path.next().ok_or_else(|| Error::internal("txn path too short"))?;
+    let ok = *path.next().ok_or_else(|| StoreError::inconsistent("txn path too short"))?;
     for op in if ok { &req.success } else { &req.failure } {
         match &op.request {
             Some(Request::RequestTxn(t)) => check_branches(store, t, path, check)?,
@@ -258,7 +259,7 @@ fn apply_branch(
     req: &TxnRequest,
     path: &mut std::slice::Iter<'_, bool>,
 ) -> Result<TxnResponse> {
-    let ok = *path.next().ok_or_else(|| Error::internal("txn path too short"))?;
+    let ok = *path.next().ok_or_else(|| StoreError::inconsistent("txn path too short"))?;
     let mut responses = Vec::new();
     for op in if ok { &req.success } else { &req.failure } {
         let response = match (&op.request, &mut *t) {
@@ -277,7 +278,7 @@ fn apply_branch(
                 nested.header = Some(Default::default());
                 Response::ResponseTxn(nested)
             }
-            (Some(_), Target::Read(_)) => return Err(Error::internal("write in a read-only txn")),
+            (Some(_), Target::Read(_)) => return Err(StoreError::inconsistent("write in a read-only txn").into()),
             (None, _) => continue,
         };
         responses.push(ResponseOp { response: Some(response) });

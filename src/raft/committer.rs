@@ -81,7 +81,7 @@ impl Committer {
                     done.notify_all();
                 }
             })
-            .map_err(|e| Error::internal(format!("cannot start the state machine's commit thread: {e}")))?;
+            .map_err(|source| CommitError::Spawn { thread: "state machine's commit", source })?;
         Ok(Committer { tx: Some(tx), thread: Some(thread), progress, commits })
     }
 
@@ -125,7 +125,7 @@ impl Committer {
         let mut progress = self.lock();
         check(&progress)?;
         if progress.busy {
-            return Err(Error::internal("work was handed to the committer before the group before it was committed"));
+            return Err(CommitError::OutOfOrder.into());
         }
         if self.tx.as_ref().is_none_or(|tx| tx.send(job).is_err()) {
             progress.failed = Some("the commit thread is gone".into());
@@ -151,8 +151,46 @@ impl Drop for Committer {
 
 fn check(progress: &Progress) -> Result<(), Error> {
     match &progress.failed {
-        Some(why) => Err(Error::internal(format!("committing applied writes to sled failed: {why}"))),
+        Some(why) => Err(CommitError::Failed(why.clone()).into()),
         None => Ok(()),
+    }
+}
+
+/// A failure of the threads that commit applied writes and remove compacted
+/// history. A client sees it as an internal error; the member stops applying.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// A thread could not be started.
+    #[error("cannot start the {thread} thread: {source}")]
+    Spawn {
+        /// Which thread.
+        thread: &'static str,
+        /// What the system answered.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Work came out of order: a bug in the state machine, not in the disk.
+    #[error("work was handed to the committer before the group before it was committed")]
+    OutOfOrder,
+    /// A commit to sled failed; later ones are refused.
+    #[error("committing applied writes to sled failed: {0}")]
+    Failed(String),
+    /// The commit thread ended while work was waiting for it.
+    #[error("the commit thread ended {0}")]
+    Gone(&'static str),
+    /// Removing compacted history failed; `rev` is the compaction's.
+    #[error("physical compaction at revision {rev} failed: {why}")]
+    Compaction {
+        /// The compacted revision.
+        rev: i64,
+        /// What failed.
+        why: String,
+    },
+}
+
+impl From<CommitError> for Error {
+    fn from(e: CommitError) -> Error {
+        Error::internal(e)
     }
 }
 

@@ -15,6 +15,7 @@
 use std::sync::mpsc;
 use std::sync::Weak;
 
+use super::committer::CommitError;
 use super::state_machine::Shared;
 use crate::error::Error;
 
@@ -25,7 +26,7 @@ pub fn start(shared: Weak<Shared>, woken: mpsc::Receiver<()>) -> Result<(), Erro
         .name("kvd-compact".into())
         .spawn(move || run(shared, woken))
         .map(|_| ())
-        .map_err(|e| Error::internal(format!("cannot start the compaction thread: {e}")))
+        .map_err(|source| CommitError::Spawn { thread: "compaction", source }.into())
 }
 
 fn run(shared: Weak<Shared>, woken: mpsc::Receiver<()>) {

@@ -267,7 +267,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let dir = self.dir.clone();
-        let stored = super::blocking(move || read_snapshot_file(&dir))
+        let stored = super::blocking(move || Ok(read_snapshot_file(&dir)?))
             .await
             .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))?;
         Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))

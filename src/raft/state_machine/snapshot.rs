@@ -10,7 +10,8 @@ use openraft::{RaftSnapshotBuilder, StorageIOError, StoredMembership};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use super::super::{encode, LogId, Node, NodeId, StorageError, TypeConfig};
+use super::super::committer::CommitError;
+use super::super::{encode, CodecError, LogId, Node, NodeId, StorageError, TypeConfig};
 use super::SNAPSHOT_FILE;
 use crate::error::Error;
 
@@ -23,31 +24,67 @@ pub(super) struct StoredSnapshot {
     pub(super) data: Vec<u8>,
 }
 
-/// The records of snapshot data, borrowed from it.
+/// What can go wrong with the snapshot file. A client sees it as an
+/// internal error; openraft as a storage error of the snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotFileError {
+    /// Reading or writing the file failed.
+    #[error("{what} snapshot: {source}")]
+    Io {
+        /// "read" or "write".
+        what: &'static str,
+        /// What the system answered.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not as kvd writes it.
+    #[error("read snapshot: {0}")]
+    Damaged(String),
+    /// The metadata could not be encoded.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+impl From<SnapshotFileError> for Error {
+    fn from(e: SnapshotFileError) -> Error {
+        Error::internal(e)
+    }
+}
+
+fn read_err(source: std::io::Error) -> SnapshotFileError {
+    SnapshotFileError::Io { what: "read", source }
+}
+
+fn write_err(source: std::io::Error) -> SnapshotFileError {
+    SnapshotFileError::Io { what: "write", source }
+}
+
 /// A snapshot's metadata.
 pub(super) type Meta = SnapshotMeta<NodeId, Node>;
 
 /// The snapshot file, opened, with the metadata at its start read.
-pub(super) fn open_snapshot_file(dir: &Path) -> Result<Option<(Meta, std::io::BufReader<std::fs::File>)>, Error> {
-    let io = |e: std::io::Error| Error::internal(format!("read snapshot: {e}"));
+pub(super) fn open_snapshot_file(
+    dir: &Path,
+) -> Result<Option<(Meta, std::io::BufReader<std::fs::File>)>, SnapshotFileError> {
+    let io = read_err;
     let file = match std::fs::File::open(dir.join(SNAPSHOT_FILE)) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io(e)),
     };
     let mut reader = std::io::BufReader::new(file);
-    let meta = bincode::deserialize_from(&mut reader).map_err(|e| Error::internal(format!("read snapshot: {e}")))?;
+    let meta = bincode::deserialize_from(&mut reader).map_err(|e| SnapshotFileError::Damaged(e.to_string()))?;
     Ok(Some((meta, reader)))
 }
 
 /// The metadata of the snapshot in the snapshot file, without its data.
-pub(super) fn read_snapshot_meta(dir: &Path) -> Result<Option<Meta>, Error> {
+pub(super) fn read_snapshot_meta(dir: &Path) -> Result<Option<Meta>, SnapshotFileError> {
     Ok(open_snapshot_file(dir)?.map(|(meta, _)| meta))
 }
 
-pub(super) fn read_snapshot_file(dir: &Path) -> Result<Option<StoredSnapshot>, Error> {
+pub(super) fn read_snapshot_file(dir: &Path) -> Result<Option<StoredSnapshot>, SnapshotFileError> {
     use std::io::{Read, Seek};
-    let io = |e: std::io::Error| Error::internal(format!("read snapshot: {e}"));
+    let io = read_err;
     let Some((meta, mut reader)) = open_snapshot_file(dir)? else { return Ok(None) };
     let mut len = [0u8; 8];
     reader.read_exact(&mut len).map_err(io)?;
@@ -56,12 +93,12 @@ pub(super) fn read_snapshot_file(dir: &Path) -> Result<Option<StoredSnapshot>, E
     let at = reader.stream_position().map_err(io)?;
     let size = reader.get_ref().metadata().map_err(io)?.len();
     if size.checked_sub(at) != Some(len) {
-        return Err(Error::internal(format!(
-            "read snapshot: the file says {len} bytes of data and holds {}",
+        return Err(SnapshotFileError::Damaged(format!(
+            "the file says {len} bytes of data and holds {}",
             size.saturating_sub(at)
         )));
     }
-    let mut data = vec![0u8; usize::try_from(len).map_err(|_| Error::internal("read snapshot: too large"))?];
+    let mut data = vec![0u8; usize::try_from(len).map_err(|_| SnapshotFileError::Damaged("too large".into()))?];
     reader.read_exact(&mut data).map_err(io)?;
     Ok(Some(StoredSnapshot { meta, data }))
 }
@@ -76,7 +113,7 @@ pub(super) fn write_snapshot_locked(
     on_disk: &std::sync::Mutex<Option<LogId>>,
     stored: &StoredSnapshot,
     only_if_newer: bool,
-) -> Result<bool, Error> {
+) -> Result<bool, SnapshotFileError> {
     let mut on_disk = on_disk.lock().unwrap_or_else(|p| p.into_inner());
     if only_if_newer && on_disk.is_some() && *on_disk >= stored.meta.last_log_id {
         return Ok(false);
@@ -86,8 +123,8 @@ pub(super) fn write_snapshot_locked(
     Ok(true)
 }
 
-pub(super) fn write_snapshot_file(dir: &Path, stored: &StoredSnapshot) -> Result<(), Error> {
-    let io = |e: std::io::Error| Error::internal(format!("write snapshot: {e}"));
+pub(super) fn write_snapshot_file(dir: &Path, stored: &StoredSnapshot) -> Result<(), SnapshotFileError> {
+    let io = write_err;
     let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
     {
         use std::io::Write;
@@ -120,7 +157,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let fail = |e: Error| StorageError::from(StorageIOError::write_snapshot(None, &e));
         let copied = self.records.take().ok_or_else(|| fail(Error::internal("the snapshot was built already")))?;
-        let records = copied.await.unwrap_or_else(|_| Err(Error::internal("the commit thread ended before the copy")));
+        let records = copied.await.unwrap_or_else(|_| Err(CommitError::Gone("before the copy").into()));
         let data = records.map_err(fail)?;
         // The log up to the snapshot may be purged once it is returned, so the
         // applied state must be on disk first.

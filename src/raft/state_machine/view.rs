@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tokio::sync::{broadcast, oneshot, watch};
 
-use super::super::committer::Committer;
+use super::super::committer::{CommitError, Committer};
 use super::super::NodeId;
 use super::group::Group;
 use super::records::copy_records;
@@ -144,7 +144,7 @@ impl Shared {
             })?;
             store.revision()
         };
-        let records = rx.await.map_err(|_| Error::internal("the commit thread ended before the copy"))??;
+        let records = rx.await.map_err(|_| CommitError::Gone("before the copy"))??;
         Ok((rev, records))
     }
 
@@ -200,7 +200,7 @@ impl Shared {
             })?;
             break (step, rx);
         };
-        let next = done.recv().map_err(|_| Error::internal("the commit thread ended during a compaction step"))??;
+        let next = done.recv().map_err(|_| CommitError::Gone("during a compaction step"))??;
         let mut state = self.write();
         if state.store.compaction_stepped(&step, next) {
             let rev = state.store.physical();
@@ -228,7 +228,7 @@ impl Shared {
                     return Ok(());
                 }
                 if let Some((failed, why)) = now.failed.as_ref().filter(|(failed, _)| *failed >= rev) {
-                    return Err(Error::internal(format!("physical compaction at revision {failed} failed: {why}")));
+                    return Err(CommitError::Compaction { rev: *failed, why: why.clone() }.into());
                 }
             }
             if physical.changed().await.is_err() {
