@@ -269,57 +269,17 @@ async fn serves(cluster: &Cluster, i: usize, limit: Duration) -> Option<Duration
 async fn run(args: &Args, faults: &[Fault], seed: u64, kvd: PathBuf, dir: PathBuf) -> anyhow::Result<Report> {
     let mut rng = StdRng::seed_from_u64(seed);
     let election = Duration::from_millis(args.election_timeout);
-    let small_disk = faults.contains(&Fault::DiskFull).then_some(2);
-    let mut cluster = match Cluster::start(kvd.clone(), dir.clone(), args.election_timeout, small_disk).await {
-        Ok(c) => c,
-        Err(e) if small_disk.is_some() => {
-            // No tmpfs here (not root, or no mount rights): run without it.
-            println!("   disk-full skipped: {e:#}");
-            let _ = std::fs::remove_dir_all(dir.join("m2"));
-            let mut c = Cluster::start(kvd, dir.clone(), args.election_timeout, None).await?;
-            c.layout.small_disk = None;
-            c
-        }
-        Err(e) => return Err(e),
-    };
-    let faults: Vec<Fault> =
-        faults.iter().copied().filter(|f| *f != Fault::DiskFull || cluster.layout.small_disk.is_some()).collect();
+    let (mut cluster, faults) = start_cluster(args, faults, kvd, &dir).await?;
     let faults = &faults[..];
     let mut report = Report::default();
-    if cluster.wait_leader(Duration::from_secs(20)).await.is_none() {
-        anyhow::bail!("the cluster elected no leader at start");
-    }
 
     let clock = Clock(Instant::now());
     let record = Arc::new(Record::default());
-    *record.watched.lock().unwrap_or_else(|p| p.into_inner()) = vec![Vec::new(); MEMBERS];
-    *record.watch_progress.lock().unwrap_or_else(|p| p.into_inner()) = vec![1; MEMBERS];
     let stop = Arc::new(AtomicBool::new(false));
     let endpoints: Vec<String> = cluster.layout.client_addrs.iter().map(|a| a.to_string()).collect();
-    let op_timeout = Duration::from_secs(2);
-    let load = workload::Load { record: record.clone(), clock, stop: stop.clone(), timeout: op_timeout, seed };
-    let mut tasks = Vec::new();
-    for c in 0..args.clients {
-        let client = workload::client_from(&endpoints, c);
-        tasks.push(tokio::spawn(workload::register_client(c, client, load.clone())));
-    }
-    for c in 0..2 {
-        let client = workload::client_from(&endpoints, c + 1);
-        tasks.push(tokio::spawn(workload::insert_client(c, client, load.clone())));
-    }
-    for c in 0..2 {
-        let client = workload::client_from(&endpoints, c + 2);
-        tasks.push(tokio::spawn(workload::lease_client(c, client, load.clone())));
-        let client = workload::client_from(&endpoints, c);
-        tasks.push(tokio::spawn(workload::lock_client(client, load.clone())));
-    }
-    tasks.push(tokio::spawn(workload::compaction_client(workload::client_from(&endpoints, 1), load.clone())));
-    let watch_until: Arc<Mutex<Option<i64>>> = Default::default();
-    let mut watchers = Vec::new();
-    for m in 0..MEMBERS {
-        let client = workload::client_from(&endpoints, m);
-        watchers.push(tokio::spawn(workload::watcher(m, client, record.clone(), watch_until.clone())));
-    }
+    let load =
+        workload::Load { record: record.clone(), clock, stop: stop.clone(), timeout: Duration::from_secs(2), seed };
+    let Running { tasks, watchers, watch_until } = start_load(args.clients, &endpoints, load);
 
     // The faults.
     let end = Instant::now() + args.duration;
@@ -383,21 +343,7 @@ async fn run(args: &Args, faults: &[Fault], seed: u64, kvd: PathBuf, dir: PathBu
     }
 
     // The final revision, by a linearizable read that must succeed now.
-    let mut last = None;
-    for _ in 0..50 {
-        match tokio::time::timeout(
-            Duration::from_secs(2),
-            cluster.client.range(RangeRequest { key: b"probe".to_vec(), ..Default::default() }),
-        )
-        .await
-        {
-            Ok(Ok(r)) => {
-                last = r.header.map(|h| h.revision);
-                break;
-            }
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
+    let last = final_revision(&cluster).await;
     let Some(last) = last else {
         report.anomalies.push("the healed cluster did not answer a read".into());
         return Ok(report);
@@ -419,6 +365,106 @@ async fn run(args: &Args, faults: &[Fault], seed: u64, kvd: PathBuf, dir: PathBu
     // last compacted one, whose history compaction must have left whole.
     let compacted = *record.compacted.lock().unwrap_or_else(|p| p.into_inner());
     report.notes.push(format!("compacted up to revision {compacted}"));
+    let contents = compare_members(&endpoints, last, compacted, &mut report).await;
+
+    checks::records(&record, &contents, &windows, election, &mut report);
+    checks::linearizability(&record, &mut report).await?;
+    cluster.stop_all();
+    Ok(report)
+}
+
+/// Starts the cluster for a run: with member 2's data on a small tmpfs when
+/// disk-full is chosen and one can be mounted; without that fault when not.
+/// Returns the cluster, once it has a leader, and the faults it can take.
+async fn start_cluster(
+    args: &Args,
+    faults: &[Fault],
+    kvd: PathBuf,
+    dir: &std::path::Path,
+) -> anyhow::Result<(Cluster, Vec<Fault>)> {
+    let dir = dir.to_path_buf();
+    let small_disk = faults.contains(&Fault::DiskFull).then_some(2);
+    let cluster = match Cluster::start(kvd.clone(), dir.clone(), args.election_timeout, small_disk).await {
+        Ok(c) => c,
+        Err(e) if small_disk.is_some() => {
+            // No tmpfs here (not root, or no mount rights): run without it.
+            println!("   disk-full skipped: {e:#}");
+            let _ = std::fs::remove_dir_all(dir.join("m2"));
+            let mut c = Cluster::start(kvd, dir.clone(), args.election_timeout, None).await?;
+            c.layout.small_disk = None;
+            c
+        }
+        Err(e) => return Err(e),
+    };
+    let faults: Vec<Fault> =
+        faults.iter().copied().filter(|f| *f != Fault::DiskFull || cluster.layout.small_disk.is_some()).collect();
+    if cluster.wait_leader(Duration::from_secs(20)).await.is_none() {
+        anyhow::bail!("the cluster elected no leader at start");
+    }
+    Ok((cluster, faults))
+}
+
+/// The load of a run, under way.
+struct Running {
+    /// The clients, which end when the load's stop flag is set.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// A watcher per member, which ends at the revision set in `watch_until`.
+    watchers: Vec<tokio::task::JoinHandle<()>>,
+    watch_until: Arc<Mutex<Option<i64>>>,
+}
+
+/// Starts the clients (`clients` on registers, and those that insert, hold
+/// leases and locks, and compact) and a watcher on every member.
+fn start_load(clients: usize, endpoints: &[String], load: workload::Load) -> Running {
+    let record = load.record.clone();
+    *record.watched.lock().unwrap_or_else(|p| p.into_inner()) = vec![Vec::new(); MEMBERS];
+    *record.watch_progress.lock().unwrap_or_else(|p| p.into_inner()) = vec![1; MEMBERS];
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let client = workload::client_from(endpoints, c);
+        tasks.push(tokio::spawn(workload::register_client(c, client, load.clone())));
+    }
+    for c in 0..2 {
+        let client = workload::client_from(endpoints, c + 1);
+        tasks.push(tokio::spawn(workload::insert_client(c, client, load.clone())));
+    }
+    for c in 0..2 {
+        let client = workload::client_from(endpoints, c + 2);
+        tasks.push(tokio::spawn(workload::lease_client(c, client, load.clone())));
+        let client = workload::client_from(endpoints, c);
+        tasks.push(tokio::spawn(workload::lock_client(client, load.clone())));
+    }
+    tasks.push(tokio::spawn(workload::compaction_client(workload::client_from(endpoints, 1), load.clone())));
+    let watch_until: Arc<Mutex<Option<i64>>> = Default::default();
+    let mut watchers = Vec::new();
+    for m in 0..MEMBERS {
+        let client = workload::client_from(endpoints, m);
+        watchers.push(tokio::spawn(workload::watcher(m, client, record.clone(), watch_until.clone())));
+    }
+    Running { tasks, watchers, watch_until }
+}
+
+/// The cluster's revision once healed, by a linearizable read retried for
+/// up to about 10 s; `None` if it never answered.
+async fn final_revision(cluster: &Cluster) -> Option<i64> {
+    for _ in 0..50 {
+        let read = cluster.client.range(RangeRequest { key: b"probe".to_vec(), ..Default::default() });
+        match tokio::time::timeout(Duration::from_secs(2), read).await {
+            Ok(Ok(r)) => return r.header.map(|h| h.revision),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    None
+}
+
+/// Reads every member's whole data at `last` and at `compacted` and reports
+/// where they differ; returns the first member's data at `last`.
+async fn compare_members(
+    endpoints: &[String],
+    last: i64,
+    compacted: i64,
+    report: &mut Report,
+) -> Vec<kvd::proto::mvccpb::KeyValue> {
     let mut contents = Vec::new();
     for rev in [last, compacted].into_iter().filter(|&r| r > 1) {
         let mut at_rev = Vec::new();
@@ -433,12 +479,8 @@ async fn run(args: &Args, faults: &[Fault], seed: u64, kvd: PathBuf, dir: PathBu
             report.anomalies.push(format!("members differ at revision {rev} (keys per member {sizes:?})"));
         }
         if rev == last {
-            contents = at_rev;
+            contents = at_rev.into_iter().next().unwrap_or_default();
         }
     }
-
-    checks::records(&record, contents.first().map(Vec::as_slice).unwrap_or_default(), &windows, election, &mut report);
-    checks::linearizability(&record, &mut report).await?;
-    cluster.stop_all();
-    Ok(report)
+    contents
 }
