@@ -29,7 +29,7 @@ impl PeerService {
 }
 
 fn input<T: DeserializeOwned>(req: Request<RaftPayload>) -> Result<T, Status> {
-    decode(&req.into_inner().data).map_err(|e| Status::invalid_argument(e.to_string()))
+    Ok(decode(&req.into_inner().data)?)
 }
 
 fn output<T, E>(res: Result<T, RaftError<NodeId, E>>) -> Result<Response<RaftPayload>, Status>
@@ -37,7 +37,7 @@ where
     T: Serialize,
     E: Serialize + std::error::Error,
 {
-    let data = encode(&res).map_err(|e| Status::internal(e.to_string()))?;
+    let data = encode(&res)?;
     Ok(Response::new(RaftPayload { data }))
 }
 
@@ -60,9 +60,9 @@ impl Peer for PeerService {
         let answers = req.into_inner().then(move |request| {
             let member = member.clone();
             async move {
-                let rpc = decode(&request?.data).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                let rpc = decode(&request?.data)?;
                 let res: Result<_, RaftError<NodeId>> = member.raft.append_entries(rpc).await;
-                let data = encode(&res).map_err(|e| Status::internal(e.to_string()))?;
+                let data = encode(&res)?;
                 Ok(RaftPayload { data })
             }
         });
@@ -92,7 +92,7 @@ impl Peer for PeerService {
     async fn forward_batch(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let list: Vec<Proposal> = input(req)?;
         let answers = futures::future::join_all(list.into_iter().map(|p| self.member.serve_forward(p))).await;
-        let data = encode(&answers).map_err(|e| Status::internal(e.to_string()))?;
+        let data = encode(&answers)?;
         Ok(Response::new(RaftPayload { data }))
     }
 

@@ -5,6 +5,7 @@
 use tonic::{Code, Status};
 
 use crate::error::Error;
+use crate::raft::CodecError;
 
 /// The gRPC code etcd answers `e` with.
 pub fn code(e: &Error) -> Code {
@@ -37,6 +38,19 @@ impl From<Error> for Status {
     }
 }
 
+/// A peer message that did not decode, or an answer that did not encode: a
+/// peer's bytes that are not what the peer API carries are the sender's
+/// fault (`INVALID_ARGUMENT`); an answer this member cannot encode is its
+/// own (`INTERNAL`).
+impl From<CodecError> for Status {
+    fn from(e: CodecError) -> Status {
+        match e {
+            CodecError::Decode(_) => Status::invalid_argument(e.to_string()),
+            CodecError::Encode(_) => Status::internal(e.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,5 +66,11 @@ mod tests {
         assert_eq!((s.code(), s.message()), (Code::InvalidArgument, "\"leader\" field must be provided"));
         assert_eq!(Status::from(Error::NoLeader).code(), Code::Unavailable);
         assert_eq!(Status::from(Error::UnknownAlarmAction(9)).message(), "unknown alarm action 9");
+    }
+
+    #[test]
+    fn an_undecodable_peer_message_is_the_senders_fault() {
+        let bad = crate::raft::decode::<(u64, String)>(&[1, 2]).unwrap_err();
+        assert_eq!(Status::from(bad).code(), Code::InvalidArgument);
     }
 }
