@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvd::client::{Client, LeaseState};
-use kvd::proto::etcdserverpb::{CompactionRequest, PutRequest, WatchCreateRequest, WatchResponse};
+use kvd::proto::etcdserverpb::{CompactionRequest, PutRequest, RangeRequest, WatchCreateRequest, WatchResponse};
 use kvd::proto::mvccpb::event::EventType;
 use support::{get, put, TestCluster, WAIT};
 use tokio::sync::Mutex;
@@ -357,5 +357,37 @@ async fn a_deposed_leader_does_not_expire_a_lease_the_new_leader_keeps_alive() {
     }
     keeper.await.unwrap();
     assert_ne!(new, old);
+    c.shutdown().await;
+}
+
+/// `kvctl lock NAME -- CMD` releases the lock and revokes its lease however
+/// it ends: here the command cannot even start, and the next holder must not
+/// wait for the lease's TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kvctl_lock_releases_the_lock_when_its_command_cannot_start() {
+    let c = TestCluster::start(3, |_| {}).await;
+    let eps: Vec<String> = c.client_addrs.iter().map(|a| a.to_string()).collect();
+    let kvctl = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kvctl"))
+            .arg("--endpoints")
+            .arg(eps.join(","))
+            .args(args)
+            .output()
+            .expect("run kvctl")
+    };
+    let out = kvctl(&["lock", "deploy", "--", "/nonexistent/command"]);
+    assert_eq!(out.status.code(), Some(1), "kvctl reports the command that could not start");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot run"), "{out:?}");
+    let all = c.client_all();
+    let held =
+        all.range(RangeRequest { key: b"deploy/".to_vec(), range_end: b"deploy0".to_vec(), ..Default::default() });
+    assert!(held.await.expect("range").kvs.is_empty(), "no key of the failed attempt holds the lock");
+    let leases = kvctl(&["lease", "list"]);
+    assert!(String::from_utf8_lossy(&leases.stdout).contains("found 0 leases"), "its lease is revoked: {leases:?}");
+    // The next holder takes the lock at once, well within the 60 s TTL.
+    let started = std::time::Instant::now();
+    let out = kvctl(&["lock", "deploy", "--", "true"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "the next holder waited {:?}", started.elapsed());
     c.shutdown().await;
 }

@@ -264,7 +264,15 @@ pub async fn lock(client: &Client, a: LockArgs) -> Result<()> {
     let session = client.session(a.ttl).await?;
     let lock = client.lock_handle(&a.name, &session);
     let guard = tokio::select! {
-        g = lock.lock() => g?,
+        g = lock.lock() => match g {
+            Ok(g) => g,
+            Err(e) => {
+                // Its lease goes with it, so that no key of this attempt
+                // stays behind to hold up the next one.
+                let _ = session.close(client).await;
+                return Err(e.into());
+            }
+        },
         _ = interrupted() => {
             let _ = session.close(client).await;
             return Ok(());
@@ -279,24 +287,27 @@ pub async fn lock(client: &Client, a: LockArgs) -> Result<()> {
             _ = session.lost() => Err(anyhow!("session expired: the lock is no longer held")),
         }
     } else {
-        let mut child = tokio::process::Command::new(&a.command[0])
+        let spawned = tokio::process::Command::new(&a.command[0])
             .args(&a.command[1..])
             .env("KVCTL_LOCK_KEY", &key)
             .env("KVCTL_LOCK_REV", guard.rev.to_string())
             .env("ETCD_LOCK_KEY", &key)
             .env("ETCD_LOCK_REV", guard.rev.to_string())
-            .spawn()
-            .map_err(|e| anyhow!("cannot run {:?}: {e}", a.command[0]))?;
-        tokio::select! {
-            status = child.wait() => match status {
-                Ok(s) if s.success() => Ok(()),
-                Ok(s) => Err(anyhow!("command {:?} exited with {s}", a.command[0])),
-                Err(e) => Err(anyhow!("waiting for {:?}: {e}", a.command[0])),
+            .spawn();
+        // A command that cannot start still releases the lock below.
+        match spawned {
+            Err(e) => Err(anyhow!("cannot run {:?}: {e}", a.command[0])),
+            Ok(mut child) => tokio::select! {
+                status = child.wait() => match status {
+                    Ok(s) if s.success() => Ok(()),
+                    Ok(s) => Err(anyhow!("command {:?} exited with {s}", a.command[0])),
+                    Err(e) => Err(anyhow!("waiting for {:?}: {e}", a.command[0])),
+                },
+                _ = session.lost() => {
+                    let _ = child.kill().await;
+                    Err(anyhow!("session expired: the lock was lost while the command ran"))
+                }
             },
-            _ = session.lost() => {
-                let _ = child.kill().await;
-                Err(anyhow!("session expired: the lock was lost while the command ran"))
-            }
         }
     };
     let _ = lock.unlock(guard).await;
