@@ -147,8 +147,42 @@ impl Member {
         W::output(result).ok_or_else(|| Error::internal("applying a write produced a response of another kind"))
     }
 
-    /// Replicates `op` and returns what applying it produced.
+    /// Replicates `op` and returns what applying it produced, once this
+    /// member has applied it too: as from etcd, a read that follows on the
+    /// same member, serializable or not, sees the write.
     pub(crate) async fn propose(&self, op: command::Op) -> Result<command_result::Result, Error> {
+        let result = self.replicate(op).await?;
+        if let Some(rev) = revision_of(&result) {
+            self.await_revision(rev, Instant::now() + self.request_timeout).await?;
+        }
+        Ok(result)
+    }
+
+    /// Waits until this member's store is at `rev` or later.
+    async fn await_revision(&self, rev: i64, deadline: Instant) -> Result<(), Error> {
+        use tokio::sync::broadcast::error::RecvError;
+        let (mut applied, now) = self.state.subscribe();
+        if now >= rev {
+            return Ok(());
+        }
+        loop {
+            match tokio::time::timeout_at(deadline.into(), applied.recv()).await {
+                Err(_) => return Err(Error::Timeout),
+                Ok(Ok(a)) if a.rev >= rev => return Ok(()),
+                Ok(Ok(_)) => {}
+                Ok(Err(RecvError::Lagged(_))) => {
+                    if self.state.read().store.revision() >= rev {
+                        return Ok(());
+                    }
+                }
+                Ok(Err(RecvError::Closed)) => return Err(Error::Stopped),
+            }
+        }
+    }
+
+    /// Replicates `op` through the leader and returns what applying it
+    /// produced there.
+    async fn replicate(&self, op: command::Op) -> Result<command_result::Result, Error> {
         let proposal = self.proposal(op)?;
         let deadline = Instant::now() + self.request_timeout;
         let proposal = &proposal;
@@ -238,6 +272,22 @@ impl Member {
             }
         }
     }
+}
+
+/// The revision a write's response names: the store's revision once it was
+/// applied.
+fn revision_of(result: &command_result::Result) -> Option<i64> {
+    use command_result::Result as R;
+    let header = match result {
+        R::Put(r) => r.header.as_ref(),
+        R::DeleteRange(r) => r.header.as_ref(),
+        R::Txn(r) => r.header.as_ref(),
+        R::Compact(r) => r.header.as_ref(),
+        R::LeaseGrant(r) => r.header.as_ref(),
+        R::LeaseRevoke(r) => r.header.as_ref(),
+        R::Published(_) => None,
+    };
+    header.map(|h| h.revision)
 }
 
 fn unpack(resp: Response) -> Result<command_result::Result, Error> {
