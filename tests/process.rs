@@ -157,6 +157,16 @@ fn kvd_rejects_bad_flags_and_a_locked_data_dir_with_one_line() {
     assert_eq!(none.status.code(), Some(1));
     let err = String::from_utf8_lossy(&none.stderr);
     assert_eq!(err.trim(), "kvd: error: --worker-threads must be at least 1");
+    // A flag kvd does not know, or a value that does not parse: one line too.
+    for args in [&["--bogus"][..], &["--heartbeat-interval", "soon"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kvd")).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("kvd: error: ") && err.contains(args[0]), "{args:?}: {err}");
+    }
+    let help = Command::new(env!("CARGO_BIN_EXE_kvd")).arg("--help").output().unwrap();
+    assert!(help.status.success() && String::from_utf8_lossy(&help.stdout).contains("--initial-cluster"));
 
     let c = Cluster::new();
     let up = c.script("start.sh");

@@ -12,7 +12,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = Config::parse();
+    let config = Config::try_parse().unwrap_or_else(|e| bad_flags(e));
     let validated = config.validate().unwrap_or_else(|e| fail(e.into()));
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = config.worker_threads {
@@ -23,6 +23,19 @@ fn main() {
         // Exits at once, without waiting for the runtime's tasks to wind down.
         fail(e);
     }
+}
+
+/// Flags clap cannot parse: one line and exit code 1, as for every other
+/// refusal to start; `--help` and `--version` print as clap prints them.
+fn bad_flags(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        e.exit();
+    }
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    eprintln!("kvd: error: {} (see kvd --help)", first.trim_start_matches("error: "));
+    std::process::exit(1);
 }
 
 fn fail(e: anyhow::Error) -> ! {
