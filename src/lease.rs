@@ -42,6 +42,15 @@ pub enum LeaseCall {
     },
 }
 
+impl LeaseCall {
+    /// The lease it asks about.
+    pub fn id(&self) -> i64 {
+        match *self {
+            LeaseCall::Renew(id) | LeaseCall::TimeToLive { id, .. } => id,
+        }
+    }
+}
+
 /// The leader's answer to a [`LeaseCall`].
 #[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseAnswer {

@@ -14,7 +14,7 @@ use openraft::error::{CheckIsLeaderError, RaftError};
 use tokio::sync::oneshot;
 
 use crate::error::Error;
-use crate::raft::leader::{ask_leader, until_leader, Attempt, Forwarded};
+use crate::raft::leader::{ask_leader, idempotent_attempt, until_leader, Attempt, Forwarded};
 use crate::raft::network::{Network, Rpc};
 use crate::raft::{NodeId, Raft};
 
@@ -134,16 +134,13 @@ impl ReadIndex {
     async fn attempt(&self, deadline: Instant) -> Attempt<Option<u64>> {
         // Bounded like every other wait here: a round that openraft never
         // answered would hold up every later read on this member.
-        let Ok(asked) = tokio::time::timeout_at(deadline.into(), self.leader_read_index()).await else {
+        let Ok(here) = tokio::time::timeout_at(deadline.into(), self.on_leader()).await else {
             return Attempt::Answered(Err(Error::Timeout));
         };
-        let leader = match asked {
-            Ok(read) => return Attempt::Answered(Ok(read)),
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => f.leader_id,
-            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => None,
-            Err(RaftError::Fatal(_)) => return Attempt::Answered(Err(Error::Stopped)),
+        let leader = match here {
+            Forwarded::NotLeader(Some(leader)) => leader,
+            answer => return answer.into(),
         };
-        let Some(leader) = leader else { return Attempt::Retry { stale: None } };
         let asked = ask_leader::<Forwarded<Option<u64>>>(
             &self.raft,
             &self.network,
@@ -153,10 +150,18 @@ impl ReadIndex {
             deadline,
         )
         .await;
-        match asked {
-            Ok(Some(answer @ (Forwarded::Done(_) | Forwarded::Failed(_)))) => answer.into(),
-            Ok(_) | Err(Error::Timeout) => Attempt::Retry { stale: Some(leader) },
-            Err(e) => Attempt::Answered(Err(e)),
+        idempotent_attempt(leader, asked)
+    }
+
+    /// The read index as the leader answers it, here or to a follower that
+    /// asks: done, not the leader (with the leader this member knows of), or
+    /// failed because Raft stopped.
+    pub async fn on_leader(&self) -> Forwarded<Option<u64>> {
+        match self.leader_read_index().await {
+            Ok(read) => Forwarded::Done(read),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Forwarded::NotLeader(f.leader_id),
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => Forwarded::NotLeader(None),
+            Err(RaftError::Fatal(_)) => Forwarded::Failed(Error::Stopped),
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::proto::etcdserverpb::{
 };
 use crate::proto::kvdpb::command;
 use crate::raft::encode;
-use crate::raft::leader::{ask_leader, until_leader, Attempt, Forwarded};
+use crate::raft::leader::{ask_leader, idempotent_attempt, until_leader, Attempt, Forwarded};
 use crate::raft::network::Rpc;
 
 /// How often the leader looks for expired leases.
@@ -79,13 +79,10 @@ impl Member {
                 Ok(p) => p,
                 Err(e) => return Attempt::Answered(Err(e.into())),
             };
-            match ask_leader::<Forwarded<LeaseAnswer>>(&self.raft, &self.network, leader, Rpc::Lease, payload, deadline)
-                .await
-            {
-                Ok(Some(answer @ (Forwarded::Done(_) | Forwarded::Failed(_)))) => answer.into(),
-                Ok(_) | Err(Error::Timeout) => Attempt::Retry { stale: Some(leader) },
-                Err(e) => Attempt::Answered(Err(e)),
-            }
+            let asked =
+                ask_leader::<Forwarded<LeaseAnswer>>(&self.raft, &self.network, leader, Rpc::Lease, payload, deadline)
+                    .await;
+            idempotent_attempt(leader, asked)
         })
         .await
     }
@@ -111,11 +108,8 @@ impl Member {
         if self.leading_term() != Some(term) {
             return Forwarded::NotLeader(self.leader());
         }
-        let id = match call {
-            LeaseCall::Renew(id) | LeaseCall::TimeToLive { id, .. } => id,
-        };
         let state = self.state.read();
-        Forwarded::Done(self.lessor.answer(term, call, state.store.lease(id), Instant::now()))
+        Forwarded::Done(self.lessor.answer(term, call, state.store.lease(call.id()), Instant::now()))
     }
 
     /// One pass of the leader's expiry check: proposes the revocation of

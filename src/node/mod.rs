@@ -161,6 +161,11 @@ impl Member {
     /// Waits until this member's store is at `rev` or later.
     async fn await_revision(&self, rev: i64, deadline: Instant) -> Result<(), Error> {
         use tokio::sync::broadcast::error::RecvError;
+        // On the leader, and mostly on a follower too, it is there already:
+        // no receiver is made for that.
+        if self.state.read().store.revision() >= rev {
+            return Ok(());
+        }
         let (mut applied, now) = self.state.subscribe();
         if now >= rev {
             return Ok(());

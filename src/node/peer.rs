@@ -2,8 +2,6 @@
 //! behalf: to propose a write, or for a read index. (Lease questions are in
 //! [`super::lease`].)
 
-use openraft::error::{CheckIsLeaderError, RaftError};
-
 use super::Member;
 use crate::error::Error;
 use crate::raft::leader::{Forwarded, Proposal};
@@ -21,11 +19,6 @@ impl Member {
 
     /// Handles a read-index request from a follower.
     pub async fn serve_read_index(&self) -> Forwarded<Option<u64>> {
-        match self.reads.leader_read_index().await {
-            Ok(read) => Forwarded::Done(read),
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Forwarded::NotLeader(f.leader_id),
-            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => Forwarded::NotLeader(None),
-            Err(RaftError::Fatal(_)) => Forwarded::Failed(Error::Stopped),
-        }
+        self.reads.on_leader().await
     }
 }

@@ -115,6 +115,18 @@ pub async fn ask_leader<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// What asking `leader` for something that may safely be asked again (a
+/// read index, a lease's deadline) came to: its answer, or a retry when it
+/// was not the leader, was not reached or did not answer in time. (A write
+/// that may have arrived is never asked again: see `Member::propose`.)
+pub fn idempotent_attempt<T>(leader: NodeId, asked: Result<Option<Forwarded<T>>, Error>) -> Attempt<T> {
+    match asked {
+        Ok(Some(answer @ (Forwarded::Done(_) | Forwarded::Failed(_)))) => answer.into(),
+        Ok(Some(Forwarded::NotLeader(_)) | None) | Err(Error::Timeout) => Attempt::Retry { stale: Some(leader) },
+        Err(e) => Attempt::Answered(Err(e)),
+    }
+}
+
 /// Encodes a peer answer; an answer that cannot be encoded becomes a failure.
 pub fn encode_answer<T: Serialize>(answer: &Forwarded<T>) -> Vec<u8> {
     encode(answer).unwrap_or_else(|e| encode(&Forwarded::<()>::Failed(e.into())).unwrap_or_default())

@@ -200,6 +200,12 @@ impl kvd_testkit::Cluster for TestCluster {
         self.wait_leader().await
     }
 
+    /// The id the member runs with, not one it reports: so that a scenario
+    /// checks what the member puts in its headers against the truth.
+    async fn member_id(&self, i: usize) -> u64 {
+        self.member(i).member.id
+    }
+
     async fn kill(&mut self, i: usize) {
         self.stop(i).await
     }
@@ -236,10 +242,7 @@ pub struct Etcd {
 impl Etcd {
     /// Starts it; see [`wait_ready`].
     pub fn start() -> Etcd {
-        let ports: Vec<u16> = {
-            let ls: Vec<_> = (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-            ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
-        };
+        let ports = kvd_testkit::free_ports(2);
         let dir = tempfile::tempdir().unwrap();
         let client = format!("http://127.0.0.1:{}", ports[0]);
         let peer = format!("http://127.0.0.1:{}", ports[1]);

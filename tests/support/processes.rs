@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use kvd::client::Client;
 
-use kvd_testkit::Cluster;
+use kvd_testkit::{agreed_leader, free_ports, Cluster};
 
 use super::WAIT;
 
@@ -19,13 +19,6 @@ pub struct ProcessCluster {
     args: Vec<Vec<String>>,
     client_ports: Vec<u16>,
     dir: tempfile::TempDir,
-}
-
-/// Picks `n` distinct free ports (bound on port 0, then released).
-pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> =
-        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
-    listeners.iter().map(|l| l.local_addr().expect("local addr").port()).collect()
 }
 
 impl ProcessCluster {
@@ -115,24 +108,7 @@ impl Cluster for ProcessCluster {
     }
 
     async fn leader(&self) -> usize {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let mut seen = Vec::new();
-            for i in self.running() {
-                let status = self.client(i).status_of(0).await.ok();
-                seen.push((i, status.map(|s| (s.leader, s.header.map_or(0, |h| h.member_id)))));
-            }
-            let leaders: Vec<Option<u64>> = seen.iter().map(|(_, s)| s.map(|(l, _)| l)).collect();
-            if let Some(Some(l)) = leaders.first() {
-                if *l != 0 && leaders.iter().all(|x| *x == Some(*l)) {
-                    if let Some((i, _)) = seen.iter().find(|(_, s)| s.is_some_and(|(_, id)| id == *l)) {
-                        return *i;
-                    }
-                }
-            }
-            assert!(tokio::time::Instant::now() < deadline, "no agreed leader within {WAIT:?}: {leaders:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        agreed_leader(&self.running(), |i| async move { self.client(i).status_of(0).await.ok() }, WAIT).await
     }
 
     async fn kill(&mut self, i: usize) {

@@ -448,27 +448,11 @@ impl kvd_testkit::Cluster for Cluster {
     }
 
     async fn leader(&self) -> usize {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let mut named = Vec::new();
-            let mut leading = None;
-            for i in (0..MEMBERS).filter(|&i| self.is_running(i) && !self.paused[i]) {
-                let status = tokio::time::timeout(Duration::from_millis(500), self.client.status_of(i)).await;
-                let leader = status.ok().and_then(Result::ok).map(|st| {
-                    if st.header.as_ref().is_some_and(|h| h.member_id == st.leader) {
-                        leading = Some(i);
-                    }
-                    st.leader
-                });
-                named.push(leader);
-            }
-            let agreed = named.first().copied().flatten().filter(|l| *l != 0 && named.iter().all(|n| *n == Some(*l)));
-            if let (Some(_), Some(i)) = (agreed, leading) {
-                return i;
-            }
-            assert!(Instant::now() < deadline, "no agreed leader within 30 s: {named:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let answering: Vec<usize> = (0..MEMBERS).filter(|&i| self.is_running(i) && !self.paused[i]).collect();
+        let status = |i| async move {
+            tokio::time::timeout(Duration::from_millis(500), self.client.status_of(i)).await.ok().and_then(Result::ok)
+        };
+        kvd_testkit::agreed_leader(&answering, status, Duration::from_secs(30)).await
     }
 
     async fn kill(&mut self, i: usize) {
