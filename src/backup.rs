@@ -74,13 +74,20 @@ pub fn digest(parts: &[&[u8]]) -> [u8; DIGEST_LEN] {
 
 /// Checks a whole file: its digest and its first bytes. Returns the records.
 pub fn check(file: &[u8]) -> Result<&[u8], BackupError> {
-    let bad = |why: &str| BackupError::Invalid(format!("not a kvd snapshot file: {why}"));
+    if !file.starts_with(MAGIC) {
+        return Err(BackupError::Invalid(
+            "not a kvd snapshot: the file does not begin with kvd's snapshot header (an etcd snapshot cannot be \
+             restored into kvd; copy an etcd cluster's keys with `etcdctl make-mirror` instead)"
+                .into(),
+        ));
+    }
+    let bad = |why: &str| BackupError::Invalid(format!("damaged kvd snapshot: {why}"));
     let body_len = file.len().checked_sub(DIGEST_LEN).ok_or_else(|| bad("too short"))?;
     let (body, sum) = file.split_at(body_len);
-    if digest(&[body])[..] != *sum {
+    if body_len < MAGIC.len() || digest(&[body])[..] != *sum {
         return Err(bad("its SHA-256 digest does not match (the file is damaged or was cut short)"));
     }
-    let rest = body.strip_prefix(&MAGIC[..]).ok_or_else(|| bad("it does not start as one"))?;
+    let rest = &body[MAGIC.len()..];
     let (len, rest) = rest.split_first_chunk::<8>().ok_or_else(|| bad("it ends before the length of its records"))?;
     let len = usize::try_from(u64::from_le_bytes(*len)).map_err(|_| bad("its records are too long"))?;
     if len > rest.len() || rest[len..].iter().any(|b| *b != 0) || body.len() % BODY_ALIGN != 0 {
@@ -179,9 +186,11 @@ mod tests {
         flipped[20] ^= 1;
         assert!(check(&flipped).unwrap_err().to_string().contains("digest does not match"));
         assert!(check(&good[..good.len() - 1]).is_err());
-        assert!(check(&good[..10]).unwrap_err().to_string().contains("too short"));
+        assert!(check(&good[..20]).unwrap_err().to_string().contains("too short"));
+        // A file of another kind, digest or not, is named as not a snapshot.
         let foreign = with_digest(vec![7; BODY_ALIGN]);
-        assert!(check(&foreign).unwrap_err().to_string().contains("does not start"));
+        assert!(check(&foreign).unwrap_err().to_string().starts_with("not a kvd snapshot"));
+        assert!(check(b"hello").unwrap_err().to_string().starts_with("not a kvd snapshot"));
     }
 
     #[test]

@@ -140,5 +140,10 @@ async fn a_saved_snapshot_restores_into_a_new_cluster_with_the_same_data_and_his
     assert!(err.contains("digest does not match"), "{err}");
     assert!(!fresh.exists());
     let err = fails(KVCTL, &["snapshot", "status", damaged.to_str().unwrap()]);
-    assert!(err.contains("digest does not match"), "{err}");
+    assert!(err.contains("damaged kvd snapshot") && err.contains("digest does not match"), "{err}");
+    // A file of another kind is named for what it is not.
+    let other = dir.path().join("notes.txt");
+    std::fs::write(&other, b"not a snapshot at all\n").unwrap();
+    let err = fails(KVCTL, &["snapshot", "status", other.to_str().unwrap()]);
+    assert!(err.contains("not a kvd snapshot"), "{err}");
 }
