@@ -68,7 +68,7 @@ pub struct Config {
     pub max_txn_ops: usize,
     /// How long a watch that asked for progress notifications may go without
     /// a response before it gets an empty one with the current revision.
-    #[arg(long = "experimental-watch-progress-notify-interval", env = "KVD_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
+    #[arg(long = "experimental-watch-progress-notify-interval", env = "KVD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
     pub watch_progress_notify_interval: std::time::Duration,
     /// Threads that serve clients and peers and run Raft (default: one per
     /// CPU). Members that share a machine do better with fewer each: every
@@ -256,6 +256,23 @@ mod tests {
 
     fn config(args: &[&str]) -> Config {
         Config::parse_from(std::iter::once("kvd").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn every_flag_reads_the_environment_variable_named_after_it() {
+        use clap::CommandFactory;
+        let mut checked = 0;
+        for arg in Config::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "help" | "version") {
+                continue;
+            }
+            let want = format!("KVD_{}", long.to_uppercase().replace('-', "_"));
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            assert_eq!(env.as_deref(), Some(want.as_str()), "--{long}");
+            checked += 1;
+        }
+        assert!(checked > 15, "only {checked} flags seen");
     }
 
     #[test]
