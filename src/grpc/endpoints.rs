@@ -76,13 +76,22 @@ where
                 _ => {}
             }
         }
-        let Some(method) = self.member.metrics.grpc.start(req.uri().path()) else {
-            return Box::pin(self.inner.call(req));
+        // A method kvd does not serve gets Unimplemented from the gRPC router
+        // with no message; the answer is given one that says what kvd lacks.
+        let path = req.uri().path().to_string();
+        let Some(method) = self.member.metrics.grpc.start(&path) else {
+            let answer = self.inner.call(req);
+            return Box::pin(async move {
+                let mut resp = answer.await?;
+                super::name_unimplemented(&path, resp.headers_mut());
+                Ok(resp)
+            });
         };
         let handled = Handled { metrics: self.member.metrics.clone(), method, done: false };
         let answer = self.inner.call(req);
         Box::pin(async move {
-            let resp = answer.await?;
+            let mut resp = answer.await?;
+            super::name_unimplemented(&path, resp.headers_mut());
             Ok(counted(resp, handled))
         })
     }

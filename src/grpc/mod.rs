@@ -51,3 +51,37 @@ fn fix_size_status(headers: &mut http::HeaderMap) {
             .insert("grpc-message", http::HeaderValue::from_static("grpc:%20received%20message%20larger%20than%20max"));
     }
 }
+
+/// What kvd does not serve yet, by gRPC service or method, for the message
+/// of an Unimplemented answer.
+const NOT_YET: &[(&str, &str)] = &[
+    ("/etcdserverpb.Auth/", "authentication and access control are"),
+    ("/etcdserverpb.Cluster/MemberAdd", "adding members is"),
+    ("/etcdserverpb.Cluster/MemberRemove", "removing members is"),
+    ("/etcdserverpb.Cluster/MemberUpdate", "changing a member's peer URLs is"),
+    ("/etcdserverpb.Cluster/MemberPromote", "promoting a learner is"),
+    ("/etcdserverpb.Maintenance/MoveLeader", "moving the leader is"),
+    ("/etcdserverpb.Maintenance/Downgrade", "downgrading the cluster version is"),
+];
+
+/// Gives an Unimplemented answer without a message (the router's answer to
+/// a method it does not know) one that names what is not supported. The
+/// status of such an answer is in its headers (a trailers-only answer).
+pub fn name_unimplemented(path: &str, headers: &mut http::HeaderMap) {
+    let unnamed = headers.get("grpc-status").is_some_and(|s| s == "12")
+        && headers.get("grpc-message").is_none_or(|m| m.is_empty());
+    if !unnamed {
+        return;
+    }
+    let method = path.trim_start_matches('/');
+    let message = match NOT_YET.iter().find(|(prefix, _)| path.starts_with(prefix)) {
+        Some((_, what)) => format!("{what} not supported by kvd yet ({method})"),
+        None => format!("kvd does not serve the method {method}"),
+    };
+    // grpc-message is percent-encoded on the wire; these messages hold only
+    // letters, spaces, dots, slashes, quotes and parentheses.
+    let encoded = message.replace('%', "%25").replace(' ', "%20");
+    if let Ok(value) = http::HeaderValue::from_str(&encoded) {
+        headers.insert("grpc-message", value);
+    }
+}
