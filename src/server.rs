@@ -284,8 +284,11 @@ fn serve_peer(member: Arc<Member>, listener: TcpListener, stop: watch::Receiver<
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
     tokio::spawn(async move {
-        let result =
-            Server::builder().add_service(svc).serve_with_incoming_shutdown(incoming(listener), stopped(stop)).await;
+        let result = Server::builder()
+            .layer(tower::util::MapResponseLayer::new(crate::grpc::peer::name_unimplemented))
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming(listener), stopped(stop))
+            .await;
         if let Err(e) = result {
             tracing::error!("peer server failed: {e}");
         }

@@ -155,6 +155,7 @@ impl Client {
             channels: self.channels.clone(),
             current: std::sync::atomic::AtomicUsize::new(self.current_index()),
             max_message_bytes: self.max_message_bytes,
+            failures: Default::default(),
         }
     }
 }

@@ -48,12 +48,44 @@ pub fn broken(status: &Status) -> bool {
     std::error::Error::source(status).is_some_and(|e| e.is::<tonic::transport::Error>())
 }
 
+/// What a failed call's status says went wrong, for a person: for a
+/// connection that failed, its deepest cause ("connection refused", "cannot
+/// resolve host: …") rather than tonic's "transport error"; else the
+/// server's message (or its code, when the message is empty).
+pub fn describe(status: &Status) -> String {
+    let mut chain = Vec::new();
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        chain.push(e.to_string());
+        source = e.source();
+    }
+    if let Some(deepest) = chain.last() {
+        let cause = deepest.split(" (os error").next().unwrap_or(deepest);
+        let mut cause = cause.to_string();
+        if let Some(first) = cause.get(..1) {
+            cause = first.to_lowercase() + &cause[1..];
+        }
+        return if chain.iter().any(|e| e.contains("dns error")) {
+            format!("cannot resolve host: {cause}")
+        } else {
+            cause
+        };
+    }
+    if status.message().is_empty() {
+        format!("{:?} with no message", status.code())
+    } else {
+        status.message().to_string()
+    }
+}
+
 /// A client of a kvd (or etcd) cluster.
 pub struct Client {
     endpoints: Vec<String>,
     channels: Vec<Channel>,
     current: AtomicUsize,
     max_message_bytes: usize,
+    /// Each endpoint tried by the last call that failed, with what it said.
+    failures: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 /// Turns `host:port` into `http://host:port`; keeps URLs as they are.
@@ -75,6 +107,12 @@ impl Client {
         let mut channels = Vec::new();
         for e in endpoints {
             let url = endpoint_url(e);
+            if url.starts_with("https://") {
+                return Err(format!("endpoint {e}: kvd does not support TLS yet; use an http:// endpoint"));
+            }
+            if !url.starts_with("http://") {
+                return Err(format!("endpoint {e}: only http:// endpoints (or host:port) are supported"));
+            }
             let ep = Endpoint::from_shared(url.clone()).map_err(|err| format!("bad endpoint {e:?}: {err}"))?;
             channels.push(ep.connect_timeout(dial_timeout).tcp_nodelay(true).connect_lazy());
         }
@@ -83,6 +121,7 @@ impl Client {
             channels,
             current: AtomicUsize::new(0),
             max_message_bytes: 256 * 1024 * 1024,
+            failures: Default::default(),
         })
     }
 
@@ -119,6 +158,7 @@ impl Client {
         let n = self.channels.len();
         let start = self.current.load(Ordering::Relaxed);
         let mut last = None;
+        let mut tried = Vec::new();
         for i in 0..n {
             let idx = (start + i) % n;
             match f(self.channels[idx].clone()).await {
@@ -126,11 +166,41 @@ impl Client {
                     self.current.store(idx, Ordering::Relaxed);
                     return Ok(resp.into_inner());
                 }
-                Err(s) if retry(&s) => last = Some(s),
-                Err(s) => return Err(s),
+                Err(s) => {
+                    tried.push((self.endpoints[idx].clone(), describe(&s)));
+                    if !retry(&s) {
+                        *self.failures.lock().unwrap_or_else(|p| p.into_inner()) = tried;
+                        return Err(s);
+                    }
+                    last = Some(s);
+                }
             }
         }
+        *self.failures.lock().unwrap_or_else(|p| p.into_inner()) = tried;
         Err(last.unwrap_or_else(|| Status::unavailable("no endpoint answered")))
+    }
+
+    /// Says what went wrong with `status`, the error of this client's last
+    /// failed call: which endpoint answered what, and when every endpoint
+    /// failed, each of them (e.g. `every endpoint failed: 127.0.0.1:1:
+    /// connection refused; 127.0.0.1:2: connection refused`). A server's
+    /// own error message (a compacted revision, a key not found) is given
+    /// as it is, as etcdctl gives it.
+    pub fn explain(&self, status: &Status) -> String {
+        let tried = self.failures.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let ours = tried.last().is_some_and(|(_, why)| *why == describe(status));
+        let server_said = std::error::Error::source(status).is_none()
+            && !status.message().is_empty()
+            && status.code() != Code::Unimplemented;
+        if !ours || server_said {
+            return describe(status);
+        }
+        let each: Vec<String> = tried.iter().map(|(ep, why)| format!("{ep}: {why}")).collect();
+        if each.len() > 1 && each.len() == self.endpoints.len() {
+            format!("every endpoint failed: {}", each.join("; "))
+        } else {
+            each.last().cloned().unwrap_or_default()
+        }
     }
 
     fn kv(&self, ch: Channel) -> KvClient<Channel> {

@@ -16,6 +16,22 @@ use crate::proto::kvdpb::RaftPayload;
 use crate::raft::leader::{encode_answer, Proposal};
 use crate::raft::{decode, encode, NodeId};
 
+/// Names the peer port in the answer to a call it does not serve (an etcd
+/// client pointed at it by mistake), which the gRPC router gives with no
+/// message.
+pub fn name_unimplemented(mut resp: http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> {
+    let headers = resp.headers_mut();
+    if headers.get("grpc-status").is_some_and(|s| s == "12") && headers.get("grpc-message").is_none() {
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static(
+                "this%20is%20a%20kvd%20peer%20port;%20clients%20connect%20to%20a%20client%20port%20(--advertise-client-urls)",
+            ),
+        );
+    }
+    resp
+}
+
 /// The peer gRPC service of one member.
 pub struct PeerService {
     member: Arc<Member>,

@@ -21,9 +21,9 @@ pub enum Format {
 }
 
 /// The text of an error as etcdctl shows it: the gRPC message alone.
-pub fn error_text(e: &anyhow::Error) -> String {
+pub fn error_text(e: &anyhow::Error, client: &kvd::client::Client) -> String {
     match e.downcast_ref::<tonic::Status>() {
-        Some(s) => s.message().to_string(),
+        Some(s) => client.explain(s),
         None => e.to_string(),
     }
 }
