@@ -24,12 +24,21 @@ endpoints() {
   (IFS=,; echo "${out[*]}")
 }
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# Whether the member whose pid file is $1 runs: a process that was killed but
+# not yet reaped (a zombie) does not.
+alive() {
+  [ -f "$1" ] || return 1
+  local pid state
+  pid=$(cat "$1")
+  kill -0 "$pid" 2>/dev/null || return 1
+  state=$(sed -e 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | cut -c1)
+  [ "$state" != Z ]
+}
 
 # Builds the release binaries, unless KVD_BIN_DIR names ones already built.
 build_bins() {
   if [ -z "${KVD_BIN_DIR:-}" ]; then
-    echo "building release binaries (cargo build --release)..." >&2
-    (cd "$ROOT" && cargo build --release --bins --quiet)
+    echo "building release binaries (cargo build --release; about five minutes the first time)..." >&2
+    (cd "$ROOT" && cargo build --release --bins)
   fi
 }

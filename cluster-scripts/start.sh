@@ -1,15 +1,11 @@
 #!/usr/bin/env bash
-# Starts a three-member kvd cluster on 127.0.0.1 and waits for a leader.
+# Starts a three-member kvd cluster on 127.0.0.1 and waits until every member
+# is healthy. Run again after a member stopped, it starts that member alone.
 # Settings: see common.sh (KVD_CLUSTER_DIR, KVD_CLIENT_PORTS, KVD_PEER_PORTS, ...).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-for n in "${NAMES[@]}"; do
-  if alive "$CLUSTER_DIR/$n.pid"; then
-    echo "kvd cluster already running in $CLUSTER_DIR (member $n, pid $(cat "$CLUSTER_DIR/$n.pid")); stop it with cluster-scripts/stop.sh" >&2
-    exit 1
-  fi
-done
-
+# Starts the members that are not running: all three the first time, or
+# one that stopped (it rejoins with its data directory and catches up).
 build_bins
 for b in kvd kvctl; do
   [ -x "$BIN_DIR/$b" ] || { echo "missing $BIN_DIR/$b" >&2; exit 1; }
@@ -20,8 +16,13 @@ cluster=""
 for i in 0 1 2; do
   cluster+="${cluster:+,}${NAMES[$i]}=http://127.0.0.1:${PEER_PORTS[$i]}"
 done
+started=()
 for i in 0 1 2; do
   n=${NAMES[$i]}
+  if alive "$CLUSTER_DIR/$n.pid"; then
+    echo "member $n is running already (pid $(cat "$CLUSTER_DIR/$n.pid"))"
+    continue
+  fi
   # shellcheck disable=SC2086
   nohup "$BIN_DIR/kvd" --name "$n" --data-dir "$CLUSTER_DIR/$n.data" \
     --listen-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
@@ -31,6 +32,7 @@ for i in 0 1 2; do
     --initial-cluster "$cluster" --worker-threads "$WORKER_THREADS" ${KVD_EXTRA_FLAGS:-} \
     >> "$CLUSTER_DIR/$n.log" 2>&1 < /dev/null &
   echo $! > "$CLUSTER_DIR/$n.pid"
+  started+=("$n")
 done
 
 eps=$(endpoints)
@@ -51,8 +53,10 @@ until "$BIN_DIR/kvctl" --endpoints "$eps" --command-timeout 3s endpoint health >
   sleep 0.2
 done
 
+[ ${#started[@]} -gt 0 ] && echo "started ${started[*]}"
 echo "kvd cluster is up (data and logs in $CLUSTER_DIR)."
 echo "  endpoints: $eps"
-echo "  try:       $BIN_DIR/kvctl --endpoints $eps put greeting hello"
+echo "  kvctl:     export PATH=\"$BIN_DIR:\$PATH\""
+echo "  try:       kvctl --endpoints $eps put greeting hello"
 echo "             ETCDCTL_API=3 etcdctl --endpoints $eps get greeting"
 echo "  status:    cluster-scripts/status.sh    stop: cluster-scripts/stop.sh"

@@ -4,11 +4,15 @@ use clap::Parser;
 use kvd::config::{Config, Validated};
 use tracing_subscriber::EnvFilter;
 
+/// What `kvd` logs unless `RUST_LOG` says otherwise. openraft's core warns
+/// of every vote or replication answer that arrives after its term or
+/// membership moved on, which happens at every start and election and needs
+/// nothing from an operator: those are left out; its errors are kept.
+const DEFAULT_LOG: &str = "info,openraft=warn,openraft::core::raft_core=error,sled=warn";
+
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=warn,sled=warn")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG)))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
