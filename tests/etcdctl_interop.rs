@@ -467,3 +467,65 @@ async fn lock_and_elect_with(bin: &str) {
     .unwrap();
     c.shutdown().await;
 }
+
+/// Waits until `client` holds exactly `want` under the prefix `m/` (keys
+/// and values), reading linearizably.
+async fn wait_for_keys(client: &kvd::client::Client, want: &[(String, String)]) {
+    use kvd::proto::etcdserverpb::RangeRequest;
+    let deadline = std::time::Instant::now() + support::WAIT;
+    loop {
+        let req = RangeRequest { key: b"m/".to_vec(), range_end: b"m0".to_vec(), ..Default::default() };
+        let got: Vec<(String, String)> = match client.range(req).await {
+            Ok(r) => r
+                .kvs
+                .iter()
+                .map(|kv| (String::from_utf8_lossy(&kv.key).into(), String::from_utf8_lossy(&kv.value).into()))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        if got == want {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "kvd holds {got:?}, want {want:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// The migration path from etcd: `etcdctl make-mirror` from an etcd 3.4
+/// into a kvd member copies every key, then follows live puts and deletes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn make_mirror_copies_an_etcd_into_kvd_and_follows_live_writes() {
+    use kvd::proto::etcdserverpb::DeleteRangeRequest;
+    let etcd = support::Etcd::start();
+    let source =
+        kvd::client::Client::new(std::slice::from_ref(&etcd.client), std::time::Duration::from_secs(2)).unwrap();
+    support::wait_ready(&source).await;
+    let mut want: Vec<(String, String)> = (0..200).map(|i| (format!("m/{i:03}"), format!("v{i}"))).collect();
+    for (k, v) in &want {
+        source.put(support::put(k, v)).await.unwrap();
+    }
+    let (c, _) = cluster_and_etcdctl().await;
+    let mut mirror = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &etcd.client, "make-mirror", &c.client_addrs[1].to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("etcdctl is installed");
+    let kvd = c.client(0);
+    wait_for_keys(&kvd, &want).await;
+
+    // Live writes on the source reach kvd: a new key, a change, a delete.
+    source.put(support::put("m/new", "fresh")).await.unwrap();
+    source.put(support::put("m/000", "changed")).await.unwrap();
+    source.delete_range(DeleteRangeRequest { key: b"m/001".to_vec(), ..Default::default() }).await.unwrap();
+    want[0].1 = "changed".into();
+    want.remove(1);
+    want.push(("m/new".into(), "fresh".into()));
+    wait_for_keys(&kvd, &want).await;
+    assert!(mirror.try_wait().unwrap().is_none(), "make-mirror stopped");
+    let _ = mirror.kill();
+    let out = mirror.wait_with_output().unwrap();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("Error"), "{}", String::from_utf8_lossy(&out.stderr));
+    c.shutdown().await;
+}

@@ -82,10 +82,17 @@ fn cluster_scripts_and_kvctl_survive_a_kill_and_a_full_restart() {
     let up = c.script("start.sh");
     assert!(up.status.success(), "start.sh: {}", text(&up));
     assert!(text(&up).contains("kvd cluster is up"));
+    // A start is no cause for warnings.
+    for n in ["n1", "n2", "n3"] {
+        let log = std::fs::read_to_string(c.dir.path().join(format!("{n}.log"))).unwrap();
+        assert!(!log.contains(" WARN ") && !log.contains(" ERROR "), "{n}: {log}");
+    }
 
+    // Run again, it starts nobody: every member is running.
     let again = c.script("start.sh");
-    assert!(!again.status.success(), "a second start must refuse");
-    assert!(text(&again).contains("already running"), "{}", text(&again));
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(text(&again).matches("is running already").count(), 3, "{}", text(&again));
+    assert!(!text(&again).contains("started n"), "{}", text(&again));
 
     let eps = c.endpoints();
     let first = format!("127.0.0.1:{}", c.client_ports[0]);
@@ -123,6 +130,51 @@ fn cluster_scripts_and_kvctl_survive_a_kill_and_a_full_restart() {
     let count = c.kvctl(&eps, &["get", "after-kill-", "--prefix", "--count-only"]);
     assert_eq!(String::from_utf8_lossy(&count.stdout).trim(), "20", "{}", text(&count));
 
+    // start.sh starts the killed member alone; it catches up on its data.
+    let name = format!("n{}", leader_at + 1);
+    let restart = c.script("start.sh");
+    assert!(restart.status.success(), "{}", text(&restart));
+    assert!(text(&restart).contains(&format!("started {name}\n")), "{}", text(&restart));
+    assert_eq!(text(&restart).matches("is running already").count(), 2, "{}", text(&restart));
+    let back = format!("127.0.0.1:{}", c.client_ports[leader_at]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let local = c.kvctl(&back, &["get", "after-kill-", "--prefix", "--count-only", "--consistency", "s"]);
+        if String::from_utf8_lossy(&local.stdout).trim() == "20" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{name} did not catch up: {}", text(&local));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    // Errors go to stderr with a non-zero exit code, and name the endpoint
+    // and the cause when a connection fails.
+    let refused = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let out = c.kvctl(&refused, &["get", "x"]);
+    assert_eq!(String::from_utf8_lossy(&out.stderr), format!("Error: {refused}: connection refused\n"));
+    let other = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let out = c.kvctl(&format!("{refused},{other}"), &["put", "x", "1"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("Error: every endpoint failed: {refused}: connection refused; {other}: connection refused\n")
+    );
+    let peer = format!("127.0.0.1:{}", c.peer_ports[0]);
+    let out = c.kvctl(&peer, &["put", "x", "1"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("Error: {peer}: this is a kvd peer port")),
+        "{}",
+        text(&out)
+    );
+    let out = c.kvctl("nohost.invalid:2379", &["get", "x"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("Error: nohost.invalid:2379: cannot resolve host"),
+        "{}",
+        text(&out)
+    );
+    let out = c.kvctl(&format!("https://{first}"), &["get", "x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not support TLS yet"), "{}", text(&out));
     // Errors go to stderr with a non-zero exit code.
     let bad = c.kvctl(&eps, &["get", "x", "--rev", "100000"]);
     assert!(!bad.status.success());
@@ -182,4 +234,28 @@ fn kvd_rejects_bad_flags_and_a_locked_data_dir_with_one_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("kvd: error: cannot open data dir"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn kvctl_prints_completion_scripts_that_complete_kvctl_and_kvd() {
+    let kvctl = env!("CARGO_BIN_EXE_kvctl");
+    // bash: load each script and ask it to complete a partial word.
+    let script = format!(
+        "source <('{kvctl}' completion bash) && COMP_WORDS=(kvctl pu) && COMP_CWORD=1 && _kvctl kvctl pu kvctl && \
+         echo \"${{COMPREPLY[@]}}\" && source <('{kvctl}' completion bash kvd) && COMP_WORDS=(kvd --data-d) && \
+         COMP_CWORD=1 && _kvd kvd --data-d kvd && echo \"${{COMPREPLY[@]}}\""
+    );
+    let out = Command::new("bash").arg("-c").arg(&script).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "put\n--data-dir\n");
+    for (shell, marker) in [("zsh", "#compdef kvctl"), ("fish", "complete -c kvctl")] {
+        let out = Command::new(kvctl).args(["completion", shell]).output().unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains(marker),
+            "{shell}: {}",
+            text(&out)
+        );
+    }
+    let out = Command::new(kvctl).args(["completion", "tcsh"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
 }

@@ -67,6 +67,35 @@ enum Command {
     Snapshot(snapshot::SnapshotCommand),
     /// Load generator: put, range, txn-put or watch-latency, against kvd or etcd.
     Bench(bench::BenchArgs),
+    /// Prints a shell completion script for kvctl (or kvd), e.g.
+    /// `source <(kvctl completion bash)`.
+    Completion(CompletionArgs),
+}
+
+#[derive(clap::Args)]
+struct CompletionArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    shell: clap_complete::Shell,
+    /// The program to complete.
+    #[arg(value_enum, default_value = "kvctl")]
+    program: Program,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Program {
+    Kvctl,
+    Kvd,
+}
+
+/// Writes the completion script of `args.program` for `args.shell`.
+fn completion(args: &CompletionArgs) {
+    use clap::CommandFactory;
+    let (mut command, name) = match args.program {
+        Program::Kvctl => (Cli::command(), "kvctl"),
+        Program::Kvd => (kvd::config::Config::command(), "kvd"),
+    };
+    clap_complete::generate(args.shell, &mut command, name, &mut std::io::stdout());
 }
 
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -84,6 +113,10 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Completion(args) = &cli.command {
+        completion(args);
+        return ExitCode::SUCCESS;
+    }
     let endpoints: Vec<String> =
         cli.endpoints.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
     let client = match Client::new(&endpoints, cli.dial_timeout) {
@@ -118,6 +151,7 @@ async fn main() -> ExitCode {
             Command::Elect(a) => coord::elect(&client, a).await,
             Command::Snapshot(c) => snapshot::run(&client, c, fmt).await,
             Command::Bench(a) => bench::run(client.endpoints(), a, fmt, cli.dial_timeout).await,
+            Command::Completion(_) => Ok(()),
         }
     };
     let result = if long_running {
@@ -131,7 +165,7 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("Error: {}", output::error_text(&e));
+            eprintln!("Error: {}", output::error_text(&e, &client));
             ExitCode::FAILURE
         }
     }
