@@ -16,9 +16,12 @@
 //! whose session reports the lease lost. It then campaigns again with a new
 //! lease.
 //!
+//! On SIGINT (Ctrl-C) or SIGTERM a replica resigns and revokes its lease
+//! before it exits, so another takes over at once rather than after the TTL.
+//!
 //! The replica prints one line per event, for people and for tests:
 //! `campaigning`, `leader token=<rev>`, `work token=<rev> seq=<n> rev=<r>`,
-//! `stepped-down token=<rev> reason=<why>`.
+//! `stepped-down token=<rev> reason=<why>`, and `exiting` last.
 
 use std::time::Duration;
 
@@ -56,16 +59,40 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let endpoints: Vec<String> = args.endpoints.split(',').map(|s| s.trim().to_string()).collect();
     let client = Client::new(&endpoints, Duration::from_secs(2)).map_err(anyhow::Error::msg)?;
-    loop {
-        if let Err(e) = serve_one_term(&client, &args).await {
+    let stop = stop_on_signals()?;
+    while !*stop.borrow() {
+        if let Err(e) = serve_one_term(&client, &args, stop.clone()).await {
             say(&format!("error reason={:?}", e.to_string()));
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut stop = stop.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
         }
     }
+    say("exiting");
+    Ok(())
 }
 
-/// One turn: take a lease, campaign, lead until leadership is lost.
-async fn serve_one_term(client: &Client, args: &Args) -> Result<()> {
+/// A flag that turns true on the first SIGINT or SIGTERM.
+fn stop_on_signals() -> Result<tokio::sync::watch::Receiver<bool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+/// One turn: take a lease, campaign, lead until leadership is lost or the
+/// replica is told to stop.
+async fn serve_one_term(client: &Client, args: &Args, mut stop: tokio::sync::watch::Receiver<bool>) -> Result<()> {
     let session = client.session(args.ttl).await?;
     let election = client.election(&args.election, &session);
     say("campaigning");
@@ -75,22 +102,35 @@ async fn serve_one_term(client: &Client, args: &Args) -> Result<()> {
             say("stepped-down token=0 reason=lease-lost-while-campaigning");
             return Ok(());
         }
+        _ = stop.wait_for(|s| *s) => {
+            // Revoking the lease deletes the waiting candidate's key too.
+            let _ = client.lease_revoke(session.id()).await;
+            return Ok(());
+        }
     };
     let token = leadership.rev();
     say(&format!("leader token={token}"));
-    let why = lead(client, args, &session, &leadership).await;
+    let why = lead(client, args, &session, &leadership, stop).await;
     say(&format!("stepped-down token={token} reason={why}"));
     resign(&election, leadership, &session, client).await;
     Ok(())
 }
 
-/// Does the leader's work until leadership is lost; returns why it ended.
-async fn lead(client: &Client, args: &Args, session: &Session, leadership: &Leadership) -> &'static str {
+/// Does the leader's work until leadership is lost or the replica is told
+/// to stop; returns why it ended.
+async fn lead(
+    client: &Client,
+    args: &Args,
+    session: &Session,
+    leadership: &Leadership,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> &'static str {
     let mut seq = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(args.work_interval_ms));
     loop {
         tokio::select! {
             _ = session.lost() => return "lease-lost",
+            _ = stop.wait_for(|s| *s) => return "shutdown",
             _ = tick.tick() => {}
         }
         seq += 1;

@@ -176,6 +176,38 @@ async fn replicas_in_processes_fail_over_in_order_and_never_both_write_with_vali
         assert!(Instant::now() < deadline, "the third leader stopped working");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+
+    // 3. Ctrl-C on the third leader: it resigns and revokes its lease before
+    //    it exits, so its key is gone when it has exited, and the second
+    //    replica (campaigning again) takes over.
+    replicas.signal(third, "-INT");
+    let status = replicas.children[third].wait().expect("wait for the third leader");
+    assert!(status.success(), "exit after SIGINT: {status:?}");
+    replicas
+        .wait_line("the third leader to resign", |i, l| {
+            i == third && l == &format!("stepped-down token={token3} reason=shutdown")
+        })
+        .await;
+    replicas.wait_line("the third leader to exit", |i, l| i == third && l == "exiting").await;
+    let candidates = c
+        .client(0)
+        .range(kvd::proto::etcdserverpb::RangeRequest {
+            key: format!("{ELECTION}/").into_bytes(),
+            range_end: format!("{ELECTION}0").into_bytes(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        candidates.kvs.iter().all(|kv| kv.create_revision != token3),
+        "the resigned leader's key stayed: {candidates:?}"
+    );
+    let (_, _, line) = replicas
+        .wait_line("the second replica to lead again", |i, l| {
+            i == second && l.starts_with("leader ") && token_of(l) > token3
+        })
+        .await;
+    let token4 = token_of(&line);
     drop(replicas);
 
     // Fencing: in the work key's history, tokens never go back. A write by
@@ -201,6 +233,7 @@ async fn replicas_in_processes_fail_over_in_order_and_never_both_write_with_vali
     for t in [token1, token2, token3] {
         assert!(tokens.contains(&t), "leader with token {t} has no fenced write in {tokens:?}");
     }
+    assert!(token4 > token3);
     println!("{} fenced writes by 3 successive leaders, tokens {token1} < {token2} < {token3}", writes.len());
 
     // Every observer saw the three leaders, in order, with no other between.

@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the write path's hot spots: applying committed puts to
 //! the state machine (MVCC in sled) and appending entries to the Raft log.
-//! `cargo bench --bench hot_paths` measures them; the test suite only builds
+//! `cargo bench -p kvd-benches` measures them; the test suite only builds
 //! and runs each once (`cargo test --all-targets`), without timing anything.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
