@@ -185,7 +185,7 @@ async fn replicas_in_processes_fail_over_in_order_and_never_both_write_with_vali
     assert!(status.success(), "exit after SIGINT: {status:?}");
     replicas
         .wait_line("the third leader to resign", |i, l| {
-            i == third && l == &format!("stepped-down token={token3} reason=shutdown")
+            i == third && l == format!("stepped-down token={token3} reason=shutdown")
         })
         .await;
     replicas.wait_line("the third leader to exit", |i, l| i == third && l == "exiting").await;
