@@ -17,6 +17,8 @@
 //! - [`mvcc`]: etcd's data model over sled. Pure logic, no async.
 //!
 //! Beside them: [`server`] starts a member on its listeners and stops it;
+//! [`join`] decides whether a member on an empty data directory may take
+//! part (one that lost its data may not come back under its old id);
 //! [`config`] holds `kvd`'s flags; [`metrics`] the counters and histograms
 //! for `GET /metrics`; [`idle_memory`] gives freed heap back after a burst;
 //! [`backup`] is the file `snapshot save` writes; [`error`] the errors a
@@ -29,6 +31,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod idle_memory;
+pub mod join;
 pub mod lease;
 pub mod metrics;
 pub mod mvcc;

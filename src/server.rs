@@ -72,6 +72,9 @@ pub enum StartError {
     /// Raft refused to start.
     #[error("cannot start raft: {0}")]
     Raft(String),
+    /// A member on an empty data directory may not join (see [`crate::join`]).
+    #[error(transparent)]
+    Join(#[from] crate::join::JoinError),
 }
 
 /// How long a stopping member waits for requests in flight.
@@ -151,6 +154,11 @@ pub async fn start_on(
     clients: Vec<TcpListener>,
     peer: TcpListener,
 ) -> Result<ServerHandle, StartError> {
+    let fresh = crate::join::is_fresh(&cfg.data_dir);
+    if fresh {
+        crate::join::mark(&cfg.data_dir)
+            .map_err(|e| StartError::DataDir { dir: cfg.data_dir.display().to_string(), why: e.to_string() })?;
+    }
     let db = open_db(&cfg)?;
     let data_err =
         |e: crate::error::Error| StartError::DataDir { dir: cfg.data_dir.display().to_string(), why: e.to_string() };
@@ -210,16 +218,6 @@ pub async fn start_on(
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
 
-    if cfg.config.initial_cluster_state == ClusterState::New {
-        let members: BTreeMap<u64, BasicNode> =
-            cfg.members.iter().map(|m| (m.id, BasicNode::new(&m.peer_url))).collect();
-        match raft.initialize(members).await {
-            Ok(()) => tracing::info!(members = cfg.members.len(), "formed a new cluster"),
-            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
-            Err(e) => return Err(StartError::Raft(e.to_string())),
-        }
-    }
-
     let (stop, stop_rx) = watch::channel(false);
     let request_timeout = Duration::from_secs(5) + 2 * cfg.election;
     let proposals = crate::raft::batcher::Proposals::start(raft.clone(), writes.clone(), request_timeout);
@@ -245,7 +243,41 @@ pub async fn start_on(
 
     let mut tasks = Vec::new();
     let peer_addr = peer.local_addr().map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?;
-    tasks.push(serve_peer(member.clone(), peer, stop_rx.clone()));
+    let (open, open_rx) = watch::channel(!fresh);
+    tasks.push(serve_peer(member.clone(), peer, open_rx, stop_rx.clone()));
+    if fresh {
+        let answers = crate::join::probe_all(&member.network, &cfg).await;
+        let refusal = crate::join::decide(&cfg, &answers).err();
+        let unmarked = match refusal {
+            None => crate::join::unmark(&cfg.data_dir).err(),
+            Some(_) => None,
+        };
+        if refusal.is_some() || unmarked.is_some() {
+            let handle = ServerHandle { member, client_addrs: Vec::new(), peer_addr, stop, tasks, db };
+            handle.shutdown().await;
+            return Err(match (refusal, unmarked) {
+                (Some(refusal), _) => refusal.into(),
+                (None, e) => StartError::DataDir {
+                    dir: cfg.data_dir.display().to_string(),
+                    why: e.map_or_else(String::new, |e| e.to_string()),
+                },
+            });
+        }
+        let _ = open.send(true);
+    }
+    if cfg.config.initial_cluster_state == ClusterState::New {
+        let members: BTreeMap<u64, BasicNode> =
+            cfg.members.iter().map(|m| (m.id, BasicNode::new(&m.peer_url))).collect();
+        match member.raft.initialize(members).await {
+            Ok(()) => tracing::info!(members = cfg.members.len(), "formed a new cluster"),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+            Err(e) => {
+                let handle = ServerHandle { member, client_addrs: Vec::new(), peer_addr, stop, tasks, db };
+                handle.shutdown().await;
+                return Err(StartError::Raft(e.to_string()));
+            }
+        }
+    }
     let mut client_addrs = Vec::new();
     for listener in clients {
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?;
@@ -279,8 +311,13 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-fn serve_peer(member: Arc<Member>, listener: TcpListener, stop: watch::Receiver<bool>) -> JoinHandle<()> {
-    let svc = PeerServer::new(PeerService::new(member))
+fn serve_peer(
+    member: Arc<Member>,
+    listener: TcpListener,
+    open: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let svc = PeerServer::new(PeerService::new(member, open))
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
     tokio::spawn(async move {

@@ -131,3 +131,51 @@ async fn a_member_answers_a_write_only_once_it_has_applied_it() {
     }
     c.shutdown().await;
 }
+
+/// A member whose data directory was wiped has forgotten its vote: it must
+/// not come back under its old id, with `new` or `existing`. One restarted on
+/// its data comes back as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_that_lost_its_data_is_refused_and_one_with_its_data_rejoins() {
+    let mut c = TestCluster::start(3, |_| {}).await;
+    let leader = c.wait_leader().await;
+    let victim = (leader + 1) % 3;
+    for i in 0..10 {
+        c.client(leader).put(put(&format!("k{i}"), "v")).await.unwrap();
+    }
+    // Every member has published its attributes: the cluster has heard from each.
+    let deadline = std::time::Instant::now() + support::WAIT;
+    while c.member(leader).member.state.read().attrs.len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "members did not publish");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // With its data: it restarts.
+    c.stop(victim).await;
+    c.restart(victim).await;
+    c.wait_applied(victim, c.applied(leader)).await;
+    c.stop(victim).await;
+
+    // Without: refused, with new and with existing, and again on a second try.
+    let dir = c.configs[victim].validate().unwrap().data_dir;
+    std::fs::remove_dir_all(&dir).unwrap();
+    for state in ["new", "existing", "new"] {
+        let mut config = c.configs[victim].clone();
+        config.initial_cluster_state = <kvd::config::ClusterState as clap::ValueEnum>::from_str(state, true).unwrap();
+        let v = config.validate().unwrap();
+        let listeners = (support::listen(c.client_addrs[victim]), support::listen(c.peer_addrs[victim]));
+        let err = match kvd::server::start_on(v, vec![listeners.0], listeners.1).await {
+            Ok(_) => panic!("a member with a wiped data dir started ({state})"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("has taken part in this cluster before") && err.contains("must not rejoin"), "{err}");
+    }
+    // The others were not disturbed: the same leader, every key, new writes.
+    assert_eq!(c.wait_leader().await, leader);
+    c.client(leader).put(put("after", "v")).await.unwrap();
+    let range =
+        kvd::proto::etcdserverpb::RangeRequest { key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() };
+    let all = c.client((victim + 1) % 3).range(range).await.unwrap();
+    assert_eq!(all.kvs.len(), 10);
+    c.shutdown().await;
+}

@@ -234,6 +234,30 @@ fn kvd_rejects_bad_flags_and_a_locked_data_dir_with_one_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("kvd: error: cannot open data dir"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+
+    // A member that the cluster does not list, started with `existing`, and
+    // one started with `existing` where no member answers: one line each.
+    let ports = free_ports(2);
+    let own_peer = format!("http://127.0.0.1:{}", ports[1]);
+    for (first, want) in [
+        (format!("http://127.0.0.1:{}", c.peer_ports[0]), "is not a member of the existing cluster"),
+        (format!("http://127.0.0.1:{}", free_ports(1)[0]), "no member of --initial-cluster answered"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kvd"))
+            .args(["--name", "n4", "--data-dir"])
+            .arg(c.dir.path().join("n4.data"))
+            .args(["--listen-client-urls", &format!("http://127.0.0.1:{}", ports[0])])
+            .args(["--listen-peer-urls", &own_peer, "--initial-advertise-peer-urls", &own_peer])
+            .args(["--initial-cluster", &format!("n1={first},n4={own_peer}")])
+            .args(["--initial-cluster-state", "existing"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.trim().lines().last().unwrap_or_default();
+        assert!(last.starts_with("kvd: error: ") && last.contains(want), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
 }
 
 #[test]

@@ -8,8 +8,10 @@ use futures::{Stream, StreamExt};
 use openraft::error::{InstallSnapshotError, RaftError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::node::peer::ProbeRequest;
 use crate::node::Member;
 use crate::proto::kvdpb::peer_server::Peer;
 use crate::proto::kvdpb::RaftPayload;
@@ -35,12 +37,25 @@ pub fn name_unimplemented(mut resp: http::Response<tonic::body::Body>) -> http::
 /// The peer gRPC service of one member.
 pub struct PeerService {
     member: Arc<Member>,
+    /// False while the member, started on an empty data directory, asks the
+    /// others whether they know it: until then it takes no part in Raft
+    /// (it could otherwise vote with a vote it has forgotten) and answers
+    /// only probes.
+    open: watch::Receiver<bool>,
 }
 
 impl PeerService {
-    /// A service for `member`.
-    pub fn new(member: Arc<Member>) -> Self {
-        PeerService { member }
+    /// A service for `member`, serving Raft once `open` is true.
+    pub fn new(member: Arc<Member>, open: watch::Receiver<bool>) -> Self {
+        PeerService { member, open }
+    }
+
+    fn ready(&self) -> Result<(), Status> {
+        if *self.open.borrow() {
+            Ok(())
+        } else {
+            Err(Status::unavailable("member is starting: it is checking with the others that it may join"))
+        }
     }
 }
 
@@ -71,6 +86,7 @@ impl Peer for PeerService {
         &self,
         req: Request<Streaming<RaftPayload>>,
     ) -> Result<Response<AppendAnswers>, Status> {
+        self.ready()?;
         let member = self.member.clone();
         let stopping = self.member.clone();
         let answers = req.into_inner().then(move |request| {
@@ -87,25 +103,30 @@ impl Peer for PeerService {
     }
 
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.ready()?;
         output(self.member.raft.append_entries(input(req)?).await)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.ready()?;
         output(self.member.raft.vote(input(req)?).await)
     }
 
     async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.ready()?;
         let res: Result<_, RaftError<NodeId, InstallSnapshotError>> =
             self.member.raft.install_snapshot(input(req)?).await;
         output(res)
     }
 
     async fn forward(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.ready()?;
         let answer = self.member.serve_forward(input(req)?).await;
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
     }
 
     async fn forward_batch(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.ready()?;
         let list: Vec<Proposal> = input(req)?;
         let answers = futures::future::join_all(list.into_iter().map(|p| self.member.serve_forward(p))).await;
         let data = encode(&answers)?;
@@ -113,12 +134,20 @@ impl Peer for PeerService {
     }
 
     async fn lease(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.ready()?;
         let answer = self.member.serve_lease(input(req)?).await;
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
     }
 
     async fn read_index(&self, _req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.ready()?;
         let answer = self.member.serve_read_index().await;
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
+    }
+
+    async fn probe(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let probe: ProbeRequest = input(req)?;
+        let data = encode(&self.member.serve_probe(&probe))?;
+        Ok(Response::new(RaftPayload { data }))
     }
 }

@@ -1,11 +1,41 @@
 //! What a member answers, as leader, when a follower asks it on a client's
 //! behalf: to propose a write, or for a read index. (Lease questions are in
-//! [`super::lease`].)
+//! [`super::lease`].) And what any member answers a member that starts on an
+//! empty data directory and asks whether the cluster already knows it.
+
+use serde::{Deserialize, Serialize};
 
 use super::Member;
 use crate::error::Error;
 use crate::raft::leader::{Forwarded, Proposal};
-use crate::raft::Response;
+use crate::raft::{NodeId, Response};
+
+/// A starting member's question: what do you know of me?
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProbeRequest {
+    /// The cluster the caller means to be part of.
+    pub cluster_id: u64,
+    /// The caller's member id.
+    pub from: NodeId,
+}
+
+/// What a member knows of the caller of a [`ProbeRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeAnswer {
+    /// The cluster this member belongs to.
+    pub cluster_id: u64,
+    /// This member's id.
+    pub member_id: NodeId,
+    /// The members (voters and learners) of the cluster as this member
+    /// knows it; empty before it has joined one.
+    pub members: Vec<NodeId>,
+    /// Whether the caller took part in the cluster before: it published its
+    /// attributes through the log, or this member, as leader, replicated
+    /// entries to it. (A member id is made from the name, peer URLs and
+    /// cluster token, so it names one member whatever cluster id the caller
+    /// computed.)
+    pub knows_you: bool,
+}
 
 impl Member {
     /// Handles a proposal forwarded by a follower. Its size is checked again
@@ -20,5 +50,20 @@ impl Member {
     /// Handles a read-index request from a follower.
     pub async fn serve_read_index(&self) -> Forwarded<Option<u64>> {
         self.reads.on_leader().await
+    }
+}
+
+impl Member {
+    /// Answers a starting member's [`ProbeRequest`].
+    pub fn serve_probe(&self, probe: &ProbeRequest) -> ProbeAnswer {
+        let metrics = self.raft.metrics().borrow().clone();
+        let members: Vec<NodeId> = metrics.membership_config.nodes().map(|(id, _)| *id).collect();
+        let published = self.state.read().attrs.contains_key(&probe.from);
+        let replicated = metrics
+            .replication
+            .as_ref()
+            .and_then(|progress| progress.get(&probe.from))
+            .is_some_and(|matched| matched.is_some());
+        ProbeAnswer { cluster_id: self.cluster_id, member_id: self.id, members, knows_you: published || replicated }
     }
 }

@@ -55,6 +55,8 @@ pub enum Rpc {
     ReadIndex,
     /// A lease keep-alive or time-to-live query for the leader.
     Lease,
+    /// What a member knows of a member that starts on an empty directory.
+    Probe,
 }
 
 /// Channels to peers, shared by everything in a member that talks to them.
@@ -203,6 +205,7 @@ impl Network {
                 Rpc::ForwardBatch => client.forward_batch(req).await,
                 Rpc::ReadIndex => client.read_index(req).await,
                 Rpc::Lease => client.lease(req).await,
+                Rpc::Probe => client.probe(req).await,
             }
         };
         match tokio::time::timeout(timeout, fut).await {
@@ -520,6 +523,9 @@ mod tests {
             unimplemented()
         }
         async fn lease(&self, _: tonic::Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            unimplemented()
+        }
+        async fn probe(&self, _: tonic::Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
             unimplemented()
         }
     }

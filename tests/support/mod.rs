@@ -90,11 +90,14 @@ impl TestCluster {
             configs.push(Config::parse_from(args));
             dirs.push(dir);
         }
-        let mut members = Vec::new();
-        for (i, (c, p)) in clients.into_iter().zip(peers).enumerate() {
+        // All at once, as members of a new cluster start: each new member
+        // asks the others whether they know it before it takes part.
+        let starts = clients.into_iter().zip(peers).enumerate().map(|(i, (c, p))| {
             let v = configs[i].validate().expect("valid config");
-            members.push(Some(start_on(v, vec![c], p).await.expect("member starts")));
-        }
+            start_on(v, vec![c], p)
+        });
+        let members =
+            futures::future::join_all(starts).await.into_iter().map(|m| Some(m.expect("member starts"))).collect();
         let cluster = TestCluster { members, configs, client_addrs, peer_addrs, _dirs: dirs };
         cluster.wait_leader().await;
         cluster
