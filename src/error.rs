@@ -79,6 +79,10 @@ pub enum Error {
     /// A storage or internal failure; the text says what failed.
     #[error("kvd: internal error: {0}")]
     Internal(String),
+    /// A write forwarded by a member that the leader will not propose (it
+    /// does not decode, or is not one a member sends); the text says why.
+    #[error("kvd: forwarded write refused: {0}")]
+    ForwardRefused(String),
 }
 
 impl Error {

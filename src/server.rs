@@ -173,7 +173,14 @@ pub async fn start_on(
         backend_commit: shared.commit_histogram(),
         ..Default::default()
     });
-    let network = Network::new(peer.local_addr().map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?);
+    let cluster_id = stored_cluster_id(&db).unwrap_or(cfg.cluster_id);
+    let identity = crate::raft::network::Identity { cluster_id, member_id: cfg.id };
+    let peer_limit = crate::raft::network::message_limit(cfg.config.max_request_bytes);
+    let network = Network::new(
+        peer.local_addr().map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?,
+        identity,
+        peer_limit,
+    );
 
     let snapshot_count = cfg.config.snapshot_count;
     let raft_config = openraft::Config {
@@ -187,7 +194,7 @@ pub async fn start_on(
         election_timeout_max: (cfg.election.as_millis() as u64 * 2 / 3).max(cfg.heartbeat.as_millis() as u64 + 2),
         snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_count),
         max_in_snapshot_log_to_keep: snapshot_count.min(5000),
-        snapshot_max_chunk_size: 1024 * 1024,
+        snapshot_max_chunk_size: crate::raft::SNAPSHOT_CHUNK_BYTES as u64,
         max_payload_entries: 1000,
         ..Default::default()
     }
@@ -225,7 +232,7 @@ pub async fn start_on(
     let reads = crate::read_index::ReadIndex::new(raft.clone(), network.clone(), request_timeout, restored);
     let member = Arc::new(Member {
         id: cfg.id,
-        cluster_id: stored_cluster_id(&db).unwrap_or(cfg.cluster_id),
+        cluster_id,
         raft,
         state: shared,
         network,
@@ -244,7 +251,13 @@ pub async fn start_on(
     let mut tasks = Vec::new();
     let peer_addr = peer.local_addr().map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?;
     let (open, open_rx) = watch::channel(!fresh);
-    tasks.push(serve_peer(member.clone(), peer, open_rx, stop_rx.clone()));
+    let initial = cfg.members.iter().map(|m| m.id).collect();
+    tasks.push(serve_peer(
+        member.clone(),
+        peer,
+        PeerGate { open: open_rx, initial, limit: peer_limit },
+        stop_rx.clone(),
+    ));
     if fresh {
         let answers = crate::join::probe_all(&member.network, &cfg).await;
         let refusal = crate::join::decide(&cfg, &answers).err();
@@ -266,16 +279,36 @@ pub async fn start_on(
         let _ = open.send(true);
     }
     if cfg.config.initial_cluster_state == ClusterState::New {
+        // Every member of a new cluster knows its membership, and one that
+        // forms the cluster campaigns at once. Were they all to do so at the
+        // same moment, they would campaign against each other: the member
+        // with the lowest id forms it at once, each other one only if it
+        // has heard from no leader after its rank times half an election
+        // timeout (so a cluster forms when the first member is down too).
         let members: BTreeMap<u64, BasicNode> =
             cfg.members.iter().map(|m| (m.id, BasicNode::new(&m.peer_url))).collect();
-        match member.raft.initialize(members).await {
-            Ok(()) => tracing::info!(members = cfg.members.len(), "formed a new cluster"),
-            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
-            Err(e) => {
+        let rank = members.keys().position(|id| *id == cfg.id).unwrap_or(0) as u32;
+        if rank == 0 {
+            if let Err(e) = form(&member.raft, members).await {
                 let handle = ServerHandle { member, client_addrs: Vec::new(), peer_addr, stop, tasks, db };
                 handle.shutdown().await;
-                return Err(StartError::Raft(e.to_string()));
+                return Err(StartError::Raft(e));
             }
+        } else {
+            let (member, stop) = (member.clone(), stop_rx.clone());
+            let pause = cfg.election / 2 * rank;
+            tasks.push(tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stopped(stop) => return,
+                }
+                let joined = member.raft.metrics().borrow().membership_config.nodes().next().is_some();
+                if !joined {
+                    if let Err(e) = form(&member.raft, members).await {
+                        tracing::error!("cannot form the cluster: {e}");
+                    }
+                }
+            }));
         }
     }
     let mut client_addrs = Vec::new();
@@ -291,6 +324,20 @@ pub async fn start_on(
     tasks.push(publish_attributes(member.clone(), cfg.config.name.clone(), cfg.client_urls.clone(), stop_rx));
     tracing::info!(member = %format!("{:x}", cfg.id), name = %cfg.config.name, ?client_addrs, %peer_addr, "kvd member started");
     Ok(ServerHandle { member, client_addrs, peer_addr, stop, tasks, db })
+}
+
+/// Forms a new cluster of `members` on this member, unless its log already
+/// holds a membership.
+async fn form(raft: &Raft, members: BTreeMap<u64, BasicNode>) -> Result<(), String> {
+    let n = members.len();
+    match raft.initialize(members).await {
+        Ok(()) => {
+            tracing::info!(members = n, "formed a new cluster");
+            Ok(())
+        }
+        Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Accepted connections with Nagle's algorithm off: small gRPC messages
@@ -311,14 +358,21 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
+/// What the peer service needs to know beyond the member.
+struct PeerGate {
+    open: watch::Receiver<bool>,
+    initial: Vec<u64>,
+    limit: usize,
+}
+
 fn serve_peer(
     member: Arc<Member>,
     listener: TcpListener,
-    open: watch::Receiver<bool>,
+    gate: PeerGate,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
-    let svc = PeerServer::new(PeerService::new(member, open))
-        .max_decoding_message_size(usize::MAX)
+    let svc = PeerServer::new(PeerService::new(member, gate.open, gate.initial))
+        .max_decoding_message_size(gate.limit)
         .max_encoding_message_size(usize::MAX);
     tokio::spawn(async move {
         let result = Server::builder()

@@ -179,3 +179,28 @@ async fn a_member_that_lost_its_data_is_refused_and_one_with_its_data_rejoins() 
     assert_eq!(all.kvs.len(), 10);
     c.shutdown().await;
 }
+
+/// A new cluster forms when the member that would form it at once (the one
+/// with the lowest id) does not start: the others form it after a pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_cluster_forms_without_its_first_member() {
+    let mut c = TestCluster::start(3, |_| {}).await;
+    let ids: Vec<u64> = (0..3).map(|i| c.member(i).member.id).collect();
+    let first = (0..3).min_by_key(|i| ids[*i]).unwrap();
+    for i in 0..3 {
+        c.stop(i).await;
+        std::fs::remove_dir_all(c.configs[i].validate().unwrap().data_dir).unwrap();
+    }
+    let (a, b) = ((first + 1) % 3, (first + 2) % 3);
+    // Started together, as members of a new cluster are.
+    let (ra, rb) = (c.configs[a].validate().unwrap(), c.configs[b].validate().unwrap());
+    let listeners = |i: usize| (support::listen(c.client_addrs[i]), support::listen(c.peer_addrs[i]));
+    let ((ca, pa), (cb, pb)) = (listeners(a), listeners(b));
+    let (ma, mb) = tokio::join!(kvd::server::start_on(ra, vec![ca], pa), kvd::server::start_on(rb, vec![cb], pb));
+    c.members[a] = Some(ma.unwrap());
+    c.members[b] = Some(mb.unwrap());
+    let leader = c.wait_leader().await;
+    assert_ne!(leader, first);
+    c.client(a).put(put("formed", "yes")).await.unwrap();
+    c.shutdown().await;
+}

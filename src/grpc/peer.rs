@@ -1,11 +1,14 @@
 //! The server side of the peer API: hands Raft RPCs to openraft, and serves
 //! the proposals and read-index requests that followers forward.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -16,7 +19,8 @@ use crate::node::Member;
 use crate::proto::kvdpb::peer_server::Peer;
 use crate::proto::kvdpb::RaftPayload;
 use crate::raft::leader::{encode_answer, Proposal};
-use crate::raft::{decode, encode, NodeId};
+use crate::raft::network::{CLUSTER_HEADER, FROM_HEADER, STARTING, TO_HEADER};
+use crate::raft::{decode, encode, NodeId, TypeConfig};
 
 /// Names the peer port in the answer to a call it does not serve (an etcd
 /// client pointed at it by mistake), which the gRPC router gives with no
@@ -35,6 +39,14 @@ pub fn name_unimplemented(mut resp: http::Response<tonic::body::Body>) -> http::
 }
 
 /// The peer gRPC service of one member.
+///
+/// Every request but a probe must say who sends it (see
+/// [`crate::raft::network::CLUSTER_HEADER`]): this member's cluster, this
+/// member as receiver, and a sender that is a member (of the membership this
+/// member knows, or of `--initial-cluster` before it knows one). Raft
+/// messages must also come from the member whose vote they carry. Anything
+/// else is refused before openraft or the node sees it, and logged once a
+/// minute per sender and reason.
 pub struct PeerService {
     member: Arc<Member>,
     /// False while the member, started on an empty data directory, asks the
@@ -42,19 +54,107 @@ pub struct PeerService {
     /// (it could otherwise vote with a vote it has forgotten) and answers
     /// only probes.
     open: watch::Receiver<bool>,
+    /// The members of `--initial-cluster`.
+    initial: Vec<NodeId>,
+    /// When each refusal was last logged, by sender and reason.
+    logged: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long a Raft request waits for a starting member to be let in.
+const READY_WAIT: Duration = Duration::from_secs(3);
+
+/// How often the same refusal of the same sender is logged.
+const LOG_EVERY: Duration = Duration::from_secs(60);
 
 impl PeerService {
     /// A service for `member`, serving Raft once `open` is true.
-    pub fn new(member: Arc<Member>, open: watch::Receiver<bool>) -> Self {
-        PeerService { member, open }
+    pub fn new(member: Arc<Member>, open: watch::Receiver<bool>, initial: Vec<NodeId>) -> Self {
+        PeerService { member, open, initial, logged: Default::default() }
     }
 
-    fn ready(&self) -> Result<(), Status> {
+    /// Waits, a little, until the member has been let in: the members of a
+    /// new cluster finish asking each other at slightly different times, and
+    /// the first to finish campaigns at once.
+    async fn ready(&self) -> Result<(), Status> {
         if *self.open.borrow() {
+            return Ok(());
+        }
+        let mut open = self.open.clone();
+        let opened = tokio::time::timeout(READY_WAIT, open.wait_for(|o| *o)).await.is_ok_and(|r| r.is_ok());
+        if opened {
             Ok(())
         } else {
-            Err(Status::unavailable("member is starting: it is checking with the others that it may join"))
+            Err(Status::unavailable(STARTING))
+        }
+    }
+
+    /// The sender of `req`, if it may talk to this member.
+    fn sender<T>(&self, req: &Request<T>) -> Result<NodeId, Status> {
+        let md = req.metadata();
+        let header = |name: &str| -> Option<u64> {
+            md.get(name).and_then(|v| v.to_str().ok()).and_then(|v| u64::from_str_radix(v, 16).ok())
+        };
+        let peer = req.remote_addr().map_or_else(|| "unknown address".to_string(), |a| a.to_string());
+        let (Some(cluster), Some(from), Some(to)) = (header(CLUSTER_HEADER), header(FROM_HEADER), header(TO_HEADER))
+        else {
+            return Err(self.refuse(&peer, "unidentified", "request without member identity: not from a kvd member"));
+        };
+        let who = format!("member {from:x} at {peer}");
+        if cluster != self.member.cluster_id {
+            return Err(self.refuse(
+                &who,
+                "cluster",
+                &format!("request cluster ID mismatch: the request is for cluster {cluster:x}, this member belongs to cluster {:x}", self.member.cluster_id),
+            ));
+        }
+        if to != self.member.id {
+            return Err(self.refuse(
+                &who,
+                "receiver",
+                &format!("member ID mismatch: the request is for member {to:x}, this is member {:x}", self.member.id),
+            ));
+        }
+        let known = {
+            let metrics = self.member.raft.metrics();
+            let membership = &metrics.borrow().membership_config;
+            let mut nodes = membership.nodes().peekable();
+            if nodes.peek().is_none() {
+                self.initial.contains(&from)
+            } else {
+                membership.nodes().any(|(id, _)| *id == from)
+            }
+        };
+        if !known {
+            return Err(self.refuse(&who, "member", &format!("member {from:x} is not a member of this cluster")));
+        }
+        Ok(from)
+    }
+
+    /// A refusal with `why`, logged unless the same was logged for `who`
+    /// within [`LOG_EVERY`].
+    fn refuse(&self, who: &str, reason: &str, why: &str) -> Status {
+        let key = format!("{who}/{reason}");
+        let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if logged.get(&key).is_none_or(|t| now.duration_since(*t) >= LOG_EVERY) {
+            if logged.len() > 1024 {
+                logged.retain(|_, t| now.duration_since(*t) < LOG_EVERY);
+            }
+            logged.insert(key, now);
+            tracing::warn!("refused a peer request from {who}: {why}");
+        }
+        Status::failed_precondition(why.to_string())
+    }
+
+    /// Checks that a Raft message from `from` carries `from`'s own vote.
+    fn own_vote(&self, from: NodeId, vote: &openraft::Vote<NodeId>) -> Result<(), Status> {
+        match vote.leader_id().voted_for() {
+            Some(id) if id == from => Ok(()),
+            other => Err(self.refuse(
+                &format!("member {from:x}"),
+                "vote",
+                &format!("member {from:x} sent a Raft message with the vote of {other:x?}"),
+            )),
         }
     }
 }
@@ -86,13 +186,19 @@ impl Peer for PeerService {
         &self,
         req: Request<Streaming<RaftPayload>>,
     ) -> Result<Response<AppendAnswers>, Status> {
-        self.ready()?;
+        self.ready().await?;
+        let from = self.sender(&req)?;
         let member = self.member.clone();
         let stopping = self.member.clone();
         let answers = req.into_inner().then(move |request| {
             let member = member.clone();
             async move {
-                let rpc = decode(&request?.data)?;
+                let rpc: AppendEntriesRequest<TypeConfig> = decode(&request?.data)?;
+                if rpc.vote.leader_id().voted_for() != Some(from) {
+                    return Err(Status::failed_precondition(format!(
+                        "member {from:x} sent entries with the vote of another member"
+                    )));
+                }
                 let res: Result<_, RaftError<NodeId>> = member.raft.append_entries(rpc).await;
                 let data = encode(&res)?;
                 Ok(RaftPayload { data })
@@ -103,44 +209,56 @@ impl Peer for PeerService {
     }
 
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        self.ready()?;
-        output(self.member.raft.append_entries(input(req)?).await)
+        self.ready().await?;
+        let from = self.sender(&req)?;
+        let rpc: AppendEntriesRequest<TypeConfig> = input(req)?;
+        self.own_vote(from, &rpc.vote)?;
+        output(self.member.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        self.ready()?;
-        output(self.member.raft.vote(input(req)?).await)
+        self.ready().await?;
+        let from = self.sender(&req)?;
+        let rpc: VoteRequest<NodeId> = input(req)?;
+        self.own_vote(from, &rpc.vote)?;
+        output(self.member.raft.vote(rpc).await)
     }
 
     async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        self.ready()?;
-        let res: Result<_, RaftError<NodeId, InstallSnapshotError>> =
-            self.member.raft.install_snapshot(input(req)?).await;
+        self.ready().await?;
+        let from = self.sender(&req)?;
+        let rpc: InstallSnapshotRequest<TypeConfig> = input(req)?;
+        self.own_vote(from, &rpc.vote)?;
+        let res: Result<_, RaftError<NodeId, InstallSnapshotError>> = self.member.raft.install_snapshot(rpc).await;
         output(res)
     }
 
     async fn forward(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        self.ready()?;
-        let answer = self.member.serve_forward(input(req)?).await;
+        self.ready().await?;
+        let from = self.sender(&req)?;
+        let answer = self.member.serve_forward(from, input(req)?).await;
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
     }
 
     async fn forward_batch(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        self.ready()?;
+        self.ready().await?;
+        let from = self.sender(&req)?;
         let list: Vec<Proposal> = input(req)?;
-        let answers = futures::future::join_all(list.into_iter().map(|p| self.member.serve_forward(p))).await;
+        let answers = futures::future::join_all(list.into_iter().map(|p| self.member.serve_forward(from, p))).await;
         let data = encode(&answers)?;
         Ok(Response::new(RaftPayload { data }))
     }
 
     async fn lease(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        self.ready()?;
+        self.ready().await?;
+        self.sender(&req)?;
         let answer = self.member.serve_lease(input(req)?).await;
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
     }
 
-    async fn read_index(&self, _req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        self.ready()?;
+    async fn read_index(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.ready().await?;
+        self.sender(&req)?;
         let answer = self.member.serve_read_index().await;
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
     }

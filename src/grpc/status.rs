@@ -19,7 +19,8 @@ pub fn code(e: &Error) -> Code {
         | Error::InvalidSortOption
         | Error::RequestTooLarge
         | Error::LeaderKeyMissing
-        | Error::UnknownAlarmAction(_) => Code::InvalidArgument,
+        | Error::UnknownAlarmAction(_)
+        | Error::ForwardRefused(_) => Code::InvalidArgument,
         Error::Compacted | Error::FutureRev => Code::OutOfRange,
         Error::LeaseNotFound => Code::NotFound,
         Error::LeaseExist => Code::FailedPrecondition,

@@ -38,13 +38,40 @@ pub struct ProbeAnswer {
 }
 
 impl Member {
-    /// Handles a proposal forwarded by a follower. Its size is checked again
-    /// here: the peer port is no way around `--max-request-bytes`.
-    pub async fn serve_forward(&self, proposal: Proposal) -> Forwarded<Response> {
-        if proposal.command.len() > self.limits.max_request_bytes {
-            return Forwarded::Failed(Error::RequestTooLarge);
+    /// Handles a proposal forwarded by member `from`. It is checked again
+    /// here as the client port checks it (size, operations per Txn, keys and
+    /// ranges): the peer port is no way around a limit. A member publishes
+    /// only its own attributes, and a batch is only ever made by the leader.
+    pub async fn serve_forward(&self, from: NodeId, proposal: Proposal) -> Forwarded<Response> {
+        match self.check_forwarded(from, &proposal.command) {
+            Ok(()) => self.proposals.propose(proposal).await,
+            Err(e) => Forwarded::Failed(e),
         }
-        self.proposals.propose(proposal).await
+    }
+
+    fn check_forwarded(&self, from: NodeId, command: &[u8]) -> Result<(), Error> {
+        use crate::mvcc::{ops, txn};
+        use crate::proto::kvdpb::{command::Op, Command};
+        use prost::Message;
+        if command.len() > self.limits.max_request_bytes {
+            return Err(Error::RequestTooLarge);
+        }
+        let refused = |why: &str| Error::ForwardRefused(why.to_string());
+        let op = Command::decode(command).ok().and_then(|c| c.op).ok_or_else(|| refused("it does not decode"))?;
+        match op {
+            Op::Put(p) => ops::check_put(&p),
+            Op::DeleteRange(d) => ops::check_delete(&d),
+            Op::Txn(t) => txn::check_txn(&t, self.limits.max_txn_ops),
+            Op::Compact(_) | Op::LeaseRevoke(_) => Ok(()),
+            Op::LeaseGrant(g) if g.id == 0 => Err(refused("a lease grant without an ID")),
+            Op::LeaseGrant(g) if g.ttl > crate::lease::MAX_LEASE_TTL => Err(Error::LeaseTtlTooLarge),
+            Op::LeaseGrant(_) => Ok(()),
+            Op::Publish(attrs) if attrs.id != from => {
+                Err(refused(&format!("member {from:x} published the attributes of member {:x}", attrs.id)))
+            }
+            Op::Publish(_) => Ok(()),
+            Op::Batch(_) => Err(refused("a batch of commands")),
+        }
     }
 
     /// Handles a read-index request from a follower.

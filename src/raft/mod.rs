@@ -25,6 +25,9 @@ pub type NodeId = u64;
 /// A member as Raft knows it: its peer URL.
 pub type Node = openraft::BasicNode;
 
+/// The size of the chunks a snapshot is sent to a member in.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
+
 openraft::declare_raft_types!(
     /// kvd's openraft types.
     pub TypeConfig:

@@ -59,6 +59,30 @@ pub enum Rpc {
     Probe,
 }
 
+/// gRPC metadata on every peer request: the sender's cluster id, and the
+/// sender's and receiver's member ids, in hex (as etcd's peer messages carry
+/// its cluster id and member ids). A member refuses a request whose cluster
+/// or receiver is not its own, or whose sender is not a member.
+pub const CLUSTER_HEADER: &str = "kvd-cluster-id";
+/// The sender's member id; see [`CLUSTER_HEADER`].
+pub const FROM_HEADER: &str = "kvd-from";
+/// The receiver's member id; see [`CLUSTER_HEADER`].
+pub const TO_HEADER: &str = "kvd-to";
+
+/// What a member answers peers while it is not yet let into its cluster
+/// (see `crate::join`): it took nothing, so the request was as good as not
+/// sent.
+pub const STARTING: &str = "member is starting: it is checking with the others that it may join";
+
+/// Who a member is, as it tells its peers on every request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// The cluster it belongs to.
+    pub cluster_id: u64,
+    /// Its member id.
+    pub member_id: NodeId,
+}
+
 /// Channels to peers, shared by everything in a member that talks to them.
 #[derive(Clone, Default)]
 pub struct Network {
@@ -66,6 +90,19 @@ pub struct Network {
     blocked: Arc<Mutex<HashSet<NodeId>>>,
     source: Option<IpAddr>,
     streams: Arc<Mutex<HashMap<NodeId, Streams>>>,
+    identity: Identity,
+    /// The largest message a peer accepts; see [`message_limit`].
+    limit: usize,
+}
+
+/// The largest peer message a member accepts, and so sends: a batch of
+/// forwarded writes or one log entry (each closes past 4 MiB, plus the one
+/// write that crossed that, of at most `--max-request-bytes`), or a snapshot
+/// chunk, with room for framing. AppendEntries that would be larger are sent
+/// in parts.
+pub fn message_limit(max_request_bytes: usize) -> usize {
+    const FRAMING: usize = 512 * 1024;
+    4 * 1024 * 1024 + 2 * max_request_bytes + super::SNAPSHOT_CHUNK_BYTES + FRAMING
 }
 
 /// Idle AppendEntries streams to `addr` of one peer. openraft replicates to
@@ -111,9 +148,26 @@ impl Network {
     /// connection between two members, in either direction, carries the
     /// address of each at its ends, which is what a firewall rule (or the
     /// fault harness's proxy) tells members apart by.
-    pub fn new(peer_listen: SocketAddr) -> Self {
+    ///
+    /// Every request carries `identity`, and no message larger than `limit`
+    /// is sent.
+    pub fn new(peer_listen: SocketAddr, identity: Identity, limit: usize) -> Self {
         let ip = peer_listen.ip();
-        Network { source: (!ip.is_unspecified()).then_some(ip), ..Default::default() }
+        Network { source: (!ip.is_unspecified()).then_some(ip), identity, limit, ..Default::default() }
+    }
+
+    /// `message` as a request to peer `to`, with this member's identity.
+    fn request<T>(&self, to: NodeId, message: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(message);
+        let md = req.metadata_mut();
+        for (name, value) in
+            [(CLUSTER_HEADER, self.identity.cluster_id), (FROM_HEADER, self.identity.member_id), (TO_HEADER, to)]
+        {
+            if let Ok(v) = format!("{value:x}").parse() {
+                md.insert(name, v);
+            }
+        }
+        req
     }
 
     /// Makes peer `id` unreachable from this member (tests).
@@ -195,7 +249,7 @@ impl Network {
         timeout: Duration,
     ) -> Result<Vec<u8>, CallError> {
         let mut client = self.client(id, addr)?;
-        let req = RaftPayload { data: payload };
+        let req = self.request(id, RaftPayload { data: payload });
         let fut = async {
             match rpc {
                 Rpc::AppendEntries => client.append_entries(req).await,
@@ -230,7 +284,7 @@ impl Network {
     async fn open_append_stream(&self, id: NodeId, addr: &str) -> Result<Option<AppendStream>, CallError> {
         let mut client = self.client(id, addr)?;
         let (requests, outgoing) = mpsc::channel(1);
-        match client.append_entries_stream(ReceiverStream::new(outgoing)).await {
+        match client.append_entries_stream(self.request(id, ReceiverStream::new(outgoing))).await {
             Ok(answers) => Ok(Some(AppendStream { requests, answers: answers.into_inner() })),
             Err(s) if s.code() == tonic::Code::Unimplemented => Ok(None),
             Err(s) => Err(call_error(s)),
@@ -242,7 +296,7 @@ impl Network {
 fn call_error(s: tonic::Status) -> CallError {
     // tonic reports a channel that could not connect this way, before
     // anything is sent.
-    if crate::client::not_sent(&s) {
+    if crate::client::not_sent(&s) || (s.code() == tonic::Code::Unavailable && s.message() == STARTING) {
         CallError::NotSent(s.to_string())
     } else if crate::client::broken(&s) {
         CallError::Broken(s.to_string())
@@ -372,10 +426,15 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
         let timeout = option.hard_ttl();
+        let payload = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if self.net.limit > 0 && payload.len() > self.net.limit && rpc.entries.len() > 1 {
+            // The peer would refuse it: openraft sends fewer entries.
+            let fit = (rpc.entries.len() as u64 * self.net.limit as u64 / payload.len() as u64 / 2).max(1);
+            return Err(RPCError::PayloadTooLarge(openraft::error::PayloadTooLarge::new_entries_hint(fit)));
+        }
         if self.net.unary(self.target, &self.addr) {
             return self.raft_call(Rpc::AppendEntries, &rpc, timeout).await;
         }
-        let payload = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         match tokio::time::timeout(timeout, self.stream_call(payload)).await {
             Ok(Ok(Some(bytes))) => self.answer(&bytes),
             Ok(Ok(None)) => {

@@ -1,0 +1,244 @@
+//! The peer port against strangers: raw peer requests without a member's
+//! identity, with another cluster's, or from a member id the cluster does not
+//! have, are refused and change nothing; forwarded writes are held to the
+//! client port's limits; and a second cluster pointed at one of our members
+//! disturbs nobody.
+
+mod support;
+
+use std::time::Duration;
+
+use clap::Parser;
+use kvd::proto::etcdserverpb::request_op::Request as Op;
+use kvd::proto::etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnRequest};
+use kvd::proto::kvdpb::peer_client::PeerClient;
+use kvd::proto::kvdpb::{command, Command, MemberAttributes, RaftPayload};
+use kvd::raft::leader::{Forwarded, Proposal};
+use kvd::raft::network::{CLUSTER_HEADER, FROM_HEADER, TO_HEADER};
+use kvd::raft::{decode, encode, NodeId, Response};
+use openraft::raft::VoteRequest;
+use openraft::Vote;
+use prost::Message;
+use support::{put, TestCluster};
+use tonic::transport::Channel;
+
+fn command(op: command::Op) -> Vec<u8> {
+    Command { op: Some(op) }.encode_to_vec()
+}
+
+fn proposal(op: command::Op) -> RaftPayload {
+    RaftPayload { data: encode(&Proposal { command: command(op), alone: false }).unwrap() }
+}
+
+fn stray_put() -> command::Op {
+    command::Op::Put(PutRequest { key: b"stray".to_vec(), value: b"x".to_vec(), ..Default::default() })
+}
+
+/// A request carrying the identity headers given (hex), any of them left out.
+fn with(ids: [Option<u64>; 3], payload: RaftPayload) -> tonic::Request<RaftPayload> {
+    let mut req = tonic::Request::new(payload);
+    for (name, value) in [CLUSTER_HEADER, FROM_HEADER, TO_HEADER].into_iter().zip(ids) {
+        if let Some(v) = value {
+            req.metadata_mut().insert(name, format!("{v:x}").parse().unwrap());
+        }
+    }
+    req
+}
+
+async fn peer(c: &TestCluster, i: usize) -> PeerClient<Channel> {
+    PeerClient::connect(format!("http://{}", c.peer_addrs[i])).await.unwrap()
+}
+
+/// Every peer RPC, sent to member `i` with `ids`, is refused with a message
+/// containing `why`.
+async fn every_rpc_refused(c: &TestCluster, i: usize, ids: [Option<u64>; 3], why: &str) {
+    let mut p = peer(c, i).await;
+    let vote = VoteRequest::new(Vote::new(1_000, ids[1].unwrap_or(1)), None);
+    let vote = RaftPayload { data: encode(&vote).unwrap() };
+    let empty = RaftPayload::default();
+    let batch = RaftPayload { data: encode(&vec![Proposal { command: command(stray_put()), alone: false }]).unwrap() };
+    let answers = [
+        ("Forward", p.forward(with(ids, proposal(stray_put()))).await.map(drop)),
+        ("ForwardBatch", p.forward_batch(with(ids, batch)).await.map(drop)),
+        ("Vote", p.vote(with(ids, vote.clone())).await.map(drop)),
+        ("AppendEntries", p.append_entries(with(ids, vote.clone())).await.map(drop)),
+        ("InstallSnapshot", p.install_snapshot(with(ids, vote)).await.map(drop)),
+        ("Lease", p.lease(with(ids, empty.clone())).await.map(drop)),
+        ("ReadIndex", p.read_index(with(ids, empty.clone())).await.map(drop)),
+    ];
+    for (rpc, answer) in answers {
+        let status = answer.expect_err(rpc);
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{rpc}: {status:?}");
+        assert!(status.message().contains(why), "{rpc}: {status:?}");
+    }
+    let mut stream_req = tonic::Request::new(tokio_stream::iter(vec![empty]));
+    for (name, value) in [CLUSTER_HEADER, FROM_HEADER, TO_HEADER].into_iter().zip(ids) {
+        if let Some(v) = value {
+            stream_req.metadata_mut().insert(name, format!("{v:x}").parse().unwrap());
+        }
+    }
+    let status = p.append_entries_stream(stream_req).await.map(drop).expect_err("AppendEntriesStream");
+    assert!(status.message().contains(why), "AppendEntriesStream: {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn strangers_on_the_peer_port_are_refused_and_change_nothing() {
+    let c = TestCluster::start(3, |_| {}).await;
+    let leader = c.wait_leader().await;
+    for i in 0..10 {
+        c.client(leader).put(put(&format!("k{i}"), "v")).await.unwrap();
+    }
+    let before = c.member(leader).member.raft.metrics().borrow().current_term;
+    let cluster = c.member(0).member.cluster_id;
+    let ids: Vec<NodeId> = (0..3).map(|i| c.member(i).member.id).collect();
+    let follower = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+
+    for i in [leader, follower] {
+        let me = ids[i];
+        every_rpc_refused(&c, i, [None, None, None], "without member identity").await;
+        every_rpc_refused(&c, i, [Some(cluster ^ 1), Some(ids[other]), Some(me)], "cluster ID mismatch").await;
+        every_rpc_refused(&c, i, [Some(cluster), Some(ids[other]), Some(me ^ 1)], "member ID mismatch").await;
+        every_rpc_refused(&c, i, [Some(cluster), Some(0xbad), Some(me)], "member bad is not a member").await;
+    }
+
+    // With a member's identity, a Raft message must carry that member's own
+    // vote, and forwarded writes meet the client port's limits.
+    let mut p = peer(&c, leader).await;
+    let someone_else = VoteRequest::new(Vote::new(before + 5, ids[follower]), None);
+    let as_other = [Some(cluster), Some(ids[other]), Some(ids[leader])];
+    let status = p.vote(with(as_other, RaftPayload { data: encode(&someone_else).unwrap() })).await.unwrap_err();
+    assert!(status.message().contains("with the vote of"), "{status:?}");
+
+    let ops = (0..200)
+        .map(|i| RequestOp {
+            request: Some(Op::RequestPut(PutRequest {
+                key: format!("big{i}").into_bytes(),
+                value: b"x".to_vec(),
+                ..Default::default()
+            })),
+        })
+        .collect();
+    let big = TxnRequest { compare: vec![], success: ops, failure: vec![] };
+    let forwarded = |op| {
+        let mut p = p.clone();
+        async move {
+            let answer = p.forward(with(as_other, proposal(op))).await.unwrap().into_inner();
+            decode::<Forwarded<Response>>(&answer.data).unwrap()
+        }
+    };
+    let answer = forwarded(command::Op::Txn(big)).await;
+    assert!(matches!(answer, Forwarded::Failed(kvd::error::Error::TooManyOps)), "{answer:?}");
+    let answer = forwarded(command::Op::Put(PutRequest::default())).await;
+    assert!(matches!(answer, Forwarded::Failed(kvd::error::Error::EmptyKey)), "{answer:?}");
+    let forged = command::Op::Publish(MemberAttributes {
+        id: ids[follower],
+        name: "evil".into(),
+        client_urls: vec!["http://127.0.0.1:1".into()],
+    });
+    let answer = forwarded(forged).await;
+    assert!(matches!(answer, Forwarded::Failed(kvd::error::Error::ForwardRefused(_))), "{answer:?}");
+    let junk = RaftPayload { data: encode(&Proposal { command: vec![0xff; 7], alone: false }).unwrap() };
+    let answer = p.forward(with(as_other, junk)).await.unwrap().into_inner();
+    let answer: Forwarded<Response> = decode(&answer.data).unwrap();
+    assert!(matches!(answer, Forwarded::Failed(kvd::error::Error::ForwardRefused(_))), "{answer:?}");
+    // A message over the peer size limit is refused by the gRPC layer.
+    let huge = RaftPayload { data: vec![0; 64 * 1024 * 1024] };
+    let status = p.forward(with(as_other, huge)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+
+    // Nothing changed: the same leader in the same term, no stray keys, the
+    // member list as published, and the cluster still takes writes.
+    assert_eq!(c.wait_leader().await, leader);
+    assert_eq!(c.member(leader).member.raft.metrics().borrow().current_term, before);
+    let client = c.client(follower);
+    for key in ["stray", "big0", ""] {
+        let got = client.range(RangeRequest { key: key.as_bytes().to_vec(), ..Default::default() });
+        assert!(got.await.map(|r| r.kvs.is_empty()).unwrap_or(true), "{key:?} was written");
+    }
+    let members = client.member_list().await.unwrap();
+    assert!(members.members.iter().all(|m| m.name != "evil"), "{members:?}");
+    client.put(put("after", "v")).await.unwrap();
+    let keys = client.range(RangeRequest { key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() });
+    assert_eq!(keys.await.unwrap().kvs.len(), 10);
+    c.shutdown().await;
+}
+
+/// A second cluster (another token) whose `--initial-cluster` names one of
+/// our members' peer URL: it elects its own leader among its two members and
+/// sends ours votes and entries, which are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_foreign_cluster_pointed_at_a_member_disturbs_nobody() {
+    let c = TestCluster::start(3, |_| {}).await;
+    let leader = c.wait_leader().await;
+    for i in 0..10 {
+        c.client(leader).put(put(&format!("k{i}"), "v")).await.unwrap();
+    }
+    let term = c.member(leader).member.raft.metrics().borrow().current_term;
+    let target = (leader + 1) % 3;
+
+    let ports = kvd_testkit::free_ports(4);
+    let peer_urls = [format!("http://127.0.0.1:{}", ports[0]), format!("http://127.0.0.1:{}", ports[1])];
+    let initial = format!("f0={},f1={},m{target}=http://{}", peer_urls[0], peer_urls[1], c.peer_addrs[target]);
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let starts = (0..2).map(|i| {
+        let client = format!("http://127.0.0.1:{}", ports[2 + i]);
+        let config = kvd::config::Config::parse_from([
+            "kvd",
+            "--name",
+            &format!("f{i}"),
+            "--data-dir",
+            &dirs[i].path().join("data").display().to_string(),
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer_urls[i],
+            "--initial-advertise-peer-urls",
+            &peer_urls[i],
+            "--initial-cluster",
+            &initial,
+            "--initial-cluster-token",
+            "another-cluster",
+            "--heartbeat-interval",
+            "50",
+            "--election-timeout",
+            "500",
+        ]);
+        kvd::server::start(config.validate().unwrap())
+    });
+    let foreign: Vec<_> = futures::future::join_all(starts).await.into_iter().map(|s| s.unwrap()).collect();
+    // The foreign cluster elects a leader of its own and commits an entry.
+    let deadline = std::time::Instant::now() + support::WAIT;
+    let foreign_leader = loop {
+        if let Some(l) = foreign.iter().find(|s| s.member.leader() == Some(s.member.id)) {
+            break l;
+        }
+        assert!(std::time::Instant::now() < deadline, "the foreign cluster elected no leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    foreign_leader.member.put(put("theirs", "1")).await.unwrap();
+    // Let it send our member heartbeats for a while.
+    for _ in 0..20 {
+        foreign_leader.member.put(put("theirs", "2")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    assert_eq!(c.wait_leader().await, leader);
+    for i in 0..3 {
+        let m = c.member(i).member.raft.metrics().borrow().clone();
+        assert_eq!(m.current_term, term, "member {i} moved to another term");
+        assert!(m.running_state.is_ok(), "member {i} stopped: {:?}", m.running_state);
+    }
+    let client = c.client(target);
+    let theirs = client.range(RangeRequest { key: b"theirs".to_vec(), ..Default::default() }).await.unwrap();
+    assert!(theirs.kvs.is_empty());
+    let ours = client.range(RangeRequest { key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() });
+    assert_eq!(ours.await.unwrap().kvs.len(), 10);
+    client.put(put("after", "v")).await.unwrap();
+    for s in foreign {
+        s.shutdown().await;
+    }
+    c.shutdown().await;
+}
