@@ -70,6 +70,23 @@ pub struct Config {
     /// a response before it gets an empty one with the current revision.
     #[arg(long = "experimental-watch-progress-notify-interval", env = "KVD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
     pub watch_progress_notify_interval: std::time::Duration,
+    /// Certificate (PEM) the client port presents on https:// URLs.
+    #[arg(long, env = "KVD_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// Private key (PEM) of --cert-file.
+    #[arg(long, env = "KVD_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates are checked against;
+    /// with it, clients must present one (as in etcd 3.4).
+    #[arg(long, env = "KVD_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Serve only clients with a certificate from --trusted-ca-file.
+    #[arg(long, env = "KVD_CLIENT_CERT_AUTH")]
+    pub client_cert_auth: bool,
+    /// Serve https:// client URLs with a self-signed certificate made at
+    /// start (for trying TLS out; clients cannot verify it).
+    #[arg(long, env = "KVD_AUTO_TLS")]
+    pub auto_tls: bool,
     /// Threads that serve clients and peers and run Raft (default: one per
     /// CPU). Members that share a machine do better with fewer each: every
     /// extra thread wakes and sleeps on its own, and the log and sled write
@@ -91,6 +108,9 @@ pub enum ConfigError {
         /// What is wrong.
         why: String,
     },
+    /// The TLS flags do not fit together.
+    #[error("{0}")]
+    BadTls(String),
     /// `--initial-cluster` is malformed.
     #[error("invalid --initial-cluster: {0}")]
     BadCluster(String),
@@ -135,6 +155,8 @@ pub struct Validated {
     pub data_dir: PathBuf,
     /// Addresses to serve clients on.
     pub client_addrs: Vec<SocketAddr>,
+    /// Whether each of `client_addrs` serves TLS (its URL is https://).
+    pub client_https: Vec<bool>,
     /// Address to serve peers on.
     pub peer_addr: SocketAddr,
     /// Client URLs to publish.
@@ -159,8 +181,11 @@ fn split(list: &str) -> impl Iterator<Item = &str> {
 pub fn parse_url(flag: &'static str, raw: &str) -> Result<(String, SocketAddr), ConfigError> {
     let bad = |why: &str| ConfigError::BadUrl { flag, url: raw.to_string(), why: why.to_string() };
     let url = url::Url::parse(raw).map_err(|e| bad(&e.to_string()))?;
-    if url.scheme() != "http" {
-        return Err(bad("only http:// URLs are supported"));
+    if url.scheme() == "https" && !flag.contains("client") {
+        return Err(bad("https:// peer URLs are not supported yet (kvd has no peer TLS)"));
+    }
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(bad("only http:// and https:// URLs are supported"));
     }
     let host = url.host_str().ok_or_else(|| bad("no host"))?;
     let port = url.port().ok_or_else(|| bad("no port"))?;
@@ -170,7 +195,7 @@ pub fn parse_url(flag: &'static str, raw: &str) -> Result<(String, SocketAddr), 
         .map_err(|e| bad(&e.to_string()))?
         .next()
         .ok_or_else(|| bad("host does not resolve"))?;
-    Ok((format!("http://{}:{}", url.host_str().unwrap_or(host), port), addr))
+    Ok((format!("{}://{}:{}", url.scheme(), url.host_str().unwrap_or(host), port), addr))
 }
 
 /// A member's id, from its peer URL and the cluster token (as etcd derives
@@ -183,6 +208,33 @@ pub fn member_id(peer_url: &str, token: &str) -> NodeId {
 }
 
 impl Config {
+    /// Checks that the TLS flags make sense together, and that https://
+    /// client URLs have a certificate to serve.
+    fn check_tls(&self, https: bool) -> Result<(), ConfigError> {
+        let bad = |why: &str| Err(ConfigError::BadTls(why.to_string()));
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return bad("--cert-file and --key-file go together");
+        }
+        if self.auto_tls && self.cert_file.is_some() {
+            return bad("--auto-tls makes its own certificate; leave out --cert-file and --key-file");
+        }
+        if https && self.cert_file.is_none() && !self.auto_tls {
+            return bad("https:// client URLs need --cert-file and --key-file (or --auto-tls)");
+        }
+        if !https && (self.cert_file.is_some() || self.auto_tls) {
+            return bad("--cert-file or --auto-tls given, but no --listen-client-urls URL is https://");
+        }
+        if self.client_cert_auth && self.trusted_ca_file.is_none() {
+            return bad(
+                "--client-cert-auth needs --trusted-ca-file, the CA that client certificates are checked against",
+            );
+        }
+        if self.trusted_ca_file.is_some() && !https {
+            return bad("--trusted-ca-file given, but no --listen-client-urls URL is https://");
+        }
+        Ok(())
+    }
+
     /// Checks the flags and resolves addresses and ids.
     pub fn validate(&self) -> Result<Validated, ConfigError> {
         if self.heartbeat_interval == 0 || self.election_timeout < 5 * self.heartbeat_interval {
@@ -200,9 +252,12 @@ impl Config {
         if self.worker_threads == Some(0) {
             return Err(ConfigError::BadLimit("--worker-threads must be at least 1".into()));
         }
-        let client_addrs = split(&self.listen_client_urls)
-            .map(|u| parse_url("listen-client-urls", u).map(|(_, a)| a))
+        let listen = split(&self.listen_client_urls)
+            .map(|u| parse_url("listen-client-urls", u))
             .collect::<Result<Vec<_>, _>>()?;
+        let client_addrs: Vec<SocketAddr> = listen.iter().map(|(_, a)| *a).collect();
+        let client_https: Vec<bool> = listen.iter().map(|(u, _)| u.starts_with("https://")).collect();
+        self.check_tls(client_https.contains(&true))?;
         if client_addrs.is_empty() {
             return Err(ConfigError::BadUrl {
                 flag: "listen-client-urls",
@@ -238,6 +293,7 @@ impl Config {
         Ok(Validated {
             data_dir: self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.kvd", self.name))),
             client_addrs,
+            client_https,
             peer_addr,
             client_urls,
             id: me.id,

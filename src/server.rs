@@ -72,6 +72,9 @@ pub enum StartError {
     /// Raft refused to start.
     #[error("cannot start raft: {0}")]
     Raft(String),
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// A member on an empty data directory may not join (see [`crate::join`]).
     #[error(transparent)]
     Join(#[from] crate::join::JoinError),
@@ -154,6 +157,10 @@ pub async fn start_on(
     clients: Vec<TcpListener>,
     peer: TcpListener,
 ) -> Result<ServerHandle, StartError> {
+    let client_tls = match cfg.client_https.contains(&true) {
+        true => Some(crate::tls::client_port(&cfg.config, &client_hosts(&cfg))?),
+        false => None,
+    };
     let fresh = crate::join::is_fresh(&cfg.data_dir);
     if fresh {
         crate::join::mark(&cfg.data_dir)
@@ -312,11 +319,12 @@ pub async fn start_on(
         }
     }
     let mut client_addrs = Vec::new();
-    for listener in clients {
+    for (i, listener) in clients.into_iter().enumerate() {
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?;
         client_addrs.push(addr);
         let progress = cfg.config.watch_progress_notify_interval;
-        tasks.push(serve_clients(member.clone(), listener, progress, stop_rx.clone()));
+        let tls = client_tls.clone().filter(|_| cfg.client_https.get(i).copied().unwrap_or(false));
+        tasks.push(serve_clients(member.clone(), listener, tls, progress, stop_rx.clone()));
     }
     tasks.push(tokio::spawn(member.clone().run_lease_expiry()));
     tasks.push(tokio::spawn(crate::idle_memory::run(member.state.clone(), stop_rx.clone())));
@@ -386,9 +394,25 @@ fn serve_peer(
     })
 }
 
+/// The hosts of the client URLs, and the loopback names, for a certificate
+/// made by `--auto-tls`.
+fn client_hosts(cfg: &Validated) -> Vec<String> {
+    let urls = format!("{},{}", cfg.config.listen_client_urls, cfg.config.advertise_client_urls);
+    let mut hosts: Vec<String> = urls
+        .split(',')
+        .filter_map(|u| url::Url::parse(u.trim()).ok())
+        .filter_map(|u| u.host_str().map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string()))
+        .chain(["localhost".to_string(), "127.0.0.1".to_string()])
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    hosts
+}
+
 fn serve_clients(
     member: Arc<Member>,
     listener: TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     progress_interval: Duration,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
@@ -405,7 +429,17 @@ fn serve_clients(
     let metrics_member = member.clone();
     let election = ElectionServer::new(ElectionService::new(member)).max_decoding_message_size(max_in);
     tokio::spawn(async move {
-        let result = Server::builder()
+        let mut builder = Server::builder();
+        if let Some(tls) = tls {
+            builder = match builder.tls_config(tls) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!("client TLS: {e}");
+                    return;
+                }
+            };
+        }
+        let result = builder
             // `/metrics` and `/health` are HTTP/1.1 as well, as etcd's are.
             .accept_http1(true)
             .layer(tower::util::MapResponseLayer::new(crate::grpc::size_limit_as_resource_exhausted))

@@ -174,7 +174,7 @@ fn cluster_scripts_and_kvctl_survive_a_kill_and_a_full_restart() {
     );
     let out = c.kvctl(&format!("https://{first}"), &["get", "x"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("does not support TLS yet"), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the server may not serve TLS"), "{}", text(&out));
     // Errors go to stderr with a non-zero exit code.
     let bad = c.kvctl(&eps, &["get", "x", "--rev", "100000"]);
     assert!(!bad.status.success());

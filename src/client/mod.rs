@@ -65,11 +65,18 @@ pub fn describe(status: &Status) -> String {
         if let Some(first) = cause.get(..1) {
             cause = first.to_lowercase() + &cause[1..];
         }
-        return if chain.iter().any(|e| e.contains("dns error")) {
-            format!("cannot resolve host: {cause}")
-        } else {
-            cause
-        };
+        if chain.iter().any(|e| e.contains("dns error")) {
+            return format!("cannot resolve host: {cause}");
+        }
+        if cause.contains("frame with invalid size") {
+            // What an HTTP/2 client reading a TLS answer sees.
+            return format!("{cause} (the server may expect TLS: use an https:// endpoint)");
+        }
+        if cause.contains("InvalidContentType") {
+            // What a TLS client reading a plain-text answer sees.
+            return format!("{cause} (the server may not serve TLS: use an http:// endpoint)");
+        }
+        return cause;
     }
     if status.message().is_empty() {
         format!("{:?} with no message", status.code())
@@ -97,23 +104,60 @@ pub fn endpoint_url(endpoint: &str) -> String {
     }
 }
 
+/// TLS settings of a client, as etcdctl's `--cacert`, `--cert` and `--key`
+/// give them (PEM). With any of them set, an endpoint given as `host:port`
+/// is reached over TLS; an `https://` endpoint always is.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    /// CA certificates to check servers against; without them, the
+    /// system's trusted roots.
+    pub ca: Option<Vec<u8>>,
+    /// A client certificate and its key, for servers that ask for one.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ClientTls {
+    fn config(&self) -> tonic::transport::ClientTlsConfig {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let mut cfg = ClientTlsConfig::new();
+        cfg = match &self.ca {
+            Some(ca) => cfg.ca_certificate(Certificate::from_pem(ca)),
+            None => cfg.with_native_roots(),
+        };
+        if let Some((cert, key)) = &self.identity {
+            cfg = cfg.identity(Identity::from_pem(cert, key));
+        }
+        cfg
+    }
+}
+
 impl Client {
     /// A client of the given endpoints (`host:port` or `http://host:port`).
     /// Connections are made on first use.
     pub fn new(endpoints: &[String], dial_timeout: Duration) -> Result<Client, String> {
+        Self::with_tls(endpoints, dial_timeout, None)
+    }
+
+    /// A client of the given endpoints that reaches `https://` endpoints
+    /// (and, when `tls` is given, `host:port` ones too) over TLS.
+    pub fn with_tls(endpoints: &[String], dial_timeout: Duration, tls: Option<&ClientTls>) -> Result<Client, String> {
         if endpoints.is_empty() {
             return Err("no endpoints given".into());
         }
         let mut channels = Vec::new();
         for e in endpoints {
-            let url = endpoint_url(e);
+            let url = match (e.contains("://"), tls) {
+                (false, Some(_)) => format!("https://{e}"),
+                _ => endpoint_url(e),
+            };
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                return Err(format!("endpoint {e}: only http:// and https:// endpoints (or host:port) are supported"));
+            }
+            let mut ep = Endpoint::from_shared(url.clone()).map_err(|err| format!("bad endpoint {e:?}: {err}"))?;
             if url.starts_with("https://") {
-                return Err(format!("endpoint {e}: kvd does not support TLS yet; use an http:// endpoint"));
+                let config = tls.cloned().unwrap_or_default().config();
+                ep = ep.tls_config(config).map_err(|err| format!("endpoint {e}: {err}"))?;
             }
-            if !url.starts_with("http://") {
-                return Err(format!("endpoint {e}: only http:// endpoints (or host:port) are supported"));
-            }
-            let ep = Endpoint::from_shared(url.clone()).map_err(|err| format!("bad endpoint {e:?}: {err}"))?;
             channels.push(ep.connect_timeout(dial_timeout).tcp_nodelay(true).connect_lazy());
         }
         Ok(Client {

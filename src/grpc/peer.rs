@@ -94,7 +94,8 @@ impl PeerService {
         let header = |name: &str| -> Option<u64> {
             md.get(name).and_then(|v| v.to_str().ok()).and_then(|v| u64::from_str_radix(v, 16).ok())
         };
-        let peer = req.remote_addr().map_or_else(|| "unknown address".to_string(), |a| a.to_string());
+        // By IP alone: a stranger's every connection comes from a new port.
+        let peer = req.remote_addr().map_or_else(|| "an unknown address".to_string(), |a| a.ip().to_string());
         let (Some(cluster), Some(from), Some(to)) = (header(CLUSTER_HEADER), header(FROM_HEADER), header(TO_HEADER))
         else {
             return Err(self.refuse(&peer, "unidentified", "request without member identity: not from a kvd member"));

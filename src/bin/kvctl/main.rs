@@ -31,6 +31,15 @@ struct Cli {
     /// Time to wait for a command, e.g. 5s.
     #[arg(long, global = true, default_value = "5s", value_parser = parse_duration)]
     command_timeout: Duration,
+    /// CA certificates (PEM) to check TLS servers against.
+    #[arg(long, global = true, env = "KVCTL_CACERT")]
+    cacert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for servers that check client certificates.
+    #[arg(long = "cert", id = "tls_cert", global = true, env = "KVCTL_CERT", requires = "tls_key")]
+    cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long = "key", id = "tls_key", global = true, env = "KVCTL_KEY", requires = "tls_cert")]
+    key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -98,6 +107,22 @@ fn completion(args: &CompletionArgs) {
     clap_complete::generate(args.shell, &mut command, name, &mut std::io::stdout());
 }
 
+/// The TLS settings `--cacert`, `--cert` and `--key` give, if any.
+fn client_tls(cli: &Cli) -> Result<Option<kvd::client::ClientTls>, String> {
+    let read = |flag: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| format!("cannot read --{flag} {}: {e}", path.display()))
+    };
+    if cli.cacert.is_none() && cli.cert.is_none() {
+        return Ok(None);
+    }
+    let ca = cli.cacert.as_deref().map(|p| read("cacert", p)).transpose()?;
+    let identity = match (&cli.cert, &cli.key) {
+        (Some(cert), Some(key)) => Some((read("cert", cert)?, read("key", key)?)),
+        _ => None,
+    };
+    Ok(Some(kvd::client::ClientTls { ca, identity }))
+}
+
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map(|i| s.split_at(i)).unwrap_or((s, "s"));
     let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
@@ -119,7 +144,14 @@ async fn main() -> ExitCode {
     }
     let endpoints: Vec<String> =
         cli.endpoints.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-    let client = match Client::new(&endpoints, cli.dial_timeout) {
+    let tls = match client_tls(&cli) {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let client = match Client::with_tls(&endpoints, cli.dial_timeout, tls.as_ref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("Error: {e}");

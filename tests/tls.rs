@@ -1,0 +1,303 @@
+//! TLS on the client port: etcdctl 3.4, kvctl and curl against a three-member
+//! kvd with https:// client URLs, client certificates required or not; a
+//! wrong CA, a missing client certificate and a plain-text client are
+//! refused and the member serves everyone else. The same etcdctl commands
+//! against etcd 3.4 set up the same way give the same outcomes.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use support::TestCluster;
+
+/// A CA, a server and a client certificate signed by it, and a second CA
+/// that signed nothing here, as PEM files.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, pem: String| std::fs::write(dir.path().join(name), pem).unwrap();
+        let ca = |cn: &str| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, cn);
+            let cert = params.self_signed(&key).unwrap();
+            (cert.pem(), Issuer::new(params, key))
+        };
+        let (ca_pem, issuer) = ca("kvd test CA");
+        write("ca.pem", ca_pem);
+        write("other-ca.pem", ca("another CA").0);
+        for (name, sans) in [("server", vec!["localhost".to_string(), "127.0.0.1".to_string()]), ("client", vec![])] {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(sans).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
+            write(&format!("{name}.pem"), params.signed_by(&key, &issuer).unwrap().pem());
+            write(&format!("{name}-key.pem"), key.serialize_pem());
+        }
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn arg(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+}
+
+/// The flags that serve https:// with the PKI's server certificate.
+/// With `client_cert_auth`, also the CA that client certificates must be
+/// signed by.
+fn server_flags(pki: &Pki, client_cert_auth: bool) -> Vec<String> {
+    let mut flags =
+        vec!["--cert-file".to_string(), pki.arg("server.pem"), "--key-file".into(), pki.arg("server-key.pem")];
+    if client_cert_auth {
+        flags.extend(["--trusted-ca-file".to_string(), pki.arg("ca.pem"), "--client-cert-auth".into()]);
+    }
+    flags
+}
+
+/// Runs a client program (`etcdctl` or kvctl) with `args`; whether it
+/// succeeded, and what it said.
+fn run(bin: &str, endpoint: &str, args: &[String]) -> (bool, String) {
+    let out = Command::new(bin)
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", endpoint, "--dial-timeout", "2s", "--command-timeout", "4s"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the client");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// What each TLS case gives a client: (case, succeeded, output).
+fn outcomes(bin: &str, host_port: &str, pki: &Pki) -> Vec<(&'static str, bool, String)> {
+    let https = format!("https://{host_port}");
+    let ca = ["--cacert".to_string(), pki.arg("ca.pem")];
+    let cert = ["--cert".to_string(), pki.arg("client.pem"), "--key".into(), pki.arg("client-key.pem")];
+    let with = |parts: &[&[String]], cmd: &[&str]| -> Vec<String> {
+        parts.iter().flat_map(|p| p.iter().cloned()).chain(cmd.iter().map(|s| s.to_string())).collect()
+    };
+    let other_ca = ["--cacert".to_string(), pki.arg("other-ca.pem")];
+    let cases: Vec<(&'static str, String, Vec<String>)> = vec![
+        ("put with CA and client cert", https.clone(), with(&[&ca, &cert], &["put", "tls-key", "v1"])),
+        ("get with CA and client cert", https.clone(), with(&[&ca, &cert], &["get", "tls-key", "--print-value-only"])),
+        ("get with CA, no client cert", https.clone(), with(&[&ca], &["get", "tls-key"])),
+        ("get trusting another CA", https.clone(), with(&[&other_ca, &cert], &["get", "tls-key"])),
+        ("get in plain text", format!("http://{host_port}"), vec!["get".into(), "tls-key".into()]),
+        ("get again with CA and client cert", https, with(&[&ca, &cert], &["get", "tls-key", "--print-value-only"])),
+    ];
+    cases
+        .into_iter()
+        .map(|(case, endpoint, args)| {
+            let (ok, text) = run(bin, &endpoint, &args);
+            (case, ok, text)
+        })
+        .collect()
+}
+
+fn https_cluster_args(args: &mut Vec<String>, flags: &[String]) {
+    for i in 0..args.len() {
+        if args[i] == "--listen-client-urls" || args[i] == "--advertise-client-urls" {
+            args[i + 1] = args[i + 1].replace("http://", "https://");
+        }
+    }
+    args.extend(flags.iter().cloned());
+}
+
+const KVCTL: &str = env!("CARGO_BIN_EXE_kvctl");
+
+async fn kvd_outcomes(
+    client_cert_auth: bool,
+) -> (Vec<(&'static str, bool, String)>, Vec<(&'static str, bool, String)>) {
+    let pki = Pki::new();
+    let flags = server_flags(&pki, client_cert_auth);
+    let c = TestCluster::start(3, |args| https_cluster_args(args, &flags)).await;
+    let endpoint = c.client_addrs[1].to_string();
+    let health = {
+        let url = format!("https://{endpoint}/health");
+        let out = Command::new("curl")
+            .args(["-s", "--cacert", &pki.arg("ca.pem"), "--cert", &pki.arg("client.pem")])
+            .args(["--key", &pki.arg("client-key.pem"), &url])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(health.trim(), r#"{"health":"true"}"#, "GET /health over TLS");
+    let result = tokio::task::spawn_blocking(move || {
+        let by_etcdctl = outcomes("etcdctl", &endpoint, &pki);
+        let by_kvctl = outcomes(KVCTL, &endpoint, &pki);
+        (by_etcdctl, by_kvctl)
+    })
+    .await
+    .unwrap();
+    c.shutdown().await;
+    result
+}
+
+fn check(who: &str, got: &[(&'static str, bool, String)], want: &[bool]) {
+    for ((case, ok, text), want) in got.iter().zip(want) {
+        assert_eq!(ok, want, "{who}: {case}: {text}");
+    }
+    assert!(got[1].2.contains("v1") && got[5].2.contains("v1"), "{who}: {got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_tls_with_client_certificates_required() {
+    let (etcdctl, kvctl) = kvd_outcomes(true).await;
+    let want = [true, true, false, false, false, true];
+    check("etcdctl against kvd", &etcdctl, &want);
+    check("kvctl against kvd", &kvctl, &want);
+    // kvctl says why, naming the endpoint.
+    assert!(kvctl[3].2.contains("invalid peer certificate"), "{}", kvctl[3].2);
+    // Plain text to a TLS port: the endpoint, and what the connection did
+    // (the server may close it before or after answering garbage).
+    let plain = &kvctl[4].2;
+    assert!(plain.starts_with("Error: http://127.0.0.1:"), "{plain}");
+    assert!(plain.contains("the server may expect TLS") || plain.contains("connection closed"), "{plain}");
+    // The same setup on etcd 3.4: the same outcomes.
+    let pki = Pki::new();
+    let etcd = EtcdTls::start(&pki, true);
+    let reference = tokio::task::spawn_blocking(move || {
+        let got = outcomes("etcdctl", &etcd.host_port, &pki);
+        drop(etcd);
+        got
+    })
+    .await
+    .unwrap();
+    check("etcdctl against etcd 3.4", &reference, &want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_tls_without_client_certificates() {
+    let (etcdctl, kvctl) = kvd_outcomes(false).await;
+    let want = [true, true, true, false, false, true];
+    check("etcdctl against kvd", &etcdctl, &want);
+    check("kvctl against kvd", &kvctl, &want);
+    let pki = Pki::new();
+    let etcd = EtcdTls::start(&pki, false);
+    let reference = tokio::task::spawn_blocking(move || {
+        let got = outcomes("etcdctl", &etcd.host_port, &pki);
+        drop(etcd);
+        got
+    })
+    .await
+    .unwrap();
+    check("etcdctl against etcd 3.4", &reference, &want);
+}
+
+/// `kvd` refuses TLS flags that do not fit together, in one line.
+#[test]
+fn tls_flags_that_do_not_fit_are_refused() {
+    let pki = Pki::new();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--listen-client-urls", "https://127.0.0.1:1"], "https:// client URLs need --cert-file and --key-file"),
+        (&["--cert-file", "x.pem"], "--cert-file and --key-file go together"),
+        (&["--client-cert-auth"], "--client-cert-auth needs --trusted-ca-file"),
+        (&["--listen-peer-urls", "https://127.0.0.1:1"], "https:// peer URLs are not supported yet"),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_kvd")).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want) && err.trim().lines().count() == 1, "{args:?}: {err}");
+    }
+    // A certificate file that is not one.
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kvd"))
+        .args(["--data-dir", &dir.path().join("d").display().to_string()])
+        .args(["--listen-client-urls", "https://127.0.0.1:0", "--advertise-client-urls", "https://127.0.0.1:2379"])
+        .args(["--listen-peer-urls", "http://127.0.0.1:0"])
+        .args(["--cert-file", &pki.arg("ca.pem"), "--key-file", &pki.arg("ca.pem")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("holds no PEM private key"), "{err}");
+}
+
+/// A single-member etcd 3.4 serving clients over TLS, killed when dropped.
+struct EtcdTls {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    host_port: String,
+}
+
+impl EtcdTls {
+    fn start(pki: &Pki, client_cert_auth: bool) -> EtcdTls {
+        let ports = kvd_testkit::free_ports(2);
+        let dir = tempfile::tempdir().unwrap();
+        let host_port = format!("127.0.0.1:{}", ports[0]);
+        let client = format!("https://{host_port}");
+        let peer = format!("http://127.0.0.1:{}", ports[1]);
+        let child = Command::new("etcd")
+            .args(["--name", "ref", "--data-dir"])
+            .arg(dir.path().join("etcd"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("ref={peer}")])
+            .args(server_flags(pki, client_cert_auth))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd 3.4 is installed (cluster-scripts/test.sh installs it)");
+        let etcd = EtcdTls { child, _dir: dir, host_port };
+        etcd.wait_ready(pki);
+        etcd
+    }
+
+    fn wait_ready(&self, pki: &Pki) {
+        let deadline = std::time::Instant::now() + support::WAIT;
+        let args = ["--cacert".to_string(), pki.arg("ca.pem"), "--cert".into(), pki.arg("client.pem")]
+            .into_iter()
+            .chain(["--key".to_string(), pki.arg("client-key.pem"), "endpoint".into(), "health".into()])
+            .collect::<Vec<_>>();
+        while !run("etcdctl", &format!("https://{}", self.host_port), &args).0 {
+            assert!(std::time::Instant::now() < deadline, "etcd did not become ready");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for EtcdTls {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `--auto-tls` serves https:// with a certificate made at start: etcdctl
+/// reaches it when told not to verify it (etcdctl 3.4 needs
+/// `--insecure-transport=false` for that), and not when it verifies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auto_tls_serves_a_self_signed_certificate() {
+    let c = TestCluster::start(3, |args| https_cluster_args(args, &["--auto-tls".to_string()])).await;
+    let endpoint = format!("https://{}", c.client_addrs[0]);
+    tokio::task::spawn_blocking(move || {
+        let skip = |cmd: &[&str]| -> Vec<String> {
+            ["--insecure-transport=false", "--insecure-skip-tls-verify"]
+                .into_iter()
+                .chain(cmd.iter().copied())
+                .map(String::from)
+                .collect()
+        };
+        let (ok, text) = run("etcdctl", &endpoint, &skip(&["put", "auto", "tls"]));
+        assert!(ok, "{text}");
+        let (ok, text) = run("etcdctl", &endpoint, &skip(&["get", "auto", "--print-value-only"]));
+        assert!(ok && text.contains("tls"), "{text}");
+        let verify = ["--insecure-transport=false", "get", "auto"].map(String::from);
+        let (ok, text) = run("etcdctl", &endpoint, &verify);
+        assert!(!ok, "an unverified certificate was trusted: {text}");
+    })
+    .await
+    .unwrap();
+    c.shutdown().await;
+}
