@@ -12,9 +12,10 @@ for b in kvd kvctl; do
 done
 
 mkdir -p "$CLUSTER_DIR"
+[ "$TLS" = 1 ] && make_tls
 cluster=""
 for i in 0 1 2; do
-  cluster+="${cluster:+,}${NAMES[$i]}=http://127.0.0.1:${PEER_PORTS[$i]}"
+  cluster+="${cluster:+,}${NAMES[$i]}=$SCHEME://127.0.0.1:${PEER_PORTS[$i]}"
 done
 started=()
 for i in 0 1 2; do
@@ -25,11 +26,11 @@ for i in 0 1 2; do
   fi
   # shellcheck disable=SC2086
   nohup "$BIN_DIR/kvd" --name "$n" --data-dir "$CLUSTER_DIR/$n.data" \
-    --listen-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
-    --advertise-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
-    --listen-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
-    --initial-advertise-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
-    --initial-cluster "$cluster" --worker-threads "$WORKER_THREADS" ${KVD_EXTRA_FLAGS:-} \
+    --listen-client-urls "$SCHEME://127.0.0.1:${CLIENT_PORTS[$i]}" \
+    --advertise-client-urls "$SCHEME://127.0.0.1:${CLIENT_PORTS[$i]}" \
+    --listen-peer-urls "$SCHEME://127.0.0.1:${PEER_PORTS[$i]}" \
+    --initial-advertise-peer-urls "$SCHEME://127.0.0.1:${PEER_PORTS[$i]}" \
+    --initial-cluster "$cluster" --worker-threads "$WORKER_THREADS" $(member_tls_flags) ${KVD_EXTRA_FLAGS:-} \
     >> "$CLUSTER_DIR/$n.log" 2>&1 < /dev/null &
   echo $! > "$CLUSTER_DIR/$n.pid"
   started+=("$n")
@@ -37,7 +38,8 @@ done
 
 eps=$(endpoints)
 deadline=$((SECONDS + 60))
-until "$BIN_DIR/kvctl" --endpoints "$eps" --command-timeout 3s endpoint health > /dev/null 2>&1; do
+# shellcheck disable=SC2046
+until "$BIN_DIR/kvctl" --endpoints "$eps" $(client_tls_flags) --command-timeout 3s endpoint health > /dev/null 2>&1; do
   for n in "${NAMES[@]}"; do
     if ! alive "$CLUSTER_DIR/$n.pid"; then
       echo "member $n exited; its log ($CLUSTER_DIR/$n.log) ends with:" >&2
@@ -56,7 +58,9 @@ done
 [ ${#started[@]} -gt 0 ] && echo "started ${started[*]}"
 echo "kvd cluster is up (data and logs in $CLUSTER_DIR)."
 echo "  endpoints: $eps"
+[ "$TLS" = 1 ] && echo "  TLS:       clients and members; certificates in $TLS_DIR"
 echo "  kvctl:     export PATH=\"$BIN_DIR:\$PATH\""
-echo "  try:       kvctl --endpoints $eps put greeting hello"
-echo "             ETCDCTL_API=3 etcdctl --endpoints $eps get greeting"
+tls=$(client_tls_flags)
+echo "  try:       kvctl --endpoints $eps ${tls:+$tls }put greeting hello"
+echo "             ETCDCTL_API=3 etcdctl --endpoints $eps ${tls:+$tls }get greeting"
 echo "  status:    cluster-scripts/status.sh    stop: cluster-scripts/stop.sh"

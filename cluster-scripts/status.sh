@@ -7,4 +7,5 @@ for i in 0 1 2; do
   if alive "$CLUSTER_DIR/$n.pid"; then state="running (pid $(cat "$CLUSTER_DIR/$n.pid"))"; else state="stopped"; fi
   echo "$n: client 127.0.0.1:${CLIENT_PORTS[$i]}, peer 127.0.0.1:${PEER_PORTS[$i]}: $state"
 done
-"$BIN_DIR/kvctl" --endpoints "$(endpoints)" endpoint status -w table
+# shellcheck disable=SC2046
+"$BIN_DIR/kvctl" --endpoints "$(endpoints)" $(client_tls_flags) endpoint status -w table

@@ -87,6 +87,24 @@ pub struct Config {
     /// start (for trying TLS out; clients cannot verify it).
     #[arg(long, env = "KVD_AUTO_TLS")]
     pub auto_tls: bool,
+    /// Certificate (PEM) this member presents to other members, as server
+    /// and as client, on https:// peer URLs.
+    #[arg(long, env = "KVD_PEER_CERT_FILE")]
+    pub peer_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of --peer-cert-file.
+    #[arg(long, env = "KVD_PEER_KEY_FILE")]
+    pub peer_key_file: Option<PathBuf>,
+    /// CA certificates (PEM) that other members' certificates are checked
+    /// against, both ways; with it, a member must present one to connect.
+    #[arg(long, env = "KVD_PEER_TRUSTED_CA_FILE")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+    /// Accept peer connections only with a certificate from
+    /// --peer-trusted-ca-file.
+    #[arg(long, env = "KVD_PEER_CLIENT_CERT_AUTH")]
+    pub peer_client_cert_auth: bool,
+    /// Accept peer connections only from certificates with this common name.
+    #[arg(long, env = "KVD_PEER_CERT_ALLOWED_CN")]
+    pub peer_cert_allowed_cn: Option<String>,
     /// Threads that serve clients and peers and run Raft (default: one per
     /// CPU). Members that share a machine do better with fewer each: every
     /// extra thread wakes and sleeps on its own, and the log and sled write
@@ -181,9 +199,6 @@ fn split(list: &str) -> impl Iterator<Item = &str> {
 pub fn parse_url(flag: &'static str, raw: &str) -> Result<(String, SocketAddr), ConfigError> {
     let bad = |why: &str| ConfigError::BadUrl { flag, url: raw.to_string(), why: why.to_string() };
     let url = url::Url::parse(raw).map_err(|e| bad(&e.to_string()))?;
-    if url.scheme() == "https" && !flag.contains("client") {
-        return Err(bad("https:// peer URLs are not supported yet (kvd has no peer TLS)"));
-    }
     if url.scheme() != "http" && url.scheme() != "https" {
         return Err(bad("only http:// and https:// URLs are supported"));
     }
@@ -235,6 +250,30 @@ impl Config {
         Ok(())
     }
 
+    /// Checks that the peer TLS flags fit together and with the peer URLs.
+    fn check_peer_tls(&self, https: bool, own_url: &str) -> Result<(), ConfigError> {
+        let bad = |why: &str| Err(ConfigError::BadTls(why.to_string()));
+        if own_url.starts_with("https://") != https {
+            return bad("--listen-peer-urls and --initial-advertise-peer-urls must both be https:// or both http://");
+        }
+        if self.peer_cert_file.is_some() != self.peer_key_file.is_some() {
+            return bad("--peer-cert-file and --peer-key-file go together");
+        }
+        if https && self.peer_cert_file.is_none() {
+            return bad("https:// peer URLs need --peer-cert-file and --peer-key-file");
+        }
+        if !https && (self.peer_cert_file.is_some() || self.peer_trusted_ca_file.is_some()) {
+            return bad("--peer-cert-file or --peer-trusted-ca-file given, but the peer URLs are http://");
+        }
+        if self.peer_client_cert_auth && self.peer_trusted_ca_file.is_none() {
+            return bad("--peer-client-cert-auth needs --peer-trusted-ca-file");
+        }
+        if self.peer_cert_allowed_cn.is_some() && self.peer_trusted_ca_file.is_none() {
+            return bad("--peer-cert-allowed-cn needs --peer-trusted-ca-file");
+        }
+        Ok(())
+    }
+
     /// Checks the flags and resolves addresses and ids.
     pub fn validate(&self) -> Result<Validated, ConfigError> {
         if self.heartbeat_interval == 0 || self.election_timeout < 5 * self.heartbeat_interval {
@@ -268,14 +307,22 @@ impl Config {
         let client_urls = split(&self.advertise_client_urls)
             .map(|u| parse_url("advertise-client-urls", u).map(|(u, _)| u))
             .collect::<Result<Vec<_>, _>>()?;
-        let (_, peer_addr) = parse_url("listen-peer-urls", &self.listen_peer_urls)?;
+        let (listen_peer, peer_addr) = parse_url("listen-peer-urls", &self.listen_peer_urls)?;
         let (own_url, _) = parse_url("initial-advertise-peer-urls", &self.initial_advertise_peer_urls)?;
+        let peer_https = listen_peer.starts_with("https://");
+        self.check_peer_tls(peer_https, &own_url)?;
         let mut members = Vec::new();
         for entry in split(&self.initial_cluster) {
             let (name, url) = entry
                 .split_once('=')
                 .ok_or_else(|| ConfigError::BadCluster(format!("{entry:?} is not name=peer-url")))?;
             let (url, _) = parse_url("initial-cluster", url)?;
+            if url.starts_with("https://") != peer_https {
+                return Err(ConfigError::BadTls(format!(
+                    "--initial-cluster has {url}, but this member's --listen-peer-urls is {}: every member uses TLS between members, or none",
+                    if peer_https { "https://" } else { "http://" }
+                )));
+            }
             let id = member_id(&url, &self.initial_cluster_token);
             if members.iter().any(|m: &InitialMember| m.name == name || m.id == id) {
                 return Err(ConfigError::BadCluster(format!("member {name:?} or its URL {url} appears twice")));

@@ -19,7 +19,7 @@
 //! Beside them: [`server`] starts a member on its listeners and stops it;
 //! [`join`] decides whether a member on an empty data directory may take
 //! part (one that lost its data may not come back under its old id);
-//! [`tls`] sets up TLS on the client port; [`config`] holds `kvd`'s flags; [`metrics`] the counters and histograms
+//! [`tls`] sets up TLS on the client and peer ports; [`config`] holds `kvd`'s flags; [`metrics`] the counters and histograms
 //! for `GET /metrics`; [`idle_memory`] gives freed heap back after a burst;
 //! [`backup`] is the file `snapshot save` writes; [`error`] the errors a
 //! client can see; [`proto`] the generated protobuf code; [`client`] the Rust

@@ -161,6 +161,8 @@ pub async fn start_on(
         true => Some(crate::tls::client_port(&cfg.config, &client_hosts(&cfg))?),
         false => None,
     };
+    let peer_tls = crate::tls::peer_server(&cfg.config)?;
+    let peer_client_tls = crate::tls::peer_client(&cfg.config)?;
     let fresh = crate::join::is_fresh(&cfg.data_dir);
     if fresh {
         crate::join::mark(&cfg.data_dir)
@@ -187,6 +189,7 @@ pub async fn start_on(
         peer.local_addr().map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?,
         identity,
         peer_limit,
+        peer_client_tls,
     );
 
     let snapshot_count = cfg.config.snapshot_count;
@@ -259,12 +262,9 @@ pub async fn start_on(
     let peer_addr = peer.local_addr().map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?;
     let (open, open_rx) = watch::channel(!fresh);
     let initial = cfg.members.iter().map(|m| m.id).collect();
-    tasks.push(serve_peer(
-        member.clone(),
-        peer,
-        PeerGate { open: open_rx, initial, limit: peer_limit },
-        stop_rx.clone(),
-    ));
+    let allowed_cn = cfg.config.peer_cert_allowed_cn.clone();
+    let gate = PeerGate { open: open_rx, initial, limit: peer_limit, tls: peer_tls, allowed_cn };
+    tasks.push(serve_peer(member.clone(), peer, gate, stop_rx.clone()));
     if fresh {
         let answers = crate::join::probe_all(&member.network, &cfg).await;
         let refusal = crate::join::decide(&cfg, &answers).err();
@@ -371,6 +371,8 @@ struct PeerGate {
     open: watch::Receiver<bool>,
     initial: Vec<u64>,
     limit: usize,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    allowed_cn: Option<String>,
 }
 
 fn serve_peer(
@@ -379,11 +381,22 @@ fn serve_peer(
     gate: PeerGate,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
-    let svc = PeerServer::new(PeerService::new(member, gate.open, gate.initial))
+    let svc = PeerServer::new(PeerService::new(member, gate.open, gate.initial, gate.allowed_cn))
         .max_decoding_message_size(gate.limit)
         .max_encoding_message_size(usize::MAX);
+    let tls = gate.tls;
     tokio::spawn(async move {
-        let result = Server::builder()
+        let mut builder = Server::builder();
+        if let Some(tls) = tls {
+            builder = match builder.tls_config(tls) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!("peer TLS: {e}");
+                    return;
+                }
+            };
+        }
+        let result = builder
             .layer(tower::util::MapResponseLayer::new(crate::grpc::peer::name_unimplemented))
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming(listener), stopped(stop))

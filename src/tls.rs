@@ -1,7 +1,10 @@
-//! TLS on the client port, with etcd's flags: `--cert-file`/`--key-file` or
+//! TLS on the client and peer ports, with etcd's flags. Client port: `--cert-file`/`--key-file` or
 //! `--auto-tls` (a self-signed certificate made at start), and
 //! `--trusted-ca-file` (with or without `--client-cert-auth`, as in etcd
-//! 3.4) for client certificates, which are then required.
+//! 3.4) for client certificates, which are then required. Peer port:
+//! `--peer-cert-file`/`--peer-key-file` on https:// peer URLs, presented
+//! both ways, `--peer-trusted-ca-file` for the other members' certificates,
+//! and `--peer-cert-allowed-cn`, which `grpc::peer` checks.
 //! rustls does the work, through tonic.
 
 use std::path::Path;
@@ -73,4 +76,49 @@ pub fn client_port(config: &Config, hosts: &[String]) -> Result<ServerTlsConfig,
         tls = tls.client_ca_root(Certificate::from_pem(ca)).client_auth_optional(false);
     }
     Ok(tls)
+}
+
+/// The TLS configuration of the peer port when its URL is https://: the
+/// member's peer certificate, and with `--peer-trusted-ca-file` the CA
+/// that every other member's certificate must be signed by (required, as
+/// on the client port).
+pub fn peer_server(config: &Config) -> Result<Option<ServerTlsConfig>, TlsError> {
+    let (Some(cert), Some(key)) = (&config.peer_cert_file, &config.peer_key_file) else {
+        return Ok(None);
+    };
+    let identity = Identity::from_pem(
+        read_pem("peer-cert-file", cert, "certificate")?,
+        read_pem("peer-key-file", key, "private key")?,
+    );
+    let mut tls = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &config.peer_trusted_ca_file {
+        let ca = read_pem("peer-trusted-ca-file", ca, "certificate")?;
+        tls = tls.client_ca_root(Certificate::from_pem(ca)).client_auth_optional(false);
+    }
+    Ok(Some(tls))
+}
+
+/// How this member connects to other members when the peer URLs are
+/// https://: it checks their certificates against `--peer-trusted-ca-file`
+/// (else the system's roots) and presents its own peer certificate.
+pub fn peer_client(config: &Config) -> Result<Option<tonic::transport::ClientTlsConfig>, TlsError> {
+    let (Some(cert), Some(key)) = (&config.peer_cert_file, &config.peer_key_file) else {
+        return Ok(None);
+    };
+    let mut tls = tonic::transport::ClientTlsConfig::new().identity(Identity::from_pem(
+        read_pem("peer-cert-file", cert, "certificate")?,
+        read_pem("peer-key-file", key, "private key")?,
+    ));
+    tls = match &config.peer_trusted_ca_file {
+        Some(ca) => tls.ca_certificate(Certificate::from_pem(read_pem("peer-trusted-ca-file", ca, "certificate")?)),
+        None => tls.with_native_roots(),
+    };
+    Ok(Some(tls))
+}
+
+/// The common name of a DER certificate's subject, if it has one.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    Some(cn)
 }

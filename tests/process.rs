@@ -27,8 +27,13 @@ impl Cluster {
     }
 
     fn script(&self, name: &str) -> Output {
+        self.script_with(name, &[])
+    }
+
+    fn script_with(&self, name: &str, env: &[(&str, &str)]) -> Output {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         Command::new("bash")
+            .envs(env.iter().copied())
             .arg(root.join("cluster-scripts").join(name))
             .env("KVD_CLUSTER_DIR", self.dir.path())
             .env("KVD_CLIENT_PORTS", self.client_ports.iter().map(u16::to_string).collect::<Vec<_>>().join(" "))
@@ -282,4 +287,48 @@ fn kvctl_prints_completion_scripts_that_complete_kvctl_and_kvd() {
     }
     let out = Command::new(kvctl).args(["completion", "tcsh"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
+
+/// `KVD_TLS=1 start.sh`: a throwaway CA, and three members with TLS for
+/// clients and between members; kvctl and etcdctl reach them with the flags
+/// start.sh prints, and not without.
+#[test]
+fn start_sh_with_tls_serves_clients_and_members_over_tls() {
+    let c = Cluster::new();
+    let up = c.script_with("start.sh", &[("KVD_TLS", "1")]);
+    assert!(up.status.success(), "start.sh: {}", text(&up));
+    assert!(text(&up).contains("TLS:       clients and members"), "{}", text(&up));
+    let tls = c.dir.path().join("tls");
+    let flags: Vec<String> = ["--cacert", "ca.pem", "--cert", "client.pem", "--key", "client-key.pem"]
+        .chunks(2)
+        .flat_map(|f| [f[0].to_string(), tls.join(f[1]).display().to_string()])
+        .collect();
+    let with_tls =
+        |args: &[&str]| -> Vec<String> { flags.iter().cloned().chain(args.iter().map(|a| a.to_string())).collect() };
+    let eps = c.endpoints();
+    let run = |args: Vec<String>| c.kvctl(&eps, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let put = run(with_tls(&["put", "greeting", "hello"]));
+    assert!(put.status.success(), "{}", text(&put));
+    let health = run(with_tls(&["endpoint", "health"]));
+    assert!(health.status.success(), "{}", text(&health));
+    let members = run(with_tls(&["member", "list"]));
+    assert_eq!(text(&members).matches(", started, n").count(), 3, "{}", text(&members));
+    assert_eq!(text(&members).matches("https://127.0.0.1:").count(), 6, "{}", text(&members));
+    let etcdctl = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &eps])
+        .args(&flags)
+        .args(["get", "greeting", "--print-value-only"])
+        .output()
+        .expect("etcdctl is installed");
+    assert_eq!(String::from_utf8_lossy(&etcdctl.stdout), "hello\n", "{}", text(&etcdctl));
+    let plain = c.kvctl(&eps, &["get", "greeting"]);
+    assert!(!plain.status.success(), "plain text was served: {}", text(&plain));
+    // A restart keeps TLS on without being asked again.
+    let down = c.script("stop.sh");
+    assert!(down.status.success(), "{}", text(&down));
+    let again = c.script("start.sh");
+    assert!(again.status.success() && text(&again).contains("TLS:"), "{}", text(&again));
+    let get = run(with_tls(&["get", "greeting", "--print-value-only"]));
+    assert_eq!(String::from_utf8_lossy(&get.stdout), "hello\n", "{}", text(&get));
 }

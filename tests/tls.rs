@@ -202,7 +202,7 @@ fn tls_flags_that_do_not_fit_are_refused() {
         (&["--listen-client-urls", "https://127.0.0.1:1"], "https:// client URLs need --cert-file and --key-file"),
         (&["--cert-file", "x.pem"], "--cert-file and --key-file go together"),
         (&["--client-cert-auth"], "--client-cert-auth needs --trusted-ca-file"),
-        (&["--listen-peer-urls", "https://127.0.0.1:1"], "https:// peer URLs are not supported yet"),
+        (&["--listen-peer-urls", "https://127.0.0.1:1"], "must both be https:// or both http://"),
     ];
     for (args, want) in cases {
         let out = Command::new(env!("CARGO_BIN_EXE_kvd")).args(args).output().unwrap();
@@ -299,5 +299,73 @@ async fn auto_tls_serves_a_self_signed_certificate() {
     })
     .await
     .unwrap();
+    c.shutdown().await;
+}
+
+/// TLS between members, with peer certificates required and only the
+/// members' common name allowed: the cluster forms and takes writes; a peer
+/// connection without a certificate, in plain text, or with a certificate
+/// of another name is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peer_tls_lets_only_members_in() {
+    use kvd::proto::kvdpb::{peer_client::PeerClient, RaftPayload};
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let pki = Pki::new();
+    let flags = [
+        "--peer-cert-file".to_string(),
+        pki.arg("server.pem"),
+        "--peer-key-file".into(),
+        pki.arg("server-key.pem"),
+        "--peer-trusted-ca-file".into(),
+        pki.arg("ca.pem"),
+        "--peer-client-cert-auth".into(),
+        "--peer-cert-allowed-cn".into(),
+        "server".into(),
+    ];
+    let c = TestCluster::start(3, |args| {
+        for i in 0..args.len() {
+            if ["--listen-peer-urls", "--initial-advertise-peer-urls", "--initial-cluster"].contains(&args[i].as_str())
+            {
+                args[i + 1] = args[i + 1].replace("http://", "https://");
+            }
+        }
+        args.extend(flags.iter().cloned());
+    })
+    .await;
+    let leader = c.wait_leader().await;
+    for i in 0..3 {
+        c.client(i).put(support::put(&format!("k{i}"), "v")).await.unwrap();
+    }
+    let addr = c.peer_addrs[(leader + 1) % 3];
+    let ca = Certificate::from_pem(std::fs::read(pki.path("ca.pem")).unwrap());
+    let read_index = |tls: Option<ClientTlsConfig>, scheme: &str| {
+        let url = format!("{scheme}://{addr}");
+        async move {
+            let mut ep = Endpoint::from_shared(url).unwrap().connect_timeout(std::time::Duration::from_secs(2));
+            if let Some(tls) = tls {
+                ep = ep.tls_config(tls).unwrap();
+            }
+            let channel = ep.connect().await.map_err(|e| format!("connect: {e:?}"))?;
+            PeerClient::new(channel).read_index(RaftPayload::default()).await.map(drop).map_err(|s| format!("{s:?}"))
+        }
+    };
+    let no_cert = read_index(Some(ClientTlsConfig::new().ca_certificate(ca.clone())), "https").await;
+    assert!(no_cert.is_err(), "a peer connection without a certificate was served");
+    let plain = read_index(None, "http").await;
+    assert!(plain.is_err(), "a plain-text peer connection was served");
+    let intruder = Identity::from_pem(
+        std::fs::read(pki.path("client.pem")).unwrap(),
+        std::fs::read(pki.path("client-key.pem")).unwrap(),
+    );
+    let other_name = read_index(Some(ClientTlsConfig::new().ca_certificate(ca).identity(intruder)), "https").await;
+    let err = other_name.expect_err("a certificate of another name was served");
+    assert!(err.contains("common name") && err.contains("client"), "{err}");
+    // The members go on: one leader, every key, new writes.
+    assert_eq!(c.wait_leader().await, leader);
+    c.client(0).put(support::put("after", "v")).await.unwrap();
+    let range =
+        kvd::proto::etcdserverpb::RangeRequest { key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() };
+    let client = c.client(2);
+    assert_eq!(client.range(range).await.unwrap().kvs.len(), 3);
     c.shutdown().await;
 }

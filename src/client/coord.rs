@@ -156,6 +156,7 @@ impl Client {
             current: std::sync::atomic::AtomicUsize::new(self.current_index()),
             max_message_bytes: self.max_message_bytes,
             failures: Default::default(),
+            tls: self.tls.clone(),
         }
     }
 }

@@ -93,6 +93,8 @@ pub struct Client {
     max_message_bytes: usize,
     /// Each endpoint tried by the last call that failed, with what it said.
     failures: std::sync::Mutex<Vec<(String, String)>>,
+    /// The TLS settings it was made with.
+    tls: Option<ClientTls>,
 }
 
 /// Turns `host:port` into `http://host:port`; keeps URLs as they are.
@@ -166,12 +168,18 @@ impl Client {
             current: AtomicUsize::new(0),
             max_message_bytes: 256 * 1024 * 1024,
             failures: Default::default(),
+            tls: tls.cloned(),
         })
     }
 
     /// The endpoints, in order.
     pub fn endpoints(&self) -> &[String] {
         &self.endpoints
+    }
+
+    /// A client of other endpoints with the same TLS settings.
+    pub fn for_endpoints(&self, endpoints: &[String], dial_timeout: Duration) -> Result<Client, String> {
+        Self::with_tls(endpoints, dial_timeout, self.tls.as_ref())
     }
 
     /// A call that may change something: it moves to the next endpoint only

@@ -58,6 +58,8 @@ pub struct PeerService {
     initial: Vec<NodeId>,
     /// When each refusal was last logged, by sender and reason.
     logged: Mutex<HashMap<String, Instant>>,
+    /// `--peer-cert-allowed-cn`: the only common name a peer certificate may have.
+    allowed_cn: Option<String>,
 }
 
 /// How long a Raft request waits for a starting member to be let in.
@@ -68,8 +70,13 @@ const LOG_EVERY: Duration = Duration::from_secs(60);
 
 impl PeerService {
     /// A service for `member`, serving Raft once `open` is true.
-    pub fn new(member: Arc<Member>, open: watch::Receiver<bool>, initial: Vec<NodeId>) -> Self {
-        PeerService { member, open, initial, logged: Default::default() }
+    pub fn new(
+        member: Arc<Member>,
+        open: watch::Receiver<bool>,
+        initial: Vec<NodeId>,
+        allowed_cn: Option<String>,
+    ) -> Self {
+        PeerService { member, open, initial, logged: Default::default(), allowed_cn }
     }
 
     /// Waits, a little, until the member has been let in: the members of a
@@ -96,6 +103,16 @@ impl PeerService {
         };
         // By IP alone: a stranger's every connection comes from a new port.
         let peer = req.remote_addr().map_or_else(|| "an unknown address".to_string(), |a| a.ip().to_string());
+        if let Some(allowed) = &self.allowed_cn {
+            let cn = req.peer_certs().and_then(|certs| certs.first().and_then(|c| crate::tls::common_name(c)));
+            if cn.as_deref() != Some(allowed.as_str()) {
+                return Err(self.refuse(
+                    &peer,
+                    "cn",
+                    &format!("peer certificate common name {cn:?} is not the allowed {allowed:?}"),
+                ));
+            }
+        }
         let (Some(cluster), Some(from), Some(to)) = (header(CLUSTER_HEADER), header(FROM_HEADER), header(TO_HEADER))
         else {
             return Err(self.refuse(&peer, "unidentified", "request without member identity: not from a kvd member"));

@@ -93,6 +93,8 @@ pub struct Network {
     identity: Identity,
     /// The largest message a peer accepts; see [`message_limit`].
     limit: usize,
+    /// How to reach https:// peers.
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// The largest peer message a member accepts, and so sends: a batch of
@@ -151,9 +153,14 @@ impl Network {
     ///
     /// Every request carries `identity`, and no message larger than `limit`
     /// is sent.
-    pub fn new(peer_listen: SocketAddr, identity: Identity, limit: usize) -> Self {
+    pub fn new(
+        peer_listen: SocketAddr,
+        identity: Identity,
+        limit: usize,
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Self {
         let ip = peer_listen.ip();
-        Network { source: (!ip.is_unspecified()).then_some(ip), identity, limit, ..Default::default() }
+        Network { source: (!ip.is_unspecified()).then_some(ip), identity, limit, tls, ..Default::default() }
     }
 
     /// `message` as a request to peer `to`, with this member's identity.
@@ -227,8 +234,13 @@ impl Network {
                 return Ok(ch.clone());
             }
         }
-        let endpoint = Endpoint::from_shared(addr.to_string())
-            .map_err(|e| format!("bad peer URL {addr}: {e}"))?
+        let mut endpoint = Endpoint::from_shared(addr.to_string()).map_err(|e| format!("bad peer URL {addr}: {e}"))?;
+        if addr.starts_with("https://") {
+            let tls =
+                self.tls.clone().ok_or_else(|| format!("peer URL {addr} needs TLS, and no --peer-cert-file is set"))?;
+            endpoint = endpoint.tls_config(tls).map_err(|e| format!("peer URL {addr}: {e}"))?;
+        }
+        let endpoint = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))

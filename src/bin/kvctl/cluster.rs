@@ -74,11 +74,12 @@ async fn targets(client: &Client, cluster: bool, dial: Duration) -> Result<Clien
     } else {
         client.endpoints().to_vec()
     };
-    Client::new(&endpoints, dial).map_err(anyhow::Error::msg)
+    client.for_endpoints(&endpoints, dial).map_err(anyhow::Error::msg)
 }
 
 fn display(endpoint: &str) -> String {
-    endpoint_url(endpoint).trim_start_matches("http://").to_string()
+    let url = endpoint_url(endpoint);
+    url.trim_start_matches("http://").trim_start_matches("https://").to_string()
 }
 
 /// `endpoint status` and `endpoint health`.
