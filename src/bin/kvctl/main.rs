@@ -137,15 +137,6 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    // Output piped into `head` and the like: end quietly when the reader
-    // goes away, as other command-line tools do, rather than panic on the
-    // failed write. Rust starts programs with SIGPIPE ignored; this puts
-    // the default back.
-    // SAFETY: signal(2) with SIG_DFL installs no handler of ours.
-    #[cfg(unix)]
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
     if let Command::Completion(args) = &cli.command {
         completion(args);
