@@ -386,16 +386,7 @@ fn serve_peer(
         .max_encoding_message_size(usize::MAX);
     let tls = gate.tls;
     tokio::spawn(async move {
-        let mut builder = Server::builder();
-        if let Some(tls) = tls {
-            builder = match builder.tls_config(tls) {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!("peer TLS: {e}");
-                    return;
-                }
-            };
-        }
+        let Some(builder) = server_builder(tls, "peer") else { return };
         let result = builder
             .layer(tower::util::MapResponseLayer::new(crate::grpc::peer::name_unimplemented))
             .add_service(svc)
@@ -442,16 +433,7 @@ fn serve_clients(
     let metrics_member = member.clone();
     let election = ElectionServer::new(ElectionService::new(member)).max_decoding_message_size(max_in);
     tokio::spawn(async move {
-        let mut builder = Server::builder();
-        if let Some(tls) = tls {
-            builder = match builder.tls_config(tls) {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!("client TLS: {e}");
-                    return;
-                }
-            };
-        }
+        let Some(builder) = server_builder(tls, "client") else { return };
         let result = builder
             // `/metrics` and `/health` are HTTP/1.1 as well, as etcd's are.
             .accept_http1(true)
@@ -470,6 +452,22 @@ fn serve_clients(
             tracing::error!("client server failed: {e}");
         }
     })
+}
+
+/// A server builder that serves TLS with `tls`, if given; None (logged)
+/// if tonic refuses the configuration.
+fn server_builder(tls: Option<tonic::transport::ServerTlsConfig>, port: &str) -> Option<Server> {
+    let builder = Server::builder();
+    match tls {
+        None => Some(builder),
+        Some(tls) => match builder.tls_config(tls) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::error!("{port} TLS: {e}");
+                None
+            }
+        },
+    }
 }
 
 /// Publishes this member's name and client URLs through the log, as etcd

@@ -186,7 +186,10 @@ impl Cluster {
         loop {
             if let Some(status) = child.try_wait()? {
                 let text = std::fs::read_to_string(&path).unwrap_or_default();
-                let last = text.lines().last().unwrap_or("").to_string();
+                // kvd's refusal, else its last words: a background thread
+                // may still log a line after the refusal is printed.
+                let refusal = text.lines().rev().find(|l| l.starts_with("kvd: error:"));
+                let last = refusal.or(text.lines().last()).unwrap_or("").to_string();
                 return Ok(if status.success() { Err(format!("exited 0: {last}")) } else { Ok(last) });
             }
             if Instant::now() >= deadline {
