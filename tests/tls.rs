@@ -180,8 +180,8 @@ async fn client_tls_without_client_certificates() {
 async fn etcd_outcomes(client_cert_auth: bool) -> Vec<(&'static str, bool, String)> {
     tokio::task::spawn_blocking(move || {
         let pki = Pki::new();
-        let etcd = EtcdTls::start(&pki, client_cert_auth);
-        outcomes("etcdctl", &etcd.host_port, &pki)
+        let etcd = etcd_tls(&pki, client_cert_auth);
+        outcomes("etcdctl", etcd.client.trim_start_matches("https://"), &pki)
     })
     .await
     .unwrap()
@@ -217,54 +217,20 @@ fn tls_flags_that_do_not_fit_are_refused() {
     assert!(err.contains("holds no PEM private key"), "{err}");
 }
 
-/// A single-member etcd 3.4 serving clients over TLS, killed when dropped.
-struct EtcdTls {
-    child: std::process::Child,
-    _dir: tempfile::TempDir,
-    host_port: String,
-}
-
-impl EtcdTls {
-    fn start(pki: &Pki, client_cert_auth: bool) -> EtcdTls {
-        let ports = kvd_testkit::free_ports(2);
-        let dir = tempfile::tempdir().unwrap();
-        let host_port = format!("127.0.0.1:{}", ports[0]);
-        let client = format!("https://{host_port}");
-        let peer = format!("http://127.0.0.1:{}", ports[1]);
-        let child = Command::new("etcd")
-            .args(["--name", "ref", "--data-dir"])
-            .arg(dir.path().join("etcd"))
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("ref={peer}")])
-            .args(server_flags(pki, client_cert_auth))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd 3.4 is installed (cluster-scripts/test.sh installs it)");
-        let etcd = EtcdTls { child, _dir: dir, host_port };
-        etcd.wait_ready(pki);
-        etcd
+/// A single-member etcd 3.4 serving clients over TLS with the PKI's server
+/// certificate, once it answers.
+fn etcd_tls(pki: &Pki, client_cert_auth: bool) -> support::Etcd {
+    let etcd = support::Etcd::start_with("https", &server_flags(pki, client_cert_auth));
+    let deadline = std::time::Instant::now() + support::WAIT;
+    let args = ["--cacert".to_string(), pki.arg("ca.pem"), "--cert".into(), pki.arg("client.pem")]
+        .into_iter()
+        .chain(["--key".to_string(), pki.arg("client-key.pem"), "endpoint".into(), "health".into()])
+        .collect::<Vec<_>>();
+    while !run("etcdctl", &etcd.client, &args).0 {
+        assert!(std::time::Instant::now() < deadline, "etcd did not become ready");
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
-
-    fn wait_ready(&self, pki: &Pki) {
-        let deadline = std::time::Instant::now() + support::WAIT;
-        let args = ["--cacert".to_string(), pki.arg("ca.pem"), "--cert".into(), pki.arg("client.pem")]
-            .into_iter()
-            .chain(["--key".to_string(), pki.arg("client-key.pem"), "endpoint".into(), "health".into()])
-            .collect::<Vec<_>>();
-        while !run("etcdctl", &format!("https://{}", self.host_port), &args).0 {
-            assert!(std::time::Instant::now() < deadline, "etcd did not become ready");
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for EtcdTls {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    etcd
 }
 
 /// `--auto-tls` serves https:// with a certificate made at start: etcdctl

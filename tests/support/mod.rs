@@ -245,9 +245,15 @@ pub struct Etcd {
 impl Etcd {
     /// Starts it; see [`wait_ready`].
     pub fn start() -> Etcd {
+        Self::start_with("http", &[])
+    }
+
+    /// Starts it serving clients on a `scheme` (http or https) URL, with
+    /// `extra` flags (TLS ones, say).
+    pub fn start_with(scheme: &str, extra: &[String]) -> Etcd {
         let ports = kvd_testkit::free_ports(2);
         let dir = tempfile::tempdir().unwrap();
-        let client = format!("http://127.0.0.1:{}", ports[0]);
+        let client = format!("{scheme}://127.0.0.1:{}", ports[0]);
         let peer = format!("http://127.0.0.1:{}", ports[1]);
         let child = Command::new("etcd")
             .args(["--name", "ref", "--data-dir"])
@@ -255,6 +261,7 @@ impl Etcd {
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("ref={peer}")])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
