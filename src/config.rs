@@ -105,6 +105,12 @@ pub struct Config {
     /// Accept peer connections only from certificates with this common name.
     #[arg(long, env = "KVD_PEER_CERT_ALLOWED_CN")]
     pub peer_cert_allowed_cn: Option<String>,
+    /// Serve https:// peer URLs with a self-signed certificate made at start,
+    /// and connect to other members without checking theirs (for trying TLS
+    /// out: traffic is encrypted, but members are known only by the cluster
+    /// and member ids each message carries).
+    #[arg(long, env = "KVD_PEER_AUTO_TLS")]
+    pub peer_auto_tls: bool,
     /// Threads that serve clients and peers and run Raft (default: one per
     /// CPU). Members that share a machine do better with fewer each: every
     /// extra thread wakes and sleeps on its own, and the log and sled write
@@ -259,11 +265,22 @@ impl Config {
         if self.peer_cert_file.is_some() != self.peer_key_file.is_some() {
             return bad("--peer-cert-file and --peer-key-file go together");
         }
-        if https && self.peer_cert_file.is_none() {
-            return bad("https:// peer URLs need --peer-cert-file and --peer-key-file");
+        if self.peer_auto_tls && self.peer_cert_file.is_some() {
+            return bad("--peer-auto-tls makes its own certificate; leave out --peer-cert-file and --peer-key-file");
         }
-        if !https && (self.peer_cert_file.is_some() || self.peer_trusted_ca_file.is_some()) {
-            return bad("--peer-cert-file or --peer-trusted-ca-file given, but the peer URLs are http://");
+        if self.peer_auto_tls && self.peer_trusted_ca_file.is_some() {
+            return bad(
+                "--peer-auto-tls certificates are self-signed, so no --peer-trusted-ca-file can vouch for them; \
+                 give --peer-cert-file and --peer-key-file signed by that CA instead",
+            );
+        }
+        if https && self.peer_cert_file.is_none() && !self.peer_auto_tls {
+            return bad("https:// peer URLs need --peer-cert-file and --peer-key-file (or --peer-auto-tls)");
+        }
+        if !https && (self.peer_cert_file.is_some() || self.peer_trusted_ca_file.is_some() || self.peer_auto_tls) {
+            return bad(
+                "--peer-cert-file, --peer-trusted-ca-file or --peer-auto-tls given, but the peer URLs are http://",
+            );
         }
         if self.peer_client_cert_auth && self.peer_trusted_ca_file.is_none() {
             return bad("--peer-client-cert-auth needs --peer-trusted-ca-file");

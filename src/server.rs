@@ -158,11 +158,17 @@ pub async fn start_on(
     peer: TcpListener,
 ) -> Result<ServerHandle, StartError> {
     let client_tls = match cfg.client_https.contains(&true) {
-        true => Some(crate::tls::client_port(&cfg.config, &client_hosts(&cfg))?),
+        true => {
+            let urls = format!("{},{}", cfg.config.listen_client_urls, cfg.config.advertise_client_urls);
+            Some(crate::tls::client_port(&cfg.config, &url_hosts(&urls))?)
+        }
         false => None,
     };
-    let peer_tls = crate::tls::peer_server(&cfg.config)?;
-    let peer_client_tls = crate::tls::peer_client(&cfg.config)?;
+    let peer_urls = format!("{},{}", cfg.config.listen_peer_urls, cfg.config.initial_advertise_peer_urls);
+    let (peer_tls, peer_client_tls) = match crate::tls::peer(&cfg.config, &url_hosts(&peer_urls))? {
+        Some(tls) => (Some(tls.server), Some(tls.client)),
+        None => (None, None),
+    };
     let fresh = crate::join::is_fresh(&cfg.data_dir);
     if fresh {
         crate::join::mark(&cfg.data_dir)
@@ -371,7 +377,7 @@ struct PeerGate {
     open: watch::Receiver<bool>,
     initial: Vec<u64>,
     limit: usize,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<crate::tls::ServerTls>,
     allowed_cn: Option<String>,
 }
 
@@ -386,22 +392,22 @@ fn serve_peer(
         .max_encoding_message_size(usize::MAX);
     let tls = gate.tls;
     tokio::spawn(async move {
-        let Some(builder) = server_builder(tls, "peer") else { return };
-        let result = builder
+        let router = Server::builder()
             .layer(tower::util::MapResponseLayer::new(crate::grpc::peer::name_unimplemented))
-            .add_service(svc)
-            .serve_with_incoming_shutdown(incoming(listener), stopped(stop))
-            .await;
+            .add_service(svc);
+        let result = match tls {
+            None => router.serve_with_incoming_shutdown(incoming(listener), stopped(stop)).await,
+            Some(tls) => router.serve_with_incoming_shutdown(tls.incoming(listener), stopped(stop)).await,
+        };
         if let Err(e) = result {
             tracing::error!("peer server failed: {e}");
         }
     })
 }
 
-/// The hosts of the client URLs, and the loopback names, for a certificate
-/// made by `--auto-tls`.
-fn client_hosts(cfg: &Validated) -> Vec<String> {
-    let urls = format!("{},{}", cfg.config.listen_client_urls, cfg.config.advertise_client_urls);
+/// The hosts of comma-separated URLs, and the loopback names, for a
+/// certificate made by `--auto-tls` or `--peer-auto-tls`.
+fn url_hosts(urls: &str) -> Vec<String> {
     let mut hosts: Vec<String> = urls
         .split(',')
         .filter_map(|u| url::Url::parse(u.trim()).ok())
@@ -416,7 +422,7 @@ fn client_hosts(cfg: &Validated) -> Vec<String> {
 fn serve_clients(
     member: Arc<Member>,
     listener: TcpListener,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<crate::tls::ServerTls>,
     progress_interval: Duration,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
@@ -433,8 +439,7 @@ fn serve_clients(
     let metrics_member = member.clone();
     let election = ElectionServer::new(ElectionService::new(member)).max_decoding_message_size(max_in);
     tokio::spawn(async move {
-        let Some(builder) = server_builder(tls, "client") else { return };
-        let result = builder
+        let router = Server::builder()
             // `/metrics` and `/health` are HTTP/1.1 as well, as etcd's are.
             .accept_http1(true)
             .layer(tower::util::MapResponseLayer::new(crate::grpc::size_limit_as_resource_exhausted))
@@ -445,29 +450,15 @@ fn serve_clients(
             .add_service(watch)
             .add_service(lease)
             .add_service(lock)
-            .add_service(election)
-            .serve_with_incoming_shutdown(incoming(listener), stopped(stop))
-            .await;
+            .add_service(election);
+        let result = match tls {
+            None => router.serve_with_incoming_shutdown(incoming(listener), stopped(stop)).await,
+            Some(tls) => router.serve_with_incoming_shutdown(tls.incoming(listener), stopped(stop)).await,
+        };
         if let Err(e) = result {
             tracing::error!("client server failed: {e}");
         }
     })
-}
-
-/// A server builder that serves TLS with `tls`, if given; None (logged)
-/// if tonic refuses the configuration.
-fn server_builder(tls: Option<tonic::transport::ServerTlsConfig>, port: &str) -> Option<Server> {
-    let builder = Server::builder();
-    match tls {
-        None => Some(builder),
-        Some(tls) => match builder.tls_config(tls) {
-            Ok(b) => Some(b),
-            Err(e) => {
-                tracing::error!("{port} TLS: {e}");
-                None
-            }
-        },
-    }
 }
 
 /// Publishes this member's name and client URLs through the log, as etcd

@@ -169,6 +169,7 @@ async fn strangers_on_the_peer_port_are_refused_and_change_nothing() {
 /// sends ours votes and entries, which are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_foreign_cluster_pointed_at_a_member_disturbs_nobody() {
+    let logs = support::logs();
     let c = TestCluster::start(3, |_| {}).await;
     let leader = c.wait_leader().await;
     for i in 0..10 {
@@ -237,6 +238,15 @@ async fn a_foreign_cluster_pointed_at_a_member_disturbs_nobody() {
     let ours = client.range(RangeRequest { key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() });
     assert_eq!(ours.await.unwrap().kvs.len(), 10);
     client.put(put("after", "v")).await.unwrap();
+    // Our member said why, once per foreign member in each few seconds
+    // rather than once per message.
+    let mut lines = 0;
+    for s in &foreign {
+        let from = format!("refused a peer request from member {:x}", s.member.id);
+        let said = logs.lines_with(&[&from, "request cluster ID mismatch"]);
+        lines += said.len();
+    }
+    assert!((1..=4).contains(&lines), "{lines} refusal lines for the foreign members");
     for s in foreign {
         s.shutdown().await;
     }

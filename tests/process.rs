@@ -324,6 +324,14 @@ fn start_sh_with_tls_serves_clients_and_members_over_tls() {
     assert_eq!(String::from_utf8_lossy(&etcdctl.stdout), "hello\n", "{}", text(&etcdctl));
     let plain = c.kvctl(&eps, &["get", "greeting"]);
     assert!(!plain.status.success(), "plain text was served: {}", text(&plain));
+    // kvctl bench takes the same flags.
+    let bench = run(with_tls(&["-w", "json", "bench", "put", "--total", "200", "--clients", "4", "--quiet"]));
+    assert!(bench.status.success(), "{}", text(&bench));
+    let report: serde_json::Value = serde_json::from_slice(&bench.stdout).expect("bench prints JSON");
+    assert_eq!(report["requests"], 200, "{}", text(&bench));
+    assert_eq!(report["errors"], 0, "{}", text(&bench));
+    let bench = c.kvctl(&eps, &["bench", "put", "--total", "10", "--quiet"]);
+    assert!(!bench.status.success() && text(&bench).contains("cannot reach"), "{}", text(&bench));
     // A restart keeps TLS on without being asked again.
     let down = c.script("stop.sh");
     assert!(down.status.success(), "{}", text(&down));

@@ -115,32 +115,50 @@ fn https_cluster_args(args: &mut Vec<String>, flags: &[String]) {
 
 const KVCTL: &str = env!("CARGO_BIN_EXE_kvctl");
 
-async fn kvd_outcomes(
-    client_cert_auth: bool,
-) -> (Vec<(&'static str, bool, String)>, Vec<(&'static str, bool, String)>) {
+/// What etcdctl and kvctl get in each case from a three-member kvd with
+/// client TLS, and the client address they used.
+type KvdOutcomes = (Vec<(&'static str, bool, String)>, Vec<(&'static str, bool, String)>, String);
+
+async fn kvd_outcomes(client_cert_auth: bool) -> KvdOutcomes {
     let pki = Pki::new();
     let flags = server_flags(&pki, client_cert_auth);
     let c = TestCluster::start(3, |args| https_cluster_args(args, &flags)).await;
     let endpoint = c.client_addrs[1].to_string();
-    let health = {
-        let url = format!("https://{endpoint}/health");
+    // /health and /metrics over TLS, in HTTP/2 (curl's choice through ALPN)
+    // and in HTTP/1.1, which Patroni's and most HTTP clients speak.
+    for (path, version, want) in [
+        ("health", "--http2", r#"{"health":"true"}"#),
+        ("health", "--http1.1", r#"{"health":"true"}"#),
+        ("metrics", "--http1.1", "etcd_server_has_leader 1"),
+    ] {
+        let url = format!("https://{endpoint}/{path}");
         let out = Command::new("curl")
-            .args(["-s", "--max-time", "10", "--cacert", &pki.arg("ca.pem"), "--cert", &pki.arg("client.pem")])
+            .args(["-s", "--max-time", "10", version, "-w", "\n%{http_version}"])
+            .args(["--cacert", &pki.arg("ca.pem"), "--cert", &pki.arg("client.pem")])
             .args(["--key", &pki.arg("client-key.pem"), &url])
             .output()
             .expect("curl");
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
-    assert_eq!(health.trim(), r#"{"health":"true"}"#, "GET /health over TLS");
+        let got = String::from_utf8_lossy(&out.stdout).to_string();
+        let spoken = got.lines().last().unwrap_or_default().to_string();
+        assert!(got.contains(want), "GET /{path} over TLS with {version}: {got}");
+        assert_eq!(spoken, version.trim_start_matches("--http"), "GET /{path} with {version}: {got}");
+    }
     let result = tokio::task::spawn_blocking(move || {
         let by_etcdctl = outcomes("etcdctl", &endpoint, &pki);
         let by_kvctl = outcomes(KVCTL, &endpoint, &pki);
-        (by_etcdctl, by_kvctl)
+        (by_etcdctl, by_kvctl, endpoint)
     })
     .await
     .unwrap();
     c.shutdown().await;
     result
+}
+
+/// Waits for the member at `endpoint` to log a failed handshake on its
+/// `port` port that says `why`.
+async fn handshake_logged(port: &str, endpoint: &str, why: &str) {
+    let on = format!("TLS handshake on {port} port {endpoint} from 127.0.0.1:");
+    support::logs().wait_for(&[&on, why]).await;
 }
 
 fn check(who: &str, got: &[(&'static str, bool, String)], want: &[bool]) {
@@ -152,7 +170,8 @@ fn check(who: &str, got: &[(&'static str, bool, String)], want: &[bool]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn client_tls_with_client_certificates_required() {
-    let (etcdctl, kvctl) = kvd_outcomes(true).await;
+    support::logs();
+    let (etcdctl, kvctl, endpoint) = kvd_outcomes(true).await;
     let want = [true, true, false, false, false, true];
     check("etcdctl against kvd", &etcdctl, &want);
     check("kvctl against kvd", &kvctl, &want);
@@ -163,13 +182,17 @@ async fn client_tls_with_client_certificates_required() {
     // answering garbage).
     let plain = &kvctl[4].2;
     assert!(plain.starts_with("Error: http://127.0.0.1:"), "{plain}");
+    // The member said why it refused each of them.
+    handshake_logged("client", &endpoint, "it presented no client certificate, and one is required").await;
+    handshake_logged("client", &endpoint, "it refused this member's certificate").await;
+    handshake_logged("client", &endpoint, "it does not speak TLS; a plain-text client?").await;
     // The same setup on etcd 3.4: the same outcomes.
     check("etcdctl against etcd 3.4", &etcd_outcomes(true).await, &want);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn client_tls_without_client_certificates() {
-    let (etcdctl, kvctl) = kvd_outcomes(false).await;
+    let (etcdctl, kvctl, _) = kvd_outcomes(false).await;
     let want = [true, true, true, false, false, true];
     check("etcdctl against kvd", &etcdctl, &want);
     check("kvctl against kvd", &kvctl, &want);
@@ -191,8 +214,14 @@ async fn etcd_outcomes(client_cert_auth: bool) -> Vec<(&'static str, bool, Strin
 #[test]
 fn tls_flags_that_do_not_fit_are_refused() {
     let pki = Pki::new();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["--listen-client-urls", "https://127.0.0.1:1"], "https:// client URLs need --cert-file and --key-file"),
+        (&["--peer-auto-tls"], "but the peer URLs are http://"),
+        (
+            &["--listen-peer-urls", "https://127.0.0.1:1", "--initial-advertise-peer-urls", "https://127.0.0.1:1"],
+            "https:// peer URLs need --peer-cert-file and --peer-key-file (or --peer-auto-tls)",
+        ),
+        (&["--peer-auto-tls", "--peer-trusted-ca-file", "ca.pem"], "no --peer-trusted-ca-file can vouch for them"),
         (&["--cert-file", "x.pem"], "--cert-file and --key-file go together"),
         (&["--client-cert-auth"], "--client-cert-auth needs --trusted-ca-file"),
         (&["--listen-peer-urls", "https://127.0.0.1:1"], "must both be https:// or both http://"),
@@ -255,6 +284,13 @@ async fn auto_tls_serves_a_self_signed_certificate() {
         let verify = ["--insecure-transport=false", "get", "auto"].map(String::from);
         let (ok, text) = run("etcdctl", &endpoint, &verify);
         assert!(!ok, "an unverified certificate was trusted: {text}");
+        // kvctl: the same with etcdctl's flag, and a clear refusal without it.
+        let (ok, text) = run(KVCTL, &endpoint, &["--insecure-skip-tls-verify", "get", "auto"].map(String::from));
+        assert!(ok && text.contains("tls"), "{text}");
+        let (ok, text) = run(KVCTL, &endpoint, &["put", "auto", "checked"].map(String::from));
+        assert!(!ok && text.contains("invalid peer certificate: UnknownIssuer"), "{text}");
+        let (ok, text) = run(KVCTL, &endpoint, &["--insecure-skip-tls-verify", "get", "auto"].map(String::from));
+        assert!(ok && text.contains("tls"), "{text}");
     })
     .await
     .unwrap();
@@ -336,5 +372,53 @@ async fn peer_tls_lets_only_members_in() {
         kvd::proto::etcdserverpb::RangeRequest { key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() };
     let client = c.client(2);
     assert_eq!(client.range(range).await.unwrap().kvs.len(), 3);
+    c.shutdown().await;
+}
+
+/// `--peer-auto-tls`: members make their own certificates and reach each
+/// other over TLS without checking them, as etcd's do; the cluster forms,
+/// takes writes anywhere and serves them everywhere. A plain-text peer
+/// connection is refused and logged; a TLS one without member identity
+/// is refused by the identity check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peer_auto_tls_encrypts_between_members() {
+    use kvd::proto::kvdpb::{peer_client::PeerClient, RaftPayload};
+    support::logs();
+    let c = TestCluster::start(3, |args| {
+        for i in 0..args.len() {
+            if ["--listen-peer-urls", "--initial-advertise-peer-urls", "--initial-cluster"].contains(&args[i].as_str())
+            {
+                args[i + 1] = args[i + 1].replace("http://", "https://");
+            }
+        }
+        args.push("--peer-auto-tls".into());
+    })
+    .await;
+    let leader = c.wait_leader().await;
+    for i in 0..3 {
+        c.client(i).put(support::put(&format!("k{i}"), "v")).await.unwrap();
+    }
+    let range =
+        kvd::proto::etcdserverpb::RangeRequest { key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() };
+    for i in 0..3 {
+        assert_eq!(c.client(i).range(range.clone()).await.unwrap().kvs.len(), 3, "member {i}");
+    }
+    let addr = c.peer_addrs[(leader + 1) % 3];
+    let ask = |channel: tonic::transport::Channel| async move {
+        let mut peer = PeerClient::new(channel);
+        let call = peer.read_index(RaftPayload::default());
+        match tokio::time::timeout(std::time::Duration::from_secs(10), call).await {
+            Ok(answer) => answer.map(drop).map_err(|s| format!("{s:?}")),
+            Err(_) => Err("no answer within 10 s".to_string()),
+        }
+    };
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+    assert!(ask(plain).await.is_err(), "a plain-text peer connection was served");
+    handshake_logged("peer", &addr.to_string(), "it does not speak TLS").await;
+    let unchecked = kvd::tls::client_config(kvd::tls::Trust::Anything, None).unwrap();
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+    let stranger = ask(kvd::tls::channel(endpoint, unchecked, None)).await.expect_err("a stranger was served");
+    assert!(stranger.contains("not from a kvd member"), "{stranger}");
+    assert_eq!(c.wait_leader().await, leader);
     c.shutdown().await;
 }

@@ -106,31 +106,57 @@ pub fn endpoint_url(endpoint: &str) -> String {
     }
 }
 
-/// TLS settings of a client, as etcdctl's `--cacert`, `--cert` and `--key`
-/// give them (PEM). With any of them set, an endpoint given as `host:port`
-/// is reached over TLS; an `https://` endpoint always is.
+/// TLS settings of a client, as etcdctl's `--cacert`, `--cert`, `--key` and
+/// `--insecure-skip-tls-verify` give them. With any of them set, an endpoint
+/// given as `host:port` is reached over TLS; an `https://` endpoint always is.
 #[derive(Debug, Clone, Default)]
 pub struct ClientTls {
-    /// CA certificates to check servers against; without them, the
-    /// system's trusted roots.
-    pub ca: Option<Vec<u8>>,
-    /// A client certificate and its key, for servers that ask for one.
-    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// A file of CA certificates (PEM) to check servers against; without
+    /// it, the system's trusted roots.
+    pub ca: Option<std::path::PathBuf>,
+    /// Files of a client certificate and its key (PEM), for servers that ask
+    /// for one.
+    pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Accept any server certificate (the connection is still encrypted).
+    pub skip_verify: bool,
 }
 
 impl ClientTls {
-    fn config(&self) -> tonic::transport::ClientTlsConfig {
-        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-        let mut cfg = ClientTlsConfig::new();
-        cfg = match &self.ca {
-            Some(ca) => cfg.ca_certificate(Certificate::from_pem(ca)),
-            None => cfg.with_native_roots(),
+    /// The rustls configuration these settings make; an error names the
+    /// flag and file that could not be used.
+    pub fn config(&self) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+        use crate::tls::{KeyPair, Trust};
+        let trust = match (&self.ca, self.skip_verify) {
+            (_, true) => Trust::Anything,
+            (Some(ca), false) => Trust::from_file("cacert", ca).map_err(|e| e.to_string())?,
+            (None, false) => Trust::System,
         };
-        if let Some((cert, key)) = &self.identity {
-            cfg = cfg.identity(Identity::from_pem(cert, key));
-        }
-        cfg
+        let identity = match &self.identity {
+            Some((cert, key)) => Some(KeyPair::from_files("cert", cert, "key", key).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        crate::tls::client_config(trust, identity).map_err(|e| e.to_string())
     }
+}
+
+/// A lazily connecting channel to `endpoint` (`host:port`, `http://` or
+/// `https://`), over TLS when it is https:// or `tls` is given.
+pub fn channel(endpoint: &str, dial_timeout: Duration, tls: Option<&ClientTls>) -> Result<Channel, String> {
+    let url = match (endpoint.contains("://"), tls) {
+        (false, Some(_)) => format!("https://{endpoint}"),
+        _ => endpoint_url(endpoint),
+    };
+    if !url.starts_with("http://") && !url.starts_with("https://") {
+        return Err(format!("endpoint {endpoint}: only http:// and https:// endpoints (or host:port) are supported"));
+    }
+    let ep = Endpoint::from_shared(crate::tls::plain_url(&url))
+        .map_err(|err| format!("bad endpoint {endpoint:?}: {err}"))?
+        .connect_timeout(dial_timeout)
+        .tcp_nodelay(true);
+    Ok(match url.starts_with("https://") {
+        true => crate::tls::channel(ep, tls.cloned().unwrap_or_default().config()?, None),
+        false => ep.connect_lazy(),
+    })
 }
 
 impl Client {
@@ -146,22 +172,7 @@ impl Client {
         if endpoints.is_empty() {
             return Err("no endpoints given".into());
         }
-        let mut channels = Vec::new();
-        for e in endpoints {
-            let url = match (e.contains("://"), tls) {
-                (false, Some(_)) => format!("https://{e}"),
-                _ => endpoint_url(e),
-            };
-            if !url.starts_with("http://") && !url.starts_with("https://") {
-                return Err(format!("endpoint {e}: only http:// and https:// endpoints (or host:port) are supported"));
-            }
-            let mut ep = Endpoint::from_shared(url.clone()).map_err(|err| format!("bad endpoint {e:?}: {err}"))?;
-            if url.starts_with("https://") {
-                let config = tls.cloned().unwrap_or_default().config();
-                ep = ep.tls_config(config).map_err(|err| format!("endpoint {e}: {err}"))?;
-            }
-            channels.push(ep.connect_timeout(dial_timeout).tcp_nodelay(true).connect_lazy());
-        }
+        let channels = endpoints.iter().map(|e| channel(e, dial_timeout, tls)).collect::<Result<_, _>>()?;
         Ok(Client {
             endpoints: endpoints.to_vec(),
             channels,
@@ -175,6 +186,11 @@ impl Client {
     /// The endpoints, in order.
     pub fn endpoints(&self) -> &[String] {
         &self.endpoints
+    }
+
+    /// The TLS settings it was made with, if any.
+    pub fn tls(&self) -> Option<&ClientTls> {
+        self.tls.as_ref()
     }
 
     /// A client of other endpoints with the same TLS settings.

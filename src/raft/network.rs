@@ -94,7 +94,7 @@ pub struct Network {
     /// The largest message a peer accepts; see [`message_limit`].
     limit: usize,
     /// How to reach https:// peers.
-    tls: Option<tonic::transport::ClientTlsConfig>,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// The largest peer message a member accepts, and so sends: a batch of
@@ -157,7 +157,7 @@ impl Network {
         peer_listen: SocketAddr,
         identity: Identity,
         limit: usize,
-        tls: Option<tonic::transport::ClientTlsConfig>,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     ) -> Self {
         let ip = peer_listen.ip();
         Network { source: (!ip.is_unspecified()).then_some(ip), identity, limit, tls, ..Default::default() }
@@ -234,19 +234,22 @@ impl Network {
                 return Ok(ch.clone());
             }
         }
-        let mut endpoint = Endpoint::from_shared(addr.to_string()).map_err(|e| format!("bad peer URL {addr}: {e}"))?;
-        if addr.starts_with("https://") {
-            let tls =
-                self.tls.clone().ok_or_else(|| format!("peer URL {addr} needs TLS, and no --peer-cert-file is set"))?;
-            endpoint = endpoint.tls_config(tls).map_err(|e| format!("peer URL {addr}: {e}"))?;
-        }
-        let endpoint = endpoint
+        let endpoint = Endpoint::from_shared(crate::tls::plain_url(addr))
+            .map_err(|e| format!("bad peer URL {addr}: {e}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_while_idle(true)
             .local_address(self.source);
-        let ch = endpoint.connect_lazy();
+        let ch = match addr.starts_with("https://") {
+            true => {
+                let tls = self.tls.clone().ok_or_else(|| {
+                    format!("peer URL {addr} needs TLS, and neither --peer-cert-file nor --peer-auto-tls is set")
+                })?;
+                crate::tls::channel(endpoint, tls, self.source)
+            }
+            false => endpoint.connect_lazy(),
+        };
         channels.insert(id, (addr.to_string(), ch.clone()));
         Ok(ch)
     }

@@ -289,3 +289,61 @@ pub async fn wait_ready(client: &Client) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// What the members of this test process have logged (at info and above),
+/// from the first call on; every test of the binary shares it.
+pub fn logs() -> Logs {
+    use std::sync::{Arc, Mutex, OnceLock};
+    static LOGS: OnceLock<Logs> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Logs(Arc::new(Mutex::new(Vec::new())));
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("info,openraft=error")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the first log subscriber of this test binary");
+        logs
+    })
+    .clone()
+}
+
+/// Captured log lines; see [`logs`].
+#[derive(Clone)]
+pub struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Logs {
+    /// The lines that contain every one of `parts`.
+    pub fn lines_with(&self, parts: &[&str]) -> Vec<String> {
+        let text = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        String::from_utf8_lossy(&text)
+            .lines()
+            .filter(|l| parts.iter().all(|p| l.contains(p)))
+            .map(String::from)
+            .collect()
+    }
+
+    /// Waits until a line contains every one of `parts`, and returns it.
+    pub async fn wait_for(&self, parts: &[&str]) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(line) = self.lines_with(parts).into_iter().next() {
+                return line;
+            }
+            assert!(Instant::now() < deadline, "no log line with {parts:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

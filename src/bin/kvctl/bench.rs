@@ -12,16 +12,19 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
-use kvd::client::endpoint_url;
+use kvd::client::Client;
 use kvd::proto::etcdserverpb::kv_client::KvClient;
+use kvd::proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use kvd::proto::etcdserverpb::request_op::Request as Op;
 use kvd::proto::etcdserverpb::watch_client::WatchClient;
 use kvd::proto::etcdserverpb::watch_request::RequestUnion;
-use kvd::proto::etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchRequest};
+use kvd::proto::etcdserverpb::{
+    PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest, WatchCreateRequest, WatchRequest,
+};
 use rand::Rng;
 use serde_json::json;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::output::Format;
 
@@ -143,14 +146,14 @@ impl Schedule {
     }
 }
 
-pub async fn run(endpoints: &[String], a: BenchArgs, fmt: Format, dial_timeout: Duration) -> Result<()> {
+pub async fn run(client: &Client, a: BenchArgs, fmt: Format, dial_timeout: Duration) -> Result<()> {
     if a.conns == 0 || a.clients == 0 {
         bail!("--conns and --clients must be at least 1");
     }
     if a.key_size == 0 || a.key_space_size == 0 {
         bail!("--key-size and --key-space-size must be at least 1");
     }
-    let channels = connect(endpoints, a.conns, dial_timeout).await?;
+    let channels = connect(client, a.conns, dial_timeout).await?;
     let start = Instant::now();
     let (tally, requests) = match a.workload {
         Workload::WatchLatency => watch_latency(&channels, &a).await?,
@@ -164,18 +167,21 @@ pub async fn run(endpoints: &[String], a: BenchArgs, fmt: Format, dial_timeout: 
     Ok(())
 }
 
-async fn connect(endpoints: &[String], conns: usize, dial_timeout: Duration) -> Result<Vec<Channel>> {
+/// `conns` channels over the endpoints, with the client's TLS settings;
+/// each has answered a status request before the run starts, so that an
+/// endpoint that cannot be reached is named at once.
+async fn connect(client: &Client, conns: usize, dial_timeout: Duration) -> Result<Vec<Channel>> {
+    let endpoints = client.endpoints();
     let mut channels = Vec::new();
     for i in 0..conns {
-        let url = endpoint_url(&endpoints[i % endpoints.len()]);
-        let ep = Endpoint::from_shared(url.clone()).with_context(|| format!("bad endpoint {url}"))?;
-        let ch = ep
-            .connect_timeout(dial_timeout)
-            .tcp_nodelay(true)
-            .connect()
+        let endpoint = &endpoints[i % endpoints.len()];
+        let channel = kvd::client::channel(endpoint, dial_timeout, client.tls()).map_err(anyhow::Error::msg)?;
+        let mut maintenance = MaintenanceClient::new(channel.clone());
+        tokio::time::timeout(dial_timeout * 2, maintenance.status(StatusRequest {}))
             .await
-            .with_context(|| format!("cannot connect to {url}"))?;
-        channels.push(ch);
+            .map_err(|_| anyhow::anyhow!("no answer from {endpoint} within {:?}", dial_timeout * 2))?
+            .map_err(|s| anyhow::anyhow!("cannot reach {endpoint}: {}", s.message()))?;
+        channels.push(channel);
     }
     Ok(channels)
 }

@@ -40,6 +40,10 @@ struct Cli {
     /// Private key (PEM) of --cert.
     #[arg(long = "key", id = "tls_key", global = true, env = "KVCTL_KEY", requires = "tls_cert")]
     key: Option<std::path::PathBuf>,
+    /// Accept any server certificate: the connection is encrypted, but to a
+    /// server that is not checked (as etcdctl's flag; for --auto-tls members).
+    #[arg(long, global = true, env = "KVCTL_INSECURE_SKIP_TLS_VERIFY")]
+    insecure_skip_tls_verify: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -107,20 +111,20 @@ fn completion(args: &CompletionArgs) {
     clap_complete::generate(args.shell, &mut command, name, &mut std::io::stdout());
 }
 
-/// The TLS settings `--cacert`, `--cert` and `--key` give, if any.
+/// The TLS settings `--cacert`, `--cert`, `--key` and
+/// `--insecure-skip-tls-verify` give, if any; checked here, so that a file
+/// that cannot be used is named before any endpoint is tried.
 fn client_tls(cli: &Cli) -> Result<Option<kvd::client::ClientTls>, String> {
-    let read = |flag: &str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| format!("cannot read --{flag} {}: {e}", path.display()))
-    };
-    if cli.cacert.is_none() && cli.cert.is_none() {
+    if cli.cacert.is_none() && cli.cert.is_none() && !cli.insecure_skip_tls_verify {
         return Ok(None);
     }
-    let ca = cli.cacert.as_deref().map(|p| read("cacert", p)).transpose()?;
-    let identity = match (&cli.cert, &cli.key) {
-        (Some(cert), Some(key)) => Some((read("cert", cert)?, read("key", key)?)),
-        _ => None,
+    let tls = kvd::client::ClientTls {
+        ca: cli.cacert.clone(),
+        identity: cli.cert.clone().zip(cli.key.clone()),
+        skip_verify: cli.insecure_skip_tls_verify,
     };
-    Ok(Some(kvd::client::ClientTls { ca, identity }))
+    tls.config()?;
+    Ok(Some(tls))
 }
 
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -182,7 +186,7 @@ async fn main() -> ExitCode {
             Command::Lock(a) => coord::lock(&client, a).await,
             Command::Elect(a) => coord::elect(&client, a).await,
             Command::Snapshot(c) => snapshot::run(&client, c, fmt).await,
-            Command::Bench(a) => bench::run(client.endpoints(), a, fmt, cli.dial_timeout).await,
+            Command::Bench(a) => bench::run(&client, a, fmt, cli.dial_timeout).await,
             Command::Completion(_) => Ok(()),
         }
     };

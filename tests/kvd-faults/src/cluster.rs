@@ -16,8 +16,29 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvd::client::Client;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+
+/// The members' client addresses, and the TLS that clients reach them with
+/// (in a run with `--tls`).
+#[derive(Clone)]
+pub struct Endpoints {
+    pub addrs: Vec<String>,
+    pub tls: Option<kvd::client::ClientTls>,
+}
+
+impl Endpoints {
+    /// Member `m`'s address alone.
+    pub fn only(&self, m: usize) -> Endpoints {
+        Endpoints { addrs: self.addrs[m..=m].to_vec(), tls: self.tls.clone() }
+    }
+
+    /// A client of all of them, in this order, with `timeout` to connect.
+    pub fn client(&self, timeout: Duration) -> Client {
+        Client::with_tls(&self.addrs, timeout, self.tls.as_ref()).expect("endpoints are valid")
+    }
+}
 
 /// Members of the cluster.
 pub const MEMBERS: usize = 3;
@@ -25,6 +46,43 @@ pub const MEMBERS: usize = 3;
 /// Links that carry nothing: `(from, to)` means connections that member
 /// `from` opens to member `to` are refused, and open ones are cut.
 pub type Cuts = Arc<HashSet<(usize, usize)>>;
+
+/// The common name of the members' certificate, which each member requires
+/// of the others (`--peer-cert-allowed-cn`).
+const MEMBER_CN: &str = "kvd-member";
+
+/// Makes a CA in `dir`, and signed by it a certificate the members serve
+/// and present to each other (for every address they are reached at) and
+/// one for clients: `ca.pem`, `member.pem`, `member-key.pem`, `client.pem`,
+/// `client-key.pem`. Returns `dir`.
+fn make_pki(dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "kvd-faults CA");
+    std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key)?.pem())?;
+    let issuer = Issuer::new(ca, ca_key);
+    let mut member_names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    member_names.extend((0..MEMBERS).map(|i| member_ip(i).to_string()));
+    for (name, cn, sans) in [("member", MEMBER_CN, member_names), ("client", "kvd-faults client", Vec::new())] {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(sans)?;
+        params.distinguished_name.push(DnType::CommonName, cn);
+        std::fs::write(dir.join(format!("{name}.pem")), params.signed_by(&key, &issuer)?.pem())?;
+        std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem())?;
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// How clients reach members that serve TLS from the PKI in `dir`.
+fn client_tls(dir: &Option<PathBuf>) -> Option<kvd::client::ClientTls> {
+    dir.as_ref().map(|d| kvd::client::ClientTls {
+        ca: Some(d.join("ca.pem")),
+        identity: Some((d.join("client.pem"), d.join("client-key.pem"))),
+        skip_verify: false,
+    })
+}
 
 fn member_ip(i: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, 11 + i as u8))
@@ -46,6 +104,9 @@ pub struct Layout {
     /// disk-full fault; `None` when that fault is off or no tmpfs could be
     /// mounted.
     pub small_disk: Option<usize>,
+    /// With TLS on both ports: the directory of the harness's CA and
+    /// certificates.
+    pub tls: Option<PathBuf>,
 }
 
 /// The member processes, the proxies and the cuts.
@@ -65,6 +126,7 @@ impl Cluster {
         dir: PathBuf,
         election_ms: u64,
         small_disk: Option<usize>,
+        tls: bool,
     ) -> anyhow::Result<Cluster> {
         let mut client_addrs = Vec::new();
         let mut peer_listen = Vec::new();
@@ -80,8 +142,13 @@ impl Cluster {
         for (to, listener) in proxies.into_iter().enumerate() {
             tokio::spawn(proxy(listener, to, peer_listen[to], cuts_rx.clone()));
         }
-        let endpoints: Vec<String> = client_addrs.iter().map(|a| a.to_string()).collect();
-        let client = Client::new(&endpoints, Duration::from_millis(500)).map_err(anyhow::Error::msg)?;
+        let tls = match tls {
+            true => Some(make_pki(&dir.join("tls"))?),
+            false => None,
+        };
+        let endpoints =
+            Endpoints { addrs: client_addrs.iter().map(|a| a.to_string()).collect(), tls: client_tls(&tls) };
+        let client = endpoints.client(Duration::from_millis(500));
         let small_disk = match small_disk {
             Some(m) => {
                 let mount = dir.join(format!("m{m}"));
@@ -102,7 +169,7 @@ impl Cluster {
             }
             None => None,
         };
-        let layout = Layout { kvd, dir, client_addrs, peer_listen, peer_proxy, election_ms, small_disk };
+        let layout = Layout { kvd, dir, client_addrs, peer_listen, peer_proxy, election_ms, small_disk, tls };
         let mut cluster = Cluster {
             layout,
             children: (0..MEMBERS).map(|_| None).collect(),
@@ -146,23 +213,40 @@ impl Cluster {
         Ok(())
     }
 
+    /// The members' client addresses, with the TLS clients need.
+    pub fn endpoints(&self) -> Endpoints {
+        Endpoints {
+            addrs: self.layout.client_addrs.iter().map(|a| a.to_string()).collect(),
+            tls: client_tls(&self.layout.tls),
+        }
+    }
+
     fn command(&self, i: usize) -> Command {
         let l = &self.layout;
-        let initial: Vec<String> = (0..MEMBERS).map(|m| format!("m{m}=http://{}", l.peer_proxy[m])).collect();
+        let scheme = if l.tls.is_some() { "https" } else { "http" };
+        let initial: Vec<String> = (0..MEMBERS).map(|m| format!("m{m}={scheme}://{}", l.peer_proxy[m])).collect();
         let mut cmd = Command::new(&l.kvd);
         cmd.args(["--name", &format!("m{i}")])
             .arg("--data-dir")
             .arg(self.data_dir(i))
-            .args(["--listen-client-urls", &format!("http://{}", l.client_addrs[i])])
-            .args(["--advertise-client-urls", &format!("http://{}", l.client_addrs[i])])
-            .args(["--listen-peer-urls", &format!("http://{}", l.peer_listen[i])])
-            .args(["--initial-advertise-peer-urls", &format!("http://{}", l.peer_proxy[i])])
+            .args(["--listen-client-urls", &format!("{scheme}://{}", l.client_addrs[i])])
+            .args(["--advertise-client-urls", &format!("{scheme}://{}", l.client_addrs[i])])
+            .args(["--listen-peer-urls", &format!("{scheme}://{}", l.peer_listen[i])])
+            .args(["--initial-advertise-peer-urls", &format!("{scheme}://{}", l.peer_proxy[i])])
             .args(["--initial-cluster", &initial.join(",")])
             .args(["--initial-cluster-token", "faults"])
             .args(["--election-timeout", &l.election_ms.to_string()])
             .args(["--heartbeat-interval", &(l.election_ms / 5).to_string()])
             // Small enough that snapshots and log purges happen in a run.
             .args(["--snapshot-count", "2000"]);
+        if let Some(tls) = &l.tls {
+            let file = |name: &str| tls.join(name);
+            cmd.arg("--cert-file").arg(file("member.pem")).arg("--key-file").arg(file("member-key.pem"));
+            cmd.arg("--trusted-ca-file").arg(file("ca.pem")).arg("--client-cert-auth");
+            cmd.arg("--peer-cert-file").arg(file("member.pem")).arg("--peer-key-file").arg(file("member-key.pem"));
+            cmd.arg("--peer-trusted-ca-file").arg(file("ca.pem")).arg("--peer-client-cert-auth");
+            cmd.args(["--peer-cert-allowed-cn", MEMBER_CN]);
+        }
         cmd
     }
 
@@ -442,12 +526,11 @@ impl kvd_testkit::Cluster for Cluster {
     }
 
     fn client(&self, i: usize) -> Client {
-        Client::new(&[self.layout.client_addrs[i].to_string()], Duration::from_secs(2)).expect("client")
+        self.endpoints().only(i).client(Duration::from_secs(2))
     }
 
     fn client_all(&self) -> Client {
-        let endpoints: Vec<String> = self.layout.client_addrs.iter().map(|a| a.to_string()).collect();
-        Client::new(&endpoints, Duration::from_secs(2)).expect("client")
+        self.endpoints().client(Duration::from_secs(2))
     }
 
     async fn leader(&self) -> usize {

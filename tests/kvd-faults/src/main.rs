@@ -63,6 +63,11 @@ struct Args {
     /// member serving within 10 s).
     #[arg(long)]
     strict_liveness: bool,
+    /// Run the members with TLS on both ports: client certificates required
+    /// on the client port, and peer certificates with an allowed common name
+    /// between members (from a CA the harness makes).
+    #[arg(long)]
+    tls: bool,
 }
 
 /// What one run found.
@@ -132,9 +137,10 @@ fn main() {
             }
         };
         println!(
-            "== run seed {seed}: {:?} of {}; data in {}",
+            "== run seed {seed}: {:?} of {}{}; data in {}",
             args.duration,
             faults.iter().map(|f| f.name()).collect::<Vec<_>>().join(","),
+            if args.tls { "; TLS on client and peer ports, certificates required" } else { "" },
             dir.path().display()
         );
         let report = match runtime.block_on(run(&args, &faults, seed, kvd.clone(), dir.path().to_path_buf())) {
@@ -276,7 +282,7 @@ async fn run(args: &Args, faults: &[Fault], seed: u64, kvd: PathBuf, dir: PathBu
     let clock = Clock(Instant::now());
     let record = Arc::new(Record::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let endpoints: Vec<String> = cluster.layout.client_addrs.iter().map(|a| a.to_string()).collect();
+    let endpoints = cluster.endpoints();
     let load =
         workload::Load { record: record.clone(), clock, stop: stop.clone(), timeout: Duration::from_secs(2), seed };
     let Running { tasks, watchers, watch_until } = start_load(args.clients, &endpoints, load);
@@ -384,13 +390,13 @@ async fn start_cluster(
 ) -> anyhow::Result<(Cluster, Vec<Fault>)> {
     let dir = dir.to_path_buf();
     let small_disk = faults.contains(&Fault::DiskFull).then_some(2);
-    let cluster = match Cluster::start(kvd.clone(), dir.clone(), args.election_timeout, small_disk).await {
+    let cluster = match Cluster::start(kvd.clone(), dir.clone(), args.election_timeout, small_disk, args.tls).await {
         Ok(c) => c,
         Err(e) if small_disk.is_some() => {
             // No tmpfs here (not root, or no mount rights): run without it.
             println!("   disk-full skipped: {e:#}");
             let _ = std::fs::remove_dir_all(dir.join("m2"));
-            let mut c = Cluster::start(kvd, dir.clone(), args.election_timeout, None).await?;
+            let mut c = Cluster::start(kvd, dir.clone(), args.election_timeout, None, args.tls).await?;
             c.layout.small_disk = None;
             c
         }
@@ -415,7 +421,7 @@ struct Running {
 
 /// Starts the clients (`clients` on registers, and those that insert, hold
 /// leases and locks, and compact) and a watcher on every member.
-fn start_load(clients: usize, endpoints: &[String], load: workload::Load) -> Running {
+fn start_load(clients: usize, endpoints: &workload::Endpoints, load: workload::Load) -> Running {
     let record = load.record.clone();
     *record.watched.lock().unwrap_or_else(|p| p.into_inner()) = vec![Vec::new(); MEMBERS];
     *record.watch_progress.lock().unwrap_or_else(|p| p.into_inner()) = vec![1; MEMBERS];
@@ -460,7 +466,7 @@ async fn final_revision(cluster: &Cluster) -> Option<i64> {
 /// Reads every member's whole data at `last` and at `compacted` and reports
 /// where they differ; returns the first member's data at `last`.
 async fn compare_members(
-    endpoints: &[String],
+    endpoints: &workload::Endpoints,
     last: i64,
     compacted: i64,
     report: &mut Report,
@@ -469,7 +475,7 @@ async fn compare_members(
     for rev in [last, compacted].into_iter().filter(|&r| r > 1) {
         let mut at_rev = Vec::new();
         for m in 0..MEMBERS {
-            match workload::contents_at(&endpoints[m..=m], rev).await {
+            match workload::contents_at(&endpoints.only(m), rev).await {
                 Some(kvs) => at_rev.push(kvs),
                 None => report.anomalies.push(format!("m{m} never answered a read at revision {rev}")),
             }

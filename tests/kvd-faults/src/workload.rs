@@ -88,12 +88,15 @@ impl Clock {
     }
 }
 
+pub use kvd_faults::cluster::Endpoints;
+
 /// A client whose first choice is member `first` (it fails over to the
 /// others).
-pub fn client_from(endpoints: &[String], first: usize) -> Client {
-    let mut order = endpoints.to_vec();
-    order.rotate_left(first % endpoints.len());
-    Client::new(&order, Duration::from_millis(500)).expect("endpoints are valid")
+pub fn client_from(endpoints: &Endpoints, first: usize) -> Client {
+    let mut order = endpoints.clone();
+    let n = order.addrs.len();
+    order.addrs.rotate_left(first % n);
+    order.client(Duration::from_millis(500))
 }
 
 /// What every load client of a run shares.
@@ -331,7 +334,7 @@ pub async fn compaction_client(client: Client, load: Load) {
 
 /// Every key-value at `rev`, read from the member at `endpoint` alone;
 /// `None` if it gives no answer within about 20 s.
-pub async fn contents_at(endpoint: &[String], rev: i64) -> Option<Vec<kvd::proto::mvccpb::KeyValue>> {
+pub async fn contents_at(endpoint: &Endpoints, rev: i64) -> Option<Vec<kvd::proto::mvccpb::KeyValue>> {
     let own = client_from(endpoint, 0);
     for _ in 0..100 {
         let req =

@@ -35,6 +35,28 @@ fn three_seeds_of_every_fault_find_no_anomaly() {
     }
 }
 
+/// One seed with TLS on both ports (client and peer certificates required,
+/// a peer common name allowed): the same guarantees hold through TLS, with
+/// members killed, paused, cut off and restarted mid-handshake.
+#[test]
+fn one_seed_with_tls_finds_no_anomaly() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvd-faults"))
+        .args(["--seed", "7", "--runs", "1", "--duration", "20s", "--tls"])
+        .output()
+        .expect("run kvd-faults");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("TLS on client and peer ports"), "the run was not with TLS");
+    assert!(out.status.success(), "kvd-faults found anomalies with TLS (exit {:?})", out.status.code());
+    assert!(text.contains("no anomalies") && text.contains("lost 0"), "no clean verdict: {text}");
+    let faults = text.lines().find(|l| l.trim_start().starts_with("seed ") && l.contains(": faults ")).unwrap_or("");
+    for f in Fault::ALL {
+        let skipped = *f == Fault::DiskFull && text.contains("disk-full skipped:");
+        assert!(skipped || faults.contains(&format!("{f}×")), "{f} was not injected: {faults}");
+    }
+}
+
 /// The scenarios kvd's own tests run in-process and on plain processes, run
 /// on the harness's cluster: peer links through its proxies, members on
 /// addresses of their own.
@@ -45,7 +67,7 @@ async fn the_shared_scenarios_pass_on_the_harness_cluster() {
     assert!(kvd.exists(), "no kvd binary at {} (cargo test --workspace builds it)", kvd.display());
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cluster =
-        kvd_faults::cluster::Cluster::start(kvd, dir.path().to_path_buf(), 500, None).await.expect("start");
+        kvd_faults::cluster::Cluster::start(kvd, dir.path().to_path_buf(), 500, None, false).await.expect("start");
     kvd_testkit::Cluster::leader(&cluster).await;
     scenarios::write_anywhere_read_everywhere(&mut cluster).await;
     scenarios::leader_killed_loses_no_acknowledged_write(&mut cluster).await;
