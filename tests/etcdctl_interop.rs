@@ -529,3 +529,29 @@ async fn make_mirror_copies_an_etcd_into_kvd_and_follows_live_writes() {
     assert!(!String::from_utf8_lossy(&out.stderr).contains("Error"), "{}", String::from_utf8_lossy(&out.stderr));
     c.shutdown().await;
 }
+
+/// `kvctl get --prefix ... | head`: when its reader goes away, kvctl ends
+/// quietly (exit 0, nothing on stderr) rather than panicking on the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kvctl_piped_into_head_ends_quietly() {
+    let (c, _) = cluster_and(KVCTL).await;
+    let client = c.client(0);
+    // Far more than a pipe holds (64 KiB), so kvctl is still writing when
+    // head exits.
+    let value = "v".repeat(200);
+    for i in 0..1500 {
+        client.put(support::put(&format!("/many/{i:05}"), &value)).await.unwrap();
+    }
+    let endpoint = c.client_addrs[0].to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        let pipeline = format!("'{KVCTL}' --endpoints {endpoint} get --prefix /many/ | head -n 1");
+        Command::new("bash").args(["-o", "pipefail", "-c", &pipeline]).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.is_empty(), "kvctl said: {stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "/many/00000\n");
+    assert!(out.status.success(), "exit {:?}", out.status.code());
+    c.shutdown().await;
+}

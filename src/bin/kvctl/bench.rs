@@ -394,15 +394,15 @@ fn report(a: &BenchArgs, fmt: Format, tally: &Tally, requests: u64, elapsed: Dur
                 "max": h.max() as f64 / 1000.0,
             },
         });
-        println!("{v}");
+        outln!("{v}");
         return;
     }
     let unit = if a.workload == Workload::WatchLatency { "events" } else { "requests" };
-    println!("{name}: {ok} {unit} in {secs:.2}s, {throughput:.1}/s, {} errors", tally.errors);
+    outln!("{name}: {ok} {unit} in {secs:.2}s, {throughput:.1}/s, {} errors", tally.errors);
     if let Some(e) = &tally.first_error {
-        println!("first error: {e}");
+        outln!("first error: {e}");
     }
-    println!(
+    outln!(
         "latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}",
         ms(0.5),
         ms(0.9),

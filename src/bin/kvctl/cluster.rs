@@ -52,7 +52,7 @@ pub async fn member(client: &Client, cmd: MemberCommand, fmt: Format) -> Result<
         })
         .collect();
     match fmt {
-        Format::Simple => rows.iter().for_each(|r| println!("{}", r.join(", "))),
+        Format::Simple => rows.iter().for_each(|r| outln!("{}", r.join(", "))),
         Format::Table => {
             output::print_table(&["ID", "STATUS", "NAME", "PEER ADDRS", "CLIENT ADDRS", "IS LEARNER"], &rows)
         }
@@ -117,7 +117,7 @@ pub async fn endpoint(client: &Client, cmd: EndpointCommand, fmt: Format, timeou
                 }
             }
             match fmt {
-                Format::Simple => rows.iter().for_each(|(_, _, r)| println!("{}", r.join(", "))),
+                Format::Simple => rows.iter().for_each(|(_, _, r)| outln!("{}", r.join(", "))),
                 Format::Table => output::print_table(
                     &[
                         "ENDPOINT",
@@ -181,7 +181,7 @@ pub async fn endpoint(client: &Client, cmd: EndpointCommand, fmt: Format, timeou
                 Format::Simple => {
                     for (ep, ok, took, err) in &rows {
                         if *ok {
-                            println!("{ep} is healthy: successfully committed proposal: took = {took:?}");
+                            outln!("{ep} is healthy: successfully committed proposal: took = {took:?}");
                         } else {
                             eprintln!("{ep} is unhealthy: failed to commit proposal: {err}");
                         }

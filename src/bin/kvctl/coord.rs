@@ -101,7 +101,7 @@ pub async fn watch(client: &Client, a: WatchArgs, fmt: Format) -> Result<()> {
             continue;
         }
         for e in &resp.events {
-            println!("{}", if e.r#type == EventType::Delete as i32 { "DELETE" } else { "PUT" });
+            outln!("{}", if e.r#type == EventType::Delete as i32 { "DELETE" } else { "PUT" });
             if let Some(prev) = &e.prev_kv {
                 output::print_kv(prev, false);
             }
@@ -164,7 +164,7 @@ pub async fn lease(client: &Client, cmd: LeaseCommand, fmt: Format) -> Result<()
             if fmt == Format::Json {
                 output::print_json(&json!({"header": output::header_json(&r.header), "ID": r.id, "TTL": r.ttl}));
             } else {
-                println!("lease {:016x} granted with TTL({}s)", r.id, r.ttl);
+                outln!("lease {:016x} granted with TTL({}s)", r.id, r.ttl);
             }
         }
         LeaseCommand::Revoke { id } => {
@@ -173,7 +173,7 @@ pub async fn lease(client: &Client, cmd: LeaseCommand, fmt: Format) -> Result<()
             if fmt == Format::Json {
                 output::print_json(&json!({"header": output::header_json(&r.header)}));
             } else {
-                println!("lease {id:016x} revoked");
+                outln!("lease {id:016x} revoked");
             }
         }
         LeaseCommand::Timetolive { id, keys } => {
@@ -185,14 +185,14 @@ pub async fn lease(client: &Client, cmd: LeaseCommand, fmt: Format) -> Result<()
                     "keys": r.keys.iter().map(|k| output::b64(k)).collect::<Vec<_>>(),
                 }));
             } else if r.ttl == -1 {
-                println!("lease {id:016x} already expired");
+                outln!("lease {id:016x} already expired");
             } else {
                 let mut line = format!("lease {id:016x} granted with TTL({}s), remaining({}s)", r.granted_ttl, r.ttl);
                 if keys {
                     let names: Vec<String> = r.keys.iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
                     line.push_str(&format!(", attached keys([{}])", names.join(" ")));
                 }
-                println!("{line}");
+                outln!("{line}");
             }
         }
         LeaseCommand::List => {
@@ -201,9 +201,9 @@ pub async fn lease(client: &Client, cmd: LeaseCommand, fmt: Format) -> Result<()
                 let ids: Vec<_> = r.leases.iter().map(|l| json!({"ID": l.id})).collect();
                 output::print_json(&json!({"header": output::header_json(&r.header), "leases": ids}));
             } else {
-                println!("found {} leases", r.leases.len());
+                outln!("found {} leases", r.leases.len());
                 for l in &r.leases {
-                    println!("{:016x}", l.id);
+                    outln!("{:016x}", l.id);
                 }
             }
         }
@@ -212,10 +212,10 @@ pub async fn lease(client: &Client, cmd: LeaseCommand, fmt: Format) -> Result<()
             loop {
                 let ttl = client.lease_keep_alive_once(id).await?;
                 if ttl <= 0 {
-                    println!("lease {id:016x} expired or revoked.");
+                    outln!("lease {id:016x} expired or revoked.");
                     return Ok(());
                 }
-                println!("lease {id:016x} keepalived with TTL({ttl})");
+                outln!("lease {id:016x} keepalived with TTL({ttl})");
                 if once {
                     return Ok(());
                 }
@@ -280,8 +280,8 @@ pub async fn lock(client: &Client, a: LockArgs) -> Result<()> {
     };
     let key = String::from_utf8_lossy(&guard.key).into_owned();
     let result = if a.command.is_empty() {
-        println!("{key}");
-        println!("fencing token: {}", guard.rev);
+        outln!("{key}");
+        outln!("fencing token: {}", guard.rev);
         tokio::select! {
             _ = interrupted() => Ok(()),
             _ = session.lost() => Err(anyhow!("session expired: the lock is no longer held")),
@@ -332,7 +332,7 @@ pub struct ElectArgs {
 fn print_leader(kv: &KeyValue, rev: Option<i64>) {
     output::print_kv(kv, false);
     if let Some(rev) = rev {
-        println!("fencing token: {rev}");
+        outln!("fencing token: {rev}");
     }
 }
 

@@ -264,7 +264,7 @@ pub async fn compaction(client: &Client, args: CompactionArgs, fmt: Format) -> R
     let resp = client.compact(CompactionRequest { revision: args.revision, physical: args.physical }).await?;
     match fmt {
         Format::Json => output::print_json(&serde_json::json!({ "header": output::header_json(&resp.header) })),
-        _ => println!("compacted revision {}", args.revision),
+        _ => outln!("compacted revision {}", args.revision),
     }
     Ok(())
 }

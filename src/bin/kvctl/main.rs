@@ -1,6 +1,13 @@
 //! `kvctl`: the command-line client of kvd, with etcdctl's verbs, flags and
 //! output formats. It works against etcd too.
 
+/// `println!` that ends kvctl quietly once its reader has gone away
+/// (`kvctl get --prefix / | head`), where `println!` would panic.
+macro_rules! outln {
+    () => { $crate::write_line(format_args!("")) };
+    ($($arg:tt)*) => { $crate::write_line(format_args!($($arg)*)) };
+}
+
 mod bench;
 mod cluster;
 mod coord;
@@ -15,6 +22,23 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use kvd::client::Client;
 use output::Format;
+
+/// Writes a line to stdout for [`outln!`]. A reader that has gone away ends
+/// kvctl with exit code 0, as it ends ripgrep; any other failure to write is
+/// reported, exit code 1.
+fn write_line(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout.write_fmt(args).and_then(|_| stdout.write_all(b"\n"));
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("Error: writing the output: {e}");
+            std::process::exit(1);
+        }
+    }
+}
 
 #[derive(Parser)]
 #[command(name = "kvctl", version, about = "Command-line client for kvd (and any etcd v3 server)")]

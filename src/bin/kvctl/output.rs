@@ -134,15 +134,15 @@ pub fn txn_json(r: &TxnResponse) -> Value {
 /// Prints a key-value as etcdctl's simple format does.
 pub fn print_kv(kv: &KeyValue, value_only: bool) {
     if !value_only {
-        println!("{}", String::from_utf8_lossy(&kv.key));
+        outln!("{}", String::from_utf8_lossy(&kv.key));
     }
-    println!("{}", String::from_utf8_lossy(&kv.value));
+    outln!("{}", String::from_utf8_lossy(&kv.value));
 }
 
 /// Prints a Range response in simple format.
 pub fn print_range(r: &RangeResponse, value_only: bool, count_only: bool) {
     if count_only {
-        println!("{}", r.count);
+        outln!("{}", r.count);
         return;
     }
     for kv in &r.kvs {
@@ -152,7 +152,7 @@ pub fn print_range(r: &RangeResponse, value_only: bool, count_only: bool) {
 
 /// Prints a Put response in simple format.
 pub fn print_put(r: &PutResponse) {
-    println!("OK");
+    outln!("OK");
     if let Some(kv) = &r.prev_kv {
         print_kv(kv, false);
     }
@@ -160,7 +160,7 @@ pub fn print_put(r: &PutResponse) {
 
 /// Prints a DeleteRange response in simple format.
 pub fn print_del(r: &DeleteRangeResponse) {
-    println!("{}", r.deleted);
+    outln!("{}", r.deleted);
     for kv in &r.prev_kvs {
         print_kv(kv, false);
     }
@@ -168,9 +168,9 @@ pub fn print_del(r: &DeleteRangeResponse) {
 
 /// Prints a Txn response in simple format.
 pub fn print_txn(r: &TxnResponse) {
-    println!("{}", if r.succeeded { "SUCCESS" } else { "FAILURE" });
+    outln!("{}", if r.succeeded { "SUCCESS" } else { "FAILURE" });
     for op in &r.responses {
-        println!();
+        outln!();
         match &op.response {
             Some(response_op::Response::ResponseRange(x)) => print_range(x, false, false),
             Some(response_op::Response::ResponsePut(x)) => print_put(x),
@@ -183,7 +183,7 @@ pub fn print_txn(r: &TxnResponse) {
 
 /// Prints JSON on one line.
 pub fn print_json(v: &Value) {
-    println!("{v}");
+    outln!("{v}");
 }
 
 /// Prints rows as an ASCII table with a header row.
@@ -198,13 +198,13 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let line = |cells: Vec<&str>| -> String {
         cells.iter().zip(&widths).map(|(c, w)| format!("| {c:^w$} ")).collect::<String>() + "|"
     };
-    println!("{rule}");
-    println!("{}", line(header.to_vec()));
-    println!("{rule}");
+    outln!("{rule}");
+    outln!("{}", line(header.to_vec()));
+    outln!("{rule}");
     for row in rows {
-        println!("{}", line(row.iter().map(String::as_str).collect()));
+        outln!("{}", line(row.iter().map(String::as_str).collect()));
     }
-    println!("{rule}");
+    outln!("{rule}");
 }
 
 /// Bytes in the units etcdctl uses (kB, MB, ...).

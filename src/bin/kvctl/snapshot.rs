@@ -62,7 +62,7 @@ pub async fn run(client: &Client, cmd: SnapshotCommand, fmt: Format) -> anyhow::
         }
         SnapshotCommand::Restore(a) => {
             let s = backup::restore(&a.filename, &a.data_dir)?;
-            println!("Restored snapshot at revision {} ({} keys) into {}", s.revision, s.keys, a.data_dir.display());
+            outln!("Restored snapshot at revision {} ({} keys) into {}", s.revision, s.keys, a.data_dir.display());
             Ok(())
         }
     }
@@ -71,7 +71,7 @@ pub async fn run(client: &Client, cmd: SnapshotCommand, fmt: Format) -> anyhow::
 fn print_summary(s: &backup::Summary, fmt: Format) {
     match fmt {
         Format::Simple => {
-            println!("{:x}, {}, {}, {}", s.hash, s.revision, s.keys, output::human_bytes(s.size as i64))
+            outln!("{:x}, {}, {}, {}", s.hash, s.revision, s.keys, output::human_bytes(s.size as i64))
         }
         Format::Json => output::print_json(
             &json!({"hash": s.hash, "revision": s.revision, "totalKey": s.keys, "totalSize": s.size}),
@@ -102,7 +102,7 @@ async fn save(client: &Client, file: &Path) -> anyhow::Result<()> {
         return Err(e);
     }
     std::fs::rename(&part, file).with_context(|| format!("cannot rename {} to {}", part.display(), file.display()))?;
-    println!("Snapshot saved at {}", file.display());
+    outln!("Snapshot saved at {}", file.display());
     Ok(())
 }
 

@@ -142,7 +142,7 @@ pub fn parse_op(line: &str) -> Result<RequestOp> {
 pub fn read_txn(input: &mut dyn BufRead, prompt: bool) -> Result<TxnRequest> {
     let mut section = |title: &str| -> Result<Vec<String>> {
         if prompt {
-            println!("{title}");
+            outln!("{title}");
             std::io::stdout().flush()?;
         }
         let mut lines = Vec::new();
