@@ -235,6 +235,7 @@ pub async fn start_on(
                 ),
             });
         }
+        state_machine.resume_compaction();
         crate::read_index::Restored::from_start(cfg.id, vote, last)
     };
     let raft = Raft::new(cfg.id, Arc::new(raft_config), network.clone(), log_store, state_machine)

@@ -8,7 +8,8 @@
 //! every write, for half a second per 200,000 revisions.
 //!
 //! The thread sleeps until it is woken through its channel: when a
-//! compaction is applied, when a snapshot is installed, and once at start,
+//! compaction is applied, when a snapshot is installed, and once at start
+//! (when the member has accepted its data dir: `StateMachine::resume_compaction`),
 //! since a data dir or a snapshot may hold a pass that was cut short. It
 //! ends when the state, which holds the sending side, is dropped.
 
@@ -19,8 +20,9 @@ use super::committer::CommitError;
 use super::state_machine::Shared;
 use crate::error::Error;
 
-/// Starts the thread, woken once now. It holds the state only during a
-/// step.
+/// Starts the thread, which waits for its first wake: the member wakes it
+/// once its data dir has passed the checks at start (a data dir it refuses
+/// is not worked on). It holds the state only during a step.
 pub fn start(shared: Weak<Shared>, woken: mpsc::Receiver<()>) -> Result<(), Error> {
     std::thread::Builder::new()
         .name("kvd-compact".into())
@@ -30,9 +32,12 @@ pub fn start(shared: Weak<Shared>, woken: mpsc::Receiver<()>) -> Result<(), Erro
 }
 
 fn run(shared: Weak<Shared>, woken: mpsc::Receiver<()>) {
-    // A round at start, then one per wake; wakes that came meanwhile are
-    // served by the same round.
+    // A round per wake; wakes that came meanwhile are served by the same
+    // round.
     loop {
+        if woken.recv().is_err() {
+            return;
+        }
         while woken.try_recv().is_ok() {}
         loop {
             let Some(shared) = shared.upgrade() else { return };
@@ -46,9 +51,6 @@ fn run(shared: Weak<Shared>, woken: mpsc::Receiver<()>) {
                     break;
                 }
             }
-        }
-        if woken.recv().is_err() {
-            return;
         }
     }
 }

@@ -101,6 +101,13 @@ impl StateMachine {
         })
     }
 
+    /// Finishes, on its own thread, what a compaction pass that was cut
+    /// short left in the data dir. Called once the member has accepted the
+    /// data dir; nothing is removed from one it refuses.
+    pub fn resume_compaction(&self) {
+        let _ = self.shared.compaction.send(());
+    }
+
     /// The last log id applied.
     pub fn last_applied(&self) -> Option<LogId> {
         self.last_applied
