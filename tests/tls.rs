@@ -177,11 +177,12 @@ async fn client_tls_with_client_certificates_required() {
     check("kvctl against kvd", &kvctl, &want);
     // kvctl says why, naming the endpoint.
     assert!(kvctl[3].2.contains("invalid peer certificate"), "{}", kvctl[3].2);
-    // Plain text to a TLS port: an error naming the endpoint (what the
-    // connection did varies: the server may close it before or after
-    // answering garbage).
+    // Plain text to a TLS port: an error naming the endpoint, with the hint
+    // (what the connection did varies: the HTTP/2 client reads the server's
+    // TLS alert as a bad frame, or finds the connection closed under it).
     let plain = &kvctl[4].2;
     assert!(plain.starts_with("Error: http://127.0.0.1:"), "{plain}");
+    assert!(plain.contains("(the server may expect TLS: use an https:// endpoint)"), "{plain}");
     // The member said why it refused each of them.
     handshake_logged("client", &endpoint, "it presented no client certificate, and one is required").await;
     handshake_logged("client", &endpoint, "it refused this member's certificate").await;

@@ -62,7 +62,10 @@ pub fn describe(status: &Status) -> String {
     if let Some(deepest) = chain.last() {
         let cause = deepest.split(" (os error").next().unwrap_or(deepest);
         let mut cause = cause.to_string();
-        if let Some(first) = cause.get(..1) {
+        // "Connection refused" reads as etcd's "connection refused"; an
+        // acronym ("TLS handshake ...") keeps its capitals.
+        let acronym = cause.chars().nth(1).is_some_and(|c| c.is_uppercase());
+        if let (Some(first), false) = (cause.get(..1), acronym) {
             cause = first.to_lowercase() + &cause[1..];
         }
         if chain.iter().any(|e| e.contains("dns error")) {
@@ -235,7 +238,7 @@ impl Client {
                     return Ok(resp.into_inner());
                 }
                 Err(s) => {
-                    tried.push((self.endpoints[idx].clone(), describe(&s)));
+                    tried.push((self.endpoints[idx].clone(), self.with_hint(idx, describe(&s))));
                     if !retry(&s) {
                         *self.failures.lock().unwrap_or_else(|p| p.into_inner()) = tried;
                         return Err(s);
@@ -248,6 +251,17 @@ impl Client {
         Err(last.unwrap_or_else(|| Status::unavailable("no endpoint answered")))
     }
 
+    /// `why` endpoint `idx` failed, with a hint where a plain-text client
+    /// meets a TLS port: the server's TLS alert then breaks the HTTP/2
+    /// connection under the first request.
+    fn with_hint(&self, idx: usize, why: String) -> String {
+        let plain = self.tls.is_none() && !self.endpoints[idx].starts_with("https://");
+        if plain && why.contains("broken pipe") {
+            return format!("{why} (the server may expect TLS: use an https:// endpoint)");
+        }
+        why
+    }
+
     /// Says what went wrong with `status`, the error of this client's last
     /// failed call: which endpoint answered what, and when every endpoint
     /// failed, each of them (e.g. `every endpoint failed: 127.0.0.1:1:
@@ -256,7 +270,7 @@ impl Client {
     /// as it is, as etcdctl gives it.
     pub fn explain(&self, status: &Status) -> String {
         let tried = self.failures.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let ours = tried.last().is_some_and(|(_, why)| *why == describe(status));
+        let ours = tried.last().is_some_and(|(_, why)| why.starts_with(&describe(status)));
         let server_said = std::error::Error::source(status).is_none()
             && !status.message().is_empty()
             && status.code() != Code::Unimplemented;
