@@ -33,10 +33,21 @@ impl Pki {
         let (ca_pem, issuer) = ca("kvd test CA");
         write("ca.pem", ca_pem);
         write("other-ca.pem", ca("another CA").0);
-        for (name, sans) in [("server", vec!["localhost".to_string(), "127.0.0.1".to_string()]), ("client", vec![])] {
+        let loopback = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        // The same, valid only in 2020.
+        for (name, sans, expired) in [
+            ("server", loopback.clone(), false),
+            ("client", vec![], false),
+            ("expired-server", loopback, true),
+            ("expired-client", vec![], true),
+        ] {
             let key = KeyPair::generate().unwrap();
             let mut params = CertificateParams::new(sans).unwrap();
-            params.distinguished_name.push(DnType::CommonName, name);
+            params.distinguished_name.push(DnType::CommonName, name.trim_start_matches("expired-"));
+            if expired {
+                params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+                params.not_after = rcgen::date_time_ymd(2020, 12, 31);
+            }
             write(&format!("{name}.pem"), params.signed_by(&key, &issuer).unwrap().pem());
             write(&format!("{name}-key.pem"), key.serialize_pem());
         }
@@ -87,13 +98,20 @@ fn outcomes(bin: &str, host_port: &str, pki: &Pki) -> Vec<(&'static str, bool, S
         parts.iter().flat_map(|p| p.iter().cloned()).chain(cmd.iter().map(|s| s.to_string())).collect()
     };
     let other_ca = ["--cacert".to_string(), pki.arg("other-ca.pem")];
+    let expired =
+        ["--cert".to_string(), pki.arg("expired-client.pem"), "--key".into(), pki.arg("expired-client-key.pem")];
     let cases: Vec<(&'static str, String, Vec<String>)> = vec![
         ("put with CA and client cert", https.clone(), with(&[&ca, &cert], &["put", "tls-key", "v1"])),
         ("get with CA and client cert", https.clone(), with(&[&ca, &cert], &["get", "tls-key", "--print-value-only"])),
         ("get with CA, no client cert", https.clone(), with(&[&ca], &["get", "tls-key"])),
         ("get trusting another CA", https.clone(), with(&[&other_ca, &cert], &["get", "tls-key"])),
         ("get in plain text", format!("http://{host_port}"), vec!["get".into(), "tls-key".into()]),
-        ("get again with CA and client cert", https, with(&[&ca, &cert], &["get", "tls-key", "--print-value-only"])),
+        (
+            "get again with CA and client cert",
+            https.clone(),
+            with(&[&ca, &cert], &["get", "tls-key", "--print-value-only"]),
+        ),
+        ("get with an expired client cert", https, with(&[&ca, &expired], &["get", "tls-key", "--print-value-only"])),
     ];
     cases
         .into_iter()
@@ -172,7 +190,7 @@ fn check(who: &str, got: &[(&'static str, bool, String)], want: &[bool]) {
 async fn client_tls_with_client_certificates_required() {
     support::logs();
     let (etcdctl, kvctl, endpoint) = kvd_outcomes(true).await;
-    let want = [true, true, false, false, false, true];
+    let want = [true, true, false, false, false, true, false];
     check("etcdctl against kvd", &etcdctl, &want);
     check("kvctl against kvd", &kvctl, &want);
     // kvctl says why, naming the endpoint.
@@ -187,6 +205,7 @@ async fn client_tls_with_client_certificates_required() {
     handshake_logged("client", &endpoint, "it presented no client certificate, and one is required").await;
     handshake_logged("client", &endpoint, "it refused this member's certificate").await;
     handshake_logged("client", &endpoint, "it does not speak TLS; a plain-text client?").await;
+    handshake_logged("client", &endpoint, "its certificate was refused: certificate expired").await;
     // The same setup on etcd 3.4: the same outcomes.
     check("etcdctl against etcd 3.4", &etcd_outcomes(true).await, &want);
 }
@@ -194,7 +213,9 @@ async fn client_tls_with_client_certificates_required() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn client_tls_without_client_certificates() {
     let (etcdctl, kvctl, _) = kvd_outcomes(false).await;
-    let want = [true, true, true, false, false, true];
+    // Without a trusted CA no client certificate is asked for, so an
+    // expired one is not looked at (etcd 3.4 does the same).
+    let want = [true, true, true, false, false, true, true];
     check("etcdctl against kvd", &etcdctl, &want);
     check("kvctl against kvd", &kvctl, &want);
     check("etcdctl against etcd 3.4", &etcd_outcomes(false).await, &want);
@@ -421,5 +442,35 @@ async fn peer_auto_tls_encrypts_between_members() {
     let stranger = ask(kvd::tls::channel(endpoint, unchecked, None)).await.expect_err("a stranger was served");
     assert!(stranger.contains("not from a kvd member"), "{stranger}");
     assert_eq!(c.wait_leader().await, leader);
+    c.shutdown().await;
+}
+
+/// A member serving an expired certificate: etcdctl and kvctl refuse it and
+/// say why; the same with etcd 3.4.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_server_certificate_is_refused_by_clients() {
+    let pki = Pki::new();
+    let flags = [
+        "--cert-file".to_string(),
+        pki.arg("expired-server.pem"),
+        "--key-file".into(),
+        pki.arg("expired-server-key.pem"),
+    ];
+    let c = TestCluster::start(1, |args| https_cluster_args(args, &flags)).await;
+    let endpoint = format!("https://{}", c.client_addrs[0]);
+    let etcd = support::Etcd::start_with("https", &flags);
+    let etcd_endpoint = etcd.client.clone();
+    tokio::task::spawn_blocking(move || {
+        let ca = ["--cacert".to_string(), pki.arg("ca.pem"), "get".into(), "k".into()];
+        let (ok, text) = run(KVCTL, &endpoint, &ca);
+        assert!(!ok && text.contains("invalid peer certificate: certificate expired"), "kvctl: {text}");
+        for (who, at) in [("kvd", &endpoint), ("etcd 3.4", &etcd_endpoint)] {
+            let (ok, text) = run("etcdctl", at, &ca);
+            assert!(!ok, "etcdctl against {who} trusted an expired certificate: {text}");
+        }
+    })
+    .await
+    .unwrap();
+    drop(etcd);
     c.shutdown().await;
 }
