@@ -83,6 +83,34 @@ pub enum Error {
     /// does not decode, or is not one a member sends); the text says why.
     #[error("kvd: forwarded write refused: {0}")]
     ForwardRefused(String),
+    /// A membership change names a member the cluster does not have.
+    #[error("etcdserver: member not found")]
+    MemberNotFound,
+    /// A member added or updated with a peer URL another member has.
+    #[error("etcdserver: Peer URLs already exists")]
+    PeerUrlExists,
+    /// Peer URLs that are not URLs.
+    #[error("etcdserver: given member URLs are invalid")]
+    MemberBadUrls,
+    /// A change that would leave the cluster without a quorum of members
+    /// that are reachable now (etcd's strict reconfiguration check).
+    #[error("etcdserver: re-configuration failed due to not enough started members")]
+    NotEnoughStarted,
+    /// Promote of a member that is a voter already.
+    #[error("etcdserver: can only promote a learner member")]
+    MemberNotLearner,
+    /// Promote of a learner whose log is behind the leader's.
+    #[error("etcdserver: can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    /// A second learner (etcd allows one at a time).
+    #[error("etcdserver: too many learner members in cluster")]
+    TooManyLearners,
+    /// A member added or updated with more than one peer URL.
+    #[error("kvd: a member has one peer URL, and {0} were given")]
+    OnePeerUrl(usize),
+    /// A membership change while another is not yet committed.
+    #[error("kvd: another membership change is in progress; try again once it is done")]
+    MembershipChangeInProgress,
 }
 
 impl Error {

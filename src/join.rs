@@ -113,6 +113,21 @@ pub async fn probe_all(network: &Network, cfg: &Validated) -> Vec<Answer> {
     futures::future::join_all(asks).await
 }
 
+/// Who this member is in the cluster it joins, for a member started with
+/// `--initial-cluster-state existing` on an empty data directory: a member
+/// added with `member add` got its id from the leader, and finds it by its
+/// peer URL among the members the others list. Returns its id, the
+/// cluster's id and the members, from the first answer that lists this
+/// member's peer URL.
+pub fn assigned(cfg: &Validated, answers: &[Answer]) -> Option<(u64, u64, Vec<u64>)> {
+    use crate::node::membership::normalize_peer_url;
+    let own = cfg.members.iter().find(|m| m.id == cfg.id).and_then(|m| normalize_peer_url(&m.peer_url))?;
+    answers.iter().filter_map(|(_, _, a)| a.as_ref().ok()).find_map(|a| {
+        let (id, _) = a.peers.iter().find(|(_, url)| normalize_peer_url(url).as_deref() == Some(own.as_str()))?;
+        Some((*id, a.cluster_id, a.members.clone()))
+    })
+}
+
 /// Whether the answers let this member start (see the module's text).
 ///
 /// A member id is made from the member's name, peer URLs and cluster token,
@@ -191,7 +206,7 @@ mod tests {
     }
 
     fn answer(cfg: &Validated, knows_you: bool, members: Vec<u64>) -> Answer {
-        let a = ProbeAnswer { cluster_id: cfg.cluster_id, member_id: 7, members, knows_you };
+        let a = ProbeAnswer { cluster_id: cfg.cluster_id, member_id: 7, members, knows_you, peers: Vec::new() };
         ("b".into(), 7, Ok(a))
     }
 

@@ -85,6 +85,21 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// How often `kvd` looks whether its Raft has stopped on its own.
 const FATAL_CHECK: Duration = Duration::from_millis(100);
 
+/// Why a member stops on its own.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Fatal {
+    /// Its Raft stopped (a storage error): nothing acknowledged is lost, and
+    /// it may be restarted once the cause is fixed.
+    #[error("raft stopped: {0}; restart this member once the cause is fixed")]
+    Raft(String),
+    /// It was removed from the cluster; it must not be restarted on this
+    /// data directory (add it again as a new member instead).
+    #[error(
+        "{0}; it stops, and must not be restarted on this data dir (add it again with member add, on an empty one)"
+    )]
+    Removed(String),
+}
+
 /// A running member.
 pub struct ServerHandle {
     /// The member.
@@ -115,21 +130,31 @@ pub async fn start(cfg: Validated) -> Result<ServerHandle, StartError> {
 /// low (see the README's Performance section).
 const SLED_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
-fn open_db(cfg: &Validated) -> Result<sled::Db, StartError> {
+/// Opens the data directory's database. The first start records whose
+/// directory it is (member id, cluster id and name); a later one must be
+/// the member of that name, and takes the recorded ids: a member added with
+/// `member add` has an id the leader gave it, and a member whose peer URL
+/// was changed keeps its id.
+fn open_db(cfg: &mut Validated) -> Result<sled::Db, StartError> {
     let dir = cfg.data_dir.display().to_string();
     let fail = |why: String| StartError::DataDir { dir: dir.clone(), why };
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| fail(e.to_string()))?;
     let db =
         crate::raft::open_sled(&sled::Config::new().path(cfg.data_dir.join("db")).cache_capacity(SLED_CACHE_BYTES))
             .map_err(|e| fail(e.to_string()))?;
-    // The first start records whose directory this is, so that a directory
-    // is never served under another member's name.
-    let ident = (cfg.id.to_be_bytes(), cfg.cluster_id.to_be_bytes()).0;
+    let ident = cfg.id.to_be_bytes();
+    let name = db.get(b"member_name").map_err(|e| fail(e.to_string()))?;
     match db.get(b"member_id").map_err(|e| fail(e.to_string()))? {
         None => {
             db.insert(b"member_id", &ident).map_err(|e| fail(e.to_string()))?;
             db.insert(b"cluster_id", &cfg.cluster_id.to_be_bytes()).map_err(|e| fail(e.to_string()))?;
+            db.insert(b"member_name", cfg.config.name.as_bytes()).map_err(|e| fail(e.to_string()))?;
             db.flush().map_err(|e| fail(e.to_string()))?;
+        }
+        Some(found) if name.as_deref() == Some(cfg.config.name.as_bytes()) => {
+            if let Ok(bytes) = found.as_ref().try_into() {
+                cfg.id = u64::from_be_bytes(bytes);
+            }
         }
         Some(found) if found.as_ref() != ident => {
             let found = found.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
@@ -140,6 +165,10 @@ fn open_db(cfg: &Validated) -> Result<sled::Db, StartError> {
                 .and_then(|c| c.as_ref().try_into().ok().map(u64::from_be_bytes))
                 .unwrap_or(0);
             return Err(StartError::WrongMember { dir, found, cluster, expected: cfg.id });
+        }
+        Some(_) if name.is_none() => {
+            // Recorded before names were: the id matched, so record the name.
+            db.insert(b"member_name", cfg.config.name.as_bytes()).map_err(|e| fail(e.to_string()))?;
         }
         Some(_) => {}
     }
@@ -153,7 +182,7 @@ fn stored_cluster_id(db: &sled::Db) -> Option<u64> {
 
 /// Starts the member on listeners bound by the caller.
 pub async fn start_on(
-    cfg: Validated,
+    mut cfg: Validated,
     clients: Vec<TcpListener>,
     peer: TcpListener,
 ) -> Result<ServerHandle, StartError> {
@@ -170,11 +199,30 @@ pub async fn start_on(
         None => (None, None),
     };
     let fresh = crate::join::is_fresh(&cfg.data_dir);
+    let peer_local = peer.local_addr().map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?;
+    let peer_limit = crate::raft::network::message_limit(cfg.config.max_request_bytes);
+    // The members a sender must be one of until this member knows the
+    // membership from its log.
+    let mut initial: Vec<u64> = cfg.members.iter().map(|m| m.id).collect();
+    if fresh && cfg.config.initial_cluster_state == ClusterState::Existing {
+        // A member added with `member add` has the id the leader gave it,
+        // and belongs to the cluster the others belong to: both are learnt
+        // from them, by this member's peer URL.
+        let identity = crate::raft::network::Identity { cluster_id: cfg.cluster_id, member_id: cfg.id };
+        let asking = Network::new(peer_local, identity, peer_limit, peer_client_tls.clone());
+        let answers = crate::join::probe_all(&asking, &cfg).await;
+        if let Some((id, cluster_id, members)) = crate::join::assigned(&cfg, &answers) {
+            tracing::info!(member = %format!("{id:x}"), cluster = %format!("{cluster_id:x}"), "joining an existing cluster");
+            cfg.id = id;
+            cfg.cluster_id = cluster_id;
+            initial = members;
+        }
+    }
     if fresh {
         crate::join::mark(&cfg.data_dir)
             .map_err(|e| StartError::DataDir { dir: cfg.data_dir.display().to_string(), why: e.to_string() })?;
     }
-    let db = open_db(&cfg)?;
+    let db = open_db(&mut cfg)?;
     let data_err =
         |e: crate::error::Error| StartError::DataDir { dir: cfg.data_dir.display().to_string(), why: e.to_string() };
     let mut log_store = LogStore::open(&cfg.data_dir.join("log")).map_err(|e| data_err(e.into()))?;
@@ -190,13 +238,7 @@ pub async fn start_on(
     });
     let cluster_id = stored_cluster_id(&db).unwrap_or(cfg.cluster_id);
     let identity = crate::raft::network::Identity { cluster_id, member_id: cfg.id };
-    let peer_limit = crate::raft::network::message_limit(cfg.config.max_request_bytes);
-    let network = Network::new(
-        peer.local_addr().map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?,
-        identity,
-        peer_limit,
-        peer_client_tls,
-    );
+    let network = Network::new(peer_local, identity, peer_limit, peer_client_tls);
 
     let snapshot_count = cfg.config.snapshot_count;
     let raft_config = openraft::Config {
@@ -263,12 +305,12 @@ pub async fn start_on(
         forwards,
         reads,
         metrics,
+        membership_lock: Default::default(),
     });
 
     let mut tasks = Vec::new();
     let peer_addr = peer.local_addr().map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?;
     let (open, open_rx) = watch::channel(!fresh);
-    let initial = cfg.members.iter().map(|m| m.id).collect();
     let allowed_cn = cfg.config.peer_cert_allowed_cn.clone();
     let gate = PeerGate { open: open_rx, initial, limit: peer_limit, tls: peer_tls, allowed_cn };
     tasks.push(serve_peer(member.clone(), peer, gate, stop_rx.clone()));
@@ -501,16 +543,19 @@ impl ServerHandle {
     /// It looks every [`FATAL_CHECK`] rather than waiting on Raft's metrics:
     /// those change several times per write, and each change would wake the
     /// thread this waits on.
-    pub async fn fatal(&self) -> String {
+    pub async fn fatal(&self) -> Fatal {
         let metrics = self.member.raft.metrics();
         let mut tick = tokio::time::interval(FATAL_CHECK);
         loop {
             tick.tick().await;
             if let Err(fatal) = &metrics.borrow().running_state {
-                return fatal.to_string();
+                return Fatal::Raft(fatal.to_string());
+            }
+            if let Some(removed) = self.member.removed() {
+                return Fatal::Removed(removed);
             }
             if metrics.has_changed().is_err() {
-                return "raft stopped".into();
+                return Fatal::Raft("raft stopped".into());
             }
         }
     }

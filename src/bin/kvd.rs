@@ -53,8 +53,8 @@ async fn serve(validated: Validated) -> anyhow::Result<()> {
         r = shutdown_signal() => r?,
         why = server.fatal() => {
             // Nothing is lost by stopping here: only writes on disk were
-            // acknowledged. Restart the member once the cause is fixed.
-            anyhow::bail!("raft stopped: {why}; restart this member once the cause is fixed")
+            // acknowledged.
+            anyhow::bail!("{why}")
         }
     }
     tracing::info!("shutting down");

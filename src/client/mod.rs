@@ -337,6 +337,36 @@ impl Client {
         self.read_call(|ch| async move { ClusterClient::new(ch).member_list(MemberListRequest::default()).await }).await
     }
 
+    /// MemberAdd: a member with `peer_urls`, as a learner or a voter.
+    pub async fn member_add(&self, peer_urls: Vec<String>, is_learner: bool) -> Result<MemberAddResponse, Status> {
+        let req = MemberAddRequest { peer_ur_ls: peer_urls, is_learner };
+        self.call(|ch| {
+            let req = req.clone();
+            async move { ClusterClient::new(ch).member_add(req).await }
+        })
+        .await
+    }
+
+    /// MemberRemove.
+    pub async fn member_remove(&self, id: u64) -> Result<MemberRemoveResponse, Status> {
+        self.call(|ch| async move { ClusterClient::new(ch).member_remove(MemberRemoveRequest { id }).await }).await
+    }
+
+    /// MemberUpdate: new peer URLs for member `id`.
+    pub async fn member_update(&self, id: u64, peer_urls: Vec<String>) -> Result<MemberUpdateResponse, Status> {
+        let req = MemberUpdateRequest { id, peer_ur_ls: peer_urls };
+        self.call(|ch| {
+            let req = req.clone();
+            async move { ClusterClient::new(ch).member_update(req).await }
+        })
+        .await
+    }
+
+    /// MemberPromote.
+    pub async fn member_promote(&self, id: u64) -> Result<MemberPromoteResponse, Status> {
+        self.call(|ch| async move { ClusterClient::new(ch).member_promote(MemberPromoteRequest { id }).await }).await
+    }
+
     /// Status of the endpoint at `index` (no failover: it asks that member).
     pub async fn status_of(&self, index: usize) -> Result<StatusResponse, Status> {
         let ch = self.channels.get(index).cloned().ok_or_else(|| Status::invalid_argument("no such endpoint"))?;

@@ -56,10 +56,6 @@ fn fix_size_status(headers: &mut http::HeaderMap) {
 /// of an Unimplemented answer.
 const NOT_YET: &[(&str, &str)] = &[
     ("/etcdserverpb.Auth/", "authentication and access control are"),
-    ("/etcdserverpb.Cluster/MemberAdd", "adding members is"),
-    ("/etcdserverpb.Cluster/MemberRemove", "removing members is"),
-    ("/etcdserverpb.Cluster/MemberUpdate", "changing a member's peer URLs is"),
-    ("/etcdserverpb.Cluster/MemberPromote", "promoting a learner is"),
     ("/etcdserverpb.Maintenance/MoveLeader", "moving the leader is"),
     ("/etcdserverpb.Maintenance/Downgrade", "downgrading the cluster version is"),
 ];

@@ -281,6 +281,13 @@ impl Peer for PeerService {
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
     }
 
+    async fn membership(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.ready().await?;
+        self.sender(&req)?;
+        let answer = self.member.serve_membership(input(req)?).await;
+        Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
+    }
+
     async fn probe(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let probe: ProbeRequest = input(req)?;
         let data = encode(&self.member.serve_probe(&probe))?;

@@ -30,6 +30,14 @@ pub fn code(e: &Error) -> Code {
         Error::NoLeader | Error::Timeout | Error::Stopped => Code::Unavailable,
         Error::AlarmActivateUnsupported => Code::Unimplemented,
         Error::Internal(_) => Code::Internal,
+        Error::MemberNotFound => Code::NotFound,
+        Error::MemberBadUrls | Error::OnePeerUrl(_) => Code::InvalidArgument,
+        Error::PeerUrlExists
+        | Error::NotEnoughStarted
+        | Error::MemberNotLearner
+        | Error::LearnerNotReady
+        | Error::TooManyLearners
+        | Error::MembershipChangeInProgress => Code::FailedPrecondition,
     }
 }
 

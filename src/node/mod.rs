@@ -5,6 +5,7 @@
 //! - [`lease`]: lease grant, revoke, keep-alive and time-to-live, and the
 //!   leader's expiry task;
 //! - [`coordination`]: the lock and election recipes on keys and leases;
+//! - [`membership`]: member add, remove, update and promote;
 //! - [`peer`]: what this member answers when a follower asks it, as leader,
 //!   to propose a write, for a read index or about a lease.
 //!
@@ -23,6 +24,7 @@
 pub mod coordination;
 pub mod kv;
 pub mod lease;
+pub mod membership;
 pub mod peer;
 
 use std::sync::atomic::Ordering;
@@ -85,6 +87,8 @@ pub struct Member {
     pub reads: ReadIndex,
     /// Counters and latency histograms for `GET /metrics`.
     pub metrics: Arc<Metrics>,
+    /// Held by the leader while it makes a membership change: one at a time.
+    pub membership_lock: tokio::sync::Mutex<()>,
 }
 
 /// A replicated write and the response applying it produces: the typed face

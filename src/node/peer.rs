@@ -35,6 +35,9 @@ pub struct ProbeAnswer {
     /// cluster token, so it names one member whatever cluster id the caller
     /// computed.)
     pub knows_you: bool,
+    /// Each member's id and peer URL: a member that was added (`member
+    /// add`) finds its id here by its peer URL.
+    pub peers: Vec<(NodeId, String)>,
 }
 
 impl Member {
@@ -85,12 +88,19 @@ impl Member {
     pub fn serve_probe(&self, probe: &ProbeRequest) -> ProbeAnswer {
         let metrics = self.raft.metrics().borrow().clone();
         let members: Vec<NodeId> = metrics.membership_config.nodes().map(|(id, _)| *id).collect();
+        let peers = metrics.membership_config.nodes().map(|(id, n)| (*id, n.addr.clone())).collect();
         let published = self.state.read().attrs.contains_key(&probe.from);
         let replicated = metrics
             .replication
             .as_ref()
             .and_then(|progress| progress.get(&probe.from))
             .is_some_and(|matched| matched.is_some());
-        ProbeAnswer { cluster_id: self.cluster_id, member_id: self.id, members, knows_you: published || replicated }
+        ProbeAnswer {
+            cluster_id: self.cluster_id,
+            member_id: self.id,
+            members,
+            knows_you: published || replicated,
+            peers,
+        }
     }
 }

@@ -57,6 +57,8 @@ pub enum Rpc {
     Lease,
     /// What a member knows of a member that starts on an empty directory.
     Probe,
+    /// A membership change asked of the leader.
+    Membership,
 }
 
 /// gRPC metadata on every peer request: the sender's cluster id, and the
@@ -95,6 +97,9 @@ pub struct Network {
     limit: usize,
     /// How to reach https:// peers.
     tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// Peers whose last answer was that this member is not a member of
+    /// their cluster (see [`Network::disowned_by`]).
+    disowned: Arc<Mutex<HashSet<NodeId>>>,
 }
 
 /// The largest peer message a member accepts, and so sends: a batch of
@@ -187,6 +192,25 @@ impl Network {
         self.blocked.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
+    /// The peers whose last answer was that this member is not a member of
+    /// the cluster: once most members say so, it was removed while it could
+    /// not hear of it.
+    pub fn disowned_by(&self) -> HashSet<NodeId> {
+        self.disowned.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn note_answer(&self, id: NodeId, status: Option<&tonic::Status>) {
+        let disowns = status.is_some_and(|s| {
+            s.code() == tonic::Code::FailedPrecondition && s.message().ends_with("is not a member of this cluster")
+        });
+        let mut disowned = self.disowned.lock().unwrap_or_else(|p| p.into_inner());
+        if disowns {
+            disowned.insert(id);
+        } else {
+            disowned.remove(&id);
+        }
+    }
+
     fn is_blocked(&self, id: NodeId) -> bool {
         self.blocked.lock().unwrap_or_else(|p| p.into_inner()).contains(&id)
     }
@@ -275,12 +299,19 @@ impl Network {
                 Rpc::ReadIndex => client.read_index(req).await,
                 Rpc::Lease => client.lease(req).await,
                 Rpc::Probe => client.probe(req).await,
+                Rpc::Membership => client.membership(req).await,
             }
         };
         match tokio::time::timeout(timeout, fut).await {
             Err(_) => Err(CallError::Unknown(format!("{rpc:?} to {id:x} timed out after {timeout:?}"))),
-            Ok(Err(s)) => Err(call_error(s)),
-            Ok(Ok(resp)) => Ok(resp.into_inner().data),
+            Ok(Err(s)) => {
+                self.note_answer(id, Some(&s));
+                Err(call_error(s))
+            }
+            Ok(Ok(resp)) => {
+                self.note_answer(id, None);
+                Ok(resp.into_inner().data)
+            }
         }
     }
 
@@ -600,6 +631,13 @@ mod tests {
             unimplemented()
         }
         async fn probe(&self, _: tonic::Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            unimplemented()
+        }
+
+        async fn membership(
+            &self,
+            _: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
             unimplemented()
         }
     }

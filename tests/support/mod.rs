@@ -174,6 +174,61 @@ impl TestCluster {
         self.members[i] = Some(m);
     }
 
+    /// Adds a member with `member add` (as a learner or a voter) and starts
+    /// it with `--initial-cluster-state existing` and the `--initial-cluster`
+    /// the answer gives, as an operator would; returns its index. It does
+    /// not wait for the new member to catch up.
+    pub async fn add_member(&mut self, learner: bool) -> usize {
+        let i = self.members.len();
+        let (client, peer) = (listen("127.0.0.1:0".parse().unwrap()), listen("127.0.0.1:0".parse().unwrap()));
+        let (client_addr, peer_addr) = (client.local_addr().unwrap(), peer.local_addr().unwrap());
+        let added =
+            self.client_all().member_add(vec![format!("http://{peer_addr}")], learner).await.expect("member add");
+        let new_id = added.member.as_ref().expect("the member added").id;
+        let initial: Vec<String> = added
+            .members
+            .iter()
+            .map(|m| {
+                let name = if m.id == new_id { format!("m{i}") } else { m.name.clone() };
+                format!("{name}={}", m.peer_ur_ls[0])
+            })
+            .collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let args: Vec<String> = vec![
+            "kvd".into(),
+            "--name".into(),
+            format!("m{i}"),
+            "--data-dir".into(),
+            dir.path().join("data").display().to_string(),
+            "--listen-client-urls".into(),
+            format!("http://{client_addr}"),
+            "--advertise-client-urls".into(),
+            format!("http://{client_addr}"),
+            "--listen-peer-urls".into(),
+            format!("http://{peer_addr}"),
+            "--initial-advertise-peer-urls".into(),
+            format!("http://{peer_addr}"),
+            "--initial-cluster".into(),
+            initial.join(","),
+            "--initial-cluster-state".into(),
+            "existing".into(),
+            "--heartbeat-interval".into(),
+            "50".into(),
+            "--election-timeout".into(),
+            "500".into(),
+        ];
+        let config = Config::parse_from(args);
+        let m =
+            start_on(config.validate().expect("valid config"), vec![client], peer).await.expect("new member starts");
+        assert_eq!(m.member.id, new_id, "the new member runs under the id member add gave it");
+        self.members.push(Some(m));
+        self.configs.push(config);
+        self.client_addrs.push(client_addr);
+        self.peer_addrs.push(peer_addr);
+        self._dirs.push(dir);
+        i
+    }
+
     /// Stops every member.
     pub async fn shutdown(mut self) {
         for i in 0..self.members.len() {

@@ -14,6 +14,44 @@ use crate::output::{self, Format};
 pub enum MemberCommand {
     /// Lists all members in the cluster.
     List,
+    /// Adds a member into the cluster, and prints the settings it must start with.
+    Add {
+        /// The new member's name (its --name).
+        name: String,
+        /// The new member's peer URL.
+        #[arg(long = "peer-urls", required = true)]
+        peer_urls: String,
+        /// Add it as a learner, which gets the log but does not vote.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Removes a member from the cluster.
+    Remove {
+        /// The member's ID, in hex.
+        id: String,
+    },
+    /// Updates a member's peer URL.
+    Update {
+        /// The member's ID, in hex.
+        id: String,
+        /// The new peer URL.
+        #[arg(long = "peer-urls", required = true)]
+        peer_urls: String,
+    },
+    /// Promotes a learner that has caught up to a voting member.
+    Promote {
+        /// The learner's ID, in hex.
+        id: String,
+    },
+}
+
+/// A member ID argument, in hex as etcdctl takes it.
+fn member_id(arg: &str) -> Result<u64> {
+    u64::from_str_radix(arg, 16).map_err(|e| anyhow::anyhow!("bad member ID arg ({e}), expecting ID in Hex"))
+}
+
+fn urls(arg: &str) -> Vec<String> {
+    arg.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect()
 }
 
 /// Endpoint commands.
@@ -33,9 +71,66 @@ pub enum EndpointCommand {
     },
 }
 
-/// `member list`.
+/// `member list|add|remove|update|promote`, with etcdctl's output.
 pub async fn member(client: &Client, cmd: MemberCommand, fmt: Format) -> Result<()> {
-    let MemberCommand::List = cmd;
+    let cluster = |h: &Option<kvd::proto::etcdserverpb::ResponseHeader>| h.as_ref().map_or(0, |h| h.cluster_id);
+    match cmd {
+        MemberCommand::List => member_list(client, fmt).await,
+        MemberCommand::Add { name, peer_urls, learner } => {
+            let resp = client.member_add(urls(&peer_urls), learner).await?;
+            let added = resp.member.clone().unwrap_or_default();
+            if fmt == Format::Json {
+                output::print_json(
+                    &json!({"header": output::header_json(&resp.header), "member": member_json(&added)}),
+                );
+                return Ok(());
+            }
+            outln!("Member {:16x} added to cluster {:16x}", added.id, cluster(&resp.header));
+            let initial: Vec<String> = resp
+                .members
+                .iter()
+                .flat_map(|m| {
+                    let n = if m.id == added.id { name.clone() } else { m.name.clone() };
+                    m.peer_ur_ls.iter().map(move |u| format!("{n}={u}")).collect::<Vec<_>>()
+                })
+                .collect();
+            let advertise = added.peer_ur_ls.join(",");
+            outln!();
+            for prefix in ["ETCD", "KVD"] {
+                outln!("{prefix}_NAME={name:?}");
+                outln!("{prefix}_INITIAL_CLUSTER={:?}", initial.join(","));
+                outln!("{prefix}_INITIAL_ADVERTISE_PEER_URLS={advertise:?}");
+                outln!("{prefix}_INITIAL_CLUSTER_STATE=\"existing\"");
+            }
+            Ok(())
+        }
+        MemberCommand::Remove { id } => {
+            let id = member_id(&id)?;
+            let resp = client.member_remove(id).await?;
+            outln!("Member {id:16x} removed from cluster {:16x}", cluster(&resp.header));
+            Ok(())
+        }
+        MemberCommand::Update { id, peer_urls } => {
+            let id = member_id(&id)?;
+            let resp = client.member_update(id, urls(&peer_urls)).await?;
+            outln!("Member {id:16x} updated in cluster {:16x}", cluster(&resp.header));
+            Ok(())
+        }
+        MemberCommand::Promote { id } => {
+            let id = member_id(&id)?;
+            let resp = client.member_promote(id).await?;
+            outln!("Member {id:16x} promoted in cluster {:16x}", cluster(&resp.header));
+            Ok(())
+        }
+    }
+}
+
+fn member_json(m: &kvd::proto::etcdserverpb::Member) -> serde_json::Value {
+    json!({"ID": m.id, "name": m.name, "peerURLs": m.peer_ur_ls, "clientURLs": m.client_ur_ls, "isLearner": m.is_learner})
+}
+
+/// `member list`.
+async fn member_list(client: &Client, fmt: Format) -> Result<()> {
     let resp = client.member_list().await?;
     let rows: Vec<Vec<String>> = resp
         .members
@@ -57,11 +152,7 @@ pub async fn member(client: &Client, cmd: MemberCommand, fmt: Format) -> Result<
             output::print_table(&["ID", "STATUS", "NAME", "PEER ADDRS", "CLIENT ADDRS", "IS LEARNER"], &rows)
         }
         Format::Json => {
-            let members: Vec<_> = resp
-                .members
-                .iter()
-                .map(|m| json!({"ID": m.id, "name": m.name, "peerURLs": m.peer_ur_ls, "clientURLs": m.client_ur_ls, "isLearner": m.is_learner}))
-                .collect();
+            let members: Vec<_> = resp.members.iter().map(member_json).collect();
             output::print_json(&json!({"header": output::header_json(&resp.header), "members": members}));
         }
     }

@@ -1,0 +1,382 @@
+//! Membership changes: etcd's MemberAdd, MemberRemove, MemberUpdate and
+//! MemberPromote, on openraft's learners and joint-consensus changes.
+//!
+//! Any member takes a change; a follower forwards it to the leader
+//! ([`Rpc::Membership`]), which makes one change at a time and checks it as
+//! etcd does with `--strict-reconfig-check`: a change that would leave fewer
+//! members reachable now than the new membership's quorum is refused, and a
+//! learner is promoted only once its log has caught up. A member added gets
+//! an id no member has had (made from its peer URL, the cluster and the
+//! time), so a member that lost its data and is added again never comes back
+//! under its old id; it learns the id at start by finding its peer URL in
+//! the membership (`crate::join`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers};
+use serde::{Deserialize, Serialize};
+
+use super::peer::ProbeRequest;
+use super::Member;
+use crate::error::Error;
+use crate::raft::leader::{ask_leader, until_leader, Attempt, Forwarded};
+use crate::raft::network::Rpc;
+use crate::raft::{encode, NodeId};
+
+/// How long the leader waits for each member's answer when it counts the
+/// members reachable now.
+const REACH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How far behind the leader's log a learner may be and still be promoted,
+/// as a fraction of the leader's last index (etcd's 90%).
+const PROMOTE_READY: f64 = 0.9;
+
+/// A change of the cluster's members.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MembershipChange {
+    /// Add a member with these peer URLs, as a learner or as a voter.
+    Add {
+        /// Its peer URLs (kvd takes one).
+        peer_urls: Vec<String>,
+        /// Whether it joins as a learner.
+        learner: bool,
+    },
+    /// Remove a member.
+    Remove {
+        /// Its id.
+        id: NodeId,
+    },
+    /// Change a member's peer URLs.
+    Update {
+        /// Its id.
+        id: NodeId,
+        /// Its new peer URLs (kvd takes one).
+        peer_urls: Vec<String>,
+    },
+    /// Make a learner a voter.
+    Promote {
+        /// Its id.
+        id: NodeId,
+    },
+}
+
+/// One member as the membership holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberEntry {
+    /// Its id.
+    pub id: NodeId,
+    /// Its peer URL.
+    pub peer_url: String,
+    /// Whether it is a learner.
+    pub learner: bool,
+}
+
+/// What a membership change came to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MembershipOutcome {
+    /// The member added (its new id), or the one the change named.
+    pub id: NodeId,
+    /// The members once the change was committed.
+    pub members: Vec<MemberEntry>,
+}
+
+/// A peer URL as members compare them: `scheme://host:port`.
+pub fn normalize_peer_url(url: &str) -> Option<String> {
+    let parsed = url::Url::parse(url.trim()).ok()?;
+    if parsed.scheme() != "http" && parsed.scheme() != "https" {
+        return None;
+    }
+    let host = parsed.host_str()?;
+    let port = parsed.port_or_known_default()?;
+    let path_ok = parsed.path().is_empty() || parsed.path() == "/";
+    (path_ok && parsed.query().is_none()).then(|| format!("{}://{}:{}", parsed.scheme(), host, port))
+}
+
+fn one_peer_url(urls: &[String]) -> Result<String, Error> {
+    match urls {
+        [one] => normalize_peer_url(one).ok_or(Error::MemberBadUrls),
+        [] => Err(Error::MemberBadUrls),
+        many => Err(Error::OnePeerUrl(many.len())),
+    }
+}
+
+/// A member id that no member of `taken` has, made from the peer URL, the
+/// cluster and the time (as etcd makes the ids of members it adds).
+fn fresh_id(peer_url: &str, cluster_id: u64, taken: &BTreeSet<NodeId>) -> NodeId {
+    let mut nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    loop {
+        let seed = format!("{peer_url}/{cluster_id:x}/{nanos}");
+        let id = crate::config::member_id(&seed, "member-add");
+        if !taken.contains(&id) {
+            return id;
+        }
+        nanos += 1;
+    }
+}
+
+fn quorum(voters: usize) -> usize {
+    voters / 2 + 1
+}
+
+impl Member {
+    /// The members as this member's Raft knows them.
+    pub fn member_entries(&self) -> Vec<MemberEntry> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, n)| MemberEntry { id: *id, peer_url: n.addr.clone(), learner: !voters.contains(id) })
+            .collect()
+    }
+
+    /// Why this member must stop, if it was removed from the cluster: the
+    /// membership it applied leaves it out, or most of the members it
+    /// knows answer that it is not a member (it was removed while it was
+    /// down or cut off, and never got the entry that says so).
+    pub fn removed(&self) -> Option<String> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let stored = &metrics.membership_config;
+        let membership = stored.membership();
+        // Before it knows any membership, a member was removed from nothing.
+        membership.nodes().next()?;
+        let listed = membership.nodes().any(|(id, _)| *id == self.id);
+        let applied = stored.log_id().map(|l| l.index) <= metrics.last_applied.map(|l| l.index);
+        if !listed && applied {
+            return Some("the member has been permanently removed from the cluster".into());
+        }
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let disowned = self.network.disowned_by();
+        let by: Vec<String> =
+            voters.iter().filter(|v| **v != self.id && disowned.contains(v)).map(|v| format!("{v:x}")).collect();
+        (listed && by.len() >= quorum(voters.len())).then(|| {
+            format!(
+                "the member has been permanently removed from the cluster (members {} answer that it is not a member)",
+                by.join(", ")
+            )
+        })
+    }
+
+    /// Makes a membership change, through the leader, and waits until this
+    /// member knows the membership it led to.
+    pub async fn change_members(&self, change: MembershipChange) -> Result<MembershipOutcome, Error> {
+        let deadline = Instant::now() + self.request_timeout;
+        let payload = encode(&change)?;
+        let outcome = until_leader(&self.raft, deadline, || {
+            let (change, payload) = (change.clone(), payload.clone());
+            async move {
+                match self.leader() {
+                    None => Attempt::Retry { stale: None },
+                    Some(leader) if leader == self.id => self.serve_membership(change).await.into(),
+                    Some(leader) => {
+                        let asked = ask_leader::<Forwarded<MembershipOutcome>>(
+                            &self.raft,
+                            &self.network,
+                            leader,
+                            Rpc::Membership,
+                            payload,
+                            deadline,
+                        );
+                        match asked.await {
+                            Ok(Some(answer)) => answer.into(),
+                            Ok(None) => Attempt::Retry { stale: Some(leader) },
+                            Err(e) => Attempt::Answered(Err(e)),
+                        }
+                    }
+                }
+            }
+        })
+        .await?;
+        // Answer with what this member serves from now on.
+        let wanted: BTreeSet<NodeId> = outcome.members.iter().map(|m| m.id).collect();
+        let _ = self
+            .raft
+            .wait(Some(deadline.saturating_duration_since(Instant::now())))
+            .metrics(
+                |m| m.membership_config.membership().nodes().map(|(id, _)| *id).collect::<BTreeSet<_>>() == wanted,
+                "membership",
+            )
+            .await;
+        Ok(outcome)
+    }
+
+    /// Makes a membership change as leader (see the module's text).
+    pub async fn serve_membership(&self, change: MembershipChange) -> Forwarded<MembershipOutcome> {
+        let leader = self.leader();
+        if leader != Some(self.id) {
+            return Forwarded::NotLeader(leader);
+        }
+        let _one_at_a_time = self.membership_lock.lock().await;
+        match self.apply_change(change).await {
+            Ok(outcome) => Forwarded::Done(outcome),
+            Err(ChangeFailed::NotLeader(l)) => Forwarded::NotLeader(l),
+            Err(ChangeFailed::Refused(e)) => Forwarded::Failed(e),
+        }
+    }
+
+    async fn apply_change(&self, change: MembershipChange) -> Result<MembershipOutcome, ChangeFailed> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let nodes: BTreeMap<NodeId, BasicNode> = membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners: BTreeSet<NodeId> = nodes.keys().copied().filter(|id| !voters.contains(id)).collect();
+        let url_taken = |url: &str, except: Option<NodeId>| {
+            nodes.iter().any(|(id, n)| Some(*id) != except && normalize_peer_url(&n.addr).as_deref() == Some(url))
+        };
+        let (id, changes) = match change {
+            MembershipChange::Add { peer_urls, learner } => {
+                let url = one_peer_url(&peer_urls)?;
+                if url_taken(&url, None) {
+                    return Err(Error::PeerUrlExists.into());
+                }
+                if learner && !learners.is_empty() {
+                    return Err(Error::TooManyLearners.into());
+                }
+                if !learner {
+                    let reachable = self.reachable(&nodes, &voters).await;
+                    if reachable.len() < quorum(voters.len() + 1) {
+                        return Err(Error::NotEnoughStarted.into());
+                    }
+                }
+                let taken: BTreeSet<NodeId> = nodes.keys().copied().collect();
+                let id = fresh_id(&url, self.cluster_id, &taken);
+                let node = BasicNode::new(url);
+                let changes = match learner {
+                    true => ChangeMembers::AddNodes(BTreeMap::from([(id, node)])),
+                    false => ChangeMembers::AddVoters(BTreeMap::from([(id, node)])),
+                };
+                (id, changes)
+            }
+            MembershipChange::Remove { id } => {
+                if !nodes.contains_key(&id) {
+                    return Err(Error::MemberNotFound.into());
+                }
+                if voters.contains(&id) {
+                    let reachable = self.reachable(&nodes, &voters).await;
+                    let left = reachable.iter().filter(|r| **r != id).count();
+                    if voters.len() == 1 || left < quorum(voters.len() - 1) {
+                        return Err(Error::NotEnoughStarted.into());
+                    }
+                    (id, ChangeMembers::RemoveVoters(BTreeSet::from([id])))
+                } else {
+                    (id, ChangeMembers::RemoveNodes(BTreeSet::from([id])))
+                }
+            }
+            MembershipChange::Update { id, peer_urls } => {
+                if !nodes.contains_key(&id) {
+                    return Err(Error::MemberNotFound.into());
+                }
+                let url = one_peer_url(&peer_urls)?;
+                if url_taken(&url, Some(id)) {
+                    return Err(Error::PeerUrlExists.into());
+                }
+                (id, ChangeMembers::SetNodes(BTreeMap::from([(id, BasicNode::new(url))])))
+            }
+            MembershipChange::Promote { id } => {
+                if !nodes.contains_key(&id) {
+                    return Err(Error::MemberNotFound.into());
+                }
+                if voters.contains(&id) {
+                    return Err(Error::MemberNotLearner.into());
+                }
+                let last = metrics.last_log_index.unwrap_or(0);
+                let matched = metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).cloned().flatten())
+                    .map_or(0, |log_id| log_id.index);
+                if (matched as f64) < (last as f64) * PROMOTE_READY {
+                    return Err(Error::LearnerNotReady.into());
+                }
+                let mut counted = voters.clone();
+                counted.insert(id);
+                let reachable = self.reachable(&nodes, &counted).await;
+                if reachable.len() < quorum(voters.len() + 1) {
+                    return Err(Error::NotEnoughStarted.into());
+                }
+                (id, ChangeMembers::AddVoterIds(BTreeSet::from([id])))
+            }
+        };
+        tracing::info!(member = %format!("{id:x}"), ?changes, "membership change");
+        self.raft.change_membership(changes, false).await.map_err(ChangeFailed::from)?;
+        Ok(MembershipOutcome { id, members: self.member_entries() })
+    }
+
+    /// The members of `which` that answer a probe within [`REACH_TIMEOUT`];
+    /// this member always counts.
+    async fn reachable(&self, nodes: &BTreeMap<NodeId, BasicNode>, which: &BTreeSet<NodeId>) -> BTreeSet<NodeId> {
+        let request = ProbeRequest { cluster_id: self.cluster_id, from: self.id };
+        let Ok(payload) = encode(&request) else { return BTreeSet::from([self.id]) };
+        let asks = which.iter().filter(|id| **id != self.id).filter_map(|id| {
+            let node = nodes.get(id)?;
+            let payload = payload.clone();
+            Some(async move {
+                let answered = self.network.call(*id, &node.addr, Rpc::Probe, payload, REACH_TIMEOUT).await.is_ok();
+                answered.then_some(*id)
+            })
+        });
+        let mut reachable: BTreeSet<NodeId> = futures::future::join_all(asks).await.into_iter().flatten().collect();
+        reachable.insert(self.id);
+        reachable
+    }
+}
+
+/// Why the leader did not make a change.
+enum ChangeFailed {
+    /// It is not the leader (any more).
+    NotLeader(Option<NodeId>),
+    /// The change was refused or failed.
+    Refused(Error),
+}
+
+impl From<Error> for ChangeFailed {
+    fn from(e: Error) -> Self {
+        ChangeFailed::Refused(e)
+    }
+}
+
+impl From<RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>> for ChangeFailed {
+    fn from(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Self {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ChangeFailed::NotLeader(f.leader_id),
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(_))) => {
+                ChangeFailed::Refused(Error::MembershipChangeInProgress)
+            }
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::LearnerNotFound(_))) => {
+                ChangeFailed::Refused(Error::MemberNotFound)
+            }
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                ChangeFailed::Refused(Error::internal(e))
+            }
+            RaftError::Fatal(e) => ChangeFailed::Refused(Error::internal(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_urls_compare_by_scheme_host_and_port() {
+        assert_eq!(normalize_peer_url("http://127.0.0.1:2380").as_deref(), Some("http://127.0.0.1:2380"));
+        assert_eq!(normalize_peer_url(" http://127.0.0.1:2380/ ").as_deref(), Some("http://127.0.0.1:2380"));
+        assert_eq!(normalize_peer_url("https://h1").as_deref(), Some("https://h1:443"));
+        for bad in ["", "127.0.0.1:2380", "unix:///x", "http://h:2380/path", "http://h:99999"] {
+            assert_eq!(normalize_peer_url(bad), None, "{bad:?}");
+        }
+        assert!(matches!(one_peer_url(&[]), Err(Error::MemberBadUrls)));
+        assert!(matches!(one_peer_url(&["a".into(), "b".into()]), Err(Error::OnePeerUrl(2))));
+    }
+
+    #[test]
+    fn added_members_get_ids_no_member_had() {
+        let taken = BTreeSet::new();
+        let a = fresh_id("http://10.0.0.4:2380", 7, &taken);
+        let b = fresh_id("http://10.0.0.4:2380", 7, &BTreeSet::from([a]));
+        assert_ne!(a, b);
+        assert_ne!(a, 0);
+    }
+}

@@ -1,0 +1,307 @@
+//! Membership changes on in-process clusters: growing from three members to
+//! five under writes (a learner added, caught up and promoted; a voter added
+//! directly), removing a follower and the leader, replacing a member that
+//! was killed, changing a member's peer URL, and what is refused: a lagging
+//! learner's promotion, a second learner, a change that would leave too few
+//! members reachable, unknown members and taken URLs. A member removed from
+//! the cluster stops itself, and one restarted after it was removed too.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvd::proto::etcdserverpb::RangeRequest;
+use support::{put, TestCluster, WAIT};
+use tonic::Code;
+
+/// Writes keys `w00000`, `w00001`, ... through `client` until told to stop;
+/// returns the keys whose writes were acknowledged.
+fn writer(client: kvd::client::Client, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let key = format!("w{n:05}");
+            if client.put(put(&key, "v")).await.is_ok() {
+                acked.push(key);
+            }
+            n += 1;
+        }
+        acked
+    })
+}
+
+/// Waits until every running member has every key of `keys` (read locally).
+async fn everywhere(c: &TestCluster, keys: &[String]) {
+    let want: BTreeSet<&str> = keys.iter().map(String::as_str).collect();
+    for i in c.running() {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let req =
+                RangeRequest { key: b"w".to_vec(), range_end: b"x".to_vec(), serializable: true, ..Default::default() };
+            let got = c.client(i).range(req).await.map(|r| r.kvs).unwrap_or_default();
+            let have: BTreeSet<String> = got.iter().map(|kv| String::from_utf8_lossy(&kv.key).into_owned()).collect();
+            if want.iter().all(|k| have.contains(*k)) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "member {i} lacks acknowledged writes");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The error of a call that must be refused.
+fn status<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Status {
+    r.expect_err("refused")
+}
+
+/// Promotes member `id`, trying again while it is still catching up.
+async fn promote_when_caught_up(c: &TestCluster, id: u64) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match c.client_all().member_promote(id).await {
+            Ok(_) => return,
+            Err(s) if s.message() == "etcdserver: can only promote a learner member which is in sync with leader" => {
+                assert!(std::time::Instant::now() < deadline, "the learner never caught up");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(s) => panic!("promote: {s:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grows_from_three_to_five_under_writes() {
+    let mut c = TestCluster::start(3, |_| {}).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = writer(c.client_all(), stop.clone());
+
+    let learner = c.add_member(true).await;
+    let id = c.member(learner).member.id;
+    let list = c.client(0).member_list().await.unwrap();
+    assert!(list.members.iter().any(|m| m.id == id && m.is_learner), "{list:?}");
+    promote_when_caught_up(&c, id).await;
+    let voter = c.add_member(false).await;
+
+    stop.store(true, Ordering::Relaxed);
+    let acked = writes.await.unwrap();
+    assert!(!acked.is_empty());
+    everywhere(&c, &acked).await;
+    // Five voters, each under the name it started with, once it published it.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let list = c.client(voter).member_list().await.unwrap();
+        let names: BTreeSet<String> = list.members.iter().map(|m| m.name.clone()).collect();
+        let want: BTreeSet<String> = (0..5).map(|i| format!("m{i}")).collect();
+        if list.members.len() == 5 && list.members.iter().all(|m| !m.is_learner) && names == want {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{list:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Five voters: two may be down and writes still go through.
+    let leader = c.wait_leader().await;
+    let down: Vec<usize> = (0..5).filter(|i| *i != leader).take(2).collect();
+    for i in &down {
+        c.stop(*i).await;
+    }
+    c.client(leader).put(put("after", "two down")).await.unwrap();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn what_a_membership_change_refuses() {
+    let mut c = TestCluster::start(3, |_| {}).await;
+    let client = c.client_all();
+    let taken = format!("http://{}", c.peer_addrs[1]);
+    let s = status(client.member_add(vec![taken], false).await);
+    assert_eq!((s.code(), s.message()), (Code::FailedPrecondition, "etcdserver: Peer URLs already exists"));
+    let s = status(client.member_add(vec!["not a url".into()], false).await);
+    assert_eq!((s.code(), s.message()), (Code::InvalidArgument, "etcdserver: given member URLs are invalid"));
+    let s = status(client.member_remove(0x1234).await);
+    assert_eq!((s.code(), s.message()), (Code::NotFound, "etcdserver: member not found"));
+    let voter = c.member(0).member.id;
+    let s = status(client.member_promote(voter).await);
+    assert_eq!((s.code(), s.message()), (Code::FailedPrecondition, "etcdserver: can only promote a learner member"));
+
+    // A learner that never started cannot be promoted; a second learner is
+    // one too many (as in etcd 3.4); the learner can be removed.
+    let added = client.member_add(vec!["http://127.0.0.1:9".into()], true).await.unwrap();
+    let learner = added.member.unwrap().id;
+    let s = status(client.member_promote(learner).await);
+    assert_eq!(
+        (s.code(), s.message()),
+        (Code::FailedPrecondition, "etcdserver: can only promote a learner member which is in sync with leader")
+    );
+    let s = status(client.member_add(vec!["http://127.0.0.1:10".into()], true).await);
+    assert_eq!((s.code(), s.message()), (Code::FailedPrecondition, "etcdserver: too many learner members in cluster"));
+    client.member_remove(learner).await.unwrap();
+
+    // With one of three members down, adding a voter or removing another
+    // would leave fewer reachable members than a quorum.
+    let leader = c.wait_leader().await;
+    let down = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    c.stop(down).await;
+    let client = c.client(leader);
+    let s = status(client.member_add(vec!["http://127.0.0.1:11".into()], false).await);
+    let not_enough = "etcdserver: re-configuration failed due to not enough started members";
+    assert_eq!((s.code(), s.message()), (Code::FailedPrecondition, not_enough));
+    let s = status(client.member_remove(c.member(other).member.id).await);
+    assert_eq!((s.code(), s.message()), (Code::FailedPrecondition, not_enough));
+    // Removing the member that is down is fine: two of two remain.
+    let gone = c.configs[down].validate().unwrap().id;
+    let list = client.member_remove(gone).await.unwrap();
+    assert_eq!(list.members.len(), 2);
+    client.put(put("k", "v")).await.unwrap();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removed_member_stops_and_is_refused_on_restart() {
+    let mut c = TestCluster::start(3, |_| {}).await;
+    let leader = c.wait_leader().await;
+    let gone = (leader + 1) % 3;
+    let id = c.member(gone).member.id;
+    c.client(leader).member_remove(id).await.unwrap();
+    // The removed member learns it and stops; so it would on every restart.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(why) = c.member(gone).member.removed() {
+            assert!(why.contains("permanently removed"), "{why}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the removed member did not learn it");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let fatal = tokio::time::timeout(WAIT, c.member(gone).fatal()).await.expect("it stops");
+    assert!(matches!(fatal, kvd::server::Fatal::Removed(_)), "{fatal:?}");
+    c.stop(gone).await;
+    c.restart(gone).await;
+    let again = tokio::time::timeout(WAIT, c.member(gone).fatal()).await.expect("it stops again");
+    assert!(matches!(again, kvd::server::Fatal::Removed(_)), "{again:?}");
+    c.stop(gone).await;
+    // The others go on as a cluster of two.
+    let list = c.client(leader).member_list().await.unwrap();
+    assert_eq!(list.members.len(), 2);
+    c.client(leader).put(put("k", "v")).await.unwrap();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_removed_while_down_learns_it_from_the_others() {
+    let mut c = TestCluster::start(3, |_| {}).await;
+    let leader = c.wait_leader().await;
+    let gone = (leader + 1) % 3;
+    let id = c.member(gone).member.id;
+    c.stop(gone).await;
+    c.client(leader).member_remove(id).await.unwrap();
+    c.restart(gone).await;
+    // Its log still lists it; the others answer its votes that it is not
+    // a member, and it stops without disturbing them.
+    let term = c.member(leader).member.term();
+    let fatal = tokio::time::timeout(WAIT, c.member(gone).fatal()).await.expect("it stops");
+    assert!(
+        matches!(&fatal, kvd::server::Fatal::Removed(why) if why.contains("answer that it is not a member")),
+        "{fatal:?}"
+    );
+    c.stop(gone).await;
+    assert_eq!(c.member(leader).member.term(), term, "the removed member disturbed the cluster");
+    c.client(leader).put(put("k", "v")).await.unwrap();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_can_be_removed() {
+    let mut c = TestCluster::start(3, |_| {}).await;
+    let leader = c.wait_leader().await;
+    let id = c.member(leader).member.id;
+    let follower = (leader + 1) % 3;
+    c.client(follower).member_remove(id).await.unwrap();
+    let fatal = tokio::time::timeout(WAIT, c.member(leader).fatal()).await.expect("the old leader stops");
+    assert!(matches!(fatal, kvd::server::Fatal::Removed(_)), "{fatal:?}");
+    c.stop(leader).await;
+    let new_leader = c.wait_leader().await;
+    assert_ne!(new_leader, leader);
+    c.client(follower).put(put("k", "v")).await.unwrap();
+    let list = c.client(follower).member_list().await.unwrap();
+    assert_eq!(list.members.len(), 2);
+    assert!(list.members.iter().all(|m| m.id != id));
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_member_is_replaced_by_a_new_one() {
+    let mut c = TestCluster::start(3, |_| {}).await;
+    for i in 0..100 {
+        c.client_all().put(put(&format!("w{i:05}"), "v")).await.unwrap();
+    }
+    let leader = c.wait_leader().await;
+    let dead = (leader + 1) % 3;
+    let dead_id = c.member(dead).member.id;
+    c.stop(dead).await;
+    c.client(leader).member_remove(dead_id).await.unwrap();
+    let new = c.add_member(false).await;
+    assert_ne!(c.member(new).member.id, dead_id, "a replacement never gets the old id");
+    let keys: Vec<String> = (0..100).map(|i| format!("w{i:05}")).collect();
+    everywhere(&c, &keys).await;
+    // Three voters again: one more may fail.
+    let other = (0..4).find(|i| *i != leader && *i != dead && *i != new).unwrap();
+    c.stop(other).await;
+    c.client(new).put(put("after", "v")).await.unwrap();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_moves_to_another_peer_url() {
+    let mut c = TestCluster::start(3, |_| {}).await;
+    let leader = c.wait_leader().await;
+    let moved = (leader + 1) % 3;
+    let id = c.member(moved).member.id;
+    c.stop(moved).await;
+    let new_peer = support::listen("127.0.0.1:0".parse().unwrap());
+    let new_addr = new_peer.local_addr().unwrap();
+    drop(new_peer);
+    let url = format!("http://{new_addr}");
+    let list = c.client(leader).member_update(id, vec![url.clone()]).await.unwrap();
+    assert!(list.members.iter().any(|m| m.id == id && m.peer_ur_ls == vec![url.clone()]), "{list:?}");
+    // The member restarts on its data with the new peer URL and is the same
+    // member.
+    let mut args: Vec<String> = Vec::new();
+    for a in [
+        "kvd",
+        "--name",
+        &format!("m{moved}"),
+        "--data-dir",
+        &c.configs[moved].data_dir.clone().unwrap().display().to_string(),
+        "--listen-client-urls",
+        &format!("http://{}", c.client_addrs[moved]),
+        "--advertise-client-urls",
+        &format!("http://{}", c.client_addrs[moved]),
+        "--listen-peer-urls",
+        &url,
+        "--initial-advertise-peer-urls",
+        &url,
+        "--initial-cluster",
+        &format!("m{moved}={url}"),
+        "--heartbeat-interval",
+        "50",
+        "--election-timeout",
+        "500",
+    ] {
+        args.push(a.to_string());
+    }
+    c.configs[moved] = <kvd::config::Config as clap::Parser>::parse_from(args);
+    c.peer_addrs[moved] = new_addr;
+    c.restart(moved).await;
+    assert_eq!(c.member(moved).member.id, id);
+    c.client(leader).put(put("moved", "v")).await.unwrap();
+    let other = (leader + 2) % 3;
+    c.stop(other).await;
+    // Only the leader and the moved member are left: writes need both.
+    c.client(moved).put(put("through the new URL", "v")).await.unwrap();
+    c.shutdown().await;
+}
