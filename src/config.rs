@@ -105,6 +105,11 @@ pub struct Config {
     /// Accept peer connections only from certificates with this common name.
     #[arg(long, env = "KVD_PEER_CERT_ALLOWED_CN")]
     pub peer_cert_allowed_cn: Option<String>,
+    /// Refuse membership changes that would leave fewer started or reachable
+    /// members than a quorum (as etcd; `--strict-reconfig-check=false` to
+    /// skip the check).
+    #[arg(long, env = "KVD_STRICT_RECONFIG_CHECK", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub strict_reconfig_check: bool,
     /// Serve https:// peer URLs with a self-signed certificate made at start,
     /// and connect to other members without checking theirs (for trying TLS
     /// out: traffic is encrypted, but members are known only by the cluster

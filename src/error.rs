@@ -93,9 +93,14 @@ pub enum Error {
     #[error("etcdserver: given member URLs are invalid")]
     MemberBadUrls,
     /// A change that would leave the cluster without a quorum of members
-    /// that are reachable now (etcd's strict reconfiguration check).
+    /// that have started (published their name), as etcd's strict
+    /// reconfiguration check counts them.
     #[error("etcdserver: re-configuration failed due to not enough started members")]
     NotEnoughStarted,
+    /// A change that would leave the cluster without a quorum of members
+    /// reachable now (or, for a voter added, with any voter unreachable).
+    #[error("etcdserver: unhealthy cluster")]
+    Unhealthy,
     /// Promote of a member that is a voter already.
     #[error("etcdserver: can only promote a learner member")]
     MemberNotLearner,

@@ -306,6 +306,7 @@ pub async fn start_on(
         reads,
         metrics,
         membership_lock: Default::default(),
+        strict_reconfig_check: cfg.config.strict_reconfig_check,
     });
 
     let mut tasks = Vec::new();

@@ -148,10 +148,9 @@ async fn what_a_membership_change_refuses() {
     c.stop(down).await;
     let client = c.client(leader);
     let s = status(client.member_add(vec!["http://127.0.0.1:11".into()], false).await);
-    let not_enough = "etcdserver: re-configuration failed due to not enough started members";
-    assert_eq!((s.code(), s.message()), (Code::FailedPrecondition, not_enough));
+    assert_eq!((s.code(), s.message()), (Code::Unavailable, "etcdserver: unhealthy cluster"));
     let s = status(client.member_remove(c.member(other).member.id).await);
-    assert_eq!((s.code(), s.message()), (Code::FailedPrecondition, not_enough));
+    assert_eq!((s.code(), s.message()), (Code::Unavailable, "etcdserver: unhealthy cluster"));
     // Removing the member that is down is fine: two of two remain.
     let gone = c.configs[down].validate().unwrap().id;
     let list = client.member_remove(gone).await.unwrap();
@@ -303,5 +302,34 @@ async fn a_member_moves_to_another_peer_url() {
     c.stop(other).await;
     // Only the leader and the moved member are left: writes need both.
     c.client(moved).put(put("through the new URL", "v")).await.unwrap();
+    c.shutdown().await;
+}
+
+/// A one-member cluster takes a second voter (etcd's restore path): the
+/// answer comes at once, the cluster has no quorum until the new member
+/// runs, and then both vote and every write is on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_member_grows_to_two() {
+    let mut c = TestCluster::start(1, |_| {}).await;
+    for i in 0..50 {
+        c.client(0).put(put(&format!("w{i:05}"), "v")).await.unwrap();
+    }
+    let second = c.add_member(false).await;
+    let keys: Vec<String> = (0..50).map(|i| format!("w{i:05}")).collect();
+    everywhere(&c, &keys).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let list = c.client(0).member_list().await.unwrap();
+        if list.members.len() == 2 && list.members.iter().all(|m| !m.is_learner) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{list:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.client(second).put(put("both", "v")).await.unwrap();
+    // Two voters: neither alone is a quorum.
+    c.stop(second).await;
+    let lone = tokio::time::timeout(Duration::from_secs(3), c.client(0).put(put("alone", "v"))).await;
+    assert!(!matches!(lone, Ok(Ok(_))), "one of two voters committed a write alone");
     c.shutdown().await;
 }

@@ -27,7 +27,7 @@ pub fn code(e: &Error) -> Code {
         Error::LeaseTtlTooLarge => Code::OutOfRange,
         Error::ElectionNotLeader | Error::ElectionNoLeader => Code::Unknown,
         Error::SessionExpired => Code::FailedPrecondition,
-        Error::NoLeader | Error::Timeout | Error::Stopped => Code::Unavailable,
+        Error::NoLeader | Error::Timeout | Error::Stopped | Error::Unhealthy => Code::Unavailable,
         Error::AlarmActivateUnsupported => Code::Unimplemented,
         Error::Internal(_) => Code::Internal,
         Error::MemberNotFound => Code::NotFound,

@@ -3,9 +3,10 @@
 //!
 //! Any member takes a change; a follower forwards it to the leader
 //! ([`Rpc::Membership`]), which makes one change at a time and checks it as
-//! etcd does with `--strict-reconfig-check`: a change that would leave fewer
-//! members reachable now than the new membership's quorum is refused, and a
-//! learner is promoted only once its log has caught up. A member added gets
+//! etcd does with `--strict-reconfig-check` (on by default): a change that
+//! would leave fewer started or reachable members than the new membership's
+//! quorum is refused, with etcd's errors. A learner is promoted only once
+//! its log has caught up. A member added gets
 //! an id no member has had (made from its peer URL, the cluster and the
 //! time), so a member that lost its data and is added again never comes back
 //! under its old id; it learns the id at start by finding its peer URL in
@@ -234,10 +235,18 @@ impl Member {
                 if learner && !learners.is_empty() {
                     return Err(Error::TooManyLearners.into());
                 }
-                if !learner {
-                    let reachable = self.reachable(&nodes, &voters).await;
-                    if reachable.len() < quorum(voters.len() + 1) {
+                if !learner && self.strict_reconfig_check {
+                    // etcd's IsReadyToAddVotingMember: a quorum of the new
+                    // voters must have started, but one member may always
+                    // add a second (the restore path); and every voter must
+                    // be reachable now.
+                    let started = self.started(&voters);
+                    let one_to_two = voters.len() == 1 && started == 1;
+                    if !one_to_two && started < quorum(voters.len() + 1) {
                         return Err(Error::NotEnoughStarted.into());
+                    }
+                    if self.reachable(&nodes, &voters).await.len() < voters.len() {
+                        return Err(Error::Unhealthy.into());
                     }
                 }
                 let taken: BTreeSet<NodeId> = nodes.keys().copied().collect();
@@ -254,10 +263,19 @@ impl Member {
                     return Err(Error::MemberNotFound.into());
                 }
                 if voters.contains(&id) {
-                    let reachable = self.reachable(&nodes, &voters).await;
-                    let left = reachable.iter().filter(|r| **r != id).count();
-                    if voters.len() == 1 || left < quorum(voters.len() - 1) {
-                        return Err(Error::NotEnoughStarted.into());
+                    if self.strict_reconfig_check {
+                        // etcd's mayRemoveMember: a quorum of the voters left
+                        // must have started; a voter that is unreachable may
+                        // go; else the voters reachable now, less the one
+                        // removed, must be a quorum of those left.
+                        let left: BTreeSet<NodeId> = voters.iter().copied().filter(|v| *v != id).collect();
+                        if left.is_empty() || self.started(&left) < quorum(left.len()) {
+                            return Err(Error::NotEnoughStarted.into());
+                        }
+                        let reachable = self.reachable(&nodes, &voters).await;
+                        if reachable.contains(&id) && reachable.len() - 1 < quorum(left.len()) {
+                            return Err(Error::Unhealthy.into());
+                        }
                     }
                     (id, ChangeMembers::RemoveVoters(BTreeSet::from([id])))
                 } else {
@@ -290,18 +308,45 @@ impl Member {
                 if (matched as f64) < (last as f64) * PROMOTE_READY {
                     return Err(Error::LearnerNotReady.into());
                 }
-                let mut counted = voters.clone();
-                counted.insert(id);
-                let reachable = self.reachable(&nodes, &counted).await;
-                if reachable.len() < quorum(voters.len() + 1) {
+                // etcd's IsReadyToPromoteMember: the learner counts as
+                // started; a quorum of the voters it joins must have.
+                if self.strict_reconfig_check && self.started(&voters) + 1 < quorum(voters.len() + 1) {
                     return Err(Error::NotEnoughStarted.into());
                 }
                 (id, ChangeMembers::AddVoterIds(BTreeSet::from([id])))
             }
         };
         tracing::info!(member = %format!("{id:x}"), ?changes, "membership change");
+        if let ChangeMembers::AddVoters(added) = &changes {
+            if voters.len() == 1 {
+                // A second voter for a one-member cluster (etcd's restore
+                // path): its joint configuration cannot commit until the new
+                // member runs, so it is made a learner now and a voter once
+                // it has started and caught up, and the answer does not wait
+                // for that. Until then the cluster has no quorum, as etcd's.
+                self.raft.add_learner(id, added[&id].clone(), false).await.map_err(ChangeFailed::from)?;
+                let raft = self.raft.clone();
+                tokio::spawn(async move {
+                    if let Err(e) =
+                        raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await
+                    {
+                        tracing::warn!(member = %format!("{id:x}"), "making the second member a voter: {e}");
+                    }
+                });
+                let mut members = self.member_entries();
+                members.iter_mut().filter(|m| m.id == id).for_each(|m| m.learner = false);
+                return Ok(MembershipOutcome { id, members });
+            }
+        }
         self.raft.change_membership(changes, false).await.map_err(ChangeFailed::from)?;
         Ok(MembershipOutcome { id, members: self.member_entries() })
+    }
+
+    /// How many of `which` have started: published their name and client
+    /// URLs, as etcd counts started members.
+    fn started(&self, which: &BTreeSet<NodeId>) -> usize {
+        let state = self.state.read();
+        which.iter().filter(|id| state.attrs.contains_key(id)).count()
     }
 
     /// The members of `which` that answer a probe within [`REACH_TIMEOUT`];

@@ -89,6 +89,9 @@ pub struct Member {
     pub metrics: Arc<Metrics>,
     /// Held by the leader while it makes a membership change: one at a time.
     pub membership_lock: tokio::sync::Mutex<()>,
+    /// Whether membership changes are checked against the members started
+    /// and reachable (`--strict-reconfig-check`).
+    pub strict_reconfig_check: bool,
 }
 
 /// A replicated write and the response applying it produces: the typed face

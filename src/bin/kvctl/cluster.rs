@@ -47,7 +47,8 @@ pub enum MemberCommand {
 
 /// A member ID argument, in hex as etcdctl takes it.
 fn member_id(arg: &str) -> Result<u64> {
-    u64::from_str_radix(arg, 16).map_err(|e| anyhow::anyhow!("bad member ID arg ({e}), expecting ID in Hex"))
+    u64::from_str_radix(arg, 16)
+        .map_err(|_| anyhow::anyhow!("bad member ID arg (parsing {arg:?}: invalid syntax), expecting ID in Hex"))
 }
 
 fn urls(arg: &str) -> Vec<String> {
