@@ -662,7 +662,8 @@ async fn member_commands_match_etcd() {
     let by_etcdctl = run_on_kvd("etcdctl").await;
     let by_kvctl = run_on_kvd(KVCTL).await;
     let etcd = support::Etcd::start();
-    let client = kvd::client::Client::new(&[etcd.client.clone()], std::time::Duration::from_secs(2)).unwrap();
+    let client =
+        kvd::client::Client::new(std::slice::from_ref(&etcd.client), std::time::Duration::from_secs(2)).unwrap();
     support::wait_ready(&client).await;
     let endpoint = etcd.client.clone();
     let own_url = client.member_list().await.unwrap().members[0].peer_ur_ls[0].clone();
