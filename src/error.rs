@@ -113,6 +113,15 @@ pub enum Error {
     /// A member added or updated with more than one peer URL.
     #[error("kvd: a member has one peer URL, and {0} were given")]
     OnePeerUrl(usize),
+    /// A request only the leader takes (MoveLeader), sent to a follower.
+    #[error("etcdserver: not leader")]
+    NotLeader,
+    /// MoveLeader to a member that is not a voter.
+    #[error("etcdserver: bad leader transferee")]
+    BadLeaderTransferee,
+    /// MoveLeader whose target did not catch up or win in time.
+    #[error("etcdserver: request timed out, leader transfer took too long")]
+    LeaderTransferTimeout,
     /// A membership change while another is not yet committed.
     #[error("kvd: another membership change is in progress; try again once it is done")]
     MembershipChangeInProgress,

@@ -561,8 +561,11 @@ impl ServerHandle {
         }
     }
 
-    /// Stops serving, stops Raft and flushes the data directory.
+    /// Stops serving, stops Raft and flushes the data directory. A leader
+    /// first hands its leadership to the most up-to-date voter (giving up
+    /// after an election timeout), so that clients see no election.
     pub async fn shutdown(self) {
+        self.member.step_down(self.member.election).await;
         let _ = self.stop.send(true);
         // Unary requests in flight get a moment to finish; long-lived streams
         // (watches, keep-alives, campaigns) would hold a graceful stop open

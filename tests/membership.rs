@@ -333,3 +333,76 @@ async fn one_member_grows_to_two() {
     assert!(!matches!(lone, Ok(Ok(_))), "one of two voters committed a write alone");
     c.shutdown().await;
 }
+
+/// The longest a stream of writes waited on one write while `during` ran.
+async fn longest_write_wait<F: std::future::Future<Output = ()>>(client: kvd::client::Client, during: F) -> Duration {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let writes = tokio::spawn(async move {
+        let mut longest = Duration::ZERO;
+        let mut n = 0;
+        while !flag.load(Ordering::Relaxed) {
+            let started = std::time::Instant::now();
+            let _ = client.put(put(&format!("gap{n}"), "v")).await;
+            longest = longest.max(started.elapsed());
+            n += 1;
+        }
+        longest
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    during.await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    writes.await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn move_leader_hands_leadership_to_the_member_named() {
+    let c = TestCluster::start(3, |_| {}).await;
+    let leader = c.wait_leader().await;
+    let target = (leader + 1) % 3;
+    let target_id = c.member(target).member.id;
+    let term = c.member(leader).member.term();
+    // Only the leader takes it; the target must be a voter.
+    let s = status(c.client(target).move_leader(target_id).await);
+    assert_eq!((s.code(), s.message()), (Code::FailedPrecondition, "etcdserver: not leader"));
+    let s = status(c.client(leader).move_leader(0x1234).await);
+    assert_eq!((s.code(), s.message()), (Code::FailedPrecondition, "etcdserver: bad leader transferee"));
+
+    let waited = longest_write_wait(c.client_all(), async {
+        c.client(leader).move_leader(target_id).await.expect("move-leader");
+    })
+    .await;
+    assert_eq!(c.wait_leader().await, target);
+    assert_eq!(c.member(target).member.term(), term + 1, "one election, the target's");
+    println!("move-leader: the longest write waited {waited:?} (election timeout 500 ms)");
+    c.client_all().put(put("after", "v")).await.unwrap();
+    c.shutdown().await;
+}
+
+/// A leader that is stopped hands its leadership over first: one election,
+/// won by the member it chose, and the old leader says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_that_stops_hands_over_first() {
+    let logs = support::logs();
+    let mut c = TestCluster::start(3, |_| {}).await;
+    let leader = c.wait_leader().await;
+    let id = c.member(leader).member.id;
+    let term = c.member(leader).member.term();
+    let others: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let client = kvd::client::Client::new(
+        &others.iter().map(|i| format!("http://{}", c.client_addrs[*i])).collect::<Vec<_>>(),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let stopping = async {
+        c.stop(leader).await;
+    };
+    let waited = longest_write_wait(client, stopping).await;
+    let new_leader = c.wait_leader().await;
+    assert_ne!(new_leader, leader);
+    assert_eq!(c.member(new_leader).member.term(), term + 1, "one election");
+    logs.wait_for(&["handed over leadership before stopping"]).await;
+    println!("leader stopped: the longest write waited {waited:?} (election timeout 500 ms); old leader {id:x}");
+    c.shutdown().await;
+}

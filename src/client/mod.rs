@@ -367,6 +367,12 @@ impl Client {
         self.call(|ch| async move { ClusterClient::new(ch).member_promote(MemberPromoteRequest { id }).await }).await
     }
 
+    /// MoveLeader, to the first endpoint (only the leader takes it).
+    pub async fn move_leader(&self, target_id: u64) -> Result<MoveLeaderResponse, Status> {
+        self.call(|ch| async move { MaintenanceClient::new(ch).move_leader(MoveLeaderRequest { target_id }).await })
+            .await
+    }
+
     /// Status of the endpoint at `index` (no failover: it asks that member).
     pub async fn status_of(&self, index: usize) -> Result<StatusResponse, Status> {
         let ch = self.channels.get(index).cloned().ok_or_else(|| Status::invalid_argument("no such endpoint"))?;

@@ -12,8 +12,8 @@ use crate::node::Member;
 use crate::proto::etcdserverpb::alarm_request::AlarmAction;
 use crate::proto::etcdserverpb::maintenance_server::Maintenance;
 use crate::proto::etcdserverpb::{
-    AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, HashKvRequest, HashKvResponse, SnapshotRequest,
-    SnapshotResponse, StatusRequest, StatusResponse,
+    AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, HashKvRequest, HashKvResponse,
+    MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
 };
 
 /// Bytes of a snapshot per message.
@@ -140,6 +140,15 @@ impl Maintenance for MaintenanceService {
             db_size_in_use: db_size,
             is_learner,
         };
+        self.member.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
+    /// Hands leadership to another voter (`crate::node::leadership`); only
+    /// the leader takes it, as in etcd.
+    async fn move_leader(&self, req: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+        self.member.move_leader(req.into_inner().target_id).await?;
+        let mut resp = MoveLeaderResponse { header: None };
         self.member.fill_header(&mut resp.header);
         Ok(Response::new(resp))
     }

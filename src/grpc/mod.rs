@@ -56,7 +56,6 @@ fn fix_size_status(headers: &mut http::HeaderMap) {
 /// of an Unimplemented answer.
 const NOT_YET: &[(&str, &str)] = &[
     ("/etcdserverpb.Auth/", "authentication and access control are"),
-    ("/etcdserverpb.Maintenance/MoveLeader", "moving the leader is"),
     ("/etcdserverpb.Maintenance/Downgrade", "downgrading the cluster version is"),
 ];
 

@@ -288,6 +288,13 @@ impl Peer for PeerService {
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
     }
 
+    async fn campaign(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.ready().await?;
+        let from = self.sender(&req)?;
+        let answer = self.member.serve_campaign(from).await;
+        Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
+    }
+
     async fn probe(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let probe: ProbeRequest = input(req)?;
         let data = encode(&self.member.serve_probe(&probe))?;

@@ -37,7 +37,10 @@ pub fn code(e: &Error) -> Code {
         | Error::MemberNotLearner
         | Error::LearnerNotReady
         | Error::TooManyLearners
-        | Error::MembershipChangeInProgress => Code::FailedPrecondition,
+        | Error::MembershipChangeInProgress
+        | Error::NotLeader
+        | Error::BadLeaderTransferee => Code::FailedPrecondition,
+        Error::LeaderTransferTimeout => Code::Unavailable,
     }
 }
 

@@ -6,6 +6,8 @@
 //!   leader's expiry task;
 //! - [`coordination`]: the lock and election recipes on keys and leases;
 //! - [`membership`]: member add, remove, update and promote;
+//! - [`leadership`]: handing leadership to another member (MoveLeader, and
+//!   before a leader stops);
 //! - [`peer`]: what this member answers when a follower asks it, as leader,
 //!   to propose a write, for a read index or about a lease.
 //!
@@ -23,6 +25,7 @@
 
 pub mod coordination;
 pub mod kv;
+pub mod leadership;
 pub mod lease;
 pub mod membership;
 pub mod peer;

@@ -59,6 +59,8 @@ pub enum Rpc {
     Probe,
     /// A membership change asked of the leader.
     Membership,
+    /// The leader asks a member to campaign now (it hands over leadership).
+    Campaign,
 }
 
 /// gRPC metadata on every peer request: the sender's cluster id, and the
@@ -100,6 +102,9 @@ pub struct Network {
     /// Peers whose last answer was that this member is not a member of
     /// their cluster (see [`Network::disowned_by`]).
     disowned: Arc<Mutex<HashSet<NodeId>>>,
+    /// Peers this member, as leader, sends nothing while it hands its
+    /// leadership to another (see `Member::move_leader`).
+    silenced: Arc<Mutex<HashSet<NodeId>>>,
 }
 
 /// The largest peer message a member accepts, and so sends: a batch of
@@ -213,6 +218,18 @@ impl Network {
 
     fn is_blocked(&self, id: NodeId) -> bool {
         self.blocked.lock().unwrap_or_else(|p| p.into_inner()).contains(&id)
+            || self.silenced.lock().unwrap_or_else(|p| p.into_inner()).contains(&id)
+    }
+
+    /// Sends nothing to `ids` until [`Network::unsilence`]: a leader that
+    /// hands over its leadership lets the others' leases run out.
+    pub fn silence(&self, ids: &[NodeId]) {
+        self.silenced.lock().unwrap_or_else(|p| p.into_inner()).extend(ids.iter().copied());
+    }
+
+    /// Ends [`Network::silence`].
+    pub fn unsilence(&self) {
+        self.silenced.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// The idle streams to peer `id` at `addr`, forgetting those to another
@@ -300,6 +317,7 @@ impl Network {
                 Rpc::Lease => client.lease(req).await,
                 Rpc::Probe => client.probe(req).await,
                 Rpc::Membership => client.membership(req).await,
+                Rpc::Campaign => client.campaign(req).await,
             }
         };
         match tokio::time::timeout(timeout, fut).await {
@@ -635,6 +653,13 @@ mod tests {
         }
 
         async fn membership(
+            &self,
+            _: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            unimplemented()
+        }
+
+        async fn campaign(
             &self,
             _: tonic::Request<RaftPayload>,
         ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {

@@ -130,6 +130,25 @@ fn member_json(m: &kvd::proto::etcdserverpb::Member) -> serde_json::Value {
     json!({"ID": m.id, "name": m.name, "peerURLs": m.peer_ur_ls, "clientURLs": m.client_ur_ls, "isLearner": m.is_learner})
 }
 
+/// `move-leader ID`: finds the leader among the endpoints and asks it to
+/// hand its leadership over, as etcdctl does.
+pub async fn move_leader(client: &Client, transferee: &str) -> Result<()> {
+    let target = member_id(transferee)?;
+    for (i, endpoint) in client.endpoints().iter().enumerate() {
+        let Ok(status) = client.status_of(i).await else { continue };
+        let me = status.header.as_ref().map_or(0, |h| h.member_id);
+        if status.leader != me {
+            continue;
+        }
+        let leader =
+            client.for_endpoints(std::slice::from_ref(endpoint), Duration::from_secs(2)).map_err(anyhow::Error::msg)?;
+        leader.move_leader(target).await?;
+        outln!("Leadership transferred from {me:x} to {target:x}");
+        return Ok(());
+    }
+    bail!("no leader endpoint given at {:?}", client.endpoints())
+}
+
 /// `member list`.
 async fn member_list(client: &Client, fmt: Format) -> Result<()> {
     let resp = client.member_list().await?;

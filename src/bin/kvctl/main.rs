@@ -90,6 +90,11 @@ enum Command {
     /// Endpoint commands.
     #[command(subcommand)]
     Endpoint(cluster::EndpointCommand),
+    /// Hands leadership to another member; one of --endpoints must be the leader.
+    MoveLeader {
+        /// The new leader's member ID, in hex.
+        transferee: String,
+    },
     /// Watches events on a key or prefix.
     Watch(coord::WatchArgs),
     /// Lease commands.
@@ -205,6 +210,7 @@ async fn main() -> ExitCode {
             Command::Compaction(a) => kv::compaction(&client, a, fmt).await,
             Command::Member(c) => cluster::member(&client, c, fmt).await,
             Command::Endpoint(c) => cluster::endpoint(&client, c, fmt, cli.command_timeout).await,
+            Command::MoveLeader { transferee } => cluster::move_leader(&client, &transferee).await,
             Command::Watch(a) => coord::watch(&client, a, fmt).await,
             Command::Lease(c) => coord::lease(&client, c, fmt).await,
             Command::Lock(a) => coord::lock(&client, a).await,
