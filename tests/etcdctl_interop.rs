@@ -579,7 +579,6 @@ fn normalize(text: &str, own_name: &str, own_peer_url: &str, own_client_url: &st
     }
     flush(&mut word, &mut out);
     // Space-padded ids (etcdctl prints them %16x).
-    let mut out = out;
     while out.contains("  <id>") {
         out = out.replace("  <id>", " <id>");
     }
