@@ -1,8 +1,9 @@
 # Shared settings of the cluster scripts; sourced, not run.
 #
 # KVD_CLUSTER_DIR  where data, logs and pid files go (default: ./kvd-cluster)
-# KVD_CLIENT_PORTS client ports of the three members (default: "2379 22379 32379")
-# KVD_PEER_PORTS   peer ports of the three members   (default: "2380 22380 32380")
+# KVD_CLIENT_PORTS client ports of the three members (default: "2379 22379 32379"),
+#                  and of members n4, n5, ... that add-member.sh adds, if given
+# KVD_PEER_PORTS   peer ports of the same             (default: "2380 22380 32380")
 # KVD_BIN_DIR      where kvd and kvctl are (default: target/release, built when needed)
 # KVD_EXTRA_FLAGS  more flags for every member (e.g. "--snapshot-count 1000")
 # KVD_WORKER_THREADS async threads per member (default: a third of the CPUs, at
@@ -21,9 +22,99 @@ WORKER_THREADS="${KVD_WORKER_THREADS:-$(( $(nproc) / 3 ))}"
 [ "$WORKER_THREADS" -ge 1 ] || WORKER_THREADS=1
 
 endpoints() {
-  local out=() p
-  for p in "${CLIENT_PORTS[@]}"; do out+=("127.0.0.1:$p"); done
+  local out=() i
+  for i in 0 1 2; do out+=("127.0.0.1:${CLIENT_PORTS[$i]}"); done
   (IFS=,; echo "${out[*]}")
+}
+
+# The client and peer ports of member nK: the K-th of KVD_CLIENT_PORTS and
+# KVD_PEER_PORTS; past their end (a member added by add-member.sh), K2379
+# and K2380 (n4: 42379, 42380).
+member_ports() {
+  local k=${1#n}
+  case "$k" in
+    ''|0|*[!0-9]*) echo "member names are n1, n2, ...: $1 is not one" >&2; return 1 ;;
+  esac
+  if [ -n "${CLIENT_PORTS[$((k - 1))]:-}" ] && [ -n "${PEER_PORTS[$((k - 1))]:-}" ]; then
+    echo "${CLIENT_PORTS[$((k - 1))]} ${PEER_PORTS[$((k - 1))]}"
+  else
+    echo "$((k * 10000 + 2379)) $((k * 10000 + 2380))"
+  fi
+}
+
+# Every member the scripts know of: n1-n3, and any added since (a data
+# directory in $CLUSTER_DIR).
+all_members() {
+  local n d
+  for n in "${NAMES[@]}"; do echo "$n"; done
+  for d in "$CLUSTER_DIR"/n*.data; do
+    [ -d "$d" ] || continue
+    n=$(basename "$d" .data)
+    case " ${NAMES[*]} " in *" $n "*) ;; *) echo "$n" ;; esac
+  done
+}
+
+# Starts member $1 in the background with --initial-cluster $2 and
+# --initial-cluster-state $3; its log, pid and data go in $CLUSTER_DIR.
+start_member() {
+  local n=$1 cluster=$2 state=$3 ports client peer
+  ports=$(member_ports "$n") || return 1
+  read -r client peer <<< "$ports"
+  # shellcheck disable=SC2086
+  nohup "$BIN_DIR/kvd" --name "$n" --data-dir "$CLUSTER_DIR/$n.data" \
+    --listen-client-urls "$SCHEME://127.0.0.1:$client" \
+    --advertise-client-urls "$SCHEME://127.0.0.1:$client" \
+    --listen-peer-urls "$SCHEME://127.0.0.1:$peer" \
+    --initial-advertise-peer-urls "$SCHEME://127.0.0.1:$peer" \
+    --initial-cluster "$cluster" --initial-cluster-state "$state" \
+    --worker-threads "$WORKER_THREADS" $(member_tls_flags) ${KVD_EXTRA_FLAGS:-} \
+    >> "$CLUSTER_DIR/$n.log" 2>&1 < /dev/null &
+  echo $! > "$CLUSTER_DIR/$n.pid"
+}
+
+# kvctl with the TLS flags, against every running member.
+kvctl_all() {
+  local eps="" n client
+  for n in $(all_members); do
+    alive "$CLUSTER_DIR/$n.pid" || continue
+    client=$(member_ports "$n" | cut -d' ' -f1)
+    eps+="${eps:+,}127.0.0.1:$client"
+  done
+  # shellcheck disable=SC2046
+  "$BIN_DIR/kvctl" --endpoints "${eps:-$(endpoints)}" $(client_tls_flags) "$@"
+}
+
+# Adds member $1 (client port $2, peer port $3) as a learner, starts it with
+# the --initial-cluster that member add printed, waits until it serves, and
+# promotes it once it has caught up.
+add_and_start() {
+  local name=$1 client=$2 peer=$3 out initial deadline promote=""
+  build_bins
+  out=$(kvctl_all member add "$name" --peer-urls "$SCHEME://127.0.0.1:$peer" --learner) || exit 1
+  echo "$out" | head -n 1
+  initial=$(echo "$out" | sed -n 's/^KVD_INITIAL_CLUSTER="\(.*\)"$/\1/p')
+  start_member "$name" "$initial" existing
+  echo "started $name (pid $(cat "$CLUSTER_DIR/$name.pid")); log in $CLUSTER_DIR/$name.log"
+  local id
+  id=$(echo "$out" | head -n 1 | awk '{ print $2 }')
+  deadline=$((SECONDS + 120))
+  # shellcheck disable=SC2046
+  until "$BIN_DIR/kvctl" --endpoints "127.0.0.1:$client" $(client_tls_flags) --command-timeout 3s \
+      get --consistency l /kvd-add-member-check > /dev/null 2>&1 \
+      && promote=$(kvctl_all member promote "$id" 2>&1); do
+    if ! alive "$CLUSTER_DIR/$name.pid"; then
+      echo "member $name exited; its log ends with:" >&2
+      tail -n 5 "$CLUSTER_DIR/$name.log" >&2
+      exit 1
+    fi
+    if [ $SECONDS -ge $deadline ]; then
+      echo "member $name did not catch up within 120s (${promote:-no answer}); it stays a learner" >&2
+      exit 1
+    fi
+    sleep 0.5
+  done
+  echo "$promote"
+  kvctl_all member list -w table
 }
 
 # Whether the member whose pid file is $1 runs: a process that was killed but

@@ -18,21 +18,16 @@ for i in 0 1 2; do
   cluster+="${cluster:+,}${NAMES[$i]}=$SCHEME://127.0.0.1:${PEER_PORTS[$i]}"
 done
 started=()
-for i in 0 1 2; do
-  n=${NAMES[$i]}
+for n in $(all_members); do
   if alive "$CLUSTER_DIR/$n.pid"; then
     echo "member $n is running already (pid $(cat "$CLUSTER_DIR/$n.pid"))"
     continue
   fi
-  # shellcheck disable=SC2086
-  nohup "$BIN_DIR/kvd" --name "$n" --data-dir "$CLUSTER_DIR/$n.data" \
-    --listen-client-urls "$SCHEME://127.0.0.1:${CLIENT_PORTS[$i]}" \
-    --advertise-client-urls "$SCHEME://127.0.0.1:${CLIENT_PORTS[$i]}" \
-    --listen-peer-urls "$SCHEME://127.0.0.1:${PEER_PORTS[$i]}" \
-    --initial-advertise-peer-urls "$SCHEME://127.0.0.1:${PEER_PORTS[$i]}" \
-    --initial-cluster "$cluster" --worker-threads "$WORKER_THREADS" $(member_tls_flags) ${KVD_EXTRA_FLAGS:-} \
-    >> "$CLUSTER_DIR/$n.log" 2>&1 < /dev/null &
-  echo $! > "$CLUSTER_DIR/$n.pid"
+  case " ${NAMES[*]} " in
+    *" $n "*) start_member "$n" "$cluster" new ;;
+    # A member added later restarts on its data; it knows its cluster.
+    *) start_member "$n" "$n=$SCHEME://127.0.0.1:$(member_ports "$n" | cut -d' ' -f2)" existing ;;
+  esac
   started+=("$n")
 done
 
@@ -40,7 +35,7 @@ eps=$(endpoints)
 deadline=$((SECONDS + 60))
 # shellcheck disable=SC2046
 until "$BIN_DIR/kvctl" --endpoints "$eps" $(client_tls_flags) --command-timeout 3s endpoint health > /dev/null 2>&1; do
-  for n in "${NAMES[@]}"; do
+  for n in "${started[@]}"; do
     if ! alive "$CLUSTER_DIR/$n.pid"; then
       echo "member $n exited; its log ($CLUSTER_DIR/$n.log) ends with:" >&2
       tail -n 5 "$CLUSTER_DIR/$n.log" >&2

@@ -2,10 +2,9 @@
 # Shows which members run, and their Raft status.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-for i in 0 1 2; do
-  n=${NAMES[$i]}
+for n in $(all_members); do
+  read -r client peer <<< "$(member_ports "$n")"
   if alive "$CLUSTER_DIR/$n.pid"; then state="running (pid $(cat "$CLUSTER_DIR/$n.pid"))"; else state="stopped"; fi
-  echo "$n: client 127.0.0.1:${CLIENT_PORTS[$i]}, peer 127.0.0.1:${PEER_PORTS[$i]}: $state"
+  echo "$n: client 127.0.0.1:$client, peer 127.0.0.1:$peer: $state"
 done
-# shellcheck disable=SC2046
-"$BIN_DIR/kvctl" --endpoints "$(endpoints)" $(client_tls_flags) endpoint status -w table
+kvctl_all endpoint status -w table

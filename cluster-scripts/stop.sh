@@ -3,7 +3,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 stopped=0
-for n in "${NAMES[@]}"; do
+for n in $(all_members); do
   pidfile="$CLUSTER_DIR/$n.pid"
   if alive "$pidfile"; then
     pid=$(cat "$pidfile")

@@ -14,11 +14,17 @@ struct Cluster {
 
 impl Cluster {
     fn new() -> Cluster {
-        let ports = free_ports(6);
+        Self::with_members(3)
+    }
+
+    /// Ports for `n` members: three that start.sh starts, and more for
+    /// add-member.sh.
+    fn with_members(n: usize) -> Cluster {
+        let ports = free_ports(2 * n);
         Cluster {
             dir: tempfile::tempdir().unwrap(),
-            client_ports: ports[..3].to_vec(),
-            peer_ports: ports[3..].to_vec(),
+            client_ports: ports[..n].to_vec(),
+            peer_ports: ports[n..].to_vec(),
         }
     }
 
@@ -31,10 +37,15 @@ impl Cluster {
     }
 
     fn script_with(&self, name: &str, env: &[(&str, &str)]) -> Output {
+        self.script_args(name, env, &[])
+    }
+
+    fn script_args(&self, name: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         Command::new("bash")
             .envs(env.iter().copied())
             .arg(root.join("cluster-scripts").join(name))
+            .args(args)
             .env("KVD_CLUSTER_DIR", self.dir.path())
             .env("KVD_CLIENT_PORTS", self.client_ports.iter().map(u16::to_string).collect::<Vec<_>>().join(" "))
             .env("KVD_PEER_PORTS", self.peer_ports.iter().map(u16::to_string).collect::<Vec<_>>().join(" "))
@@ -339,4 +350,48 @@ fn start_sh_with_tls_serves_clients_and_members_over_tls() {
     assert!(again.status.success() && text(&again).contains("TLS:"), "{}", text(&again));
     let get = run(with_tls(&["get", "greeting", "--print-value-only"]));
     assert_eq!(String::from_utf8_lossy(&get.stdout), "hello\n", "{}", text(&get));
+}
+
+/// The runbook with the scripts: grow from three members to four with
+/// add-member.sh, replace a member that was killed with replace-member.sh
+/// (new id, same name and URLs), then stop and start them all: every key is
+/// still there and all four members vote.
+#[test]
+fn add_member_and_replace_member_scripts() {
+    let c = Cluster::with_members(4);
+    let up = c.script("start.sh");
+    assert!(up.status.success(), "start.sh: {}", text(&up));
+    let eps = c.endpoints();
+    for i in 0..100 {
+        let put = c.kvctl(&eps, &["put", &format!("k{i:03}"), "v"]);
+        assert!(put.status.success(), "{}", text(&put));
+    }
+    let added = c.script_args("add-member.sh", &[], &["n4"]);
+    let added_text = text(&added);
+    assert!(added.status.success(), "add-member.sh: {added_text}");
+    assert!(added_text.contains("added to cluster") && added_text.contains("promoted in cluster"), "{added_text}");
+    let n4 = format!("127.0.0.1:{}", c.client_ports[3]);
+    let count = |endpoint: &str| {
+        let out = c.kvctl(endpoint, &["get", "k", "--prefix", "--count-only", "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["count"].as_i64().unwrap_or(-1)
+    };
+    assert_eq!(count(&n4), 100, "n4 has every key");
+
+    let old = c.kvctl(&eps, &["member", "list"]);
+    let old_n2 = text(&old).lines().find(|l| l.contains(", n2,")).map(|l| l.split(',').next().unwrap().to_string());
+    let replaced = c.script_args("replace-member.sh", &[], &["n2"]);
+    assert!(replaced.status.success(), "replace-member.sh: {}", text(&replaced));
+    let list = c.kvctl(&eps, &["member", "list"]);
+    let list = text(&list);
+    let new_n2 = list.lines().find(|l| l.contains(", n2,")).map(|l| l.split(',').next().unwrap().to_string());
+    assert!(new_n2.is_some() && new_n2 != old_n2, "n2 has a new id: {list}");
+    assert_eq!(list.lines().filter(|l| l.ends_with(", false")).count(), 4, "four voters: {list}");
+    assert_eq!(count(&format!("127.0.0.1:{}", c.client_ports[1])), 100, "the new n2 has every key");
+
+    let down = c.script("stop.sh");
+    assert!(text(&down).contains("stopped 4 member(s)"), "{}", text(&down));
+    let again = c.script("start.sh");
+    assert!(again.status.success() && text(&again).contains("started n1 n2 n3 n4"), "{}", text(&again));
+    assert_eq!(count(&n4), 100);
 }
