@@ -474,3 +474,111 @@ async fn an_expired_server_certificate_is_refused_by_clients() {
     drop(etcd);
     c.shutdown().await;
 }
+
+/// What a stranger gets from a peer port with peer certificates required:
+/// (a TLS client without a certificate was served, plain text was served);
+/// "served" means any HTTP answer with a 2xx status.
+fn stranger_outcomes(pki: &Pki, peer: &str) -> (bool, bool) {
+    let served = |args: &[&str]| -> bool {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "--max-time", "10", "-w", "%{http_code}"])
+            .args(args)
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).starts_with('2')
+    };
+    let no_cert = served(&["--cacert", &pki.arg("ca.pem"), &format!("https://{peer}/")]);
+    let plain = served(&[&format!("http://{peer}/")]);
+    (no_cert, plain)
+}
+
+/// Peer TLS with peer certificates required, the same flags on kvd and on
+/// a three-member etcd 3.4: both clusters form and serve etcdctl, and both
+/// peer ports refuse a client without a certificate and plain text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peer_tls_outcomes_match_etcd() {
+    let pki = Pki::new();
+    let flags: Vec<String> = [
+        "--peer-cert-file",
+        &pki.arg("server.pem"),
+        "--peer-key-file",
+        &pki.arg("server-key.pem"),
+        "--peer-trusted-ca-file",
+        &pki.arg("ca.pem"),
+        "--peer-client-cert-auth",
+        "--peer-cert-allowed-cn",
+        "server",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // kvd.
+    let c = TestCluster::start(3, |args| {
+        for i in 0..args.len() {
+            if ["--listen-peer-urls", "--initial-advertise-peer-urls", "--initial-cluster"].contains(&args[i].as_str())
+            {
+                args[i + 1] = args[i + 1].replace("http://", "https://");
+            }
+        }
+        args.extend(flags.iter().cloned());
+    })
+    .await;
+    let kvd_clients: Vec<String> = c.client_addrs.iter().map(|a| a.to_string()).collect();
+    let kvd_peer = c.peer_addrs[1].to_string();
+    // etcd 3.4, three members.
+    let ports = kvd_testkit::free_ports(6);
+    let dir = tempfile::tempdir().unwrap();
+    let initial: Vec<String> = (0..3).map(|i| format!("e{i}=https://127.0.0.1:{}", ports[3 + i])).collect();
+    let etcds: Vec<std::process::Child> = (0..3)
+        .map(|i| {
+            let client = format!("http://127.0.0.1:{}", ports[i]);
+            let peer = format!("https://127.0.0.1:{}", ports[3 + i]);
+            Command::new("etcd")
+                .args(["--name", &format!("e{i}"), "--data-dir"])
+                .arg(dir.path().join(format!("e{i}")))
+                .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+                .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+                .args(["--initial-cluster", &initial.join(",")])
+                .args(&flags)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("etcd 3.4")
+        })
+        .collect();
+    // Killed when the test ends, however it ends.
+    struct Killed(Vec<std::process::Child>);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            for child in &mut self.0 {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+    let etcds = Killed(etcds);
+    let etcd_clients: Vec<String> = (0..3).map(|i| format!("127.0.0.1:{}", ports[i])).collect();
+    let etcd_peer = format!("127.0.0.1:{}", ports[4]);
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut outcomes = Vec::new();
+        for (who, clients, peer) in [("kvd", kvd_clients, kvd_peer), ("etcd 3.4", etcd_clients, etcd_peer)] {
+            let all = clients.join(",");
+            let deadline = std::time::Instant::now() + support::WAIT;
+            while !run("etcdctl", &all, &["endpoint".into(), "health".into()]).0 {
+                assert!(std::time::Instant::now() < deadline, "{who} did not become healthy");
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            let put = run("etcdctl", &clients[0], &["put".into(), "peer-tls".into(), "v".into()]).0;
+            let get = run("etcdctl", &clients[2], &["get".into(), "peer-tls".into(), "--print-value-only".into()]);
+            outcomes.push((who, put, get.0 && get.1.contains('v'), stranger_outcomes(&pki, &peer)));
+        }
+        outcomes
+    })
+    .await
+    .unwrap();
+    drop(etcds);
+    c.shutdown().await;
+    let (kvd, etcd) = (&outcome[0], &outcome[1]);
+    assert_eq!((kvd.1, kvd.2, kvd.3), (true, true, (false, false)), "{kvd:?}");
+    assert_eq!((etcd.1, etcd.2, etcd.3), (kvd.1, kvd.2, kvd.3), "{outcome:?}");
+}
