@@ -193,7 +193,16 @@ async fn commands_kvd_lacks_name_what_is_not_supported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn alarm_list_and_disarm_and_defrag() {
-    let (c, e) = cluster_and_etcdctl().await;
+    alarm_list_and_disarm_and_defrag_with("etcdctl").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kvctl_alarm_list_and_disarm_and_defrag() {
+    alarm_list_and_disarm_and_defrag_with(KVCTL).await;
+}
+
+async fn alarm_list_and_disarm_and_defrag_with(bin: &str) {
+    let (c, e) = cluster_and(bin).await;
     use kvd::proto::etcdserverpb::{maintenance_client::MaintenanceClient, AlarmRequest};
     let mut m = MaintenanceClient::connect(format!("http://{}", c.client_addrs[0])).await.unwrap();
     let activate = AlarmRequest { action: 1, member_id: 0, alarm: 1 };
@@ -218,7 +227,16 @@ async fn alarm_list_and_disarm_and_defrag() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn endpoint_hashkv_agrees_across_members() {
-    let (c, e) = cluster_and_etcdctl().await;
+    endpoint_hashkv_agrees_across_members_with("etcdctl").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kvctl_endpoint_hashkv_agrees_across_members() {
+    endpoint_hashkv_agrees_across_members_with(KVCTL).await;
+}
+
+async fn endpoint_hashkv_agrees_across_members_with(bin: &str) {
+    let (c, e) = cluster_and(bin).await;
     let client = c.client_all();
     for i in 0..20 {
         client.put(support::put(&format!("h{}", i % 7), &format!("v{i}"))).await.unwrap();

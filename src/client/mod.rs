@@ -367,6 +367,28 @@ impl Client {
         self.call(|ch| async move { ClusterClient::new(ch).member_promote(MemberPromoteRequest { id }).await }).await
     }
 
+    /// Alarm (GET lists alarms, DEACTIVATE disarms them).
+    pub async fn alarm(&self, req: AlarmRequest) -> Result<AlarmResponse, Status> {
+        self.call(|ch| {
+            let req = req.clone();
+            async move { MaintenanceClient::new(ch).alarm(req).await }
+        })
+        .await
+    }
+
+    /// Defragment of the endpoint at `index` (no failover).
+    pub async fn defragment_of(&self, index: usize) -> Result<DefragmentResponse, Status> {
+        let ch = self.channels.get(index).cloned().ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
+        MaintenanceClient::new(ch).defragment(DefragmentRequest::default()).await.map(|r| r.into_inner())
+    }
+
+    /// HashKV of the endpoint at `index` at `revision` (0: the latest; no
+    /// failover).
+    pub async fn hash_kv_of(&self, index: usize, revision: i64) -> Result<HashKvResponse, Status> {
+        let ch = self.channels.get(index).cloned().ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
+        MaintenanceClient::new(ch).hash_kv(HashKvRequest { revision }).await.map(|r| r.into_inner())
+    }
+
     /// MoveLeader, to the first endpoint (only the leader takes it).
     pub async fn move_leader(&self, target_id: u64) -> Result<MoveLeaderResponse, Status> {
         self.call(|ch| async move { MaintenanceClient::new(ch).move_leader(MoveLeaderRequest { target_id }).await })

@@ -70,6 +70,58 @@ pub enum EndpointCommand {
         #[arg(long)]
         cluster: bool,
     },
+    /// Prints each endpoint's hash of its history up to a revision.
+    Hashkv {
+        /// Use all members' client URLs instead of --endpoints.
+        #[arg(long)]
+        cluster: bool,
+        /// The revision to hash up to (0: the latest).
+        #[arg(long, default_value_t = 0)]
+        rev: i64,
+    },
+}
+
+/// Alarm commands.
+#[derive(Subcommand)]
+pub enum AlarmCommand {
+    /// Lists the raised alarms.
+    List,
+    /// Disarms every raised alarm.
+    Disarm,
+}
+
+/// `alarm list` and `alarm disarm`, printed as etcdctl prints them.
+pub async fn alarm(client: &Client, cmd: AlarmCommand) -> Result<()> {
+    use kvd::proto::etcdserverpb::{AlarmRequest, AlarmType};
+    let action = match cmd {
+        AlarmCommand::List => 0,
+        AlarmCommand::Disarm => 2,
+    };
+    let resp = client.alarm(AlarmRequest { action, member_id: 0, alarm: 0 }).await?;
+    for a in resp.alarms {
+        let name = AlarmType::try_from(a.alarm).map_or_else(|_| a.alarm.to_string(), |t| t.as_str_name().to_string());
+        outln!("memberID:{} alarm:{name}", a.member_id);
+    }
+    Ok(())
+}
+
+/// `defrag`: each endpoint in turn, as etcdctl does.
+pub async fn defrag(client: &Client, cluster: bool, timeout: Duration) -> Result<()> {
+    let each = targets(client, cluster, timeout).await?;
+    let mut failed = false;
+    for (i, ep) in each.endpoints().iter().enumerate() {
+        match each.defragment_of(i).await {
+            Ok(_) => outln!("Finished defragmenting etcd member[{}]", display(ep)),
+            Err(e) => {
+                eprintln!("Failed to defragment etcd member[{}] ({})", display(ep), e.message());
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        bail!("defragment failed on some endpoints");
+    }
+    Ok(())
 }
 
 /// `member list|add|remove|update|promote`, with etcdctl's output.
@@ -193,9 +245,23 @@ fn display(endpoint: &str) -> String {
     url.trim_start_matches("http://").trim_start_matches("https://").to_string()
 }
 
-/// `endpoint status` and `endpoint health`.
+/// `endpoint status`, `endpoint health` and `endpoint hashkv`.
 pub async fn endpoint(client: &Client, cmd: EndpointCommand, fmt: Format, timeout: Duration) -> Result<()> {
     match cmd {
+        EndpointCommand::Hashkv { cluster, rev } => {
+            let each = targets(client, cluster, timeout).await?;
+            let mut rows = Vec::new();
+            for (i, ep) in each.endpoints().iter().enumerate() {
+                match each.hash_kv_of(i, rev).await {
+                    Ok(h) => rows.push(vec![display(ep), h.hash.to_string()]),
+                    Err(e) => bail!("{}: {}", display(ep), e.message()),
+                }
+            }
+            match fmt {
+                Format::Table => output::print_table(&["ENDPOINT", "HASH"], &rows),
+                _ => rows.iter().for_each(|r| outln!("{}", r.join(", "))),
+            }
+        }
         EndpointCommand::Status { cluster } => {
             let each = targets(client, cluster, timeout).await?;
             let mut rows = Vec::new();

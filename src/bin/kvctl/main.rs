@@ -90,6 +90,15 @@ enum Command {
     /// Endpoint commands.
     #[command(subcommand)]
     Endpoint(cluster::EndpointCommand),
+    /// Alarm commands.
+    #[command(subcommand)]
+    Alarm(cluster::AlarmCommand),
+    /// Defragments each endpoint's storage.
+    Defrag {
+        /// Use all members' client URLs instead of --endpoints.
+        #[arg(long)]
+        cluster: bool,
+    },
     /// Hands leadership to another member; one of --endpoints must be the leader.
     MoveLeader {
         /// The new leader's member ID, in hex.
@@ -211,6 +220,8 @@ async fn main() -> ExitCode {
             Command::Member(c) => cluster::member(&client, c, fmt).await,
             Command::Endpoint(c) => cluster::endpoint(&client, c, fmt, cli.command_timeout).await,
             Command::MoveLeader { transferee } => cluster::move_leader(&client, &transferee).await,
+            Command::Alarm(c) => cluster::alarm(&client, c).await,
+            Command::Defrag { cluster } => cluster::defrag(&client, cluster, cli.dial_timeout).await,
             Command::Watch(a) => coord::watch(&client, a, fmt).await,
             Command::Lease(c) => coord::lease(&client, c, fmt).await,
             Command::Lock(a) => coord::lock(&client, a).await,
