@@ -369,11 +369,7 @@ impl Client {
 
     /// Alarm (GET lists alarms, DEACTIVATE disarms them).
     pub async fn alarm(&self, req: AlarmRequest) -> Result<AlarmResponse, Status> {
-        self.call(|ch| {
-            let req = req.clone();
-            async move { MaintenanceClient::new(ch).alarm(req).await }
-        })
-        .await
+        self.call(|ch| async move { MaintenanceClient::new(ch).alarm(req).await }).await
     }
 
     /// Defragment of the endpoint at `index` (no failover).
