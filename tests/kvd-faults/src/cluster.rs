@@ -117,6 +117,9 @@ pub struct Cluster {
     cuts: watch::Sender<Cuts>,
     /// A client of every member.
     pub client: Client,
+    /// Members that joined with `member add` (a replacement): they start
+    /// with `--initial-cluster-state existing` from then on.
+    joined: Vec<bool>,
 }
 
 impl Cluster {
@@ -176,6 +179,7 @@ impl Cluster {
             paused: vec![false; MEMBERS],
             cuts,
             client,
+            joined: vec![false; MEMBERS],
         };
         for i in 0..MEMBERS {
             cluster.start_member(i)?;
@@ -185,6 +189,57 @@ impl Cluster {
 
     pub fn data_dir(&self, i: usize) -> PathBuf {
         self.layout.dir.join(format!("m{i}"))
+    }
+
+    /// Replaces stopped member `i` as an operator replaces a member whose
+    /// disk died: removes it (`member remove`), empties its data directory,
+    /// adds it again as a learner with the same peer URL (it gets a new id),
+    /// starts it with `--initial-cluster-state existing`, and promotes it
+    /// once it has caught up. Returns its old and new ids.
+    pub async fn replace_member(&mut self, i: usize, old_id: u64, within: Duration) -> anyhow::Result<(u64, u64)> {
+        let deadline = Instant::now() + within;
+        let retry = |what: &str, e: &tonic::Status| -> anyhow::Result<()> {
+            if Instant::now() >= deadline {
+                anyhow::bail!("{what} of m{i}: {e:?}");
+            }
+            Ok(())
+        };
+        loop {
+            match self.client.member_remove(old_id).await {
+                Ok(_) => break,
+                Err(e) if e.message() == "etcdserver: member not found" => break,
+                Err(e) => retry("member remove", &e)?,
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let data = self.data_dir(i);
+        for entry in std::fs::read_dir(&data)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        let scheme = if self.layout.tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", self.layout.peer_proxy[i]);
+        let new_id = loop {
+            match self.client.member_add(vec![url.clone()], true).await {
+                Ok(added) => break added.member.map_or(0, |m| m.id),
+                Err(e) => retry("member add", &e)?,
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        self.joined[i] = true;
+        self.start_member(i)?;
+        loop {
+            match self.client.member_promote(new_id).await {
+                Ok(_) => break,
+                Err(e) => retry("member promote", &e)?,
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok((old_id, new_id))
     }
 
     /// Copies stopped member `i`'s data directory aside; returns the copy.
@@ -235,6 +290,7 @@ impl Cluster {
             .args(["--initial-advertise-peer-urls", &format!("{scheme}://{}", l.peer_proxy[i])])
             .args(["--initial-cluster", &initial.join(",")])
             .args(["--initial-cluster-token", "faults"])
+            .args(["--initial-cluster-state", if self.joined[i] { "existing" } else { "new" }])
             .args(["--election-timeout", &l.election_ms.to_string()])
             .args(["--heartbeat-interval", &(l.election_ms / 5).to_string()])
             // Small enough that snapshots and log purges happen in a run.

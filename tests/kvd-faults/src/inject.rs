@@ -143,6 +143,43 @@ pub async fn inject(ctx: Injection<'_>, fault: Fault, leader: usize, follower: u
             cluster.restore_data(victim, &saved)?;
             cluster.start_member(victim)?;
         }
+        Fault::ReplaceMember => {
+            let victim = follower;
+            let old_id = match cluster.client.status_of(victim).await {
+                Ok(status) => status.header.map_or(0, |h| h.member_id),
+                Err(e) => {
+                    report.notes.push(format!("replace-member skipped: m{victim} did not answer ({})", e.message()));
+                    return Ok(());
+                }
+            };
+            cluster.kill(victim);
+            let started = Instant::now();
+            match cluster.replace_member(victim, old_id, Duration::from_secs(60)).await {
+                Ok((old, new)) => {
+                    report.notes.push(format!(
+                        "replace-member: m{victim} {old:x} replaced by {new:x}, promoted after {} ms",
+                        started.elapsed().as_millis()
+                    ));
+                    report.replaced.push(started.elapsed());
+                }
+                Err(e) => report.anomalies.push(format!("replacing m{victim} failed: {e:#}")),
+            }
+        }
+        Fault::MoveLeader => {
+            let target = follower;
+            let target_id = match cluster.client.status_of(target).await {
+                Ok(status) => status.header.map_or(0, |h| h.member_id),
+                Err(_) => return Ok(()),
+            };
+            let at_leader = cluster.endpoints().only(leader).client(Duration::from_secs(2));
+            let started = Instant::now();
+            match at_leader.move_leader(target_id).await {
+                Ok(_) => report.moved_leader.push(started.elapsed()),
+                // Another fault's aftermath may have moved leadership
+                // meanwhile; that is no anomaly.
+                Err(e) => report.notes.push(format!("move-leader to m{target}: {}", e.message())),
+            }
+        }
         Fault::DiskFull => {
             let victim = cluster.layout.small_disk.unwrap_or(2);
             let data = cluster.data_dir(victim);

@@ -42,6 +42,8 @@ faults! {
     CorruptLog = "corrupt-log": "Flip a byte in a stopped follower's log; it must refuse to start.",
     TruncateLog = "truncate-log": "Cut a stopped follower's log; it must start and catch up, or refuse clearly.",
     DiskFull = "disk-full": "Fill member 2's data disk (a 512 MiB tmpfs; needs root).",
+    ReplaceMember = "replace-member": "SIGKILL a follower, remove it, wipe its disk, add it again as a learner, promote it.",
+    MoveLeader = "move-leader": "Hand leadership to a follower (MoveLeader).",
 }
 
 impl fmt::Display for Fault {

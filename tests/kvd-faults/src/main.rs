@@ -94,6 +94,10 @@ struct Report {
     leases_late: usize,
     fenced: usize,
     heal_to_serve: Vec<Duration>,
+    /// From killing a member to its replacement's promotion.
+    replaced: Vec<Duration>,
+    /// How long each MoveLeader took.
+    moved_leader: Vec<Duration>,
 }
 
 fn main() {
@@ -185,6 +189,8 @@ fn merge(t: &mut Report, r: Report) {
     t.leases_late += r.leases_late;
     t.fenced += r.fenced;
     t.heal_to_serve.extend(r.heal_to_serve);
+    t.replaced.extend(r.replaced);
+    t.moved_leader.extend(r.moved_leader);
 }
 
 fn spread(v: &[Duration]) -> String {
@@ -206,6 +212,8 @@ fn print_report(seed: u64, r: &Report) {
     );
     println!("   a new leader after a leader kill: {}", spread(&r.elected_after_kill));
     println!("   writes resumed after a leader kill: {}", spread(&r.resume_after_kill));
+    println!("   move-leader answered after: {}", spread(&r.moved_leader));
+    println!("   a killed member replaced (removed, re-added, promoted) after: {}", spread(&r.replaced));
     println!(
         "   leases let go: key gone after the last keep-alive: {}; later than TTL + election timeout (during faults): {}",
         spread(&r.lease_expiry),
