@@ -231,6 +231,7 @@ pub async fn start_on(
     log_store.import_from_sled(&db).map_err(|e| data_err(e.into()))?;
     let state_machine = StateMachine::open(&db, &cfg.data_dir).map_err(data_err)?;
     let shared = state_machine.shared();
+    let listed = shared.was_listed();
     let metrics = Arc::new(crate::metrics::Metrics {
         wal_fsync,
         backend_commit: shared.commit_histogram(),
@@ -306,6 +307,7 @@ pub async fn start_on(
         reads,
         metrics,
         membership_lock: Default::default(),
+        listed: listed.into(),
         strict_reconfig_check: cfg.config.strict_reconfig_check,
     });
 
@@ -379,6 +381,7 @@ pub async fn start_on(
     tasks.push(tokio::spawn(member.clone().run_lease_expiry()));
     tasks.push(tokio::spawn(crate::idle_memory::run(member.state.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(member.clone().count_leader_changes()));
+    tasks.push(tokio::spawn(member.clone().record_when_listed()));
     tasks.push(publish_attributes(member.clone(), cfg.config.name.clone(), cfg.client_urls.clone(), stop_rx));
     tracing::info!(member = %format!("{:x}", cfg.id), name = %cfg.config.name, ?client_addrs, %peer_addr, "kvd member started");
     Ok(ServerHandle { member, client_addrs, peer_addr, stop, tasks, db })

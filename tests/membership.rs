@@ -406,3 +406,34 @@ async fn a_leader_that_stops_hands_over_first() {
     println!("leader stopped: the longest write waited {waited:?} (election timeout 500 ms); old leader {id:x}");
     c.shutdown().await;
 }
+
+/// A member added to a cluster with a long log replays memberships from
+/// before it was added, which do not list it: it must not take itself for
+/// removed (found with 100,000 keys and add-member.sh).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_member_replaying_old_memberships_does_not_stop() {
+    let mut c = TestCluster::start(3, |_| {}).await;
+    let client = c.client_all();
+    for batch in 0..30 {
+        let puts = (0..100).map(|i| client.put(put(&format!("w{:05}", batch * 100 + i), "v")));
+        for r in futures::future::join_all(puts).await {
+            r.unwrap();
+        }
+    }
+    let new = c.add_member(true).await;
+    let leader = c.wait_leader().await;
+    let target = c.applied(leader);
+    let deadline = std::time::Instant::now() + WAIT;
+    while c.applied(new) < target {
+        assert_eq!(c.member(new).member.removed(), None, "at applied index {}", c.applied(new));
+        assert!(std::time::Instant::now() < deadline, "the new member did not catch up");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(c.member(new).member.removed(), None);
+    // Restarted now, it is still a member.
+    c.stop(new).await;
+    c.restart(new).await;
+    let fatal = tokio::time::timeout(Duration::from_secs(2), c.member(new).fatal()).await;
+    assert!(fatal.is_err(), "the restarted member stopped: {fatal:?}");
+    c.shutdown().await;
+}

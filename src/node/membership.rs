@@ -133,6 +133,35 @@ impl Member {
             .collect()
     }
 
+    /// Records, once, that a membership this member applied lists it (see
+    /// [`Member::removed`]); ends then, or when Raft stops.
+    pub async fn record_when_listed(self: std::sync::Arc<Self>) {
+        let mut metrics = self.raft.metrics();
+        loop {
+            let listed = {
+                let m = metrics.borrow_and_update();
+                let stored = &m.membership_config;
+                stored.membership().nodes().any(|(id, _)| *id == self.id)
+                    && stored.log_id().map(|l| l.index) <= m.last_applied.map(|l| l.index)
+            };
+            if listed {
+                self.note_listed();
+                return;
+            }
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn note_listed(&self) {
+        if !self.listed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            if let Err(e) = self.state.note_listed() {
+                tracing::warn!("recording that the membership lists this member: {e}");
+            }
+        }
+    }
+
     /// Why this member must stop, if it was removed from the cluster: the
     /// membership it applied leaves it out, or most of the members it
     /// knows answer that it is not a member (it was removed while it was
@@ -145,7 +174,12 @@ impl Member {
         membership.nodes().next()?;
         let listed = membership.nodes().any(|(id, _)| *id == self.id);
         let applied = stored.log_id().map(|l| l.index) <= metrics.last_applied.map(|l| l.index);
-        if !listed && applied {
+        if listed && applied {
+            self.note_listed();
+        }
+        // A member that joins replays the memberships from before it was
+        // added; only one that was listed can have been removed.
+        if !listed && applied && self.listed.load(std::sync::atomic::Ordering::Relaxed) {
             return Some("the member has been permanently removed from the cluster".into());
         }
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();

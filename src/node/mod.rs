@@ -92,6 +92,9 @@ pub struct Member {
     pub metrics: Arc<Metrics>,
     /// Held by the leader while it makes a membership change: one at a time.
     pub membership_lock: tokio::sync::Mutex<()>,
+    /// Whether a membership this member applied has listed it (see
+    /// `Member::removed`).
+    pub listed: std::sync::atomic::AtomicBool,
     /// Whether membership changes are checked against the members started
     /// and reachable (`--strict-reconfig-check`).
     pub strict_reconfig_check: bool,

@@ -100,7 +100,23 @@ impl TestCluster {
             futures::future::join_all(starts).await.into_iter().map(|m| Some(m.expect("member starts"))).collect();
         let cluster = TestCluster { members, configs, client_addrs, peer_addrs, _dirs: dirs };
         cluster.wait_leader().await;
+        cluster.wait_started().await;
         cluster
+    }
+
+    /// Waits until every member has published its name (etcd's "started"):
+    /// membership changes count only started members.
+    pub async fn wait_started(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let leader = self.wait_leader().await;
+            let list = self.member(leader).member.state.read().attrs.len();
+            if list >= self.running().len() {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "members did not publish their names within {WAIT:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// The running member `i`.

@@ -65,6 +65,9 @@ pub struct Applied {
 /// memory stays bounded whatever watchers do.
 pub(super) const WATCH_BUFFER: usize = 1024;
 
+/// Where [`Shared::note_listed`] records that a membership listed this member.
+const LISTED_KEY: &[u8] = b"listed_in_membership";
+
 /// The state shared between the state machine and the request handlers.
 pub struct Shared {
     pub(super) db: sled::Db,
@@ -87,6 +90,20 @@ pub(super) struct Physical {
 }
 
 impl Shared {
+    /// Whether a membership this member applied has listed it (recorded in
+    /// the data dir): only such a member can have been removed. A member
+    /// that joins replays memberships from before it was added.
+    pub fn was_listed(&self) -> bool {
+        matches!(self.db.get(LISTED_KEY), Ok(Some(_)))
+    }
+
+    /// Records that a membership this member applied lists it.
+    pub fn note_listed(&self) -> Result<(), crate::error::Error> {
+        self.db.insert(LISTED_KEY, &[1u8])?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Subscribes to applied revisions. Also returns the current revision,
     /// read under the same lock: every revision after it reaches the receiver
     /// (or the receiver reports that it lagged).
