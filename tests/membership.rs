@@ -217,9 +217,17 @@ async fn a_member_removed_while_down_learns_it_from_the_others() {
 async fn the_leader_can_be_removed() {
     let mut c = TestCluster::start(3, |_| {}).await;
     let leader = c.wait_leader().await;
+    let logs = support::logs();
     let id = c.member(leader).member.id;
+    let term = c.member(leader).member.term();
     let follower = (leader + 1) % 3;
     c.client(follower).member_remove(id).await.unwrap();
+    // It handed over first (the member it chose campaigned when asked, not
+    // after an election timeout): one election.
+    let asked = format!("leader={id:x}");
+    logs.wait_for(&["campaigning: the leader hands over its leadership", &asked]).await;
+    let after = c.running().into_iter().filter(|i| *i != leader).map(|i| c.member(i).member.term()).max();
+    assert_eq!(after, Some(term + 1), "the removed leader handed over in one election");
     let fatal = tokio::time::timeout(WAIT, c.member(leader).fatal()).await.expect("the old leader stops");
     assert!(matches!(fatal, kvd::server::Fatal::Removed(_)), "{fatal:?}");
     c.stop(leader).await;

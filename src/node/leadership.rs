@@ -1,6 +1,9 @@
 //! Handing leadership to another member: etcd's MoveLeader, and what a
 //! leader does before it shuts down.
 //!
+//! The leader also hands over before it removes itself from the cluster
+//! (`crate::node::membership`).
+//!
 //! openraft 0.9 has no leadership transfer, and a member refuses to vote
 //! while it heard from a leader within the leader lease (the longest
 //! election timeout). So the leader waits until the chosen member's log has
@@ -42,6 +45,12 @@ impl Member {
         }
         // No membership change while leadership moves.
         let _one_at_a_time = self.membership_lock.lock().await;
+        self.transfer_leadership(target).await
+    }
+
+    /// Hands leadership to `target` (a voter other than this leader) while
+    /// the caller holds the membership lock.
+    pub(super) async fn transfer_leadership(&self, target: NodeId) -> Result<(), Error> {
         let deadline = Instant::now() + self.request_timeout;
         self.await_caught_up(target, deadline).await?;
         let others: Vec<NodeId> = self
@@ -114,6 +123,20 @@ impl Member {
         }
     }
 
+    /// The voter other than this leader whose log is the most complete.
+    pub(super) fn best_successor(&self) -> Option<NodeId> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let voters: BTreeSet<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        metrics
+            .replication
+            .as_ref()
+            .into_iter()
+            .flatten()
+            .filter(|(id, _)| voters.contains(id) && **id != self.id)
+            .max_by_key(|(_, matched)| matched.map(|l| l.index))
+            .map(|(id, _)| *id)
+    }
+
     /// Before this leader shuts down: hands leadership to the voter whose
     /// log is the most complete, so that clients see no election timeout.
     /// Gives up after `within`.
@@ -121,17 +144,7 @@ impl Member {
         if self.leader() != Some(self.id) {
             return;
         }
-        let metrics = self.raft.metrics().borrow().clone();
-        let voters: BTreeSet<NodeId> = metrics.membership_config.membership().voter_ids().collect();
-        let best = metrics
-            .replication
-            .as_ref()
-            .into_iter()
-            .flatten()
-            .filter(|(id, _)| voters.contains(id) && **id != self.id)
-            .max_by_key(|(_, matched)| matched.map(|l| l.index))
-            .map(|(id, _)| *id);
-        let Some(target) = best else { return };
+        let Some(target) = self.best_successor() else { return };
         match tokio::time::timeout(within, self.move_leader(target)).await {
             Ok(Ok(())) => tracing::info!(to = %format!("{target:x}"), "handed over leadership before stopping"),
             Ok(Err(e)) => tracing::warn!("could not hand over leadership before stopping: {e}"),

@@ -296,6 +296,17 @@ impl Member {
                 if !nodes.contains_key(&id) {
                     return Err(Error::MemberNotFound.into());
                 }
+                if id == self.id && voters.len() > 1 {
+                    // The leader removes itself: it hands leadership over
+                    // first (clients see no election), and the new leader
+                    // makes the change when it is asked again.
+                    if let Some(successor) = self.best_successor() {
+                        match self.transfer_leadership(successor).await {
+                            Ok(()) => return Err(ChangeFailed::NotLeader(Some(successor))),
+                            Err(e) => tracing::warn!("handing over leadership before removing this leader: {e}"),
+                        }
+                    }
+                }
                 if voters.contains(&id) {
                     if self.strict_reconfig_check {
                         // etcd's mayRemoveMember: a quorum of the voters left
