@@ -133,6 +133,16 @@ fn https_cluster_args(args: &mut Vec<String>, flags: &[String]) {
 
 const KVCTL: &str = env!("CARGO_BIN_EXE_kvctl");
 
+/// Makes a member's peer URLs (its own and those of --initial-cluster)
+/// https://.
+fn https_peers(args: &mut [String]) {
+    for i in 0..args.len().saturating_sub(1) {
+        if ["--listen-peer-urls", "--initial-advertise-peer-urls", "--initial-cluster"].contains(&args[i].as_str()) {
+            args[i + 1] = args[i + 1].replace("http://", "https://");
+        }
+    }
+}
+
 /// What etcdctl and kvctl get in each case from a three-member kvd with
 /// client TLS, and the client address they used.
 type KvdOutcomes = (Vec<(&'static str, bool, String)>, Vec<(&'static str, bool, String)>, String);
@@ -340,12 +350,7 @@ async fn peer_tls_lets_only_members_in() {
         "server".into(),
     ];
     let c = TestCluster::start(3, |args| {
-        for i in 0..args.len() {
-            if ["--listen-peer-urls", "--initial-advertise-peer-urls", "--initial-cluster"].contains(&args[i].as_str())
-            {
-                args[i + 1] = args[i + 1].replace("http://", "https://");
-            }
-        }
+        https_peers(args);
         args.extend(flags.iter().cloned());
     })
     .await;
@@ -407,12 +412,7 @@ async fn peer_auto_tls_encrypts_between_members() {
     use kvd::proto::kvdpb::{peer_client::PeerClient, RaftPayload};
     support::logs();
     let c = TestCluster::start(3, |args| {
-        for i in 0..args.len() {
-            if ["--listen-peer-urls", "--initial-advertise-peer-urls", "--initial-cluster"].contains(&args[i].as_str())
-            {
-                args[i + 1] = args[i + 1].replace("http://", "https://");
-            }
-        }
+        https_peers(args);
         args.push("--peer-auto-tls".into());
     })
     .await;
@@ -514,12 +514,7 @@ async fn peer_tls_outcomes_match_etcd() {
     .collect();
     // kvd.
     let c = TestCluster::start(3, |args| {
-        for i in 0..args.len() {
-            if ["--listen-peer-urls", "--initial-advertise-peer-urls", "--initial-cluster"].contains(&args[i].as_str())
-            {
-                args[i + 1] = args[i + 1].replace("http://", "https://");
-            }
-        }
+        https_peers(args);
         args.extend(flags.iter().cloned());
     })
     .await;

@@ -362,14 +362,14 @@ impl Member {
             }
         };
         tracing::info!(member = %format!("{id:x}"), ?changes, "membership change");
-        if let ChangeMembers::AddVoters(added) = &changes {
-            if voters.len() == 1 {
+        if let (ChangeMembers::AddVoters(added), 1) = (&changes, voters.len()) {
+            if let Some(node) = added.get(&id) {
                 // A second voter for a one-member cluster (etcd's restore
                 // path): its joint configuration cannot commit until the new
                 // member runs, so it is made a learner now and a voter once
                 // it has started and caught up, and the answer does not wait
                 // for that. Until then the cluster has no quorum, as etcd's.
-                self.raft.add_learner(id, added[&id].clone(), false).await.map_err(ChangeFailed::from)?;
+                self.raft.add_learner(id, node.clone(), false).await.map_err(ChangeFailed::from)?;
                 let raft = self.raft.clone();
                 tokio::spawn(async move {
                     if let Err(e) =

@@ -92,6 +92,20 @@ fn free_port(ip: IpAddr) -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
 }
 
+/// Removes everything in `dir`, but not `dir` itself (it may be a mount
+/// point).
+fn empty_dir(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
+}
+
 /// What the member processes run with.
 pub struct Layout {
     pub kvd: PathBuf,
@@ -213,14 +227,7 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let data = self.data_dir(i);
-        for entry in std::fs::read_dir(&data)? {
-            let path = entry?.path();
-            if path.is_dir() {
-                std::fs::remove_dir_all(&path)?;
-            } else {
-                std::fs::remove_file(&path)?;
-            }
-        }
+        empty_dir(&data)?;
         let scheme = if self.layout.tls.is_some() { "https" } else { "http" };
         let url = format!("{scheme}://{}", self.layout.peer_proxy[i]);
         let new_id = loop {
@@ -255,14 +262,7 @@ impl Cluster {
     /// point.
     pub fn restore_data(&self, i: usize, saved: &Path) -> anyhow::Result<()> {
         let data = self.data_dir(i);
-        for entry in std::fs::read_dir(&data)? {
-            let path = entry?.path();
-            if path.is_dir() {
-                std::fs::remove_dir_all(&path)?;
-            } else {
-                std::fs::remove_file(&path)?;
-            }
-        }
+        empty_dir(&data)?;
         copy_dir(saved, &data)?;
         std::fs::remove_dir_all(saved)?;
         Ok(())
