@@ -114,6 +114,14 @@ add_and_start() {
     sleep 0.5
   done
   echo "$promote"
+  # Once it has published its name, the list shows it started.
+  until kvctl_all member list | grep -q ", started, $name,"; do
+    if [ $SECONDS -ge $deadline ]; then
+      echo "member $name did not publish its name within 120s; its log is $CLUSTER_DIR/$name.log" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
   kvctl_all member list -w table
 }
 
