@@ -91,7 +91,9 @@ pub struct Identity {
 #[derive(Clone, Default)]
 pub struct Network {
     channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
-    blocked: Arc<Mutex<HashSet<NodeId>>>,
+    /// Peers this member sends nothing to: cut off by a test's partition
+    /// switch, or silenced while it hands over leadership.
+    cut: Arc<Mutex<Cut>>,
     source: Option<IpAddr>,
     streams: Arc<Mutex<HashMap<NodeId, Streams>>>,
     identity: Identity,
@@ -102,9 +104,17 @@ pub struct Network {
     /// Peers whose last answer was that this member is not a member of
     /// their cluster (see [`Network::disowned_by`]).
     disowned: Arc<Mutex<HashSet<NodeId>>>,
-    /// Peers this member, as leader, sends nothing while it hands its
-    /// leadership to another (see `Member::move_leader`).
-    silenced: Arc<Mutex<HashSet<NodeId>>>,
+}
+
+/// The two reasons a peer gets nothing, kept apart so that healing a test's
+/// partition does not end a hand-over, and one lock covers both.
+#[derive(Default)]
+struct Cut {
+    /// By the test partition switch ([`Network::block`], [`Network::heal`]).
+    blocked: HashSet<NodeId>,
+    /// While this member, as leader, hands its leadership to another (see
+    /// `Member::move_leader`).
+    silenced: HashSet<NodeId>,
 }
 
 /// The largest peer message a member accepts, and so sends: a batch of
@@ -189,12 +199,12 @@ impl Network {
 
     /// Makes peer `id` unreachable from this member (tests).
     pub fn block(&self, id: NodeId) {
-        self.blocked.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+        self.cut.lock().unwrap_or_else(|p| p.into_inner()).blocked.insert(id);
     }
 
     /// Makes every peer reachable again (tests).
     pub fn heal(&self) {
-        self.blocked.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.cut.lock().unwrap_or_else(|p| p.into_inner()).blocked.clear();
     }
 
     /// The peers whose last answer was that this member is not a member of
@@ -217,19 +227,19 @@ impl Network {
     }
 
     fn is_blocked(&self, id: NodeId) -> bool {
-        self.blocked.lock().unwrap_or_else(|p| p.into_inner()).contains(&id)
-            || self.silenced.lock().unwrap_or_else(|p| p.into_inner()).contains(&id)
+        let cut = self.cut.lock().unwrap_or_else(|p| p.into_inner());
+        cut.blocked.contains(&id) || cut.silenced.contains(&id)
     }
 
     /// Sends nothing to `ids` until [`Network::unsilence`]: a leader that
     /// hands over its leadership lets the others' leases run out.
     pub fn silence(&self, ids: &[NodeId]) {
-        self.silenced.lock().unwrap_or_else(|p| p.into_inner()).extend(ids.iter().copied());
+        self.cut.lock().unwrap_or_else(|p| p.into_inner()).silenced.extend(ids.iter().copied());
     }
 
     /// Ends [`Network::silence`].
     pub fn unsilence(&self) {
-        self.silenced.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.cut.lock().unwrap_or_else(|p| p.into_inner()).silenced.clear();
     }
 
     /// The idle streams to peer `id` at `addr`, forgetting those to another

@@ -29,6 +29,20 @@ pub fn listen(addr: SocketAddr) -> TcpListener {
     socket.listen(1024).expect("listen")
 }
 
+/// The flags of in-process member `i` (named `m{i}`), with its data under
+/// `dir`: plain-text URLs, and Raft timings short enough for tests.
+fn member_args(i: usize, dir: &std::path::Path, client: SocketAddr, peer: SocketAddr, initial: &str) -> Vec<String> {
+    let data = dir.join("data").display().to_string();
+    let (client, peer) = (format!("http://{client}"), format!("http://{peer}"));
+    ["kvd", "--name", &format!("m{i}"), "--data-dir", &data, "--listen-client-urls", &client]
+        .into_iter()
+        .chain(["--advertise-client-urls", &client, "--listen-peer-urls", &peer])
+        .chain(["--initial-advertise-peer-urls", &peer, "--initial-cluster", initial])
+        .chain(["--heartbeat-interval", "50", "--election-timeout", "500"])
+        .map(String::from)
+        .collect()
+}
+
 /// A cluster of in-process members.
 pub struct TestCluster {
     pub members: Vec<Option<ServerHandle>>,
@@ -64,27 +78,7 @@ impl TestCluster {
         let mut configs = Vec::new();
         for i in 0..n {
             let dir = tempfile::tempdir().expect("tempdir");
-            let mut args: Vec<String> = vec![
-                "kvd".into(),
-                "--name".into(),
-                format!("m{i}"),
-                "--data-dir".into(),
-                dir.path().join("data").display().to_string(),
-                "--listen-client-urls".into(),
-                format!("http://{}", client_addrs[i]),
-                "--advertise-client-urls".into(),
-                format!("http://{}", client_addrs[i]),
-                "--listen-peer-urls".into(),
-                format!("http://{}", peer_addrs[i]),
-                "--initial-advertise-peer-urls".into(),
-                format!("http://{}", peer_addrs[i]),
-                "--initial-cluster".into(),
-                initial.join(","),
-                "--heartbeat-interval".into(),
-                "50".into(),
-                "--election-timeout".into(),
-                "500".into(),
-            ];
+            let mut args = member_args(i, dir.path(), client_addrs[i], peer_addrs[i], &initial.join(","));
             tune(&mut args);
             prepare(i, &dir.path().join("data"));
             configs.push(Config::parse_from(args));
@@ -210,29 +204,8 @@ impl TestCluster {
             })
             .collect();
         let dir = tempfile::tempdir().expect("tempdir");
-        let args: Vec<String> = vec![
-            "kvd".into(),
-            "--name".into(),
-            format!("m{i}"),
-            "--data-dir".into(),
-            dir.path().join("data").display().to_string(),
-            "--listen-client-urls".into(),
-            format!("http://{client_addr}"),
-            "--advertise-client-urls".into(),
-            format!("http://{client_addr}"),
-            "--listen-peer-urls".into(),
-            format!("http://{peer_addr}"),
-            "--initial-advertise-peer-urls".into(),
-            format!("http://{peer_addr}"),
-            "--initial-cluster".into(),
-            initial.join(","),
-            "--initial-cluster-state".into(),
-            "existing".into(),
-            "--heartbeat-interval".into(),
-            "50".into(),
-            "--election-timeout".into(),
-            "500".into(),
-        ];
+        let mut args = member_args(i, dir.path(), client_addr, peer_addr, &initial.join(","));
+        args.extend(["--initial-cluster-state".to_string(), "existing".to_string()]);
         let config = Config::parse_from(args);
         let m =
             start_on(config.validate().expect("valid config"), vec![client], peer).await.expect("new member starts");
