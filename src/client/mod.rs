@@ -253,10 +253,11 @@ impl Client {
 
     /// `why` endpoint `idx` failed, with a hint where a plain-text client
     /// meets a TLS port: the server's TLS alert then breaks the HTTP/2
-    /// connection under the first request.
+    /// connection under the first request (a broken pipe, or the connection
+    /// closed, depending on timing).
     fn with_hint(&self, idx: usize, why: String) -> String {
         let plain = self.tls.is_none() && !self.endpoints[idx].starts_with("https://");
-        if plain && why.contains("broken pipe") {
+        if plain && (why.contains("broken pipe") || why.ends_with("connection closed")) {
             return format!("{why} (the server may expect TLS: use an https:// endpoint)");
         }
         why
