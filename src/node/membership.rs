@@ -125,12 +125,7 @@ impl Member {
     /// The members as this member's Raft knows them.
     pub fn member_entries(&self) -> Vec<MemberEntry> {
         let metrics = self.raft.metrics().borrow().clone();
-        let membership = metrics.membership_config.membership();
-        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        membership
-            .nodes()
-            .map(|(id, n)| MemberEntry { id: *id, peer_url: n.addr.clone(), learner: !voters.contains(id) })
-            .collect()
+        entries_of(metrics.membership_config.membership())
     }
 
     /// Records, once, that a membership this member applied lists it (see
@@ -369,7 +364,7 @@ impl Member {
                 // member runs, so it is made a learner now and a voter once
                 // it has started and caught up, and the answer does not wait
                 // for that. Until then the cluster has no quorum, as etcd's.
-                self.raft.add_learner(id, node.clone(), false).await.map_err(ChangeFailed::from)?;
+                let added = self.raft.add_learner(id, node.clone(), false).await.map_err(ChangeFailed::from)?;
                 let raft = self.raft.clone();
                 tokio::spawn(async move {
                     if let Err(e) =
@@ -378,13 +373,22 @@ impl Member {
                         tracing::warn!(member = %format!("{id:x}"), "making the second member a voter: {e}");
                     }
                 });
-                let mut members = self.member_entries();
+                let mut members = self.entries_after(&added);
                 members.iter_mut().filter(|m| m.id == id).for_each(|m| m.learner = false);
                 return Ok(MembershipOutcome { id, members });
             }
         }
-        self.raft.change_membership(changes, false).await.map_err(ChangeFailed::from)?;
-        Ok(MembershipOutcome { id, members: self.member_entries() })
+        let changed = self.raft.change_membership(changes, false).await.map_err(ChangeFailed::from)?;
+        Ok(MembershipOutcome { id, members: self.entries_after(&changed) })
+    }
+
+    /// The members as a change left them: from the change's own answer, as
+    /// the metrics may not show it yet.
+    fn entries_after(
+        &self,
+        written: &openraft::raft::ClientWriteResponse<crate::raft::TypeConfig>,
+    ) -> Vec<MemberEntry> {
+        written.membership.as_ref().map_or_else(|| self.member_entries(), entries_of)
     }
 
     /// How many of `which` have started: published their name and client
@@ -411,6 +415,15 @@ impl Member {
         reachable.insert(self.id);
         reachable
     }
+}
+
+/// The members a membership lists, learners marked.
+fn entries_of(membership: &openraft::Membership<NodeId, BasicNode>) -> Vec<MemberEntry> {
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    membership
+        .nodes()
+        .map(|(id, n)| MemberEntry { id: *id, peer_url: n.addr.clone(), learner: !voters.contains(id) })
+        .collect()
 }
 
 /// Why the leader did not make a change.
