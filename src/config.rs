@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use sha2::{Digest, Sha256};
 
+use crate::node::auto_compaction::AutoCompaction;
 use crate::raft::NodeId;
 
 /// Whether this member starts a new cluster or joins an existing one.
@@ -116,6 +117,24 @@ pub struct Config {
     /// and member ids each message carries).
     #[arg(long, env = "KVD_PEER_AUTO_TLS")]
     pub peer_auto_tls: bool,
+    /// Most bytes of data before the NOSPACE alarm refuses writes that add
+    /// data: 0 for etcd's default of 2 GiB, negative for no quota.
+    #[arg(long, env = "KVD_QUOTA_BACKEND_BYTES", default_value_t = 0, allow_negative_numbers = true)]
+    pub quota_backend_bytes: i64,
+    /// Raise the NOSPACE alarm when the data dir's filesystem has fewer free
+    /// bytes than this (0: do not look), so that writes are refused before
+    /// the disk fills.
+    #[arg(long, env = "KVD_QUOTA_DISK_FREE_BYTES", default_value_t = 64 << 20)]
+    pub quota_disk_free_bytes: u64,
+    /// `periodic` (keep a time of history) or `revision` (keep a number of
+    /// revisions), for --auto-compaction-retention.
+    #[arg(long, env = "KVD_AUTO_COMPACTION_MODE", default_value = "periodic")]
+    pub auto_compaction_mode: String,
+    /// History automatic compaction keeps: in periodic mode hours (a bare
+    /// number) or a duration such as `30m`; in revision mode a number of
+    /// revisions. 0 turns automatic compaction off.
+    #[arg(long, env = "KVD_AUTO_COMPACTION_RETENTION", default_value = "0")]
+    pub auto_compaction_retention: String,
     /// Threads that serve clients and peers and run Raft (default: one per
     /// CPU). Members that share a machine do better with fewer each: every
     /// extra thread wakes and sleeps on its own, and the log and sled write
@@ -200,6 +219,8 @@ pub struct Validated {
     pub heartbeat: Duration,
     /// Election timeout.
     pub election: Duration,
+    /// Automatic compaction.
+    pub auto_compaction: AutoCompaction,
 }
 
 fn split(list: &str) -> impl Iterator<Item = &str> {
@@ -313,6 +334,8 @@ impl Config {
         if self.worker_threads == Some(0) {
             return Err(ConfigError::BadLimit("--worker-threads must be at least 1".into()));
         }
+        let auto_compaction = AutoCompaction::parse(&self.auto_compaction_mode, &self.auto_compaction_retention)
+            .map_err(ConfigError::BadLimit)?;
         let listen = split(&self.listen_client_urls)
             .map(|u| parse_url("listen-client-urls", u))
             .collect::<Result<Vec<_>, _>>()?;
@@ -370,6 +393,7 @@ impl Config {
             cluster_id,
             heartbeat: Duration::from_millis(self.heartbeat_interval),
             election: Duration::from_millis(self.election_timeout),
+            auto_compaction,
             config: self.clone(),
         })
     }

@@ -69,10 +69,10 @@ pub enum Error {
     /// An Election request without the leader key it acts for.
     #[error("\"leader\" field must be provided")]
     LeaderKeyMissing,
-    /// An alarm request kvd does not take: it raises no alarms itself, so an
-    /// operator cannot activate one either.
-    #[error("kvd raises no alarms; ACTIVATE is not supported")]
-    AlarmActivateUnsupported,
+    /// A write refused because the NOSPACE alarm is raised, or because it
+    /// would take the data past `--quota-backend-bytes` (which raises it).
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
     /// An alarm action that is not GET, ACTIVATE or DEACTIVATE.
     #[error("unknown alarm action {0}")]
     UnknownAlarmAction(i32),
@@ -125,6 +125,13 @@ pub enum Error {
     /// A membership change while another is not yet committed.
     #[error("kvd: another membership change is in progress; try again once it is done")]
     MembershipChangeInProgress,
+    /// A write while the CORRUPT alarm is raised.
+    #[error("etcdserver: corrupt cluster")]
+    Corrupt,
+    /// An alarm request naming an alarm type that is not NONE, NOSPACE or
+    /// CORRUPT.
+    #[error("unknown alarm type {0}")]
+    UnknownAlarmType(i32),
 }
 
 impl Error {

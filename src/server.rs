@@ -309,6 +309,11 @@ pub async fn start_on(
         membership_lock: Default::default(),
         listed: listed.into(),
         strict_reconfig_check: cfg.config.strict_reconfig_check,
+        space: crate::node::alarm::Space {
+            quota_bytes: crate::node::alarm::Space::quota_from_flag(cfg.config.quota_backend_bytes),
+            disk_free_bytes: cfg.config.quota_disk_free_bytes,
+            data_dir: cfg.data_dir.clone(),
+        },
     });
 
     let mut tasks = Vec::new();
@@ -382,6 +387,8 @@ pub async fn start_on(
     tasks.push(tokio::spawn(crate::idle_memory::run(member.state.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(member.clone().count_leader_changes()));
     tasks.push(tokio::spawn(member.clone().record_when_listed()));
+    tasks.push(tokio::spawn(member.clone().watch_disk()));
+    tasks.push(tokio::spawn(member.clone().run_auto_compaction(cfg.auto_compaction)));
     tasks.push(publish_attributes(member.clone(), cfg.config.name.clone(), cfg.client_urls.clone(), stop_rx));
     tracing::info!(member = %format!("{:x}", cfg.id), name = %cfg.config.name, ?client_addrs, %peer_addr, "kvd member started");
     Ok(ServerHandle { member, client_addrs, peer_addr, stop, tasks, db })

@@ -205,12 +205,21 @@ async fn alarm_list_and_disarm_and_defrag_with(bin: &str) {
     let (c, e) = cluster_and(bin).await;
     use kvd::proto::etcdserverpb::{maintenance_client::MaintenanceClient, AlarmRequest};
     let mut m = MaintenanceClient::connect(format!("http://{}", c.client_addrs[0])).await.unwrap();
-    let activate = AlarmRequest { action: 1, member_id: 0, alarm: 1 };
-    assert_eq!(m.alarm(activate).await.unwrap_err().code(), tonic::Code::Unimplemented);
     let unknown = AlarmRequest { action: 7, member_id: 0, alarm: 0 };
     assert_eq!(m.alarm(unknown).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let ids: Vec<u64> = (0..3).map(|i| c.member(i).member.id).collect();
+    let mut raised: Vec<u64> = vec![ids[2], ids[0]];
+    for id in &raised {
+        // ACTIVATE NOSPACE, as a member does when it runs out of quota.
+        m.alarm(AlarmRequest { action: 1, member_id: *id, alarm: 1 }).await.expect("activate");
+    }
+    raised.sort_unstable();
+    let lines: String = raised.iter().map(|id| format!("memberID:{id} alarm:NOSPACE \n")).collect();
     tokio::task::spawn_blocking(move || {
-        // kvd raises no alarms: none listed, none to disarm.
+        assert_eq!(e.ok(&["alarm", "list"]), lines);
+        let refused = e.fails(&["put", "k", "v"]);
+        assert!(refused.contains("database space exceeded"), "{refused}");
+        assert_eq!(e.ok(&["alarm", "disarm"]), lines);
         assert_eq!(e.ok(&["alarm", "list"]), "");
         assert_eq!(e.ok(&["alarm", "disarm"]), "");
         e.ok(&["put", "k", "v"]);
@@ -223,6 +232,101 @@ async fn alarm_list_and_disarm_and_defrag_with(bin: &str) {
     .await
     .unwrap();
     c.shutdown().await;
+}
+
+/// What etcdctl sees of a storage quota, run against kvd and etcd 3.4 alike:
+/// puts until the quota refuses one, then what is refused and what still
+/// works while NOSPACE is raised, and etcd's runbook (compact, defrag,
+/// disarm) that clears it. Member ids, revisions and endpoints are replaced
+/// by placeholders; kvctl's output is compared with etcdctl's.
+fn nospace_steps(e: &Etcdctl) -> Vec<(String, bool, String)> {
+    let normalize = |text: &str| -> String {
+        let mut out = text.replace(&e.endpoints, "<ep>");
+        // The last line of an error: etcdctl logs its retries before it.
+        if let Some(last) = out.lines().rfind(|l| l.starts_with("Error:")) {
+            out = format!("{last}\n");
+        }
+        let id = regex_lite_replace(&out, "memberID:", "<id>");
+        regex_lite_replace(&id, "compacted revision ", "<rev>")
+    };
+    let mut steps = Vec::new();
+    let value = "v".repeat(20_000);
+    let mut puts = 0;
+    let refused = loop {
+        let out = e.run_with(&["put", &format!("k{}", puts % 5), &value], None);
+        if !out.status.success() {
+            break String::from_utf8_lossy(&out.stderr).to_string();
+        }
+        puts += 1;
+        assert!(puts < 200, "no NOSPACE after {puts} puts");
+    };
+    steps.push(("the put past the quota".to_string(), false, normalize(&refused)));
+    let mut step = |name: &str, args: &[&str], stdin: Option<&str>| {
+        let out = e.run_with(args, stdin);
+        let text = if out.status.success() { &out.stdout } else { &out.stderr };
+        steps.push((name.to_string(), out.status.success(), normalize(&String::from_utf8_lossy(text))));
+    };
+    step("alarm list", &["alarm", "list"], None);
+    step("another put", &["put", "small", "v"], None);
+    step("lease grant", &["lease", "grant", "60"], None);
+    step("txn with a put", &["txn"], Some("value(\"k1\") = \"x\"\n\nput k9 v\n\n\n"));
+    step("txn with a delete", &["txn"], Some("value(\"k1\") = \"x\"\n\ndel k3\n\n\n"));
+    step("get", &["get", "k1", "--keys-only"], None);
+    step("delete", &["del", "k0"], None);
+    let status = e.ok(&["endpoint", "status", "-w", "json"]);
+    let json: serde_json::Value = serde_json::from_str(&status).expect("status json");
+    let errors = json[0]["Status"]["errors"].to_string();
+    steps.push(("status errors".to_string(), true, normalize(&errors)));
+    let mut step = |name: &str, args: &[&str], stdin: Option<&str>| {
+        let out = e.run_with(args, stdin);
+        let text = if out.status.success() { &out.stdout } else { &out.stderr };
+        steps.push((name.to_string(), out.status.success(), normalize(&String::from_utf8_lossy(text))));
+    };
+    let rev = json[0]["Status"]["header"]["revision"].as_i64().expect("revision").to_string();
+    step("compaction", &["compaction", &rev], None);
+    step("defrag", &["defrag"], None);
+    step("disarm", &["alarm", "disarm"], None);
+    step("put after disarm", &["put", "small", "v"], None);
+    step("alarm list after disarm", &["alarm", "list"], None);
+    steps
+}
+
+/// Replaces the digits after each `marker` in `text` with `with`.
+fn regex_lite_replace(text: &str, marker: &str, with: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(marker) {
+        out.push_str(&rest[..at + marker.len()]);
+        rest = &rest[at + marker.len()..];
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        out.push_str(with);
+        rest = &rest[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nospace_matches_etcd() {
+    const QUOTA: &str = "1048576";
+    let on_kvd = |bin: &'static str| async move {
+        let c = TestCluster::start(1, |args| args.extend(["--quota-backend-bytes".into(), QUOTA.into()])).await;
+        let e = Etcdctl { bin: bin.to_string(), endpoints: c.client_addrs[0].to_string() };
+        let steps = tokio::task::spawn_blocking(move || nospace_steps(&e)).await.unwrap();
+        c.shutdown().await;
+        steps
+    };
+    let by_etcdctl = on_kvd("etcdctl").await;
+    let by_kvctl = on_kvd(KVCTL).await;
+    let etcd = support::Etcd::start_with("http", &["--quota-backend-bytes".into(), QUOTA.into()]);
+    let client =
+        kvd::client::Client::new(std::slice::from_ref(&etcd.client), std::time::Duration::from_secs(2)).unwrap();
+    support::wait_ready(&client).await;
+    let e = Etcdctl { bin: "etcdctl".into(), endpoints: etcd.client.trim_start_matches("http://").to_string() };
+    let on_etcd = tokio::task::spawn_blocking(move || nospace_steps(&e)).await.unwrap();
+    drop(etcd);
+    assert_eq!(by_etcdctl, on_etcd, "etcdctl against kvd, and against etcd 3.4");
+    assert_eq!(by_kvctl, by_etcdctl, "kvctl against kvd, and etcdctl");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -191,9 +191,10 @@ fn check_no_dead_history(tree: &sled::Tree, rev: i64) {
 fn step(store: &mut MvccStore, tree: &sled::Tree, steps: usize, limit: usize) {
     for _ in 0..steps {
         let Some(step) = store.compaction_step() else { return };
-        let (batch, next) = step.run(tree, limit).expect("step");
-        tree.apply_batch(batch.into_sled()).expect("commit step");
-        if store.compaction_stepped(&step, next) {
+        let done = step.run(tree, limit).expect("step");
+        tree.apply_batch(done.batch.into_sled()).expect("commit step");
+        store.freed(done.freed);
+        if store.compaction_stepped(&step, done.next) {
             assert_eq!(store.physical(), step.rev);
             check_no_dead_history(tree, step.rev);
         }
@@ -207,6 +208,14 @@ fn commit(store: &mut MvccStore, tree: &sled::Tree, unsaved: &mut kvd::mvcc::Bat
     store.seal(&mut batch);
     tree.apply_batch(batch.into_sled()).expect("commit");
     store.committed();
+    // With every write in the tree, the bytes the store counts are those of
+    // its history, revision-order and lease records there.
+    let on_disk: u64 = [b'h', b's', b'l']
+        .iter()
+        .flat_map(|prefix| tree.scan_prefix([*prefix]))
+        .map(|item| item.map(|(k, v)| (k.len() + v.len()) as u64).expect("scan"))
+        .sum();
+    assert_eq!(store.bytes_in_use(), on_disk);
 }
 
 proptest! {

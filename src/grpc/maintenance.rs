@@ -7,14 +7,13 @@ use std::sync::Arc;
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::error::Error;
 use crate::node::Member;
-use crate::proto::etcdserverpb::alarm_request::AlarmAction;
 use crate::proto::etcdserverpb::maintenance_server::Maintenance;
 use crate::proto::etcdserverpb::{
     AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, HashKvRequest, HashKvResponse,
     MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
 };
+use crate::raft::state_machine::alarm_name;
 
 /// Bytes of a snapshot per message.
 const SNAPSHOT_CHUNK: usize = 64 * 1024;
@@ -36,21 +35,9 @@ impl MaintenanceService {
 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
-    /// kvd raises no alarms: a member that runs out of disk stops (see the
-    /// README) rather than raising NOSPACE and refusing writes. So GET lists
-    /// none and DEACTIVATE has none to clear, as etcd answers with no alarm
-    /// raised; ACTIVATE is refused.
+    /// Lists, raises or clears alarms (`crate::node::alarm`).
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
-        let req = req.into_inner();
-        match AlarmAction::try_from(req.action) {
-            Ok(AlarmAction::Get) | Ok(AlarmAction::Deactivate) => {
-                let mut resp = AlarmResponse { header: None, alarms: Vec::new() };
-                self.member.fill_header(&mut resp.header);
-                Ok(Response::new(resp))
-            }
-            Ok(AlarmAction::Activate) => Err(Error::AlarmActivateUnsupported.into()),
-            Err(_) => Err(Error::UnknownAlarmAction(req.action).into()),
-        }
+        Ok(Response::new(self.member.alarm(req.into_inner()).await?))
     }
 
     /// sled reclaims the space of old records itself, in the background, so
@@ -128,6 +115,10 @@ impl Maintenance for MaintenanceService {
         if m.current_leader.is_none() {
             errors.push(crate::error::Error::NoLeader.to_string());
         }
+        // As etcd lists them: the alarm in protobuf's text form.
+        for a in self.member.alarms() {
+            errors.push(format!("memberID:{} alarm:{} ", a.member_id, alarm_name(a.alarm)));
+        }
         let mut resp = StatusResponse {
             header: None,
             version: API_VERSION.to_string(),
@@ -137,7 +128,7 @@ impl Maintenance for MaintenanceService {
             raft_term: m.current_term,
             raft_applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
             errors,
-            db_size_in_use: db_size,
+            db_size_in_use: self.member.state.bytes_in_use() as i64,
             is_learner,
         };
         self.member.fill_header(&mut resp.header);

@@ -20,6 +20,7 @@ pub fn code(e: &Error) -> Code {
         | Error::RequestTooLarge
         | Error::LeaderKeyMissing
         | Error::UnknownAlarmAction(_)
+        | Error::UnknownAlarmType(_)
         | Error::ForwardRefused(_) => Code::InvalidArgument,
         Error::Compacted | Error::FutureRev => Code::OutOfRange,
         Error::LeaseNotFound => Code::NotFound,
@@ -28,7 +29,8 @@ pub fn code(e: &Error) -> Code {
         Error::ElectionNotLeader | Error::ElectionNoLeader => Code::Unknown,
         Error::SessionExpired => Code::FailedPrecondition,
         Error::NoLeader | Error::Timeout | Error::Stopped | Error::Unhealthy => Code::Unavailable,
-        Error::AlarmActivateUnsupported => Code::Unimplemented,
+        Error::NoSpace => Code::ResourceExhausted,
+        Error::Corrupt => Code::DataLoss,
         Error::Internal(_) => Code::Internal,
         Error::MemberNotFound => Code::NotFound,
         Error::MemberBadUrls | Error::OnePeerUrl(_) => Code::InvalidArgument,

@@ -50,9 +50,16 @@ impl Run {
 
     /// Adds the run's record to `batch`, if it holds any change, and starts
     /// a new run.
-    pub fn seal(&mut self, batch: &mut Batch) {
-        if let Some((rev, sub)) = self.first.take() {
-            batch.insert(run_key(rev, sub), std::mem::take(&mut self.encoded));
+    pub fn seal(&mut self, batch: &mut Batch) -> u64 {
+        match self.first.take() {
+            Some((rev, sub)) => {
+                let key = run_key(rev, sub);
+                let value = std::mem::take(&mut self.encoded);
+                let bytes = (key.len() + value.len()) as u64;
+                batch.insert(key, value);
+                bytes
+            }
+            None => 0,
         }
     }
 }
@@ -109,17 +116,35 @@ pub fn first_run() -> Vec<u8> {
 /// `rev`, reading runs from the record key `from` on, at most `limit` of
 /// them. Returns the record key to go on from, or `None` once no run that
 /// starts below `rev` is left.
-pub fn compact(tree: &sled::Tree, rev: i64, from: &[u8], limit: usize, batch: &mut Batch) -> Result<Option<Vec<u8>>> {
+pub fn compact(
+    tree: &sled::Tree,
+    rev: i64,
+    from: &[u8],
+    limit: usize,
+    batch: &mut Batch,
+    freed: &mut u64,
+) -> Result<Option<Vec<u8>>> {
     for (read, item) in tree.range(from.to_vec()..run_key(rev, 0).to_vec()).enumerate() {
         let (rec, value) = item?;
         if read == limit {
             return Ok(Some(rec.to_vec()));
         }
         if parse(&value)?.last().is_none_or(|(last, _)| *last < rev) {
+            *freed += (rec.len() + value.len()) as u64;
             batch.remove(rec);
         }
     }
     Ok(None)
+}
+
+/// Bytes of every revision-order record in `tree`.
+pub fn bytes(tree: &sled::Tree) -> Result<u64> {
+    let mut bytes = 0;
+    for item in tree.scan_prefix([RUNS]) {
+        let (rec, value) = item?;
+        bytes += (rec.len() + value.len()) as u64;
+    }
+    Ok(bytes)
 }
 
 /// Turns the per-change records of an older kvd into runs, in one sled
@@ -214,9 +239,9 @@ mod tests {
         commit(&tree, &mut run);
         // One run per step: the first step stops at the second run.
         let mut batch = Batch::default();
-        let next = compact(&tree, 5, &first_run(), 1, &mut batch).expect("compact");
+        let next = compact(&tree, 5, &first_run(), 1, &mut batch, &mut 0).expect("compact");
         assert_eq!(next, Some(run_key(4, 0).to_vec()));
-        let next = compact(&tree, 5, &next.expect("more"), 1, &mut batch).expect("compact");
+        let next = compact(&tree, 5, &next.expect("more"), 1, &mut batch, &mut 0).expect("compact");
         assert_eq!(next, None);
         tree.apply_batch(batch.into_sled()).expect("commit");
         assert_eq!(tree.len(), 1);

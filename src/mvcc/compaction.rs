@@ -32,27 +32,39 @@ impl CompactionStep {
     /// The last step also records that history is compacted up to `rev`.
     /// Nothing but compaction changes the records it reads, so it may run
     /// while later revisions are applied.
-    pub fn run(&self, tree: &sled::Tree, limit: usize) -> Result<(Batch, Option<Vec<u8>>)> {
+    pub fn run(&self, tree: &sled::Tree, limit: usize) -> Result<StepDone> {
         let limit = limit.max(1);
-        let mut batch = Batch::default();
+        let mut done = StepDone::default();
         let mut read = 0;
         let mut from = self.from.clone();
         if from.first() == Some(&keys::HIST) {
-            match compact_history(tree, self.rev, &from, limit, &mut batch)? {
-                (_, Some(next)) => return Ok((batch, Some(next))),
+            match compact_history(tree, self.rev, &from, limit, &mut done)? {
+                (_, Some(next)) => {
+                    done.next = Some(next);
+                    return Ok(done);
+                }
                 (n, None) => read = n,
             }
             from = changes::first_run();
         }
         let left = limit.saturating_sub(read).max(1);
-        match changes::compact(tree, self.rev, &from, left, &mut batch)? {
-            Some(next) => Ok((batch, Some(next))),
-            None => {
-                batch.insert(keys::meta_key("physical"), self.rev.to_be_bytes());
-                Ok((batch, None))
-            }
+        done.next = changes::compact(tree, self.rev, &from, left, &mut done.batch, &mut done.freed)?;
+        if done.next.is_none() {
+            done.batch.insert(keys::meta_key("physical"), self.rev.to_be_bytes());
         }
+        Ok(done)
     }
+}
+
+/// What one step of physical compaction does.
+#[derive(Debug, Default)]
+pub struct StepDone {
+    /// The removals, to be applied to the tree.
+    pub batch: Batch,
+    /// Where the next step starts; `None` when the pass is complete.
+    pub next: Option<Vec<u8>>,
+    /// Bytes of the records it removes (see [`MvccStore::bytes_in_use`]).
+    pub freed: u64,
 }
 
 /// Adds to `batch` the removal of every version older than `rev` that was
@@ -64,7 +76,7 @@ fn compact_history(
     rev: i64,
     from: &[u8],
     limit: usize,
-    batch: &mut Batch,
+    done: &mut StepDone,
 ) -> Result<(usize, Option<Vec<u8>>)> {
     // History is sorted by key, then revision: a version older than `rev`
     // goes if the next record is a version of the same key at or before
@@ -81,7 +93,8 @@ fn compact_history(
         let next = records.next().transpose()?;
         if let Some((old_rec, old_key, old_value)) = older.take() {
             if compacted_away(&old_key, &old_value, next.as_ref().map(|(_, key, r, _)| (key.as_slice(), *r)), rev)? {
-                batch.remove(old_rec);
+                done.freed += (old_rec.len() + old_value.len()) as u64;
+                done.batch.remove(old_rec);
             }
         }
         let Some((rec, key, r, value)) = next else { return Ok((read, None)) };

@@ -30,11 +30,14 @@ use prost::Message;
 use crate::error::{Error, Result};
 use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
 pub use batch::Batch;
-pub use compaction::CompactionStep;
+pub use compaction::{CompactionStep, StepDone};
 pub use error::StoreError;
 pub use hash::hash_history;
 use keys::RangeEnd;
 pub use writer::Writer;
+
+/// Bytes of one lease record: its key (a prefix and the id) and its TTL.
+const LEASE_RECORD_BYTES: u64 = 1 + 8 + 8;
 
 /// The revision of a store that has never been written, as in etcd.
 pub const INITIAL_REVISION: i64 = 1;
@@ -112,6 +115,9 @@ pub struct MvccStore {
     /// starts.
     pass: u64,
     cursor: Vec<u8>,
+    /// Bytes of history, revision-order and lease records (keys and values),
+    /// those not yet committed included: see [`MvccStore::bytes_in_use`].
+    in_use: u64,
 }
 
 impl MvccStore {
@@ -125,8 +131,10 @@ impl MvccStore {
         let physical = read_meta_i64(&tree, "physical")?.unwrap_or(compacted);
         let mut index = BTreeMap::new();
         let mut last: Option<KeyValue> = None;
+        let mut in_use = changes::bytes(&tree)?;
         for item in tree.scan_prefix([keys::HIST]) {
-            let (_, value) = item?;
+            let (rec, value) = item?;
+            in_use += (rec.len() + value.len()) as u64;
             let kv = decode_kv(&value)?;
             if let Some(prev) = last.take() {
                 if prev.key != kv.key && prev.version != 0 {
@@ -147,6 +155,7 @@ impl MvccStore {
                 rec.get(1..).and_then(|b| b.try_into().ok()).ok_or_else(|| StoreError::corrupt("lease record key"))?;
             let ttl: [u8; 8] = value.as_ref().try_into().map_err(|_| StoreError::corrupt("lease record"))?;
             leases.insert(i64::from_be_bytes(id), Lease { ttl: i64::from_be_bytes(ttl), keys: BTreeSet::new() });
+            in_use += LEASE_RECORD_BYTES;
         }
         for (key, meta) in &index {
             if meta.lease != 0 {
@@ -170,6 +179,7 @@ impl MvccStore {
             physical,
             pass: 0,
             cursor: Vec::new(),
+            in_use,
         };
         if store.physical < store.compacted {
             store.start_pass();
@@ -194,7 +204,24 @@ impl MvccStore {
         }
         self.leases.insert(id, Lease { ttl, keys: BTreeSet::new() });
         batch.insert(keys::lease_key(id), ttl.to_be_bytes());
+        self.in_use += LEASE_RECORD_BYTES;
         true
+    }
+
+    /// Bytes of data the store holds: every version of every key kept
+    /// (history records, keys and values as stored), the revision-order
+    /// records that watches replay, and the leases. Compaction lowers it as
+    /// it removes history. It is what `--quota-backend-bytes` limits, and
+    /// what Status reports as `dbSizeInUse`; sled's files (`dbSize`) are
+    /// larger, by sled's own overhead and space it has not reclaimed.
+    pub fn bytes_in_use(&self) -> u64 {
+        self.in_use
+    }
+
+    /// Records that a step of physical compaction removed `freed` bytes of
+    /// records (see [`StepDone::freed`]).
+    pub fn freed(&mut self, freed: u64) {
+        self.in_use = self.in_use.saturating_sub(freed);
     }
 
     /// Events of revisions `from..=to` on keys in `[key, end)`, in revision
@@ -283,7 +310,7 @@ impl MvccStore {
     /// a watch replays history in this order, and finds no change that a
     /// batch committed without it.
     pub fn seal(&mut self, batch: &mut Batch) {
-        self.run.seal(batch);
+        self.in_use += self.run.seal(batch);
     }
 
     /// Tells the store that every write made so far is committed to its

@@ -93,6 +93,7 @@ impl Writer<'_> {
             lease.keys.iter().filter_map(|k| self.store.index.get(k).map(|m| (k.clone(), *m))).collect();
         self.delete(&doomed);
         self.store.leases.remove(&id);
+        self.store.in_use = self.store.in_use.saturating_sub(super::LEASE_RECORD_BYTES);
         self.batch.remove(keys::lease_key(id));
         true
     }
@@ -109,7 +110,9 @@ impl Writer<'_> {
     /// until the state machine commits.
     fn record(&mut self, kv: KeyValue) {
         let rec = keys::hist_key(&kv.key, self.rev);
-        self.batch.insert(&rec, kv.encode_to_vec());
+        let value = kv.encode_to_vec();
+        self.store.in_use += (rec.len() + value.len()) as u64;
+        self.batch.insert(&rec, value);
         self.store.run.push(self.rev, self.sub, &kv.key);
         self.store.pending.insert(rec, kv);
         self.sub += 1;

@@ -5,9 +5,9 @@ use super::{Member, Write};
 use crate::error::Error;
 use crate::mvcc::{ops, txn};
 use crate::proto::etcdserverpb::{
-    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest,
-    LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
-    TxnRequest, TxnResponse,
+    AlarmRequest, AlarmResponse, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
+    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, PutResponse,
+    RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
 use crate::proto::kvdpb::{command, command_result, MemberAttributes};
 use crate::raft::state_machine::txn_reads_history;
@@ -38,6 +38,7 @@ writes! {
     LeaseGrantRequest => LeaseGrant, LeaseGrant, LeaseGrantResponse;
     LeaseRevokeRequest => LeaseRevoke, LeaseRevoke, LeaseRevokeResponse;
     MemberAttributes => Publish, Published, bool;
+    AlarmRequest => Alarm, Alarm, AlarmResponse;
 }
 
 impl Member {
@@ -59,6 +60,7 @@ impl Member {
     /// Put.
     pub async fn put(&self, req: PutRequest) -> Result<PutResponse, Error> {
         ops::check_put(&req)?;
+        self.check_quota(super::alarm::put_cost(&req)).await?;
         let mut resp = self.write(req).await?;
         self.fill_header(&mut resp.header);
         Ok(resp)
@@ -83,6 +85,7 @@ impl Member {
             let state = self.state.read_for(txn_reads_history(&req))?;
             txn::read_only(&state.store, &req)?
         } else {
+            self.check_quota(super::alarm::txn_cost(&req)).await?;
             self.write(req).await?
         };
         self.fill_header(&mut resp.header);

@@ -38,6 +38,7 @@ impl Member {
         // As etcd, a TTL below the minimum (one and a half election
         // timeouts, in whole seconds) is raised to it.
         let ttl = req.ttl.max(self.min_lease_ttl);
+        self.check_quota(super::alarm::LEASE_GRANT_COST).await?;
         let mut resp = self.write(LeaseGrantRequest { ttl, id }).await?;
         self.fill_header(&mut resp.header);
         Ok(resp)

@@ -2,6 +2,8 @@
 //! the client and peer services call. One file per concern:
 //!
 //! - [`kv`]: Range, Put, DeleteRange, Txn and Compact;
+//! - [`alarm`]: alarms, the storage quota and the disk's free space;
+//! - [`auto_compaction`]: compaction by the flags that ask for it;
 //! - [`lease`]: lease grant, revoke, keep-alive and time-to-live, and the
 //!   leader's expiry task;
 //! - [`coordination`]: the lock and election recipes on keys and leases;
@@ -23,6 +25,8 @@
 //!   that far, and then read local state. Serializable reads skip the first
 //!   step.
 
+pub mod alarm;
+pub mod auto_compaction;
 pub mod coordination;
 pub mod kv;
 pub mod leadership;
@@ -98,6 +102,8 @@ pub struct Member {
     /// Whether membership changes are checked against the members started
     /// and reachable (`--strict-reconfig-check`).
     pub strict_reconfig_check: bool,
+    /// The quota and the disk space the member keeps free.
+    pub space: alarm::Space,
 }
 
 /// A replicated write and the response applying it produces: the typed face
@@ -303,7 +309,7 @@ fn revision_of(result: &command_result::Result) -> Option<i64> {
         R::Compact(r) => r.header.as_ref(),
         R::LeaseGrant(r) => r.header.as_ref(),
         R::LeaseRevoke(r) => r.header.as_ref(),
-        R::Published(_) => None,
+        R::Published(_) | R::Alarm(_) => None,
     };
     header.map(|h| h.revision)
 }

@@ -74,6 +74,7 @@ impl Member {
             }
             Op::Publish(_) => Ok(()),
             Op::Batch(_) => Err(refused("a batch of commands")),
+            Op::Alarm(a) => super::alarm::check_alarm_change(&a),
         }
     }
 

@@ -90,17 +90,25 @@ pub enum AlarmCommand {
     Disarm,
 }
 
-/// `alarm list` and `alarm disarm`, printed as etcdctl prints them.
+/// `alarm list` and `alarm disarm`, printed as etcdctl prints them (the
+/// alarm in protobuf's text form, trailing space included). Disarm lists
+/// the alarms and clears each, as etcd's client does.
 pub async fn alarm(client: &Client, cmd: AlarmCommand) -> Result<()> {
+    use kvd::proto::etcdserverpb::alarm_request::AlarmAction;
     use kvd::proto::etcdserverpb::{AlarmRequest, AlarmType};
-    let action = match cmd {
-        AlarmCommand::List => 0,
-        AlarmCommand::Disarm => 2,
-    };
-    let resp = client.alarm(AlarmRequest { action, member_id: 0, alarm: 0 }).await?;
-    for a in resp.alarms {
+    let list = AlarmRequest { action: AlarmAction::Get as i32, member_id: 0, alarm: AlarmType::None as i32 };
+    let mut alarms = client.alarm(list).await?.alarms;
+    if let AlarmCommand::Disarm = cmd {
+        let mut cleared = Vec::new();
+        for a in alarms {
+            let req = AlarmRequest { action: AlarmAction::Deactivate as i32, member_id: a.member_id, alarm: a.alarm };
+            cleared.extend(client.alarm(req).await?.alarms);
+        }
+        alarms = cleared;
+    }
+    for a in alarms {
         let name = AlarmType::try_from(a.alarm).map_or_else(|_| a.alarm.to_string(), |t| t.as_str_name().to_string());
-        outln!("memberID:{} alarm:{name}", a.member_id);
+        outln!("memberID:{} alarm:{name} ", a.member_id);
     }
     Ok(())
 }
@@ -314,9 +322,15 @@ pub async fn endpoint(client: &Client, cmd: EndpointCommand, fmt: Format, timeou
                     let all: Vec<_> = rows
                         .iter()
                         .map(|(ep, s, _)| {
-                            json!({"Endpoint": ep, "Status": {"header": output::header_json(&s.header), "version": s.version,
+                            let mut status = json!({"header": output::header_json(&s.header), "version": s.version,
                                 "dbSize": s.db_size, "leader": s.leader, "raftIndex": s.raft_index, "raftTerm": s.raft_term,
-                                "raftAppliedIndex": s.raft_applied_index, "dbSizeInUse": s.db_size_in_use}})
+                                "raftAppliedIndex": s.raft_applied_index});
+                            // In etcdctl's order; left out when empty, as there.
+                            if !s.errors.is_empty() {
+                                status["errors"] = json!(s.errors);
+                            }
+                            status["dbSizeInUse"] = json!(s.db_size_in_use);
+                            json!({"Endpoint": ep, "Status": status})
                         })
                         .collect();
                     output::print_json(&json!(all));

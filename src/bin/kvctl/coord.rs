@@ -160,7 +160,10 @@ pub fn lease_is_long_running(cmd: &LeaseCommand) -> bool {
 pub async fn lease(client: &Client, cmd: LeaseCommand, fmt: Format) -> Result<()> {
     match cmd {
         LeaseCommand::Grant { ttl } => {
-            let r = client.lease_grant(ttl, 0).await?;
+            let r = client
+                .lease_grant(ttl, 0)
+                .await
+                .map_err(|s| anyhow!("failed to grant lease ({})", client.explain(&s)))?;
             if fmt == Format::Json {
                 output::print_json(&json!({"header": output::header_json(&r.header), "ID": r.id, "TTL": r.ttl}));
             } else {
@@ -169,7 +172,10 @@ pub async fn lease(client: &Client, cmd: LeaseCommand, fmt: Format) -> Result<()
         }
         LeaseCommand::Revoke { id } => {
             let id = lease_id(&id)?;
-            let r = client.lease_revoke(id).await?;
+            let r = client
+                .lease_revoke(id)
+                .await
+                .map_err(|s| anyhow!("failed to revoke lease ({})", client.explain(&s)))?;
             if fmt == Format::Json {
                 output::print_json(&json!({"header": output::header_json(&r.header)}));
             } else {

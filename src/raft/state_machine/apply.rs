@@ -6,13 +6,19 @@ use prost::Message;
 use super::super::committer::Committer;
 use super::super::Response;
 use super::group::Group;
+use super::records::alarm_key;
 use super::view::State;
 use super::ATTRS;
 use crate::error::Error;
 use crate::mvcc::{ops, txn, Batch};
-use crate::proto::etcdserverpb::{request_op, CompactionResponse, LeaseGrantResponse, LeaseRevokeResponse, TxnRequest};
+use crate::proto::etcdserverpb::alarm_request::AlarmAction;
+use crate::proto::etcdserverpb::{
+    request_op, AlarmMember, AlarmResponse, AlarmType, CompactionResponse, LeaseGrantResponse, LeaseRevokeResponse,
+    TxnRequest,
+};
 use crate::proto::kvdpb::{command, command_result, Command, CommandResult};
 use crate::proto::mvccpb::Event;
+use std::collections::BTreeSet;
 
 pub(super) fn decode_command(bytes: &[u8]) -> Option<Command> {
     Command::decode(bytes).ok()
@@ -43,6 +49,47 @@ pub fn txn_reads_history(t: &TxnRequest) -> bool {
 
 pub(super) type Applying = (Batch, Response, Vec<Event>);
 
+/// The name etcd gives an alarm type, for logs.
+pub fn alarm_name(alarm: i32) -> &'static str {
+    AlarmType::try_from(alarm).map_or("UNKNOWN", |t| t.as_str_name())
+}
+
+/// The error a write gets while an alarm is raised, as etcd's capped and
+/// corrupt appliers answer: with CORRUPT, every write; with NOSPACE, what
+/// adds data (a put, a Txn with a put in any branch, a lease grant), while
+/// deletes, compaction and lease revokes go on so that space can be freed.
+/// It depends only on replicated state, so every member refuses alike.
+pub fn refused_by_alarm(alarms: &BTreeSet<(u64, i32)>, op: &command::Op) -> Option<Error> {
+    let raised = |t: AlarmType| alarms.iter().any(|(_, a)| *a == t as i32);
+    let writes_data = matches!(
+        op,
+        command::Op::Put(_)
+            | command::Op::DeleteRange(_)
+            | command::Op::Txn(_)
+            | command::Op::Compact(_)
+            | command::Op::LeaseGrant(_)
+            | command::Op::LeaseRevoke(_)
+    );
+    if writes_data && raised(AlarmType::Corrupt) {
+        return Some(Error::Corrupt);
+    }
+    let adds = match op {
+        command::Op::Put(_) | command::Op::LeaseGrant(_) => true,
+        command::Op::Txn(t) => txn_puts(t),
+        _ => false,
+    };
+    (adds && raised(AlarmType::Nospace)).then_some(Error::NoSpace)
+}
+
+/// Whether a Txn has a put in either branch, at any depth.
+pub fn txn_puts(t: &TxnRequest) -> bool {
+    t.success.iter().chain(&t.failure).any(|op| match &op.request {
+        Some(request_op::Request::RequestPut(_)) => true,
+        Some(request_op::Request::RequestTxn(inner)) => txn_puts(inner),
+        _ => false,
+    })
+}
+
 /// Applies one command. Errors a client caused come back in the `Response`;
 /// an `Err` is a storage failure that leaves the member unable to go on.
 /// Commands that read history first commit `group` to `tree`; `in_batch`
@@ -63,6 +110,9 @@ pub(super) fn apply_command(
     if in_batch && reads_history(&op) {
         // The batcher never does this; refusing is the same on every member.
         return refused(Error::internal("a command that reads history was batched with others"));
+    }
+    if let Some(e) = refused_by_alarm(&state.alarms, &op) {
+        return refused(e);
     }
     let result = match op {
         // Batches are unpacked by the caller and never nested.
@@ -145,8 +195,98 @@ pub(super) fn apply_command(
             let header = if events.is_empty() { ops::rev_header(state.store.revision()) } else { header };
             (batch, command_result::Result::LeaseRevoke(LeaseRevokeResponse { header }))
         }
+        command::Op::Alarm(a) => {
+            let mut batch = Batch::default();
+            let raised = (a.member_id, a.alarm);
+            let member = AlarmMember { member_id: a.member_id, alarm: a.alarm };
+            let alarms = match AlarmAction::try_from(a.action) {
+                _ if AlarmType::try_from(a.alarm).is_err() => return refused(Error::UnknownAlarmType(a.alarm)),
+                Ok(AlarmAction::Activate) => {
+                    if state.alarms.insert(raised) {
+                        tracing::warn!(member = %format!("{:x}", a.member_id), alarm = alarm_name(a.alarm), "alarm raised");
+                        batch.insert(alarm_key(a.member_id, a.alarm), []);
+                    }
+                    vec![member]
+                }
+                Ok(AlarmAction::Deactivate) => {
+                    if state.alarms.remove(&raised) {
+                        tracing::info!(member = %format!("{:x}", a.member_id), alarm = alarm_name(a.alarm), "alarm cleared");
+                        batch.remove(alarm_key(a.member_id, a.alarm));
+                        vec![member]
+                    } else {
+                        Vec::new()
+                    }
+                }
+                // GET is answered from the state, never proposed.
+                _ => return refused(Error::UnknownAlarmAction(a.action)),
+            };
+            (batch, command_result::Result::Alarm(AlarmResponse { header: None, alarms }))
+        }
     };
     let (batch, result) = result;
     let encoded = CommandResult { result: Some(result) }.encode_to_vec();
     Ok((batch, Response(Ok(serde_bytes::ByteBuf::from(encoded))), events))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::etcdserverpb::{
+        CompactionRequest, DeleteRangeRequest, LeaseGrantRequest, LeaseRevokeRequest, PutRequest, RequestOp,
+    };
+    use crate::proto::kvdpb::MemberAttributes;
+
+    #[test]
+    fn alarms_refuse_writes_as_etcd_appliers_do() {
+        let put = || command::Op::Put(PutRequest::default());
+        let nested_put = TxnRequest {
+            failure: vec![RequestOp {
+                request: Some(request_op::Request::RequestTxn(TxnRequest {
+                    success: vec![RequestOp { request: Some(request_op::Request::RequestPut(PutRequest::default())) }],
+                    ..Default::default()
+                })),
+            }],
+            ..Default::default()
+        };
+        let delete_only = TxnRequest {
+            success: vec![RequestOp {
+                request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest::default())),
+            }],
+            ..Default::default()
+        };
+        let ops = [
+            ("put", put()),
+            ("txn with a nested put", command::Op::Txn(nested_put)),
+            ("txn that deletes", command::Op::Txn(delete_only)),
+            ("delete", command::Op::DeleteRange(DeleteRangeRequest::default())),
+            ("compact", command::Op::Compact(CompactionRequest::default())),
+            ("grant", command::Op::LeaseGrant(LeaseGrantRequest::default())),
+            ("revoke", command::Op::LeaseRevoke(LeaseRevokeRequest::default())),
+            ("publish", command::Op::Publish(MemberAttributes::default())),
+        ];
+        let refusals = |alarms: &[(u64, AlarmType)]| -> Vec<(&str, Option<Error>)> {
+            let alarms: BTreeSet<(u64, i32)> = alarms.iter().map(|(m, a)| (*m, *a as i32)).collect();
+            ops.iter().map(|(name, op)| (*name, refused_by_alarm(&alarms, op))).collect()
+        };
+        assert!(refusals(&[]).iter().all(|(_, e)| e.is_none()));
+        let no_space = Some(Error::NoSpace);
+        assert_eq!(
+            refusals(&[(7, AlarmType::Nospace)]),
+            vec![
+                ("put", no_space.clone()),
+                ("txn with a nested put", no_space.clone()),
+                ("txn that deletes", None),
+                ("delete", None),
+                ("compact", None),
+                ("grant", no_space),
+                ("revoke", None),
+                ("publish", None),
+            ]
+        );
+        let corrupt = refusals(&[(7, AlarmType::Nospace), (8, AlarmType::Corrupt)]);
+        for (name, e) in corrupt {
+            let want = if name == "publish" { None } else { Some(Error::Corrupt) };
+            assert_eq!(e, want, "{name}");
+        }
+    }
 }

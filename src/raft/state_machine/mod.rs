@@ -20,7 +20,7 @@ mod snapshot;
 mod tests;
 mod view;
 
-pub use apply::{reads_history, txn_reads_history};
+pub use apply::{alarm_name, reads_history, refused_by_alarm, txn_puts, txn_reads_history};
 pub use group::{MAX_UNFLUSHED_AGE, MAX_UNFLUSHED_WRITES};
 pub use records::load_backup;
 pub use snapshot::SnapshotBuilder;
@@ -48,6 +48,9 @@ use crate::mvcc::keys::meta_key;
 use crate::proto::kvdpb::{command, Command};
 
 const ATTRS: u8 = b'a';
+/// Prefix of an alarm's record: then the member id (8 bytes) and the alarm
+/// type (4 bytes), big-endian; the value is empty.
+const ALARMS: u8 = b'A';
 const APPLIED: &str = "applied";
 const MEMBERSHIP: &str = "membership";
 const SNAPSHOT_FILE: &str = "snapshot.bin";

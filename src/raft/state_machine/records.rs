@@ -1,7 +1,7 @@
 //! The state tree's records: loading the state at start, copying every
 //! record for a snapshot or a backup, and loading them back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use openraft::StoredMembership;
 use prost::Message;
@@ -9,7 +9,7 @@ use prost::Message;
 use super::super::{decode, LogId, Node, NodeId};
 use super::group::Group;
 use super::view::State;
-use super::{APPLIED, ATTRS, INSTALLING, MEMBERSHIP};
+use super::{ALARMS, APPLIED, ATTRS, INSTALLING, MEMBERSHIP};
 use crate::error::Error;
 use crate::mvcc::keys::meta_key;
 use crate::mvcc::MvccStore;
@@ -36,8 +36,13 @@ pub(super) fn load_state(tree: &sled::Tree) -> Result<Loaded, Error> {
             MemberAttributes::decode(v.as_ref()).map_err(|e| Error::internal(format!("corrupt member record: {e}")))?;
         attrs.insert(a.id, a);
     }
+    let mut alarms = BTreeSet::new();
+    for item in tree.scan_prefix([ALARMS]) {
+        let (k, _) = item?;
+        alarms.insert(parse_alarm_key(&k).ok_or_else(|| Error::internal("corrupt alarm record"))?);
+    }
     let store = MvccStore::open(tree.clone())?;
-    Ok((State { store, attrs, unflushed: Group::default() }, last_applied, membership))
+    Ok((State { store, attrs, alarms, unflushed: Group::default() }, last_applied, membership))
 }
 
 /// Every record of the state tree, as snapshot data: the layout bincode
@@ -61,10 +66,24 @@ pub(super) fn copy_records(tree: &sled::Tree) -> Result<Vec<u8>, Error> {
 }
 
 /// Whether a record of the state tree belongs to the cluster that wrote it
-/// rather than to its data: the last applied log id, the membership and the
-/// members' published attributes.
+/// rather than to its data: the last applied log id, the membership, the
+/// members' published attributes and the alarms raised for them.
 pub(super) fn is_cluster_record(key: &[u8]) -> bool {
-    key.first() == Some(&ATTRS) || key == meta_key(APPLIED) || key == meta_key(MEMBERSHIP)
+    matches!(key.first(), Some(&ATTRS) | Some(&ALARMS)) || key == meta_key(APPLIED) || key == meta_key(MEMBERSHIP)
+}
+
+/// The record key of the alarm `alarm` of member `member`.
+pub(super) fn alarm_key(member: NodeId, alarm: i32) -> Vec<u8> {
+    let mut key = vec![ALARMS];
+    key.extend_from_slice(&member.to_be_bytes());
+    key.extend_from_slice(&alarm.to_be_bytes());
+    key
+}
+
+fn parse_alarm_key(key: &[u8]) -> Option<(NodeId, i32)> {
+    let member: [u8; 8] = key.get(1..9)?.try_into().ok()?;
+    let alarm: [u8; 4] = key.get(9..13)?.try_into().ok()?;
+    (key.len() == 13).then(|| (NodeId::from_be_bytes(member), i32::from_be_bytes(alarm)))
 }
 
 /// Writes the data records of `records` (snapshot data, as [`Shared::backup`]

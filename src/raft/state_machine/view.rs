@@ -2,7 +2,7 @@
 //! attributes behind one lock, the broadcast of applied revisions that
 //! watches follow, and the reads that need history, hashes or backups.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tokio::sync::{broadcast, oneshot, watch};
@@ -24,6 +24,10 @@ pub struct State {
     pub store: MvccStore,
     /// Names and client URLs that members published about themselves.
     pub attrs: BTreeMap<NodeId, MemberAttributes>,
+    /// Raised alarms: the member each is for, and its type (etcd's
+    /// `AlarmType` number). Replicated like the data: every member refuses
+    /// the same writes while one is raised.
+    pub alarms: BTreeSet<(NodeId, i32)>,
     /// Writes of applied entries not yet committed to sled (see
     /// [`Shared::read_committed`]).
     pub(super) unflushed: Group,
@@ -209,16 +213,17 @@ impl Shared {
             let (tx, rx) = std::sync::mpsc::channel();
             let work = step.clone();
             self.committer.run(move |tree| {
-                let done = work.run(tree, COMPACTION_STEP).and_then(|(batch, next)| {
-                    tree.apply_batch(batch.into_sled())?;
-                    Ok(next)
+                let done = work.run(tree, COMPACTION_STEP).and_then(|done| {
+                    tree.apply_batch(done.batch.into_sled())?;
+                    Ok((done.next, done.freed))
                 });
                 let _ = tx.send(done);
             })?;
             break (step, rx);
         };
-        let next = done.recv().map_err(|_| CommitError::Gone("during a compaction step"))??;
+        let (next, freed) = done.recv().map_err(|_| CommitError::Gone("during a compaction step"))??;
         let mut state = self.write();
+        state.store.freed(freed);
         if state.store.compaction_stepped(&step, next) {
             let rev = state.store.physical();
             tracing::info!(revision = rev, "removed compacted history");
@@ -262,6 +267,11 @@ impl Shared {
     /// Writes everything sled holds in memory to disk.
     pub async fn flush(&self) -> Result<(), Error> {
         crate::raft::flush(&self.db).await
+    }
+
+    /// Bytes of data the store holds (`MvccStore::bytes_in_use`).
+    pub fn bytes_in_use(&self) -> u64 {
+        self.read().store.bytes_in_use()
     }
 
     /// Bytes the member's database takes on disk.
