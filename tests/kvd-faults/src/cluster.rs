@@ -1,7 +1,8 @@
 //! A three-member kvd cluster of real processes, and the proxy on its peer
 //! links that the harness cuts.
 //!
-//! Member `i` listens for peers on its own loopback address `127.0.0.(11+i)`
+//! Member `i` (of three, and a fourth place the cluster grows into) listens
+//! for peers on its own loopback address `127.0.0.(11+i)`
 //! and kvd makes its outgoing peer connections from that address. The peer
 //! URL the members know each other by is a proxy port of the harness, one per
 //! member, which forwards to the member's real peer port. A proxy sees which
@@ -43,6 +44,10 @@ impl Endpoints {
 /// Members of the cluster.
 pub const MEMBERS: usize = 3;
 
+/// Places for members: the three, and a fourth that the add-learner fault
+/// grows the cluster into (and shrinks it out of again).
+pub const SLOTS: usize = MEMBERS + 1;
+
 /// Links that carry nothing: `(from, to)` means connections that member
 /// `from` opens to member `to` are refused, and open ones are cut.
 pub type Cuts = Arc<HashSet<(usize, usize)>>;
@@ -64,7 +69,7 @@ fn make_pki(dir: &Path) -> anyhow::Result<PathBuf> {
     std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key)?.pem())?;
     let issuer = Issuer::new(ca, ca_key);
     let mut member_names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    member_names.extend((0..MEMBERS).map(|i| member_ip(i).to_string()));
+    member_names.extend((0..SLOTS).map(|i| member_ip(i).to_string()));
     for (name, cn, sans) in [("member", MEMBER_CN, member_names), ("client", "kvd-faults client", Vec::new())] {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(sans)?;
@@ -148,7 +153,7 @@ impl Cluster {
         let mut client_addrs = Vec::new();
         let mut peer_listen = Vec::new();
         let mut proxies = Vec::new();
-        for i in 0..MEMBERS {
+        for i in 0..SLOTS {
             let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
             client_addrs.push(SocketAddr::new(local, free_port(local)?));
             peer_listen.push(SocketAddr::new(member_ip(i), free_port(member_ip(i))?));
@@ -164,7 +169,7 @@ impl Cluster {
             false => None,
         };
         let endpoints =
-            Endpoints { addrs: client_addrs.iter().map(|a| a.to_string()).collect(), tls: client_tls(&tls) };
+            Endpoints { addrs: client_addrs[..MEMBERS].iter().map(|a| a.to_string()).collect(), tls: client_tls(&tls) };
         let client = endpoints.client(Duration::from_millis(500));
         let small_disk = match small_disk {
             Some(m) => {
@@ -189,11 +194,12 @@ impl Cluster {
         let layout = Layout { kvd, dir, client_addrs, peer_listen, peer_proxy, election_ms, small_disk, tls };
         let mut cluster = Cluster {
             layout,
-            children: (0..MEMBERS).map(|_| None).collect(),
-            paused: vec![false; MEMBERS],
+            children: (0..SLOTS).map(|_| None).collect(),
+            paused: vec![false; SLOTS],
             cuts,
             client,
-            joined: vec![false; MEMBERS],
+            // A member in the spare slot always joins an existing cluster.
+            joined: (0..SLOTS).map(|i| i >= MEMBERS).collect(),
         };
         for i in 0..MEMBERS {
             cluster.start_member(i)?;
@@ -268,18 +274,146 @@ impl Cluster {
         Ok(())
     }
 
-    /// The members' client addresses, with the TLS clients need.
+    /// The three members' client addresses, with the TLS clients need.
     pub fn endpoints(&self) -> Endpoints {
         Endpoints {
-            addrs: self.layout.client_addrs.iter().map(|a| a.to_string()).collect(),
+            addrs: self.layout.client_addrs[..MEMBERS].iter().map(|a| a.to_string()).collect(),
             tls: client_tls(&self.layout.tls),
         }
+    }
+
+    /// A client of the member in slot `i` alone.
+    pub fn client_of(&self, i: usize) -> Client {
+        let addrs = vec![self.layout.client_addrs[i].to_string()];
+        Endpoints { addrs, tls: client_tls(&self.layout.tls) }.client(Duration::from_millis(500))
+    }
+
+    /// Grows the cluster into the spare slot and shrinks it back, as an
+    /// operator adds a member: `member add --learner`, start it with
+    /// `--initial-cluster-state existing` on an empty data directory,
+    /// `member promote` once it has caught up (refused until then), check
+    /// that it serves a linearizable read, then `member remove`: the member
+    /// must stop on its own. Returns its id and the time from the add to
+    /// the promotion.
+    pub async fn grow_and_shrink(&mut self, within: Duration) -> anyhow::Result<(u64, Duration)> {
+        let i = MEMBERS;
+        let deadline = Instant::now() + within;
+        let retry = |what: &str, e: &tonic::Status| -> anyhow::Result<()> {
+            anyhow::ensure!(Instant::now() < deadline, "{what} of m{i}: {e:?}");
+            Ok(())
+        };
+        empty_dir(&self.data_dir(i)).or_else(|_| std::fs::create_dir_all(self.data_dir(i)))?;
+        let scheme = if self.layout.tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", self.layout.peer_proxy[i]);
+        let started = Instant::now();
+        let id = loop {
+            match self.client.member_add(vec![url.clone()], true).await {
+                Ok(added) => break added.member.map_or(0, |m| m.id),
+                Err(e) => retry("member add", &e)?,
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        self.start_member(i)?;
+        loop {
+            match self.client.member_promote(id).await {
+                Ok(_) => break,
+                Err(e) => retry("member promote", &e)?,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let promoted = started.elapsed();
+        let own = self.client_of(i);
+        loop {
+            let read = kvd::proto::etcdserverpb::RangeRequest { key: b"grown".to_vec(), ..Default::default() };
+            match own.range(read).await {
+                Ok(_) => break,
+                Err(e) => retry("a linearizable read", &e)?,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        loop {
+            match self.client.member_remove(id).await {
+                Ok(_) => break,
+                Err(e) if e.message() == "etcdserver: member not found" => break,
+                Err(e) => retry("member remove", &e)?,
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // A removed member stops itself.
+        while !self.exited(i) {
+            if Instant::now() >= deadline {
+                self.kill(i);
+                anyhow::bail!("m{i} did not stop within {within:?} of its removal");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok((id, promoted))
+    }
+
+    /// Removes running member `i` from the cluster with `member remove`
+    /// (it must stop on its own), empties its data directory and adds it
+    /// again as a voter (`member add` without `--learner`) under a new id,
+    /// started with `--initial-cluster-state existing`. Returns its old and
+    /// new ids.
+    pub async fn remove_and_readd(&mut self, i: usize, old_id: u64, within: Duration) -> anyhow::Result<(u64, u64)> {
+        let deadline = Instant::now() + within;
+        let retry = |what: &str, e: &tonic::Status| -> anyhow::Result<()> {
+            anyhow::ensure!(Instant::now() < deadline, "{what} of m{i}: {e:?}");
+            Ok(())
+        };
+        loop {
+            match self.client.member_remove(old_id).await {
+                Ok(_) => break,
+                Err(e) if e.message() == "etcdserver: member not found" => break,
+                Err(e) => retry("member remove", &e)?,
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        while !self.exited(i) {
+            if Instant::now() >= deadline {
+                self.kill(i);
+                anyhow::bail!("m{i} did not stop within {within:?} of its removal");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        empty_dir(&self.data_dir(i))?;
+        let scheme = if self.layout.tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", self.layout.peer_proxy[i]);
+        let new_id = loop {
+            match self.client.member_add(vec![url.clone()], false).await {
+                Ok(added) => break added.member.map_or(0, |m| m.id),
+                Err(e) => retry("member add", &e)?,
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        self.joined[i] = true;
+        self.start_member(i)?;
+        Ok((old_id, new_id))
+    }
+
+    /// The raised alarms, as the members answer (empty if none answers).
+    pub async fn alarms(&self) -> Vec<kvd::proto::etcdserverpb::AlarmMember> {
+        let get = kvd::proto::etcdserverpb::AlarmRequest { action: 0, member_id: 0, alarm: 0 };
+        self.client.alarm(get).await.map(|r| r.alarms).unwrap_or_default()
+    }
+
+    /// Clears every raised alarm, as `alarm disarm` does.
+    pub async fn disarm(&self) -> Result<(), tonic::Status> {
+        for a in self.alarms().await {
+            let clear = kvd::proto::etcdserverpb::AlarmRequest { action: 2, member_id: a.member_id, alarm: a.alarm };
+            self.client.alarm(clear).await?;
+        }
+        Ok(())
     }
 
     fn command(&self, i: usize) -> Command {
         let l = &self.layout;
         let scheme = if l.tls.is_some() { "https" } else { "http" };
-        let initial: Vec<String> = (0..MEMBERS).map(|m| format!("m{m}={scheme}://{}", l.peer_proxy[m])).collect();
+        // The three, and the member in the spare slot when that is the one.
+        let initial: Vec<String> = (0..MEMBERS)
+            .chain((i >= MEMBERS).then_some(i))
+            .map(|m| format!("m{m}={scheme}://{}", l.peer_proxy[m]))
+            .collect();
         let mut cmd = Command::new(&l.kvd);
         cmd.args(["--name", &format!("m{i}")])
             .arg("--data-dir")
@@ -436,7 +570,7 @@ impl Cluster {
 
     /// Stops every member.
     pub fn stop_all(&mut self) {
-        for i in 0..MEMBERS {
+        for i in 0..SLOTS {
             self.kill(i);
         }
     }
@@ -451,21 +585,24 @@ impl Drop for Cluster {
     }
 }
 
-/// Fills the file system holding `dir` with a file `dir/filler` until a
-/// write fails for lack of space; returns the bytes written.
-pub fn fill(dir: &Path) -> std::io::Result<u64> {
+/// Fills the file system holding `dir` with a file `dir/filler` until only
+/// `leave` bytes are free (or a write fails for lack of space); returns the
+/// bytes written.
+pub fn fill(dir: &Path, leave: u64) -> std::io::Result<u64> {
     use std::io::Write;
     let mut f = std::fs::File::create(dir.join("filler"))?;
     let chunk = vec![0u8; 1 << 20];
     let mut written = 0u64;
-    loop {
+    while kvd::node::alarm::free_bytes(dir)? > leave + chunk.len() as u64 {
         match f.write(&chunk) {
-            Ok(0) => return Ok(written),
+            Ok(0) => break,
             Ok(n) => written += n as u64,
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return Ok(written),
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
             Err(e) => return Err(e),
         }
     }
+    f.sync_all()?;
+    Ok(written)
 }
 
 fn signal(child: &Child, sig: libc::c_int) {

@@ -165,6 +165,36 @@ pub async fn inject(ctx: Injection<'_>, fault: Fault, leader: usize, follower: u
                 Err(e) => report.anomalies.push(format!("replacing m{victim} failed: {e:#}")),
             }
         }
+        Fault::AddLearner => match cluster.grow_and_shrink(Duration::from_secs(60)).await {
+            Ok((id, promoted)) => {
+                report.notes.push(format!(
+                    "add-learner: {id:x} added, promoted after {} ms, removed; it stopped itself",
+                    promoted.as_millis()
+                ));
+                report.grown.push(promoted);
+            }
+            Err(e) => report.anomalies.push(format!("growing to four members and back failed: {e:#}")),
+        },
+        Fault::RemoveReadd => {
+            let victim = follower;
+            let old_id = match cluster.client.status_of(victim).await {
+                Ok(status) => status.header.map_or(0, |h| h.member_id),
+                Err(e) => {
+                    report.notes.push(format!("remove-readd skipped: m{victim} did not answer ({})", e.message()));
+                    return Ok(());
+                }
+            };
+            match cluster.remove_and_readd(victim, old_id, Duration::from_secs(60)).await {
+                Ok((old, new)) => match serves(cluster, victim, Duration::from_secs(30)).await {
+                    Some(d) => report.notes.push(format!(
+                        "remove-readd: m{victim} {old:x} removed and stopped, re-added as {new:x}, serving after {} ms",
+                        d.as_millis()
+                    )),
+                    None => report.liveness.push(format!("m{victim} did not serve within 30 s of being re-added")),
+                },
+                Err(e) => report.anomalies.push(format!("removing and re-adding m{victim} failed: {e:#}")),
+            }
+        }
         Fault::MoveLeader => {
             let target = follower;
             let target_id = match cluster.client.status_of(target).await {
@@ -182,18 +212,36 @@ pub async fn inject(ctx: Injection<'_>, fault: Fault, leader: usize, follower: u
         }
         Fault::DiskFull => {
             let victim = cluster.layout.small_disk.unwrap_or(2);
+            let victim_id = cluster.client.status_of(victim).await.ok().and_then(|s| s.header).map(|h| h.member_id);
             let data = cluster.data_dir(victim);
-            let filled = cluster::fill(&data)?;
+            // 16 MiB left: less than the 64 MiB a member keeps free by
+            // default (--quota-disk-free-bytes), so it raises NOSPACE and
+            // goes on serving reads instead of failing a write.
+            let filled = cluster::fill(&data, 16 << 20)?;
             tokio::time::sleep(Duration::from_millis(rng.gen_range(1500..3000))).await;
             let exited = cluster.exited(victim);
             let last = last_error(dir, victim);
+            // The member sees its disk short of free space and raises
+            // NOSPACE for itself (--quota-disk-free-bytes).
+            let alarms = cluster.alarms().await;
+            let raised = victim_id.is_some_and(|id| alarms.iter().any(|a| a.member_id == id && a.alarm == 1));
             std::fs::remove_file(data.join("filler"))?;
             report.notes.push(format!(
-                "disk-full: {} MiB filled m{victim}'s disk; it {}{}",
+                "disk-full: {} MiB filled m{victim}'s disk; it {}{}; NOSPACE {}",
                 filled >> 20,
                 if exited { "exited" } else { "kept running" },
-                if last.is_empty() { String::new() } else { format!(": {last}") }
+                if last.is_empty() { String::new() } else { format!(": {last}") },
+                if raised { "raised" } else { "not raised" },
             ));
+            if !raised || exited {
+                report
+                    .anomalies
+                    .push(format!("m{victim} did not raise NOSPACE and go on running on a nearly full disk"));
+            }
+            // As an operator would once space is back.
+            if let Err(e) = cluster.disarm().await {
+                report.notes.push(format!("disk-full: alarm disarm failed: {e}"));
+            }
             if exited {
                 // As a supervisor would, once space is back.
                 cluster.start_member(victim)?;

@@ -41,9 +41,11 @@ faults! {
     OneWay = "one-way": "The leader's connections to the followers fail; theirs to it work.",
     CorruptLog = "corrupt-log": "Flip a byte in a stopped follower's log; it must refuse to start.",
     TruncateLog = "truncate-log": "Cut a stopped follower's log; it must start and catch up, or refuse clearly.",
-    DiskFull = "disk-full": "Fill member 2's data disk (a 512 MiB tmpfs; needs root).",
+    DiskFull = "disk-full": "Fill member 2's data disk (a 512 MiB tmpfs; needs root) to 16 MiB free: it raises NOSPACE; then free it and disarm.",
     ReplaceMember = "replace-member": "SIGKILL a follower, remove it, wipe its disk, add it again as a learner, promote it.",
     MoveLeader = "move-leader": "Hand leadership to a follower (MoveLeader).",
+    AddLearner = "add-learner": "Add a fourth member as a learner, promote it once caught up, then remove it (it stops itself).",
+    RemoveReadd = "remove-readd": "Remove a running follower (it stops itself), wipe it, add it back as a voter.",
 }
 
 impl fmt::Display for Fault {

@@ -98,6 +98,8 @@ struct Report {
     replaced: Vec<Duration>,
     /// How long each MoveLeader took.
     moved_leader: Vec<Duration>,
+    /// From adding a fourth member as a learner to its promotion.
+    grown: Vec<Duration>,
 }
 
 fn main() {
@@ -191,6 +193,7 @@ fn merge(t: &mut Report, r: Report) {
     t.heal_to_serve.extend(r.heal_to_serve);
     t.replaced.extend(r.replaced);
     t.moved_leader.extend(r.moved_leader);
+    t.grown.extend(r.grown);
 }
 
 fn spread(v: &[Duration]) -> String {
@@ -214,6 +217,7 @@ fn print_report(seed: u64, r: &Report) {
     println!("   writes resumed after a leader kill: {}", spread(&r.resume_after_kill));
     println!("   move-leader answered after: {}", spread(&r.moved_leader));
     println!("   a killed member replaced (removed, re-added, promoted) after: {}", spread(&r.replaced));
+    println!("   a fourth member added as a learner and promoted after: {}", spread(&r.grown));
     println!(
         "   leases let go: key gone after the last keep-alive: {}; later than TTL + election timeout (during faults): {}",
         spread(&r.lease_expiry),

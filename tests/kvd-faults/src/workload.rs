@@ -222,7 +222,11 @@ pub async fn register_client(id: usize, client: Client, load: Load) {
 fn outcome<T>(record: &Record, r: Result<Result<T, tonic::Status>, tokio::time::error::Elapsed>) -> Result<T, bool> {
     let (what, certain) = match r {
         Ok(Ok(v)) => return Ok(v),
-        Ok(Err(s)) => (format!("{:?}: {}", s.code(), s.message()), kvd::client::not_sent(&s)),
+        // A write the NOSPACE alarm refused was not applied.
+        Ok(Err(s)) => (
+            format!("{:?}: {}", s.code(), s.message()),
+            kvd::client::not_sent(&s) || s.code() == tonic::Code::ResourceExhausted,
+        ),
         Err(_) => ("timed out".to_string(), false),
     };
     *record.errors.lock().unwrap_or_else(|p| p.into_inner()).entry(what).or_default() += 1;
