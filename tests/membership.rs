@@ -156,6 +156,21 @@ async fn what_a_membership_change_refuses() {
     let list = client.member_remove(gone).await.unwrap();
     assert_eq!(list.members.len(), 2);
     client.put(put("k", "v")).await.unwrap();
+
+    // A voter added but never started counts for the quorum, not as
+    // started: removing a started member would leave one started of two.
+    let added = client.member_add(vec!["http://127.0.0.1:12".into()], false).await.unwrap();
+    let unstarted = added.member.unwrap().id;
+    client.put(put("k", "v2")).await.expect("two of three voters are up");
+    let s = status(client.member_remove(c.member(other).member.id).await);
+    assert_eq!(
+        (s.code(), s.message()),
+        (Code::FailedPrecondition, "etcdserver: re-configuration failed due to not enough started members")
+    );
+    // The voter that never started may go.
+    let list = client.member_remove(unstarted).await.unwrap();
+    assert_eq!(list.members.len(), 2);
+    client.put(put("k", "v3")).await.unwrap();
     c.shutdown().await;
 }
 
