@@ -132,6 +132,10 @@ pub enum Error {
     /// CORRUPT.
     #[error("unknown alarm type {0}")]
     UnknownAlarmType(i32),
+    /// A lease expiry decided by the leader of one term, applied from an
+    /// entry of another: void (see `kvdpb::LeaseExpire`).
+    #[error("kvd: a lease expiry decided in an earlier term is void")]
+    StaleLeaseExpiry,
 }
 
 impl Error {

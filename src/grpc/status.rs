@@ -30,6 +30,7 @@ pub fn code(e: &Error) -> Code {
         Error::SessionExpired => Code::FailedPrecondition,
         Error::NoLeader | Error::Timeout | Error::Stopped | Error::Unhealthy => Code::Unavailable,
         Error::NoSpace => Code::ResourceExhausted,
+        Error::StaleLeaseExpiry => Code::Aborted,
         Error::Corrupt => Code::DataLoss,
         Error::Internal(_) => Code::Internal,
         Error::MemberNotFound => Code::NotFound,

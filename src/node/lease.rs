@@ -14,7 +14,7 @@ use crate::lease::{LeaseAnswer, LeaseCall, MAX_LEASE_TTL};
 use crate::proto::etcdserverpb::{
     LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseTimeToLiveResponse,
 };
-use crate::proto::kvdpb::command;
+use crate::proto::kvdpb::{command, LeaseExpire};
 use crate::raft::encode;
 use crate::raft::leader::{ask_leader, idempotent_attempt, until_leader, Attempt, Forwarded};
 use crate::raft::network::Rpc;
@@ -129,10 +129,15 @@ impl Member {
                 // new leader, which restarted every countdown, decides.
                 // Forwarding the revocation would cut short a lease the new
                 // leader is keeping alive.
-                let revoke = command::Op::LeaseRevoke(LeaseRevokeRequest { id });
+                let revoke = command::Op::LeaseExpire(LeaseExpire { id, term });
                 match member.propose_here(revoke).await.map(|_| ()) {
                     Ok(_) => tracing::info!(lease = format!("{id:x}"), "lease expired and was revoked"),
                     Err(Error::LeaseNotFound) => {}
+                    // It waited for a log entry until another term: that
+                    // term's leader decides anew.
+                    Err(Error::StaleLeaseExpiry) => {
+                        tracing::debug!(lease = format!("{id:x}"), term, "a lease expiry from an earlier term was void")
+                    }
                     Err(e) => tracing::warn!(lease = format!("{id:x}"), "revoking an expired lease failed: {e}"),
                 }
             });

@@ -75,6 +75,7 @@ impl Member {
             Op::Publish(_) => Ok(()),
             Op::Batch(_) => Err(refused("a batch of commands")),
             Op::Alarm(a) => super::alarm::check_alarm_change(&a),
+            Op::LeaseExpire(_) => Err(refused("a lease expiry (only the leader's own expiry check proposes one)")),
         }
     }
 

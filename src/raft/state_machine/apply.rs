@@ -13,10 +13,10 @@ use crate::error::Error;
 use crate::mvcc::{ops, txn, Batch};
 use crate::proto::etcdserverpb::alarm_request::AlarmAction;
 use crate::proto::etcdserverpb::{
-    request_op, AlarmMember, AlarmResponse, AlarmType, CompactionResponse, LeaseGrantResponse, LeaseRevokeResponse,
-    TxnRequest,
+    request_op, AlarmMember, AlarmResponse, AlarmType, CompactionResponse, LeaseGrantResponse, LeaseRevokeRequest,
+    LeaseRevokeResponse, TxnRequest,
 };
-use crate::proto::kvdpb::{command, command_result, Command, CommandResult};
+use crate::proto::kvdpb::{command, command_result, Command, CommandResult, LeaseExpire};
 use crate::proto::mvccpb::Event;
 use std::collections::BTreeSet;
 
@@ -69,6 +69,7 @@ pub fn refused_by_alarm(alarms: &BTreeSet<(u64, i32)>, op: &command::Op) -> Opti
             | command::Op::Compact(_)
             | command::Op::LeaseGrant(_)
             | command::Op::LeaseRevoke(_)
+            | command::Op::LeaseExpire(_)
     );
     if writes_data && raised(AlarmType::Corrupt) {
         return Some(Error::Corrupt);
@@ -90,14 +91,15 @@ pub fn txn_puts(t: &TxnRequest) -> bool {
     })
 }
 
-/// Applies one command. Errors a client caused come back in the `Response`;
-/// an `Err` is a storage failure that leaves the member unable to go on.
-/// Commands that read history first commit `group` to `tree`; `in_batch`
-/// tells that earlier commands of the same entry may be in `group`, which
-/// only whole entries may leave.
+/// Applies one command, of a log entry of `term`. Errors a client caused
+/// come back in the `Response`; an `Err` is a storage failure that leaves
+/// the member unable to go on. Commands that read history first commit
+/// `group` to `tree`; `in_batch` tells that earlier commands of the same
+/// entry may be in `group`, which only whole entries may leave.
 pub(super) fn apply_command(
     state: &mut State,
     command: Option<Command>,
+    term: u64,
     group: &mut Group,
     committer: &Committer,
     in_batch: bool,
@@ -114,7 +116,7 @@ pub(super) fn apply_command(
     if let Some(e) = refused_by_alarm(&state.alarms, &op) {
         return refused(e);
     }
-    let result = match op {
+    let result = match op.clone() {
         // Batches are unpacked by the caller and never nested.
         command::Op::Batch(_) => return refused(Error::internal("a command batch inside a command batch")),
         command::Op::Put(p) => {
@@ -184,9 +186,14 @@ pub(super) fn apply_command(
                 }),
             )
         }
-        command::Op::LeaseRevoke(r) => {
+        command::Op::LeaseRevoke(LeaseRevokeRequest { id }) | command::Op::LeaseExpire(LeaseExpire { id, .. }) => {
+            if let command::Op::LeaseExpire(e) = &op {
+                if e.term != term {
+                    return refused(Error::StaleLeaseExpiry);
+                }
+            }
             let mut w = state.store.write();
-            if !w.revoke_lease(r.id) {
+            if !w.revoke_lease(id) {
                 return refused(Error::LeaseNotFound);
             }
             let header = ops::rev_header(w.revision());

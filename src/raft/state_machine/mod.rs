@@ -146,7 +146,14 @@ impl StateMachine {
                         // One response per command, encoded together.
                         let mut responses = Vec::with_capacity(b.commands.len());
                         for bytes in &b.commands {
-                            let applied = apply_command(&mut state, decode_command(bytes), &mut group, committer, true);
+                            let applied = apply_command(
+                                &mut state,
+                                decode_command(bytes),
+                                entry.log_id.leader_id.term,
+                                &mut group,
+                                committer,
+                                true,
+                            );
                             let (batch, response, events) = applied.map_err(|e| fail(entry.log_id, e))?;
                             self.shared.publish(&state, &mut group, batch, events);
                             responses.push(response);
@@ -156,7 +163,8 @@ impl StateMachine {
                         )))
                     }
                     decoded => {
-                        let applied = apply_command(&mut state, decoded.ok(), &mut group, committer, false);
+                        let term = entry.log_id.leader_id.term;
+                        let applied = apply_command(&mut state, decoded.ok(), term, &mut group, committer, false);
                         let (batch, response, events) = applied.map_err(|e| fail(entry.log_id, e))?;
                         self.shared.publish(&state, &mut group, batch, events);
                         response

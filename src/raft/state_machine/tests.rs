@@ -300,3 +300,27 @@ async fn a_snapshot_holds_the_entry_it_names_though_later_ones_are_applied_befor
     assert_eq!(kvs.len(), n, "only the keys of entry 1");
     assert!(kvs.iter().all(|kv| kv.value == b"a" && kv.version == 1), "values of entry 1 only");
 }
+
+#[tokio::test]
+async fn a_lease_expiry_counts_only_in_an_entry_of_the_term_that_decided_it() {
+    use crate::proto::etcdserverpb::LeaseGrantRequest;
+    use crate::proto::kvdpb::LeaseExpire;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+    let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+    let at = |term: u64, index: u64, op: command::Op| Entry {
+        log_id: log_id(term, 1, index),
+        payload: EntryPayload::Normal(Request(Command { op: Some(op) }.encode_to_vec())),
+    };
+    let grant = command::Op::LeaseGrant(LeaseGrantRequest { ttl: 10, id: 7 });
+    let expire = |term| command::Op::LeaseExpire(LeaseExpire { id: 7, term });
+    // Decided by the leader of term 5, it waited past a leadership change
+    // and landed in an entry of term 6: void, and the lease lives on.
+    let out = sm.apply(vec![at(5, 1, grant), at(6, 2, expire(5))]).await.expect("apply");
+    assert_eq!(out[1].0, Err(Error::StaleLeaseExpiry));
+    assert!(sm.shared().read().store.lease(7).is_some());
+    // Decided by term 6's leader, in its own entry: revoked.
+    let out = sm.apply(vec![at(6, 3, expire(6))]).await.expect("apply");
+    assert!(matches!(result(&out[0]), command_result::Result::LeaseRevoke(_)));
+    assert!(sm.shared().read().store.lease(7).is_none());
+}
