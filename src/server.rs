@@ -314,6 +314,7 @@ pub async fn start_on(
             disk_free_bytes: cfg.config.quota_disk_free_bytes,
             data_dir: cfg.data_dir.clone(),
         },
+        vouches: crate::node::peer::Vouches::new(),
     });
 
     let mut tasks = Vec::new();

@@ -460,3 +460,29 @@ async fn a_new_member_replaying_old_memberships_does_not_stop() {
     assert!(fatal.is_err(), "the restarted member stopped: {fatal:?}");
     c.shutdown().await;
 }
+
+/// A member that was down while another joined and became leader does not
+/// know the leader when it comes back: its membership is older. It must
+/// still take the leader's entries (the members it knows vouch for the
+/// leader) and catch up, not refuse it as a stranger forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_that_was_down_catches_up_from_a_leader_added_meanwhile() {
+    let mut c = TestCluster::start(3, |_| {}).await;
+    let leader = c.wait_leader().await;
+    let behind = (leader + 1) % 3;
+    c.stop(behind).await;
+    let added = c.add_member(true).await;
+    let added_id = c.member(added).member.id;
+    promote_when_caught_up(&c, added_id).await;
+    let leader = c.wait_leader().await;
+    c.client(leader).move_leader(added_id).await.expect("move-leader to the new member");
+    assert_eq!(c.wait_leader().await, added);
+    let keys: Vec<String> = (0..20).map(|i| format!("w{i:05}")).collect();
+    for k in &keys {
+        c.client(added).put(put(k, "v")).await.unwrap();
+    }
+    c.restart(behind).await;
+    everywhere(&c, &keys).await;
+    assert_eq!(c.wait_leader().await, added, "the member that was behind did not disturb the leader");
+    c.shutdown().await;
+}

@@ -62,16 +62,17 @@ async fn quota_raises_nospace_and_disarm_after_compaction_lets_writes_resume() {
     let leader = c.wait_leader().await;
     let via = (leader + 1) % 3;
     let client = c.client(via);
-    let value = "x".repeat(10 * 1024);
+    let value = |n: usize| format!("{n:05}{}", "x".repeat(10 * 1024));
     // Overwrites of one key: history grows, the live data does not.
     let mut written = 0;
     let err = loop {
-        match client.put(put("big", &value)).await {
+        match client.put(put("big", &value(written))).await {
             Ok(_) => written += 1,
             Err(e) => break e,
         }
         assert!(written < 100, "no NOSPACE after {written} puts of 10 KiB under a 256 KiB quota");
     };
+    let last = value(written - 1);
     assert_eq!((err.code(), err.message()), (Code::ResourceExhausted, NO_SPACE));
     assert!(written >= 15, "NOSPACE after only {written} puts");
     // The alarm is the member's the client wrote through, on every member.
@@ -91,7 +92,7 @@ async fn quota_raises_nospace_and_disarm_after_compaction_lets_writes_resume() {
     }
     // ...and serves reads, deletes and Txns without a put.
     let got = client.range(RangeRequest { key: b"big".to_vec(), ..Default::default() }).await.expect("read");
-    assert_eq!(got.kvs[0].value.len(), value.len());
+    assert_eq!(got.kvs[0].value, last.as_bytes(), "the last acknowledged put");
     client.put(put("doomed", "v")).await.expect_err("still refused");
     client.txn(txn(vec![delete_op("nothing")])).await.expect("a Txn that only deletes");
     client.delete_range(DeleteRangeRequest { key: b"nothing".to_vec(), ..Default::default() }).await.expect("delete");
@@ -120,6 +121,12 @@ async fn quota_raises_nospace_and_disarm_after_compaction_lets_writes_resume() {
     for i in 0..3 {
         assert!(alarms(&c.client(i)).await.is_empty(), "member {i}");
         c.client(i).put(put(&format!("after{i}"), "v")).await.expect("writes resume");
+    }
+    // Nothing acknowledged was lost, on any member.
+    for i in 0..3 {
+        let got = c.client(i).range(RangeRequest { key: b"big".to_vec(), ..Default::default() }).await.unwrap();
+        assert_eq!(got.kvs[0].value, last.as_bytes(), "member {i}");
+        assert_eq!(got.kvs[0].version, written as i64, "member {i}");
     }
     c.shutdown().await;
 }

@@ -96,7 +96,7 @@ impl PeerService {
     }
 
     /// The sender of `req`, if it may talk to this member.
-    fn sender<T>(&self, req: &Request<T>) -> Result<NodeId, Status> {
+    async fn sender<T>(&self, req: &Request<T>) -> Result<NodeId, Status> {
         let md = req.metadata();
         let header = |name: &str| -> Option<u64> {
             md.get(name).and_then(|v| v.to_str().ok()).and_then(|v| u64::from_str_radix(v, 16).ok())
@@ -142,7 +142,7 @@ impl PeerService {
                 membership.nodes().any(|(id, _)| *id == from)
             }
         };
-        if !known {
+        if !known && !self.member.vouched_for(from).await {
             return Err(self.refuse(&who, "member", &format!("member {from:x} is not a member of this cluster")));
         }
         Ok(from)
@@ -205,7 +205,7 @@ impl Peer for PeerService {
         req: Request<Streaming<RaftPayload>>,
     ) -> Result<Response<AppendAnswers>, Status> {
         self.ready().await?;
-        let from = self.sender(&req)?;
+        let from = self.sender(&req).await?;
         let member = self.member.clone();
         let stopping = self.member.clone();
         let answers = req.into_inner().then(move |request| {
@@ -228,7 +228,7 @@ impl Peer for PeerService {
 
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         self.ready().await?;
-        let from = self.sender(&req)?;
+        let from = self.sender(&req).await?;
         let rpc: AppendEntriesRequest<TypeConfig> = input(req)?;
         self.own_vote(from, &rpc.vote)?;
         output(self.member.raft.append_entries(rpc).await)
@@ -236,7 +236,7 @@ impl Peer for PeerService {
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         self.ready().await?;
-        let from = self.sender(&req)?;
+        let from = self.sender(&req).await?;
         let rpc: VoteRequest<NodeId> = input(req)?;
         self.own_vote(from, &rpc.vote)?;
         output(self.member.raft.vote(rpc).await)
@@ -244,7 +244,7 @@ impl Peer for PeerService {
 
     async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         self.ready().await?;
-        let from = self.sender(&req)?;
+        let from = self.sender(&req).await?;
         let rpc: InstallSnapshotRequest<TypeConfig> = input(req)?;
         self.own_vote(from, &rpc.vote)?;
         let res: Result<_, RaftError<NodeId, InstallSnapshotError>> = self.member.raft.install_snapshot(rpc).await;
@@ -253,14 +253,14 @@ impl Peer for PeerService {
 
     async fn forward(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         self.ready().await?;
-        let from = self.sender(&req)?;
+        let from = self.sender(&req).await?;
         let answer = self.member.serve_forward(from, input(req)?).await;
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
     }
 
     async fn forward_batch(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         self.ready().await?;
-        let from = self.sender(&req)?;
+        let from = self.sender(&req).await?;
         let list: Vec<Proposal> = input(req)?;
         let answers = futures::future::join_all(list.into_iter().map(|p| self.member.serve_forward(from, p))).await;
         let data = encode(&answers)?;
@@ -269,28 +269,28 @@ impl Peer for PeerService {
 
     async fn lease(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         self.ready().await?;
-        self.sender(&req)?;
+        self.sender(&req).await?;
         let answer = self.member.serve_lease(input(req)?).await;
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
     }
 
     async fn read_index(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         self.ready().await?;
-        self.sender(&req)?;
+        self.sender(&req).await?;
         let answer = self.member.serve_read_index().await;
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
     }
 
     async fn membership(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         self.ready().await?;
-        self.sender(&req)?;
+        self.sender(&req).await?;
         let answer = self.member.serve_membership(input(req)?).await;
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
     }
 
     async fn campaign(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         self.ready().await?;
-        let from = self.sender(&req)?;
+        let from = self.sender(&req).await?;
         let answer = self.member.serve_campaign(from).await;
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
     }

@@ -104,6 +104,8 @@ pub struct Member {
     pub strict_reconfig_check: bool,
     /// The quota and the disk space the member keeps free.
     pub space: alarm::Space,
+    /// Senders the others vouched for (see `Member::vouched_for`).
+    pub vouches: peer::Vouches,
 }
 
 /// A replicated write and the response applying it produces: the typed face

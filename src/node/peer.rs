@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::Member;
 use crate::error::Error;
 use crate::raft::leader::{Forwarded, Proposal};
+use crate::raft::network::Rpc;
 use crate::raft::{NodeId, Response};
 
 /// A starting member's question: what do you know of me?
@@ -104,5 +105,88 @@ impl Member {
             knows_you: published || replicated,
             peers,
         }
+    }
+}
+
+/// How long a member trusts what the others said of a sender its own
+/// membership does not list.
+const VOUCH_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long a member waits for the others to answer whether a sender is a
+/// member.
+const VOUCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What the members this member knows said of senders it does not know
+/// (see [`Member::vouched_for`]).
+pub struct Vouches {
+    said: std::sync::Mutex<std::collections::HashMap<NodeId, (std::time::Instant, bool)>>,
+    /// One round of asking at a time: a stranger that makes up ids cannot
+    /// make this member flood the others; callers that wait longer than two
+    /// rounds are refused.
+    asking: tokio::sync::Semaphore,
+}
+
+impl Default for Vouches {
+    fn default() -> Vouches {
+        Vouches::new()
+    }
+}
+
+impl Vouches {
+    /// Ready to ask.
+    pub fn new() -> Vouches {
+        Vouches { said: Default::default(), asking: tokio::sync::Semaphore::new(1) }
+    }
+}
+
+impl Member {
+    /// Whether `from`, which this member's membership does not list, is a
+    /// member all the same: some member of this member's membership lists
+    /// it. A member that fell behind (restarted after being down, or joined
+    /// from an older snapshot) does not know members added since, and one
+    /// of them may be the leader that must catch it up. Strangers are not
+    /// listed by anyone. Answers are kept for [`VOUCH_FOR`].
+    pub async fn vouched_for(&self, from: NodeId) -> bool {
+        let said = |v: &Vouches| v.said.lock().unwrap_or_else(|p| p.into_inner()).get(&from).copied();
+        if let Some((at, ok)) = said(&self.vouches) {
+            if at.elapsed() < VOUCH_FOR {
+                return ok;
+            }
+        }
+        // Callers wait for a round under way, and find its answer after.
+        let asking = tokio::time::timeout(2 * VOUCH_TIMEOUT, self.vouches.asking.acquire()).await;
+        let Ok(Ok(_asking)) = asking else { return false };
+        if let Some((at, ok)) = said(&self.vouches) {
+            if at.elapsed() < VOUCH_FOR {
+                return ok;
+            }
+        }
+        let nodes: Vec<(NodeId, String)> = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            m.membership_config.nodes().filter(|(id, _)| **id != self.id).map(|(id, n)| (*id, n.addr.clone())).collect()
+        };
+        let request = ProbeRequest { cluster_id: self.cluster_id, from: self.id };
+        let Ok(payload) = crate::raft::encode(&request) else { return false };
+        let asks = nodes.iter().map(|(id, addr)| {
+            let payload = payload.clone();
+            async move {
+                let Ok(bytes) = self.network.call(*id, addr, Rpc::Probe, payload, VOUCH_TIMEOUT).await else {
+                    return false;
+                };
+                crate::raft::decode::<ProbeAnswer>(&bytes)
+                    .is_ok_and(|a| a.cluster_id == self.cluster_id && a.members.contains(&from))
+            }
+        });
+        let ok = futures::future::join_all(asks).await.into_iter().any(|listed| listed);
+        let mut said = self.vouches.said.lock().unwrap_or_else(|p| p.into_inner());
+        if said.len() > 1024 {
+            said.retain(|_, (at, _)| at.elapsed() < VOUCH_FOR);
+        }
+        said.insert(from, (std::time::Instant::now(), ok));
+        if ok {
+            tracing::info!(member = %format!("{from:x}"), "a member this member's membership does not list yet is vouched for by the others");
+        }
+        ok
     }
 }
