@@ -218,41 +218,65 @@ impl Cluster {
     /// once it has caught up. Returns its old and new ids.
     pub async fn replace_member(&mut self, i: usize, old_id: u64, within: Duration) -> anyhow::Result<(u64, u64)> {
         let deadline = Instant::now() + within;
-        let retry = |what: &str, e: &tonic::Status| -> anyhow::Result<()> {
-            if Instant::now() >= deadline {
-                anyhow::bail!("{what} of m{i}: {e:?}");
-            }
-            Ok(())
-        };
-        loop {
-            match self.client.member_remove(old_id).await {
-                Ok(_) => break,
-                Err(e) if e.message() == "etcdserver: member not found" => break,
-                Err(e) => retry("member remove", &e)?,
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let data = self.data_dir(i);
-        empty_dir(&data)?;
-        let scheme = if self.layout.tls.is_some() { "https" } else { "http" };
-        let url = format!("{scheme}://{}", self.layout.peer_proxy[i]);
-        let new_id = loop {
-            match self.client.member_add(vec![url.clone()], true).await {
-                Ok(added) => break added.member.map_or(0, |m| m.id),
-                Err(e) => retry("member add", &e)?,
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+        self.remove(i, old_id, deadline).await?;
+        empty_dir(&self.data_dir(i))?;
+        let new_id = self.add(i, true, deadline).await?;
         self.joined[i] = true;
         self.start_member(i)?;
+        self.promote(i, new_id, deadline).await?;
+        Ok((old_id, new_id))
+    }
+
+    /// `member remove` of member `i` (`id`), tried again until `deadline`;
+    /// a member already gone is fine.
+    async fn remove(&self, i: usize, id: u64, deadline: Instant) -> anyhow::Result<()> {
         loop {
-            match self.client.member_promote(new_id).await {
-                Ok(_) => break,
-                Err(e) => retry("member promote", &e)?,
+            match self.client.member_remove(id).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.message() == "etcdserver: member not found" => return Ok(()),
+                Err(e) => retry_until(deadline, "member remove", i, &e)?,
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        Ok((old_id, new_id))
+    }
+
+    /// `member add` of slot `i`'s peer URL, as a learner or a voter, tried
+    /// again until `deadline`; returns the new member's id.
+    async fn add(&self, i: usize, learner: bool, deadline: Instant) -> anyhow::Result<u64> {
+        let scheme = if self.layout.tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", self.layout.peer_proxy[i]);
+        loop {
+            match self.client.member_add(vec![url.clone()], learner).await {
+                Ok(added) => return Ok(added.member.map_or(0, |m| m.id)),
+                Err(e) => retry_until(deadline, "member add", i, &e)?,
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// `member promote` of member `i` (`id`), tried again until `deadline`
+    /// (it is refused until the learner has caught up).
+    async fn promote(&self, i: usize, id: u64, deadline: Instant) -> anyhow::Result<()> {
+        loop {
+            match self.client.member_promote(id).await {
+                Ok(_) => return Ok(()),
+                Err(e) => retry_until(deadline, "member promote", i, &e)?,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until member `i`, just removed, has stopped on its own; kills
+    /// it and fails at `deadline`.
+    async fn await_stop(&mut self, i: usize, deadline: Instant) -> anyhow::Result<()> {
+        while !self.exited(i) {
+            if Instant::now() >= deadline {
+                self.kill(i);
+                anyhow::bail!("m{i} did not stop on its own after its removal");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
     }
 
     /// Copies stopped member `i`'s data directory aside; returns the copy.
@@ -298,55 +322,23 @@ impl Cluster {
     pub async fn grow_and_shrink(&mut self, within: Duration) -> anyhow::Result<(u64, Duration)> {
         let i = MEMBERS;
         let deadline = Instant::now() + within;
-        let retry = |what: &str, e: &tonic::Status| -> anyhow::Result<()> {
-            anyhow::ensure!(Instant::now() < deadline, "{what} of m{i}: {e:?}");
-            Ok(())
-        };
         empty_dir(&self.data_dir(i)).or_else(|_| std::fs::create_dir_all(self.data_dir(i)))?;
-        let scheme = if self.layout.tls.is_some() { "https" } else { "http" };
-        let url = format!("{scheme}://{}", self.layout.peer_proxy[i]);
         let started = Instant::now();
-        let id = loop {
-            match self.client.member_add(vec![url.clone()], true).await {
-                Ok(added) => break added.member.map_or(0, |m| m.id),
-                Err(e) => retry("member add", &e)?,
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+        let id = self.add(i, true, deadline).await?;
         self.start_member(i)?;
-        loop {
-            match self.client.member_promote(id).await {
-                Ok(_) => break,
-                Err(e) => retry("member promote", &e)?,
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.promote(i, id, deadline).await?;
         let promoted = started.elapsed();
         let own = self.client_of(i);
         loop {
             let read = kvd::proto::etcdserverpb::RangeRequest { key: b"grown".to_vec(), ..Default::default() };
             match own.range(read).await {
                 Ok(_) => break,
-                Err(e) => retry("a linearizable read", &e)?,
+                Err(e) => retry_until(deadline, "a linearizable read", i, &e)?,
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        loop {
-            match self.client.member_remove(id).await {
-                Ok(_) => break,
-                Err(e) if e.message() == "etcdserver: member not found" => break,
-                Err(e) => retry("member remove", &e)?,
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        // A removed member stops itself.
-        while !self.exited(i) {
-            if Instant::now() >= deadline {
-                self.kill(i);
-                anyhow::bail!("m{i} did not stop within {within:?} of its removal");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.remove(i, id, deadline).await?;
+        self.await_stop(i, deadline).await?;
         Ok((id, promoted))
     }
 
@@ -357,35 +349,10 @@ impl Cluster {
     /// new ids.
     pub async fn remove_and_readd(&mut self, i: usize, old_id: u64, within: Duration) -> anyhow::Result<(u64, u64)> {
         let deadline = Instant::now() + within;
-        let retry = |what: &str, e: &tonic::Status| -> anyhow::Result<()> {
-            anyhow::ensure!(Instant::now() < deadline, "{what} of m{i}: {e:?}");
-            Ok(())
-        };
-        loop {
-            match self.client.member_remove(old_id).await {
-                Ok(_) => break,
-                Err(e) if e.message() == "etcdserver: member not found" => break,
-                Err(e) => retry("member remove", &e)?,
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        while !self.exited(i) {
-            if Instant::now() >= deadline {
-                self.kill(i);
-                anyhow::bail!("m{i} did not stop within {within:?} of its removal");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.remove(i, old_id, deadline).await?;
+        self.await_stop(i, deadline).await?;
         empty_dir(&self.data_dir(i))?;
-        let scheme = if self.layout.tls.is_some() { "https" } else { "http" };
-        let url = format!("{scheme}://{}", self.layout.peer_proxy[i]);
-        let new_id = loop {
-            match self.client.member_add(vec![url.clone()], false).await {
-                Ok(added) => break added.member.map_or(0, |m| m.id),
-                Err(e) => retry("member add", &e)?,
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+        let new_id = self.add(i, false, deadline).await?;
         self.joined[i] = true;
         self.start_member(i)?;
         Ok((old_id, new_id))
@@ -583,6 +550,13 @@ impl Drop for Cluster {
             let _ = Command::new("umount").arg(self.data_dir(m)).status();
         }
     }
+}
+
+/// An error for `what` on member `i` once `deadline` has passed; before,
+/// nothing (the caller tries again).
+fn retry_until(deadline: Instant, what: &str, i: usize, e: &tonic::Status) -> anyhow::Result<()> {
+    anyhow::ensure!(Instant::now() < deadline, "{what} of m{i}: {e:?}");
+    Ok(())
 }
 
 /// Fills the file system holding `dir` with a file `dir/filler` until only
