@@ -1,10 +1,13 @@
 //! Compiles the etcd v3 API and kvd's peer API with a vendored protoc, so no
-//! system protoc is needed.
+//! system protoc is needed, and derives the JSON mapping of the etcd API
+//! (for the HTTP gateway) from the same definitions.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     std::env::set_var("PROTOC", protoc);
-    tonic_prost_build::configure().compile_protos(
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    let descriptors = out.join("descriptors.bin");
+    tonic_prost_build::configure().file_descriptor_set_path(&descriptors).compile_protos(
         &[
             "proto/mvccpb/kv.proto",
             "proto/etcdserverpb/rpc.proto",
@@ -14,6 +17,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ],
         &["proto"],
     )?;
+    // etcd's gateway speaks JSON with the proto field names, 64-bit
+    // integers as strings, bytes as base64 and zero values left out.
+    pbjson_build::Builder::new()
+        .register_descriptors(&std::fs::read(&descriptors)?)?
+        .preserve_proto_field_names()
+        .ignore_unknown_fields()
+        .build(&[".mvccpb", ".etcdserverpb", ".v3lockpb", ".v3electionpb"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

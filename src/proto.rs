@@ -1,14 +1,17 @@
 //! Generated protobuf and gRPC code: the etcd v3 API (`etcdserverpb`,
-//! `mvccpb`, `v3lockpb`, `v3electionpb`) and kvd's peer API (`kvdpb`).
+//! `mvccpb`, `v3lockpb`, `v3electionpb`), with their JSON mapping for the
+//! HTTP gateway, and kvd's peer API (`kvdpb`).
 
 #![allow(clippy::all, missing_docs)]
 
 pub mod mvccpb {
     tonic::include_proto!("mvccpb");
+    include!(concat!(env!("OUT_DIR"), "/mvccpb.serde.rs"));
 }
 
 pub mod etcdserverpb {
     tonic::include_proto!("etcdserverpb");
+    include!(concat!(env!("OUT_DIR"), "/etcdserverpb.serde.rs"));
 }
 
 pub mod kvdpb {
@@ -17,8 +20,10 @@ pub mod kvdpb {
 
 pub mod v3lockpb {
     tonic::include_proto!("v3lockpb");
+    include!(concat!(env!("OUT_DIR"), "/v3lockpb.serde.rs"));
 }
 
 pub mod v3electionpb {
     tonic::include_proto!("v3electionpb");
+    include!(concat!(env!("OUT_DIR"), "/v3electionpb.serde.rs"));
 }

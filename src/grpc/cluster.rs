@@ -20,6 +20,15 @@ pub struct ClusterService {
 }
 
 impl ClusterService {
+    /// A response header as etcd's Cluster service fills it: ids and term,
+    /// no revision.
+    fn header(&self, header: &mut Option<crate::proto::etcdserverpb::ResponseHeader>) {
+        self.member.fill_header(header);
+        if let Some(h) = header.as_mut() {
+            h.revision = 0;
+        }
+    }
+
     /// A service for `member`.
     pub fn new(member: Arc<Member>) -> Self {
         ClusterService { member }
@@ -69,7 +78,7 @@ impl Cluster for ClusterService {
             self.member.read_barrier().await?;
         }
         let mut resp = MemberListResponse { header: None, members: members(&self.member) };
-        self.member.fill_header(&mut resp.header);
+        self.header(&mut resp.header);
         Ok(Response::new(resp))
     }
 
@@ -78,14 +87,14 @@ impl Cluster for ClusterService {
         let change = MembershipChange::Add { peer_urls: req.peer_ur_ls, learner: req.is_learner };
         let (member, members) = self.change(change).await?;
         let mut resp = MemberAddResponse { header: None, member: Some(member), members };
-        self.member.fill_header(&mut resp.header);
+        self.header(&mut resp.header);
         Ok(Response::new(resp))
     }
 
     async fn member_remove(&self, req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
         let (_, members) = self.change(MembershipChange::Remove { id: req.into_inner().id }).await?;
         let mut resp = MemberRemoveResponse { header: None, members };
-        self.member.fill_header(&mut resp.header);
+        self.header(&mut resp.header);
         Ok(Response::new(resp))
     }
 
@@ -93,7 +102,7 @@ impl Cluster for ClusterService {
         let req = req.into_inner();
         let (_, members) = self.change(MembershipChange::Update { id: req.id, peer_urls: req.peer_ur_ls }).await?;
         let mut resp = MemberUpdateResponse { header: None, members };
-        self.member.fill_header(&mut resp.header);
+        self.header(&mut resp.header);
         Ok(Response::new(resp))
     }
 
@@ -103,7 +112,7 @@ impl Cluster for ClusterService {
     ) -> Result<Response<MemberPromoteResponse>, Status> {
         let (_, members) = self.change(MembershipChange::Promote { id: req.into_inner().id }).await?;
         let mut resp = MemberPromoteResponse { header: None, members };
-        self.member.fill_header(&mut resp.header);
+        self.header(&mut resp.header);
         Ok(Response::new(resp))
     }
 }

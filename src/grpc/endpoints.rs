@@ -29,14 +29,17 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Wraps the gRPC services with the HTTP endpoints of [`self`](self).
 pub fn layer<S>(member: Arc<Member>) -> impl tower::Layer<S, Service = HttpEndpoints<S>> + Clone {
-    tower::layer::layer_fn(move |inner| HttpEndpoints { inner, member: member.clone() })
+    let gateway = Arc::new(super::gateway::Gateway::new(member.clone()));
+    tower::layer::layer_fn(move |inner| HttpEndpoints { inner, member: member.clone(), gateway: gateway.clone() })
 }
 
-/// The gRPC services `S` with `/metrics` and `/health` in front.
+/// The gRPC services `S` with `/metrics`, `/health` and etcd's JSON gateway
+/// in front.
 #[derive(Clone)]
 pub struct HttpEndpoints<S> {
     inner: S,
     member: Arc<Member>,
+    gateway: Arc<super::gateway::Gateway>,
 }
 
 type Reply = http::Response<tonic::body::Body>;
@@ -75,6 +78,10 @@ where
                 }
                 _ => {}
             }
+        }
+        if super::gateway::is_http(&req) {
+            let gateway = self.gateway.clone();
+            return Box::pin(async move { Ok(gateway.serve(req).await) });
         }
         // A method kvd does not serve gets Unimplemented from the gRPC router
         // with no message; the answer is given one that says what kvd lacks.

@@ -10,8 +10,9 @@ use tonic::{Request, Response, Status};
 use crate::node::Member;
 use crate::proto::etcdserverpb::maintenance_server::Maintenance;
 use crate::proto::etcdserverpb::{
-    AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, HashKvRequest, HashKvResponse,
-    MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+    AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, HashKvRequest, HashKvResponse, HashRequest,
+    HashResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest,
+    StatusResponse,
 };
 use crate::raft::state_machine::alarm_name;
 
@@ -48,6 +49,19 @@ impl Maintenance for MaintenanceService {
         self.member.state.flush().await.map_err(Status::from)?;
         let mut resp = DefragmentResponse { header: None };
         self.member.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
+    /// A hash of this member's whole history at its current revision: what
+    /// HashKV gives for revision 0. kvd's own hash, not comparable with
+    /// etcd's (a hash of its database file).
+    async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        let (hash, _, revision) = self.member.state.hash_kv(0).await?;
+        let mut resp = HashResponse { header: None, hash };
+        self.member.fill_header(&mut resp.header);
+        if let Some(h) = resp.header.as_mut() {
+            h.revision = revision;
+        }
         Ok(Response::new(resp))
     }
 

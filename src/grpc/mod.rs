@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod election;
 pub mod endpoints;
+pub mod gateway;
 pub mod kv;
 pub mod lease;
 pub mod lock;

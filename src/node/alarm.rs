@@ -98,9 +98,10 @@ impl Member {
     /// The Alarm RPC: GET lists the raised alarms (of one type, unless
     /// NONE) after a read barrier; ACTIVATE and DEACTIVATE go through Raft
     /// and answer the alarm they raised or cleared (nothing when DEACTIVATE
-    /// finds no such alarm), as etcd does.
+    /// finds no such alarm), as etcd does, without a header.
     pub async fn alarm(&self, req: AlarmRequest) -> Result<AlarmResponse, Error> {
-        let mut resp = match AlarmAction::try_from(req.action) {
+        // etcd's Alarm answers carry no header; neither do these.
+        let resp = match AlarmAction::try_from(req.action) {
             Ok(AlarmAction::Get) => {
                 if AlarmType::try_from(req.alarm).is_err() {
                     return Err(Error::UnknownAlarmType(req.alarm));
@@ -118,8 +119,7 @@ impl Member {
                 self.write(req).await?
             }
         };
-        self.fill_header(&mut resp.header);
-        Ok(resp)
+        Ok(AlarmResponse { header: None, ..resp })
     }
 
     /// The raised alarms, as this member applied them.
