@@ -498,7 +498,7 @@ fn serve_clients(
             // `/metrics` and `/health` are HTTP/1.1 as well, as etcd's are.
             .accept_http1(true)
             .layer(tower::util::MapResponseLayer::new(crate::grpc::size_limit_as_resource_exhausted))
-            .layer(crate::grpc::endpoints::layer(metrics_member))
+            .layer(crate::grpc::endpoints::layer(metrics_member, progress_interval))
             .add_service(kv)
             .add_service(cluster)
             .add_service(maintenance)

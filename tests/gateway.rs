@@ -1,6 +1,7 @@
 //! etcd's HTTP/JSON gateway: the same requests, good and bad, sent with curl
 //! to kvd and to etcd 3.4, and the answers compared (HTTP status and body,
-//! after ids, terms, URLs and hashes are masked).
+//! after ids, terms, names and URLs are masked), the watch and keep-alive
+//! streams included.
 
 mod support;
 
@@ -46,6 +47,9 @@ const STEPS: &[Step] = &[
     ("POST", "/v3/lock/lock", r#"{"name":"bXlsb2Nr","lease":"8"}"#),
     ("POST", "/v3/election/campaign", r#"{"name":"ZWxlY3Rpb24=","lease":"8","value":"djE="}"#),
     ("POST", "/v3/election/leader", r#"{"name":"ZWxlY3Rpb24="}"#),
+    ("POST", "/v3/lease/keepalive", r#"{"ID":"8"}{"ID":"8"}{"ID":"99"}"#),
+    ("POST", "/v3/watch", r#"{"create_request":{"key":"Zm9v","start_revision":"1","prev_kv":true}}"#),
+    ("POST", "/v3/watch", r#"{"create_request":{"key":"YQ==","range_end":"Yg==","start_revision":"1"}}"#),
     ("POST", "/v3/cluster/member/list", ""),
     ("POST", "/v3/maintenance/alarm", "{}"),
     ("POST", "/v3/nope", "{}"),
@@ -57,6 +61,8 @@ fn curl(base: &str, (method, path, body): Step) -> (u16, String) {
     use std::io::Write;
     let mut child = Command::new("curl")
         .args(["-s", "-X", method, "-w", "\n%{http_code}"])
+        // A watch goes on until the client leaves.
+        .args(if path == "/v3/watch" { vec!["--max-time", "1"] } else { vec![] })
         // The body on stdin: it may be larger than a command line.
         .args(if body.is_empty() { vec![] } else { vec!["--data-binary", "@-"] })
         .arg(format!("{base}{path}"))

@@ -28,8 +28,11 @@ use crate::node::Member;
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Wraps the gRPC services with the HTTP endpoints of [`self`](self).
-pub fn layer<S>(member: Arc<Member>) -> impl tower::Layer<S, Service = HttpEndpoints<S>> + Clone {
-    let gateway = Arc::new(super::gateway::Gateway::new(member.clone()));
+pub fn layer<S>(
+    member: Arc<Member>,
+    progress_interval: Duration,
+) -> impl tower::Layer<S, Service = HttpEndpoints<S>> + Clone {
+    let gateway = Arc::new(super::gateway::Gateway::new(member.clone(), progress_interval));
     tower::layer::layer_fn(move |inner| HttpEndpoints { inner, member: member.clone(), gateway: gateway.clone() })
 }
 

@@ -9,9 +9,11 @@
 //! Each request is answered by the same service code as its gRPC call, so
 //! limits, checks and errors are the same. An error is answered as etcd's
 //! gateway answers it: the HTTP status of its gRPC code and
-//! `{"error": …, "message": …, "code": …}`. Streams (watch, lease
-//! keep-alive, election observe, snapshot) are not served here yet and say
-//! so; unknown paths get 404.
+//! `{"error": …, "message": …, "code": …}`. The watch and lease keep-alive
+//! streams take request objects from the body, one after another, and answer
+//! one `{"result": …}` object per line, sent as each response comes; election
+//! observe and snapshot are not served here yet and say so. Unknown paths get
+//! 404.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -27,6 +29,7 @@ use super::kv::KvService;
 use super::lease::LeaseService;
 use super::lock::LockService;
 use super::maintenance::{MaintenanceService, API_VERSION};
+use super::watch::WatchService;
 use crate::node::Member;
 use crate::proto::etcdserverpb::cluster_server::Cluster;
 use crate::proto::etcdserverpb::kv_server::Kv;
@@ -45,6 +48,7 @@ pub struct Gateway {
     maintenance: MaintenanceService,
     lock: LockService,
     election: ElectionService,
+    watch: WatchService,
     /// Largest body taken: what gRPC takes.
     max_body: usize,
 }
@@ -60,9 +64,10 @@ pub fn is_http(req: &http::Request<tonic::body::Body>) -> bool {
 
 impl Gateway {
     /// A gateway for `member`.
-    pub fn new(member: Arc<Member>) -> Gateway {
+    pub fn new(member: Arc<Member>, progress_interval: std::time::Duration) -> Gateway {
         let max_body = member.limits.max_request_bytes + super::GRPC_OVERHEAD_BYTES;
         Gateway {
+            watch: WatchService::new(member.clone(), progress_interval),
             kv: KvService::new(member.clone()),
             lease: LeaseService::new(member.clone()),
             cluster: ClusterService::new(member.clone()),
@@ -92,6 +97,13 @@ impl Gateway {
         }
         if req.method() != http::Method::POST {
             return plain(http::StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n");
+        }
+        match route.as_str() {
+            "watch" => return streamed(self.watch.open(Box::pin(objects(req.into_body(), self.max_body)))),
+            "lease/keepalive" => {
+                return streamed(self.lease.keep_alive(Box::pin(objects(req.into_body(), self.max_body))))
+            }
+            _ => {}
         }
         let body = match read_body(req.into_body(), self.max_body).await {
             Ok(body) => body,
@@ -210,6 +222,93 @@ where
     }
 }
 
+/// The JSON objects of `body`, one after another, each decoded as it
+/// arrives; at most `max` bytes of one object are held. A malformed one
+/// ends the stream with an error.
+fn objects<T>(body: tonic::body::Body, max: usize) -> impl futures::Stream<Item = Result<T, Status>> + Send
+where
+    T: DeserializeOwned + Send + 'static,
+{
+    futures::stream::unfold((body, Vec::<u8>::new(), false), move |(mut body, mut buf, done)| async move {
+        loop {
+            let start = buf.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(buf.len());
+            buf.drain(..start);
+            if !buf.is_empty() {
+                let mut values = serde_json::Deserializer::from_slice(&buf).into_iter::<T>();
+                match values.next() {
+                    Some(Ok(value)) => {
+                        let used = values.byte_offset();
+                        buf.drain(..used);
+                        return Some((Ok(value), (body, buf, done)));
+                    }
+                    Some(Err(e)) if e.is_eof() && !done => {}
+                    Some(Err(e)) => {
+                        // Nothing more is read after a malformed object.
+                        return Some((Err(Status::unknown(e.to_string())), (body, Vec::new(), true)));
+                    }
+                    None => {}
+                }
+            }
+            if done {
+                return None;
+            }
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        buf.extend_from_slice(&data);
+                        if buf.len() > max {
+                            let status = Status::resource_exhausted("grpc: received message larger than max");
+                            return Some((Err(status), (body, Vec::new(), true)));
+                        }
+                    }
+                }
+                Some(Err(e)) => return Some((Err(Status::unknown(e.to_string())), (body, Vec::new(), true))),
+                None => {
+                    if buf.is_empty() {
+                        return None;
+                    }
+                    // Parse what is left once more, knowing no more comes.
+                    return Some((
+                        serde_json::from_slice::<T>(&buf).map_err(|e| Status::unknown(e.to_string())),
+                        (body, Vec::new(), true),
+                    ));
+                }
+            }
+        }
+    })
+}
+
+/// Answers a stream of responses as etcd's gateway does: one
+/// `{"result": …}` per line, each sent as it comes; an error ends the
+/// stream with etcd's error object.
+fn streamed<T, S>(responses: S) -> Reply
+where
+    T: Serialize + Send + 'static,
+    S: futures::Stream<Item = Result<T, Status>> + Send + 'static,
+{
+    use futures::StreamExt;
+    let mut failed = false;
+    let lines = responses
+        .take_while(move |item| {
+            let go = !failed;
+            failed = item.is_err();
+            std::future::ready(go)
+        })
+        .map(|item| {
+            let line = match item {
+                Ok(resp) => match serde_json::to_string(&resp) {
+                    Ok(text) => format!("{{\"result\":{text}}}\n"),
+                    Err(e) => error_object(&Status::internal(e.to_string())),
+                },
+                Err(status) => error_object(&status),
+            };
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from(line)))
+        });
+    let mut resp = http::Response::new(tonic::body::Body::new(http_body_util::StreamBody::new(lines)));
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    resp
+}
+
 /// The body, up to `max` bytes.
 async fn read_body(body: tonic::body::Body, max: usize) -> Result<Vec<u8>, Status> {
     let limited = http_body_util::Limited::new(body, max);
@@ -243,12 +342,17 @@ pub fn http_status(code: Code) -> http::StatusCode {
 }
 
 fn error(status: &Status) -> Reply {
-    let body = serde_json::json!({
+    json(http_status(status.code()), error_object(status))
+}
+
+/// etcd's gateway's error object.
+fn error_object(status: &Status) -> String {
+    serde_json::json!({
         "error": status.message(),
         "message": status.message(),
         "code": status.code() as i32,
-    });
-    json(http_status(status.code()), body.to_string())
+    })
+    .to_string()
 }
 
 fn json(status: http::StatusCode, body: String) -> Reply {

@@ -47,40 +47,8 @@ impl Lease for LeaseService {
         &self,
         req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
-        let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let member = self.member.clone();
-        tokio::spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    msg = inbound.message() => msg,
-                    _ = tx.closed() => return,
-                    _ = member.stopped() => {
-                        let _ = tx.send(Err(Error::Stopped.into())).await;
-                        return;
-                    }
-                };
-                let Ok(Some(req)) = msg else { return };
-                // An unknown or expired lease answers TTL 0, as etcd does; a
-                // failure to reach the leader ends the stream with the error,
-                // so the client retries elsewhere.
-                let resp = match member.lease_renew(req.id).await {
-                    Ok(ttl) => {
-                        let mut resp = LeaseKeepAliveResponse { header: None, id: req.id, ttl };
-                        member.fill_header(&mut resp.header);
-                        Ok(resp)
-                    }
-                    Err(e) => Err(Status::from(e)),
-                };
-                let failed = resp.is_err();
-                if tx.send(resp).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(self.keep_alive(req.into_inner()))))
     }
-
     async fn lease_time_to_live(
         &self,
         req: Request<LeaseTimeToLiveRequest>,
@@ -98,5 +66,55 @@ impl Lease for LeaseService {
         let mut resp = LeaseLeasesResponse { header: None, leases };
         self.member.fill_header(&mut resp.header);
         Ok(Response::new(resp))
+    }
+}
+
+impl LeaseService {
+    /// Renews each lease of `inbound` (a gRPC stream, or the JSON objects of
+    /// a gateway request) and answers on the stream returned; it ends with
+    /// `inbound`, or with an error when the leader cannot be reached.
+    pub fn keep_alive<S>(&self, mut inbound: S) -> ReceiverStream<Result<LeaseKeepAliveResponse, Status>>
+    where
+        S: Stream<Item = Result<LeaseKeepAliveRequest, Status>> + Send + Unpin + 'static,
+    {
+        use futures::StreamExt;
+        let (tx, rx) = mpsc::channel(16);
+        let member = self.member.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    msg = inbound.next() => msg,
+                    _ = tx.closed() => return,
+                    _ = member.stopped() => {
+                        let _ = tx.send(Err(Error::Stopped.into())).await;
+                        return;
+                    }
+                };
+                let req = match msg {
+                    Some(Ok(req)) => req,
+                    Some(Err(status)) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                    None => return,
+                };
+                // An unknown or expired lease answers TTL 0, as etcd does; a
+                // failure to reach the leader ends the stream with the error,
+                // so the client retries elsewhere.
+                let resp = match member.lease_renew(req.id).await {
+                    Ok(ttl) => {
+                        let mut resp = LeaseKeepAliveResponse { header: None, id: req.id, ttl };
+                        member.fill_header(&mut resp.header);
+                        Ok(resp)
+                    }
+                    Err(e) => Err(Status::from(e)),
+                };
+                let failed = resp.is_err();
+                if tx.send(resp).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        ReceiverStream::new(rx)
     }
 }

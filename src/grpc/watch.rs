@@ -59,7 +59,19 @@ impl Watch for WatchService {
     type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send + 'static>>;
 
     async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
-        let inbound = req.into_inner();
+        Ok(Response::new(Box::pin(self.open(req.into_inner()))))
+    }
+}
+
+impl WatchService {
+    /// Serves the watch requests of `inbound` (a gRPC stream, or the JSON
+    /// objects of a gateway request) and answers on the stream returned.
+    /// Watches go on after `inbound` ends, until the client goes away, as
+    /// etcd's do.
+    pub fn open<S>(&self, inbound: S) -> ReceiverStream<Result<WatchResponse, Status>>
+    where
+        S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
+    {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let stream = WatchStreamState {
             member: self.member.clone(),
@@ -69,7 +81,7 @@ impl Watch for WatchService {
             next_id: 0,
         };
         tokio::spawn(stream.run(inbound));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        ReceiverStream::new(rx)
     }
 }
 
@@ -88,10 +100,15 @@ struct WatchStreamState {
 }
 
 impl WatchStreamState {
-    async fn run(mut self, mut inbound: Streaming<WatchRequest>) {
+    async fn run<S>(mut self, mut inbound: S)
+    where
+        S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
+    {
+        use futures::StreamExt;
+        let mut open = true;
         loop {
             let msg = tokio::select! {
-                msg = inbound.message() => msg,
+                msg = inbound.next(), if open => msg,
                 _ = self.tx.closed() => break,
                 _ = self.member.stopped() => {
                     let _ = self.tx.send(Err(Error::Stopped.into())).await;
@@ -99,10 +116,15 @@ impl WatchStreamState {
                 }
             };
             let req = match msg {
-                Ok(Some(req)) => req,
-                Ok(None) => break,
-                Err(status) => {
+                Some(Ok(req)) => req,
+                // The client sends no more requests; its watches go on.
+                None => {
+                    open = false;
+                    continue;
+                }
+                Some(Err(status)) => {
                     tracing::debug!("watch stream ended: {status}");
+                    let _ = self.tx.send(Err(status)).await;
                     break;
                 }
             };
@@ -253,12 +275,17 @@ impl Watcher {
                     self.synced.store(last, Ordering::Release);
                 }
                 Err((Error::Compacted, compacted)) => {
+                    // As etcd answers it: the compacted revision says why,
+                    // and the header carries no revision.
+                    let mut header = self.header(0);
+                    if let Some(h) = header.as_mut() {
+                        h.revision = 0;
+                    }
                     let resp = WatchResponse {
-                        header: self.header(compacted),
+                        header,
                         watch_id: self.id,
                         canceled: true,
                         compact_revision: compacted,
-                        cancel_reason: Error::Compacted.to_string(),
                         ..Default::default()
                     };
                     let _ = self.tx.send(Ok(resp)).await;

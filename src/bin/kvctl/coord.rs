@@ -74,7 +74,9 @@ pub async fn watch(client: &Client, a: WatchArgs, fmt: Format) -> Result<()> {
         let Some(resp) = resp else { return Ok(()) };
         let resp = resp?;
         if resp.canceled {
-            if !resp.cancel_reason.is_empty() {
+            if resp.compact_revision != 0 {
+                eprintln!("watch was canceled ({})", kvd::error::Error::Compacted);
+            } else if !resp.cancel_reason.is_empty() {
                 eprintln!("watch was canceled ({})", resp.cancel_reason);
             }
             bail!("watch is canceled by the server");
