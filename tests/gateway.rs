@@ -47,6 +47,7 @@ const STEPS: &[Step] = &[
     ("POST", "/v3/lock/lock", r#"{"name":"bXlsb2Nr","lease":"8"}"#),
     ("POST", "/v3/election/campaign", r#"{"name":"ZWxlY3Rpb24=","lease":"8","value":"djE="}"#),
     ("POST", "/v3/election/leader", r#"{"name":"ZWxlY3Rpb24="}"#),
+    ("POST", "/v3/election/observe", r#"{"name":"ZWxlY3Rpb24="}"#),
     ("POST", "/v3/lease/keepalive", r#"{"ID":"8"}{"ID":"8"}{"ID":"99"}"#),
     ("POST", "/v3/watch", r#"{"create_request":{"key":"Zm9v","start_revision":"1","prev_kv":true}}"#),
     ("POST", "/v3/watch", r#"{"create_request":{"key":"YQ==","range_end":"Yg==","start_revision":"1"}}"#),
@@ -62,7 +63,7 @@ fn curl(base: &str, (method, path, body): Step) -> (u16, String) {
     let mut child = Command::new("curl")
         .args(["-s", "-X", method, "-w", "\n%{http_code}"])
         // A watch goes on until the client leaves.
-        .args(if path == "/v3/watch" { vec!["--max-time", "1"] } else { vec![] })
+        .args(if ["/v3/watch", "/v3/election/observe"].contains(&path) { vec!["--max-time", "1"] } else { vec![] })
         // The body on stdin: it may be larger than a command line.
         .args(if body.is_empty() { vec![] } else { vec!["--data-binary", "@-"] })
         .arg(format!("{base}{path}"))
@@ -136,6 +137,7 @@ async fn gateway_answers_as_etcds() {
     // What the sequence went through.
     assert!(on_kvd.iter().any(|(s, b)| *s == 412 && b.contains("lease already exists")), "{on_kvd:?}");
     assert!(on_kvd.iter().any(|(s, _)| *s == 404), "{on_kvd:?}");
+    assert!(on_kvd.iter().filter(|(_, b)| b.starts_with(r#"{"result":"#)).count() >= 4, "{on_kvd:?}");
     c.shutdown().await;
 }
 
@@ -143,14 +145,15 @@ async fn gateway_answers_as_etcds() {
 async fn version_and_malformed_requests() {
     let c = TestCluster::start(1, |_| {}).await;
     let base = format!("http://{}", c.client_addrs[0]);
-    let (version, bad, big) = tokio::task::spawn_blocking(move || {
+    let (version, bad, big, snapshot) = tokio::task::spawn_blocking(move || {
         let version = curl(&base, ("GET", "/version", ""));
         let bad = curl(&base, ("POST", "/v3/kv/range", "{bad"));
         // Larger than --max-request-bytes plus gRPC's allowance.
         let value = "A".repeat(3 << 20);
         let body: &'static str = Box::leak(format!(r#"{{"key":"Zm9v","value":"{value}"}}"#).into_boxed_str());
         let big = curl(&base, ("POST", "/v3/kv/put", body));
-        (version, bad, big)
+        let snapshot = curl(&base, ("POST", "/v3/maintenance/snapshot", "{}"));
+        (version, bad, big, snapshot)
     })
     .await
     .unwrap();
@@ -160,5 +163,10 @@ async fn version_and_malformed_requests() {
     assert!(bad.1.contains(r#""code":3"#), "{bad:?}");
     assert_eq!(big.0, 429, "{big:?}");
     assert!(big.1.contains("received message larger than max"), "{big:?}");
+    // The snapshot as lines of base64 chunks, the last one its SHA-256.
+    assert_eq!(snapshot.0, 200);
+    let lines: Vec<serde_json::Value> = snapshot.1.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines.len() >= 2, "{snapshot:?}");
+    assert!(lines.iter().all(|l| l["result"]["blob"].is_string()), "{snapshot:?}");
     c.shutdown().await;
 }

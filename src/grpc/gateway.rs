@@ -11,9 +11,8 @@
 //! gateway answers it: the HTTP status of its gRPC code and
 //! `{"error": …, "message": …, "code": …}`. The watch and lease keep-alive
 //! streams take request objects from the body, one after another, and answer
-//! one `{"result": …}` object per line, sent as each response comes; election
-//! observe and snapshot are not served here yet and say so. Unknown paths get
-//! 404.
+//! one `{"result": …}` object per line, sent as each response comes, as do
+//! election observe and snapshot. Unknown paths get 404.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -144,12 +143,12 @@ impl Gateway {
             "election/proclaim" => call!(election.proclaim),
             "election/leader" => call!(election.leader),
             "election/resign" => call!(election.resign),
+            "election/observe" => server_stream(body, |r| self.election.observe(tonic::Request::new(r))).await,
+            "maintenance/snapshot" => server_stream(body, |r| self.maintenance.snapshot(tonic::Request::new(r))).await,
             r if r.starts_with("auth/") => error(&Status::unimplemented(format!(
                 "authentication and access control are not supported by kvd yet (/v3/{r})"
             ))),
-            r => error(&Status::unimplemented(format!(
-                "kvd's HTTP gateway does not serve the stream /v3/{r} yet; use gRPC for it"
-            ))),
+            r => error(&Status::unimplemented(format!("kvd's HTTP gateway does not serve /v3/{r}"))),
         }
     }
 }
@@ -218,6 +217,27 @@ where
             Ok(text) => json(http::StatusCode::OK, text),
             Err(e) => error(&Status::internal(e.to_string())),
         },
+        Err(status) => error(&status),
+    }
+}
+
+/// Decodes a request of type `Req` from `body`, calls `f`, and answers the
+/// stream it returns as [`streamed`] does.
+async fn server_stream<Req, Resp, S, F, Fut>(body: &[u8], f: F) -> Reply
+where
+    Req: DeserializeOwned,
+    Resp: Serialize + Send + 'static,
+    S: futures::Stream<Item = Result<Resp, Status>> + Send + 'static,
+    F: FnOnce(Req) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<S>, Status>>,
+{
+    let body = if body.iter().all(u8::is_ascii_whitespace) { &b"{}"[..] } else { body };
+    let req: Req = match serde_json::from_slice(body) {
+        Ok(req) => req,
+        Err(e) => return error(&Status::invalid_argument(e.to_string())),
+    };
+    match f(req).await {
+        Ok(resp) => streamed(resp.into_inner()),
         Err(status) => error(&status),
     }
 }
