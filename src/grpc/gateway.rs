@@ -198,6 +198,13 @@ fn known(route: &str) -> bool {
     ROUTES.contains(&route) || route.starts_with("auth/")
 }
 
+/// A request of type `Req` from `body` (empty means `{}`), or the answer to
+/// a malformed one.
+fn decode<Req: DeserializeOwned>(body: &[u8]) -> Result<Req, Reply> {
+    let body = if body.iter().all(u8::is_ascii_whitespace) { &b"{}"[..] } else { body };
+    serde_json::from_slice(body).map_err(|e| error(&Status::invalid_argument(e.to_string())))
+}
+
 /// Decodes a request of type `Req` from `body` (empty means `{}`), calls
 /// `f`, and answers its response or error as JSON.
 async fn unary<Req, Resp, F, Fut>(body: &[u8], f: F) -> Reply
@@ -207,10 +214,9 @@ where
     F: FnOnce(Req) -> Fut,
     Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
 {
-    let body = if body.iter().all(u8::is_ascii_whitespace) { &b"{}"[..] } else { body };
-    let req: Req = match serde_json::from_slice(body) {
+    let req: Req = match decode(body) {
         Ok(req) => req,
-        Err(e) => return error(&Status::invalid_argument(e.to_string())),
+        Err(reply) => return reply,
     };
     match f(req).await {
         Ok(resp) => match serde_json::to_string(resp.get_ref()) {
@@ -231,10 +237,9 @@ where
     F: FnOnce(Req) -> Fut,
     Fut: Future<Output = Result<tonic::Response<S>, Status>>,
 {
-    let body = if body.iter().all(u8::is_ascii_whitespace) { &b"{}"[..] } else { body };
-    let req: Req = match serde_json::from_slice(body) {
+    let req: Req = match decode(body) {
         Ok(req) => req,
-        Err(e) => return error(&Status::invalid_argument(e.to_string())),
+        Err(reply) => return reply,
     };
     match f(req).await {
         Ok(resp) => streamed(resp.into_inner()),
