@@ -198,11 +198,10 @@ fn known(route: &str) -> bool {
     ROUTES.contains(&route) || route.starts_with("auth/")
 }
 
-/// A request of type `Req` from `body` (empty means `{}`), or the answer to
-/// a malformed one.
-fn decode<Req: DeserializeOwned>(body: &[u8]) -> Result<Req, Reply> {
+/// A request of type `Req` from `body` (empty means `{}`).
+fn decode<Req: DeserializeOwned>(body: &[u8]) -> Result<Req, Status> {
     let body = if body.iter().all(u8::is_ascii_whitespace) { &b"{}"[..] } else { body };
-    serde_json::from_slice(body).map_err(|e| error(&Status::invalid_argument(e.to_string())))
+    serde_json::from_slice(body).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 /// Decodes a request of type `Req` from `body` (empty means `{}`), calls
@@ -216,7 +215,7 @@ where
 {
     let req: Req = match decode(body) {
         Ok(req) => req,
-        Err(reply) => return reply,
+        Err(status) => return error(&status),
     };
     match f(req).await {
         Ok(resp) => match serde_json::to_string(resp.get_ref()) {
@@ -239,7 +238,7 @@ where
 {
     let req: Req = match decode(body) {
         Ok(req) => req,
-        Err(reply) => return reply,
+        Err(status) => return error(&status),
     };
     match f(req).await {
         Ok(resp) => streamed(resp.into_inner()),
