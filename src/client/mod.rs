@@ -22,10 +22,12 @@ use crate::proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use crate::proto::etcdserverpb::*;
 
 /// Whether a failed call certainly never reached a server: its channel could
-/// not connect.
+/// not connect. Plain-text channels say "tcp connect error"; TLS channels,
+/// whose connector is kvd's own, give the socket's error ("Connection
+/// refused (os error 111)").
 pub fn not_sent(status: &Status) -> bool {
     status.message().starts_with("Service was not ready")
-        || (status.code() == Code::Unavailable && status.message().contains("connect"))
+        || (status.code() == Code::Unavailable && status.message().to_ascii_lowercase().contains("connect"))
 }
 
 fn retryable(status: &Status) -> bool {
@@ -411,5 +413,18 @@ impl Client {
     pub async fn get_on(&self, index: usize, key: &[u8]) -> Result<RangeResponse, Status> {
         let ch = self.channels.get(index).cloned().ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
         self.kv(ch).range(RangeRequest { key: key.to_vec(), ..Default::default() }).await.map(|r| r.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_connection_was_not_sent_over_plain_text_or_tls() {
+        assert!(not_sent(&Status::unavailable("tcp connect error")));
+        assert!(not_sent(&Status::unavailable("Connection refused (os error 111)")));
+        assert!(!not_sent(&Status::unavailable("etcdserver: request timed out")));
+        assert!(!not_sent(&Status::invalid_argument("Connection refused (os error 111)")));
     }
 }
