@@ -58,7 +58,7 @@ const STEPS: &[Step] = &[
 ];
 
 /// Status line code and body of `method path` with `body` against `base`.
-fn curl(base: &str, (method, path, body): Step) -> (u16, String) {
+fn curl(base: &str, (method, path, body): (&str, &str, &str)) -> (u16, String) {
     use std::io::Write;
     let mut child = Command::new("curl")
         .args(["-s", "-X", method, "-w", "\n%{http_code}"])
@@ -150,8 +150,8 @@ async fn version_and_malformed_requests() {
         let bad = curl(&base, ("POST", "/v3/kv/range", "{bad"));
         // Larger than --max-request-bytes plus gRPC's allowance.
         let value = "A".repeat(3 << 20);
-        let body: &'static str = Box::leak(format!(r#"{{"key":"Zm9v","value":"{value}"}}"#).into_boxed_str());
-        let big = curl(&base, ("POST", "/v3/kv/put", body));
+        let body = format!(r#"{{"key":"Zm9v","value":"{value}"}}"#);
+        let big = curl(&base, ("POST", "/v3/kv/put", &body));
         let snapshot = curl(&base, ("POST", "/v3/maintenance/snapshot", "{}"));
         (version, bad, big, snapshot)
     })

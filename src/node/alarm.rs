@@ -145,11 +145,14 @@ impl Member {
         if cost == 0 {
             return Ok(());
         }
-        if self.raised(AlarmType::Nospace, None) {
+        let (raised, in_use) = {
+            let state = self.state.read();
+            (state.alarms.iter().any(|(_, a)| *a == AlarmType::Nospace as i32), state.store.bytes_in_use())
+        };
+        if raised {
             return Err(Error::NoSpace);
         }
         let Some(quota) = self.space.quota_bytes else { return Ok(()) };
-        let in_use = self.state.read().store.bytes_in_use();
         if in_use.saturating_add(cost) < quota {
             return Ok(());
         }

@@ -116,7 +116,13 @@ pub(super) fn apply_command(
     if let Some(e) = refused_by_alarm(&state.alarms, &op) {
         return refused(e);
     }
-    let result = match op.clone() {
+    // The leader of one term decided this expiry on that term's deadlines.
+    if let command::Op::LeaseExpire(e) = &op {
+        if e.term != term {
+            return refused(Error::StaleLeaseExpiry);
+        }
+    }
+    let result = match op {
         // Batches are unpacked by the caller and never nested.
         command::Op::Batch(_) => return refused(Error::internal("a command batch inside a command batch")),
         command::Op::Put(p) => {
@@ -187,11 +193,6 @@ pub(super) fn apply_command(
             )
         }
         command::Op::LeaseRevoke(LeaseRevokeRequest { id }) | command::Op::LeaseExpire(LeaseExpire { id, .. }) => {
-            if let command::Op::LeaseExpire(e) = &op {
-                if e.term != term {
-                    return refused(Error::StaleLeaseExpiry);
-                }
-            }
             let mut w = state.store.write();
             if !w.revoke_lease(id) {
                 return refused(Error::LeaseNotFound);

@@ -17,6 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvd::client::Client;
+use kvd::proto::etcdserverpb::alarm_request::AlarmAction;
+use kvd::proto::etcdserverpb::{AlarmMember, AlarmRequest, AlarmType};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -358,16 +360,21 @@ impl Cluster {
         Ok((old_id, new_id))
     }
 
+    /// The id of the member in slot `i`, as it answers.
+    pub async fn member_id(&self, i: usize) -> Result<u64, tonic::Status> {
+        self.client.status_of(i).await.map(|s| s.header.map_or(0, |h| h.member_id))
+    }
+
     /// The raised alarms, as the members answer (empty if none answers).
-    pub async fn alarms(&self) -> Vec<kvd::proto::etcdserverpb::AlarmMember> {
-        let get = kvd::proto::etcdserverpb::AlarmRequest { action: 0, member_id: 0, alarm: 0 };
+    pub async fn alarms(&self) -> Vec<AlarmMember> {
+        let get = AlarmRequest { action: AlarmAction::Get as i32, member_id: 0, alarm: AlarmType::None as i32 };
         self.client.alarm(get).await.map(|r| r.alarms).unwrap_or_default()
     }
 
     /// Clears every raised alarm, as `alarm disarm` does.
     pub async fn disarm(&self) -> Result<(), tonic::Status> {
         for a in self.alarms().await {
-            let clear = kvd::proto::etcdserverpb::AlarmRequest { action: 2, member_id: a.member_id, alarm: a.alarm };
+            let clear = AlarmRequest { action: AlarmAction::Deactivate as i32, member_id: a.member_id, alarm: a.alarm };
             self.client.alarm(clear).await?;
         }
         Ok(())

@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use kvd::proto::etcdserverpb::AlarmType;
 use kvd_faults::Fault;
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -145,8 +146,8 @@ pub async fn inject(ctx: Injection<'_>, fault: Fault, leader: usize, follower: u
         }
         Fault::ReplaceMember => {
             let victim = follower;
-            let old_id = match cluster.client.status_of(victim).await {
-                Ok(status) => status.header.map_or(0, |h| h.member_id),
+            let old_id = match cluster.member_id(victim).await {
+                Ok(id) => id,
                 Err(e) => {
                     report.notes.push(format!("replace-member skipped: m{victim} did not answer ({})", e.message()));
                     return Ok(());
@@ -177,8 +178,8 @@ pub async fn inject(ctx: Injection<'_>, fault: Fault, leader: usize, follower: u
         },
         Fault::RemoveReadd => {
             let victim = follower;
-            let old_id = match cluster.client.status_of(victim).await {
-                Ok(status) => status.header.map_or(0, |h| h.member_id),
+            let old_id = match cluster.member_id(victim).await {
+                Ok(id) => id,
                 Err(e) => {
                     report.notes.push(format!("remove-readd skipped: m{victim} did not answer ({})", e.message()));
                     return Ok(());
@@ -197,10 +198,7 @@ pub async fn inject(ctx: Injection<'_>, fault: Fault, leader: usize, follower: u
         }
         Fault::MoveLeader => {
             let target = follower;
-            let target_id = match cluster.client.status_of(target).await {
-                Ok(status) => status.header.map_or(0, |h| h.member_id),
-                Err(_) => return Ok(()),
-            };
+            let Ok(target_id) = cluster.member_id(target).await else { return Ok(()) };
             let at_leader = cluster.endpoints().only(leader).client(Duration::from_secs(2));
             let started = Instant::now();
             match at_leader.move_leader(target_id).await {
@@ -212,7 +210,7 @@ pub async fn inject(ctx: Injection<'_>, fault: Fault, leader: usize, follower: u
         }
         Fault::DiskFull => {
             let victim = cluster.layout.small_disk.unwrap_or(2);
-            let victim_id = cluster.client.status_of(victim).await.ok().and_then(|s| s.header).map(|h| h.member_id);
+            let victim_id = cluster.member_id(victim).await.ok();
             let data = cluster.data_dir(victim);
             // 16 MiB left: less than the 64 MiB a member keeps free by
             // default (--quota-disk-free-bytes), so it raises NOSPACE and
@@ -224,7 +222,8 @@ pub async fn inject(ctx: Injection<'_>, fault: Fault, leader: usize, follower: u
             // The member sees its disk short of free space and raises
             // NOSPACE for itself (--quota-disk-free-bytes).
             let alarms = cluster.alarms().await;
-            let raised = victim_id.is_some_and(|id| alarms.iter().any(|a| a.member_id == id && a.alarm == 1));
+            let raised = victim_id
+                .is_some_and(|id| alarms.iter().any(|a| a.member_id == id && a.alarm == AlarmType::Nospace as i32));
             std::fs::remove_file(data.join("filler"))?;
             report.notes.push(format!(
                 "disk-full: {} MiB filled m{victim}'s disk; it {}{}; NOSPACE {}",
