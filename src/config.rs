@@ -71,6 +71,15 @@ pub struct Config {
     /// a response before it gets an empty one with the current revision.
     #[arg(long = "experimental-watch-progress-notify-interval", env = "KVD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
     pub watch_progress_notify_interval: std::time::Duration,
+    /// Origins (`scheme://host[:port]`, comma-separated) whose web pages may
+    /// call the JSON gateway, for CORS; `*` allows all.
+    #[arg(long, env = "KVD_CORS", default_value = "*")]
+    pub cors: String,
+    /// Host names (comma-separated) that plain-HTTP requests may name in
+    /// their Host header; `*` allows all. Guards a member on a private
+    /// address against DNS rebinding; requests over TLS are not checked.
+    #[arg(long, env = "KVD_HOST_WHITELIST", default_value = "*")]
+    pub host_whitelist: String,
     /// Certificate (PEM) the client port presents on https:// URLs.
     #[arg(long, env = "KVD_CERT_FILE")]
     pub cert_file: Option<PathBuf>,
@@ -181,6 +190,9 @@ pub enum ConfigError {
     /// A limit is out of range.
     #[error("{0}")]
     BadLimit(String),
+    /// A flag's value cannot be read.
+    #[error("{0}")]
+    BadFlag(String),
 }
 
 /// One initial member.
@@ -221,6 +233,8 @@ pub struct Validated {
     pub election: Duration,
     /// Automatic compaction.
     pub auto_compaction: AutoCompaction,
+    /// The CORS and host checks of plain HTTP requests.
+    pub http_access: crate::grpc::http_access::HttpAccess,
 }
 
 fn split(list: &str) -> impl Iterator<Item = &str> {
@@ -334,6 +348,8 @@ impl Config {
         if self.worker_threads == Some(0) {
             return Err(ConfigError::BadLimit("--worker-threads must be at least 1".into()));
         }
+        let http_access = crate::grpc::http_access::HttpAccess::parse(&self.cors, &self.host_whitelist)
+            .map_err(ConfigError::BadFlag)?;
         let auto_compaction = AutoCompaction::parse(&self.auto_compaction_mode, &self.auto_compaction_retention)
             .map_err(ConfigError::BadLimit)?;
         let listen = split(&self.listen_client_urls)
@@ -394,6 +410,7 @@ impl Config {
             heartbeat: Duration::from_millis(self.heartbeat_interval),
             election: Duration::from_millis(self.election_timeout),
             auto_compaction,
+            http_access,
             config: self.clone(),
         })
     }

@@ -382,7 +382,8 @@ pub async fn start_on(
         client_addrs.push(addr);
         let progress = cfg.config.watch_progress_notify_interval;
         let tls = client_tls.clone().filter(|_| cfg.client_https.get(i).copied().unwrap_or(false));
-        tasks.push(serve_clients(member.clone(), listener, tls, progress, stop_rx.clone()));
+        let access = cfg.http_access.on_listener(tls.is_some());
+        tasks.push(serve_clients(member.clone(), listener, tls, access, progress, stop_rx.clone()));
     }
     tasks.push(tokio::spawn(member.clone().run_lease_expiry()));
     tasks.push(tokio::spawn(crate::idle_memory::run(member.state.clone(), stop_rx.clone())));
@@ -478,6 +479,7 @@ fn serve_clients(
     member: Arc<Member>,
     listener: TcpListener,
     tls: Option<crate::tls::ServerTls>,
+    access: crate::grpc::http_access::HttpAccess,
     progress_interval: Duration,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
@@ -498,7 +500,7 @@ fn serve_clients(
             // `/metrics` and `/health` are HTTP/1.1 as well, as etcd's are.
             .accept_http1(true)
             .layer(tower::util::MapResponseLayer::new(crate::grpc::size_limit_as_resource_exhausted))
-            .layer(crate::grpc::endpoints::layer(metrics_member, progress_interval))
+            .layer(crate::grpc::endpoints::layer(metrics_member, progress_interval, access))
             .add_service(kv)
             .add_service(cluster)
             .add_service(maintenance)

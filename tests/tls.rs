@@ -149,27 +149,37 @@ type KvdOutcomes = (Vec<(&'static str, bool, String)>, Vec<(&'static str, bool, 
 
 async fn kvd_outcomes(client_cert_auth: bool) -> KvdOutcomes {
     let pki = Pki::new();
-    let flags = server_flags(&pki, client_cert_auth);
+    let mut flags = server_flags(&pki, client_cert_auth);
+    flags.extend(["--host-whitelist".to_string(), "localhost".into()]);
     let c = TestCluster::start(3, |args| https_cluster_args(args, &flags)).await;
     let endpoint = c.client_addrs[1].to_string();
-    // /health and /metrics over TLS, in HTTP/2 (curl's choice through ALPN)
-    // and in HTTP/1.1, which Patroni's and most HTTP clients speak.
-    for (path, version, want) in [
-        ("health", "--http2", r#"{"health":"true"}"#),
-        ("health", "--http1.1", r#"{"health":"true"}"#),
-        ("metrics", "--http1.1", "etcd_server_has_leader 1"),
+    // /health, /metrics and the JSON gateway over TLS, in HTTP/2 (curl's
+    // choice through ALPN) and in HTTP/1.1, which Patroni's and most HTTP
+    // clients speak. The member takes only `localhost` as a plain-text
+    // Host, which TLS requests are not held to.
+    for (path, version, body, want) in [
+        ("health", "--http2", "", r#"{"health":"true"}"#),
+        ("health", "--http1.1", "", r#"{"health":"true"}"#),
+        ("metrics", "--http1.1", "", "etcd_server_has_leader 1"),
+        ("version", "--http1.1", "", r#"{"etcdserver":"3.4.0","etcdcluster":"3.4.0"}"#),
+        ("v3/kv/put", "--http1.1", r#"{"key":"Z3c=","value":"aHR0cHM="}"#, r#""revision":"2""#),
+        ("v3/kv/range", "--http2", r#"{"key":"Z3c="}"#, r#""value":"aHR0cHM=""#),
+        ("v3/kv/range", "--http1.1", r#"{"key":"Z3c=","count_only":true}"#, r#""count":"1""#),
+        ("v3/watch", "--http1.1", r#"{"create_request":{"key":"Z3c=","start_revision":"1"}}"#, r#""kv":{"key":"Z3c=""#),
     ] {
         let url = format!("https://{endpoint}/{path}");
-        let out = Command::new("curl")
-            .args(["-s", "--max-time", "10", version, "-w", "\n%{http_version}"])
+        let mut curl = Command::new("curl");
+        curl.args(["-s", "--max-time", if path == "v3/watch" { "2" } else { "10" }, version])
+            .args(["-w", "\n%{http_version}", "-H", "Host: rebound.example"])
             .args(["--cacert", &pki.arg("ca.pem"), "--cert", &pki.arg("client.pem")])
-            .args(["--key", &pki.arg("client-key.pem"), &url])
-            .output()
-            .expect("curl");
-        let got = String::from_utf8_lossy(&out.stdout).to_string();
+            .args(["--key", &pki.arg("client-key.pem"), &url]);
+        if !body.is_empty() {
+            curl.args(["--data-binary", body]);
+        }
+        let got = String::from_utf8_lossy(&curl.output().expect("curl").stdout).to_string();
         let spoken = got.lines().last().unwrap_or_default().to_string();
-        assert!(got.contains(want), "GET /{path} over TLS with {version}: {got}");
-        assert_eq!(spoken, version.trim_start_matches("--http"), "GET /{path} with {version}: {got}");
+        assert!(got.contains(want), "{path} over TLS with {version}: {got}");
+        assert_eq!(spoken, version.trim_start_matches("--http"), "{path} with {version}: {got}");
     }
     let result = tokio::task::spawn_blocking(move || {
         let by_etcdctl = outcomes("etcdctl", &endpoint, &pki);

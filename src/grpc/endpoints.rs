@@ -13,7 +13,8 @@
 //!   leader and a linearizable read goes through within a second, as etcd's
 //!   quorum read does; `{"health":"false"}` with status 503 otherwise.
 //!
-//! Every other request goes on to the gRPC services.
+//! Every plain HTTP request (anything but gRPC) first passes the CORS and
+//! host checks of [`super::http_access`]; gRPC calls go on to the services.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use super::http_access::HttpAccess;
 use crate::metrics::{self, Metrics};
 use crate::node::Member;
 
@@ -31,9 +33,16 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 pub fn layer<S>(
     member: Arc<Member>,
     progress_interval: Duration,
+    access: HttpAccess,
 ) -> impl tower::Layer<S, Service = HttpEndpoints<S>> + Clone {
     let gateway = Arc::new(super::gateway::Gateway::new(member.clone(), progress_interval));
-    tower::layer::layer_fn(move |inner| HttpEndpoints { inner, member: member.clone(), gateway: gateway.clone() })
+    let access = Arc::new(access);
+    tower::layer::layer_fn(move |inner| HttpEndpoints {
+        inner,
+        member: member.clone(),
+        gateway: gateway.clone(),
+        access: access.clone(),
+    })
 }
 
 /// The gRPC services `S` with `/metrics`, `/health` and etcd's JSON gateway
@@ -43,6 +52,7 @@ pub struct HttpEndpoints<S> {
     inner: S,
     member: Arc<Member>,
     gateway: Arc<super::gateway::Gateway>,
+    access: Arc<HttpAccess>,
 }
 
 type Reply = http::Response<tonic::body::Body>;
@@ -61,30 +71,22 @@ where
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        if req.method() == http::Method::GET {
-            let member = self.member.clone();
-            match req.uri().path() {
-                "/metrics" => {
-                    return Box::pin(async move { Ok(text(http::StatusCode::OK, METRICS_TYPE, metrics(&member))) })
-                }
-                "/health" => {
-                    return Box::pin(async move {
-                        let healthy = member.leader().is_some()
-                            && matches!(tokio::time::timeout(HEALTH_TIMEOUT, member.read_barrier()).await, Ok(Ok(())));
-                        let (status, body) = if healthy {
-                            (http::StatusCode::OK, r#"{"health":"true"}"#)
-                        } else {
-                            (http::StatusCode::SERVICE_UNAVAILABLE, r#"{"health":"false"}"#)
-                        };
-                        Ok(text(status, "text/plain; charset=utf-8", format!("{body}\n")))
-                    })
-                }
-                _ => {}
-            }
-        }
         if super::gateway::is_http(&req) {
+            let origin = match self.access.check(&req) {
+                Ok(origin) => origin,
+                Err(answer) => return Box::pin(async move { Ok(*answer) }),
+            };
+            let member = self.member.clone();
             let gateway = self.gateway.clone();
-            return Box::pin(async move { Ok(gateway.serve(req).await) });
+            return Box::pin(async move {
+                let mut resp = match (req.method() == http::Method::GET, req.uri().path()) {
+                    (true, "/metrics") => text(http::StatusCode::OK, METRICS_TYPE, metrics(&member)),
+                    (true, "/health") => health(&member).await,
+                    _ => gateway.serve(req).await,
+                };
+                super::http_access::allow(&mut resp, origin);
+                Ok(resp)
+            });
         }
         // A method kvd does not serve gets Unimplemented from the gRPC router
         // with no message; the answer is given one that says what kvd lacks.
@@ -183,6 +185,18 @@ impl http_body::Body for CountedBody {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// `/health`'s answer.
+async fn health(member: &Member) -> Reply {
+    let healthy = member.leader().is_some()
+        && matches!(tokio::time::timeout(HEALTH_TIMEOUT, member.read_barrier()).await, Ok(Ok(())));
+    let (status, body) = if healthy {
+        (http::StatusCode::OK, r#"{"health":"true"}"#)
+    } else {
+        (http::StatusCode::SERVICE_UNAVAILABLE, r#"{"health":"false"}"#)
+    };
+    text(status, "text/plain; charset=utf-8", format!("{body}\n"))
 }
 
 /// The content type of Prometheus' text format.

@@ -98,9 +98,9 @@ impl Gateway {
             return plain(http::StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n");
         }
         match route.as_str() {
-            "watch" => return streamed(self.watch.open(Box::pin(objects(req.into_body(), self.max_body)))),
+            "watch" => return streamed(self.watch.open(Box::pin(objects(req.into_body(), self.max_body)))).await,
             "lease/keepalive" => {
-                return streamed(self.lease.keep_alive(Box::pin(objects(req.into_body(), self.max_body))))
+                return streamed(self.lease.keep_alive(Box::pin(objects(req.into_body(), self.max_body)))).await
             }
             _ => {}
         }
@@ -198,9 +198,10 @@ fn known(route: &str) -> bool {
     ROUTES.contains(&route) || route.starts_with("auth/")
 }
 
-/// A request of type `Req` from `body` (empty means `{}`).
+/// A request of type `Req` from `body` (empty or `null` means `{}`, as
+/// Go's decoder leaves the request as it was on `null`).
 fn decode<Req: DeserializeOwned>(body: &[u8]) -> Result<Req, Status> {
-    let body = if body.iter().all(u8::is_ascii_whitespace) { &b"{}"[..] } else { body };
+    let body = if body.trim_ascii().is_empty() || body.trim_ascii() == b"null" { &b"{}"[..] } else { body };
     serde_json::from_slice(body).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
@@ -241,7 +242,7 @@ where
         Err(status) => return error(&status),
     };
     match f(req).await {
-        Ok(resp) => streamed(resp.into_inner()),
+        Ok(resp) => streamed(resp.into_inner()).await,
         Err(status) => error(&status),
     }
 }
@@ -305,12 +306,21 @@ where
 /// Answers a stream of responses as etcd's gateway does: one
 /// `{"result": …}` per line, each sent as it comes; an error ends the
 /// stream with etcd's error object.
-fn streamed<T, S>(responses: S) -> Reply
+async fn streamed<T, S>(responses: S) -> Reply
 where
     T: Serialize + Send + 'static,
     S: futures::Stream<Item = Result<T, Status>> + Send + 'static,
 {
     use futures::StreamExt;
+    // Nothing is answered before the first response: an error then (the
+    // first request malformed, say) is answered with its HTTP status, as
+    // etcd's gateway does.
+    let mut responses = Box::pin(responses);
+    let first = match responses.next().await {
+        Some(Err(status)) => return error(&status),
+        first => first,
+    };
+    let responses = futures::stream::iter(first).chain(responses);
     let mut failed = false;
     let lines = responses
         .take_while(move |item| {

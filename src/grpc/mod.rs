@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod election;
 pub mod endpoints;
 pub mod gateway;
+pub mod http_access;
 pub mod kv;
 pub mod lease;
 pub mod lock;
