@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# Runs kvd's whole test suite, with the format and lint checks. Installs what the interop and differential
-# tests need first: etcd 3.4 and etcdctl from Debian's packages (etcd-server,
-# etcd-client), without starting Debian's own etcd service.
+# Runs kvd's whole test suite, with the format and lint checks. Installs what the interop, differential
+# and Patroni tests need first, from Debian's packages: etcd 3.4 and etcdctl (etcd-server,
+# etcd-client), patroni, python3-etcd and postgresql, without starting their system services.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-if ! command -v etcd > /dev/null || ! command -v etcdctl > /dev/null; then
+# What the interop and Patroni tests run: etcd 3.4, etcdctl, Patroni with its
+# etcd client, and PostgreSQL.
+missing=()
+command -v etcd > /dev/null || missing+=(etcd-server)
+command -v etcdctl > /dev/null || missing+=(etcd-client)
+command -v patroni > /dev/null || missing+=(patroni)
+/usr/bin/python3 -c 'import etcd' 2> /dev/null || missing+=(python3-etcd)
+ls /usr/lib/postgresql/*/bin/postgres > /dev/null 2>&1 || missing+=(postgresql)
+if [ "${#missing[@]}" -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" = 0 ] || SUDO=sudo
-  echo "installing etcd-server and etcd-client (etcd 3.4) from Debian's packages..." >&2
-  # Keep the package from starting a system etcd on the default ports.
+  echo "installing ${missing[*]} from Debian's packages..." >&2
+  # Keep the packages from starting system services (etcd, PostgreSQL) on
+  # their default ports.
   policy=/usr/sbin/policy-rc.d
   added_policy=0
   if [ ! -e "$policy" ]; then
@@ -18,7 +27,7 @@ if ! command -v etcd > /dev/null || ! command -v etcdctl > /dev/null; then
     added_policy=1
   fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server etcd-client > /dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" > /dev/null
   [ "$added_policy" = 0 ] || $SUDO rm -f "$policy"
 fi
 etcd --version | head -n 1 >&2
