@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure().file_descriptor_set_path(&descriptors).compile_protos(
         &[
             "proto/mvccpb/kv.proto",
+            "proto/authpb/auth.proto",
             "proto/etcdserverpb/rpc.proto",
             "proto/kvdpb/peer.proto",
             "proto/v3lockpb/v3lock.proto",
@@ -23,7 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .register_descriptors(&std::fs::read(&descriptors)?)?
         .preserve_proto_field_names()
         .ignore_unknown_fields()
-        .build(&[".mvccpb", ".etcdserverpb", ".v3lockpb", ".v3electionpb"])?;
+        .build(&[".mvccpb", ".authpb", ".etcdserverpb", ".v3lockpb", ".v3electionpb"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

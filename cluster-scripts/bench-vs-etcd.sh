@@ -15,6 +15,8 @@
 #   BENCH_JSON       if set, also write every result as JSON lines to this file
 #   BENCH_THREADS    if set, threads per member for both: GOMAXPROCS for etcd,
 #                    --worker-threads for kvd (default: each system's own, one per CPU)
+#   BENCH_AUTH       if 1, each workload runs again with auth on, as a user (not root) with
+#                    READWRITE on the keys the bench uses; those rows are labelled +auth
 #   KVD_BIN_DIR      where kvd and kvctl are (default: target/release, built here)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -142,8 +144,28 @@ measure() {
     "$BIN_DIR/kvctl" --endpoints "$EPS" -w json bench $args --key-space-size "$KEYS" --quiet \
       | sed "s/^{/{\"system\":\"$system\",\"label\":\"$label\",/" >> "$RESULTS"
   done
+  local user=()
+  if [ "${BENCH_AUTH:-0}" = 1 ]; then
+    echo "[$system] turning auth on: user bench with READWRITE on every key from k on" >&2
+    local ctl=("$BIN_DIR/kvctl" --endpoints "$EPS")
+    "${ctl[@]}" user add root:rootpw > /dev/null
+    "${ctl[@]}" role add bench > /dev/null
+    "${ctl[@]}" role grant-permission bench readwrite k --from-key > /dev/null
+    "${ctl[@]}" user add bench:benchpw > /dev/null
+    "${ctl[@]}" user grant-role bench bench > /dev/null
+    "${ctl[@]}" auth enable > /dev/null
+    user=(--user bench:benchpw)
+    for w in "${WORKLOADS[@]}"; do
+      label=${w%%|*}; args=${w#*|}
+      case " $args " in *" --total "*) ;; *) args+=" --total $TOTAL" ;; esac
+      echo "[$system] $label+auth: kvctl --user bench bench $args" >&2
+      # shellcheck disable=SC2086
+      "$BIN_DIR/kvctl" --endpoints "$EPS" "${user[@]}" -w json bench $args --key-space-size "$KEYS" --quiet \
+        | sed "s/^{/{\"system\":\"$system\",\"label\":\"$label+auth\",/" >> "$RESULTS"
+    done
+  fi
   echo "[$system] writing $KEYS distinct keys (256-byte values) for the memory and disk figures" >&2
-  "$BIN_DIR/kvctl" --endpoints "$EPS" bench put --conns 8 --clients 64 --total "$KEYS" --sequential-keys \
+  "$BIN_DIR/kvctl" --endpoints "$EPS" "${user[@]}" bench put --conns 8 --clients 64 --total "$KEYS" --sequential-keys \
     --key-space-size "$KEYS" --val-size 256 --quiet > /dev/null
   local rss=() settled=() disk=() i
   for i in 0 1 2; do

@@ -115,6 +115,17 @@ pub struct Config {
     /// Accept peer connections only from certificates with this common name.
     #[arg(long, env = "KVD_PEER_CERT_ALLOWED_CN")]
     pub peer_cert_allowed_cn: Option<String>,
+    /// Tokens Authenticate hands out: `simple` (random strings every member
+    /// learns through the log).
+    #[arg(long, env = "KVD_AUTH_TOKEN", default_value = "simple")]
+    pub auth_token: String,
+    /// Seconds a simple token stays valid without being used.
+    #[arg(long, env = "KVD_AUTH_TOKEN_TTL", default_value_t = 300)]
+    pub auth_token_ttl: u64,
+    /// bcrypt's cost for the passwords of users (4 to 31; each step doubles
+    /// the time to check one).
+    #[arg(long, env = "KVD_BCRYPT_COST", default_value_t = 10)]
+    pub bcrypt_cost: u32,
     /// Refuse membership changes that would leave fewer started or reachable
     /// members than a quorum (as etcd; `--strict-reconfig-check=false` to
     /// skip the check).
@@ -341,6 +352,18 @@ impl Config {
         }
         if self.max_request_bytes < 1024 {
             return Err(ConfigError::BadLimit("--max-request-bytes must be at least 1024".into()));
+        }
+        if self.auth_token != "simple" {
+            return Err(ConfigError::BadFlag(format!(
+                "--auth-token {:?}: kvd issues simple tokens only (jwt is not supported yet)",
+                self.auth_token
+            )));
+        }
+        if !(4..=31).contains(&self.bcrypt_cost) {
+            return Err(ConfigError::BadLimit(format!("--bcrypt-cost {} is not between 4 and 31", self.bcrypt_cost)));
+        }
+        if self.auth_token_ttl == 0 {
+            return Err(ConfigError::BadLimit("--auth-token-ttl must be at least 1 second".into()));
         }
         if self.snapshot_count == 0 {
             return Err(ConfigError::BadLimit("--snapshot-count must be at least 1".into()));

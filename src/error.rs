@@ -136,6 +136,64 @@ pub enum Error {
     /// entry of another: void (see `kvdpb::LeaseExpire`).
     #[error("kvd: a lease expiry decided in an earlier term is void")]
     StaleLeaseExpiry,
+    /// AuthEnable without a user named root.
+    #[error("etcdserver: root user does not exist")]
+    RootUserNotExist,
+    /// AuthEnable while the root user lacks the root role.
+    #[error("etcdserver: root user does not have root role")]
+    RootRoleNotExist,
+    /// UserAdd of a name that exists.
+    #[error("etcdserver: user name already exists")]
+    UserAlreadyExist,
+    /// A user name that is empty, or a request with no user while auth is
+    /// on.
+    #[error("etcdserver: user name is empty")]
+    UserEmpty,
+    /// A user that does not exist.
+    #[error("etcdserver: user name not found")]
+    UserNotFound,
+    /// RoleAdd of a name that exists.
+    #[error("etcdserver: role name already exists")]
+    RoleAlreadyExist,
+    /// A role that does not exist.
+    #[error("etcdserver: role name not found")]
+    RoleNotFound,
+    /// An empty role name.
+    #[error("etcdserver: role name is empty")]
+    RoleEmpty,
+    /// A wrong user name or password.
+    #[error("etcdserver: authentication failed, invalid user ID or password")]
+    AuthFailed,
+    /// The user's roles do not cover what the request does.
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
+    /// UserRevokeRole of a role the user does not have.
+    #[error("etcdserver: role is not granted to the user")]
+    RoleNotGranted,
+    /// RoleRevokePermission of a permission the role does not have.
+    #[error("etcdserver: permission is not granted to the role")]
+    PermissionNotGranted,
+    /// Authenticate while auth is off.
+    #[error("etcdserver: authentication is not enabled")]
+    AuthNotEnabled,
+    /// A token this member does not know, or one that expired.
+    #[error("etcdserver: invalid auth token")]
+    InvalidAuthToken,
+    /// A change that would lock root out while auth is on: deleting the
+    /// root user or role, or revoking root's root role.
+    #[error("etcdserver: invalid auth management")]
+    InvalidAuthMgmt,
+    /// A write checked against an auth state that changed before it was
+    /// applied; the client asks again.
+    #[error("etcdserver: revision of auth store is old")]
+    AuthOldRevision,
+    /// Authenticate of a user that has no password (it is known by its
+    /// client certificate only), in etcd's words.
+    #[error("auth: authentication failed, password was given for no password user")]
+    NoPasswordUser,
+    /// A user added without a password and without `no_password`.
+    #[error("etcdserver: password is empty")]
+    PasswordEmpty,
 }
 
 impl Error {

@@ -25,6 +25,7 @@
 //! client can see; [`proto`] the generated protobuf code; [`client`] the Rust
 //! client that `kvctl` and the tests use.
 
+pub mod auth;
 pub mod backup;
 pub mod client;
 pub mod config;

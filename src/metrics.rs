@@ -112,6 +112,23 @@ const METHODS: &[(&str, &str)] = &[
     ("/etcdserverpb.Maintenance/HashKV", "unary"),
     ("/etcdserverpb.Maintenance/Snapshot", "server_stream"),
     ("/etcdserverpb.Maintenance/MoveLeader", "unary"),
+    ("/etcdserverpb.Auth/AuthEnable", "unary"),
+    ("/etcdserverpb.Auth/AuthDisable", "unary"),
+    ("/etcdserverpb.Auth/AuthStatus", "unary"),
+    ("/etcdserverpb.Auth/Authenticate", "unary"),
+    ("/etcdserverpb.Auth/UserAdd", "unary"),
+    ("/etcdserverpb.Auth/UserGet", "unary"),
+    ("/etcdserverpb.Auth/UserList", "unary"),
+    ("/etcdserverpb.Auth/UserDelete", "unary"),
+    ("/etcdserverpb.Auth/UserChangePassword", "unary"),
+    ("/etcdserverpb.Auth/UserGrantRole", "unary"),
+    ("/etcdserverpb.Auth/UserRevokeRole", "unary"),
+    ("/etcdserverpb.Auth/RoleAdd", "unary"),
+    ("/etcdserverpb.Auth/RoleGet", "unary"),
+    ("/etcdserverpb.Auth/RoleList", "unary"),
+    ("/etcdserverpb.Auth/RoleDelete", "unary"),
+    ("/etcdserverpb.Auth/RoleGrantPermission", "unary"),
+    ("/etcdserverpb.Auth/RoleRevokePermission", "unary"),
     ("/v3lockpb.Lock/Lock", "unary"),
     ("/v3lockpb.Lock/Unlock", "unary"),
     ("/v3electionpb.Election/Campaign", "unary"),
@@ -270,7 +287,7 @@ mod tests {
         let c = GrpcCounters::default();
         let put = c.start("/etcdserverpb.KV/Put").expect("known");
         let range = c.start("/etcdserverpb.KV/Range").expect("known");
-        assert_eq!(c.start("/etcdserverpb.Auth/UserAdd"), None);
+        assert_eq!(c.start("/etcdserverpb.Maintenance/Downgrade"), None);
         c.handled(put, 0);
         c.handled(range, 11);
         c.handled(range, 99);

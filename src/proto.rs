@@ -1,5 +1,5 @@
 //! Generated protobuf and gRPC code: the etcd v3 API (`etcdserverpb`,
-//! `mvccpb`, `v3lockpb`, `v3electionpb`), with their JSON mapping for the
+//! `mvccpb`, `authpb`, `v3lockpb`, `v3electionpb`), with their JSON mapping for the
 //! HTTP gateway, and kvd's peer API (`kvdpb`).
 
 #![allow(clippy::all, missing_docs)]
@@ -7,6 +7,11 @@
 pub mod mvccpb {
     tonic::include_proto!("mvccpb");
     include!(concat!(env!("OUT_DIR"), "/mvccpb.serde.rs"));
+}
+
+pub mod authpb {
+    tonic::include_proto!("authpb");
+    include!(concat!(env!("OUT_DIR"), "/authpb.serde.rs"));
 }
 
 pub mod etcdserverpb {

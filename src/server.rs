@@ -309,6 +309,7 @@ pub async fn start_on(
         membership_lock: Default::default(),
         listed: listed.into(),
         strict_reconfig_check: cfg.config.strict_reconfig_check,
+        logins: crate::node::auth::Logins::new(cfg.config.bcrypt_cost),
         space: crate::node::alarm::Space {
             quota_bytes: crate::node::alarm::Space::quota_from_flag(cfg.config.quota_backend_bytes),
             disk_free_bytes: cfg.config.quota_disk_free_bytes,
@@ -316,6 +317,7 @@ pub async fn start_on(
         },
         vouches: crate::node::peer::Vouches::new(),
     });
+    member.tokens().set_ttl(Duration::from_secs(cfg.config.auth_token_ttl));
 
     let mut tasks = Vec::new();
     let peer_addr = peer.local_addr().map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?;
@@ -494,6 +496,9 @@ fn serve_clients(
     let lease = LeaseServer::new(LeaseService::new(member.clone())).max_decoding_message_size(max_in);
     let lock = LockServer::new(LockService::new(member.clone())).max_decoding_message_size(max_in);
     let metrics_member = member.clone();
+    let auth =
+        crate::proto::etcdserverpb::auth_server::AuthServer::new(crate::grpc::auth::AuthService::new(member.clone()))
+            .max_decoding_message_size(max_in);
     let election = ElectionServer::new(ElectionService::new(member)).max_decoding_message_size(max_in);
     tokio::spawn(async move {
         let router = Server::builder()
@@ -507,7 +512,8 @@ fn serve_clients(
             .add_service(watch)
             .add_service(lease)
             .add_service(lock)
-            .add_service(election);
+            .add_service(election)
+            .add_service(auth);
         let result = match tls {
             None => router.serve_with_incoming_shutdown(incoming(listener), stopped(stop)).await,
             Some(tls) => router.serve_with_incoming_shutdown(tls.incoming(listener), stopped(stop)).await,

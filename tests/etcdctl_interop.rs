@@ -174,24 +174,6 @@ async fn member_list_and_endpoint_status_and_health() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn commands_kvd_lacks_name_what_is_not_supported() {
-    let (c, e) = cluster_and_etcdctl().await;
-    tokio::task::spawn_blocking(move || {
-        let cases: [(&[&str], &str); 2] = [
-            (&["auth", "enable"], "authentication and access control are not supported by kvd yet"),
-            (&["user", "list"], "authentication and access control are not supported by kvd yet"),
-        ];
-        for (args, want) in cases {
-            let err = e.fails(args);
-            assert!(err.contains("Unimplemented") && err.contains(want), "etcdctl {args:?}: {err}");
-        }
-    })
-    .await
-    .unwrap();
-    c.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn alarm_list_and_disarm_and_defrag() {
     alarm_list_and_disarm_and_defrag_with("etcdctl").await;
 }

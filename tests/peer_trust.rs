@@ -23,7 +23,7 @@ use support::{put, TestCluster};
 use tonic::transport::Channel;
 
 fn command(op: command::Op) -> Vec<u8> {
-    Command { op: Some(op) }.encode_to_vec()
+    Command { op: Some(op), stamp: None }.encode_to_vec()
 }
 
 fn proposal(op: command::Op) -> RaftPayload {

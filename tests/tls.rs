@@ -587,3 +587,57 @@ async fn peer_tls_outcomes_match_etcd() {
     assert_eq!((kvd.1, kvd.2, kvd.3), (true, true, (false, false)), "{kvd:?}");
     assert_eq!((etcd.1, etcd.2, etcd.3), (kvd.1, kvd.2, kvd.3), "{outcome:?}");
 }
+
+/// With auth on and client certificates required, a request without a
+/// token is made as the user its certificate names (CN `client`), as in
+/// etcd; with a token, as the token's user.
+fn common_name_outcomes(endpoint: &str, pki: &Pki) -> Vec<(bool, String)> {
+    let tls = ["--cacert".to_string(), pki.arg("ca.pem"), "--cert".into(), pki.arg("client.pem")]
+        .into_iter()
+        .chain(["--key".to_string(), pki.arg("client-key.pem")])
+        .collect::<Vec<String>>();
+    let steps: &[&[&str]] = &[
+        &["user", "add", "root:rootpw"],
+        &["user", "add", "client", "--no-password"],
+        &["role", "add", "certs"],
+        &["role", "grant-permission", "certs", "readwrite", "cn/", "--prefix"],
+        &["user", "grant-role", "client", "certs"],
+        &["auth", "enable"],
+        &["put", "cn/1", "by-cert"],
+        &["get", "cn/1", "--print-value-only"],
+        &["put", "elsewhere", "x"],
+        &["--user", "root:rootpw", "put", "elsewhere", "x"],
+        &["--user", "client:anything", "get", "cn/1"],
+        &["user", "list"],
+    ];
+    steps
+        .iter()
+        .map(|step| {
+            let args: Vec<String> = tls.iter().cloned().chain(step.iter().map(|s| s.to_string())).collect();
+            let (ok, text) = run("etcdctl", endpoint, &args);
+            let text = text.lines().filter(|l| !l.contains("retry_interceptor")).collect::<Vec<_>>().join("\n");
+            (ok, text)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_certificate_names_the_user_as_in_etcd() {
+    let pki = Pki::new();
+    let mut flags = server_flags(&pki, true);
+    flags.extend(["--bcrypt-cost".to_string(), "4".into()]);
+    let c = TestCluster::start(1, |args| https_cluster_args(args, &flags)).await;
+    let endpoint = format!("https://{}", c.client_addrs[0]);
+    let (on_kvd, on_etcd) = tokio::task::spawn_blocking(move || {
+        let on_kvd = common_name_outcomes(&endpoint, &pki);
+        let etcd = etcd_tls(&pki, true);
+        let on_etcd = common_name_outcomes(&etcd.client, &pki);
+        (on_kvd, on_etcd)
+    })
+    .await
+    .unwrap();
+    assert_eq!(on_kvd, on_etcd);
+    assert_eq!(on_kvd[7], (true, "by-cert".to_string()), "{on_kvd:?}");
+    assert!(on_kvd[8].1.contains("etcdserver: permission denied"), "{on_kvd:?}");
+    c.shutdown().await;
+}

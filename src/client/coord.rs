@@ -17,10 +17,10 @@
 
 use std::time::{Duration, Instant};
 
+use super::Conn;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
 use super::Client;
@@ -37,8 +37,8 @@ use crate::proto::v3lockpb::lock_client::LockClient;
 use crate::proto::v3lockpb::{LockRequest, UnlockRequest};
 
 impl Client {
-    fn channel_at(&self, i: usize) -> Channel {
-        self.channels[i % self.channels.len()].clone()
+    fn channel_at(&self, i: usize) -> Conn {
+        self.conn(i % self.channels.len())
     }
 
     fn current_index(&self) -> usize {
@@ -157,6 +157,8 @@ impl Client {
             max_message_bytes: self.max_message_bytes,
             failures: Default::default(),
             tls: self.tls.clone(),
+            token: self.token.clone(),
+            credentials: self.credentials.clone(),
         }
     }
 }
@@ -164,7 +166,7 @@ impl Client {
 type WatchSender = mpsc::Sender<WatchRequest>;
 
 async fn open_watch(
-    ch: Channel,
+    ch: Conn,
     create: WatchCreateRequest,
 ) -> Result<(WatchSender, Streaming<WatchResponse>, WatchResponse), Status> {
     let (sender, rx) = mpsc::channel(4);
@@ -195,7 +197,7 @@ impl Drop for WatchStream {
 }
 
 struct Resumer {
-    channels: Vec<Channel>,
+    channels: Vec<Conn>,
     req: WatchCreateRequest,
     /// The revision to resume from.
     next_rev: i64,
@@ -286,7 +288,7 @@ pub struct Session {
 
 impl Session {
     fn start(client: &Client, id: i64, ttl: i64) -> Session {
-        let channels: Vec<Channel> =
+        let channels: Vec<Conn> =
             (0..client.channels.len()).map(|j| client.channel_at(client.current_index() + j)).collect();
         let granted = Instant::now();
         let (tx, state) = watch::channel(LeaseState::Alive(granted + Duration::from_secs(ttl.max(0) as u64)));
@@ -346,7 +348,7 @@ impl Drop for Session {
 
 /// Sends a keep-alive every third of the TTL, over one stream at a time,
 /// moving to the next endpoint when a stream fails.
-async fn keep_alive(channels: Vec<Channel>, id: i64, ttl: i64, state: watch::Sender<LeaseState>) {
+async fn keep_alive(channels: Vec<Conn>, id: i64, ttl: i64, state: watch::Sender<LeaseState>) {
     let period = Duration::from_millis((ttl.max(1) as u64 * 1000) / 3);
     let mut endpoint = 0;
     loop {

@@ -13,6 +13,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -90,10 +91,51 @@ pub fn describe(status: &Status) -> String {
     }
 }
 
+/// A connection that sends the client's auth token with every call.
+pub type Conn = InterceptedService<Channel, TokenSlot>;
+
+/// The token a client sends as the `token` metadata of each call, as etcd's
+/// clients do; shared by every connection of the client.
+#[derive(Debug, Clone, Default)]
+pub struct TokenSlot(std::sync::Arc<std::sync::RwLock<Option<tonic::metadata::AsciiMetadataValue>>>);
+
+impl TokenSlot {
+    fn set(&self, token: Option<tonic::metadata::AsciiMetadataValue>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = token;
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+}
+
+impl tonic::service::Interceptor for TokenSlot {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(token) = self.0.read().unwrap_or_else(|e| e.into_inner()).clone() {
+            req.metadata_mut().insert("token", token);
+        }
+        Ok(req)
+    }
+}
+
+/// Whether a call failed for want of a (fresh) token: the client
+/// authenticates again and repeats it once, as etcd's clients do.
+fn needs_token(status: &Status) -> bool {
+    use crate::error::Error;
+    let m = status.message();
+    m == Error::InvalidAuthToken.to_string()
+        || m == Error::AuthOldRevision.to_string()
+        || m == Error::UserEmpty.to_string()
+}
+
 /// A client of a kvd (or etcd) cluster.
 pub struct Client {
     endpoints: Vec<String>,
     channels: Vec<Channel>,
+    /// The token calls carry, once authenticated.
+    token: TokenSlot,
+    /// The user name and password to authenticate with.
+    credentials: Option<(String, String)>,
     current: AtomicUsize,
     max_message_bytes: usize,
     /// Each endpoint tried by the last call that failed, with what it said.
@@ -185,7 +227,50 @@ impl Client {
             max_message_bytes: 256 * 1024 * 1024,
             failures: Default::default(),
             tls: tls.cloned(),
+            token: TokenSlot::default(),
+            credentials: None,
         })
+    }
+
+    /// This client, authenticating as `user` with `password` before its
+    /// first call and again whenever the server no longer knows its token.
+    pub fn with_user(mut self, user: &str, password: &str) -> Client {
+        self.credentials = Some((user.to_string(), password.to_string()));
+        self
+    }
+
+    /// `channel` with this client's token on every call.
+    pub fn intercept(&self, channel: Channel) -> Conn {
+        InterceptedService::new(channel, self.token.clone())
+    }
+
+    fn conn(&self, idx: usize) -> Conn {
+        self.intercept(self.channels[idx].clone())
+    }
+
+    /// Authenticates with the client's credentials (if it has any) at the
+    /// first endpoint that answers, and keeps the token for later calls.
+    pub async fn authenticate(&self) -> Result<(), Status> {
+        use crate::proto::etcdserverpb::auth_client::AuthClient;
+        let Some((name, password)) = &self.credentials else { return Ok(()) };
+        let n = self.channels.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..n {
+            let idx = (start + i) % n;
+            let req = AuthenticateRequest { name: name.clone(), password: password.clone() };
+            match AuthClient::new(self.channels[idx].clone()).authenticate(req).await {
+                Ok(resp) => {
+                    let token =
+                        resp.into_inner().token.parse().map_err(|_| Status::internal("a token that is not ASCII"))?;
+                    self.token.set(Some(token));
+                    return Ok(());
+                }
+                Err(s) if retryable(&s) => last = Some(s),
+                Err(s) => return Err(s),
+            }
+        }
+        Err(last.unwrap_or_else(|| Status::unavailable("no endpoint answered")))
     }
 
     /// The endpoints, in order.
@@ -207,7 +292,7 @@ impl Client {
     /// if it certainly was not taken (or the member had no leader).
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, Status>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         self.call_retrying(retryable, f).await
@@ -217,7 +302,7 @@ impl Client {
     /// Unavailable or broken connection.
     async fn read_call<T, F, Fut>(&self, f: F) -> Result<T, Status>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         self.call_retrying(read_retryable, f).await
@@ -225,7 +310,24 @@ impl Client {
 
     async fn call_retrying<T, F, Fut>(&self, retry: fn(&Status) -> bool, f: F) -> Result<T, Status>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(Conn) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        if self.credentials.is_some() && !self.token.is_set() {
+            self.authenticate().await?;
+        }
+        match self.call_each(retry, &f).await {
+            Err(s) if self.credentials.is_some() && needs_token(&s) => {
+                self.authenticate().await?;
+                self.call_each(retry, &f).await
+            }
+            answer => answer,
+        }
+    }
+
+    async fn call_each<T, F, Fut>(&self, retry: fn(&Status) -> bool, f: &F) -> Result<T, Status>
+    where
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let n = self.channels.len();
@@ -234,7 +336,7 @@ impl Client {
         let mut tried = Vec::new();
         for i in 0..n {
             let idx = (start + i) % n;
-            match f(self.channels[idx].clone()).await {
+            match f(self.conn(idx)).await {
                 Ok(resp) => {
                     self.current.store(idx, Ordering::Relaxed);
                     return Ok(resp.into_inner());
@@ -288,10 +390,173 @@ impl Client {
         }
     }
 
-    fn kv(&self, ch: Channel) -> KvClient<Channel> {
+    fn kv(&self, ch: Conn) -> KvClient<Conn> {
         KvClient::new(ch)
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes)
+    }
+
+    // The Auth service.
+
+    /// AuthEnable.
+    pub async fn auth_enable(&self) -> Result<AuthEnableResponse, Status> {
+        self.call(|ch| {
+            let req = AuthEnableRequest {};
+            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).auth_enable(req).await }
+        })
+        .await
+    }
+
+    /// AuthDisable.
+    pub async fn auth_disable(&self) -> Result<AuthDisableResponse, Status> {
+        self.call(|ch| {
+            let req = AuthDisableRequest {};
+            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).auth_disable(req).await }
+        })
+        .await
+    }
+
+    /// AuthStatus.
+    pub async fn auth_status(&self) -> Result<AuthStatusResponse, Status> {
+        self.read_call(|ch| {
+            let req = AuthStatusRequest {};
+            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).auth_status(req).await }
+        })
+        .await
+    }
+
+    /// AuthUserAdd.
+    pub async fn user_add(&self, name: &str, password: &str, no_password: bool) -> Result<AuthUserAddResponse, Status> {
+        self.call(|ch| {
+            let req = AuthUserAddRequest {
+                name: name.to_string(),
+                password: password.to_string(),
+                options: Some(crate::proto::authpb::UserAddOptions { no_password }),
+            };
+            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).user_add(req).await }
+        })
+        .await
+    }
+
+    /// AuthUserGet.
+    pub async fn user_get(&self, name: &str) -> Result<AuthUserGetResponse, Status> {
+        self.read_call(|ch| {
+            let req = AuthUserGetRequest { name: name.to_string() };
+            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).user_get(req).await }
+        })
+        .await
+    }
+
+    /// AuthUserList.
+    pub async fn user_list(&self) -> Result<AuthUserListResponse, Status> {
+        self.read_call(|ch| {
+            let req = AuthUserListRequest {};
+            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).user_list(req).await }
+        })
+        .await
+    }
+
+    /// AuthUserDelete.
+    pub async fn user_delete(&self, name: &str) -> Result<AuthUserDeleteResponse, Status> {
+        self.call(|ch| {
+            let req = AuthUserDeleteRequest { name: name.to_string() };
+            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).user_delete(req).await }
+        })
+        .await
+    }
+
+    /// AuthUserChangePassword.
+    pub async fn user_change_password(
+        &self,
+        name: &str,
+        password: &str,
+    ) -> Result<AuthUserChangePasswordResponse, Status> {
+        self.call(|ch| {
+            let req = AuthUserChangePasswordRequest { name: name.to_string(), password: password.to_string() };
+            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).user_change_password(req).await }
+        })
+        .await
+    }
+
+    /// AuthUserGrantRole.
+    pub async fn user_grant_role(&self, user: &str, role: &str) -> Result<AuthUserGrantRoleResponse, Status> {
+        self.call(|ch| {
+            let req = AuthUserGrantRoleRequest { user: user.to_string(), role: role.to_string() };
+            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).user_grant_role(req).await }
+        })
+        .await
+    }
+
+    /// AuthUserRevokeRole.
+    pub async fn user_revoke_role(&self, user: &str, role: &str) -> Result<AuthUserRevokeRoleResponse, Status> {
+        self.call(|ch| {
+            let req = AuthUserRevokeRoleRequest { name: user.to_string(), role: role.to_string() };
+            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).user_revoke_role(req).await }
+        })
+        .await
+    }
+
+    /// AuthRoleAdd.
+    pub async fn role_add(&self, name: &str) -> Result<AuthRoleAddResponse, Status> {
+        self.call(|ch| {
+            let req = AuthRoleAddRequest { name: name.to_string() };
+            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).role_add(req).await }
+        })
+        .await
+    }
+
+    /// AuthRoleGet.
+    pub async fn role_get(&self, name: &str) -> Result<AuthRoleGetResponse, Status> {
+        self.read_call(|ch| {
+            let req = AuthRoleGetRequest { role: name.to_string() };
+            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).role_get(req).await }
+        })
+        .await
+    }
+
+    /// AuthRoleList.
+    pub async fn role_list(&self) -> Result<AuthRoleListResponse, Status> {
+        self.read_call(|ch| {
+            let req = AuthRoleListRequest {};
+            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).role_list(req).await }
+        })
+        .await
+    }
+
+    /// AuthRoleDelete.
+    pub async fn role_delete(&self, name: &str) -> Result<AuthRoleDeleteResponse, Status> {
+        self.call(|ch| {
+            let req = AuthRoleDeleteRequest { role: name.to_string() };
+            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).role_delete(req).await }
+        })
+        .await
+    }
+
+    /// AuthRoleGrantPermission.
+    pub async fn role_grant_permission(
+        &self,
+        name: &str,
+        perm: crate::proto::authpb::Permission,
+    ) -> Result<AuthRoleGrantPermissionResponse, Status> {
+        self.call(|ch| {
+            let req = AuthRoleGrantPermissionRequest { name: name.to_string(), perm: Some(perm.clone()) };
+            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).role_grant_permission(req).await }
+        })
+        .await
+    }
+
+    /// AuthRoleRevokePermission.
+    pub async fn role_revoke_permission(
+        &self,
+        name: &str,
+        key: &[u8],
+        range_end: &[u8],
+    ) -> Result<AuthRoleRevokePermissionResponse, Status> {
+        self.call(|ch| {
+            let req = AuthRoleRevokePermissionRequest { role: name.to_string(), key: key.to_vec(), range_end: range_end.to_vec() };
+            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).role_revoke_permission(req).await }
+        })
+        .await
     }
 
     /// Range (get).
@@ -377,14 +642,24 @@ impl Client {
 
     /// Defragment of the endpoint at `index` (no failover).
     pub async fn defragment_of(&self, index: usize) -> Result<DefragmentResponse, Status> {
-        let ch = self.channels.get(index).cloned().ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
+        let ch = self
+            .channels
+            .get(index)
+            .cloned()
+            .map(|c| self.intercept(c))
+            .ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
         MaintenanceClient::new(ch).defragment(DefragmentRequest::default()).await.map(|r| r.into_inner())
     }
 
     /// HashKV of the endpoint at `index` at `revision` (0: the latest; no
     /// failover).
     pub async fn hash_kv_of(&self, index: usize, revision: i64) -> Result<HashKvResponse, Status> {
-        let ch = self.channels.get(index).cloned().ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
+        let ch = self
+            .channels
+            .get(index)
+            .cloned()
+            .map(|c| self.intercept(c))
+            .ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
         MaintenanceClient::new(ch).hash_kv(HashKvRequest { revision }).await.map(|r| r.into_inner())
     }
 
@@ -396,14 +671,24 @@ impl Client {
 
     /// Status of the endpoint at `index` (no failover: it asks that member).
     pub async fn status_of(&self, index: usize) -> Result<StatusResponse, Status> {
-        let ch = self.channels.get(index).cloned().ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
+        let ch = self
+            .channels
+            .get(index)
+            .cloned()
+            .map(|c| self.intercept(c))
+            .ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
         MaintenanceClient::new(ch).status(StatusRequest::default()).await.map(|r| r.into_inner())
     }
 
     /// A snapshot of the data of the member at endpoint `index` (no
     /// failover): the stream of its chunks, the last one its SHA-256.
     pub async fn snapshot_of(&self, index: usize) -> Result<tonic::Streaming<SnapshotResponse>, Status> {
-        let ch = self.channels.get(index).cloned().ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
+        let ch = self
+            .channels
+            .get(index)
+            .cloned()
+            .map(|c| self.intercept(c))
+            .ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
         let mut client = MaintenanceClient::new(ch).max_decoding_message_size(usize::MAX);
         client.snapshot(SnapshotRequest::default()).await.map(|r| r.into_inner())
     }
@@ -411,7 +696,12 @@ impl Client {
     /// A linearizable get of `key` on the endpoint at `index` (no failover),
     /// which is how etcd clients check an endpoint's health.
     pub async fn get_on(&self, index: usize, key: &[u8]) -> Result<RangeResponse, Status> {
-        let ch = self.channels.get(index).cloned().ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
+        let ch = self
+            .channels
+            .get(index)
+            .cloned()
+            .map(|c| self.intercept(c))
+            .ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
         self.kv(ch).range(RangeRequest { key: key.to_vec(), ..Default::default() }).await.map(|r| r.into_inner())
     }
 }

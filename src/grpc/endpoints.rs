@@ -23,6 +23,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use super::http_access::HttpAccess;
+use crate::auth::{Credentials, CREDENTIALS};
 use crate::metrics::{self, Metrics};
 use crate::node::Member;
 
@@ -71,6 +72,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let credentials = credentials(&req);
         if super::gateway::is_http(&req) {
             let origin = match self.access.check(&req) {
                 Ok(origin) => origin,
@@ -78,7 +80,7 @@ where
             };
             let member = self.member.clone();
             let gateway = self.gateway.clone();
-            return Box::pin(async move {
+            return Box::pin(CREDENTIALS.scope(credentials, async move {
                 let mut resp = match (req.method() == http::Method::GET, req.uri().path()) {
                     (true, "/metrics") => text(http::StatusCode::OK, METRICS_TYPE, metrics(&member)),
                     (true, "/health") => health(&member).await,
@@ -86,26 +88,26 @@ where
                 };
                 super::http_access::allow(&mut resp, origin);
                 Ok(resp)
-            });
+            }));
         }
         // A method kvd does not serve gets Unimplemented from the gRPC router
         // with no message; the answer is given one that says what kvd lacks.
         let path = req.uri().path().to_string();
         let Some(method) = self.member.metrics.grpc.start(&path) else {
             let answer = self.inner.call(req);
-            return Box::pin(async move {
+            return Box::pin(CREDENTIALS.scope(credentials, async move {
                 let mut resp = answer.await?;
                 super::name_unimplemented(&path, resp.headers_mut());
                 Ok(resp)
-            });
+            }));
         };
         let handled = Handled { metrics: self.member.metrics.clone(), method, done: false };
         let answer = self.inner.call(req);
-        Box::pin(async move {
+        Box::pin(CREDENTIALS.scope(credentials, async move {
             let mut resp = answer.await?;
             super::name_unimplemented(&path, resp.headers_mut());
             Ok(counted(resp, handled))
-        })
+        }))
     }
 }
 
@@ -185,6 +187,19 @@ impl http_body::Body for CountedBody {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// The credentials a request presents: its token, and the common name of
+/// the client certificate of its TLS connection.
+fn credentials<B>(req: &http::Request<B>) -> Credentials {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let mut credentials = Credentials::from_headers(req.headers());
+    credentials.common_name = req
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|info| info.peer_certs())
+        .and_then(|certs| certs.first().and_then(|der| crate::tls::common_name(der)));
+    credentials
 }
 
 /// `/health`'s answer.

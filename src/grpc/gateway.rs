@@ -22,6 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Code, Status};
 
+use super::auth::AuthService;
 use super::cluster::ClusterService;
 use super::election::ElectionService;
 use super::kv::KvService;
@@ -30,6 +31,7 @@ use super::lock::LockService;
 use super::maintenance::{MaintenanceService, API_VERSION};
 use super::watch::WatchService;
 use crate::node::Member;
+use crate::proto::etcdserverpb::auth_server::Auth;
 use crate::proto::etcdserverpb::cluster_server::Cluster;
 use crate::proto::etcdserverpb::kv_server::Kv;
 use crate::proto::etcdserverpb::lease_server::Lease;
@@ -47,6 +49,7 @@ pub struct Gateway {
     maintenance: MaintenanceService,
     lock: LockService,
     election: ElectionService,
+    auth: AuthService,
     watch: WatchService,
     /// Largest body taken: what gRPC takes.
     max_body: usize,
@@ -72,7 +75,8 @@ impl Gateway {
             cluster: ClusterService::new(member.clone()),
             maintenance: MaintenanceService::new(member.clone()),
             lock: LockService::new(member.clone()),
-            election: ElectionService::new(member),
+            election: ElectionService::new(member.clone()),
+            auth: AuthService::new(member),
             max_body,
         }
     }
@@ -145,9 +149,23 @@ impl Gateway {
             "election/resign" => call!(election.resign),
             "election/observe" => server_stream(body, |r| self.election.observe(tonic::Request::new(r))).await,
             "maintenance/snapshot" => server_stream(body, |r| self.maintenance.snapshot(tonic::Request::new(r))).await,
-            r if r.starts_with("auth/") => error(&Status::unimplemented(format!(
-                "authentication and access control are not supported by kvd yet (/v3/{r})"
-            ))),
+            "auth/enable" => call!(auth.auth_enable),
+            "auth/disable" => call!(auth.auth_disable),
+            "auth/status" => call!(auth.auth_status),
+            "auth/authenticate" => call!(auth.authenticate),
+            "auth/user/add" => call!(auth.user_add),
+            "auth/user/get" => call!(auth.user_get),
+            "auth/user/list" => call!(auth.user_list),
+            "auth/user/delete" => call!(auth.user_delete),
+            "auth/user/changepw" => call!(auth.user_change_password),
+            "auth/user/grant" => call!(auth.user_grant_role),
+            "auth/user/revoke" => call!(auth.user_revoke_role),
+            "auth/role/add" => call!(auth.role_add),
+            "auth/role/get" => call!(auth.role_get),
+            "auth/role/list" => call!(auth.role_list),
+            "auth/role/delete" => call!(auth.role_delete),
+            "auth/role/grant" => call!(auth.role_grant_permission),
+            "auth/role/revoke" => call!(auth.role_revoke_permission),
             r => error(&Status::unimplemented(format!("kvd's HTTP gateway does not serve /v3/{r}"))),
         }
     }
@@ -192,10 +210,27 @@ const ROUTES: &[&str] = &[
     "election/leader",
     "election/observe",
     "election/resign",
+    "auth/enable",
+    "auth/disable",
+    "auth/status",
+    "auth/authenticate",
+    "auth/user/add",
+    "auth/user/get",
+    "auth/user/list",
+    "auth/user/delete",
+    "auth/user/changepw",
+    "auth/user/grant",
+    "auth/user/revoke",
+    "auth/role/add",
+    "auth/role/get",
+    "auth/role/list",
+    "auth/role/delete",
+    "auth/role/grant",
+    "auth/role/revoke",
 ];
 
 fn known(route: &str) -> bool {
-    ROUTES.contains(&route) || route.starts_with("auth/")
+    ROUTES.contains(&route)
 }
 
 /// A request of type `Req` from `body` (empty or `null` means `{}`, as

@@ -2,6 +2,7 @@
 //! and kvd's peer service on the peer port. Errors become statuses in one
 //! place, [`status`].
 
+pub mod auth;
 pub mod cluster;
 pub mod election;
 pub mod endpoints;
@@ -56,10 +57,7 @@ fn fix_size_status(headers: &mut http::HeaderMap) {
 
 /// What kvd does not serve yet, by gRPC service or method, for the message
 /// of an Unimplemented answer.
-const NOT_YET: &[(&str, &str)] = &[
-    ("/etcdserverpb.Auth/", "authentication and access control are"),
-    ("/etcdserverpb.Maintenance/Downgrade", "downgrading the cluster version is"),
-];
+const NOT_YET: &[(&str, &str)] = &[("/etcdserverpb.Maintenance/Downgrade", "downgrading the cluster version is")];
 
 /// Gives an Unimplemented answer without a message (the router's answer to
 /// a method it does not know) one that names what is not supported. The

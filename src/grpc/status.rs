@@ -44,6 +44,24 @@ pub fn code(e: &Error) -> Code {
         | Error::NotLeader
         | Error::BadLeaderTransferee => Code::FailedPrecondition,
         Error::LeaderTransferTimeout => Code::Unavailable,
+        Error::UserEmpty
+        | Error::RoleEmpty
+        | Error::AuthFailed
+        | Error::InvalidAuthMgmt
+        | Error::AuthOldRevision
+        | Error::PasswordEmpty => Code::InvalidArgument,
+        Error::RootUserNotExist
+        | Error::RootRoleNotExist
+        | Error::UserAlreadyExist
+        | Error::UserNotFound
+        | Error::RoleAlreadyExist
+        | Error::RoleNotFound
+        | Error::RoleNotGranted
+        | Error::PermissionNotGranted
+        | Error::AuthNotEnabled => Code::FailedPrecondition,
+        Error::PermissionDenied => Code::PermissionDenied,
+        Error::InvalidAuthToken => Code::Unauthenticated,
+        Error::NoPasswordUser => Code::Unknown,
     }
 }
 

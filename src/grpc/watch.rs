@@ -80,7 +80,15 @@ impl WatchService {
             watches: HashMap::new(),
             next_id: 0,
         };
-        tokio::spawn(stream.run(inbound));
+        // The stream's requests are checked with the credentials of the
+        // call that opened it.
+        let credentials = crate::auth::CREDENTIALS.try_with(|c| c.clone()).ok();
+        tokio::spawn(async move {
+            match credentials {
+                Some(c) => crate::auth::CREDENTIALS.scope(c, stream.run(inbound)).await,
+                None => stream.run(inbound).await,
+            }
+        });
         ReceiverStream::new(rx)
     }
 }
@@ -156,6 +164,21 @@ impl WatchStreamState {
 
     async fn create(&mut self, c: WatchCreateRequest) -> bool {
         let (rx, current) = self.member.state.subscribe();
+        // A watch needs READ on its range, as in etcd, which answers a
+        // refusal as a watch created and canceled at once.
+        if let Err(e) = self.member.authorize_read(&c.key, &c.range_end) {
+            return self
+                .send(WatchResponse {
+                    header: self.header(current),
+                    watch_id: -1,
+                    created: true,
+                    canceled: true,
+                    // etcd words it as a gRPC error.
+                    cancel_reason: format!("rpc error: code = {:?} desc = {e}", crate::grpc::status::code(&e)),
+                    ..Default::default()
+                })
+                .await;
+        }
         let id = if c.watch_id != 0 {
             if self.watches.contains_key(&c.watch_id) {
                 return self

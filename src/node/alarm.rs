@@ -165,7 +165,7 @@ impl Member {
     /// caused it is refused all the same, and the next one tries again).
     async fn raise(&self, alarm: AlarmType) {
         let req = AlarmRequest { action: AlarmAction::Activate as i32, member_id: self.id, alarm: alarm as i32 };
-        if let Err(e) = self.write(req).await {
+        if let Err(e) = self.write_as_member(req).await {
             tracing::warn!("could not raise the {} alarm: {e}", alarm.as_str_name());
         }
     }

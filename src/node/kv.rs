@@ -48,6 +48,7 @@ impl Member {
         if !req.serializable {
             self.read_barrier().await?;
         }
+        self.authorize_read(&req.key, &req.range_end)?;
         let mut resp = {
             // A past revision is read from history in sled.
             let state = self.state.read_for(req.revision > 0)?;
@@ -82,6 +83,7 @@ impl Member {
             if !txn::is_serializable(&req) {
                 self.read_barrier().await?;
             }
+            self.authorize(|auth, who| auth.check_txn(who, &req))?;
             let state = self.state.read_for(txn_reads_history(&req))?;
             txn::read_only(&state.store, &req)?
         } else {

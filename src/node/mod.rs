@@ -26,6 +26,7 @@
 //!   step.
 
 pub mod alarm;
+pub mod auth;
 pub mod auto_compaction;
 pub mod coordination;
 pub mod kv;
@@ -43,7 +44,7 @@ use prost::Message;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::proto::etcdserverpb::ResponseHeader;
-use crate::proto::kvdpb::{command, command_result, Command, CommandResult};
+use crate::proto::kvdpb::{command, command_result, AuthStamp, Command, CommandResult};
 use crate::raft::batcher::Proposals;
 use crate::raft::forwarder::Forwarder;
 use crate::raft::leader::{until_leader, Attempt, Forwarded, Proposal};
@@ -106,6 +107,8 @@ pub struct Member {
     pub space: alarm::Space,
     /// Senders the others vouched for (see `Member::vouched_for`).
     pub vouches: peer::Vouches,
+    /// The throttle on password checks, and the bcrypt cost.
+    pub logins: auth::Logins,
 }
 
 /// A replicated write and the response applying it produces: the typed face
@@ -168,11 +171,23 @@ impl Member {
         W::output(result).ok_or_else(|| Error::internal("applying a write produced a response of another kind"))
     }
 
+    /// A write the member makes of itself while it serves a client (an
+    /// alarm it raises): not checked against the client's permissions.
+    pub(crate) async fn write_as_member<W: Write>(&self, write: W) -> Result<W::Output, Error> {
+        let result = self.propose_with(write.into_op(), None).await?;
+        W::output(result).ok_or_else(|| Error::internal("applying a write produced a response of another kind"))
+    }
+
     /// Replicates `op` and returns what applying it produced, once this
     /// member has applied it too: as from etcd, a read that follows on the
     /// same member, serializable or not, sees the write.
     pub(crate) async fn propose(&self, op: command::Op) -> Result<command_result::Result, Error> {
-        let result = self.replicate(op).await?;
+        self.propose_with(op, self.who()?.stamp()).await
+    }
+
+    /// [`Member::propose`] with `stamp` as who asked.
+    async fn propose_with(&self, op: command::Op, stamp: Option<AuthStamp>) -> Result<command_result::Result, Error> {
+        let result = self.replicate(op, stamp).await?;
         if let Some(rev) = revision_of(&result) {
             self.await_revision(rev, Instant::now() + self.request_timeout).await?;
         }
@@ -208,8 +223,8 @@ impl Member {
 
     /// Replicates `op` through the leader and returns what applying it
     /// produced there.
-    async fn replicate(&self, op: command::Op) -> Result<command_result::Result, Error> {
-        let proposal = self.proposal(op)?;
+    async fn replicate(&self, op: command::Op, stamp: Option<AuthStamp>) -> Result<command_result::Result, Error> {
+        let proposal = self.proposal(op, stamp)?;
         let deadline = Instant::now() + self.request_timeout;
         let proposal = &proposal;
         until_leader(&self.raft, deadline, move || async move {
@@ -242,7 +257,7 @@ impl Member {
     /// decisions that hold only while this member leads (a lease expired on
     /// its clock). If it is no longer the leader the proposal is dropped.
     pub(crate) async fn propose_here(&self, op: command::Op) -> Result<command_result::Result, Error> {
-        match self.proposals.propose(self.proposal(op)?).await {
+        match self.proposals.propose(self.proposal(op, None)?).await {
             Forwarded::Done(resp) => unpack(resp),
             Forwarded::NotLeader(_) => Err(Error::NoLeader),
             Forwarded::Failed(e) => Err(e),
@@ -250,9 +265,9 @@ impl Member {
     }
 
     /// Encodes `op` once, for every hop it takes, and checks its size.
-    fn proposal(&self, op: command::Op) -> Result<Proposal, Error> {
+    fn proposal(&self, op: command::Op, stamp: Option<AuthStamp>) -> Result<Proposal, Error> {
         let alone = reads_history(&op);
-        let command = Command { op: Some(op) }.encode_to_vec();
+        let command = Command { op: Some(op), stamp }.encode_to_vec();
         if command.len() > self.limits.max_request_bytes {
             return Err(Error::RequestTooLarge);
         }
@@ -311,7 +326,7 @@ fn revision_of(result: &command_result::Result) -> Option<i64> {
         R::Compact(r) => r.header.as_ref(),
         R::LeaseGrant(r) => r.header.as_ref(),
         R::LeaseRevoke(r) => r.header.as_ref(),
-        R::Published(_) | R::Alarm(_) => None,
+        R::Published(_) | R::Alarm(_) | R::AuthRevision(_) => None,
     };
     header.map(|h| h.revision)
 }

@@ -77,6 +77,8 @@ impl Member {
             Op::Batch(_) => Err(refused("a batch of commands")),
             Op::Alarm(a) => super::alarm::check_alarm_change(&a),
             Op::LeaseExpire(_) => Err(refused("a lease expiry (only the leader's own expiry check proposes one)")),
+            Op::Auth(a) if a.change.is_none() => Err(refused("an empty auth change")),
+            Op::Auth(_) => Ok(()),
         }
     }
 

@@ -127,7 +127,10 @@ where
         (p.bytes, vec![p.done])
     } else {
         let (bytes, waiting): (Vec<Vec<u8>>, Vec<_>) = batch.into_iter().map(|p| (p.bytes, p.done)).unzip();
-        (Command { op: Some(command::Op::Batch(CommandBatch { commands: bytes })) }.encode_to_vec(), waiting)
+        (
+            Command { op: Some(command::Op::Batch(CommandBatch { commands: bytes })), stamp: None }.encode_to_vec(),
+            waiting,
+        )
     };
     let single = waiting.len() == 1;
     let answers: Vec<Forwarded<Response>> = match tokio::time::timeout(timeout, write(Request(entry))).await {

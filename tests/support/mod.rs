@@ -189,11 +189,17 @@ impl TestCluster {
     /// the answer gives, as an operator would; returns its index. It does
     /// not wait for the new member to catch up.
     pub async fn add_member(&mut self, learner: bool) -> usize {
+        let client = self.client_all();
+        self.add_member_as(learner, &client).await
+    }
+
+    /// [`TestCluster::add_member`] through `admin` (a client with root's
+    /// credentials, while auth is on).
+    pub async fn add_member_as(&mut self, learner: bool, admin: &Client) -> usize {
         let i = self.members.len();
         let (client, peer) = (listen("127.0.0.1:0".parse().unwrap()), listen("127.0.0.1:0".parse().unwrap()));
         let (client_addr, peer_addr) = (client.local_addr().unwrap(), peer.local_addr().unwrap());
-        let added =
-            self.client_all().member_add(vec![format!("http://{peer_addr}")], learner).await.expect("member add");
+        let added = admin.member_add(vec![format!("http://{peer_addr}")], learner).await.expect("member add");
         let new_id = added.member.as_ref().expect("the member added").id;
         let initial: Vec<String> = added
             .members

@@ -20,7 +20,7 @@ fn put_entry(index: u64) -> Entry {
         value: vec![b'v'; 256],
         ..Default::default()
     };
-    let bytes = Command { op: Some(command::Op::Put(put)) }.encode_to_vec();
+    let bytes = Command { op: Some(command::Op::Put(put)), stamp: None }.encode_to_vec();
     Entry { log_id: log_id(1, 1, index), payload: EntryPayload::Normal(Request(bytes)) }
 }
 

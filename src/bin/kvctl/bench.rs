@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
 use kvd::client::Client;
+use kvd::client::Conn;
 use kvd::proto::etcdserverpb::kv_client::KvClient;
 use kvd::proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use kvd::proto::etcdserverpb::request_op::Request as Op;
@@ -24,7 +25,6 @@ use kvd::proto::etcdserverpb::{
 use rand::Rng;
 use serde_json::json;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use crate::output::Format;
 
@@ -170,12 +170,15 @@ pub async fn run(client: &Client, a: BenchArgs, fmt: Format, dial_timeout: Durat
 /// `conns` channels over the endpoints, with the client's TLS settings;
 /// each has answered a status request before the run starts, so that an
 /// endpoint that cannot be reached is named at once.
-async fn connect(client: &Client, conns: usize, dial_timeout: Duration) -> Result<Vec<Channel>> {
+async fn connect(client: &Client, conns: usize, dial_timeout: Duration) -> Result<Vec<Conn>> {
+    // With --user, every connection carries the token it gets here.
+    client.authenticate().await.map_err(|s| anyhow::anyhow!("authenticating: {}", s.message()))?;
     let endpoints = client.endpoints();
     let mut channels = Vec::new();
     for i in 0..conns {
         let endpoint = &endpoints[i % endpoints.len()];
         let channel = kvd::client::channel(endpoint, dial_timeout, client.tls()).map_err(anyhow::Error::msg)?;
+        let channel = client.intercept(channel);
         let mut maintenance = MaintenanceClient::new(channel.clone());
         tokio::time::timeout(dial_timeout * 2, maintenance.status(StatusRequest {}))
             .await
@@ -210,7 +213,7 @@ const WATCH_KEY: &[u8] = b"kvctl-bench-watch";
 
 /// `clients` closed-loop clients, each sending its next request when the
 /// previous one is answered (or when --rate allows).
-async fn closed_loop(channels: &[Channel], a: &BenchArgs) -> Result<(Tally, u64)> {
+async fn closed_loop(channels: &[Conn], a: &BenchArgs) -> Result<(Tally, u64)> {
     let value = vec![b'v'; a.val_size];
     if a.workload == Workload::Range {
         let put = PutRequest { key: RANGE_KEY.to_vec(), value: value.clone(), ..Default::default() };
@@ -296,7 +299,7 @@ async fn show_progress(schedule: Arc<Schedule>, by_total: bool) {
 /// Puts `total` values at `rate` (100/s by default) to one key watched by
 /// `watchers` streams; each event's latency runs from its put being sent to
 /// its arrival at a watcher.
-async fn watch_latency(channels: &[Channel], a: &BenchArgs) -> Result<(Tally, u64)> {
+async fn watch_latency(channels: &[Conn], a: &BenchArgs) -> Result<(Tally, u64)> {
     let total = a.total;
     let rate = if a.rate == 0 { 100 } else { a.rate };
     let epoch = Instant::now();

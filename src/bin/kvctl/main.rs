@@ -8,6 +8,7 @@ macro_rules! outln {
     ($($arg:tt)*) => { $crate::write_line(format_args!($($arg)*)) };
 }
 
+mod auth;
 mod bench;
 mod cluster;
 mod coord;
@@ -68,6 +69,13 @@ struct Cli {
     /// server that is not checked (as etcdctl's flag; for --auto-tls members).
     #[arg(long, global = true, env = "KVCTL_INSECURE_SKIP_TLS_VERIFY")]
     insecure_skip_tls_verify: bool,
+    /// User name, or `name:password`, to authenticate as (the password is
+    /// asked for when not given here or with --password).
+    #[arg(long = "user", id = "auth_user", global = true, env = "KVCTL_USER")]
+    user: Option<String>,
+    /// Password of --user.
+    #[arg(long = "password", id = "auth_password", global = true, env = "KVCTL_PASSWORD", requires = "auth_user")]
+    password: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -116,6 +124,15 @@ enum Command {
     /// Snapshot commands: save, status, restore.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Authentication: enable, disable, status.
+    #[command(subcommand)]
+    Auth(auth::AuthCommand),
+    /// User commands.
+    #[command(subcommand)]
+    User(auth::UserCommand),
+    /// Role commands.
+    #[command(subcommand)]
+    Role(auth::RoleCommand),
     /// Load generator: put, range, txn-put or watch-latency, against kvd or etcd.
     Bench(bench::BenchArgs),
     /// Prints a shell completion script for kvctl (or kvd), e.g.
@@ -200,6 +217,16 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let client = match &cli.user {
+        None => client,
+        Some(user) => match auth::user_and_password(user, cli.password.as_deref()) {
+            Ok((name, password)) => client.with_user(&name, &password),
+            Err(e) => {
+                eprintln!("Error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let fmt = cli.write_out;
     // Commands that run until interrupted have no command timeout.
     let long_running = match &cli.command {
@@ -228,6 +255,9 @@ async fn main() -> ExitCode {
             Command::Elect(a) => coord::elect(&client, a).await,
             Command::Snapshot(c) => snapshot::run(&client, c, fmt).await,
             Command::Bench(a) => bench::run(&client, a, fmt, cli.dial_timeout).await,
+            Command::Auth(c) => auth::auth(&client, c, fmt).await,
+            Command::User(c) => auth::user(&client, c, fmt).await,
+            Command::Role(c) => auth::role(&client, c, fmt).await,
             Command::Completion(_) => Ok(()),
         }
     };

@@ -16,7 +16,7 @@ use crate::proto::etcdserverpb::{
     request_op, AlarmMember, AlarmResponse, AlarmType, CompactionResponse, LeaseGrantResponse, LeaseRevokeRequest,
     LeaseRevokeResponse, TxnRequest,
 };
-use crate::proto::kvdpb::{command, command_result, Command, CommandResult, LeaseExpire};
+use crate::proto::kvdpb::{command, command_result, AuthChange, Command, CommandResult, LeaseExpire};
 use crate::proto::mvccpb::Event;
 use std::collections::BTreeSet;
 
@@ -106,12 +106,15 @@ pub(super) fn apply_command(
 ) -> Result<Applying, Error> {
     let refused = |e: Error| Ok((Batch::default(), Response(Err(e)), Vec::new()));
     let mut events = Vec::new();
-    let Some(Command { op: Some(op) }) = command else {
+    let Some(Command { op: Some(op), stamp }) = command else {
         return refused(Error::internal("undecodable command in the log"));
     };
     if in_batch && reads_history(&op) {
         // The batcher never does this; refusing is the same on every member.
         return refused(Error::internal("a command that reads history was batched with others"));
+    }
+    if let Err(e) = state.auth.check_command(stamp.as_ref(), &op, &state.store) {
+        return refused(e);
     }
     if let Some(e) = refused_by_alarm(&state.alarms, &op) {
         return refused(e);
@@ -229,6 +232,14 @@ pub(super) fn apply_command(
                 _ => return refused(Error::UnknownAlarmAction(a.action)),
             };
             (batch, command_result::Result::Alarm(AlarmResponse { header: None, alarms }))
+        }
+        command::Op::Auth(AuthChange { change }) => {
+            let mut batch = Batch::default();
+            let Some(change) = change else { return refused(Error::internal("an empty auth change")) };
+            match state.auth.apply(change, &state.tokens, &mut batch) {
+                Ok(revision) => (batch, command_result::Result::AuthRevision(revision)),
+                Err(e) => return refused(e),
+            }
         }
     };
     let (batch, result) = result;

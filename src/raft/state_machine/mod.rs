@@ -142,7 +142,7 @@ impl StateMachine {
             let response = match &entry.payload {
                 EntryPayload::Blank => Response(Ok(Default::default())),
                 EntryPayload::Normal(Request(bytes)) => match Command::decode(bytes.as_slice()) {
-                    Ok(Command { op: Some(command::Op::Batch(b)) }) => {
+                    Ok(Command { op: Some(command::Op::Batch(b)), .. }) => {
                         // One response per command, encoded together.
                         let mut responses = Vec::with_capacity(b.commands.len());
                         for bytes in &b.commands {
@@ -266,7 +266,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // No group may land on top of the snapshot's records.
             shared.committer.wait_idle()?;
             load_records(&shared.db, &tree, &records)?;
-            let (new_state, _, _) = load_state(&tree)?;
+            let (mut new_state, _, _) = load_state(&tree)?;
+            // Tokens are not in snapshots; those known go on working.
+            new_state.tokens = state.tokens.clone();
             *state = new_state;
             // The snapshot may hold a pass of physical compaction cut short.
             shared.physical.send_replace(Physical { rev: state.store.physical(), failed: None });

@@ -42,7 +42,9 @@ pub(super) fn load_state(tree: &sled::Tree) -> Result<Loaded, Error> {
         alarms.insert(parse_alarm_key(&k).ok_or_else(|| Error::internal("corrupt alarm record"))?);
     }
     let store = MvccStore::open(tree.clone())?;
-    Ok((State { store, attrs, alarms, unflushed: Group::default() }, last_applied, membership))
+    let auth = crate::auth::AuthState::load(tree)?;
+    let state = State { store, attrs, alarms, auth, tokens: Default::default(), unflushed: Group::default() };
+    Ok((state, last_applied, membership))
 }
 
 /// Every record of the state tree, as snapshot data: the layout bincode

@@ -7,14 +7,17 @@ use openraft::testing::log_id;
 
 fn put(key: &str, value: &str) -> Command {
     let p = PutRequest { key: key.into(), value: value.into(), ..Default::default() };
-    Command { op: Some(command::Op::Put(p)) }
+    Command { op: Some(command::Op::Put(p)), stamp: None }
 }
 
 /// A Txn that reads `key` at `revision`.
 fn read_at(key: &str, revision: i64) -> Command {
     let r = RangeRequest { key: key.into(), revision, ..Default::default() };
     let op = RequestOp { request: Some(request_op::Request::RequestRange(r)) };
-    Command { op: Some(command::Op::Txn(TxnRequest { compare: vec![], success: vec![op], failure: vec![] })) }
+    Command {
+        op: Some(command::Op::Txn(TxnRequest { compare: vec![], success: vec![op], failure: vec![] })),
+        stamp: None,
+    }
 }
 
 fn entry(index: u64, command: Command) -> Entry {
@@ -23,7 +26,7 @@ fn entry(index: u64, command: Command) -> Entry {
 
 fn batch(index: u64, commands: Vec<Command>) -> Entry {
     let commands = commands.iter().map(|c| c.encode_to_vec()).collect();
-    entry(index, Command { op: Some(command::Op::Batch(crate::proto::kvdpb::CommandBatch { commands })) })
+    entry(index, Command { op: Some(command::Op::Batch(crate::proto::kvdpb::CommandBatch { commands })), stamp: None })
 }
 
 fn result(response: &Response) -> command_result::Result {
@@ -225,8 +228,10 @@ async fn compacted_history_is_removed_in_steps_after_the_compaction_is_applied()
     let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
     sm.apply(vec![batch(1, (0..n).map(|i| put("k", &i.to_string())).collect())]).await.expect("apply");
     let rev = n as i64 + 1;
-    let compact =
-        |revision| Command { op: Some(command::Op::Compact(CompactionRequest { revision, physical: false })) };
+    let compact = |revision| Command {
+        op: Some(command::Op::Compact(CompactionRequest { revision, physical: false })),
+        stamp: None,
+    };
     let out = sm.apply(vec![entry(2, compact(rev - 10))]).await.expect("apply");
     assert!(matches!(result(&out[0]), command_result::Result::Compact(_)));
     // A second compaction before the first is done takes over its pass.
@@ -310,7 +315,7 @@ async fn a_lease_expiry_counts_only_in_an_entry_of_the_term_that_decided_it() {
     let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
     let at = |term: u64, index: u64, op: command::Op| Entry {
         log_id: log_id(term, 1, index),
-        payload: EntryPayload::Normal(Request(Command { op: Some(op) }.encode_to_vec())),
+        payload: EntryPayload::Normal(Request(Command { op: Some(op), stamp: None }.encode_to_vec())),
     };
     let grant = command::Op::LeaseGrant(LeaseGrantRequest { ttl: 10, id: 7 });
     let expire = |term| command::Op::LeaseExpire(LeaseExpire { id: 7, term });

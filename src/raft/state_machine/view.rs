@@ -28,6 +28,11 @@ pub struct State {
     /// `AlarmType` number). Replicated like the data: every member refuses
     /// the same writes while one is raised.
     pub alarms: BTreeSet<(NodeId, i32)>,
+    /// Users, roles and whether auth is on (see [`crate::auth`]).
+    pub auth: crate::auth::AuthState,
+    /// The tokens this member knows; kept in memory only, and across a
+    /// snapshot install.
+    pub tokens: std::sync::Arc<crate::auth::Tokens>,
     /// Writes of applied entries not yet committed to sled (see
     /// [`Shared::read_committed`]).
     pub(super) unflushed: Group,
