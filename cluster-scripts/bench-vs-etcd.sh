@@ -16,7 +16,8 @@
 #   BENCH_THREADS    if set, threads per member for both: GOMAXPROCS for etcd,
 #                    --worker-threads for kvd (default: each system's own, one per CPU)
 #   BENCH_AUTH       if 1, each workload runs again with auth on, as a user (not root) with
-#                    READWRITE on the keys the bench uses; those rows are labelled +auth
+#                    READWRITE on every key from "k" on; those rows are labelled +auth. Keys
+#                    are then 16 bytes ("kkkkkkkk" and the key number), with auth and without
 #   KVD_BIN_DIR      where kvd and kvctl are (default: target/release, built here)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -139,6 +140,7 @@ measure() {
   for w in "${WORKLOADS[@]}"; do
     label=${w%%|*}; args=${w#*|}
     case " $args " in *" --total "*) ;; *) args+=" --total $TOTAL" ;; esac
+    [ "${BENCH_AUTH:-0}" = 1 ] && args+=" --key-size 16"
     echo "[$system] $label: kvctl bench $args" >&2
     # shellcheck disable=SC2086
     "$BIN_DIR/kvctl" --endpoints "$EPS" -w json bench $args --key-space-size "$KEYS" --quiet \
@@ -158,6 +160,7 @@ measure() {
     for w in "${WORKLOADS[@]}"; do
       label=${w%%|*}; args=${w#*|}
       case " $args " in *" --total "*) ;; *) args+=" --total $TOTAL" ;; esac
+      args+=" --key-size 16"
       echo "[$system] $label+auth: kvctl --user bench bench $args" >&2
       # shellcheck disable=SC2086
       "$BIN_DIR/kvctl" --endpoints "$EPS" "${user[@]}" -w json bench $args --key-space-size "$KEYS" --quiet \
@@ -165,7 +168,7 @@ measure() {
     done
   fi
   echo "[$system] writing $KEYS distinct keys (256-byte values) for the memory and disk figures" >&2
-  "$BIN_DIR/kvctl" --endpoints "$EPS" "${user[@]}" bench put --conns 8 --clients 64 --total "$KEYS" --sequential-keys \
+  "$BIN_DIR/kvctl" --endpoints "$EPS" "${user[@]}" bench put --key-size 16 --conns 8 --clients 64 --total "$KEYS" --sequential-keys \
     --key-space-size "$KEYS" --val-size 256 --quiet > /dev/null
   local rss=() settled=() disk=() i
   for i in 0 1 2; do

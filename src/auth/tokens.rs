@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use rand::distributions::Alphanumeric;
@@ -14,16 +14,30 @@ use rand::Rng;
 /// etcd's default `--auth-token-ttl`.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(300);
 
-/// The tokens a member knows: token to user and the time it lapses.
+/// One token: its user, and when it lapses (milliseconds since the
+/// store's start), moved on by every use without a write lock.
+#[derive(Debug)]
+struct Entry {
+    user: String,
+    until_ms: AtomicU64,
+}
+
+/// The tokens a member knows. Looking a token up takes a read lock only,
+/// so that every request of every client can do it at once.
 #[derive(Debug)]
 pub struct Tokens {
     ttl_ms: AtomicU64,
-    map: Mutex<HashMap<String, (String, Instant)>>,
+    start: Instant,
+    map: RwLock<HashMap<String, Entry>>,
 }
 
 impl Default for Tokens {
     fn default() -> Self {
-        Tokens { ttl_ms: AtomicU64::new(DEFAULT_TOKEN_TTL.as_millis() as u64), map: Mutex::new(HashMap::new()) }
+        Tokens {
+            ttl_ms: AtomicU64::new(DEFAULT_TOKEN_TTL.as_millis() as u64),
+            start: Instant::now(),
+            map: RwLock::new(HashMap::new()),
+        }
     }
 }
 
@@ -33,13 +47,21 @@ impl Tokens {
         self.ttl_ms.store(ttl.as_millis() as u64, Ordering::Relaxed);
     }
 
-    fn ttl(&self) -> Duration {
-        Duration::from_millis(self.ttl_ms.load(Ordering::Relaxed))
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
-        // A panic while the map was held cannot leave it half-changed.
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    fn until(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_add(self.ttl_ms.load(Ordering::Relaxed))
+    }
+
+    // A panic while the map was held cannot leave it half-changed.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Entry>> {
+        self.map.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Entry>> {
+        self.map.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A new token: 16 random letters and digits, then `.` and 16 more, so
@@ -52,41 +74,39 @@ impl Tokens {
 
     /// Makes `token` stand for `user`.
     pub fn insert(&self, token: String, user: String) {
-        let now = Instant::now();
-        let mut map = self.map();
+        let now = self.now_ms();
+        let mut map = self.write();
         // Tokens nobody uses any more go now and then.
         if map.len() % 1024 == 1023 {
-            map.retain(|_, (_, until)| *until > now);
+            map.retain(|_, e| e.until_ms.load(Ordering::Relaxed) > now);
         }
-        map.insert(token, (user, now + self.ttl()));
+        map.insert(token, Entry { user, until_ms: AtomicU64::new(self.until(now)) });
     }
 
     /// The user `token` stands for, if it is known and has not lapsed; its
     /// countdown starts again.
     pub fn user_of(&self, token: &str) -> Option<String> {
-        let now = Instant::now();
-        let mut map = self.map();
-        match map.get_mut(token) {
-            Some((user, until)) if *until > now => {
-                *until = now + self.ttl();
-                Some(user.clone())
+        let now = self.now_ms();
+        {
+            let map = self.read();
+            let entry = map.get(token)?;
+            if entry.until_ms.load(Ordering::Relaxed) > now {
+                entry.until_ms.fetch_max(self.until(now), Ordering::Relaxed);
+                return Some(entry.user.clone());
             }
-            Some(_) => {
-                map.remove(token);
-                None
-            }
-            None => None,
         }
+        self.write().remove(token);
+        None
     }
 
     /// Forgets every token of `user` (deleted, or its password changed).
     pub fn invalidate_user(&self, user: &str) {
-        self.map().retain(|_, (u, _)| u != user);
+        self.write().retain(|_, e| e.user != user);
     }
 
     /// Forgets every token (auth turned off).
     pub fn clear(&self) {
-        self.map().clear();
+        self.write().clear();
     }
 }
 
