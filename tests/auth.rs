@@ -638,3 +638,117 @@ async fn seeded_auth_sequences_answer_as_on_etcd() {
     assert!(k[2].contains("etcdserver: permission denied") && e[2].contains("compacted revision 1"), "{k:?} {e:?}");
     c.shutdown().await;
 }
+
+/// Whether a put by `client` of `key` is refused for want of permission.
+async fn denied(client: &Client, key: &str) -> bool {
+    match client.put(support::put(key, "v")).await {
+        Ok(_) => false,
+        Err(e) if e.message() == "etcdserver: permission denied" => true,
+        Err(e) => panic!("put {key}: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_sees_role_changes_at_once_and_lapses_unused_after_its_ttl() {
+    let c = TestCluster::start(1, |args| {
+        cheap_hashes(args);
+        args.extend(["--auth-token-ttl".to_string(), "2".to_string()]);
+    })
+    .await;
+    set_up_users(&c.client(0)).await;
+    let root = c.client(0).with_user("root", "rootpw");
+    let alice = c.client(0).with_user("alice", "alicepw");
+    assert!(!denied(&alice, "app/1").await);
+    // The same token, the next request: the rules of now.
+    root.user_revoke_role("alice", "app").await.unwrap();
+    assert!(denied(&alice, "app/2").await);
+    root.user_grant_role("alice", "app").await.unwrap();
+    assert!(!denied(&alice, "app/3").await);
+    // A token nobody uses lapses after the TTL: the member then refuses it...
+    let token = {
+        use kvd::proto::etcdserverpb::auth_client::AuthClient;
+        let ch = kvd::client::channel(&c.client_addrs[0].to_string(), Duration::from_secs(2), None).unwrap();
+        let req = kvd::proto::etcdserverpb::AuthenticateRequest { name: "alice".into(), password: "alicepw".into() };
+        AuthClient::new(ch).authenticate(req).await.unwrap().into_inner().token
+    };
+    let ch = kvd::client::channel(&c.client_addrs[0].to_string(), Duration::from_secs(2), None).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lapsed = loop {
+        use kvd::proto::etcdserverpb::kv_client::KvClient;
+        let mut req = tonic::Request::new(support::get("app/1"));
+        req.metadata_mut().insert("token", token.parse().unwrap());
+        match KvClient::new(ch.clone()).range(req).await {
+            // Used, it would never lapse: wait without using it.
+            Ok(_) => {
+                let wait = Duration::from_millis(2500);
+                assert!(Instant::now() + wait < deadline, "the token did not lapse");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(lapsed.message(), "etcdserver: invalid auth token");
+    assert_eq!(lapsed.code(), tonic::Code::Unauthenticated);
+    // ... and a client whose token lapsed too authenticates again by itself.
+    assert!(!denied(&alice, "app/4").await);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn snapshot_save_and_restore_keep_users_roles_and_auth() {
+    let c = TestCluster::start(1, cheap_hashes).await;
+    set_up_users(&c.client(0)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("auth.snap");
+    let endpoint = c.client_addrs[0].to_string();
+    let file_arg = file.display().to_string();
+    // Only root may save one.
+    let by_alice =
+        run(env!("CARGO_BIN_EXE_kvctl"), &endpoint, &["--user", "alice:alicepw", "snapshot", "save", &file_arg], "");
+    assert!(by_alice.contains("auth: permission denied"), "{by_alice}");
+    let by_root =
+        run(env!("CARGO_BIN_EXE_kvctl"), &endpoint, &["--user", "root:rootpw", "snapshot", "save", &file_arg], "");
+    assert!(by_root.ends_with("[ok=true]"), "{by_root}");
+    c.shutdown().await;
+    let restored = TestCluster::start_prepared(1, cheap_hashes, |_, data_dir| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kvctl"))
+            .args(["snapshot", "restore", &file.display().to_string(), "--data-dir", &data_dir.display().to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    })
+    .await;
+    let anonymous = restored.client(0);
+    let err = anonymous.put(support::put("app/1", "v")).await.expect_err("auth is on in the restored cluster");
+    assert_eq!(err.message(), "etcdserver: user name is empty");
+    let alice = restored.client(0).with_user("alice", "alicepw");
+    assert!(!denied(&alice, "app/1").await);
+    assert!(denied(&alice, "other").await);
+    let users = restored.client(0).with_user("root", "rootpw").user_list().await.unwrap().users;
+    assert_eq!(users, vec!["alice".to_string(), "root".to_string()]);
+    restored.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn locks_elections_and_sessions_take_credentials() {
+    use kvd::proto::authpb::{permission::Type, Permission};
+    let c = TestCluster::start(1, cheap_hashes).await;
+    set_up_users(&c.client(0)).await;
+    let root = c.client(0).with_user("root", "rootpw");
+    // Locks and elections keep their keys under their names.
+    let perm = Permission { perm_type: Type::Readwrite as i32, key: b"jobs/".to_vec(), range_end: b"jobs0".to_vec() };
+    root.role_grant_permission("app", perm).await.unwrap();
+    let alice = c.client(0).with_user("alice", "alicepw");
+    let session = alice.session(10).await.expect("alice's session");
+    let lock = alice.lock_handle("jobs/nightly", &session);
+    let guard = lock.lock().await.expect("alice takes a lock under jobs/");
+    lock.unlock(guard).await.expect("alice unlocks");
+    let election = alice.election("jobs/leader", &session);
+    let leading = election.campaign(b"alice").await.expect("alice campaigns under jobs/");
+    assert!(leading.rev() > 0);
+    // Outside what her roles cover, refused.
+    let elsewhere = alice.lock_handle("other/lock", &session);
+    let err = elsewhere.lock().await.expect_err("no permission on other/");
+    assert_eq!(err.message(), "etcdserver: permission denied");
+    c.shutdown().await;
+}

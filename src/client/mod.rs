@@ -248,6 +248,14 @@ impl Client {
         self.intercept(self.channels[idx].clone())
     }
 
+    /// Authenticates, if the client has credentials and no token yet.
+    async fn token_ready(&self) -> Result<(), Status> {
+        if self.credentials.is_some() && !self.token.is_set() {
+            self.authenticate().await?;
+        }
+        Ok(())
+    }
+
     /// Authenticates with the client's credentials (if it has any) at the
     /// first endpoint that answers, and keeps the token for later calls.
     pub async fn authenticate(&self) -> Result<(), Status> {
@@ -313,9 +321,7 @@ impl Client {
         F: Fn(Conn) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        if self.credentials.is_some() && !self.token.is_set() {
-            self.authenticate().await?;
-        }
+        self.token_ready().await?;
         match self.call_each(retry, &f).await {
             Err(s) if self.credentials.is_some() && needs_token(&s) => {
                 self.authenticate().await?;
@@ -642,6 +648,7 @@ impl Client {
 
     /// Defragment of the endpoint at `index` (no failover).
     pub async fn defragment_of(&self, index: usize) -> Result<DefragmentResponse, Status> {
+        self.token_ready().await?;
         let ch = self
             .channels
             .get(index)
@@ -654,6 +661,7 @@ impl Client {
     /// HashKV of the endpoint at `index` at `revision` (0: the latest; no
     /// failover).
     pub async fn hash_kv_of(&self, index: usize, revision: i64) -> Result<HashKvResponse, Status> {
+        self.token_ready().await?;
         let ch = self
             .channels
             .get(index)
@@ -671,6 +679,7 @@ impl Client {
 
     /// Status of the endpoint at `index` (no failover: it asks that member).
     pub async fn status_of(&self, index: usize) -> Result<StatusResponse, Status> {
+        self.token_ready().await?;
         let ch = self
             .channels
             .get(index)
@@ -683,6 +692,7 @@ impl Client {
     /// A snapshot of the data of the member at endpoint `index` (no
     /// failover): the stream of its chunks, the last one its SHA-256.
     pub async fn snapshot_of(&self, index: usize) -> Result<tonic::Streaming<SnapshotResponse>, Status> {
+        self.token_ready().await?;
         let ch = self
             .channels
             .get(index)
@@ -696,6 +706,7 @@ impl Client {
     /// A linearizable get of `key` on the endpoint at `index` (no failover),
     /// which is how etcd clients check an endpoint's health.
     pub async fn get_on(&self, index: usize, key: &[u8]) -> Result<RangeResponse, Status> {
+        self.token_ready().await?;
         let ch = self
             .channels
             .get(index)
