@@ -116,7 +116,9 @@ pub struct Config {
     #[arg(long, env = "KVD_PEER_CERT_ALLOWED_CN")]
     pub peer_cert_allowed_cn: Option<String>,
     /// Tokens Authenticate hands out: `simple` (random strings every member
-    /// learns through the log).
+    /// learns through the log), or `jwt,pub-key=PATH,priv-key=PATH,
+    /// sign-method=RS256|ES256|…,ttl=5m` (signed tokens any member with the
+    /// public key verifies).
     #[arg(long, env = "KVD_AUTH_TOKEN", default_value = "simple")]
     pub auth_token: String,
     /// Seconds a simple token stays valid without being used.
@@ -246,6 +248,8 @@ pub struct Validated {
     pub auto_compaction: AutoCompaction,
     /// The CORS and host checks of plain HTTP requests.
     pub http_access: crate::grpc::http_access::HttpAccess,
+    /// The keys of `--auth-token jwt,...`; simple tokens without.
+    pub jwt: Option<std::sync::Arc<crate::auth::Jwt>>,
 }
 
 fn split(list: &str) -> impl Iterator<Item = &str> {
@@ -353,12 +357,18 @@ impl Config {
         if self.max_request_bytes < 1024 {
             return Err(ConfigError::BadLimit("--max-request-bytes must be at least 1024".into()));
         }
-        if self.auth_token != "simple" {
-            return Err(ConfigError::BadFlag(format!(
-                "--auth-token {:?}: kvd issues simple tokens only (jwt is not supported yet)",
-                self.auth_token
-            )));
-        }
+        let jwt = match self.auth_token.split_once(',') {
+            _ if self.auth_token == "simple" => None,
+            Some(("jwt", options)) => {
+                Some(std::sync::Arc::new(crate::auth::Jwt::parse(options).map_err(ConfigError::BadFlag)?))
+            }
+            _ => {
+                return Err(ConfigError::BadFlag(format!(
+                    "--auth-token {:?}: give simple, or jwt,pub-key=…,priv-key=…,sign-method=…[,ttl=…]",
+                    self.auth_token
+                )))
+            }
+        };
         if !(4..=31).contains(&self.bcrypt_cost) {
             return Err(ConfigError::BadLimit(format!("--bcrypt-cost {} is not between 4 and 31", self.bcrypt_cost)));
         }
@@ -434,6 +444,7 @@ impl Config {
             election: Duration::from_millis(self.election_timeout),
             auto_compaction,
             http_access,
+            jwt,
             config: self.clone(),
         })
     }

@@ -309,7 +309,7 @@ pub async fn start_on(
         membership_lock: Default::default(),
         listed: listed.into(),
         strict_reconfig_check: cfg.config.strict_reconfig_check,
-        logins: crate::node::auth::Logins::new(cfg.config.bcrypt_cost),
+        logins: crate::node::auth::Logins::new(cfg.config.bcrypt_cost, cfg.jwt.clone()),
         space: crate::node::alarm::Space {
             quota_bytes: crate::node::alarm::Space::quota_from_flag(cfg.config.quota_backend_bytes),
             disk_free_bytes: cfg.config.quota_disk_free_bytes,

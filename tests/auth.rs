@@ -746,9 +746,69 @@ async fn locks_elections_and_sessions_take_credentials() {
     let election = alice.election("jobs/leader", &session);
     let leading = election.campaign(b"alice").await.expect("alice campaigns under jobs/");
     assert!(leading.rev() > 0);
-    // Outside what her roles cover, refused.
+    // Outside what her roles cover, refused: a lock, and even reading who
+    // leads an election.
+    let err = alice.election("other/leader", &session).leader().await.expect_err("no READ on other/");
+    assert_eq!(err.message(), "etcdserver: permission denied");
+    let err = alice.observe(b"other/leader").await.expect_err("no READ on other/");
+    assert_eq!(err.message(), "etcdserver: permission denied");
     let elsewhere = alice.lock_handle("other/lock", &session);
     let err = elsewhere.lock().await.expect_err("no permission on other/");
     assert_eq!(err.message(), "etcdserver: permission denied");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jwt_tokens_are_verified_by_every_member_and_name_their_revision() {
+    let keys = tempfile::tempdir().unwrap();
+    let pair = rcgen::KeyPair::generate().unwrap();
+    let (public, private) = (keys.path().join("jwt.pub"), keys.path().join("jwt.key"));
+    std::fs::write(&public, pair.public_key_pem()).unwrap();
+    std::fs::write(&private, pair.serialize_pem()).unwrap();
+    let spec = format!("jwt,pub-key={},priv-key={},sign-method=ES256,ttl=10m", public.display(), private.display());
+    let c = TestCluster::start(3, |args| {
+        cheap_hashes(args);
+        args.extend(["--auth-token".to_string(), spec.clone()]);
+    })
+    .await;
+    set_up_users(&c.client_all()).await;
+    // A token from member 0, taken at once by member 2: nothing to wait for.
+    let token = {
+        use kvd::proto::etcdserverpb::auth_client::AuthClient;
+        let ch = kvd::client::channel(&c.client_addrs[0].to_string(), Duration::from_secs(2), None).unwrap();
+        let req = kvd::proto::etcdserverpb::AuthenticateRequest { name: "alice".into(), password: "alicepw".into() };
+        AuthClient::new(ch).authenticate(req).await.unwrap().into_inner().token
+    };
+    assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
+    let on = |i: usize, token: &str| {
+        use kvd::proto::etcdserverpb::kv_client::KvClient;
+        let ch = kvd::client::channel(&c.client_addrs[i].to_string(), Duration::from_secs(2), None).unwrap();
+        let mut req = tonic::Request::new(support::put("app/jwt", "v"));
+        req.metadata_mut().insert("token", token.parse().unwrap());
+        async move { KvClient::new(ch).put(req).await.map(|_| ()) }
+    };
+    on(2, &token).await.expect("member 2 verifies member 0's token");
+    // Tampered with, or signed by another key: refused.
+    let mut forged = token.clone();
+    forged.pop();
+    forged.push(if token.ends_with('A') { 'B' } else { 'A' });
+    assert_eq!(on(1, &forged).await.unwrap_err().message(), "etcdserver: invalid auth token");
+    // After an auth change, the token names an older revision: refused as
+    // such, and a client authenticates again by itself.
+    let root = c.client_all().with_user("root", "rootpw");
+    root.role_add("other").await.unwrap();
+    assert_eq!(on(1, &token).await.unwrap_err().message(), "etcdserver: revision of auth store is old");
+    let alice = c.client_all().with_user("alice", "alicepw");
+    alice_may_only_write_app(&alice, 5).await;
+    root.role_add("another").await.unwrap();
+    alice_may_only_write_app(&alice, 6).await;
+    // etcdctl works as against etcd with JWTs.
+    let endpoint = c.client_addrs[1].to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        run("etcdctl", &endpoint, &["--user", "alice:alicepw", "get", "app/6"], "")
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("app/6\nv\n[ok=true]"), "{out}");
     c.shutdown().await;
 }

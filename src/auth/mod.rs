@@ -17,6 +17,9 @@
 //! - administration (compaction, membership, alarms, defragment, hashes,
 //!   snapshots, leadership moves, users and roles) needs the root role.
 //!
+//! With `--auth-token jwt,...`, tokens are JWTs ([`Jwt`]) that every
+//! member verifies with the public key on its own.
+//!
 //! Simple tokens are issued through the log like etcd's: the member that
 //! checked the password proposes the token, and every member that applies
 //! it knows it, so a client may use it on any member. Tokens live in memory
@@ -24,7 +27,10 @@
 //! member has only those the log replays to it, and a client whose token it
 //! does not know gets "invalid auth token" and authenticates again.
 
+mod jwt;
 mod tokens;
+
+pub use jwt::Jwt;
 
 pub use tokens::{Tokens, DEFAULT_TOKEN_TTL};
 

@@ -79,7 +79,10 @@ impl Election for ElectionService {
     async fn leader(&self, req: Request<LeaderRequest>) -> Result<Response<LeaderResponse>, Status> {
         let name = req.into_inner().name;
         self.member.read_barrier().await?;
-        let kv = self.member.first_candidate(&candidates_prefix(&name))?.ok_or(Error::ElectionNoLeader)?;
+        // Reading who leads needs READ on the election's keys, as in etcd.
+        let prefix = candidates_prefix(&name);
+        self.member.authorize_read(&prefix, &crate::mvcc::keys::prefix_end(&prefix))?;
+        let kv = self.member.first_candidate(&prefix)?.ok_or(Error::ElectionNoLeader)?;
         Ok(Response::new(LeaderResponse { header: self.header(0), kv: Some(kv) }))
     }
 
@@ -88,8 +91,10 @@ impl Election for ElectionService {
     async fn observe(&self, req: Request<LeaderRequest>) -> Result<Response<Self::ObserveStream>, Status> {
         let name = req.into_inner().name;
         self.member.read_barrier().await?;
+        let prefix = candidates_prefix(&name);
+        self.member.authorize_read(&prefix, &crate::mvcc::keys::prefix_end(&prefix))?;
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(observe(self.member.clone(), candidates_prefix(&name), tx));
+        tokio::spawn(observe(self.member.clone(), prefix, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

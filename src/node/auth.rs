@@ -50,17 +50,21 @@ pub struct Logins {
     pub checked: std::sync::atomic::AtomicU64,
     /// bcrypt's cost for the passwords this member hashes.
     pub bcrypt_cost: u32,
+    /// The keys of `--auth-token jwt,...`; simple tokens without.
+    pub jwt: Option<Arc<crate::auth::Jwt>>,
 }
 
 impl Logins {
-    /// A throttle that hashes with `bcrypt_cost`.
-    pub fn new(bcrypt_cost: u32) -> Logins {
+    /// A throttle that hashes with `bcrypt_cost` and issues JWTs with `jwt`
+    /// if given.
+    pub fn new(bcrypt_cost: u32, jwt: Option<Arc<crate::auth::Jwt>>) -> Logins {
         Logins {
             checks: tokio::sync::Semaphore::new(CONCURRENT_PASSWORD_CHECKS),
             failures: Default::default(),
             refused: Default::default(),
             checked: Default::default(),
             bcrypt_cost,
+            jwt,
         }
     }
 
@@ -126,6 +130,13 @@ impl Member {
             return Ok(Who::Client { user: String::new(), revision });
         }
         let user = match (&credentials.token, &credentials.common_name) {
+            // A JWT names the revision it was issued at; a request under an
+            // older one than the member's is told so, and asks again.
+            (Some(token), _) if self.logins.jwt.is_some() => {
+                let jwt = self.logins.jwt.as_ref().ok_or(Error::InvalidAuthToken)?;
+                let (user, issued_at) = jwt.verify(token).ok_or(Error::InvalidAuthToken)?;
+                return Ok(Who::Client { user, revision: issued_at });
+            }
             (Some(token), _) => state.tokens.user_of(token).ok_or(Error::InvalidAuthToken)?,
             (None, Some(cn)) => cn.clone(),
             (None, None) => String::new(),
@@ -194,6 +205,9 @@ impl Member {
     /// [`Logins`]), then issues a token through the log, so that every
     /// member knows it.
     pub async fn authenticate(&self, req: AuthenticateRequest) -> Result<AuthenticateResponse, Error> {
+        // The users and whether auth is on as the cluster has them now, as
+        // etcd's Authenticate (a log entry) sees them.
+        self.read_barrier().await?;
         if !self.state.read().auth.enabled {
             return Err(Error::AuthNotEnabled);
         }
@@ -234,6 +248,11 @@ impl Member {
             return Err(Error::AuthFailed);
         }
         self.logins.failures().remove(&req.name);
+        if let Some(jwt) = &self.logins.jwt {
+            let revision = self.state.read().auth.revision;
+            let token = jwt.sign(&req.name, revision).map_err(|e| Error::internal(format!("issuing a JWT: {e}")))?;
+            return Ok(AuthenticateResponse { header: self.auth_header(), token });
+        }
         let token = Tokens::generate();
         let issue = Change::Token(AuthToken { user: req.name, token: token.clone() });
         self.write(AuthWrite(issue)).await?;
