@@ -94,6 +94,12 @@ pub enum RoleCommand {
 /// Reads a password from the terminal without echo (or a line of standard
 /// input when it is not a terminal).
 pub fn read_password(prompt: &str) -> Result<String> {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map_err(|e| anyhow::anyhow!("reading the password: {e}"))?;
+        return Ok(line.trim_end_matches(['\n', '\r']).to_string());
+    }
     rpassword::prompt_password(prompt).map_err(|e| anyhow::anyhow!("reading the password: {e}"))
 }
 
