@@ -166,9 +166,7 @@ fn walkthrough(bin: &str, endpoint: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn etcds_rbac_walkthrough_with_etcdctl_answers_as_on_etcd() {
     let c = TestCluster::start(1, cheap_hashes).await;
-    let etcd = support::Etcd::start();
-    let client = Client::new(std::slice::from_ref(&etcd.client), Duration::from_secs(2)).unwrap();
-    support::wait_ready(&client).await;
+    let etcd = support::Etcd::start_ready().await;
     let (kvd, etcd_url) = (c.client_addrs[0].to_string(), etcd.client.clone());
     let (on_kvd, on_etcd) =
         tokio::task::spawn_blocking(move || (walkthrough("etcdctl", &kvd), walkthrough("etcdctl", &etcd_url)))
@@ -256,6 +254,14 @@ async fn set_up_users(admin: &Client) {
     admin.auth_enable().await.unwrap();
 }
 
+/// A token for alice, straight from the Authenticate RPC of `endpoint`.
+async fn alices_token(endpoint: &str) -> String {
+    use kvd::proto::etcdserverpb::auth_client::AuthClient;
+    let ch = kvd::client::channel(endpoint, Duration::from_secs(2), None).unwrap();
+    let req = kvd::proto::etcdserverpb::AuthenticateRequest { name: "alice".into(), password: "alicepw".into() };
+    AuthClient::new(ch).authenticate(req).await.unwrap().into_inner().token
+}
+
 /// Whether `client` may write `app/<n>` and may not write `other`.
 async fn alice_may_only_write_app(client: &Client, n: u32) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -293,12 +299,7 @@ async fn auth_holds_on_every_member_across_a_leader_kill_a_restart_and_a_snapsho
     }
     // A token issued by one member is taken by every member: it went
     // through the log.
-    let token = {
-        use kvd::proto::etcdserverpb::auth_client::AuthClient;
-        let ch = kvd::client::channel(&c.client_addrs[0].to_string(), Duration::from_secs(2), None).unwrap();
-        let req = kvd::proto::etcdserverpb::AuthenticateRequest { name: "alice".into(), password: "alicepw".into() };
-        AuthClient::new(ch).authenticate(req).await.unwrap().into_inner().token
-    };
+    let token = alices_token(&c.client_addrs[0].to_string()).await;
     for i in 1..3 {
         use kvd::proto::etcdserverpb::kv_client::KvClient;
         let ch = kvd::client::channel(&c.client_addrs[i].to_string(), Duration::from_secs(2), None).unwrap();
@@ -569,9 +570,7 @@ fn auth_seeds() -> std::ops::Range<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn seeded_auth_sequences_answer_as_on_etcd() {
     let c = TestCluster::start(1, cheap_hashes).await;
-    let etcd = support::Etcd::start();
-    let client = Client::new(std::slice::from_ref(&etcd.client), Duration::from_secs(2)).unwrap();
-    support::wait_ready(&client).await;
+    let etcd = support::Etcd::start_ready().await;
     let (kvd, etcd_url) = (format!("http://{}", c.client_addrs[0]), etcd.client.clone());
     let (compared, differences, planted, on_kvd) = tokio::task::spawn_blocking(move || {
         // Root, with the root role, for every seed.
@@ -665,12 +664,7 @@ async fn a_token_sees_role_changes_at_once_and_lapses_unused_after_its_ttl() {
     root.user_grant_role("alice", "app").await.unwrap();
     assert!(!denied(&alice, "app/3").await);
     // A token nobody uses lapses after the TTL: the member then refuses it...
-    let token = {
-        use kvd::proto::etcdserverpb::auth_client::AuthClient;
-        let ch = kvd::client::channel(&c.client_addrs[0].to_string(), Duration::from_secs(2), None).unwrap();
-        let req = kvd::proto::etcdserverpb::AuthenticateRequest { name: "alice".into(), password: "alicepw".into() };
-        AuthClient::new(ch).authenticate(req).await.unwrap().into_inner().token
-    };
+    let token = alices_token(&c.client_addrs[0].to_string()).await;
     let ch = kvd::client::channel(&c.client_addrs[0].to_string(), Duration::from_secs(2), None).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let lapsed = loop {
@@ -773,12 +767,7 @@ async fn jwt_tokens_are_verified_by_every_member_and_name_their_revision() {
     .await;
     set_up_users(&c.client_all()).await;
     // A token from member 0, taken at once by member 2: nothing to wait for.
-    let token = {
-        use kvd::proto::etcdserverpb::auth_client::AuthClient;
-        let ch = kvd::client::channel(&c.client_addrs[0].to_string(), Duration::from_secs(2), None).unwrap();
-        let req = kvd::proto::etcdserverpb::AuthenticateRequest { name: "alice".into(), password: "alicepw".into() };
-        AuthClient::new(ch).authenticate(req).await.unwrap().into_inner().token
-    };
+    let token = alices_token(&c.client_addrs[0].to_string()).await;
     assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
     let on = |i: usize, token: &str| {
         use kvd::proto::etcdserverpb::kv_client::KvClient;
@@ -788,11 +777,28 @@ async fn jwt_tokens_are_verified_by_every_member_and_name_their_revision() {
         async move { KvClient::new(ch).put(req).await.map(|_| ()) }
     };
     on(2, &token).await.expect("member 2 verifies member 0's token");
-    // Tampered with, or signed by another key: refused.
-    let mut forged = token.clone();
-    forged.pop();
-    forged.push(if token.ends_with('A') { 'B' } else { 'A' });
+    // The same token with its claims changed to name root: the signature
+    // no longer holds, and it is refused.
+    let forged = {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let parts: Vec<&str> = token.split('.').collect();
+        let claims = String::from_utf8(b64.decode(parts[1]).unwrap()).unwrap();
+        assert!(claims.contains(r#""username":"alice""#), "{claims}");
+        let as_root = b64.encode(claims.replace(r#""username":"alice""#, r#""username":"root""#));
+        format!("{}.{as_root}.{}", parts[0], parts[2])
+    };
     assert_eq!(on(1, &forged).await.unwrap_err().message(), "etcdserver: invalid auth token");
+    // A token of another key pair: refused.
+    let stranger = {
+        let other = rcgen::KeyPair::generate().unwrap();
+        let (public, private) = (keys.path().join("other.pub"), keys.path().join("other.key"));
+        std::fs::write(&public, other.public_key_pem()).unwrap();
+        std::fs::write(&private, other.serialize_pem()).unwrap();
+        let spec = format!("pub-key={},priv-key={},sign-method=ES256", public.display(), private.display());
+        kvd::auth::Jwt::parse(&spec).unwrap().sign("root", u64::MAX).unwrap()
+    };
+    assert_eq!(on(1, &stranger).await.unwrap_err().message(), "etcdserver: invalid auth token");
     // After an auth change, the token names an older revision: refused as
     // such, and a client authenticates again by itself.
     let root = c.client_all().with_user("root", "rootpw");

@@ -267,10 +267,7 @@ fn status_and_code((status, body): &(u16, String)) -> (u16, Option<i64>) {
 async fn gateway_answers_as_etcds() {
     let c = TestCluster::start(1, |_| {}).await;
     let kvd = format!("http://{}", c.client_addrs[0]);
-    let etcd = support::Etcd::start();
-    let client =
-        kvd::client::Client::new(std::slice::from_ref(&etcd.client), std::time::Duration::from_secs(2)).unwrap();
-    support::wait_ready(&client).await;
+    let etcd = support::Etcd::start_ready().await;
     let etcd_url = etcd.client.clone();
     let mut malformed: Vec<(String, String, String)> =
         MALFORMED.iter().map(|(path, body)| ("POST".into(), path.to_string(), body.to_string())).collect();
@@ -465,10 +462,7 @@ fn docs_walkthrough(base: &str) -> Vec<(u16, String)> {
 async fn etcds_gateway_guide_works_as_on_etcd() {
     let c = TestCluster::start(1, |_| {}).await;
     let kvd = format!("http://{}", c.client_addrs[0]);
-    let etcd = support::Etcd::start();
-    let client =
-        kvd::client::Client::new(std::slice::from_ref(&etcd.client), std::time::Duration::from_secs(2)).unwrap();
-    support::wait_ready(&client).await;
+    let etcd = support::Etcd::start_ready().await;
     let etcd_url = etcd.client.clone();
     let (on_kvd, on_etcd) =
         tokio::task::spawn_blocking(move || (docs_walkthrough(&kvd), docs_walkthrough(&etcd_url))).await.unwrap();

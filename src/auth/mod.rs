@@ -98,7 +98,22 @@ pub enum Who {
     Client { user: String, revision: u64 },
 }
 
+/// A client as the checks see it, borrowed from a [`Who`] or a stamp.
+#[derive(Debug, Clone, Copy)]
+struct Caller<'a> {
+    user: &'a str,
+    revision: u64,
+}
+
 impl Who {
+    /// The client, if this is one (the member itself is not checked).
+    fn caller(&self) -> Option<Caller<'_>> {
+        match self {
+            Who::Member => None,
+            Who::Client { user, revision } => Some(Caller { user, revision: *revision }),
+        }
+    }
+
     /// The stamp a write carries.
     pub fn stamp(&self) -> Option<AuthStamp> {
         match self {
@@ -344,17 +359,20 @@ impl AuthState {
     /// the key alone; `"\0"`: every key from `key` on), as etcd's
     /// `isOpPermitted` decides.
     pub fn check_range(&self, who: &Who, key: &[u8], range_end: &[u8], need: Need) -> Result<(), Error> {
-        let Who::Client { user, revision } = who else { return Ok(()) };
+        who.caller().map_or(Ok(()), |c| self.range_ok(c, key, range_end, need))
+    }
+
+    fn range_ok(&self, c: Caller, key: &[u8], range_end: &[u8], need: Need) -> Result<(), Error> {
         if !self.enabled {
             return Ok(());
         }
-        if user.is_empty() {
+        if c.user.is_empty() {
             return Err(Error::UserEmpty);
         }
-        if *revision < self.revision {
+        if c.revision < self.revision {
             return Err(Error::AuthOldRevision);
         }
-        let Some(u) = self.users.get(user) else { return Err(Error::PermissionDenied) };
+        let Some(u) = self.users.get(c.user) else { return Err(Error::PermissionDenied) };
         if has_root_role(u) || self.covers(u, key, range_end, need) {
             Ok(())
         } else {
@@ -365,14 +383,17 @@ impl AuthState {
     /// Whether `who` has the root role, as etcd's `IsAdminPermitted`
     /// decides.
     pub fn check_admin(&self, who: &Who) -> Result<(), Error> {
-        let Who::Client { user, .. } = who else { return Ok(()) };
+        who.caller().map_or(Ok(()), |c| self.admin_ok(c))
+    }
+
+    fn admin_ok(&self, c: Caller) -> Result<(), Error> {
         if !self.enabled {
             return Ok(());
         }
-        if user.is_empty() {
+        if c.user.is_empty() {
             return Err(Error::UserEmpty);
         }
-        let u = self.users.get(user).ok_or(Error::UserNotFound)?;
+        let u = self.users.get(c.user).ok_or(Error::UserNotFound)?;
         if has_root_role(u) {
             Ok(())
         } else {
@@ -408,39 +429,51 @@ impl AuthState {
     /// range needs READ, every put and delete WRITE (and READ with
     /// `prev_kv`), at any depth.
     pub fn check_txn(&self, who: &Who, t: &TxnRequest) -> Result<(), Error> {
-        for c in &t.compare {
-            self.check_range(who, &c.key, &c.range_end, Need::Read)?;
+        who.caller().map_or(Ok(()), |c| self.txn_ok(c, t))
+    }
+
+    fn txn_ok(&self, c: Caller, t: &TxnRequest) -> Result<(), Error> {
+        for cmp in &t.compare {
+            self.range_ok(c, &cmp.key, &cmp.range_end, Need::Read)?;
         }
         for op in t.success.iter().chain(&t.failure) {
             match &op.request {
-                Some(request_op::Request::RequestRange(r)) => {
-                    self.check_range(who, &r.key, &r.range_end, Need::Read)?
-                }
-                Some(request_op::Request::RequestPut(p)) => {
-                    self.check_range(who, &p.key, &[], Need::Write)?;
-                    if p.prev_kv {
-                        self.check_range(who, &p.key, &[], Need::Read)?;
-                    }
-                }
+                Some(request_op::Request::RequestRange(r)) => self.range_ok(c, &r.key, &r.range_end, Need::Read)?,
+                Some(request_op::Request::RequestPut(p)) => self.put_ok(c, &p.key, p.prev_kv)?,
                 Some(request_op::Request::RequestDeleteRange(d)) => {
-                    self.check_range(who, &d.key, &d.range_end, Need::Write)?;
-                    if d.prev_kv {
-                        self.check_range(who, &d.key, &d.range_end, Need::Read)?;
-                    }
+                    self.delete_ok(c, &d.key, &d.range_end, d.prev_kv)?
                 }
-                Some(request_op::Request::RequestTxn(inner)) => self.check_txn(who, inner)?,
+                Some(request_op::Request::RequestTxn(inner)) => self.txn_ok(c, inner)?,
                 None => {}
             }
         }
         Ok(())
     }
 
-    /// Whether `who` may write every key attached to lease `id` (to put
+    /// A put needs WRITE on its key, and READ too with `prev_kv`.
+    fn put_ok(&self, c: Caller, key: &[u8], prev_kv: bool) -> Result<(), Error> {
+        self.range_ok(c, key, &[], Need::Write)?;
+        if prev_kv {
+            self.range_ok(c, key, &[], Need::Read)?;
+        }
+        Ok(())
+    }
+
+    /// A delete needs WRITE on its range, and READ too with `prev_kv`.
+    fn delete_ok(&self, c: Caller, key: &[u8], range_end: &[u8], prev_kv: bool) -> Result<(), Error> {
+        self.range_ok(c, key, range_end, Need::Write)?;
+        if prev_kv {
+            self.range_ok(c, key, range_end, Need::Read)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the caller may write every key attached to lease `id` (to put
     /// with it, or to revoke it).
-    fn check_lease_keys(&self, who: &Who, store: &MvccStore, id: i64) -> Result<(), Error> {
+    fn lease_keys_ok(&self, c: Caller, store: &MvccStore, id: i64) -> Result<(), Error> {
         if let Some(lease) = store.lease(id) {
             for key in &lease.keys {
-                self.check_range(who, key, &[], Need::Write)?;
+                self.range_ok(c, key, &[], Need::Write)?;
             }
         }
         Ok(())
@@ -454,31 +487,22 @@ impl AuthState {
         if !self.enabled {
             return Ok(());
         }
-        let who = Who::Client { user: stamp.user.clone(), revision: stamp.revision };
+        let c = Caller { user: &stamp.user, revision: stamp.revision };
         match op {
             command::Op::Put(p) => {
-                self.check_range(&who, &p.key, &[], Need::Write)?;
-                if p.prev_kv {
-                    self.check_range(&who, &p.key, &[], Need::Read)?;
-                }
+                self.put_ok(c, &p.key, p.prev_kv)?;
                 if p.lease != 0 {
-                    self.check_lease_keys(&who, store, p.lease)?;
+                    self.lease_keys_ok(c, store, p.lease)?;
                 }
                 Ok(())
             }
-            command::Op::DeleteRange(d) => {
-                self.check_range(&who, &d.key, &d.range_end, Need::Write)?;
-                if d.prev_kv {
-                    self.check_range(&who, &d.key, &d.range_end, Need::Read)?;
-                }
-                Ok(())
-            }
-            command::Op::Txn(t) => self.check_txn(&who, t),
-            command::Op::LeaseRevoke(r) => self.check_lease_keys(&who, store, r.id),
-            command::Op::Compact(_) | command::Op::Alarm(_) => self.check_admin(&who),
+            command::Op::DeleteRange(d) => self.delete_ok(c, &d.key, &d.range_end, d.prev_kv),
+            command::Op::Txn(t) => self.txn_ok(c, t),
+            command::Op::LeaseRevoke(r) => self.lease_keys_ok(c, store, r.id),
+            command::Op::Compact(_) | command::Op::Alarm(_) => self.admin_ok(c),
             command::Op::Auth(change) => match &change.change {
                 Some(Change::Enable(_) | Change::Token(_)) | None => Ok(()),
-                Some(_) => self.check_admin(&who),
+                Some(_) => self.admin_ok(c),
             },
             command::Op::LeaseGrant(_)
             | command::Op::Publish(_)

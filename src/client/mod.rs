@@ -128,6 +128,22 @@ fn needs_token(status: &Status) -> bool {
         || m == Error::UserEmpty.to_string()
 }
 
+/// The Auth service's calls: each builds its request once and sends it
+/// with `call` (may change something) or `read_call` (only reads).
+macro_rules! auth_calls {
+    ($($(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*) -> $resp:ident, $kind:ident $rpc:ident($req:expr);)*) => {$(
+        $(#[$doc])*
+        pub async fn $name(&self, $($arg: $ty),*) -> Result<$resp, Status> {
+            let req = $req;
+            self.$kind(|ch| {
+                let req = req.clone();
+                async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).$rpc(req).await }
+            })
+            .await
+        }
+    )*};
+}
+
 /// A client of a kvd (or etcd) cluster.
 pub struct Client {
     endpoints: Vec<String>,
@@ -246,6 +262,14 @@ impl Client {
 
     fn conn(&self, idx: usize) -> Conn {
         self.intercept(self.channels[idx].clone())
+    }
+
+    /// The connection to the endpoint at `index`, for calls to one member
+    /// (no failover), once the client has a token if it has credentials.
+    async fn conn_at(&self, index: usize) -> Result<Conn, Status> {
+        self.token_ready().await?;
+        let channel = self.channels.get(index).ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
+        Ok(self.intercept(channel.clone()))
     }
 
     /// Authenticates, if the client has credentials and no token yet.
@@ -402,167 +426,57 @@ impl Client {
             .max_encoding_message_size(self.max_message_bytes)
     }
 
-    // The Auth service.
-
-    /// AuthEnable.
-    pub async fn auth_enable(&self) -> Result<AuthEnableResponse, Status> {
-        self.call(|ch| {
-            let req = AuthEnableRequest {};
-            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).auth_enable(req).await }
-        })
-        .await
-    }
-
-    /// AuthDisable.
-    pub async fn auth_disable(&self) -> Result<AuthDisableResponse, Status> {
-        self.call(|ch| {
-            let req = AuthDisableRequest {};
-            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).auth_disable(req).await }
-        })
-        .await
-    }
-
-    /// AuthStatus.
-    pub async fn auth_status(&self) -> Result<AuthStatusResponse, Status> {
-        self.read_call(|ch| {
-            let req = AuthStatusRequest {};
-            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).auth_status(req).await }
-        })
-        .await
-    }
-
-    /// AuthUserAdd.
-    pub async fn user_add(&self, name: &str, password: &str, no_password: bool) -> Result<AuthUserAddResponse, Status> {
-        self.call(|ch| {
-            let req = AuthUserAddRequest {
+    auth_calls! {
+        /// AuthEnable.
+        auth_enable() -> AuthEnableResponse, call auth_enable(AuthEnableRequest {});
+        /// AuthDisable.
+        auth_disable() -> AuthDisableResponse, call auth_disable(AuthDisableRequest {});
+        /// AuthStatus.
+        auth_status() -> AuthStatusResponse, read_call auth_status(AuthStatusRequest {});
+        /// UserAdd (`no_password`: a user known by its client certificate only).
+        user_add(name: &str, password: &str, no_password: bool) -> AuthUserAddResponse, call user_add(
+            AuthUserAddRequest {
                 name: name.to_string(),
                 password: password.to_string(),
                 options: Some(crate::proto::authpb::UserAddOptions { no_password }),
-            };
-            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).user_add(req).await }
-        })
-        .await
-    }
-
-    /// AuthUserGet.
-    pub async fn user_get(&self, name: &str) -> Result<AuthUserGetResponse, Status> {
-        self.read_call(|ch| {
-            let req = AuthUserGetRequest { name: name.to_string() };
-            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).user_get(req).await }
-        })
-        .await
-    }
-
-    /// AuthUserList.
-    pub async fn user_list(&self) -> Result<AuthUserListResponse, Status> {
-        self.read_call(|ch| {
-            let req = AuthUserListRequest {};
-            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).user_list(req).await }
-        })
-        .await
-    }
-
-    /// AuthUserDelete.
-    pub async fn user_delete(&self, name: &str) -> Result<AuthUserDeleteResponse, Status> {
-        self.call(|ch| {
-            let req = AuthUserDeleteRequest { name: name.to_string() };
-            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).user_delete(req).await }
-        })
-        .await
-    }
-
-    /// AuthUserChangePassword.
-    pub async fn user_change_password(
-        &self,
-        name: &str,
-        password: &str,
-    ) -> Result<AuthUserChangePasswordResponse, Status> {
-        self.call(|ch| {
-            let req = AuthUserChangePasswordRequest { name: name.to_string(), password: password.to_string() };
-            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).user_change_password(req).await }
-        })
-        .await
-    }
-
-    /// AuthUserGrantRole.
-    pub async fn user_grant_role(&self, user: &str, role: &str) -> Result<AuthUserGrantRoleResponse, Status> {
-        self.call(|ch| {
-            let req = AuthUserGrantRoleRequest { user: user.to_string(), role: role.to_string() };
-            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).user_grant_role(req).await }
-        })
-        .await
-    }
-
-    /// AuthUserRevokeRole.
-    pub async fn user_revoke_role(&self, user: &str, role: &str) -> Result<AuthUserRevokeRoleResponse, Status> {
-        self.call(|ch| {
-            let req = AuthUserRevokeRoleRequest { name: user.to_string(), role: role.to_string() };
-            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).user_revoke_role(req).await }
-        })
-        .await
-    }
-
-    /// AuthRoleAdd.
-    pub async fn role_add(&self, name: &str) -> Result<AuthRoleAddResponse, Status> {
-        self.call(|ch| {
-            let req = AuthRoleAddRequest { name: name.to_string() };
-            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).role_add(req).await }
-        })
-        .await
-    }
-
-    /// AuthRoleGet.
-    pub async fn role_get(&self, name: &str) -> Result<AuthRoleGetResponse, Status> {
-        self.read_call(|ch| {
-            let req = AuthRoleGetRequest { role: name.to_string() };
-            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).role_get(req).await }
-        })
-        .await
-    }
-
-    /// AuthRoleList.
-    pub async fn role_list(&self) -> Result<AuthRoleListResponse, Status> {
-        self.read_call(|ch| {
-            let req = AuthRoleListRequest {};
-            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).role_list(req).await }
-        })
-        .await
-    }
-
-    /// AuthRoleDelete.
-    pub async fn role_delete(&self, name: &str) -> Result<AuthRoleDeleteResponse, Status> {
-        self.call(|ch| {
-            let req = AuthRoleDeleteRequest { role: name.to_string() };
-            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).role_delete(req).await }
-        })
-        .await
-    }
-
-    /// AuthRoleGrantPermission.
-    pub async fn role_grant_permission(
-        &self,
-        name: &str,
-        perm: crate::proto::authpb::Permission,
-    ) -> Result<AuthRoleGrantPermissionResponse, Status> {
-        self.call(|ch| {
-            let req = AuthRoleGrantPermissionRequest { name: name.to_string(), perm: Some(perm.clone()) };
-            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).role_grant_permission(req).await }
-        })
-        .await
-    }
-
-    /// AuthRoleRevokePermission.
-    pub async fn role_revoke_permission(
-        &self,
-        name: &str,
-        key: &[u8],
-        range_end: &[u8],
-    ) -> Result<AuthRoleRevokePermissionResponse, Status> {
-        self.call(|ch| {
-            let req = AuthRoleRevokePermissionRequest { role: name.to_string(), key: key.to_vec(), range_end: range_end.to_vec() };
-            async move { crate::proto::etcdserverpb::auth_client::AuthClient::new(ch).role_revoke_permission(req).await }
-        })
-        .await
+            }
+        );
+        /// UserGet.
+        user_get(name: &str) -> AuthUserGetResponse, read_call user_get(AuthUserGetRequest { name: name.to_string() });
+        /// UserList.
+        user_list() -> AuthUserListResponse, read_call user_list(AuthUserListRequest {});
+        /// UserDelete.
+        user_delete(name: &str) -> AuthUserDeleteResponse, call user_delete(AuthUserDeleteRequest { name: name.to_string() });
+        /// UserChangePassword.
+        user_change_password(name: &str, password: &str) -> AuthUserChangePasswordResponse, call user_change_password(
+            AuthUserChangePasswordRequest { name: name.to_string(), password: password.to_string() }
+        );
+        /// UserGrantRole.
+        user_grant_role(user: &str, role: &str) -> AuthUserGrantRoleResponse, call user_grant_role(
+            AuthUserGrantRoleRequest { user: user.to_string(), role: role.to_string() }
+        );
+        /// UserRevokeRole.
+        user_revoke_role(user: &str, role: &str) -> AuthUserRevokeRoleResponse, call user_revoke_role(
+            AuthUserRevokeRoleRequest { name: user.to_string(), role: role.to_string() }
+        );
+        /// RoleAdd.
+        role_add(name: &str) -> AuthRoleAddResponse, call role_add(AuthRoleAddRequest { name: name.to_string() });
+        /// RoleGet.
+        role_get(name: &str) -> AuthRoleGetResponse, read_call role_get(AuthRoleGetRequest { role: name.to_string() });
+        /// RoleList.
+        role_list() -> AuthRoleListResponse, read_call role_list(AuthRoleListRequest {});
+        /// RoleDelete.
+        role_delete(name: &str) -> AuthRoleDeleteResponse, call role_delete(AuthRoleDeleteRequest { role: name.to_string() });
+        /// RoleGrantPermission.
+        role_grant_permission(name: &str, perm: crate::proto::authpb::Permission) -> AuthRoleGrantPermissionResponse,
+            call role_grant_permission(AuthRoleGrantPermissionRequest { name: name.to_string(), perm: Some(perm) });
+        /// RoleRevokePermission.
+        role_revoke_permission(name: &str, key: &[u8], range_end: &[u8]) -> AuthRoleRevokePermissionResponse,
+            call role_revoke_permission(AuthRoleRevokePermissionRequest {
+                role: name.to_string(),
+                key: key.to_vec(),
+                range_end: range_end.to_vec(),
+            });
     }
 
     /// Range (get).
@@ -648,26 +562,14 @@ impl Client {
 
     /// Defragment of the endpoint at `index` (no failover).
     pub async fn defragment_of(&self, index: usize) -> Result<DefragmentResponse, Status> {
-        self.token_ready().await?;
-        let ch = self
-            .channels
-            .get(index)
-            .cloned()
-            .map(|c| self.intercept(c))
-            .ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
+        let ch = self.conn_at(index).await?;
         MaintenanceClient::new(ch).defragment(DefragmentRequest::default()).await.map(|r| r.into_inner())
     }
 
     /// HashKV of the endpoint at `index` at `revision` (0: the latest; no
     /// failover).
     pub async fn hash_kv_of(&self, index: usize, revision: i64) -> Result<HashKvResponse, Status> {
-        self.token_ready().await?;
-        let ch = self
-            .channels
-            .get(index)
-            .cloned()
-            .map(|c| self.intercept(c))
-            .ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
+        let ch = self.conn_at(index).await?;
         MaintenanceClient::new(ch).hash_kv(HashKvRequest { revision }).await.map(|r| r.into_inner())
     }
 
@@ -679,26 +581,14 @@ impl Client {
 
     /// Status of the endpoint at `index` (no failover: it asks that member).
     pub async fn status_of(&self, index: usize) -> Result<StatusResponse, Status> {
-        self.token_ready().await?;
-        let ch = self
-            .channels
-            .get(index)
-            .cloned()
-            .map(|c| self.intercept(c))
-            .ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
+        let ch = self.conn_at(index).await?;
         MaintenanceClient::new(ch).status(StatusRequest::default()).await.map(|r| r.into_inner())
     }
 
     /// A snapshot of the data of the member at endpoint `index` (no
     /// failover): the stream of its chunks, the last one its SHA-256.
     pub async fn snapshot_of(&self, index: usize) -> Result<tonic::Streaming<SnapshotResponse>, Status> {
-        self.token_ready().await?;
-        let ch = self
-            .channels
-            .get(index)
-            .cloned()
-            .map(|c| self.intercept(c))
-            .ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
+        let ch = self.conn_at(index).await?;
         let mut client = MaintenanceClient::new(ch).max_decoding_message_size(usize::MAX);
         client.snapshot(SnapshotRequest::default()).await.map(|r| r.into_inner())
     }
@@ -706,13 +596,7 @@ impl Client {
     /// A linearizable get of `key` on the endpoint at `index` (no failover),
     /// which is how etcd clients check an endpoint's health.
     pub async fn get_on(&self, index: usize, key: &[u8]) -> Result<RangeResponse, Status> {
-        self.token_ready().await?;
-        let ch = self
-            .channels
-            .get(index)
-            .cloned()
-            .map(|c| self.intercept(c))
-            .ok_or_else(|| Status::invalid_argument("no such endpoint"))?;
+        let ch = self.conn_at(index).await?;
         self.kv(ch).range(RangeRequest { key: key.to_vec(), ..Default::default() }).await.map(|r| r.into_inner())
     }
 }

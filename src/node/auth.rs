@@ -43,8 +43,7 @@ struct Failures {
 pub struct Logins {
     checks: tokio::sync::Semaphore,
     failures: std::sync::Mutex<std::collections::HashMap<String, Failures>>,
-    /// Attempts refused because their user was locked, for tests and
-    /// metrics.
+    /// Attempts refused unchecked because their user was locked.
     pub refused: std::sync::atomic::AtomicU64,
     /// Passwords checked with bcrypt.
     pub checked: std::sync::atomic::AtomicU64,
@@ -123,23 +122,25 @@ impl Member {
     /// or its client certificate names, or no user, with the auth revision
     /// it is checked at. A token this member does not know is refused.
     pub fn who(&self) -> Result<Who, Error> {
-        let Ok(credentials) = CREDENTIALS.try_with(|c| c.clone()) else { return Ok(Who::Member) };
+        CREDENTIALS.try_with(|credentials| self.who_with(credentials)).unwrap_or(Ok(Who::Member))
+    }
+
+    fn who_with(&self, credentials: &crate::auth::Credentials) -> Result<Who, Error> {
         let state = self.state.read();
         let revision = state.auth.revision;
         if !state.auth.enabled {
             return Ok(Who::Client { user: String::new(), revision });
         }
-        let user = match (&credentials.token, &credentials.common_name) {
+        let user = match (&credentials.token, &credentials.common_name, &self.logins.jwt) {
             // A JWT names the revision it was issued at; a request under an
             // older one than the member's is told so, and asks again.
-            (Some(token), _) if self.logins.jwt.is_some() => {
-                let jwt = self.logins.jwt.as_ref().ok_or(Error::InvalidAuthToken)?;
+            (Some(token), _, Some(jwt)) => {
                 let (user, issued_at) = jwt.verify(token).ok_or(Error::InvalidAuthToken)?;
                 return Ok(Who::Client { user, revision: issued_at });
             }
-            (Some(token), _) => state.tokens.user_of(token).ok_or(Error::InvalidAuthToken)?,
-            (None, Some(cn)) => cn.clone(),
-            (None, None) => String::new(),
+            (Some(token), _, None) => state.tokens.user_of(token).ok_or(Error::InvalidAuthToken)?,
+            (None, Some(cn), _) => cn.clone(),
+            (None, None, _) => String::new(),
         };
         Ok(Who::Client { user, revision })
     }
@@ -208,13 +209,20 @@ impl Member {
         // The users and whether auth is on as the cluster has them now, as
         // etcd's Authenticate (a log entry) sees them.
         self.read_barrier().await?;
-        if !self.state.read().auth.enabled {
-            return Err(Error::AuthNotEnabled);
-        }
-        let no_password = {
+        let user = {
             let state = self.state.read();
-            state.auth.users.get(&req.name).is_some_and(|u| u.options.as_ref().is_some_and(|o| o.no_password))
+            if !state.auth.enabled {
+                return Err(Error::AuthNotEnabled);
+            }
+            state.auth.users.get(&req.name).map(|u| (u.password.clone(), u.options.is_some_and(|o| o.no_password)))
         };
+        // An unknown user is refused at once, with no record of it: names
+        // a stranger makes up cost the member nothing to remember.
+        let Some((hash, no_password)) = user else {
+            tracing::warn!(user = %req.name, "authentication failed: no such user");
+            return Err(Error::AuthFailed);
+        };
+        // A user without a password logs in by certificate only.
         if no_password {
             return Err(Error::NoPasswordUser);
         }
@@ -223,23 +231,15 @@ impl Member {
             tracing::warn!(user = %req.name, locked_ms = left.as_millis() as u64, "authentication refused: too many failed logins for this user");
             return Err(Error::AuthFailed);
         }
-        let hash = {
-            let state = self.state.read();
-            state.auth.users.get(&req.name).map(|u| u.password.clone())
-        };
-        let ok = match hash {
-            // A user without a password logs in by certificate only.
-            Some(hash) if !hash.is_empty() => {
-                let _permit = self.logins.checks.acquire().await.map_err(|_| Error::Stopped)?;
-                self.logins.checked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let password = req.password.clone();
-                tokio::task::spawn_blocking(move || {
-                    std::str::from_utf8(&hash).ok().is_some_and(|h| bcrypt::verify(password, h).unwrap_or(false))
-                })
-                .await
-                .unwrap_or(false)
-            }
-            _ => false,
+        let ok = {
+            let _permit = self.logins.checks.acquire().await.map_err(|_| Error::Stopped)?;
+            self.logins.checked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let password = req.password.clone();
+            tokio::task::spawn_blocking(move || {
+                std::str::from_utf8(&hash).ok().is_some_and(|h| bcrypt::verify(password, h).unwrap_or(false))
+            })
+            .await
+            .unwrap_or(false)
         };
         if !ok {
             let failed = self.logins.failed_in_a_row(&req.name);
@@ -269,18 +269,17 @@ impl Member {
 
     /// UserAdd: the password is hashed here, before it is proposed.
     pub async fn user_add(&self, mut req: AuthUserAddRequest) -> Result<Option<ResponseHeader>, Error> {
+        // Only root may add users: refused before the slow hash.
+        self.authorize_admin()?;
         if req.name.is_empty() {
             return Err(Error::UserEmpty);
         }
-        let no_password = req.options.as_ref().is_some_and(|o| o.no_password);
-        if no_password {
+        if req.options.is_some_and(|o| o.no_password) {
             req.password.clear();
         } else {
             if req.password.is_empty() {
                 return Err(Error::PasswordEmpty);
             }
-            // Only root may add users: refused before the slow hash.
-            self.authorize_admin()?;
             req.password = self.hash(std::mem::take(&mut req.password)).await?;
         }
         self.change_auth(Change::UserAdd(req)).await

@@ -298,6 +298,14 @@ impl Etcd {
         Self::start_with("http", &[])
     }
 
+    /// Starts it and waits until it answers a read.
+    pub async fn start_ready() -> Etcd {
+        let etcd = Self::start();
+        let client = Client::new(std::slice::from_ref(&etcd.client), Duration::from_secs(2)).expect("client");
+        wait_ready(&client).await;
+        etcd
+    }
+
     /// Starts it serving clients on a `scheme` (http or https) URL, with
     /// `extra` flags (TLS ones, say).
     pub fn start_with(scheme: &str, extra: &[String]) -> Etcd {
