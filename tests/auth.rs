@@ -818,3 +818,67 @@ async fn jwt_tokens_are_verified_by_every_member_and_name_their_revision() {
     assert!(out.contains("app/6\nv\n[ok=true]"), "{out}");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_response_header_carries_the_auth_revision_every_auth_change_raises() {
+    use kvd::proto::etcdserverpb::{ResponseHeader, WatchCreateRequest};
+    fn rev(h: &Option<ResponseHeader>) -> u64 {
+        h.as_ref().expect("a header").auth_revision
+    }
+    let c = TestCluster::start(3, cheap_hashes).await;
+    let admin = c.client(0);
+    // Before any auth change: etcd's first auth revision, on every member.
+    for i in 0..3 {
+        assert_eq!(rev(&c.client(i).status_of(0).await.unwrap().header), 1, "member {i}");
+    }
+    set_up_users(&admin).await;
+    let root = c.client(0).with_user("root", "rootpw");
+    let alice = c.client(1).with_user("alice", "alicepw");
+    // Six changes in set_up_users; AuthEnable raises none, as in etcd.
+    let start = rev(&root.auth_status().await.unwrap().header);
+    assert_eq!(start, root.auth_status().await.unwrap().auth_revision);
+    assert_eq!(start, 7);
+    // The watch is alice's first call: it authenticates first.
+    let mut watch = alice.watch(WatchCreateRequest { key: b"app/w".to_vec(), ..Default::default() }).await.unwrap();
+    let created = watch.next().await.unwrap().unwrap();
+    assert!(created.created && !created.canceled, "{created:?}");
+    assert_eq!(rev(&created.header), start);
+    // Every kind of answer, from a member that did not make the change.
+    let expect = |want: u64, headers: Vec<(&str, Option<ResponseHeader>)>| {
+        for (what, h) in headers {
+            assert_eq!(rev(&h), want, "{what}");
+        }
+    };
+    let put = alice.put(support::put("app/w", "1")).await.unwrap();
+    let range = alice.range(support::get("app/w")).await.unwrap();
+    let lease = alice.lease_grant(60, 0).await.unwrap();
+    let members = alice.member_list().await.unwrap();
+    let status = alice.status_of(0).await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(10), watch.next()).await.expect("an event").unwrap().unwrap();
+    assert_eq!(event.events.len(), 1);
+    expect(
+        start,
+        vec![
+            ("put", put.header),
+            ("range", range.header),
+            ("lease grant", lease.header),
+            ("member list", members.header),
+            ("status", status.header),
+            ("watch", event.header),
+        ],
+    );
+    // A change raises it: seen in the next answer of every member, and the
+    // change's own answer carries the new revision.
+    let granted = root.user_grant_role("alice", "root").await.unwrap();
+    assert_eq!(rev(&granted.header), start + 1);
+    root.put(support::put("fence", "1")).await.unwrap();
+    for i in 0..3 {
+        c.wait_applied(i, c.applied(0)).await;
+        let got = c.client(i).with_user("alice", "alicepw").range(support::get_local("app/w")).await.unwrap();
+        assert_eq!(rev(&got.header), start + 1, "member {i}");
+    }
+    let put = alice.put(support::put("app/w", "2")).await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(10), watch.next()).await.expect("an event").unwrap().unwrap();
+    expect(start + 1, vec![("put", put.header), ("watch", event.header)]);
+    c.shutdown().await;
+}

@@ -154,6 +154,8 @@ fn strip(h: &mut Option<ResponseHeader>) -> i64 {
     h.cluster_id = 0;
     h.member_id = 0;
     h.raft_term = 0;
+    // kvd's addition; etcd's header has none.
+    h.auth_revision = 0;
     h.revision
 }
 

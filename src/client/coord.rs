@@ -94,14 +94,16 @@ impl Client {
     /// reconnects (to the next endpoint if need be) and resumes after the
     /// last revision it delivered, so no event is lost or repeated.
     pub async fn watch(&self, req: WatchCreateRequest) -> Result<WatchStream, Status> {
+        self.token_ready().await?;
         let start = self.current_index();
         let mut last_err = None;
         for i in 0..self.channels.len() {
-            match open_watch(self.channel_at(start + i), req.clone()).await {
+            match self.open_watch(self.channel_at(start + i), req.clone()).await {
                 Ok((sender, stream, created)) => {
                     let (tx, rx) = mpsc::channel(64);
                     let channels = (0..self.channels.len()).map(|j| self.channel_at(start + i + j)).collect();
-                    let resumer = Resumer { channels, req, next_rev: 0, _requests: sender, stream, tx };
+                    let client = self.clone_handle();
+                    let resumer = Resumer { client, channels, req, next_rev: 0, _requests: sender, stream, tx };
                     let task = tokio::spawn(resumer.run(created));
                     return Ok(WatchStream { rx, task });
                 }
@@ -165,6 +167,24 @@ impl Client {
 
 type WatchSender = mpsc::Sender<WatchRequest>;
 
+impl Client {
+    /// Opens a watch on `ch`. One refused for want of a fresh token (it
+    /// lapsed, or the member restarted and forgot it) is opened again after
+    /// the client authenticates, as its other calls are.
+    async fn open_watch(
+        &self,
+        ch: Conn,
+        create: WatchCreateRequest,
+    ) -> Result<(WatchSender, Streaming<WatchResponse>, WatchResponse), Status> {
+        let opened = open_watch(ch.clone(), create.clone()).await?;
+        if self.credentials.is_some() && opened.2.canceled && super::refused_for_token(&opened.2.cancel_reason) {
+            self.authenticate().await?;
+            return open_watch(ch, create).await;
+        }
+        Ok(opened)
+    }
+}
+
 async fn open_watch(
     ch: Conn,
     create: WatchCreateRequest,
@@ -197,6 +217,8 @@ impl Drop for WatchStream {
 }
 
 struct Resumer {
+    /// Authenticates again when a member refuses the token.
+    client: Client,
     channels: Vec<Conn>,
     req: WatchCreateRequest,
     /// The revision to resume from.
@@ -246,7 +268,7 @@ impl Resumer {
                             return;
                         }
                         endpoint = (endpoint + 1) % self.channels.len();
-                        match open_watch(self.channels[endpoint].clone(), req.clone()).await {
+                        match self.client.open_watch(self.channels[endpoint].clone(), req.clone()).await {
                             Ok((sender, stream, created)) if !created.canceled => {
                                 self._requests = sender;
                                 self.stream = stream;

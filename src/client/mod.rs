@@ -121,11 +121,16 @@ impl tonic::service::Interceptor for TokenSlot {
 /// Whether a call failed for want of a (fresh) token: the client
 /// authenticates again and repeats it once, as etcd's clients do.
 fn needs_token(status: &Status) -> bool {
+    refused_for_token(status.message())
+}
+
+/// Whether an error message (or a watch's cancel reason, which ends with
+/// one) says that the call wanted a (fresh) token.
+fn refused_for_token(message: &str) -> bool {
     use crate::error::Error;
-    let m = status.message();
-    m == Error::InvalidAuthToken.to_string()
-        || m == Error::AuthOldRevision.to_string()
-        || m == Error::UserEmpty.to_string()
+    [Error::InvalidAuthToken, Error::AuthOldRevision, Error::UserEmpty]
+        .iter()
+        .any(|e| message.ends_with(&e.to_string()))
 }
 
 /// The Auth service's calls: each builds its request once and sends it
@@ -273,7 +278,7 @@ impl Client {
     }
 
     /// Authenticates, if the client has credentials and no token yet.
-    async fn token_ready(&self) -> Result<(), Status> {
+    pub(crate) async fn token_ready(&self) -> Result<(), Status> {
         if self.credentials.is_some() && !self.token.is_set() {
             self.authenticate().await?;
         }

@@ -448,7 +448,7 @@ mod tests {
     #[test]
     fn json_is_etcds_mapping() {
         let resp = RangeResponse {
-            header: Some(ResponseHeader { cluster_id: 1, member_id: 2, revision: 3, raft_term: 0 }),
+            header: Some(ResponseHeader { cluster_id: 1, member_id: 2, revision: 3, ..Default::default() }),
             kvs: vec![KeyValue {
                 key: b"foo".to_vec(),
                 value: b"bar".to_vec(),

@@ -142,15 +142,17 @@ impl Member {
         self.raft.metrics().borrow().current_leader
     }
 
-    /// Fills in a response header: the ids and term, and the current revision
-    /// where the response carries none.
+    /// Fills in a response header: the ids, the term, the auth revision, and
+    /// the current revision where the response carries none.
     pub fn fill_header(&self, header: &mut Option<ResponseHeader>) {
         let h = header.get_or_insert_with(Default::default);
         h.cluster_id = self.cluster_id;
         h.member_id = self.id;
         h.raft_term = self.term();
+        let state = self.state.read();
+        h.auth_revision = state.auth.revision;
         if h.revision == 0 {
-            h.revision = self.state.read().store.revision();
+            h.revision = state.store.revision();
         }
     }
 

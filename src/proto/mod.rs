@@ -17,6 +17,7 @@ pub mod authpb {
 pub mod etcdserverpb {
     tonic::include_proto!("etcdserverpb");
     include!(concat!(env!("OUT_DIR"), "/etcdserverpb.serde.rs"));
+    mod header_json;
 }
 
 pub mod kvdpb {
