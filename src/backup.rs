@@ -9,6 +9,7 @@
 //! such a digest, after a database whose size is a multiple of 512, and
 //! `etcdctl snapshot save` checks both, so it saves kvd's snapshots too.
 
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
@@ -57,14 +58,25 @@ pub struct Summary {
 /// The size that a file's body (all but its digest) is a multiple of.
 pub const BODY_ALIGN: usize = 512;
 
+/// The start of a file's body whose records are `len` bytes long: the
+/// magic and the length.
+pub fn body_start(len: u64) -> Vec<u8> {
+    let mut start = MAGIC.to_vec();
+    start.extend_from_slice(&len.to_le_bytes());
+    start
+}
+
+/// The zeros after records of `len` bytes that end a file's body.
+pub fn padding_len(len: u64) -> u64 {
+    let body = (MAGIC.len() + 8) as u64 + len;
+    body.next_multiple_of(BODY_ALIGN as u64) - body
+}
+
 /// The body of a file holding `records`, in parts: its start, the records,
 /// and the zeros after them.
 pub fn body(records: Vec<u8>) -> [Vec<u8>; 3] {
-    let mut start = MAGIC.to_vec();
-    start.extend_from_slice(&(records.len() as u64).to_le_bytes());
-    let len = start.len() + records.len();
-    let padding = vec![0; len.next_multiple_of(BODY_ALIGN) - len];
-    [start, records, padding]
+    let padding = vec![0; padding_len(records.len() as u64) as usize];
+    [body_start(records.len() as u64), records, padding]
 }
 
 /// The SHA-256 digest of a file's body, given in parts, as it ends the file.
@@ -72,9 +84,25 @@ pub fn digest(parts: &[&[u8]]) -> [u8; DIGEST_LEN] {
     parts.iter().fold(Sha256::new(), |h, part| h.chain_update(part)).finalize().into()
 }
 
-/// Checks a whole file: its digest and its first bytes. Returns the records.
-pub fn check(file: &[u8]) -> Result<&[u8], BackupError> {
-    if !file.starts_with(MAGIC) {
+/// What [`check_stream`] found in a file.
+struct Checked {
+    /// The records' length; they begin after the start of the body.
+    len: u64,
+    /// CRC-32 of the body.
+    hash: u32,
+}
+
+/// Where a file's records begin.
+const RECORDS_AT: u64 = (MAGIC.len() + 8) as u64;
+
+/// Checks a whole file of `size` bytes as `file` reads it, a buffer at a
+/// time: its digest, its first bytes and its length.
+fn check_stream(file: impl Read, size: u64) -> Result<Checked, BackupError> {
+    let io = |e: std::io::Error| BackupError::Invalid(format!("cannot read the file: {e}"));
+    let mut file = std::io::BufReader::with_capacity(1 << 20, file.take(size));
+    let mut magic = Vec::with_capacity(MAGIC.len());
+    (&mut file).take(MAGIC.len() as u64).read_to_end(&mut magic).map_err(io)?;
+    if magic != MAGIC {
         return Err(BackupError::Invalid(
             "not a kvd snapshot: the file does not begin with kvd's snapshot header (an etcd snapshot cannot be \
              restored into kvd; copy an etcd cluster's keys with `etcdctl make-mirror` instead)"
@@ -82,35 +110,74 @@ pub fn check(file: &[u8]) -> Result<&[u8], BackupError> {
         ));
     }
     let bad = |why: &str| BackupError::Invalid(format!("damaged kvd snapshot: {why}"));
-    let body_len = file.len().checked_sub(DIGEST_LEN).ok_or_else(|| bad("too short"))?;
-    let (body, sum) = file.split_at(body_len);
-    if body_len < MAGIC.len() || digest(&[body])[..] != *sum {
+    let body_len = size.checked_sub(DIGEST_LEN as u64).ok_or_else(|| bad("too short"))?;
+    let (mut sha, mut crc) = (Sha256::new().chain_update(MAGIC), crc32fast::Hasher::new());
+    crc.update(MAGIC);
+    // The length of the records, and where the body's last non-zero byte is.
+    let (mut len_bytes, mut last_nonzero) = (Vec::with_capacity(8), 0u64);
+    let mut at = MAGIC.len() as u64;
+    let mut buf = vec![0u8; 1 << 20];
+    while at < body_len {
+        let want = (body_len - at).min(buf.len() as u64) as usize;
+        let n = file.read(&mut buf[..want]).map_err(io)?;
+        if n == 0 {
+            return Err(bad("its SHA-256 digest does not match (the file is damaged or was cut short)"));
+        }
+        let chunk = &buf[..n];
+        sha.update(chunk);
+        crc.update(chunk);
+        let need = 8 - len_bytes.len();
+        len_bytes.extend_from_slice(&chunk[..need.min(n)]);
+        if let Some(i) = chunk.iter().rposition(|b| *b != 0) {
+            last_nonzero = at + i as u64;
+        }
+        at += n as u64;
+    }
+    let mut sum = [0u8; DIGEST_LEN];
+    file.read_exact(&mut sum).map_err(|_| bad("too short"))?;
+    let ours: [u8; DIGEST_LEN] = sha.finalize().into();
+    if body_len < MAGIC.len() as u64 || ours != sum {
         return Err(bad("its SHA-256 digest does not match (the file is damaged or was cut short)"));
     }
-    let rest = &body[MAGIC.len()..];
-    let (len, rest) = rest.split_first_chunk::<8>().ok_or_else(|| bad("it ends before the length of its records"))?;
-    let len = usize::try_from(u64::from_le_bytes(*len)).map_err(|_| bad("its records are too long"))?;
-    if len > rest.len() || rest[len..].iter().any(|b| *b != 0) || body.len() % BODY_ALIGN != 0 {
-        return Err(bad("its records are not as long as it says"));
+    let len: [u8; 8] = len_bytes.try_into().map_err(|_| bad("it ends before the length of its records"))?;
+    let len = u64::from_le_bytes(len);
+    let ends = RECORDS_AT.checked_add(len).filter(|end| *end <= body_len);
+    match ends {
+        Some(end) if last_nonzero < end.max(RECORDS_AT) && body_len % BODY_ALIGN as u64 == 0 => {
+            Ok(Checked { len, hash: crc.finalize() })
+        }
+        _ => Err(bad("its records are not as long as it says")),
     }
-    Ok(&rest[..len])
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, BackupError> {
-    std::fs::read(path).map_err(|e| BackupError::Invalid(format!("cannot read {}: {e}", path.display())))
+/// Checks a whole file held in memory: its digest and its first bytes.
+/// Returns the records.
+pub fn check(file: &[u8]) -> Result<&[u8], BackupError> {
+    let checked = check_stream(file, file.len() as u64)?;
+    Ok(&file[RECORDS_AT as usize..(RECORDS_AT + checked.len) as usize])
 }
 
-/// Loads `records`, those of `file` that [`check`] returned, into `db`, and
-/// says what they hold.
-fn load(db: &sled::Db, file: &[u8], records: &[u8]) -> Result<Summary, BackupError> {
-    crate::raft::state_machine::load_backup(db, records)?;
+/// Opens and checks the file at `path`. Returns it positioned at its
+/// records, and what the check found.
+fn open_checked(path: &Path) -> Result<(std::fs::File, Checked, u64), BackupError> {
+    let cannot = |e: std::io::Error| BackupError::Invalid(format!("cannot read {}: {e}", path.display()));
+    let mut file = std::fs::File::open(path).map_err(cannot)?;
+    let size = file.metadata().map_err(cannot)?.len();
+    let checked = check_stream(&mut file, size)?;
+    file.seek(SeekFrom::Start(RECORDS_AT)).map_err(cannot)?;
+    Ok((file, checked, size))
+}
+
+/// Loads the records of a checked file into `db`, and says what they hold.
+fn load(db: &sled::Db, file: std::fs::File, checked: &Checked, size: u64) -> Result<Summary, BackupError> {
+    crate::raft::state_machine::load_backup(db, file, checked.len)?;
     let store = MvccStore::open(db.open_tree("state")?)?;
     Ok(Summary {
-        hash: crc32fast::hash(&file[..file.len() - DIGEST_LEN]),
+        hash: checked.hash,
         revision: store.revision(),
         compacted: store.compacted(),
         keys: store.len(),
-        size: file.len() as u64,
+        size,
     })
 }
 
@@ -118,9 +185,8 @@ fn load(db: &sled::Db, file: &[u8], records: &[u8]) -> Result<Summary, BackupErr
 /// are loaded into a temporary store, so a file this accepts is one that
 /// `restore` can make a data directory of.
 pub fn status(path: &Path) -> Result<Summary, BackupError> {
-    let file = read(path)?;
-    let records = check(&file)?;
-    load(&sled::Config::new().temporary(true).open()?, &file, records)
+    let (file, checked, size) = open_checked(path)?;
+    load(&sled::Config::new().temporary(true).open()?, file, &checked, size)
 }
 
 /// Makes `data_dir`, which must not exist or be empty, the data directory
@@ -128,8 +194,7 @@ pub fn status(path: &Path) -> Result<Summary, BackupError> {
 /// `path`. Restore every member of the new cluster from the same file and
 /// start each with `--initial-cluster-state new`.
 pub fn restore(path: &Path, data_dir: &Path) -> Result<Summary, BackupError> {
-    let file = read(path)?;
-    let records = check(&file)?;
+    let (file, checked, size) = open_checked(path)?;
     let in_use = |why: String| BackupError::Invalid(format!("data dir {}: {why}", data_dir.display()));
     match std::fs::read_dir(data_dir) {
         Ok(mut entries) => {
@@ -142,7 +207,7 @@ pub fn restore(path: &Path, data_dir: &Path) -> Result<Summary, BackupError> {
     }
     std::fs::create_dir_all(data_dir).map_err(|e| in_use(e.to_string()))?;
     let summary = sled::Config::new().path(data_dir.join("db")).open().map_err(BackupError::from).and_then(|db| {
-        let summary = load(&db, &file, records)?;
+        let summary = load(&db, file, &checked, size)?;
         db.flush()?;
         Ok(summary)
     });

@@ -124,6 +124,10 @@ pub async fn start(cfg: Validated) -> Result<ServerHandle, StartError> {
     start_on(cfg, clients, peer).await
 }
 
+/// How long a member may take to answer one chunk of a snapshot, the last
+/// of which it answers once the whole snapshot is installed.
+const SNAPSHOT_INSTALL_TIMEOUT_MS: u64 = 10 * 60 * 1000;
+
 /// sled's page cache. Values are read from sled (the in-memory index holds
 /// no values), and the operating system's page cache keeps the data files
 /// warm, so a small cache costs reads little and keeps a member's memory
@@ -254,6 +258,10 @@ pub async fn start_on(
         snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_count),
         max_in_snapshot_log_to_keep: snapshot_count.min(5000),
         snapshot_max_chunk_size: crate::raft::SNAPSHOT_CHUNK_BYTES as u64,
+        // The answer to a snapshot's last chunk waits for the whole install,
+        // which takes as long as the data is large (the member keeps the
+        // leader's word meanwhile: see the peer service's InstallSnapshot).
+        install_snapshot_timeout: SNAPSHOT_INSTALL_TIMEOUT_MS,
         max_payload_entries: 1000,
         ..Default::default()
     }

@@ -20,6 +20,46 @@ use crate::raft::state_machine::alarm_name;
 /// Bytes of a snapshot per message.
 const SNAPSHOT_CHUNK: usize = 64 * 1024;
 
+/// Sends a backup as the body of a snapshot file ([`crate::backup`]: the
+/// magic, the length, the records, zeros to a multiple of 512 bytes) and
+/// then its SHA-256 digest, in chunks of [`SNAPSHOT_CHUNK`] bytes. Stops
+/// when the client goes.
+fn send_backup(
+    backup: crate::raft::state_machine::BackupFile,
+    mut header: Option<crate::proto::etcdserverpb::ResponseHeader>,
+    tx: tokio::sync::mpsc::Sender<Result<SnapshotResponse, Status>>,
+) {
+    use sha2::Digest;
+    use std::io::Read;
+    let start = crate::backup::body_start(backup.len);
+    let padding = crate::backup::padding_len(backup.len);
+    let total = start.len() as u64 + backup.len + padding;
+    let mut body =
+        std::io::Cursor::new(start).chain(backup.file.take(backup.len)).chain(std::io::repeat(0).take(padding));
+    let (mut sha, mut sent) = (sha2::Sha256::new(), 0u64);
+    while sent < total {
+        let mut blob = Vec::with_capacity(SNAPSHOT_CHUNK.min((total - sent) as usize));
+        match (&mut body).take(SNAPSHOT_CHUNK as u64).read_to_end(&mut blob) {
+            Ok(0) => {
+                let _ = tx.blocking_send(Err(Status::internal("the backup ended before its length")));
+                return;
+            }
+            Ok(n) => sent += n as u64,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(Status::internal(format!("read backup: {e}"))));
+                return;
+            }
+        }
+        sha.update(&blob);
+        let chunk = SnapshotResponse { header: header.take(), remaining_bytes: total - sent, blob };
+        if tx.blocking_send(Ok(chunk)).is_err() {
+            return;
+        }
+    }
+    let digest = sha.finalize().to_vec();
+    let _ = tx.blocking_send(Ok(SnapshotResponse { header: None, remaining_bytes: 0, blob: digest }));
+}
+
 /// The etcd API version kvd implements, reported by Status.
 pub const API_VERSION: &str = "3.4.0";
 
@@ -94,41 +134,17 @@ impl Maintenance for MaintenanceService {
     async fn snapshot(&self, _req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
         // Root only, while auth is on.
         admin(&self.member)?;
-        let (revision, records) = self.member.state.backup().await.map_err(Status::from)?;
+        let (revision, backup) = self.member.state.backup().await.map_err(Status::from)?;
         let mut header = None;
         self.member.fill_header(&mut header);
         if let Some(h) = header.as_mut() {
             h.revision = revision;
         }
-        // Hashing the whole copy takes a while: not on an async thread.
-        let (parts, digest) = crate::raft::blocking(move || {
-            let parts = crate::backup::body(records);
-            let digest = crate::backup::digest(&[&parts[0], &parts[1], &parts[2]]).to_vec();
-            Ok((parts, digest))
-        })
-        .await?;
-        let total: usize = parts.iter().map(Vec::len).sum();
-        // Chunks are copied out one at a time as the client takes them.
-        let (mut part, mut at, mut sent) = (0, 0, 0);
-        let chunks = std::iter::from_fn(move || {
-            let mut blob = Vec::with_capacity(SNAPSHOT_CHUNK.min(total - sent));
-            while blob.len() < SNAPSHOT_CHUNK && part < parts.len() {
-                let take = (SNAPSHOT_CHUNK - blob.len()).min(parts[part].len() - at);
-                blob.extend_from_slice(&parts[part][at..at + take]);
-                at += take;
-                if at == parts[part].len() {
-                    (part, at) = (part + 1, 0);
-                }
-            }
-            if blob.is_empty() {
-                return None;
-            }
-            sent += blob.len();
-            Some(SnapshotResponse { header: header.take(), remaining_bytes: (total - sent) as u64, blob })
-        });
-        let last = SnapshotResponse { header: None, remaining_bytes: 0, blob: digest };
-        let stream = futures::stream::iter(chunks.chain(std::iter::once(last)).map(Ok));
-        Ok(Response::new(Box::pin(stream)))
+        // Read, hashed and sent a chunk at a time, by a thread of its own;
+        // the channel holds two chunks at most while the client is slow.
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::task::spawn_blocking(move || send_backup(backup, header, tx));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {

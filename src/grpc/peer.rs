@@ -247,7 +247,34 @@ impl Peer for PeerService {
         let from = self.sender(&req).await?;
         let rpc: InstallSnapshotRequest<TypeConfig> = input(req)?;
         self.own_vote(from, &rpc.vote)?;
-        let res: Result<_, RaftError<NodeId, InstallSnapshotError>> = self.member.raft.install_snapshot(rpc).await;
+        // openraft sends a member no heartbeats while a snapshot is sent to
+        // it, and the last chunk's answer waits for the whole install; a
+        // member that heard nothing for an election timeout would campaign,
+        // and the leader, seeing its higher term, would step down and begin
+        // the snapshot again, without end. So each chunk, and every
+        // heartbeat interval while it is handled, counts as word from the
+        // leader: an empty AppendEntries of the leader's vote, which checks
+        // and touches the vote and changes no log.
+        let raft = &self.member.raft;
+        let heard = openraft::raft::AppendEntriesRequest::<TypeConfig> {
+            vote: rpc.vote,
+            prev_log_id: None,
+            entries: Vec::new(),
+            leader_commit: None,
+        };
+        let every = std::time::Duration::from_millis(raft.config().heartbeat_interval.max(1));
+        let _ = raft.append_entries(heard.clone()).await;
+        let keep_alive = async {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tick.tick().await;
+                let _ = raft.append_entries(heard.clone()).await;
+            }
+        };
+        let res: Result<_, RaftError<NodeId, InstallSnapshotError>> = tokio::select! {
+            res = raft.install_snapshot(rpc) => res,
+            never = keep_alive => never,
+        };
         output(res)
     }
 

@@ -26,6 +26,8 @@ enum Job {
     Commit(sled::Batch),
     /// Something to do with the tree between two groups.
     Run(Box<dyn FnOnce(&sled::Tree) + Send>),
+    /// Commit to another tree from now on.
+    Switch(sled::Tree),
 }
 
 /// The thread that commits handed-off groups, and what it is doing.
@@ -50,7 +52,7 @@ impl Committer {
     /// Starts the thread committing to `tree`. Dropping this waits for the
     /// thread to commit what it has and end, so that sled's files are free
     /// for the next start.
-    pub fn start(tree: sled::Tree) -> Result<Committer, Error> {
+    pub fn start(mut tree: sled::Tree) -> Result<Committer, Error> {
         let (tx, rx) = mpsc::channel::<Job>();
         let progress = Arc::new((Mutex::new(Progress::default()), Condvar::new()));
         let theirs = progress.clone();
@@ -69,6 +71,10 @@ impl Committer {
                         }
                         Job::Run(work) => {
                             work(&tree);
+                            Ok(())
+                        }
+                        Job::Switch(to) => {
+                            tree = to;
                             Ok(())
                         }
                     };
@@ -119,6 +125,14 @@ impl Committer {
     /// goes on.
     pub fn run(&self, work: impl FnOnce(&sled::Tree) + Send + 'static) -> Result<(), Error> {
         self.begin(Job::Run(Box::new(work)))
+    }
+
+    /// Commits to `tree` from the next group on (a snapshot was loaded into
+    /// it), once the groups before are committed; waits for the switch.
+    pub fn switch(&self, tree: sled::Tree) -> Result<(), Error> {
+        self.wait_idle()?;
+        self.begin(Job::Switch(tree))?;
+        self.wait_idle()
     }
 
     fn begin(&self, job: Job) -> Result<(), Error> {

@@ -36,7 +36,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = Node,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = std::io::Cursor<Vec<u8>>,
+        SnapshotData = state_machine::SnapshotData,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

@@ -25,6 +25,11 @@ impl ProcessCluster {
     /// Starts `n` members of the `kvd` binary of this build and waits for a
     /// leader.
     pub async fn start(n: usize) -> ProcessCluster {
+        Self::start_with(n, &[]).await
+    }
+
+    /// Starts `n` members given `extra` flags as well.
+    pub async fn start_with(n: usize, extra: &[&str]) -> ProcessCluster {
         let ports = free_ports(2 * n);
         let (client_ports, peer_ports) = ports.split_at(n);
         let initial: Vec<String> =
@@ -58,6 +63,7 @@ impl ProcessCluster {
                     "1",
                 ]
                 .iter()
+                .chain(extra)
                 .map(|s| s.to_string())
                 .collect()
             })
@@ -81,6 +87,16 @@ impl ProcessCluster {
             .spawn()
             .expect("start kvd");
         self.children[i] = Some(child);
+    }
+
+    /// Member `i`'s process id, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.children[i].as_ref().map(Child::id)
+    }
+
+    /// Member `i`'s data directory.
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("m{i}"))
     }
 
     /// Member `i`'s log file.

@@ -13,6 +13,7 @@
 //! `<data-dir>/snapshot.bin` and sent by openraft in chunks.
 
 mod apply;
+mod data;
 mod group;
 mod records;
 mod snapshot;
@@ -21,9 +22,11 @@ mod tests;
 mod view;
 
 pub use apply::{alarm_name, reads_history, refused_by_alarm, txn_puts, txn_reads_history};
+pub use data::SnapshotData;
 pub use group::{MAX_UNFLUSHED_AGE, MAX_UNFLUSHED_WRITES};
 pub use records::load_backup;
 pub use snapshot::SnapshotBuilder;
+pub use view::BackupFile;
 pub use view::{Applied, Committed, Shared, State};
 
 use self::apply::*;
@@ -31,7 +34,6 @@ use self::records::*;
 use self::snapshot::*;
 use self::view::*;
 
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -42,7 +44,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 
 use super::committer::Committer;
 use super::compactor;
-use super::{decode, encode, Entry, LogId, Node, NodeId, Request, Response, StorageError, TypeConfig};
+use super::{encode, Entry, LogId, Node, NodeId, Request, Response, StorageError, TypeConfig};
 use crate::error::Error;
 use crate::mvcc::keys::meta_key;
 use crate::proto::kvdpb::{command, Command};
@@ -54,7 +56,43 @@ const ALARMS: u8 = b'A';
 const APPLIED: &str = "applied";
 const MEMBERSHIP: &str = "membership";
 const SNAPSHOT_FILE: &str = "snapshot.bin";
+/// How the names of backups being written for `snapshot save` begin.
+const BACKUP_PREFIX: &str = "backup-";
+/// Set while a snapshot is loaded into the state tree not in use; a member
+/// that stopped meanwhile loads it again at start.
 const INSTALLING: &[u8] = b"installing_snapshot";
+/// Names the state tree in use: one of [`STATE_TREES`] (the first if unset).
+const CURRENT_TREE: &[u8] = b"state_tree";
+/// The two state trees: a snapshot is loaded into the one not in use while
+/// the other serves, and they swap in a moment.
+const STATE_TREES: [&str; 2] = ["state", "state.b"];
+
+/// The name of the state tree in use, and of the other.
+fn state_trees(db: &sled::Db) -> Result<(&'static str, &'static str), Error> {
+    match db.get(CURRENT_TREE)? {
+        Some(name) if name.as_ref() == STATE_TREES[1].as_bytes() => Ok((STATE_TREES[1], STATE_TREES[0])),
+        Some(name) if name.as_ref() != STATE_TREES[0].as_bytes() => {
+            Err(Error::internal(format!("unknown state tree {:?}", String::from_utf8_lossy(&name))))
+        }
+        _ => Ok((STATE_TREES[0], STATE_TREES[1])),
+    }
+}
+
+/// An empty state tree in place of the one not in use.
+fn fresh_tree(db: &sled::Db, name: &str) -> Result<sled::Tree, Error> {
+    db.drop_tree(name)?;
+    Ok(db.open_tree(name)?)
+}
+
+/// Makes the tree `name` the state tree in use, durably, and drops the
+/// other.
+fn use_tree(db: &sled::Db, name: &str, other: &str) -> Result<(), Error> {
+    db.insert(CURRENT_TREE, name.as_bytes())?;
+    db.remove(INSTALLING)?;
+    db.flush()?;
+    db.drop_tree(other)?;
+    Ok(())
+}
 /// Records one step of physical compaction reads at most: about 5 ms of
 /// the commit thread, which applying may wait for. Larger steps are slower
 /// per record as well: sled took 2.3 s to remove 114,000 records in one
@@ -75,12 +113,20 @@ impl StateMachine {
     /// Opens the state machine kept in `db`; `dir` holds the snapshot file.
     /// Finishes a snapshot install that a crash interrupted.
     pub fn open(db: &sled::Db, dir: &Path) -> Result<Self, Error> {
-        let tree = db.open_tree("state")?;
+        remove_leftovers(dir)?;
+        let (mut current, mut other) = state_trees(db)?;
         if db.get(INSTALLING)?.is_some() {
-            let stored = read_snapshot_file(dir)?
+            let open = open_snapshot_file(dir)?
                 .ok_or_else(|| Error::internal("snapshot install was interrupted and its file is gone"))?;
-            load_records(db, &tree, &decode::<Records>(&stored.data)?)?;
+            load_records(db, &fresh_tree(db, other)?, open.file, open.len)?;
+            use_tree(db, other, current)?;
+            (current, other) = (other, current);
+        } else {
+            // What a load cut short left behind.
+            db.drop_tree(other)?;
         }
+        let _ = other;
+        let tree = db.open_tree(current)?;
         let (state, last_applied, membership) = load_state(&tree)?;
         let on_disk = read_snapshot_meta(dir)?.and_then(|meta| meta.last_log_id);
         let physical = Physical { rev: state.store.physical(), failed: None };
@@ -90,6 +136,7 @@ impl StateMachine {
             state: RwLock::new(state),
             applied: broadcast::channel(WATCH_BUFFER).0,
             committer: Committer::start(tree.clone())?,
+            dir: dir.to_path_buf(),
             compaction: wake,
             physical: watch::channel(physical).0,
         });
@@ -212,12 +259,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // The records and the last applied id must agree: every applied
-        // write is committed first, and the commit thread copies the tree
-        // before it commits any later group. Applying goes on meanwhile:
-        // openraft builds the snapshot on a task of its own.
+        // write is committed first, and the commit thread writes the tree to
+        // the file before it commits any later group. Applying goes on
+        // meanwhile: openraft builds the snapshot on a task of its own.
+        let meta = SnapshotMeta {
+            last_log_id: self.last_applied,
+            last_membership: self.membership.clone(),
+            snapshot_id: snapshot_id(self.last_applied),
+        };
         let (tx, rx) = oneshot::channel();
+        let (path, for_copy) = (part_path(&self.dir, BUILD_PART), meta.clone());
         let copy = move |tree: &sled::Tree| {
-            let _ = tx.send(copy_records(tree));
+            let _ = tx.send(build_file(tree, &path, &for_copy));
         };
         let started = {
             let mut state = self.shared.write();
@@ -225,7 +278,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let committer = &self.shared.committer;
             unflushed.commit(store, committer).and_then(|()| committer.run(copy))
         };
-        let records = match started {
+        let built = match started {
             Ok(()) => rx,
             // `tx` went with the copy that did not start: the build learns
             // why from a channel of its own.
@@ -239,46 +292,37 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             db: self.shared.db.clone(),
             dir: self.dir.clone(),
             snapshot_file: self.snapshot_file.clone(),
-            records: Some(records),
-            last_applied: self.last_applied,
-            membership: self.membership.clone(),
+            built: Some(built),
+            meta,
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError> {
+        // A file of its own for each stream: a stream begun again while an
+        // earlier one is still being installed must not touch its file.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let fail = |e: Error| StorageError::from(StorageIOError::write_snapshot(None, &e));
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = part_path(&self.dir, &format!("{RECEIVE_PART}-{n}"));
+        let data = super::blocking(move || Ok(SnapshotData::receive_into(path)?)).await.map_err(fail)?;
+        Ok(Box::new(data))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, Node>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError> {
         let fail = |e: Error| StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e));
-        let stored = StoredSnapshot { meta: meta.clone(), data: snapshot.into_inner() };
-        let (shared, tree) = (self.shared.clone(), self.tree.clone());
+        let received = snapshot.into_file().await.map_err(|e| fail(Error::internal(e)))?;
+        let (shared, meta_c) = (self.shared.clone(), meta.clone());
         let (dir, on_disk) = (self.dir.clone(), self.snapshot_file.clone());
-        super::blocking(move || {
-            let records: Records = decode(&stored.data)?;
-            // An installed snapshot is the leader's newest: it always replaces.
-            write_snapshot_locked(&dir, &on_disk, &stored, false)?;
-            let mut state = shared.write();
-            // No group may land on top of the snapshot's records.
-            shared.committer.wait_idle()?;
-            load_records(&shared.db, &tree, &records)?;
-            let (mut new_state, _, _) = load_state(&tree)?;
-            // Tokens are not in snapshots; those known go on working.
-            new_state.tokens = state.tokens.clone();
-            *state = new_state;
-            // The snapshot may hold a pass of physical compaction cut short.
-            shared.physical.send_replace(Physical { rev: state.store.physical(), failed: None });
-            let _ = shared.compaction.send(());
-            let rev = state.store.revision();
-            let _ = shared.applied.send(Arc::new(Applied { rev, events: Vec::new() }));
-            Ok(())
-        })
-        .await
-        .map_err(fail)?;
+        let (file, base, path) = received;
+        let installed = super::blocking(move || install_from(&shared, &dir, &on_disk, &meta_c, file, base)).await;
+        if let Some(path) = path {
+            let _ = std::fs::remove_file(path);
+        }
+        self.tree = installed.map_err(fail)?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
@@ -287,9 +331,76 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let dir = self.dir.clone();
-        let stored = super::blocking(move || Ok(read_snapshot_file(&dir)?))
-            .await
-            .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))?;
-        Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        let open = super::blocking(move || {
+            let Some(open) = open_snapshot_file(&dir)? else { return Ok(None) };
+            let data = SnapshotData::new(open.file, open.data_at).map_err(Error::internal)?;
+            Ok(Some((open.meta, data)))
+        })
+        .await
+        .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))?;
+        Ok(open.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(data) }))
     }
+}
+
+/// A snapshot's id: its last log id and when it was built, so that two
+/// builds at one index (whose files may differ, as physical compaction went
+/// on between them) never share an id while one is being sent.
+fn snapshot_id(last_applied: Option<LogId>) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    match last_applied {
+        Some(l) => format!("{}-{}-{nanos:x}", l.leader_id.term, l.index),
+        None => format!("0-0-{nanos:x}"),
+    }
+}
+
+/// Installs the snapshot data received from the leader into `received`
+/// (from `base` on): checks every record first, so a damaged snapshot
+/// changes nothing; makes it the snapshot file; loads its records into the
+/// state tree not in use, while the member goes on serving from the other;
+/// then swaps the trees under the state lock, in a moment. Every step reads
+/// or writes one record, or one small buffer, at a time. Returns the tree
+/// now in use.
+fn install_from(
+    shared: &Shared,
+    dir: &Path,
+    on_disk: &std::sync::Mutex<Option<LogId>>,
+    meta: &SnapshotMeta<NodeId, Node>,
+    mut received: std::fs::File,
+    base: u64,
+) -> Result<sled::Tree, Error> {
+    use std::io::{Seek, SeekFrom};
+    let io = |e: std::io::Error| Error::internal(format!("read received snapshot: {e}"));
+    let db = &shared.db;
+    let len = received.metadata().map_err(io)?.len().saturating_sub(base);
+    received.seek(SeekFrom::Start(base)).map_err(io)?;
+    for_each_record(&mut received, len, |_, _| Ok(()))?;
+    // An installed snapshot is the leader's newest: it always replaces.
+    received.seek(SeekFrom::Start(base)).map_err(io)?;
+    let install = part_path(dir, INSTALL_PART);
+    write_file_from(&install, meta, &mut received, len)?;
+    drop(received);
+    publish_locked(dir, &install, on_disk, meta.last_log_id, false)?;
+    let open = open_snapshot_file(dir)?.ok_or_else(|| Error::internal("the snapshot file vanished"))?;
+    let (current, other) = state_trees(db)?;
+    db.insert(INSTALLING, &[1u8])?;
+    db.flush()?;
+    let tree = fresh_tree(db, other)?;
+    load_records(db, &tree, open.file, open.len)?;
+    let (mut new_state, _, _) = load_state(&tree)?;
+    {
+        let mut state = shared.write();
+        // Groups of the state replaced go to the old tree, and no later
+        // one may.
+        shared.committer.switch(tree.clone())?;
+        // Tokens are not in snapshots; those known go on working.
+        new_state.tokens = state.tokens.clone();
+        *state = new_state;
+        // The snapshot may hold a pass of physical compaction cut short.
+        shared.physical.send_replace(Physical { rev: state.store.physical(), failed: None });
+        let _ = shared.compaction.send(());
+        let rev = state.store.revision();
+        let _ = shared.applied.send(Arc::new(Applied { rev, events: Vec::new() }));
+    }
+    use_tree(db, other, current)?;
+    Ok(tree)
 }

@@ -2,6 +2,7 @@
 //! record for a snapshot or a backup, and loading them back.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 
 use openraft::StoredMembership;
 use prost::Message;
@@ -9,13 +10,11 @@ use prost::Message;
 use super::super::{decode, LogId, Node, NodeId};
 use super::group::Group;
 use super::view::State;
-use super::{ALARMS, APPLIED, ATTRS, INSTALLING, MEMBERSHIP};
+use super::{ALARMS, APPLIED, ATTRS, MEMBERSHIP};
 use crate::error::Error;
 use crate::mvcc::keys::meta_key;
 use crate::mvcc::MvccStore;
 use crate::proto::kvdpb::MemberAttributes;
-
-pub(super) type Records<'a> = Vec<(&'a [u8], &'a [u8])>;
 
 pub(super) type Loaded = (State, Option<LogId>, StoredMembership<NodeId, Node>);
 
@@ -47,24 +46,69 @@ pub(super) fn load_state(tree: &sled::Tree) -> Result<Loaded, Error> {
     Ok((state, last_applied, membership))
 }
 
-/// Every record of the state tree, as snapshot data: the layout bincode
-/// gives a `Vec<(ByteBuf, ByteBuf)>` (a count, then each key and value as a
-/// length and its bytes; integers u64 little-endian), which members of
-/// every kvd version read. Written straight from the tree, so that the
-/// records are held once while a snapshot is built, not twice.
-pub(super) fn copy_records(tree: &sled::Tree) -> Result<Vec<u8>, Error> {
-    let mut out = vec![0u8; 8];
-    let mut count = 0u64;
+/// Writes every record of the state tree to `out`, from where it stands,
+/// as snapshot data: the layout bincode gives a `Vec<(ByteBuf, ByteBuf)>`
+/// (a count, then each key and value as a length and its bytes; integers
+/// u64 little-endian), which members of every kvd version read. One record
+/// at a time, straight from the tree: nothing proportional to the data is
+/// held. Returns the data's length in bytes.
+pub(super) fn write_records<W: Write + Seek>(tree: &sled::Tree, out: &mut W) -> Result<u64, Error> {
+    let io = |e: std::io::Error| Error::internal(format!("write snapshot data: {e}"));
+    let start = out.stream_position().map_err(io)?;
+    out.write_all(&0u64.to_le_bytes()).map_err(io)?;
+    let (mut count, mut len) = (0u64, 8u64);
     for item in tree.iter() {
         let (k, v) = item?;
         for part in [&k[..], &v[..]] {
-            out.extend_from_slice(&(part.len() as u64).to_le_bytes());
-            out.extend_from_slice(part);
+            out.write_all(&(part.len() as u64).to_le_bytes()).map_err(io)?;
+            out.write_all(part).map_err(io)?;
+            len += 8 + part.len() as u64;
         }
         count += 1;
     }
-    out[..8].copy_from_slice(&count.to_le_bytes());
-    Ok(out)
+    out.seek(SeekFrom::Start(start)).map_err(io)?;
+    out.write_all(&count.to_le_bytes()).map_err(io)?;
+    out.seek(SeekFrom::Start(start + len)).map_err(io)?;
+    Ok(len)
+}
+
+/// Reads `len` bytes of snapshot data from `from` and hands each record to
+/// `each`, one at a time: only one record is ever in memory. The data must
+/// be exactly as [`write_records`] lays it out, no byte more or less; a
+/// length is checked against what is left before anything is allocated for
+/// it. Returns the number of records.
+pub(super) fn for_each_record(
+    from: impl Read,
+    len: u64,
+    mut each: impl FnMut(&[u8], &[u8]) -> Result<(), Error>,
+) -> Result<u64, Error> {
+    let damaged = |why: String| Error::internal(format!("damaged snapshot data: {why}"));
+    let mut r = BufReader::with_capacity(1 << 20, from.take(len));
+    let mut left = len;
+    let read_u64 = |r: &mut BufReader<_>, left: &mut u64| -> Result<u64, Error> {
+        let mut n = [0u8; 8];
+        r.read_exact(&mut n).map_err(|e| damaged(format!("{e} ({left} bytes were left)")))?;
+        *left -= 8;
+        Ok(u64::from_le_bytes(n))
+    };
+    let count = read_u64(&mut r, &mut left)?;
+    let (mut key, mut value) = (Vec::new(), Vec::new());
+    for _ in 0..count {
+        for part in [&mut key, &mut value] {
+            let n = read_u64(&mut r, &mut left)?;
+            if n > left {
+                return Err(damaged(format!("a record of {n} bytes where {left} are left")));
+            }
+            part.resize(n as usize, 0);
+            r.read_exact(part).map_err(|e| damaged(e.to_string()))?;
+            left -= n;
+        }
+        each(&key, &value)?;
+    }
+    if left != 0 {
+        return Err(damaged(format!("{left} bytes after the last of {count} records")));
+    }
+    Ok(count)
 }
 
 /// Whether a record of the state tree belongs to the cluster that wrote it
@@ -88,18 +132,20 @@ fn parse_alarm_key(key: &[u8]) -> Option<(NodeId, i32)> {
     (key.len() == 13).then(|| (NodeId::from_be_bytes(member), i32::from_be_bytes(alarm)))
 }
 
-/// Writes the data records of `records` (snapshot data, as [`Shared::backup`]
-/// copies it) into the state tree of `db`, a new data directory's, and
-/// flushes it. The records of the cluster it came from are left out, so a
-/// member started on the directory with `--initial-cluster-state new` forms
-/// a new cluster that holds the data: its first revision is the next one.
-pub fn load_backup(db: &sled::Db, records: &[u8]) -> Result<(), Error> {
-    let records: Records = decode(records)?;
+/// Writes the data records of snapshot data (`len` bytes of `records`,
+/// as [`Shared::backup`] writes them) into the state tree of `db`, a new
+/// data directory's, and flushes it. The records of the cluster it came
+/// from are left out, so a member started on the directory with
+/// `--initial-cluster-state new` forms a new cluster that holds the data:
+/// its first revision is the next one.
+pub fn load_backup(db: &sled::Db, records: impl Read, len: u64) -> Result<(), Error> {
     let tree = db.open_tree("state")?;
     if !tree.is_empty() {
         return Err(Error::internal("the state tree is not empty"));
     }
-    insert_in_batches(&tree, records.into_iter().filter(|(k, _)| !is_cluster_record(k)))?;
+    let mut batch = Batches::new(&tree);
+    for_each_record(records, len, |k, v| if is_cluster_record(k) { Ok(()) } else { batch.insert(k, v) })?;
+    batch.finish()?;
     db.flush()?;
     Ok(())
 }
@@ -107,36 +153,42 @@ pub fn load_backup(db: &sled::Db, records: &[u8]) -> Result<(), Error> {
 /// Records written to sled in one batch while a snapshot is loaded: a
 /// batch holds a copy of what it writes, so a whole snapshot in one would
 /// hold the data once more.
-pub(super) const LOAD_BATCH_BYTES: usize = 16 << 20;
+pub(super) const LOAD_BATCH_BYTES: usize = 4 << 20;
 
-/// Replaces the state tree with `records`, marking the install in progress so
-/// that a crash midway is finished at the next start.
-pub(super) fn load_records(db: &sled::Db, tree: &sled::Tree, records: &Records<'_>) -> Result<(), Error> {
-    db.insert(INSTALLING, &[1u8])?;
-    db.flush()?;
-    tree.clear()?;
-    insert_in_batches(tree, records.iter().copied())?;
-    db.flush()?;
-    db.remove(INSTALLING)?;
+/// Writes the records of snapshot data (`len` bytes of `records`) into
+/// `tree`, an empty one, and flushes them.
+pub(super) fn load_records(db: &sled::Db, tree: &sled::Tree, records: impl Read, len: u64) -> Result<(), Error> {
+    let mut batch = Batches::new(tree);
+    for_each_record(records, len, |k, v| batch.insert(k, v))?;
+    batch.finish()?;
     db.flush()?;
     Ok(())
 }
 
-/// Inserts `records` into `tree`, [`LOAD_BATCH_BYTES`] at a time.
-pub(super) fn insert_in_batches<'a>(
-    tree: &sled::Tree,
-    records: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
-) -> Result<(), Error> {
-    let mut batch = sled::Batch::default();
-    let mut bytes = 0;
-    for (k, v) in records {
-        batch.insert(k, v);
-        bytes += k.len() + v.len();
-        if bytes >= LOAD_BATCH_BYTES {
-            tree.apply_batch(std::mem::take(&mut batch))?;
-            bytes = 0;
-        }
+/// Inserts records into a tree, [`LOAD_BATCH_BYTES`] at a time.
+struct Batches<'t> {
+    tree: &'t sled::Tree,
+    batch: sled::Batch,
+    bytes: usize,
+}
+
+impl<'t> Batches<'t> {
+    fn new(tree: &'t sled::Tree) -> Self {
+        Batches { tree, batch: sled::Batch::default(), bytes: 0 }
     }
-    tree.apply_batch(batch)?;
-    Ok(())
+
+    fn insert(&mut self, k: &[u8], v: &[u8]) -> Result<(), Error> {
+        self.batch.insert(k, v);
+        self.bytes += k.len() + v.len();
+        if self.bytes >= LOAD_BATCH_BYTES {
+            self.tree.apply_batch(std::mem::take(&mut self.batch))?;
+            self.bytes = 0;
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(), Error> {
+        self.tree.apply_batch(self.batch)?;
+        Ok(())
+    }
 }

@@ -1,29 +1,31 @@
 //! Snapshot files and the snapshot builder: the copy of the state that
 //! openraft sends to a member that fell behind the purged log.
 
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use openraft::storage::{Snapshot, SnapshotMeta};
-use openraft::{RaftSnapshotBuilder, StorageIOError, StoredMembership};
-use serde::{Deserialize, Serialize};
+use openraft::{RaftSnapshotBuilder, StorageIOError};
+
+/// The part a snapshot is built into.
+pub(super) const BUILD_PART: &str = "build";
+/// The part a snapshot from the leader is received into.
+pub(super) const RECEIVE_PART: &str = "receive";
+/// The part a received snapshot is copied into, with its metadata.
+pub(super) const INSTALL_PART: &str = "install";
 use tokio::sync::oneshot;
 
 use super::super::committer::CommitError;
 use super::super::{encode, CodecError, LogId, Node, NodeId, StorageError, TypeConfig};
-use super::SNAPSHOT_FILE;
+use super::data::SnapshotData;
+use super::records::write_records;
+use super::{BACKUP_PREFIX, SNAPSHOT_FILE};
 use crate::error::Error;
 
-/// A snapshot as the snapshot file holds it: bincode's layout of this
-/// struct, the data last.
-#[derive(Serialize, Deserialize)]
-pub(super) struct StoredSnapshot {
-    pub(super) meta: SnapshotMeta<NodeId, Node>,
-    /// Every record of the state tree (see [`copy_records`]).
-    pub(super) data: Vec<u8>,
-}
-
+/// The snapshot file is bincode's layout of a struct `{ meta, data }`
+/// with `data` a byte string: the metadata, the data's length (u64,
+/// little-endian), then the data (see [`write_records`]). It is written
+/// and read in parts, so the data is never held in memory.
 /// What can go wrong with the snapshot file. A client sees it as an
 /// internal error; openraft as a storage error of the snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -62,10 +64,21 @@ fn write_err(source: std::io::Error) -> SnapshotFileError {
 /// A snapshot's metadata.
 pub(super) type Meta = SnapshotMeta<NodeId, Node>;
 
-/// The snapshot file, opened, with the metadata at its start read.
-pub(super) fn open_snapshot_file(
-    dir: &Path,
-) -> Result<Option<(Meta, std::io::BufReader<std::fs::File>)>, SnapshotFileError> {
+/// The snapshot file, opened.
+pub(super) struct OpenSnapshot {
+    pub(super) meta: Meta,
+    /// Positioned at the start of the data.
+    pub(super) file: std::fs::File,
+    /// Where the data begins.
+    pub(super) data_at: u64,
+    /// The data's length: the rest of the file.
+    pub(super) len: u64,
+}
+
+/// The snapshot file, opened, with the metadata at its start read and the
+/// length of its data checked against the file's: nothing else is read.
+pub(super) fn open_snapshot_file(dir: &Path) -> Result<Option<OpenSnapshot>, SnapshotFileError> {
+    use std::io::{Read, Seek, SeekFrom};
     let io = read_err;
     let file = match std::fs::File::open(dir.join(SNAPSHOT_FILE)) {
         Ok(f) => f,
@@ -73,115 +86,164 @@ pub(super) fn open_snapshot_file(
         Err(e) => return Err(io(e)),
     };
     let mut reader = std::io::BufReader::new(file);
-    let meta = bincode::deserialize_from(&mut reader).map_err(|e| SnapshotFileError::Damaged(e.to_string()))?;
-    Ok(Some((meta, reader)))
+    let meta: Meta = bincode::deserialize_from(&mut reader).map_err(|e| SnapshotFileError::Damaged(e.to_string()))?;
+    let mut len = [0u8; 8];
+    reader.read_exact(&mut len).map_err(io)?;
+    let len = u64::from_le_bytes(len);
+    let data_at = reader.stream_position().map_err(io)?;
+    let mut file = reader.into_inner();
+    let size = file.metadata().map_err(io)?.len();
+    if size.checked_sub(data_at) != Some(len) {
+        return Err(SnapshotFileError::Damaged(format!(
+            "the file says {len} bytes of data and holds {}",
+            size.saturating_sub(data_at)
+        )));
+    }
+    file.seek(SeekFrom::Start(data_at)).map_err(io)?;
+    Ok(Some(OpenSnapshot { meta, file, data_at, len }))
 }
 
 /// The metadata of the snapshot in the snapshot file, without its data.
 pub(super) fn read_snapshot_meta(dir: &Path) -> Result<Option<Meta>, SnapshotFileError> {
-    Ok(open_snapshot_file(dir)?.map(|(meta, _)| meta))
+    Ok(open_snapshot_file(dir)?.map(|open| open.meta))
 }
 
-pub(super) fn read_snapshot_file(dir: &Path) -> Result<Option<StoredSnapshot>, SnapshotFileError> {
-    use std::io::{Read, Seek};
-    let io = read_err;
-    let Some((meta, mut reader)) = open_snapshot_file(dir)? else { return Ok(None) };
-    let mut len = [0u8; 8];
-    reader.read_exact(&mut len).map_err(io)?;
-    let len = u64::from_le_bytes(len);
-    // The length must be what the file holds, before it is allocated.
-    let at = reader.stream_position().map_err(io)?;
-    let size = reader.get_ref().metadata().map_err(io)?.len();
-    if size.checked_sub(at) != Some(len) {
-        return Err(SnapshotFileError::Damaged(format!(
-            "the file says {len} bytes of data and holds {}",
-            size.saturating_sub(at)
-        )));
-    }
-    let mut data = vec![0u8; usize::try_from(len).map_err(|_| SnapshotFileError::Damaged("too large".into()))?];
-    reader.read_exact(&mut data).map_err(io)?;
-    Ok(Some(StoredSnapshot { meta, data }))
+/// Where a snapshot is written before it becomes the snapshot file.
+pub(super) fn part_path(dir: &Path, what: &str) -> PathBuf {
+    dir.join(format!("{SNAPSHOT_FILE}.{what}"))
 }
 
-/// Writes `stored` as the snapshot file, under the lock that builds and
-/// installs share. With `only_if_newer` it keeps a file that already holds a
-/// later snapshot: a snapshot built from an older state can finish after a
-/// newer one was installed from the leader, and must not replace it (the log
-/// before the newer one may already be purged). Returns whether it wrote.
-pub(super) fn write_snapshot_locked(
-    dir: &Path,
-    on_disk: &std::sync::Mutex<Option<LogId>>,
-    stored: &StoredSnapshot,
-    only_if_newer: bool,
-) -> Result<bool, SnapshotFileError> {
-    let mut on_disk = on_disk.lock().unwrap_or_else(|p| p.into_inner());
-    if only_if_newer && on_disk.is_some() && *on_disk >= stored.meta.last_log_id {
-        return Ok(false);
+/// Removes what a member that stopped midway left of snapshots being
+/// built, received or copied, and of backups being sent.
+pub(super) fn remove_leftovers(dir: &Path) -> Result<(), SnapshotFileError> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let partial = name.starts_with(&format!("{SNAPSHOT_FILE}.")) || name.starts_with(BACKUP_PREFIX);
+        if partial {
+            std::fs::remove_file(entry.path()).map_err(write_err)?;
+        }
     }
-    write_snapshot_file(dir, stored)?;
-    *on_disk = stored.meta.last_log_id;
-    Ok(true)
-}
-
-pub(super) fn write_snapshot_file(dir: &Path, stored: &StoredSnapshot) -> Result<(), SnapshotFileError> {
-    let io = write_err;
-    let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
-    {
-        use std::io::Write;
-        // bincode's layout of the struct, written in parts so that the data
-        // is not copied.
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&encode(&stored.meta)?).map_err(io)?;
-        f.write_all(&(stored.data.len() as u64).to_le_bytes()).map_err(io)?;
-        f.write_all(&stored.data).map_err(io)?;
-        f.sync_all().map_err(io)?;
-    }
-    std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE)).map_err(io)?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
     Ok(())
 }
 
-/// Builds a snapshot from a copy of the state taken between two applies.
+/// Creates the file at `path` (replacing one there) for writing and reading.
+pub(super) fn create_rw(path: &Path) -> Result<std::fs::File, SnapshotFileError> {
+    std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).map_err(write_err)
+}
+
+/// Writes the header of a snapshot file: the metadata and a length to be
+/// filled in by [`finish_file`]. Returns where the data begins.
+pub(super) fn start_file(out: &mut impl std::io::Write, meta: &Meta) -> Result<u64, SnapshotFileError> {
+    let head = encode(meta)?;
+    out.write_all(&head).map_err(write_err)?;
+    out.write_all(&0u64.to_le_bytes()).map_err(write_err)?;
+    Ok(head.len() as u64 + 8)
+}
+
+/// Fills in the length of the data begun at `data_at` and makes the file
+/// durable.
+pub(super) fn finish_file(file: &mut std::fs::File, data_at: u64, len: u64) -> Result<(), SnapshotFileError> {
+    use std::io::{Seek, SeekFrom, Write};
+    file.seek(SeekFrom::Start(data_at - 8)).map_err(write_err)?;
+    file.write_all(&len.to_le_bytes()).map_err(write_err)?;
+    file.sync_all().map_err(write_err)
+}
+
+/// Makes the file at `from` the snapshot file, durably, under the lock that
+/// builds and installs share. With `only_if_newer` it keeps a file that
+/// already holds a later snapshot: a snapshot built from an older state can
+/// finish after a newer one was installed from the leader, and must not
+/// replace it (the log before the newer one may already be purged); `from`
+/// is then removed. Returns whether it replaced.
+pub(super) fn publish_locked(
+    dir: &Path,
+    from: &Path,
+    on_disk: &std::sync::Mutex<Option<LogId>>,
+    last_log_id: Option<LogId>,
+    only_if_newer: bool,
+) -> Result<bool, SnapshotFileError> {
+    let mut on_disk = on_disk.lock().unwrap_or_else(|p| p.into_inner());
+    if only_if_newer && on_disk.is_some() && *on_disk >= last_log_id {
+        std::fs::remove_file(from).map_err(write_err)?;
+        return Ok(false);
+    }
+    std::fs::rename(from, dir.join(SNAPSHOT_FILE)).map_err(write_err)?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(write_err)?;
+    *on_disk = last_log_id;
+    Ok(true)
+}
+
+/// Writes a snapshot file at `path` of `meta` and the `len` bytes of data
+/// that `data` holds from where it stands, copied through a small buffer.
+pub(super) fn write_file_from(
+    path: &Path,
+    meta: &Meta,
+    data: &mut std::fs::File,
+    len: u64,
+) -> Result<(), SnapshotFileError> {
+    use std::io::Read;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, create_rw(path)?);
+    let data_at = start_file(&mut out, meta)?;
+    let copied = std::io::copy(&mut data.take(len), &mut out).map_err(write_err)?;
+    if copied != len {
+        return Err(SnapshotFileError::Damaged(format!("{copied} bytes of data where {len} were expected")));
+    }
+    let mut file = out.into_inner().map_err(|e| write_err(e.into_error()))?;
+    finish_file(&mut file, data_at, len)
+}
+
+/// Writes a snapshot file of `meta` and every record of `tree`, one record
+/// at a time, at `path`; on the commit thread, between two groups. Returns
+/// the file, where its data begins and the data's length.
+pub(super) fn build_file(tree: &sled::Tree, path: &Path, meta: &Meta) -> Result<(std::fs::File, u64, u64), Error> {
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, create_rw(path)?);
+    let data_at = start_file(&mut out, meta)?;
+    let len = write_records(tree, &mut out)?;
+    let mut file = out.into_inner().map_err(|e| write_err(e.into_error()))?;
+    finish_file(&mut file, data_at, len)?;
+    Ok((file, data_at, len))
+}
+
+/// What the commit thread hands the builder: the file written, where its
+/// data begins and the data's length, or why it could not be written.
+pub(super) type Built = Result<(std::fs::File, u64, u64), Error>;
+
+/// Builds a snapshot from a copy of the state the commit thread writes to
+/// a file between two applies.
 pub struct SnapshotBuilder {
     pub(super) db: sled::Db,
     pub(super) dir: PathBuf,
     pub(super) snapshot_file: Arc<std::sync::Mutex<Option<LogId>>>,
-    /// The state's records as the commit thread copies them, or why they
-    /// could not be copied; taken by the build.
-    pub(super) records: Option<oneshot::Receiver<Result<Vec<u8>, Error>>>,
-    pub(super) last_applied: Option<LogId>,
-    pub(super) membership: StoredMembership<NodeId, Node>,
+    /// The file as the commit thread writes it; taken by the build.
+    pub(super) built: Option<oneshot::Receiver<Built>>,
+    pub(super) meta: Meta,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let fail = |e: Error| StorageError::from(StorageIOError::write_snapshot(None, &e));
-        let copied = self.records.take().ok_or_else(|| fail(Error::internal("the snapshot was built already")))?;
-        let records = copied.await.unwrap_or_else(|_| Err(CommitError::Gone("before the copy").into()));
-        let data = records.map_err(fail)?;
+        let built = self.built.take().ok_or_else(|| fail(Error::internal("the snapshot was built already")))?;
+        let (file, data_at, len) =
+            built.await.unwrap_or_else(|_| Err(CommitError::Gone("before the copy").into())).map_err(fail)?;
         // The log up to the snapshot may be purged once it is returned, so the
         // applied state must be on disk first.
         crate::raft::flush(&self.db).await.map_err(fail)?;
-        let (last_applied, membership) = (self.last_applied, self.membership.clone());
-        let (dir, on_disk) = (self.dir.clone(), self.snapshot_file.clone());
-        let (stored, written) = crate::raft::blocking(move || {
-            let id = match last_applied {
-                Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, data.len()),
-                None => format!("0-0-{}", data.len()),
-            };
-            let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id: id };
-            let stored = StoredSnapshot { meta, data };
-            let written = write_snapshot_locked(&dir, &on_disk, &stored, true)?;
-            Ok((stored, written))
+        let (dir, on_disk, last) = (self.dir.clone(), self.snapshot_file.clone(), self.meta.last_log_id);
+        let written = crate::raft::blocking(move || {
+            Ok(publish_locked(&dir, &part_path(&dir, BUILD_PART), &on_disk, last, true)?)
         })
         .await
         .map_err(fail)?;
-        let StoredSnapshot { meta, data } = stored;
+        let meta = self.meta.clone();
         if written {
-            tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
+            tracing::info!(snapshot = %meta.snapshot_id, bytes = len, "built snapshot");
         } else {
+            // The open file still reads what was built, though it is gone.
             tracing::info!(snapshot = %meta.snapshot_id, "built snapshot is older than the one on disk; kept that one");
         }
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        let data = SnapshotData::new(file, data_at).map_err(|e| fail(Error::internal(e)))?;
+        Ok(Snapshot { meta, snapshot: Box::new(data) })
     }
 }

@@ -2,6 +2,7 @@ use super::*;
 use crate::mvcc::{Batch, MvccStore};
 use crate::proto::etcdserverpb::{request_op, PutRequest, RangeRequest, RequestOp, TxnRequest, TxnResponse};
 use crate::proto::kvdpb::{command_result, CommandResult};
+use crate::raft::decode;
 use openraft::storage::RaftStateMachine;
 use openraft::testing::log_id;
 
@@ -138,41 +139,68 @@ async fn applied_writes_wait_for_a_commit_and_are_read_from_disk_after_it() {
 
 #[test]
 fn snapshot_data_and_file_keep_the_layout_every_kvd_reads() {
+    use std::io::{Cursor, Seek, SeekFrom};
     let dir = tempfile::tempdir().expect("tempdir");
     let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
     for (k, v) in [(&b"a"[..], &b"1"[..]), (b"bb", b""), (b"\xff", &[7u8; 300][..])] {
         tree.insert(k, v).expect("insert");
     }
     // The data as bincode gives the records' list, as older members wrote it.
-    let data = copy_records(&tree).expect("copy");
+    let mut out = Cursor::new(b"xy".to_vec());
+    out.seek(SeekFrom::End(0)).expect("seek");
+    let len = write_records(&tree, &mut out).expect("write");
+    let data = out.into_inner()[2..].to_vec();
+    assert_eq!(len, data.len() as u64);
     let listed: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)> = tree
         .iter()
         .map(|item| item.map(|(k, v)| (serde_bytes::ByteBuf::from(k.to_vec()), serde_bytes::ByteBuf::from(v.to_vec()))))
         .collect::<Result<_, _>>()
         .expect("iter");
     assert_eq!(data, encode(&listed).expect("encode"));
-    let records: Records = decode(&data).expect("decode");
-    assert_eq!(records.len(), 3);
-    assert_eq!(records[2], (&b"\xff"[..], &[7u8; 300][..]));
-    // The file as bincode gives the whole struct.
+    let mut read = Vec::new();
+    let count = for_each_record(&data[..], len, |k, v| {
+        read.push((k.to_vec(), v.to_vec()));
+        Ok(())
+    })
+    .expect("read");
+    assert_eq!(count, 3);
+    assert_eq!(read[2], (b"\xff".to_vec(), vec![7u8; 300]));
+    // Cut short, with a byte too many, or with a length beyond the rest:
+    // refused, and nothing is allocated for the length.
+    assert!(for_each_record(&data[..data.len() - 1], len - 1, |_, _| Ok(())).is_err());
+    let mut more = data.clone();
+    more.push(0);
+    assert!(for_each_record(&more[..], len + 1, |_, _| Ok(())).is_err());
+    let mut huge = data.clone();
+    huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    let err = for_each_record(&huge[..], len, |_, _| Ok(())).expect_err("a length past the end");
+    assert!(err.to_string().contains("where"), "{err}");
+    // The file as bincode gives the struct of metadata and data.
+    #[derive(serde::Serialize)]
+    struct Layout {
+        meta: Meta,
+        data: serde_bytes::ByteBuf,
+    }
     let meta = SnapshotMeta { last_log_id: Some(log_id(2, 1, 9)), snapshot_id: "2-9".into(), ..Default::default() };
-    let stored = StoredSnapshot { meta: meta.clone(), data };
-    write_snapshot_file(dir.path(), &stored).expect("write");
-    let file = std::fs::read(dir.path().join(SNAPSHOT_FILE)).expect("read");
-    assert_eq!(file, encode(&stored).expect("encode"));
+    let path = dir.path().join(SNAPSHOT_FILE);
+    let (_, data_at, built_len) = build_file(&tree, &path, &meta).expect("build");
+    let file = std::fs::read(&path).expect("read");
+    let layout = Layout { meta: meta.clone(), data: serde_bytes::ByteBuf::from(data.clone()) };
+    assert_eq!(file, encode(&layout).expect("encode"));
+    assert_eq!((built_len, data_at as usize), (len, file.len() - data.len()));
     assert_eq!(read_snapshot_meta(dir.path()).expect("meta"), Some(meta));
-    let back = read_snapshot_file(dir.path()).expect("read").expect("a snapshot");
-    assert_eq!(back.data, stored.data);
+    let open = open_snapshot_file(dir.path()).expect("open").expect("a snapshot");
+    assert_eq!((open.data_at, open.len), (data_at, len));
     // A file cut short, or one that claims more data than it holds, is
     // refused, not read past its end.
-    std::fs::write(dir.path().join(SNAPSHOT_FILE), &file[..file.len() - 1]).expect("cut");
-    assert!(read_snapshot_file(dir.path()).is_err());
+    std::fs::write(&path, &file[..file.len() - 1]).expect("cut");
+    assert!(open_snapshot_file(dir.path()).is_err());
     let mut bad = file.clone();
-    let at = file.len() - stored.data.len() - 8;
+    let at = file.len() - data.len() - 8;
     bad[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
-    std::fs::write(dir.path().join(SNAPSHOT_FILE), &bad).expect("corrupt");
-    assert!(read_snapshot_file(dir.path()).is_err());
-    std::fs::write(dir.path().join(SNAPSHOT_FILE), &file[..5]).expect("cut");
+    std::fs::write(&path, &bad).expect("corrupt");
+    assert!(open_snapshot_file(dir.path()).is_err());
+    std::fs::write(&path, &file[..5]).expect("cut");
     assert!(read_snapshot_meta(dir.path()).is_err());
 }
 
@@ -190,8 +218,7 @@ async fn an_install_cut_short_by_a_crash_is_finished_at_start() {
     let other = tempfile::tempdir().expect("tempdir");
     {
         let db2 = super::super::open_sled(&sled::Config::new().path(other.path().join("db"))).expect("sled");
-        let stored = StoredSnapshot { meta: snapshot.meta.clone(), data: snapshot.snapshot.into_inner() };
-        write_snapshot_file(other.path(), &stored).expect("write");
+        std::fs::copy(dir.path().join(SNAPSHOT_FILE), other.path().join(SNAPSHOT_FILE)).expect("copy");
         db2.insert(INSTALLING, &[1u8]).expect("mark");
         db2.open_tree("state").expect("tree").insert(b"junk", b"x").expect("junk");
         db2.flush().expect("flush");

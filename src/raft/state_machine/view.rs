@@ -10,7 +10,8 @@ use tokio::sync::{broadcast, oneshot, watch};
 use super::super::committer::{CommitError, Committer};
 use super::super::NodeId;
 use super::group::Group;
-use super::records::copy_records;
+use super::records::write_records;
+use super::BACKUP_PREFIX;
 use super::COMPACTION_STEP;
 use crate::error::Error;
 use crate::mvcc::{Batch, CompactionStep, MvccStore};
@@ -87,6 +88,17 @@ pub struct Shared {
     pub(super) compaction: std::sync::mpsc::Sender<()>,
     /// How far physical compaction has come (see [`Shared::await_physical`]).
     pub(super) physical: watch::Sender<Physical>,
+    /// The data dir: where snapshots and backups are written.
+    pub(super) dir: std::path::PathBuf,
+}
+
+/// A copy of every record of the state tree, as snapshot data, in a file
+/// of its own (already unlinked: it goes when it is dropped).
+pub struct BackupFile {
+    /// Positioned at the start of the data.
+    pub file: std::fs::File,
+    /// The data's length in bytes.
+    pub len: u64,
 }
 
 /// How far this member has removed compacted history.
@@ -156,22 +168,26 @@ impl Shared {
 
     /// A copy of every record of the state tree as of the last applied
     /// entry, in the layout of snapshot data, and that entry's revision:
-    /// what `snapshot save` sends. The commit thread copies the tree between
-    /// two groups, after every applied write is committed, as it does for a
-    /// Raft snapshot; applying goes on meanwhile.
-    pub async fn backup(&self) -> Result<(i64, Vec<u8>), Error> {
+    /// what `snapshot save` sends. The commit thread writes the tree to a
+    /// file between two groups, after every applied write is committed, as
+    /// it does for a Raft snapshot; applying goes on meanwhile. Nothing
+    /// proportional to the data is held in memory.
+    pub async fn backup(&self) -> Result<(i64, BackupFile), Error> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = self.dir.join(format!("{BACKUP_PREFIX}{n}"));
         let (tx, rx) = oneshot::channel();
         let rev = {
             let mut state = self.write();
             let State { store, unflushed, .. } = &mut *state;
             unflushed.commit(store, &self.committer)?;
             self.committer.run(move |tree| {
-                let _ = tx.send(copy_records(tree));
+                let _ = tx.send(write_backup(tree, &path));
             })?;
             store.revision()
         };
-        let records = rx.await.map_err(|_| CommitError::Gone("before the copy"))??;
-        Ok((rev, records))
+        let backup = rx.await.map_err(|_| CommitError::Gone("before the copy"))??;
+        Ok((rev, backup))
     }
 
     /// The hash of history up to `rev` (0 or less: the current revision),
@@ -296,4 +312,23 @@ impl Shared {
             let _ = self.applied.send(Arc::new(Applied { rev: state.store.revision(), events }));
         }
     }
+}
+
+/// Writes every record of `tree` to a new file at `path`, which is unlinked
+/// at once: a member that stops while the file is sent leaves nothing
+/// behind (one that stops while it is written leaves it to be removed at
+/// the next start).
+fn write_backup(tree: &sled::Tree, path: &std::path::Path) -> Result<BackupFile, Error> {
+    use std::io::{Seek, SeekFrom};
+    let io = |e: std::io::Error| Error::internal(format!("write backup: {e}"));
+    let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(io)?;
+    let written = (|| {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        let len = write_records(tree, &mut out)?;
+        let mut file = out.into_inner().map_err(|e| io(e.into_error()))?;
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        Ok(BackupFile { file, len })
+    })();
+    let _ = std::fs::remove_file(path);
+    written
 }

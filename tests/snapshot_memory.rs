@@ -1,0 +1,113 @@
+//! A member that catches up by a snapshot several times larger than a fixed
+//! memory budget installs it within the budget: snapshots are written, sent,
+//! received and loaded in chunks, never held whole. Measured from /proc on
+//! real `kvd` processes: the installing member's peak resident memory
+//! against the resident memory of the members that hold the same data and
+//! installed nothing. (A member's steady memory grows with the data it has
+//! written through sled and the allocator, install or not; what the
+//! install may add on top of it is the budget.)
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use kvd_testkit::Cluster;
+use support::processes::ProcessCluster;
+
+/// What installing a snapshot may add to a member's peak resident memory,
+/// whatever the snapshot's size.
+const BUDGET_MIB: u64 = 32;
+/// The data written while the member is away: more than three times the
+/// budget. (Before snapshots were streamed, the install alone held the
+/// whole snapshot once, and its records once more.)
+const DATA_MIB: u64 = 3 * BUDGET_MIB + 16;
+const VALUE_BYTES: usize = 256 * 1024;
+
+/// A field of /proc/<pid>/status, in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field}"));
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number of kB")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_installs_a_snapshot_three_times_its_memory_budget_within_it() {
+    let mut c =
+        ProcessCluster::start_with(3, &["--snapshot-count", "100", "--quota-backend-bytes", "8589934592"]).await;
+    let leader = c.leader().await;
+    let away = (leader + 1) % 3;
+    let client = c.client(leader);
+    client.put(support::put("before", "1")).await.unwrap();
+    c.kill(away).await;
+    // Values of random bytes, so that nothing on the way compresses them.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut value = vec![0u8; VALUE_BYTES];
+    let puts = DATA_MIB * 1024 * 1024 / VALUE_BYTES as u64;
+    for i in 0..puts {
+        for chunk in value.chunks_mut(8) {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            chunk.copy_from_slice(&seed.to_le_bytes()[..chunk.len()]);
+        }
+        let put = kvd::proto::etcdserverpb::PutRequest {
+            key: format!("big/{i:06}").into_bytes(),
+            value: value.clone(),
+            ..Default::default()
+        };
+        client.put(put).await.unwrap();
+    }
+    // Enough small writes past the last snapshot that the log the away
+    // member needs is purged.
+    for i in 0..250 {
+        client.put(support::put(&format!("after/{i}"), "v")).await.unwrap();
+    }
+    let wanted = client.status_of(0).await.unwrap().raft_applied_index;
+
+    c.restart(away).await;
+    let pid = c.pid(away).expect("running");
+    let back = c.client(away);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        match back.status_of(0).await {
+            Ok(s) if s.raft_applied_index >= wanted => break,
+            _ => {
+                if Instant::now() > deadline {
+                    let log = std::fs::read_to_string(c.log(leader)).unwrap_or_default()
+                        + "\n-- away --\n"
+                        + &std::fs::read_to_string(c.log(away)).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                    panic!(
+                        "the member did not catch up; its log ends:\n{}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let log = std::fs::read_to_string(c.log(away)).expect("log");
+    assert!(log.contains("installed snapshot"), "it caught up by a snapshot");
+    let got = back.range(support::get_local(&format!("big/{:06}", puts - 1))).await.unwrap();
+    assert_eq!(got.kvs.len(), 1);
+    assert_eq!(got.kvs[0].value.len(), VALUE_BYTES);
+    let peak = status_kib(pid, "VmHWM:") / 1024;
+    let steady = (0..3)
+        .filter(|i| *i != away)
+        .filter_map(|i| c.pid(i))
+        .map(|p| status_kib(p, "VmRSS:") / 1024)
+        .max()
+        .expect("the other members run");
+    let path = c.data_dir(away).join("snapshot.bin");
+    let snapshot_mib = std::fs::metadata(&path).expect("the snapshot file").len() / (1024 * 1024);
+    eprintln!(
+        "snapshot {snapshot_mib} MiB; the installing member peaked at {peak} MiB; the others hold {steady} MiB; \
+         budget {BUDGET_MIB} MiB"
+    );
+    assert!(snapshot_mib >= 3 * BUDGET_MIB, "the snapshot holds the data ({snapshot_mib} MiB)");
+    assert!(
+        peak <= steady + BUDGET_MIB,
+        "the member peaked at {peak} MiB installing a {snapshot_mib} MiB snapshot; members that installed \
+         nothing hold {steady} MiB"
+    );
+}
