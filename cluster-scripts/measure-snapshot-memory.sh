@@ -2,7 +2,8 @@
 # What snapshots cost in memory: three members with --snapshot-count 20000;
 # member n3 is down while 100,000 keys of 1 KiB are written, then starts and
 # installs the leader's snapshot. Prints each member's peak and current
-# resident memory (VmHWM, VmRSS) and the snapshot's size.
+# resident memory (VmHWM, VmRSS), VmRSS again 5 s later, and the snapshot's
+# size.
 #
 # Settings (environment):
 #   KVD_BIN_DIR  where kvd and kvctl are (default: target/release, built here)
@@ -48,5 +49,11 @@ grep -q "installed snapshot" "$WORK/n3.log" || { echo "n3 installed no snapshot 
 sleep 1
 for i in 0 1 2; do
   echo "${NAMES[$i]}: $(grep -E 'VmHWM|VmRSS' "/proc/${PIDS[$i]}/status" | tr -s ' \t' ' ' | tr '\n' ' ')"
+done
+# Again once the members have been idle a few seconds (each gives freed heap
+# back after a burst of writes, or an install, once it is quiet).
+sleep 5
+for i in 0 1 2; do
+  echo "${NAMES[$i]} 5 s later: $(grep -E 'VmRSS' "/proc/${PIDS[$i]}/status" | tr -s ' \t' ' ')"
 done
 echo "snapshot: $(stat -c %s "$WORK/n1/snapshot.bin") bytes"
