@@ -4,8 +4,10 @@
 # ports is loaded with that many keys of 1 KiB by `kvctl bench put`, then
 # measured: write throughput while loading, each member's resident memory
 # and data directory, linearizable range p99 (64 clients), and the time from
-# a restart of all three members to a healthy cluster. Prints one table; with
-# SCALE_JSON, also every figure as JSON lines.
+# a restart of all three members to a healthy cluster. Then, on one more fresh
+# cluster of each, puts of 256-byte values from 1, 64, 256 and 1,024 clients
+# (throughput, p50, p99). Prints two tables; with SCALE_JSON, also every
+# figure as JSON lines.
 #
 #   cluster-scripts/scale-vs-etcd.sh --quick   # 10,000 and 100,000 keys (a few minutes)
 #   cluster-scripts/scale-vs-etcd.sh           # 10,000, 100,000 and 1,000,000 keys
@@ -117,15 +119,37 @@ measure() {
     >> "$RESULTS"
 }
 
+# system: the writers curve, on a fresh cluster.
+writers() {
+  local system=$1 clients conns out
+  rm -rf "$WORK/$system"-*
+  start "$system"
+  for clients in 1 64 256 1024; do
+    conns=$(( clients < 8 ? 1 : clients / 8 ))
+    [ "$conns" -le 32 ] || conns=32
+    echo "[$system] put from $clients clients" >&2
+    out=$("${KVCTL[@]}" -w json bench put --conns "$conns" --clients "$clients" --total "$WRITES" \
+      --key-size 16 --key-space-size 100000 --val-size 256 --quiet)
+    printf '{"system":"%s","writers":%s,"put":%s}\n' "$system" "$clients" "$out" >> "$RESULTS"
+  done
+  stop_all
+}
+
 echo "etcd: $(etcd --version | head -n 1); sizes: ${SIZES[*]}" >&2
 for keys in "${SIZES[@]}"; do
   measure etcd "$keys"
   measure kvd "$keys"
 done
+WRITES=20000
+[ "${1:-}" = "--quick" ] && WRITES=5000
+writers etcd
+writers kvd
 [ -z "${SCALE_JSON:-}" ] || cp "$RESULTS" "$SCALE_JSON"
 python3 - "$RESULTS" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+writers = {(r["system"], r["writers"]): r["put"] for r in rows if "writers" in r}
+rows = [r for r in rows if "keys" in r]
 by = {(r["system"], r["keys"]): r for r in rows}
 sizes = sorted({r["keys"] for r in rows})
 mb = lambda kb: kb / 1024
@@ -149,4 +173,14 @@ for n in sizes:
     errs = e["load"]["errors"] + k["load"]["errors"] + e["range"]["errors"] + k["range"]["errors"]
     if errs:
         print(f"| {n:,} | errors | {e['load']['errors'] + e['range']['errors']} | {k['load']['errors'] + k['range']['errors']} | |")
+print()
+print("| put clients | etcd 3.4 puts/s | kvd puts/s | kvd/etcd | etcd p50 ms | kvd p50 ms | etcd p99 ms | kvd p99 ms | errors etcd/kvd |")
+print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+for c in sorted({c for (_, c) in writers}):
+    e, k = writers.get(("etcd", c)), writers.get(("kvd", c))
+    if not (e and k):
+        continue
+    print(f"| {c:,} | {e['throughput']:,.0f} | {k['throughput']:,.0f} | {k['throughput'] / e['throughput']:.2f} | "
+          f"{e['latency_ms']['p50']:.2f} | {k['latency_ms']['p50']:.2f} | {e['latency_ms']['p99']:.2f} | "
+          f"{k['latency_ms']['p99']:.2f} | {e['errors']}/{k['errors']} |")
 PY
