@@ -869,7 +869,11 @@ async fn every_response_header_carries_the_auth_revision_every_auth_change_raise
     );
     // A change raises it: seen in the next answer of every member, and the
     // change's own answer carries the new revision.
-    let granted = root.user_grant_role("alice", "root").await.unwrap();
+    // Through a follower, which answers before it has applied the change
+    // itself.
+    let follower = (c.wait_leader().await + 1) % 3;
+    let via_follower = c.client(follower).with_user("root", "rootpw");
+    let granted = via_follower.user_grant_role("alice", "root").await.unwrap();
     assert_eq!(rev(&granted.header), start + 1);
     root.put(support::put("fence", "1")).await.unwrap();
     for i in 0..3 {

@@ -178,8 +178,14 @@ impl Member {
     }
 
     async fn change_auth(&self, change: Change) -> Result<Option<ResponseHeader>, Error> {
-        self.write(AuthWrite(change)).await?;
-        Ok(self.auth_header())
+        let revision = self.write(AuthWrite(change)).await?;
+        let mut header = self.auth_header();
+        // A member that forwarded the change to the leader may not have
+        // applied it yet: the answer names the auth revision it made.
+        if let Some(h) = header.as_mut() {
+            h.auth_revision = h.auth_revision.max(revision);
+        }
+        Ok(header)
     }
 
     /// AuthEnable.
