@@ -85,10 +85,12 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(self.member.alarm(req.into_inner()).await?))
     }
 
-    /// sled reclaims the space of old records itself, in the background, so
-    /// there is nothing to defragment as etcd's bbolt file needs; this
-    /// writes what the member holds in memory to disk and answers, so that
-    /// maintenance jobs written for etcd keep working.
+    /// Writes what the member holds in memory to disk and answers, so that
+    /// maintenance jobs written for etcd keep working. It does not shrink
+    /// the data directory: sled reuses the space of removed records but
+    /// never gives it back to the file system (docs/performance.md), and
+    /// shrinking it means rewriting the store into a new sled directory,
+    /// which this does not do yet.
     async fn defragment(&self, _req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
         // Root only, while auth is on.
         admin(&self.member)?;

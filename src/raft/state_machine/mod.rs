@@ -114,18 +114,18 @@ impl StateMachine {
     /// Finishes a snapshot install that a crash interrupted.
     pub fn open(db: &sled::Db, dir: &Path) -> Result<Self, Error> {
         remove_leftovers(dir)?;
-        let (mut current, mut other) = state_trees(db)?;
-        if db.get(INSTALLING)?.is_some() {
+        let (current, other) = state_trees(db)?;
+        let current = if db.get(INSTALLING)?.is_some() {
             let open = open_snapshot_file(dir)?
                 .ok_or_else(|| Error::internal("snapshot install was interrupted and its file is gone"))?;
             load_records(db, &fresh_tree(db, other)?, open.file, open.len)?;
             use_tree(db, other, current)?;
-            (current, other) = (other, current);
+            other
         } else {
             // What a load cut short left behind.
             db.drop_tree(other)?;
-        }
-        let _ = other;
+            current
+        };
         let tree = db.open_tree(current)?;
         let (state, last_applied, membership) = load_state(&tree)?;
         let on_disk = read_snapshot_meta(dir)?.and_then(|meta| meta.last_log_id);
