@@ -4,7 +4,9 @@
 # ports is loaded with that many keys of 1 KiB by `kvctl bench put`, then
 # measured: write throughput while loading, each member's resident memory
 # and data directory, linearizable range p99 (64 clients), and the time from
-# a restart of all three members to a healthy cluster. Then, on one more fresh
+# a restart of all three members to a healthy cluster; then 90% of the keys
+# are deleted, the history compacted and every member defragmented, and the
+# data directories measured again. Then, on one more fresh
 # cluster of each, puts of 256-byte values from 1, 64, 256 and 1,024 clients
 # (throughput, p50, p99). Prints two tables; with SCALE_JSON, also every
 # figure as JSON lines.
@@ -113,10 +115,21 @@ measure() {
   start "$system"
   local restart_ms
   restart_ms=$(python3 -c "print(round(($EPOCHREALTIME - $t0) * 1000))")
+  echo "[$system] deleting 90% of the keys, compacting, defragmenting" >&2
+  local bounds rev space=()
+  # The keys bench writes: eight 'k's, then the key's number (big-endian).
+  bounds=$(python3 -c "import base64,struct,json
+k=lambda n: base64.b64encode(b'k'*8+struct.pack('>Q',n)).decode()
+print(json.dumps({'key':k(0),'range_end':k($keys*9//10)}))")
+  rev=$(curl -sf -X POST "http://127.0.0.1:${CLIENT_PORTS[0]}/v3/kv/deleterange" -d "$bounds" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["header"]["revision"])')
+  "${KVCTL[@]}" --command-timeout 600s compaction --physical "$rev" > /dev/null
+  "${KVCTL[@]}" --command-timeout 600s defrag > /dev/null
+  for i in 0 1 2; do space+=("$(du -sk "$WORK/$system-${NAMES[$i]}" | cut -f1)"); done
   stop_all
-  printf '{"system":"%s","keys":%s,"load":%s,"range":%s,"rss_kb":[%s],"disk_kb":[%s],"restart_ms":%s}\n' \
+  printf '{"system":"%s","keys":%s,"load":%s,"range":%s,"rss_kb":[%s],"disk_kb":[%s],"restart_ms":%s,"defrag_kb":[%s]}\n' \
     "$system" "$keys" "$load" "$range" "$(IFS=,; echo "${rss[*]}")" "$(IFS=,; echo "${disk[*]}")" "$restart_ms" \
-    >> "$RESULTS"
+    "$(IFS=,; echo "${space[*]}")" >> "$RESULTS"
 }
 
 # system: the writers curve, on a fresh cluster.
@@ -159,6 +172,7 @@ cols = [
     ("RSS max MB", lambda r: mb(max(r["rss_kb"])), "{:.0f}", False),
     ("data dir max MB", lambda r: mb(max(r["disk_kb"])), "{:.0f}", False),
     ("restart ms", lambda r: r["restart_ms"], "{:,.0f}", False),
+    ("data dir max MB after deleting 90%, compaction, defrag", lambda r: mb(max(r["defrag_kb"])), "{:.0f}", False),
 ]
 print("| keys | figure | etcd 3.4 | kvd | kvd/etcd |")
 print("| ---: | --- | ---: | ---: | ---: |")

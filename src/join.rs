@@ -74,7 +74,10 @@ pub enum JoinError {
 /// Whether the member on `data_dir` starts without data of its own (or
 /// after a start that was not let in).
 pub fn is_fresh(data_dir: &Path) -> bool {
-    !data_dir.join("db").exists() || data_dir.join(MARKER).exists()
+    // A data dir whose database cannot be found is not fresh: the start
+    // then fails on it with the reason, and nothing is written over it.
+    let db = crate::raft::db_dir::db_path(data_dir).map(|p| p.exists()).unwrap_or(true);
+    !db || data_dir.join(MARKER).exists()
 }
 
 /// Marks `data_dir` as not yet let in; it is created if need be.

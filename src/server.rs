@@ -110,7 +110,6 @@ pub struct ServerHandle {
     pub peer_addr: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
-    db: sled::Db,
 }
 
 /// Binds the listeners the configuration names and starts the member.
@@ -128,12 +127,6 @@ pub async fn start(cfg: Validated) -> Result<ServerHandle, StartError> {
 /// of which it answers once the whole snapshot is installed.
 const SNAPSHOT_INSTALL_TIMEOUT_MS: u64 = 10 * 60 * 1000;
 
-/// sled's page cache. Values are read from sled (the in-memory index holds
-/// no values), and the operating system's page cache keeps the data files
-/// warm, so a small cache costs reads little and keeps a member's memory
-/// low (see the README's Performance section).
-const SLED_CACHE_BYTES: u64 = 16 * 1024 * 1024;
-
 /// Opens the data directory's database. The first start records whose
 /// directory it is (member id, cluster id and name); a later one must be
 /// the member of that name, and takes the recorded ids: a member added with
@@ -143,9 +136,9 @@ fn open_db(cfg: &mut Validated) -> Result<sled::Db, StartError> {
     let dir = cfg.data_dir.display().to_string();
     let fail = |why: String| StartError::DataDir { dir: dir.clone(), why };
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| fail(e.to_string()))?;
-    let db =
-        crate::raft::open_sled(&sled::Config::new().path(cfg.data_dir.join("db")).cache_capacity(SLED_CACHE_BYTES))
-            .map_err(|e| fail(e.to_string()))?;
+    crate::raft::db_dir::remove_unused(&cfg.data_dir).map_err(|e| fail(e.to_string()))?;
+    let path = crate::raft::db_dir::db_path(&cfg.data_dir).map_err(|e| fail(e.to_string()))?;
+    let db = crate::raft::db_dir::open_db_at(&path).map_err(|e| fail(e.to_string()))?;
     let ident = cfg.id.to_be_bytes();
     let name = db.get(b"member_name").map_err(|e| fail(e.to_string()))?;
     match db.get(b"member_id").map_err(|e| fail(e.to_string()))? {
@@ -341,7 +334,7 @@ pub async fn start_on(
             Some(_) => None,
         };
         if refusal.is_some() || unmarked.is_some() {
-            let handle = ServerHandle { member, client_addrs: Vec::new(), peer_addr, stop, tasks, db };
+            let handle = ServerHandle { member, client_addrs: Vec::new(), peer_addr, stop, tasks };
             handle.shutdown().await;
             return Err(match (refusal, unmarked) {
                 (Some(refusal), _) => refusal.into(),
@@ -365,7 +358,7 @@ pub async fn start_on(
         let rank = members.keys().position(|id| *id == cfg.id).unwrap_or(0) as u32;
         if rank == 0 {
             if let Err(e) = form(&member.raft, members).await {
-                let handle = ServerHandle { member, client_addrs: Vec::new(), peer_addr, stop, tasks, db };
+                let handle = ServerHandle { member, client_addrs: Vec::new(), peer_addr, stop, tasks };
                 handle.shutdown().await;
                 return Err(StartError::Raft(e));
             }
@@ -403,7 +396,7 @@ pub async fn start_on(
     tasks.push(tokio::spawn(member.clone().run_auto_compaction(cfg.auto_compaction)));
     tasks.push(publish_attributes(member.clone(), cfg.config.name.clone(), cfg.client_urls.clone(), stop_rx));
     tracing::info!(member = %format!("{:x}", cfg.id), name = %cfg.config.name, ?client_addrs, %peer_addr, "kvd member started");
-    Ok(ServerHandle { member, client_addrs, peer_addr, stop, tasks, db })
+    Ok(ServerHandle { member, client_addrs, peer_addr, stop, tasks })
 }
 
 /// Forms a new cluster of `members` on this member, unless its log already
@@ -610,7 +603,7 @@ impl ServerHandle {
         if let Err(e) = self.member.state.read_committed() {
             tracing::warn!("commit on shutdown: {e}");
         }
-        if let Err(e) = crate::raft::flush(&self.db).await {
+        if let Err(e) = self.member.state.flush().await {
             tracing::warn!("flush on shutdown: {e}");
         }
         tracing::info!("kvd member stopped");

@@ -85,16 +85,13 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(self.member.alarm(req.into_inner()).await?))
     }
 
-    /// Writes what the member holds in memory to disk and answers, so that
-    /// maintenance jobs written for etcd keep working. It does not shrink
-    /// the data directory: sled reuses the space of removed records but
-    /// never gives it back to the file system (docs/performance.md), and
-    /// shrinking it means rewriting the store into a new sled directory,
-    /// which this does not do yet.
+    /// Rewrites this member's database with only what is live, and gives
+    /// the space of the rest back to the file system, as etcd's does (see
+    /// [`Member::defragment`](crate::node::Member::defragment)).
     async fn defragment(&self, _req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
         // Root only, while auth is on.
         admin(&self.member)?;
-        self.member.state.flush().await.map_err(Status::from)?;
+        self.member.defragment().await.map_err(Status::from)?;
         // etcd 3.4 answers a defragment with no header.
         Ok(Response::new(DefragmentResponse { header: None }))
     }

@@ -24,6 +24,7 @@ pub mod txn;
 mod writer;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
 
 use prost::Message;
 
@@ -88,9 +89,14 @@ impl Meta {
     }
 }
 
+/// The sled tree a store lives in, shared with the thread that commits to
+/// it: a defragment moves the store into a tree of a new database while
+/// reads go on (see [`MvccStore::tree_cell`]).
+pub type TreeCell = Arc<RwLock<sled::Tree>>;
+
 /// An MVCC key-value store kept in one sled tree.
 pub struct MvccStore {
-    tree: sled::Tree,
+    tree: TreeCell,
     /// Newest version of every live key.
     index: BTreeMap<Vec<u8>, Meta>,
     /// Versions (deletions included) written but not yet committed to the
@@ -168,7 +174,7 @@ impl MvccStore {
             }
         }
         let mut store = MvccStore {
-            tree,
+            tree: Arc::new(RwLock::new(tree)),
             index,
             pending: BTreeMap::new(),
             sending: BTreeMap::new(),
@@ -245,7 +251,8 @@ impl MvccStore {
         }
         let mut out = Vec::new();
         let mut last = to;
-        changes::walk(&self.tree, from, to, |rev, k| {
+        let tree = self.tree();
+        changes::walk(&tree, from, to, |rev, k| {
             if out.len() >= max_events && out.last().map(event_rev) != Some(rev) {
                 last = rev - 1;
                 return Ok(false);
@@ -253,7 +260,7 @@ impl MvccStore {
             if !end.contains(key, k) {
                 return Ok(true);
             }
-            let kv = match self.tree.get(keys::hist_key(k, rev))? {
+            let kv = match tree.get(keys::hist_key(k, rev))? {
                 Some(v) => decode_kv(&v)?,
                 None => return Err(Error::Compacted),
             };
@@ -283,7 +290,7 @@ impl MvccStore {
                 return Ok(Some(kv.clone()).filter(|p| p.version != 0));
             }
         }
-        match self.tree.range(from..to).next_back() {
+        match self.in_use_tree().range(from..to).next_back() {
             Some(item) => Ok(Some(decode_kv(&item?.1)?).filter(|p| p.version != 0)),
             None => Ok(None),
         }
@@ -295,7 +302,7 @@ impl MvccStore {
         if let Some(kv) = self.pending.get(&rec).or_else(|| self.sending.get(&rec)) {
             return Ok(kv.clone());
         }
-        match self.tree.get(&rec)? {
+        match self.in_use_tree().get(&rec)? {
             Some(v) => decode_kv(&v),
             None => Err(StoreError::inconsistent(format!(
                 "the history record of a live key is missing (revision {})",
@@ -338,8 +345,20 @@ impl MvccStore {
     }
 
     /// The sled tree the store lives in.
-    pub fn tree(&self) -> &sled::Tree {
-        &self.tree
+    pub fn tree(&self) -> sled::Tree {
+        self.in_use_tree().clone()
+    }
+
+    fn in_use_tree(&self) -> std::sync::RwLockReadGuard<'_, sled::Tree> {
+        self.tree.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cell that holds the store's tree. Whoever replaces the tree in it
+    /// must have copied every record of the old tree into the new one, and
+    /// commit nothing more to the old: a read finds each version in the
+    /// store's overlays or in whichever tree the cell holds when it looks.
+    pub fn tree_cell(&self) -> TreeCell {
+        self.tree.clone()
     }
 
     /// The current revision.
@@ -412,10 +431,10 @@ impl MvccStore {
     pub fn at_revision(&self, key: &[u8], end: &RangeEnd, rev: i64) -> Result<Vec<KeyValue>> {
         let start = keys::hist_prefix(key);
         let iter = match end {
-            RangeEnd::Single => self.tree.scan_prefix(&start),
-            RangeEnd::Unbounded => self.tree.range(start..vec![keys::HIST + 1]),
+            RangeEnd::Single => self.in_use_tree().scan_prefix(&start),
+            RangeEnd::Unbounded => self.in_use_tree().range(start..vec![keys::HIST + 1]),
             RangeEnd::Before(e) if e.as_slice() <= key => return Ok(Vec::new()),
-            RangeEnd::Before(e) => self.tree.range(start..keys::hist_prefix(e)),
+            RangeEnd::Before(e) => self.in_use_tree().range(start..keys::hist_prefix(e)),
         };
         let mut out = Vec::new();
         let mut candidate: Option<KeyValue> = None;

@@ -8,6 +8,7 @@
 //!   leader's expiry task;
 //! - [`coordination`]: the lock and election recipes on keys and leases;
 //! - [`membership`]: member add, remove, update and promote;
+//! - [`defrag`]: giving disk space back;
 //! - [`leadership`]: handing leadership to another member (MoveLeader, and
 //!   before a leader stops);
 //! - [`peer`]: what this member answers when a follower asks it, as leader,
@@ -29,6 +30,7 @@ pub mod alarm;
 pub mod auth;
 pub mod auto_compaction;
 pub mod coordination;
+pub mod defrag;
 pub mod kv;
 pub mod leadership;
 pub mod lease;

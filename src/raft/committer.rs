@@ -19,6 +19,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::error::Error;
 use crate::metrics::Histogram;
+use crate::mvcc::TreeCell;
+
+/// Work on the tree that may give the tree to commit to from then on.
+type MoveWork = dyn FnOnce(&sled::Tree) -> Option<sled::Tree> + Send;
 
 /// Work for the commit thread.
 enum Job {
@@ -26,8 +30,11 @@ enum Job {
     Commit(sled::Batch),
     /// Something to do with the tree between two groups.
     Run(Box<dyn FnOnce(&sled::Tree) + Send>),
-    /// Commit to another tree from now on.
-    Switch(sled::Tree),
+    /// Something to do with the tree between two groups, which may give
+    /// the tree that takes its place in the cell.
+    Move(Box<MoveWork>),
+    /// Commit to the tree in another cell from now on.
+    Switch(TreeCell),
 }
 
 /// The thread that commits handed-off groups, and what it is doing.
@@ -49,10 +56,11 @@ struct Progress {
 }
 
 impl Committer {
-    /// Starts the thread committing to `tree`. Dropping this waits for the
+    /// Starts the thread committing to the tree in `cell` (the store's, see
+    /// [`crate::mvcc::MvccStore::tree_cell`]). Dropping this waits for the
     /// thread to commit what it has and end, so that sled's files are free
     /// for the next start.
-    pub fn start(mut tree: sled::Tree) -> Result<Committer, Error> {
+    pub fn start(mut cell: TreeCell) -> Result<Committer, Error> {
         let (tx, rx) = mpsc::channel::<Job>();
         let progress = Arc::new((Mutex::new(Progress::default()), Condvar::new()));
         let theirs = progress.clone();
@@ -62,6 +70,9 @@ impl Committer {
             .name("kvd-sm-commit".into())
             .spawn(move || {
                 while let Ok(job) = rx.recv() {
+                    // The tree is let go of before the job is reported done:
+                    // a defragment removes the old database once it is.
+                    let tree = cell.read().unwrap_or_else(|p| p.into_inner()).clone();
                     let result = match job {
                         Job::Commit(batch) => {
                             let start = std::time::Instant::now();
@@ -73,11 +84,18 @@ impl Committer {
                             work(&tree);
                             Ok(())
                         }
+                        Job::Move(work) => {
+                            if let Some(to) = work(&tree) {
+                                *cell.write().unwrap_or_else(|p| p.into_inner()) = to;
+                            }
+                            Ok(())
+                        }
                         Job::Switch(to) => {
-                            tree = to;
+                            cell = to;
                             Ok(())
                         }
                     };
+                    drop(tree);
                     let (lock, done) = &*theirs;
                     let mut progress = lock.lock().unwrap_or_else(|p| p.into_inner());
                     progress.busy = false;
@@ -127,11 +145,22 @@ impl Committer {
         self.begin(Job::Run(Box::new(work)))
     }
 
-    /// Commits to `tree` from the next group on (a snapshot was loaded into
-    /// it), once the groups before are committed; waits for the switch.
-    pub fn switch(&self, tree: sled::Tree) -> Result<(), Error> {
+    /// Runs `work` as [`Committer::run`] does; if it gives a tree, that
+    /// tree replaces the one in the cell before the next group is
+    /// committed. A defragment copies the store into a new database so.
+    pub fn run_then_move(
+        &self,
+        work: impl FnOnce(&sled::Tree) -> Option<sled::Tree> + Send + 'static,
+    ) -> Result<(), Error> {
+        self.begin(Job::Move(Box::new(work)))
+    }
+
+    /// Commits to the tree in `cell` from the next group on (a snapshot was
+    /// loaded into a store of its own), once the groups before are
+    /// committed; waits for the switch.
+    pub fn switch(&self, cell: TreeCell) -> Result<(), Error> {
         self.wait_idle()?;
-        self.begin(Job::Switch(tree))?;
+        self.begin(Job::Switch(cell))?;
         self.wait_idle()
     }
 
@@ -215,7 +244,8 @@ mod tests {
     #[test]
     fn each_group_sent_is_in_sled_once_the_committer_is_idle() {
         let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
-        let committer = Committer::start(tree.clone()).expect("start");
+        let cell = std::sync::Arc::new(std::sync::RwLock::new(tree.clone()));
+        let committer = Committer::start(cell).expect("start");
         assert!(committer.is_idle().expect("idle"));
         for i in 0u32..50 {
             let mut batch = sled::Batch::default();

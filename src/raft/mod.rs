@@ -4,6 +4,7 @@
 pub mod batcher;
 mod committer;
 mod compactor;
+pub mod db_dir;
 pub mod forwarder;
 mod gather;
 pub mod leader;

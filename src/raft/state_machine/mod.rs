@@ -14,6 +14,7 @@
 
 mod apply;
 mod data;
+mod defrag;
 mod group;
 mod records;
 mod snapshot;
@@ -23,6 +24,7 @@ mod view;
 
 pub use apply::{alarm_name, reads_history, refused_by_alarm, txn_puts, txn_reads_history};
 pub use data::SnapshotData;
+pub use defrag::Defragmented;
 pub use group::{MAX_UNFLUSHED_AGE, MAX_UNFLUSHED_WRITES};
 pub use records::load_backup;
 pub use snapshot::SnapshotBuilder;
@@ -101,7 +103,6 @@ const COMPACTION_STEP: usize = 1000;
 
 pub struct StateMachine {
     shared: Arc<Shared>,
-    tree: sled::Tree,
     dir: PathBuf,
     last_applied: Option<LogId>,
     membership: StoredMembership<NodeId, Node>,
@@ -132,10 +133,11 @@ impl StateMachine {
         let physical = Physical { rev: state.store.physical(), failed: None };
         let (wake, woken) = std::sync::mpsc::channel();
         let shared = Arc::new(Shared {
-            db: db.clone(),
+            db: Arc::new(RwLock::new(db.clone())),
+            db_change: std::sync::Mutex::new(()),
+            committer: Committer::start(state.store.tree_cell())?,
             state: RwLock::new(state),
             applied: broadcast::channel(WATCH_BUFFER).0,
-            committer: Committer::start(tree.clone())?,
             dir: dir.to_path_buf(),
             compaction: wake,
             physical: watch::channel(physical).0,
@@ -143,7 +145,6 @@ impl StateMachine {
         compactor::start(Arc::downgrade(&shared), woken)?;
         Ok(StateMachine {
             shared,
-            tree,
             dir: dir.to_path_buf(),
             last_applied,
             membership,
@@ -289,7 +290,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         };
         SnapshotBuilder {
-            db: self.shared.db.clone(),
+            shared: self.shared.clone(),
             dir: self.dir.clone(),
             snapshot_file: self.snapshot_file.clone(),
             built: Some(built),
@@ -322,7 +323,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Some(path) = path {
             let _ = std::fs::remove_file(path);
         }
-        self.tree = installed.map_err(fail)?;
+        installed.map_err(fail)?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
@@ -358,8 +359,7 @@ fn snapshot_id(last_applied: Option<LogId>) -> String {
 /// changes nothing; makes it the snapshot file; loads its records into the
 /// state tree not in use, while the member goes on serving from the other;
 /// then swaps the trees under the state lock, in a moment. Every step reads
-/// or writes one record, or one small buffer, at a time. Returns the tree
-/// now in use.
+/// or writes one record, or one small buffer, at a time.
 fn install_from(
     shared: &Shared,
     dir: &Path,
@@ -367,10 +367,11 @@ fn install_from(
     meta: &SnapshotMeta<NodeId, Node>,
     mut received: std::fs::File,
     base: u64,
-) -> Result<sled::Tree, Error> {
+) -> Result<(), Error> {
     use std::io::{Seek, SeekFrom};
     let io = |e: std::io::Error| Error::internal(format!("read received snapshot: {e}"));
-    let db = &shared.db;
+    let _changing = shared.changing_db();
+    let db = &shared.db();
     let len = received.metadata().map_err(io)?.len().saturating_sub(base);
     received.seek(SeekFrom::Start(base)).map_err(io)?;
     for_each_record(&mut received, len, |_, _| Ok(()))?;
@@ -391,7 +392,7 @@ fn install_from(
         let mut state = shared.write();
         // Groups of the state replaced go to the old tree, and no later
         // one may.
-        shared.committer.switch(tree.clone())?;
+        shared.committer.switch(new_state.store.tree_cell())?;
         // Tokens are not in snapshots; those known go on working.
         new_state.tokens = state.tokens.clone();
         *state = new_state;
@@ -402,5 +403,5 @@ fn install_from(
         let _ = shared.applied.send(Arc::new(Applied { rev, events: Vec::new() }));
     }
     use_tree(db, other, current)?;
-    Ok(tree)
+    Ok(())
 }

@@ -167,18 +167,18 @@ pub(super) fn load_records(db: &sled::Db, tree: &sled::Tree, records: impl Read,
 }
 
 /// Inserts records into a tree, [`LOAD_BATCH_BYTES`] at a time.
-struct Batches<'t> {
+pub(super) struct Batches<'t> {
     tree: &'t sled::Tree,
     batch: sled::Batch,
     bytes: usize,
 }
 
 impl<'t> Batches<'t> {
-    fn new(tree: &'t sled::Tree) -> Self {
+    pub(super) fn new(tree: &'t sled::Tree) -> Self {
         Batches { tree, batch: sled::Batch::default(), bytes: 0 }
     }
 
-    fn insert(&mut self, k: &[u8], v: &[u8]) -> Result<(), Error> {
+    pub(super) fn insert(&mut self, k: &[u8], v: &[u8]) -> Result<(), Error> {
         self.batch.insert(k, v);
         self.bytes += k.len() + v.len();
         if self.bytes >= LOAD_BATCH_BYTES {
@@ -188,7 +188,7 @@ impl<'t> Batches<'t> {
         Ok(())
     }
 
-    fn finish(self) -> Result<(), Error> {
+    pub(super) fn finish(self) -> Result<(), Error> {
         self.tree.apply_batch(self.batch)?;
         Ok(())
     }

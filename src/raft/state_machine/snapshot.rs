@@ -213,7 +213,7 @@ pub(super) type Built = Result<(std::fs::File, u64, u64), Error>;
 /// Builds a snapshot from a copy of the state the commit thread writes to
 /// a file between two applies.
 pub struct SnapshotBuilder {
-    pub(super) db: sled::Db,
+    pub(super) shared: Arc<super::Shared>,
     pub(super) dir: PathBuf,
     pub(super) snapshot_file: Arc<std::sync::Mutex<Option<LogId>>>,
     /// The file as the commit thread writes it; taken by the build.
@@ -229,7 +229,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             built.await.unwrap_or_else(|_| Err(CommitError::Gone("before the copy").into())).map_err(fail)?;
         // The log up to the snapshot may be purged once it is returned, so the
         // applied state must be on disk first.
-        crate::raft::flush(&self.db).await.map_err(fail)?;
+        self.shared.flush().await.map_err(fail)?;
         let (dir, on_disk, last) = (self.dir.clone(), self.snapshot_file.clone(), self.meta.last_log_id);
         let written = crate::raft::blocking(move || {
             Ok(publish_locked(&dir, &part_path(&dir, BUILD_PART), &on_disk, last, true)?)

@@ -226,7 +226,7 @@ async fn an_install_cut_short_by_a_crash_is_finished_at_start() {
     let db2 = super::super::open_sled(&sled::Config::new().path(other.path().join("db"))).expect("sled");
     let sm2 = StateMachine::open(&db2, other.path()).expect("state machine");
     assert_eq!(db2.get(INSTALLING).expect("get"), None);
-    assert_eq!(sm2.tree.get(b"junk").expect("get"), None);
+    assert_eq!(sm2.shared().read().store.tree().get(b"junk").expect("get"), None);
     assert_eq!(sm2.last_applied(), snapshot.meta.last_log_id);
     let shared = sm2.shared();
     let state = shared.read();
@@ -266,7 +266,11 @@ async fn compacted_history_is_removed_in_steps_after_the_compaction_is_applied()
     assert!(matches!(result(&out[0]), command_result::Result::Compact(_)));
     let shared = sm.shared();
     physical(&shared, rev).await;
-    assert_eq!(versions(&sm.tree, b"k"), 1, "only the version at the compacted revision is left");
+    assert_eq!(
+        versions(&sm.shared().read().store.tree(), b"k"),
+        1,
+        "only the version at the compacted revision is left"
+    );
     assert_eq!(shared.read().store.physical(), rev);
 }
 
@@ -297,10 +301,14 @@ async fn a_member_that_stopped_before_compacted_history_was_removed_removes_it_a
     let sm = StateMachine::open(&db, dir.path()).expect("state machine");
     // Nothing is removed until the member has accepted the data dir.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    assert_eq!(versions(&sm.tree, b"k"), 100, "history removed before the data dir was accepted");
+    assert_eq!(
+        versions(&sm.shared().read().store.tree(), b"k"),
+        100,
+        "history removed before the data dir was accepted"
+    );
     sm.resume_compaction();
     physical(&sm.shared(), rev).await;
-    assert_eq!(versions(&sm.tree, b"k"), 1);
+    assert_eq!(versions(&sm.shared().read().store.tree(), b"k"), 1);
 }
 
 #[tokio::test]
@@ -355,4 +363,80 @@ async fn a_lease_expiry_counts_only_in_an_entry_of_the_term_that_decided_it() {
     let out = sm.apply(vec![at(6, 3, expire(6))]).await.expect("apply");
     assert!(matches!(result(&out[0]), command_result::Result::LeaseRevoke(_)));
     assert!(sm.shared().read().store.lease(7).is_none());
+}
+
+/// The bytes of the files under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry"))
+        .map(|e| match e.file_type().expect("type").is_dir() {
+            true => dir_bytes(&e.path()),
+            false => e.metadata().expect("metadata").len(),
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn a_defragment_moves_the_live_state_into_a_new_database_while_applying_goes_on() {
+    use crate::mvcc::keys::RangeEnd;
+    use crate::proto::etcdserverpb::{CompactionRequest, DeleteRangeRequest};
+    use crate::raft::db_dir;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = db_dir::open_db_at(&db_dir::db_path(dir.path()).expect("path")).expect("sled");
+    db.insert(b"member_id", &7u64.to_be_bytes()).expect("identity");
+    let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+    // 2,000 keys of 4 KiB, then 90% of them deleted and compacted away.
+    let value = "v".repeat(4096);
+    for e in 0..20u64 {
+        let puts = (0..100).map(|i| put(&format!("k{:05}", e * 100 + i), &value)).collect();
+        sm.apply(vec![batch(e + 1, puts)]).await.expect("apply");
+    }
+    let delete = DeleteRangeRequest { key: b"k00000".to_vec(), range_end: b"k01800".to_vec(), ..Default::default() };
+    sm.apply(vec![entry(21, Command { op: Some(command::Op::DeleteRange(delete)), stamp: None })]).await.expect("del");
+    let rev = sm.shared().read().store.revision();
+    let compact = CompactionRequest { revision: rev, physical: false };
+    sm.apply(vec![entry(22, Command { op: Some(command::Op::Compact(compact)), stamp: None })]).await.expect("compact");
+    let shared = sm.shared();
+    physical(&shared, rev).await;
+    shared.flush().await.expect("flush");
+    let before = dir_bytes(&dir.path().join("db"));
+
+    // Entries applied while the state is copied land in the new database.
+    let defrag = tokio::spawn(async move { shared.defragment().await });
+    for e in 23..63u64 {
+        sm.apply(vec![entry(e, put(&format!("late{e:03}"), "x"))]).await.expect("apply during the defragment");
+    }
+    let done = defrag.await.expect("join").expect("defragment");
+    sm.apply(vec![entry(63, put("after", "y"))]).await.expect("apply after");
+    assert_eq!(db_dir::db_dirs(dir.path()).expect("dirs"), ("db.b", "db"));
+    assert!(!dir.path().join("db").exists(), "the old database is removed");
+    let after = dir_bytes(&dir.path().join("db.b"));
+    assert!(after * 3 < before, "{after} bytes on disk after the defragment, {before} before ({done:?})");
+
+    let expected: Vec<Vec<u8>> = (1800..2000)
+        .map(|i| format!("k{i:05}").into_bytes())
+        .chain([b"after".to_vec()])
+        .chain((23..63).map(|e| format!("late{e:03}").into_bytes()))
+        .collect();
+    let keys = |shared: &Shared| -> Vec<Vec<u8>> {
+        let state = shared.read_committed().expect("committed");
+        let kvs = state.store.current_kvs(b"\0", &RangeEnd::Unbounded).expect("read");
+        let mut keys: Vec<Vec<u8>> = kvs.into_iter().map(|kv| kv.key).collect();
+        keys.sort_by_key(|k| (k.starts_with(b"k"), k.clone()));
+        keys
+    };
+    let mut sorted = expected.clone();
+    sorted.sort_by_key(|k| (k.starts_with(b"k"), k.clone()));
+    assert_eq!(keys(&sm.shared()), sorted);
+    sm.shared().flush().await.expect("flush");
+    drop(sm);
+    drop(db);
+
+    // A start opens the new database: the same state, the same identity.
+    let db = db_dir::open_db_at(&db_dir::db_path(dir.path()).expect("path")).expect("reopen");
+    assert_eq!(db.get(b"member_id").expect("get").as_deref(), Some(&7u64.to_be_bytes()[..]));
+    let sm = StateMachine::open(&db, dir.path()).expect("state machine");
+    assert_eq!(sm.last_applied().map(|l| l.index), Some(63));
+    assert_eq!(keys(&sm.shared()), sorted);
 }

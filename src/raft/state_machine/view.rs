@@ -80,7 +80,13 @@ const LISTED_KEY: &[u8] = b"listed_in_membership";
 
 /// The state shared between the state machine and the request handlers.
 pub struct Shared {
-    pub(super) db: sled::Db,
+    /// The database in use; a defragment replaces it (see
+    /// [`Shared::defragment`]).
+    pub(super) db: Arc<RwLock<sled::Db>>,
+    /// Held while the database, or the state tree in use, is replaced
+    /// (defragment, snapshot install), and while records outside the state
+    /// tree are written, so that a copy misses none.
+    pub(super) db_change: std::sync::Mutex<()>,
     pub(super) state: RwLock<State>,
     pub(super) applied: broadcast::Sender<Arc<Applied>>,
     pub(super) committer: Committer,
@@ -115,14 +121,26 @@ impl Shared {
     /// the data dir): only such a member can have been removed. A member
     /// that joins replays memberships from before it was added.
     pub fn was_listed(&self) -> bool {
-        matches!(self.db.get(LISTED_KEY), Ok(Some(_)))
+        matches!(self.db().get(LISTED_KEY), Ok(Some(_)))
     }
 
     /// Records that a membership this member applied lists it.
     pub fn note_listed(&self) -> Result<(), crate::error::Error> {
-        self.db.insert(LISTED_KEY, &[1u8])?;
-        self.db.flush()?;
+        let _changing = self.changing_db();
+        let db = self.db();
+        db.insert(LISTED_KEY, &[1u8])?;
+        db.flush()?;
         Ok(())
+    }
+
+    /// The database in use.
+    pub(super) fn db(&self) -> sled::Db {
+        self.db.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Holds off other changes of the database (see [`Shared::db_change`]).
+    pub(super) fn changing_db(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.db_change.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Subscribes to applied revisions. Also returns the current revision,
@@ -287,7 +305,7 @@ impl Shared {
 
     /// Writes everything sled holds in memory to disk.
     pub async fn flush(&self) -> Result<(), Error> {
-        crate::raft::flush(&self.db).await
+        crate::raft::flush(&self.db()).await
     }
 
     /// Bytes of data the store holds (`MvccStore::bytes_in_use`).
@@ -297,7 +315,7 @@ impl Shared {
 
     /// Bytes the member's database takes on disk.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.db().size_on_disk().unwrap_or(0)
     }
 }
 

@@ -1,0 +1,138 @@
+//! Defragment: the live state written into a new sled database, which
+//! takes the old one's place while the member goes on serving.
+//!
+//! sled reuses the space of removed records but never shrinks its files:
+//! 60,000 values of 1 KiB took 107 MB, and after 90% of them were removed
+//! the files still took 118 MB, where a new database holding the rest took
+//! 18 MB. So a defragment copies the state tree, between two groups of
+//! writes on the commit thread, into a database in the other directory of
+//! [`crate::raft::db_dir`], makes it the one in use, and removes the old.
+
+use std::sync::Arc;
+
+use super::super::committer::CommitError;
+use super::super::db_dir::{db_dirs, open_db_at, remove_unused, set_in_use};
+use super::records::Batches;
+use super::view::{Shared, State};
+use super::{CURRENT_TREE, INSTALLING, STATE_TREES};
+use crate::error::Error;
+
+/// What a defragment did: the database's size on disk before and after,
+/// in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Defragmented {
+    /// Before.
+    pub before: u64,
+    /// After.
+    pub after: u64,
+}
+
+impl Shared {
+    /// Rewrites the member's database with only what is live, and switches
+    /// to it:
+    /// - the records outside the state tree (the member's identity and what
+    ///   it noted) are copied first, with other such changes held off;
+    /// - the commit thread, between two groups of writes, copies the state
+    ///   tree into the new database, flushes it, makes it the one in use on
+    ///   disk, and then in memory: the store's reads and later groups go to
+    ///   the new tree from that moment;
+    /// - the old directory is removed.
+    ///
+    /// Applying goes on meanwhile, as for a snapshot, until its writes
+    /// waiting for the commit thread reach their bound; then applying, and
+    /// the reads that wait for it, wait for the copy. A member that stops
+    /// at any point starts on one whole database (see
+    /// [`crate::raft::db_dir`]).
+    pub async fn defragment(self: &Arc<Self>) -> Result<Defragmented, Error> {
+        let shared = self.clone();
+        crate::raft::blocking(move || shared.defragment_now()).await
+    }
+
+    fn defragment_now(&self) -> Result<Defragmented, Error> {
+        let _changing = self.changing_db();
+        let old = self.db();
+        let before = old.size_on_disk().unwrap_or(0);
+        let (in_use, other) = db_dirs(&self.dir)?;
+        remove_unused(&self.dir)?;
+        let path = self.dir.join(other);
+        let new = open_db_at(&path)?;
+        let copied = (|| {
+            for item in old.iter() {
+                let (k, v) = item?;
+                if k.as_ref() != CURRENT_TREE && k.as_ref() != INSTALLING {
+                    new.insert(k, v)?;
+                }
+            }
+            Ok::<_, Error>(())
+        })();
+        if let Err(e) = copied {
+            drop(new);
+            let _ = remove_unused(&self.dir);
+            return Err(e);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (cell, dir) = (self.db.clone(), self.dir.clone());
+        let work = move |tree: &sled::Tree| {
+            let moved = copy_state(tree, &new).and_then(|to| match set_in_use(&dir, other) {
+                Ok(()) => Ok(to),
+                Err(e) => {
+                    // The rename may have happened before the failure.
+                    let _ = set_in_use(&dir, in_use);
+                    Err(e)
+                }
+            });
+            match moved {
+                Ok(to) => {
+                    *cell.write().unwrap_or_else(|p| p.into_inner()) = new;
+                    let _ = tx.send(Ok(()));
+                    Some(to)
+                }
+                Err(e) => {
+                    drop(new);
+                    let _ = tx.send(Err(e));
+                    None
+                }
+            }
+        };
+        {
+            let mut state = self.write();
+            let State { store, unflushed, .. } = &mut *state;
+            unflushed.commit(store, &self.committer)?;
+            self.committer.run_then_move(work)?;
+        }
+        let moved = rx.recv().map_err(|_| Error::from(CommitError::Gone("during a defragment"))).and_then(|r| r);
+        // The commit thread lets go of the old tree, or the new database,
+        // when the job ends.
+        let idle = self.committer.wait_idle();
+        if let Err(e) = moved {
+            if matches!(db_dirs(&self.dir), Ok((dir, _)) if dir == in_use) {
+                let _ = std::fs::remove_dir_all(&path);
+            }
+            return Err(e);
+        }
+        idle?;
+        drop(old);
+        if let Err(e) = remove_unused(&self.dir) {
+            // Removed at the next start, or by the next defragment.
+            tracing::warn!(error = %e, "the database replaced by a defragment is still on disk");
+        }
+        let after = self.db().size_on_disk().unwrap_or(0);
+        tracing::info!(before, after, "defragmented");
+        Ok(Defragmented { before, after })
+    }
+}
+
+/// Copies every record of `tree` into the state tree of `new`, makes it the
+/// tree in use there, and flushes `new`.
+fn copy_state(tree: &sled::Tree, new: &sled::Db) -> Result<sled::Tree, Error> {
+    let to = new.open_tree(STATE_TREES[0])?;
+    let mut batch = Batches::new(&to);
+    for item in tree.iter() {
+        let (k, v) = item?;
+        batch.insert(&k, &v)?;
+    }
+    batch.finish()?;
+    new.insert(CURRENT_TREE, STATE_TREES[0].as_bytes())?;
+    new.flush()?;
+    Ok(to)
+}
