@@ -6,16 +6,26 @@
 # and data directory, linearizable range p99 (64 clients), and the time from
 # a restart of all three members to a healthy cluster; then 90% of the keys
 # are deleted, the history compacted and every member defragmented, and the
-# data directories measured again. Then, on one more fresh
-# cluster of each, puts of 256-byte values from 1, 64, 256 and 1,024 clients
-# (throughput, p50, p99). Prints two tables; with SCALE_JSON, also every
-# figure as JSON lines.
+# data directories measured again. Then, each on fresh clusters:
+# - writers: puts of 256-byte values from 1, 64, 256 and 1,024 clients
+#   (throughput, p50, p99);
+# - leases: 1,000, 10,000 and 100,000 leases of 15 s kept alive every 5 s,
+#   as etcd's clients do, for 20 s (keep-alives answered per second, their
+#   p99, the members' CPU over those 20 s and their memory);
+# - an expiry storm: 10,000 leases with a key each, renewed at once, left to
+#   expire together while puts go on at 200/s (the time until every key is
+#   gone, the puts' p99);
+# - watchers: 1,000, 10,000 and 50,000 watchers of one prefix on 100 streams,
+#   and 200 puts at 200/s under it (p99 from a put to its event at a
+#   watcher, the members' memory).
+# Prints a table per curve; with SCALE_JSON, also every figure as JSON lines.
 #
-#   cluster-scripts/scale-vs-etcd.sh --quick   # 10,000 and 100,000 keys (a few minutes)
+#   cluster-scripts/scale-vs-etcd.sh --quick   # 10,000 and 100,000 keys; up to 10,000 leases and watchers
 #   cluster-scripts/scale-vs-etcd.sh           # 10,000, 100,000 and 1,000,000 keys
 #
 # Settings (environment):
 #   SCALE_KEYS   the sizes, overriding both (e.g. "10000 50000")
+#   SCALE_CURVES which curves to run (default: "keys writers leases storm watchers")
 #   SCALE_JSON   also write the results as JSON lines to this file
 #   KVD_BIN_DIR  where kvd and kvctl are (default: target/release, built here)
 # Needs etcd (cluster-scripts/test.sh installs Debian's etcd-server and
@@ -24,7 +34,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN_DIR="${KVD_BIN_DIR:-$ROOT/target/release}"
 SIZES=(10000 100000 1000000)
-if [ "${1:-}" = "--quick" ]; then SIZES=(10000 100000); elif [ -n "${1:-}" ]; then
+LEASES=(1000 10000 100000)
+WATCHERS=(1000 10000 50000)
+if [ "${1:-}" = "--quick" ]; then SIZES=(10000 100000); LEASES=(1000 10000); WATCHERS=(1000 10000)
+elif [ -n "${1:-}" ]; then
   echo "usage: $0 [--quick]" >&2; exit 2
 fi
 [ -z "${SCALE_KEYS:-}" ] || read -r -a SIZES <<< "$SCALE_KEYS"
@@ -57,7 +70,11 @@ stop_all() {
   done
   PIDS=()
 }
-cleanup() { stop_all; rm -rf "$WORK"; }
+cleanup() {
+  [ -z "${SAMPLER:-}" ] || kill "$SAMPLER" 2> /dev/null || true
+  stop_all
+  rm -rf "$WORK"
+}
 trap cleanup EXIT
 
 wait_healthy() {
@@ -148,21 +165,122 @@ writers() {
   stop_all
 }
 
+# The members' CPU time in clock ticks, summed.
+cpu_ticks() {
+  local pid sum=0
+  for pid in "${PIDS[@]}"; do sum=$((sum + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done
+  echo "$sum"
+}
+
+# The largest resident memory of a member, in KiB.
+rss_max() {
+  local pid max=0 kb
+  for pid in "${PIDS[@]}"; do
+    kb=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+    [ "$kb" -le "$max" ] || max=$kb
+  done
+  echo "$max"
+}
+
+# Samples the members' CPU time and largest resident memory every 0.2 s
+# into the file $1, in the background; its pid is in SAMPLER.
+start_sampler() {
+  (while true; do echo "$EPOCHREALTIME $(cpu_ticks) $(rss_max)"; sleep 0.2; done) > "$1" 2> /dev/null &
+  SAMPLER=$!
+}
+
+stop_sampler() { kill "$SAMPLER"; wait "$SAMPLER" 2> /dev/null || true; }
+
+# samples secs: the members' CPU use (cores) over the last `secs` seconds of
+# the samples, and their largest resident memory (KiB) over all of them, as
+# JSON fields.
+sampled() {
+  python3 - "$1" "$(getconf CLK_TCK)" "$2" <<'PY'
+import sys
+rows = [tuple(map(float, l.split())) for l in open(sys.argv[1]) if len(l.split()) == 3]
+tck, secs = float(sys.argv[2]), float(sys.argv[3])
+end_t, end_c, _ = rows[-1]
+start = min(rows, key=lambda r: abs(r[0] - (end_t - secs)))
+cores = (end_c - start[1]) / tck / max(end_t - start[0], 1e-9)
+print(f'"cpu_cores":{cores:.3f},"rss_kb":{max(r[2] for r in rows):.0f}')
+PY
+}
+
+# system: the lease curve, a fresh cluster per point. The members' CPU is
+# sampled every 0.2 s, so that only the keep-alive phase counts (the bench
+# reports how long it lasted).
+leases() {
+  local system=$1 n out samples
+  for n in "${LEASES[@]}"; do
+    rm -rf "$WORK/$system"-*
+    start "$system"
+    echo "[$system] $n leases kept alive" >&2
+    start_sampler "$WORK/samples-$system-$n"
+    out=$("${KVCTL[@]}" -w json bench lease-keepalive --leases "$n" --lease-ttl 15 --duration 20s \
+      --conns 3 --clients 64 --quiet)
+    stop_sampler
+    printf '{"system":"%s","leases":%s,"keepalive":%s,%s}\n' "$system" "$n" "$out" \
+      "$(sampled "$WORK/samples-$system-$n" "$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["keepalive_seconds"])')")" \
+      >> "$RESULTS"
+    stop_all
+  done
+}
+
+# system: 10,000 leases expiring at once, on a fresh cluster.
+storm() {
+  local system=$1 out
+  rm -rf "$WORK/$system"-*
+  start "$system"
+  echo "[$system] 10000 leases expiring at once" >&2
+  out=$("${KVCTL[@]}" -w json bench lease-expiry --leases 10000 --lease-ttl 10 --rate 200 --conns 3 \
+    --clients 64 --quiet)
+  printf '{"system":"%s","storm":%s}\n' "$system" "$out" >> "$RESULTS"
+  stop_all
+}
+
+# system: the watchers curve, a fresh cluster per point.
+watchers() {
+  local system=$1 n out
+  for n in "${WATCHERS[@]}"; do
+    rm -rf "$WORK/$system"-*
+    start "$system"
+    echo "[$system] $n watchers" >&2
+    start_sampler "$WORK/samples-$system-w$n"
+    out=$("${KVCTL[@]}" -w json bench watch-latency --watchers "$n" --watch-streams 100 --conns 10 \
+      --total 200 --rate 200 --val-size 256 --key-space-size 1000 --quiet)
+    stop_sampler
+    printf '{"system":"%s","watchers":%s,"watch":%s,%s}\n' "$system" "$n" "$out" \
+      "$(sampled "$WORK/samples-$system-w$n" 1)" >> "$RESULTS"
+    stop_all
+  done
+}
+
 echo "etcd: $(etcd --version | head -n 1); sizes: ${SIZES[*]}" >&2
-for keys in "${SIZES[@]}"; do
-  measure etcd "$keys"
-  measure kvd "$keys"
-done
+CURVES=" ${SCALE_CURVES:-keys writers leases storm watchers} "
+if [[ $CURVES == *" keys "* ]]; then
+  for keys in "${SIZES[@]}"; do
+    measure etcd "$keys"
+    measure kvd "$keys"
+  done
+fi
 WRITES=20000
 [ "${1:-}" = "--quick" ] && WRITES=5000
-writers etcd
-writers kvd
+for curve in writers leases storm watchers; do
+  if [[ $CURVES == *" $curve "* ]]; then
+    "$curve" etcd
+    "$curve" kvd
+  fi
+done
 [ -z "${SCALE_JSON:-}" ] || cp "$RESULTS" "$SCALE_JSON"
 python3 - "$RESULTS" <<'PY'
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-writers = {(r["system"], r["writers"]): r["put"] for r in rows if "writers" in r}
-rows = [r for r in rows if "keys" in r]
+everything = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+rows = everything
+writers = {(r["system"], r["writers"]): r["put"] for r in rows if "writers" in r and "put" in r}
+leases = {(r["system"], r["leases"]): r for r in rows if "keepalive" in r}
+storms = {r["system"]: r["storm"] for r in rows if "storm" in r}
+watches = {(r["system"], r["watchers"]): r for r in rows if "watch" in r}
+rows = [r for r in rows if "keys" in r and "load" in r]
 by = {(r["system"], r["keys"]): r for r in rows}
 sizes = sorted({r["keys"] for r in rows})
 mb = lambda kb: kb / 1024
@@ -174,27 +292,70 @@ cols = [
     ("restart ms", lambda r: r["restart_ms"], "{:,.0f}", False),
     ("data dir max MB after deleting 90%, compaction, defrag", lambda r: mb(max(r["defrag_kb"])), "{:.0f}", False),
 ]
-print("| keys | figure | etcd 3.4 | kvd | kvd/etcd |")
-print("| ---: | --- | ---: | ---: | ---: |")
-for n in sizes:
-    e, k = by.get(("etcd", n)), by.get(("kvd", n))
-    if not (e and k):
-        continue
-    for name, get, fmt, _ in cols:
-        ev, kv = get(e), get(k)
-        ratio = f"{kv / ev:.2f}" if ev else "-"
-        print(f"| {n:,} | {name} | {fmt.format(ev)} | {fmt.format(kv)} | {ratio} |")
-    errs = e["load"]["errors"] + k["load"]["errors"] + e["range"]["errors"] + k["range"]["errors"]
-    if errs:
-        print(f"| {n:,} | errors | {e['load']['errors'] + e['range']['errors']} | {k['load']['errors'] + k['range']['errors']} | |")
-print()
-print("| put clients | etcd 3.4 puts/s | kvd puts/s | kvd/etcd | etcd p50 ms | kvd p50 ms | etcd p99 ms | kvd p99 ms | errors etcd/kvd |")
-print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-for c in sorted({c for (_, c) in writers}):
-    e, k = writers.get(("etcd", c)), writers.get(("kvd", c))
-    if not (e and k):
-        continue
-    print(f"| {c:,} | {e['throughput']:,.0f} | {k['throughput']:,.0f} | {k['throughput'] / e['throughput']:.2f} | "
-          f"{e['latency_ms']['p50']:.2f} | {k['latency_ms']['p50']:.2f} | {e['latency_ms']['p99']:.2f} | "
-          f"{k['latency_ms']['p99']:.2f} | {e['errors']}/{k['errors']} |")
+if rows:
+    print("| keys | figure | etcd 3.4 | kvd | kvd/etcd |")
+    print("| ---: | --- | ---: | ---: | ---: |")
+    for n in sizes:
+        e, k = by.get(("etcd", n)), by.get(("kvd", n))
+        if not (e and k):
+            continue
+        for name, get, fmt, _ in cols:
+            ev, kv = get(e), get(k)
+            ratio = f"{kv / ev:.2f}" if ev else "-"
+            print(f"| {n:,} | {name} | {fmt.format(ev)} | {fmt.format(kv)} | {ratio} |")
+        errs = e["load"]["errors"] + k["load"]["errors"] + e["range"]["errors"] + k["range"]["errors"]
+        if errs:
+            print(f"| {n:,} | errors | {e['load']['errors'] + e['range']['errors']} | {k['load']['errors'] + k['range']['errors']} | |")
+if writers:
+    print()
+    print("| put clients | etcd 3.4 puts/s | kvd puts/s | kvd/etcd | etcd p50 ms | kvd p50 ms | etcd p99 ms | kvd p99 ms | errors etcd/kvd |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for c in sorted({c for (_, c) in writers}):
+        e, k = writers.get(("etcd", c)), writers.get(("kvd", c))
+        if not (e and k):
+            continue
+        print(f"| {c:,} | {e['throughput']:,.0f} | {k['throughput']:,.0f} | {k['throughput'] / e['throughput']:.2f} | "
+              f"{e['latency_ms']['p50']:.2f} | {k['latency_ms']['p50']:.2f} | {e['latency_ms']['p99']:.2f} | "
+              f"{k['latency_ms']['p99']:.2f} | {e['errors']}/{k['errors']} |")
+ratio = lambda k, e: f"{k / e:.2f}" if e else "-"
+if leases:
+    print()
+    print("| leases | etcd keep-alives/s | kvd keep-alives/s | etcd p99 ms | kvd p99 ms | kvd/etcd p99 | "
+          "etcd CPU cores | kvd CPU cores | etcd RSS max MB | kvd RSS max MB | kvd/etcd RSS | errors etcd/kvd |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for n in sorted({n for (_, n) in leases}):
+        e, k = leases.get(("etcd", n)), leases.get(("kvd", n))
+        if not (e and k):
+            continue
+        ek, kk = e["keepalive"], k["keepalive"]
+        ep, kp = ek["latency_ms"]["p99"], kk["latency_ms"]["p99"]
+        er, kr = mb(e["rss_kb"]), mb(k["rss_kb"])
+        print(f"| {n:,} | {ek['answered_per_s']:,.0f} | {kk['answered_per_s']:,.0f} | {ep:.2f} | {kp:.2f} | "
+              f"{ratio(kp, ep)} | {e['cpu_cores']:.2f} | {k['cpu_cores']:.2f} | {er:.0f} | {kr:.0f} | {ratio(kr, er)} | "
+              f"{ek['errors']}/{kk['errors']} |")
+if "etcd" in storms and "kvd" in storms:
+    e, k = storms["etcd"], storms["kvd"]
+    print()
+    print("| 10,000 leases expiring at once | etcd 3.4 | kvd | kvd/etcd |")
+    print("| --- | ---: | ---: | ---: |")
+    eg, kg = e["keys_gone_after_ttl_ms"], k["keys_gone_after_ttl_ms"]
+    print(f"| ms from the TTL's end until every key is gone | {eg:,.0f} | {kg:,.0f} | {ratio(kg, eg)} |")
+    ep, kp = e["latency_ms"]["p99"], k["latency_ms"]["p99"]
+    print(f"| put p99 ms meanwhile (200/s) | {ep:.2f} | {kp:.2f} | {ratio(kp, ep)} |")
+    print(f"| put errors | {e['errors']} | {k['errors']} | |")
+if watches:
+    print()
+    print("| watchers | etcd p50 ms | kvd p50 ms | etcd p99 ms | kvd p99 ms | kvd/etcd p99 | etcd RSS max MB | "
+          "kvd RSS max MB | kvd/etcd RSS | events etcd/kvd | errors etcd/kvd |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for n in sorted({n for (_, n) in watches}):
+        e, k = watches.get(("etcd", n)), watches.get(("kvd", n))
+        if not (e and k):
+            continue
+        ew, kw = e["watch"], k["watch"]
+        ep, kp = ew["latency_ms"]["p99"], kw["latency_ms"]["p99"]
+        er, kr = mb(e["rss_kb"]), mb(k["rss_kb"])
+        print(f"| {n:,} | {ew['latency_ms']['p50']:.2f} | {kw['latency_ms']['p50']:.2f} | {ep:.2f} | {kp:.2f} | "
+              f"{ratio(kp, ep)} | {er:.0f} | {kr:.0f} | {ratio(kr, er)} | {ew['requests']:,}/{kw['requests']:,} | "
+              f"{ew['errors']}/{kw['errors']} |")
 PY

@@ -826,3 +826,55 @@ async fn move_leader_with_etcdctl_and_kvctl() {
     }
     c.shutdown().await;
 }
+
+/// Runs `kvctl -w json bench ARGS` against `endpoints`; returns its report.
+fn bench_report(endpoints: &str, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(KVCTL)
+        .args(["--endpoints", endpoints, "-w", "json", "bench"])
+        .args(args)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bench {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bench {args:?} printed no JSON: {e}"))
+}
+
+/// The lease and watch workloads of `kvctl bench`, against kvd and etcd 3.4
+/// alike: every keep-alive is answered (none finds its lease gone), every
+/// watcher of the prefix gets every put's event, and the keys of leases left
+/// to expire together all go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bench_lease_and_watch_workloads_run_against_kvd_and_etcd() {
+    let c = TestCluster::start(3, |_| {}).await;
+    let kvd = c.client_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
+    let etcd = support::Etcd::start_ready().await;
+    let etcd_ep = etcd.client.clone();
+    tokio::task::spawn_blocking(move || {
+        for endpoints in [kvd.as_str(), etcd_ep.as_str()] {
+            let keep = ["lease-keepalive", "--leases", "300", "--lease-ttl", "3", "--duration", "3s", "--conns", "3"];
+            let r = bench_report(endpoints, &keep);
+            assert_eq!(r["leases"], 300, "{endpoints}: {r}");
+            assert_eq!(r["errors"], 0, "{endpoints}: {r}");
+            // Three seconds of renewals every second: each lease about
+            // three times, every one answered.
+            let sent = r["requests"].as_u64().unwrap();
+            assert!(sent >= 600, "{endpoints}: {r}");
+            assert_eq!(r["latency_ms"]["max"].as_f64().map(|m| m > 0.0), Some(true), "{endpoints}: {r}");
+
+            let watch = ["watch-latency", "--watchers", "40", "--watch-streams", "4", "--total", "25", "--rate", "50"];
+            let r = bench_report(endpoints, &watch);
+            assert_eq!(r["errors"], 0, "{endpoints}: {r}");
+            assert_eq!(r["requests"], 40 * 25, "{endpoints}: every watcher sees every event: {r}");
+
+            let expiry = ["lease-expiry", "--leases", "200", "--lease-ttl", "4", "--rate", "50", "--conns", "3"];
+            let r = bench_report(endpoints, &expiry);
+            assert_eq!(r["errors"], 0, "{endpoints}: {r}");
+            assert_eq!(r["leases"], 200, "{endpoints}: {r}");
+            assert!(r["keys_gone_after_ttl_ms"].as_f64().is_some(), "{endpoints}: {r}");
+            assert!(r["requests"].as_u64().unwrap() > 0, "{endpoints}: puts went on meanwhile: {r}");
+        }
+    })
+    .await
+    .unwrap();
+    c.shutdown().await;
+}

@@ -1,7 +1,8 @@
 //! `bench`: a load generator that speaks the etcd v3 API, so it drives kvd
 //! and etcd alike. Workloads: `put`, `range` (linearizable or serializable),
-//! `txn-put`, and `watch-latency` (from a put being sent to its event
-//! reaching a watcher). Latencies go into an HDR histogram (microsecond
+//! `txn-put`, `watch-latency` (from a put being sent to its event reaching
+//! every watcher of a prefix), and the lease workloads of [`super::bench_lease`]:
+//! `lease-keepalive` and `lease-expiry`. Latencies go into an HDR histogram (microsecond
 //! resolution, 3 significant digits); the report gives throughput and the
 //! p50/p90/p99/p99.9/max latencies, as text or JSON.
 
@@ -14,6 +15,7 @@ use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
 use kvd::client::Client;
 use kvd::client::Conn;
+use kvd::mvcc::keys::prefix_end;
 use kvd::proto::etcdserverpb::kv_client::KvClient;
 use kvd::proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use kvd::proto::etcdserverpb::request_op::Request as Op;
@@ -39,6 +41,13 @@ pub enum Workload {
     TxnPut,
     /// Puts at --rate, timed until their events reach every watcher.
     WatchLatency,
+    /// --leases leases kept alive every third of their TTL, as etcd's
+    /// clients do: each keep-alive timed until its answer.
+    LeaseKeepalive,
+    /// --leases leases, a key on each, renewed at once and left to expire
+    /// together, while puts go on at --rate: the puts' latencies, and the
+    /// time until the last of those keys is gone.
+    LeaseExpiry,
 }
 
 #[derive(Args)]
@@ -48,22 +57,22 @@ pub struct BenchArgs {
     workload: Workload,
     /// gRPC connections, spread over the endpoints.
     #[arg(long, default_value_t = 1)]
-    conns: usize,
+    pub(crate) conns: usize,
     /// Concurrent clients, spread over the connections.
     #[arg(long, default_value_t = 1)]
-    clients: usize,
+    pub(crate) clients: usize,
     /// Requests in all (for watch-latency: puts).
     #[arg(long, default_value_t = 10_000)]
-    total: u64,
+    pub(crate) total: u64,
     /// Run for this long instead of --total requests (e.g. 10s).
     #[arg(long, value_parser = crate::parse_duration)]
-    duration: Option<Duration>,
+    pub(crate) duration: Option<Duration>,
     /// Key size in bytes.
     #[arg(long, default_value_t = 8)]
     key_size: usize,
     /// Value size in bytes.
     #[arg(long, default_value_t = 8)]
-    val_size: usize,
+    pub(crate) val_size: usize,
     /// Distinct keys written.
     #[arg(long, default_value_t = 100_000)]
     key_space_size: u64,
@@ -73,43 +82,54 @@ pub struct BenchArgs {
     /// Requests per second in all (0: as fast as possible). watch-latency
     /// puts at 100/s unless this says otherwise.
     #[arg(long, default_value_t = 0)]
-    rate: u64,
+    pub(crate) rate: u64,
     /// Range consistency: l (linearizable) or s (serializable).
     #[arg(long, default_value = "l", value_parser = ["l", "s"])]
     consistency: String,
     /// Watchers for watch-latency (spread over the connections).
     #[arg(long, default_value_t = 10)]
-    watchers: usize,
+    pub(crate) watchers: usize,
+    /// Watch streams for watch-latency: the watchers are spread over them,
+    /// as etcd's clients put many watches on one stream (0: one stream per
+    /// watcher).
+    #[arg(long, default_value_t = 0)]
+    watch_streams: usize,
+    /// Leases for the lease workloads.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) leases: usize,
+    /// The leases' time to live, in seconds.
+    #[arg(long, default_value_t = 15)]
+    pub(crate) lease_ttl: i64,
     /// No progress lines on stderr.
     #[arg(long)]
-    quiet: bool,
+    pub(crate) quiet: bool,
 }
 
 /// Latencies and counts of one run.
-struct Tally {
-    latency_us: Histogram<u64>,
-    errors: u64,
-    first_error: Option<String>,
+pub(crate) struct Tally {
+    pub(crate) latency_us: Histogram<u64>,
+    pub(crate) errors: u64,
+    pub(crate) first_error: Option<String>,
 }
 
 impl Tally {
-    fn new() -> Tally {
+    pub(crate) fn new() -> Tally {
         // 1 µs to 10 min at 3 significant digits.
         let latency_us = Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds");
         Tally { latency_us, errors: 0, first_error: None }
     }
 
-    fn ok(&mut self, took: Duration) {
+    pub(crate) fn ok(&mut self, took: Duration) {
         let us = (took.as_micros() as u64).clamp(1, 600_000_000);
         let _ = self.latency_us.record(us);
     }
 
-    fn failed(&mut self, e: impl ToString) {
+    pub(crate) fn failed(&mut self, e: impl ToString) {
         self.errors += 1;
         self.first_error.get_or_insert_with(|| e.to_string());
     }
 
-    fn merge(&mut self, other: Tally) {
+    pub(crate) fn merge(&mut self, other: Tally) {
         let _ = self.latency_us.add(&other.latency_us);
         self.errors += other.errors;
         if self.first_error.is_none() {
@@ -155,16 +175,22 @@ pub async fn run(client: &Client, a: BenchArgs, fmt: Format, dial_timeout: Durat
     }
     let channels = connect(client, a.conns, dial_timeout).await?;
     let start = Instant::now();
-    let (tally, requests) = match a.workload {
-        Workload::WatchLatency => watch_latency(&channels, &a).await?,
-        _ => closed_loop(&channels, &a).await?,
+    let (tally, requests, extra) = match a.workload {
+        Workload::WatchLatency => with_nothing_more(watch_latency(&channels, &a).await?),
+        Workload::LeaseKeepalive => super::bench_lease::keepalive(&channels, &a).await?,
+        Workload::LeaseExpiry => super::bench_lease::expiry(&channels, &a).await?,
+        _ => with_nothing_more(closed_loop(&channels, &a).await?),
     };
     let elapsed = start.elapsed();
-    report(&a, fmt, &tally, requests, elapsed);
+    report(&a, fmt, &tally, requests, elapsed, extra);
     if requests > 0 && tally.errors == requests {
         bail!("every request failed: {}", tally.first_error.unwrap_or_default());
     }
     Ok(())
+}
+
+fn with_nothing_more((tally, requests): (Tally, u64)) -> (Tally, u64, Vec<(&'static str, serde_json::Value)>) {
+    (tally, requests, Vec::new())
 }
 
 /// `conns` channels over the endpoints, with the client's TLS settings;
@@ -209,7 +235,7 @@ impl Keys {
 }
 
 const RANGE_KEY: &[u8] = b"kvctl-bench-range";
-const WATCH_KEY: &[u8] = b"kvctl-bench-watch";
+const WATCH_PREFIX: &[u8] = b"kvctl-bench-watch/";
 
 /// `clients` closed-loop clients, each sending its next request when the
 /// previous one is answered (or when --rate allows).
@@ -254,7 +280,8 @@ async fn closed_loop(channels: &[Conn], a: &BenchArgs) -> Result<(Tally, u64)> {
                         };
                         kv.txn(req).await.map(|_| ())
                     }
-                    Workload::Range | Workload::WatchLatency => {
+                    // The other workloads do not run in this loop.
+                    Workload::Range | Workload::WatchLatency | Workload::LeaseKeepalive | Workload::LeaseExpiry => {
                         let req = RangeRequest { key: RANGE_KEY.to_vec(), serializable, ..Default::default() };
                         kv.range(req).await.map(|_| ())
                     }
@@ -296,32 +323,55 @@ async fn show_progress(schedule: Arc<Schedule>, by_total: bool) {
     }
 }
 
-/// Puts `total` values at `rate` (100/s by default) to one key watched by
-/// `watchers` streams; each event's latency runs from its put being sent to
-/// its arrival at a watcher.
+/// Puts `total` values at `rate` (100/s by default) to keys under one
+/// prefix, watched by `watchers` watches spread over `watch_streams`
+/// streams; each event's latency runs from its put being sent to its
+/// arrival at a watcher, for every watcher.
 async fn watch_latency(channels: &[Conn], a: &BenchArgs) -> Result<(Tally, u64)> {
     let total = a.total;
     let rate = if a.rate == 0 { 100 } else { a.rate };
     let epoch = Instant::now();
     // When each put was sent, in µs since `epoch` (0: not yet).
     let sent_us: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
-    let mut watchers = Vec::new();
-    for w in 0..a.watchers.max(1) {
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let create = WatchCreateRequest { key: WATCH_KEY.to_vec(), ..Default::default() };
-        tx.send(WatchRequest { request_union: Some(RequestUnion::CreateRequest(create)) }).await?;
+    let watchers = a.watchers.max(1);
+    let streams = match a.watch_streams {
+        0 => watchers,
+        n => n.min(watchers),
+    };
+    let mut tasks = Vec::new();
+    for s in 0..streams {
+        // This stream's share of the watchers.
+        let mine = watchers / streams + usize::from(s < watchers % streams);
+        let (tx, rx) = tokio::sync::mpsc::channel(mine.max(1));
+        let create = || {
+            let create = WatchCreateRequest {
+                key: WATCH_PREFIX.to_vec(),
+                range_end: prefix_end(WATCH_PREFIX),
+                ..Default::default()
+            };
+            WatchRequest { request_union: Some(RequestUnion::CreateRequest(create)) }
+        };
+        // The first watch goes before the call is awaited: etcd answers the
+        // call only with its first message.
+        tx.send(create()).await?;
         let mut stream =
-            WatchClient::new(channels[w % channels.len()].clone()).watch(ReceiverStream::new(rx)).await?.into_inner();
-        let created = stream.message().await?.context("watch stream closed")?;
-        if !created.created || created.canceled {
-            bail!("watch not created: {}", created.cancel_reason);
+            WatchClient::new(channels[s % channels.len()].clone()).watch(ReceiverStream::new(rx)).await?.into_inner();
+        for w in 0..mine {
+            if w > 0 {
+                tx.send(create()).await?;
+            }
+            let created = stream.message().await?.context("watch stream closed")?;
+            if !created.created || created.canceled {
+                bail!("watch not created: {}", created.cancel_reason);
+            }
         }
         let sent_us = sent_us.clone();
-        watchers.push(tokio::spawn(async move {
+        let expected = total * mine as u64;
+        tasks.push(tokio::spawn(async move {
             let _keep_open = tx;
             let mut tally = Tally::new();
             let mut seen = 0;
-            while seen < total {
+            while seen < expected {
                 let resp = match stream.message().await {
                     Ok(Some(r)) => r,
                     Ok(None) => break,
@@ -354,7 +404,9 @@ async fn watch_latency(channels: &[Conn], a: &BenchArgs) -> Result<(Tally, u64)>
         let mut value = seq.to_be_bytes().to_vec();
         value.resize(a.val_size.max(8), b'v');
         sent_us[seq as usize].store(epoch.elapsed().as_micros().max(1) as u64, Ordering::Release);
-        if let Err(e) = kv.put(PutRequest { key: WATCH_KEY.to_vec(), value, ..Default::default() }).await {
+        let mut key = WATCH_PREFIX.to_vec();
+        key.extend_from_slice((seq % a.key_space_size).to_string().as_bytes());
+        if let Err(e) = kv.put(PutRequest { key, value, ..Default::default() }).await {
             put_errors.failed(e.message());
         }
         if !a.quiet && seq > 0 && seq % rate == 0 {
@@ -362,18 +414,26 @@ async fn watch_latency(channels: &[Conn], a: &BenchArgs) -> Result<(Tally, u64)>
         }
     }
     let mut tally = put_errors;
-    let wait = Duration::from_secs(10);
-    for w in watchers {
+    let wait = Duration::from_secs(60);
+    for w in tasks {
         match tokio::time::timeout(wait, w).await {
             Ok(t) => tally.merge(t?),
-            Err(_) => tally.failed("a watcher did not receive every event within 10s of the last put"),
+            Err(_) => tally.failed("a watcher did not receive every event within 60s of the last put"),
         }
     }
     let events = tally.latency_us.len();
     Ok((tally, events))
 }
 
-fn report(a: &BenchArgs, fmt: Format, tally: &Tally, requests: u64, elapsed: Duration) {
+/// Prints the run's figures; `extra` are those only its workload has.
+fn report(
+    a: &BenchArgs,
+    fmt: Format,
+    tally: &Tally,
+    requests: u64,
+    elapsed: Duration,
+    extra: Vec<(&'static str, serde_json::Value)>,
+) {
     let name = a.workload.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();
     let h = &tally.latency_us;
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
@@ -381,7 +441,7 @@ fn report(a: &BenchArgs, fmt: Format, tally: &Tally, requests: u64, elapsed: Dur
     let ok = h.len();
     let throughput = ok as f64 / secs;
     if fmt == Format::Json {
-        let v = json!({
+        let mut v = json!({
             "workload": name,
             "consistency": a.consistency,
             "conns": a.conns,
@@ -397,10 +457,18 @@ fn report(a: &BenchArgs, fmt: Format, tally: &Tally, requests: u64, elapsed: Dur
                 "max": h.max() as f64 / 1000.0,
             },
         });
+        for (name, value) in &extra {
+            v[*name] = value.clone();
+        }
         outln!("{v}");
         return;
     }
-    let unit = if a.workload == Workload::WatchLatency { "events" } else { "requests" };
+    let unit = match a.workload {
+        Workload::WatchLatency => "events",
+        Workload::LeaseKeepalive => "keep-alives",
+        Workload::LeaseExpiry => "puts",
+        _ => "requests",
+    };
     outln!("{name}: {ok} {unit} in {secs:.2}s, {throughput:.1}/s, {} errors", tally.errors);
     if let Some(e) = &tally.first_error {
         outln!("first error: {e}");
@@ -414,4 +482,7 @@ fn report(a: &BenchArgs, fmt: Format, tally: &Tally, requests: u64, elapsed: Dur
         h.max() as f64 / 1000.0,
         h.mean() / 1000.0
     );
+    for (name, value) in extra {
+        outln!("{name}: {value}");
+    }
 }

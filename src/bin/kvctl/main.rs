@@ -10,6 +10,7 @@ macro_rules! outln {
 
 mod auth;
 mod bench;
+mod bench_lease;
 mod cluster;
 mod coord;
 mod kv;
