@@ -4,7 +4,9 @@
 # ports is loaded with that many keys of 1 KiB by `kvctl bench put`, then
 # measured: write throughput while loading, each member's resident memory
 # and data directory, linearizable range p99 (64 clients), and the time from
-# a restart of all three members to a healthy cluster; then 90% of the keys
+# a restart of all three members to a healthy cluster; a member that loses
+# its data, is removed and added again: the time until it serves the last
+# key and its peak memory; then 90% of the keys
 # are deleted, the history compacted and every member defragmented, and the
 # data directories measured again. Then, each on fresh clusters:
 # - writers: puts of 256-byte values from 1, 64, 256 and 1,024 clients
@@ -89,24 +91,65 @@ wait_healthy() {
   done
 }
 
+# system i state cluster: starts member i on its data directory under
+# $WORK/$system-*, in the background; its pid goes to PIDS[i].
+start_member() {
+  local system=$1 i=$2 state=$3 cluster=$4 bin=etcd
+  [ "$system" = kvd ] && bin="$BIN_DIR/kvd"
+  "$bin" --name "${NAMES[$i]}" --data-dir "$WORK/$system-${NAMES[$i]}" \
+    --listen-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
+    --advertise-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
+    --listen-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
+    --initial-advertise-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
+    --initial-cluster "$cluster" --initial-cluster-state "$state" --initial-cluster-token scale \
+    --quota-backend-bytes 8589934592 \
+    >> "$WORK/$system-${NAMES[$i]}.log" 2>&1 < /dev/null &
+  PIDS[$i]=$!
+}
+
 # system: starts its three members on the data directories under $WORK/$system-*.
 start() {
   local system=$1 cluster="" i
   for i in 0 1 2; do cluster+="${cluster:+,}${NAMES[$i]}=http://127.0.0.1:${PEER_PORTS[$i]}"; done
-  for i in 0 1 2; do
-    local bin=etcd
-    [ "$system" = kvd ] && bin="$BIN_DIR/kvd"
-    "$bin" --name "${NAMES[$i]}" --data-dir "$WORK/$system-${NAMES[$i]}" \
-      --listen-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
-      --advertise-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
-      --listen-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
-      --initial-advertise-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
-      --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token scale \
-      --quota-backend-bytes 8589934592 \
-      >> "$WORK/$system-${NAMES[$i]}.log" 2>&1 < /dev/null &
-    PIDS+=($!)
-  done
+  for i in 0 1 2; do start_member "$system" "$i" new "$cluster"; done
   wait_healthy "$system"
+}
+
+# system keys: the third member loses its data; it is removed, added again
+# as a new member (a wiped member is never let back under its old id) and
+# started empty. Sets CATCHUP_MS, the milliseconds until it serves the last
+# key written, read locally, and CATCHUP_PEAK_KB, its peak resident memory.
+catch_up() {
+  local system=$1 keys=$2 cluster="" i id
+  local two="127.0.0.1:${CLIENT_PORTS[0]},127.0.0.1:${CLIENT_PORTS[1]}"
+  for i in 0 1 2; do cluster+="${cluster:+,}${NAMES[$i]}=http://127.0.0.1:${PEER_PORTS[$i]}"; done
+  id=$("$BIN_DIR/kvctl" --endpoints "$two" -w json member list | python3 -c "import json,sys
+print(next(format(m['ID'], 'x') for m in json.load(sys.stdin)['members'] if m['name'] == '${NAMES[2]}'))")
+  kill -TERM "${PIDS[2]}"
+  while kill -0 "${PIDS[2]}" 2> /dev/null; do sleep 0.1; done
+  rm -rf "$WORK/$system-${NAMES[2]}"
+  "$BIN_DIR/kvctl" --endpoints "$two" member remove "$id" > /dev/null
+  # etcd refuses to add a member until it finds the cluster healthy again.
+  local tries=0
+  until "$BIN_DIR/kvctl" --endpoints "$two" member add "${NAMES[2]}" \
+    --peer-urls "http://127.0.0.1:${PEER_PORTS[2]}" > /dev/null 2> "$WORK/member-add.err"; do
+    tries=$((tries + 1))
+    [ $tries -lt 300 ] || { echo "member add failed: $(cat "$WORK/member-add.err")" >&2; exit 1; }
+    sleep 0.1
+  done
+  local last t0 deadline=$((SECONDS + 1800))
+  last=$(python3 -c "import base64,struct,json
+print(json.dumps({'key': base64.b64encode(b'k'*8+struct.pack('>Q',$keys-1)).decode(), 'serializable': True}))")
+  t0=$EPOCHREALTIME
+  start_member "$system" 2 existing "$cluster"
+  until curl -sf -X POST "http://127.0.0.1:${CLIENT_PORTS[2]}/v3/kv/range" -d "$last" 2> /dev/null |
+    grep -q '"kvs"'; do
+    kill -0 "${PIDS[2]}" 2> /dev/null || { echo "the $system member that lost its data exited" >&2; exit 1; }
+    [ $SECONDS -lt $deadline ] || { echo "the $system member that lost its data did not catch up" >&2; exit 1; }
+    sleep 0.1
+  done
+  CATCHUP_MS=$(python3 -c "print(round(($EPOCHREALTIME - $t0) * 1000))")
+  CATCHUP_PEAK_KB=$(awk '/VmHWM/ {print $2}' "/proc/${PIDS[2]}/status")
 }
 
 # system keys: one point of the curve.
@@ -132,6 +175,8 @@ measure() {
   start "$system"
   local restart_ms
   restart_ms=$(python3 -c "print(round(($EPOCHREALTIME - $t0) * 1000))")
+  echo "[$system] a member loses its data and catches up" >&2
+  catch_up "$system" "$keys"
   echo "[$system] deleting 90% of the keys, compacting, defragmenting" >&2
   local bounds rev space=()
   # The keys bench writes: eight 'k's, then the key's number (big-endian).
@@ -144,9 +189,9 @@ print(json.dumps({'key':k(0),'range_end':k($keys*9//10)}))")
   "${KVCTL[@]}" --command-timeout 600s defrag > /dev/null
   for i in 0 1 2; do space+=("$(du -sk "$WORK/$system-${NAMES[$i]}" | cut -f1)"); done
   stop_all
-  printf '{"system":"%s","keys":%s,"load":%s,"range":%s,"rss_kb":[%s],"disk_kb":[%s],"restart_ms":%s,"defrag_kb":[%s]}\n' \
+  printf '{"system":"%s","keys":%s,"load":%s,"range":%s,"rss_kb":[%s],"disk_kb":[%s],"restart_ms":%s,"defrag_kb":[%s],"catchup_ms":%s,"catchup_peak_kb":%s}\n' \
     "$system" "$keys" "$load" "$range" "$(IFS=,; echo "${rss[*]}")" "$(IFS=,; echo "${disk[*]}")" "$restart_ms" \
-    "$(IFS=,; echo "${space[*]}")" >> "$RESULTS"
+    "$(IFS=,; echo "${space[*]}")" "$CATCHUP_MS" "$CATCHUP_PEAK_KB" >> "$RESULTS"
 }
 
 # system: the writers curve, on a fresh cluster.
@@ -290,6 +335,8 @@ cols = [
     ("RSS max MB", lambda r: mb(max(r["rss_kb"])), "{:.0f}", False),
     ("data dir max MB", lambda r: mb(max(r["disk_kb"])), "{:.0f}", False),
     ("restart ms", lambda r: r["restart_ms"], "{:,.0f}", False),
+    ("a member that lost its data: ms until it serves the last key", lambda r: r["catchup_ms"], "{:,.0f}", False),
+    ("a member that lost its data: peak RSS MB while catching up", lambda r: mb(r["catchup_peak_kb"]), "{:.0f}", False),
     ("data dir max MB after deleting 90%, compaction, defrag", lambda r: mb(max(r["defrag_kb"])), "{:.0f}", False),
 ]
 if rows:
