@@ -20,7 +20,9 @@
 # - watchers: 1,000, 10,000 and 50,000 watchers of one prefix on 100 streams,
 #   and 200 puts at 200/s under it (p99 from a put to its event at a
 #   watcher, the members' memory).
-# Prints a table per curve; with SCALE_JSON, also every figure as JSON lines.
+# Prints a table per curve, and draws the curves as PNG plots (benches/scale-plot,
+# with plotters) into SCALE_PLOTS; with SCALE_JSON, also writes every figure as
+# JSON lines.
 #
 #   cluster-scripts/scale-vs-etcd.sh --quick   # 10,000 and 100,000 keys; up to 10,000 leases and watchers
 #   cluster-scripts/scale-vs-etcd.sh           # 10,000, 100,000 and 1,000,000 keys
@@ -29,6 +31,7 @@
 #   SCALE_KEYS   the sizes, overriding both (e.g. "10000 50000")
 #   SCALE_CURVES which curves to run (default: "keys writers leases storm watchers")
 #   SCALE_JSON   also write the results as JSON lines to this file
+#   SCALE_PLOTS  where the PNG plots go (default: target/scale-plots)
 #   KVD_BIN_DIR  where kvd and kvctl are (default: target/release, built here)
 # Needs etcd (cluster-scripts/test.sh installs Debian's etcd-server and
 # etcd-client) and the ports 2379/2380, 22379/22380, 32379/32380.
@@ -52,13 +55,20 @@ if [ -z "${KVD_BIN_DIR:-}" ]; then
   echo "building release binaries..." >&2
   (cd "$ROOT" && cargo build --release --bins --quiet)
 fi
+PLOTTER="$BIN_DIR/kvd-scale-plot"
+if [ ! -x "$PLOTTER" ]; then
+  echo "building the plotter..." >&2
+  (cd "$ROOT" && cargo build --release -p kvd-scale-plot --quiet)
+  PLOTTER="$ROOT/target/release/kvd-scale-plot"
+fi
 for port in "${CLIENT_PORTS[@]}" "${PEER_PORTS[@]}"; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port is in use: stop what listens there first" >&2; exit 1
   fi
 done
 WORK="$(mktemp -d /tmp/kvd-scale.XXXXXX)"
-RESULTS="$WORK/results.jsonl"
+# Written as the run goes, so that a run cut short keeps what it measured.
+RESULTS="${SCALE_JSON:-$WORK/results.jsonl}"
 : > "$RESULTS"
 PIDS=()
 KVCTL=("$BIN_DIR/kvctl" --endpoints "$EPS")
@@ -316,7 +326,6 @@ for curve in writers leases storm watchers; do
     "$curve" kvd
   fi
 done
-[ -z "${SCALE_JSON:-}" ] || cp "$RESULTS" "$SCALE_JSON"
 python3 - "$RESULTS" <<'PY'
 import json, sys
 everything = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
@@ -406,3 +415,4 @@ if watches:
               f"{ratio(kp, ep)} | {er:.0f} | {kr:.0f} | {ratio(kr, er)} | {ew['requests']:,}/{kw['requests']:,} | "
               f"{ew['errors']}/{kw['errors']} |")
 PY
+"$PLOTTER" "$RESULTS" "${SCALE_PLOTS:-$ROOT/target/scale-plots}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs kvd's whole test suite, with the format and lint checks. Installs what the interop, differential
 # and Patroni tests need first, from Debian's packages: etcd 3.4 and etcdctl (etcd-server,
-# etcd-client), patroni, python3-etcd and postgresql, without starting their system services.
+# etcd-client), patroni, python3-etcd and postgresql, without starting their system services, and the
+# font the scale plots are drawn with (fonts-dejavu-core).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -13,6 +14,7 @@ command -v etcdctl > /dev/null || missing+=(etcd-client)
 command -v patroni > /dev/null || missing+=(patroni)
 /usr/bin/python3 -c 'import etcd' 2> /dev/null || missing+=(python3-etcd)
 ls /usr/lib/postgresql/*/bin/postgres > /dev/null 2>&1 || missing+=(postgresql)
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 if [ "${#missing[@]}" -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" = 0 ] || SUDO=sudo

@@ -107,6 +107,31 @@ pub fn walk(tree: &sled::Tree, from: i64, to: i64, mut f: impl FnMut(i64, &[u8])
     Ok(())
 }
 
+/// Removes what a group of writes cut short by a crash left: every run of
+/// changes after revision `rev` (the store's recorded revision), and the
+/// history record of each change it lists (see
+/// [`super::Batch::into_sled_chunks`]). Returns how many records it removed.
+pub fn remove_after(tree: &sled::Tree, rev: i64) -> Result<usize> {
+    let from = run_key(rev.saturating_add(1), 0);
+    let mut removed = 0;
+    for item in tree.range(from.to_vec()..vec![RUNS + 1]) {
+        let (run, value) = item?;
+        // In small batches (sled's memory grows with a batch), the run
+        // last: a start cut short again finds what is left.
+        for changes in parse(&value)?.chunks(1024) {
+            let mut batch = sled::Batch::default();
+            for (r, key) in changes {
+                batch.remove(super::keys::hist_key(key, *r));
+                removed += 1;
+            }
+            tree.apply_batch(batch)?;
+        }
+        tree.remove(run)?;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
 /// Where compaction of runs begins.
 pub fn first_run() -> Vec<u8> {
     run_key(0, 0).to_vec()

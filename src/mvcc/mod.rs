@@ -132,6 +132,10 @@ impl MvccStore {
     pub fn open(tree: sled::Tree) -> Result<Self> {
         changes::upgrade(&tree)?;
         let revision = read_meta_i64(&tree, "revision")?.unwrap_or(INITIAL_REVISION);
+        let cut_short = changes::remove_after(&tree, revision)?;
+        if cut_short > 0 {
+            tracing::info!(records = cut_short, revision, "removed the records of a commit cut short");
+        }
         let compacted = read_meta_i64(&tree, "compacted")?.unwrap_or(0);
         // An older kvd removed history at once, and wrote no such record.
         let physical = read_meta_i64(&tree, "physical")?.unwrap_or(compacted);

@@ -53,3 +53,49 @@ fn versions_handed_off_are_read_from_memory_until_they_are_sent() {
     store.sent();
     assert!(store.load(b"k", &meta).is_err(), "the second version was never committed");
 }
+
+#[test]
+fn a_group_cut_short_between_its_sled_batches_is_removed_at_open() {
+    use keys::RangeEnd;
+    let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
+    let mut store = MvccStore::open(tree.clone()).expect("open");
+    // 3,000 keys in one revision, whole.
+    let mut w = store.write();
+    for i in 0..3000 {
+        w.put(format!("k{i:04}").as_bytes(), b"v".to_vec(), 0);
+    }
+    let (mut batch, _) = w.finish();
+    store.seal(&mut batch);
+    for b in batch.into_sled_chunks(1000) {
+        tree.apply_batch(b).expect("apply");
+    }
+    let before = store.revision();
+    // One revision deletes them all; all but its last sled batch land.
+    let mut w = store.write();
+    let (deleted, _) = w.delete_range(b"k", &RangeEnd::Before(b"l".to_vec()), false).expect("delete");
+    assert_eq!(deleted, 3000);
+    let (mut batch, _) = w.finish();
+    store.seal(&mut batch);
+    let mut chunks = batch.into_sled_chunks(1000);
+    assert!(chunks.len() > 2, "{} chunks", chunks.len());
+    chunks.pop();
+    for b in chunks {
+        tree.apply_batch(b).expect("apply");
+    }
+    let records = tree.len();
+    let reopened = MvccStore::open(tree.clone()).expect("reopen");
+    assert_eq!(reopened.revision(), before);
+    assert_eq!(reopened.len(), 3000, "the deletion never happened");
+    assert_eq!(tree.len(), records - 3000 - 1, "its 3,000 tombstones and its run are gone");
+    let kvs = reopened.current_kvs(b"k", &RangeEnd::Before(b"l".to_vec())).expect("read");
+    assert_eq!(kvs.len(), 3000);
+    assert!(kvs.iter().all(|kv| kv.mod_revision == before && kv.value == b"v"));
+    // Nothing is left to find after `before`: a watch from there sees nothing.
+    let mut after = 0;
+    changes::walk(&tree, before + 1, i64::MAX, |_, _| {
+        after += 1;
+        Ok(true)
+    })
+    .expect("walk");
+    assert_eq!(after, 0);
+}

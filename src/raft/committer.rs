@@ -26,8 +26,8 @@ type MoveWork = dyn FnOnce(&sled::Tree) -> Option<sled::Tree> + Send;
 
 /// Work for the commit thread.
 enum Job {
-    /// A group of writes to commit.
-    Commit(sled::Batch),
+    /// A group of writes to commit, in sled batches applied in order.
+    Commit(Vec<sled::Batch>),
     /// Something to do with the tree between two groups.
     Run(Box<dyn FnOnce(&sled::Tree) + Send>),
     /// Something to do with the tree between two groups, which may give
@@ -74,9 +74,9 @@ impl Committer {
                     // a defragment removes the old database once it is.
                     let tree = cell.read().unwrap_or_else(|p| p.into_inner()).clone();
                     let result = match job {
-                        Job::Commit(batch) => {
+                        Job::Commit(batches) => {
                             let start = std::time::Instant::now();
-                            let committed = tree.apply_batch(batch);
+                            let committed = batches.into_iter().try_for_each(|batch| tree.apply_batch(batch));
                             timed.observe(start.elapsed());
                             committed
                         }
@@ -132,8 +132,8 @@ impl Committer {
     }
 
     /// Starts committing `batch`. The group before it must be committed.
-    pub fn send(&self, batch: sled::Batch) -> Result<(), Error> {
-        self.begin(Job::Commit(batch))
+    pub fn send(&self, batches: Vec<sled::Batch>) -> Result<(), Error> {
+        self.begin(Job::Commit(batches))
     }
 
     /// Starts `work` with the tree on the commit thread, as if it were a
@@ -251,7 +251,7 @@ mod tests {
             let mut batch = sled::Batch::default();
             batch.insert(&b"k"[..], &i.to_be_bytes()[..]);
             batch.insert(&i.to_be_bytes()[..], &b"v"[..]);
-            committer.send(batch).expect("send");
+            committer.send(vec![batch]).expect("send");
             committer.wait_idle().expect("committed");
             assert_eq!(tree.get(b"k").expect("get").as_deref(), Some(&i.to_be_bytes()[..]));
         }

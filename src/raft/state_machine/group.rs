@@ -12,6 +12,9 @@ use crate::mvcc::{Batch, MvccStore};
 /// many (8,192, when the commit still held the state lock, made p99 latency
 /// jump).
 pub const MAX_UNFLUSHED_WRITES: usize = 1024;
+/// The most writes handed to sled in one batch (see
+/// [`crate::mvcc::Batch::into_sled_chunks`]).
+pub(super) const SLED_BATCH_WRITES: usize = 2 * MAX_UNFLUSHED_WRITES;
 /// While the committer is busy, applied writes go on gathering up to this
 /// many; then applying waits for it.
 pub(super) const MAX_GATHERED_WRITES: usize = 8 * MAX_UNFLUSHED_WRITES;
@@ -50,8 +53,11 @@ impl Group {
     pub(super) fn commit(&mut self, store: &mut MvccStore, committer: &Committer) -> Result<(), Error> {
         committer.wait_idle()?;
         store.sent();
-        let Some(batch) = self.take(store)? else { return Ok(()) };
-        store.tree().apply_batch(batch)?;
+        let Some(batches) = self.take(store)? else { return Ok(()) };
+        let tree = store.tree();
+        for batch in batches {
+            tree.apply_batch(batch)?;
+        }
         store.committed();
         Ok(())
     }
@@ -71,14 +77,15 @@ impl Group {
         committer.send(batch)
     }
 
-    /// The sled batch of the writes, their revision order and the last
-    /// entry's log id, if any entry was applied since the last one.
-    pub(super) fn take(&mut self, store: &mut MvccStore) -> Result<Option<sled::Batch>, Error> {
+    /// The sled batches of the writes, their revision order and the last
+    /// entry's log id (see [`crate::mvcc::Batch::into_sled_chunks`]), if any
+    /// entry was applied since the last one.
+    pub(super) fn take(&mut self, store: &mut MvccStore) -> Result<Option<Vec<sled::Batch>>, Error> {
         let Some(last) = self.last.take() else { return Ok(None) };
         self.since = None;
         let mut batch = std::mem::take(&mut self.batch);
         store.seal(&mut batch);
         batch.insert(meta_key(APPLIED), encode(&Some(last))?);
-        Ok(Some(batch.into_sled()))
+        Ok(Some(batch.into_sled_chunks(SLED_BATCH_WRITES)))
     }
 }
