@@ -3,7 +3,14 @@
 //! The effects of applied entries are committed to sled in groups, each in
 //! one sled batch with the log id of its last entry, by a thread of its own
 //! (see [`super::committer`]), so after a crash the store is exactly as of
-//! some applied entry and openraft re-applies the rest from the log. The
+//! some applied entry and openraft re-applies the rest from the log. A group
+//! of more than a few thousand writes (one revision may delete any number
+//! of keys) goes in several batches, since sled's memory grows far faster
+//! than a batch: its history and revision-order records first, then one
+//! batch with everything else and the log id. A crash between them leaves
+//! only records of revisions the store never recorded, which
+//! [`crate::mvcc::MvccStore::open`] removes: the group is still all or
+//! nothing. The
 //! state machine is not flushed per entry (the log is the durable record),
 //! but it is flushed before a snapshot is handed to openraft, which may then
 //! purge the log.
