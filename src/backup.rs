@@ -206,7 +206,7 @@ pub fn restore(path: &Path, data_dir: &Path) -> Result<Summary, BackupError> {
         Err(e) => return Err(in_use(e.to_string())),
     }
     std::fs::create_dir_all(data_dir).map_err(|e| in_use(e.to_string()))?;
-    let summary = sled::Config::new().path(data_dir.join("db")).open().map_err(BackupError::from).and_then(|db| {
+    let summary = crate::raft::db_dir::open_db_at(&data_dir.join("db")).map_err(BackupError::from).and_then(|db| {
         let summary = load(&db, file, &checked, size)?;
         db.flush()?;
         Ok(summary)
