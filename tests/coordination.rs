@@ -391,3 +391,48 @@ async fn kvctl_lock_releases_the_lock_when_its_command_cannot_start() {
     assert!(started.elapsed() < std::time::Duration::from_secs(20), "the next holder waited {:?}", started.elapsed());
     c.shutdown().await;
 }
+
+/// A keep-alive stream through a follower answers every renewal of a burst,
+/// though many are under way at once, each with its own lease's TTL (0 for
+/// a lease never granted), and the answers still due when the client stops
+/// sending arrive before the stream ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keep_alive_stream_answers_every_renewal_of_a_burst_through_a_follower() {
+    use kvd::proto::etcdserverpb::lease_client::LeaseClient;
+    use kvd::proto::etcdserverpb::LeaseKeepAliveRequest;
+    use std::collections::HashMap;
+
+    let c = TestCluster::start(3, |_| {}).await;
+    let leader = c.wait_leader().await;
+    let follower = (leader + 1) % 3;
+    let client = c.client(follower);
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(client.lease_grant(60, 0).await.unwrap().id);
+    }
+    let never_granted = 0x7ead_0001;
+    let mut asked: Vec<i64> = (0..2000).map(|i| ids[i % ids.len()]).collect();
+    asked.push(never_granted);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", c.client_addrs[follower]))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let requests = tokio_stream::iter(asked.clone().into_iter().map(|id| LeaseKeepAliveRequest { id }));
+    let mut answers = LeaseClient::new(channel).lease_keep_alive(requests).await.unwrap().into_inner();
+    let mut got: HashMap<i64, usize> = HashMap::new();
+    while let Some(a) = tokio::time::timeout(WAIT, answers.message()).await.expect("answers keep coming").unwrap() {
+        if a.id == never_granted {
+            assert_eq!(a.ttl, 0, "a lease never granted answers TTL 0");
+        } else {
+            assert!(a.ttl > 0 && a.ttl <= 60, "lease {:x} answered TTL {}", a.id, a.ttl);
+        }
+        *got.entry(a.id).or_default() += 1;
+    }
+    let mut want: HashMap<i64, usize> = HashMap::new();
+    for id in asked {
+        *want.entry(id).or_default() += 1;
+    }
+    assert_eq!(got, want, "one answer per renewal asked for");
+    c.shutdown().await;
+}
