@@ -14,22 +14,31 @@
 # - leases: 1,000, 10,000 and 100,000 leases of 15 s kept alive every 5 s,
 #   as etcd's clients do, for 20 s (keep-alives answered per second, their
 #   p99, the members' CPU over those 20 s and their memory);
-# - an expiry storm: 10,000 leases with a key each, renewed at once, left to
+# - an expiry storm: 10,000 leases of 30 s with a key each, renewed at once, left to
 #   expire together while puts go on at 200/s (the time until every key is
 #   gone, the puts' p99);
 # - watchers: 1,000, 10,000 and 50,000 watchers of one prefix on 100 streams,
 #   and 200 puts at 200/s under it (p99 from a put to its event at a
 #   watcher, the members' memory).
+# - data larger than memory: each member in a memory cgroup of 1 GiB (cgroup
+#   v1, or systemd-run's MemoryMax where systemd runs), 4 GiB of values of
+#   16 KiB written in four steps of new keys; after each step, each member's
+#   resident and peak memory, its data directory, a linearizable range p99
+#   over the written keys, and whether every member still runs; at the end
+#   the time from a restart to a healthy cluster, still within the limit.
 # Prints a table per curve, and draws the curves as PNG plots (benches/scale-plot,
 # with plotters) into SCALE_PLOTS; with SCALE_JSON, also writes every figure as
 # JSON lines.
 #
-#   cluster-scripts/scale-vs-etcd.sh --quick   # 10,000 and 100,000 keys; up to 10,000 leases and watchers
-#   cluster-scripts/scale-vs-etcd.sh           # 10,000, 100,000 and 1,000,000 keys
+#   cluster-scripts/scale-vs-etcd.sh --quick   # 10,000 and 50,000 keys; up to 10,000 leases and
+#                                              # watchers; 512 MiB of values in 256 MiB
+#   cluster-scripts/scale-vs-etcd.sh           # 10,000, 100,000 and 1,000,000 keys; 4 GiB in 1 GiB
 #
 # Settings (environment):
 #   SCALE_KEYS   the sizes, overriding both (e.g. "10000 50000")
-#   SCALE_CURVES which curves to run (default: "keys writers leases storm watchers")
+#   SCALE_CURVES which curves to run (default: "keys writers leases storm watchers bigdata")
+#   SCALE_BIG_MB, SCALE_BIG_LIMIT_MB, SCALE_BIG_VAL  the data larger than memory: MiB of
+#                values, each member's memory limit in MiB, the value size in bytes
 #   SCALE_JSON   also write the results as JSON lines to this file
 #   SCALE_PLOTS  where the PNG plots go (default: target/scale-plots)
 #   KVD_BIN_DIR  where kvd and kvctl are (default: target/release, built here)
@@ -41,11 +50,14 @@ BIN_DIR="${KVD_BIN_DIR:-$ROOT/target/release}"
 SIZES=(10000 100000 1000000)
 LEASES=(1000 10000 100000)
 WATCHERS=(1000 10000 50000)
-if [ "${1:-}" = "--quick" ]; then SIZES=(10000 100000); LEASES=(1000 10000); WATCHERS=(1000 10000)
+BIG_MB=4096 BIG_LIMIT_MB=1024
+if [ "${1:-}" = "--quick" ]; then SIZES=(10000 50000); LEASES=(1000 10000); WATCHERS=(1000 10000)
+  BIG_MB=512 BIG_LIMIT_MB=256
 elif [ -n "${1:-}" ]; then
   echo "usage: $0 [--quick]" >&2; exit 2
 fi
 [ -z "${SCALE_KEYS:-}" ] || read -r -a SIZES <<< "$SCALE_KEYS"
+BIG_MB=${SCALE_BIG_MB:-$BIG_MB} BIG_LIMIT_MB=${SCALE_BIG_LIMIT_MB:-$BIG_LIMIT_MB} BIG_VAL=${SCALE_BIG_VAL:-16384}
 CLIENT_PORTS=(2379 22379 32379)
 PEER_PORTS=(2380 22380 32380)
 NAMES=(n1 n2 n3)
@@ -85,20 +97,67 @@ stop_all() {
 cleanup() {
   [ -z "${SAMPLER:-}" ] || kill "$SAMPLER" 2> /dev/null || true
   stop_all
+  remove_cgroups
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 
+# system [soft]: waits until every member answers health; a member that
+# exits, or ten minutes without health, end the run (with soft: return 1).
 wait_healthy() {
   local deadline=$((SECONDS + 600)) pid
   while true; do
     for pid in "${PIDS[@]}"; do
-      kill -0 "$pid" 2>/dev/null || { echo "a $1 member exited; its log:" >&2; tail -5 "$WORK"/*.log >&2; exit 1; }
+      if ! kill -0 "$pid" 2>/dev/null; then
+        echo "a $1 member exited; its log:" >&2; tail -n 5 "$WORK"/*.log >&2
+        [ -n "${2:-}" ] && return 1
+        exit 1
+      fi
     done
     "${KVCTL[@]}" --command-timeout 3s endpoint health > /dev/null 2>&1 && return 0
-    [ $SECONDS -lt $deadline ] || { echo "$1 did not become healthy" >&2; exit 1; }
+    if [ $SECONDS -ge $deadline ]; then
+      echo "$1 did not become healthy" >&2
+      [ -n "${2:-}" ] && return 1
+      exit 1
+    fi
     sleep 0.1
   done
+}
+
+# The cgroup v1 memory hierarchy this script may make a cgroup in for each
+# member, or nothing.
+memory_cgroup_base() {
+  local rel dir
+  rel=$(awk -F: '$2 == "memory" {print $3}' /proc/self/cgroup)
+  dir="/sys/fs/cgroup/memory${rel%/}"
+  if [ -n "$rel" ] && mkdir "$dir/kvd-scale-probe" 2> /dev/null; then
+    rmdir "$dir/kvd-scale-probe"
+    echo "$dir"
+  fi
+}
+CGROUP_BASE=$(memory_cgroup_base)
+MEM_LIMIT_MB=""
+
+remove_cgroups() {
+  [ -z "$CGROUP_BASE" ] || rmdir "$CGROUP_BASE"/kvd-scale-* 2> /dev/null || true
+}
+
+# system i: the command words that start member i within MEM_LIMIT_MB of
+# memory (none without a limit), into LAUNCH.
+limit_launch() {
+  local cg="$CGROUP_BASE/kvd-scale-$1-$2" bytes=$((MEM_LIMIT_MB << 20))
+  LAUNCH=()
+  [ -n "$MEM_LIMIT_MB" ] || return 0
+  if [ -n "$CGROUP_BASE" ]; then
+    mkdir -p "$cg"
+    echo "$bytes" > "$cg/memory.limit_in_bytes"
+    # Without swap beyond the limit, where the kernel counts swap.
+    [ ! -f "$cg/memory.memsw.limit_in_bytes" ] || echo "$bytes" > "$cg/memory.memsw.limit_in_bytes"
+    # shellcheck disable=SC2016 # $$ and $@ are the inner shell's
+    LAUNCH=(sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$cg")
+  else
+    LAUNCH=(systemd-run --scope --quiet -p "MemoryMax=${MEM_LIMIT_MB}M" -p MemorySwapMax=0)
+  fi
 }
 
 # system i state cluster: starts member i on its data directory under
@@ -106,7 +165,8 @@ wait_healthy() {
 start_member() {
   local system=$1 i=$2 state=$3 cluster=$4 bin=etcd
   [ "$system" = kvd ] && bin="$BIN_DIR/kvd"
-  "$bin" --name "${NAMES[$i]}" --data-dir "$WORK/$system-${NAMES[$i]}" \
+  limit_launch "$system" "$i"
+  "${LAUNCH[@]}" "$bin" --name "${NAMES[$i]}" --data-dir "$WORK/$system-${NAMES[$i]}" \
     --listen-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
     --advertise-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
     --listen-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
@@ -117,12 +177,13 @@ start_member() {
   PIDS[$i]=$!
 }
 
-# system: starts its three members on the data directories under $WORK/$system-*.
+# system [soft]: starts its three members on the data directories under
+# $WORK/$system-* (see wait_healthy for soft).
 start() {
   local system=$1 cluster="" i
   for i in 0 1 2; do cluster+="${cluster:+,}${NAMES[$i]}=http://127.0.0.1:${PEER_PORTS[$i]}"; done
   for i in 0 1 2; do start_member "$system" "$i" new "$cluster"; done
-  wait_healthy "$system"
+  wait_healthy "$system" "${2:-}"
 }
 
 # system keys: the third member loses its data; it is removed, added again
@@ -193,7 +254,23 @@ measure() {
   bounds=$(python3 -c "import base64,struct,json
 k=lambda n: base64.b64encode(b'k'*8+struct.pack('>Q',n)).decode()
 print(json.dumps({'key':k(0),'range_end':k($keys*9//10)}))")
-  rev=$(curl -sf -X POST "http://127.0.0.1:${CLIENT_PORTS[0]}/v3/kv/deleterange" -d "$bounds" |
+  local url="http://127.0.0.1:${CLIENT_PORTS[0]}/v3/kv" left deadline=$((SECONDS + 1800))
+  curl -s --max-time 900 -X POST "$url/deleterange" -d "$bounds" > /dev/null || true
+  # A gateway may answer a long delete with a timeout and apply it all the
+  # same: until the keys are gone, delete what is left in slices.
+  while true; do
+    left=$(curl -sf --max-time 120 -X POST "$url/range" -d "${bounds%\}},\"count_only\":true}" |
+      python3 -c 'import json,sys; print(int(json.load(sys.stdin).get("count", 0)))') || left=unknown
+    [ "$left" != 0 ] || break
+    [ $SECONDS -lt $deadline ] || { echo "the $system members did not delete the keys ($left left)" >&2; exit 1; }
+    echo "[$system] $left keys left after the delete; deleting them in slices" >&2
+    python3 -c "import base64,struct,json
+k=lambda n: base64.b64encode(b'k'*8+struct.pack('>Q',n)).decode()
+end=$keys*9//10
+for a in range(0, end, 50000): print(json.dumps({'key':k(a),'range_end':k(min(a+50000,end))}))" |
+      while read -r slice; do curl -s --max-time 900 -X POST "$url/deleterange" -d "$slice" > /dev/null || true; done
+  done
+  rev=$(curl -sf --max-time 120 -X POST "$url/range" -d "${bounds%\}},\"count_only\":true}" |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["header"]["revision"])')
   "${KVCTL[@]}" --command-timeout 600s compaction --physical "$rev" > /dev/null
   "${KVCTL[@]}" --command-timeout 600s defrag > /dev/null
@@ -271,8 +348,15 @@ leases() {
     start "$system"
     echo "[$system] $n leases kept alive" >&2
     start_sampler "$WORK/samples-$system-$n"
-    out=$("${KVCTL[@]}" -w json bench lease-keepalive --leases "$n" --lease-ttl 15 --duration 20s \
-      --conns 3 --clients 64 --quiet)
+    if ! out=$("${KVCTL[@]}" -w json bench lease-keepalive --leases "$n" --lease-ttl 15 --duration 20s \
+      --conns 3 --clients 64 --quiet 2> "$WORK/bench.err"); then
+      # A system that cannot keep them all alive is a result, not the end of the run.
+      stop_sampler
+      printf '{"system":"%s","leases":%s,"failed":%s}\n' "$system" "$n" \
+        "$(tail -n 1 "$WORK/bench.err" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().strip()))')" >> "$RESULTS"
+      stop_all
+      continue
+    fi
     stop_sampler
     printf '{"system":"%s","leases":%s,"keepalive":%s,%s}\n' "$system" "$n" "$out" \
       "$(sampled "$WORK/samples-$system-$n" "$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["keepalive_seconds"])')")" \
@@ -287,9 +371,14 @@ storm() {
   rm -rf "$WORK/$system"-*
   start "$system"
   echo "[$system] 10000 leases expiring at once" >&2
-  out=$("${KVCTL[@]}" -w json bench lease-expiry --leases 10000 --lease-ttl 10 --rate 200 --conns 3 \
-    --clients 64 --quiet)
-  printf '{"system":"%s","storm":%s}\n' "$system" "$out" >> "$RESULTS"
+  # The TTL leaves the grants (a lease and a key each) time on a busy machine.
+  if out=$("${KVCTL[@]}" -w json bench lease-expiry --leases 10000 --lease-ttl 30 --rate 200 --conns 3 \
+    --clients 64 --quiet 2> "$WORK/bench.err"); then
+    printf '{"system":"%s","storm":%s}\n' "$system" "$out" >> "$RESULTS"
+  else
+    printf '{"system":"%s","storm_failed":%s}\n' "$system" \
+      "$(tail -n 1 "$WORK/bench.err" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().strip()))')" >> "$RESULTS"
+  fi
   stop_all
 }
 
@@ -310,8 +399,82 @@ watchers() {
   done
 }
 
+# pid field: a process's /proc status figure in KiB (VmRSS, VmHWM), 0 if
+# it no longer runs.
+status_kb() {
+  local kb
+  kb=$(awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/status" 2> /dev/null) || true
+  echo "${kb:-0}"
+}
+
+# The members' OOM kills, where their cgroups count them; else null.
+oom_kills() {
+  local system=$1 i n sum=0
+  [ -n "$CGROUP_BASE" ] || { echo null; return; }
+  for i in 0 1 2; do
+    n=$(awk '$1 == "oom_kill" {print $2}' "$CGROUP_BASE/kvd-scale-$system-$i/memory.oom_control" 2> /dev/null)
+    sum=$((sum + ${n:-0}))
+  done
+  echo "$sum"
+}
+
+# system: data larger than memory, on a fresh cluster whose members may
+# each use BIG_LIMIT_MB of memory: BIG_MB of values of BIG_VAL bytes in four
+# steps of new keys. After each step: each member's resident and peak
+# memory (VmRSS, VmHWM; 0 for a member that no longer runs) and data
+# directory, a linearizable range p99 over the keys written so far, how
+# many members run and how many the kernel killed for memory. After the
+# last, the time from a restart of all three to a healthy cluster.
+bigdata() {
+  local system=$1 per_step step written=0 load range alive restart_ms i pid
+  per_step=$(( (BIG_MB << 20) / BIG_VAL / 4 ))
+  rm -rf "$WORK/$system"-*
+  MEM_LIMIT_MB=$BIG_LIMIT_MB
+  if ! start "$system" soft; then
+    printf '{"system":"%s","big_failed":"did not start within %s MiB"}\n' "$system" "$BIG_LIMIT_MB" >> "$RESULTS"
+    stop_all; remove_cgroups; MEM_LIMIT_MB=""
+    return
+  fi
+  for step in 1 2 3 4; do
+    echo "[$system] writing $(( BIG_MB / 4 )) MiB of values ($step of 4), members limited to $BIG_LIMIT_MB MiB" >&2
+    load=$(timeout 3600 "${KVCTL[@]}" -w json bench put --conns 8 --clients 64 --total "$per_step" \
+      --sequential-keys --first-key "$written" --key-size 16 --key-space-size "$per_step" \
+      --val-size "$BIG_VAL" --quiet) || load=null
+    written=$((written + per_step))
+    alive=0
+    for pid in "${PIDS[@]}"; do ! kill -0 "$pid" 2> /dev/null || alive=$((alive + 1)); done
+    range=null
+    if [ "$alive" -eq 3 ]; then
+      range=$(timeout 600 "${KVCTL[@]}" -w json bench range --written-keys --consistency l --conns 8 \
+        --clients 64 --total 2000 --key-size 16 --key-space-size "$written" --quiet) || range=null
+    fi
+    local rss=() hwm=() disk=()
+    for i in 0 1 2; do
+      rss+=("$(status_kb "${PIDS[$i]}" VmRSS)")
+      hwm+=("$(status_kb "${PIDS[$i]}" VmHWM)")
+      disk+=("$(du -sk "$WORK/$system-${NAMES[$i]}" | cut -f1)")
+    done
+    restart_ms=null
+    if [ "$step" -eq 4 ] && [ "$alive" -eq 3 ]; then
+      echo "[$system] restarting all three members within $BIG_LIMIT_MB MiB" >&2
+      stop_all
+      local t0=$EPOCHREALTIME
+      if start "$system" soft; then
+        restart_ms=$(python3 -c "print(round(($EPOCHREALTIME - $t0) * 1000))")
+      fi
+    fi
+    printf '{"system":"%s","big_mib":%s,"limit_mib":%s,"val_size":%s,"load":%s,"range":%s,"rss_kb":[%s],"hwm_kb":[%s],"disk_kb":[%s],"alive":%s,"oom_kills":%s,"restart_ms":%s}\n' \
+      "$system" "$(( BIG_MB * step / 4 ))" "$BIG_LIMIT_MB" "$BIG_VAL" "$load" "$range" "$(IFS=,; echo "${rss[*]}")" \
+      "$(IFS=,; echo "${hwm[*]}")" "$(IFS=,; echo "${disk[*]}")" "$alive" "$(oom_kills "$system")" "$restart_ms" >> "$RESULTS"
+    [ "$alive" -eq 3 ] || break
+  done
+  stop_all
+  remove_cgroups
+  MEM_LIMIT_MB=""
+}
+
 echo "etcd: $(etcd --version | head -n 1); sizes: ${SIZES[*]}" >&2
-CURVES=" ${SCALE_CURVES:-keys writers leases storm watchers} "
+CURVES=" ${SCALE_CURVES:-keys writers leases storm watchers bigdata} "
 if [[ $CURVES == *" keys "* ]]; then
   for keys in "${SIZES[@]}"; do
     measure etcd "$keys"
@@ -320,7 +483,11 @@ if [[ $CURVES == *" keys "* ]]; then
 fi
 WRITES=20000
 [ "${1:-}" = "--quick" ] && WRITES=5000
-for curve in writers leases storm watchers; do
+if [[ $CURVES == *" bigdata "* ]] && [ -z "$CGROUP_BASE" ] && ! [ "$(cat /proc/1/comm)" = systemd ]; then
+  echo "no memory cgroup can be made here (cgroup v1 memory, or systemd-run): skipping the data larger than memory" >&2
+  CURVES=${CURVES/ bigdata / }
+fi
+for curve in writers leases storm watchers bigdata; do
   if [[ $CURVES == *" $curve "* ]]; then
     "$curve" etcd
     "$curve" kvd
@@ -332,6 +499,7 @@ everything = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 rows = everything
 writers = {(r["system"], r["writers"]): r["put"] for r in rows if "writers" in r and "put" in r}
 leases = {(r["system"], r["leases"]): r for r in rows if "keepalive" in r}
+lease_failed = {(r["system"], r["leases"]): r["failed"] for r in rows if "leases" in r and "failed" in r}
 storms = {r["system"]: r["storm"] for r in rows if "storm" in r}
 watches = {(r["system"], r["watchers"]): r for r in rows if "watch" in r}
 rows = [r for r in rows if "keys" in r and "load" in r]
@@ -374,21 +542,27 @@ if writers:
               f"{e['latency_ms']['p50']:.2f} | {k['latency_ms']['p50']:.2f} | {e['latency_ms']['p99']:.2f} | "
               f"{k['latency_ms']['p99']:.2f} | {e['errors']}/{k['errors']} |")
 ratio = lambda k, e: f"{k / e:.2f}" if e else "-"
-if leases:
+if leases or lease_failed:
     print()
     print("| leases | etcd keep-alives/s | kvd keep-alives/s | etcd p99 ms | kvd p99 ms | kvd/etcd p99 | "
           "etcd CPU cores | kvd CPU cores | etcd RSS max MB | kvd RSS max MB | kvd/etcd RSS | errors etcd/kvd |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for n in sorted({n for (_, n) in leases}):
+    for n in sorted({n for (_, n) in leases} | {n for (_, n) in lease_failed}):
         e, k = leases.get(("etcd", n)), leases.get(("kvd", n))
-        if not (e and k):
-            continue
-        ek, kk = e["keepalive"], k["keepalive"]
-        ep, kp = ek["latency_ms"]["p99"], kk["latency_ms"]["p99"]
-        er, kr = mb(e["rss_kb"]), mb(k["rss_kb"])
-        print(f"| {n:,} | {ek['answered_per_s']:,.0f} | {kk['answered_per_s']:,.0f} | {ep:.2f} | {kp:.2f} | "
-              f"{ratio(kp, ep)} | {e['cpu_cores']:.2f} | {k['cpu_cores']:.2f} | {er:.0f} | {kr:.0f} | {ratio(kr, er)} | "
-              f"{ek['errors']}/{kk['errors']} |")
+        ek, kk = (e or {}).get("keepalive"), (k or {}).get("keepalive")
+        ep, kp = ek and ek["latency_ms"]["p99"], kk and kk["latency_ms"]["p99"]
+        er, kr = e and mb(e["rss_kb"]), k and mb(k["rss_kb"])
+        f = lambda v, fmt: "failed" if v is None else fmt.format(v)
+        print(f"| {n:,} | {f(ek and ek['answered_per_s'], '{:,.0f}')} | {f(kk and kk['answered_per_s'], '{:,.0f}')} | "
+              f"{f(ep, '{:.2f}')} | {f(kp, '{:.2f}')} | {ratio(kp, ep) if e and k else ''} | "
+              f"{f(e and e['cpu_cores'], '{:.2f}')} | {f(k and k['cpu_cores'], '{:.2f}')} | {f(er, '{:.0f}')} | "
+              f"{f(kr, '{:.0f}')} | {ratio(kr, er) if e and k else ''} | "
+              f"{ek['errors'] if ek else '-'}/{kk['errors'] if kk else '-'} |")
+    for (s, n), why in sorted(lease_failed.items()):
+        print(f"\n{n:,} leases, {s}: {why}")
+for s, why in {r["system"]: r["storm_failed"] for r in everything if "storm_failed" in r}.items():
+    print()
+    print(f"10,000 leases expiring at once, {s}: {why}")
 if "etcd" in storms and "kvd" in storms:
     e, k = storms["etcd"], storms["kvd"]
     print()
@@ -399,6 +573,39 @@ if "etcd" in storms and "kvd" in storms:
     ep, kp = e["latency_ms"]["p99"], k["latency_ms"]["p99"]
     print(f"| put p99 ms meanwhile (200/s) | {ep:.2f} | {kp:.2f} | {ratio(kp, ep)} |")
     print(f"| put errors | {e['errors']} | {k['errors']} | |")
+big = {(r["system"], r["big_mib"]): r for r in everything if "big_mib" in r}
+big_failed = {r["system"]: r["big_failed"] for r in everything if "big_failed" in r}
+if big or big_failed:
+    print()
+    limit = next((r["limit_mib"] for r in big.values()), None)
+    val = next((r["val_size"] for r in big.values()), None)
+    print(f"Data larger than memory: each member limited to {limit} MiB, values of {val} bytes written in four steps.")
+    for s, why in big_failed.items():
+        print(f"{s}: {why}")
+    print()
+    print("| MiB of values | figure | etcd 3.4 | kvd | kvd/etcd |")
+    print("| ---: | --- | ---: | ---: | ---: |")
+    opt = lambda f: (lambda r: None if r is None else f(r))
+    bcols = [
+        ("MiB/s written", lambda r: r["load"]["throughput"] * r["val_size"] / 2**20 if r["load"] else None, "{:.1f}"),
+        ("put errors", lambda r: r["load"]["errors"] if r["load"] else None, "{:,.0f}"),
+        ("linearizable range p99 ms (random written keys)", lambda r: r["range"]["latency_ms"]["p99"] if r["range"] else None, "{:.2f}"),
+        ("RSS max MB", lambda r: mb(max(r["rss_kb"])), "{:.0f}"),
+        ("peak RSS max MB (VmHWM)", lambda r: mb(max(r["hwm_kb"])), "{:.0f}"),
+        ("data dir max MB", lambda r: mb(max(r["disk_kb"])), "{:.0f}"),
+        ("members running", lambda r: r["alive"], "{}"),
+        ("members killed for memory", lambda r: r["oom_kills"], "{}"),
+        ("restart of all three to healthy, ms", lambda r: r["restart_ms"], "{:,.0f}"),
+    ]
+    for n in sorted({n for (_, n) in big}):
+        e, k = big.get(("etcd", n)), big.get(("kvd", n))
+        for name, get, fmt in bcols:
+            ev, kv = opt(get)(e), opt(get)(k)
+            if ev is None and kv is None:
+                continue
+            show = lambda v: "-" if v is None else fmt.format(v)
+            ratio_s = f"{kv / ev:.2f}" if isinstance(ev, (int, float)) and isinstance(kv, (int, float)) and ev and fmt != "{}" and "errors" not in name else ""
+            print(f"| {n:,} | {name} | {show(ev)} | {show(kv)} | {ratio_s} |")
 if watches:
     print()
     print("| watchers | etcd p50 ms | kvd p50 ms | etcd p99 ms | kvd p99 ms | kvd/etcd p99 | etcd RSS max MB | "

@@ -99,6 +99,21 @@ fn plots() -> Vec<Plot> {
                 Figure { title: "resident memory, largest member (MB)", value: |r| mb(r["rss_kb"].as_f64()) },
             ],
         },
+        Plot {
+            file: "bigdata.png",
+            x: "big_mib",
+            x_label: "MiB of values written, members limited in memory",
+            log_x: false,
+            figures: vec![
+                Figure {
+                    title: "MiB/s written",
+                    value: |r| Some(r["load"]["throughput"].as_f64()? * r["val_size"].as_f64()? / 1048576.0),
+                },
+                Figure { title: "linearizable range p99 (ms)", value: |r| r["range"]["latency_ms"]["p99"].as_f64() },
+                Figure { title: "peak resident memory, largest member (MB)", value: |r| mb(max_of(&r["hwm_kb"])) },
+                Figure { title: "data directory, largest member (MB)", value: |r| mb(max_of(&r["disk_kb"])) },
+            ],
+        },
     ]
 }
 
@@ -178,7 +193,7 @@ fn panel(area: &Area<'_>, plot: &Plot, figure: &Figure, series: &[Vec<(f64, f64)
             x0.log10().floor() - 0.1,
             x1.log10().ceil() + 0.1,
         ),
-        false => (series.to_vec(), x0, x1),
+        false => (series.to_vec(), 0.0, x1 * 1.05),
     };
     let label = |x: &f64| match plot.log_x {
         true if (x - x.round()).abs() < 1e-6 => human(10f64.powf(x.round())),
@@ -191,7 +206,7 @@ fn panel(area: &Area<'_>, plot: &Plot, figure: &Figure, series: &[Vec<(f64, f64)
     chart
         .configure_mesh()
         .x_desc(plot.x_label)
-        .x_labels(((x1 - x0).ceil() as usize + 1).max(4))
+        .x_labels(if plot.log_x { ((x1 - x0).ceil() as usize + 1).max(4) } else { 6 })
         .x_label_formatter(&label)
         .y_label_formatter(&|y| human(*y))
         .disable_x_mesh()
@@ -285,5 +300,24 @@ mod tests {
         let none = dir.path().join("writers.png");
         assert!(!draw(writers, &rows(), &none).expect("nothing to draw"));
         assert!(!none.exists());
+    }
+
+    #[test]
+    fn the_data_larger_than_memory_plot_reads_mib_per_second_and_peak_memory() {
+        let plots = plots();
+        let big = plots.iter().find(|p| p.file == "bigdata.png").expect("the bigdata plot");
+        let row: Value = serde_json::from_str(
+            r#"{"system":"kvd","big_mib":1024,"val_size":16384,"load":{"throughput":128.0},
+                "hwm_kb":[1024,4096,2048],"disk_kb":[1,2,3],"range":null}"#,
+        )
+        .expect("json");
+        let at = |title: &str| {
+            let figure = big.figures.iter().find(|f| f.title.starts_with(title)).expect("figure");
+            points(std::slice::from_ref(&row), "kvd", big.x, figure)
+        };
+        assert_eq!(at("MiB/s"), vec![(1024.0, 2.0)]);
+        assert_eq!(at("peak"), vec![(1024.0, 4.0)]);
+        // A step whose range did not run (a member was gone) has no range point.
+        assert_eq!(at("linearizable"), vec![]);
     }
 }

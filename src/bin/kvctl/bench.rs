@@ -79,6 +79,10 @@ pub struct BenchArgs {
     /// Write keys in order instead of at random.
     #[arg(long)]
     sequential_keys: bool,
+    /// With --sequential-keys, the number of the first key written, so that
+    /// runs one after another write new keys.
+    #[arg(long, default_value_t = 0)]
+    first_key: u64,
     /// Requests per second in all (0: as fast as possible). watch-latency
     /// puts at 100/s unless this says otherwise.
     #[arg(long, default_value_t = 0)]
@@ -86,6 +90,10 @@ pub struct BenchArgs {
     /// Range consistency: l (linearizable) or s (serializable).
     #[arg(long, default_value = "l", value_parser = ["l", "s"])]
     consistency: String,
+    /// range: read keys a put bench wrote (at random in --key-space-size,
+    /// of --key-size) instead of one key written first.
+    #[arg(long)]
+    written_keys: bool,
     /// Watchers for watch-latency (spread over the connections).
     #[arg(long, default_value_t = 10)]
     pub(crate) watchers: usize,
@@ -220,13 +228,18 @@ async fn connect(client: &Client, conns: usize, dial_timeout: Duration) -> Resul
 #[derive(Clone, Copy)]
 struct Keys {
     sequential: bool,
+    first: u64,
     space: u64,
     size: usize,
 }
 
 impl Keys {
     fn key(&self, n: u64) -> Vec<u8> {
-        let k = if self.sequential { n % self.space } else { rand::thread_rng().gen_range(0..self.space) };
+        let k = if self.sequential {
+            self.first.wrapping_add(n % self.space)
+        } else {
+            rand::thread_rng().gen_range(0..self.space)
+        };
         let mut key = vec![b'k'; self.size];
         let take = self.size.min(8);
         key[self.size - take..].copy_from_slice(&k.to_be_bytes()[8 - take..]);
@@ -241,7 +254,7 @@ const WATCH_PREFIX: &[u8] = b"kvctl-bench-watch/";
 /// previous one is answered (or when --rate allows).
 async fn closed_loop(channels: &[Conn], a: &BenchArgs) -> Result<(Tally, u64)> {
     let value = vec![b'v'; a.val_size];
-    if a.workload == Workload::Range {
+    if a.workload == Workload::Range && !a.written_keys {
         let put = PutRequest { key: RANGE_KEY.to_vec(), value: value.clone(), ..Default::default() };
         KvClient::new(channels[0].clone()).put(put).await.context("writing the key to range over")?;
     }
@@ -260,7 +273,9 @@ async fn closed_loop(channels: &[Conn], a: &BenchArgs) -> Result<(Tally, u64)> {
         let schedule = schedule.clone();
         let workload = a.workload;
         let serializable = a.consistency == "s";
-        let keys = Keys { sequential: a.sequential_keys, space: a.key_space_size, size: a.key_size };
+        let written_keys = a.written_keys;
+        let keys =
+            Keys { sequential: a.sequential_keys, first: a.first_key, space: a.key_space_size, size: a.key_size };
         let value = value.clone();
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally::new();
@@ -282,7 +297,8 @@ async fn closed_loop(channels: &[Conn], a: &BenchArgs) -> Result<(Tally, u64)> {
                     }
                     // The other workloads do not run in this loop.
                     Workload::Range | Workload::WatchLatency | Workload::LeaseKeepalive | Workload::LeaseExpiry => {
-                        let req = RangeRequest { key: RANGE_KEY.to_vec(), serializable, ..Default::default() };
+                        let key = if written_keys { keys.key(n) } else { RANGE_KEY.to_vec() };
+                        let req = RangeRequest { key, serializable, ..Default::default() };
                         kv.range(req).await.map(|_| ())
                     }
                 };
@@ -484,5 +500,32 @@ fn report(
     );
     for (name, value) in extra {
         outln!("{name}: {value}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Keys;
+
+    #[test]
+    fn sequential_keys_start_at_the_first_key_and_end_in_its_big_endian_number() {
+        let keys = Keys { sequential: true, first: 1000, space: 10, size: 16 };
+        let mut want = vec![b'k'; 8];
+        want.extend_from_slice(&1003u64.to_be_bytes());
+        assert_eq!(keys.key(3), want);
+        // The space wraps before the offset is added: run n writes first..first+space.
+        assert_eq!(keys.key(13), want);
+        let short = Keys { sequential: true, first: 0x0102, space: 1000, size: 2 };
+        assert_eq!(short.key(0), vec![0x01, 0x02]);
+    }
+
+    #[test]
+    fn random_keys_stay_in_the_key_space() {
+        let keys = Keys { sequential: false, first: 0, space: 5, size: 16 };
+        for n in 0..200 {
+            let k = keys.key(n);
+            let number = u64::from_be_bytes(k[8..].try_into().expect("eight bytes"));
+            assert!(number < 5, "{number}");
+        }
     }
 }
