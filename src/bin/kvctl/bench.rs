@@ -137,6 +137,18 @@ impl Tally {
         self.first_error.get_or_insert_with(|| e.to_string());
     }
 
+    /// The next message of `stream`; none when it ends, or when it fails,
+    /// which counts as an error.
+    pub(crate) async fn next_of<T>(&mut self, stream: &mut tonic::Streaming<T>) -> Option<T> {
+        match stream.message().await {
+            Ok(msg) => msg,
+            Err(e) => {
+                self.failed(e.message());
+                None
+            }
+        }
+    }
+
     pub(crate) fn merge(&mut self, other: Tally) {
         let _ = self.latency_us.add(&other.latency_us);
         self.errors += other.errors;
@@ -388,14 +400,7 @@ async fn watch_latency(channels: &[Conn], a: &BenchArgs) -> Result<(Tally, u64)>
             let mut tally = Tally::new();
             let mut seen = 0;
             while seen < expected {
-                let resp = match stream.message().await {
-                    Ok(Some(r)) => r,
-                    Ok(None) => break,
-                    Err(e) => {
-                        tally.failed(e.message());
-                        break;
-                    }
-                };
+                let Some(resp) = tally.next_of(&mut stream).await else { break };
                 let now_us = epoch.elapsed().as_micros() as u64;
                 for e in resp.events {
                     let Some(kv) = e.kv else { continue };

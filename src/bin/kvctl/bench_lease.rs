@@ -97,14 +97,7 @@ impl KeepAlives {
                 }
             };
             loop {
-                let resp = match stream.message().await {
-                    Ok(Some(r)) => r,
-                    Ok(None) => break,
-                    Err(e) => {
-                        tally.failed(e.message());
-                        break;
-                    }
-                };
+                let Some(resp) = tally.next_of(&mut stream).await else { break };
                 let now_us = epoch.elapsed().as_micros() as u64;
                 match index.get(&resp.id) {
                     Some(_) if resp.ttl <= 0 => tally.failed(format!("lease {:x} expired while kept alive", resp.id)),
