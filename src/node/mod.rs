@@ -192,8 +192,16 @@ impl Member {
     /// [`Member::propose`] with `stamp` as who asked.
     async fn propose_with(&self, op: command::Op, stamp: Option<AuthStamp>) -> Result<command_result::Result, Error> {
         let result = self.replicate(op, stamp).await?;
-        if let Some(rev) = revision_of(&result) {
-            self.await_revision(rev, Instant::now() + self.request_timeout).await?;
+        match revision_of(&result) {
+            Some(rev) => self.await_revision(rev, Instant::now() + self.request_timeout).await?,
+            // A change that names no revision (an auth change, a token
+            // issued, an alarm), perhaps applied by another member: this
+            // member answers once it has applied it too, as etcd's members
+            // do, so that a token it hands out is one it knows and a read
+            // that follows here sees the change. The commit index a read
+            // barrier learns is at or past the change. These are rare (a
+            // login costs a bcrypt check besides).
+            None => self.read_barrier().await?,
         }
         Ok(result)
     }
