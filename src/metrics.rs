@@ -8,6 +8,10 @@
 //! - `grpc_server_started_total` and `grpc_server_handled_total`: client
 //!   RPCs by service and method, and by status code once they end.
 //! - `etcd_server_leader_changes_seen_total`: leaders this member has seen.
+//! - `kvd_lease_renewals_total` and `kvd_lease_renewal_batches_total`:
+//!   keep-alives this member took from its clients, and the batches it
+//!   renewed them in (one read index, and from a follower one call to the
+//!   leader, each).
 //!
 //! The names, labels and buckets are etcd 3.4's, so that dashboards and
 //! alerts written for etcd read kvd unchanged.
@@ -219,6 +223,10 @@ pub struct Metrics {
     pub grpc: GrpcCounters,
     /// Leaders seen.
     pub leader_changes: AtomicU64,
+    /// Keep-alives taken from clients.
+    pub lease_renewals: AtomicU64,
+    /// The batches they were renewed in.
+    pub lease_renewal_batches: AtomicU64,
 }
 
 impl Metrics {
@@ -240,6 +248,20 @@ impl Metrics {
             "counter",
             "The number of leader changes seen.",
             self.leader_changes.load(Ordering::Relaxed) as f64,
+        );
+        write_one(
+            out,
+            "kvd_lease_renewals_total",
+            "counter",
+            "The number of lease keep-alives taken from clients.",
+            self.lease_renewals.load(Ordering::Relaxed) as f64,
+        );
+        write_one(
+            out,
+            "kvd_lease_renewal_batches_total",
+            "counter",
+            "The number of batches lease keep-alives were renewed in.",
+            self.lease_renewal_batches.load(Ordering::Relaxed) as f64,
         );
         self.grpc.render(out);
     }

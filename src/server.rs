@@ -302,6 +302,7 @@ pub async fn start_on(
         min_lease_ttl: crate::lease::min_lease_ttl(cfg.election),
         election: cfg.election,
         lessor: Default::default(),
+        renewals: Default::default(),
         stop: stop_rx.clone(),
         proposals,
         forwards,

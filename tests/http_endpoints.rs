@@ -59,6 +59,10 @@ async fn metrics_and_health_answer_over_http_beside_grpc() {
     for i in 0..5 {
         client.put(put(&format!("k{i}"), "v")).await.expect("put");
     }
+    let lease = client.lease_grant(60, 0).await.expect("grant").id;
+    for _ in 0..3 {
+        assert_eq!(client.lease_keep_alive_once(lease).await.expect("keep-alive"), 60);
+    }
     let revision = client.put(put("k0", "w")).await.expect("put").header.expect("header").revision;
     c.wait_applied(leader, c.applied(leader)).await;
 
@@ -73,6 +77,9 @@ async fn metrics_and_health_answer_over_http_beside_grpc() {
     assert!(value(&metrics, "process_resident_memory_bytes") > 0.0);
     assert_eq!(value(&metrics, "etcd_server_proposals_pending"), 0.0);
     assert!(value(&metrics, "etcd_server_leader_changes_seen_total") >= 1.0);
+    // Three keep-alives, one at a time: three batches.
+    assert_eq!(value(&metrics, "kvd_lease_renewals_total"), 3.0);
+    assert_eq!(value(&metrics, "kvd_lease_renewal_batches_total"), 3.0);
 
     // Client RPCs by method and code, under etcd's labels.
     let future =

@@ -56,6 +56,7 @@ async fn every_rpc_refused(c: &TestCluster, i: usize, ids: [Option<u64>; 3], why
     let vote = VoteRequest::new(Vote::new(1_000, ids[1].unwrap_or(1)), None);
     let vote = RaftPayload { data: encode(&vote).unwrap() };
     let empty = RaftPayload::default();
+    let renewals = RaftPayload { data: encode(&vec![1i64, 2, 3]).unwrap() };
     let batch = RaftPayload { data: encode(&vec![Proposal { command: command(stray_put()), alone: false }]).unwrap() };
     let answers = [
         ("Forward", p.forward(with(ids, proposal(stray_put()))).await.map(drop)),
@@ -64,6 +65,7 @@ async fn every_rpc_refused(c: &TestCluster, i: usize, ids: [Option<u64>; 3], why
         ("AppendEntries", p.append_entries(with(ids, vote.clone())).await.map(drop)),
         ("InstallSnapshot", p.install_snapshot(with(ids, vote)).await.map(drop)),
         ("Lease", p.lease(with(ids, empty.clone())).await.map(drop)),
+        ("LeaseRenewals", p.lease_renewals(with(ids, renewals.clone())).await.map(drop)),
         ("ReadIndex", p.read_index(with(ids, empty.clone())).await.map(drop)),
     ];
     for (rpc, answer) in answers {
@@ -142,6 +144,22 @@ async fn strangers_on_the_peer_port_are_refused_and_change_nothing() {
     let answer = p.forward(with(as_other, junk)).await.unwrap().into_inner();
     let answer: Forwarded<Response> = decode(&answer.data).unwrap();
     assert!(matches!(answer, Forwarded::Failed(kvd::error::Error::ForwardRefused(_))), "{answer:?}");
+    // Keep-alives from a member: a lease nobody granted answers TTL 0; more
+    // than a batch holds, or bytes that are no list of ids, are refused.
+    let renew = |ids: Vec<i64>| {
+        let mut p = p.clone();
+        async move {
+            let payload = RaftPayload { data: encode(&ids).unwrap() };
+            let answer = p.lease_renewals(with(as_other, payload)).await.unwrap().into_inner();
+            decode::<Forwarded<Vec<i64>>>(&answer.data).unwrap()
+        }
+    };
+    let answer = renew(vec![0x7ead_0002]).await;
+    assert!(matches!(&answer, Forwarded::Done(ttls) if ttls == &[0]), "{answer:?}");
+    let answer = renew(vec![1; kvd::lease::MAX_RENEWALS + 1]).await;
+    assert!(format!("{answer:?}").contains("keep-alives in one call"), "{answer:?}");
+    let status = p.lease_renewals(with(as_other, RaftPayload { data: vec![0xff; 5] })).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     // A message over the peer size limit is refused by the gRPC layer.
     let huge = RaftPayload { data: vec![0; 64 * 1024 * 1024] };
     let status = p.forward(with(as_other, huge)).await.unwrap_err();

@@ -19,6 +19,10 @@ use crate::proto::etcdserverpb::{
     LeaseTimeToLiveResponse,
 };
 
+/// Keep-alives of one stream renewed at once; past this, the stream's next
+/// keep-alive waits for the oldest to be answered.
+pub const KEEP_ALIVES_IN_FLIGHT: usize = 1024;
+
 /// The Lease service of one member.
 pub struct LeaseService {
     member: Arc<Member>,
@@ -71,47 +75,58 @@ impl Lease for LeaseService {
 
 impl LeaseService {
     /// Renews each lease of `inbound` (a gRPC stream, or the JSON objects of
-    /// a gateway request) and answers on the stream returned; it ends with
-    /// `inbound`, or with an error when the leader cannot be reached.
+    /// a gateway request) and answers on the stream returned, in order; it
+    /// ends with `inbound`, once every keep-alive taken is answered, or with
+    /// an error when the leader cannot be reached. Up to
+    /// [`KEEP_ALIVES_IN_FLIGHT`] keep-alives of a stream are renewed at
+    /// once, so that a client keeping many leases alive on one stream has
+    /// them renewed together (see [`crate::lease::Renewals`]).
     pub fn keep_alive<S>(&self, mut inbound: S) -> ReceiverStream<Result<LeaseKeepAliveResponse, Status>>
     where
         S: Stream<Item = Result<LeaseKeepAliveRequest, Status>> + Send + Unpin + 'static,
     {
+        use futures::stream::FuturesOrdered;
         use futures::StreamExt;
         let (tx, rx) = mpsc::channel(16);
         let member = self.member.clone();
         tokio::spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    msg = inbound.next() => msg,
+            let mut renewing = FuturesOrdered::new();
+            let mut open = true;
+            while open || !renewing.is_empty() {
+                tokio::select! {
+                    msg = inbound.next(), if open && renewing.len() < KEEP_ALIVES_IN_FLIGHT => match msg {
+                        Some(Ok(req)) => {
+                            let member = member.clone();
+                            renewing.push_back(async move { (req.id, member.lease_renew(req.id).await) });
+                        }
+                        Some(Err(status)) => {
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                        None => open = false,
+                    },
+                    Some((id, renewed)) = renewing.next(), if !renewing.is_empty() => {
+                        // An unknown or expired lease answers TTL 0, as etcd
+                        // does; a failure to reach the leader ends the stream
+                        // with the error, so the client retries elsewhere.
+                        let resp = match renewed {
+                            Ok(ttl) => {
+                                let mut resp = LeaseKeepAliveResponse { header: None, id, ttl };
+                                member.fill_header(&mut resp.header);
+                                Ok(resp)
+                            }
+                            Err(e) => Err(Status::from(e)),
+                        };
+                        let failed = resp.is_err();
+                        if tx.send(resp).await.is_err() || failed {
+                            return;
+                        }
+                    }
                     _ = tx.closed() => return,
                     _ = member.stopped() => {
                         let _ = tx.send(Err(Error::Stopped.into())).await;
                         return;
                     }
-                };
-                let req = match msg {
-                    Some(Ok(req)) => req,
-                    Some(Err(status)) => {
-                        let _ = tx.send(Err(status)).await;
-                        return;
-                    }
-                    None => return,
-                };
-                // An unknown or expired lease answers TTL 0, as etcd does; a
-                // failure to reach the leader ends the stream with the error,
-                // so the client retries elsewhere.
-                let resp = match member.lease_renew(req.id).await {
-                    Ok(ttl) => {
-                        let mut resp = LeaseKeepAliveResponse { header: None, id: req.id, ttl };
-                        member.fill_header(&mut resp.header);
-                        Ok(resp)
-                    }
-                    Err(e) => Err(Status::from(e)),
-                };
-                let failed = resp.is_err();
-                if tx.send(resp).await.is_err() || failed {
-                    return;
                 }
             }
         });

@@ -301,6 +301,14 @@ impl Peer for PeerService {
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
     }
 
+    async fn lease_renewals(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.ready().await?;
+        self.sender(&req).await?;
+        let ids: Vec<i64> = input(req)?;
+        let answer = self.member.serve_renewals(&ids).await;
+        Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
+    }
+
     async fn read_index(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         self.ready().await?;
         self.sender(&req).await?;

@@ -3,6 +3,7 @@
 //! from the deadlines it keeps (see [`crate::lease`]), and a follower asks
 //! the leader for them. The leader's expiry task revokes what has expired.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,9 +53,67 @@ impl Member {
     }
 
     /// Extends a lease by its TTL; returns the TTL, or 0 if the lease does not
-    /// exist. Asks the leader when this member is not it.
-    pub async fn lease_renew(&self, id: i64) -> Result<i64, Error> {
-        Ok(self.lease_call(LeaseCall::Renew(id)).await?.ttl)
+    /// exist. Asks the leader when this member is not it, in one call with
+    /// every other keep-alive that waits (see [`crate::lease::Renewals`]).
+    pub async fn lease_renew(self: &Arc<Self>, id: i64) -> Result<i64, Error> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.metrics.lease_renewals.fetch_add(1, Ordering::Relaxed);
+        if self.renewals.push(id, tx) {
+            // A task of its own, so that a keep-alive whose stream goes away
+            // never strands the others.
+            tokio::spawn(self.clone().renew_batches());
+        }
+        rx.await.unwrap_or(Err(Error::Stopped))
+    }
+
+    /// Renews the queued keep-alives, a batch at a time, until none waits.
+    async fn renew_batches(self: Arc<Self>) {
+        while let Some(batch) = self.renewals.next_batch() {
+            self.metrics.lease_renewal_batches.fetch_add(1, Ordering::Relaxed);
+            let ids: Vec<i64> = batch.iter().map(|(id, _)| *id).collect();
+            match self.renew_all(&ids).await {
+                Ok(ttls) if ttls.len() == batch.len() => {
+                    for ((_, done), ttl) in batch.into_iter().zip(ttls) {
+                        let _ = done.send(Ok(ttl));
+                    }
+                }
+                answer => {
+                    let e = answer.err().unwrap_or_else(|| {
+                        Error::internal(format!("the leader answered a batch of {} keep-alives wrongly", batch.len()))
+                    });
+                    for (_, done) in batch {
+                        let _ = done.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Renews `ids` here when this member leads, else asks the leader in
+    /// one call, retrying across leader changes until the request timeout;
+    /// answers each lease's TTL (0 if it is gone), in order.
+    async fn renew_all(&self, ids: &[i64]) -> Result<Vec<i64>, Error> {
+        let deadline = Instant::now() + self.request_timeout;
+        let payload = encode(&ids)?;
+        let payload = &payload;
+        until_leader(&self.raft, deadline, || async move {
+            let leader = self.leader();
+            if leader == Some(self.id) {
+                return self.serve_renewals(ids).await.into();
+            }
+            let Some(leader) = leader else { return Attempt::Retry { stale: None } };
+            let asked = ask_leader::<Forwarded<Vec<i64>>>(
+                &self.raft,
+                &self.network,
+                leader,
+                Rpc::LeaseRenewals,
+                payload.clone(),
+                deadline,
+            )
+            .await;
+            idempotent_attempt(leader, asked)
+        })
+        .await
     }
 
     /// How long a lease has left (LeaseTimeToLive).
@@ -92,7 +151,43 @@ impl Member {
     /// with every committed write first (so a lease granted just before is
     /// known), then reads or extends the deadline.
     pub async fn serve_lease(&self, call: LeaseCall) -> Forwarded<LeaseAnswer> {
-        let Some(term) = self.leading_term() else { return Forwarded::NotLeader(self.leader()) };
+        let term = match self.lease_term().await {
+            Ok(term) => term,
+            Err(not) => return not,
+        };
+        let state = self.state.read();
+        Forwarded::Done(self.lessor.answer(term, call, state.store.lease(call.id()), Instant::now()))
+    }
+
+    /// Renews each of `ids` as the leader, after one [`Member::lease_term`]
+    /// for all of them: answers each lease's TTL (0 if it is gone), in
+    /// order.
+    pub async fn serve_renewals(&self, ids: &[i64]) -> Forwarded<Vec<i64>> {
+        if ids.len() > crate::lease::MAX_RENEWALS {
+            return Forwarded::Failed(Error::internal(format!(
+                "{} keep-alives in one call; at most {} are taken",
+                ids.len(),
+                crate::lease::MAX_RENEWALS
+            )));
+        }
+        let term = match self.lease_term().await {
+            Ok(term) => term,
+            Err(not) => return not,
+        };
+        let state = self.state.read();
+        let now = Instant::now();
+        Forwarded::Done(
+            ids.iter()
+                .map(|id| self.lessor.answer(term, LeaseCall::Renew(*id), state.store.lease(*id), now).ttl)
+                .collect(),
+        )
+    }
+
+    /// The term this member leads in, once it has confirmed its leadership
+    /// and applied every committed write (so a lease granted just before is
+    /// known); else the answer to give instead.
+    async fn lease_term<T>(&self) -> Result<u64, Forwarded<T>> {
+        let Some(term) = self.leading_term() else { return Err(Forwarded::NotLeader(self.leader())) };
         // The read index of reads, with the floor of a leadership restored
         // at start: a restarted leader has applied only what it had before
         // the restart, and a revocation committed just before it would
@@ -101,16 +196,15 @@ impl Member {
             Ok(read) => {
                 let deadline = Instant::now() + self.request_timeout;
                 if let Err(e) = self.await_applied(read, deadline).await {
-                    return Forwarded::Failed(e);
+                    return Err(Forwarded::Failed(e));
                 }
             }
-            Err(_) => return Forwarded::NotLeader(self.leader()),
+            Err(_) => return Err(Forwarded::NotLeader(self.leader())),
         }
         if self.leading_term() != Some(term) {
-            return Forwarded::NotLeader(self.leader());
+            return Err(Forwarded::NotLeader(self.leader()));
         }
-        let state = self.state.read();
-        Forwarded::Done(self.lessor.answer(term, call, state.store.lease(call.id()), Instant::now()))
+        Ok(term)
     }
 
     /// One pass of the leader's expiry check: proposes the revocation of

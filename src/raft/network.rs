@@ -55,6 +55,8 @@ pub enum Rpc {
     ReadIndex,
     /// A lease keep-alive or time-to-live query for the leader.
     Lease,
+    /// Keep-alives gathered by a follower, for the leader.
+    LeaseRenewals,
     /// What a member knows of a member that starts on an empty directory.
     Probe,
     /// A membership change asked of the leader.
@@ -325,6 +327,7 @@ impl Network {
                 Rpc::ForwardBatch => client.forward_batch(req).await,
                 Rpc::ReadIndex => client.read_index(req).await,
                 Rpc::Lease => client.lease(req).await,
+                Rpc::LeaseRenewals => client.lease_renewals(req).await,
                 Rpc::Probe => client.probe(req).await,
                 Rpc::Membership => client.membership(req).await,
                 Rpc::Campaign => client.campaign(req).await,
@@ -656,6 +659,12 @@ mod tests {
             unimplemented()
         }
         async fn lease(&self, _: tonic::Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            unimplemented()
+        }
+        async fn lease_renewals(
+            &self,
+            _: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
             unimplemented()
         }
         async fn probe(&self, _: tonic::Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, tonic::Status> {

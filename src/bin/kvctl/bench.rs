@@ -102,6 +102,10 @@ pub struct BenchArgs {
     /// watcher).
     #[arg(long, default_value_t = 0)]
     watch_streams: usize,
+    /// Keep-alive streams for lease-keepalive, spread over the connections,
+    /// the leases shared among them (0: one stream per connection).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) keepalive_streams: usize,
     /// Leases for the lease workloads.
     #[arg(long, default_value_t = 1000)]
     pub(crate) leases: usize,

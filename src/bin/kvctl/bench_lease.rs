@@ -24,13 +24,15 @@ const LEASED_PREFIX: &[u8] = b"kvctl-bench-lease/";
 const PUT_PREFIX: &[u8] = b"kvctl-bench-lease-put/";
 
 /// Grants `a.leases` leases of `a.lease_ttl` seconds from `a.clients`
-/// clients; with `key_on_each`, also puts a key on each.
-async fn grant(channels: &[Conn], a: &BenchArgs, key_on_each: bool) -> Result<Vec<i64>> {
+/// clients; with `key_on_each`, also puts a key on each. Each lease granted
+/// is handed to `warm`, when given.
+async fn grant(channels: &[Conn], a: &BenchArgs, key_on_each: bool, warm: Option<&Arc<Warm>>) -> Result<Vec<i64>> {
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for c in 0..a.clients {
         let channel = channels[c % channels.len()].clone();
         let (next, n, ttl) = (next.clone(), a.leases as u64, a.lease_ttl);
+        let warm = warm.cloned();
         tasks.push(tokio::spawn(async move {
             let (mut lease, mut kv) = (LeaseClient::new(channel.clone()), KvClient::new(channel));
             let mut ids = Vec::new();
@@ -50,6 +52,9 @@ async fn grant(channels: &[Conn], a: &BenchArgs, key_on_each: bool) -> Result<Ve
                         .await
                         .context("put with a lease")?;
                 }
+                if let Some(warm) = &warm {
+                    warm.granted(id.id);
+                }
                 ids.push(id.id);
             }
         }));
@@ -62,6 +67,75 @@ async fn grant(channels: &[Conn], a: &BenchArgs, key_on_each: bool) -> Result<Ve
         eprintln!("granted {} leases of {} s", ids.len(), a.lease_ttl);
     }
     Ok(ids)
+}
+
+/// Keeps the leases granted so far alive while the others are granted, each
+/// once a period, untimed: granting 100,000 leases can take longer than
+/// their TTL, and a client keeps a lease alive from its grant on.
+pub(crate) struct Warm {
+    /// Each lease granted, and when it was granted or last kept alive.
+    leases: std::sync::Mutex<Vec<(i64, Instant)>>,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+impl Warm {
+    fn granted(&self, id: i64) {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner()).push((id, Instant::now()));
+    }
+
+    /// Keeps the leases alive on one stream per channel, every `period`,
+    /// until [`Warm::stop`]; the answers are read and dropped.
+    fn start(channels: &[Conn], period: Duration) -> (Arc<Warm>, tokio::task::JoinHandle<()>) {
+        let warm = Arc::new(Warm { leases: Default::default(), stop: Default::default() });
+        let (theirs, channels) = (warm.clone(), channels.to_vec());
+        let task = tokio::spawn(async move {
+            let mut streams = Vec::new();
+            let mut readers = Vec::new();
+            for channel in channels {
+                let (tx, rx) = tokio::sync::mpsc::channel::<LeaseKeepAliveRequest>(1024);
+                streams.push(tx);
+                readers.push(tokio::spawn(async move {
+                    if let Ok(answers) = LeaseClient::new(channel).lease_keep_alive(ReceiverStream::new(rx)).await {
+                        let mut answers = answers.into_inner();
+                        while let Ok(Some(_)) = answers.message().await {}
+                    }
+                }));
+            }
+            let mut next = 0usize;
+            while !theirs.stop.load(Ordering::Relaxed) {
+                let now = Instant::now();
+                let due: Vec<i64> = {
+                    let mut leases = theirs.leases.lock().unwrap_or_else(|p| p.into_inner());
+                    leases
+                        .iter_mut()
+                        .filter(|(_, last)| now.duration_since(*last) >= period)
+                        .map(|(id, last)| {
+                            *last = now;
+                            *id
+                        })
+                        .collect()
+                };
+                for id in due {
+                    next = (next + 1) % streams.len();
+                    if streams[next].send(LeaseKeepAliveRequest { id }).await.is_err() {
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            drop(streams);
+            for r in readers {
+                let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
+            }
+        });
+        (warm, task)
+    }
+
+    /// Stops keeping the leases alive; the measured keep-alives take over.
+    async fn stop(&self, task: tokio::task::JoinHandle<()>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = task.await;
+    }
 }
 
 /// One keep-alive stream: sends a keep-alive for each of `ids` whenever
@@ -146,8 +220,10 @@ fn share(ids: &[i64], s: usize, streams: usize) -> Vec<i64> {
 
 /// Grants `a.leases` leases and keeps each alive every third of its TTL,
 /// as etcd's clients do, the leases' turns spread evenly over the period,
-/// on one stream per connection, for --duration (30 s by default). Each
-/// keep-alive is timed from its request to its answer.
+/// on --keepalive-streams streams (one per connection by default), for
+/// --duration (30 s by default). Each
+/// keep-alive is timed from its request to its answer. While the leases are
+/// granted, those granted already are kept alive untimed ([`Warm`]).
 pub async fn keepalive(
     channels: &[Conn],
     a: &BenchArgs,
@@ -155,14 +231,21 @@ pub async fn keepalive(
     if a.lease_ttl < 3 {
         bail!("--lease-ttl must be at least 3 seconds");
     }
-    let ids = grant(channels, a, false).await?;
     let period = Duration::from_secs_f64(a.lease_ttl as f64 / 3.0);
+    let (warm, warming) = Warm::start(channels, period);
+    let granted = grant(channels, a, false, Some(&warm)).await;
+    warm.stop(warming).await;
+    let ids = granted?;
     let run = a.duration.unwrap_or(Duration::from_secs(30));
     let epoch = Instant::now();
     let mut tasks = Vec::new();
-    for (s, channel) in channels.iter().enumerate() {
-        let mine = share(&ids, s, channels.len());
-        let mut stream = KeepAlives::open(channel.clone(), &mine, epoch);
+    let streams = match a.keepalive_streams {
+        0 => channels.len(),
+        n => n,
+    };
+    for s in 0..streams {
+        let mine = share(&ids, s, streams);
+        let mut stream = KeepAlives::open(channels[s % channels.len()].clone(), &mine, epoch);
         tasks.push(tokio::spawn(async move {
             let start = Instant::now();
             let n = mine.len().max(1) as f64;
@@ -209,7 +292,7 @@ pub async fn keepalive(
 /// more. The tally is the puts'; also returns how long the keys took to go
 /// after the leases' TTL ran out.
 pub async fn expiry(channels: &[Conn], a: &BenchArgs) -> Result<(Tally, u64, Vec<(&'static str, serde_json::Value)>)> {
-    let ids = grant(channels, a, true).await?;
+    let ids = grant(channels, a, true, None).await?;
     // One round of keep-alives, all at once: each lease's TTL starts again.
     let epoch = Instant::now();
     let mut rounds = Vec::new();
