@@ -348,7 +348,7 @@ leases() {
     start "$system"
     echo "[$system] $n leases kept alive" >&2
     start_sampler "$WORK/samples-$system-$n"
-    if ! out=$("${KVCTL[@]}" -w json bench lease-keepalive --leases "$n" --lease-ttl 15 --duration 20s \
+    if ! out=$("${KVCTL[@]}" -w json bench lease-keepalive --leases "$n" --lease-ttl 15 --duration 20s --keepalive-streams 64 \
       --conns 3 --clients 64 --quiet 2> "$WORK/bench.err"); then
       # A system that cannot keep them all alive is a result, not the end of the run.
       stop_sampler
