@@ -85,6 +85,13 @@ RESULTS="${SCALE_JSON:-$WORK/results.jsonl}"
 PIDS=()
 KVCTL=("$BIN_DIR/kvctl" --endpoints "$EPS")
 
+# KiB a directory takes. A member that runs deletes files while du walks its
+# directory (sled's blobs); du then complains of the ones gone but still
+# prints the total, which is what is wanted.
+dir_kb() {
+  { du -sk "$1" 2> /dev/null || true; } | cut -f1
+}
+
 stop_all() {
   local pid
   for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
@@ -238,7 +245,7 @@ measure() {
   local rss=() disk=()
   for i in 0 1 2; do
     rss+=("$(awk '/VmRSS/ {print $2}' "/proc/${PIDS[$i]}/status")")
-    disk+=("$(du -sk "$WORK/$system-${NAMES[$i]}" | cut -f1)")
+    disk+=("$(dir_kb "$WORK/$system-${NAMES[$i]}")")
   done
   echo "[$system] restarting all three members" >&2
   stop_all
@@ -274,7 +281,7 @@ for a in range(0, end, 50000): print(json.dumps({'key':k(a),'range_end':k(min(a+
     python3 -c 'import json,sys; print(json.load(sys.stdin)["header"]["revision"])')
   "${KVCTL[@]}" --command-timeout 600s compaction --physical "$rev" > /dev/null
   "${KVCTL[@]}" --command-timeout 600s defrag > /dev/null
-  for i in 0 1 2; do space+=("$(du -sk "$WORK/$system-${NAMES[$i]}" | cut -f1)"); done
+  for i in 0 1 2; do space+=("$(dir_kb "$WORK/$system-${NAMES[$i]}")"); done
   stop_all
   printf '{"system":"%s","keys":%s,"load":%s,"range":%s,"rss_kb":[%s],"disk_kb":[%s],"restart_ms":%s,"defrag_kb":[%s],"catchup_ms":%s,"catchup_peak_kb":%s}\n' \
     "$system" "$keys" "$load" "$range" "$(IFS=,; echo "${rss[*]}")" "$(IFS=,; echo "${disk[*]}")" "$restart_ms" \
@@ -452,7 +459,7 @@ bigdata() {
     for i in 0 1 2; do
       rss+=("$(status_kb "${PIDS[$i]}" VmRSS)")
       hwm+=("$(status_kb "${PIDS[$i]}" VmHWM)")
-      disk+=("$(du -sk "$WORK/$system-${NAMES[$i]}" | cut -f1)")
+      disk+=("$(dir_kb "$WORK/$system-${NAMES[$i]}")")
     done
     restart_ms=null
     if [ "$step" -eq 4 ] && [ "$alive" -eq 3 ]; then
