@@ -286,13 +286,19 @@ pub async fn keepalive(
     Ok((tally, sent, extra))
 }
 
-/// Grants `a.leases` leases with a key on each, renews them all at once so
+/// Grants `a.leases` leases with a key on each (keeping those granted alive
+/// while the rest are granted), renews them all at once so
 /// that they expire within the same moment, and puts at --rate (200/s by
 /// default) to other keys until the last leased key is gone and a second
 /// more. The tally is the puts'; also returns how long the keys took to go
 /// after the leases' TTL ran out.
 pub async fn expiry(channels: &[Conn], a: &BenchArgs) -> Result<(Tally, u64, Vec<(&'static str, serde_json::Value)>)> {
-    let ids = grant(channels, a, true, None).await?;
+    // Kept alive from its grant on, as a client does: on a busy machine
+    // granting them all can take longer than their TTL.
+    let (warm, warming) = Warm::start(channels, Duration::from_secs_f64(a.lease_ttl.max(3) as f64 / 3.0));
+    let granted = grant(channels, a, true, Some(&warm)).await;
+    warm.stop(warming).await;
+    let ids = granted?;
     // One round of keep-alives, all at once: each lease's TTL starts again.
     let epoch = Instant::now();
     let mut rounds = Vec::new();
