@@ -67,61 +67,6 @@ pub struct LeaseAnswer {
 /// one peer call from a follower): 64 KiB of lease ids.
 pub const MAX_RENEWALS: usize = 8192;
 
-/// What a queued keep-alive is answered with: the lease's TTL (0 if it is
-/// gone), or why the leader could not be asked.
-pub type Renewed = tokio::sync::oneshot::Sender<Result<i64, crate::error::Error>>;
-
-/// Batches of keep-alives a member renews at once.
-pub const RENEWAL_BATCHES_IN_FLIGHT: usize = 4;
-
-/// Keep-alives waiting for this member's next renewal batch. A keep-alive
-/// goes at once while fewer than [`RENEWAL_BATCHES_IN_FLIGHT`] batches are
-/// under way; otherwise it waits, with every other stream's, for the next
-/// batch, so that under load a member makes a few renewal rounds at a time,
-/// whatever the number of streams and leases, instead of one per keep-alive.
-#[derive(Default)]
-pub struct Renewals {
-    queue: Mutex<RenewalQueue>,
-}
-
-#[derive(Default)]
-struct RenewalQueue {
-    /// Tasks running batches.
-    running: usize,
-    waiting: Vec<(i64, Renewed)>,
-}
-
-impl Renewals {
-    fn lock(&self) -> std::sync::MutexGuard<'_, RenewalQueue> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Queues a keep-alive of lease `id`, answered on `done`; true if fewer
-    /// than [`RENEWAL_BATCHES_IN_FLIGHT`] tasks run batches, and the caller
-    /// must start another.
-    pub fn push(&self, id: i64, done: Renewed) -> bool {
-        let mut q = self.lock();
-        q.waiting.push((id, done));
-        let start = q.running < RENEWAL_BATCHES_IN_FLIGHT;
-        q.running += usize::from(start);
-        start
-    }
-
-    /// The next batch, oldest first, at most [`MAX_RENEWALS`]; `None` when
-    /// nothing waits, and then the task that asked must end (a later push
-    /// starts another).
-    pub fn next_batch(&self) -> Option<Vec<(i64, Renewed)>> {
-        let mut q = self.lock();
-        if q.waiting.is_empty() {
-            q.running = q.running.saturating_sub(1);
-            return None;
-        }
-        let cut = q.waiting.len().min(MAX_RENEWALS);
-        let rest = q.waiting.split_off(cut);
-        Some(std::mem::replace(&mut q.waiting, rest))
-    }
-}
-
 /// The leader's lease deadlines.
 #[derive(Default)]
 pub struct Lessor {
@@ -232,33 +177,6 @@ mod tests {
 
     fn leases(list: &[(i64, i64)]) -> BTreeMap<i64, Lease> {
         list.iter().map(|(id, ttl)| (*id, lease(*ttl, &[]))).collect()
-    }
-
-    #[test]
-    fn keep_alives_queue_for_a_few_tasks_in_batches_of_at_most_max_renewals() {
-        let r = Renewals::default();
-        let mut answers = Vec::new();
-        let mut starts = 0;
-        for id in 0..(MAX_RENEWALS as i64 + 10) {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            starts += usize::from(r.push(id, tx));
-            answers.push(rx);
-        }
-        assert_eq!(starts, RENEWAL_BATCHES_IN_FLIGHT, "the first keep-alives start the tasks, no more");
-        let first = r.next_batch().unwrap();
-        assert_eq!(first.len(), MAX_RENEWALS);
-        assert_eq!(first[0].0, 0, "oldest first");
-        let (tx, _rx) = tokio::sync::oneshot::channel();
-        assert!(!r.push(-1, tx), "every task still runs");
-        let second: Vec<i64> = r.next_batch().unwrap().iter().map(|(id, _)| *id).collect();
-        assert_eq!(second.len(), 11);
-        assert_eq!((second[0], second[10]), (MAX_RENEWALS as i64, -1));
-        // Each task finds the queue empty and ends.
-        for _ in 0..RENEWAL_BATCHES_IN_FLIGHT {
-            assert!(r.next_batch().is_none());
-        }
-        let (tx, _rx) = tokio::sync::oneshot::channel();
-        assert!(r.push(7, tx), "once the tasks ended, the next keep-alive starts one");
     }
 
     #[test]

@@ -291,6 +291,7 @@ pub async fn start_on(
     let proposals = crate::raft::batcher::Proposals::start(raft.clone(), writes.clone(), request_timeout);
     let forwards = crate::raft::forwarder::Forwarder::start(raft.clone(), network.clone(), writes);
     let reads = crate::read_index::ReadIndex::new(raft.clone(), network.clone(), request_timeout, restored);
+    let (renewals, renewal_queue) = crate::node::lease::Renewals::new();
     let member = Arc::new(Member {
         id: cfg.id,
         cluster_id,
@@ -302,7 +303,7 @@ pub async fn start_on(
         min_lease_ttl: crate::lease::min_lease_ttl(cfg.election),
         election: cfg.election,
         lessor: Default::default(),
-        renewals: Default::default(),
+        renewals,
         stop: stop_rx.clone(),
         proposals,
         forwards,
@@ -320,6 +321,9 @@ pub async fn start_on(
         vouches: crate::node::peer::Vouches::new(),
     });
     member.tokens().set_ttl(Duration::from_secs(cfg.config.auth_token_ttl));
+    // Not among `tasks`: it ends when the member stops, with nothing to
+    // finish gracefully.
+    tokio::spawn(crate::node::lease::run_renewals(Arc::downgrade(&member), renewal_queue, stop_rx.clone()));
 
     let mut tasks = Vec::new();
     let peer_addr = peer.local_addr().map_err(|source| StartError::Listen { addr: cfg.peer_addr, source })?;

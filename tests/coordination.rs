@@ -440,3 +440,85 @@ async fn a_keep_alive_stream_answers_every_renewal_of_a_burst_through_a_follower
     assert!(batches < 100, "{renewals} keep-alives in {batches} batches");
     c.shutdown().await;
 }
+
+/// Keep-alives sent through a follower while leadership moves away from the
+/// leader and then to that follower itself: each is answered with its
+/// lease's TTL, in order, and the stream never fails, since a batch under
+/// way when the leader changes is asked again of the next one (a renewal
+/// may be repeated safely).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keep_alives_through_a_follower_are_answered_across_leader_changes() {
+    use kvd::proto::etcdserverpb::lease_client::LeaseClient;
+    use kvd::proto::etcdserverpb::LeaseKeepAliveRequest;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let c = TestCluster::start(3, |_| {}).await;
+    let leader = c.wait_leader().await;
+    let via = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let client = c.client(via);
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(client.lease_grant(60, 0).await.unwrap().id);
+    }
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", c.client_addrs[via]))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let mut answers = LeaseClient::new(channel)
+        .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // Keep-alives go until told to stop; the sender waits whenever the
+    // member is behind.
+    let done = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let (done, ids) = (done.clone(), ids.clone());
+        tokio::spawn(async move {
+            let mut sent = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                let id = ids[sent.len() % ids.len()];
+                if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
+                    break;
+                }
+                sent.push(id);
+            }
+            sent
+        })
+    };
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while let Some(a) = answers.message().await.expect("the keep-alive stream never fails") {
+            assert!(a.ttl > 0 && a.ttl <= 60, "lease {:x} answered TTL {}", a.id, a.ttl);
+            got.push(a.id);
+        }
+        got
+    });
+    let metrics = &c.member(via).member.metrics;
+    let renewed = |n: usize| async move {
+        let from = metrics.lease_renewal_batches.load(Ordering::Relaxed);
+        let deadline = Instant::now() + WAIT;
+        while metrics.lease_renewal_batches.load(Ordering::Relaxed) < from + n as u64 {
+            assert!(Instant::now() < deadline, "keep-alives stopped being renewed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    renewed(5).await;
+    let to = c.member(other).member.id;
+    c.client(leader).move_leader(to).await.expect("move-leader away");
+    assert_eq!(c.wait_leader().await, other);
+    renewed(5).await;
+    let to = c.member(via).member.id;
+    c.client(other).move_leader(to).await.expect("move-leader to the member the keep-alives reach");
+    assert_eq!(c.wait_leader().await, via);
+    renewed(5).await;
+    done.store(true, Ordering::Relaxed);
+    let sent = sender.await.unwrap();
+    let got = tokio::time::timeout(WAIT, reader).await.expect("every answer came").unwrap();
+    assert_eq!(got, sent, "one answer per keep-alive, in the order sent");
+    assert!(sent.len() > 100, "only {} keep-alives were sent", sent.len());
+    c.shutdown().await;
+}

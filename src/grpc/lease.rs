@@ -80,7 +80,7 @@ impl LeaseService {
     /// an error when the leader cannot be reached. Up to
     /// [`KEEP_ALIVES_IN_FLIGHT`] keep-alives of a stream are renewed at
     /// once, so that a client keeping many leases alive on one stream has
-    /// them renewed together (see [`crate::lease::Renewals`]).
+    /// them renewed together (see [`crate::node::lease::Renewals`]).
     pub fn keep_alive<S>(&self, mut inbound: S) -> ReceiverStream<Result<LeaseKeepAliveResponse, Status>>
     where
         S: Stream<Item = Result<LeaseKeepAliveRequest, Status>> + Send + Unpin + 'static,

@@ -4,29 +4,94 @@
 //! the leader for them. The leader's expiry task revokes what has expired.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::Member;
 use crate::error::Error;
-use crate::lease::{LeaseAnswer, LeaseCall, MAX_LEASE_TTL};
+use crate::lease::{LeaseAnswer, LeaseCall, MAX_LEASE_TTL, MAX_RENEWALS};
 use crate::proto::etcdserverpb::{
     LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseTimeToLiveResponse,
 };
 use crate::proto::kvdpb::{command, LeaseExpire};
 use crate::raft::encode;
+use crate::raft::gather::{Limits, Queued};
 use crate::raft::leader::{ask_leader, idempotent_attempt, until_leader, Attempt, Forwarded};
 use crate::raft::network::Rpc;
 
 /// How often the leader looks for expired leases.
 const EXPIRY_TICK: Duration = Duration::from_millis(100);
 
+/// Renewal batches a member has under way at once. A keep-alive goes at
+/// once while fewer are; otherwise it waits, with every other stream's, for
+/// the next batch, so that under load a member makes a few renewal rounds
+/// at a time, whatever the number of streams and leases, instead of one per
+/// keep-alive.
+const RENEWAL_LIMITS: Limits = Limits { in_flight: 4, items: MAX_RENEWALS, bytes: usize::MAX };
+/// Keep-alives waiting for a batch; past this, keep-alives wait their turn.
+const RENEWALS_QUEUED: usize = 4 * MAX_RENEWALS;
+
+/// A keep-alive waiting for its batch, and where its lease's TTL (0 if the
+/// lease is gone), or why the leader could not be asked, goes.
+pub struct Renewal {
+    id: i64,
+    done: oneshot::Sender<Result<i64, Error>>,
+}
+
+/// Every keep-alive may join any batch.
+impl Queued for Renewal {
+    fn size(&self) -> usize {
+        std::mem::size_of::<i64>()
+    }
+
+    fn joins(&self, _first: &Self) -> bool {
+        true
+    }
+}
+
+/// The queue of keep-alives a member renews in batches.
+pub struct Renewals {
+    tx: mpsc::Sender<Renewal>,
+}
+
+impl Renewals {
+    /// The queue, and its receiving end for [`run_renewals`].
+    pub fn new() -> (Renewals, mpsc::Receiver<Renewal>) {
+        let (tx, rx) = mpsc::channel(RENEWALS_QUEUED);
+        (Renewals { tx }, rx)
+    }
+}
+
+/// Renews the keep-alives queued for `member` in batches until the member
+/// stops or is gone.
+pub async fn run_renewals(member: Weak<Member>, rx: mpsc::Receiver<Renewal>, mut stop: watch::Receiver<bool>) {
+    let batches = crate::raft::gather::run(rx, RENEWAL_LIMITS, move |batch| {
+        let member = member.upgrade();
+        async move {
+            match member {
+                Some(member) => member.renew_batch(batch).await,
+                None => {
+                    for r in batch {
+                        let _ = r.done.send(Err(Error::Stopped));
+                    }
+                }
+            }
+        }
+    });
+    tokio::select! {
+        () = batches => {}
+        _ = stop.wait_for(|stopped| *stopped) => {}
+    }
+}
+
 impl Member {
     /// The term in which this member leads, if it does.
     pub(crate) fn leading_term(&self) -> Option<u64> {
-        let m = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
         (m.current_leader == Some(self.id) && m.state.is_leader()).then_some(m.current_term)
     }
 
@@ -54,36 +119,32 @@ impl Member {
 
     /// Extends a lease by its TTL; returns the TTL, or 0 if the lease does not
     /// exist. Asks the leader when this member is not it, in one call with
-    /// every other keep-alive that waits (see [`crate::lease::Renewals`]).
-    pub async fn lease_renew(self: &Arc<Self>, id: i64) -> Result<i64, Error> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
+    /// every other keep-alive that waits (see [`Renewals`]).
+    pub async fn lease_renew(&self, id: i64) -> Result<i64, Error> {
+        let (done, answer) = oneshot::channel();
         self.metrics.lease_renewals.fetch_add(1, Ordering::Relaxed);
-        if self.renewals.push(id, tx) {
-            // A task of its own, so that a keep-alive whose stream goes away
-            // never strands the others.
-            tokio::spawn(self.clone().renew_batches());
+        if self.renewals.tx.send(Renewal { id, done }).await.is_err() {
+            return Err(Error::Stopped);
         }
-        rx.await.unwrap_or(Err(Error::Stopped))
+        answer.await.unwrap_or(Err(Error::Stopped))
     }
 
-    /// Renews the queued keep-alives, a batch at a time, until none waits.
-    async fn renew_batches(self: Arc<Self>) {
-        while let Some(batch) = self.renewals.next_batch() {
-            self.metrics.lease_renewal_batches.fetch_add(1, Ordering::Relaxed);
-            let ids: Vec<i64> = batch.iter().map(|(id, _)| *id).collect();
-            match self.renew_all(&ids).await {
-                Ok(ttls) if ttls.len() == batch.len() => {
-                    for ((_, done), ttl) in batch.into_iter().zip(ttls) {
-                        let _ = done.send(Ok(ttl));
-                    }
+    /// Renews one batch of keep-alives and answers each.
+    async fn renew_batch(&self, batch: Vec<Renewal>) {
+        self.metrics.lease_renewal_batches.fetch_add(1, Ordering::Relaxed);
+        let ids: Vec<i64> = batch.iter().map(|r| r.id).collect();
+        match self.renew_all(&ids).await {
+            Ok(ttls) if ttls.len() == batch.len() => {
+                for (r, ttl) in batch.into_iter().zip(ttls) {
+                    let _ = r.done.send(Ok(ttl));
                 }
-                answer => {
-                    let e = answer.err().unwrap_or_else(|| {
-                        Error::internal(format!("the leader answered a batch of {} keep-alives wrongly", batch.len()))
-                    });
-                    for (_, done) in batch {
-                        let _ = done.send(Err(e.clone()));
-                    }
+            }
+            answer => {
+                let e = answer.err().unwrap_or_else(|| {
+                    Error::internal(format!("the leader answered a batch of {} keep-alives wrongly", batch.len()))
+                });
+                for r in batch {
+                    let _ = r.done.send(Err(e.clone()));
                 }
             }
         }
@@ -163,11 +224,10 @@ impl Member {
     /// for all of them: answers each lease's TTL (0 if it is gone), in
     /// order.
     pub async fn serve_renewals(&self, ids: &[i64]) -> Forwarded<Vec<i64>> {
-        if ids.len() > crate::lease::MAX_RENEWALS {
+        if ids.len() > MAX_RENEWALS {
             return Forwarded::Failed(Error::internal(format!(
-                "{} keep-alives in one call; at most {} are taken",
-                ids.len(),
-                crate::lease::MAX_RENEWALS
+                "{} keep-alives in one call; at most {MAX_RENEWALS} are taken",
+                ids.len()
             )));
         }
         let term = match self.lease_term().await {

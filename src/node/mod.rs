@@ -88,7 +88,7 @@ pub struct Member {
     /// Lease deadlines, kept while this member leads.
     pub lessor: crate::lease::Lessor,
     /// Keep-alives waiting for the next renewal batch.
-    pub renewals: crate::lease::Renewals,
+    pub renewals: lease::Renewals,
     /// Turns true when the member begins to stop.
     pub stop: tokio::sync::watch::Receiver<bool>,
     /// Where proposals to this member's Raft go (see [`crate::raft::batcher`]).

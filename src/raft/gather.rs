@@ -75,3 +75,66 @@ pub(crate) fn gather<P: Queued>(first: P, rx: &mut mpsc::Receiver<P>, held: &mut
     }
     batch
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Item(u32);
+
+    impl Queued for Item {
+        fn size(&self) -> usize {
+            1
+        }
+
+        fn joins(&self, _first: &Self) -> bool {
+            true
+        }
+    }
+
+    /// While every slot is busy, requests queue; each freed slot takes what
+    /// queued, up to `items`, oldest first.
+    #[tokio::test]
+    async fn queued_requests_wait_for_a_slot_and_go_in_batches_of_at_most_items() {
+        let limits = Limits { in_flight: 2, items: 3, bytes: usize::MAX };
+        let (tx, rx) = mpsc::channel(64);
+        let (seen_tx, mut seen) = mpsc::unbounded_channel::<Vec<u32>>();
+        // A batch ends when the test lets it.
+        let gate = Arc::new(Semaphore::new(0));
+        let running = {
+            let gate = gate.clone();
+            tokio::spawn(run(rx, limits, move |batch: Vec<Item>| {
+                let (seen_tx, gate) = (seen_tx.clone(), gate.clone());
+                async move {
+                    let _ = seen_tx.send(batch.iter().map(|i| i.0).collect());
+                    if let Ok(permit) = gate.acquire().await {
+                        permit.forget();
+                    }
+                }
+            }))
+        };
+        tx.send(Item(0)).await.unwrap();
+        assert_eq!(seen.recv().await.unwrap(), vec![0]);
+        tx.send(Item(1)).await.unwrap();
+        assert_eq!(seen.recv().await.unwrap(), vec![1]);
+        for i in 2..9 {
+            tx.send(Item(i)).await.unwrap();
+        }
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        assert!(seen.try_recv().is_err(), "a third batch started while both slots were taken");
+        gate.add_permits(1);
+        assert_eq!(seen.recv().await.unwrap(), vec![2, 3, 4]);
+        gate.add_permits(1);
+        assert_eq!(seen.recv().await.unwrap(), vec![5, 6, 7]);
+        gate.add_permits(1);
+        assert_eq!(seen.recv().await.unwrap(), vec![8]);
+        drop(tx);
+        gate.add_permits(16);
+        tokio::time::timeout(std::time::Duration::from_secs(5), running)
+            .await
+            .expect("run ends once the queue closes")
+            .unwrap();
+    }
+}

@@ -6,7 +6,7 @@ mod committer;
 mod compactor;
 pub mod db_dir;
 pub mod forwarder;
-mod gather;
+pub(crate) mod gather;
 pub mod leader;
 pub mod log_store;
 pub mod network;
