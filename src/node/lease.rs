@@ -32,7 +32,7 @@ const EXPIRY_TICK: Duration = Duration::from_millis(100);
 /// keep-alive.
 const RENEWAL_LIMITS: Limits = Limits { in_flight: 4, items: MAX_RENEWALS, bytes: usize::MAX };
 /// Keep-alives waiting for a batch; past this, keep-alives wait their turn.
-const RENEWALS_QUEUED: usize = 4 * MAX_RENEWALS;
+const RENEWALS_QUEUED: usize = RENEWAL_LIMITS.in_flight * MAX_RENEWALS;
 
 /// A keep-alive waiting for its batch, and where its lease's TTL (0 if the
 /// lease is gone), or why the leader could not be asked, goes.
