@@ -178,6 +178,140 @@ async fn a_slow_watcher_is_caught_up_from_history_not_skipped() {
     c.shutdown().await;
 }
 
+/// Puts `total` keys `w/{t}-{i}` from 16 writers through `writer`; returns
+/// each key with its revision. Values of 4 KiB, so that the events of a
+/// watch not read soon fill the connection's flow-control window.
+async fn put_many(writer: &Arc<Client>, total: usize, tag: &str) -> Vec<(String, i64)> {
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let (w, tag) = (writer.clone(), tag.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut done = Vec::new();
+            for i in 0..total / 16 {
+                let key = format!("w/{t}-{tag}{i}");
+                let req = PutRequest { key: key.clone().into(), value: vec![b'x'; 4096], ..Default::default() };
+                done.push((key, w.put(req).await.expect("put").header.unwrap().revision));
+            }
+            done
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watches_sharing_a_slow_stream_each_get_every_event_once_in_order() {
+    use kvd::proto::etcdserverpb::watch_client::WatchClient;
+    use kvd::proto::etcdserverpb::watch_request::RequestUnion;
+    use kvd::proto::etcdserverpb::WatchRequest;
+    let c = TestCluster::start(3, |_| {}).await;
+    let (requests, rx) = tokio::sync::mpsc::channel(4);
+    let create = |id: i64, w: WatchCreateRequest| {
+        let requests = requests.clone();
+        async move {
+            let r = WatchCreateRequest { watch_id: id, ..w };
+            requests.send(WatchRequest { request_union: Some(RequestUnion::CreateRequest(r)) }).await.unwrap()
+        }
+    };
+    // 1: the prefix from now on; 2: [w/0, w/5) from now on.
+    create(1, prefix_watch("w/", 0)).await;
+    create(2, WatchCreateRequest { key: "w/0".into(), range_end: "w/5".into(), ..Default::default() }).await;
+    let channel = kvd::client::channel(&format!("http://{}", c.client_addrs[1]), WAIT, None).unwrap();
+    let mut s =
+        WatchClient::new(channel).watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut start = 0;
+    for _ in 0..2 {
+        let created = s.message().await.unwrap().unwrap();
+        assert!(created.created && !created.canceled);
+        start = created.header.unwrap().revision + 1;
+    }
+    // Far more revisions than the member buffers for watchers, while the
+    // client reads nothing; halfway, a third watch of the prefix from the
+    // start, with previous values, which replays history meanwhile.
+    let writer = Arc::new(c.client_all());
+    let mut written = put_many(&writer, 800, "a").await;
+    create(3, WatchCreateRequest { prev_kv: true, ..prefix_watch("w/", start) }).await;
+    written.extend(put_many(&writer, 800, "b").await);
+    written.sort_by_key(|(_, rev)| *rev);
+    let all: Vec<i64> = written.iter().map(|(_, rev)| *rev).collect();
+    let some: Vec<i64> =
+        written.iter().filter(|(k, _)| k.as_str() >= "w/0" && k.as_str() < "w/5").map(|(_, rev)| *rev).collect();
+    assert!(!some.is_empty() && some.len() < all.len());
+    let mut got: std::collections::BTreeMap<i64, Vec<i64>> = Default::default();
+    let done = |got: &std::collections::BTreeMap<i64, Vec<i64>>| {
+        [(1, all.len()), (2, some.len()), (3, all.len())].iter().all(|(id, n)| got.get(id).map_or(0, Vec::len) >= *n)
+    };
+    while !done(&got) {
+        let r = tokio::time::timeout(WAIT, s.message()).await.expect("events keep coming").unwrap().unwrap();
+        assert!(!r.canceled, "watch {} cancelled: {}", r.watch_id, r.cancel_reason);
+        for e in &r.events {
+            let kv = e.kv.as_ref().unwrap();
+            // Each key is put once: only the third watch has previous values, and none.
+            assert!(e.prev_kv.is_none());
+            got.entry(r.watch_id).or_default().push(kv.mod_revision);
+        }
+    }
+    assert_eq!(got[&1], all, "watch 1");
+    assert_eq!(got[&2], some, "watch 2");
+    assert_eq!(got[&3], all, "watch 3");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_quiet_watches_that_asked_get_progress_notifications() {
+    use kvd::proto::etcdserverpb::watch_client::WatchClient;
+    use kvd::proto::etcdserverpb::watch_request::RequestUnion;
+    use kvd::proto::etcdserverpb::WatchRequest;
+    let interval = Duration::from_millis(400);
+    let c = TestCluster::start(3, |args| {
+        args.extend(["--experimental-watch-progress-notify-interval".to_string(), "400ms".to_string()])
+    })
+    .await;
+    let (requests, rx) = tokio::sync::mpsc::channel(4);
+    for (id, key, notify) in [(1, "p/", true), (2, "p/", false), (3, "q/", true)] {
+        let create = WatchCreateRequest { watch_id: id, progress_notify: notify, ..prefix_watch(key, 0) };
+        requests.send(WatchRequest { request_union: Some(RequestUnion::CreateRequest(create)) }).await.unwrap();
+    }
+    let channel = kvd::client::channel(&format!("http://{}", c.client_addrs[2]), WAIT, None).unwrap();
+    let mut s =
+        WatchClient::new(channel).watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    // Puts under p/ one after another for eight intervals, then none:
+    // watch 1 has events and no notification until the puts stop; watch 3
+    // sees no events and is notified throughout; watch 2 never is.
+    let client = c.client_all();
+    let writing_until = Instant::now() + 8 * interval;
+    let writer = tokio::spawn(async move {
+        let mut rev = 0;
+        while Instant::now() < writing_until {
+            rev = client.put(put("p/k", "v")).await.unwrap().header.unwrap().revision;
+        }
+        rev
+    });
+    let mut notified: Vec<(i64, i64, Instant)> = Vec::new();
+    loop {
+        let r = tokio::time::timeout(WAIT, s.message()).await.expect("the stream answers").unwrap().unwrap();
+        if r.created || !r.events.is_empty() {
+            continue;
+        }
+        assert!(!r.canceled);
+        notified.push((r.watch_id, r.header.unwrap().revision, Instant::now()));
+        // Done once watch 1 has been notified, which it is once the puts stop.
+        if r.watch_id == 1 {
+            break;
+        }
+    }
+    let rev = writer.await.unwrap();
+    assert!(notified.iter().all(|(id, _, _)| *id != 2), "{notified:?}");
+    assert!(notified.iter().filter(|(id, _, at)| *id == 3 && *at < writing_until).count() >= 2, "{notified:?}");
+    let (_, at_rev, at) = notified.iter().find(|(id, _, _)| *id == 1).unwrap();
+    assert!(*at > writing_until, "watch 1 notified while it had events: {notified:?}");
+    assert_eq!(*at_rev, rev, "a notification says how far the watch is");
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn keys_of_a_dead_holder_vanish_within_ttl_and_an_election_timeout_and_not_before() {
     let c = TestCluster::start(3, |_| {}).await;

@@ -286,3 +286,182 @@ async fn kvd_answers_like_etcd_for_random_kv_operations() {
     println!("compared {compared} responses with etcd 3.4");
     cluster.shutdown().await;
 }
+
+/// What one watch received, in order: each response's events (key, type,
+/// value, mod revision, previous value) or, for a response without events,
+/// what it said (created, cancelled and why, the compacted revision).
+type Transcript = std::collections::BTreeMap<i64, Vec<String>>;
+
+fn describe(resp: &WatchResponse) -> Vec<String> {
+    let value = |kv: &Option<kvd::proto::mvccpb::KeyValue>| {
+        kv.as_ref().map(|kv| format!("{}={}", String::from_utf8_lossy(&kv.key), String::from_utf8_lossy(&kv.value)))
+    };
+    if resp.events.is_empty() {
+        let rev = if resp.created { strip(&mut resp.header.clone()) } else { 0 };
+        return vec![format!(
+            "created={} canceled={} compact={} reason={:?} rev={rev}",
+            resp.created, resp.canceled, resp.compact_revision, resp.cancel_reason
+        )];
+    }
+    resp.events
+        .iter()
+        .map(|e| {
+            let kv = e.kv.as_ref().expect("an event carries its key");
+            format!("{} {:?} @{} prev={:?}", e.r#type, value(&e.kv), kv.mod_revision, value(&e.prev_kv))
+        })
+        .collect()
+}
+
+/// Runs the same watch session on one stream of `endpoint`: watches from a
+/// past, the current and a future revision, with filters and previous
+/// values, a compacted start, a duplicate id, a cancel mid-way and a
+/// progress request; returns each watch's transcript and the progress
+/// response's revision.
+async fn watch_session(endpoint: &str) -> (Transcript, i64) {
+    use kvd::proto::etcdserverpb::watch_client::WatchClient;
+    use kvd::proto::etcdserverpb::watch_create_request::FilterType;
+    use kvd::proto::etcdserverpb::watch_request::RequestUnion;
+    let client = Client::new(&[endpoint.to_string()], Duration::from_secs(2)).unwrap();
+    let put = |k: &str, v: &str| PutRequest { key: k.into(), value: v.into(), ..Default::default() };
+    let mut revs = Vec::new();
+    for (k, v) in [("a", "1"), ("b", "1"), ("a", "2"), ("c", "1"), ("a", "3"), ("b", "2")] {
+        revs.push(client.put(put(k, v)).await.unwrap().header.unwrap().revision);
+    }
+    client.compact(CompactionRequest { revision: revs[1], physical: true }).await.unwrap();
+    let current = *revs.last().unwrap();
+
+    let (requests, rx) = tokio::sync::mpsc::channel(16);
+    let send = |r: RequestUnion| {
+        let requests = requests.clone();
+        async move { requests.send(WatchRequest { request_union: Some(r) }).await.unwrap() }
+    };
+    let create = |key: &str, end: &[u8], start: i64| WatchCreateRequest {
+        key: key.into(),
+        range_end: end.to_vec(),
+        start_revision: start,
+        ..Default::default()
+    };
+    let mut transcript = Transcript::new();
+    let mut progress = None;
+    // Reads until `done` holds for what was read.
+    async fn read_until(
+        stream: &mut tonic::Streaming<WatchResponse>,
+        transcript: &mut Transcript,
+        progress: &mut Option<i64>,
+        done: impl Fn(&Transcript, Option<i64>) -> bool,
+    ) {
+        while !done(transcript, *progress) {
+            let resp = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .expect("the watch stream answers")
+                .expect("a watch response")
+                .expect("the stream stays open");
+            if resp.watch_id == -1 && !resp.created {
+                *progress = Some(resp.header.expect("a header").revision);
+            } else {
+                transcript.entry(resp.watch_id).or_default().extend(describe(&resp));
+            }
+        }
+    }
+    let created = |n: usize| {
+        move |t: &Transcript, _: Option<i64>| {
+            t.values().flatten().filter(|l| l.starts_with("created=true")).count() >= n
+        }
+    };
+
+    // 0: key a from a past revision, with previous values.
+    send(RequestUnion::CreateRequest(WatchCreateRequest { prev_kv: true, ..create("a", b"", revs[2]) })).await;
+    // A server answers the call once it has a response to send.
+    let channel = kvd::client::channel(endpoint, Duration::from_secs(2), None).unwrap();
+    let mut stream =
+        WatchClient::new(channel).watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    // 1: every key from now on, deletes only.
+    send(RequestUnion::CreateRequest(WatchCreateRequest {
+        filters: vec![FilterType::Noput as i32],
+        ..create("\0", b"\0", 0)
+    }))
+    .await;
+    // 2: [a, c) from a past revision, puts only.
+    send(RequestUnion::CreateRequest(WatchCreateRequest {
+        filters: vec![FilterType::Nodelete as i32],
+        ..create("a", b"c", revs[3])
+    }))
+    .await;
+    // 100: key c from a future revision, under an id of the client's.
+    send(RequestUnion::CreateRequest(WatchCreateRequest { watch_id: 100, ..create("c", b"", current + 3) })).await;
+    read_until(&mut stream, &mut transcript, &mut progress, created(4)).await;
+    // The same id again, and a start before the compacted revision.
+    send(RequestUnion::CreateRequest(WatchCreateRequest { watch_id: 100, ..create("b", b"", 0) })).await;
+    send(RequestUnion::CreateRequest(WatchCreateRequest { watch_id: 7, ..create("b", b"", revs[0]) })).await;
+    read_until(&mut stream, &mut transcript, &mut progress, created(6)).await;
+
+    // Watch 2 is cancelled once it has the next revision's event, before
+    // any later one is written.
+    let a4 = client.put(put("a", "4")).await.unwrap().header.unwrap().revision;
+    read_until(&mut stream, &mut transcript, &mut progress, |t, _| {
+        t.get(&2).is_some_and(|l| l.iter().any(|e| e.contains(&format!("@{a4} "))))
+    })
+    .await;
+    send(RequestUnion::CancelRequest(kvd::proto::etcdserverpb::WatchCancelRequest { watch_id: 2 })).await;
+    read_until(&mut stream, &mut transcript, &mut progress, |t, _| {
+        t.get(&2).is_some_and(|l| l.last().is_some_and(|e| e.contains("canceled=true")))
+    })
+    .await;
+    for (k, v) in [("c", "2"), ("b", "3")] {
+        client.put(put(k, v)).await.unwrap();
+    }
+    client.delete_range(DeleteRangeRequest { key: "a".into(), ..Default::default() }).await.unwrap();
+    client.put(put("c", "3")).await.unwrap();
+    client.put(put("a", "5")).await.unwrap();
+    // One revision every open watch sees: a put of a and of c, a delete of b.
+    let last = client
+        .txn(TxnRequest {
+            success: vec![
+                RequestOp { request: Some(Request::RequestPut(put("a", "6"))) },
+                RequestOp { request: Some(Request::RequestPut(put("c", "4"))) },
+                RequestOp {
+                    request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
+                        key: "b".into(),
+                        ..Default::default()
+                    })),
+                },
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .header
+        .unwrap()
+        .revision;
+    read_until(&mut stream, &mut transcript, &mut progress, |t, _| {
+        [0, 1, 100].iter().all(|id| t.get(id).is_some_and(|l| l.iter().any(|e| e.contains(&format!("@{last} ")))))
+    })
+    .await;
+    send(RequestUnion::ProgressRequest(Default::default())).await;
+    read_until(&mut stream, &mut transcript, &mut progress, |_, p| p.is_some()).await;
+    (transcript, progress.unwrap_or(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watches_sharing_a_stream_answer_like_etcd() {
+    let etcd = Etcd::start();
+    let reference = Client::new(std::slice::from_ref(&etcd.client), Duration::from_secs(2)).unwrap();
+    wait_ready(&reference).await;
+    let want = watch_session(&etcd.client).await;
+    let cluster = TestCluster::start(3, |_| {}).await;
+    // A follower's watches: served from its own applied state.
+    let leader = cluster.wait_leader().await;
+    let follower = (leader + 1) % 3;
+    let got = watch_session(&format!("http://{}", cluster.client_addrs[follower])).await;
+    assert_eq!(got, want, "kvd's watches differ from etcd's");
+    // What etcd answered is what the session is meant to check.
+    // What etcd answered is what the session is meant to check: a watch
+    // for each case, the duplicate id refused, the compacted start
+    // cancelled, and progress as of the last write.
+    let (t, progress) = &want;
+    assert_eq!(t.keys().copied().collect::<Vec<_>>(), vec![-1, 0, 1, 2, 7, 100], "{t:#?}");
+    assert!(t[&-1][0].contains("duplicate watch ID"), "{t:#?}");
+    assert!(t[&7].iter().any(|l| l.contains("canceled=true compact=3")), "{t:#?}");
+    assert!(t[&0].last().is_some_and(|l| l.ends_with(&format!("@{progress} prev=Some(\"a=5\")"))), "{t:#?}");
+    cluster.shutdown().await;
+}

@@ -1,24 +1,26 @@
 //! The Watch service: many watches per bidirectional stream, each served from
 //! this member's own applied state.
 //!
-//! A watch first replays history from its start revision (in chunks of whole
-//! revisions, read from disk), then follows the applied revisions that the
-//! state machine broadcasts. The broadcast holds a bounded number of
-//! revisions; a watch that falls further behind (a slow reader) is told so and
-//! goes back to replaying from history where it left off. No event is skipped
-//! and none is sent twice: the watch keeps the next revision it owes its
-//! client and discards anything older.
+//! One task serves a stream and all its watches, as etcd's watch stream does:
+//! it takes each applied revision the state machine broadcasts once and
+//! hands its events to every watch of the stream that follows the broadcast
+//! (a task per watch woke thousands of tasks per revision). A watch first
+//! replays history from its start revision (in chunks of whole revisions,
+//! read from disk), taking turns with the stream's other work, then follows
+//! the broadcast. The broadcast holds a bounded number of revisions; when the
+//! stream falls further behind (a slow reader), its watches go back to
+//! replaying from history where each left off. No event is skipped and none
+//! is sent twice: each watch keeps the next revision it owes its client and
+//! discards anything older.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
 use prost::Message;
 use tokio::sync::{broadcast, mpsc};
-use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -73,11 +75,12 @@ impl WatchService {
         S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
     {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let stream = WatchStreamState {
-            member: self.member.clone(),
+        let stream = WatchStream {
+            out: Out { member: self.member.clone(), tx },
             progress_interval: self.progress_interval,
-            tx,
             watches: HashMap::new(),
+            behind: VecDeque::new(),
+            notifying: 0,
             next_id: 0,
         };
         // The stream's requests are checked with the credentials of the
@@ -93,83 +96,190 @@ impl WatchService {
     }
 }
 
-struct ActiveWatch {
-    task: JoinHandle<()>,
-    /// Every event at or below this revision has been queued to the client.
-    synced: Arc<AtomicI64>,
+/// Where a stream's responses go, and the member they come from.
+struct Out {
+    member: Arc<Member>,
+    tx: Outbound,
 }
 
-struct WatchStreamState {
-    member: Arc<Member>,
+/// One stream and its watches, served by one task.
+struct WatchStream {
+    out: Out,
     progress_interval: Duration,
-    tx: Outbound,
-    watches: HashMap<i64, ActiveWatch>,
+    watches: HashMap<i64, Watcher>,
+    /// Watches replaying history, in the order of their turns.
+    behind: VecDeque<i64>,
+    /// How many watches asked for progress notifications.
+    notifying: usize,
     next_id: i64,
 }
 
-impl WatchStreamState {
+/// What woke a stream's task.
+enum Step {
+    Applied(Result<Arc<Applied>, broadcast::error::RecvError>),
+    Request(Option<Result<WatchRequest, Status>>),
+    Tick,
+    Replay,
+}
+
+impl WatchStream {
     async fn run<S>(mut self, mut inbound: S)
     where
         S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
     {
         use futures::StreamExt;
+        // Subscribed before any watch is created, so that each revision
+        // after a watch's start is either in the state it reads or still
+        // to come here (`Shared::subscribe`).
+        let (mut applied, _) = self.out.member.state.subscribe();
+        let period = self.progress_interval;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let mut open = true;
         loop {
-            let msg = tokio::select! {
-                msg = inbound.next(), if open => msg,
-                _ = self.tx.closed() => break,
-                _ = self.member.stopped() => {
-                    let _ = self.tx.send(Err(Error::Stopped.into())).await;
+            // One chunk of history for the watch whose turn it is, then
+            // whatever else is ready: no watch waits for another's replay.
+            if !self.replay_one().await {
+                break;
+            }
+            let step = tokio::select! {
+                item = applied.recv() => Step::Applied(item),
+                msg = inbound.next(), if open => Step::Request(msg),
+                _ = tick.tick(), if self.notifying > 0 => Step::Tick,
+                _ = std::future::ready(()), if !self.behind.is_empty() => Step::Replay,
+                _ = self.out.tx.closed() => break,
+                _ = self.out.member.stopped() => {
+                    let _ = self.out.tx.send(Err(Error::Stopped.into())).await;
                     break;
                 }
             };
-            let req = match msg {
-                Some(Ok(req)) => req,
+            let go_on = match step {
+                Step::Applied(Ok(applied)) => self.fan_out(&applied).await,
+                Step::Applied(Err(broadcast::error::RecvError::Lagged(missed))) => {
+                    tracing::debug!(missed, "watch stream fell behind; replaying from history");
+                    for w in self.watches.values_mut().filter(|w| w.live) {
+                        w.live = false;
+                        self.behind.push_back(w.id);
+                    }
+                    true
+                }
+                Step::Applied(Err(broadcast::error::RecvError::Closed)) => false,
                 // The client sends no more requests; its watches go on.
-                None => {
+                Step::Request(None) => {
                     open = false;
-                    continue;
+                    true
                 }
-                Some(Err(status)) => {
+                Step::Request(Some(Err(status))) => {
                     tracing::debug!("watch stream ended: {status}");
-                    let _ = self.tx.send(Err(status)).await;
-                    break;
+                    let _ = self.out.tx.send(Err(status)).await;
+                    false
                 }
+                Step::Request(Some(Ok(req))) => match req.request_union {
+                    Some(RequestUnion::CreateRequest(c)) => self.create(c).await,
+                    Some(RequestUnion::CancelRequest(c)) => self.cancel(c.watch_id).await,
+                    Some(RequestUnion::ProgressRequest(_)) => self.progress().await,
+                    None => true,
+                },
+                Step::Tick => self.notify_progress().await,
+                Step::Replay => true,
             };
-            self.watches.retain(|_, w| !w.task.is_finished());
-            let sent = match req.request_union {
-                Some(RequestUnion::CreateRequest(c)) => self.create(c).await,
-                Some(RequestUnion::CancelRequest(c)) => self.cancel(c.watch_id).await,
-                Some(RequestUnion::ProgressRequest(_)) => self.progress().await,
-                None => true,
-            };
-            if !sent {
+            if !go_on {
                 break;
             }
         }
-        for (_, w) in self.watches.drain() {
-            w.task.abort();
+    }
+
+    /// Gives one applied revision's events to every watch following the
+    /// broadcast. Returns false once the client is gone.
+    async fn fan_out(&mut self, applied: &Applied) -> bool {
+        let Self { out, watches, behind, .. } = self;
+        // One header for the revision, not one per watch.
+        let mut header = None;
+        let mut cancelled = Vec::new();
+        for w in watches.values_mut() {
+            if !w.live || applied.rev < w.next {
+                continue;
+            }
+            if applied.rev > w.next || applied.events.is_empty() {
+                // A revision this stream did not see, or one applied
+                // without events (a snapshot install): replay from history.
+                w.live = false;
+                behind.push_back(w.id);
+                continue;
+            }
+            w.next = applied.rev + 1;
+            let events: Vec<Event> = applied.events.iter().filter(|e| w.wanted(e)).cloned().collect();
+            if events.is_empty() {
+                continue;
+            }
+            let header = *header.get_or_insert_with(|| out.header(applied.rev));
+            match out.deliver(w, events, header).await {
+                Ok(sent) => w.sent_since_tick |= sent,
+                Err(Stop::Gone) => return false,
+                Err(Stop::Cancelled) => cancelled.push(w.id),
+            }
+        }
+        for id in cancelled {
+            self.forget(id);
+        }
+        true
+    }
+
+    /// Replays one chunk of history to the watch whose turn it is; a watch
+    /// with nothing left to replay follows the broadcast from then on.
+    /// Returns false once the client is gone.
+    async fn replay_one(&mut self) -> bool {
+        let Some(id) = self.behind.pop_front() else { return true };
+        let Some(w) = self.watches.get_mut(&id) else { return true };
+        if w.live {
+            return true;
+        }
+        let result = match self.out.next_chunk(w) {
+            None => {
+                w.live = true;
+                return true;
+            }
+            Some(Ok((events, last))) => self.out.deliver(w, events, self.out.header(last)).await.map(|_| last),
+            Some(Err((Error::Compacted, compacted))) => {
+                // As etcd answers it: the compacted revision says why, and
+                // the header carries no revision.
+                let mut header = self.out.header(0);
+                if let Some(h) = header.as_mut() {
+                    h.revision = 0;
+                }
+                let resp = WatchResponse {
+                    header,
+                    watch_id: id,
+                    canceled: true,
+                    compact_revision: compacted,
+                    ..Default::default()
+                };
+                self.out.send(resp).await.map_err(|_| Stop::Gone).and(Err(Stop::Cancelled))
+            }
+            Some(Err((e, _))) => self.out.cancel(id, e).await.map(|_| 0),
+        };
+        match result {
+            Ok(last) => {
+                w.next = last + 1;
+                self.behind.push_back(id);
+                true
+            }
+            Err(Stop::Cancelled) => {
+                self.forget(id);
+                true
+            }
+            Err(Stop::Gone) => false,
         }
     }
 
-    fn header(&self, revision: i64) -> Option<ResponseHeader> {
-        let mut header = Some(ResponseHeader { revision, ..Default::default() });
-        self.member.fill_header(&mut header);
-        header
-    }
-
-    async fn send(&self, resp: WatchResponse) -> bool {
-        self.tx.send(Ok(resp)).await.is_ok()
-    }
-
     async fn create(&mut self, c: WatchCreateRequest) -> bool {
-        let (rx, current) = self.member.state.subscribe();
+        let current = self.out.member.state.read().store.revision();
         // A watch needs READ on its range, as in etcd, which answers a
         // refusal as a watch created and canceled at once.
-        if let Err(e) = self.member.authorize_read(&c.key, &c.range_end) {
+        if let Err(e) = self.out.member.authorize_read(&c.key, &c.range_end) {
             return self
+                .out
                 .send(WatchResponse {
-                    header: self.header(current),
+                    header: self.out.header(current),
                     watch_id: -1,
                     created: true,
                     canceled: true,
@@ -177,20 +287,24 @@ impl WatchStreamState {
                     cancel_reason: format!("rpc error: code = {:?} desc = {e}", crate::grpc::status::code(&e)),
                     ..Default::default()
                 })
-                .await;
+                .await
+                .is_ok();
         }
         let id = if c.watch_id != 0 {
             if self.watches.contains_key(&c.watch_id) {
                 return self
+                    .out
                     .send(WatchResponse {
-                        header: self.header(current),
-                        watch_id: c.watch_id,
+                        header: self.out.header(current),
+                        // etcd answers with no watch's id.
+                        watch_id: -1,
                         created: true,
                         canceled: true,
                         cancel_reason: "mvcc: duplicate watch ID provided on the WatchStream".into(),
                         ..Default::default()
                     })
-                    .await;
+                    .await
+                    .is_ok();
             }
             c.watch_id
         } else {
@@ -201,13 +315,19 @@ impl WatchStreamState {
             self.next_id - 1
         };
         let start = if c.start_revision > 0 { c.start_revision } else { current + 1 };
-        let created = WatchResponse { header: self.header(current), watch_id: id, created: true, ..Default::default() };
-        if !self.send(created).await {
+        let created =
+            WatchResponse { header: self.out.header(current), watch_id: id, created: true, ..Default::default() };
+        if self.out.send(created).await.is_err() {
             return false;
         }
-        let synced = Arc::new(AtomicI64::new(start - 1));
+        // A watch from the next revision on follows the broadcast at once;
+        // one from an earlier one replays history first.
+        let live = start > current;
+        if !live {
+            self.behind.push_back(id);
+        }
+        self.notifying += usize::from(c.progress_notify);
         let watcher = Watcher {
-            member: self.member.clone(),
             id,
             key: c.key,
             end: RangeEnd::from_request(&c.range_end),
@@ -215,38 +335,62 @@ impl WatchStreamState {
             no_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
             prev_kv: c.prev_kv,
             fragment: c.fragment,
-            progress: c.progress_notify.then_some(self.progress_interval),
+            progress: c.progress_notify,
             next: start,
-            synced: synced.clone(),
-            tx: self.tx.clone(),
+            live,
+            sent_since_tick: false,
         };
-        let task = tokio::spawn(watcher.run(rx));
-        self.watches.insert(id, ActiveWatch { task, synced });
+        self.watches.insert(id, watcher);
+        true
+    }
+
+    /// Drops a watch; a turn to replay it that is still queued is skipped.
+    fn forget(&mut self, id: i64) -> bool {
+        let Some(w) = self.watches.remove(&id) else { return false };
+        self.notifying -= usize::from(w.progress);
         true
     }
 
     async fn cancel(&mut self, id: i64) -> bool {
         // As etcd, cancelling a watch this stream does not have answers nothing.
-        let Some(w) = self.watches.remove(&id) else { return true };
-        w.task.abort();
-        let _ = w.task.await;
-        let current = self.member.state.read().store.revision();
-        self.send(WatchResponse { header: self.header(current), watch_id: id, canceled: true, ..Default::default() })
-            .await
+        if !self.forget(id) {
+            return true;
+        }
+        let current = self.out.member.state.read().store.revision();
+        let resp =
+            WatchResponse { header: self.out.header(current), watch_id: id, canceled: true, ..Default::default() };
+        self.out.send(resp).await.is_ok()
     }
 
     /// Answers a progress request with a revision every watch on the stream
     /// has delivered all events up to (watch id -1, as etcd 3.4).
     async fn progress(&mut self) -> bool {
-        let current = self.member.state.read().store.revision();
-        let rev = self.watches.values().map(|w| w.synced.load(Ordering::Acquire)).fold(current, i64::min);
-        self.send(WatchResponse { header: self.header(rev), watch_id: -1, ..Default::default() }).await
+        let current = self.out.member.state.read().store.revision();
+        let rev = self.watches.values().map(|w| w.next - 1).fold(current, i64::min);
+        self.out.send(WatchResponse { header: self.out.header(rev), watch_id: -1, ..Default::default() }).await.is_ok()
+    }
+
+    /// Tells each watch that asked for progress notifications and follows
+    /// the broadcast, but got no events since the last tick, how far it is.
+    async fn notify_progress(&mut self) -> bool {
+        let current = self.out.member.state.read().store.revision();
+        for w in self.watches.values_mut() {
+            if w.progress && w.live && !w.sent_since_tick {
+                // A watch from a future revision is as far as the store.
+                let rev = (w.next - 1).min(current);
+                let resp = WatchResponse { header: self.out.header(rev), watch_id: w.id, ..Default::default() };
+                if self.out.send(resp).await.is_err() {
+                    return false;
+                }
+            }
+            w.sent_since_tick = false;
+        }
+        true
     }
 }
 
-/// One watch: where it is, what it wants, where it sends.
+/// One watch: what it wants and where it is.
 struct Watcher {
-    member: Arc<Member>,
     id: i64,
     key: Vec<u8>,
     end: RangeEnd,
@@ -254,148 +398,17 @@ struct Watcher {
     no_delete: bool,
     prev_kv: bool,
     fragment: bool,
-    progress: Option<Duration>,
+    /// Whether it asked for progress notifications.
+    progress: bool,
     /// The next revision this watch owes its client.
     next: i64,
-    synced: Arc<AtomicI64>,
-    tx: Outbound,
-}
-
-/// Replayed events and the last revision they cover.
-type Chunk = (Vec<Event>, i64);
-
-/// How a watch stops.
-enum Stop {
-    /// The client is gone or cancelled.
-    Gone,
-    /// The watch was cancelled by the server (compaction, failure); the
-    /// response saying so has been sent.
-    Cancelled,
+    /// Whether it follows the broadcast (it has replayed all history up to
+    /// the revisions still to come there).
+    live: bool,
+    sent_since_tick: bool,
 }
 
 impl Watcher {
-    async fn run(mut self, mut rx: broadcast::Receiver<Arc<Applied>>) {
-        loop {
-            if self.catch_up().await.is_err() {
-                return;
-            }
-            match self.follow(&mut rx).await {
-                Ok(Resync::FromHistory) => {}
-                Ok(Resync::Resubscribe) => rx = self.member.state.subscribe().0,
-                Err(_) => return,
-            }
-        }
-    }
-
-    /// Replays history from `next` up to the current revision.
-    async fn catch_up(&mut self) -> Result<(), Stop> {
-        loop {
-            let Some(read) = self.next_chunk() else { return Ok(()) };
-            match read {
-                Ok((events, last)) => {
-                    self.deliver(events, last).await?;
-                    self.next = last + 1;
-                    self.synced.store(last, Ordering::Release);
-                }
-                Err((Error::Compacted, compacted)) => {
-                    // As etcd answers it: the compacted revision says why,
-                    // and the header carries no revision.
-                    let mut header = self.header(0);
-                    if let Some(h) = header.as_mut() {
-                        h.revision = 0;
-                    }
-                    let resp = WatchResponse {
-                        header,
-                        watch_id: self.id,
-                        canceled: true,
-                        compact_revision: compacted,
-                        ..Default::default()
-                    };
-                    let _ = self.tx.send(Ok(resp)).await;
-                    return Err(Stop::Cancelled);
-                }
-                Err((e, _)) => return self.cancel(e).await,
-            }
-        }
-    }
-
-    /// The next chunk of history to replay, with the last revision it
-    /// covers; None once `next` is past the current revision. An error
-    /// comes with the compacted revision.
-    fn next_chunk(&self) -> Option<Result<Chunk, (Error, i64)>> {
-        let state = match self.member.state.read_committed() {
-            Ok(state) => state,
-            Err(e) => return Some(Err((e, 0))),
-        };
-        let current = state.store.revision();
-        if self.next > current {
-            return None;
-        }
-        let compacted = state.store.compacted();
-        let read = state.store.history_events(&self.key, &self.end, self.next, current, REPLAY_CHUNK, self.prev_kv);
-        Some(read.map_err(|e| (e, compacted)))
-    }
-
-    /// Cancels the watch because reading history failed.
-    async fn cancel(&self, e: Error) -> Result<(), Stop> {
-        tracing::warn!(watch = self.id, "reading history for a watch failed: {e}");
-        let resp = WatchResponse {
-            header: self.header(0),
-            watch_id: self.id,
-            canceled: true,
-            cancel_reason: e.to_string(),
-            ..Default::default()
-        };
-        let _ = self.tx.send(Ok(resp)).await;
-        Err(Stop::Cancelled)
-    }
-
-    /// Follows applied revisions live until it falls behind.
-    async fn follow(&mut self, rx: &mut broadcast::Receiver<Arc<Applied>>) -> Result<Resync, Stop> {
-        let period = self.progress.unwrap_or(Duration::from_secs(3600));
-        let mut quiet = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        let mut sent_since_tick = false;
-        loop {
-            tokio::select! {
-                item = rx.recv() => match item {
-                    Ok(applied) => {
-                        if applied.rev < self.next {
-                            continue;
-                        }
-                        if applied.rev > self.next || applied.events.is_empty() {
-                            // A revision this member applied without events
-                            // (a snapshot install): replay from history.
-                            return Ok(Resync::FromHistory);
-                        }
-                        let events = applied.events.clone();
-                        sent_since_tick |= self.deliver(events, applied.rev).await?;
-                        self.next = applied.rev + 1;
-                        self.synced.store(applied.rev, Ordering::Release);
-                    }
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        tracing::debug!(watch = self.id, missed, "watch fell behind; replaying from history");
-                        return Ok(Resync::Resubscribe);
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return Err(Stop::Gone),
-                },
-                _ = quiet.tick(), if self.progress.is_some() => {
-                    if !sent_since_tick {
-                        let resp = WatchResponse { header: self.header(self.next - 1), watch_id: self.id, ..Default::default() };
-                        self.tx.send(Ok(resp)).await.map_err(|_| Stop::Gone)?;
-                    }
-                    sent_since_tick = false;
-                }
-                _ = self.tx.closed() => return Err(Stop::Gone),
-            }
-        }
-    }
-
-    fn header(&self, revision: i64) -> Option<ResponseHeader> {
-        let mut header = Some(ResponseHeader { revision, ..Default::default() });
-        self.member.fill_header(&mut header);
-        header
-    }
-
     fn wanted(&self, e: &Event) -> bool {
         let Some(kv) = &e.kv else { return false };
         if !self.end.contains(&self.key, &kv.key) {
@@ -403,6 +416,61 @@ impl Watcher {
         }
         let put = e.r#type == EventType::Put as i32;
         !(put && self.no_put || !put && self.no_delete)
+    }
+}
+
+/// Replayed events and the last revision they cover.
+type Chunk = (Vec<Event>, i64);
+
+/// How a watch stops.
+enum Stop {
+    /// The client is gone.
+    Gone,
+    /// The watch was cancelled by the server (compaction, failure); the
+    /// response saying so has been sent.
+    Cancelled,
+}
+
+impl Out {
+    fn header(&self, revision: i64) -> Option<ResponseHeader> {
+        let mut header = Some(ResponseHeader { revision, ..Default::default() });
+        self.member.fill_header(&mut header);
+        header
+    }
+
+    async fn send(&self, resp: WatchResponse) -> Result<(), Stop> {
+        self.tx.send(Ok(resp)).await.map_err(|_| Stop::Gone)
+    }
+
+    /// The next chunk of history `w` is to replay, with the last revision
+    /// it covers; None once `w.next` is past the current revision. An
+    /// error comes with the compacted revision.
+    fn next_chunk(&self, w: &Watcher) -> Option<Result<Chunk, (Error, i64)>> {
+        let state = match self.member.state.read_committed() {
+            Ok(state) => state,
+            Err(e) => return Some(Err((e, 0))),
+        };
+        let current = state.store.revision();
+        if w.next > current {
+            return None;
+        }
+        let compacted = state.store.compacted();
+        let read = state.store.history_events(&w.key, &w.end, w.next, current, REPLAY_CHUNK, w.prev_kv);
+        Some(read.map_err(|e| (e, compacted)))
+    }
+
+    /// Cancels watch `id` because reading history failed.
+    async fn cancel(&self, id: i64, e: Error) -> Result<(), Stop> {
+        tracing::warn!(watch = id, "reading history for a watch failed: {e}");
+        let resp = WatchResponse {
+            header: self.header(0),
+            watch_id: id,
+            canceled: true,
+            cancel_reason: e.to_string(),
+            ..Default::default()
+        };
+        self.send(resp).await?;
+        Err(Stop::Cancelled)
     }
 
     /// Reads from history the previous key-value of each event that had one
@@ -422,42 +490,33 @@ impl Watcher {
         Ok(())
     }
 
-    /// Sends the wanted ones of `events` (whole revisions, up to `last`).
-    /// Returns whether anything was sent.
-    async fn deliver(&self, mut events: Vec<Event>, last: i64) -> Result<bool, Stop> {
-        events.retain(|e| self.wanted(e));
+    /// Sends the ones `w` wants of `events` (whole revisions, up to the
+    /// header's revision). Returns whether anything was sent.
+    async fn deliver(&self, w: &Watcher, mut events: Vec<Event>, header: Option<ResponseHeader>) -> Result<bool, Stop> {
+        events.retain(|e| w.wanted(e));
         if events.is_empty() {
             return Ok(false);
         }
-        if !self.prev_kv {
+        if !w.prev_kv {
             for e in &mut events {
                 e.prev_kv = None;
             }
         } else if let Err(e) = self.fill_prev(&mut events) {
-            self.cancel(e).await?;
+            self.cancel(w.id, e).await?;
         }
-        let header = self.header(last);
         let limit = self.member.limits.max_request_bytes;
-        let chunks: Vec<Vec<Event>> = if self.fragment && events.iter().map(|e| e.encoded_len()).sum::<usize>() > limit
-        {
+        let chunks: Vec<Vec<Event>> = if w.fragment && events.iter().map(|e| e.encoded_len()).sum::<usize>() > limit {
             fragments(events, limit)
         } else {
             vec![events]
         };
         let n = chunks.len();
         for (i, events) in chunks.into_iter().enumerate() {
-            let resp = WatchResponse { header, watch_id: self.id, events, fragment: i + 1 < n, ..Default::default() };
-            self.tx.send(Ok(resp)).await.map_err(|_| Stop::Gone)?;
+            let resp = WatchResponse { header, watch_id: w.id, events, fragment: i + 1 < n, ..Default::default() };
+            self.send(resp).await?;
         }
         Ok(true)
     }
-}
-
-enum Resync {
-    /// Replay from history; the receiver is still good.
-    FromHistory,
-    /// The receiver lost revisions: take a new one, then replay.
-    Resubscribe,
 }
 
 /// Splits events into runs of at most `limit` encoded bytes (at least one
