@@ -19,7 +19,7 @@ use crate::error::Result;
 pub const RUNS: u8 = b's';
 /// Prefix of the record per change that kvd kept before runs: `r` + revision
 /// + sub-index, the key as value. [`upgrade`] turns them into runs.
-const OLD_CHANGES: u8 = b'r';
+pub(crate) const OLD_CHANGES: u8 = b'r';
 /// Most changes in one run that [`upgrade`] writes.
 const UPGRADE_RUN: usize = 1024;
 

@@ -20,6 +20,7 @@ mod error;
 mod hash;
 pub mod keys;
 pub mod ops;
+mod rebuild;
 pub mod txn;
 mod writer;
 
@@ -35,6 +36,7 @@ pub use compaction::{CompactionStep, StepDone};
 pub use error::StoreError;
 pub use hash::hash_history;
 use keys::RangeEnd;
+pub use rebuild::Rebuild;
 pub use writer::Writer;
 
 /// Bytes of one lease record: its key (a prefix and the id) and its TTL.
@@ -136,47 +138,37 @@ impl MvccStore {
         if cut_short > 0 {
             tracing::info!(records = cut_short, revision, "removed the records of a commit cut short");
         }
+        let mut rebuild = Rebuild::default();
+        for prefix in [keys::HIST, changes::RUNS, keys::LEASE] {
+            for item in tree.scan_prefix([prefix]) {
+                let (rec, value) = item?;
+                rebuild.record(&rec, &value)?;
+            }
+        }
+        Self::from_rebuild(tree, rebuild.finish()?, revision)
+    }
+
+    /// Opens the store just written into `tree` from records that were
+    /// also given to `rebuild` (a snapshot's), without reading the tree
+    /// back; one that needs more than that (an older layout, the records
+    /// of a commit cut short) is opened as [`MvccStore::open`] does.
+    pub fn open_rebuilt(tree: sled::Tree, rebuild: Rebuild) -> Result<Self> {
+        if rebuild.old_layout {
+            return Self::open(tree);
+        }
+        let revision = read_meta_i64(&tree, "revision")?.unwrap_or(INITIAL_REVISION);
+        if changes::remove_after(&tree, revision)? > 0 {
+            tracing::info!(revision, "removed the records of a commit cut short");
+            return Self::open(tree);
+        }
+        Self::from_rebuild(tree, rebuild.finish()?, revision)
+    }
+
+    fn from_rebuild(tree: sled::Tree, rebuild: Rebuild, revision: i64) -> Result<Self> {
         let compacted = read_meta_i64(&tree, "compacted")?.unwrap_or(0);
         // An older kvd removed history at once, and wrote no such record.
         let physical = read_meta_i64(&tree, "physical")?.unwrap_or(compacted);
-        let mut index = BTreeMap::new();
-        let mut last: Option<KeyValue> = None;
-        let mut in_use = changes::bytes(&tree)?;
-        for item in tree.scan_prefix([keys::HIST]) {
-            let (rec, value) = item?;
-            in_use += (rec.len() + value.len()) as u64;
-            let kv = decode_kv(&value)?;
-            if let Some(prev) = last.take() {
-                if prev.key != kv.key && prev.version != 0 {
-                    index.insert(prev.key.clone(), Meta::of(&prev));
-                }
-            }
-            last = Some(kv);
-        }
-        if let Some(prev) = last {
-            if prev.version != 0 {
-                index.insert(prev.key.clone(), Meta::of(&prev));
-            }
-        }
-        let mut leases = BTreeMap::new();
-        for item in tree.scan_prefix([keys::LEASE]) {
-            let (rec, value) = item?;
-            let id: [u8; 8] =
-                rec.get(1..).and_then(|b| b.try_into().ok()).ok_or_else(|| StoreError::corrupt("lease record key"))?;
-            let ttl: [u8; 8] = value.as_ref().try_into().map_err(|_| StoreError::corrupt("lease record"))?;
-            leases.insert(i64::from_be_bytes(id), Lease { ttl: i64::from_be_bytes(ttl), keys: BTreeSet::new() });
-            in_use += LEASE_RECORD_BYTES;
-        }
-        for (key, meta) in &index {
-            if meta.lease != 0 {
-                // A key can only have been attached to a lease that existed,
-                // and revoking a lease deletes its keys in the same batch.
-                let lease = leases.get_mut(&meta.lease).ok_or_else(|| {
-                    StoreError::inconsistent(format!("key attached to unknown lease {:x}", meta.lease))
-                })?;
-                lease.keys.insert(key.clone());
-            }
-        }
+        let Rebuild { index, leases, in_use, .. } = rebuild;
         let mut store = MvccStore {
             tree: Arc::new(RwLock::new(tree)),
             index,

@@ -123,19 +123,19 @@ impl StateMachine {
     pub fn open(db: &sled::Db, dir: &Path) -> Result<Self, Error> {
         remove_leftovers(dir)?;
         let (current, other) = state_trees(db)?;
-        let current = if db.get(INSTALLING)?.is_some() {
+        let (current, rebuilt) = if db.get(INSTALLING)?.is_some() {
             let open = open_snapshot_file(dir)?
                 .ok_or_else(|| Error::internal("snapshot install was interrupted and its file is gone"))?;
-            load_records(db, &fresh_tree(db, other)?, open.file, open.len)?;
+            let rebuilt = load_records(db, &fresh_tree(db, other)?, open.file, open.len)?;
             use_tree(db, other, current)?;
-            other
+            (other, Some(rebuilt))
         } else {
             // What a load cut short left behind.
             db.drop_tree(other)?;
-            current
+            (current, None)
         };
         let tree = db.open_tree(current)?;
-        let (state, last_applied, membership) = load_state(&tree)?;
+        let (state, last_applied, membership) = load_state(&tree, rebuilt)?;
         let on_disk = read_snapshot_meta(dir)?.and_then(|meta| meta.last_log_id);
         let physical = Physical { rev: state.store.physical(), failed: None };
         let (wake, woken) = std::sync::mpsc::channel();
@@ -393,8 +393,16 @@ fn install_from(
     db.insert(INSTALLING, &[1u8])?;
     db.flush()?;
     let tree = fresh_tree(db, other)?;
-    load_records(db, &tree, open.file, open.len)?;
-    let (mut new_state, _, _) = load_state(&tree)?;
+    let started = std::time::Instant::now();
+    let rebuilt = load_records(db, &tree, open.file, open.len)?;
+    let loaded = started.elapsed();
+    let (mut new_state, _, _) = load_state(&tree, Some(rebuilt))?;
+    tracing::info!(
+        records_ms = loaded.as_millis() as u64,
+        state_ms = (started.elapsed() - loaded).as_millis() as u64,
+        keys = new_state.store.len(),
+        "loaded a snapshot's records"
+    );
     {
         let mut state = shared.write();
         // Groups of the state replaced go to the old tree, and no later

@@ -13,12 +13,15 @@ use super::view::State;
 use super::{ALARMS, APPLIED, ATTRS, MEMBERSHIP};
 use crate::error::Error;
 use crate::mvcc::keys::meta_key;
-use crate::mvcc::MvccStore;
+use crate::mvcc::{MvccStore, Rebuild};
 use crate::proto::kvdpb::MemberAttributes;
 
 pub(super) type Loaded = (State, Option<LogId>, StoredMembership<NodeId, Node>);
 
-pub(super) fn load_state(tree: &sled::Tree) -> Result<Loaded, Error> {
+/// Loads the state kept in `tree`. With `rebuilt`, the store's in-memory
+/// part comes from the records just loaded into `tree` (see
+/// [`load_records`]) instead of a pass over the tree.
+pub(super) fn load_state(tree: &sled::Tree, rebuilt: Option<Rebuild>) -> Result<Loaded, Error> {
     let read = |name: &str| tree.get(meta_key(name));
     let last_applied = match read(APPLIED)? {
         Some(v) => decode(&v)?,
@@ -40,7 +43,10 @@ pub(super) fn load_state(tree: &sled::Tree) -> Result<Loaded, Error> {
         let (k, _) = item?;
         alarms.insert(parse_alarm_key(&k).ok_or_else(|| Error::internal("corrupt alarm record"))?);
     }
-    let store = MvccStore::open(tree.clone())?;
+    let store = match rebuilt {
+        Some(rebuild) => MvccStore::open_rebuilt(tree.clone(), rebuild)?,
+        None => MvccStore::open(tree.clone())?,
+    };
     let auth = crate::auth::AuthState::load(tree)?;
     let state = State { store, attrs, alarms, auth, tokens: Default::default(), unflushed: Group::default() };
     Ok((state, last_applied, membership))
@@ -157,13 +163,18 @@ pub fn load_backup(db: &sled::Db, records: impl Read, len: u64) -> Result<(), Er
 pub(super) const LOAD_BATCH_BYTES: usize = 256 << 10;
 
 /// Writes the records of snapshot data (`len` bytes of `records`) into
-/// `tree`, an empty one, and flushes them.
-pub(super) fn load_records(db: &sled::Db, tree: &sled::Tree, records: impl Read, len: u64) -> Result<(), Error> {
+/// `tree`, an empty one, and flushes them. Returns what the records say of
+/// the store's in-memory part, for [`load_state`].
+pub(super) fn load_records(db: &sled::Db, tree: &sled::Tree, records: impl Read, len: u64) -> Result<Rebuild, Error> {
     let mut batch = Batches::new(tree);
-    for_each_record(records, len, |k, v| batch.insert(k, v))?;
+    let mut rebuild = Rebuild::default();
+    for_each_record(records, len, |k, v| {
+        rebuild.record(k, v)?;
+        batch.insert(k, v)
+    })?;
     batch.finish()?;
     db.flush()?;
-    Ok(())
+    Ok(rebuild)
 }
 
 /// Inserts records into a tree, [`LOAD_BATCH_BYTES`] at a time.
