@@ -149,24 +149,11 @@ async fn a_slow_watcher_is_caught_up_from_history_not_skipped() {
     let client = c.client(0);
     let mut s = client.watch(prefix_watch("w/", 0)).await.unwrap();
     let start = s.next().await.unwrap().unwrap().header.unwrap().revision + 1;
-    // Far more revisions than the member buffers for watchers, while the
-    // watcher reads nothing.
+    // Far more revisions than the member buffers for watchers, and more
+    // bytes than the connection holds, while the watcher reads nothing.
     let writer = Arc::new(c.client_all());
-    let total = 1600;
-    let mut tasks = Vec::new();
-    for t in 0..16 {
-        let w = writer.clone();
-        tasks.push(tokio::spawn(async move {
-            for i in 0..total / 16 {
-                w.put(PutRequest { key: format!("w/{t}-{i}").into(), value: vec![b'x'; 100], ..Default::default() })
-                    .await
-                    .expect("put");
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let total = 3200;
+    put_many(&writer, total, "").await;
     let mut got = Vec::new();
     while got.len() < total {
         let r = tokio::time::timeout(WAIT, s.next()).await.expect("events keep coming").unwrap().unwrap();
