@@ -238,7 +238,10 @@ impl WatchStream {
                 w.live = true;
                 return true;
             }
-            Some(Ok((events, last))) => self.out.deliver(w, events, self.out.header(last)).await.map(|_| last),
+            Some(Ok((mut events, last))) => {
+                events.retain(|e| w.wanted(e));
+                self.out.deliver(w, events, self.out.header(last)).await.map(|_| last)
+            }
             Some(Err((Error::Compacted, compacted))) => {
                 // As etcd answers it: the compacted revision says why, and
                 // the header carries no revision.
@@ -490,10 +493,9 @@ impl Out {
         Ok(())
     }
 
-    /// Sends the ones `w` wants of `events` (whole revisions, up to the
-    /// header's revision). Returns whether anything was sent.
+    /// Sends `events`, the ones `w` wants of whole revisions up to the
+    /// header's revision. Returns whether anything was sent.
     async fn deliver(&self, w: &Watcher, mut events: Vec<Event>, header: Option<ResponseHeader>) -> Result<bool, Stop> {
-        events.retain(|e| w.wanted(e));
         if events.is_empty() {
             return Ok(false);
         }

@@ -162,16 +162,6 @@ pub fn compact(
     Ok(None)
 }
 
-/// Bytes of every revision-order record in `tree`.
-pub fn bytes(tree: &sled::Tree) -> Result<u64> {
-    let mut bytes = 0;
-    for item in tree.scan_prefix([RUNS]) {
-        let (rec, value) = item?;
-        bytes += (rec.len() + value.len()) as u64;
-    }
-    Ok(bytes)
-}
-
 /// Turns the per-change records of an older kvd into runs, in one sled
 /// batch. Does nothing if there are none.
 pub fn upgrade(tree: &sled::Tree) -> Result<()> {

@@ -133,11 +133,7 @@ impl MvccStore {
     /// history.
     pub fn open(tree: sled::Tree) -> Result<Self> {
         changes::upgrade(&tree)?;
-        let revision = read_meta_i64(&tree, "revision")?.unwrap_or(INITIAL_REVISION);
-        let cut_short = changes::remove_after(&tree, revision)?;
-        if cut_short > 0 {
-            tracing::info!(records = cut_short, revision, "removed the records of a commit cut short");
-        }
+        let (revision, _) = revision_after_cut_short(&tree)?;
         let mut rebuild = Rebuild::default();
         for prefix in [keys::HIST, changes::RUNS, keys::LEASE] {
             for item in tree.scan_prefix([prefix]) {
@@ -156,12 +152,11 @@ impl MvccStore {
         if rebuild.old_layout {
             return Self::open(tree);
         }
-        let revision = read_meta_i64(&tree, "revision")?.unwrap_or(INITIAL_REVISION);
-        if changes::remove_after(&tree, revision)? > 0 {
-            tracing::info!(revision, "removed the records of a commit cut short");
-            return Self::open(tree);
+        match revision_after_cut_short(&tree)? {
+            (revision, 0) => Self::from_rebuild(tree, rebuild.finish()?, revision),
+            // The records given to `rebuild` included what was removed.
+            _ => Self::open(tree),
         }
-        Self::from_rebuild(tree, rebuild.finish()?, revision)
     }
 
     fn from_rebuild(tree: sled::Tree, rebuild: Rebuild, revision: i64) -> Result<Self> {
@@ -469,6 +464,17 @@ fn event_rev(e: &Event) -> i64 {
 
 fn decode_kv(value: &[u8]) -> Result<KeyValue> {
     Ok(KeyValue::decode(value).map_err(|e| StoreError::corrupt(format!("key-value record: {e}")))?)
+}
+
+/// The revision `tree` records, once the records of a commit cut short
+/// after it are removed; and how many were.
+fn revision_after_cut_short(tree: &sled::Tree) -> Result<(i64, usize)> {
+    let revision = read_meta_i64(tree, "revision")?.unwrap_or(INITIAL_REVISION);
+    let cut_short = changes::remove_after(tree, revision)?;
+    if cut_short > 0 {
+        tracing::info!(records = cut_short, revision, "removed the records of a commit cut short");
+    }
+    Ok((revision, cut_short))
 }
 
 fn read_meta_i64(tree: &sled::Tree, name: &str) -> Result<Option<i64>> {

@@ -54,12 +54,13 @@ fn versions_handed_off_are_read_from_memory_until_they_are_sent() {
     assert!(store.load(b"k", &meta).is_err(), "the second version was never committed");
 }
 
-#[test]
-fn a_group_cut_short_between_its_sled_batches_is_removed_at_open() {
+/// A tree holding 3,000 keys written in one revision, and the records of a
+/// revision deleting them all but its last sled batch (the one with the
+/// revision): a group cut short. Returns it and the revision it records.
+fn a_tree_with_a_group_cut_short() -> (sled::Tree, i64) {
     use keys::RangeEnd;
     let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
     let mut store = MvccStore::open(tree.clone()).expect("open");
-    // 3,000 keys in one revision, whole.
     let mut w = store.write();
     for i in 0..3000 {
         w.put(format!("k{i:04}").as_bytes(), b"v".to_vec(), 0);
@@ -70,7 +71,6 @@ fn a_group_cut_short_between_its_sled_batches_is_removed_at_open() {
         tree.apply_batch(b).expect("apply");
     }
     let before = store.revision();
-    // One revision deletes them all; all but its last sled batch land.
     let mut w = store.write();
     let (deleted, _) = w.delete_range(b"k", &RangeEnd::Before(b"l".to_vec()), false).expect("delete");
     assert_eq!(deleted, 3000);
@@ -82,6 +82,13 @@ fn a_group_cut_short_between_its_sled_batches_is_removed_at_open() {
     for b in chunks {
         tree.apply_batch(b).expect("apply");
     }
+    (tree, before)
+}
+
+#[test]
+fn a_group_cut_short_between_its_sled_batches_is_removed_at_open() {
+    use keys::RangeEnd;
+    let (tree, before) = a_tree_with_a_group_cut_short();
     let records = tree.len();
     let reopened = MvccStore::open(tree.clone()).expect("reopen");
     assert_eq!(reopened.revision(), before);
@@ -163,6 +170,8 @@ fn a_store_rebuilt_from_its_records_is_the_store_opened_from_its_tree() {
     commit(&mut store, batch);
     let (rebuilt, opened) = rebuilt_copy(&tree);
     assert_same(&rebuilt, &opened);
+    // And both are the store that wrote the records.
+    assert_same(&rebuilt, &store);
     assert_eq!(rebuilt.len(), 41);
     assert_eq!(rebuilt.lease(9).expect("lease 9").keys.len(), 1);
     assert_eq!(rebuilt.lease(7).expect("lease 7").keys.len(), 8);
@@ -170,28 +179,7 @@ fn a_store_rebuilt_from_its_records_is_the_store_opened_from_its_tree() {
 
 #[test]
 fn records_of_a_group_cut_short_are_not_rebuilt_into_the_store() {
-    use keys::RangeEnd;
-    let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
-    let mut store = MvccStore::open(tree.clone()).expect("open");
-    let mut w = store.write();
-    for i in 0..3000 {
-        w.put(format!("k{i:04}").as_bytes(), b"v".to_vec(), 0);
-    }
-    let (mut batch, _) = w.finish();
-    store.seal(&mut batch);
-    for b in batch.into_sled_chunks(1000) {
-        tree.apply_batch(b).expect("apply");
-    }
-    // A deletion of them all, its last sled batch (with the revision) lost.
-    let mut w = store.write();
-    w.delete_range(b"k", &RangeEnd::Before(b"l".to_vec()), false).expect("delete");
-    let (mut batch, _) = w.finish();
-    store.seal(&mut batch);
-    let mut chunks = batch.into_sled_chunks(1000);
-    chunks.pop();
-    for b in chunks {
-        tree.apply_batch(b).expect("apply");
-    }
+    let (tree, _) = a_tree_with_a_group_cut_short();
     let (rebuilt, opened) = rebuilt_copy(&tree);
     assert_same(&rebuilt, &opened);
     assert_eq!(rebuilt.len(), 3000, "the deletion never happened");
