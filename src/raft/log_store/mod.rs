@@ -56,6 +56,11 @@ mod tests;
 
 use files::{check_record, create_segment, preallocate, read_small_file, scan_segment, segment_name, write_small_file};
 
+/// Bytes of log records one AppendEntries carries at most, or one record
+/// if that alone is larger: well within the peer message limit
+/// ([`super::network::message_limit`]), which fits any one entry.
+pub const REPLICATION_BATCH_BYTES: u64 = 4 * 1024 * 1024;
+
 /// A segment grows to about this size before the next one starts.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// A segment's file is allocated this far past its last record.
@@ -364,14 +369,22 @@ impl LogStore {
         Ok(())
     }
 
-    fn read(&self, start: u64, end: Option<u64>) -> Result<Vec<Entry>, LogError> {
+    /// The entries of indexes `start..end`, those there are; with `budget`,
+    /// only the first of them whose records take at most `budget` bytes
+    /// (always at least one).
+    fn read(&self, start: u64, end: Option<u64>, budget: Option<u64>) -> Result<Vec<Entry>, LogError> {
         // Locations are taken under the lock; the reads happen outside it.
         let runs: Vec<(Arc<File>, Vec<Loc>)> = {
             let inner = self.shared.lock();
             let from = inner.locs.partition_point(|l| l.log_id.index < start);
             let to = end.map_or(inner.locs.len(), |e| inner.locs.partition_point(|l| l.log_id.index < e));
             let mut runs: Vec<(Arc<File>, Vec<Loc>)> = Vec::new();
+            let mut taken = 0u64;
             for loc in inner.locs.range(from.min(to)..to) {
+                taken += HEADER_BYTES + loc.len as u64;
+                if budget.is_some_and(|b| taken > b) && !runs.is_empty() {
+                    break;
+                }
                 match runs.last_mut() {
                     Some((_, locs)) if locs[0].segment == loc.segment => locs.push(*loc),
                     _ => {
@@ -457,7 +470,18 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => Some(*i),
             Bound::Unbounded => None,
         };
-        self.read(start, end).map_err(read_err)
+        self.read(start, end, None).map_err(read_err)
+    }
+
+    /// What one AppendEntries carries: entries up to
+    /// [`REPLICATION_BATCH_BYTES`]. openraft asks for every entry a
+    /// follower lacks, and while it searches for where a follower's log
+    /// matches (after an election, that is from the middle of the log on),
+    /// that was most of the log: a leader restarted over 32,768 entries of
+    /// 16 KiB read them all, encoded them all, found the message too large
+    /// for the peer and did it again, and grew past 900 MB.
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
+        self.read(start, Some(end), Some(REPLICATION_BATCH_BYTES)).map_err(read_err)
     }
 }
 

@@ -14,7 +14,7 @@ fn records_len(store: &LogStore) -> u64 {
 }
 
 fn indexes(store: &LogStore) -> Vec<u64> {
-    store.read(0, None).unwrap().iter().map(|e| e.log_id.index).collect()
+    store.read(0, None, None).unwrap().iter().map(|e| e.log_id.index).collect()
 }
 
 #[test]
@@ -29,7 +29,7 @@ fn reopens_with_the_same_entries_after_truncate_and_purge() {
     drop(store);
     let store = LogStore::open(dir.path()).unwrap();
     assert_eq!(indexes(&store), (4..=12).collect::<Vec<_>>());
-    assert_eq!(store.read(8, Some(9)).unwrap()[0].log_id.leader_id.term, 2);
+    assert_eq!(store.read(8, Some(9), None).unwrap()[0].log_id.leader_id.term, 2);
     assert_eq!(store.shared.lock().purged.map(|p| p.index), Some(3));
 }
 
@@ -110,7 +110,7 @@ fn the_zeros_allocated_ahead_end_the_records_and_a_torn_record_before_them_is_cu
     drop(store);
     let store = LogStore::open(dir.path()).unwrap();
     assert_eq!(indexes(&store), (0..8).collect::<Vec<_>>());
-    assert_eq!(store.read(7, Some(8)).unwrap()[0].log_id.leader_id.term, 2);
+    assert_eq!(store.read(7, Some(8), None).unwrap()[0].log_id.leader_id.term, 2);
 }
 
 #[test]
@@ -149,4 +149,35 @@ fn purging_past_the_end_starts_a_fresh_segment() {
     drop(store);
     let store = LogStore::open(dir.path()).unwrap();
     assert_eq!(indexes(&store), vec![101, 102, 103]);
+}
+
+#[tokio::test]
+async fn what_one_append_entries_carries_is_bounded_in_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = LogStore::open(dir.path()).unwrap();
+    // Entries of 1 MiB: four fit in a message's share, and the rest wait
+    // for the next one.
+    let big = |index: u64| Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(super::super::Request(vec![7u8; 1 << 20])),
+    };
+    store.write_entries((1..=10).map(big)).unwrap();
+    let first = store.limited_get_log_entries(1, 11).await.unwrap();
+    let got: Vec<u64> = first.iter().map(|e| e.log_id.index).collect();
+    assert_eq!(got, vec![1, 2, 3]);
+    let bytes: u64 = first.iter().map(|e| encode(e).unwrap().len() as u64 + HEADER_BYTES).sum();
+    assert!(bytes <= REPLICATION_BATCH_BYTES, "{bytes} bytes");
+    // It goes on from where the last ended, to the end of the range.
+    assert_eq!(store.limited_get_log_entries(9, 11).await.unwrap().len(), 2);
+    // One entry larger than the share still goes, alone.
+    let huge = Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), 11),
+        payload: EntryPayload::Normal(super::super::Request(vec![1u8; 5 << 20])),
+    };
+    store.write_entries([huge]).unwrap();
+    let alone = store.limited_get_log_entries(11, 12).await.unwrap();
+    assert_eq!(alone.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![11]);
+    assert_eq!(store.limited_get_log_entries(10, 12).await.unwrap().len(), 1);
+    // The reader of a whole range is not bounded.
+    assert_eq!(store.try_get_log_entries(1..12).await.unwrap().len(), 11);
 }
