@@ -168,10 +168,17 @@ fn open_checked(path: &Path) -> Result<(std::fs::File, Checked, u64), BackupErro
     Ok((file, checked, size))
 }
 
-/// Loads the records of a checked file into `db`, and says what they hold.
-fn load(db: &sled::Db, file: std::fs::File, checked: &Checked, size: u64) -> Result<Summary, BackupError> {
-    crate::raft::state_machine::load_backup(db, file, checked.len)?;
-    let store = MvccStore::open(db.open_tree("state")?)?;
+/// Loads the records of a checked file into `db`, whose directory is
+/// `db_dir`, and says what they hold.
+fn load(
+    db: &sled::Db,
+    db_dir: &Path,
+    file: std::fs::File,
+    checked: &Checked,
+    size: u64,
+) -> Result<Summary, BackupError> {
+    let files = crate::raft::state_machine::load_backup(db, db_dir, file, checked.len)?;
+    let store = MvccStore::open(files)?;
     Ok(Summary {
         hash: checked.hash,
         revision: store.revision(),
@@ -186,7 +193,11 @@ fn load(db: &sled::Db, file: std::fs::File, checked: &Checked, size: u64) -> Res
 /// `restore` can make a data directory of.
 pub fn status(path: &Path) -> Result<Summary, BackupError> {
     let (file, checked, size) = open_checked(path)?;
-    load(&sled::Config::new().temporary(true).open()?, file, &checked, size)
+    let scratch =
+        tempfile::tempdir().map_err(|e| BackupError::Invalid(format!("cannot make a scratch directory: {e}")))?;
+    let db_dir = scratch.path().join("db");
+    let db = crate::raft::db_dir::open_db_at(&db_dir)?;
+    load(&db, &db_dir, file, &checked, size)
 }
 
 /// Makes `data_dir`, which must not exist or be empty, the data directory
@@ -206,8 +217,9 @@ pub fn restore(path: &Path, data_dir: &Path) -> Result<Summary, BackupError> {
         Err(e) => return Err(in_use(e.to_string())),
     }
     std::fs::create_dir_all(data_dir).map_err(|e| in_use(e.to_string()))?;
-    let summary = crate::raft::db_dir::open_db_at(&data_dir.join("db")).map_err(BackupError::from).and_then(|db| {
-        let summary = load(&db, file, &checked, size)?;
+    let db_dir = data_dir.join(crate::raft::db_dir::DB_DIRS[0]);
+    let summary = crate::raft::db_dir::open_db_at(&db_dir).map_err(BackupError::from).and_then(|db| {
+        let summary = load(&db, &db_dir, file, &checked, size)?;
         db.flush()?;
         Ok(summary)
     });

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use kvd::error::Error;
 use kvd::mvcc::keys::RangeEnd;
-use kvd::mvcc::{MvccStore, INITIAL_REVISION};
+use kvd::mvcc::{Files, MvccStore, INITIAL_REVISION};
 use kvd::proto::mvccpb::{event::EventType, Event, KeyValue};
 use proptest::prelude::*;
 
@@ -169,6 +169,12 @@ fn check_replays(store: &MvccStore, model: &Model) {
     }
 }
 
+/// The value a put of `v` writes: for odd `v`, one large enough to be kept
+/// apart from the tree (see `kvd::mvcc::values`).
+fn value_of(v: u8) -> Vec<u8> {
+    vec![v; if v % 2 == 1 { kvd::mvcc::values::SEPARATE_FROM } else { 1 }]
+}
+
 /// After compaction at `rev`, history below `rev` holds only each key's
 /// newest version, and only if that version is live.
 fn check_no_dead_history(tree: &sled::Tree, rev: i64) {
@@ -177,7 +183,7 @@ fn check_no_dead_history(tree: &sled::Tree, rev: i64) {
         let (k, v) = item.unwrap();
         let (key, r) = kvd::mvcc::keys::parse_hist_key(&k).expect("history key");
         if r < rev {
-            let kv = <KeyValue as prost::Message>::decode(v.as_ref()).unwrap();
+            let kv = kvd::mvcc::values::Stored::decode(v.as_ref()).unwrap().kv;
             assert!(kv.version != 0, "a deleted version below the compacted revision survived: {key:?}@{r}");
             assert!(seen.insert(key.clone()), "two versions of {key:?} below the compacted revision survived");
         }
@@ -203,9 +209,12 @@ fn step(store: &mut MvccStore, tree: &sled::Tree, steps: usize, limit: usize) {
 
 /// Commits the writes gathered in `unsaved` with their revision order, as
 /// the state machine commits a group.
-fn commit(store: &mut MvccStore, tree: &sled::Tree, unsaved: &mut kvd::mvcc::Batch) {
+fn commit(store: &mut MvccStore, files: &Files, unsaved: &mut kvd::mvcc::Batch) {
+    let tree = &files.tree;
     let mut batch = std::mem::take(unsaved);
     store.seal(&mut batch);
+    batch.separate_values(&files.values).expect("values");
+    files.values.sync().expect("sync");
     tree.apply_batch(batch.into_sled()).expect("commit");
     store.committed();
     // With every write in the tree, the bytes the store counts are those of
@@ -213,7 +222,13 @@ fn commit(store: &mut MvccStore, tree: &sled::Tree, unsaved: &mut kvd::mvcc::Bat
     let on_disk: u64 = [b'h', b's', b'l']
         .iter()
         .flat_map(|prefix| tree.scan_prefix([*prefix]))
-        .map(|item| item.map(|(k, v)| (k.len() + v.len()) as u64).expect("scan"))
+        .map(|item| {
+            let (k, v) = item.expect("scan");
+            match k.first() {
+                Some(b'h') => kvd::mvcc::values::record_bytes(&k, &v).expect("history record"),
+                _ => (k.len() + v.len()) as u64,
+            }
+        })
         .sum();
     assert_eq!(store.bytes_in_use(), on_disk);
 }
@@ -224,8 +239,10 @@ proptest! {
     #[test]
     fn mvcc_store_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
         let db = sled::Config::new().temporary(true).open().unwrap();
-        let tree = db.open_tree("state").unwrap();
-        let mut store = MvccStore::open(tree.clone()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let values = kvd::mvcc::values::ValueLog::create(&dir.path().join("values")).unwrap();
+        let files = Files { tree: db.open_tree("state").unwrap(), values: std::sync::Arc::new(values) };
+        let mut store = MvccStore::open(files.clone()).unwrap();
         let mut model = Model { states: BTreeMap::from([(INITIAL_REVISION, State::new())]), events: BTreeMap::new(), compacted: 0 };
         let mut unsaved = kvd::mvcc::Batch::default();
         for op in ops {
@@ -240,14 +257,14 @@ proptest! {
                     };
                     let mut w = store.write();
                     for k in &keys {
-                        w.put(KEYS[*k], vec![v], 0);
+                        w.put(KEYS[*k], value_of(v), 0);
                         let prev = next.get(KEYS[*k]).cloned();
                         next.insert(KEYS[*k].to_vec(), KeyValue {
                             key: KEYS[*k].to_vec(),
                             create_revision: prev.as_ref().map(|p| p.create_revision).unwrap_or(cur + 1),
                             mod_revision: cur + 1,
                             version: prev.map(|p| p.version + 1).unwrap_or(1),
-                            value: vec![v],
+                            value: value_of(v),
                             lease: 0,
                         });
                     }
@@ -290,7 +307,7 @@ proptest! {
                 Op::Compact(rev) => {
                     // Compaction reads history: the state machine commits
                     // every write before it.
-                    commit(&mut store, &tree, &mut unsaved);
+                    commit(&mut store, &files, &mut unsaved);
                     let mut batch = kvd::mvcc::Batch::default();
                     let got = store.compact(rev, &mut batch);
                     if rev <= model.compacted {
@@ -300,18 +317,18 @@ proptest! {
                     } else {
                         prop_assert_eq!(got, Ok(()));
                         unsaved.append(batch);
-                        commit(&mut store, &tree, &mut unsaved);
+                        commit(&mut store, &files, &mut unsaved);
                         model.compacted = rev;
                         prop_assert!(store.physical() < rev);
                     }
                 }
                 Op::Reopen => {
-                    commit(&mut store, &tree, &mut unsaved);
+                    commit(&mut store, &files, &mut unsaved);
                     drop(store);
-                    store = MvccStore::open(tree.clone()).unwrap();
+                    store = MvccStore::open(files.clone()).unwrap();
                 }
-                Op::Commit => commit(&mut store, &tree, &mut unsaved),
-                Op::Step(steps, limit) => step(&mut store, &tree, steps, limit),
+                Op::Commit => commit(&mut store, &files, &mut unsaved),
+                Op::Step(steps, limit) => step(&mut store, &files.tree, steps, limit),
             }
             // Reads of history read the tree alone: like the state machine,
             // they wait for what was written to be committed.
@@ -320,21 +337,21 @@ proptest! {
                 check_replays(&store, &model);
             }
         }
-        commit(&mut store, &tree, &mut unsaved);
+        commit(&mut store, &files, &mut unsaved);
         check_all_reads(&store, &model, true);
         check_replays(&store, &model);
         // The hash members compare does not depend on how far physical
         // compaction has come.
         let (compacted, revision) = (store.compacted(), store.revision());
-        let hash = |tree: &sled::Tree, rev| kvd::mvcc::hash_history(tree, compacted, rev).expect("hash");
-        let before: Vec<u32> = (compacted.max(1)..=revision).map(|r| hash(&tree, r)).collect();
+        let hash = |files: &Files, rev| kvd::mvcc::hash_history(files, compacted, rev).expect("hash");
+        let before: Vec<u32> = (compacted.max(1)..=revision).map(|r| hash(&files, r)).collect();
         // Physical compaction always comes to an end, and reads agree after.
-        step(&mut store, &tree, usize::MAX, 3);
+        step(&mut store, &files.tree, usize::MAX, 3);
         prop_assert!(store.compaction_step().is_none());
         prop_assert_eq!(store.physical(), model.compacted);
         check_all_reads(&store, &model, true);
         check_replays(&store, &model);
-        let after: Vec<u32> = (compacted.max(1)..=revision).map(|r| hash(&tree, r)).collect();
+        let after: Vec<u32> = (compacted.max(1)..=revision).map(|r| hash(&files, r)).collect();
         prop_assert_eq!(before, after);
     }
 }

@@ -2,21 +2,74 @@
 //! applied entries can be committed to sled at once (one `apply_batch` per
 //! group of entries instead of one per entry).
 
+use super::values::{Apart, ValueLog};
+use crate::error::Result;
+use crate::proto::mvccpb::KeyValue;
+
 /// Inserts and removals in order; a later write to a key wins.
 #[derive(Debug, Default)]
 pub struct Batch {
-    writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    writes: Vec<(Vec<u8>, Write)>,
+}
+
+#[derive(Debug)]
+enum Write {
+    Insert(Vec<u8>),
+    Remove,
+    /// A version whose value goes to the value file.
+    Apart(Apart),
 }
 
 impl Batch {
     /// Sets `key` to `value`.
     pub fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
-        self.writes.push((key.as_ref().to_vec(), Some(value.as_ref().to_vec())));
+        self.writes.push((key.as_ref().to_vec(), Write::Insert(value.as_ref().to_vec())));
     }
 
     /// Removes `key`.
     pub fn remove(&mut self, key: impl AsRef<[u8]>) {
-        self.writes.push((key.as_ref().to_vec(), None));
+        self.writes.push((key.as_ref().to_vec(), Write::Remove));
+    }
+
+    /// Sets the history record `rec` to the version `kv`, its value kept
+    /// apart if it is large (see [`super::values`]). Returns the bytes the
+    /// record counts for in the store's use.
+    pub fn insert_version(&mut self, rec: Vec<u8>, kv: &KeyValue) -> u64 {
+        match Apart::of(kv) {
+            Ok(apart) => {
+                let bytes = apart.bytes(&rec);
+                self.writes.push((rec, Write::Apart(apart)));
+                bytes
+            }
+            Err(whole) => {
+                let bytes = (rec.len() + whole.len()) as u64;
+                self.writes.push((rec, Write::Insert(whole)));
+                bytes
+            }
+        }
+    }
+
+    /// Appends the values kept apart to `log`, in one write, and makes
+    /// their records point at them; returns how many there were. `log` must
+    /// be synced before the batch goes to a tree in use: sled may write it
+    /// to disk at any time after.
+    pub fn separate_values(&mut self, log: &ValueLog) -> Result<usize> {
+        let values = self.writes.iter().filter_map(|(_, w)| match w {
+            Write::Apart(apart) => Some(apart.value()),
+            _ => None,
+        });
+        let mut at = log.append(values)?.into_iter();
+        let count = at.len();
+        if count == 0 {
+            return Ok(0);
+        }
+        for (_, write) in &mut self.writes {
+            if let Write::Apart(apart) = write {
+                let Some(at) = at.next() else { break };
+                *write = Write::Insert(apart.record(at));
+            }
+        }
+        Ok(count)
     }
 
     /// Adds `other`'s writes after these.
@@ -49,7 +102,7 @@ impl Batch {
     pub fn into_sled_chunks(self, limit: usize) -> Vec<sled::Batch> {
         let limit = limit.max(1);
         let bulk = |key: &[u8]| matches!(key.first(), Some(&super::keys::HIST) | Some(&super::changes::RUNS));
-        if self.writes.len() <= limit || self.writes.iter().any(|(k, v)| v.is_none() && bulk(k)) {
+        if self.writes.len() <= limit || self.writes.iter().any(|(k, w)| matches!(w, Write::Remove) && bulk(k)) {
             return vec![self.into_sled()];
         }
         // Revision order first: the records that let `open` find the
@@ -59,21 +112,25 @@ impl Batch {
         let (hist, last): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(k, _)| bulk(k));
         let mut out: Vec<sled::Batch> = Vec::new();
         for part in [runs, hist] {
-            for chunk in part.chunks(limit) {
-                out.push(Batch { writes: chunk.to_vec() }.into_sled());
+            let mut part = part.into_iter().peekable();
+            while part.peek().is_some() {
+                out.push(Batch { writes: part.by_ref().take(limit).collect() }.into_sled());
             }
         }
         out.push(Batch { writes: last }.into_sled());
         out
     }
 
-    /// The sled batch that makes these writes atomically.
+    /// The sled batch that makes these writes atomically. A version whose
+    /// value was not separated ([`Batch::separate_values`]) is written
+    /// whole.
     pub fn into_sled(self) -> sled::Batch {
         let mut batch = sled::Batch::default();
-        for (key, value) in self.writes {
-            match value {
-                Some(v) => batch.insert(key, v),
-                None => batch.remove(key),
+        for (key, write) in self.writes {
+            match write {
+                Write::Insert(v) => batch.insert(key, v),
+                Write::Remove => batch.remove(key),
+                Write::Apart(apart) => batch.insert(key, apart.whole()),
             }
         }
         batch

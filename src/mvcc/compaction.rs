@@ -2,8 +2,9 @@
 //! the history no read can see any more is removed afterwards in steps, so
 //! that applying never waits for a whole pass.
 
+use super::values::{record_bytes, Stored};
 use super::StoreError;
-use super::{changes, decode_kv, keys, Batch, MvccStore};
+use super::{changes, keys, Batch, MvccStore};
 use crate::error::{Error, Result};
 
 /// Ids of passes of physical compaction, unique in the process, so that a
@@ -93,7 +94,7 @@ fn compact_history(
         let next = records.next().transpose()?;
         if let Some((old_rec, old_key, old_value)) = older.take() {
             if compacted_away(&old_key, &old_value, next.as_ref().map(|(_, key, r, _)| (key.as_slice(), *r)), rev)? {
-                done.freed += (old_rec.len() + old_value.len()) as u64;
+                done.freed += record_bytes(&old_rec, &old_value)?;
                 done.batch.remove(old_rec);
             }
         }
@@ -114,7 +115,7 @@ fn compact_history(
 /// `rev`, or if the version is a deletion.
 pub(super) fn compacted_away(key: &[u8], value: &[u8], next: Option<(&[u8], i64)>, rev: i64) -> Result<bool> {
     let superseded = next.is_some_and(|(k, r)| k == key && r <= rev);
-    Ok(superseded || decode_kv(value)?.version == 0)
+    Ok(superseded || Stored::decode(value)?.kv.version == 0)
 }
 
 impl MvccStore {

@@ -2,7 +2,8 @@
 
 use super::compaction::compacted_away;
 use super::keys;
-use super::StoreError;
+use super::values::whole_record;
+use super::{Files, StoreError};
 use crate::error::Result;
 
 /// A hash of the history that reads at revisions `compacted` to `rev` can
@@ -11,15 +12,20 @@ use crate::error::Result;
 /// once compaction at `compacted` has removed what it removes, whether it has
 /// yet or not, so members that applied the same entries agree on it. CRC-32
 /// over each such history record's key and value, each preceded by its
-/// length, in record order; versions after `rev` are left out. History
-/// records at or below `rev` must all be committed to `tree`.
-pub fn hash_history(tree: &sled::Tree, compacted: i64, rev: i64) -> Result<u32> {
+/// length, in record order; versions after `rev` are left out. A record is
+/// hashed as every kvd version holds it, value included, wherever this
+/// member keeps the value. History records at or below `rev` must all be
+/// committed to `files`.
+pub fn hash_history(files: &Files, compacted: i64, rev: i64) -> Result<u32> {
+    let Files { tree, values } = files;
     let mut hasher = crc32fast::Hasher::new();
-    let mut add = |rec: &[u8], value: &[u8]| {
-        for part in [rec, value] {
+    let mut add = |rec: &[u8], stored: &[u8]| -> Result<()> {
+        let value = whole_record(stored, values)?;
+        for part in [rec, &value[..]] {
             hasher.update(&(part.len() as u64).to_le_bytes());
             hasher.update(part);
         }
+        Ok(())
     };
     // The versions before `compacted` that compaction keeps (see
     // `compact_history`), decided once the record after each is read.
@@ -29,18 +35,18 @@ pub fn hash_history(tree: &sled::Tree, compacted: i64, rev: i64) -> Result<u32> 
         let (key, r) = keys::parse_hist_key(&rec).ok_or_else(|| StoreError::corrupt("history record key"))?;
         if let Some((old_rec, old_key, old_value)) = older.take() {
             if !compacted_away(&old_key, &old_value, Some((&key, r)), compacted)? {
-                add(&old_rec, &old_value);
+                add(&old_rec, &old_value)?;
             }
         }
         if r < compacted {
             older = Some((rec, key, value));
         } else if r <= rev {
-            add(&rec, &value);
+            add(&rec, &value)?;
         }
     }
     if let Some((old_rec, old_key, old_value)) = older {
         if !compacted_away(&old_key, &old_value, None, compacted)? {
-            add(&old_rec, &old_value);
+            add(&old_rec, &old_value)?;
         }
     }
     Ok(hasher.finalize())

@@ -22,12 +22,11 @@ pub mod keys;
 pub mod ops;
 mod rebuild;
 pub mod txn;
+pub mod values;
 mod writer;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
-
-use prost::Message;
 
 use crate::error::{Error, Result};
 use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
@@ -37,6 +36,7 @@ pub use error::StoreError;
 pub use hash::hash_history;
 use keys::RangeEnd;
 pub use rebuild::Rebuild;
+use values::{load_kv, Stored, ValueLog};
 pub use writer::Writer;
 
 /// Bytes of one lease record: its key (a prefix and the id) and its TTL.
@@ -91,12 +91,22 @@ impl Meta {
     }
 }
 
-/// The sled tree a store lives in, shared with the thread that commits to
-/// it: a defragment moves the store into a tree of a new database while
-/// reads go on (see [`MvccStore::tree_cell`]).
-pub type TreeCell = Arc<RwLock<sled::Tree>>;
+/// Where a store's records are: a sled tree, and the file of the values
+/// kept apart from it (see [`values`]), whose positions its records name.
+#[derive(Clone)]
+pub struct Files {
+    /// The tree of records.
+    pub tree: sled::Tree,
+    /// The values kept apart.
+    pub values: Arc<ValueLog>,
+}
 
-/// An MVCC key-value store kept in one sled tree.
+/// The files a store lives in, shared with the thread that commits to
+/// them: a defragment moves the store into a tree of a new database, and a
+/// value file of its own, while reads go on (see [`MvccStore::tree_cell`]).
+pub type TreeCell = Arc<RwLock<Files>>;
+
+/// An MVCC key-value store kept in one sled tree, and a value file.
 pub struct MvccStore {
     tree: TreeCell,
     /// Newest version of every live key.
@@ -129,11 +139,13 @@ pub struct MvccStore {
 }
 
 impl MvccStore {
-    /// Opens the store kept in `tree`, rebuilding the in-memory index from
-    /// history.
-    pub fn open(tree: sled::Tree) -> Result<Self> {
-        changes::upgrade(&tree)?;
-        let (revision, _) = revision_after_cut_short(&tree)?;
+    /// Opens the store kept in `files`, rebuilding the in-memory index from
+    /// history. The pass reads the history records alone, never a value
+    /// kept apart.
+    pub fn open(files: Files) -> Result<Self> {
+        let tree = &files.tree;
+        changes::upgrade(tree)?;
+        let (revision, _) = revision_after_cut_short(tree)?;
         let mut rebuild = Rebuild::default();
         for prefix in [keys::HIST, changes::RUNS, keys::LEASE] {
             for item in tree.scan_prefix([prefix]) {
@@ -141,31 +153,31 @@ impl MvccStore {
                 rebuild.record(&rec, &value)?;
             }
         }
-        Self::from_rebuild(tree, rebuild.finish()?, revision)
+        Self::from_rebuild(files, rebuild.finish()?, revision)
     }
 
     /// Opens the store just written into `tree` from records that were
     /// also given to `rebuild` (a snapshot's), without reading the tree
     /// back; one that needs more than that (an older layout, the records
     /// of a commit cut short) is opened as [`MvccStore::open`] does.
-    pub fn open_rebuilt(tree: sled::Tree, rebuild: Rebuild) -> Result<Self> {
+    pub fn open_rebuilt(files: Files, rebuild: Rebuild) -> Result<Self> {
         if rebuild.old_layout {
-            return Self::open(tree);
+            return Self::open(files);
         }
-        match revision_after_cut_short(&tree)? {
-            (revision, 0) => Self::from_rebuild(tree, rebuild.finish()?, revision),
+        match revision_after_cut_short(&files.tree)? {
+            (revision, 0) => Self::from_rebuild(files, rebuild.finish()?, revision),
             // The records given to `rebuild` included what was removed.
-            _ => Self::open(tree),
+            _ => Self::open(files),
         }
     }
 
-    fn from_rebuild(tree: sled::Tree, rebuild: Rebuild, revision: i64) -> Result<Self> {
-        let compacted = read_meta_i64(&tree, "compacted")?.unwrap_or(0);
+    fn from_rebuild(files: Files, rebuild: Rebuild, revision: i64) -> Result<Self> {
+        let compacted = read_meta_i64(&files.tree, "compacted")?.unwrap_or(0);
         // An older kvd removed history at once, and wrote no such record.
-        let physical = read_meta_i64(&tree, "physical")?.unwrap_or(compacted);
+        let physical = read_meta_i64(&files.tree, "physical")?.unwrap_or(compacted);
         let Rebuild { index, leases, in_use, .. } = rebuild;
         let mut store = MvccStore {
-            tree: Arc::new(RwLock::new(tree)),
+            tree: Arc::new(RwLock::new(files)),
             index,
             pending: BTreeMap::new(),
             sending: BTreeMap::new(),
@@ -242,7 +254,7 @@ impl MvccStore {
         }
         let mut out = Vec::new();
         let mut last = to;
-        let tree = self.tree();
+        let Files { tree, values } = self.files();
         changes::walk(&tree, from, to, |rev, k| {
             if out.len() >= max_events && out.last().map(event_rev) != Some(rev) {
                 last = rev - 1;
@@ -252,7 +264,7 @@ impl MvccStore {
                 return Ok(true);
             }
             let kv = match tree.get(keys::hist_key(k, rev))? {
-                Some(v) => decode_kv(&v)?,
+                Some(v) => load_kv(&v, &values)?,
                 None => return Err(Error::Compacted),
             };
             let prev_kv = if with_prev { self.prev_version(k, rev)? } else { None };
@@ -281,8 +293,15 @@ impl MvccStore {
                 return Ok(Some(kv.clone()).filter(|p| p.version != 0));
             }
         }
-        match self.in_use_tree().range(from..to).next_back() {
-            Some(item) => Ok(Some(decode_kv(&item?.1)?).filter(|p| p.version != 0)),
+        let files = self.in_use_files();
+        match files.tree.range(from..to).next_back() {
+            Some(item) => {
+                let stored = Stored::decode(&item?.1)?;
+                match stored.kv.version {
+                    0 => Ok(None),
+                    _ => Ok(Some(stored.load(&files.values)?)),
+                }
+            }
             None => Ok(None),
         }
     }
@@ -293,8 +312,9 @@ impl MvccStore {
         if let Some(kv) = self.pending.get(&rec).or_else(|| self.sending.get(&rec)) {
             return Ok(kv.clone());
         }
-        match self.in_use_tree().get(&rec)? {
-            Some(v) => decode_kv(&v),
+        let files = self.in_use_files();
+        match files.tree.get(&rec)? {
+            Some(v) => load_kv(&v, &files.values),
             None => Err(StoreError::inconsistent(format!(
                 "the history record of a live key is missing (revision {})",
                 meta.mod_revision
@@ -337,10 +357,15 @@ impl MvccStore {
 
     /// The sled tree the store lives in.
     pub fn tree(&self) -> sled::Tree {
-        self.in_use_tree().clone()
+        self.in_use_files().tree.clone()
     }
 
-    fn in_use_tree(&self) -> std::sync::RwLockReadGuard<'_, sled::Tree> {
+    /// The tree and the value file the store lives in.
+    pub fn files(&self) -> Files {
+        self.in_use_files().clone()
+    }
+
+    fn in_use_files(&self) -> std::sync::RwLockReadGuard<'_, Files> {
         self.tree.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -421,31 +446,34 @@ impl MvccStore {
     /// read from history. `rev` must be at or above the compacted revision.
     pub fn at_revision(&self, key: &[u8], end: &RangeEnd, rev: i64) -> Result<Vec<KeyValue>> {
         let start = keys::hist_prefix(key);
+        let Files { tree, values } = self.files();
         let iter = match end {
-            RangeEnd::Single => self.in_use_tree().scan_prefix(&start),
-            RangeEnd::Unbounded => self.in_use_tree().range(start..vec![keys::HIST + 1]),
+            RangeEnd::Single => tree.scan_prefix(&start),
+            RangeEnd::Unbounded => tree.range(start..vec![keys::HIST + 1]),
             RangeEnd::Before(e) if e.as_slice() <= key => return Ok(Vec::new()),
-            RangeEnd::Before(e) => self.in_use_tree().range(start..keys::hist_prefix(e)),
+            RangeEnd::Before(e) => tree.range(start..keys::hist_prefix(e)),
         };
         let mut out = Vec::new();
-        let mut candidate: Option<KeyValue> = None;
+        // The version each key had at `rev`; its value is read only once
+        // it is known to be the one.
+        let mut candidate: Option<Stored> = None;
         let mut current_key: Option<Vec<u8>> = None;
         for item in iter {
             let (rec, value) = item?;
             let (k, r) = keys::parse_hist_key(&rec).ok_or_else(|| StoreError::corrupt("history record key"))?;
             if current_key.as_deref() != Some(k.as_slice()) {
-                if let Some(kv) = candidate.take() {
-                    out.push(kv);
+                if let Some(stored) = candidate.take() {
+                    out.push(stored.load(&values)?);
                 }
                 current_key = Some(k);
             }
             if r <= rev {
-                let kv = decode_kv(&value)?;
-                candidate = if kv.version == 0 { None } else { Some(kv) };
+                let stored = Stored::decode(&value)?;
+                candidate = if stored.kv.version == 0 { None } else { Some(stored) };
             }
         }
-        if let Some(kv) = candidate {
-            out.push(kv);
+        if let Some(stored) = candidate {
+            out.push(stored.load(&values)?);
         }
         Ok(out)
     }
@@ -460,10 +488,6 @@ impl MvccStore {
 
 fn event_rev(e: &Event) -> i64 {
     e.kv.as_ref().map_or(0, |kv| kv.mod_revision)
-}
-
-fn decode_kv(value: &[u8]) -> Result<KeyValue> {
-    Ok(KeyValue::decode(value).map_err(|e| StoreError::corrupt(format!("key-value record: {e}")))?)
 }
 
 /// The revision `tree` records, once the records of a commit cut short

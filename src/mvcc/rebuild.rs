@@ -8,7 +8,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{changes, decode_kv, keys, Lease, Meta, StoreError, LEASE_RECORD_BYTES};
+use super::values::{record_bytes, Stored};
+use super::{changes, keys, Lease, Meta, StoreError, LEASE_RECORD_BYTES};
 use crate::error::Result;
 use crate::proto::mvccpb::KeyValue;
 
@@ -33,8 +34,10 @@ impl Rebuild {
     pub fn record(&mut self, rec: &[u8], value: &[u8]) -> Result<()> {
         match rec.first().copied() {
             Some(keys::HIST) => {
-                self.in_use += (rec.len() + value.len()) as u64;
-                let kv = decode_kv(value)?;
+                self.in_use += record_bytes(rec, value)?;
+                // The key-value without its value: a value kept apart is
+                // not read.
+                let kv = Stored::decode(value)?.kv;
                 if let Some(prev) = self.last.take() {
                     if prev.key != kv.key {
                         self.keep(prev);

@@ -1,5 +1,22 @@
 use super::*;
 
+/// A temporary tree and value file; the directory lasts as long as the
+/// guard.
+pub(crate) fn temp_files() -> (Files, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
+    let values = ValueLog::create(&dir.path().join("values")).expect("value file");
+    (Files { tree, values: Arc::new(values) }, dir)
+}
+
+/// Commits `batch` to `files` as the commit thread does: values kept apart
+/// first, synced, then the records.
+fn commit_to(files: &Files, mut batch: Batch) {
+    batch.separate_values(&files.values).expect("values");
+    files.values.sync().expect("sync");
+    files.tree.apply_batch(batch.into_sled()).expect("apply");
+}
+
 fn write(store: &mut MvccStore, value: &str) -> Batch {
     let mut w = store.write();
     w.put(b"k", value.as_bytes().to_vec(), 0);
@@ -9,29 +26,28 @@ fn write(store: &mut MvccStore, value: &str) -> Batch {
 #[test]
 fn the_history_hash_covers_values_and_revisions_up_to_the_one_asked() {
     let store_of = |values: &[&str]| {
-        let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
-        let mut store = MvccStore::open(tree.clone()).expect("open");
+        let (files, dir) = temp_files();
+        let mut store = MvccStore::open(files.clone()).expect("open");
         for v in values {
-            tree.apply_batch(write(&mut store, v).into_sled()).expect("apply");
+            commit_to(&files, write(&mut store, v));
         }
-        tree
+        (files, dir)
     };
-    let a = store_of(&["1", "2", "3"]);
-    let b = store_of(&["1", "2", "x"]);
+    let ((a, _a), (b, _b)) = (store_of(&["1", "2", "3"]), store_of(&["1", "2", "x"]));
     // Revisions 2..=4 hold the three versions.
     assert_eq!(hash_history(&a, 0, 3).unwrap(), hash_history(&b, 0, 3).unwrap());
     assert_ne!(hash_history(&a, 0, 4).unwrap(), hash_history(&b, 0, 4).unwrap());
     assert_ne!(hash_history(&a, 0, 3).unwrap(), hash_history(&a, 0, 4).unwrap());
     // Compacted at 3, the version at 2 is out of sight: it no longer counts.
-    let c = store_of(&["0", "2", "3"]);
+    let (c, _c) = store_of(&["0", "2", "3"]);
     assert_ne!(hash_history(&a, 0, 4).unwrap(), hash_history(&c, 0, 4).unwrap());
     assert_eq!(hash_history(&a, 3, 4).unwrap(), hash_history(&c, 3, 4).unwrap());
 }
 
 #[test]
 fn versions_handed_off_are_read_from_memory_until_they_are_sent() {
-    let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
-    let mut store = MvccStore::open(tree.clone()).expect("open");
+    let (files, _dir) = temp_files();
+    let mut store = MvccStore::open(files.clone()).expect("open");
     let first = write(&mut store, "1");
     store.hand_off();
     let _second = write(&mut store, "2");
@@ -42,7 +58,7 @@ fn versions_handed_off_are_read_from_memory_until_they_are_sent() {
     let prev = store.prev_version(b"k", meta.mod_revision).expect("prev").expect("a previous version");
     assert_eq!(prev.value, b"1");
     // Once the first batch is in the tree, it is read from there.
-    tree.apply_batch(first.into_sled()).expect("apply");
+    commit_to(&files, first);
     store.sent();
     assert!(!store.is_sending());
     let prev = store.prev_version(b"k", meta.mod_revision).expect("prev").expect("a previous version");
@@ -57,10 +73,11 @@ fn versions_handed_off_are_read_from_memory_until_they_are_sent() {
 /// A tree holding 3,000 keys written in one revision, and the records of a
 /// revision deleting them all but its last sled batch (the one with the
 /// revision): a group cut short. Returns it and the revision it records.
-fn a_tree_with_a_group_cut_short() -> (sled::Tree, i64) {
+fn a_tree_with_a_group_cut_short() -> (Files, tempfile::TempDir, i64) {
     use keys::RangeEnd;
-    let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
-    let mut store = MvccStore::open(tree.clone()).expect("open");
+    let (files, dir) = temp_files();
+    let tree = files.tree.clone();
+    let mut store = MvccStore::open(files.clone()).expect("open");
     let mut w = store.write();
     for i in 0..3000 {
         w.put(format!("k{i:04}").as_bytes(), b"v".to_vec(), 0);
@@ -82,15 +99,16 @@ fn a_tree_with_a_group_cut_short() -> (sled::Tree, i64) {
     for b in chunks {
         tree.apply_batch(b).expect("apply");
     }
-    (tree, before)
+    (files, dir, before)
 }
 
 #[test]
 fn a_group_cut_short_between_its_sled_batches_is_removed_at_open() {
     use keys::RangeEnd;
-    let (tree, before) = a_tree_with_a_group_cut_short();
+    let (files, _dir, before) = a_tree_with_a_group_cut_short();
+    let tree = files.tree.clone();
     let records = tree.len();
-    let reopened = MvccStore::open(tree.clone()).expect("reopen");
+    let reopened = MvccStore::open(files).expect("reopen");
     assert_eq!(reopened.revision(), before);
     assert_eq!(reopened.len(), 3000, "the deletion never happened");
     assert_eq!(tree.len(), records - 3000 - 1, "its 3,000 tombstones and its run are gone");
@@ -107,19 +125,28 @@ fn a_group_cut_short_between_its_sled_batches_is_removed_at_open() {
     assert_eq!(after, 0);
 }
 
-/// Copies every record of `tree` into a new tree, giving each to a
-/// [`Rebuild`] as a snapshot install does; returns the copy and the store
-/// opened from it both ways.
-fn rebuilt_copy(tree: &sled::Tree) -> (MvccStore, MvccStore) {
-    let copy = sled::Config::new().temporary(true).open().expect("sled").open_tree("c").expect("tree");
+/// Copies every record of `files` into new ones, each history record
+/// whole as snapshot data carries it, giving each to a [`Rebuild`] as a
+/// snapshot install does; returns the store opened from the copy both
+/// ways.
+fn rebuilt_copy(files: &Files) -> (MvccStore, MvccStore, tempfile::TempDir) {
+    let (copy, dir) = temp_files();
     let mut rebuild = Rebuild::default();
-    for item in tree.iter() {
+    let mut batch = Batch::default();
+    for item in files.tree.iter() {
         let (k, v) = item.expect("record");
-        rebuild.record(&k, &v).expect("a record of a store");
-        copy.insert(k, v).expect("insert");
+        if k.first() == Some(&keys::HIST) {
+            let whole = values::whole_record(&v, &files.values).expect("whole");
+            rebuild.record(&k, &whole).expect("a record of a store");
+            batch.insert_version(k.to_vec(), &values::decode_whole(&whole).expect("decode"));
+        } else {
+            rebuild.record(&k, &v).expect("a record of a store");
+            batch.insert(&k, &v);
+        }
     }
+    commit_to(&copy, batch);
     let rebuilt = MvccStore::open_rebuilt(copy.clone(), rebuild).expect("open rebuilt");
-    (rebuilt, MvccStore::open(copy).expect("open"))
+    (rebuilt, MvccStore::open(copy).expect("open"), dir)
 }
 
 fn assert_same(a: &MvccStore, b: &MvccStore) {
@@ -137,11 +164,11 @@ fn assert_same(a: &MvccStore, b: &MvccStore) {
 #[test]
 fn a_store_rebuilt_from_its_records_is_the_store_opened_from_its_tree() {
     use keys::RangeEnd;
-    let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
-    let mut store = MvccStore::open(tree.clone()).expect("open");
+    let (files, _dir) = temp_files();
+    let mut store = MvccStore::open(files.clone()).expect("open");
     let commit = |store: &mut MvccStore, mut batch: Batch| {
         store.seal(&mut batch);
-        tree.apply_batch(batch.into_sled()).expect("apply");
+        commit_to(&files, batch);
     };
     let mut batch = Batch::default();
     assert!(store.grant_lease(7, 60, &mut batch));
@@ -151,7 +178,9 @@ fn a_store_rebuilt_from_its_records_is_the_store_opened_from_its_tree() {
         let mut w = store.write();
         for i in 0..50 {
             let lease = if i % 5 == 0 { 7 } else { 0 };
-            w.put(format!("k{i:02}").as_bytes(), format!("v{round}").into_bytes(), lease);
+            // Every other value is large enough to be kept apart.
+            let value = format!("v{round}").repeat(if i % 2 == 0 { 1 } else { values::SEPARATE_FROM });
+            w.put(format!("k{i:02}").as_bytes(), value.into_bytes(), lease);
         }
         let (batch, _) = w.finish();
         commit(&mut store, batch);
@@ -168,7 +197,7 @@ fn a_store_rebuilt_from_its_records_is_the_store_opened_from_its_tree() {
     let mut batch = Batch::default();
     store.compact(store.revision() - 2, &mut batch).expect("compact");
     commit(&mut store, batch);
-    let (rebuilt, opened) = rebuilt_copy(&tree);
+    let (rebuilt, opened, _copy) = rebuilt_copy(&files);
     assert_same(&rebuilt, &opened);
     // And both are the store that wrote the records.
     assert_same(&rebuilt, &store);
@@ -179,8 +208,37 @@ fn a_store_rebuilt_from_its_records_is_the_store_opened_from_its_tree() {
 
 #[test]
 fn records_of_a_group_cut_short_are_not_rebuilt_into_the_store() {
-    let (tree, _) = a_tree_with_a_group_cut_short();
-    let (rebuilt, opened) = rebuilt_copy(&tree);
+    let (files, _dir, _) = a_tree_with_a_group_cut_short();
+    let (rebuilt, opened, _copy) = rebuilt_copy(&files);
     assert_same(&rebuilt, &opened);
     assert_eq!(rebuilt.len(), 3000, "the deletion never happened");
+}
+
+#[test]
+fn opening_a_store_reads_no_value_kept_apart() {
+    let (files, dir) = temp_files();
+    let mut store = MvccStore::open(files.clone()).expect("open");
+    let big = vec![b'x'; values::SEPARATE_FROM * 4];
+    let mut batch = Batch::default();
+    for i in 0..20 {
+        let mut w = store.write();
+        w.put(format!("k{i:02}").as_bytes(), big.clone(), 0);
+        batch.append(w.finish().0);
+    }
+    store.seal(&mut batch);
+    commit_to(&files, batch);
+    assert_eq!(files.values.len(), 20 * big.len() as u64);
+    // The index is rebuilt from the tree alone: with the value file gone,
+    // the store still opens whole, and only a read of a value fails, with
+    // an error rather than a panic.
+    let empty = ValueLog::create(&dir.path().join("elsewhere")).expect("empty value file");
+    let reopened = MvccStore::open(Files { tree: files.tree.clone(), values: Arc::new(empty) }).expect("reopen");
+    assert_eq!((reopened.len(), reopened.revision(), reopened.bytes_in_use()), (20, 21, store.bytes_in_use()));
+    let meta = *reopened.get(b"k07").expect("live");
+    let e = reopened.load(b"k07", &meta).expect_err("no value file");
+    assert!(e.to_string().contains("corrupt value"), "{e}");
+    // With its value file, every value reads back.
+    let reopened = MvccStore::open(files).expect("reopen");
+    let all = reopened.current_kvs(b"k", &keys::RangeEnd::Before(b"l".to_vec())).expect("read");
+    assert!(all.len() == 20 && all.iter().all(|kv| kv.value == big));
 }

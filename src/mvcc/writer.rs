@@ -1,8 +1,6 @@
 //! A write in progress at one revision: puts, deletes and lease revocations,
 //! and the batch and events they come to.
 
-use prost::Message;
-
 use super::keys::{self, RangeEnd};
 use super::{Batch, Meta, MvccStore};
 use crate::error::Result;
@@ -110,9 +108,7 @@ impl Writer<'_> {
     /// until the state machine commits.
     fn record(&mut self, kv: KeyValue) {
         let rec = keys::hist_key(&kv.key, self.rev);
-        let value = kv.encode_to_vec();
-        self.store.in_use += (rec.len() + value.len()) as u64;
-        self.batch.insert(&rec, value);
+        self.store.in_use += self.batch.insert_version(rec.clone(), &kv);
         self.store.run.push(self.rev, self.sub, &kv.key);
         self.store.pending.insert(rec, kv);
         self.sub += 1;

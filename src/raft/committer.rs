@@ -19,17 +19,21 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::error::Error;
 use crate::metrics::Histogram;
-use crate::mvcc::TreeCell;
+use crate::mvcc::{Batch, Files, TreeCell};
 
-/// Work on the tree that may give the tree to commit to from then on.
-type MoveWork = dyn FnOnce(&sled::Tree) -> Option<sled::Tree> + Send;
+/// The most writes handed to sled in one batch (see
+/// [`crate::mvcc::Batch::into_sled_chunks`]): twice a group that is due.
+pub const SLED_BATCH_WRITES: usize = 2 * super::state_machine::MAX_UNFLUSHED_WRITES;
+
+/// Work on the tree that may give the files to commit to from then on.
+type MoveWork = dyn FnOnce(&Files) -> Option<Files> + Send;
 
 /// Work for the commit thread.
 enum Job {
-    /// A group of writes to commit, in sled batches applied in order.
-    Commit(Vec<sled::Batch>),
+    /// A group of writes to commit.
+    Commit(Batch),
     /// Something to do with the tree between two groups.
-    Run(Box<dyn FnOnce(&sled::Tree) + Send>),
+    Run(Box<dyn FnOnce(&Files) + Send>),
     /// Something to do with the tree between two groups, which may give
     /// the tree that takes its place in the cell.
     Move(Box<MoveWork>),
@@ -74,9 +78,9 @@ impl Committer {
                     // a defragment removes the old database once it is.
                     let tree = cell.read().unwrap_or_else(|p| p.into_inner()).clone();
                     let result = match job {
-                        Job::Commit(batches) => {
+                        Job::Commit(batch) => {
                             let start = std::time::Instant::now();
-                            let committed = batches.into_iter().try_for_each(|batch| tree.apply_batch(batch));
+                            let committed = commit_to(&tree, batch);
                             timed.observe(start.elapsed());
                             committed
                         }
@@ -132,8 +136,8 @@ impl Committer {
     }
 
     /// Starts committing `batch`. The group before it must be committed.
-    pub fn send(&self, batches: Vec<sled::Batch>) -> Result<(), Error> {
-        self.begin(Job::Commit(batches))
+    pub fn send(&self, batch: Batch) -> Result<(), Error> {
+        self.begin(Job::Commit(batch))
     }
 
     /// Starts `work` with the tree on the commit thread, as if it were a
@@ -141,17 +145,14 @@ impl Committer {
     /// busy until it ends. A snapshot copies the tree this way, so that the
     /// copy holds exactly the groups committed before it while applying
     /// goes on.
-    pub fn run(&self, work: impl FnOnce(&sled::Tree) + Send + 'static) -> Result<(), Error> {
+    pub fn run(&self, work: impl FnOnce(&Files) + Send + 'static) -> Result<(), Error> {
         self.begin(Job::Run(Box::new(work)))
     }
 
     /// Runs `work` as [`Committer::run`] does; if it gives a tree, that
     /// tree replaces the one in the cell before the next group is
     /// committed. A defragment copies the store into a new database so.
-    pub fn run_then_move(
-        &self,
-        work: impl FnOnce(&sled::Tree) -> Option<sled::Tree> + Send + 'static,
-    ) -> Result<(), Error> {
+    pub fn run_then_move(&self, work: impl FnOnce(&Files) -> Option<Files> + Send + 'static) -> Result<(), Error> {
         self.begin(Job::Move(Box::new(work)))
     }
 
@@ -190,6 +191,19 @@ impl Drop for Committer {
             let _ = thread.join();
         }
     }
+}
+
+/// Commits a group of writes to `files`: the values kept apart go to the
+/// value file, which is synced, and then the records to sled, in batches of
+/// at most [`SLED_BATCH_WRITES`] applied in order.
+pub fn commit_to(files: &Files, mut batch: Batch) -> Result<(), Error> {
+    if batch.separate_values(&files.values)? > 0 {
+        files.values.sync()?;
+    }
+    for chunk in batch.into_sled_chunks(SLED_BATCH_WRITES) {
+        files.tree.apply_batch(chunk)?;
+    }
+    Ok(())
 }
 
 fn check(progress: &Progress) -> Result<(), Error> {
@@ -243,18 +257,32 @@ mod tests {
 
     #[test]
     fn each_group_sent_is_in_sled_once_the_committer_is_idle() {
+        let dir = tempfile::tempdir().expect("tempdir");
         let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
-        let cell = std::sync::Arc::new(std::sync::RwLock::new(tree.clone()));
+        let values = crate::mvcc::values::ValueLog::create(&dir.path().join("v")).expect("value file");
+        let values = std::sync::Arc::new(values);
+        let cell = std::sync::Arc::new(std::sync::RwLock::new(Files { tree: tree.clone(), values: values.clone() }));
         let committer = Committer::start(cell).expect("start");
         assert!(committer.is_idle().expect("idle"));
+        let big = crate::proto::mvccpb::KeyValue {
+            key: b"big".to_vec(),
+            value: vec![5u8; crate::mvcc::values::SEPARATE_FROM],
+            version: 1,
+            ..Default::default()
+        };
         for i in 0u32..50 {
-            let mut batch = sled::Batch::default();
+            let mut batch = Batch::default();
             batch.insert(&b"k"[..], &i.to_be_bytes()[..]);
             batch.insert(&i.to_be_bytes()[..], &b"v"[..]);
-            committer.send(vec![batch]).expect("send");
+            batch.insert_version(b"hbig".to_vec(), &big);
+            committer.send(batch).expect("send");
             committer.wait_idle().expect("committed");
             assert_eq!(tree.get(b"k").expect("get").as_deref(), Some(&i.to_be_bytes()[..]));
+            // The large value went to the value file before its record.
+            assert_eq!(values.len(), (i as u64 + 1) * big.value.len() as u64);
+            let stored = tree.get(b"hbig").expect("get").expect("record");
+            assert_eq!(crate::mvcc::values::load_kv(&stored, &values).expect("load"), big);
         }
-        assert_eq!(tree.len(), 51);
+        assert_eq!(tree.len(), 52);
     }
 }

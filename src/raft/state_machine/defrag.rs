@@ -14,8 +14,12 @@ use super::super::committer::CommitError;
 use super::super::db_dir::{db_dirs, open_db_at, remove_unused, set_in_use};
 use super::records::Batches;
 use super::view::{Shared, State};
-use super::{CURRENT_TREE, INSTALLING, STATE_TREES};
+use super::{open_files_in, CURRENT_TREE, INSTALLING, STATE_TREES};
 use crate::error::Error;
+use crate::mvcc::keys::HIST;
+use crate::mvcc::values::load_kv;
+use crate::mvcc::Files;
+use std::path::Path;
 
 /// What a defragment did: the database's size on disk before and after,
 /// in bytes.
@@ -71,9 +75,9 @@ impl Shared {
             return Err(e);
         }
         let (tx, rx) = std::sync::mpsc::channel();
-        let (cell, dir) = (self.db.clone(), self.dir.clone());
-        let work = move |tree: &sled::Tree| {
-            let moved = copy_state(tree, &new).and_then(|to| match set_in_use(&dir, other) {
+        let (cell, dir, path_c) = (self.db.clone(), self.dir.clone(), path.clone());
+        let work = move |files: &Files| {
+            let moved = copy_state(files, &new, &path_c).and_then(|to| match set_in_use(&dir, other) {
                 Ok(()) => Ok(to),
                 Err(e) => {
                     // The rename may have happened before the failure.
@@ -122,14 +126,19 @@ impl Shared {
     }
 }
 
-/// Copies every record of `tree` into the state tree of `new`, makes it the
-/// tree in use there, and flushes `new`.
-fn copy_state(tree: &sled::Tree, new: &sled::Db) -> Result<sled::Tree, Error> {
-    let to = new.open_tree(STATE_TREES[0])?;
+/// Copies every record of `files` into the state tree of `new`, whose
+/// directory is `new_dir`, and each value kept apart into its value file;
+/// makes it the tree in use there, and flushes `new`. What compaction
+/// removed is left behind, in sled's files and the value file alike.
+fn copy_state(files: &Files, new: &sled::Db, new_dir: &Path) -> Result<Files, Error> {
+    let to = open_files_in(new, new_dir, STATE_TREES[0])?;
     let mut batch = Batches::new(&to);
-    for item in tree.iter() {
+    for item in files.tree.iter() {
         let (k, v) = item?;
-        batch.insert(&k, &v)?;
+        match k.first() {
+            Some(&HIST) => batch.insert_version(&k, &load_kv(&v, &files.values)?)?,
+            _ => batch.insert(&k, &v)?,
+        }
     }
     batch.finish()?;
     new.insert(CURRENT_TREE, STATE_TREES[0].as_bytes())?;

@@ -1,7 +1,7 @@
 //! The commit group: writes applied since the last commit to sled, handed to
 //! the commit thread together once they are due.
 
-use super::super::committer::Committer;
+use super::super::committer::{commit_to, Committer};
 use super::super::{encode, LogId};
 use super::APPLIED;
 use crate::error::Error;
@@ -12,9 +12,6 @@ use crate::mvcc::{Batch, MvccStore};
 /// many (8,192, when the commit still held the state lock, made p99 latency
 /// jump).
 pub const MAX_UNFLUSHED_WRITES: usize = 1024;
-/// The most writes handed to sled in one batch (see
-/// [`crate::mvcc::Batch::into_sled_chunks`]).
-pub(super) const SLED_BATCH_WRITES: usize = 2 * MAX_UNFLUSHED_WRITES;
 /// While the committer is busy, applied writes go on gathering up to this
 /// many; then applying waits for it.
 pub(super) const MAX_GATHERED_WRITES: usize = 8 * MAX_UNFLUSHED_WRITES;
@@ -53,11 +50,8 @@ impl Group {
     pub(super) fn commit(&mut self, store: &mut MvccStore, committer: &Committer) -> Result<(), Error> {
         committer.wait_idle()?;
         store.sent();
-        let Some(batches) = self.take(store)? else { return Ok(()) };
-        let tree = store.tree();
-        for batch in batches {
-            tree.apply_batch(batch)?;
-        }
+        let Some(batch) = self.take(store)? else { return Ok(()) };
+        commit_to(&store.files(), batch)?;
         store.committed();
         Ok(())
     }
@@ -77,15 +71,14 @@ impl Group {
         committer.send(batch)
     }
 
-    /// The sled batches of the writes, their revision order and the last
-    /// entry's log id (see [`crate::mvcc::Batch::into_sled_chunks`]), if any
-    /// entry was applied since the last one.
-    pub(super) fn take(&mut self, store: &mut MvccStore) -> Result<Option<Vec<sled::Batch>>, Error> {
+    /// The writes, their revision order and the last entry's log id, if
+    /// any entry was applied since the last one.
+    pub(super) fn take(&mut self, store: &mut MvccStore) -> Result<Option<Batch>, Error> {
         let Some(last) = self.last.take() else { return Ok(None) };
         self.since = None;
         let mut batch = std::mem::take(&mut self.batch);
         store.seal(&mut batch);
         batch.insert(meta_key(APPLIED), encode(&Some(last))?);
-        Ok(Some(batch.into_sled_chunks(SLED_BATCH_WRITES)))
+        Ok(Some(batch))
     }
 }

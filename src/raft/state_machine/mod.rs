@@ -56,6 +56,8 @@ use super::compactor;
 use super::{encode, Entry, LogId, Node, NodeId, Request, Response, StorageError, TypeConfig};
 use crate::error::Error;
 use crate::mvcc::keys::meta_key;
+use crate::mvcc::values::ValueLog;
+use crate::mvcc::Files;
 use crate::proto::kvdpb::{command, Command};
 
 const ATTRS: u8 = b'a';
@@ -87,20 +89,56 @@ fn state_trees(db: &sled::Db) -> Result<(&'static str, &'static str), Error> {
     }
 }
 
-/// An empty state tree in place of the one not in use.
-fn fresh_tree(db: &sled::Db, name: &str) -> Result<sled::Tree, Error> {
+/// The value file of the state tree `name` (see [`crate::mvcc::values`]):
+/// in the directory of the database `data_dir` uses, beside sled's files,
+/// so that a defragment's new database comes with its own.
+fn values_path(data_dir: &Path, name: &str) -> Result<PathBuf, Error> {
+    Ok(values_file(&super::db_dir::db_path(data_dir)?, name))
+}
+
+/// The value file of the state tree `name` of the database in `db_dir`.
+fn values_file(db_dir: &Path, name: &str) -> PathBuf {
+    db_dir.join(format!("values-{name}"))
+}
+
+/// The state tree `name` and its value file.
+fn open_files(db: &sled::Db, data_dir: &Path, name: &str) -> Result<Files, Error> {
+    open_files_in(db, &super::db_dir::db_path(data_dir)?, name)
+}
+
+/// The state tree `name` of `db`, whose directory is `db_dir`, and its
+/// value file.
+fn open_files_in(db: &sled::Db, db_dir: &Path, name: &str) -> Result<Files, Error> {
+    let values = ValueLog::open(&values_file(db_dir, name))?;
+    Ok(Files { tree: db.open_tree(name)?, values: Arc::new(values) })
+}
+
+/// An empty state tree, and value file, in place of the one not in use.
+fn fresh_files(db: &sled::Db, data_dir: &Path, name: &str) -> Result<Files, Error> {
     db.drop_tree(name)?;
-    Ok(db.open_tree(name)?)
+    let values = ValueLog::create(&values_path(data_dir, name)?)?;
+    Ok(Files { tree: db.open_tree(name)?, values: Arc::new(values) })
 }
 
 /// Makes the tree `name` the state tree in use, durably, and drops the
-/// other.
-fn use_tree(db: &sled::Db, name: &str, other: &str) -> Result<(), Error> {
+/// other and its value file.
+fn use_tree(db: &sled::Db, data_dir: &Path, name: &str, other: &str) -> Result<(), Error> {
     db.insert(CURRENT_TREE, name.as_bytes())?;
     db.remove(INSTALLING)?;
     db.flush()?;
-    db.drop_tree(other)?;
-    Ok(())
+    drop_files(db, data_dir, other)
+}
+
+/// Drops the state tree `name` and removes its value file.
+fn drop_files(db: &sled::Db, data_dir: &Path, name: &str) -> Result<(), Error> {
+    db.drop_tree(name)?;
+    let path = values_path(data_dir, name)?;
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::internal(format!("remove {}: {e}", path.display())))
+        }
+        _ => Ok(()),
+    }
 }
 /// Records one step of physical compaction reads at most: about 5 ms of
 /// the commit thread, which applying may wait for. Larger steps are slower
@@ -126,16 +164,16 @@ impl StateMachine {
         let (current, rebuilt) = if db.get(INSTALLING)?.is_some() {
             let open = open_snapshot_file(dir)?
                 .ok_or_else(|| Error::internal("snapshot install was interrupted and its file is gone"))?;
-            let rebuilt = load_records(db, &fresh_tree(db, other)?, open.file, open.len)?;
-            use_tree(db, other, current)?;
+            let rebuilt = load_records(db, &fresh_files(db, dir, other)?, open.file, open.len)?;
+            use_tree(db, dir, other, current)?;
             (other, Some(rebuilt))
         } else {
             // What a load cut short left behind.
-            db.drop_tree(other)?;
+            drop_files(db, dir, other)?;
             (current, None)
         };
-        let tree = db.open_tree(current)?;
-        let (state, last_applied, membership) = load_state(&tree, rebuilt)?;
+        let files = open_files(db, dir, current)?;
+        let (state, last_applied, membership) = load_state(&files, rebuilt)?;
         let on_disk = read_snapshot_meta(dir)?.and_then(|meta| meta.last_log_id);
         let physical = Physical { rev: state.store.physical(), failed: None };
         let (wake, woken) = std::sync::mpsc::channel();
@@ -277,8 +315,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         let (tx, rx) = oneshot::channel();
         let (path, for_copy) = (part_path(&self.dir, BUILD_PART), meta.clone());
-        let copy = move |tree: &sled::Tree| {
-            let _ = tx.send(build_file(tree, &path, &for_copy));
+        let copy = move |files: &Files| {
+            let _ = tx.send(build_file(files, &path, &for_copy));
         };
         let started = {
             let mut state = self.shared.write();
@@ -392,11 +430,11 @@ fn install_from(
     let (current, other) = state_trees(db)?;
     db.insert(INSTALLING, &[1u8])?;
     db.flush()?;
-    let tree = fresh_tree(db, other)?;
+    let files = fresh_files(db, dir, other)?;
     let started = std::time::Instant::now();
-    let rebuilt = load_records(db, &tree, open.file, open.len)?;
+    let rebuilt = load_records(db, &files, open.file, open.len)?;
     let loaded = started.elapsed();
-    let (mut new_state, _, _) = load_state(&tree, Some(rebuilt))?;
+    let (mut new_state, _, _) = load_state(&files, Some(rebuilt))?;
     tracing::info!(
         records_ms = loaded.as_millis() as u64,
         state_ms = (started.elapsed() - loaded).as_millis() as u64,
@@ -417,6 +455,6 @@ fn install_from(
         let rev = state.store.revision();
         let _ = shared.applied.send(Arc::new(Applied { rev, events: Vec::new() }));
     }
-    use_tree(db, other, current)?;
+    use_tree(db, dir, other, current)?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::path::Path;
 
 use openraft::StoredMembership;
 use prost::Message;
@@ -10,18 +11,22 @@ use prost::Message;
 use super::super::{decode, LogId, Node, NodeId};
 use super::group::Group;
 use super::view::State;
-use super::{ALARMS, APPLIED, ATTRS, MEMBERSHIP};
+use super::{ALARMS, APPLIED, ATTRS, MEMBERSHIP, STATE_TREES};
 use crate::error::Error;
-use crate::mvcc::keys::meta_key;
-use crate::mvcc::{MvccStore, Rebuild};
+use crate::mvcc::keys::{meta_key, HIST};
+use crate::mvcc::values::{decode_whole, whole_record};
+use crate::mvcc::Batch;
+use crate::mvcc::{Files, MvccStore, Rebuild};
 use crate::proto::kvdpb::MemberAttributes;
+use crate::proto::mvccpb::KeyValue;
 
 pub(super) type Loaded = (State, Option<LogId>, StoredMembership<NodeId, Node>);
 
 /// Loads the state kept in `tree`. With `rebuilt`, the store's in-memory
 /// part comes from the records just loaded into `tree` (see
 /// [`load_records`]) instead of a pass over the tree.
-pub(super) fn load_state(tree: &sled::Tree, rebuilt: Option<Rebuild>) -> Result<Loaded, Error> {
+pub(super) fn load_state(files: &Files, rebuilt: Option<Rebuild>) -> Result<Loaded, Error> {
+    let tree = &files.tree;
     let read = |name: &str| tree.get(meta_key(name));
     let last_applied = match read(APPLIED)? {
         Some(v) => decode(&v)?,
@@ -44,8 +49,8 @@ pub(super) fn load_state(tree: &sled::Tree, rebuilt: Option<Rebuild>) -> Result<
         alarms.insert(parse_alarm_key(&k).ok_or_else(|| Error::internal("corrupt alarm record"))?);
     }
     let store = match rebuilt {
-        Some(rebuild) => MvccStore::open_rebuilt(tree.clone(), rebuild)?,
-        None => MvccStore::open(tree.clone())?,
+        Some(rebuild) => MvccStore::open_rebuilt(files.clone(), rebuild)?,
+        None => MvccStore::open(files.clone())?,
     };
     let auth = crate::auth::AuthState::load(tree)?;
     let state = State { store, attrs, alarms, auth, tokens: Default::default(), unflushed: Group::default() };
@@ -55,16 +60,21 @@ pub(super) fn load_state(tree: &sled::Tree, rebuilt: Option<Rebuild>) -> Result<
 /// Writes every record of the state tree to `out`, from where it stands,
 /// as snapshot data: the layout bincode gives a `Vec<(ByteBuf, ByteBuf)>`
 /// (a count, then each key and value as a length and its bytes; integers
-/// u64 little-endian), which members of every kvd version read. One record
-/// at a time, straight from the tree: nothing proportional to the data is
-/// held. Returns the data's length in bytes.
-pub(super) fn write_records<W: Write + Seek>(tree: &sled::Tree, out: &mut W) -> Result<u64, Error> {
+/// u64 little-endian), which members of every kvd version read. A history
+/// record goes whole, its value read from the value file if it is kept
+/// there. One record at a time, straight from the tree: nothing
+/// proportional to the data is held. Returns the data's length in bytes.
+pub(super) fn write_records<W: Write + Seek>(files: &Files, out: &mut W) -> Result<u64, Error> {
     let io = |e: std::io::Error| Error::internal(format!("write snapshot data: {e}"));
     let start = out.stream_position().map_err(io)?;
     out.write_all(&0u64.to_le_bytes()).map_err(io)?;
     let (mut count, mut len) = (0u64, 8u64);
-    for item in tree.iter() {
+    for item in files.tree.iter() {
         let (k, v) = item?;
+        let v = match k.first() {
+            Some(&HIST) => whole_record(&v, &files.values)?,
+            _ => std::borrow::Cow::Borrowed(&v[..]),
+        };
         for part in [&k[..], &v[..]] {
             out.write_all(&(part.len() as u64).to_le_bytes()).map_err(io)?;
             out.write_all(part).map_err(io)?;
@@ -144,16 +154,16 @@ fn parse_alarm_key(key: &[u8]) -> Option<(NodeId, i32)> {
 /// from are left out, so a member started on the directory with
 /// `--initial-cluster-state new` forms a new cluster that holds the data:
 /// its first revision is the next one.
-pub fn load_backup(db: &sled::Db, records: impl Read, len: u64) -> Result<(), Error> {
-    let tree = db.open_tree("state")?;
-    if !tree.is_empty() {
+pub fn load_backup(db: &sled::Db, db_dir: &Path, records: impl Read, len: u64) -> Result<Files, Error> {
+    let files = super::open_files_in(db, db_dir, STATE_TREES[0])?;
+    if !files.tree.is_empty() {
         return Err(Error::internal("the state tree is not empty"));
     }
-    let mut batch = Batches::new(&tree);
-    for_each_record(records, len, |k, v| if is_cluster_record(k) { Ok(()) } else { batch.insert(k, v) })?;
+    let mut batch = Batches::new(&files);
+    for_each_record(records, len, |k, v| if is_cluster_record(k) { Ok(()) } else { batch.insert_whole(k, v) })?;
     batch.finish()?;
     db.flush()?;
-    Ok(())
+    Ok(files)
 }
 
 /// Records written to sled in one batch while a snapshot is loaded. sled
@@ -163,44 +173,74 @@ pub fn load_backup(db: &sled::Db, records: impl Read, len: u64) -> Result<(), Er
 pub(super) const LOAD_BATCH_BYTES: usize = 256 << 10;
 
 /// Writes the records of snapshot data (`len` bytes of `records`) into
-/// `tree`, an empty one, and flushes them. Returns what the records say of
+/// `files`, empty ones, and flushes them. Returns what the records say of
 /// the store's in-memory part, for [`load_state`].
-pub(super) fn load_records(db: &sled::Db, tree: &sled::Tree, records: impl Read, len: u64) -> Result<Rebuild, Error> {
-    let mut batch = Batches::new(tree);
+pub(super) fn load_records(db: &sled::Db, files: &Files, records: impl Read, len: u64) -> Result<Rebuild, Error> {
+    let mut batch = Batches::new(files);
     let mut rebuild = Rebuild::default();
     for_each_record(records, len, |k, v| {
         rebuild.record(k, v)?;
-        batch.insert(k, v)
+        batch.insert_whole(k, v)
     })?;
     batch.finish()?;
     db.flush()?;
     Ok(rebuild)
 }
 
-/// Inserts records into a tree, [`LOAD_BATCH_BYTES`] at a time.
-pub(super) struct Batches<'t> {
-    tree: &'t sled::Tree,
-    batch: sled::Batch,
+/// Inserts records into a store's files, [`LOAD_BATCH_BYTES`] at a time,
+/// keeping large values apart as a write does (see
+/// [`crate::mvcc::values`]). The value file is synced once, at the end:
+/// the files are not in use until they are whole.
+pub(super) struct Batches<'f> {
+    files: &'f Files,
+    batch: Batch,
     bytes: usize,
 }
 
-impl<'t> Batches<'t> {
-    pub(super) fn new(tree: &'t sled::Tree) -> Self {
-        Batches { tree, batch: sled::Batch::default(), bytes: 0 }
+impl<'f> Batches<'f> {
+    pub(super) fn new(files: &'f Files) -> Self {
+        Batches { files, batch: Batch::default(), bytes: 0 }
     }
 
+    /// Inserts a record as snapshot data holds it: a history record whole.
+    pub(super) fn insert_whole(&mut self, k: &[u8], v: &[u8]) -> Result<(), Error> {
+        match k.first() {
+            Some(&HIST) => self.insert_version(k, &decode_whole(v)?),
+            _ => self.insert(k, v),
+        }
+    }
+
+    /// Inserts the history record `k` of the version `kv`.
+    pub(super) fn insert_version(&mut self, k: &[u8], kv: &KeyValue) -> Result<(), Error> {
+        self.batch.insert_version(k.to_vec(), kv);
+        self.added(k.len() + kv.key.len() + kv.value.len())
+    }
+
+    /// Inserts any other record.
     pub(super) fn insert(&mut self, k: &[u8], v: &[u8]) -> Result<(), Error> {
         self.batch.insert(k, v);
-        self.bytes += k.len() + v.len();
+        self.added(k.len() + v.len())
+    }
+
+    fn added(&mut self, bytes: usize) -> Result<(), Error> {
+        self.bytes += bytes;
         if self.bytes >= LOAD_BATCH_BYTES {
-            self.tree.apply_batch(std::mem::take(&mut self.batch))?;
-            self.bytes = 0;
+            self.apply()?;
         }
         Ok(())
     }
 
-    pub(super) fn finish(self) -> Result<(), Error> {
-        self.tree.apply_batch(self.batch)?;
+    fn apply(&mut self) -> Result<(), Error> {
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.separate_values(&self.files.values)?;
+        self.files.tree.apply_batch(batch.into_sled())?;
+        self.bytes = 0;
         Ok(())
+    }
+
+    /// Inserts what is left, and syncs the value file.
+    pub(super) fn finish(mut self) -> Result<(), Error> {
+        self.apply()?;
+        self.files.values.sync()
     }
 }

@@ -197,10 +197,14 @@ pub(super) fn write_file_from(
 /// Writes a snapshot file of `meta` and every record of `tree`, one record
 /// at a time, at `path`; on the commit thread, between two groups. Returns
 /// the file, where its data begins and the data's length.
-pub(super) fn build_file(tree: &sled::Tree, path: &Path, meta: &Meta) -> Result<(std::fs::File, u64, u64), Error> {
+pub(super) fn build_file(
+    files: &crate::mvcc::Files,
+    path: &Path,
+    meta: &Meta,
+) -> Result<(std::fs::File, u64, u64), Error> {
     let mut out = std::io::BufWriter::with_capacity(1 << 20, create_rw(path)?);
     let data_at = start_file(&mut out, meta)?;
-    let len = write_records(tree, &mut out)?;
+    let len = write_records(files, &mut out)?;
     let mut file = out.into_inner().map_err(|e| write_err(e.into_error()))?;
     finish_file(&mut file, data_at, len)?;
     Ok((file, data_at, len))

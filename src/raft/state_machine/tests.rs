@@ -6,6 +6,13 @@ use crate::raft::decode;
 use openraft::storage::RaftStateMachine;
 use openraft::testing::log_id;
 
+/// A temporary state tree, and a value file in `dir`.
+fn temp_files(dir: &Path) -> Files {
+    let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
+    let values = ValueLog::create(&dir.join("values-t")).expect("value file");
+    Files { tree, values: Arc::new(values) }
+}
+
 fn put(key: &str, value: &str) -> Command {
     let p = PutRequest { key: key.into(), value: value.into(), ..Default::default() };
     Command { op: Some(command::Op::Put(p)), stamp: None }
@@ -141,14 +148,15 @@ async fn applied_writes_wait_for_a_commit_and_are_read_from_disk_after_it() {
 fn snapshot_data_and_file_keep_the_layout_every_kvd_reads() {
     use std::io::{Cursor, Seek, SeekFrom};
     let dir = tempfile::tempdir().expect("tempdir");
-    let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
+    let files = temp_files(dir.path());
+    let tree = files.tree.clone();
     for (k, v) in [(&b"a"[..], &b"1"[..]), (b"bb", b""), (b"\xff", &[7u8; 300][..])] {
         tree.insert(k, v).expect("insert");
     }
     // The data as bincode gives the records' list, as older members wrote it.
     let mut out = Cursor::new(b"xy".to_vec());
     out.seek(SeekFrom::End(0)).expect("seek");
-    let len = write_records(&tree, &mut out).expect("write");
+    let len = write_records(&files, &mut out).expect("write");
     let data = out.into_inner()[2..].to_vec();
     assert_eq!(len, data.len() as u64);
     let listed: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)> = tree
@@ -183,7 +191,7 @@ fn snapshot_data_and_file_keep_the_layout_every_kvd_reads() {
     }
     let meta = SnapshotMeta { last_log_id: Some(log_id(2, 1, 9)), snapshot_id: "2-9".into(), ..Default::default() };
     let path = dir.path().join(SNAPSHOT_FILE);
-    let (_, data_at, built_len) = build_file(&tree, &path, &meta).expect("build");
+    let (_, data_at, built_len) = build_file(&files, &path, &meta).expect("build");
     let file = std::fs::read(&path).expect("read");
     let layout = Layout { meta: meta.clone(), data: serde_bytes::ByteBuf::from(data.clone()) };
     assert_eq!(file, encode(&layout).expect("encode"));
@@ -281,8 +289,8 @@ async fn a_member_that_stopped_before_compacted_history_was_removed_removes_it_a
         // A compaction applied and committed, none of its history
         // removed yet: what a member leaves when it stops midway.
         let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
-        let tree = db.open_tree("state").expect("tree");
-        let mut store = MvccStore::open(tree.clone()).expect("store");
+        let files = open_files(&db, dir.path(), "state").expect("files");
+        let mut store = MvccStore::open(files.clone()).expect("store");
         let mut batch = Batch::default();
         for i in 0..100 {
             let mut w = store.write();
@@ -292,7 +300,7 @@ async fn a_member_that_stopped_before_compacted_history_was_removed_removes_it_a
         let rev = store.revision();
         store.compact(rev, &mut batch).expect("compact");
         store.seal(&mut batch);
-        tree.apply_batch(batch.into_sled()).expect("commit");
+        crate::raft::committer::commit_to(&files, batch).expect("commit");
         assert!(store.compaction_step().is_some());
         db.flush().expect("flush");
         rev
@@ -320,7 +328,9 @@ async fn a_snapshot_holds_the_entry_it_names_though_later_ones_are_applied_befor
     let dir = tempfile::tempdir().expect("tempdir");
     let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
     let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
-    sm.apply(vec![batch(1, puts("a"))]).await.expect("apply");
+    // Values kept apart from the tree: the snapshot carries them whole.
+    let a = "a".repeat(crate::mvcc::values::SEPARATE_FROM);
+    sm.apply(vec![batch(1, puts(&a))]).await.expect("apply");
     let mut builder = sm.get_snapshot_builder().await;
     // Applying goes on while the tree is copied: a group large enough
     // to be handed off, and one more entry.
@@ -334,11 +344,18 @@ async fn a_snapshot_holds_the_entry_it_names_though_later_ones_are_applied_befor
     let mut sm2 = StateMachine::open(&db2, other.path()).expect("state machine");
     sm2.install_snapshot(&snapshot.meta, snapshot.snapshot).await.expect("install");
     let shared = sm2.shared();
-    let state = shared.read();
-    assert_eq!(state.store.revision(), n as i64 + 1);
-    let kvs = state.store.current_kvs(b"", &crate::mvcc::keys::RangeEnd::Unbounded).expect("read");
-    assert_eq!(kvs.len(), n, "only the keys of entry 1");
-    assert!(kvs.iter().all(|kv| kv.value == b"a" && kv.version == 1), "values of entry 1 only");
+    {
+        let state = shared.read();
+        assert_eq!(state.store.revision(), n as i64 + 1);
+        let kvs = state.store.current_kvs(b"", &crate::mvcc::keys::RangeEnd::Unbounded).expect("read");
+        assert_eq!(kvs.len(), n, "only the keys of entry 1");
+        assert!(kvs.iter().all(|kv| kv.value == a.as_bytes() && kv.version == 1), "values of entry 1 only");
+        // The member that installed keeps them apart again.
+        assert!(state.store.files().values.len() >= (n * a.len()) as u64);
+    }
+    // Both members hash the history alike, wherever they keep the values.
+    let rev = n as i64 + 1;
+    assert_eq!(sm.shared().hash_kv(rev).await.expect("hash"), shared.hash_kv(rev).await.expect("hash"));
 }
 
 #[tokio::test]
@@ -439,4 +456,10 @@ async fn a_defragment_moves_the_live_state_into_a_new_database_while_applying_go
     let sm = StateMachine::open(&db, dir.path()).expect("state machine");
     assert_eq!(sm.last_applied().map(|l| l.index), Some(63));
     assert_eq!(keys(&sm.shared()), sorted);
+    // The values kept apart came along, and only the live ones.
+    let shared = sm.shared();
+    let state = shared.read_committed().expect("committed");
+    let kvs = state.store.current_kvs(b"k", &RangeEnd::Before(b"l".to_vec())).expect("read");
+    assert!(kvs.len() == 200 && kvs.iter().all(|kv| kv.value == value.as_bytes()));
+    assert_eq!(state.store.files().values.len(), 200 * value.len() as u64);
 }

@@ -199,8 +199,8 @@ impl Shared {
             let mut state = self.write();
             let State { store, unflushed, .. } = &mut *state;
             unflushed.commit(store, &self.committer)?;
-            self.committer.run(move |tree| {
-                let _ = tx.send(write_backup(tree, &path));
+            self.committer.run(move |files| {
+                let _ = tx.send(write_backup(files, &path));
             })?;
             store.revision()
         };
@@ -215,12 +215,12 @@ impl Shared {
     /// the hash must cover, so the hash is taken again then.
     pub async fn hash_kv(&self, rev: i64) -> Result<(u32, i64, i64), Error> {
         for _ in 0..3 {
-            let (tree, compacted, rev) = {
+            let (files, compacted, rev) = {
                 let state = self.read_committed()?;
                 let rev = state.store.check_read_rev(rev, state.store.revision())?;
-                (state.store.tree().clone(), state.store.compacted(), rev)
+                (state.store.files(), state.store.compacted(), rev)
             };
-            let hash = crate::raft::blocking(move || crate::mvcc::hash_history(&tree, compacted, rev)).await?;
+            let hash = crate::raft::blocking(move || crate::mvcc::hash_history(&files, compacted, rev)).await?;
             if self.read().store.compacted() == compacted {
                 return Ok((hash, compacted, rev));
             }
@@ -251,9 +251,9 @@ impl Shared {
             }
             let (tx, rx) = std::sync::mpsc::channel();
             let work = step.clone();
-            self.committer.run(move |tree| {
-                let done = work.run(tree, COMPACTION_STEP).and_then(|done| {
-                    tree.apply_batch(done.batch.into_sled())?;
+            self.committer.run(move |files| {
+                let done = work.run(&files.tree, COMPACTION_STEP).and_then(|done| {
+                    files.tree.apply_batch(done.batch.into_sled())?;
                     Ok((done.next, done.freed))
                 });
                 let _ = tx.send(done);
@@ -336,13 +336,13 @@ impl Shared {
 /// at once: a member that stops while the file is sent leaves nothing
 /// behind (one that stops while it is written leaves it to be removed at
 /// the next start).
-fn write_backup(tree: &sled::Tree, path: &std::path::Path) -> Result<BackupFile, Error> {
+fn write_backup(files: &crate::mvcc::Files, path: &std::path::Path) -> Result<BackupFile, Error> {
     use std::io::{Seek, SeekFrom};
     let io = |e: std::io::Error| Error::internal(format!("write backup: {e}"));
     let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(io)?;
     let written = (|| {
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-        let len = write_records(tree, &mut out)?;
+        let len = write_records(files, &mut out)?;
         let mut file = out.into_inner().map_err(|e| io(e.into_error()))?;
         file.seek(SeekFrom::Start(0)).map_err(io)?;
         Ok(BackupFile { file, len })
