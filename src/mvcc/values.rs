@@ -43,6 +43,9 @@ use crate::proto::mvccpb::KeyValue;
 /// little, and a read of it no second read.
 pub const SEPARATE_FROM: usize = 512;
 
+/// Values are gathered into writes of about this many bytes.
+const WRITE_BYTES: usize = 1 << 20;
+
 /// The first byte of a separated record.
 pub const SEPARATED: u8 = 0x01;
 
@@ -224,6 +227,11 @@ impl ValueLog {
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path);
         let file = file.map_err(io)?;
         let end = file.metadata().map_err(io)?.len();
+        if end == 0 {
+            // The file's name is on disk before any record points into it.
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
         Ok(ValueLog { path: path.to_path_buf(), file, end: Mutex::new(end) })
     }
 
@@ -243,20 +251,31 @@ impl ValueLog {
         &self.path
     }
 
-    /// Appends `values` in one write, and returns where each is. They are
-    /// on disk once [`ValueLog::sync`] returns.
+    /// Appends `values`, gathered into writes of about [`WRITE_BYTES`],
+    /// and returns where each is. They are on disk once
+    /// [`ValueLog::sync`] returns.
     pub fn append<'v>(&self, values: impl IntoIterator<Item = &'v [u8]>) -> Result<Vec<Pointer>> {
         let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
-        let mut buf = Vec::new();
+        let write = |buf: &[u8], at: u64| {
+            self.file
+                .write_all_at(buf, at)
+                .map_err(|e| crate::error::Error::internal(format!("write {}: {e}", self.path.display())))
+        };
+        // `buf` goes at `at`. What fails to be written is written over by
+        // the next append: nothing points at it.
+        let (mut buf, mut at) = (Vec::new(), *end);
         let mut out = Vec::new();
         for value in values {
-            out.push(Pointer { crc: crc32fast::hash(value), offset: *end + buf.len() as u64, len: value.len() as u32 });
+            out.push(Pointer { crc: crc32fast::hash(value), offset: at + buf.len() as u64, len: value.len() as u32 });
             buf.extend_from_slice(value);
+            if buf.len() >= WRITE_BYTES {
+                write(&buf, at)?;
+                at += buf.len() as u64;
+                buf.clear();
+            }
         }
-        self.file
-            .write_all_at(&buf, *end)
-            .map_err(|e| crate::error::Error::internal(format!("write {}: {e}", self.path.display())))?;
-        *end += buf.len() as u64;
+        write(&buf, at)?;
+        *end = at + buf.len() as u64;
         Ok(out)
     }
 
@@ -331,6 +350,13 @@ mod tests {
         assert_eq!(more[1].offset, SEPARATE_FROM as u64 + 3);
         assert_eq!(log.read(&more[1]).unwrap(), b"de");
         assert_eq!(load_kv(&stored, &log).unwrap(), big);
+        // Many values at once go in several writes, each where it says.
+        let many: Vec<Vec<u8>> = (0..300u32).map(|i| vec![i as u8; 5000 + i as usize]).collect();
+        let at = log.append(many.iter().map(|v| v.as_slice())).unwrap();
+        assert!(many.iter().map(|v| v.len()).sum::<usize>() > 1 << 20);
+        for (value, at) in many.iter().zip(&at) {
+            assert_eq!(&log.read(at).unwrap(), value);
+        }
     }
 
     #[test]

@@ -12,6 +12,11 @@
 //! (when the member has accepted its data dir: `StateMachine::resume_compaction`),
 //! since a data dir or a snapshot may hold a pass that was cut short. It
 //! ends when the state, which holds the sending side, is dropped.
+//!
+//! After each round it also gives back the space of removed large values:
+//! they stay in the value file (see [`crate::mvcc::values`]) until a
+//! defragment copies the live ones into a new file, so once most of the
+//! file is removed values, it defragments.
 
 use std::sync::mpsc;
 use std::sync::Weak;
@@ -31,6 +36,21 @@ pub fn start(shared: Weak<Shared>, woken: mpsc::Receiver<()>) -> Result<(), Erro
         .map_err(|source| CommitError::Spawn { thread: "compaction", source }.into())
 }
 
+/// Removed values past which the value file is worth rewriting: a
+/// defragment copies every live record, so it is not done for less.
+const RECLAIM_FLOOR_BYTES: u64 = 64 * 1024 * 1024;
+
+fn reclaim_values(shared: &Shared) {
+    if !shared.values_worth_reclaiming(RECLAIM_FLOOR_BYTES) {
+        return;
+    }
+    tracing::info!("the value file is mostly removed values: defragmenting to give their space back");
+    if let Err(e) = shared.defragment_now() {
+        // Tried again after the next compaction.
+        tracing::warn!(error = %e, "defragment to give back the space of removed values failed");
+    }
+}
+
 fn run(shared: Weak<Shared>, woken: mpsc::Receiver<()>) {
     // A round per wake; wakes that came meanwhile are served by the same
     // round.
@@ -43,7 +63,10 @@ fn run(shared: Weak<Shared>, woken: mpsc::Receiver<()>) {
             let Some(shared) = shared.upgrade() else { return };
             match shared.compaction_step() {
                 Ok(true) => {}
-                Ok(false) => break,
+                Ok(false) => {
+                    reclaim_values(&shared);
+                    break;
+                }
                 Err(e) => {
                     // Tried again at the next wake; what is left is unread.
                     tracing::error!(error = %e, "physical compaction failed");

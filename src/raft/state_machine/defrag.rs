@@ -52,10 +52,10 @@ impl Shared {
         crate::raft::blocking(move || shared.defragment_now()).await
     }
 
-    fn defragment_now(&self) -> Result<Defragmented, Error> {
+    pub(in crate::raft) fn defragment_now(&self) -> Result<Defragmented, Error> {
         let _changing = self.changing_db();
+        let before = self.size_on_disk();
         let old = self.db();
-        let before = old.size_on_disk().unwrap_or(0);
         let (in_use, other) = db_dirs(&self.dir)?;
         remove_unused(&self.dir)?;
         let path = self.dir.join(other);
@@ -120,7 +120,7 @@ impl Shared {
             // Removed at the next start, or by the next defragment.
             tracing::warn!(error = %e, "the database replaced by a defragment is still on disk");
         }
-        let after = self.db().size_on_disk().unwrap_or(0);
+        let after = self.size_on_disk();
         tracing::info!(before, after, "defragmented");
         Ok(Defragmented { before, after })
     }

@@ -463,3 +463,34 @@ async fn a_defragment_moves_the_live_state_into_a_new_database_while_applying_go
     assert!(kvs.len() == 200 && kvs.iter().all(|kv| kv.value == value.as_bytes()));
     assert_eq!(state.store.files().values.len(), 200 * value.len() as u64);
 }
+
+#[tokio::test]
+async fn the_space_of_removed_large_values_comes_back_after_compaction() {
+    use crate::proto::etcdserverpb::CompactionRequest;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+    let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+    // One key overwritten with values of 1 MiB, 80 MiB in all: every
+    // version but the last is removed by the compaction.
+    let value = "v".repeat(1 << 20);
+    for i in 1..=80u64 {
+        sm.apply(vec![entry(i, put("k", &value))]).await.expect("apply");
+    }
+    let shared = sm.shared();
+    let file = |shared: &Shared| shared.read().store.files().values.len();
+    drop(shared.read_committed().expect("committed"));
+    assert!(file(&shared) >= 80 << 20, "{} bytes", file(&shared));
+    let rev = shared.read().store.revision();
+    let compact = CompactionRequest { revision: rev, physical: false };
+    sm.apply(vec![entry(81, Command { op: Some(command::Op::Compact(compact)), stamp: None })]).await.expect("compact");
+    physical(&shared, rev).await;
+    // The compaction thread then defragments: the file holds the live value.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while file(&shared) > 2 << 20 {
+        assert!(std::time::Instant::now() < deadline, "the value file still holds {} bytes", file(&shared));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let kvs = shared.read().store.current_kvs(b"k", &crate::mvcc::keys::RangeEnd::Single).expect("read");
+    assert_eq!(kvs[0].value, value.as_bytes());
+    assert!(shared.size_on_disk() < 40 << 20, "{} bytes on disk", shared.size_on_disk());
+}

@@ -313,10 +313,48 @@ impl Shared {
         self.read().store.bytes_in_use()
     }
 
-    /// Bytes the member's database takes on disk.
+    /// Bytes the member's database takes on disk: sled's files and the
+    /// value file.
     pub fn size_on_disk(&self) -> u64 {
-        self.db().size_on_disk().unwrap_or(0)
+        let values = self.read().store.files().values.len();
+        self.db().size_on_disk().unwrap_or(0) + values
     }
+
+    /// Whether the value file is mostly values compaction has removed the
+    /// records of: at least half of it, and at least `floor` bytes. Its
+    /// space comes back only when a defragment copies the live values into
+    /// a new file, so the compaction thread defragments then (see
+    /// [`super::super::compactor`]); otherwise a key overwritten with large
+    /// values grew the file without end under automatic compaction, where
+    /// sled reuses the space of removed records.
+    pub(in crate::raft) fn values_worth_reclaiming(&self, floor: u64) -> bool {
+        let state = self.read();
+        let file = state.store.files().values.len();
+        // Every live value is counted in the bytes in use, so what is
+        // beyond them is removed.
+        let live_at_most = state.store.bytes_in_use();
+        worth_reclaiming(file, live_at_most, floor)
+    }
+}
+
+/// See [`Shared::values_worth_reclaiming`]: `file` bytes, of which at most
+/// `live_at_most` are live.
+fn worth_reclaiming(file: u64, live_at_most: u64, floor: u64) -> bool {
+    let removed_at_least = file.saturating_sub(live_at_most);
+    removed_at_least >= floor && removed_at_least >= live_at_most
+}
+
+#[cfg(test)]
+#[test]
+fn a_value_file_is_reclaimed_once_most_of_it_is_removed_values() {
+    let mib = 1 << 20;
+    assert!(!worth_reclaiming(0, 0, 64 * mib));
+    // Mostly removed, but less than the floor.
+    assert!(!worth_reclaiming(10 * mib, mib, 64 * mib));
+    // Past the floor, but less than half removed.
+    assert!(!worth_reclaiming(300 * mib, 200 * mib, 64 * mib));
+    assert!(worth_reclaiming(400 * mib, 200 * mib, 64 * mib));
+    assert!(worth_reclaiming(65 * mib, 0, 64 * mib));
 }
 
 /// The state machine openraft drives.
