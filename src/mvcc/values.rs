@@ -286,6 +286,16 @@ impl ValueLog {
 
     /// Reads the value at `at`, and checks it.
     pub fn read(&self, at: &Pointer) -> Result<Vec<u8>> {
+        // A damaged length is refused before anything is allocated for it.
+        if at.offset.checked_add(at.len as u64).is_none_or(|end| end > self.len()) {
+            return Err(StoreError::corrupt(format!(
+                "value of {} bytes at {}: past the end of {}",
+                at.len,
+                at.offset,
+                self.path.display()
+            ))
+            .into());
+        }
         let mut value = vec![0u8; at.len as usize];
         self.file.read_exact_at(&mut value, at.offset).map_err(|e| {
             StoreError::corrupt(format!("value of {} bytes at {} of {}: {e}", at.len, at.offset, self.path.display()))
@@ -371,10 +381,15 @@ mod tests {
         log.file.write_all_at(&[4u8], at.offset + 10).unwrap();
         let e = load_kv(&stored, &log).unwrap_err();
         assert!(e.to_string().contains("checksum mismatch"), "{e}");
-        // A value beyond the file's end (the file was cut short).
+        // A value beyond the file's end (the file was cut short under a
+        // member running, or a length damaged on disk).
         log.file.set_len(500).unwrap();
         let e = load_kv(&stored, &log).unwrap_err();
         assert!(e.to_string().contains("value of 1000 bytes"), "{e}");
+        let mut huge = stored.clone();
+        huge[13..17].copy_from_slice(&u32::MAX.to_be_bytes());
+        let e = load_kv(&huge, &log).unwrap_err();
+        assert!(e.to_string().contains("past the end"), "{e}");
         // A record cut short in sled.
         let e = load_kv(&stored[..HEADER - 1], &log).unwrap_err();
         assert!(e.to_string().contains("separated record header"), "{e}");
