@@ -98,10 +98,15 @@ fn cluster_scripts_and_kvctl_survive_a_kill_and_a_full_restart() {
     let up = c.script("start.sh");
     assert!(up.status.success(), "start.sh: {}", text(&up));
     assert!(text(&up).contains("kvd cluster is up"));
-    // A start is no cause for warnings.
+    // A start is no cause for warnings. One kind depends on the machine,
+    // not on kvd: on a loaded machine the first AppendEntries to a member
+    // still starting may take longer than a heartbeat interval, and
+    // openraft reports that (and tries again).
+    let slow_peer = |line: &str| line.contains("openraft::") && line.contains("timed out after");
     for n in ["n1", "n2", "n3"] {
         let log = std::fs::read_to_string(c.dir.path().join(format!("{n}.log"))).unwrap();
-        assert!(!log.contains(" WARN ") && !log.contains(" ERROR "), "{n}: {log}");
+        let warned = log.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).any(|l| !slow_peer(l));
+        assert!(!warned, "{n}: {log}");
     }
 
     // Run again, it starts nobody: every member is running.
