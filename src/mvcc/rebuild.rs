@@ -17,9 +17,9 @@ use crate::proto::mvccpb::KeyValue;
 #[derive(Default)]
 pub struct Rebuild {
     pub(super) index: BTreeMap<Vec<u8>, Meta>,
-    /// The newest history record of the key being read: the key's newest
-    /// version once a record of another key comes.
-    last: Option<KeyValue>,
+    /// The newest version read of the key being read, without its value:
+    /// the key's newest version once a record of another key comes.
+    last: Option<(Vec<u8>, Meta)>,
     pub(super) leases: BTreeMap<i64, Lease>,
     pub(super) in_use: u64,
     /// Whether the records hold a store of an older kvd's layout, which
@@ -33,18 +33,9 @@ impl Rebuild {
     /// taken in any order, and records of no store are left alone.
     pub fn record(&mut self, rec: &[u8], value: &[u8]) -> Result<()> {
         match rec.first().copied() {
-            Some(keys::HIST) => {
-                self.in_use += record_bytes(rec, value)?;
-                // The key-value without its value: a value kept apart is
-                // not read.
-                let kv = Stored::decode(value)?.kv;
-                if let Some(prev) = self.last.take() {
-                    if prev.key != kv.key {
-                        self.keep(prev);
-                    }
-                }
-                self.last = Some(kv);
-            }
+            // The key-value without its value: a value kept apart is not
+            // read.
+            Some(keys::HIST) => self.version(record_bytes(rec, value)?, &Stored::decode(value)?.kv),
             Some(changes::RUNS) => self.in_use += (rec.len() + value.len()) as u64,
             Some(keys::LEASE) => {
                 let id: [u8; 8] = rec
@@ -62,18 +53,31 @@ impl Rebuild {
         Ok(())
     }
 
+    /// Takes a history record already decoded into `kv` (its value is not
+    /// looked at), which counts `bytes` in the store's use; in key order,
+    /// as [`Rebuild::record`] takes them.
+    pub fn version(&mut self, bytes: u64, kv: &KeyValue) {
+        self.in_use += bytes;
+        match self.last.take() {
+            Some((key, meta)) if key != kv.key => self.keep(key, meta),
+            // The same key's older version.
+            _ => {}
+        }
+        self.last = Some((kv.key.clone(), Meta::of(kv)));
+    }
+
     /// A key's newest version goes into the index unless it is a deletion.
-    fn keep(&mut self, newest: KeyValue) {
+    fn keep(&mut self, key: Vec<u8>, newest: Meta) {
         if newest.version != 0 {
-            self.index.insert(newest.key.clone(), Meta::of(&newest));
+            self.index.insert(key, newest);
         }
     }
 
     /// The index, with the last key's newest version in it, and each lease
     /// with the keys attached to it.
     pub(super) fn finish(mut self) -> Result<Self> {
-        if let Some(last) = self.last.take() {
-            self.keep(last);
+        if let Some((key, meta)) = self.last.take() {
+            self.keep(key, meta);
         }
         for (key, meta) in &self.index {
             if meta.lease != 0 {

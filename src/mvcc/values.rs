@@ -30,6 +30,7 @@ use std::borrow::Cow;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use prost::Message;
@@ -133,7 +134,8 @@ pub fn whole_record<'a>(stored: &'a [u8], values: &ValueLog) -> Result<Cow<'a, [
 /// they keep it.
 pub fn record_bytes(rec: &[u8], stored: &[u8]) -> Result<u64> {
     let whole = match stored.first() {
-        Some(&SEPARATED) => stored.len() - HEADER + value_field_len(Pointer::of(stored)?.len as usize),
+        // `of` checks that the header is there before it is counted off.
+        Some(&SEPARATED) => value_field_len(Pointer::of(stored)?.len as usize) + stored.len() - HEADER,
         _ => stored.len(),
     };
     Ok((rec.len() + whole) as u64)
@@ -152,8 +154,8 @@ fn value_field_len(len: usize) -> usize {
 /// batch is committed (see [`super::Batch::separate_values`]).
 #[derive(Debug)]
 pub struct Apart {
-    /// The key-value without its value, encoded.
-    kv: Vec<u8>,
+    /// The key-value without its value.
+    without: KeyValue,
     value: Vec<u8>,
 }
 
@@ -172,13 +174,13 @@ impl Apart {
             value: Vec::new(),
             lease: kv.lease,
         };
-        Ok(Apart { kv: without.encode_to_vec(), value: kv.value.clone() })
+        Ok(Apart { without, value: kv.value.clone() })
     }
 
     /// Bytes its record counts for, as [`record_bytes`] counts them once
     /// it is written.
     pub fn bytes(&self, rec: &[u8]) -> u64 {
-        (rec.len() + self.kv.len() + value_field_len(self.value.len())) as u64
+        (rec.len() + self.without.encoded_len() + value_field_len(self.value.len())) as u64
     }
 
     /// The value, to be appended to a value file.
@@ -188,25 +190,19 @@ impl Apart {
 
     /// The record sled holds once the value is at `at`.
     pub fn record(&self, at: Pointer) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER + self.kv.len());
+        let mut out = Vec::with_capacity(HEADER + self.without.encoded_len());
         out.push(SEPARATED);
         out.extend_from_slice(&at.crc.to_be_bytes());
         out.extend_from_slice(&at.offset.to_be_bytes());
         out.extend_from_slice(&at.len.to_be_bytes());
-        out.extend_from_slice(&self.kv);
+        self.without.encode_raw(&mut out);
         out
     }
 
-    /// The whole key-value's encoding, for a tree with no value file.
+    /// The whole key-value's encoding, for a batch whose values were not
+    /// separated.
     pub fn whole(self) -> Vec<u8> {
-        match KeyValue::decode(self.kv.as_slice()) {
-            Ok(mut kv) => {
-                kv.value = self.value;
-                kv.encode_to_vec()
-            }
-            // Encoded just above from a key-value.
-            Err(_) => self.kv,
-        }
+        KeyValue { value: self.value, ..self.without }.encode_to_vec()
     }
 }
 
@@ -216,8 +212,11 @@ pub struct ValueLog {
     path: PathBuf,
     file: File,
     /// Where the next value goes: the file's length when it was opened,
-    /// and each append's end since.
-    end: Mutex<u64>,
+    /// and each append's end since. Set once an append is written, so a
+    /// read never waits for one.
+    end: AtomicU64,
+    /// Held by the append under way.
+    appending: Mutex<()>,
 }
 
 impl ValueLog {
@@ -232,7 +231,7 @@ impl ValueLog {
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
             File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
         }
-        Ok(ValueLog { path: path.to_path_buf(), file, end: Mutex::new(end) })
+        Ok(ValueLog { path: path.to_path_buf(), file, end: AtomicU64::new(end), appending: Mutex::new(()) })
     }
 
     /// Makes the value file at `path` empty, and opens it.
@@ -246,16 +245,11 @@ impl ValueLog {
         Self::open(path)
     }
 
-    /// Where the file is.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Appends `values`, gathered into writes of about [`WRITE_BYTES`],
     /// and returns where each is. They are on disk once
     /// [`ValueLog::sync`] returns.
     pub fn append<'v>(&self, values: impl IntoIterator<Item = &'v [u8]>) -> Result<Vec<Pointer>> {
-        let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        let _appending = self.appending.lock().unwrap_or_else(|p| p.into_inner());
         let write = |buf: &[u8], at: u64| {
             self.file
                 .write_all_at(buf, at)
@@ -263,7 +257,7 @@ impl ValueLog {
         };
         // `buf` goes at `at`. What fails to be written is written over by
         // the next append: nothing points at it.
-        let (mut buf, mut at) = (Vec::new(), *end);
+        let (mut buf, mut at) = (Vec::new(), self.end.load(Ordering::Acquire));
         let mut out = Vec::new();
         for value in values {
             out.push(Pointer { crc: crc32fast::hash(value), offset: at + buf.len() as u64, len: value.len() as u32 });
@@ -275,7 +269,7 @@ impl ValueLog {
             }
         }
         write(&buf, at)?;
-        *end = at + buf.len() as u64;
+        self.end.store(at + buf.len() as u64, Ordering::Release);
         Ok(out)
     }
 
@@ -314,7 +308,7 @@ impl ValueLog {
 
     /// Bytes the file takes.
     pub fn len(&self) -> u64 {
-        *self.end.lock().unwrap_or_else(|p| p.into_inner())
+        self.end.load(Ordering::Acquire)
     }
 
     /// Whether the file holds nothing.
@@ -392,6 +386,9 @@ mod tests {
         assert!(e.to_string().contains("past the end"), "{e}");
         // A record cut short in sled.
         let e = load_kv(&stored[..HEADER - 1], &log).unwrap_err();
+        assert!(e.to_string().contains("separated record header"), "{e}");
+        // ... and so is counting its bytes.
+        let e = record_bytes(b"hk", &stored[..HEADER - 1]).unwrap_err();
         assert!(e.to_string().contains("separated record header"), "{e}");
         assert!(Stored::decode(&[SEPARATED; HEADER + 3]).is_err());
     }

@@ -20,9 +20,9 @@ pub const DB_DIRS: [&str; 2] = ["db", "db.b"];
 /// The file that names the one in use.
 const DB_IN_USE: &str = "db-in-use";
 
-/// sled's page cache. Values are read from sled (the in-memory index holds
-/// no values), and the operating system's page cache keeps the data files
-/// warm, so a small cache costs reads little and keeps a member's memory
+/// sled's page cache. Values are read from sled, or from the value file
+/// beside it (the in-memory index holds no values), and the operating
+/// system's page cache keeps the files warm, so a small cache costs reads little and keeps a member's memory
 /// low (see docs/performance.md).
 pub const SLED_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 

@@ -179,8 +179,14 @@ pub(super) fn load_records(db: &sled::Db, files: &Files, records: impl Read, len
     let mut batch = Batches::new(files);
     let mut rebuild = Rebuild::default();
     for_each_record(records, len, |k, v| {
-        rebuild.record(k, v)?;
-        batch.insert_whole(k, v)
+        if k.first() != Some(&HIST) {
+            rebuild.record(k, v)?;
+            return batch.insert(k, v);
+        }
+        // Decoded once, for the index and for the value file.
+        let kv = decode_whole(v)?;
+        rebuild.version((k.len() + v.len()) as u64, &kv);
+        batch.insert_version(k, &kv)
     })?;
     batch.finish()?;
     db.flush()?;
