@@ -58,7 +58,8 @@ pub struct Config {
     /// Election timeout, in milliseconds.
     #[arg(long, env = "KVD_ELECTION_TIMEOUT", default_value_t = 1000)]
     pub election_timeout: u64,
-    /// Number of applied entries that triggers a snapshot (and log purge).
+    /// Number of applied client requests that triggers a snapshot (and log
+    /// purge), as etcd counts them.
     #[arg(long, env = "KVD_SNAPSHOT_COUNT", default_value_t = 100_000)]
     pub snapshot_count: u64,
     /// Largest client request, in bytes.

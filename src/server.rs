@@ -226,7 +226,8 @@ pub async fn start_on(
     let writes = log_store.writes_in_flight();
     let wal_fsync = log_store.fsync_histogram();
     log_store.import_from_sled(&db).map_err(|e| data_err(e.into()))?;
-    let state_machine = StateMachine::open(&db, &cfg.data_dir).map_err(data_err)?;
+    let mut state_machine = StateMachine::open(&db, &cfg.data_dir).map_err(data_err)?;
+    let snapshot_due = state_machine.snapshot_every(cfg.config.snapshot_count);
     let shared = state_machine.shared();
     let listed = shared.was_listed();
     let metrics = Arc::new(crate::metrics::Metrics {
@@ -399,6 +400,7 @@ pub async fn start_on(
     tasks.push(tokio::spawn(member.clone().record_when_listed()));
     tasks.push(tokio::spawn(member.clone().watch_disk()));
     tasks.push(tokio::spawn(member.clone().run_auto_compaction(cfg.auto_compaction)));
+    tasks.push(tokio::spawn(member.clone().take_snapshots(snapshot_due)));
     tasks.push(publish_attributes(member.clone(), cfg.config.name.clone(), cfg.client_urls.clone(), stop_rx));
     tracing::info!(member = %format!("{:x}", cfg.id), name = %cfg.config.name, ?client_addrs, %peer_addr, "kvd member started");
     Ok(ServerHandle { member, client_addrs, peer_addr, stop, tasks })

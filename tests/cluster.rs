@@ -68,6 +68,39 @@ async fn a_member_behind_the_purged_log_catches_up_by_snapshot() {
     c.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_snapshot_count_counts_client_writes_not_log_entries() {
+    // etcd's --snapshot-count counts requests. kvd proposes many writes in
+    // one entry, so a count of entries would let the log hold many times
+    // as many writes as asked.
+    let c = TestCluster::start(3, |args| args.extend(["--snapshot-count".to_string(), "400".to_string()])).await;
+    let leader = c.wait_leader().await;
+    let writers: Vec<_> = (0..64)
+        .map(|w| {
+            let client = c.client(leader);
+            tokio::spawn(async move {
+                for i in 0..10 {
+                    client.put(put(&format!("w{w:02}-{i}"), "v")).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let raft = &c.member(leader).member.raft;
+    let entries = raft.metrics().borrow().last_log_index.unwrap_or(0);
+    // 640 writes from 64 clients at once go in far fewer entries than 400:
+    // a snapshot was not asked for by openraft's count of entries.
+    assert!(entries < 400, "640 writes took {entries} entries");
+    let taken = raft
+        .wait(Some(std::time::Duration::from_secs(10)))
+        .metrics(|m| m.snapshot.is_some(), "a snapshot after 400 writes")
+        .await;
+    assert!(taken.is_ok(), "no snapshot after 640 writes in {entries} entries: {taken:?}");
+    c.shutdown().await;
+}
+
 /// An endpoint that takes connections and drops them at once, as a member
 /// does while it is being killed.
 fn dropping_endpoint() -> String {

@@ -240,7 +240,7 @@ proptest! {
     fn mvcc_store_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let values = kvd::mvcc::values::ValueLog::create(&dir.path().join("values")).unwrap();
+        let values = kvd::mvcc::values::ValueLog::create(&dir.path().join("values"), 1).unwrap();
         let files = Files { tree: db.open_tree("state").unwrap(), values: std::sync::Arc::new(values) };
         let mut store = MvccStore::open(files.clone()).unwrap();
         let mut model = Model { states: BTreeMap::from([(INITIAL_REVISION, State::new())]), events: BTreeMap::new(), compacted: 0 };

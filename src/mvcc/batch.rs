@@ -49,6 +49,16 @@ impl Batch {
         }
     }
 
+    /// The records set, as sled will hold them once the values kept apart
+    /// are separated (see [`Batch::separate_values`]): a removal, or a
+    /// version whose value is not yet in a value file, is not among them.
+    pub fn inserts(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.writes.iter().filter_map(|(k, w)| match w {
+            Write::Insert(v) => Some((&k[..], &v[..])),
+            _ => None,
+        })
+    }
+
     /// Appends the values kept apart to `log`, in one write, and makes
     /// their records point at them; returns how many there were. `log` must
     /// be synced before the batch goes to a tree in use: sled may write it

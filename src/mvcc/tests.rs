@@ -5,7 +5,7 @@ use super::*;
 pub(crate) fn temp_files() -> (Files, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
-    let values = ValueLog::create(&dir.path().join("values")).expect("value file");
+    let values = ValueLog::create(&dir.path().join("values"), 1).expect("value file");
     (Files { tree, values: Arc::new(values) }, dir)
 }
 
@@ -234,7 +234,7 @@ fn opening_a_store_reads_no_value_kept_apart() {
     // The index is rebuilt from the tree alone: with the value file gone,
     // the store still opens whole, and only a read of a value fails, with
     // an error rather than a panic.
-    let empty = ValueLog::create(&dir.path().join("elsewhere")).expect("empty value file");
+    let empty = ValueLog::create(&dir.path().join("elsewhere"), 2).expect("empty value file");
     let reopened = MvccStore::open(Files { tree: files.tree.clone(), values: Arc::new(empty) }).expect("reopen");
     assert_eq!((reopened.len(), reopened.revision(), reopened.bytes_in_use()), (20, 21, store.bytes_in_use()));
     let meta = *reopened.get(b"k07").expect("live");

@@ -128,17 +128,23 @@ pub fn whole_record<'a>(stored: &'a [u8], values: &ValueLog) -> Result<Cow<'a, [
     Ok(Cow::Owned(load_kv(stored, values)?.encode_to_vec()))
 }
 
+/// Bytes the whole key-value's encoding takes, for a history record's
+/// value as sled holds it: what [`whole_record`] would give, without
+/// reading the value.
+pub fn whole_len(stored: &[u8]) -> Result<usize> {
+    Ok(match stored.first() {
+        // `of` checks that the header is there before it is counted off.
+        Some(&SEPARATED) => value_field_len(Pointer::of(stored)?.len as usize) + stored.len() - HEADER,
+        _ => stored.len(),
+    })
+}
+
 /// Bytes a history record counts for in the store's use (see
 /// [`super::MvccStore::bytes_in_use`]): its key and the whole key-value's
 /// encoding, wherever the value is kept, so that members agree however
 /// they keep it.
 pub fn record_bytes(rec: &[u8], stored: &[u8]) -> Result<u64> {
-    let whole = match stored.first() {
-        // `of` checks that the header is there before it is counted off.
-        Some(&SEPARATED) => value_field_len(Pointer::of(stored)?.len as usize) + stored.len() - HEADER,
-        _ => stored.len(),
-    };
-    Ok((rec.len() + whole) as u64)
+    Ok((rec.len() + whole_len(stored)?) as u64)
 }
 
 /// Bytes the value field of a key-value's encoding takes for a value of
@@ -210,6 +216,10 @@ impl Apart {
 #[derive(Debug)]
 pub struct ValueLog {
     path: PathBuf,
+    /// Names this file among every value file the data dir has held, so
+    /// that a record kept elsewhere (a snapshot file) that points into it
+    /// is never taken to point into another file of the same path.
+    id: u64,
     file: File,
     /// Where the next value goes: the file's length when it was opened,
     /// and each append's end since. Set once an append is written, so a
@@ -220,8 +230,9 @@ pub struct ValueLog {
 }
 
 impl ValueLog {
-    /// Opens the value file at `path`, made empty if it is not there.
-    pub fn open(path: &Path) -> Result<ValueLog> {
+    /// Opens the value file at `path`, made empty if it is not there, known
+    /// by `id`.
+    pub fn open(path: &Path, id: u64) -> Result<ValueLog> {
         let io = |e: std::io::Error| crate::error::Error::internal(format!("open {}: {e}", path.display()));
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path);
         let file = file.map_err(io)?;
@@ -231,18 +242,23 @@ impl ValueLog {
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
             File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
         }
-        Ok(ValueLog { path: path.to_path_buf(), file, end: AtomicU64::new(end), appending: Mutex::new(()) })
+        Ok(ValueLog { path: path.to_path_buf(), id, file, end: AtomicU64::new(end), appending: Mutex::new(()) })
     }
 
-    /// Makes the value file at `path` empty, and opens it.
-    pub fn create(path: &Path) -> Result<ValueLog> {
+    /// Makes the value file at `path` empty, and opens it, known by `id`.
+    pub fn create(path: &Path, id: u64) -> Result<ValueLog> {
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(crate::error::Error::internal(format!("remove {}: {e}", path.display())));
             }
             _ => {}
         }
-        Self::open(path)
+        Self::open(path, id)
+    }
+
+    /// What names this file (see [`ValueLog`]).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Appends `values`, gathered into writes of about [`WRITE_BYTES`],
@@ -328,7 +344,7 @@ mod tests {
     #[test]
     fn a_large_value_is_kept_apart_and_read_back_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let log = ValueLog::create(&dir.path().join("v")).unwrap();
+        let log = ValueLog::create(&dir.path().join("v"), 1).unwrap();
         let big = kv(vec![9u8; SEPARATE_FROM]);
         let apart = Apart::of(&big).unwrap();
         let rec = b"hk".to_vec();
@@ -348,7 +364,7 @@ mod tests {
         assert!(matches!(whole_record(&whole, &log).unwrap(), Cow::Borrowed(_)));
         // Reopened, the file goes on after what it holds.
         drop(log);
-        let log = ValueLog::open(&dir.path().join("v")).unwrap();
+        let log = ValueLog::open(&dir.path().join("v"), 1).unwrap();
         assert_eq!(log.len(), SEPARATE_FROM as u64);
         let more = log.append([&b"abc"[..], &b"de"[..]]).unwrap();
         assert_eq!(more[1].offset, SEPARATE_FROM as u64 + 3);
@@ -367,7 +383,7 @@ mod tests {
     fn a_damaged_or_missing_value_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v");
-        let log = ValueLog::create(&path).unwrap();
+        let log = ValueLog::create(&path, 1).unwrap();
         let apart = Apart::of(&kv(vec![3u8; 1000])).unwrap();
         let at = log.append([apart.value()]).unwrap()[0];
         let stored = apart.record(at);

@@ -36,6 +36,7 @@ pub mod leadership;
 pub mod lease;
 pub mod membership;
 pub mod peer;
+pub mod snapshots;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -259,7 +259,7 @@ mod tests {
     fn each_group_sent_is_in_sled_once_the_committer_is_idle() {
         let dir = tempfile::tempdir().expect("tempdir");
         let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
-        let values = crate::mvcc::values::ValueLog::create(&dir.path().join("v")).expect("value file");
+        let values = crate::mvcc::values::ValueLog::create(&dir.path().join("v"), 1).expect("value file");
         let values = std::sync::Arc::new(values);
         let cell = std::sync::Arc::new(std::sync::RwLock::new(Files { tree: tree.clone(), values: values.clone() }));
         let committer = Committer::start(cell).expect("start");

@@ -45,9 +45,10 @@ fn reclaim_values(shared: &Shared) {
         return;
     }
     tracing::info!("the value file is mostly removed values: defragmenting to give their space back");
-    if let Err(e) = shared.defragment_now() {
+    match shared.defragment_now() {
+        Ok(_) => shared.want_snapshot(),
         // Tried again after the next compaction.
-        tracing::warn!(error = %e, "defragment to give back the space of removed values failed");
+        Err(e) => tracing::warn!(error = %e, "defragment to give back the space of removed values failed"),
     }
 }
 

@@ -1,32 +1,51 @@
 //! The data of a snapshot as openraft reads and writes it: a file on disk,
 //! never a buffer in memory, so a member sends and takes snapshots of any
-//! size in memory bounded by one chunk.
+//! size in memory bounded by a few chunks.
 
 use std::io::SeekFrom;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
+use tokio::sync::mpsc;
 
-/// A snapshot's data: the part of a file from `base` on. The snapshot file
-/// begins with its metadata, which is not data: openraft's offsets count
-/// from `base`, so what is sent is the records alone, in the layout every
-/// kvd version sends and reads.
+use crate::mvcc::keys::HIST;
+use crate::mvcc::values::{whole_len, whole_record, ValueLog};
+
+/// A snapshot's data. openraft's offsets count from the start of the data,
+/// so what is sent is the records alone, in the layout every kvd version
+/// sends and reads.
 #[derive(Debug)]
-pub struct SnapshotData {
-    file: tokio::fs::File,
-    base: u64,
-    /// A file being received: removed when the data is dropped unused (a
-    /// stream the leader gave up).
-    receiving: Option<std::path::PathBuf>,
+pub struct SnapshotData(Inner);
+
+#[derive(Debug)]
+enum Inner {
+    /// The part of a file from `base` on, as it is sent.
+    File {
+        file: tokio::fs::File,
+        base: u64,
+        /// A file being received: removed when the data is dropped unused
+        /// (a stream the leader gave up).
+        receiving: Option<std::path::PathBuf>,
+    },
+    /// A member's own snapshot file, whose records point into a value file:
+    /// read with every value put back in place.
+    Expanding(Expanding),
 }
 
 impl Drop for SnapshotData {
     fn drop(&mut self) {
-        if let Some(path) = self.receiving.take() {
-            let _ = std::fs::remove_file(path);
+        if let Inner::File { receiving, .. } = &mut self.0 {
+            if let Some(path) = receiving.take() {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
+}
+
+fn read_only() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::Unsupported, "a built snapshot is not written to")
 }
 
 impl SnapshotData {
@@ -34,13 +53,33 @@ impl SnapshotData {
     pub(super) fn new(mut file: std::fs::File, base: u64) -> std::io::Result<SnapshotData> {
         use std::io::Seek;
         file.seek(SeekFrom::Start(base))?;
-        Ok(SnapshotData { file: tokio::fs::File::from_std(file), base, receiving: None })
+        Ok(SnapshotData(Inner::File { file: tokio::fs::File::from_std(file), base, receiving: None }))
+    }
+
+    /// The `len` bytes of data of `file` from `data_at` on, whose records
+    /// point into `values`, as the `whole_len` bytes they are with every
+    /// value in place.
+    pub(super) fn expanding(
+        file: std::fs::File,
+        data_at: u64,
+        len: u64,
+        whole_len: u64,
+        values: Arc<ValueLog>,
+    ) -> std::io::Result<SnapshotData> {
+        let source = Arc::new(Source { file, data_at, len, whole_len, values });
+        Ok(SnapshotData(Inner::Expanding(Expanding { source, at: 0, chunk: Vec::new(), used: 0, chunks: None })))
+    }
+
+    /// Whether it is read from a member's own snapshot file, with every
+    /// value put back in place.
+    pub(super) fn is_expanding(&self) -> bool {
+        matches!(self.0, Inner::Expanding(_))
     }
 
     /// A new file at `path` to receive a snapshot's data into.
     pub(super) fn receive_into(path: std::path::PathBuf) -> Result<SnapshotData, super::snapshot::SnapshotFileError> {
         let file = super::snapshot::create_rw(&path)?;
-        Ok(SnapshotData { file: tokio::fs::File::from_std(file), base: 0, receiving: Some(path) })
+        Ok(SnapshotData(Inner::File { file: tokio::fs::File::from_std(file), base: 0, receiving: Some(path) }))
     }
 
     /// The file, once every write handed to it has reached it; where in it
@@ -48,52 +87,260 @@ impl SnapshotData {
     /// now removes.
     pub(super) async fn into_file(mut self) -> std::io::Result<(std::fs::File, u64, Option<std::path::PathBuf>)> {
         use tokio::io::AsyncWriteExt;
-        self.file.flush().await?;
-        let receiving = self.receiving.take();
+        let Inner::File { file, base, receiving } = &mut self.0 else { return Err(read_only()) };
+        file.flush().await?;
+        let receiving = receiving.take();
         // A clone of the handle: `self` cannot be taken apart, as it has a
         // Drop of its own.
-        let file = self.file.try_clone().await?.into_std().await;
-        Ok((file, self.base, receiving))
+        let file = file.try_clone().await?.into_std().await;
+        Ok((file, *base, receiving))
     }
 }
 
 impl AsyncRead for SnapshotData {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.file).poll_read(cx, buf)
+        match &mut self.0 {
+            Inner::File { file, .. } => Pin::new(file).poll_read(cx, buf),
+            Inner::Expanding(e) => e.poll_read(cx, buf),
+        }
     }
 }
 
 impl AsyncWrite for SnapshotData {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.file).poll_write(cx, buf)
+        match &mut self.0 {
+            Inner::File { file, .. } => Pin::new(file).poll_write(cx, buf),
+            Inner::Expanding(_) => Poll::Ready(Err(read_only())),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.file).poll_flush(cx)
+        match &mut self.0 {
+            Inner::File { file, .. } => Pin::new(file).poll_flush(cx),
+            Inner::Expanding(_) => Poll::Ready(Ok(())),
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.file).poll_shutdown(cx)
+        match &mut self.0 {
+            Inner::File { file, .. } => Pin::new(file).poll_shutdown(cx),
+            Inner::Expanding(_) => Poll::Ready(Ok(())),
+        }
     }
 }
 
 impl AsyncSeek for SnapshotData {
     fn start_seek(mut self: Pin<&mut Self>, position: SeekFrom) -> std::io::Result<()> {
-        let position = match position {
-            SeekFrom::Start(at) => SeekFrom::Start(self.base.checked_add(at).ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, "snapshot offset out of range")
-            })?),
-            other => other,
-        };
-        Pin::new(&mut self.file).start_seek(position)
+        match &mut self.0 {
+            Inner::File { file, base, .. } => {
+                let position = match position {
+                    SeekFrom::Start(at) => SeekFrom::Start(base.checked_add(at).ok_or_else(out_of_range)?),
+                    other => other,
+                };
+                Pin::new(file).start_seek(position)
+            }
+            Inner::Expanding(e) => e.seek(position),
+        }
     }
 
     fn poll_complete(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<u64>> {
-        // A position before the data is reported as its start (tokio asks
-        // for the position before a seek begins, and does not know that of
-        // a file it was handed).
-        let base = self.base;
-        Pin::new(&mut self.file).poll_complete(cx).map_ok(|at| at.saturating_sub(base))
+        match &mut self.0 {
+            Inner::File { file, base, .. } => {
+                // A position before the data is reported as its start
+                // (tokio asks for the position before a seek begins, and
+                // does not know that of a file it was handed).
+                let base = *base;
+                Pin::new(file).poll_complete(cx).map_ok(|at| at.saturating_sub(base))
+            }
+            Inner::Expanding(e) => Poll::Ready(Ok(e.at)),
+        }
+    }
+}
+
+fn out_of_range() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, "snapshot offset out of range")
+}
+
+/// Chunks of whole data a thread puts together ahead of the reader.
+const CHUNK_BYTES: usize = 1 << 20;
+/// Chunks made ahead of the reader at most.
+const CHUNKS_AHEAD: usize = 2;
+
+/// What whole data is read from.
+#[derive(Debug)]
+struct Source {
+    file: std::fs::File,
+    data_at: u64,
+    len: u64,
+    whole_len: u64,
+    values: Arc<ValueLog>,
+}
+
+/// Data read with every value in place: a thread reads the records one at
+/// a time and puts each value back, a few chunks ahead of the reader. A
+/// seek anywhere but where reading stands starts it again from there
+/// (openraft reads on from where it stands, and begins again from an
+/// earlier offset only when a chunk failed).
+#[derive(Debug)]
+struct Expanding {
+    source: Arc<Source>,
+    /// Where reading stands, in the whole data.
+    at: u64,
+    /// The chunk being read, and how much of it was.
+    chunk: Vec<u8>,
+    used: usize,
+    chunks: Option<mpsc::Receiver<std::io::Result<Vec<u8>>>>,
+}
+
+impl Expanding {
+    fn seek(&mut self, position: SeekFrom) -> std::io::Result<()> {
+        let to = match position {
+            SeekFrom::Start(at) => Some(at),
+            SeekFrom::End(by) => self.source.whole_len.checked_add_signed(by),
+            SeekFrom::Current(by) => self.at.checked_add_signed(by),
+        };
+        let to = to.ok_or_else(out_of_range)?;
+        if to != self.at {
+            self.chunks = None;
+            self.chunk.clear();
+            self.used = 0;
+            self.at = to;
+        }
+        Ok(())
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        loop {
+            if self.used < self.chunk.len() {
+                let n = buf.remaining().min(self.chunk.len() - self.used);
+                buf.put_slice(&self.chunk[self.used..self.used + n]);
+                self.used += n;
+                self.at += n as u64;
+                return Poll::Ready(Ok(()));
+            }
+            if self.at >= self.source.whole_len || buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            if self.chunks.is_none() {
+                let (tx, rx) = mpsc::channel(CHUNKS_AHEAD);
+                let (source, from) = (self.source.clone(), self.at);
+                std::thread::Builder::new().name("snapshot-send".into()).spawn(move || {
+                    if let Err(e) = expand(&source, from, &tx) {
+                        let _ = tx.blocking_send(Err(e));
+                    }
+                })?;
+                self.chunks = Some(rx);
+            }
+            let Some(chunks) = self.chunks.as_mut() else { continue };
+            match ready!(chunks.poll_recv(cx)) {
+                Some(Ok(chunk)) => {
+                    self.chunk = chunk;
+                    self.used = 0;
+                }
+                Some(Err(e)) => {
+                    self.chunks = None;
+                    return Poll::Ready(Err(e));
+                }
+                None => {
+                    self.chunks = None;
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("snapshot data ended at {} of {} bytes", self.at, self.source.whole_len),
+                    )));
+                }
+            }
+        }
+    }
+}
+
+/// Sends the whole data of `source` from the offset `from` on, in chunks,
+/// until it ends or the reader is gone. A record wholly before `from` is
+/// counted, not read.
+fn expand(source: &Source, from: u64, out: &mpsc::Sender<std::io::Result<Vec<u8>>>) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut count = [0u8; 8];
+    source.file.read_exact_at(&mut count, source.data_at)?;
+    let mut chunks = Chunks { out, skip: from, chunk: Vec::with_capacity(CHUNK_BYTES), sent: 0 };
+    chunks.put(&count);
+    let reader = std::io::Read::take(ReadAt { file: &source.file, at: source.data_at }, source.len);
+    let each = |k: &[u8], v: &[u8]| -> Result<(), crate::error::Error> {
+        let value = match k.first() {
+            Some(&HIST) => {
+                let whole = (16 + k.len() + whole_len(v)?) as u64;
+                if chunks.skip >= whole {
+                    // Wholly passed over: its value is not read.
+                    chunks.skip -= whole;
+                    chunks.sent += whole;
+                    return Ok(());
+                }
+                whole_record(v, &source.values)?
+            }
+            _ => std::borrow::Cow::Borrowed(v),
+        };
+        for part in [k, &value[..]] {
+            chunks.put(&(part.len() as u64).to_le_bytes());
+            chunks.put(part);
+        }
+        chunks.send_full().map_err(crate::error::Error::internal)
+    };
+    super::records::for_each_record(reader, source.len, each).map_err(std::io::Error::other)?;
+    if chunks.sent != source.whole_len {
+        return Err(std::io::Error::other(format!(
+            "snapshot data is {} bytes whole where its file says {}",
+            chunks.sent, source.whole_len
+        )));
+    }
+    chunks.send()
+}
+
+/// Whole data put together into chunks for the reader.
+struct Chunks<'o> {
+    out: &'o mpsc::Sender<std::io::Result<Vec<u8>>>,
+    /// Bytes still to be passed over before the reader's offset.
+    skip: u64,
+    chunk: Vec<u8>,
+    /// Bytes of whole data gone by, passed over or not.
+    sent: u64,
+}
+
+impl Chunks<'_> {
+    fn put(&mut self, bytes: &[u8]) {
+        let passed = self.skip.min(bytes.len() as u64) as usize;
+        self.skip -= passed as u64;
+        self.chunk.extend_from_slice(&bytes[passed..]);
+        self.sent += bytes.len() as u64;
+    }
+
+    /// Sends the chunk once it is full.
+    fn send_full(&mut self) -> std::io::Result<()> {
+        if self.chunk.len() >= CHUNK_BYTES {
+            self.send()?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        let full = std::mem::replace(&mut self.chunk, Vec::with_capacity(CHUNK_BYTES));
+        self.out.blocking_send(Ok(full)).map_err(|_| std::io::Error::other("the reader is gone"))
+    }
+}
+
+/// Reads a file from an offset on without moving its cursor, which others
+/// share.
+struct ReadAt<'f> {
+    file: &'f std::fs::File,
+    at: u64,
+}
+
+impl std::io::Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
     }
 }
 

@@ -14,7 +14,7 @@ use super::super::committer::CommitError;
 use super::super::db_dir::{db_dirs, open_db_at, remove_unused, set_in_use};
 use super::records::Batches;
 use super::view::{Shared, State};
-use super::{open_files_in, CURRENT_TREE, INSTALLING, STATE_TREES};
+use super::{open_files_in, CURRENT_TREE, INSTALLING, STATE_TREES, VALUES_ID};
 use crate::error::Error;
 use crate::mvcc::keys::HIST;
 use crate::mvcc::values::load_kv;
@@ -63,7 +63,7 @@ impl Shared {
         let copied = (|| {
             for item in old.iter() {
                 let (k, v) = item?;
-                if k.as_ref() != CURRENT_TREE && k.as_ref() != INSTALLING {
+                if k.as_ref() != CURRENT_TREE && k.as_ref() != INSTALLING && !k.starts_with(VALUES_ID) {
                     new.insert(k, v)?;
                 }
             }

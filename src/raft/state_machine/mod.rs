@@ -17,7 +17,11 @@
 //!
 //! Snapshots are a copy of the whole state tree that the commit thread takes
 //! between two groups while applying goes on, kept in
-//! `<data-dir>/snapshot.bin` and sent by openraft in chunks.
+//! `<data-dir>/snapshot.bin` and sent by openraft in chunks. The member's own
+//! copy points into the state tree's value file for large values, as the
+//! tree does, instead of holding them a second time; what is sent, and what
+//! a member receives, holds every value. One is taken every
+//! `--snapshot-count` client commands (see [`StateMachine::snapshot_every`]).
 
 mod apply;
 mod data;
@@ -25,6 +29,8 @@ mod defrag;
 mod group;
 mod records;
 mod snapshot;
+#[cfg(test)]
+mod snapshot_tests;
 #[cfg(test)]
 mod tests;
 mod view;
@@ -74,6 +80,9 @@ const BACKUP_PREFIX: &str = "backup-";
 const INSTALLING: &[u8] = b"installing_snapshot";
 /// Names the state tree in use: one of [`STATE_TREES`] (the first if unset).
 const CURRENT_TREE: &[u8] = b"state_tree";
+/// How the records naming each state tree's value file begin (see
+/// [`values_id_key`]); a defragment's new database names its own.
+const VALUES_ID: &[u8] = b"values_id.";
 /// The two state trees: a snapshot is loaded into the one not in use while
 /// the other serves, and they swap in a moment.
 const STATE_TREES: [&str; 2] = ["state", "state.b"];
@@ -109,15 +118,38 @@ fn open_files(db: &sled::Db, data_dir: &Path, name: &str) -> Result<Files, Error
 /// The state tree `name` of `db`, whose directory is `db_dir`, and its
 /// value file.
 fn open_files_in(db: &sled::Db, db_dir: &Path, name: &str) -> Result<Files, Error> {
-    let values = ValueLog::open(&values_file(db_dir, name))?;
+    let id = match db.get(values_id_key(name))? {
+        Some(id) => {
+            let id: [u8; 8] = id.as_ref().try_into().map_err(|_| Error::internal("corrupt value file id"))?;
+            u64::from_be_bytes(id)
+        }
+        None => new_values_id(db, name)?,
+    };
+    let values = ValueLog::open(&values_file(db_dir, name), id)?;
     Ok(Files { tree: db.open_tree(name)?, values: Arc::new(values) })
 }
 
 /// An empty state tree, and value file, in place of the one not in use.
 fn fresh_files(db: &sled::Db, data_dir: &Path, name: &str) -> Result<Files, Error> {
     db.drop_tree(name)?;
-    let values = ValueLog::create(&values_path(data_dir, name)?)?;
+    let id = new_values_id(db, name)?;
+    let values = ValueLog::create(&values_path(data_dir, name)?, id)?;
     Ok(Files { tree: db.open_tree(name)?, values: Arc::new(values) })
+}
+
+/// The record of `db` that holds the id of the value file of the state
+/// tree `name` (see [`ValueLog`]).
+fn values_id_key(name: &str) -> Vec<u8> {
+    [VALUES_ID, name.as_bytes()].concat()
+}
+
+/// Gives the value file of the state tree `name` a new id, durably, before
+/// anything is written to it.
+fn new_values_id(db: &sled::Db, name: &str) -> Result<u64, Error> {
+    let id = rand::random::<u64>();
+    db.insert(values_id_key(name), &id.to_be_bytes())?;
+    db.flush()?;
+    Ok(id)
 }
 
 /// Makes the tree `name` the state tree in use, durably, and drops the
@@ -151,8 +183,45 @@ pub struct StateMachine {
     dir: PathBuf,
     last_applied: Option<LogId>,
     membership: StoredMembership<NodeId, Node>,
-    /// The last log id of the snapshot in the snapshot file.
-    snapshot_file: Arc<std::sync::Mutex<Option<LogId>>>,
+    /// What the member knows of the snapshot file.
+    snapshot_file: Arc<std::sync::Mutex<OnDisk>>,
+    /// Counts client commands toward a snapshot (see
+    /// [`StateMachine::snapshot_every`]).
+    due: SnapshotDue,
+}
+
+/// Commands applied since the last snapshot was begun, and the count at
+/// which one is asked for next. etcd's `--snapshot-count` counts requests,
+/// each an entry of its own; kvd proposes many in one entry, so openraft's
+/// count of entries would let the log hold many times as many writes.
+#[derive(Debug)]
+struct SnapshotDue {
+    every: u64,
+    since: u64,
+    next: u64,
+    ask: Arc<tokio::sync::Notify>,
+}
+
+impl SnapshotDue {
+    /// Asks through `ask` once [`StateMachine::snapshot_every`] sets a count.
+    fn new(ask: Arc<tokio::sync::Notify>) -> Self {
+        SnapshotDue { every: u64::MAX, since: 0, next: u64::MAX, ask }
+    }
+
+    fn applied(&mut self, commands: u64) {
+        self.since = self.since.saturating_add(commands);
+        if self.since >= self.next {
+            // Asked again each `every` more, should a request be lost in a
+            // snapshot already under way.
+            self.next = self.since.saturating_add(self.every);
+            self.ask.notify_one();
+        }
+    }
+
+    fn begun(&mut self) {
+        self.since = 0;
+        self.next = self.every;
+    }
 }
 
 impl StateMachine {
@@ -164,7 +233,12 @@ impl StateMachine {
         let (current, rebuilt) = if db.get(INSTALLING)?.is_some() {
             let open = open_snapshot_file(dir)?
                 .ok_or_else(|| Error::internal("snapshot install was interrupted and its file is gone"))?;
-            let rebuilt = load_records(db, &fresh_files(db, dir, other)?, open.file, open.len)?;
+            if open.values.is_some() {
+                // An install publishes such a file only once it is done.
+                return Err(Error::internal("snapshot install was interrupted and its file is the member's own"));
+            }
+            let files = fresh_files(db, dir, other)?;
+            let rebuilt = load_records::<std::fs::File>(db, &files, open.file, open.len, None)?;
             use_tree(db, dir, other, current)?;
             (other, Some(rebuilt))
         } else {
@@ -174,7 +248,7 @@ impl StateMachine {
         };
         let files = open_files(db, dir, current)?;
         let (state, last_applied, membership) = load_state(&files, rebuilt)?;
-        let on_disk = read_snapshot_meta(dir)?.and_then(|meta| meta.last_log_id);
+        let on_disk = snapshot_on_disk(dir, &files, last_applied, &membership)?;
         let physical = Physical { rev: state.store.physical(), failed: None };
         let (wake, woken) = std::sync::mpsc::channel();
         let shared = Arc::new(Shared {
@@ -186,15 +260,28 @@ impl StateMachine {
             dir: dir.to_path_buf(),
             compaction: wake,
             physical: watch::channel(physical).0,
+            snapshot_wanted: Arc::new(tokio::sync::Notify::new()),
         });
         compactor::start(Arc::downgrade(&shared), woken)?;
+        let due = SnapshotDue::new(shared.snapshot_wanted.clone());
         Ok(StateMachine {
             shared,
             dir: dir.to_path_buf(),
             last_applied,
             membership,
             snapshot_file: Arc::new(std::sync::Mutex::new(on_disk)),
+            due,
         })
+    }
+
+    /// Asks for a snapshot each time `every` client commands (or other
+    /// entries) have been applied since the last one was begun, and after
+    /// the compaction thread defragments: the caller waits on what this
+    /// returns and has openraft build one.
+    pub fn snapshot_every(&mut self, every: u64) -> Arc<tokio::sync::Notify> {
+        self.due.every = every.max(1);
+        self.due.begun();
+        self.due.ask.clone()
     }
 
     /// Finishes, on its own thread, what a compaction pass that was cut
@@ -237,6 +324,7 @@ impl StateMachine {
                 EntryPayload::Normal(Request(bytes)) => match Command::decode(bytes.as_slice()) {
                     Ok(Command { op: Some(command::Op::Batch(b)), .. }) => {
                         // One response per command, encoded together.
+                        self.due.applied(b.commands.len() as u64);
                         let mut responses = Vec::with_capacity(b.commands.len());
                         for bytes in &b.commands {
                             let applied = apply_command(
@@ -256,6 +344,7 @@ impl StateMachine {
                         )))
                     }
                     decoded => {
+                        self.due.applied(1);
                         let term = entry.log_id.leader_id.term;
                         let applied = apply_command(&mut state, decoded.ok(), term, &mut group, committer, false);
                         let (batch, response, events) = applied.map_err(|e| fail(entry.log_id, e))?;
@@ -304,6 +393,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.due.begun();
         // The records and the last applied id must agree: every applied
         // write is committed first, and the commit thread writes the tree to
         // the file before it commits any later group. Applying goes on
@@ -360,6 +450,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError> {
         let fail = |e: Error| StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e));
+        let snapshot = if snapshot.is_expanding() {
+            // A member's own snapshot handed over whole (openraft's tests
+            // do): it is received as a stream is, into a file of its own.
+            let mut from = snapshot;
+            let mut into = self.begin_receiving_snapshot().await?;
+            tokio::io::copy(&mut *from, &mut *into).await.map_err(|e| fail(Error::internal(e)))?;
+            into
+        } else {
+            snapshot
+        };
         let received = snapshot.into_file().await.map_err(|e| fail(Error::internal(e)))?;
         let (shared, meta_c) = (self.shared.clone(), meta.clone());
         let (dir, on_disk) = (self.dir.clone(), self.snapshot_file.clone());
@@ -368,24 +468,63 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Some(path) = path {
             let _ = std::fs::remove_file(path);
         }
-        installed.map_err(fail)?;
+        let bytes = installed.map_err(fail)?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
+        tracing::info!(snapshot = %meta.snapshot_id, bytes, "installed snapshot");
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let dir = self.dir.clone();
+        let (dir, on_disk) = (self.dir.clone(), self.snapshot_file.clone());
         let open = super::blocking(move || {
+            // The file and the value file it points into are taken together.
+            let on_disk = on_disk.lock().unwrap_or_else(|p| p.into_inner());
             let Some(open) = open_snapshot_file(&dir)? else { return Ok(None) };
-            let data = SnapshotData::new(open.file, open.data_at).map_err(Error::internal)?;
-            Ok(Some((open.meta, data)))
+            let data = match (open.values, &on_disk.values) {
+                (None, _) => SnapshotData::new(open.file, open.data_at),
+                (Some(id), Some(values)) if values.id() == id => {
+                    SnapshotData::expanding(open.file, open.data_at, open.len, open.whole_len, values.clone())
+                }
+                (Some(_), _) => return Err(Error::internal("the snapshot file points into a value file not held")),
+            };
+            Ok(Some((open.meta, data.map_err(Error::internal)?)))
         })
         .await
         .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))?;
         Ok(open.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(data) }))
     }
+}
+
+/// What the member knows of its snapshot file at start. A file whose data
+/// points into a value file other than the state tree's (the member stopped
+/// after a defragment, before the snapshot that follows it) is built again
+/// from the state, which is as of a later log id.
+fn snapshot_on_disk(
+    dir: &Path,
+    files: &Files,
+    last_applied: Option<LogId>,
+    membership: &StoredMembership<NodeId, Node>,
+) -> Result<OnDisk, Error> {
+    let Some(open) = open_snapshot_file(dir)? else { return Ok(OnDisk::default()) };
+    let last = open.meta.last_log_id;
+    match open.values {
+        None => return Ok(OnDisk { last, values: None }),
+        Some(id) if id == files.values.id() => return Ok(OnDisk { last, values: Some(files.values.clone()) }),
+        Some(_) => {}
+    }
+    drop(open);
+    let meta = SnapshotMeta {
+        last_log_id: last_applied,
+        last_membership: membership.clone(),
+        snapshot_id: snapshot_id(last_applied),
+    };
+    let path = part_path(dir, BUILD_PART);
+    build_file(files, &path, &meta)?;
+    let on_disk = std::sync::Mutex::new(OnDisk::default());
+    publish_locked(dir, &path, &on_disk, last_applied, Some(files.values.clone()), false)?;
+    tracing::info!(snapshot = %meta.snapshot_id, "built the snapshot again: it pointed into a value file replaced");
+    Ok(on_disk.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
 
 /// A snapshot's id: its last log id and when it was built, so that two
@@ -404,15 +543,16 @@ fn snapshot_id(last_applied: Option<LogId>) -> String {
 /// changes nothing; makes it the snapshot file; loads its records into the
 /// state tree not in use, while the member goes on serving from the other;
 /// then swaps the trees under the state lock, in a moment. Every step reads
-/// or writes one record, or one small buffer, at a time.
+/// or writes one record, or one small buffer, at a time. Returns the bytes
+/// of data received.
 fn install_from(
     shared: &Shared,
     dir: &Path,
-    on_disk: &std::sync::Mutex<Option<LogId>>,
+    on_disk: &std::sync::Mutex<OnDisk>,
     meta: &SnapshotMeta<NodeId, Node>,
     mut received: std::fs::File,
     base: u64,
-) -> Result<(), Error> {
+) -> Result<u64, Error> {
     use std::io::{Seek, SeekFrom};
     let io = |e: std::io::Error| Error::internal(format!("read received snapshot: {e}"));
     let _changing = shared.changing_db();
@@ -425,14 +565,24 @@ fn install_from(
     let install = part_path(dir, INSTALL_PART);
     write_file_from(&install, meta, &mut received, len)?;
     drop(received);
-    publish_locked(dir, &install, on_disk, meta.last_log_id, false)?;
+    publish_locked(dir, &install, on_disk, meta.last_log_id, None, false)?;
     let open = open_snapshot_file(dir)?.ok_or_else(|| Error::internal("the snapshot file vanished"))?;
     let (current, other) = state_trees(db)?;
     db.insert(INSTALLING, &[1u8])?;
     db.flush()?;
     let files = fresh_files(db, dir, other)?;
     let started = std::time::Instant::now();
-    let rebuilt = load_records(db, &files, open.file, open.len)?;
+    // The member's own snapshot file is written as the records load: it
+    // points into the new value file instead of holding every value again.
+    let own_path = part_path(dir, OWN_PART);
+    let mut own = std::io::BufWriter::with_capacity(1 << 20, create_rw(&own_path)?);
+    let own_at = start_file(&mut own, meta, Some(files.values.id()))?;
+    let mut tee = RecordsOut::start(own)?;
+    let rebuilt = load_records(db, &files, open.file, open.len, Some(&mut tee))?;
+    let (own, own_len, own_whole_len) = tee.finish()?;
+    let mut own = own.into_inner().map_err(|e| Error::internal(format!("write snapshot: {}", e.error())))?;
+    finish_file(&mut own, own_at, own_len, Some(own_whole_len))?;
+    let values = files.values.clone();
     let loaded = started.elapsed();
     let (mut new_state, _, _) = load_state(&files, Some(rebuilt))?;
     tracing::info!(
@@ -456,5 +606,10 @@ fn install_from(
         let _ = shared.applied.send(Arc::new(Applied { rev, events: Vec::new() }));
     }
     use_tree(db, dir, other, current)?;
-    Ok(())
+    // Until this replaces it, the file received is the snapshot: whole, and
+    // as good.
+    if let Err(e) = publish_locked(dir, &own_path, on_disk, meta.last_log_id, Some(values), false) {
+        tracing::warn!(error = %e, "the installed snapshot is kept whole");
+    }
+    Ok(len)
 }

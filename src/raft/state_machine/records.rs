@@ -14,7 +14,7 @@ use super::view::State;
 use super::{ALARMS, APPLIED, ATTRS, MEMBERSHIP, STATE_TREES};
 use crate::error::Error;
 use crate::mvcc::keys::{meta_key, HIST};
-use crate::mvcc::values::{decode_whole, whole_record};
+use crate::mvcc::values::{decode_whole, whole_len, whole_record};
 use crate::mvcc::Batch;
 use crate::mvcc::{Files, MvccStore, Rebuild};
 use crate::proto::kvdpb::MemberAttributes;
@@ -57,35 +57,91 @@ pub(super) fn load_state(files: &Files, rebuilt: Option<Rebuild>) -> Result<Load
     Ok((state, last_applied, membership))
 }
 
-/// Writes every record of the state tree to `out`, from where it stands,
-/// as snapshot data: the layout bincode gives a `Vec<(ByteBuf, ByteBuf)>`
-/// (a count, then each key and value as a length and its bytes; integers
-/// u64 little-endian), which members of every kvd version read. A history
-/// record goes whole, its value read from the value file if it is kept
-/// there. One record at a time, straight from the tree: nothing
-/// proportional to the data is held. Returns the data's length in bytes.
-pub(super) fn write_records<W: Write + Seek>(files: &Files, out: &mut W) -> Result<u64, Error> {
-    let io = |e: std::io::Error| Error::internal(format!("write snapshot data: {e}"));
-    let start = out.stream_position().map_err(io)?;
-    out.write_all(&0u64.to_le_bytes()).map_err(io)?;
-    let (mut count, mut len) = (0u64, 8u64);
+/// Writes records as snapshot data to `out`, from where it stands: the
+/// layout bincode gives a `Vec<(ByteBuf, ByteBuf)>` (a count, then each key
+/// and value as a length and its bytes; integers u64 little-endian), which
+/// members of every kvd version read. One record at a time: nothing
+/// proportional to the data is held.
+pub(super) struct RecordsOut<W: Write + Seek> {
+    out: W,
+    start: u64,
+    count: u64,
+    /// The data's length so far.
+    len: u64,
+    /// What the data's length will be once every value kept apart in it
+    /// is put back in place (see [`write_state`]).
+    whole_len: u64,
+}
+
+fn write_io(e: std::io::Error) -> Error {
+    Error::internal(format!("write snapshot data: {e}"))
+}
+
+impl<W: Write + Seek> RecordsOut<W> {
+    pub(super) fn start(mut out: W) -> Result<Self, Error> {
+        let start = out.stream_position().map_err(write_io)?;
+        out.write_all(&0u64.to_le_bytes()).map_err(write_io)?;
+        Ok(RecordsOut { out, start, count: 0, len: 8, whole_len: 8 })
+    }
+
+    /// Writes the record `k`, whose value `v` is as the state tree holds
+    /// it: a history record's value may be kept apart.
+    pub(super) fn record(&mut self, k: &[u8], v: &[u8]) -> Result<(), Error> {
+        let whole = match k.first() {
+            Some(&HIST) => whole_len(v)?,
+            _ => v.len(),
+        };
+        for part in [k, v] {
+            self.out.write_all(&(part.len() as u64).to_le_bytes()).map_err(write_io)?;
+            self.out.write_all(part).map_err(write_io)?;
+        }
+        self.count += 1;
+        self.len += 16 + (k.len() + v.len()) as u64;
+        self.whole_len += 16 + (k.len() + whole) as u64;
+        Ok(())
+    }
+
+    /// Fills in the count and leaves `out` after the data. Returns it, the
+    /// data's length, and that length with every value in place.
+    pub(super) fn finish(mut self) -> Result<(W, u64, u64), Error> {
+        self.out.seek(SeekFrom::Start(self.start)).map_err(write_io)?;
+        self.out.write_all(&self.count.to_le_bytes()).map_err(write_io)?;
+        self.out.seek(SeekFrom::Start(self.start + self.len)).map_err(write_io)?;
+        Ok((self.out, self.len, self.whole_len))
+    }
+}
+
+/// Writes every record of the state tree to `out` as snapshot data (see
+/// [`RecordsOut`]) that every kvd version reads: a history record goes
+/// whole, its value read from the value file if it is kept there. Returns
+/// `out` and the data's length in bytes.
+pub(super) fn write_records<W: Write + Seek>(files: &Files, out: W) -> Result<(W, u64), Error> {
+    let mut records = RecordsOut::start(out)?;
     for item in files.tree.iter() {
         let (k, v) = item?;
-        let v = match k.first() {
-            Some(&HIST) => whole_record(&v, &files.values)?,
-            _ => std::borrow::Cow::Borrowed(&v[..]),
-        };
-        for part in [&k[..], &v[..]] {
-            out.write_all(&(part.len() as u64).to_le_bytes()).map_err(io)?;
-            out.write_all(part).map_err(io)?;
-            len += 8 + part.len() as u64;
+        match k.first() {
+            Some(&HIST) => records.record(&k, &whole_record(&v, &files.values)?)?,
+            _ => records.record(&k, &v)?,
         }
-        count += 1;
     }
-    out.seek(SeekFrom::Start(start)).map_err(io)?;
-    out.write_all(&count.to_le_bytes()).map_err(io)?;
-    out.seek(SeekFrom::Start(start + len)).map_err(io)?;
-    Ok(len)
+    let (out, len, _) = records.finish()?;
+    Ok((out, len))
+}
+
+/// Writes every record of the state tree to `out` as it is in the tree:
+/// a history record whose value is kept apart names where the value is in
+/// the tree's value file, instead of holding it. This is the member's own
+/// snapshot file, which a value file of many GiB would otherwise double;
+/// what is sent from it has every value put back in place (see
+/// [`super::data::SnapshotData`]). Returns `out`, the data's length, and
+/// its length with every value in place.
+pub(super) fn write_state<W: Write + Seek>(files: &Files, out: W) -> Result<(W, u64, u64), Error> {
+    let mut records = RecordsOut::start(out)?;
+    for item in files.tree.iter() {
+        let (k, v) = item?;
+        records.record(&k, &v)?;
+    }
+    records.finish()
 }
 
 /// Reads `len` bytes of snapshot data from `from` and hands each record to
@@ -175,8 +231,17 @@ pub(super) const LOAD_BATCH_BYTES: usize = 256 << 10;
 /// Writes the records of snapshot data (`len` bytes of `records`) into
 /// `files`, empty ones, and flushes them. Returns what the records say of
 /// the store's in-memory part, for [`load_state`].
-pub(super) fn load_records(db: &sled::Db, files: &Files, records: impl Read, len: u64) -> Result<Rebuild, Error> {
-    let mut batch = Batches::new(files);
+///
+/// With `tee`, each record is also written there as the tree holds it (see
+/// [`write_state`]).
+pub(super) fn load_records<W: Write + Seek>(
+    db: &sled::Db,
+    files: &Files,
+    records: impl Read,
+    len: u64,
+    tee: Option<&mut RecordsOut<W>>,
+) -> Result<Rebuild, Error> {
+    let mut batch = Batches { files, batch: Batch::default(), bytes: 0, tee };
     let mut rebuild = Rebuild::default();
     for_each_record(records, len, |k, v| {
         if k.first() != Some(&HIST) {
@@ -197,17 +262,21 @@ pub(super) fn load_records(db: &sled::Db, files: &Files, records: impl Read, len
 /// keeping large values apart as a write does (see
 /// [`crate::mvcc::values`]). The value file is synced once, at the end:
 /// the files are not in use until they are whole.
-pub(super) struct Batches<'f> {
+pub(super) struct Batches<'f, W: Write + Seek = std::fs::File> {
     files: &'f Files,
     batch: Batch,
     bytes: usize,
+    /// Where each record is also written, as the tree holds it.
+    tee: Option<&'f mut RecordsOut<W>>,
 }
 
 impl<'f> Batches<'f> {
     pub(super) fn new(files: &'f Files) -> Self {
-        Batches { files, batch: Batch::default(), bytes: 0 }
+        Batches { files, batch: Batch::default(), bytes: 0, tee: None }
     }
+}
 
+impl<'f, W: Write + Seek> Batches<'f, W> {
     /// Inserts a record as snapshot data holds it: a history record whole.
     pub(super) fn insert_whole(&mut self, k: &[u8], v: &[u8]) -> Result<(), Error> {
         match k.first() {
@@ -239,6 +308,11 @@ impl<'f> Batches<'f> {
     fn apply(&mut self) -> Result<(), Error> {
         let mut batch = std::mem::take(&mut self.batch);
         batch.separate_values(&self.files.values)?;
+        if let Some(tee) = self.tee.as_mut() {
+            for (k, v) in batch.inserts() {
+                tee.record(k, v)?;
+            }
+        }
         self.files.tree.apply_batch(batch.into_sled())?;
         self.bytes = 0;
         Ok(())

@@ -13,19 +13,34 @@ pub(super) const BUILD_PART: &str = "build";
 pub(super) const RECEIVE_PART: &str = "receive";
 /// The part a received snapshot is copied into, with its metadata.
 pub(super) const INSTALL_PART: &str = "install";
+/// The part an installed snapshot is written into as the member's own
+/// (see [`super::records::write_state`]).
+pub(super) const OWN_PART: &str = "own";
 use tokio::sync::oneshot;
 
 use super::super::committer::CommitError;
 use super::super::{encode, CodecError, LogId, Node, NodeId, StorageError, TypeConfig};
 use super::data::SnapshotData;
-use super::records::write_records;
+use super::records::write_state;
 use super::{BACKUP_PREFIX, SNAPSHOT_FILE};
 use crate::error::Error;
+use crate::mvcc::values::ValueLog;
 
 /// The snapshot file is bincode's layout of a struct `{ meta, data }`
 /// with `data` a byte string: the metadata, the data's length (u64,
-/// little-endian), then the data (see [`write_records`]). It is written
-/// and read in parts, so the data is never held in memory.
+/// little-endian), then the data (see [`super::records::RecordsOut`]). A
+/// member's own snapshot file keeps its large values in the state tree's
+/// value file rather than a second time (see
+/// [`super::records::write_state`]); its metadata is then followed by
+/// [`POINTS_INTO_VALUES`], the id of that value file, the data's length
+/// with every value in place, and then the data's length and the data as
+/// above. It is written and read in parts, so the data is never held in
+/// memory.
+///
+/// No data is this long: a file whose first length is this has the longer
+/// header.
+const POINTS_INTO_VALUES: u64 = u64::from_le_bytes(*b"kvd.vals");
+
 /// What can go wrong with the snapshot file. A client sees it as an
 /// internal error; openraft as a storage error of the snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +88,10 @@ pub(super) struct OpenSnapshot {
     pub(super) data_at: u64,
     /// The data's length: the rest of the file.
     pub(super) len: u64,
+    /// The data's length as it is sent, with every value in place.
+    pub(super) whole_len: u64,
+    /// The id of the value file the data points into, if it does.
+    pub(super) values: Option<u64>,
 }
 
 /// The snapshot file, opened, with the metadata at its start read and the
@@ -87,9 +106,17 @@ pub(super) fn open_snapshot_file(dir: &Path) -> Result<Option<OpenSnapshot>, Sna
     };
     let mut reader = std::io::BufReader::new(file);
     let meta: Meta = bincode::deserialize_from(&mut reader).map_err(|e| SnapshotFileError::Damaged(e.to_string()))?;
-    let mut len = [0u8; 8];
-    reader.read_exact(&mut len).map_err(io)?;
-    let len = u64::from_le_bytes(len);
+    let mut read_u64 = || {
+        let mut n = [0u8; 8];
+        reader.read_exact(&mut n).map(|()| u64::from_le_bytes(n)).map_err(io)
+    };
+    let (values, whole_len, len) = match read_u64()? {
+        POINTS_INTO_VALUES => {
+            let (values, whole_len) = (read_u64()?, read_u64()?);
+            (Some(values), whole_len, read_u64()?)
+        }
+        len => (None, len, len),
+    };
     let data_at = reader.stream_position().map_err(io)?;
     let mut file = reader.into_inner();
     let size = file.metadata().map_err(io)?.len();
@@ -99,13 +126,11 @@ pub(super) fn open_snapshot_file(dir: &Path) -> Result<Option<OpenSnapshot>, Sna
             size.saturating_sub(data_at)
         )));
     }
+    if whole_len < len {
+        return Err(SnapshotFileError::Damaged(format!("{whole_len} bytes of whole data in {len} bytes")));
+    }
     file.seek(SeekFrom::Start(data_at)).map_err(io)?;
-    Ok(Some(OpenSnapshot { meta, file, data_at, len }))
-}
-
-/// The metadata of the snapshot in the snapshot file, without its data.
-pub(super) fn read_snapshot_meta(dir: &Path) -> Result<Option<Meta>, SnapshotFileError> {
-    Ok(open_snapshot_file(dir)?.map(|open| open.meta))
+    Ok(Some(OpenSnapshot { meta, file, data_at, len, whole_len, values }))
 }
 
 /// Where a snapshot is written before it becomes the snapshot file.
@@ -133,22 +158,54 @@ pub(super) fn create_rw(path: &Path) -> Result<std::fs::File, SnapshotFileError>
     std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).map_err(write_err)
 }
 
-/// Writes the header of a snapshot file: the metadata and a length to be
-/// filled in by [`finish_file`]. Returns where the data begins.
-pub(super) fn start_file(out: &mut impl std::io::Write, meta: &Meta) -> Result<u64, SnapshotFileError> {
-    let head = encode(meta)?;
+/// Writes the header of a snapshot file: the metadata, and lengths to be
+/// filled in by [`finish_file`]; with `values`, the header of one whose
+/// data points into the value file of that id. Returns where the data
+/// begins.
+pub(super) fn start_file(
+    out: &mut impl std::io::Write,
+    meta: &Meta,
+    values: Option<u64>,
+) -> Result<u64, SnapshotFileError> {
+    let mut head = encode(meta)?;
+    if let Some(values) = values {
+        for n in [POINTS_INTO_VALUES, values, 0] {
+            head.extend_from_slice(&n.to_le_bytes());
+        }
+    }
     out.write_all(&head).map_err(write_err)?;
     out.write_all(&0u64.to_le_bytes()).map_err(write_err)?;
     Ok(head.len() as u64 + 8)
 }
 
-/// Fills in the length of the data begun at `data_at` and makes the file
+/// Fills in the length of the data begun at `data_at`, and with
+/// `whole_len` its length with every value in place, and makes the file
 /// durable.
-pub(super) fn finish_file(file: &mut std::fs::File, data_at: u64, len: u64) -> Result<(), SnapshotFileError> {
+pub(super) fn finish_file(
+    file: &mut std::fs::File,
+    data_at: u64,
+    len: u64,
+    whole_len: Option<u64>,
+) -> Result<(), SnapshotFileError> {
     use std::io::{Seek, SeekFrom, Write};
+    if let Some(whole_len) = whole_len {
+        file.seek(SeekFrom::Start(data_at - 16)).map_err(write_err)?;
+        file.write_all(&whole_len.to_le_bytes()).map_err(write_err)?;
+    }
     file.seek(SeekFrom::Start(data_at - 8)).map_err(write_err)?;
     file.write_all(&len.to_le_bytes()).map_err(write_err)?;
     file.sync_all().map_err(write_err)
+}
+
+/// What a member knows of the snapshot file it holds.
+#[derive(Debug, Default)]
+pub(super) struct OnDisk {
+    /// The last log id of its snapshot.
+    pub(super) last: Option<LogId>,
+    /// The value file its data points into, if it does: held open, so that
+    /// it still reads once a defragment or an install has removed it, until
+    /// a snapshot of the new state replaces this one.
+    pub(super) values: Option<Arc<ValueLog>>,
 }
 
 /// Makes the file at `from` the snapshot file, durably, under the lock that
@@ -160,18 +217,19 @@ pub(super) fn finish_file(file: &mut std::fs::File, data_at: u64, len: u64) -> R
 pub(super) fn publish_locked(
     dir: &Path,
     from: &Path,
-    on_disk: &std::sync::Mutex<Option<LogId>>,
+    on_disk: &std::sync::Mutex<OnDisk>,
     last_log_id: Option<LogId>,
+    values: Option<Arc<ValueLog>>,
     only_if_newer: bool,
 ) -> Result<bool, SnapshotFileError> {
     let mut on_disk = on_disk.lock().unwrap_or_else(|p| p.into_inner());
-    if only_if_newer && on_disk.is_some() && *on_disk >= last_log_id {
+    if only_if_newer && on_disk.last.is_some() && on_disk.last >= last_log_id {
         std::fs::remove_file(from).map_err(write_err)?;
         return Ok(false);
     }
     std::fs::rename(from, dir.join(SNAPSHOT_FILE)).map_err(write_err)?;
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(write_err)?;
-    *on_disk = last_log_id;
+    *on_disk = OnDisk { last: last_log_id, values };
     Ok(true)
 }
 
@@ -185,41 +243,54 @@ pub(super) fn write_file_from(
 ) -> Result<(), SnapshotFileError> {
     use std::io::Read;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, create_rw(path)?);
-    let data_at = start_file(&mut out, meta)?;
+    let data_at = start_file(&mut out, meta, None)?;
     let copied = std::io::copy(&mut data.take(len), &mut out).map_err(write_err)?;
     if copied != len {
         return Err(SnapshotFileError::Damaged(format!("{copied} bytes of data where {len} were expected")));
     }
     let mut file = out.into_inner().map_err(|e| write_err(e.into_error()))?;
-    finish_file(&mut file, data_at, len)
+    finish_file(&mut file, data_at, len, None)
 }
 
-/// Writes a snapshot file of `meta` and every record of `tree`, one record
-/// at a time, at `path`; on the commit thread, between two groups. Returns
-/// the file, where its data begins and the data's length.
-pub(super) fn build_file(
-    files: &crate::mvcc::Files,
-    path: &Path,
-    meta: &Meta,
-) -> Result<(std::fs::File, u64, u64), Error> {
+/// A snapshot file written and made durable, not yet published.
+pub(super) struct BuiltFile {
+    pub(super) file: std::fs::File,
+    pub(super) data_at: u64,
+    pub(super) len: u64,
+    pub(super) whole_len: u64,
+    /// The value file its data points into.
+    pub(super) values: Arc<ValueLog>,
+}
+
+impl BuiltFile {
+    /// Its data as openraft sends it, with every value in place.
+    pub(super) fn data(self) -> std::io::Result<SnapshotData> {
+        SnapshotData::expanding(self.file, self.data_at, self.len, self.whole_len, self.values)
+    }
+}
+
+/// Writes a snapshot file of `meta` and every record of `files` as the
+/// tree holds them (see [`write_state`]), one record at a time, at `path`;
+/// on the commit thread, between two groups.
+pub(super) fn build_file(files: &crate::mvcc::Files, path: &Path, meta: &Meta) -> Result<BuiltFile, Error> {
     let mut out = std::io::BufWriter::with_capacity(1 << 20, create_rw(path)?);
-    let data_at = start_file(&mut out, meta)?;
-    let len = write_records(files, &mut out)?;
+    let data_at = start_file(&mut out, meta, Some(files.values.id()))?;
+    let (_, len, whole_len) = write_state(files, &mut out)?;
     let mut file = out.into_inner().map_err(|e| write_err(e.into_error()))?;
-    finish_file(&mut file, data_at, len)?;
-    Ok((file, data_at, len))
+    finish_file(&mut file, data_at, len, Some(whole_len))?;
+    Ok(BuiltFile { file, data_at, len, whole_len, values: files.values.clone() })
 }
 
-/// What the commit thread hands the builder: the file written, where its
-/// data begins and the data's length, or why it could not be written.
-pub(super) type Built = Result<(std::fs::File, u64, u64), Error>;
+/// What the commit thread hands the builder: the file written, or why it
+/// could not be written.
+pub(super) type Built = Result<BuiltFile, Error>;
 
 /// Builds a snapshot from a copy of the state the commit thread writes to
 /// a file between two applies.
 pub struct SnapshotBuilder {
     pub(super) shared: Arc<super::Shared>,
     pub(super) dir: PathBuf,
-    pub(super) snapshot_file: Arc<std::sync::Mutex<Option<LogId>>>,
+    pub(super) snapshot_file: Arc<std::sync::Mutex<OnDisk>>,
     /// The file as the commit thread writes it; taken by the build.
     pub(super) built: Option<oneshot::Receiver<Built>>,
     pub(super) meta: Meta,
@@ -229,25 +300,30 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let fail = |e: Error| StorageError::from(StorageIOError::write_snapshot(None, &e));
         let built = self.built.take().ok_or_else(|| fail(Error::internal("the snapshot was built already")))?;
-        let (file, data_at, len) =
-            built.await.unwrap_or_else(|_| Err(CommitError::Gone("before the copy").into())).map_err(fail)?;
+        let built = built.await.unwrap_or_else(|_| Err(CommitError::Gone("before the copy").into())).map_err(fail)?;
         // The log up to the snapshot may be purged once it is returned, so the
         // applied state must be on disk first.
         self.shared.flush().await.map_err(fail)?;
         let (dir, on_disk, last) = (self.dir.clone(), self.snapshot_file.clone(), self.meta.last_log_id);
+        let values = built.values.clone();
         let written = crate::raft::blocking(move || {
-            Ok(publish_locked(&dir, &part_path(&dir, BUILD_PART), &on_disk, last, true)?)
+            Ok(publish_locked(&dir, &part_path(&dir, BUILD_PART), &on_disk, last, Some(values), true)?)
         })
         .await
         .map_err(fail)?;
         let meta = self.meta.clone();
         if written {
-            tracing::info!(snapshot = %meta.snapshot_id, bytes = len, "built snapshot");
+            tracing::info!(
+                snapshot = %meta.snapshot_id,
+                bytes = built.len,
+                bytes_sent = built.whole_len,
+                "built snapshot"
+            );
         } else {
             // The open file still reads what was built, though it is gone.
             tracing::info!(snapshot = %meta.snapshot_id, "built snapshot is older than the one on disk; kept that one");
         }
-        let data = SnapshotData::new(file, data_at).map_err(|e| fail(Error::internal(e)))?;
+        let data = built.data().map_err(|e| fail(Error::internal(e)))?;
         Ok(Snapshot { meta, snapshot: Box::new(data) })
     }
 }

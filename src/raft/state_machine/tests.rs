@@ -9,11 +9,11 @@ use openraft::testing::log_id;
 /// A temporary state tree, and a value file in `dir`.
 fn temp_files(dir: &Path) -> Files {
     let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
-    let values = ValueLog::create(&dir.join("values-t")).expect("value file");
+    let values = ValueLog::create(&dir.join("values-t"), 1).expect("value file");
     Files { tree, values: Arc::new(values) }
 }
 
-fn put(key: &str, value: &str) -> Command {
+pub(super) fn put(key: &str, value: &str) -> Command {
     let p = PutRequest { key: key.into(), value: value.into(), ..Default::default() };
     Command { op: Some(command::Op::Put(p)), stamp: None }
 }
@@ -28,11 +28,11 @@ fn read_at(key: &str, revision: i64) -> Command {
     }
 }
 
-fn entry(index: u64, command: Command) -> Entry {
+pub(super) fn entry(index: u64, command: Command) -> Entry {
     Entry { log_id: log_id(1, 1, index), payload: EntryPayload::Normal(Request(command.encode_to_vec())) }
 }
 
-fn batch(index: u64, commands: Vec<Command>) -> Entry {
+pub(super) fn batch(index: u64, commands: Vec<Command>) -> Entry {
     let commands = commands.iter().map(|c| c.encode_to_vec()).collect();
     entry(index, Command { op: Some(command::Op::Batch(crate::proto::kvdpb::CommandBatch { commands })), stamp: None })
 }
@@ -156,7 +156,7 @@ fn snapshot_data_and_file_keep_the_layout_every_kvd_reads() {
     // The data as bincode gives the records' list, as older members wrote it.
     let mut out = Cursor::new(b"xy".to_vec());
     out.seek(SeekFrom::End(0)).expect("seek");
-    let len = write_records(&files, &mut out).expect("write");
+    let (_, len) = write_records(&files, &mut out).expect("write");
     let data = out.into_inner()[2..].to_vec();
     assert_eq!(len, data.len() as u64);
     let listed: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)> = tree
@@ -191,14 +191,24 @@ fn snapshot_data_and_file_keep_the_layout_every_kvd_reads() {
     }
     let meta = SnapshotMeta { last_log_id: Some(log_id(2, 1, 9)), snapshot_id: "2-9".into(), ..Default::default() };
     let path = dir.path().join(SNAPSHOT_FILE);
-    let (_, data_at, built_len) = build_file(&files, &path, &meta).expect("build");
+    let data_file = dir.path().join("data");
+    std::fs::write(&data_file, &data).expect("write");
+    write_file_from(&path, &meta, &mut std::fs::File::open(&data_file).expect("open"), len).expect("write");
     let file = std::fs::read(&path).expect("read");
     let layout = Layout { meta: meta.clone(), data: serde_bytes::ByteBuf::from(data.clone()) };
     assert_eq!(file, encode(&layout).expect("encode"));
-    assert_eq!((built_len, data_at as usize), (len, file.len() - data.len()));
-    assert_eq!(read_snapshot_meta(dir.path()).expect("meta"), Some(meta));
     let open = open_snapshot_file(dir.path()).expect("open").expect("a snapshot");
-    assert_eq!((open.data_at, open.len), (data_at, len));
+    assert_eq!(open.meta, meta);
+    let data_at = (file.len() - data.len()) as u64;
+    assert_eq!((open.data_at, open.len, open.whole_len, open.values), (data_at, len, len, None));
+    // A member's own file: the longer header, then the same data (none of
+    // these records is a history record kept apart).
+    let built = build_file(&files, &path, &meta).expect("build");
+    let own = std::fs::read(&path).expect("read");
+    assert_eq!((built.len, built.whole_len, &own[built.data_at as usize..]), (len, len, &data[..]));
+    let open = open_snapshot_file(dir.path()).expect("open").expect("a snapshot");
+    assert_eq!((open.data_at, open.len, open.whole_len, open.values), (built.data_at, len, len, Some(1)));
+    let file = own;
     // A file cut short, or one that claims more data than it holds, is
     // refused, not read past its end.
     std::fs::write(&path, &file[..file.len() - 1]).expect("cut");
@@ -209,7 +219,7 @@ fn snapshot_data_and_file_keep_the_layout_every_kvd_reads() {
     std::fs::write(&path, &bad).expect("corrupt");
     assert!(open_snapshot_file(dir.path()).is_err());
     std::fs::write(&path, &file[..5]).expect("cut");
-    assert!(read_snapshot_meta(dir.path()).is_err());
+    assert!(open_snapshot_file(dir.path()).is_err());
 }
 
 #[tokio::test]
@@ -226,7 +236,13 @@ async fn an_install_cut_short_by_a_crash_is_finished_at_start() {
     let other = tempfile::tempdir().expect("tempdir");
     {
         let db2 = super::super::open_sled(&sled::Config::new().path(other.path().join("db"))).expect("sled");
-        std::fs::copy(dir.path().join(SNAPSHOT_FILE), other.path().join(SNAPSHOT_FILE)).expect("copy");
+        // As an install writes it: the data whole.
+        let whole = other.path().join("whole");
+        let mut data = snapshot.snapshot;
+        let mut out = tokio::fs::File::create(&whole).await.expect("create");
+        let len = tokio::io::copy(&mut *data, &mut out).await.expect("read the snapshot");
+        let mut whole = std::fs::File::open(&whole).expect("open");
+        write_file_from(&other.path().join(SNAPSHOT_FILE), &snapshot.meta, &mut whole, len).expect("write");
         db2.insert(INSTALLING, &[1u8]).expect("mark");
         db2.open_tree("state").expect("tree").insert(b"junk", b"x").expect("junk");
         db2.flush().expect("flush");
@@ -236,6 +252,8 @@ async fn an_install_cut_short_by_a_crash_is_finished_at_start() {
     assert_eq!(db2.get(INSTALLING).expect("get"), None);
     assert_eq!(sm2.shared().read().store.tree().get(b"junk").expect("get"), None);
     assert_eq!(sm2.last_applied(), snapshot.meta.last_log_id);
+    let open = open_snapshot_file(other.path()).expect("open").expect("a snapshot");
+    assert_eq!(open.values, None, "the whole file is kept until a snapshot replaces it");
     let shared = sm2.shared();
     let state = shared.read();
     let kvs = state.store.current_kvs(b"", &crate::mvcc::keys::RangeEnd::Unbounded).expect("read");

@@ -96,6 +96,8 @@ pub struct Shared {
     pub(super) physical: watch::Sender<Physical>,
     /// The data dir: where snapshots and backups are written.
     pub(super) dir: std::path::PathBuf,
+    /// Asks for a snapshot (see [`super::StateMachine::snapshot_every`]).
+    pub(super) snapshot_wanted: Arc<tokio::sync::Notify>,
 }
 
 /// A copy of every record of the state tree, as snapshot data, in a file
@@ -327,6 +329,13 @@ impl Shared {
     /// [`super::super::compactor`]); otherwise a key overwritten with large
     /// values grew the file without end under automatic compaction, where
     /// sled reuses the space of removed records.
+    /// Asks for a snapshot: after a defragment, the snapshot file still
+    /// points into the value file replaced, whose space comes back only
+    /// once a snapshot of the new state replaces it.
+    pub(in crate::raft) fn want_snapshot(&self) {
+        self.snapshot_wanted.notify_one();
+    }
+
     pub(in crate::raft) fn values_worth_reclaiming(&self, floor: u64) -> bool {
         let state = self.read();
         let file = state.store.files().values.len();
@@ -380,7 +389,7 @@ fn write_backup(files: &crate::mvcc::Files, path: &std::path::Path) -> Result<Ba
     let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(io)?;
     let written = (|| {
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-        let len = write_records(files, &mut out)?;
+        let (_, len) = write_records(files, &mut out)?;
         let mut file = out.into_inner().map_err(|e| io(e.into_error()))?;
         file.seek(SeekFrom::Start(0)).map_err(io)?;
         Ok(BackupFile { file, len })

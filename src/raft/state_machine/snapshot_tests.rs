@@ -1,0 +1,112 @@
+//! A member's own snapshot file: large values stay in the value file, and
+//! what is sent from it has them back in place.
+
+use std::io::SeekFrom;
+
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+use super::tests::{batch, put};
+use super::*;
+use crate::raft::db_dir;
+
+/// The state's records as snapshot data holds them: every value in place.
+fn whole_data(shared: &Shared) -> Vec<u8> {
+    let files = shared.read().store.files();
+    let (out, _) = write_records(&files, std::io::Cursor::new(Vec::new())).expect("write records");
+    out.into_inner()
+}
+
+async fn read_all(data: &mut SnapshotData) -> Vec<u8> {
+    let mut out = Vec::new();
+    data.read_to_end(&mut out).await.expect("read");
+    out
+}
+
+/// 300 keys of 2 KiB and 300 small ones, in three entries.
+async fn load(sm: &mut StateMachine) {
+    let large = "L".repeat(2048);
+    for e in 0..3u64 {
+        let puts =
+            (0..100).flat_map(|i| [put(&format!("big{e}-{i:03}"), &large), put(&format!("small{e}-{i:03}"), "s")]);
+        sm.apply(vec![batch(e + 1, puts.collect())]).await.expect("apply");
+    }
+}
+
+#[tokio::test]
+async fn a_members_own_snapshot_file_keeps_large_values_once_and_sends_them_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+    let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+    load(&mut sm).await;
+    let mut snapshot = sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
+    let whole = whole_data(&sm.shared());
+    let on_disk = std::fs::metadata(dir.path().join(SNAPSHOT_FILE)).expect("snapshot file").len();
+    assert!(on_disk * 4 < whole.len() as u64, "{on_disk} bytes on disk for {} bytes of data", whole.len());
+
+    // Read as openraft reads it: its length, then chunk by chunk.
+    let data = &mut *snapshot.snapshot;
+    assert_eq!(data.seek(SeekFrom::End(0)).await.expect("seek"), whole.len() as u64);
+    let mut read = Vec::new();
+    while read.len() < whole.len() {
+        data.seek(SeekFrom::Start(read.len() as u64)).await.expect("seek");
+        let mut chunk = vec![0u8; 1000];
+        let n = data.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "ended at {} of {}", read.len(), whole.len());
+        read.extend_from_slice(&chunk[..n]);
+    }
+    assert!(read == whole, "the data sent differs from the state's records");
+    // From any offset, as after a chunk that failed.
+    for at in [whole.len() / 2, 1, 17, whole.len() - 3, whole.len()] {
+        data.seek(SeekFrom::Start(at as u64)).await.expect("seek");
+        assert!(read_all(data).await == whole[at..], "from {at}");
+    }
+    assert!(data.write_all(b"x").await.is_err(), "a built snapshot is not written to");
+    let mut current = sm.get_current_snapshot().await.expect("current").expect("a snapshot");
+    assert!(read_all(&mut current.snapshot).await == whole);
+
+    // A member that installs it keeps the values once, too, and sends them
+    // whole.
+    let other = tempfile::tempdir().expect("tempdir");
+    let db2 = super::super::open_sled(&sled::Config::new().path(other.path().join("db"))).expect("sled");
+    let mut sm2 = StateMachine::open(&db2, other.path()).expect("state machine");
+    let mut received = sm2.begin_receiving_snapshot().await.expect("receive");
+    received.write_all(&whole).await.expect("write");
+    sm2.install_snapshot(&current.meta, received).await.expect("install");
+    let open = open_snapshot_file(other.path()).expect("open").expect("a snapshot");
+    assert_eq!(open.values, Some(sm2.shared().read().store.files().values.id()));
+    assert!(open.len * 4 < whole.len() as u64 && open.whole_len == whole.len() as u64);
+    let mut sent = sm2.get_current_snapshot().await.expect("current").expect("a snapshot");
+    assert!(read_all(&mut sent.snapshot).await == whole);
+    assert!(whole_data(&sm2.shared()) == whole);
+}
+
+#[tokio::test]
+async fn a_snapshot_file_that_points_into_a_replaced_value_file_is_built_again_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = db_dir::open_db_at(&db_dir::db_path(dir.path()).expect("path")).expect("sled");
+    let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+    load(&mut sm).await;
+    sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
+    let whole = whole_data(&sm.shared());
+    let old_values = sm.shared().read().store.files().values.id();
+    // A defragment replaces the value file the snapshot file points into;
+    // the member stops before the snapshot that would follow.
+    sm.shared().defragment().await.expect("defragment");
+    assert!(!dir.path().join("db").exists(), "the old database and its value file are removed");
+    let new_values = sm.shared().read().store.files().values.id();
+    assert_ne!(new_values, old_values);
+    // Until then the snapshot still reads: its value file is held open.
+    let mut current = sm.get_current_snapshot().await.expect("current").expect("a snapshot");
+    assert!(read_all(&mut current.snapshot).await == whole);
+    let applied = sm.last_applied();
+    sm.shared().flush().await.expect("flush");
+    drop((sm, current, db));
+
+    let db = db_dir::open_db_at(&db_dir::db_path(dir.path()).expect("path")).expect("reopen");
+    let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+    let open = open_snapshot_file(dir.path()).expect("open").expect("a snapshot");
+    assert_eq!((open.values, open.meta.last_log_id), (Some(new_values), applied));
+    let mut current = sm.get_current_snapshot().await.expect("current").expect("a snapshot");
+    assert!(read_all(&mut current.snapshot).await == whole_data(&sm.shared()));
+}
