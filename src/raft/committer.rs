@@ -49,6 +49,9 @@ pub struct Committer {
     progress: Arc<(Mutex<Progress>, Condvar)>,
     /// How long each group took to commit.
     commits: Arc<Histogram>,
+    /// Woken each time a job ends, for tasks that wait without holding a
+    /// thread (see [`Committer::idle`]).
+    ended: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Default)]
@@ -70,6 +73,8 @@ impl Committer {
         let theirs = progress.clone();
         let commits = Arc::new(Histogram::default());
         let timed = commits.clone();
+        let ended = Arc::new(tokio::sync::Notify::new());
+        let wake = ended.clone();
         let thread = std::thread::Builder::new()
             .name("kvd-sm-commit".into())
             .spawn(move || {
@@ -107,10 +112,12 @@ impl Committer {
                         progress.failed = Some(e.to_string());
                     }
                     done.notify_all();
+                    drop(progress);
+                    wake.notify_waiters();
                 }
             })
             .map_err(|source| CommitError::Spawn { thread: "state machine's commit", source })?;
-        Ok(Committer { tx: Some(tx), thread: Some(thread), progress, commits })
+        Ok(Committer { tx: Some(tx), thread: Some(thread), progress, commits, ended })
     }
 
     /// The durations of the groups' commits.
@@ -133,6 +140,22 @@ impl Committer {
             progress = done.wait(progress).unwrap_or_else(|p| p.into_inner());
         }
         check(&progress)
+    }
+
+    /// Waits, without holding a thread, until no group is being committed.
+    /// An error if a commit failed.
+    pub async fn idle(&self) -> Result<(), Error> {
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            // Registered before the check, so that a job ending between the
+            // check and the wait still wakes it.
+            ended.as_mut().enable();
+            if self.is_idle()? {
+                return Ok(());
+            }
+            ended.await;
+        }
     }
 
     /// Starts committing `batch`. The group before it must be committed.

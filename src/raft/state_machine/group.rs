@@ -13,8 +13,12 @@ use crate::mvcc::{Batch, MvccStore};
 /// jump).
 pub const MAX_UNFLUSHED_WRITES: usize = 1024;
 /// While the committer is busy, applied writes go on gathering up to this
-/// many; then applying waits for it.
+/// many; then the next apply waits for it before it takes the state lock
+/// (see [`super::StateMachine::room_to_apply`]).
 pub(super) const MAX_GATHERED_WRITES: usize = 8 * MAX_UNFLUSHED_WRITES;
+/// Past this many, one apply of many entries waits for the committer with
+/// the state lock held: the bound on what is gathered in memory.
+const MAX_GATHERED_HELD: usize = 4 * MAX_GATHERED_WRITES;
 /// ... or until the oldest of them is this old (checked when entries are
 /// applied).
 pub const MAX_UNFLUSHED_AGE: std::time::Duration = std::time::Duration::from_millis(20);
@@ -57,10 +61,13 @@ impl Group {
     }
 
     /// Hands the writes to the committer, unless it is still busy with the
-    /// last group: then they go on gathering, up to [`MAX_GATHERED_WRITES`].
+    /// last group (a snapshot's copy may keep it for seconds): then they go
+    /// on gathering. Only past [`MAX_GATHERED_HELD`] does this wait, with
+    /// the state lock held, which holds up every reader; the next apply
+    /// waits for fewer without the lock.
     pub(super) fn hand_off(&mut self, store: &mut MvccStore, committer: &Committer) -> Result<(), Error> {
         if !committer.is_idle()? {
-            if self.batch.len() < MAX_GATHERED_WRITES {
+            if self.batch.len() < MAX_GATHERED_HELD {
                 return Ok(());
             }
             committer.wait_idle()?;

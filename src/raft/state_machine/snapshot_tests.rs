@@ -110,3 +110,45 @@ async fn a_snapshot_file_that_points_into_a_replaced_value_file_is_built_again_a
     let mut current = sm.get_current_snapshot().await.expect("current").expect("a snapshot");
     assert!(read_all(&mut current.snapshot).await == whole_data(&sm.shared()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applying_waits_for_a_busy_commit_thread_without_holding_the_state_lock() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+    let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+    let shared = sm.shared();
+    // The commit thread is held, as by a long snapshot copy.
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    {
+        let mut state = shared.write();
+        let State { store, unflushed, .. } = &mut *state;
+        unflushed.commit(store, &shared.committer).expect("commit");
+        // Let go of after a minute whatever happens, so that a failing run
+        // ends.
+        let hold = move |_: &Files| drop(held.recv_timeout(Duration::from_secs(60)));
+        shared.committer.run(hold).expect("hold the commit thread");
+    }
+    let puts = |from: usize| (from..from + group::MAX_GATHERED_WRITES).map(|i| put(&format!("k{i:06}"), "v")).collect();
+    // Writes gather while it is busy, up to the bound (on a task of its
+    // own, so that an apply that blocks its thread fails the test rather
+    // than hangs it)...
+    let first = tokio::spawn(async move {
+        sm.apply(vec![batch(1, puts(0))]).await.expect("apply");
+        sm
+    });
+    let first = tokio::time::timeout(Duration::from_secs(30), first).await;
+    let mut sm = first.expect("an apply within the bound does not wait").expect("join");
+    // ...then the next apply waits, holding no lock: readers go on.
+    let next = tokio::spawn(async move {
+        sm.apply(vec![batch(2, puts(group::MAX_GATHERED_WRITES))]).await.expect("apply");
+        sm
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!next.is_finished(), "the apply waits for the commit thread");
+    assert!(shared.state.try_read().is_ok(), "the state lock is free while it waits");
+    release.send(()).expect("release");
+    let sm = tokio::time::timeout(Duration::from_secs(30), next).await.expect("applied once released").expect("join");
+    assert_eq!(sm.last_applied().map(|l| l.index), Some(2));
+    assert_eq!(shared.read().store.len(), 2 * group::MAX_GATHERED_WRITES);
+}
