@@ -126,7 +126,9 @@ async fn applying_waits_for_a_busy_commit_thread_without_holding_the_state_lock(
         unflushed.commit(store, &shared.committer).expect("commit");
         // Let go of after a minute whatever happens, so that a failing run
         // ends.
-        let hold = move |_: &Files| drop(held.recv_timeout(Duration::from_secs(60)));
+        let hold = move |_: &Files| {
+            let _ = held.recv_timeout(Duration::from_secs(60));
+        };
         shared.committer.run(hold).expect("hold the commit thread");
     }
     let puts = |from: usize| (from..from + group::MAX_GATHERED_WRITES).map(|i| put(&format!("k{i:06}"), "v")).collect();
