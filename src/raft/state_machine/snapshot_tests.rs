@@ -154,3 +154,36 @@ async fn applying_waits_for_a_busy_commit_thread_without_holding_the_state_lock(
     assert_eq!(sm.last_applied().map(|l| l.index), Some(2));
     assert_eq!(shared.read().store.len(), 2 * group::MAX_GATHERED_WRITES);
 }
+
+#[tokio::test]
+async fn a_data_dir_of_an_older_kvd_sends_its_whole_snapshot_file_until_a_new_one_replaces_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+    let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+    load(&mut sm).await;
+    let snapshot = sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
+    let whole = whole_data(&sm.shared());
+    sm.shared().flush().await.expect("flush");
+    drop(sm);
+    // As an older kvd left it: the snapshot file whole, and no id for the
+    // value file.
+    let data = dir.path().join("data");
+    std::fs::write(&data, &whole).expect("write");
+    let mut data = std::fs::File::open(&data).expect("open");
+    write_file_from(&dir.path().join(SNAPSHOT_FILE), &snapshot.meta, &mut data, whole.len() as u64).expect("write");
+    db.remove(values_id_key(STATE_TREES[0])).expect("remove the id");
+
+    let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+    assert!(db.get(values_id_key(STATE_TREES[0])).expect("get").is_some(), "the value file got an id");
+    let open = open_snapshot_file(dir.path()).expect("open").expect("a snapshot");
+    assert_eq!((open.values, open.len), (None, whole.len() as u64));
+    let mut current = sm.get_current_snapshot().await.expect("current").expect("a snapshot");
+    assert!(read_all(&mut current.snapshot).await == whole);
+    // The next snapshot points into the value file.
+    sm.apply(vec![batch(4, vec![put("later", "x")])]).await.expect("apply");
+    sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
+    let open = open_snapshot_file(dir.path()).expect("open").expect("a snapshot");
+    assert_eq!(open.values, Some(sm.shared().read().store.files().values.id()));
+    let mut current = sm.get_current_snapshot().await.expect("current").expect("a snapshot");
+    assert!(read_all(&mut current.snapshot).await == whole_data(&sm.shared()));
+}
