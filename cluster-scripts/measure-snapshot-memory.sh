@@ -56,4 +56,4 @@ sleep 5
 for i in 0 1 2; do
   echo "${NAMES[$i]} 5 s later: $(grep -E 'VmRSS' "/proc/${PIDS[$i]}/status" | tr -s ' \t' ' ')"
 done
-echo "snapshot: $(stat -c %s "$WORK/n1/snapshot.bin") bytes"
+echo "snapshot file: $(stat -c %s "$WORK/n1/snapshot.bin") bytes (large values are named by their place in the value file, and sent whole)"

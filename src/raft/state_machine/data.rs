@@ -65,9 +65,9 @@ impl SnapshotData {
         len: u64,
         whole_len: u64,
         values: Arc<ValueLog>,
-    ) -> std::io::Result<SnapshotData> {
+    ) -> SnapshotData {
         let source = Arc::new(Source { file, data_at, len, whole_len, values });
-        Ok(SnapshotData(Inner::Expanding(Expanding { source, at: 0, chunk: Vec::new(), used: 0, chunks: None })))
+        SnapshotData(Inner::Expanding(Expanding { source, at: 0, chunk: Vec::new(), used: 0, chunks: None }))
     }
 
     /// Whether it is read from a member's own snapshot file, with every

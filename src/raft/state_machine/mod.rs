@@ -502,13 +502,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let on_disk = on_disk.lock().unwrap_or_else(|p| p.into_inner());
             let Some(open) = open_snapshot_file(&dir)? else { return Ok(None) };
             let data = match (open.values, &on_disk.values) {
-                (None, _) => SnapshotData::new(open.file, open.data_at),
+                (None, _) => SnapshotData::new(open.file, open.data_at).map_err(Error::internal)?,
                 (Some(id), Some(values)) if values.id() == id => {
                     SnapshotData::expanding(open.file, open.data_at, open.len, open.whole_len, values.clone())
                 }
                 (Some(_), _) => return Err(Error::internal("the snapshot file points into a value file not held")),
             };
-            Ok(Some((open.meta, data.map_err(Error::internal)?)))
+            Ok(Some((open.meta, data)))
         })
         .await
         .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))?;

@@ -264,7 +264,7 @@ pub(super) struct BuiltFile {
 
 impl BuiltFile {
     /// Its data as openraft sends it, with every value in place.
-    pub(super) fn data(self) -> std::io::Result<SnapshotData> {
+    pub(super) fn data(self) -> SnapshotData {
         SnapshotData::expanding(self.file, self.data_at, self.len, self.whole_len, self.values)
     }
 }
@@ -323,7 +323,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             // The open file still reads what was built, though it is gone.
             tracing::info!(snapshot = %meta.snapshot_id, "built snapshot is older than the one on disk; kept that one");
         }
-        let data = built.data().map_err(|e| fail(Error::internal(e)))?;
+        let data = built.data();
         Ok(Snapshot { meta, snapshot: Box::new(data) })
     }
 }

@@ -33,12 +33,18 @@ async fn load(sm: &mut StateMachine) {
     }
 }
 
-#[tokio::test]
-async fn a_members_own_snapshot_file_keeps_large_values_once_and_sends_them_whole() {
+/// A member in a temporary data dir, given [`load`].
+async fn loaded() -> (tempfile::TempDir, sled::Db, StateMachine) {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
     let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
     load(&mut sm).await;
+    (dir, db, sm)
+}
+
+#[tokio::test]
+async fn a_members_own_snapshot_file_keeps_large_values_once_and_sends_them_whole() {
+    let (dir, _db, mut sm) = loaded().await;
     let mut snapshot = sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
     let whole = whole_data(&sm.shared());
     let on_disk = std::fs::metadata(dir.path().join(SNAPSHOT_FILE)).expect("snapshot file").len();
@@ -157,10 +163,7 @@ async fn applying_waits_for_a_busy_commit_thread_without_holding_the_state_lock(
 
 #[tokio::test]
 async fn a_data_dir_of_an_older_kvd_sends_its_whole_snapshot_file_until_a_new_one_replaces_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
-    let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
-    load(&mut sm).await;
+    let (dir, db, mut sm) = loaded().await;
     let snapshot = sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
     let whole = whole_data(&sm.shared());
     sm.shared().flush().await.expect("flush");
