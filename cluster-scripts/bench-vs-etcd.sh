@@ -193,7 +193,7 @@ for port in "${CLIENT_PORTS[@]}" "${PEER_PORTS[@]}"; do
   fi
 done
 
-echo "etcd: $(etcd --version | head -n 1)" >&2
+echo "etcd: $(etcd --version | sed -n 1p)" >&2
 echo "threads per member: ${BENCH_THREADS:-the default of each (one per CPU)}" >&2
 start_etcd
 measure etcd

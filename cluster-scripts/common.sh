@@ -91,12 +91,12 @@ add_and_start() {
   local name=$1 client=$2 peer=$3 out initial deadline promote=""
   build_bins
   out=$(kvctl_all member add "$name" --peer-urls "$SCHEME://127.0.0.1:$peer" --learner) || exit 1
-  echo "$out" | head -n 1
+  echo "${out%%$'\n'*}"
   initial=$(echo "$out" | sed -n 's/^KVD_INITIAL_CLUSTER="\(.*\)"$/\1/p')
   start_member "$name" "$initial" existing
   echo "started $name (pid $(cat "$CLUSTER_DIR/$name.pid")); log in $CLUSTER_DIR/$name.log"
   local id
-  id=$(echo "$out" | head -n 1 | awk '{ print $2 }')
+  id=$(echo "$out" | awk 'NR == 1 { print $2 }')
   deadline=$((SECONDS + 120))
   # shellcheck disable=SC2046
   until "$BIN_DIR/kvctl" --endpoints "127.0.0.1:$client" $(client_tls_flags) --command-timeout 3s \
@@ -115,7 +115,7 @@ add_and_start() {
   done
   echo "$promote"
   # Once it has published its name, the list shows it started.
-  until kvctl_all member list | grep -q ", started, $name,"; do
+  until kvctl_all member list | grep ", started, $name," > /dev/null; do
     if [ $SECONDS -ge $deadline ]; then
       echo "member $name did not publish its name within 120s; its log is $CLUSTER_DIR/$name.log" >&2
       exit 1

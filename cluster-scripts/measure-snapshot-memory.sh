@@ -39,7 +39,7 @@ K=("$BIN_DIR/kvctl" --endpoints "$EPS")
 until "${K[@]}" --command-timeout 3s endpoint health > /dev/null 2>&1; do sleep 0.2; done
 kill "${PIDS[2]}"; wait "${PIDS[2]}" 2>/dev/null || true
 "${K[@]}" bench put --conns 2 --clients 16 --total 100000 --sequential-keys --key-space-size 100000 \
-  --val-size 1024 --quiet 2>&1 | head -1
+  --val-size 1024 --quiet 2>&1 | sed -n 1p
 start 2
 for _ in $(seq 240); do
   grep -q "installed snapshot" "$WORK/n3.log" && break

@@ -487,7 +487,7 @@ bigdata() {
   MEM_LIMIT_MB=""
 }
 
-echo "etcd: $(etcd --version | head -n 1); sizes: ${SIZES[*]}" >&2
+echo "etcd: $(etcd --version | sed -n 1p); sizes: ${SIZES[*]}" >&2
 CURVES=" ${SCALE_CURVES:-keys writers leases storm watchers bigdata} "
 if [[ $CURVES == *" keys "* ]]; then
   for keys in "${SIZES[@]}"; do

@@ -32,7 +32,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" > /dev/null
   [ "$added_policy" = 0 ] || $SUDO rm -f "$policy"
 fi
-etcd --version | head -n 1 >&2
+# sed reads to the end: head would leave etcd writing into a closed pipe, and
+# under pipefail its SIGPIPE fails the whole run.
+etcd --version | sed -n 1p >&2
 
 # A one-off build gains nothing from incremental state, which was a quarter of
 # target/ on a clean checkout; a developer's own cargo runs keep it.
