@@ -5,9 +5,13 @@
 //! through Raft like any write (see `node::lease`).
 //!
 //! Deadlines belong to one leader term. A member that becomes leader starts
-//! every lease's countdown afresh (its full TTL from the moment it first sees
-//! the lease as leader), so a lease never expires early because leadership
-//! moved: the old leader's keep-alives are forgotten, never its grace.
+//! every lease's countdown afresh (its full TTL and a grace from the moment
+//! it first sees the lease as leader), so a lease never expires early
+//! because leadership moved: the old leader's keep-alives are forgotten,
+//! never its grace. The grace covers keep-alives the old leader answered
+//! after it was deposed without knowing it: it renews on a confirmation of
+//! its leadership up to a grace old (see `node::lease`), and the new leader
+//! was elected after that confirmation began.
 //!
 //! This module is bookkeeping only: it is given the term, the clock and the
 //! leases, and decides; it has no Raft, no network and no async in it.
@@ -68,9 +72,10 @@ pub struct LeaseAnswer {
 pub const MAX_RENEWALS: usize = 8192;
 
 /// The leader's lease deadlines.
-#[derive(Default)]
 pub struct Lessor {
     inner: Mutex<Deadlines>,
+    /// Added to a lease's first countdown in a term.
+    grace: Duration,
 }
 
 #[derive(Default)]
@@ -83,6 +88,17 @@ struct Deadlines {
 }
 
 impl Lessor {
+    /// Deadlines whose first countdown in a term is the TTL and `grace`.
+    pub fn new(grace: Duration) -> Self {
+        Lessor { inner: Default::default(), grace }
+    }
+
+    /// The grace a lease's first countdown in a term gets: how old a
+    /// confirmation of leadership a keep-alive may be answered on.
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Deadlines> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -124,10 +140,11 @@ impl Lessor {
             }
             LeaseCall::TimeToLive { id, keys } => {
                 let Some(lease) = lease else { return LeaseAnswer { ttl: -1, ..Default::default() } };
-                let due = *d.due.entry(id).or_insert(now + secs(lease.ttl));
+                let due = *d.due.entry(id).or_insert(now + secs(lease.ttl) + self.grace);
                 let left = due.saturating_duration_since(now);
                 LeaseAnswer {
-                    ttl: left.as_secs() as i64,
+                    // The grace is the leader's margin, not the client's.
+                    ttl: (left.as_secs() as i64).min(lease.ttl),
                     granted_ttl: lease.ttl,
                     keys: if keys { lease.keys.iter().cloned().collect() } else { Vec::new() },
                 }
@@ -144,7 +161,7 @@ impl Lessor {
         d.revoking.retain(|id, at| leases.contains_key(id) && now.duration_since(*at) < REVOKE_RETRY);
         let mut expired = Vec::new();
         for (id, lease) in leases {
-            let due = *d.due.entry(*id).or_insert(now + secs(lease.ttl));
+            let due = *d.due.entry(*id).or_insert(now + secs(lease.ttl) + self.grace);
             if due <= now && !d.revoking.contains_key(id) {
                 expired.push(*id);
             }
@@ -181,7 +198,7 @@ mod tests {
 
     #[test]
     fn a_lease_expires_a_full_ttl_after_the_leader_first_sees_it() {
-        let l = Lessor::default();
+        let l = Lessor::new(Duration::ZERO);
         let t0 = Instant::now();
         let all = leases(&[(1, 5)]);
         assert!(l.expired(1, &all, t0).is_empty());
@@ -195,7 +212,7 @@ mod tests {
 
     #[test]
     fn a_keep_alive_moves_the_deadline_and_an_expired_lease_cannot_be_renewed() {
-        let l = Lessor::default();
+        let l = Lessor::new(Duration::ZERO);
         let t0 = Instant::now();
         let one = lease(5, &[]);
         let all = leases(&[(1, 5)]);
@@ -210,7 +227,7 @@ mod tests {
 
     #[test]
     fn a_new_term_restarts_every_countdown() {
-        let l = Lessor::default();
+        let l = Lessor::new(Duration::ZERO);
         let t0 = Instant::now();
         let all = leases(&[(1, 5)]);
         assert!(l.expired(1, &all, t0).is_empty());
@@ -222,8 +239,28 @@ mod tests {
     }
 
     #[test]
+    fn a_new_term_counts_a_grace_beyond_the_ttl_and_time_to_live_does_not_show_it() {
+        let grace = Duration::from_millis(250);
+        let l = Lessor::new(grace);
+        let t0 = Instant::now();
+        let one = lease(5, &[]);
+        let all = leases(&[(1, 5)]);
+        assert!(l.expired(1, &all, t0).is_empty());
+        assert!(l.expired(1, &all, t0 + Duration::from_secs(5)).is_empty());
+        assert_eq!(l.expired(1, &all, t0 + Duration::from_secs(5) + grace), vec![1]);
+        // A keep-alive extends by the TTL alone; TimeToLive never says more
+        // than the TTL.
+        let at = t0 + Duration::from_secs(1);
+        let l = Lessor::new(grace);
+        assert_eq!(l.answer(2, LeaseCall::TimeToLive { id: 1, keys: false }, Some(&one), t0).ttl, 5);
+        assert_eq!(l.answer(2, LeaseCall::Renew(1), Some(&one), at).ttl, 5);
+        assert!(l.expired(2, &all, at + Duration::from_millis(4_999)).is_empty());
+        assert_eq!(l.expired(2, &all, at + Duration::from_secs(5)), vec![1]);
+    }
+
+    #[test]
     fn time_to_live_counts_down_and_lists_keys_when_asked() {
-        let l = Lessor::default();
+        let l = Lessor::new(Duration::ZERO);
         let t0 = Instant::now();
         let one = lease(10, &["a", "b"]);
         let call = LeaseCall::TimeToLive { id: 1, keys: true };

@@ -10,8 +10,11 @@
 //! - `etcd_server_leader_changes_seen_total`: leaders this member has seen.
 //! - `kvd_lease_renewals_total` and `kvd_lease_renewal_batches_total`:
 //!   keep-alives this member took from its clients, and the batches it
-//!   renewed them in (one read index, and from a follower one call to the
-//!   leader, each).
+//!   renewed them in (from a follower one call to the leader each).
+//! - `kvd_leadership_rounds_total`: heartbeat rounds in which a quorum
+//!   confirmed this member's leadership, for linearizable reads (its own
+//!   and its followers') and keep-alives; keep-alives share one for a
+//!   quarter of an election timeout.
 //!
 //! The names, labels and buckets are etcd 3.4's, so that dashboards and
 //! alerts written for etcd read kvd unchanged.
@@ -227,6 +230,8 @@ pub struct Metrics {
     pub lease_renewals: AtomicU64,
     /// The batches they were renewed in.
     pub lease_renewal_batches: AtomicU64,
+    /// Heartbeat rounds that confirmed this member's leadership.
+    pub leadership_rounds: Arc<AtomicU64>,
 }
 
 impl Metrics {
@@ -262,6 +267,13 @@ impl Metrics {
             "counter",
             "The number of batches lease keep-alives were renewed in.",
             self.lease_renewal_batches.load(Ordering::Relaxed) as f64,
+        );
+        write_one(
+            out,
+            "kvd_leadership_rounds_total",
+            "counter",
+            "The number of heartbeat rounds that confirmed this member's leadership, for reads and keep-alives.",
+            self.leadership_rounds.load(Ordering::Relaxed) as f64,
         );
         self.grpc.render(out);
     }

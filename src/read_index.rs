@@ -7,6 +7,7 @@
 //! load there is one round in flight per member, not one per read. On a
 //! follower a round is one request to the leader.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,27 @@ pub struct ReadIndex {
     timeout: Duration,
     rounds: Arc<Mutex<Rounds>>,
     restored: Restored,
+    /// The latest round that confirmed this member's leadership.
+    confirmed: Arc<Mutex<Option<Confirmed>>>,
+    /// How many rounds have.
+    rounds_confirmed: Arc<AtomicU64>,
+}
+
+/// A round that confirmed this member's leadership: a quorum acknowledged a
+/// heartbeat of `term` sent after `began`, and the read index it gave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Confirmed {
+    term: u64,
+    began: Instant,
+    read: Option<u64>,
+}
+
+impl Confirmed {
+    /// Whether this round still answers, at `now`, for a leader of `term`
+    /// that accepts a round begun less than `window` ago.
+    fn answers(&self, term: u64, now: Instant, window: Duration) -> bool {
+        self.term == term && now.saturating_duration_since(self.began) < window
+    }
 }
 
 /// A floor under the read index of a leader that restarted as leader.
@@ -71,8 +93,51 @@ struct Rounds {
 impl ReadIndex {
     /// Read index rounds through `raft`, asking the leader over `network`
     /// when this member is a follower; a round gives up after `timeout`.
-    pub fn new(raft: Raft, network: Network, timeout: Duration, restored: Restored) -> Self {
-        ReadIndex { raft, network, timeout, rounds: Default::default(), restored }
+    /// Counts each round that confirmed this member's leadership in
+    /// `rounds_confirmed`.
+    pub fn new(
+        raft: Raft,
+        network: Network,
+        timeout: Duration,
+        restored: Restored,
+        rounds_confirmed: Arc<AtomicU64>,
+    ) -> Self {
+        ReadIndex {
+            raft,
+            network,
+            timeout,
+            rounds: Default::default(),
+            restored,
+            confirmed: Default::default(),
+            rounds_confirmed,
+        }
+    }
+
+    /// [`ReadIndex::leader_read_index`], or the answer of a round that began
+    /// less than `window` ago in this member's current term of leadership.
+    ///
+    /// Only for what tolerates a leadership that ended up to `window` ago
+    /// without this member knowing: lease keep-alives, whose deadlines a new
+    /// leader starts with that much grace (see [`crate::lease::Lessor`]). A
+    /// new leader is elected only after a member of the quorum that
+    /// acknowledged the round voted for it, so after the round began. Reads
+    /// take a round each.
+    pub async fn recent_leader_read_index(
+        &self,
+        window: Duration,
+    ) -> Result<Option<u64>, RaftError<NodeId, CheckIsLeaderError<NodeId, crate::raft::Node>>> {
+        let confirmed = *self.confirmed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = confirmed {
+            let leading = {
+                let m = self.raft.metrics();
+                let m = m.borrow();
+                (m.state.is_leader() && m.current_leader == Some(m.id)).then_some(m.current_term)
+            };
+            if leading.is_some_and(|term| c.answers(term, Instant::now(), window)) {
+                return Ok(c.read);
+            }
+        }
+        self.leader_read_index().await
     }
 
     /// This member's read index if it is the leader (a heartbeat round to a
@@ -80,14 +145,24 @@ impl ReadIndex {
     pub async fn leader_read_index(
         &self,
     ) -> Result<Option<u64>, RaftError<NodeId, CheckIsLeaderError<NodeId, crate::raft::Node>>> {
+        let term = self.raft.metrics().borrow().current_term;
+        let began = Instant::now();
         let (read, _) = self.raft.get_read_log_id().await?;
+        self.rounds_confirmed.fetch_add(1, Ordering::Relaxed);
         let read = read.map(|l| l.index);
-        match self.restored.term_and_last {
-            Some((term, last)) if self.raft.metrics().borrow().current_term == term => {
-                Ok(Some(read.map_or(last, |r| r.max(last))))
+        let read = match self.restored.term_and_last {
+            Some((restored, last)) if term == restored => Some(read.map_or(last, |r| r.max(last))),
+            _ => read,
+        };
+        // Terms only grow: the same term after the round as before it is
+        // the term the round confirmed.
+        if self.raft.metrics().borrow().current_term == term {
+            let mut c = self.confirmed.lock().unwrap_or_else(|p| p.into_inner());
+            if c.is_none_or(|c| (c.term, c.began) < (term, began)) {
+                *c = Some(Confirmed { term, began, read });
             }
-            _ => Ok(read),
         }
+        Ok(read)
     }
 
     /// A read index confirmed after this call began: once this member has
@@ -163,5 +238,22 @@ impl ReadIndex {
             Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => Forwarded::NotLeader(None),
             Err(RaftError::Fatal(_)) => Forwarded::Failed(Error::Stopped),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_confirmation_answers_only_in_its_term_and_within_the_window() {
+        let began = Instant::now();
+        let c = Confirmed { term: 3, began, read: Some(7) };
+        let window = Duration::from_millis(250);
+        assert!(c.answers(3, began, window));
+        assert!(c.answers(3, began + Duration::from_millis(249), window));
+        assert!(!c.answers(3, began + window, window));
+        assert!(!c.answers(4, began, window), "a later term needs its own round");
+        assert!(!c.answers(3, began, Duration::ZERO), "no window: every call takes a round");
     }
 }

@@ -291,7 +291,13 @@ pub async fn start_on(
     let request_timeout = Duration::from_secs(5) + 2 * cfg.election;
     let proposals = crate::raft::batcher::Proposals::start(raft.clone(), writes.clone(), request_timeout);
     let forwards = crate::raft::forwarder::Forwarder::start(raft.clone(), network.clone(), writes);
-    let reads = crate::read_index::ReadIndex::new(raft.clone(), network.clone(), request_timeout, restored);
+    let reads = crate::read_index::ReadIndex::new(
+        raft.clone(),
+        network.clone(),
+        request_timeout,
+        restored,
+        metrics.leadership_rounds.clone(),
+    );
     let (renewals, renewal_queue) = crate::node::lease::Renewals::new();
     let member = Arc::new(Member {
         id: cfg.id,
@@ -303,7 +309,10 @@ pub async fn start_on(
         request_timeout,
         min_lease_ttl: crate::lease::min_lease_ttl(cfg.election),
         election: cfg.election,
-        lessor: Default::default(),
+        // Keep-alives on the leader share a confirmation of its leadership
+        // for a quarter of an election timeout, rather than a heartbeat
+        // round per batch; a new leader's countdowns carry that as grace.
+        lessor: crate::lease::Lessor::new(cfg.election / 4),
         renewals,
         stop: stop_rx.clone(),
         proposals,

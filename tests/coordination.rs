@@ -481,6 +481,50 @@ async fn a_deposed_leader_does_not_expire_a_lease_the_new_leader_keeps_alive() {
     c.shutdown().await;
 }
 
+/// Keep-alives on the leader share a heartbeat round that confirmed its
+/// leadership for a quarter of an election timeout, instead of a round
+/// each; a leader cut off from the others answers none once that has
+/// passed since it was cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keep_alives_share_a_recent_confirmation_of_leadership_and_a_cut_off_leader_renews_nothing() {
+    use std::sync::atomic::Ordering;
+
+    let c = TestCluster::start(3, |_| {}).await;
+    let leader = c.wait_leader().await;
+    let client = c.client(leader);
+    let lease = client.lease_grant(60, 0).await.unwrap().id;
+    let rounds = &c.member(leader).member.metrics.leadership_rounds;
+    let before = rounds.load(Ordering::Relaxed);
+    for _ in 0..50 {
+        assert_eq!(client.lease_keep_alive_once(lease).await.unwrap(), 60);
+    }
+    let taken = rounds.load(Ordering::Relaxed) - before;
+    assert!(taken < 50, "50 keep-alives one at a time took {taken} heartbeat rounds");
+
+    // Cut the leader off, both ways.
+    let ids: Vec<u64> = (0..3).map(|i| c.member(i).member.id).collect();
+    for o in (0..3).filter(|&o| o != leader) {
+        c.member(leader).member.network.block(ids[o]);
+        c.member(o).member.network.block(ids[leader]);
+    }
+    let grace = c.member(leader).member.lessor.grace();
+    assert!(grace > Duration::ZERO);
+    // The last round began before the cut: past the grace, a keep-alive
+    // needs a round, which no quorum answers.
+    tokio::time::sleep_until((Instant::now() + grace).into()).await;
+    for _ in 0..3 {
+        let answer = tokio::time::timeout(Duration::from_secs(2), client.lease_keep_alive_once(lease)).await;
+        assert!(
+            !matches!(answer, Ok(Ok(ttl)) if ttl > 0),
+            "a leader cut off for longer than the grace ({grace:?}) renewed a lease: {answer:?}"
+        );
+    }
+    for i in 0..3 {
+        c.member(i).member.network.heal();
+    }
+    c.shutdown().await;
+}
+
 /// `kvctl lock NAME -- CMD` releases the lock and revokes its lease however
 /// it ends: here the command cannot even start, and the next holder must not
 /// wait for the lease's TTL.

@@ -252,7 +252,9 @@ impl Member {
         // at start: a restarted leader has applied only what it had before
         // the restart, and a revocation committed just before it would
         // otherwise let a keep-alive answer "alive" for a lease that is gone.
-        match self.reads.leader_read_index().await {
+        // A confirmation up to a grace old will do: a new leader adds that
+        // grace to every countdown it starts (see `crate::lease`).
+        match self.reads.recent_leader_read_index(self.lessor.grace()).await {
             Ok(read) => {
                 let deadline = Instant::now() + self.request_timeout;
                 if let Err(e) = self.await_applied(read, deadline).await {
