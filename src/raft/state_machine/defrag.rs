@@ -132,7 +132,7 @@ impl Shared {
 /// removed is left behind, in sled's files and the value file alike.
 fn copy_state(files: &Files, new: &sled::Db, new_dir: &Path) -> Result<Files, Error> {
     let to = open_files_in(new, new_dir, STATE_TREES[0])?;
-    let mut batch = Batches::new(&to);
+    let mut batch = Batches::new(&to)?;
     for item in files.tree.iter() {
         let (k, v) = item?;
         match k.first() {

@@ -215,7 +215,7 @@ pub fn load_backup(db: &sled::Db, db_dir: &Path, records: impl Read, len: u64) -
     if !files.tree.is_empty() {
         return Err(Error::internal("the state tree is not empty"));
     }
-    let mut batch = Batches::new(&files);
+    let mut batch = Batches::new(&files)?;
     for_each_record(records, len, |k, v| if is_cluster_record(k) { Ok(()) } else { batch.insert_whole(k, v) })?;
     batch.finish()?;
     db.flush()?;
@@ -241,7 +241,7 @@ pub(super) fn load_records<W: Write + Seek>(
     len: u64,
     tee: Option<&mut RecordsOut<W>>,
 ) -> Result<Rebuild, Error> {
-    let mut batch = Batches { files, batch: Batch::default(), bytes: 0, tee };
+    let mut batch = Batches::teeing(files, tee)?;
     let mut rebuild = Rebuild::default();
     for_each_record(records, len, |k, v| {
         if k.first() != Some(&HIST) {
@@ -262,21 +262,87 @@ pub(super) fn load_records<W: Write + Seek>(
 /// keeping large values apart as a write does (see
 /// [`crate::mvcc::values`]). The value file is synced once, at the end:
 /// the files are not in use until they are whole.
+///
+/// sled takes each batch on a thread of its own while the next one is
+/// decoded and its values written, so that the two halves of a load run
+/// side by side rather than in turn.
 pub(super) struct Batches<'f, W: Write + Seek = std::fs::File> {
     files: &'f Files,
     batch: Batch,
     bytes: usize,
     /// Where each record is also written, as the tree holds it.
     tee: Option<&'f mut RecordsOut<W>>,
+    sled: Applier,
 }
 
 impl<'f> Batches<'f> {
-    pub(super) fn new(files: &'f Files) -> Self {
-        Batches { files, batch: Batch::default(), bytes: 0, tee: None }
+    pub(super) fn new(files: &'f Files) -> Result<Self, Error> {
+        Batches::teeing(files, None)
+    }
+}
+
+/// A thread that applies batches to a sled tree in the order given.
+struct Applier {
+    /// Batches for the thread; one waits while it applies another.
+    tx: Option<std::sync::mpsc::SyncSender<sled::Batch>>,
+    thread: Option<std::thread::JoinHandle<Result<(), Error>>>,
+}
+
+impl Applier {
+    fn start(tree: sled::Tree) -> Result<Applier, Error> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<sled::Batch>(1);
+        let thread = std::thread::Builder::new()
+            .name("kvd-load".into())
+            .spawn(move || {
+                for batch in rx {
+                    tree.apply_batch(batch)?;
+                }
+                Ok(())
+            })
+            .map_err(|e| Error::internal(format!("starting a thread to load records: {e}")))?;
+        Ok(Applier { tx: Some(tx), thread: Some(thread) })
+    }
+
+    /// Hands `batch` to the thread; fails with the error that stopped it.
+    fn apply(&mut self, batch: sled::Batch) -> Result<(), Error> {
+        let sent = match &self.tx {
+            Some(tx) => tx.send(batch).is_ok(),
+            None => false,
+        };
+        if sent {
+            Ok(())
+        } else {
+            // The thread ended, which it does only on an error.
+            self.finish()?;
+            Err(Error::internal("the thread loading records ended early"))
+        }
+    }
+
+    /// Waits until every batch given is applied.
+    fn finish(&mut self) -> Result<(), Error> {
+        self.tx = None;
+        match self.thread.take().map(|t| t.join()) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(_)) => Err(Error::internal("the thread loading records panicked")),
+        }
+    }
+}
+
+impl Drop for Applier {
+    /// A load given up on still waits for the batch under way: the tree is
+    /// not left to a thread that outlives the load.
+    fn drop(&mut self) {
+        let _ = self.finish();
     }
 }
 
 impl<'f, W: Write + Seek> Batches<'f, W> {
+    /// Batches into `files`, each record also written to `tee` if given.
+    pub(super) fn teeing(files: &'f Files, tee: Option<&'f mut RecordsOut<W>>) -> Result<Self, Error> {
+        Ok(Batches { files, batch: Batch::default(), bytes: 0, tee, sled: Applier::start(files.tree.clone())? })
+    }
+
     /// Inserts a record as snapshot data holds it: a history record whole.
     pub(super) fn insert_whole(&mut self, k: &[u8], v: &[u8]) -> Result<(), Error> {
         match k.first() {
@@ -313,14 +379,16 @@ impl<'f, W: Write + Seek> Batches<'f, W> {
                 tee.record(k, v)?;
             }
         }
-        self.files.tree.apply_batch(batch.into_sled())?;
+        self.sled.apply(batch.into_sled())?;
         self.bytes = 0;
         Ok(())
     }
 
-    /// Inserts what is left, and syncs the value file.
+    /// Inserts what is left, waits for sled to have every batch, and syncs
+    /// the value file.
     pub(super) fn finish(mut self) -> Result<(), Error> {
         self.apply()?;
+        self.sled.finish()?;
         self.files.values.sync()
     }
 }
