@@ -579,11 +579,14 @@ fn install_from(
     let db = &shared.db();
     let len = received.metadata().map_err(io)?.len().saturating_sub(base);
     received.seek(SeekFrom::Start(base)).map_err(io)?;
-    for_each_record(&mut received, len, |_, _| Ok(()))?;
-    // An installed snapshot is the leader's newest: it always replaces.
-    received.seek(SeekFrom::Start(base)).map_err(io)?;
+    // Checked to be whole records as it is copied: a damaged one replaces
+    // nothing. An installed snapshot is the leader's newest: it always
+    // replaces.
     let install = part_path(dir, INSTALL_PART);
-    write_file_from(&install, meta, &mut received, len)?;
+    if let Err(e) = write_file_with(&install, meta, len, |out| copy_records(&mut received, len, out)) {
+        let _ = std::fs::remove_file(&install);
+        return Err(e);
+    }
     drop(received);
     publish_locked(dir, &install, on_disk, meta.last_log_id, None, false)?;
     let open = open_snapshot_file(dir)?.ok_or_else(|| Error::internal("the snapshot file vanished"))?;

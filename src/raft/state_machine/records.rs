@@ -10,6 +10,7 @@ use prost::Message;
 
 use super::super::{decode, LogId, Node, NodeId};
 use super::group::Group;
+use super::snapshot::SnapshotFileError;
 use super::view::State;
 use super::{ALARMS, APPLIED, ATTRS, MEMBERSHIP, STATE_TREES};
 use crate::error::Error;
@@ -181,6 +182,39 @@ pub(super) fn for_each_record(
         return Err(damaged(format!("{left} bytes after the last of {count} records")));
     }
     Ok(count)
+}
+
+/// Copies `len` bytes of snapshot data from `from` to `to`, checking as it
+/// goes that they are whole records, in one pass; answers how many it
+/// copied.
+pub(super) fn copy_records(from: impl Read, len: u64, to: &mut dyn Write) -> Result<u64, Error> {
+    let mut copying = Copying { from, to, failed: None };
+    let checked = for_each_record(&mut copying, len, |_, _| Ok(()));
+    // A failed write ends the reading too: say which it was.
+    if let Some(source) = copying.failed {
+        return Err(SnapshotFileError::Io { what: "write", source }.into());
+    }
+    checked.map(|_| len)
+}
+
+/// A reader that writes what it reads to `to`.
+struct Copying<'a, R> {
+    from: R,
+    to: &'a mut dyn Write,
+    /// Why writing failed.
+    failed: Option<std::io::Error>,
+}
+
+impl<R: Read> Read for Copying<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.from.read(buf)?;
+        if let Err(e) = self.to.write_all(&buf[..n]) {
+            let kind = e.kind();
+            self.failed = Some(e);
+            return Err(std::io::Error::new(kind, "writing the copy failed"));
+        }
+        Ok(n)
+    }
 }
 
 /// Whether a record of the state tree belongs to the cluster that wrote it

@@ -233,23 +233,22 @@ pub(super) fn publish_locked(
     Ok(true)
 }
 
-/// Writes a snapshot file at `path` of `meta` and the `len` bytes of data
-/// that `data` holds from where it stands, copied through a small buffer.
-pub(super) fn write_file_from(
+/// Writes a snapshot file at `path` of `meta` and `len` bytes of data,
+/// which `copy` writes into it and counts.
+pub(super) fn write_file_with<E: From<SnapshotFileError>>(
     path: &Path,
     meta: &Meta,
-    data: &mut std::fs::File,
     len: u64,
-) -> Result<(), SnapshotFileError> {
-    use std::io::Read;
+    copy: impl FnOnce(&mut dyn std::io::Write) -> Result<u64, E>,
+) -> Result<(), E> {
     let mut out = std::io::BufWriter::with_capacity(1 << 20, create_rw(path)?);
     let data_at = start_file(&mut out, meta, None)?;
-    let copied = std::io::copy(&mut data.take(len), &mut out).map_err(write_err)?;
+    let copied = copy(&mut out)?;
     if copied != len {
-        return Err(SnapshotFileError::Damaged(format!("{copied} bytes of data where {len} were expected")));
+        return Err(SnapshotFileError::Damaged(format!("{copied} bytes of data where {len} were expected")).into());
     }
     let mut file = out.into_inner().map_err(|e| write_err(e.into_error()))?;
-    finish_file(&mut file, data_at, len, None)
+    Ok(finish_file(&mut file, data_at, len, None)?)
 }
 
 /// A snapshot file written and made durable, not yet published.

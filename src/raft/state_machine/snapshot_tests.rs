@@ -173,7 +173,9 @@ async fn a_data_dir_of_an_older_kvd_sends_its_whole_snapshot_file_until_a_new_on
     let data = dir.path().join("data");
     std::fs::write(&data, &whole).expect("write");
     let mut data = std::fs::File::open(&data).expect("open");
-    write_file_from(&dir.path().join(SNAPSHOT_FILE), &snapshot.meta, &mut data, whole.len() as u64).expect("write");
+    let len = whole.len() as u64;
+    write_file_with(&dir.path().join(SNAPSHOT_FILE), &snapshot.meta, len, |out| copy_records(&mut data, len, out))
+        .expect("write");
     db.remove(values_id_key(STATE_TREES[0])).expect("remove the id");
 
     let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
@@ -189,4 +191,30 @@ async fn a_data_dir_of_an_older_kvd_sends_its_whole_snapshot_file_until_a_new_on
     assert_eq!(open.values, Some(sm.shared().read().store.files().values.id()));
     let mut current = sm.get_current_snapshot().await.expect("current").expect("a snapshot");
     assert!(read_all(&mut current.snapshot).await == whole_data(&sm.shared()));
+}
+
+#[tokio::test]
+async fn a_damaged_snapshot_received_replaces_nothing_and_leaves_no_part_behind() {
+    let (dir, _db, mut sm) = loaded().await;
+    let built = sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
+    let whole = whole_data(&sm.shared());
+    let keys = sm.shared().read().store.len();
+    // A newer snapshot whose data ends in the middle of a record.
+    let mut meta = built.meta.clone();
+    meta.last_log_id = Some(openraft::testing::log_id(9, 1, 99));
+    meta.snapshot_id = "9-99".into();
+    let mut received = sm.begin_receiving_snapshot().await.expect("receive");
+    received.write_all(&whole[..whole.len() - 5]).await.expect("write");
+    let err = sm.install_snapshot(&meta, received).await.expect_err("damaged data");
+    assert!(err.to_string().contains("damaged snapshot data"), "{err}");
+    // The member's own snapshot and state stay as they were.
+    let current = sm.get_current_snapshot().await.expect("current").expect("a snapshot");
+    assert_eq!(current.meta.last_log_id, built.meta.last_log_id);
+    assert_eq!(sm.shared().read().store.len(), keys);
+    let parts: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(SNAPSHOT_FILE) && n != SNAPSHOT_FILE)
+        .collect();
+    assert!(parts.is_empty(), "parts left: {parts:?}");
 }

@@ -183,6 +183,24 @@ fn snapshot_data_and_file_keep_the_layout_every_kvd_reads() {
     huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
     let err = for_each_record(&huge[..], len, |_, _| Ok(())).expect_err("a length past the end");
     assert!(err.to_string().contains("where"), "{err}");
+    // Copied and checked in one pass: whole records are copied as they
+    // are; damaged ones are refused; a failed write is told as one.
+    let mut copy = Vec::new();
+    assert_eq!(copy_records(&data[..], len, &mut copy).expect("copy"), len);
+    assert_eq!(copy, data);
+    let err = copy_records(&huge[..], len, &mut Vec::new()).expect_err("a length past the end");
+    assert!(err.to_string().contains("damaged snapshot data"), "{err}");
+    struct Full;
+    impl std::io::Write for Full {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::other("no space left"))
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let err = copy_records(&data[..], len, &mut Full).expect_err("the write fails");
+    assert!(err.to_string().contains("write snapshot: no space left"), "{err}");
     // The file as bincode gives the struct of metadata and data.
     #[derive(serde::Serialize)]
     struct Layout {
@@ -193,7 +211,8 @@ fn snapshot_data_and_file_keep_the_layout_every_kvd_reads() {
     let path = dir.path().join(SNAPSHOT_FILE);
     let data_file = dir.path().join("data");
     std::fs::write(&data_file, &data).expect("write");
-    write_file_from(&path, &meta, &mut std::fs::File::open(&data_file).expect("open"), len).expect("write");
+    let mut from = std::fs::File::open(&data_file).expect("open");
+    write_file_with(&path, &meta, len, |out| copy_records(&mut from, len, out)).expect("write");
     let file = std::fs::read(&path).expect("read");
     let layout = Layout { meta: meta.clone(), data: serde_bytes::ByteBuf::from(data.clone()) };
     assert_eq!(file, encode(&layout).expect("encode"));
@@ -242,7 +261,10 @@ async fn an_install_cut_short_by_a_crash_is_finished_at_start() {
         let mut out = tokio::fs::File::create(&whole).await.expect("create");
         let len = tokio::io::copy(&mut *data, &mut out).await.expect("read the snapshot");
         let mut whole = std::fs::File::open(&whole).expect("open");
-        write_file_from(&other.path().join(SNAPSHOT_FILE), &snapshot.meta, &mut whole, len).expect("write");
+        write_file_with(&other.path().join(SNAPSHOT_FILE), &snapshot.meta, len, |out| {
+            copy_records(&mut whole, len, out)
+        })
+        .expect("write");
         db2.insert(INSTALLING, &[1u8]).expect("mark");
         db2.open_tree("state").expect("tree").insert(b"junk", b"x").expect("junk");
         db2.flush().expect("flush");
