@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts a three-member kvd cluster on 127.0.0.1 and waits until every member
-# is healthy. Run again after a member stopped, it starts that member alone.
+# is healthy and has published its name. Run again after a member stopped, it
+# starts that member alone.
 # Settings: see common.sh (KVD_CLUSTER_DIR, KVD_CLIENT_PORTS, KVD_PEER_PORTS, ...).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -48,6 +49,19 @@ until "$BIN_DIR/kvctl" --endpoints "$eps" $(client_tls_flags) --command-timeout 
     exit 1
   fi
   sleep 0.2
+done
+
+# A member publishes its name and client URLs once it has joined; until that
+# is applied, `member list` shows it unstarted, and clients that look members
+# up by name do not find it.
+for n in "${started[@]}"; do
+  until kvctl_all member list 2> /dev/null | grep ", started, $n," > /dev/null; do
+    if [ $SECONDS -ge $deadline ]; then
+      echo "member $n did not publish its name within 60s; its log is $CLUSTER_DIR/$n.log" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
 done
 
 [ ${#started[@]} -gt 0 ] && echo "started ${started[*]}"
