@@ -84,6 +84,21 @@ kvctl_all() {
   "$BIN_DIR/kvctl" --endpoints "${eps:-$(endpoints)}" $(client_tls_flags) "$@"
 }
 
+# Waits until `member list` shows member $1 started: it has published its
+# name and client URLs, with a write of its own once it joined, and clients
+# that look members up by name find it. Exits with an error once SECONDS
+# reaches $2.
+wait_published() {
+  local name=$1 deadline=$2
+  until kvctl_all member list 2> /dev/null | grep ", started, $name," > /dev/null; do
+    if [ $SECONDS -ge "$deadline" ]; then
+      echo "member $name did not publish its name in time; its log is $CLUSTER_DIR/$name.log" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
+}
+
 # Adds member $1 (client port $2, peer port $3) as a learner, starts it with
 # the --initial-cluster that member add printed, waits until it serves, and
 # promotes it once it has caught up.
@@ -114,14 +129,7 @@ add_and_start() {
     sleep 0.5
   done
   echo "$promote"
-  # Once it has published its name, the list shows it started.
-  until kvctl_all member list | grep ", started, $name," > /dev/null; do
-    if [ $SECONDS -ge $deadline ]; then
-      echo "member $name did not publish its name within 120s; its log is $CLUSTER_DIR/$name.log" >&2
-      exit 1
-    fi
-    sleep 0.2
-  done
+  wait_published "$name" "$deadline"
   kvctl_all member list -w table
 }
 

@@ -51,18 +51,7 @@ until "$BIN_DIR/kvctl" --endpoints "$eps" $(client_tls_flags) --command-timeout 
   sleep 0.2
 done
 
-# A member publishes its name and client URLs once it has joined; until that
-# is applied, `member list` shows it unstarted, and clients that look members
-# up by name do not find it.
-for n in "${started[@]}"; do
-  until kvctl_all member list 2> /dev/null | grep ", started, $n," > /dev/null; do
-    if [ $SECONDS -ge $deadline ]; then
-      echo "member $n did not publish its name within 60s; its log is $CLUSTER_DIR/$n.log" >&2
-      exit 1
-    fi
-    sleep 0.2
-  done
-done
+for n in "${started[@]}"; do wait_published "$n" "$deadline"; done
 
 [ ${#started[@]} -gt 0 ] && echo "started ${started[*]}"
 echo "kvd cluster is up (data and logs in $CLUSTER_DIR)."

@@ -114,7 +114,8 @@ impl ReadIndex {
     }
 
     /// [`ReadIndex::leader_read_index`], or the answer of a round that began
-    /// less than `window` ago in this member's current term of leadership.
+    /// less than `window` ago in `term`, the term this member leads in (the
+    /// caller has just seen it lead; a round confirms it).
     ///
     /// Only for what tolerates a leadership that ended up to `window` ago
     /// without this member knowing: lease keep-alives, whose deadlines a new
@@ -124,20 +125,14 @@ impl ReadIndex {
     /// take a round each.
     pub async fn recent_leader_read_index(
         &self,
+        term: u64,
         window: Duration,
     ) -> Result<Option<u64>, RaftError<NodeId, CheckIsLeaderError<NodeId, crate::raft::Node>>> {
         let confirmed = *self.confirmed.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = confirmed {
-            let leading = {
-                let m = self.raft.metrics();
-                let m = m.borrow();
-                (m.state.is_leader() && m.current_leader == Some(m.id)).then_some(m.current_term)
-            };
-            if leading.is_some_and(|term| c.answers(term, Instant::now(), window)) {
-                return Ok(c.read);
-            }
+        match confirmed {
+            Some(c) if c.answers(term, Instant::now(), window) => Ok(c.read),
+            _ => self.leader_read_index().await,
         }
-        self.leader_read_index().await
     }
 
     /// This member's read index if it is the leader (a heartbeat round to a

@@ -254,7 +254,7 @@ impl Member {
         // otherwise let a keep-alive answer "alive" for a lease that is gone.
         // A confirmation up to a grace old will do: a new leader adds that
         // grace to every countdown it starts (see `crate::lease`).
-        match self.reads.recent_leader_read_index(self.lessor.grace()).await {
+        match self.reads.recent_leader_read_index(term, self.lessor.grace()).await {
             Ok(read) => {
                 let deadline = Instant::now() + self.request_timeout;
                 if let Err(e) = self.await_applied(read, deadline).await {
