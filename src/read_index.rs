@@ -80,6 +80,26 @@ impl Restored {
         };
         Restored { term_and_last }
     }
+
+    /// The read index a leader's round gave as `read`, raised to the floor
+    /// while the leadership restored at start lasts.
+    ///
+    /// The round tells which leadership answered: openraft's read log id is
+    /// the later of the first entry of the leader's term and the commit
+    /// index, so in the restored term it is of that term or an older one,
+    /// and in any later term of this member's it is of that later term (its
+    /// first entry there came after everything in the log at start). The
+    /// term in Raft's metrics would not do: until the Raft task first
+    /// reports them they say term 0, and a read that arrives in that moment
+    /// right after a restart, then answered in the restored term, would
+    /// miss the floor.
+    fn floor(&self, read: Option<crate::raft::LogId>) -> Option<u64> {
+        match (self.term_and_last, read) {
+            (Some((restored, last)), Some(r)) if r.leader_id.term <= restored => Some(r.index.max(last)),
+            (Some((_, last)), None) => Some(last),
+            (_, read) => read.map(|r| r.index),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -144,11 +164,7 @@ impl ReadIndex {
         let began = Instant::now();
         let (read, _) = self.raft.get_read_log_id().await?;
         self.rounds_confirmed.fetch_add(1, Ordering::Relaxed);
-        let read = read.map(|l| l.index);
-        let read = match self.restored.term_and_last {
-            Some((restored, last)) if term == restored => Some(read.map_or(last, |r| r.max(last))),
-            _ => read,
-        };
+        let read = self.restored.floor(read);
         // Terms only grow: the same term after the round as before it is
         // the term the round confirmed.
         if self.raft.metrics().borrow().current_term == term {
@@ -250,5 +266,28 @@ mod tests {
         assert!(!c.answers(3, began + window, window));
         assert!(!c.answers(4, began, window), "a later term needs its own round");
         assert!(!c.answers(3, began, Duration::ZERO), "no window: every call takes a round");
+    }
+
+    #[test]
+    fn a_restored_leadership_reads_at_least_its_log_at_start_until_a_later_term() {
+        let id = 7;
+        let log_id = |term, index| crate::raft::LogId::new(openraft::CommittedLeaderId::new(term, id), index);
+        let mut vote = openraft::Vote::new(3, id);
+        vote.commit();
+        let restored = Restored::from_start(id, Some(vote), Some(log_id(3, 100)));
+        // In the restored term openraft answers with the term's first entry
+        // (or an older commit index): the floor holds.
+        assert_eq!(restored.floor(Some(log_id(3, 40))), Some(100));
+        assert_eq!(restored.floor(Some(log_id(2, 30))), Some(100));
+        assert_eq!(restored.floor(None), Some(100));
+        assert_eq!(restored.floor(Some(log_id(3, 120))), Some(120), "a later commit index is kept");
+        // A later term of this member's has its own first entry: no floor,
+        // even below the old last entry (its log may have been cut back).
+        assert_eq!(restored.floor(Some(log_id(5, 90))), Some(90));
+        // A member that did not lead at start has no floor.
+        let follower = Restored::from_start(id, Some(openraft::Vote::new_committed(3, 9)), Some(log_id(3, 100)));
+        assert_eq!(follower.floor(Some(log_id(3, 40))), Some(40));
+        let uncommitted = Restored::from_start(id, Some(openraft::Vote::new(3, id)), Some(log_id(3, 100)));
+        assert_eq!(uncommitted.floor(Some(log_id(3, 40))), Some(40), "a vote not won restores no leadership");
     }
 }
