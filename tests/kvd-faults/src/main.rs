@@ -323,6 +323,7 @@ async fn run(args: &Args, faults: &[Fault], seed: u64, kvd: PathBuf, dir: PathBu
         };
         let follower = (leader + rng.gen_range(1..MEMBERS)) % MEMBERS;
         let at = clock.now();
+        record.fault(true, at);
         *report.faults.entry(fault.to_string()).or_default() += 1;
         println!("   {:>6.1}s {fault} (leader m{leader})", Duration::from_nanos(at).as_secs_f64());
         let ctx = Injection {
@@ -338,9 +339,11 @@ async fn run(args: &Args, faults: &[Fault], seed: u64, kvd: PathBuf, dir: PathBu
         // The fault's effects last until a leader is back (or 10 s).
         let _ = cluster.wait_leader(Duration::from_secs(10)).await;
         windows.push((at, clock.now()));
+        record.fault(false, clock.now());
     }
 
     // Heal, let the load run on a healthy cluster for a moment, then stop it.
+    record.fault(true, clock.now());
     cluster.cut(HashSet::new());
     for m in 0..MEMBERS {
         if cluster.exited(m) {
@@ -354,6 +357,7 @@ async fn run(args: &Args, faults: &[Fault], seed: u64, kvd: PathBuf, dir: PathBu
     if cluster.wait_leader(Duration::from_secs(20)).await.is_none() {
         report.anomalies.push("no leader after healing everything".into());
     }
+    record.fault(false, clock.now());
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {

@@ -17,7 +17,7 @@
 //!   removed, so that faults meet compactions under way.
 
 use std::collections::{BTreeSet, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -68,6 +68,29 @@ pub struct Record {
     /// Successful writes, (call, return) in ns since the start: for "writes
     /// resumed".
     pub write_acks: Mutex<Vec<(u64, u64)>>,
+    /// Whether a fault (or the final heal) is under way.
+    pub fault_under_way: AtomicBool,
+    /// When the latest fault's effects ended, in ns since the start. Every
+    /// new leader starts each lease's countdown again, so a lease's key
+    /// outlives faults that keep coming; it must go once they have ended.
+    pub faults_settled: AtomicU64,
+}
+
+impl Record {
+    /// A fault begins (`true`) or its effects have ended (`false`, at `now`).
+    pub fn fault(&self, under_way: bool, now: u64) {
+        if !under_way {
+            self.faults_settled.fetch_max(now, Ordering::Relaxed);
+        }
+        self.fault_under_way.store(under_way, Ordering::Relaxed);
+    }
+
+    /// Whether a lease whose last good keep-alive answered at `last_ok_ret`
+    /// has had `bound` to expire at `now` with no fault in its way since.
+    fn past_due(&self, last_ok_ret: u64, bound: u64, now: u64) -> bool {
+        let from = last_ok_ret.max(self.faults_settled.load(Ordering::Relaxed));
+        !self.fault_under_way.load(Ordering::Relaxed) && now > from + bound
+    }
 }
 
 pub fn register_key(k: usize) -> Vec<u8> {
@@ -465,8 +488,8 @@ pub async fn lease_client(id: usize, client: Client, load: Load) {
                     break;
                 }
             }
-            if clock.now() > life.last_ok_ret + ttl_ns + 30_000_000_000 {
-                fail(format!("lease {lease:x}: its key was still there 30 s after its TTL"));
+            if record.past_due(life.last_ok_ret, ttl_ns + 30_000_000_000, clock.now()) {
+                fail(format!("lease {lease:x}: its key was still there 30 s after its TTL, with no fault since"));
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -545,4 +568,25 @@ pub fn check_fenced(writes: &[Fenced]) -> Vec<String> {
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Record;
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_lease_is_due_only_once_the_faults_have_ended() {
+        let r = Record::default();
+        assert!(!r.past_due(0, 2 * S, 2 * S));
+        assert!(r.past_due(0, 2 * S, 2 * S + 1), "with no fault the bound counts from the last keep-alive");
+        r.fault(true, S);
+        assert!(!r.past_due(0, 2 * S, 10 * S), "never while a fault is under way");
+        r.fault(false, 5 * S);
+        assert!(!r.past_due(0, 2 * S, 7 * S), "the bound counts from when the faults ended");
+        assert!(r.past_due(0, 2 * S, 7 * S + 1));
+        assert!(!r.past_due(8 * S, 2 * S, 10 * S), "a later keep-alive counts from itself");
+        assert!(r.past_due(8 * S, 2 * S, 10 * S + 1));
+    }
 }

@@ -57,6 +57,26 @@ fn one_seed_with_tls_finds_no_anomaly() {
     }
 }
 
+/// Whole-cluster restarts back to back: each time the members come back,
+/// the one whose vote was its own leads again in the same term, and reads
+/// reach it within milliseconds of its start. Linearizable reads and
+/// revisions must hold across every restart, and leases, kept alive anew by
+/// each restored leader, must expire once the restarts end.
+#[test]
+fn back_to_back_whole_cluster_restarts_find_no_anomaly() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvd-faults"))
+        .args(["--seed", "11", "--runs", "1", "--duration", "20s", "--faults", "restart-all"])
+        .output()
+        .expect("run kvd-faults");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "kvd-faults found anomalies (exit {:?})", out.status.code());
+    assert!(text.contains("no anomalies") && text.contains("lost 0"), "no clean verdict: {text}");
+    let restarts = text.lines().filter(|l| l.contains(" restart-all (leader m")).count();
+    assert!(restarts >= 5, "only {restarts} whole-cluster restarts");
+}
+
 /// The scenarios kvd's own tests run in-process and on plain processes, run
 /// on the harness's cluster: peer links through its proxies, members on
 /// addresses of their own.
