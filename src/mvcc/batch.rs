@@ -10,6 +10,9 @@ use crate::proto::mvccpb::KeyValue;
 #[derive(Debug, Default)]
 pub struct Batch {
     writes: Vec<(Vec<u8>, Write)>,
+    /// The bytes of the keys and values written: about what the batch
+    /// holds in memory.
+    bytes: usize,
 }
 
 #[derive(Debug)]
@@ -23,11 +26,14 @@ enum Write {
 impl Batch {
     /// Sets `key` to `value`.
     pub fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
-        self.writes.push((key.as_ref().to_vec(), Write::Insert(value.as_ref().to_vec())));
+        let (key, value) = (key.as_ref(), value.as_ref());
+        self.bytes += key.len() + value.len();
+        self.writes.push((key.to_vec(), Write::Insert(value.to_vec())));
     }
 
     /// Removes `key`.
     pub fn remove(&mut self, key: impl AsRef<[u8]>) {
+        self.bytes += key.as_ref().len();
         self.writes.push((key.as_ref().to_vec(), Write::Remove));
     }
 
@@ -38,11 +44,13 @@ impl Batch {
         match Apart::of(kv) {
             Ok(apart) => {
                 let bytes = apart.bytes(&rec);
+                self.bytes += rec.len() + apart.value().len();
                 self.writes.push((rec, Write::Apart(apart)));
                 bytes
             }
             Err(whole) => {
                 let bytes = (rec.len() + whole.len()) as u64;
+                self.bytes += rec.len() + whole.len();
                 self.writes.push((rec, Write::Insert(whole)));
                 bytes
             }
@@ -84,12 +92,18 @@ impl Batch {
 
     /// Adds `other`'s writes after these.
     pub fn append(&mut self, other: Batch) {
+        self.bytes += other.bytes;
         self.writes.extend(other.writes);
     }
 
     /// Number of writes.
     pub fn len(&self) -> usize {
         self.writes.len()
+    }
+
+    /// The bytes of the keys and values it writes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Whether it writes nothing.
@@ -124,10 +138,10 @@ impl Batch {
         for part in [runs, hist] {
             let mut part = part.into_iter().peekable();
             while part.peek().is_some() {
-                out.push(Batch { writes: part.by_ref().take(limit).collect() }.into_sled());
+                out.push(Batch { writes: part.by_ref().take(limit).collect(), bytes: 0 }.into_sled());
             }
         }
-        out.push(Batch { writes: last }.into_sled());
+        out.push(Batch { writes: last, bytes: 0 }.into_sled());
         out
     }
 

@@ -308,8 +308,8 @@ impl StateMachine {
     /// of the runtime's threads: a snapshot at 1,000,000 keys that took the
     /// commit thread 2.5 s stalled members long enough to lose their leader.
     async fn room_to_apply(&self) -> Result<(), Error> {
-        let gathered = self.shared.read().unflushed.batch.len();
-        if gathered >= group::MAX_GATHERED_WRITES {
+        let gathered = self.shared.read().unflushed.gathered(1);
+        if gathered {
             self.shared.committer.idle().await?;
         }
         Ok(())
