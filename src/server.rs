@@ -261,7 +261,7 @@ pub async fn start_on(
     }
     .validate()
     .map_err(|e| StartError::Raft(e.to_string()))?;
-    let restored = {
+    let (restored, restored_last) = {
         use openraft::storage::RaftLogStorage;
         let vote = log_store.read_vote().await.map_err(|e| StartError::Raft(e.to_string()))?;
         let last = log_store.get_log_state().await.map_err(|e| StartError::Raft(e.to_string()))?.last_log_id;
@@ -281,11 +281,12 @@ pub async fn start_on(
             });
         }
         state_machine.resume_compaction();
-        crate::read_index::Restored::from_start(cfg.id, vote, last)
+        (crate::read_index::Restored::from_start(cfg.id, vote, last), last)
     };
     let raft = Raft::new(cfg.id, Arc::new(raft_config), network.clone(), log_store, state_machine)
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
+    restored_state(&raft, restored_last).await?;
 
     let (stop, stop_rx) = watch::channel(false);
     let request_timeout = Duration::from_secs(5) + 2 * cfg.election;
@@ -478,6 +479,34 @@ fn serve_peer(
             tracing::error!("peer server failed: {e}");
         }
     })
+}
+
+/// How long a starting member waits for Raft to report the state it
+/// restored; see [`restored_state`].
+const RESTORE_REPORT_WAIT: Duration = Duration::from_secs(60);
+
+/// Waits until Raft's metrics show the log found on disk. Until the Raft
+/// task first reports, its metrics say term 0 and an empty membership; a
+/// peer request checked against them in that moment found its sender
+/// listed by no one (a leader added after `--initial-cluster` was refused
+/// as a stranger), and the refused leader's member campaigned meanwhile and
+/// deposed it. Nothing is served before this returns.
+async fn restored_state(raft: &Raft, last: Option<crate::raft::LogId>) -> Result<(), StartError> {
+    let Some(last) = last else { return Ok(()) };
+    let reported = raft
+        .wait(Some(RESTORE_REPORT_WAIT))
+        .metrics(|m| m.last_log_index >= Some(last.index), "the restored log")
+        .await;
+    match reported {
+        Ok(_) => Ok(()),
+        Err(openraft::metrics::WaitError::ShuttingDown) => {
+            Err(StartError::Raft("Raft stopped while restoring this member's state".to_string()))
+        }
+        Err(e) => {
+            tracing::warn!("Raft has not reported the restored log yet ({e}); serving all the same");
+            Ok(())
+        }
+    }
 }
 
 /// The hosts of comma-separated URLs, and the loopback names, for a

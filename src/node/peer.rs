@@ -114,13 +114,29 @@ impl Member {
 /// membership does not list.
 const VOUCH_FOR: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long a member keeps a refusal that not every member it asked gave
+/// (some did not answer, or it knew no one to ask): the sender may be a
+/// leader that a member which did not answer knows, and each refusal gives
+/// this member's election timer time to run out and depose that leader.
+const UNSURE_FOR: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// How long a member waits for the others to answer whether a sender is a
 /// member.
 const VOUCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// What the answers of the members asked (`Some(listed)`, or `None` for
+/// one that did not answer) come to: whether the sender is vouched for, and
+/// for how long that holds.
+fn vouch_of(answers: &[Option<bool>]) -> (bool, std::time::Duration) {
+    let ok = answers.contains(&Some(true));
+    let sure = ok || (!answers.is_empty() && answers.iter().all(Option::is_some));
+    (ok, if sure { VOUCH_FOR } else { UNSURE_FOR })
+}
+
 /// What the members this member knows said of senders it does not know
 /// (see [`Member::vouched_for`]).
 pub struct Vouches {
+    /// Until when each answer holds, and the answer.
     said: std::sync::Mutex<std::collections::HashMap<NodeId, (std::time::Instant, bool)>>,
     /// One round of asking at a time: a stranger that makes up ids cannot
     /// make this member flood the others; callers that wait longer than two
@@ -147,19 +163,20 @@ impl Member {
     /// it. A member that fell behind (restarted after being down, or joined
     /// from an older snapshot) does not know members added since, and one
     /// of them may be the leader that must catch it up. Strangers are not
-    /// listed by anyone. Answers are kept for [`VOUCH_FOR`].
+    /// listed by anyone. Answers are kept for [`VOUCH_FOR`], or for
+    /// [`UNSURE_FOR`] a refusal that not every member asked gave.
     pub async fn vouched_for(&self, from: NodeId) -> bool {
         let said = |v: &Vouches| v.said.lock().unwrap_or_else(|p| p.into_inner()).get(&from).copied();
-        if let Some((at, ok)) = said(&self.vouches) {
-            if at.elapsed() < VOUCH_FOR {
+        if let Some((until, ok)) = said(&self.vouches) {
+            if std::time::Instant::now() < until {
                 return ok;
             }
         }
         // Callers wait for a round under way, and find its answer after.
         let asking = tokio::time::timeout(2 * VOUCH_TIMEOUT, self.vouches.asking.acquire()).await;
         let Ok(Ok(_asking)) = asking else { return false };
-        if let Some((at, ok)) = said(&self.vouches) {
-            if at.elapsed() < VOUCH_FOR {
+        if let Some((until, ok)) = said(&self.vouches) {
+            if std::time::Instant::now() < until {
                 return ok;
             }
         }
@@ -173,22 +190,38 @@ impl Member {
         let asks = nodes.iter().map(|(id, addr)| {
             let payload = payload.clone();
             async move {
-                let Ok(bytes) = self.network.call(*id, addr, Rpc::Probe, payload, VOUCH_TIMEOUT).await else {
-                    return false;
-                };
-                crate::raft::decode::<ProbeAnswer>(&bytes)
-                    .is_ok_and(|a| a.cluster_id == self.cluster_id && a.members.contains(&from))
+                let bytes = self.network.call(*id, addr, Rpc::Probe, payload, VOUCH_TIMEOUT).await.ok()?;
+                let answer = crate::raft::decode::<ProbeAnswer>(&bytes).ok()?;
+                Some(answer.cluster_id == self.cluster_id && answer.members.contains(&from))
             }
         });
-        let ok = futures::future::join_all(asks).await.into_iter().any(|listed| listed);
+        let (ok, kept) = vouch_of(&futures::future::join_all(asks).await);
+        let now = std::time::Instant::now();
+        let until = now + kept;
         let mut said = self.vouches.said.lock().unwrap_or_else(|p| p.into_inner());
         if said.len() > 1024 {
-            said.retain(|_, (at, _)| at.elapsed() < VOUCH_FOR);
+            said.retain(|_, (until, _)| now < *until);
         }
-        said.insert(from, (std::time::Instant::now(), ok));
+        said.insert(from, (until, ok));
         if ok {
             tracing::info!(member = %format!("{from:x}"), "a member this member's membership does not list yet is vouched for by the others");
         }
         ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_is_kept_long_only_when_every_member_asked_refused() {
+        assert_eq!(vouch_of(&[Some(false), Some(true)]), (true, VOUCH_FOR));
+        assert_eq!(vouch_of(&[None, Some(true)]), (true, VOUCH_FOR));
+        assert_eq!(vouch_of(&[Some(false), Some(false)]), (false, VOUCH_FOR));
+        // One did not answer: it may know the sender.
+        assert_eq!(vouch_of(&[Some(false), None]), (false, UNSURE_FOR));
+        // No one to ask (the membership is not known yet).
+        assert_eq!(vouch_of(&[]), (false, UNSURE_FOR));
     }
 }
