@@ -196,7 +196,7 @@ async fn a_member_that_lost_its_data_is_refused_and_one_with_its_data_rejoins() 
         let mut config = c.configs[victim].clone();
         config.initial_cluster_state = <kvd::config::ClusterState as clap::ValueEnum>::from_str(state, true).unwrap();
         let v = config.validate().unwrap();
-        let listeners = (support::listen(c.client_addrs[victim]), support::listen(c.peer_addrs[victim]));
+        let listeners = c.listeners(victim);
         let err = match kvd::server::start_on(v, vec![listeners.0], listeners.1).await {
             Ok(_) => panic!("a member with a wiped data dir started ({state})"),
             Err(e) => e.to_string(),
@@ -227,8 +227,7 @@ async fn a_new_cluster_forms_without_its_first_member() {
     let (a, b) = ((first + 1) % 3, (first + 2) % 3);
     // Started together, as members of a new cluster are.
     let (ra, rb) = (c.configs[a].validate().unwrap(), c.configs[b].validate().unwrap());
-    let listeners = |i: usize| (support::listen(c.client_addrs[i]), support::listen(c.peer_addrs[i]));
-    let ((ca, pa), (cb, pb)) = (listeners(a), listeners(b));
+    let ((ca, pa), (cb, pb)) = (c.listeners(a), c.listeners(b));
     let (ma, mb) = tokio::join!(kvd::server::start_on(ra, vec![ca], pa), kvd::server::start_on(rb, vec![cb], pb));
     c.members[a] = Some(ma.unwrap());
     c.members[b] = Some(mb.unwrap());

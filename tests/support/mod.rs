@@ -22,11 +22,40 @@ use tokio::net::{TcpListener, TcpSocket};
 pub const WAIT: Duration = Duration::from_secs(30);
 
 /// Binds a listener on `addr`, allowing reuse of a port that was just closed.
+/// A member's port is free while it is stopped, and an outgoing connection
+/// (the others' retries to reach it) may take it as its own local port for a
+/// moment: binding a given port again is retried for a while.
 pub fn listen(addr: SocketAddr) -> TcpListener {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket.set_reuseaddr(true).expect("reuseaddr");
-    socket.bind(addr).expect("bind");
-    socket.listen(1024).expect("listen")
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("reuseaddr");
+        match socket.bind(addr) {
+            Ok(()) => return socket.listen(1024).expect("listen"),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && addr.port() != 0 => {
+                assert!(std::time::Instant::now() < deadline, "bind {addr}: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("bind {addr}: {e}"),
+        }
+    }
+}
+
+/// A socket bound to `addr` and not listening, which keeps the port from
+/// being taken (see `TestCluster::stop`).
+fn hold(addr: SocketAddr) -> TcpSocket {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("reuseaddr");
+        match socket.bind(addr) {
+            Ok(()) => return socket,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "hold {addr}: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
 }
 
 /// The flags of in-process member `i` (named `m{i}`), with its data under
@@ -49,6 +78,10 @@ pub struct TestCluster {
     pub configs: Vec<Config>,
     pub client_addrs: Vec<SocketAddr>,
     pub peer_addrs: Vec<SocketAddr>,
+    /// The ports of stopped members, bound but not listening: a connection
+    /// to them is refused as to a stopped member's, and neither a new
+    /// member's port nor an outgoing connection can take them meanwhile.
+    held: std::collections::HashMap<usize, [TcpSocket; 2]>,
     _dirs: Vec<tempfile::TempDir>,
 }
 
@@ -92,7 +125,7 @@ impl TestCluster {
         });
         let members =
             futures::future::join_all(starts).await.into_iter().map(|m| Some(m.expect("member starts"))).collect();
-        let cluster = TestCluster { members, configs, client_addrs, peer_addrs, _dirs: dirs };
+        let cluster = TestCluster { members, configs, client_addrs, peer_addrs, held: Default::default(), _dirs: dirs };
         cluster.wait_leader().await;
         cluster.wait_started().await;
         cluster
@@ -168,19 +201,26 @@ impl TestCluster {
         Client::new(&eps, Duration::from_secs(2)).expect("client")
     }
 
-    /// Stops member `i`.
+    /// Stops member `i`, and holds its ports until it starts again.
     pub async fn stop(&mut self, i: usize) {
         if let Some(m) = self.members[i].take() {
             m.shutdown().await;
+            self.held.insert(i, [hold(self.client_addrs[i]), hold(self.peer_addrs[i])]);
         }
+    }
+
+    /// Listeners on stopped member `i`'s own ports, for starting it again.
+    pub fn listeners(&mut self, i: usize) -> (TcpListener, TcpListener) {
+        assert!(self.members[i].is_none(), "member {i} is running");
+        drop(self.held.remove(&i));
+        (listen(self.client_addrs[i]), listen(self.peer_addrs[i]))
     }
 
     /// Starts member `i` again on its directory and ports.
     pub async fn restart(&mut self, i: usize) {
-        assert!(self.members[i].is_none(), "member {i} is running");
+        let (client, peer) = self.listeners(i);
         let v = self.configs[i].validate().expect("valid config");
-        let m =
-            start_on(v, vec![listen(self.client_addrs[i])], listen(self.peer_addrs[i])).await.expect("member restarts");
+        let m = start_on(v, vec![client], peer).await.expect("member restarts");
         self.members[i] = Some(m);
     }
 
