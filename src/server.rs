@@ -407,6 +407,7 @@ pub async fn start_on(
     tasks.push(tokio::spawn(member.clone().run_lease_expiry()));
     tasks.push(tokio::spawn(crate::idle_memory::run(member.state.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(member.clone().count_leader_changes()));
+    tasks.push(tokio::spawn(member.clone().finish_joint_changes()));
     tasks.push(tokio::spawn(member.clone().record_when_listed()));
     tasks.push(tokio::spawn(member.clone().watch_disk()));
     tasks.push(tokio::spawn(member.clone().run_auto_compaction(cfg.auto_compaction)));

@@ -498,3 +498,38 @@ async fn a_member_that_was_down_catches_up_from_a_leader_added_meanwhile() {
     }
     c.shutdown().await;
 }
+
+/// A change of voters left in its joint configuration is finished by the
+/// leader once that configuration commits. Here the one member of a cluster
+/// is stopped after `member add` of a second voter and before the second
+/// starts: the joint configuration cannot commit without the second, and
+/// the change's second step, waiting for it, ends with the member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_left_in_its_joint_configuration_is_finished() {
+    let logs = support::logs();
+    let mut c = TestCluster::start(1, |_| {}).await;
+    let admin = c.client(0);
+    let second = c.add_member_unstarted(false, &admin).await;
+    let second_id = c.member_id_added.expect("the member added");
+    let joint = |c: &TestCluster, i: usize| {
+        c.member(i).member.raft.metrics().borrow().membership_config.membership().get_joint_config().clone()
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while joint(&c, 0).len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "no joint configuration: {:?}", joint(&c, 0));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c.stop(0).await;
+    c.restart(0).await;
+    c.restart(second).await;
+    let both = std::collections::BTreeSet::from([c.member(0).member.id, second_id]);
+    for i in [0, second] {
+        while joint(&c, i) != vec![both.clone()] {
+            assert!(std::time::Instant::now() < deadline, "member {i} is in {:?}", joint(&c, i));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    logs.wait_for(&["finishing a membership change left in its joint configuration"]).await;
+    c.client(second).put(put("both", "v")).await.unwrap();
+    c.shutdown().await;
+}

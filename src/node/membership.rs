@@ -378,8 +378,70 @@ impl Member {
                 return Ok(MembershipOutcome { id, members });
             }
         }
-        let changed = self.raft.change_membership(changes, false).await.map_err(ChangeFailed::from)?;
-        Ok(MembershipOutcome { id, members: self.entries_after(&changed) })
+        let intent = Intent::of(&changes);
+        let failed = match self.raft.change_membership(changes, false).await {
+            Ok(changed) => return Ok(MembershipOutcome { id, members: self.entries_after(&changed) }),
+            Err(e) => ChangeFailed::from(e),
+        };
+        // A change of voters takes two entries: the joint configuration,
+        // then the new one. Leadership lost between them leaves the first
+        // committed: the change holds (the next leader finishes it, see
+        // `finish_joint_changes`), and asking the next leader again would
+        // answer "Peer URLs already exists" or "member not found".
+        if let (ChangeFailed::NotLeader(_), Some(intent)) = (&failed, intent) {
+            let metrics = self.raft.metrics().borrow().clone();
+            if let Some(members) = committed_joint(&metrics.membership_config, metrics.last_applied, id, intent) {
+                tracing::info!(member = %format!("{id:x}"), "membership change committed in its joint configuration before leadership moved");
+                return Ok(MembershipOutcome { id, members });
+            }
+        }
+        Err(failed)
+    }
+
+    /// Leaves a joint configuration that no change is finishing: its
+    /// leader lost leadership, or stopped, between the change's two entries.
+    /// Runs on every member and acts while it leads, once the same committed
+    /// joint configuration has stayed for an election timeout (a change
+    /// under way writes its second entry at once). Ends when the member
+    /// stops.
+    pub async fn finish_joint_changes(self: std::sync::Arc<Self>) {
+        let mut seen = None;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(self.election) => {}
+                () = self.stopped() => return,
+            }
+            let pending = self.unfinished_joint();
+            match pending {
+                Some((log_id, voters)) if seen == Some(log_id) => {
+                    let _one_at_a_time = self.membership_lock.lock().await;
+                    if self.unfinished_joint().map(|(l, _)| l) == Some(log_id) {
+                        tracing::info!(?voters, "finishing a membership change left in its joint configuration");
+                        if let Err(e) =
+                            self.raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), false).await
+                        {
+                            tracing::warn!("finishing a membership change left in its joint configuration: {e}");
+                        }
+                    }
+                    seen = None;
+                }
+                other => seen = other.map(|(l, _)| l),
+            }
+        }
+    }
+
+    /// The committed joint configuration this leader is in, if any: its
+    /// log id and the voters it leads to.
+    fn unfinished_joint(&self) -> Option<(crate::raft::LogId, BTreeSet<NodeId>)> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_leader != Some(self.id) || !m.state.is_leader() {
+            return None;
+        }
+        let stored = &m.membership_config;
+        let configs = stored.membership().get_joint_config();
+        let log_id = (*stored.log_id())?;
+        let committed = m.last_applied.is_some_and(|a| a.index >= log_id.index);
+        (configs.len() > 1 && committed).then(|| (log_id, configs.last().cloned().unwrap_or_default()))
     }
 
     /// The members as a change left them: from the change's own answer, as
@@ -415,6 +477,57 @@ impl Member {
         reachable.insert(self.id);
         reachable
     }
+}
+
+/// What a change of voters asked for: member `id` to be among the voters
+/// afterwards, or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Intent {
+    /// Added as a voter, or promoted.
+    Voter,
+    /// Removed.
+    Gone,
+}
+
+impl Intent {
+    /// The intent of a change that takes a joint configuration, if it is one.
+    fn of(changes: &ChangeMembers<NodeId, BasicNode>) -> Option<Intent> {
+        match changes {
+            ChangeMembers::AddVoters(_) | ChangeMembers::AddVoterIds(_) => Some(Intent::Voter),
+            ChangeMembers::RemoveVoters(_) => Some(Intent::Gone),
+            _ => None,
+        }
+    }
+}
+
+/// The members a change of member `id` leads to, when `stored` is a
+/// committed joint configuration (applied by `applied`) whose new half made
+/// that change.
+fn committed_joint(
+    stored: &openraft::StoredMembership<NodeId, BasicNode>,
+    applied: Option<crate::raft::LogId>,
+    id: NodeId,
+    intent: Intent,
+) -> Option<Vec<MemberEntry>> {
+    let log_id = (*stored.log_id())?;
+    if applied.is_none_or(|a| a.index < log_id.index) {
+        return None;
+    }
+    let [old, new] = stored.membership().get_joint_config().as_slice() else { return None };
+    let made = match intent {
+        Intent::Voter => !old.contains(&id) && new.contains(&id),
+        Intent::Gone => old.contains(&id) && !new.contains(&id),
+    };
+    // Voters the change removed leave the membership (changes are made
+    // without keeping them as learners).
+    made.then(|| {
+        stored
+            .membership()
+            .nodes()
+            .filter(|(n, _)| new.contains(n) || !old.contains(n))
+            .map(|(n, node)| MemberEntry { id: *n, peer_url: node.addr.clone(), learner: !new.contains(n) })
+            .collect()
+    })
 }
 
 /// The members a membership lists, learners marked.
@@ -461,6 +574,52 @@ impl From<RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>> for ChangeFail
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_committed_joint_configuration_answers_for_the_change_it_makes() {
+        use openraft::testing::log_id;
+        let node = |n: u64| (n, BasicNode::new(format!("http://h{n}:2380")));
+        let ids = |v: &[u64]| v.iter().copied().collect::<BTreeSet<u64>>();
+        // Adding voter 4 to 1, 2, 3 (with learner 9 alongside).
+        let add = openraft::Membership::new(
+            vec![ids(&[1, 2, 3]), ids(&[1, 2, 3, 4])],
+            BTreeMap::from([node(1), node(2), node(3), node(4), node(9)]),
+        );
+        let stored = openraft::StoredMembership::new(Some(log_id(2, 1, 10)), add);
+        let members = committed_joint(&stored, Some(log_id(2, 1, 10)), 4, Intent::Voter).expect("the change holds");
+        let listed: Vec<(u64, bool)> = members.iter().map(|m| (m.id, m.learner)).collect();
+        assert_eq!(listed, vec![(1, false), (2, false), (3, false), (4, false), (9, true)]);
+        // Not applied yet: not known to be committed.
+        assert_eq!(committed_joint(&stored, Some(log_id(2, 1, 9)), 4, Intent::Voter), None);
+        assert_eq!(committed_joint(&stored, None, 4, Intent::Voter), None);
+        // Another change's joint configuration does not answer for this one.
+        assert_eq!(committed_joint(&stored, Some(log_id(2, 1, 10)), 5, Intent::Voter), None);
+        assert_eq!(committed_joint(&stored, Some(log_id(2, 1, 10)), 3, Intent::Gone), None);
+
+        // Removing voter 3: it leaves the membership.
+        let remove =
+            openraft::Membership::new(vec![ids(&[1, 2, 3]), ids(&[1, 2])], BTreeMap::from([node(1), node(2), node(3)]));
+        let stored = openraft::StoredMembership::new(Some(log_id(2, 1, 12)), remove);
+        let members = committed_joint(&stored, Some(log_id(2, 1, 14)), 3, Intent::Gone).expect("the change holds");
+        assert_eq!(members.iter().map(|m| m.id).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(committed_joint(&stored, Some(log_id(2, 1, 14)), 3, Intent::Voter), None);
+
+        // A uniform configuration is no joint one.
+        let uniform = openraft::Membership::new(vec![ids(&[1, 2])], BTreeMap::from([node(1), node(2)]));
+        let stored = openraft::StoredMembership::new(Some(log_id(2, 1, 15)), uniform);
+        assert_eq!(committed_joint(&stored, Some(log_id(2, 1, 15)), 2, Intent::Voter), None);
+    }
+
+    #[test]
+    fn only_changes_of_voters_take_a_joint_configuration() {
+        let one = |n: u64| BTreeMap::from([(n, BasicNode::new("http://h:2380"))]);
+        assert_eq!(Intent::of(&ChangeMembers::AddVoters(one(4))), Some(Intent::Voter));
+        assert_eq!(Intent::of(&ChangeMembers::AddVoterIds(BTreeSet::from([4]))), Some(Intent::Voter));
+        assert_eq!(Intent::of(&ChangeMembers::RemoveVoters(BTreeSet::from([4]))), Some(Intent::Gone));
+        assert_eq!(Intent::of(&ChangeMembers::AddNodes(one(4))), None);
+        assert_eq!(Intent::of(&ChangeMembers::RemoveNodes(BTreeSet::from([4]))), None);
+        assert_eq!(Intent::of(&ChangeMembers::SetNodes(one(4))), None);
+    }
 
     #[test]
     fn peer_urls_compare_by_scheme_host_and_port() {

@@ -82,6 +82,8 @@ pub struct TestCluster {
     /// to them is refused as to a stopped member's, and neither a new
     /// member's port nor an outgoing connection can take them meanwhile.
     held: std::collections::HashMap<usize, [TcpSocket; 2]>,
+    /// The id `member add` gave the member added last.
+    pub member_id_added: Option<u64>,
     _dirs: Vec<tempfile::TempDir>,
 }
 
@@ -125,7 +127,15 @@ impl TestCluster {
         });
         let members =
             futures::future::join_all(starts).await.into_iter().map(|m| Some(m.expect("member starts"))).collect();
-        let cluster = TestCluster { members, configs, client_addrs, peer_addrs, held: Default::default(), _dirs: dirs };
+        let cluster = TestCluster {
+            members,
+            configs,
+            client_addrs,
+            peer_addrs,
+            held: Default::default(),
+            member_id_added: None,
+            _dirs: dirs,
+        };
         cluster.wait_leader().await;
         cluster.wait_started().await;
         cluster
@@ -236,9 +246,24 @@ impl TestCluster {
     /// [`TestCluster::add_member`] through `admin` (a client with root's
     /// credentials, while auth is on).
     pub async fn add_member_as(&mut self, learner: bool, admin: &Client) -> usize {
+        let i = self.add_member_unstarted(learner, admin).await;
+        let new_id = self.member_id_added.take().expect("the member added");
+        let (client, peer) = self.listeners(i);
+        let m = start_on(self.configs[i].validate().expect("valid config"), vec![client], peer)
+            .await
+            .expect("new member starts");
+        assert_eq!(m.member.id, new_id, "the new member runs under the id member add gave it");
+        self.members[i] = Some(m);
+        i
+    }
+
+    /// Adds a member with `member add` as [`TestCluster::add_member_as`]
+    /// does, and does not start it (its ports held): `restart` starts it.
+    pub async fn add_member_unstarted(&mut self, learner: bool, admin: &Client) -> usize {
         let i = self.members.len();
-        let (client, peer) = (listen("127.0.0.1:0".parse().unwrap()), listen("127.0.0.1:0".parse().unwrap()));
+        let (client, peer) = (hold("127.0.0.1:0".parse().unwrap()), hold("127.0.0.1:0".parse().unwrap()));
         let (client_addr, peer_addr) = (client.local_addr().unwrap(), peer.local_addr().unwrap());
+        self.held.insert(i, [client, peer]);
         let added = admin.member_add(vec![format!("http://{peer_addr}")], learner).await.expect("member add");
         let new_id = added.member.as_ref().expect("the member added").id;
         let initial: Vec<String> = added
@@ -252,15 +277,12 @@ impl TestCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut args = member_args(i, dir.path(), client_addr, peer_addr, &initial.join(","));
         args.extend(["--initial-cluster-state".to_string(), "existing".to_string()]);
-        let config = Config::parse_from(args);
-        let m =
-            start_on(config.validate().expect("valid config"), vec![client], peer).await.expect("new member starts");
-        assert_eq!(m.member.id, new_id, "the new member runs under the id member add gave it");
-        self.members.push(Some(m));
-        self.configs.push(config);
+        self.members.push(None);
+        self.configs.push(Config::parse_from(args));
         self.client_addrs.push(client_addr);
         self.peer_addrs.push(peer_addr);
         self._dirs.push(dir);
+        self.member_id_added = Some(new_id);
         i
     }
 
