@@ -88,11 +88,10 @@ impl Restored {
     /// the later of the first entry of the leader's term and the commit
     /// index, so in the restored term it is of that term or an older one,
     /// and in any later term of this member's it is of that later term (its
-    /// first entry there came after everything in the log at start). The
-    /// term in Raft's metrics would not do: until the Raft task first
-    /// reports them they say term 0, and a read that arrives in that moment
-    /// right after a restart, then answered in the restored term, would
-    /// miss the floor.
+    /// first entry there came after everything in the log at start). So the
+    /// floor does not depend on when Raft's metrics first report the term
+    /// (they say term 0 until then; the server now waits for that report
+    /// before it serves, see `server::restored_state`).
     fn floor(&self, read: Option<crate::raft::LogId>) -> Option<u64> {
         match (self.term_and_last, read) {
             (Some((restored, last)), Some(r)) if r.leader_id.term <= restored => Some(r.index.max(last)),

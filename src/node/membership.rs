@@ -433,7 +433,8 @@ impl Member {
     /// The committed joint configuration this leader is in, if any: its
     /// log id and the voters it leads to.
     fn unfinished_joint(&self) -> Option<(crate::raft::LogId, BTreeSet<NodeId>)> {
-        let m = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
         if m.current_leader != Some(self.id) || !m.state.is_leader() {
             return None;
         }
@@ -521,12 +522,13 @@ fn committed_joint(
     // Voters the change removed leave the membership (changes are made
     // without keeping them as learners).
     made.then(|| {
-        stored
+        let nodes: BTreeMap<NodeId, BasicNode> = stored
             .membership()
             .nodes()
             .filter(|(n, _)| new.contains(n) || !old.contains(n))
-            .map(|(n, node)| MemberEntry { id: *n, peer_url: node.addr.clone(), learner: !new.contains(n) })
-            .collect()
+            .map(|(n, node)| (*n, node.clone()))
+            .collect();
+        entries_of(&openraft::Membership::new(vec![new.clone()], nodes))
     })
 }
 

@@ -26,23 +26,12 @@ pub const WAIT: Duration = Duration::from_secs(30);
 /// (the others' retries to reach it) may take it as its own local port for a
 /// moment: binding a given port again is retried for a while.
 pub fn listen(addr: SocketAddr) -> TcpListener {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let socket = TcpSocket::new_v4().expect("socket");
-        socket.set_reuseaddr(true).expect("reuseaddr");
-        match socket.bind(addr) {
-            Ok(()) => return socket.listen(1024).expect("listen"),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && addr.port() != 0 => {
-                assert!(std::time::Instant::now() < deadline, "bind {addr}: {e}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("bind {addr}: {e}"),
-        }
-    }
+    hold(addr).listen(1024).expect("listen")
 }
 
 /// A socket bound to `addr` and not listening, which keeps the port from
-/// being taken (see `TestCluster::stop`).
+/// being taken (see `TestCluster::stop`). Binding a given port that is in
+/// use is retried for up to 10 s.
 fn hold(addr: SocketAddr) -> TcpSocket {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -50,10 +39,11 @@ fn hold(addr: SocketAddr) -> TcpSocket {
         socket.set_reuseaddr(true).expect("reuseaddr");
         match socket.bind(addr) {
             Ok(()) => return socket,
-            Err(e) => {
-                assert!(std::time::Instant::now() < deadline, "hold {addr}: {e}");
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && addr.port() != 0 => {
+                assert!(std::time::Instant::now() < deadline, "bind {addr}: {e}");
                 std::thread::sleep(Duration::from_millis(20));
             }
+            Err(e) => panic!("bind {addr}: {e}"),
         }
     }
 }
