@@ -2,7 +2,8 @@
 # Side-by-side benchmark: a three-member etcd 3.4 cluster (Debian's etcd-server),
 # then a three-member kvd cluster with the same layout (same ports, one data
 # directory each under one scratch directory), each driven by the same
-# `kvctl bench` workloads. Prints one table: throughput and p99 of each
+# `kvctl bench` workloads (put from one client at each system's leader, and
+# again at a follower). Prints one table: throughput and p99 of each
 # workload for both, the ratio kvd/etcd, and each member's resident memory and
 # data-directory size after the run.
 #
@@ -67,7 +68,8 @@ trap cleanup EXIT
 
 # name label workload options...
 WORKLOADS=(
-  "put-1|put --conns 1 --clients 1"
+  "put-1|@leader put --conns 1 --clients 1"
+  "put-1-follower|@follower put --conns 1 --clients 1"
   "put-64|put --conns 8 --clients 64"
   "put-256|put --conns 16 --clients 256"
   "range-l-64|range --consistency l --conns 8 --clients 64"
@@ -134,16 +136,44 @@ start_kvd() {
   wait_healthy kvd
 }
 
+# The client URL of the leader (role "true") or of a follower ("false").
+member_with_role() {
+  "$BIN_DIR/kvctl" --endpoints "$EPS" --command-timeout 3s endpoint status \
+    | awk -F', ' -v role="$1" '$5 == role { print $1; exit }'
+}
+
+# Where a workload sends its requests: all members, or with @leader or
+# @follower one member of that role. A single client's writes take a hop
+# more through a follower, in both systems, and which member is the first
+# endpoint leads is chance: without this, put from one client compared
+# one system's leader with the other's follower in some runs.
+# The roles are looked up once per system, before auth is turned on.
+workload_endpoints() {
+  case "$1" in
+    @leader) echo "$LEADER_EP" ;;
+    @follower) echo "$FOLLOWER_EP" ;;
+    *) echo "$EPS" ;;
+  esac
+}
+
 # system: runs every workload, then fills to $KEYS keys and records memory and disk.
 measure() {
-  local system=$1 w label args
+  local system=$1 w label args eps
+  LEADER_EP=$(member_with_role true); FOLLOWER_EP=$(member_with_role false)
+  if [ -z "$LEADER_EP" ] || [ -z "$FOLLOWER_EP" ]; then
+    echo "$system: no leader and follower found among $EPS" >&2
+    exit 1
+  fi
+  echo "[$system] leader $LEADER_EP, follower $FOLLOWER_EP" >&2
   for w in "${WORKLOADS[@]}"; do
     label=${w%%|*}; args=${w#*|}
+    eps=$(workload_endpoints "${args%% *}")
+    args=${args#@* }
     case " $args " in *" --total "*) ;; *) args+=" --total $TOTAL" ;; esac
     [ "${BENCH_AUTH:-0}" = 1 ] && args+=" --key-size 16"
-    echo "[$system] $label: kvctl bench $args" >&2
+    echo "[$system] $label: kvctl --endpoints $eps bench $args" >&2
     # shellcheck disable=SC2086
-    "$BIN_DIR/kvctl" --endpoints "$EPS" -w json bench $args --key-space-size "$KEYS" --quiet \
+    "$BIN_DIR/kvctl" --endpoints "$eps" -w json bench $args --key-space-size "$KEYS" --quiet \
       | sed "s/^{/{\"system\":\"$system\",\"label\":\"$label\",/" >> "$RESULTS"
   done
   local user=()
@@ -159,11 +189,13 @@ measure() {
     user=(--user bench:benchpw)
     for w in "${WORKLOADS[@]}"; do
       label=${w%%|*}; args=${w#*|}
+      eps=$(workload_endpoints "${args%% *}")
+      args=${args#@* }
       case " $args " in *" --total "*) ;; *) args+=" --total $TOTAL" ;; esac
       args+=" --key-size 16"
-      echo "[$system] $label+auth: kvctl --user bench bench $args" >&2
+      echo "[$system] $label+auth: kvctl --endpoints $eps --user bench bench $args" >&2
       # shellcheck disable=SC2086
-      "$BIN_DIR/kvctl" --endpoints "$EPS" "${user[@]}" -w json bench $args --key-space-size "$KEYS" --quiet \
+      "$BIN_DIR/kvctl" --endpoints "$eps" "${user[@]}" -w json bench $args --key-space-size "$KEYS" --quiet \
         | sed "s/^{/{\"system\":\"$system\",\"label\":\"$label+auth\",/" >> "$RESULTS"
     done
   fi
@@ -195,9 +227,19 @@ done
 
 echo "etcd: $(etcd --version | sed -n 1p)" >&2
 echo "threads per member: ${BENCH_THREADS:-the default of each (one per CPU)}" >&2
+# The first system's data directories go, and what is still dirty reaches the
+# disk, before the second starts: otherwise the kernel writes the first's
+# hundreds of MB back while the second's log syncs are timed.
+# Its logs stay.
+settle_disk() {
+  local name
+  for name in "${NAMES[@]}"; do rm -rf "${WORK:?}/$1-$name"; done
+  sync
+}
 start_etcd
 measure etcd
 stop_all
+settle_disk etcd
 start_kvd
 measure kvd
 stop_all
