@@ -60,7 +60,7 @@ async fn every_rpc_refused(c: &TestCluster, i: usize, ids: [Option<u64>; 3], why
     let batch = RaftPayload { data: encode(&vec![Proposal { command: command(stray_put()), alone: false }]).unwrap() };
     let answers = [
         ("Forward", p.forward(with(ids, proposal(stray_put()))).await.map(drop)),
-        ("ForwardBatch", p.forward_batch(with(ids, batch)).await.map(drop)),
+        ("ForwardBatch", p.forward_batch(with(ids, batch.clone())).await.map(drop)),
         ("Vote", p.vote(with(ids, vote.clone())).await.map(drop)),
         ("AppendEntries", p.append_entries(with(ids, vote.clone())).await.map(drop)),
         ("InstallSnapshot", p.install_snapshot(with(ids, vote)).await.map(drop)),
@@ -73,14 +73,19 @@ async fn every_rpc_refused(c: &TestCluster, i: usize, ids: [Option<u64>; 3], why
         assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{rpc}: {status:?}");
         assert!(status.message().contains(why), "{rpc}: {status:?}");
     }
-    let mut stream_req = tonic::Request::new(tokio_stream::iter(vec![empty]));
-    for (name, value) in [CLUSTER_HEADER, FROM_HEADER, TO_HEADER].into_iter().zip(ids) {
-        if let Some(v) = value {
-            stream_req.metadata_mut().insert(name, format!("{v:x}").parse().unwrap());
+    let stream_req = |first: RaftPayload| {
+        let mut req = tonic::Request::new(tokio_stream::iter(vec![first]));
+        for (name, value) in [CLUSTER_HEADER, FROM_HEADER, TO_HEADER].into_iter().zip(ids) {
+            if let Some(v) = value {
+                req.metadata_mut().insert(name, format!("{v:x}").parse().unwrap());
+            }
         }
-    }
-    let status = p.append_entries_stream(stream_req).await.map(drop).expect_err("AppendEntriesStream");
+        req
+    };
+    let status = p.append_entries_stream(stream_req(empty)).await.map(drop).expect_err("AppendEntriesStream");
     assert!(status.message().contains(why), "AppendEntriesStream: {status:?}");
+    let status = p.forward_stream(stream_req(batch)).await.map(drop).expect_err("ForwardStream");
+    assert!(status.message().contains(why), "ForwardStream: {status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -267,6 +272,43 @@ async fn a_foreign_cluster_pointed_at_a_member_disturbs_nobody() {
     assert!((1..=4).contains(&lines), "{lines} refusal lines for the foreign members");
     for s in foreign {
         s.shutdown().await;
+    }
+    c.shutdown().await;
+}
+
+/// A follower's stream of forwarded writes is checked when it opens and again
+/// for each write: once its member is removed, the next write on the open
+/// stream is refused and not made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forward_stream_of_a_removed_member_is_refused_write_by_write() {
+    let c = TestCluster::start(3, |_| {}).await;
+    let leader = c.wait_leader().await;
+    let gone = (leader + 1) % 3;
+    let (cluster, from, to) = (c.member(0).member.cluster_id, c.member(gone).member.id, c.member(leader).member.id);
+    let write = |key: &str| {
+        let put =
+            command::Op::Put(PutRequest { key: key.as_bytes().to_vec(), value: b"v".to_vec(), ..Default::default() });
+        RaftPayload { data: encode(&vec![Proposal { command: command(put), alone: false }]).unwrap() }
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    for (name, value) in [(CLUSTER_HEADER, cluster), (FROM_HEADER, from), (TO_HEADER, to)] {
+        req.metadata_mut().insert(name, format!("{value:x}").parse().unwrap());
+    }
+    let mut answers = peer(&c, leader).await.forward_stream(req).await.expect("a member's stream opens").into_inner();
+    tx.send(write("before")).await.unwrap();
+    let answer = answers.message().await.expect("answered").expect("an answer");
+    let answer: Vec<Forwarded<Response>> = decode(&answer.data).unwrap();
+    assert!(matches!(answer.as_slice(), [Forwarded::Done(_)]), "{answer:?}");
+
+    c.client(leader).member_remove(from).await.unwrap();
+    tx.send(write("after")).await.unwrap();
+    let refused = answers.message().await.expect_err("refused once removed");
+    assert!(refused.message().contains("is not a member of this cluster"), "{refused:?}");
+    let client = c.client(leader);
+    for (key, made) in [("before", 1), ("after", 0)] {
+        let range = RangeRequest { key: key.as_bytes().to_vec(), ..Default::default() };
+        assert_eq!(client.range(range).await.unwrap().kvs.len(), made, "{key}");
     }
     c.shutdown().await;
 }

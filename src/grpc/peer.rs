@@ -47,6 +47,7 @@ pub fn name_unimplemented(mut resp: http::Response<tonic::body::Body>) -> http::
 /// messages must also come from the member whose vote they carry. Anything
 /// else is refused before openraft or the node sees it, and logged once a
 /// minute per sender and reason.
+#[derive(Clone)]
 pub struct PeerService {
     member: Arc<Member>,
     /// False while the member, started on an empty data directory, asks the
@@ -57,7 +58,7 @@ pub struct PeerService {
     /// The members of `--initial-cluster`.
     initial: Vec<NodeId>,
     /// When each refusal was last logged, by sender and reason.
-    logged: Mutex<HashMap<String, Instant>>,
+    logged: Arc<Mutex<HashMap<String, Instant>>>,
     /// `--peer-cert-allowed-cn`: the only common name a peer certificate may have.
     allowed_cn: Option<String>,
 }
@@ -132,6 +133,13 @@ impl PeerService {
                 &format!("member ID mismatch: the request is for member {to:x}, this is member {:x}", self.member.id),
             ));
         }
+        self.still_member(from, &who).await?;
+        Ok(from)
+    }
+
+    /// Refuses `from` unless it is a member, by this member's configuration
+    /// or a member's word.
+    async fn still_member(&self, from: NodeId, who: &str) -> Result<(), Status> {
         let known = {
             let metrics = self.member.raft.metrics();
             let membership = &metrics.borrow().membership_config;
@@ -143,9 +151,9 @@ impl PeerService {
             }
         };
         if !known && !self.member.vouched_for(from).await {
-            return Err(self.refuse(&who, "member", &format!("member {from:x} is not a member of this cluster")));
+            return Err(self.refuse(who, "member", &format!("member {from:x} is not a member of this cluster")));
         }
-        Ok(from)
+        Ok(())
     }
 
     /// A refusal with `why`, logged unless the same was logged for `who`
@@ -190,12 +198,21 @@ where
     Ok(Response::new(RaftPayload { data }))
 }
 
-/// Answers to a stream of AppendEntries, in order.
-type AppendAnswers = Pin<Box<dyn Stream<Item = Result<RaftPayload, Status>> + Send>>;
+/// Answers to a stream of requests, in order.
+type AnswerStream = Pin<Box<dyn Stream<Item = Result<RaftPayload, Status>> + Send>>;
+
+/// Proposes each of the forwarded writes in `list` (an encoded list of
+/// proposals) and answers the list of their outcomes, in order.
+async fn serve_forwarded(member: &Member, from: NodeId, list: &[u8]) -> Result<Vec<u8>, Status> {
+    let list: Vec<Proposal> = decode(list)?;
+    let answers = futures::future::join_all(list.into_iter().map(|p| member.serve_forward(from, p))).await;
+    Ok(encode(&answers)?)
+}
 
 #[tonic::async_trait]
 impl Peer for PeerService {
-    type AppendEntriesStreamStream = AppendAnswers;
+    type AppendEntriesStreamStream = AnswerStream;
+    type ForwardStreamStream = AnswerStream;
 
     /// Hands each request to openraft in turn and answers it before taking
     /// the next. Ends when the leader closes the stream, on a request that
@@ -203,7 +220,7 @@ impl Peer for PeerService {
     async fn append_entries_stream(
         &self,
         req: Request<Streaming<RaftPayload>>,
-    ) -> Result<Response<AppendAnswers>, Status> {
+    ) -> Result<Response<AnswerStream>, Status> {
         self.ready().await?;
         let from = self.sender(&req).await?;
         let member = self.member.clone();
@@ -288,10 +305,32 @@ impl Peer for PeerService {
     async fn forward_batch(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         self.ready().await?;
         let from = self.sender(&req).await?;
-        let list: Vec<Proposal> = input(req)?;
-        let answers = futures::future::join_all(list.into_iter().map(|p| self.member.serve_forward(from, p))).await;
-        let data = encode(&answers)?;
+        let data = serve_forwarded(&self.member, from, &req.into_inner().data).await?;
         Ok(Response::new(RaftPayload { data }))
+    }
+
+    /// Answers each message in turn, as [`PeerService::forward_batch`]
+    /// would. The sender is checked when the stream opens and again for each
+    /// message, so a member removed meanwhile forwards nothing more on it.
+    /// Ends when the follower closes the stream, on a message that cannot be
+    /// read, or when this member stops.
+    async fn forward_stream(&self, req: Request<Streaming<RaftPayload>>) -> Result<Response<AnswerStream>, Status> {
+        self.ready().await?;
+        let from = self.sender(&req).await?;
+        let who = format!("member {from:x}");
+        let service = Arc::new(self.clone());
+        let stopping = self.member.clone();
+        let answers = req.into_inner().then(move |request| {
+            let (service, who) = (service.clone(), who.clone());
+            async move {
+                let request = request?;
+                service.still_member(from, &who).await?;
+                let data = serve_forwarded(&service.member, from, &request.data).await?;
+                Ok(RaftPayload { data })
+            }
+        });
+        let until_stop = async move { stopping.stopped().await };
+        Ok(Response::new(Box::pin(answers.take_until(until_stop))))
     }
 
     async fn lease(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {

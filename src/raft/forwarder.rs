@@ -4,8 +4,9 @@
 //! per write costs a gRPC exchange on both members for every write, so
 //! writes that arrive while earlier forwards are on their way are gathered
 //! and sent in one `ForwardBatch` call; the leader proposes each of them (its
-//! batcher puts them in one entry) and answers each. A lone write goes in a
-//! `Forward` call of its own.
+//! batcher puts them in one entry) and answers each. A lone write goes as a
+//! batch of one. The calls go on long-lived streams to the leader (see
+//! [`Network::call`]).
 //!
 //! Each write gets the answer it would have got alone: its own result, "not
 //! the leader", "not sent" (safe to retry) or, when the call may have
@@ -89,20 +90,9 @@ async fn run(raft: Raft, network: Network, rx: mpsc::Receiver<Forwarding>) {
 }
 
 /// Sends one call for `batch` and hands each write its answer.
-async fn send(raft: &Raft, network: &Network, mut batch: Vec<Forwarding>) {
+async fn send(raft: &Raft, network: &Network, batch: Vec<Forwarding>) {
     let Some(leader) = batch.first().map(|p| p.leader) else { return };
     let deadline = batch.iter().map(|p| p.deadline).min().unwrap_or_else(Instant::now);
-    if batch.len() == 1 {
-        let Some(p) = batch.pop() else { return };
-        let answer = match encode(&p.proposal) {
-            Ok(payload) => {
-                ask_leader::<Forwarded<Response>>(raft, network, leader, Rpc::Forward, payload, deadline).await
-            }
-            Err(e) => Err(e.into()),
-        };
-        let _ = p.done.send(answer);
-        return;
-    }
     let (list, waiting): (Vec<Proposal>, Vec<oneshot::Sender<ForwardAnswer>>) =
         batch.into_iter().map(|p| (p.proposal, p.done)).unzip();
     let answers = match encode(&list) {

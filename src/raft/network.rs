@@ -98,6 +98,8 @@ pub struct Network {
     cut: Arc<Mutex<Cut>>,
     source: Option<IpAddr>,
     streams: Arc<Mutex<HashMap<NodeId, Streams>>>,
+    /// Idle streams of forwarded writes, by leader (see [`Network::call`]).
+    forward_streams: Arc<Mutex<HashMap<NodeId, Streams>>>,
     identity: Identity,
     /// The largest message a peer accepts; see [`message_limit`].
     limit: usize,
@@ -139,6 +141,39 @@ struct Streams {
     idle: Vec<AppendStream>,
     /// When the peer was found to serve no stream.
     unary_since: Option<std::time::Instant>,
+}
+
+impl Streams {
+    /// Runs `f` on the streams in `all` to peer `id` at `addr`, forgetting
+    /// those to another address.
+    fn of<T>(all: &Mutex<HashMap<NodeId, Streams>>, id: NodeId, addr: &str, f: impl FnOnce(&mut Streams) -> T) -> T {
+        let mut all = all.lock().unwrap_or_else(|p| p.into_inner());
+        let streams = all.entry(id).or_default();
+        if streams.addr != addr {
+            *streams = Streams { addr: addr.to_string(), ..Default::default() };
+        }
+        f(streams)
+    }
+
+    /// An idle stream whose peer has not closed it.
+    fn take_open(&mut self) -> Option<AppendStream> {
+        while let Some(stream) = self.idle.pop() {
+            if !stream.requests.is_closed() {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    fn give_back(&mut self, stream: AppendStream) {
+        if self.idle.len() < MAX_IDLE_STREAMS {
+            self.idle.push(stream);
+        }
+    }
+
+    fn unary(&self) -> bool {
+        self.unary_since.is_some_and(|t| t.elapsed() < UNARY_RETRY)
+    }
 }
 
 /// Idle streams kept per peer: one for replication and one for read index
@@ -247,33 +282,30 @@ impl Network {
     /// The idle streams to peer `id` at `addr`, forgetting those to another
     /// address.
     fn with_streams<T>(&self, id: NodeId, addr: &str, f: impl FnOnce(&mut Streams) -> T) -> T {
-        let mut all = self.streams.lock().unwrap_or_else(|p| p.into_inner());
-        let streams = all.entry(id).or_default();
-        if streams.addr != addr {
-            *streams = Streams { addr: addr.to_string(), ..Default::default() };
-        }
-        f(streams)
+        Streams::of(&self.streams, id, addr, f)
+    }
+
+    /// [`Network::with_streams`] for the streams of forwarded writes.
+    fn with_forward_streams<T>(&self, id: NodeId, addr: &str, f: impl FnOnce(&mut Streams) -> T) -> T {
+        Streams::of(&self.forward_streams, id, addr, f)
     }
 
     fn take_stream(&self, id: NodeId, addr: &str) -> Option<AppendStream> {
-        self.with_streams(id, addr, |s| s.idle.pop())
+        self.with_streams(id, addr, |s| s.take_open())
     }
 
     fn give_back_stream(&self, id: NodeId, addr: &str, stream: AppendStream) {
-        self.with_streams(id, addr, |s| {
-            if s.idle.len() < MAX_IDLE_STREAMS {
-                s.idle.push(stream);
-            }
-        })
+        self.with_streams(id, addr, |s| s.give_back(stream))
     }
 
     fn drop_streams(&self, id: NodeId, addr: &str) {
-        self.with_streams(id, addr, |s| s.idle.clear())
+        self.with_streams(id, addr, |s| s.idle.clear());
+        self.with_forward_streams(id, addr, |s| s.idle.clear());
     }
 
     /// Whether AppendEntries to peer `id` go in unary calls for now.
     fn unary(&self, id: NodeId, addr: &str) -> bool {
-        self.with_streams(id, addr, |s| s.unary_since.is_some_and(|t| t.elapsed() < UNARY_RETRY))
+        self.with_streams(id, addr, |s| s.unary())
     }
 
     fn set_unary(&self, id: NodeId, addr: &str) {
@@ -308,6 +340,14 @@ impl Network {
     }
 
     /// Sends `payload` to peer `id` at `addr` and returns the answer's bytes.
+    ///
+    /// Forwarded writes (`ForwardBatch`) go on long-lived streams, as
+    /// AppendEntries do: a unary call costs a new HTTP/2 stream with its
+    /// headers and a task on both members, for every write a lone client
+    /// makes through a follower. A stream is taken for one call and given
+    /// back once its answer is in; one that fails or times out is dropped,
+    /// since a late answer on it would be read as the next call's. A leader
+    /// without the stream (an older kvd) gets unary calls.
     pub async fn call(
         &self,
         id: NodeId,
@@ -316,6 +356,16 @@ impl Network {
         payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, CallError> {
+        if matches!(rpc, Rpc::ForwardBatch) && !self.with_forward_streams(id, addr, |s| s.unary()) {
+            match tokio::time::timeout(timeout, self.forward_on_stream(id, addr, &payload)).await {
+                Ok(Ok(Some(answer))) => return Ok(answer),
+                Ok(Ok(None)) => {
+                    self.with_forward_streams(id, addr, |s| s.unary_since = Some(std::time::Instant::now()))
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(CallError::Unknown(format!("{rpc:?} to {id:x} timed out after {timeout:?}"))),
+            }
+        }
         let mut client = self.client(id, addr)?;
         let req = self.request(id, RaftPayload { data: payload });
         let fut = async {
@@ -344,6 +394,37 @@ impl Network {
                 Ok(resp.into_inner().data)
             }
         }
+    }
+
+    /// Sends forwarded writes on an idle stream to leader `id`, or a new one;
+    /// None if the leader serves no such stream.
+    async fn forward_on_stream(&self, id: NodeId, addr: &str, payload: &[u8]) -> Result<Option<Vec<u8>>, CallError> {
+        if self.is_blocked(id) {
+            self.with_forward_streams(id, addr, |s| s.idle.clear());
+            return Err(CallError::NotSent(format!("peer {id:x} is cut off")));
+        }
+        let mut stream = match self.with_forward_streams(id, addr, |s| s.take_open()) {
+            Some(stream) => stream,
+            None => {
+                let mut client = self.client(id, addr)?;
+                let (requests, outgoing) = mpsc::channel(1);
+                match client.forward_stream(self.request(id, ReceiverStream::new(outgoing))).await {
+                    Ok(answers) => AppendStream { requests, answers: answers.into_inner() },
+                    Err(s) if s.code() == tonic::Code::Unimplemented => return Ok(None),
+                    Err(s) => {
+                        // A refusal comes when the stream opens; a member
+                        // refused on an open stream is refused again when the
+                        // next call opens a new one.
+                        self.note_answer(id, Some(&s));
+                        return Err(call_error(s));
+                    }
+                }
+            }
+        };
+        let answer = stream.call(payload.to_vec()).await?;
+        self.note_answer(id, None);
+        self.with_forward_streams(id, addr, |s| s.give_back(stream));
+        Ok(Some(answer))
     }
 
     /// A client for peer `id` at `addr`, unless the peer is cut off.
@@ -382,8 +463,8 @@ fn call_error(s: tonic::Status) -> CallError {
     }
 }
 
-/// One peer's stream of AppendEntries: a request goes out, and its answer
-/// comes back before the next request is sent.
+/// A stream of requests to one peer (AppendEntries, or forwarded writes): a
+/// request goes out, and its answer comes back before the next is sent.
 struct AppendStream {
     requests: mpsc::Sender<RaftPayload>,
     answers: tonic::Streaming<RaftPayload>,
@@ -393,12 +474,13 @@ impl AppendStream {
     /// Sends one request and waits for its answer.
     async fn call(&mut self, payload: Vec<u8>) -> Result<Vec<u8>, CallError> {
         if self.requests.send(RaftPayload { data: payload }).await.is_err() {
-            // The request body is gone: the stream ended under us.
-            return Err(CallError::Broken("the AppendEntries stream closed".into()));
+            // The request body is gone: the stream ended before this request
+            // could be written to it.
+            return Err(CallError::NotSent("the peer stream closed".into()));
         }
         match self.answers.message().await {
             Ok(Some(answer)) => Ok(answer.data),
-            Ok(None) => Err(CallError::Broken("the peer ended the AppendEntries stream".into())),
+            Ok(None) => Err(CallError::Broken("the peer ended the stream".into())),
             Err(s) => Err(call_error(s)),
         }
     }
@@ -596,8 +678,13 @@ mod tests {
 
     /// A peer whose AppendEntries stream answers a request with a previous
     /// log id only after a long wait, with a conflict, and any other at once,
-    /// with success.
-    struct SlowPeer;
+    /// with success. Forwarded writes come back as they went, after "unary"
+    /// for a ForwardBatch call; with `forward_streams` the peer serves
+    /// ForwardStream too, and counts the streams opened.
+    #[derive(Default)]
+    struct SlowPeer {
+        forward_streams: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    }
 
     type Answers = std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftPayload, tonic::Status>> + Send>>;
 
@@ -608,6 +695,18 @@ mod tests {
     #[tonic::async_trait]
     impl crate::proto::kvdpb::peer_server::Peer for SlowPeer {
         type AppendEntriesStreamStream = Answers;
+        type ForwardStreamStream = Answers;
+
+        async fn forward_stream(
+            &self,
+            req: tonic::Request<tonic::Streaming<RaftPayload>>,
+        ) -> Result<tonic::Response<Answers>, tonic::Status> {
+            let Some(opened) = &self.forward_streams else {
+                return Err(tonic::Status::unimplemented("not in this test"));
+            };
+            opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(tonic::Response::new(Box::pin(req.into_inner())))
+        }
 
         async fn append_entries_stream(
             &self,
@@ -648,9 +747,10 @@ mod tests {
         }
         async fn forward_batch(
             &self,
-            _: tonic::Request<RaftPayload>,
+            req: tonic::Request<RaftPayload>,
         ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
-            unimplemented()
+            let data = [b"unary".as_slice(), &req.into_inner().data].concat();
+            Ok(tonic::Response::new(RaftPayload { data }))
         }
         async fn read_index(
             &self,
@@ -695,7 +795,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let server = tonic::transport::Server::builder()
-            .add_service(crate::proto::kvdpb::peer_server::PeerServer::new(SlowPeer))
+            .add_service(crate::proto::kvdpb::peer_server::PeerServer::new(SlowPeer::default()))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
         let server = tokio::spawn(server);
         let mut conn = PeerConnection::new(Network::default(), 2, format!("http://{addr}"));
@@ -722,6 +822,50 @@ mod tests {
         let next = conn.append_entries(heartbeat(), option()).await.expect("answered");
         assert!(matches!(next, AppendEntriesResponse::Success), "the next call read {next:?}");
         assert!(!conn.net.unary(2, &conn.addr));
+        server.abort();
+    }
+
+    /// A listening peer serving `peer`.
+    async fn serve(peer: SlowPeer) -> (String, tokio::task::JoinHandle<Result<(), tonic::transport::Error>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tonic::transport::Server::builder()
+            .add_service(crate::proto::kvdpb::peer_server::PeerServer::new(peer))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        (format!("http://{addr}"), tokio::spawn(server))
+    }
+
+    fn idle_forward_streams(net: &Network, addr: &str) -> usize {
+        net.with_forward_streams(2, addr, |s| s.idle.len())
+    }
+
+    #[tokio::test]
+    async fn forwarded_writes_reuse_one_stream_and_a_leader_without_it_gets_unary_calls() {
+        let timeout = Duration::from_secs(5);
+        let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (addr, server) = serve(SlowPeer { forward_streams: Some(opened.clone()) }).await;
+        let net = Network::default();
+        for write in [b"first".to_vec(), b"second".to_vec(), b"third".to_vec()] {
+            let answer = net.call(2, &addr, Rpc::ForwardBatch, write.clone(), timeout).await.expect("answered");
+            assert_eq!(answer, write, "answered on the stream, in order");
+            assert_eq!(idle_forward_streams(&net, &addr), 1);
+        }
+        assert_eq!(opened.load(std::sync::atomic::Ordering::SeqCst), 1, "one stream for all three");
+        // Calls under way at once each take a stream of their own.
+        let (a, b) = tokio::join!(
+            net.call(2, &addr, Rpc::ForwardBatch, b"a".to_vec(), timeout),
+            net.call(2, &addr, Rpc::ForwardBatch, b"b".to_vec(), timeout)
+        );
+        assert_eq!((a.expect("a"), b.expect("b")), (b"a".to_vec(), b"b".to_vec()));
+        assert_eq!(idle_forward_streams(&net, &addr), 2);
+        server.abort();
+
+        // An older leader answers the stream Unimplemented: unary calls.
+        let (addr, server) = serve(SlowPeer::default()).await;
+        let answer = net.call(2, &addr, Rpc::ForwardBatch, b"w".to_vec(), timeout).await.expect("answered");
+        assert_eq!(answer, b"unaryw");
+        assert!(net.with_forward_streams(2, &addr, |s| s.unary()));
+        assert_eq!(idle_forward_streams(&net, &addr), 0);
         server.abort();
     }
 
