@@ -356,16 +356,19 @@ impl Network {
         payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, CallError> {
-        if matches!(rpc, Rpc::ForwardBatch) && !self.with_forward_streams(id, addr, |s| s.unary()) {
-            match tokio::time::timeout(timeout, self.forward_on_stream(id, addr, &payload)).await {
-                Ok(Ok(Some(answer))) => return Ok(answer),
-                Ok(Ok(None)) => {
-                    self.with_forward_streams(id, addr, |s| s.unary_since = Some(std::time::Instant::now()))
+        let payload = if matches!(rpc, Rpc::ForwardBatch) && !self.with_forward_streams(id, addr, |s| s.unary()) {
+            match tokio::time::timeout(timeout, self.forward_on_stream(id, addr, payload)).await {
+                Ok(Ok(Ok(answer))) => return Ok(answer),
+                Ok(Ok(Err(unsent))) => {
+                    self.with_forward_streams(id, addr, |s| s.unary_since = Some(std::time::Instant::now()));
+                    unsent
                 }
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Err(CallError::Unknown(format!("{rpc:?} to {id:x} timed out after {timeout:?}"))),
             }
-        }
+        } else {
+            payload
+        };
         let mut client = self.client(id, addr)?;
         let req = self.request(id, RaftPayload { data: payload });
         let fut = async {
@@ -396,9 +399,15 @@ impl Network {
         }
     }
 
-    /// Sends forwarded writes on an idle stream to leader `id`, or a new one;
-    /// None if the leader serves no such stream.
-    async fn forward_on_stream(&self, id: NodeId, addr: &str, payload: &[u8]) -> Result<Option<Vec<u8>>, CallError> {
+    /// Sends forwarded writes on an idle stream to leader `id`, or a new one.
+    /// If the leader serves no such stream the payload comes back unsent
+    /// (`Ok(Err)`), for a unary call: it is never copied.
+    async fn forward_on_stream(
+        &self,
+        id: NodeId,
+        addr: &str,
+        payload: Vec<u8>,
+    ) -> Result<Result<Vec<u8>, Vec<u8>>, CallError> {
         if self.is_blocked(id) {
             self.with_forward_streams(id, addr, |s| s.idle.clear());
             return Err(CallError::NotSent(format!("peer {id:x} is cut off")));
@@ -410,7 +419,7 @@ impl Network {
                 let (requests, outgoing) = mpsc::channel(1);
                 match client.forward_stream(self.request(id, ReceiverStream::new(outgoing))).await {
                     Ok(answers) => AppendStream { requests, answers: answers.into_inner() },
-                    Err(s) if s.code() == tonic::Code::Unimplemented => return Ok(None),
+                    Err(s) if s.code() == tonic::Code::Unimplemented => return Ok(Err(payload)),
                     Err(s) => {
                         // A refusal comes when the stream opens; a member
                         // refused on an open stream is refused again when the
@@ -421,10 +430,10 @@ impl Network {
                 }
             }
         };
-        let answer = stream.call(payload.to_vec()).await?;
+        let answer = stream.call(payload).await?;
         self.note_answer(id, None);
         self.with_forward_streams(id, addr, |s| s.give_back(stream));
-        Ok(Some(answer))
+        Ok(Ok(answer))
     }
 
     /// A client for peer `id` at `addr`, unless the peer is cut off.
