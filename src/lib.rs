@@ -20,7 +20,7 @@
 //! [`join`] decides whether a member on an empty data directory may take
 //! part (one that lost its data may not come back under its old id);
 //! [`tls`] sets up TLS on the client and peer ports; [`config`] holds `kvd`'s flags; [`metrics`] the counters and histograms
-//! for `GET /metrics`; [`idle_memory`] gives freed heap back after a burst;
+//! for `GET /metrics`;
 //! [`backup`] is the file `snapshot save` writes; [`error`] the errors a
 //! client can see; [`proto`] the generated protobuf code; [`client`] the Rust
 //! client that `kvctl` and the tests use.
@@ -31,7 +31,6 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod grpc;
-pub mod idle_memory;
 pub mod join;
 pub mod lease;
 pub mod metrics;

@@ -405,7 +405,6 @@ pub async fn start_on(
         tasks.push(serve_clients(member.clone(), listener, tls, access, progress, stop_rx.clone()));
     }
     tasks.push(tokio::spawn(member.clone().run_lease_expiry()));
-    tasks.push(tokio::spawn(crate::idle_memory::run(member.state.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(member.clone().count_leader_changes()));
     tasks.push(tokio::spawn(member.clone().finish_joint_changes()));
     tasks.push(tokio::spawn(member.clone().record_when_listed()));
