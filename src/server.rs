@@ -250,7 +250,10 @@ pub async fn start_on(
         election_timeout_min: (cfg.election.as_millis() as u64 / 3).max(cfg.heartbeat.as_millis() as u64 + 1),
         election_timeout_max: (cfg.election.as_millis() as u64 * 2 / 3).max(cfg.heartbeat.as_millis() as u64 + 2),
         snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_count),
-        max_in_snapshot_log_to_keep: snapshot_count.min(5000),
+        // The log behind a snapshot is purged by the member itself, to a
+        // bound in entries and bytes (`Member::purge_the_log`): openraft's
+        // purge counts entries only, and one entry carries a batch of writes.
+        max_in_snapshot_log_to_keep: u64::MAX,
         snapshot_max_chunk_size: crate::raft::SNAPSHOT_CHUNK_BYTES as u64,
         // The answer to a snapshot's last chunk waits for the whole install,
         // which takes as long as the data is large (the member keeps the
@@ -283,6 +286,7 @@ pub async fn start_on(
         state_machine.resume_compaction();
         (crate::read_index::Restored::from_start(cfg.id, vote, last), last)
     };
+    let purged_log = log_store.clone();
     let raft = Raft::new(cfg.id, Arc::new(raft_config), network.clone(), log_store, state_machine)
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
@@ -411,6 +415,7 @@ pub async fn start_on(
     tasks.push(tokio::spawn(member.clone().watch_disk()));
     tasks.push(tokio::spawn(member.clone().run_auto_compaction(cfg.auto_compaction)));
     tasks.push(tokio::spawn(member.clone().take_snapshots(snapshot_due)));
+    tasks.push(tokio::spawn(member.clone().purge_the_log(purged_log, snapshot_count.min(5000))));
     tasks.push(publish_attributes(member.clone(), cfg.config.name.clone(), cfg.client_urls.clone(), stop_rx));
     tracing::info!(member = %format!("{:x}", cfg.id), name = %cfg.config.name, ?client_addrs, %peer_addr, "kvd member started");
     Ok(ServerHandle { member, client_addrs, peer_addr, stop, tasks })

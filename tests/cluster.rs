@@ -69,6 +69,39 @@ async fn a_member_behind_the_purged_log_catches_up_by_snapshot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_log_behind_a_snapshot_is_purged_to_a_bound_in_bytes() {
+    // A count of 300 keeps 300 entries behind a snapshot at most; entries of
+    // 64 KiB values reach the bound in bytes first (16 MiB: about 255).
+    let c = TestCluster::start(3, |args| args.extend(["--snapshot-count".to_string(), "300".to_string()])).await;
+    let leader = c.wait_leader().await;
+    let value = "v".repeat(64 << 10);
+    for i in 0..320 {
+        c.client(leader).put(put(&format!("big{i:03}"), &value)).await.unwrap();
+    }
+    let raft = &c.member(leader).member.raft;
+    let purged = raft
+        .wait(Some(std::time::Duration::from_secs(20)))
+        .metrics(
+            |m| match (m.snapshot, m.purged) {
+                (Some(s), Some(p)) => p.index + 280 > s.index,
+                _ => false,
+            },
+            "a purge past the bound in entries",
+        )
+        .await;
+    let m = raft.metrics().borrow().clone();
+    assert!(
+        purged.is_ok(),
+        "snapshot {:?}, purged up to {:?}: no more than about 255 entries of 64 KiB may stay",
+        m.snapshot,
+        m.purged
+    );
+    let (snapshot, purged) = (m.snapshot.map_or(0, |s| s.index), m.purged.map_or(0, |p| p.index));
+    assert!(snapshot - purged >= 200, "the bound keeps 16 MiB, about 255 entries: {} kept", snapshot - purged);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_snapshot_count_counts_client_writes_not_log_entries() {
     // etcd's --snapshot-count counts requests. kvd proposes many writes in
     // one entry, so a count of entries would let the log hold many times

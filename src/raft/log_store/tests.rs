@@ -181,3 +181,22 @@ async fn what_one_append_entries_carries_is_bounded_in_bytes() {
     // The reader of a whole range is not bounded.
     assert_eq!(store.try_get_log_entries(1..12).await.unwrap().len(), 11);
 }
+
+#[test]
+fn the_purge_point_keeps_at_most_so_many_entries_and_bytes_of_those_a_snapshot_covers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LogStore::open(dir.path()).unwrap();
+    store.write_entries((1..=10).map(|i| entry(1, i))).unwrap();
+    // Every record is the same size here.
+    let rec = records_len(&store) / 10;
+    assert_eq!(store.purge_point(10, 100, u64::MAX), None, "ten entries are within both bounds");
+    assert_eq!(store.purge_point(10, 4, u64::MAX), Some(6), "keeps 7..=10");
+    assert_eq!(store.purge_point(10, 100, 3 * rec), Some(7), "keeps 8..=10");
+    assert_eq!(store.purge_point(10, 100, 3 * rec - 1), Some(8), "keeps 9..=10");
+    // Only entries up to the snapshot's count; later ones always stay.
+    assert_eq!(store.purge_point(8, 100, 3 * rec), Some(5), "keeps 6..=8, and 9 and 10");
+    assert_eq!(store.purge_point(8, 2, u64::MAX), Some(6), "keeps 7 and 8, and 9 and 10");
+    store.purge_to(entry(1, 5).log_id).unwrap();
+    assert_eq!(store.purge_point(10, 100, 5 * rec), None, "what is left is within both bounds");
+    assert_eq!(store.purge_point(10, 3, u64::MAX), Some(7));
+}
