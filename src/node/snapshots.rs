@@ -13,8 +13,6 @@ use crate::raft::log_store::LogStore;
 /// of log at 100,000 keys of 1 KiB; 16 MiB still holds 16,000 writes of
 /// 1 KiB, more than the 5,000 entries etcd keeps of one write each.
 pub const LOG_KEEP_BYTES: u64 = 16 << 20;
-/// How often the member looks for a new snapshot to purge the log behind.
-const PURGE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Member {
     /// Has Raft build a snapshot each time `asked` is notified, until the
@@ -38,15 +36,16 @@ impl Member {
     /// only) is off: both bounds are applied here. openraft still waits to
     /// purge entries it is sending to a member.
     pub async fn purge_the_log(self: Arc<Self>, log: LogStore, keep_entries: u64) {
-        let mut tick = tokio::time::interval(PURGE_CHECK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // At once after each snapshot, as openraft's own purge was: a member
+        // added just after one catches up from it, not from the log.
+        let mut metrics = self.raft.metrics();
         let mut done = None;
         loop {
             tokio::select! {
-                _ = tick.tick() => {}
+                changed = metrics.changed() => if changed.is_err() { return },
                 () = self.stopped() => return,
             }
-            let Some(snapshot) = self.raft.metrics().borrow().snapshot.map(|s| s.index) else { continue };
+            let Some(snapshot) = metrics.borrow_and_update().snapshot.map(|s| s.index) else { continue };
             if done == Some(snapshot) {
                 continue;
             }
