@@ -34,67 +34,25 @@ for b in "$@"; do
     echo "$b/kvd is not an executable" >&2; exit 1
   fi
 done
-CLIENT_PORTS=(2379 22379 32379)
-PEER_PORTS=(2380 22380 32380)
-NAMES=(n1 n2 n3)
-EPS="127.0.0.1:2379,127.0.0.1:22379,127.0.0.1:32379"
-for port in "${CLIENT_PORTS[@]}" "${PEER_PORTS[@]}"; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    echo "port $port is in use: stop what listens there first" >&2
-    exit 1
-  fi
-done
+# shellcheck source=cluster-scripts/bench-lib.sh
+source "$ROOT/cluster-scripts/bench-lib.sh"
+require_free_ports
 
 WORK="$(mktemp -d /tmp/kvd-ab.XXXXXX)"
-PIDS=()
-stop_all() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  done
-  PIDS=()
-}
 trap 'stop_all; rm -rf "$WORK"' EXIT
 
 start() {
-  local bin=$1 cluster="" i
+  local bin=$1
   [ "$bin" = etcd ] || bin="$bin/kvd"
-  for i in 0 1 2; do cluster+="${cluster:+,}${NAMES[$i]}=http://127.0.0.1:${PEER_PORTS[$i]}"; done
-  for i in 0 1 2; do
-    "$bin" --name "${NAMES[$i]}" --data-dir "$WORK/${NAMES[$i]}" \
-      --listen-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
-      --advertise-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
-      --listen-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
-      --initial-advertise-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
-      --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token ab \
-      > "$WORK/${NAMES[$i]}.log" 2>&1 < /dev/null &
-    PIDS+=($!)
-  done
-  local deadline=$((SECONDS + 60))
-  until "$KVCTL" --endpoints "$EPS" --command-timeout 3s endpoint health > /dev/null 2>&1; do
-    if [ $SECONDS -ge $deadline ]; then echo "$1 did not become healthy; logs in $WORK" >&2; trap - EXIT; exit 1; fi
-    sleep 0.2
-  done
-}
-
-# Clock ticks of CPU the three members have used.
-cpu_ticks() {
-  local pid total=0
-  for pid in "${PIDS[@]}"; do total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done
-  echo "$total"
-}
-
-role() {
-  "$KVCTL" --endpoints "$EPS" --command-timeout 3s endpoint status | awk -F', ' -v r="$1" '$5 == r { print $1; exit }'
+  start_members "$bin" "$WORK/" ab
+  if ! wait_healthy "$1" "$KVCTL" 60; then trap - EXIT; stop_all; exit 1; fi
 }
 
 HZ=$(getconf CLK_TCK)
 for _ in $(seq "$ROUNDS"); do
   for b in "$@"; do
     start "$b"
-    leader=$(role true); follower=$(role false)
+    leader=$(member_with_role "$KVCTL" true); follower=$(member_with_role "$KVCTL" false)
     for w in "put-1|$leader|--conns 1 --clients 1 --total 4000" \
       "put-1-follower|$follower|--conns 1 --clients 1 --total 4000" \
       "put-64|$EPS|--conns 8 --clients 64 --total 20000" \
@@ -112,6 +70,6 @@ print("%s %s %.0f/s p50 %.3f p99 %.3f cpu/request %.0fus" % (sys.argv[2], sys.ar
         "$result" "$(basename "$b")" "$label" "$((after - before))" "$HZ" "$total"
     done
     stop_all
-    rm -rf "${WORK:?}"/n[123]
+    rm -rf "${WORK:?}"/n[123] "${WORK:?}"/n[123].log
   done
 done

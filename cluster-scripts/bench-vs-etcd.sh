@@ -26,10 +26,8 @@ BIN_DIR="${KVD_BIN_DIR:-$ROOT/target/release}"
 TOTAL="${BENCH_TOTAL:-20000}"
 KEYS="${BENCH_KEYS:-100000}"
 SETTLE="${BENCH_SETTLE:-5}"
-CLIENT_PORTS=(2379 22379 32379)
-PEER_PORTS=(2380 22380 32380)
-NAMES=(n1 n2 n3)
-EPS="127.0.0.1:2379,127.0.0.1:22379,127.0.0.1:32379"
+# shellcheck source=cluster-scripts/bench-lib.sh
+source "$ROOT/cluster-scripts/bench-lib.sh"
 
 if ! command -v etcd > /dev/null; then
   echo "etcd is not installed; cluster-scripts/test.sh installs it (etcd-server, etcd-client)" >&2
@@ -47,19 +45,7 @@ else
 fi
 RESULTS="$WORK/results.jsonl"
 : > "$RESULTS"
-PIDS=()
 
-stop_all() {
-  local pid
-  for pid in "${PIDS[@]}"; do
-    kill -TERM "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  done
-  PIDS=()
-}
 cleanup() {
   stop_all
   [ "$KEEP" = 1 ] || rm -rf "$WORK"
@@ -85,61 +71,20 @@ if [ -n "${BENCH_WORKLOADS:-}" ]; then
   WORKLOADS=("${selected[@]}")
 fi
 
-# Waits until the members just started answer; fails if one of them exited
-# (a port already taken, for instance: another cluster must not be measured).
-wait_healthy() {
-  local deadline=$((SECONDS + 60)) pid
-  while true; do
-    for pid in "${PIDS[@]}"; do
-      if ! kill -0 "$pid" 2>/dev/null; then
-        echo "a $1 member exited at start (ports ${CLIENT_PORTS[*]} ${PEER_PORTS[*]} must be free); logs in $WORK" >&2
-        KEEP=1
-        exit 1
-      fi
-    done
-    "$BIN_DIR/kvctl" --endpoints "$EPS" --command-timeout 3s endpoint health > /dev/null 2>&1 && return 0
-    if [ $SECONDS -ge $deadline ]; then echo "$1 cluster did not become healthy; logs in $WORK" >&2; exit 1; fi
-    sleep 0.2
-  done
-}
-
-start_etcd() {
-  local cluster="" i
-  for i in 0 1 2; do cluster+="${cluster:+,}${NAMES[$i]}=http://127.0.0.1:${PEER_PORTS[$i]}"; done
-  for i in 0 1 2; do
-    env ${BENCH_THREADS:+GOMAXPROCS="$BENCH_THREADS"} etcd --name "${NAMES[$i]}" --data-dir "$WORK/etcd-${NAMES[$i]}" \
-      --listen-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
-      --advertise-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
-      --listen-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
-      --initial-advertise-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
-      --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token bench \
-      > "$WORK/etcd-${NAMES[$i]}.log" 2>&1 < /dev/null &
-    PIDS+=($!)
-  done
-  wait_healthy etcd
-}
-
-start_kvd() {
-  local cluster="" i
-  for i in 0 1 2; do cluster+="${cluster:+,}${NAMES[$i]}=http://127.0.0.1:${PEER_PORTS[$i]}"; done
-  for i in 0 1 2; do
-    "$BIN_DIR/kvd" --name "${NAMES[$i]}" --data-dir "$WORK/kvd-${NAMES[$i]}" \
-      --listen-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
-      --advertise-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
-      --listen-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
-      --initial-advertise-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
-      --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token bench \
-      ${BENCH_THREADS:+--worker-threads "$BENCH_THREADS"} \
-      > "$WORK/kvd-${NAMES[$i]}.log" 2>&1 < /dev/null &
-    PIDS+=($!)
-  done
-  wait_healthy kvd
-}
-
-# The client URL of the leader (role "true") or of a follower ("false").
-member_with_role() {
-  "$BIN_DIR/kvctl" --endpoints "$EPS" --command-timeout 3s endpoint status \
-    | awk -F', ' -v role="$1" '$5 == role { print $1; exit }'
+# system: starts its three members on new data directories; a member that
+# exits at start (a port already taken, for instance) ends the run: another
+# cluster must not be measured.
+start() {
+  local bin=etcd threads=()
+  LAUNCH=()
+  if [ "$1" = kvd ]; then
+    bin="$BIN_DIR/kvd"
+    [ -z "${BENCH_THREADS:-}" ] || threads=(--worker-threads "$BENCH_THREADS")
+  else
+    [ -z "${BENCH_THREADS:-}" ] || LAUNCH=(env GOMAXPROCS="$BENCH_THREADS")
+  fi
+  start_members "$bin" "$WORK/$1-" bench "${threads[@]}"
+  wait_healthy "$1" "$BIN_DIR/kvctl" 60 || { KEEP=1; exit 1; }
 }
 
 # Where a workload sends its requests: all members, or with @leader or
@@ -159,7 +104,7 @@ workload_endpoints() {
 # system: runs every workload, then fills to $KEYS keys and records memory and disk.
 measure() {
   local system=$1 w label args eps
-  LEADER_EP=$(member_with_role true); FOLLOWER_EP=$(member_with_role false)
+  LEADER_EP=$(member_with_role "$BIN_DIR/kvctl" true); FOLLOWER_EP=$(member_with_role "$BIN_DIR/kvctl" false)
   if [ -z "$LEADER_EP" ] || [ -z "$FOLLOWER_EP" ]; then
     echo "$system: no leader and follower found among $EPS" >&2
     exit 1
@@ -217,13 +162,7 @@ measure() {
     "$system" "$(IFS=,; echo "${rss[*]}")" "$(IFS=,; echo "${settled[*]}")" "$(IFS=,; echo "${disk[*]}")" >> "$RESULTS"
 }
 
-# Another server on these ports would answer in place of the one measured.
-for port in "${CLIENT_PORTS[@]}" "${PEER_PORTS[@]}"; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    echo "port $port is in use: stop what listens there first (this script needs ${CLIENT_PORTS[*]} ${PEER_PORTS[*]})" >&2
-    exit 1
-  fi
-done
+require_free_ports
 
 echo "etcd: $(etcd --version | sed -n 1p)" >&2
 echo "threads per member: ${BENCH_THREADS:-the default of each (one per CPU)}" >&2
@@ -236,11 +175,11 @@ settle_disk() {
   for name in "${NAMES[@]}"; do rm -rf "${WORK:?}/$1-$name"; done
   sync
 }
-start_etcd
+start etcd
 measure etcd
 stop_all
 settle_disk etcd
-start_kvd
+start kvd
 measure kvd
 stop_all
 

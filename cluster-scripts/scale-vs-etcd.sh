@@ -58,10 +58,8 @@ elif [ -n "${1:-}" ]; then
 fi
 [ -z "${SCALE_KEYS:-}" ] || read -r -a SIZES <<< "$SCALE_KEYS"
 BIG_MB=${SCALE_BIG_MB:-$BIG_MB} BIG_LIMIT_MB=${SCALE_BIG_LIMIT_MB:-$BIG_LIMIT_MB} BIG_VAL=${SCALE_BIG_VAL:-16384}
-CLIENT_PORTS=(2379 22379 32379)
-PEER_PORTS=(2380 22380 32380)
-NAMES=(n1 n2 n3)
-EPS="127.0.0.1:2379,127.0.0.1:22379,127.0.0.1:32379"
+# shellcheck source=cluster-scripts/bench-lib.sh
+source "$ROOT/cluster-scripts/bench-lib.sh"
 command -v etcd > /dev/null || { echo "etcd is not installed; cluster-scripts/test.sh installs it" >&2; exit 1; }
 if [ -z "${KVD_BIN_DIR:-}" ]; then
   echo "building release binaries..." >&2
@@ -73,16 +71,11 @@ if [ ! -x "$PLOTTER" ]; then
   (cd "$ROOT" && cargo build --release -p kvd-scale-plot --quiet)
   PLOTTER="$ROOT/target/release/kvd-scale-plot"
 fi
-for port in "${CLIENT_PORTS[@]}" "${PEER_PORTS[@]}"; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    echo "port $port is in use: stop what listens there first" >&2; exit 1
-  fi
-done
+require_free_ports
 WORK="$(mktemp -d /tmp/kvd-scale.XXXXXX)"
 # Written as the run goes, so that a run cut short keeps what it measured.
 RESULTS="${SCALE_JSON:-$WORK/results.jsonl}"
 : > "$RESULTS"
-PIDS=()
 KVCTL=("$BIN_DIR/kvctl" --endpoints "$EPS")
 
 # KiB a directory takes. A member that runs deletes files while du walks its
@@ -92,18 +85,9 @@ dir_kb() {
   { du -sk "$1" 2> /dev/null || true; } | cut -f1
 }
 
-stop_all() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  done
-  PIDS=()
-}
 cleanup() {
   [ -z "${SAMPLER:-}" ] || kill "$SAMPLER" 2> /dev/null || true
-  stop_all
+  stop_all 20
   remove_cgroups
   rm -rf "$WORK"
 }
@@ -111,24 +95,11 @@ trap cleanup EXIT
 
 # system [soft]: waits until every member answers health; a member that
 # exits, or ten minutes without health, end the run (with soft: return 1).
-wait_healthy() {
-  local deadline=$((SECONDS + 600)) pid
-  while true; do
-    for pid in "${PIDS[@]}"; do
-      if ! kill -0 "$pid" 2>/dev/null; then
-        echo "a $1 member exited; its log:" >&2; tail -n 5 "$WORK"/*.log >&2
-        [ -n "${2:-}" ] && return 1
-        exit 1
-      fi
-    done
-    "${KVCTL[@]}" --command-timeout 3s endpoint health > /dev/null 2>&1 && return 0
-    if [ $SECONDS -ge $deadline ]; then
-      echo "$1 did not become healthy" >&2
-      [ -n "${2:-}" ] && return 1
-      exit 1
-    fi
-    sleep 0.1
-  done
+healthy() {
+  wait_healthy "$1" "$BIN_DIR/kvctl" 600 && return 0
+  tail -n 5 "$WORK"/*.log >&2
+  [ -n "${2:-}" ] && return 1
+  exit 1
 }
 
 # The cgroup v1 memory hierarchy this script may make a cgroup in for each
@@ -167,30 +138,22 @@ limit_launch() {
   fi
 }
 
-# system i state cluster: starts member i on its data directory under
-# $WORK/$system-*, in the background; its pid goes to PIDS[i].
-start_member() {
-  local system=$1 i=$2 state=$3 cluster=$4 bin=etcd
-  [ "$system" = kvd ] && bin="$BIN_DIR/kvd"
-  limit_launch "$system" "$i"
-  "${LAUNCH[@]}" "$bin" --name "${NAMES[$i]}" --data-dir "$WORK/$system-${NAMES[$i]}" \
-    --listen-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
-    --advertise-client-urls "http://127.0.0.1:${CLIENT_PORTS[$i]}" \
-    --listen-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
-    --initial-advertise-peer-urls "http://127.0.0.1:${PEER_PORTS[$i]}" \
-    --initial-cluster "$cluster" --initial-cluster-state "$state" --initial-cluster-token scale \
-    --quota-backend-bytes 8589934592 \
-    >> "$WORK/$system-${NAMES[$i]}.log" 2>&1 < /dev/null &
-  PIDS[$i]=$!
+# system i state: starts member i on its data directory under
+# $WORK/$system-*, in the background, within MEM_LIMIT_MB; its pid goes to
+# PIDS[i].
+launch_member() {
+  local bin=etcd
+  [ "$1" = kvd ] && bin="$BIN_DIR/kvd"
+  limit_launch "$1" "$2"
+  start_member "$bin" "$2" "$WORK/$1-${NAMES[$2]}" "$3" scale --quota-backend-bytes 8589934592
 }
 
 # system [soft]: starts its three members on the data directories under
-# $WORK/$system-* (see wait_healthy for soft).
+# $WORK/$system-* (see healthy for soft).
 start() {
-  local system=$1 cluster="" i
-  for i in 0 1 2; do cluster+="${cluster:+,}${NAMES[$i]}=http://127.0.0.1:${PEER_PORTS[$i]}"; done
-  for i in 0 1 2; do start_member "$system" "$i" new "$cluster"; done
-  wait_healthy "$system" "${2:-}"
+  local system=$1 i
+  for i in 0 1 2; do launch_member "$system" "$i" new; done
+  healthy "$system" "${2:-}"
 }
 
 # system keys: the third member loses its data (after every member took a
@@ -199,9 +162,8 @@ start() {
 # started empty. Sets CATCHUP_MS, the milliseconds until it serves the last
 # key written, read locally, and CATCHUP_PEAK_KB, its peak resident memory.
 catch_up() {
-  local system=$1 keys=$2 cluster="" i id
+  local system=$1 keys=$2 id
   local two="127.0.0.1:${CLIENT_PORTS[0]},127.0.0.1:${CLIENT_PORTS[1]}"
-  for i in 0 1 2; do cluster+="${cluster:+,}${NAMES[$i]}=http://127.0.0.1:${PEER_PORTS[$i]}"; done
   # The member is to catch up by snapshot. etcd takes one every 100,000
   # writes; kvd counts its snapshot interval in log entries of many writes
   # each, so at these sizes it has taken none and a new member would replay
@@ -226,7 +188,7 @@ print(next(format(m['ID'], 'x') for m in json.load(sys.stdin)['members'] if m['n
   last=$(python3 -c "import base64,struct,json
 print(json.dumps({'key': base64.b64encode(b'k'*8+struct.pack('>Q',$keys-1)).decode(), 'serializable': True}))")
   t0=$EPOCHREALTIME
-  start_member "$system" 2 existing "$cluster"
+  launch_member "$system" 2 existing
   until curl -sf -X POST "http://127.0.0.1:${CLIENT_PORTS[2]}/v3/kv/range" -d "$last" 2> /dev/null |
     grep -q '"kvs"'; do
     kill -0 "${PIDS[2]}" 2> /dev/null || { echo "the $system member that lost its data exited" >&2; exit 1; }
@@ -255,7 +217,7 @@ measure() {
     disk+=("$(dir_kb "$WORK/$system-${NAMES[$i]}")")
   done
   echo "[$system] restarting all three members" >&2
-  stop_all
+  stop_all 20
   local t0=$EPOCHREALTIME
   start "$system"
   local restart_ms
@@ -289,7 +251,7 @@ for a in range(0, end, 50000): print(json.dumps({'key':k(a),'range_end':k(min(a+
   "${KVCTL[@]}" --command-timeout 600s compaction --physical "$rev" > /dev/null
   "${KVCTL[@]}" --command-timeout 600s defrag > /dev/null
   for i in 0 1 2; do space+=("$(dir_kb "$WORK/$system-${NAMES[$i]}")"); done
-  stop_all
+  stop_all 20
   printf '{"system":"%s","keys":%s,"load":%s,"range":%s,"rss_kb":[%s],"disk_kb":[%s],"restart_ms":%s,"defrag_kb":[%s],"catchup_ms":%s,"catchup_peak_kb":%s}\n' \
     "$system" "$keys" "$load" "$range" "$(IFS=,; echo "${rss[*]}")" "$(IFS=,; echo "${disk[*]}")" "$restart_ms" \
     "$(IFS=,; echo "${space[*]}")" "$CATCHUP_MS" "$CATCHUP_PEAK_KB" >> "$RESULTS"
@@ -308,14 +270,7 @@ writers() {
       --key-size 16 --key-space-size 100000 --val-size 256 --quiet)
     printf '{"system":"%s","writers":%s,"put":%s}\n' "$system" "$clients" "$out" >> "$RESULTS"
   done
-  stop_all
-}
-
-# The members' CPU time in clock ticks, summed.
-cpu_ticks() {
-  local pid sum=0
-  for pid in "${PIDS[@]}"; do sum=$((sum + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done
-  echo "$sum"
+  stop_all 20
 }
 
 # The largest resident memory of a member, in KiB.
@@ -368,14 +323,14 @@ leases() {
       stop_sampler
       printf '{"system":"%s","leases":%s,"failed":%s}\n' "$system" "$n" \
         "$(tail -n 1 "$WORK/bench.err" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().strip()))')" >> "$RESULTS"
-      stop_all
+      stop_all 20
       continue
     fi
     stop_sampler
     printf '{"system":"%s","leases":%s,"keepalive":%s,%s}\n' "$system" "$n" "$out" \
       "$(sampled "$WORK/samples-$system-$n" "$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["keepalive_seconds"])')")" \
       >> "$RESULTS"
-    stop_all
+    stop_all 20
   done
 }
 
@@ -393,7 +348,7 @@ storm() {
     printf '{"system":"%s","storm_failed":%s}\n' "$system" \
       "$(tail -n 1 "$WORK/bench.err" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().strip()))')" >> "$RESULTS"
   fi
-  stop_all
+  stop_all 20
 }
 
 # system: the watchers curve, a fresh cluster per point.
@@ -409,7 +364,7 @@ watchers() {
     stop_sampler
     printf '{"system":"%s","watchers":%s,"watch":%s,%s}\n' "$system" "$n" "$out" \
       "$(sampled "$WORK/samples-$system-w$n" 1)" >> "$RESULTS"
-    stop_all
+    stop_all 20
   done
 }
 
@@ -446,7 +401,7 @@ bigdata() {
   MEM_LIMIT_MB=$BIG_LIMIT_MB
   if ! start "$system" soft; then
     printf '{"system":"%s","big_failed":"did not start within %s MiB"}\n' "$system" "$BIG_LIMIT_MB" >> "$RESULTS"
-    stop_all; remove_cgroups; MEM_LIMIT_MB=""
+    stop_all 20; remove_cgroups; MEM_LIMIT_MB=""
     return
   fi
   for step in 1 2 3 4; do
@@ -471,7 +426,7 @@ bigdata() {
     restart_ms=null
     if [ "$step" -eq 4 ] && [ "$alive" -eq 3 ]; then
       echo "[$system] restarting all three members within $BIG_LIMIT_MB MiB" >&2
-      stop_all
+      stop_all 20
       local t0=$EPOCHREALTIME
       if start "$system" soft; then
         restart_ms=$(python3 -c "print(round(($EPOCHREALTIME - $t0) * 1000))")
@@ -482,7 +437,7 @@ bigdata() {
       "$(IFS=,; echo "${hwm[*]}")" "$(IFS=,; echo "${disk[*]}")" "$alive" "$(oom_kills "$system")" "$restart_ms" >> "$RESULTS"
     [ "$alive" -eq 3 ] || break
   done
-  stop_all
+  stop_all 20
   remove_cgroups
   MEM_LIMIT_MB=""
 }
