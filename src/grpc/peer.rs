@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use openraft::error::{InstallSnapshotError, RaftError};
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -20,6 +20,7 @@ use crate::proto::kvdpb::peer_server::Peer;
 use crate::proto::kvdpb::RaftPayload;
 use crate::raft::leader::{encode_answer, Proposal};
 use crate::raft::network::{CLUSTER_HEADER, FROM_HEADER, STARTING, TO_HEADER};
+use crate::raft::snapshot_chunk::decode_chunk;
 use crate::raft::{decode, encode, NodeId, TypeConfig};
 
 /// Names the peer port in the answer to a call it does not serve (an etcd
@@ -262,7 +263,7 @@ impl Peer for PeerService {
     async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         self.ready().await?;
         let from = self.sender(&req).await?;
-        let rpc: InstallSnapshotRequest<TypeConfig> = input(req)?;
+        let rpc = decode_chunk(&req.into_inner().data)?;
         self.own_vote(from, &rpc.vote)?;
         // openraft sends a member no heartbeats while a snapshot is sent to
         // it, and the last chunk's answer waits for the whole install; a

@@ -10,6 +10,7 @@ pub(crate) mod gather;
 pub mod leader;
 pub mod log_store;
 pub mod network;
+pub mod snapshot_chunk;
 pub mod state_machine;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

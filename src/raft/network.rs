@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use super::snapshot_chunk::encode_chunk;
 use super::{decode, encode, Node, NodeId, TypeConfig};
 use crate::proto::kvdpb::peer_client::PeerClient;
 use crate::proto::kvdpb::RaftPayload;
@@ -625,7 +626,11 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.raft_call(Rpc::InstallSnapshot, &rpc, option.hard_ttl()).await
+        let payload = encode_chunk(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let timeout = option.hard_ttl();
+        let bytes =
+            self.net.call(self.target, &self.addr, Rpc::InstallSnapshot, payload, timeout).await.map_err(rpc_error)?;
+        self.answer(&bytes)
     }
 
     async fn vote(
