@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use super::snapshot_chunk::encode_chunk;
+use super::snapshot_chunk::{encode_chunk, send_snapshot};
 use super::{decode, encode, Node, NodeId, TypeConfig};
 use crate::proto::kvdpb::peer_client::PeerClient;
 use crate::proto::kvdpb::RaftPayload;
@@ -631,6 +631,20 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         let bytes =
             self.net.call(self.target, &self.addr, Rpc::InstallSnapshot, payload, timeout).await.map_err(rpc_error)?;
         self.answer(&bytes)
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: openraft::Vote<NodeId>,
+        snapshot: openraft::storage::Snapshot<TypeConfig>,
+        cancel: impl std::future::Future<Output = openraft::error::ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<
+        openraft::raft::SnapshotResponse<NodeId>,
+        openraft::error::StreamingError<TypeConfig, openraft::error::Fatal<NodeId>>,
+    > {
+        let target = self.target;
+        send_snapshot(self, target, vote, snapshot, cancel, option).await
     }
 
     async fn vote(

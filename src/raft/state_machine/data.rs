@@ -50,7 +50,7 @@ fn read_only() -> std::io::Error {
 
 impl SnapshotData {
     /// The data of `file` from `base` on, positioned at its start.
-    pub(super) fn new(mut file: std::fs::File, base: u64) -> std::io::Result<SnapshotData> {
+    pub(crate) fn new(mut file: std::fs::File, base: u64) -> std::io::Result<SnapshotData> {
         use std::io::Seek;
         file.seek(SeekFrom::Start(base))?;
         Ok(SnapshotData(Inner::File { file: tokio::fs::File::from_std(file), base, receiving: None }))
