@@ -27,11 +27,15 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::{decode, encode, CodecError, Node, NodeId, TypeConfig};
 
-/// Times a chunk is sent again after a timeout or a network error before
-/// the snapshot is given up on (openraft then begins it again later).
+/// Times a chunk is sent again after a network error before the snapshot
+/// is given up on (openraft then begins it again later).
 const CHUNK_RETRIES: u32 = 3;
 /// The wait before a chunk is sent again.
 const RETRY_DELAY: Duration = Duration::from_millis(200);
+/// A call that failed after this long is not tried again: the peer is
+/// stuck rather than briefly unreachable, and each try could wait out the
+/// whole install timeout.
+const RETRY_WITHIN: Duration = Duration::from_secs(10);
 
 /// Sends `snapshot` to the peer behind `net` in chunks of the size
 /// `option` gives, one after another, each once the last is answered, and
@@ -41,8 +45,10 @@ const RETRY_DELAY: Duration = Duration::from_millis(200);
 /// openraft's own loop waits a millisecond before every chunk (more, with
 /// the timer's granularity): for 1.1 GB in chunks of 1 MiB that is a second
 /// or two of a member's catch-up spent waiting. This one sends the next
-/// chunk as soon as the last is answered. A chunk that times out or meets a
-/// network error is sent again a few times; a peer that lost what it had
+/// chunk as soon as the last is answered. A chunk other than the last that
+/// meets a network error within [`RETRY_WITHIN`] is sent again a few times
+/// (the last one's answer waits for the whole install, and a peer that got
+/// it has nothing to take it again into); a peer that lost what it had
 /// received (it answers that the snapshot does not match) gets the snapshot
 /// again from the start.
 pub async fn send_snapshot<N: RaftNetwork<TypeConfig> + ?Sized>(
@@ -61,6 +67,7 @@ pub async fn send_snapshot<N: RaftNetwork<TypeConfig> + ?Sized>(
     let mut cancel = std::pin::pin!(cancel);
     let mut offset = 0u64;
     let mut failures = 0u32;
+    let mut restarts = 0u32;
     loop {
         if let Some(closed) = futures::FutureExt::now_or_never(cancel.as_mut()) {
             return Err(closed.into());
@@ -76,6 +83,7 @@ pub async fn send_snapshot<N: RaftNetwork<TypeConfig> + ?Sized>(
             return Err(storage(short).into());
         }
         let req = InstallSnapshotRequest { vote, meta: snapshot.meta.clone(), offset, data: buf, done };
+        let sent_at = tokio::time::Instant::now();
         let transient = match net.install_snapshot(req, option.clone()).await {
             Ok(resp) if resp.vote > vote || done => return Ok(SnapshotResponse::new(resp.vote)),
             Ok(_) => {
@@ -85,6 +93,12 @@ pub async fn send_snapshot<N: RaftNetwork<TypeConfig> + ?Sized>(
             }
             Err(RPCError::RemoteError(e)) => match e.source {
                 RaftError::APIError(InstallSnapshotError::SnapshotMismatch(mismatch)) => {
+                    restarts += 1;
+                    if restarts > CHUNK_RETRIES {
+                        let e =
+                            std::io::Error::other(format!("the peer lost the snapshot {restarts} times: {mismatch}"));
+                        return Err(NetworkError::new(&e).into());
+                    }
                     tracing::info!(peer = %format!("{target:x}"), %mismatch, "the peer lost the snapshot it was receiving; sending it again from the start");
                     offset = 0;
                     failures = 0;
@@ -100,7 +114,7 @@ pub async fn send_snapshot<N: RaftNetwork<TypeConfig> + ?Sized>(
             Err(RPCError::Network(e)) => StreamingError::Network(e),
         };
         failures += 1;
-        if failures > CHUNK_RETRIES {
+        if done || failures > CHUNK_RETRIES || sent_at.elapsed() >= RETRY_WITHIN {
             return Err(transient);
         }
         tracing::debug!(peer = %format!("{target:x}"), offset, error = %transient, "sending a snapshot chunk again");
@@ -163,6 +177,8 @@ mod tests {
         Ok,
         /// A network error: the chunk never arrived.
         Lost,
+        /// A network error after 11 s.
+        Stuck,
         /// It lost what it had received.
         Mismatch,
         /// It knows a newer leader.
@@ -201,6 +217,10 @@ mod tests {
             let vote = req.vote;
             match answer {
                 Answer::Lost => Err(RPCError::Network(NetworkError::new(&std::io::Error::other("lost")))),
+                Answer::Stuck => {
+                    tokio::time::sleep(Duration::from_secs(11)).await;
+                    Err(RPCError::Network(NetworkError::new(&std::io::Error::other("stuck"))))
+                }
                 Answer::Mismatch => {
                     self.received.clear();
                     let id = req.meta.snapshot_id.clone();
@@ -274,6 +294,13 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_peer_that_keeps_losing_the_snapshot_fails_the_sending() {
+        let (peer, _, res) = send((0..10).map(|_| Answer::Mismatch).collect()).await;
+        assert!(res.expect_err("given up").contains("lost the snapshot"));
+        assert_eq!(peer.calls, 1 + CHUNK_RETRIES as usize);
+    }
+
+    #[tokio::test]
     async fn a_higher_vote_ends_the_sending_and_is_returned() {
         let (peer, _, res) = send(vec![Answer::Ok, Answer::HigherVote]).await;
         assert_eq!(res.expect("answered").vote, Vote::new(4, 2));
@@ -285,6 +312,20 @@ mod tests {
         let (peer, _, res) = send((0..10).map(|_| Answer::Lost).collect()).await;
         assert!(res.expect_err("given up").contains("lost"));
         assert_eq!(peer.calls, 1 + CHUNK_RETRIES as usize);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_chunk_that_failed_only_after_a_long_wait_is_not_sent_again() {
+        let (peer, _, res) = send(vec![Answer::Ok, Answer::Stuck]).await;
+        assert!(res.expect_err("given up").contains("stuck"));
+        assert_eq!(peer.calls, 2);
+    }
+
+    #[tokio::test]
+    async fn the_last_chunk_is_not_sent_again() {
+        let (peer, _, res) = send(vec![Answer::Ok, Answer::Ok, Answer::Lost]).await;
+        assert!(res.expect_err("given up").contains("lost"));
+        assert_eq!(peer.calls, 3);
     }
 
     #[tokio::test]
