@@ -50,7 +50,7 @@ const RETRY_WITHIN: Duration = Duration::from_secs(10);
 /// (the last one's answer waits for the whole install, and a peer that got
 /// it has nothing to take it again into); a peer that lost what it had
 /// received (it answers that the snapshot does not match) gets the snapshot
-/// again from the start.
+/// again from the start, up to [`CHUNK_RETRIES`] times.
 pub async fn send_snapshot<N: RaftNetwork<TypeConfig> + ?Sized>(
     net: &mut N,
     target: NodeId,
