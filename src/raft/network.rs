@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use super::snapshot_chunk::{encode_chunk, send_snapshot};
+use super::snapshot_chunk::{send_snapshot, ChunkOut};
 use super::{decode, encode, Node, NodeId, TypeConfig};
 use crate::proto::kvdpb::peer_client::PeerClient;
 use crate::proto::kvdpb::RaftPayload;
@@ -626,11 +626,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        let payload = encode_chunk(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let timeout = option.hard_ttl();
-        let bytes =
-            self.net.call(self.target, &self.addr, Rpc::InstallSnapshot, payload, timeout).await.map_err(rpc_error)?;
-        self.answer(&bytes)
+        self.raft_call(Rpc::InstallSnapshot, &ChunkOut::of(&rpc), option.hard_ttl()).await
     }
 
     async fn full_snapshot(

@@ -25,7 +25,7 @@ use openraft::{SnapshotMeta, StorageError, StorageIOError, Vote};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use super::{decode, encode, CodecError, Node, NodeId, TypeConfig};
+use super::{decode, CodecError, Node, NodeId, TypeConfig};
 
 /// Times a chunk is sent again after a network error before the snapshot
 /// is given up on (openraft then begins it again later).
@@ -68,14 +68,20 @@ pub async fn send_snapshot<N: RaftNetwork<TypeConfig> + ?Sized>(
     let mut offset = 0u64;
     let mut failures = 0u32;
     let mut restarts = 0u32;
+    // Where the data is positioned: a seek (a blocking call for a plain
+    // file) only to send a chunk again or to begin again.
+    let mut at = end;
     loop {
         if let Some(closed) = futures::FutureExt::now_or_never(cancel.as_mut()) {
             return Err(closed.into());
         }
-        data.seek(SeekFrom::Start(offset)).await.map_err(storage)?;
+        if at != offset {
+            data.seek(SeekFrom::Start(offset)).await.map_err(storage)?;
+        }
         let mut buf = Vec::with_capacity(chunk_bytes);
         while buf.len() < chunk_bytes && data.read_buf(&mut buf).await.map_err(storage)? > 0 {}
         let len = buf.len() as u64;
+        at = offset + len;
         let done = offset + len >= end;
         if len == 0 && !done {
             let short =
@@ -125,9 +131,10 @@ pub async fn send_snapshot<N: RaftNetwork<TypeConfig> + ?Sized>(
     }
 }
 
-/// The fields of `InstallSnapshotRequest`, in its order, borrowed.
+/// The fields of `InstallSnapshotRequest`, in its order, borrowed: what
+/// goes on the wire for a chunk (see [`ChunkOut::of`]).
 #[derive(Serialize)]
-struct ChunkOut<'a> {
+pub struct ChunkOut<'a> {
     vote: &'a Vote<NodeId>,
     meta: &'a SnapshotMeta<NodeId, Node>,
     offset: u64,
@@ -147,12 +154,14 @@ struct ChunkIn {
     done: bool,
 }
 
-/// Encodes `req` as `encode` would, its data in one copy.
-pub fn encode_chunk(req: &InstallSnapshotRequest<TypeConfig>) -> Result<Vec<u8>, CodecError> {
-    encode(&ChunkOut { vote: &req.vote, meta: &req.meta, offset: req.offset, data: &req.data, done: req.done })
+impl<'a> ChunkOut<'a> {
+    /// `req`, to encode as `encode` would encode it, its data in one copy.
+    pub fn of(req: &'a InstallSnapshotRequest<TypeConfig>) -> ChunkOut<'a> {
+        ChunkOut { vote: &req.vote, meta: &req.meta, offset: req.offset, data: &req.data, done: req.done }
+    }
 }
 
-/// Decodes what [`encode_chunk`] (or `encode` of the request) wrote.
+/// Decodes what `encode` wrote of a [`ChunkOut`] or of the request itself.
 pub fn decode_chunk(bytes: &[u8]) -> Result<InstallSnapshotRequest<TypeConfig>, CodecError> {
     let ChunkIn { vote, meta, offset, data, done } = decode(bytes)?;
     Ok(InstallSnapshotRequest { vote, meta, offset, data, done })
@@ -185,6 +194,15 @@ mod tests {
         HigherVote,
     }
 
+    /// What the peer service gets for `req`.
+    fn encode_chunk(req: &InstallSnapshotRequest<TypeConfig>) -> Result<Vec<u8>, CodecError> {
+        crate::raft::encode(&ChunkOut::of(req))
+    }
+
+    fn network_error<E: std::error::Error>(why: &str) -> RPCError<NodeId, Node, E> {
+        RPCError::Network(NetworkError::new(&std::io::Error::other(why.to_string())))
+    }
+
     /// A peer that answers each call as `script` says (then Ok), and keeps
     /// what it was sent.
     struct Peer {
@@ -200,7 +218,7 @@ mod tests {
             _: AppendEntriesRequest<TypeConfig>,
             _: RPCOption,
         ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-            Err(RPCError::Network(NetworkError::new(&std::io::Error::other("not in this test"))))
+            Err(network_error("not in this test"))
         }
 
         async fn install_snapshot(
@@ -216,10 +234,10 @@ mod tests {
             self.sent.push((req.offset, req.data.len(), req.done));
             let vote = req.vote;
             match answer {
-                Answer::Lost => Err(RPCError::Network(NetworkError::new(&std::io::Error::other("lost")))),
+                Answer::Lost => Err(network_error("lost")),
                 Answer::Stuck => {
                     tokio::time::sleep(Duration::from_secs(11)).await;
-                    Err(RPCError::Network(NetworkError::new(&std::io::Error::other("stuck"))))
+                    Err(network_error("stuck"))
                 }
                 Answer::Mismatch => {
                     self.received.clear();
@@ -242,7 +260,7 @@ mod tests {
             _: VoteRequest<NodeId>,
             _: RPCOption,
         ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-            Err(RPCError::Network(NetworkError::new(&std::io::Error::other("not in this test"))))
+            Err(network_error("not in this test"))
         }
     }
 
@@ -370,7 +388,7 @@ mod tests {
         for (data, done) in [(Vec::new(), true), ((0..=255u8).cycle().take(70_001).collect(), false)] {
             let req = chunk(data, done);
             let ours = encode_chunk(&req).expect("encode");
-            let theirs = encode(&req).expect("encode");
+            let theirs = crate::raft::encode(&req).expect("encode");
             assert_eq!(ours, theirs, "the same bytes as openraft's struct gives");
             assert_eq!(decode_chunk(&theirs).expect("decode"), req);
             let back: InstallSnapshotRequest<TypeConfig> = decode(&ours).expect("decode");
