@@ -10,6 +10,7 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
+use super::preload::Preload;
 use crate::mvcc::keys::HIST;
 use crate::mvcc::values::{whole_len, whole_record, ValueLog};
 
@@ -28,6 +29,8 @@ enum Inner {
         /// A file being received: removed when the data is dropped unused
         /// (a stream the leader gave up).
         receiving: Option<std::path::PathBuf>,
+        /// The loader that follows a file being received.
+        follow: Option<Follow>,
     },
     /// A member's own snapshot file, whose records point into a value file:
     /// read with every value put back in place.
@@ -44,6 +47,40 @@ impl Drop for SnapshotData {
     }
 }
 
+/// A loader following the writes into a file being received: each is
+/// told to it once it is in the file, as long as they come in order.
+#[derive(Debug)]
+struct Follow {
+    preload: Preload,
+    /// Where the next write goes.
+    pos: u64,
+    /// The end of the writes made in order from the start.
+    written: u64,
+    in_order: bool,
+}
+
+impl Follow {
+    /// The writes made so far are in the file.
+    fn landed(&self) {
+        if self.in_order {
+            self.preload.arrivals().reached(self.written);
+        }
+    }
+
+    fn wrote(&mut self, n: usize) {
+        if self.in_order && self.pos != self.written {
+            // A chunk sent again, or data not from the start: the install
+            // loads the file as it ends up instead.
+            self.in_order = false;
+            self.preload.arrivals().stop("the data was not written in order");
+        }
+        self.pos += n as u64;
+        if self.in_order {
+            self.written = self.pos;
+        }
+    }
+}
+
 fn read_only() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::Unsupported, "a built snapshot is not written to")
 }
@@ -53,7 +90,7 @@ impl SnapshotData {
     pub(crate) fn new(mut file: std::fs::File, base: u64) -> std::io::Result<SnapshotData> {
         use std::io::Seek;
         file.seek(SeekFrom::Start(base))?;
-        Ok(SnapshotData(Inner::File { file: tokio::fs::File::from_std(file), base, receiving: None }))
+        Ok(SnapshotData(Inner::File { file: tokio::fs::File::from_std(file), base, receiving: None, follow: None }))
     }
 
     /// The `len` bytes of data of `file` from `data_at` on, whose records
@@ -79,22 +116,45 @@ impl SnapshotData {
     /// A new file at `path` to receive a snapshot's data into.
     pub(super) fn receive_into(path: std::path::PathBuf) -> Result<SnapshotData, super::snapshot::SnapshotFileError> {
         let file = super::snapshot::create_rw(&path)?;
-        Ok(SnapshotData(Inner::File { file: tokio::fs::File::from_std(file), base: 0, receiving: Some(path) }))
+        let file = tokio::fs::File::from_std(file);
+        Ok(SnapshotData(Inner::File { file, base: 0, receiving: Some(path), follow: None }))
+    }
+
+    /// Has `preload` follow what is received into the file.
+    pub(super) fn follow(&mut self, preload: Preload) {
+        if let Inner::File { follow, .. } = &mut self.0 {
+            *follow = Some(Follow { preload, pos: 0, written: 0, in_order: true });
+        }
     }
 
     /// The file, once every write handed to it has reached it; where in it
     /// the data begins; and, for a received file, its path, which the caller
-    /// now removes.
-    pub(super) async fn into_file(mut self) -> std::io::Result<(std::fs::File, u64, Option<std::path::PathBuf>)> {
+    /// now removes, and the loader that followed it.
+    pub(super) async fn into_file(mut self) -> std::io::Result<Received> {
         use tokio::io::AsyncWriteExt;
-        let Inner::File { file, base, receiving } = &mut self.0 else { return Err(read_only()) };
+        let Inner::File { file, base, receiving, follow } = &mut self.0 else { return Err(read_only()) };
         file.flush().await?;
         let receiving = receiving.take();
+        let preload = follow.take().map(|f| {
+            f.landed();
+            f.preload
+        });
         // A clone of the handle: `self` cannot be taken apart, as it has a
         // Drop of its own.
         let file = file.try_clone().await?.into_std().await;
-        Ok((file, *base, receiving))
+        Ok(Received { file, base: *base, path: receiving, preload })
     }
+}
+
+/// A snapshot's data as [`SnapshotData::into_file`] gives it up.
+pub(super) struct Received {
+    pub(super) file: std::fs::File,
+    /// Where in the file the data begins.
+    pub(super) base: u64,
+    /// The path of a file received, for the caller to remove.
+    pub(super) path: Option<std::path::PathBuf>,
+    /// The loader that followed it as it was received.
+    pub(super) preload: Option<Preload>,
 }
 
 impl AsyncRead for SnapshotData {
@@ -109,21 +169,42 @@ impl AsyncRead for SnapshotData {
 impl AsyncWrite for SnapshotData {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         match &mut self.0 {
-            Inner::File { file, .. } => Pin::new(file).poll_write(cx, buf),
+            Inner::File { file, follow: None, .. } => Pin::new(file).poll_write(cx, buf),
+            Inner::File { file, follow: Some(follow), .. } => {
+                // tokio writes in the background: the write before is in
+                // the file once this is done.
+                ready!(Pin::new(&mut *file).poll_flush(cx))?;
+                follow.landed();
+                let n = ready!(Pin::new(file).poll_write(cx, buf))?;
+                follow.wrote(n);
+                Poll::Ready(Ok(n))
+            }
             Inner::Expanding(_) => Poll::Ready(Err(read_only())),
         }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match &mut self.0 {
-            Inner::File { file, .. } => Pin::new(file).poll_flush(cx),
+            Inner::File { file, follow, .. } => {
+                ready!(Pin::new(file).poll_flush(cx))?;
+                if let Some(f) = follow {
+                    f.landed();
+                }
+                Poll::Ready(Ok(()))
+            }
             Inner::Expanding(_) => Poll::Ready(Ok(())),
         }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match &mut self.0 {
-            Inner::File { file, .. } => Pin::new(file).poll_shutdown(cx),
+            Inner::File { file, follow, .. } => {
+                ready!(Pin::new(file).poll_shutdown(cx))?;
+                if let Some(f) = follow {
+                    f.landed();
+                }
+                Poll::Ready(Ok(()))
+            }
             Inner::Expanding(_) => Poll::Ready(Ok(())),
         }
     }
@@ -145,12 +226,15 @@ impl AsyncSeek for SnapshotData {
 
     fn poll_complete(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<u64>> {
         match &mut self.0 {
-            Inner::File { file, base, .. } => {
+            Inner::File { file, base, follow, .. } => {
                 // A position before the data is reported as its start
                 // (tokio asks for the position before a seek begins, and
                 // does not know that of a file it was handed).
-                let base = *base;
-                Pin::new(file).poll_complete(cx).map_ok(|at| at.saturating_sub(base))
+                let at = ready!(Pin::new(file).poll_complete(cx))?.saturating_sub(*base);
+                if let Some(f) = follow {
+                    f.pos = at;
+                }
+                Poll::Ready(Ok(at))
             }
             Inner::Expanding(e) => Poll::Ready(Ok(e.at)),
         }
@@ -363,14 +447,15 @@ mod tests {
         assert_eq!(got, "ATA");
         data.seek(SeekFrom::Start(4)).await.unwrap();
         data.write_all(b"+more").await.unwrap();
-        assert_eq!(data.into_file().await.unwrap().1, 4);
+        assert_eq!(data.into_file().await.unwrap().base, 4);
         // A received file goes when its data is dropped unused, and stays
         // when it is taken.
         let dropped = dir.path().join("dropped");
         drop(SnapshotData::receive_into(dropped.clone()).unwrap());
         assert!(!dropped.exists());
         let taken = dir.path().join("taken");
-        let (_, base, kept) = SnapshotData::receive_into(taken.clone()).unwrap().into_file().await.unwrap();
+        let Received { base, path: kept, .. } =
+            SnapshotData::receive_into(taken.clone()).unwrap().into_file().await.unwrap();
         assert_eq!((base, kept.as_deref()), (0, Some(taken.as_path())));
         assert!(taken.exists());
         assert_eq!(std::fs::read(&path).unwrap(), b"metaDATA+more");

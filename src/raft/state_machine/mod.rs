@@ -27,6 +27,7 @@ mod apply;
 mod data;
 mod defrag;
 mod group;
+mod preload;
 mod records;
 mod snapshot;
 #[cfg(test)]
@@ -75,9 +76,14 @@ const MEMBERSHIP: &str = "membership";
 const SNAPSHOT_FILE: &str = "snapshot.bin";
 /// How the names of backups being written for `snapshot save` begin.
 const BACKUP_PREFIX: &str = "backup-";
-/// Set while a snapshot is loaded into the state tree not in use; a member
-/// that stopped meanwhile loads it again at start.
+/// Set while a snapshot is installed into the state tree not in use: to
+/// [`INSTALLING_FROM_FILE`] while it loads from the snapshot file, which a
+/// member that stopped meanwhile loads again at start; to
+/// [`INSTALLING_LOADED`] once the tree holds it all, which such a member
+/// starts on.
 const INSTALLING: &[u8] = b"installing_snapshot";
+const INSTALLING_FROM_FILE: &[u8] = &[1];
+const INSTALLING_LOADED: &[u8] = &[2];
 /// Names the state tree in use: one of [`STATE_TREES`] (the first if unset).
 const CURRENT_TREE: &[u8] = b"state_tree";
 /// How the records naming each state tree's value file begin (see
@@ -230,7 +236,11 @@ impl StateMachine {
     pub fn open(db: &sled::Db, dir: &Path) -> Result<Self, Error> {
         remove_leftovers(dir)?;
         let (current, other) = state_trees(db)?;
-        let (current, rebuilt) = if db.get(INSTALLING)?.is_some() {
+        let installing = db.get(INSTALLING)?;
+        let (current, rebuilt) = if installing.as_deref() == Some(INSTALLING_LOADED) {
+            use_tree(db, dir, other, current)?;
+            (other, None)
+        } else if installing.is_some() {
             let open = open_snapshot_file(dir)?
                 .ok_or_else(|| Error::internal("snapshot install was interrupted and its file is gone"))?;
             if open.values.is_some() {
@@ -238,7 +248,9 @@ impl StateMachine {
                 return Err(Error::internal("snapshot install was interrupted and its file is the member's own"));
             }
             let files = fresh_files(db, dir, other)?;
-            let rebuilt = load_records::<std::fs::File>(db, &files, open.file, open.len, None)?;
+            let (file, len) = (open.file, open.len);
+            let rebuilt =
+                load_records::<std::fs::File>(db, &files, |each| for_each_record(file, len, each).map(drop), None)?;
             use_tree(db, dir, other, current)?;
             (other, Some(rebuilt))
         } else {
@@ -261,6 +273,7 @@ impl StateMachine {
             compaction: wake,
             physical: watch::channel(physical).0,
             snapshot_wanted: Arc::new(tokio::sync::Notify::new()),
+            preloads: Default::default(),
         });
         compactor::start(Arc::downgrade(&shared), woken)?;
         let due = SnapshotDue::new(shared.snapshot_wanted.clone());
@@ -460,7 +473,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let fail = |e: Error| StorageError::from(StorageIOError::write_snapshot(None, &e));
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = part_path(&self.dir, &format!("{RECEIVE_PART}-{n}"));
-        let data = super::blocking(move || Ok(SnapshotData::receive_into(path)?)).await.map_err(fail)?;
+        let (shared, dir) = (self.shared.clone(), self.dir.clone());
+        let data = super::blocking(move || {
+            let mut data = SnapshotData::receive_into(path.clone())?;
+            // The records load as they arrive; without the loader the
+            // install loads them after the last.
+            let loader = std::fs::File::open(&path)
+                .map_err(|e| Error::internal(format!("open received snapshot: {e}")))
+                .and_then(|file| preload::Preload::start(&shared, &dir, file));
+            match loader {
+                Ok(loader) => data.follow(loader),
+                Err(e) => tracing::warn!(error = %e, "the snapshot's records load only once it is all received"),
+            }
+            Ok(data)
+        })
+        .await
+        .map_err(fail)?;
         Ok(Box::new(data))
     }
 
@@ -483,8 +511,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let received = snapshot.into_file().await.map_err(|e| fail(Error::internal(e)))?;
         let (shared, meta_c) = (self.shared.clone(), meta.clone());
         let (dir, on_disk) = (self.dir.clone(), self.snapshot_file.clone());
-        let (file, base, path) = received;
-        let installed = super::blocking(move || install_from(&shared, &dir, &on_disk, &meta_c, file, base)).await;
+        let data::Received { file, base, path, preload } = received;
+        let installed =
+            super::blocking(move || install_from(&shared, &dir, &on_disk, &meta_c, file, base, preload)).await;
         if let Some(path) = path {
             let _ = std::fs::remove_file(path);
         }
@@ -559,12 +588,13 @@ fn snapshot_id(last_applied: Option<LogId>) -> String {
 }
 
 /// Installs the snapshot data received from the leader into `received`
-/// (from `base` on): checks every record first, so a damaged snapshot
-/// changes nothing; makes it the snapshot file; loads its records into the
-/// state tree not in use, while the member goes on serving from the other;
-/// then swaps the trees under the state lock, in a moment. Every step reads
-/// or writes one record, or one small buffer, at a time. Returns the bytes
-/// of data received.
+/// (from `base` on). With the work of the `preload` that followed it, and
+/// that loaded every record, see [`install_loaded`]. Otherwise: checks
+/// every record first, so a damaged snapshot changes nothing; makes it the
+/// snapshot file; loads its records into the state tree not in use, while
+/// the member goes on serving from the other; then swaps the trees under
+/// the state lock, in a moment. Every step reads or writes one record, or
+/// one small buffer, at a time. Returns the bytes of data received.
 fn install_from(
     shared: &Shared,
     dir: &Path,
@@ -572,12 +602,33 @@ fn install_from(
     meta: &SnapshotMeta<NodeId, Node>,
     mut received: std::fs::File,
     base: u64,
+    preload: Option<preload::Preload>,
 ) -> Result<u64, Error> {
     use std::io::{Seek, SeekFrom};
     let io = |e: std::io::Error| Error::internal(format!("read received snapshot: {e}"));
+    let len = received.metadata().map_err(io)?.len().saturating_sub(base);
+    let waited = std::time::Instant::now();
+    // The state tree not in use is the loader's, or this install's, while
+    // it loads.
+    let (_slot, loaded) = match preload.map(preload::Preload::finish) {
+        Some(Ok(p)) => (p.slot, Some(p.loaded)),
+        Some(Err(e)) => {
+            tracing::info!(error = %e, "the snapshot's records load again, from the file received");
+            (shared.preloads.take_for_install(), None)
+        }
+        None => (shared.preloads.take_for_install(), None),
+    };
+    let waited = waited.elapsed();
     let _changing = shared.changing_db();
     let db = &shared.db();
-    let len = received.metadata().map_err(io)?.len().saturating_sub(base);
+    if let Some(loaded) = loaded {
+        if loaded.usable(db, len)? {
+            install_loaded(shared, dir, on_disk, meta, db, loaded, waited)?;
+            return Ok(len);
+        }
+        tracing::info!("the snapshot's records load again: the database changed while they loaded");
+        let _ = std::fs::remove_file(&loaded.own.path);
+    }
     received.seek(SeekFrom::Start(base)).map_err(io)?;
     // Checked to be whole records as it is copied: a damaged one replaces
     // nothing. An installed snapshot is the leader's newest: it always
@@ -591,7 +642,7 @@ fn install_from(
     publish_locked(dir, &install, on_disk, meta.last_log_id, None, false)?;
     let open = open_snapshot_file(dir)?.ok_or_else(|| Error::internal("the snapshot file vanished"))?;
     let (current, other) = state_trees(db)?;
-    db.insert(INSTALLING, &[1u8])?;
+    db.insert(INSTALLING, INSTALLING_FROM_FILE)?;
     db.flush()?;
     let files = fresh_files(db, dir, other)?;
     let started = std::time::Instant::now();
@@ -601,33 +652,15 @@ fn install_from(
     let mut own = std::io::BufWriter::with_capacity(1 << 20, create_rw(&own_path)?);
     let own_at = start_file(&mut own, meta, Some(files.values.id()))?;
     let mut tee = RecordsOut::start(own)?;
-    let rebuilt = load_records(db, &files, open.file, open.len, Some(&mut tee))?;
+    let (file, data_len) = (open.file, open.len);
+    let read = |each: EachRecord<'_>| for_each_record(file, data_len, each).map(drop);
+    let rebuilt = load_records(db, &files, read, Some(&mut tee))?;
     let (own, own_len, own_whole_len) = tee.finish()?;
     let mut own = own.into_inner().map_err(|e| Error::internal(format!("write snapshot: {}", e.error())))?;
     finish_file(&mut own, own_at, own_len, Some(own_whole_len))?;
     let values = files.values.clone();
-    let loaded = started.elapsed();
-    let (mut new_state, _, _) = load_state(&files, Some(rebuilt))?;
-    tracing::info!(
-        records_ms = loaded.as_millis() as u64,
-        state_ms = (started.elapsed() - loaded).as_millis() as u64,
-        keys = new_state.store.len(),
-        "loaded a snapshot's records"
-    );
-    {
-        let mut state = shared.write();
-        // Groups of the state replaced go to the old tree, and no later
-        // one may.
-        shared.committer.switch(new_state.store.tree_cell())?;
-        // Tokens are not in snapshots; those known go on working.
-        new_state.tokens = state.tokens.clone();
-        *state = new_state;
-        // The snapshot may hold a pass of physical compaction cut short.
-        shared.physical.send_replace(Physical { rev: state.store.physical(), failed: None });
-        let _ = shared.compaction.send(());
-        let rev = state.store.revision();
-        let _ = shared.applied.send(Arc::new(Applied { rev, events: Vec::new() }));
-    }
+    tracing::info!(records_ms = started.elapsed().as_millis() as u64, "loaded a snapshot's records");
+    swap_in(shared, &files, rebuilt)?;
     use_tree(db, dir, other, current)?;
     // Until this replaces it, the file received is the snapshot: whole, and
     // as good.
@@ -635,4 +668,80 @@ fn install_from(
         tracing::warn!(error = %e, "the installed snapshot is kept whole");
     }
     Ok(len)
+}
+
+/// Installs records a loader loaded as they arrived (`waited` is how long
+/// the install waited for it to load the last ones). The member's own
+/// snapshot file, pointing into the new value file, is written and made
+/// the snapshot file first; then [`INSTALLING`] marks the tree loaded;
+/// then the trees swap. A member that stops before the mark drops the new
+/// tree and its value file at start, and builds its snapshot file again
+/// from the state it kept; one that stops after it starts on the new tree.
+fn install_loaded(
+    shared: &Shared,
+    dir: &Path,
+    on_disk: &std::sync::Mutex<OnDisk>,
+    meta: &SnapshotMeta<NodeId, Node>,
+    db: &sled::Db,
+    loaded: preload::LoadedRecords,
+    waited: std::time::Duration,
+) -> Result<(), Error> {
+    let started = std::time::Instant::now();
+    let preload::LoadedRecords { other, files, rebuilt, own: records, .. } = loaded;
+    let (current, _) = state_trees(db)?;
+    let own_path = part_path(dir, OWN_PART);
+    let written = (|| {
+        let mut own = std::io::BufWriter::with_capacity(1 << 20, create_rw(&own_path)?);
+        let own_at = start_file(&mut own, meta, Some(files.values.id()))?;
+        let mut from = &records.file;
+        let copied = std::io::copy(&mut from, &mut own).map_err(|e| Error::internal(format!("write snapshot: {e}")))?;
+        if copied != records.len {
+            return Err(Error::internal(format!("{copied} bytes of records where {} were written", records.len)));
+        }
+        let mut own = own.into_inner().map_err(|e| Error::internal(format!("write snapshot: {}", e.error())))?;
+        Ok::<_, Error>(finish_file(&mut own, own_at, records.len, Some(records.whole_len))?)
+    })();
+    let _ = std::fs::remove_file(&records.path);
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&own_path);
+        return Err(e);
+    }
+    publish_locked(dir, &own_path, on_disk, meta.last_log_id, Some(files.values.clone()), false)?;
+    db.insert(INSTALLING, INSTALLING_LOADED)?;
+    db.flush()?;
+    let written = started.elapsed();
+    swap_in(shared, &files, rebuilt)?;
+    use_tree(db, dir, other, current)?;
+    shared.preloads.used.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        waited_ms = waited.as_millis() as u64,
+        own_file_ms = written.as_millis() as u64,
+        "installed a snapshot loaded as it arrived"
+    );
+    Ok(())
+}
+
+/// Makes the state in `files`, just loaded, the state in use, under the
+/// state lock, in a moment.
+fn swap_in(shared: &Shared, files: &Files, rebuilt: crate::mvcc::Rebuild) -> Result<(), Error> {
+    let started = std::time::Instant::now();
+    let (mut new_state, _, _) = load_state(files, Some(rebuilt))?;
+    tracing::info!(
+        state_ms = started.elapsed().as_millis() as u64,
+        keys = new_state.store.len(),
+        "loaded a snapshot's state"
+    );
+    let mut state = shared.write();
+    // Groups of the state replaced go to the old tree, and no later one
+    // may.
+    shared.committer.switch(new_state.store.tree_cell())?;
+    // Tokens are not in snapshots; those known go on working.
+    new_state.tokens = state.tokens.clone();
+    *state = new_state;
+    // The snapshot may hold a pass of physical compaction cut short.
+    shared.physical.send_replace(Physical { rev: state.store.physical(), failed: None });
+    let _ = shared.compaction.send(());
+    let rev = state.store.revision();
+    let _ = shared.applied.send(Arc::new(Applied { rev, events: Vec::new() }));
+    Ok(())
 }

@@ -211,10 +211,171 @@ async fn a_damaged_snapshot_received_replaces_nothing_and_leaves_no_part_behind(
     let current = sm.get_current_snapshot().await.expect("current").expect("a snapshot");
     assert_eq!(current.meta.last_log_id, built.meta.last_log_id);
     assert_eq!(sm.shared().read().store.len(), keys);
-    let parts: Vec<String> = std::fs::read_dir(dir.path())
+    let parts = parts_left(dir.path());
+    assert!(parts.is_empty(), "parts left: {parts:?}");
+}
+
+/// A member with no data in a temporary data dir.
+fn empty_member() -> (tempfile::TempDir, sled::Db, StateMachine) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+    let sm = StateMachine::open(&db, dir.path()).expect("state machine");
+    (dir, db, sm)
+}
+
+/// The metadata and whole data of a snapshot of [`load`]'s state, and an
+/// empty member to install it.
+async fn a_snapshot_and_an_empty_member() -> (Meta, Vec<u8>, (tempfile::TempDir, sled::Db, StateMachine)) {
+    let (_dir, _db, mut sm) = loaded().await;
+    let built = sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
+    (built.meta, whole_data(&sm.shared()), empty_member())
+}
+
+/// Writes `data` as openraft receives chunks of `chunk` bytes: a seek only
+/// when the offset is not where the last write ended.
+async fn receive(into: &mut SnapshotData, data: &[u8], chunk: usize) {
+    for piece in data.chunks(chunk) {
+        into.write_all(piece).await.expect("write");
+    }
+    into.shutdown().await.expect("shutdown");
+}
+
+fn installs_loaded(sm: &StateMachine) -> u64 {
+    sm.shared().preloads.used.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Installs `received` as the snapshot `meta`, within a bound; checks that
+/// the member then holds `whole`, and that `loaded` of its installs so far
+/// used a loader's work.
+async fn install_and_check(sm: &mut StateMachine, meta: &Meta, received: Box<SnapshotData>, whole: &[u8], loaded: u64) {
+    bounded(sm.install_snapshot(meta, received)).await.expect("install");
+    assert_eq!(installs_loaded(sm), loaded, "installs that used a loader's work");
+    assert!(whole_data(&sm.shared()) == whole);
+}
+
+/// The same snapshot sent again as a new stream.
+fn again(meta: &Meta) -> Meta {
+    Meta { snapshot_id: format!("{}-again", meta.snapshot_id), ..meta.clone() }
+}
+
+fn parts_left(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
         .expect("list")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with(SNAPSHOT_FILE) && n != SNAPSHOT_FILE)
-        .collect();
-    assert!(parts.is_empty(), "parts left: {parts:?}");
+        .collect()
+}
+
+/// Within a bound: a loader and an install that waited for each other
+/// would hang the test instead of failing it.
+async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(60), f).await.expect("done within 60 s")
+}
+
+#[tokio::test]
+async fn a_snapshot_received_in_order_is_loaded_as_it_arrives() {
+    let (meta, whole, (dir2, db2, mut sm2)) = a_snapshot_and_an_empty_member().await;
+    sm2.apply(vec![batch(1, vec![put("old", "1")])]).await.expect("apply");
+
+    let mut received = sm2.begin_receiving_snapshot().await.expect("receive");
+    receive(&mut received, &whole, 7000).await;
+    install_and_check(&mut sm2, &meta, received, &whole, 1).await;
+    assert_eq!(sm2.last_applied(), meta.last_log_id);
+    assert!(parts_left(dir2.path()).is_empty(), "parts left: {:?}", parts_left(dir2.path()));
+    // Its own snapshot file points into its new value file, and is sent
+    // whole.
+    let open = open_snapshot_file(dir2.path()).expect("open").expect("a snapshot");
+    assert_eq!(open.values, Some(sm2.shared().read().store.files().values.id()));
+    assert_eq!(open.meta.last_log_id, meta.last_log_id);
+    let mut current = sm2.get_current_snapshot().await.expect("current").expect("a snapshot");
+    assert!(read_all(&mut current.snapshot).await == whole);
+    // And all of it is there after a restart.
+    sm2.shared().flush().await.expect("flush");
+    drop((sm2, current));
+    let sm2 = StateMachine::open(&db2, dir2.path()).expect("state machine");
+    assert!(whole_data(&sm2.shared()) == whole);
+    assert_eq!(sm2.last_applied(), meta.last_log_id);
+}
+
+#[tokio::test]
+async fn a_snapshot_written_out_of_order_or_during_a_defragment_is_loaded_again_from_its_file() {
+    let (meta, whole, (dir2, _db2, mut sm2)) = a_snapshot_and_an_empty_member().await;
+
+    // A chunk written again at its offset, first with other bytes.
+    let mut received = sm2.begin_receiving_snapshot().await.expect("receive");
+    let (first, rest) = whole.split_at(5000);
+    received.write_all(first).await.expect("write");
+    received.write_all(&[0xab; 3000]).await.expect("write");
+    received.seek(SeekFrom::Start(5000)).await.expect("seek");
+    receive(&mut received, rest, 3000).await;
+    install_and_check(&mut sm2, &meta, received, &whole, 0).await;
+
+    // The database replaced by a defragment while the records load.
+    let meta = again(&meta);
+    let mut received = sm2.begin_receiving_snapshot().await.expect("receive");
+    receive(&mut received, first, 1000).await;
+    // Once the loader has begun on the tree not in use.
+    let own_records = part_path(dir2.path(), "own-records");
+    bounded(async {
+        while !own_records.exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    sm2.shared().defragment().await.expect("defragment");
+    receive(&mut received, rest, 3000).await;
+    install_and_check(&mut sm2, &meta, received, &whole, 0).await;
+    assert!(parts_left(dir2.path()).is_empty(), "parts left: {:?}", parts_left(dir2.path()));
+}
+
+#[tokio::test]
+async fn a_stream_given_up_stops_its_loader_and_the_next_one_loads() {
+    let (meta, whole, (dir2, _db2, mut sm2)) = a_snapshot_and_an_empty_member().await;
+
+    // openraft begins the next stream before it drops the one it gave up.
+    let mut given_up = sm2.begin_receiving_snapshot().await.expect("receive");
+    given_up.write_all(&whole[..whole.len() / 2]).await.expect("write");
+    given_up.flush().await.expect("flush");
+    let mut next = sm2.begin_receiving_snapshot().await.expect("receive");
+    drop(given_up);
+    receive(&mut next, &whole, 64 << 10).await;
+    install_and_check(&mut sm2, &meta, next, &whole, 1).await;
+
+    // A stream given up that is never dropped does not hold up the
+    // install of the next, which loads from its file.
+    let meta = again(&meta);
+    let mut stuck = sm2.begin_receiving_snapshot().await.expect("receive");
+    stuck.write_all(&whole[..1000]).await.expect("write");
+    stuck.flush().await.expect("flush");
+    let mut next = sm2.begin_receiving_snapshot().await.expect("receive");
+    receive(&mut next, &whole, 64 << 10).await;
+    bounded(sm2.install_snapshot(&meta, next)).await.expect("install");
+    assert!(whole_data(&sm2.shared()) == whole);
+    drop(stuck);
+    assert!(parts_left(dir2.path()).iter().all(|p| !p.contains("own")), "{:?}", parts_left(dir2.path()));
+}
+
+#[tokio::test]
+async fn a_member_that_stopped_once_the_tree_was_loaded_starts_on_it() {
+    let (_dir, _db, sm) = loaded().await;
+    let whole = whole_data(&sm.shared());
+    let (dir2, db2, mut sm2) = empty_member();
+    sm2.apply(vec![batch(1, vec![put("old", "1")])]).await.expect("apply");
+    sm2.shared().flush().await.expect("flush");
+    drop(sm2);
+    // As an install leaves it just after the mark: the tree not in use
+    // holds every record.
+    let files = fresh_files(&db2, dir2.path(), STATE_TREES[1]).expect("files");
+    let len = whole.len() as u64;
+    let read = |each: EachRecord<'_>| for_each_record(&whole[..], len, each).map(drop);
+    load_records::<std::fs::File>(&db2, &files, read, None).expect("load");
+    db2.insert(INSTALLING, INSTALLING_LOADED).expect("mark");
+    db2.flush().expect("flush");
+    drop(files);
+
+    let sm2 = StateMachine::open(&db2, dir2.path()).expect("state machine");
+    assert_eq!(db2.get(INSTALLING).expect("get"), None);
+    assert_eq!(state_trees(&db2).expect("trees").0, STATE_TREES[1]);
+    assert!(whole_data(&sm2.shared()) == whole);
+    assert_eq!(sm2.shared().read().store.tree().get(b"old").expect("get"), None);
 }

@@ -98,6 +98,8 @@ pub struct Shared {
     pub(super) dir: std::path::PathBuf,
     /// Asks for a snapshot (see [`super::StateMachine::snapshot_every`]).
     pub(super) snapshot_wanted: Arc<tokio::sync::Notify>,
+    /// Loads of snapshots as they arrive (see [`super::preload`]).
+    pub(super) preloads: super::preload::Preloads,
 }
 
 /// A copy of every record of the state tree, as snapshot data, in a file
