@@ -39,7 +39,7 @@ use crate::mvcc::{Files, Rebuild};
 
 /// The part a loader writes the member's own copy of the records into;
 /// the install puts a header before them.
-const OWN_RECORDS_PART: &str = "own-records";
+pub(super) const OWN_RECORDS_PART: &str = "own-records";
 
 /// Who may write the state tree not in use, and the newest loader.
 #[derive(Debug, Default)]
@@ -273,8 +273,8 @@ fn load_arriving(shared: &Shared, dir: &Path, mut reader: Arriving) -> Result<Lo
         Ok(())
     };
     let rebuilt = load_records(&db, &files, read, Some(&mut tee))?;
-    // Bytes after the last record make the data damaged: the install's
-    // length check refuses it.
+    // Bytes after the last record leave `len` short of the data's: the
+    // install does not use this load, and its own check refuses the data.
     let (out, own_len, own_whole_len) = tee.finish()?;
     let mut file = out.into_inner().map_err(|e| Error::internal(format!("write snapshot: {}", e.error())))?;
     file.flush().map_err(|e| Error::internal(format!("write snapshot: {e}")))?;

@@ -207,6 +207,12 @@ async fn a_damaged_snapshot_received_replaces_nothing_and_leaves_no_part_behind(
     received.write_all(&whole[..whole.len() - 5]).await.expect("write");
     let err = sm.install_snapshot(&meta, received).await.expect_err("damaged data");
     assert!(err.to_string().contains("damaged snapshot data"), "{err}");
+    // Or with a byte after its last record, which the loader that followed
+    // it never reads.
+    let mut received = sm.begin_receiving_snapshot().await.expect("receive");
+    received.write_all(&[&whole[..], &[0]].concat()).await.expect("write");
+    let err = sm.install_snapshot(&meta, received).await.expect_err("damaged data");
+    assert!(err.to_string().contains("damaged snapshot data"), "{err}");
     // The member's own snapshot and state stay as they were.
     let current = sm.get_current_snapshot().await.expect("current").expect("a snapshot");
     assert_eq!(current.meta.last_log_id, built.meta.last_log_id);
@@ -315,7 +321,7 @@ async fn a_snapshot_written_out_of_order_or_during_a_defragment_is_loaded_again_
     let mut received = sm2.begin_receiving_snapshot().await.expect("receive");
     receive(&mut received, first, 1000).await;
     // Once the loader has begun on the tree not in use.
-    let own_records = part_path(dir2.path(), "own-records");
+    let own_records = part_path(dir2.path(), preload::OWN_RECORDS_PART);
     bounded(async {
         while !own_records.exists() {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -341,16 +347,16 @@ async fn a_stream_given_up_stops_its_loader_and_the_next_one_loads() {
     receive(&mut next, &whole, 64 << 10).await;
     install_and_check(&mut sm2, &meta, next, &whole, 1).await;
 
-    // A stream given up that is never dropped does not hold up the
-    // install of the next, which loads from its file.
+    // A stream given up and not yet dropped does not hold up the next:
+    // its loader is stopped when the next begins, and the next one's does
+    // the load.
     let meta = again(&meta);
     let mut stuck = sm2.begin_receiving_snapshot().await.expect("receive");
     stuck.write_all(&whole[..1000]).await.expect("write");
     stuck.flush().await.expect("flush");
     let mut next = sm2.begin_receiving_snapshot().await.expect("receive");
     receive(&mut next, &whole, 64 << 10).await;
-    bounded(sm2.install_snapshot(&meta, next)).await.expect("install");
-    assert!(whole_data(&sm2.shared()) == whole);
+    install_and_check(&mut sm2, &meta, next, &whole, 2).await;
     drop(stuck);
     assert!(parts_left(dir2.path()).iter().all(|p| !p.contains("own")), "{:?}", parts_left(dir2.path()));
 }
