@@ -138,6 +138,7 @@ fn open_db(cfg: &mut Validated) -> Result<sled::Db, StartError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| fail(e.to_string()))?;
     crate::raft::db_dir::remove_unused(&cfg.data_dir).map_err(|e| fail(e.to_string()))?;
     let path = crate::raft::db_dir::db_path(&cfg.data_dir).map_err(|e| fail(e.to_string()))?;
+    crate::raft::db_dir::set_cache_bytes(cfg.config.backend_cache_bytes);
     let db = crate::raft::db_dir::open_db_at(&path).map_err(|e| fail(e.to_string()))?;
     let ident = cfg.id.to_be_bytes();
     let name = db.get(b"member_name").map_err(|e| fail(e.to_string()))?;
