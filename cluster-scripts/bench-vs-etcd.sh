@@ -37,6 +37,9 @@ if [ -z "${KVD_BIN_DIR:-}" ]; then
   echo "building release binaries..." >&2
   (cd "$ROOT" && cargo build --release --bins --quiet)
 fi
+for b in kvd kvctl; do
+  [ -x "$BIN_DIR/$b" ] || { echo "$BIN_DIR/$b is not an executable (KVD_BIN_DIR must hold both kvd and kvctl)" >&2; exit 1; }
+done
 
 if [ -n "${BENCH_DIR:-}" ]; then
   WORK="$BENCH_DIR"; mkdir -p "$WORK"; KEEP=1
