@@ -19,13 +19,14 @@ mod compaction;
 mod error;
 mod hash;
 pub mod keys;
+mod lease_keys;
 pub mod ops;
 mod rebuild;
 pub mod txn;
 pub mod values;
 mod writer;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use crate::error::{Error, Result};
@@ -35,6 +36,7 @@ pub use compaction::{CompactionStep, StepDone};
 pub use error::StoreError;
 pub use hash::hash_history;
 use keys::RangeEnd;
+pub use lease_keys::LeaseKeys;
 pub use rebuild::Rebuild;
 use values::{load_kv, Stored, ValueLog};
 pub use writer::Writer;
@@ -52,7 +54,7 @@ pub struct Lease {
     /// The TTL it was granted with, in seconds.
     pub ttl: i64,
     /// The live keys attached to it.
-    pub keys: BTreeSet<Vec<u8>>,
+    pub keys: LeaseKeys,
 }
 
 /// What the index holds of a live key's newest version: all but the value.
@@ -211,7 +213,7 @@ impl MvccStore {
         if self.leases.contains_key(&id) {
             return false;
         }
-        self.leases.insert(id, Lease { ttl, keys: BTreeSet::new() });
+        self.leases.insert(id, Lease { ttl, keys: LeaseKeys::default() });
         batch.insert(keys::lease_key(id), ttl.to_be_bytes());
         self.in_use += LEASE_RECORD_BYTES;
         true

@@ -6,10 +6,10 @@
 //! cache holding the pages it read (see docs/performance.md, data larger
 //! than memory), and it was most of an installing member's peak memory.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use super::values::{record_bytes, Stored};
-use super::{changes, keys, Lease, Meta, StoreError, LEASE_RECORD_BYTES};
+use super::{changes, keys, Lease, LeaseKeys, Meta, StoreError, LEASE_RECORD_BYTES};
 use crate::error::Result;
 use crate::proto::mvccpb::KeyValue;
 
@@ -44,7 +44,7 @@ impl Rebuild {
                     .ok_or_else(|| StoreError::corrupt("lease record key"))?;
                 let ttl: [u8; 8] = value.try_into().map_err(|_| StoreError::corrupt("lease record"))?;
                 self.leases
-                    .insert(i64::from_be_bytes(id), Lease { ttl: i64::from_be_bytes(ttl), keys: BTreeSet::new() });
+                    .insert(i64::from_be_bytes(id), Lease { ttl: i64::from_be_bytes(ttl), keys: LeaseKeys::default() });
                 self.in_use += LEASE_RECORD_BYTES;
             }
             Some(changes::OLD_CHANGES) => self.old_layout = true,
