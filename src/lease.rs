@@ -16,7 +16,7 @@
 //! This module is bookkeeping only: it is given the term, the clock and the
 //! leases, and decides; it has no Raft, no network and no async in it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -83,8 +83,32 @@ struct Deadlines {
     /// The leader term the deadlines belong to.
     term: Option<u64>,
     due: HashMap<i64, Instant>,
+    /// The same deadlines, soonest first, so that a look for expired leases
+    /// reads only those past due: going over 100,000 leases took 13.7 ms,
+    /// ten times a second, under the state lock.
+    order: BTreeSet<(Instant, i64)>,
     /// Revocations proposed, and when.
     revoking: HashMap<i64, Instant>,
+    /// The store's lease generation (see `MvccStore::lease_generation`)
+    /// the deadlines were last matched with: until it changes, no lease has
+    /// come or gone.
+    matched: Option<u64>,
+}
+
+impl Deadlines {
+    fn set_due(&mut self, id: i64, at: Instant) {
+        if let Some(old) = self.due.insert(id, at) {
+            self.order.remove(&(old, id));
+        }
+        self.order.insert((at, id));
+    }
+
+    fn drop_lease(&mut self, id: i64) {
+        if let Some(old) = self.due.remove(&id) {
+            self.order.remove(&(old, id));
+        }
+        self.revoking.remove(&id);
+    }
 }
 
 impl Lessor {
@@ -135,12 +159,19 @@ impl Lessor {
                 if expired {
                     return LeaseAnswer::default();
                 }
-                d.due.insert(id, now + secs(lease.ttl));
+                d.set_due(id, now + secs(lease.ttl));
                 LeaseAnswer { ttl: lease.ttl, granted_ttl: lease.ttl, keys: Vec::new() }
             }
             LeaseCall::TimeToLive { id, keys } => {
                 let Some(lease) = lease else { return LeaseAnswer { ttl: -1, ..Default::default() } };
-                let due = *d.due.entry(id).or_insert(now + secs(lease.ttl) + self.grace);
+                let due = match d.due.get(&id) {
+                    Some(due) => *due,
+                    None => {
+                        let due = now + secs(lease.ttl) + self.grace;
+                        d.set_due(id, due);
+                        due
+                    }
+                };
                 let left = due.saturating_duration_since(now);
                 LeaseAnswer {
                     // The grace is the leader's margin, not the client's.
@@ -154,18 +185,34 @@ impl Lessor {
 
     /// The leases of `leases` past their deadline at `now`, for the leader of
     /// `term` to revoke. Each is returned once, and again only if its
-    /// revocation has not applied within [`REVOKE_RETRY`].
-    pub fn expired(&self, term: u64, leases: &BTreeMap<i64, Lease>, now: Instant) -> Vec<i64> {
+    /// revocation has not applied within [`REVOKE_RETRY`]. `generation` is
+    /// the store's lease generation: the leases are gone over only when it
+    /// has changed, to start the countdown of those new to this term and
+    /// drop the deadlines of those gone.
+    pub fn expired(&self, term: u64, leases: &BTreeMap<i64, Lease>, generation: u64, now: Instant) -> Vec<i64> {
         let mut d = self.for_term(term);
-        d.due.retain(|id, _| leases.contains_key(id));
-        d.revoking.retain(|id, at| leases.contains_key(id) && now.duration_since(*at) < REVOKE_RETRY);
-        let mut expired = Vec::new();
-        for (id, lease) in leases {
-            let due = *d.due.entry(*id).or_insert(now + secs(lease.ttl) + self.grace);
-            if due <= now && !d.revoking.contains_key(id) {
-                expired.push(*id);
+        if d.matched != Some(generation) {
+            let gone: Vec<i64> = d.due.keys().filter(|id| !leases.contains_key(id)).copied().collect();
+            for id in gone {
+                d.drop_lease(id);
             }
+            d.revoking.retain(|id, _| leases.contains_key(id));
+            for (id, lease) in leases {
+                if !d.due.contains_key(id) {
+                    d.set_due(*id, now + secs(lease.ttl) + self.grace);
+                }
+            }
+            d.matched = Some(generation);
         }
+        d.revoking.retain(|_, at| now.duration_since(*at) < REVOKE_RETRY);
+        let d = &mut *d;
+        let expired: Vec<i64> = d
+            .order
+            .iter()
+            .take_while(|(due, _)| *due <= now)
+            .map(|(_, id)| *id)
+            .filter(|id| !d.revoking.contains_key(id))
+            .collect();
         for id in &expired {
             d.revoking.insert(*id, now);
         }
@@ -201,13 +248,50 @@ mod tests {
         let l = Lessor::new(Duration::ZERO);
         let t0 = Instant::now();
         let all = leases(&[(1, 5)]);
-        assert!(l.expired(1, &all, t0).is_empty());
-        assert!(l.expired(1, &all, t0 + Duration::from_millis(4_999)).is_empty());
-        assert_eq!(l.expired(1, &all, t0 + Duration::from_secs(5)), vec![1]);
+        assert!(l.expired(1, &all, 1, t0).is_empty());
+        assert!(l.expired(1, &all, 1, t0 + Duration::from_millis(4_999)).is_empty());
+        assert_eq!(l.expired(1, &all, 1, t0 + Duration::from_secs(5)), vec![1]);
         // Proposed once; not again while the revocation is pending.
-        assert!(l.expired(1, &all, t0 + Duration::from_secs(6)).is_empty());
+        assert!(l.expired(1, &all, 1, t0 + Duration::from_secs(6)).is_empty());
         // Proposed again when it has not applied in time.
-        assert_eq!(l.expired(1, &all, t0 + Duration::from_secs(5) + REVOKE_RETRY), vec![1]);
+        assert_eq!(l.expired(1, &all, 1, t0 + Duration::from_secs(5) + REVOKE_RETRY), vec![1]);
+    }
+
+    #[test]
+    fn leases_are_gone_over_only_when_the_store_says_they_changed() {
+        let l = Lessor::new(Duration::ZERO);
+        let t0 = Instant::now();
+        let one = leases(&[(1, 5)]);
+        assert!(l.expired(1, &one, 7, t0).is_empty());
+        // Lease 2 came, but the generation says nothing changed: its
+        // countdown has not begun, and lease 1 still expires on time.
+        let two = leases(&[(1, 5), (2, 3)]);
+        assert!(l.expired(1, &two, 7, t0 + Duration::from_secs(1)).is_empty());
+        // The new generation starts lease 2's countdown from now.
+        assert!(l.expired(1, &two, 8, t0 + Duration::from_secs(2)).is_empty());
+        assert_eq!(l.expired(1, &two, 8, t0 + Duration::from_secs(5)), vec![1, 2]);
+        // Revoked: both leave; a lease 1 granted again counts down afresh.
+        let again = leases(&[(1, 5)]);
+        assert!(l.expired(1, &leases(&[]), 9, t0 + Duration::from_secs(6)).is_empty());
+        assert!(l.expired(1, &again, 10, t0 + Duration::from_secs(7)).is_empty());
+        assert!(l.expired(1, &again, 10, t0 + Duration::from_millis(11_999)).is_empty());
+        assert_eq!(l.expired(1, &again, 10, t0 + Duration::from_secs(12)), vec![1]);
+    }
+
+    #[test]
+    fn leases_expire_soonest_first_and_a_renewal_reorders_them() {
+        let l = Lessor::new(Duration::ZERO);
+        let t0 = Instant::now();
+        let all = leases(&[(1, 9), (2, 4), (3, 6)]);
+        assert!(l.expired(1, &all, 1, t0).is_empty());
+        // Lease 2 renewed at 3 s: due at 7 s, after lease 3.
+        assert_eq!(l.answer(1, LeaseCall::Renew(2), all.get(&2), t0 + Duration::from_secs(3)).ttl, 4);
+        assert!(l.expired(1, &all, 1, t0 + Duration::from_millis(5_999)).is_empty());
+        assert_eq!(l.expired(1, &all, 1, t0 + Duration::from_secs(6)), vec![3]);
+        // Lease 3's revocation applied.
+        let left = leases(&[(1, 9), (2, 4)]);
+        assert!(l.expired(1, &left, 2, t0 + Duration::from_millis(6_999)).is_empty());
+        assert_eq!(l.expired(1, &left, 2, t0 + Duration::from_secs(9)), vec![2, 1]);
     }
 
     #[test]
@@ -216,11 +300,11 @@ mod tests {
         let t0 = Instant::now();
         let one = lease(5, &[]);
         let all = leases(&[(1, 5)]);
-        assert!(l.expired(1, &all, t0).is_empty());
+        assert!(l.expired(1, &all, 1, t0).is_empty());
         let at = t0 + Duration::from_secs(4);
         assert_eq!(l.answer(1, LeaseCall::Renew(1), Some(&one), at).ttl, 5);
-        assert!(l.expired(1, &all, t0 + Duration::from_secs(8)).is_empty());
-        assert_eq!(l.expired(1, &all, at + Duration::from_secs(5)), vec![1]);
+        assert!(l.expired(1, &all, 1, t0 + Duration::from_secs(8)).is_empty());
+        assert_eq!(l.expired(1, &all, 1, at + Duration::from_secs(5)), vec![1]);
         // Being revoked: a keep-alive answers "gone".
         assert_eq!(l.answer(1, LeaseCall::Renew(1), Some(&one), at + Duration::from_secs(5)), LeaseAnswer::default());
     }
@@ -230,12 +314,12 @@ mod tests {
         let l = Lessor::new(Duration::ZERO);
         let t0 = Instant::now();
         let all = leases(&[(1, 5)]);
-        assert!(l.expired(1, &all, t0).is_empty());
+        assert!(l.expired(1, &all, 1, t0).is_empty());
         // A new leader term: the old deadline is forgotten.
         let later = t0 + Duration::from_secs(4);
-        assert!(l.expired(2, &all, later).is_empty());
-        assert!(l.expired(2, &all, t0 + Duration::from_secs(6)).is_empty());
-        assert_eq!(l.expired(2, &all, later + Duration::from_secs(5)), vec![1]);
+        assert!(l.expired(2, &all, 1, later).is_empty());
+        assert!(l.expired(2, &all, 1, t0 + Duration::from_secs(6)).is_empty());
+        assert_eq!(l.expired(2, &all, 1, later + Duration::from_secs(5)), vec![1]);
     }
 
     #[test]
@@ -245,17 +329,17 @@ mod tests {
         let t0 = Instant::now();
         let one = lease(5, &[]);
         let all = leases(&[(1, 5)]);
-        assert!(l.expired(1, &all, t0).is_empty());
-        assert!(l.expired(1, &all, t0 + Duration::from_secs(5)).is_empty());
-        assert_eq!(l.expired(1, &all, t0 + Duration::from_secs(5) + grace), vec![1]);
+        assert!(l.expired(1, &all, 1, t0).is_empty());
+        assert!(l.expired(1, &all, 1, t0 + Duration::from_secs(5)).is_empty());
+        assert_eq!(l.expired(1, &all, 1, t0 + Duration::from_secs(5) + grace), vec![1]);
         // A keep-alive extends by the TTL alone; TimeToLive never says more
         // than the TTL.
         let at = t0 + Duration::from_secs(1);
         let l = Lessor::new(grace);
         assert_eq!(l.answer(2, LeaseCall::TimeToLive { id: 1, keys: false }, Some(&one), t0).ttl, 5);
         assert_eq!(l.answer(2, LeaseCall::Renew(1), Some(&one), at).ttl, 5);
-        assert!(l.expired(2, &all, at + Duration::from_millis(4_999)).is_empty());
-        assert_eq!(l.expired(2, &all, at + Duration::from_secs(5)), vec![1]);
+        assert!(l.expired(2, &all, 1, at + Duration::from_millis(4_999)).is_empty());
+        assert_eq!(l.expired(2, &all, 1, at + Duration::from_secs(5)), vec![1]);
     }
 
     #[test]

@@ -138,6 +138,16 @@ pub struct MvccStore {
     /// Bytes of history, revision-order and lease records (keys and values),
     /// those not yet committed included: see [`MvccStore::bytes_in_use`].
     in_use: u64,
+    /// See [`MvccStore::lease_generation`].
+    lease_generation: u64,
+}
+
+/// Lease generations, unique in the process: a store opened anew (after a
+/// snapshot is installed, say) never takes a generation an earlier one had.
+static LEASE_GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_lease_generation() -> u64 {
+    LEASE_GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl MvccStore {
@@ -191,6 +201,7 @@ impl MvccStore {
             pass: 0,
             cursor: Vec::new(),
             in_use,
+            lease_generation: next_lease_generation(),
         };
         if store.physical < store.compacted {
             store.start_pass();
@@ -208,11 +219,19 @@ impl MvccStore {
         &self.leases
     }
 
+    /// Changes each time a lease is granted or revoked, and differs between
+    /// any two stores of the process: the same generation means the same
+    /// leases (their keys aside).
+    pub fn lease_generation(&self) -> u64 {
+        self.lease_generation
+    }
+
     /// Grants lease `id` with `ttl` seconds; false if it already exists.
     pub fn grant_lease(&mut self, id: i64, ttl: i64, batch: &mut Batch) -> bool {
         if self.leases.contains_key(&id) {
             return false;
         }
+        self.lease_generation = next_lease_generation();
         self.leases.insert(id, Lease { ttl, keys: LeaseKeys::default() });
         batch.insert(keys::lease_key(id), ttl.to_be_bytes());
         self.in_use += LEASE_RECORD_BYTES;

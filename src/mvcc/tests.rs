@@ -245,3 +245,35 @@ fn opening_a_store_reads_no_value_kept_apart() {
     let all = reopened.current_kvs(b"k", &keys::RangeEnd::Before(b"l".to_vec())).expect("read");
     assert!(all.len() == 20 && all.iter().all(|kv| kv.value == big));
 }
+
+#[test]
+fn the_lease_generation_changes_with_each_lease_granted_or_revoked_and_between_stores() {
+    let (files, _dir) = temp_files();
+    let mut store = MvccStore::open(files.clone()).expect("open");
+    let g0 = store.lease_generation();
+    let mut batch = Batch::default();
+    assert!(store.grant_lease(5, 10, &mut batch));
+    let g1 = store.lease_generation();
+    assert_ne!(g1, g0);
+    // Granting a lease that exists changes nothing.
+    assert!(!store.grant_lease(5, 10, &mut batch));
+    assert_eq!(store.lease_generation(), g1);
+    // A key attached is not a change of leases.
+    let mut w = store.write();
+    w.put(b"k", b"v".to_vec(), 5);
+    let (b, _) = w.finish();
+    batch.append(b);
+    assert_eq!(store.lease_generation(), g1);
+    let mut w = store.write();
+    assert!(w.revoke_lease(5));
+    let (b, _) = w.finish();
+    batch.append(b);
+    let g2 = store.lease_generation();
+    assert!(g2 != g1 && g2 != g0);
+    store.seal(&mut batch);
+    commit_to(&files, batch);
+    store.committed();
+    // The same leases opened again: a generation no store had.
+    let reopened = MvccStore::open(files).expect("reopen");
+    assert!(![g0, g1, g2].contains(&reopened.lease_generation()));
+}

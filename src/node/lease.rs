@@ -276,7 +276,10 @@ impl Member {
             self.lessor.forget();
             return;
         };
-        let expired = self.lessor.expired(term, self.state.read().store.leases(), Instant::now());
+        let expired = {
+            let state = self.state.read();
+            self.lessor.expired(term, state.store.leases(), state.store.lease_generation(), Instant::now())
+        };
         for id in expired {
             let member = self.clone();
             tokio::spawn(async move {
