@@ -82,7 +82,7 @@ pub struct Lessor {
 struct Deadlines {
     /// The leader term the deadlines belong to.
     term: Option<u64>,
-    due: HashMap<i64, Instant>,
+    due: HashMap<i64, Due>,
     /// The same deadlines, soonest first, so that a look for expired leases
     /// reads only those past due: going over 100,000 leases took 13.7 ms,
     /// ten times a second, under the state lock.
@@ -95,19 +95,34 @@ struct Deadlines {
     matched: Option<u64>,
 }
 
+/// A lease's deadline, and which grant of its id it counts down for.
+#[derive(Clone, Copy)]
+struct Due {
+    at: Instant,
+    granted: u64,
+}
+
 impl Deadlines {
-    fn set_due(&mut self, id: i64, at: Instant) {
-        if let Some(old) = self.due.insert(id, at) {
-            self.order.remove(&(old, id));
+    fn set_due(&mut self, id: i64, at: Instant, granted: u64) {
+        if let Some(old) = self.due.insert(id, Due { at, granted }) {
+            self.order.remove(&(old.at, id));
         }
         self.order.insert((at, id));
     }
 
     fn drop_lease(&mut self, id: i64) {
         if let Some(old) = self.due.remove(&id) {
-            self.order.remove(&(old, id));
+            self.order.remove(&(old.at, id));
         }
         self.revoking.remove(&id);
+    }
+
+    /// Forgets the deadline and revocation of an earlier grant of `lease`'s
+    /// id, revoked and granted again since they were set.
+    fn forget_earlier_grant(&mut self, id: i64, lease: &Lease) {
+        if self.due.get(&id).is_some_and(|due| due.granted != lease.granted) {
+            self.drop_lease(id);
+        }
     }
 }
 
@@ -151,24 +166,26 @@ impl Lessor {
         match call {
             LeaseCall::Renew(id) => {
                 let Some(lease) = lease else { return LeaseAnswer::default() };
+                d.forget_earlier_grant(id, lease);
                 // An expired lease is being revoked (or is about to be, at
                 // the next tick); renewing it now would answer "alive" for a
                 // lease whose revocation may apply a moment later. It is
                 // gone, as etcd answers.
-                let expired = d.due.get(&id).is_some_and(|due| *due <= now) || d.revoking.contains_key(&id);
+                let expired = d.due.get(&id).is_some_and(|due| due.at <= now) || d.revoking.contains_key(&id);
                 if expired {
                     return LeaseAnswer::default();
                 }
-                d.set_due(id, now + secs(lease.ttl));
+                d.set_due(id, now + secs(lease.ttl), lease.granted);
                 LeaseAnswer { ttl: lease.ttl, granted_ttl: lease.ttl, keys: Vec::new() }
             }
             LeaseCall::TimeToLive { id, keys } => {
                 let Some(lease) = lease else { return LeaseAnswer { ttl: -1, ..Default::default() } };
+                d.forget_earlier_grant(id, lease);
                 let due = match d.due.get(&id) {
-                    Some(due) => *due,
+                    Some(due) => due.at,
                     None => {
                         let due = now + secs(lease.ttl) + self.grace;
-                        d.set_due(id, due);
+                        d.set_due(id, due, lease.granted);
                         due
                     }
                 };
@@ -187,19 +204,26 @@ impl Lessor {
     /// `term` to revoke. Each is returned once, and again only if its
     /// revocation has not applied within [`REVOKE_RETRY`]. `generation` is
     /// the store's lease generation: the leases are gone over only when it
-    /// has changed, to start the countdown of those new to this term and
-    /// drop the deadlines of those gone.
+    /// has changed, to start the countdown of those new to this term (or
+    /// granted again under an id revoked since) and drop the deadlines of
+    /// those gone.
     pub fn expired(&self, term: u64, leases: &BTreeMap<i64, Lease>, generation: u64, now: Instant) -> Vec<i64> {
         let mut d = self.for_term(term);
         if d.matched != Some(generation) {
-            let gone: Vec<i64> = d.due.keys().filter(|id| !leases.contains_key(id)).copied().collect();
+            // A revocation is proposed only for a lease with a deadline, so
+            // dropping deadlines drops revocations too.
+            let gone: Vec<i64> = d
+                .due
+                .iter()
+                .filter(|(id, due)| leases.get(id).is_none_or(|l| l.granted != due.granted))
+                .map(|(id, _)| *id)
+                .collect();
             for id in gone {
                 d.drop_lease(id);
             }
-            d.revoking.retain(|id, _| leases.contains_key(id));
             for (id, lease) in leases {
                 if !d.due.contains_key(id) {
-                    d.set_due(*id, now + secs(lease.ttl) + self.grace);
+                    d.set_due(*id, now + secs(lease.ttl) + self.grace, lease.granted);
                 }
             }
             d.matched = Some(generation);
@@ -236,7 +260,7 @@ mod tests {
     use super::*;
 
     fn lease(ttl: i64, keys: &[&str]) -> Lease {
-        Lease { ttl, keys: keys.iter().map(|k| k.as_bytes().to_vec()).collect() }
+        Lease { ttl, keys: keys.iter().map(|k| k.as_bytes().to_vec()).collect(), granted: 1 }
     }
 
     fn leases(list: &[(i64, i64)]) -> BTreeMap<i64, Lease> {
@@ -276,6 +300,28 @@ mod tests {
         assert!(l.expired(1, &again, 10, t0 + Duration::from_secs(7)).is_empty());
         assert!(l.expired(1, &again, 10, t0 + Duration::from_millis(11_999)).is_empty());
         assert_eq!(l.expired(1, &again, 10, t0 + Duration::from_secs(12)), vec![1]);
+    }
+
+    #[test]
+    fn a_lease_revoked_and_granted_again_under_its_id_counts_down_afresh() {
+        let l = Lessor::new(Duration::ZERO);
+        let t0 = Instant::now();
+        let first = leases(&[(1, 5)]);
+        assert!(l.expired(1, &first, 1, t0).is_empty());
+        // Revoked at 3 s and granted again with the same id before the next
+        // look: the store's lease is a later grant.
+        let again = |ttl| BTreeMap::from([(1, Lease { granted: 2, ..lease(ttl, &[]) })]);
+        assert!(l.expired(1, &again(5), 3, t0 + Duration::from_secs(3)).is_empty());
+        assert!(l.expired(1, &again(5), 3, t0 + Duration::from_millis(7_999)).is_empty());
+        assert_eq!(l.expired(1, &again(5), 3, t0 + Duration::from_secs(8)), vec![1]);
+        // Expired and being revoked; a grant under the same id that a
+        // keep-alive reaches before the next look is renewed, not refused.
+        let third = Lease { granted: 3, ..lease(5, &[]) };
+        let at = t0 + Duration::from_secs(9);
+        assert_eq!(l.answer(1, LeaseCall::Renew(1), Some(&third), at).ttl, 5);
+        let third_map = BTreeMap::from([(1, third)]);
+        assert!(l.expired(1, &third_map, 4, at + Duration::from_millis(4_999)).is_empty());
+        assert_eq!(l.expired(1, &third_map, 4, at + Duration::from_secs(5)), vec![1]);
     }
 
     #[test]

@@ -55,6 +55,11 @@ pub struct Lease {
     pub ttl: i64,
     /// The live keys attached to it.
     pub keys: LeaseKeys,
+    /// Which grant of its id this is, unique in the process (a lease
+    /// generation, see [`MvccStore::lease_generation`]): a lease revoked and
+    /// granted again under the same id is not the lease it was, and its
+    /// countdown starts afresh.
+    pub granted: u64,
 }
 
 /// What the index holds of a live key's newest version: all but the value.
@@ -232,7 +237,7 @@ impl MvccStore {
             return false;
         }
         self.lease_generation = next_lease_generation();
-        self.leases.insert(id, Lease { ttl, keys: LeaseKeys::default() });
+        self.leases.insert(id, Lease { ttl, keys: LeaseKeys::default(), granted: self.lease_generation });
         batch.insert(keys::lease_key(id), ttl.to_be_bytes());
         self.in_use += LEASE_RECORD_BYTES;
         true

@@ -43,8 +43,14 @@ impl Rebuild {
                     .and_then(|b| b.try_into().ok())
                     .ok_or_else(|| StoreError::corrupt("lease record key"))?;
                 let ttl: [u8; 8] = value.try_into().map_err(|_| StoreError::corrupt("lease record"))?;
-                self.leases
-                    .insert(i64::from_be_bytes(id), Lease { ttl: i64::from_be_bytes(ttl), keys: LeaseKeys::default() });
+                self.leases.insert(
+                    i64::from_be_bytes(id),
+                    Lease {
+                        ttl: i64::from_be_bytes(ttl),
+                        keys: LeaseKeys::default(),
+                        granted: super::next_lease_generation(),
+                    },
+                );
                 self.in_use += LEASE_RECORD_BYTES;
             }
             Some(changes::OLD_CHANGES) => self.old_layout = true,
