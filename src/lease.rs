@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::mvcc::Lease;
+use crate::mvcc::{Lease, LeaseLog, LeaseMark};
 
 /// The largest TTL a lease may be granted with, as in etcd.
 pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
@@ -89,10 +89,10 @@ struct Deadlines {
     order: BTreeSet<(Instant, i64)>,
     /// Revocations proposed, and when.
     revoking: HashMap<i64, Instant>,
-    /// The store's lease generation (see `MvccStore::lease_generation`)
-    /// the deadlines were last matched with: until it changes, no lease has
-    /// come or gone.
-    matched: Option<u64>,
+    /// Where the store's leases stood (see [`LeaseLog`]) when the deadlines
+    /// were last matched with them: until it changes, no lease has come or
+    /// gone.
+    matched: Option<LeaseMark>,
 }
 
 /// A lease's deadline, and which grant of its id it counts down for.
@@ -122,6 +122,21 @@ impl Deadlines {
     fn forget_earlier_grant(&mut self, id: i64, lease: &Lease) {
         if self.due.get(&id).is_some_and(|due| due.granted != lease.granted) {
             self.drop_lease(id);
+        }
+    }
+
+    /// Matches lease `id`'s deadline with the store's `lease`: drops it if
+    /// the lease is gone or was granted again, and starts the countdown of a
+    /// lease without one at `start` and its TTL.
+    fn match_lease(&mut self, id: i64, lease: Option<&Lease>, start: Instant) {
+        match lease {
+            None => self.drop_lease(id),
+            Some(lease) => {
+                self.forget_earlier_grant(id, lease);
+                if !self.due.contains_key(&id) {
+                    self.set_due(id, start + secs(lease.ttl), lease.granted);
+                }
+            }
         }
     }
 }
@@ -200,33 +215,50 @@ impl Lessor {
         }
     }
 
-    /// The leases of `leases` past their deadline at `now`, for the leader of
-    /// `term` to revoke. Each is returned once, and again only if its
-    /// revocation has not applied within [`REVOKE_RETRY`]. `generation` is
-    /// the store's lease generation: the leases are gone over only when it
-    /// has changed, to start the countdown of those new to this term (or
-    /// granted again under an id revoked since) and drop the deadlines of
-    /// those gone.
-    pub fn expired(&self, term: u64, leases: &BTreeMap<i64, Lease>, generation: u64, now: Instant) -> Vec<i64> {
+    /// At most `limit` of the leases of `leases` past their deadline at
+    /// `now`, soonest first, for the leader of `term` to revoke. Each is
+    /// returned once, and again only if its revocation has not applied
+    /// within [`REVOKE_RETRY`]. `log` is the store's record of the leases
+    /// granted and revoked: those changed since the last look get their
+    /// countdown started (new to this term, or granted again under an id
+    /// revoked since) or dropped (gone); every lease is gone over only when
+    /// the log no longer reaches back to the last look.
+    pub fn expired(
+        &self,
+        term: u64,
+        leases: &BTreeMap<i64, Lease>,
+        log: &LeaseLog,
+        now: Instant,
+        limit: usize,
+    ) -> Vec<i64> {
         let mut d = self.for_term(term);
-        if d.matched != Some(generation) {
-            // A revocation is proposed only for a lease with a deadline, so
-            // dropping deadlines drops revocations too.
-            let gone: Vec<i64> = d
-                .due
-                .iter()
-                .filter(|(id, due)| leases.get(id).is_none_or(|l| l.granted != due.granted))
-                .map(|(id, _)| *id)
-                .collect();
-            for id in gone {
-                d.drop_lease(id);
-            }
-            for (id, lease) in leases {
-                if !d.due.contains_key(id) {
-                    d.set_due(*id, now + secs(lease.ttl) + self.grace, lease.granted);
+        let mark = log.mark();
+        if d.matched != Some(mark) {
+            let start = now + self.grace;
+            match d.matched.and_then(|matched| log.changed_since(matched)) {
+                Some(changed) => {
+                    for id in changed {
+                        d.match_lease(id, leases.get(&id), start);
+                    }
+                }
+                None => {
+                    // A revocation is proposed only for a lease with a
+                    // deadline, so dropping deadlines drops revocations too.
+                    let gone: Vec<i64> = d
+                        .due
+                        .iter()
+                        .filter(|(id, due)| leases.get(id).is_none_or(|l| l.granted != due.granted))
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in gone {
+                        d.drop_lease(id);
+                    }
+                    for (id, lease) in leases {
+                        d.match_lease(*id, Some(lease), start);
+                    }
                 }
             }
-            d.matched = Some(generation);
+            d.matched = Some(mark);
         }
         d.revoking.retain(|_, at| now.duration_since(*at) < REVOKE_RETRY);
         let d = &mut *d;
@@ -236,6 +268,7 @@ impl Lessor {
             .take_while(|(due, _)| *due <= now)
             .map(|(_, id)| *id)
             .filter(|id| !d.revoking.contains_key(id))
+            .take(limit)
             .collect();
         for id in &expired {
             d.revoking.insert(*id, now);
@@ -263,109 +296,177 @@ mod tests {
         Lease { ttl, keys: keys.iter().map(|k| k.as_bytes().to_vec()).collect(), granted: 1 }
     }
 
-    fn leases(list: &[(i64, i64)]) -> BTreeMap<i64, Lease> {
-        list.iter().map(|(id, ttl)| (*id, lease(*ttl, &[]))).collect()
+    /// The store's leases and its log of them, as the lessor is shown them.
+    struct Leases {
+        map: BTreeMap<i64, Lease>,
+        log: LeaseLog,
     }
+
+    impl Leases {
+        fn granted(list: &[(i64, i64)]) -> Leases {
+            let mut leases = Leases { map: BTreeMap::new(), log: LeaseLog::new() };
+            for (id, ttl) in list {
+                leases.grant(*id, *ttl);
+            }
+            leases
+        }
+
+        fn grant(&mut self, id: i64, ttl: i64) {
+            let granted = self.log.record(id);
+            self.map.insert(id, Lease { ttl, keys: LeaseKeys::default(), granted });
+        }
+
+        fn revoke(&mut self, id: i64) {
+            self.map.remove(&id);
+            self.log.record(id);
+        }
+
+        fn get(&self, id: i64) -> Option<&Lease> {
+            self.map.get(&id)
+        }
+
+        fn expired(&self, l: &Lessor, term: u64, now: Instant) -> Vec<i64> {
+            l.expired(term, &self.map, &self.log, now, usize::MAX)
+        }
+    }
+
+    use crate::mvcc::LeaseKeys;
 
     #[test]
     fn a_lease_expires_a_full_ttl_after_the_leader_first_sees_it() {
         let l = Lessor::new(Duration::ZERO);
         let t0 = Instant::now();
-        let all = leases(&[(1, 5)]);
-        assert!(l.expired(1, &all, 1, t0).is_empty());
-        assert!(l.expired(1, &all, 1, t0 + Duration::from_millis(4_999)).is_empty());
-        assert_eq!(l.expired(1, &all, 1, t0 + Duration::from_secs(5)), vec![1]);
+        let all = Leases::granted(&[(1, 5)]);
+        assert!(all.expired(&l, 1, t0).is_empty());
+        assert!(all.expired(&l, 1, t0 + Duration::from_millis(4_999)).is_empty());
+        assert_eq!(all.expired(&l, 1, t0 + Duration::from_secs(5)), vec![1]);
         // Proposed once; not again while the revocation is pending.
-        assert!(l.expired(1, &all, 1, t0 + Duration::from_secs(6)).is_empty());
+        assert!(all.expired(&l, 1, t0 + Duration::from_secs(6)).is_empty());
         // Proposed again when it has not applied in time.
-        assert_eq!(l.expired(1, &all, 1, t0 + Duration::from_secs(5) + REVOKE_RETRY), vec![1]);
+        assert_eq!(all.expired(&l, 1, t0 + Duration::from_secs(5) + REVOKE_RETRY), vec![1]);
     }
 
     #[test]
-    fn leases_are_gone_over_only_when_the_store_says_they_changed() {
+    fn leases_are_matched_only_when_the_store_says_they_changed_and_then_only_those_changed() {
         let l = Lessor::new(Duration::ZERO);
         let t0 = Instant::now();
-        let one = leases(&[(1, 5)]);
-        assert!(l.expired(1, &one, 7, t0).is_empty());
-        // Lease 2 came, but the generation says nothing changed: its
-        // countdown has not begun, and lease 1 still expires on time.
-        let two = leases(&[(1, 5), (2, 3)]);
-        assert!(l.expired(1, &two, 7, t0 + Duration::from_secs(1)).is_empty());
-        // The new generation starts lease 2's countdown from now.
-        assert!(l.expired(1, &two, 8, t0 + Duration::from_secs(2)).is_empty());
-        assert_eq!(l.expired(1, &two, 8, t0 + Duration::from_secs(5)), vec![1, 2]);
-        // Revoked: both leave; a lease 1 granted again counts down afresh.
-        let again = leases(&[(1, 5)]);
-        assert!(l.expired(1, &leases(&[]), 9, t0 + Duration::from_secs(6)).is_empty());
-        assert!(l.expired(1, &again, 10, t0 + Duration::from_secs(7)).is_empty());
-        assert!(l.expired(1, &again, 10, t0 + Duration::from_millis(11_999)).is_empty());
-        assert_eq!(l.expired(1, &again, 10, t0 + Duration::from_secs(12)), vec![1]);
+        let mut all = Leases::granted(&[(1, 5)]);
+        assert!(all.expired(&l, 1, t0).is_empty());
+        // Lease 2 came, but the log says nothing changed: its countdown
+        // has not begun, and lease 1 still expires on time.
+        all.map.insert(2, lease(3, &[]));
+        assert!(all.expired(&l, 1, t0 + Duration::from_secs(1)).is_empty());
+        // Lease 3 is granted: the log names it alone, so lease 2, which it
+        // does not name, is still not seen.
+        all.grant(3, 3);
+        assert!(all.expired(&l, 1, t0 + Duration::from_secs(2)).is_empty());
+        assert_eq!(all.expired(&l, 1, t0 + Duration::from_secs(5)), vec![1, 3]);
+        // Both revoked; a lease 1 granted again counts down afresh.
+        all.revoke(1);
+        all.revoke(3);
+        assert!(all.expired(&l, 1, t0 + Duration::from_secs(6)).is_empty());
+        all.grant(1, 5);
+        assert!(all.expired(&l, 1, t0 + Duration::from_secs(7)).is_empty());
+        assert!(all.expired(&l, 1, t0 + Duration::from_millis(11_999)).is_empty());
+        assert_eq!(all.expired(&l, 1, t0 + Duration::from_secs(12)), vec![1]);
+    }
+
+    #[test]
+    fn every_lease_is_matched_when_the_log_no_longer_reaches_back_to_the_last_look() {
+        let l = Lessor::new(Duration::ZERO);
+        let t0 = Instant::now();
+        let mut all = Leases::granted(&[(1, 5), (2, 5)]);
+        assert!(all.expired(&l, 1, t0).is_empty());
+        // Lease 1 revoked, lease 3 granted, lease 4 slipped in unlogged,
+        // then more changes than the log keeps.
+        all.revoke(1);
+        all.grant(3, 4);
+        all.map.insert(4, lease(4, &[]));
+        for _ in 0..10_000 {
+            all.grant(9, 60);
+            all.revoke(9);
+        }
+        let at = t0 + Duration::from_secs(1);
+        assert!(all.expired(&l, 1, at).is_empty());
+        assert_eq!(all.expired(&l, 1, t0 + Duration::from_secs(5)), vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn at_most_the_limit_is_returned_at_a_look_and_the_rest_at_the_next() {
+        let l = Lessor::new(Duration::ZERO);
+        let t0 = Instant::now();
+        let all = Leases::granted(&[(1, 5), (2, 5), (3, 5), (4, 6)]);
+        assert!(l.expired(1, &all.map, &all.log, t0, 2).is_empty());
+        let at = t0 + Duration::from_secs(6);
+        assert_eq!(l.expired(1, &all.map, &all.log, at, 2), vec![1, 2]);
+        assert_eq!(l.expired(1, &all.map, &all.log, at, 2), vec![3, 4]);
+        assert!(l.expired(1, &all.map, &all.log, at, 2).is_empty());
     }
 
     #[test]
     fn a_lease_revoked_and_granted_again_under_its_id_counts_down_afresh() {
         let l = Lessor::new(Duration::ZERO);
         let t0 = Instant::now();
-        let first = leases(&[(1, 5)]);
-        assert!(l.expired(1, &first, 1, t0).is_empty());
+        let mut all = Leases::granted(&[(1, 5)]);
+        assert!(all.expired(&l, 1, t0).is_empty());
         // Revoked at 3 s and granted again with the same id before the next
         // look: the store's lease is a later grant.
-        let again = |ttl| BTreeMap::from([(1, Lease { granted: 2, ..lease(ttl, &[]) })]);
-        assert!(l.expired(1, &again(5), 3, t0 + Duration::from_secs(3)).is_empty());
-        assert!(l.expired(1, &again(5), 3, t0 + Duration::from_millis(7_999)).is_empty());
-        assert_eq!(l.expired(1, &again(5), 3, t0 + Duration::from_secs(8)), vec![1]);
+        all.revoke(1);
+        all.grant(1, 5);
+        assert!(all.expired(&l, 1, t0 + Duration::from_secs(3)).is_empty());
+        assert!(all.expired(&l, 1, t0 + Duration::from_millis(7_999)).is_empty());
+        assert_eq!(all.expired(&l, 1, t0 + Duration::from_secs(8)), vec![1]);
         // Expired and being revoked; a grant under the same id that a
         // keep-alive reaches before the next look is renewed, not refused.
-        let third = Lease { granted: 3, ..lease(5, &[]) };
+        all.revoke(1);
+        all.grant(1, 5);
         let at = t0 + Duration::from_secs(9);
-        assert_eq!(l.answer(1, LeaseCall::Renew(1), Some(&third), at).ttl, 5);
-        let third_map = BTreeMap::from([(1, third)]);
-        assert!(l.expired(1, &third_map, 4, at + Duration::from_millis(4_999)).is_empty());
-        assert_eq!(l.expired(1, &third_map, 4, at + Duration::from_secs(5)), vec![1]);
+        assert_eq!(l.answer(1, LeaseCall::Renew(1), all.get(1), at).ttl, 5);
+        assert!(all.expired(&l, 1, at + Duration::from_millis(4_999)).is_empty());
+        assert_eq!(all.expired(&l, 1, at + Duration::from_secs(5)), vec![1]);
     }
 
     #[test]
     fn leases_expire_soonest_first_and_a_renewal_reorders_them() {
         let l = Lessor::new(Duration::ZERO);
         let t0 = Instant::now();
-        let all = leases(&[(1, 9), (2, 4), (3, 6)]);
-        assert!(l.expired(1, &all, 1, t0).is_empty());
+        let mut all = Leases::granted(&[(1, 9), (2, 4), (3, 6)]);
+        assert!(all.expired(&l, 1, t0).is_empty());
         // Lease 2 renewed at 3 s: due at 7 s, after lease 3.
-        assert_eq!(l.answer(1, LeaseCall::Renew(2), all.get(&2), t0 + Duration::from_secs(3)).ttl, 4);
-        assert!(l.expired(1, &all, 1, t0 + Duration::from_millis(5_999)).is_empty());
-        assert_eq!(l.expired(1, &all, 1, t0 + Duration::from_secs(6)), vec![3]);
+        assert_eq!(l.answer(1, LeaseCall::Renew(2), all.get(2), t0 + Duration::from_secs(3)).ttl, 4);
+        assert!(all.expired(&l, 1, t0 + Duration::from_millis(5_999)).is_empty());
+        assert_eq!(all.expired(&l, 1, t0 + Duration::from_secs(6)), vec![3]);
         // Lease 3's revocation applied.
-        let left = leases(&[(1, 9), (2, 4)]);
-        assert!(l.expired(1, &left, 2, t0 + Duration::from_millis(6_999)).is_empty());
-        assert_eq!(l.expired(1, &left, 2, t0 + Duration::from_secs(9)), vec![2, 1]);
+        all.revoke(3);
+        assert!(all.expired(&l, 1, t0 + Duration::from_millis(6_999)).is_empty());
+        assert_eq!(all.expired(&l, 1, t0 + Duration::from_secs(9)), vec![2, 1]);
     }
 
     #[test]
     fn a_keep_alive_moves_the_deadline_and_an_expired_lease_cannot_be_renewed() {
         let l = Lessor::new(Duration::ZERO);
         let t0 = Instant::now();
-        let one = lease(5, &[]);
-        let all = leases(&[(1, 5)]);
-        assert!(l.expired(1, &all, 1, t0).is_empty());
+        let all = Leases::granted(&[(1, 5)]);
+        assert!(all.expired(&l, 1, t0).is_empty());
         let at = t0 + Duration::from_secs(4);
-        assert_eq!(l.answer(1, LeaseCall::Renew(1), Some(&one), at).ttl, 5);
-        assert!(l.expired(1, &all, 1, t0 + Duration::from_secs(8)).is_empty());
-        assert_eq!(l.expired(1, &all, 1, at + Duration::from_secs(5)), vec![1]);
+        assert_eq!(l.answer(1, LeaseCall::Renew(1), all.get(1), at).ttl, 5);
+        assert!(all.expired(&l, 1, t0 + Duration::from_secs(8)).is_empty());
+        assert_eq!(all.expired(&l, 1, at + Duration::from_secs(5)), vec![1]);
         // Being revoked: a keep-alive answers "gone".
-        assert_eq!(l.answer(1, LeaseCall::Renew(1), Some(&one), at + Duration::from_secs(5)), LeaseAnswer::default());
+        assert_eq!(l.answer(1, LeaseCall::Renew(1), all.get(1), at + Duration::from_secs(5)), LeaseAnswer::default());
     }
 
     #[test]
     fn a_new_term_restarts_every_countdown() {
         let l = Lessor::new(Duration::ZERO);
         let t0 = Instant::now();
-        let all = leases(&[(1, 5)]);
-        assert!(l.expired(1, &all, 1, t0).is_empty());
+        let all = Leases::granted(&[(1, 5)]);
+        assert!(all.expired(&l, 1, t0).is_empty());
         // A new leader term: the old deadline is forgotten.
         let later = t0 + Duration::from_secs(4);
-        assert!(l.expired(2, &all, 1, later).is_empty());
-        assert!(l.expired(2, &all, 1, t0 + Duration::from_secs(6)).is_empty());
-        assert_eq!(l.expired(2, &all, 1, later + Duration::from_secs(5)), vec![1]);
+        assert!(all.expired(&l, 2, later).is_empty());
+        assert!(all.expired(&l, 2, t0 + Duration::from_secs(6)).is_empty());
+        assert_eq!(all.expired(&l, 2, later + Duration::from_secs(5)), vec![1]);
     }
 
     #[test]
@@ -373,19 +474,19 @@ mod tests {
         let grace = Duration::from_millis(250);
         let l = Lessor::new(grace);
         let t0 = Instant::now();
-        let one = lease(5, &[]);
-        let all = leases(&[(1, 5)]);
-        assert!(l.expired(1, &all, 1, t0).is_empty());
-        assert!(l.expired(1, &all, 1, t0 + Duration::from_secs(5)).is_empty());
-        assert_eq!(l.expired(1, &all, 1, t0 + Duration::from_secs(5) + grace), vec![1]);
+        let all = Leases::granted(&[(1, 5)]);
+        assert!(all.expired(&l, 1, t0).is_empty());
+        assert!(all.expired(&l, 1, t0 + Duration::from_secs(5)).is_empty());
+        assert_eq!(all.expired(&l, 1, t0 + Duration::from_secs(5) + grace), vec![1]);
         // A keep-alive extends by the TTL alone; TimeToLive never says more
         // than the TTL.
         let at = t0 + Duration::from_secs(1);
         let l = Lessor::new(grace);
-        assert_eq!(l.answer(2, LeaseCall::TimeToLive { id: 1, keys: false }, Some(&one), t0).ttl, 5);
-        assert_eq!(l.answer(2, LeaseCall::Renew(1), Some(&one), at).ttl, 5);
-        assert!(l.expired(2, &all, 1, at + Duration::from_millis(4_999)).is_empty());
-        assert_eq!(l.expired(2, &all, 1, at + Duration::from_secs(5)), vec![1]);
+        let ttl = LeaseCall::TimeToLive { id: 1, keys: false };
+        assert_eq!(l.answer(2, ttl, all.get(1), t0).ttl, 5);
+        assert_eq!(l.answer(2, LeaseCall::Renew(1), all.get(1), at).ttl, 5);
+        assert!(all.expired(&l, 2, at + Duration::from_millis(4_999)).is_empty());
+        assert_eq!(all.expired(&l, 2, at + Duration::from_secs(5)), vec![1]);
     }
 
     #[test]

@@ -320,6 +320,7 @@ pub async fn start_on(
         // round per batch; a new leader's countdowns carry that as grace.
         lessor: crate::lease::Lessor::new(cfg.election / 4),
         renewals,
+        revocations: Default::default(),
         stop: stop_rx.clone(),
         proposals,
         forwards,

@@ -687,3 +687,60 @@ async fn keep_alives_through_a_follower_are_answered_across_leader_changes() {
     assert!(sent.len() > 100, "only {} keep-alives were sent", sent.len());
     c.shutdown().await;
 }
+
+/// More leases than the leader revokes at once, expiring together: every
+/// one is revoked and takes its key with it, the rest following as the
+/// first revocations apply, and the leases' keys go no sooner than their
+/// TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn more_leases_than_are_revoked_at_once_all_expire_with_their_keys() {
+    let c = TestCluster::start(3, |_| {}).await;
+    let leader = c.wait_leader().await;
+    let leases = 2 * kvd::node::lease::MAX_REVOKING + 500;
+    let ttl = 6;
+    let tasks = 32;
+    let granted_at = Instant::now();
+    let mut granting = tokio::task::JoinSet::new();
+    for t in 0..tasks {
+        let client = c.client(leader);
+        granting.spawn(async move {
+            for i in (t..leases).step_by(tasks) {
+                let id = client.lease_grant(ttl, 0).await.expect("grant").id;
+                let key = format!("storm/{i:05}");
+                client
+                    .put(PutRequest { key: key.into(), value: "v".into(), lease: id, ..Default::default() })
+                    .await
+                    .expect("put");
+            }
+        });
+    }
+    while let Some(done) = granting.join_next().await {
+        done.expect("granting task");
+    }
+    let client = c.client(leader);
+    let count = || async {
+        let req = RangeRequest {
+            key: "storm/".into(),
+            range_end: kvd::mvcc::keys::prefix_end(b"storm/"),
+            count_only: true,
+            ..Default::default()
+        };
+        client.range(req).await.expect("count").count
+    };
+    let left = count().await;
+    if granted_at.elapsed() < Duration::from_secs(ttl as u64) {
+        assert_eq!(left, leases as i64, "keys went before their lease's TTL");
+    }
+    let until = Instant::now() + WAIT + Duration::from_secs(ttl as u64);
+    loop {
+        let left = count().await;
+        if left == 0 {
+            break;
+        }
+        assert!(Instant::now() < until, "{left} keys of expired leases are still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let still = client.lease_leases().await.expect("leases").leases.len();
+    assert_eq!(still, 0, "leases still granted after they expired");
+    c.shutdown().await;
+}

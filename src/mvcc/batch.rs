@@ -13,6 +13,19 @@ pub struct Batch {
     /// The bytes of the keys and values written: about what the batch
     /// holds in memory.
     bytes: usize,
+    /// Writes of lease records, which go in the last sled batch of a
+    /// commit whatever their number (see [`Batch::into_sled_chunks`]).
+    leases: usize,
+}
+
+/// Whether a write to `key` is history or revision order, which a commit
+/// may split over several sled batches.
+fn is_bulk(key: &[u8]) -> bool {
+    matches!(key.first(), Some(&super::keys::HIST) | Some(&super::changes::RUNS))
+}
+
+fn is_lease(key: &[u8]) -> bool {
+    key.first() == Some(&super::keys::LEASE)
 }
 
 #[derive(Debug)]
@@ -28,12 +41,14 @@ impl Batch {
     pub fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
         let (key, value) = (key.as_ref(), value.as_ref());
         self.bytes += key.len() + value.len();
+        self.leases += usize::from(is_lease(key));
         self.writes.push((key.to_vec(), Write::Insert(value.to_vec())));
     }
 
     /// Removes `key`.
     pub fn remove(&mut self, key: impl AsRef<[u8]>) {
         self.bytes += key.as_ref().len();
+        self.leases += usize::from(is_lease(key.as_ref()));
         self.writes.push((key.as_ref().to_vec(), Write::Remove));
     }
 
@@ -41,6 +56,7 @@ impl Batch {
     /// apart if it is large (see [`super::values`]). Returns the bytes the
     /// record counts for in the store's use.
     pub fn insert_version(&mut self, rec: Vec<u8>, kv: &KeyValue) -> u64 {
+        self.leases += usize::from(is_lease(&rec));
         match Apart::of(kv) {
             Ok(apart) => {
                 let bytes = apart.bytes(&rec);
@@ -93,6 +109,7 @@ impl Batch {
     /// Adds `other`'s writes after these.
     pub fn append(&mut self, other: Batch) {
         self.bytes += other.bytes;
+        self.leases += other.leases;
         self.writes.extend(other.writes);
     }
 
@@ -104,6 +121,14 @@ impl Batch {
     /// The bytes of the keys and values it writes.
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// How many of its writes are to lease records. A commit writes them
+    /// in its last sled batch, with the applied log id, however many there
+    /// are; the only other records there are a few of metadata, each
+    /// written once by the batch however often the group wrote it.
+    pub fn lease_writes(&self) -> usize {
+        self.leases
     }
 
     /// Whether it writes nothing.
@@ -125,7 +150,7 @@ impl Batch {
     /// remove a history or revision-order record are never split.
     pub fn into_sled_chunks(self, limit: usize) -> Vec<sled::Batch> {
         let limit = limit.max(1);
-        let bulk = |key: &[u8]| matches!(key.first(), Some(&super::keys::HIST) | Some(&super::changes::RUNS));
+        let bulk = is_bulk;
         if self.writes.len() <= limit || self.writes.iter().any(|(k, w)| matches!(w, Write::Remove) && bulk(k)) {
             return vec![self.into_sled()];
         }
@@ -138,10 +163,10 @@ impl Batch {
         for part in [runs, hist] {
             let mut part = part.into_iter().peekable();
             while part.peek().is_some() {
-                out.push(Batch { writes: part.by_ref().take(limit).collect(), bytes: 0 }.into_sled());
+                out.push(Batch { writes: part.by_ref().take(limit).collect(), ..Batch::default() }.into_sled());
             }
         }
-        out.push(Batch { writes: last, bytes: 0 }.into_sled());
+        out.push(Batch { writes: last, ..Batch::default() }.into_sled());
         out
     }
 

@@ -20,6 +20,7 @@ mod error;
 mod hash;
 pub mod keys;
 mod lease_keys;
+mod lease_log;
 pub mod ops;
 mod rebuild;
 pub mod txn;
@@ -37,6 +38,7 @@ pub use error::StoreError;
 pub use hash::hash_history;
 use keys::RangeEnd;
 pub use lease_keys::LeaseKeys;
+pub use lease_log::{LeaseLog, LeaseMark};
 pub use rebuild::Rebuild;
 use values::{load_kv, Stored, ValueLog};
 pub use writer::Writer;
@@ -56,7 +58,7 @@ pub struct Lease {
     /// The live keys attached to it.
     pub keys: LeaseKeys,
     /// Which grant of its id this is, unique in the process (a lease
-    /// generation, see [`MvccStore::lease_generation`]): a lease revoked and
+    /// generation, see [`LeaseLog`]): a lease revoked and
     /// granted again under the same id is not the lease it was, and its
     /// countdown starts afresh.
     pub granted: u64,
@@ -143,16 +145,8 @@ pub struct MvccStore {
     /// Bytes of history, revision-order and lease records (keys and values),
     /// those not yet committed included: see [`MvccStore::bytes_in_use`].
     in_use: u64,
-    /// See [`MvccStore::lease_generation`].
-    lease_generation: u64,
-}
-
-/// Lease generations, unique in the process: a store opened anew (after a
-/// snapshot is installed, say) never takes a generation an earlier one had.
-static LEASE_GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
-fn next_lease_generation() -> u64 {
-    LEASE_GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    /// See [`MvccStore::lease_log`].
+    lease_log: LeaseLog,
 }
 
 impl MvccStore {
@@ -206,7 +200,7 @@ impl MvccStore {
             pass: 0,
             cursor: Vec::new(),
             in_use,
-            lease_generation: next_lease_generation(),
+            lease_log: LeaseLog::new(),
         };
         if store.physical < store.compacted {
             store.start_pass();
@@ -224,11 +218,12 @@ impl MvccStore {
         &self.leases
     }
 
-    /// Changes each time a lease is granted or revoked, and differs between
-    /// any two stores of the process: the same generation means the same
-    /// leases (their keys aside).
-    pub fn lease_generation(&self) -> u64 {
-        self.lease_generation
+    /// Where the leases stand and which changed lately: its mark changes
+    /// each time a lease is granted or revoked, and differs between any two
+    /// stores of the process, so the same mark means the same leases (their
+    /// keys aside).
+    pub fn lease_log(&self) -> &LeaseLog {
+        &self.lease_log
     }
 
     /// Grants lease `id` with `ttl` seconds; false if it already exists.
@@ -236,8 +231,8 @@ impl MvccStore {
         if self.leases.contains_key(&id) {
             return false;
         }
-        self.lease_generation = next_lease_generation();
-        self.leases.insert(id, Lease { ttl, keys: LeaseKeys::default(), granted: self.lease_generation });
+        let granted = self.lease_log.record(id);
+        self.leases.insert(id, Lease { ttl, keys: LeaseKeys::default(), granted });
         batch.insert(keys::lease_key(id), ttl.to_be_bytes());
         self.in_use += LEASE_RECORD_BYTES;
         true

@@ -48,7 +48,7 @@ impl Rebuild {
                     Lease {
                         ttl: i64::from_be_bytes(ttl),
                         keys: LeaseKeys::default(),
-                        granted: super::next_lease_generation(),
+                        granted: super::lease_log::next_generation(),
                     },
                 );
                 self.in_use += LEASE_RECORD_BYTES;

@@ -247,33 +247,38 @@ fn opening_a_store_reads_no_value_kept_apart() {
 }
 
 #[test]
-fn the_lease_generation_changes_with_each_lease_granted_or_revoked_and_between_stores() {
+fn the_lease_mark_changes_with_each_lease_granted_or_revoked_and_between_stores() {
     let (files, _dir) = temp_files();
     let mut store = MvccStore::open(files.clone()).expect("open");
-    let g0 = store.lease_generation();
+    let m0 = store.lease_log().mark();
     let mut batch = Batch::default();
     assert!(store.grant_lease(5, 10, &mut batch));
-    let g1 = store.lease_generation();
-    assert_ne!(g1, g0);
+    let m1 = store.lease_log().mark();
+    assert_ne!(m1, m0);
     // Granting a lease that exists changes nothing.
     assert!(!store.grant_lease(5, 10, &mut batch));
-    assert_eq!(store.lease_generation(), g1);
+    assert_eq!(store.lease_log().mark(), m1);
     // A key attached is not a change of leases.
     let mut w = store.write();
     w.put(b"k", b"v".to_vec(), 5);
     let (b, _) = w.finish();
     batch.append(b);
-    assert_eq!(store.lease_generation(), g1);
+    assert_eq!(store.lease_log().mark(), m1);
     let mut w = store.write();
     assert!(w.revoke_lease(5));
     let (b, _) = w.finish();
     batch.append(b);
-    let g2 = store.lease_generation();
-    assert!(g2 != g1 && g2 != g0);
+    let m2 = store.lease_log().mark();
+    assert!(m2 != m1 && m2 != m0);
+    let changed = |since| store.lease_log().changed_since(since).map(|ids| ids.collect::<Vec<_>>());
+    assert_eq!(changed(m0), Some(vec![5, 5]));
+    assert_eq!(changed(m1), Some(vec![5]));
     store.seal(&mut batch);
     commit_to(&files, batch);
     store.committed();
-    // The same leases opened again: a generation no store had.
+    // The same leases opened again: a mark no store had, and no changes
+    // it can tell since the other store's.
     let reopened = MvccStore::open(files).expect("reopen");
-    assert!(![g0, g1, g2].contains(&reopened.lease_generation()));
+    assert!(![m0, m1, m2].contains(&reopened.lease_log().mark()));
+    assert!(reopened.lease_log().changed_since(m2).is_none());
 }

@@ -91,7 +91,7 @@ impl Writer<'_> {
             lease.keys.iter().filter_map(|k| self.store.index.get(k).map(|m| (k.clone(), *m))).collect();
         self.delete(&doomed);
         self.store.leases.remove(&id);
-        self.store.lease_generation = super::next_lease_generation();
+        self.store.lease_log.record(id);
         self.store.in_use = self.store.in_use.saturating_sub(super::LEASE_RECORD_BYTES);
         self.batch.remove(keys::lease_key(id));
         true

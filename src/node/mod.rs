@@ -90,6 +90,8 @@ pub struct Member {
     pub lessor: crate::lease::Lessor,
     /// Keep-alives waiting for the next renewal batch.
     pub renewals: lease::Renewals,
+    /// Revocations of expired leases under way.
+    pub revocations: lease::Revocations,
     /// Turns true when the member begins to stop.
     pub stop: tokio::sync::watch::Receiver<bool>,
     /// Where proposals to this member's Raft go (see [`crate::raft::batcher`]).

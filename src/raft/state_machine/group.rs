@@ -22,6 +22,14 @@ pub const MAX_UNFLUSHED_WRITES: usize = 1024;
 pub(super) const MAX_GATHERED_WRITES: usize = 64 * MAX_UNFLUSHED_WRITES;
 /// See [`MAX_GATHERED_WRITES`].
 pub(super) const MAX_GATHERED_BYTES: usize = 32 << 20;
+/// ... or this many writes of lease records, which a commit cannot split
+/// (see [`crate::mvcc::Batch::into_sled_chunks`]): sled keeps a copy
+/// of each tree node a batch changes until the whole batch is applied, so
+/// its memory grows with the largest batch. 100,000 leases expiring at once
+/// gathered tens of thousands of lease removals into one batch while the
+/// committer was busy, and took each member from about 100 MB to 250-490
+/// MB.
+pub(super) const MAX_GATHERED_LEASE_WRITES: usize = super::super::committer::SLED_BATCH_WRITES;
 /// Past this many times those bounds, one apply of many entries waits for
 /// the committer with the state lock held: the bound on what is gathered in
 /// memory.
@@ -53,7 +61,9 @@ impl Group {
     /// Whether the writes gathered have reached `factor` times the bounds
     /// on what waits for a busy committer.
     pub(super) fn gathered(&self, factor: usize) -> bool {
-        self.batch.len() >= factor * MAX_GATHERED_WRITES || self.batch.bytes() >= factor * MAX_GATHERED_BYTES
+        self.batch.len() >= factor * MAX_GATHERED_WRITES
+            || self.batch.bytes() >= factor * MAX_GATHERED_BYTES
+            || self.batch.lease_writes() >= factor * MAX_GATHERED_LEASE_WRITES
     }
 
     /// Whether it is time to commit.
@@ -110,11 +120,12 @@ mod tests {
     #[test]
     fn writes_gather_up_to_a_count_or_a_size() {
         let mut small = Group::default();
+        let history = |i: usize| [&[crate::mvcc::keys::HIST][..], format!("k{i}").as_bytes()].concat();
         for i in 0..MAX_GATHERED_WRITES - 1 {
-            small.batch.insert(format!("k{i}"), "v");
+            small.batch.insert(history(i), "v");
         }
         assert!(!small.gathered(1));
-        small.batch.insert("last", "v");
+        small.batch.insert(history(MAX_GATHERED_WRITES), "v");
         assert!(small.gathered(1), "a count of small writes");
         assert!(!small.gathered(HELD_FACTOR));
 
@@ -126,5 +137,19 @@ mod tests {
         }
         assert!(large.gathered(1), "a few large writes");
         assert!(!large.gathered(HELD_FACTOR));
+    }
+
+    #[test]
+    fn lease_writes_gather_up_to_a_count_of_their_own() {
+        let mut group = Group::default();
+        let lease = |i: usize| [&[crate::mvcc::keys::LEASE][..], &(i as i64).to_be_bytes()].concat();
+        for i in 0..MAX_GATHERED_LEASE_WRITES - 1 {
+            group.batch.remove(lease(i));
+            group.batch.insert([&[crate::mvcc::keys::HIST][..], &lease(i)].concat(), "tombstone");
+        }
+        assert!(!group.gathered(1));
+        group.batch.remove(lease(MAX_GATHERED_LEASE_WRITES));
+        assert!(group.gathered(1), "a count of lease writes");
+        assert!(!group.gathered(HELD_FACTOR));
     }
 }
