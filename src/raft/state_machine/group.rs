@@ -28,11 +28,13 @@ pub(super) const MAX_GATHERED_BYTES: usize = 32 << 20;
 /// its memory grows with the largest batch. 100,000 leases expiring at once
 /// gathered tens of thousands of lease removals into one batch while the
 /// committer was busy, and took each member from about 100 MB to 250-490
-/// MB.
+/// MB. Only the next apply waits for these, never one under the state lock
+/// (see [`HELD_FACTOR`]): a burst of grants during a snapshot's copy must
+/// not hold up every reader for the copy's seconds.
 pub(super) const MAX_GATHERED_LEASE_WRITES: usize = super::super::committer::SLED_BATCH_WRITES;
-/// Past this many times those bounds, one apply of many entries waits for
-/// the committer with the state lock held: the bound on what is gathered in
-/// memory.
+/// Past this many times the bounds in writes and bytes, one apply of many
+/// entries waits for the committer with the state lock held: the bound on
+/// what is gathered in memory.
 const HELD_FACTOR: usize = 4;
 /// ... or until the oldest of them is this old (checked when entries are
 /// applied).
@@ -59,11 +61,16 @@ impl Group {
     }
 
     /// Whether the writes gathered have reached `factor` times the bounds
-    /// on what waits for a busy committer.
+    /// in writes and bytes on what waits for a busy committer.
     pub(super) fn gathered(&self, factor: usize) -> bool {
-        self.batch.len() >= factor * MAX_GATHERED_WRITES
-            || self.batch.bytes() >= factor * MAX_GATHERED_BYTES
-            || self.batch.lease_writes() >= factor * MAX_GATHERED_LEASE_WRITES
+        self.batch.len() >= factor * MAX_GATHERED_WRITES || self.batch.bytes() >= factor * MAX_GATHERED_BYTES
+    }
+
+    /// Whether the next apply waits for a busy committer before it takes
+    /// the state lock: the writes gathered have reached a bound, in writes,
+    /// bytes or lease writes.
+    pub(super) fn full(&self) -> bool {
+        self.gathered(1) || self.batch.lease_writes() >= MAX_GATHERED_LEASE_WRITES
     }
 
     /// Whether it is time to commit.
@@ -124,9 +131,9 @@ mod tests {
         for i in 0..MAX_GATHERED_WRITES - 1 {
             small.batch.insert(history(i), "v");
         }
-        assert!(!small.gathered(1));
+        assert!(!small.gathered(1) && !small.full());
         small.batch.insert(history(MAX_GATHERED_WRITES), "v");
-        assert!(small.gathered(1), "a count of small writes");
+        assert!(small.gathered(1) && small.full(), "a count of small writes");
         assert!(!small.gathered(HELD_FACTOR));
 
         let mut large = Group::default();
@@ -147,9 +154,14 @@ mod tests {
             group.batch.remove(lease(i));
             group.batch.insert([&[crate::mvcc::keys::HIST][..], &lease(i)].concat(), "tombstone");
         }
-        assert!(!group.gathered(1));
+        assert!(!group.full());
         group.batch.remove(lease(MAX_GATHERED_LEASE_WRITES));
-        assert!(group.gathered(1), "a count of lease writes");
-        assert!(!group.gathered(HELD_FACTOR));
+        assert!(group.full(), "a count of lease writes");
+        // However many there are, they never make an apply wait with the
+        // state lock held.
+        for i in 0..HELD_FACTOR * MAX_GATHERED_LEASE_WRITES {
+            group.batch.insert(lease(i), "ttl");
+        }
+        assert!(!group.gathered(1) && !group.gathered(HELD_FACTOR));
     }
 }

@@ -321,7 +321,7 @@ impl StateMachine {
     /// of the runtime's threads: a snapshot at 1,000,000 keys that took the
     /// commit thread 2.5 s stalled members long enough to lose their leader.
     async fn room_to_apply(&self) -> Result<(), Error> {
-        let gathered = self.shared.read().unflushed.gathered(1);
+        let gathered = self.shared.read().unflushed.full();
         if gathered {
             self.shared.committer.idle().await?;
         }
