@@ -243,13 +243,9 @@ impl Lessor {
                 }
                 None => {
                     // A revocation is proposed only for a lease with a
-                    // deadline, so dropping deadlines drops revocations too.
-                    let gone: Vec<i64> = d
-                        .due
-                        .iter()
-                        .filter(|(id, due)| leases.get(id).is_none_or(|l| l.granted != due.granted))
-                        .map(|(id, _)| *id)
-                        .collect();
+                    // deadline, so dropping deadlines drops revocations too;
+                    // `match_lease` drops those of earlier grants.
+                    let gone: Vec<i64> = d.due.keys().filter(|id| !leases.contains_key(id)).copied().collect();
                     for id in gone {
                         d.drop_lease(id);
                     }
@@ -291,6 +287,7 @@ pub fn min_lease_ttl(election: Duration) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mvcc::LeaseKeys;
 
     fn lease(ttl: i64, keys: &[&str]) -> Lease {
         Lease { ttl, keys: keys.iter().map(|k| k.as_bytes().to_vec()).collect(), granted: 1 }
@@ -329,8 +326,6 @@ mod tests {
             l.expired(term, &self.map, &self.log, now, usize::MAX)
         }
     }
-
-    use crate::mvcc::LeaseKeys;
 
     #[test]
     fn a_lease_expires_a_full_ttl_after_the_leader_first_sees_it() {

@@ -56,7 +56,6 @@ impl Batch {
     /// apart if it is large (see [`super::values`]). Returns the bytes the
     /// record counts for in the store's use.
     pub fn insert_version(&mut self, rec: Vec<u8>, kv: &KeyValue) -> u64 {
-        self.leases += usize::from(is_lease(&rec));
         match Apart::of(kv) {
             Ok(apart) => {
                 let bytes = apart.bytes(&rec);
@@ -150,15 +149,14 @@ impl Batch {
     /// remove a history or revision-order record are never split.
     pub fn into_sled_chunks(self, limit: usize) -> Vec<sled::Batch> {
         let limit = limit.max(1);
-        let bulk = is_bulk;
-        if self.writes.len() <= limit || self.writes.iter().any(|(k, w)| matches!(w, Write::Remove) && bulk(k)) {
+        if self.writes.len() <= limit || self.writes.iter().any(|(k, w)| matches!(w, Write::Remove) && is_bulk(k)) {
             return vec![self.into_sled()];
         }
         // Revision order first: the records that let `open` find the
         // history records of a group cut short are written before them.
         let (runs, rest): (Vec<_>, Vec<_>) =
             self.writes.into_iter().partition(|(k, _)| k.first() == Some(&super::changes::RUNS));
-        let (hist, last): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(k, _)| bulk(k));
+        let (hist, last): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(k, _)| is_bulk(k));
         let mut out: Vec<sled::Batch> = Vec::new();
         for part in [runs, hist] {
             let mut part = part.into_iter().peekable();
