@@ -107,12 +107,17 @@ mod tests {
         assert_eq!(changed(&log, start), Some(vec![7, 9]));
         assert_eq!(changed(&log, after_7), Some(vec![9]));
         assert_eq!(changed(&log, log.mark()), Some(vec![]));
-        // Another store's mark, even one whose generation falls within
-        // this store's, is not of this store.
+        // Another store's mark is not of this store, even one whose
+        // generation falls within this store's (two stores recording at
+        // once take turns with the generations).
         let mut other = LeaseLog::new();
         other.record(1);
         assert_eq!(changed(&log, other.mark()), None);
         assert_eq!(changed(&other, after_7), None);
+        let mut first = LeaseLog::new();
+        let second = LeaseLog::new();
+        first.record(3);
+        assert_eq!(changed(&first, second.mark()), None);
     }
 
     #[test]
