@@ -10,9 +10,10 @@
 //!
 //! One group at a time, in order, each with the log id of its last entry:
 //! after a crash, sled holds the writes up to some applied entry, and the
-//! Raft log has the rest. A snapshot's copy of the tree runs here too, as one
-//! more job between two groups (see [`Committer::run`]), and so does each
-//! step of physical compaction (see [`super::compactor`]).
+//! Raft log has the rest. A snapshot's or a backup's copy of the tree begins
+//! here, as one more job between two groups (see [`Committer::run`]), and
+//! goes on beside it (see `state_machine::copies`); each step of physical
+//! compaction (see [`super::compactor`]) and a defragment run here whole.
 
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -165,9 +166,9 @@ impl Committer {
 
     /// Starts `work` with the tree on the commit thread, as if it were a
     /// group: the group before it must be committed, and the committer is
-    /// busy until it ends. A snapshot copies the tree this way, so that the
-    /// copy holds exactly the groups committed before it while applying
-    /// goes on.
+    /// busy until it ends. A snapshot's copy begins this way, so that it
+    /// holds exactly the groups committed before it while applying goes
+    /// on.
     pub fn run(&self, work: impl FnOnce(&Files) + Send + 'static) -> Result<(), Error> {
         self.begin(Job::Run(Box::new(work)))
     }

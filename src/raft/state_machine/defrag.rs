@@ -99,7 +99,7 @@ impl Shared {
             }
         };
         {
-            let mut state = self.write();
+            let mut state = self.write_without_copies();
             let State { store, unflushed, .. } = &mut *state;
             unflushed.commit(store, &self.committer)?;
             self.committer.run_then_move(work)?;

@@ -15,10 +15,12 @@ pub const MAX_UNFLUSHED_WRITES: usize = 1024;
 /// While the committer is busy, applied writes go on gathering up to this
 /// many, or [`MAX_GATHERED_BYTES`] of keys and values; then the next apply
 /// waits for it before it takes the state lock (see
-/// [`super::StateMachine::room_to_apply`]). The committer is busy for
-/// seconds while it copies the store for a snapshot (2.4 s at 900,000 keys
+/// [`super::StateMachine::room_to_apply`]). The committer was busy for
+/// seconds while it copied the store for a snapshot (2.4 s at 900,000 keys
 /// of 1 KiB): with room for 8,192 writes, puts stopped for most of that
-/// copy, and the longest put of a 1,000,000-key load took 3.0 s.
+/// copy, and the longest put of a 1,000,000-key load took 3.0 s. The copy
+/// now goes beside it (see [`super::copies`]); a defragment still holds it
+/// for as long.
 pub(super) const MAX_GATHERED_WRITES: usize = 64 * MAX_UNFLUSHED_WRITES;
 /// See [`MAX_GATHERED_WRITES`].
 pub(super) const MAX_GATHERED_BYTES: usize = 32 << 20;
@@ -29,8 +31,8 @@ pub(super) const MAX_GATHERED_BYTES: usize = 32 << 20;
 /// gathered tens of thousands of lease removals into one batch while the
 /// committer was busy, and took each member from about 100 MB to 250-490
 /// MB. Only the next apply waits for these, never one under the state lock
-/// (see [`HELD_FACTOR`]): a burst of grants during a snapshot's copy must
-/// not hold up every reader for the copy's seconds.
+/// (see [`HELD_FACTOR`]): a burst of grants during a long commit or a
+/// defragment must not hold up every reader for its seconds.
 pub(super) const MAX_GATHERED_LEASE_WRITES: usize = super::super::committer::SLED_BATCH_WRITES;
 /// Past this many times the bounds in writes and bytes, one apply of many
 /// entries waits for the committer with the state lock held: the bound on
@@ -91,7 +93,7 @@ impl Group {
     }
 
     /// Hands the writes to the committer, unless it is still busy with the
-    /// last group (a snapshot's copy may keep it for seconds): then they go
+    /// last group (a defragment may keep it for seconds): then they go
     /// on gathering. Only past [`HELD_FACTOR`] times their bounds does this
     /// wait, with the state lock held, which holds up every reader; the next
     /// apply waits for fewer without the lock.

@@ -15,8 +15,9 @@
 //! but it is flushed before a snapshot is handed to openraft, which may then
 //! purge the log.
 //!
-//! Snapshots are a copy of the whole state tree that the commit thread takes
-//! between two groups while applying goes on, kept in
+//! Snapshots are a copy of the whole state tree as of one applied entry,
+//! begun by the commit thread between two groups and made beside it while
+//! applying and committing go on (see [`copies`]), kept in
 //! `<data-dir>/snapshot.bin` and sent by openraft in chunks. The member's own
 //! copy points into the state tree's value file for large values, as the
 //! tree does, instead of holding them a second time; what is sent, and what
@@ -24,6 +25,7 @@
 //! `--snapshot-count` client commands (see [`StateMachine::snapshot_every`]).
 
 mod apply;
+mod copies;
 mod data;
 mod defrag;
 mod group;
@@ -266,6 +268,7 @@ impl StateMachine {
         let shared = Arc::new(Shared {
             db: Arc::new(RwLock::new(db.clone())),
             db_change: std::sync::Mutex::new(()),
+            copies: Default::default(),
             committer: Committer::start(state.store.tree_cell())?,
             state: RwLock::new(state),
             applied: broadcast::channel(WATCH_BUFFER).0,
@@ -428,9 +431,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         self.due.begun();
         // The records and the last applied id must agree: every applied
-        // write is committed first, and the commit thread writes the tree to
-        // the file before it commits any later group. Applying goes on
-        // meanwhile: openraft builds the snapshot on a task of its own.
+        // write is committed first, and the commit thread takes the records
+        // a commit may change before it commits any later group; the rest
+        // are copied up to this revision. Applying goes on meanwhile:
+        // openraft builds the snapshot on a task of its own.
         let meta = SnapshotMeta {
             last_log_id: self.last_applied,
             last_membership: self.membership.clone(),
@@ -438,13 +442,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         let (tx, rx) = oneshot::channel();
         let (path, for_copy) = (part_path(&self.dir, BUILD_PART), meta.clone());
-        let copy = move |files: &Files| {
-            let _ = tx.send(build_file(files, &path, &for_copy));
-        };
         let started = {
             let mut state = self.shared.write();
             let State { store, unflushed, .. } = &mut *state;
             let committer = &self.shared.committer;
+            let (rev, copying) = (store.revision(), self.shared.copies.begin());
+            // The commit thread takes what a commit may change; the rest is
+            // copied beside it (see `copies`).
+            let copy = move |files: &Files| {
+                copying.copy_as_of(files, rev, tx, move |files, as_of| build_file(files, Some(as_of), &path, &for_copy))
+            };
             unflushed.commit(store, committer).and_then(|()| committer.run(copy))
         };
         let built = match started {
@@ -569,7 +576,7 @@ fn snapshot_on_disk(
         snapshot_id: snapshot_id(last_applied),
     };
     let path = part_path(dir, BUILD_PART);
-    build_file(files, &path, &meta)?;
+    build_file(files, None, &path, &meta)?;
     let on_disk = std::sync::Mutex::new(OnDisk::default());
     publish_locked(dir, &path, &on_disk, last_applied, Some(files.values.clone()), false)?;
     tracing::info!(snapshot = %meta.snapshot_id, "built the snapshot again: it pointed into a value file replaced");
@@ -731,7 +738,7 @@ fn swap_in(shared: &Shared, files: &Files, rebuilt: crate::mvcc::Rebuild) -> Res
         keys = new_state.store.len(),
         "loaded a snapshot's state"
     );
-    let mut state = shared.write();
+    let mut state = shared.write_without_copies();
     // Groups of the state replaced go to the old tree, and no later one
     // may.
     shared.committer.switch(new_state.store.tree_cell())?;

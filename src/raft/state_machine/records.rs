@@ -14,6 +14,7 @@ use super::snapshot::SnapshotFileError;
 use super::view::State;
 use super::{ALARMS, APPLIED, ATTRS, MEMBERSHIP, STATE_TREES};
 use crate::error::Error;
+use crate::mvcc::changes::RUNS;
 use crate::mvcc::keys::{meta_key, HIST};
 use crate::mvcc::values::{decode_whole, whole_len, whole_record};
 use crate::mvcc::Batch;
@@ -119,15 +120,15 @@ impl<W: Write + Seek> RecordsOut<W> {
 /// [`RecordsOut`]) that every kvd version reads: a history record goes
 /// whole, its value read from the value file if it is kept there. Returns
 /// `out` and the data's length in bytes.
-pub(super) fn write_records<W: Write + Seek>(files: &Files, out: W) -> Result<(W, u64), Error> {
+///
+/// With `as_of`, the tree as it stood when that was taken, while later
+/// groups are committed; without, the tree as it is, while nothing is.
+pub(super) fn write_records<W: Write + Seek>(files: &Files, as_of: Option<&AsOf>, out: W) -> Result<(W, u64), Error> {
     let mut records = RecordsOut::start(out)?;
-    for item in files.tree.iter() {
-        let (k, v) = item?;
-        match k.first() {
-            Some(&HIST) => records.record(&k, &whole_record(&v, &files.values)?)?,
-            _ => records.record(&k, &v)?,
-        }
-    }
+    each_record(files, as_of, |k, v| match k.first() {
+        Some(&HIST) => records.record(k, &whole_record(v, &files.values)?),
+        _ => records.record(k, v),
+    })?;
     let (out, len, _) = records.finish()?;
     Ok((out, len))
 }
@@ -139,13 +140,113 @@ pub(super) fn write_records<W: Write + Seek>(files: &Files, out: W) -> Result<(W
 /// what is sent from it has every value put back in place (see
 /// [`super::data::SnapshotData`]). Returns `out`, the data's length, and
 /// its length with every value in place.
-pub(super) fn write_state<W: Write + Seek>(files: &Files, out: W) -> Result<(W, u64, u64), Error> {
+/// `as_of` as for [`write_records`].
+pub(super) fn write_state<W: Write + Seek>(
+    files: &Files,
+    as_of: Option<&AsOf>,
+    out: W,
+) -> Result<(W, u64, u64), Error> {
     let mut records = RecordsOut::start(out)?;
-    for item in files.tree.iter() {
-        let (k, v) = item?;
-        records.record(&k, &v)?;
-    }
+    each_record(files, as_of, |k, v| records.record(k, v))?;
     records.finish()
+}
+
+/// Hands `each` every record of the state tree in key order: as it stood
+/// when `as_of` was taken, or, without, as it is.
+fn each_record(
+    files: &Files,
+    as_of: Option<&AsOf>,
+    mut each: impl FnMut(&[u8], &[u8]) -> Result<(), Error>,
+) -> Result<(), Error> {
+    match as_of {
+        Some(as_of) => as_of.for_each(&files.tree, each),
+        None => {
+            for item in files.tree.iter() {
+                let (k, v) = item?;
+                each(&k, &v)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The prefixes of records that never change once written, each with the
+/// revision it was written at (history, and runs of revision order), in
+/// key order. Physical compaction removes them, and a defragment or an
+/// install replaces the tree; none of these runs while a copy is under way
+/// (see [`super::copies`]).
+const BY_REVISION: [u8; 2] = [HIST, RUNS];
+
+/// The revision a record of one of [`BY_REVISION`]'s prefixes was written
+/// at: the last eight bytes of a history record's key, the eight after the
+/// prefix of a run's (its first change; a run holds one committed group).
+fn written_at(k: &[u8]) -> Option<i64> {
+    let rev: &[u8] = match k.first() {
+        Some(&HIST) => k.get(k.len().checked_sub(8)?..)?,
+        Some(&RUNS) => k.get(1..9)?,
+        _ => return None,
+    };
+    Some(u64::from_be_bytes(rev.try_into().ok()?) as i64)
+}
+
+/// The state tree as it stood between two commits, for a copy made while
+/// later groups are committed (see [`super::copies`]): every record a
+/// commit may change (metadata, leases, auth, members' attributes,
+/// alarms: a few per lease and per user), taken then, and the revision
+/// then, past which history and revision-order records are left out.
+pub(super) struct AsOf {
+    rev: i64,
+    fixed: Vec<(sled::IVec, sled::IVec)>,
+    /// Whether the copy should end early.
+    stopping: Box<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl AsOf {
+    /// Takes the records a commit may change. On the commit thread, between
+    /// two groups: `rev` is the store's revision once the last group
+    /// committed is applied. The copy ends early, with an error, if the
+    /// member stops meanwhile.
+    pub(super) fn take(tree: &sled::Tree, rev: i64, copying: &super::copies::Copying) -> Result<AsOf, Error> {
+        let mut fixed = Vec::new();
+        let mut from: Vec<u8> = Vec::new();
+        for p in BY_REVISION {
+            for item in tree.range(from.as_slice()..&[p][..]) {
+                fixed.push(item?);
+            }
+            from = vec![p + 1];
+        }
+        for item in tree.range(from.as_slice()..) {
+            fixed.push(item?);
+        }
+        Ok(AsOf { rev, fixed, stopping: Box::new(copying.stop_check()) })
+    }
+
+    /// Hands `each` every record of `tree` as it stood, in key order.
+    fn for_each(
+        &self,
+        tree: &sled::Tree,
+        mut each: impl FnMut(&[u8], &[u8]) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let mut fixed = self.fixed.iter().peekable();
+        for p in BY_REVISION {
+            while let Some((k, v)) = fixed.next_if(|(k, _)| k.as_ref() < &[p][..]) {
+                each(k, v)?;
+            }
+            for (n, item) in tree.scan_prefix([p]).enumerate() {
+                if n % 1024 == 0 && (self.stopping)() {
+                    return Err(Error::Stopped);
+                }
+                let (k, v) = item?;
+                if written_at(&k).is_none_or(|at| at <= self.rev) {
+                    each(&k, &v)?;
+                }
+            }
+        }
+        for (k, v) in fixed {
+            each(k, v)?;
+        }
+        Ok(())
+    }
 }
 
 /// Reads `len` bytes of snapshot data from `from` and hands each record to

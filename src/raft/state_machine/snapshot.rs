@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 use super::super::committer::CommitError;
 use super::super::{encode, CodecError, LogId, Node, NodeId, StorageError, TypeConfig};
 use super::data::SnapshotData;
-use super::records::write_state;
+use super::records::{write_state, AsOf};
 use super::{BACKUP_PREFIX, SNAPSHOT_FILE};
 use crate::error::Error;
 use crate::mvcc::values::ValueLog;
@@ -270,27 +270,33 @@ impl BuiltFile {
 
 /// Writes a snapshot file of `meta` and every record of `files` as the
 /// tree holds them (see [`write_state`]), one record at a time, at `path`;
-/// on the commit thread, between two groups.
-pub(super) fn build_file(files: &crate::mvcc::Files, path: &Path, meta: &Meta) -> Result<BuiltFile, Error> {
+/// beside the commit thread as of `as_of` (see [`super::copies`]), or, without,
+/// while nothing is committed.
+pub(super) fn build_file(
+    files: &crate::mvcc::Files,
+    as_of: Option<&AsOf>,
+    path: &Path,
+    meta: &Meta,
+) -> Result<BuiltFile, Error> {
     let mut out = std::io::BufWriter::with_capacity(1 << 20, create_rw(path)?);
     let data_at = start_file(&mut out, meta, Some(files.values.id()))?;
-    let (_, len, whole_len) = write_state(files, &mut out)?;
+    let (_, len, whole_len) = write_state(files, as_of, &mut out)?;
     let mut file = out.into_inner().map_err(|e| write_err(e.into_error()))?;
     finish_file(&mut file, data_at, len, Some(whole_len))?;
     Ok(BuiltFile { file, data_at, len, whole_len, values: files.values.clone() })
 }
 
-/// What the commit thread hands the builder: the file written, or why it
-/// could not be written.
+/// What the copy hands the builder: the file written, or why it could not
+/// be written.
 pub(super) type Built = Result<BuiltFile, Error>;
 
-/// Builds a snapshot from a copy of the state the commit thread writes to
-/// a file between two applies.
+/// Builds a snapshot from a copy of the state as of one applied entry,
+/// written to a file beside the commit thread.
 pub struct SnapshotBuilder {
     pub(super) shared: Arc<super::Shared>,
     pub(super) dir: PathBuf,
     pub(super) snapshot_file: Arc<std::sync::Mutex<OnDisk>>,
-    /// The file as the commit thread writes it; taken by the build.
+    /// The file as the copy writes it; taken by the build.
     pub(super) built: Option<oneshot::Receiver<Built>>,
     pub(super) meta: Meta,
 }

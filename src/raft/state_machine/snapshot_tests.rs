@@ -6,14 +6,14 @@ use std::io::SeekFrom;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
-use super::tests::{batch, put};
+use super::tests::{batch, entry, put};
 use super::*;
 use crate::raft::db_dir;
 
 /// The state's records as snapshot data holds them: every value in place.
 fn whole_data(shared: &Shared) -> Vec<u8> {
     let files = shared.read().store.files();
-    let (out, _) = write_records(&files, std::io::Cursor::new(Vec::new())).expect("write records");
+    let (out, _) = write_records(&files, None, std::io::Cursor::new(Vec::new())).expect("write records");
     out.into_inner()
 }
 
@@ -384,4 +384,111 @@ async fn a_member_that_stopped_once_the_tree_was_loaded_starts_on_it() {
     assert_eq!(state_trees(&db2).expect("trees").0, STATE_TREES[1]);
     assert!(whole_data(&sm2.shared()) == whole);
     assert_eq!(sm2.shared().read().store.tree().get(b"old").expect("get"), None);
+}
+
+/// Commits every write applied, and waits until they are in the tree.
+fn commit_all(shared: &Shared) {
+    {
+        let mut state = shared.write();
+        let State { store, unflushed, .. } = &mut *state;
+        unflushed.commit(store, &shared.committer).expect("commit");
+    }
+    shared.committer.wait_idle().expect("committed");
+}
+
+/// Puts over keys of [`load`], a delete, a lease granted and one more: what
+/// changes history, revision order, metadata and leases.
+fn later_writes(from: u64) -> Vec<Entry> {
+    use crate::proto::etcdserverpb::{DeleteRangeRequest, LeaseGrantRequest};
+    let op = |op| Command { op: Some(op), stamp: None };
+    let delete =
+        DeleteRangeRequest { key: b"small1-000".to_vec(), range_end: b"small1-050".to_vec(), ..Default::default() };
+    vec![
+        batch(from, (0..50).map(|i| put(&format!("big0-{i:03}"), &"N".repeat(2048))).collect()),
+        entry(from + 1, op(command::Op::DeleteRange(delete))),
+        entry(from + 2, op(command::Op::LeaseGrant(LeaseGrantRequest { ttl: 10, id: 7 }))),
+        batch(from + 3, (0..50).map(|i| put(&format!("new-{i:03}"), "n")).collect()),
+    ]
+}
+
+/// A copy beside the commit thread is of the tree as it stood when it
+/// began, whatever is committed while it goes on.
+#[tokio::test]
+async fn a_copy_is_of_the_tree_as_it_stood_though_later_groups_are_committed() {
+    let (_dir, _db, mut sm) = loaded().await;
+    let shared = sm.shared();
+    commit_all(&shared);
+    let before = whole_data(&shared);
+    let (files, rev) = {
+        let state = shared.read();
+        (state.store.files(), state.store.revision())
+    };
+    let copying = shared.copies.begin();
+    let as_of = AsOf::take(&files.tree, rev, &copying).expect("take");
+    sm.apply(later_writes(4)).await.expect("apply");
+    commit_all(&shared);
+    assert!(whole_data(&shared) != before, "the later writes are in the tree");
+    let (out, _) = write_records(&files, Some(&as_of), std::io::Cursor::new(Vec::new())).expect("write records");
+    let out = out.into_inner();
+    let list = |d: &[u8]| {
+        let mut v = Vec::new();
+        for_each_record(d, d.len() as u64, |k, val| {
+            v.push((k.to_vec(), val.to_vec()));
+            Ok(())
+        })
+        .expect("records");
+        v
+    };
+    let (a, b) = (list(&before), list(&out));
+    for r in &a {
+        if !b.contains(r) {
+            eprintln!("missing {:?}", String::from_utf8_lossy(&r.0));
+        }
+    }
+    for r in &b {
+        if !a.contains(r) {
+            eprintln!("extra {:?}", String::from_utf8_lossy(&r.0));
+        }
+    }
+    assert!(out == before, "the copy holds what the tree held when it began, and only that");
+    drop(copying);
+    assert!(!shared.copies.any());
+}
+
+/// A snapshot built while entries are applied is of the state as of its
+/// last log id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_built_while_entries_are_applied_is_of_its_last_log_id() {
+    let (_dir, _db, mut sm) = loaded().await;
+    let shared = sm.shared();
+    commit_all(&shared);
+    let expected = whole_data(&shared);
+    let mut builder = sm.get_snapshot_builder().await;
+    sm.apply(later_writes(4)).await.expect("apply");
+    let mut snapshot = builder.build_snapshot().await.expect("build");
+    assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(3));
+    assert!(read_all(&mut snapshot.snapshot).await == expected, "the snapshot holds the state of entry 3");
+    commit_all(&shared);
+    assert!(whole_data(&shared) != expected, "the later entries are applied");
+}
+
+/// What removes or replaces records a copy reads waits for the copy: here
+/// physical compaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn physical_compaction_waits_for_a_copy_under_way() {
+    use crate::proto::etcdserverpb::CompactionRequest;
+    use std::time::Duration;
+    let (_dir, _db, mut sm) = loaded().await;
+    sm.apply(later_writes(4)).await.expect("apply");
+    let shared = sm.shared();
+    let rev = shared.read().store.revision();
+    let copying = shared.copies.begin();
+    let compact = CompactionRequest { revision: rev, physical: false };
+    sm.apply(vec![entry(8, Command { op: Some(command::Op::Compact(compact)), stamp: None })]).await.expect("compact");
+    let waited = tokio::time::timeout(Duration::from_millis(500), shared.await_physical(rev)).await;
+    assert!(waited.is_err(), "compacted history was removed while a copy was under way");
+    assert!(shared.read().store.physical() < rev);
+    drop(copying);
+    let done = tokio::time::timeout(Duration::from_secs(60), shared.await_physical(rev)).await;
+    done.expect("physical compaction once the copy ended").expect("physical compaction");
 }

@@ -156,7 +156,7 @@ fn snapshot_data_and_file_keep_the_layout_every_kvd_reads() {
     // The data as bincode gives the records' list, as older members wrote it.
     let mut out = Cursor::new(b"xy".to_vec());
     out.seek(SeekFrom::End(0)).expect("seek");
-    let (_, len) = write_records(&files, &mut out).expect("write");
+    let (_, len) = write_records(&files, None, &mut out).expect("write");
     let data = out.into_inner()[2..].to_vec();
     assert_eq!(len, data.len() as u64);
     let listed: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)> = tree
@@ -222,7 +222,7 @@ fn snapshot_data_and_file_keep_the_layout_every_kvd_reads() {
     assert_eq!((open.data_at, open.len, open.whole_len, open.values), (data_at, len, len, None));
     // A member's own file: the longer header, then the same data (none of
     // these records is a history record kept apart).
-    let built = build_file(&files, &path, &meta).expect("build");
+    let built = build_file(&files, None, &path, &meta).expect("build");
     let own = std::fs::read(&path).expect("read");
     assert_eq!((built.len, built.whole_len, &own[built.data_at as usize..]), (len, len, &data[..]));
     let open = open_snapshot_file(dir.path()).expect("open").expect("a snapshot");

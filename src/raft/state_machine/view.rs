@@ -10,7 +10,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 use super::super::committer::{CommitError, Committer};
 use super::super::NodeId;
 use super::group::Group;
-use super::records::write_records;
+use super::records::{write_records, AsOf};
 use super::BACKUP_PREFIX;
 use super::COMPACTION_STEP;
 use crate::error::Error;
@@ -87,6 +87,9 @@ pub struct Shared {
     /// (defragment, snapshot install), and while records outside the state
     /// tree are written, so that a copy misses none.
     pub(super) db_change: std::sync::Mutex<()>,
+    /// Copies of the state tree under way beside the commit thread (see
+    /// [`super::copies`]).
+    pub(super) copies: super::copies::Copies,
     pub(super) state: RwLock<State>,
     pub(super) applied: broadcast::Sender<Arc<Applied>>,
     pub(super) committer: Committer,
@@ -100,6 +103,14 @@ pub struct Shared {
     pub(super) snapshot_wanted: Arc<tokio::sync::Notify>,
     /// Loads of snapshots as they arrive (see [`super::preload`]).
     pub(super) preloads: super::preload::Preloads,
+}
+
+impl Drop for Shared {
+    /// Ends the copies under way beside the commit thread, which hold the
+    /// database's files open, before the commit thread is stopped.
+    fn drop(&mut self) {
+        self.copies.stop();
+    }
 }
 
 /// A copy of every record of the state tree, as snapshot data, in a file
@@ -164,6 +175,22 @@ impl Shared {
         self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The state lock, once no copy of the state tree is under way: for
+    /// work that removes or replaces records a copy reads (see
+    /// [`super::copies`]). A copy begins only under this lock, so work
+    /// queued on the commit thread under it runs before any copy begins.
+    /// Waits without the lock, so applying goes on meanwhile.
+    pub(super) fn write_without_copies(&self) -> RwLockWriteGuard<'_, State> {
+        loop {
+            let state = self.write();
+            if !self.copies.any() {
+                return state;
+            }
+            drop(state);
+            self.copies.wait_none();
+        }
+    }
+
     /// The state, with every applied write committed to sled first: what a
     /// read of history (a range at a past revision, a watch replay, a
     /// previous key-value) needs, since those read sled directly. Applying
@@ -190,9 +217,9 @@ impl Shared {
 
     /// A copy of every record of the state tree as of the last applied
     /// entry, in the layout of snapshot data, and that entry's revision:
-    /// what `snapshot save` sends. The commit thread writes the tree to a
-    /// file between two groups, after every applied write is committed, as
-    /// it does for a Raft snapshot; applying goes on meanwhile. Nothing
+    /// what `snapshot save` sends. Copied to a file as of the last applied
+    /// write, beside the commit thread, as for a Raft snapshot (see
+    /// [`super::copies`]); applying and committing go on meanwhile. Nothing
     /// proportional to the data is held in memory.
     pub async fn backup(&self) -> Result<(i64, BackupFile), Error> {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -203,10 +230,13 @@ impl Shared {
             let mut state = self.write();
             let State { store, unflushed, .. } = &mut *state;
             unflushed.commit(store, &self.committer)?;
+            let (rev, copying) = (store.revision(), self.copies.begin());
+            // The commit thread takes what a commit may change; the rest is
+            // copied beside it (see `copies`).
             self.committer.run(move |files| {
-                let _ = tx.send(write_backup(files, &path));
+                copying.copy_as_of(files, rev, tx, move |files, as_of| write_backup(files, as_of, &path))
             })?;
-            store.revision()
+            rev
         };
         let backup = rx.await.map_err(|_| CommitError::Gone("before the copy"))??;
         Ok((rev, backup))
@@ -240,7 +270,7 @@ impl Shared {
             // Waiting here, not under the state lock, keeps applying going
             // while the commit thread finishes a group.
             self.committer.wait_idle()?;
-            let mut state = self.write();
+            let mut state = self.write_without_copies();
             if !self.committer.is_idle()? {
                 continue;
             }
@@ -385,13 +415,13 @@ impl Shared {
 /// at once: a member that stops while the file is sent leaves nothing
 /// behind (one that stops while it is written leaves it to be removed at
 /// the next start).
-fn write_backup(files: &crate::mvcc::Files, path: &std::path::Path) -> Result<BackupFile, Error> {
+fn write_backup(files: &crate::mvcc::Files, as_of: &AsOf, path: &std::path::Path) -> Result<BackupFile, Error> {
     use std::io::{Seek, SeekFrom};
     let io = |e: std::io::Error| Error::internal(format!("write backup: {e}"));
     let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(io)?;
     let written = (|| {
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-        let (_, len) = write_records(files, &mut out)?;
+        let (_, len) = write_records(files, Some(as_of), &mut out)?;
         let mut file = out.into_inner().map_err(|e| io(e.into_error()))?;
         file.seek(SeekFrom::Start(0)).map_err(io)?;
         Ok(BackupFile { file, len })
