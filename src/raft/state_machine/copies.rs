@@ -154,8 +154,15 @@ mod tests {
         });
         drop(first);
         assert!(copies.any(), "the copy beside is still under way");
-        copies.stop();
-        rx.recv().expect("the copy beside saw the stop");
+        // Stopped from a thread of its own, so that a stop that never
+        // reaches the copy fails the test rather than hangs it.
+        let copies = Arc::new(copies);
+        let stopper = {
+            let copies = copies.clone();
+            std::thread::spawn(move || copies.stop())
+        };
+        rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the copy beside saw the stop");
+        stopper.join().expect("stop");
         assert!(!copies.any());
     }
 }
