@@ -269,6 +269,7 @@ impl StateMachine {
             db: Arc::new(RwLock::new(db.clone())),
             db_change: std::sync::Mutex::new(()),
             copies: Default::default(),
+            backups: Default::default(),
             committer: Committer::start(state.store.tree_cell())?,
             state: RwLock::new(state),
             applied: broadcast::channel(WATCH_BUFFER).0,

@@ -492,3 +492,23 @@ async fn physical_compaction_waits_for_a_copy_under_way() {
     let done = tokio::time::timeout(Duration::from_secs(60), shared.await_physical(rev)).await;
     done.expect("physical compaction once the copy ended").expect("physical compaction");
 }
+
+/// One backup's copy at a time: another `snapshot save` waits for it
+/// before it begins a copy of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_waits_for_the_copy_of_the_one_before() {
+    use std::time::Duration;
+    let (_dir, _db, sm) = loaded().await;
+    let shared = sm.shared();
+    let held = shared.backups.clone().lock_owned().await;
+    let waiting = {
+        let shared = shared.clone();
+        tokio::spawn(async move { shared.backup().await.map(|(rev, _)| rev) })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished() && !shared.copies.any(), "a backup began its copy beside another");
+    drop(held);
+    let rev =
+        tokio::time::timeout(Duration::from_secs(30), waiting).await.expect("once the other ended").expect("join");
+    assert_eq!(rev.expect("backup"), shared.read().store.revision());
+}

@@ -90,6 +90,11 @@ pub struct Shared {
     /// Copies of the state tree under way beside the commit thread (see
     /// [`super::copies`]).
     pub(super) copies: super::copies::Copies,
+    /// Held while a backup's copy is under way, until the copy ends even if
+    /// the client gave up: one at a time, however many clients ask, so that
+    /// `snapshot save` calls do not run copies of the whole store side by
+    /// side, each holding off what waits for copies.
+    pub(super) backups: Arc<tokio::sync::Mutex<()>>,
     pub(super) state: RwLock<State>,
     pub(super) applied: broadcast::Sender<Arc<Applied>>,
     pub(super) committer: Committer,
@@ -225,6 +230,7 @@ impl Shared {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = self.dir.join(format!("{BACKUP_PREFIX}{n}"));
+        let one_at_a_time = self.backups.clone().lock_owned().await;
         let (tx, rx) = oneshot::channel();
         let rev = {
             let mut state = self.write();
@@ -234,7 +240,11 @@ impl Shared {
             // The commit thread takes what a commit may change; the rest is
             // copied beside it (see `copies`).
             self.committer.run(move |files| {
-                copying.copy_as_of(files, rev, tx, move |files, as_of| write_backup(files, as_of, &path))
+                copying.copy_as_of(files, rev, tx, move |files, as_of| {
+                    let copied = write_backup(files, as_of, &path);
+                    drop(one_at_a_time);
+                    copied
+                })
             })?;
             rev
         };
