@@ -77,6 +77,8 @@ async fn metrics_and_health_answer_over_http_beside_grpc() {
     assert!(value(&metrics, "process_resident_memory_bytes") > 0.0);
     assert_eq!(value(&metrics, "etcd_server_proposals_pending"), 0.0);
     assert!(value(&metrics, "etcd_server_leader_changes_seen_total") >= 1.0);
+    // No snapshot yet: a handful of writes is far below --snapshot-count.
+    assert_eq!(value(&metrics, "kvd_raft_snapshot_index"), 0.0);
     // Three keep-alives, one at a time: three batches.
     assert_eq!(value(&metrics, "kvd_lease_renewals_total"), 3.0);
     assert_eq!(value(&metrics, "kvd_lease_renewal_batches_total"), 3.0);

@@ -256,6 +256,12 @@ fn metrics(member: &Member) -> String {
         m.last_log_index.unwrap_or(0) as f64,
     );
     put(
+        "kvd_raft_snapshot_index",
+        "gauge",
+        "The index of the last entry in this member's latest snapshot (0 before its first).",
+        m.snapshot.map_or(0, |l| l.index) as f64,
+    );
+    put(
         "etcd_mvcc_db_total_size_in_bytes",
         "gauge",
         "Total size of the underlying database in bytes.",
