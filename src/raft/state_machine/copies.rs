@@ -15,7 +15,10 @@
 //! copy begins ([`super::Shared::write_without_copies`]): a step of
 //! physical compaction, a defragment, and the switch to a snapshot
 //! installed. Each job queued before a copy began runs before the copy's
-//! records are taken; none queued after runs until the copy ends.
+//! records are taken; none queued after runs until the copy ends. While
+//! such work waits, no backup begins a copy: `snapshot save` called back to
+//! back would otherwise begin each copy before the waiting work got the
+//! lock, and keep it waiting for as long as the calls went on.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -32,12 +35,25 @@ pub(super) struct Copies {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
     under_way: Mutex<usize>,
     ended: Condvar,
     /// The member is stopping: copies end early.
     stopping: AtomicBool,
+    /// How many wait for the state lock with no copy under way.
+    waiting: tokio::sync::watch::Sender<usize>,
+}
+
+impl Default for Inner {
+    fn default() -> Inner {
+        Inner {
+            under_way: Mutex::new(0),
+            ended: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            waiting: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 impl Copies {
@@ -47,6 +63,27 @@ impl Copies {
     pub(super) fn begin(&self) -> Copying {
         *self.inner.under_way.lock().unwrap_or_else(|p| p.into_inner()) += 1;
         Copying { inner: self.inner.clone() }
+    }
+
+    /// A backup's copy: begins, under the state lock, only if nothing waits
+    /// for the copies under way to end (see [`Copies::wait_your_turn`]).
+    pub(super) fn begin_unless_waited_for(&self) -> Option<Copying> {
+        (*self.inner.waiting.borrow() == 0).then(|| self.begin())
+    }
+
+    /// Resolves once nothing waits for copies to end; a backup waits so
+    /// before it takes the state lock.
+    pub(super) async fn wait_your_turn(&self) {
+        let mut waiting = self.inner.waiting.subscribe();
+        // The sender lives as long as `self`.
+        let _ = waiting.wait_for(|n| *n == 0).await;
+    }
+
+    /// Counts work that waits for no copy to be under way, until the value
+    /// returned is dropped: meanwhile no backup begins a copy.
+    pub(super) fn waiting(&self) -> Waiting {
+        self.inner.waiting.send_modify(|n| *n += 1);
+        Waiting { inner: self.inner.clone() }
     }
 
     /// Whether any copy is under way.
@@ -67,6 +104,17 @@ impl Copies {
     pub(super) fn stop(&self) {
         self.inner.stopping.store(true, Ordering::SeqCst);
         self.wait_none();
+    }
+}
+
+/// Work waiting for copies to end; see [`Copies::waiting`].
+pub(super) struct Waiting {
+    inner: Arc<Inner>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.inner.waiting.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -163,6 +211,23 @@ mod tests {
         };
         rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the copy beside saw the stop");
         stopper.join().expect("stop");
+        assert!(!copies.any());
+    }
+
+    #[tokio::test]
+    async fn no_backup_begins_while_work_waits_for_the_copies_to_end() {
+        let copies = Copies::default();
+        let snapshot = copies.begin();
+        let waiting = copies.waiting();
+        assert!(copies.begin_unless_waited_for().is_none(), "a backup began before the work waiting");
+        let turn = tokio::time::timeout(std::time::Duration::from_millis(200), copies.wait_your_turn()).await;
+        assert!(turn.is_err(), "a backup's turn came while work waited");
+        drop(snapshot);
+        drop(waiting);
+        tokio::time::timeout(std::time::Duration::from_secs(10), copies.wait_your_turn()).await.expect("its turn");
+        let backup = copies.begin_unless_waited_for().expect("nothing waits");
+        assert!(copies.any());
+        drop(backup);
         assert!(!copies.any());
     }
 }

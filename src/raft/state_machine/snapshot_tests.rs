@@ -512,3 +512,44 @@ async fn a_backup_waits_for_the_copy_of_the_one_before() {
         tokio::time::timeout(Duration::from_secs(30), waiting).await.expect("once the other ended").expect("join");
     assert_eq!(rev.expect("backup"), shared.read().store.revision());
 }
+
+/// Work waiting for copies to end goes before a backup asked for after it:
+/// `snapshot save` called back to back cannot keep it waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_waits_for_work_that_waits_for_the_copies() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+    let (_dir, _db, sm) = loaded().await;
+    let shared = sm.shared();
+    let order = Arc::new(AtomicUsize::new(0));
+    let snapshot = shared.copies.begin();
+    let (waiter_at, backup_at) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let waiter = {
+        let (shared, order, at) = (shared.clone(), order.clone(), waiter_at.clone());
+        tokio::task::spawn_blocking(move || {
+            let _state = shared.write_without_copies();
+            at.store(order.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+        })
+    };
+    // Once the waiter is counted.
+    bounded(async {
+        while shared.copies.begin_unless_waited_for().is_some() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let backup = {
+        let (shared, order, at) = (shared.clone(), order.clone(), backup_at.clone());
+        tokio::spawn(async move {
+            let made = shared.backup().await.map(|(rev, _)| rev);
+            at.store(order.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+            made
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(backup_at.load(Ordering::SeqCst), 0, "a backup was made while work waited for the copies");
+    drop(snapshot);
+    bounded(waiter).await.expect("the waiter");
+    bounded(backup).await.expect("join").expect("backup");
+    assert_eq!((waiter_at.load(Ordering::SeqCst), backup_at.load(Ordering::SeqCst)), (1, 2));
+}

@@ -186,6 +186,7 @@ impl Shared {
     /// queued on the commit thread under it runs before any copy begins.
     /// Waits without the lock, so applying goes on meanwhile.
     pub(super) fn write_without_copies(&self) -> RwLockWriteGuard<'_, State> {
+        let _waiting = self.copies.waiting();
         loop {
             let state = self.write();
             if !self.copies.any() {
@@ -232,11 +233,14 @@ impl Shared {
         let path = self.dir.join(format!("{BACKUP_PREFIX}{n}"));
         let one_at_a_time = self.backups.clone().lock_owned().await;
         let (tx, rx) = oneshot::channel();
-        let rev = {
+        let rev = loop {
+            // Work that waits for copies to end goes first.
+            self.copies.wait_your_turn().await;
             let mut state = self.write();
+            let Some(copying) = self.copies.begin_unless_waited_for() else { continue };
             let State { store, unflushed, .. } = &mut *state;
             unflushed.commit(store, &self.committer)?;
-            let (rev, copying) = (store.revision(), self.copies.begin());
+            let rev = store.revision();
             // The commit thread takes what a commit may change; the rest is
             // copied beside it (see `copies`).
             self.committer.run(move |files| {
@@ -246,7 +250,7 @@ impl Shared {
                     copied
                 })
             })?;
-            rev
+            break rev;
         };
         let backup = rx.await.map_err(|_| CommitError::Gone("before the copy"))??;
         Ok((rev, backup))
