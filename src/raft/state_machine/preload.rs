@@ -22,11 +22,21 @@
 //! has given that one up, or installs it without its loader's help), and
 //! an install that must load again stops the newest loader before it waits
 //! for the slot, so no two ever wait for each other.
+//!
+//! A stream can also just stop: a leader that loses its leadership midway
+//! sends no more chunks, and a new leader that holds the entries the member
+//! lacks sends those instead of a snapshot. openraft keeps such a stream
+//! until another begins, so a loader that hears of no data for
+//! [`STALLED_AFTER`] gives up: the tree not in use is emptied and its own
+//! copy of the records removed, instead of both staying (with the loader's
+//! thread) until the member's next snapshot or restart. Should the stream
+//! go on after all, the install loads the records from the file received.
 
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::OwnedMutexGuard;
 
@@ -41,13 +51,31 @@ use crate::mvcc::{Files, Rebuild};
 /// the install puts a header before them.
 pub(super) const OWN_RECORDS_PART: &str = "own-records";
 
+/// How long a loader waits for more of its stream's data before it gives
+/// up its work. The leader sends each chunk as soon as the one before is
+/// answered, so a minute without one is a stream given up.
+pub const STALLED_AFTER: Duration = Duration::from_secs(60);
+
 /// Who may write the state tree not in use, and the newest loader.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Preloads {
     slot: Arc<tokio::sync::Mutex<()>>,
     newest: Mutex<Option<Arc<Arrivals>>>,
     /// Installs that used a loader's work.
     pub(super) used: std::sync::atomic::AtomicU64,
+    /// [`STALLED_AFTER`], but for tests.
+    pub(super) stalled_after: Mutex<Duration>,
+}
+
+impl Default for Preloads {
+    fn default() -> Preloads {
+        Preloads {
+            slot: Default::default(),
+            newest: Default::default(),
+            used: Default::default(),
+            stalled_after: Mutex::new(STALLED_AFTER),
+        }
+    }
 }
 
 impl Preloads {
@@ -69,16 +97,20 @@ impl Preloads {
 }
 
 /// How far the data received into a file has come, as its loader sees it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Arrivals {
     state: Mutex<Arrived>,
     changed: Condvar,
+    /// The longest wait for more data before the loader gives up.
+    stalled_after: Duration,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Arrived {
     /// The bytes from the start of the data that are in the file.
     end: u64,
+    /// When `end` last moved on (or the stream began).
+    moved: Instant,
     /// Set once the data is all received.
     finished: bool,
     /// Why the loader is to stop.
@@ -86,6 +118,11 @@ struct Arrived {
 }
 
 impl Arrivals {
+    fn new(stalled_after: Duration) -> Arrivals {
+        let state = Arrived { end: 0, moved: Instant::now(), finished: false, stopped: None };
+        Arrivals { state: Mutex::new(state), changed: Condvar::new(), stalled_after }
+    }
+
     fn update(&self, change: impl FnOnce(&mut Arrived)) {
         change(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()));
         self.changed.notify_all();
@@ -93,7 +130,12 @@ impl Arrivals {
 
     /// The data is in the file up to `end`.
     pub(super) fn reached(&self, end: u64) {
-        self.update(|a| a.end = a.end.max(end));
+        self.update(|a| {
+            if end > a.end {
+                a.end = end;
+                a.moved = Instant::now();
+            }
+        });
     }
 
     /// The loader's work will not be used: it stops.
@@ -108,7 +150,8 @@ impl Arrivals {
     }
 
     /// Waits until the data holds at least `end` bytes (true), or is all
-    /// received with fewer (false).
+    /// received with fewer (false). Fails once the loader is stopped, or
+    /// once no data has arrived for `stalled_after`.
     fn wait_for(&self, end: u64) -> Result<bool, Error> {
         let mut a = self.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
@@ -118,7 +161,15 @@ impl Arrivals {
             if a.end >= end || a.finished {
                 return Ok(a.end >= end);
             }
-            a = self.changed.wait(a).unwrap_or_else(|p| p.into_inner());
+            let waited = a.moved.elapsed();
+            if waited >= self.stalled_after {
+                return Err(Error::internal(format!(
+                    "loading the snapshot as it arrived stopped: no data for {} s after {} bytes",
+                    waited.as_secs(),
+                    a.end
+                )));
+            }
+            a = self.changed.wait_timeout(a, self.stalled_after - waited).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -197,7 +248,8 @@ impl Preload {
     /// Starts a loader for the data received into `file` (from its start),
     /// which learns of each write through the [`Arrivals`] returned.
     pub(super) fn start(shared: &Arc<Shared>, dir: &Path, file: std::fs::File) -> Result<Preload, Error> {
-        let arrivals = Arc::new(Arrivals::default());
+        let stalled_after = *shared.preloads.stalled_after.lock().unwrap_or_else(|p| p.into_inner());
+        let arrivals = Arc::new(Arrivals::new(stalled_after));
         shared.preloads.replace_newest(Some(arrivals.clone()), "a later snapshot stream began");
         let (shared, dir, a) = (shared.clone(), dir.to_path_buf(), arrivals.clone());
         let thread = std::thread::Builder::new()
@@ -243,7 +295,8 @@ fn preload(shared: &Shared, dir: &Path, reader: Arriving) -> Result<Preloaded, E
     // Stopped while it waited: nothing is touched.
     reader.arrivals.wait_for(0)?;
     let loaded = load_arriving(shared, dir, reader);
-    if loaded.is_err() {
+    if let Err(e) = &loaded {
+        tracing::info!(error = %e, "a snapshot's records loaded as they arrived are dropped");
         let _ = std::fs::remove_file(part_path(dir, OWN_RECORDS_PART));
         // Holding the slot, no one else writes the tree not in use, in the
         // database loaded into or in one a defragment put in its place.

@@ -362,6 +362,43 @@ async fn a_stream_given_up_stops_its_loader_and_the_next_one_loads() {
 }
 
 #[tokio::test]
+async fn a_stream_that_stops_sending_has_its_load_dropped_and_still_installs_if_it_goes_on() {
+    let (meta, whole, (dir2, db2, mut sm2)) = a_snapshot_and_an_empty_member().await;
+    let stall = std::time::Duration::from_millis(300);
+    *sm2.shared().preloads.stalled_after.lock().expect("lock") = stall;
+    let (_, other) = state_trees(&db2).expect("trees");
+    let other_values = values_path(dir2.path(), other).expect("path");
+    let own_records = part_path(dir2.path(), preload::OWN_RECORDS_PART);
+
+    let mut stalled = sm2.begin_receiving_snapshot().await.expect("receive");
+    let (first, rest) = whole.split_at(whole.len() / 2);
+    stalled.write_all(first).await.expect("write");
+    stalled.flush().await.expect("flush");
+    // The loader has begun on the tree not in use...
+    bounded(async {
+        while !own_records.exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(other_values.exists(), "the load's value file");
+    // ...and, with no more data, gives its work up on its own: no part of
+    // it is left, though the stream is still held.
+    bounded(async {
+        while own_records.exists() || other_values.exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(db2.open_tree(other).expect("tree").is_empty(), "the tree not in use is empty again");
+    // The rest arrives after all: the install loads the records from the
+    // file received.
+    receive(&mut stalled, rest, 4096).await;
+    install_and_check(&mut sm2, &meta, stalled, &whole, 0).await;
+    assert!(parts_left(dir2.path()).is_empty(), "parts left: {:?}", parts_left(dir2.path()));
+}
+
+#[tokio::test]
 async fn a_member_that_stopped_once_the_tree_was_loaded_starts_on_it() {
     let (_dir, _db, sm) = loaded().await;
     let whole = whole_data(&sm.shared());
