@@ -657,14 +657,14 @@ fn install_from(
     // The member's own snapshot file is written as the records load: it
     // points into the new value file instead of holding every value again.
     let own_path = part_path(dir, OWN_PART);
-    let mut own = std::io::BufWriter::with_capacity(1 << 20, create_rw(&own_path)?);
+    let mut own = Paced::writer(create_rw(&own_path)?);
     let own_at = start_file(&mut own, meta, Some(files.values.id()))?;
     let mut tee = RecordsOut::start(own)?;
     let (file, data_len) = (open.file, open.len);
     let read = |each: EachRecord<'_>| for_each_record(file, data_len, each).map(drop);
     let rebuilt = load_records(db, &files, read, Some(&mut tee))?;
     let (own, own_len, own_whole_len) = tee.finish()?;
-    let mut own = own.into_inner().map_err(|e| Error::internal(format!("write snapshot: {}", e.error())))?;
+    let mut own = Paced::into_file(own).map_err(|e| Error::internal(format!("write snapshot: {e}")))?;
     finish_file(&mut own, own_at, own_len, Some(own_whole_len))?;
     let values = files.values.clone();
     tracing::info!(records_ms = started.elapsed().as_millis() as u64, "loaded a snapshot's records");
@@ -699,14 +699,14 @@ fn install_loaded(
     let (current, _) = state_trees(db)?;
     let own_path = part_path(dir, OWN_PART);
     let written = (|| {
-        let mut own = std::io::BufWriter::with_capacity(1 << 20, create_rw(&own_path)?);
+        let mut own = Paced::writer(create_rw(&own_path)?);
         let own_at = start_file(&mut own, meta, Some(files.values.id()))?;
         let mut from = &records.file;
         let copied = std::io::copy(&mut from, &mut own).map_err(|e| Error::internal(format!("write snapshot: {e}")))?;
         if copied != records.len {
             return Err(Error::internal(format!("{copied} bytes of records where {} were written", records.len)));
         }
-        let mut own = own.into_inner().map_err(|e| Error::internal(format!("write snapshot: {}", e.error())))?;
+        let mut own = Paced::into_file(own).map_err(|e| Error::internal(format!("write snapshot: {e}")))?;
         Ok::<_, Error>(finish_file(&mut own, own_at, records.len, Some(records.whole_len))?)
     })();
     let _ = std::fs::remove_file(&records.path);

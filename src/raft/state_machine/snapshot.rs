@@ -158,6 +158,56 @@ pub(super) fn create_rw(path: &Path) -> Result<std::fs::File, SnapshotFileError>
     std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).map_err(write_err)
 }
 
+/// How much of a large file is written before it is made durable so far.
+/// A member writes its snapshot files beside the Raft log, and the log's
+/// fsyncs queue behind whatever the disk is flushing: on this machine's
+/// disk, beside a file of 300 MiB made durable at its end, a small write
+/// and fdatasync waited up to 73–120 ms, and 7–10 ms with the file made
+/// durable every 8 MiB. In a load of 1,000,000 keys of 1 KiB (ten
+/// snapshots), three members' log fsyncs over 16 ms went from 134 to 36.
+pub(super) const SYNC_EVERY: u64 = 8 << 20;
+
+/// A file written in steps of [`SYNC_EVERY`], each made durable before the
+/// next (see there), behind a buffer of 1 MiB.
+pub(super) struct Paced {
+    file: std::fs::File,
+    unsynced: u64,
+}
+
+impl Paced {
+    /// A buffered writer of `file`, made durable every [`SYNC_EVERY`].
+    pub(super) fn writer(file: std::fs::File) -> std::io::BufWriter<Paced> {
+        std::io::BufWriter::with_capacity(1 << 20, Paced { file, unsynced: 0 })
+    }
+
+    /// The file, once what the buffer held is written; not yet durable.
+    pub(super) fn into_file(out: std::io::BufWriter<Paced>) -> std::io::Result<std::fs::File> {
+        Ok(out.into_inner().map_err(|e| e.into_error())?.file)
+    }
+}
+
+impl std::io::Write for Paced {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.unsynced += n as u64;
+        if self.unsynced >= SYNC_EVERY {
+            self.file.sync_data()?;
+            self.unsynced = 0;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl std::io::Seek for Paced {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.file.seek(to)
+    }
+}
+
 /// Writes the header of a snapshot file: the metadata, and lengths to be
 /// filled in by [`finish_file`]; with `values`, the header of one whose
 /// data points into the value file of that id. Returns where the data
@@ -241,13 +291,13 @@ pub(super) fn write_file_with<E: From<SnapshotFileError>>(
     len: u64,
     copy: impl FnOnce(&mut dyn std::io::Write) -> Result<u64, E>,
 ) -> Result<(), E> {
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, create_rw(path)?);
+    let mut out = Paced::writer(create_rw(path)?);
     let data_at = start_file(&mut out, meta, None)?;
     let copied = copy(&mut out)?;
     if copied != len {
         return Err(SnapshotFileError::Damaged(format!("{copied} bytes of data where {len} were expected")).into());
     }
-    let mut file = out.into_inner().map_err(|e| write_err(e.into_error()))?;
+    let mut file = Paced::into_file(out).map_err(write_err)?;
     Ok(finish_file(&mut file, data_at, len, None)?)
 }
 
@@ -278,10 +328,10 @@ pub(super) fn build_file(
     path: &Path,
     meta: &Meta,
 ) -> Result<BuiltFile, Error> {
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, create_rw(path)?);
+    let mut out = Paced::writer(create_rw(path)?);
     let data_at = start_file(&mut out, meta, Some(files.values.id()))?;
     let (_, len, whole_len) = write_state(files, as_of, &mut out)?;
-    let mut file = out.into_inner().map_err(|e| write_err(e.into_error()))?;
+    let mut file = Paced::into_file(out).map_err(write_err)?;
     finish_file(&mut file, data_at, len, Some(whole_len))?;
     Ok(BuiltFile { file, data_at, len, whole_len, values: files.values.clone() })
 }
