@@ -51,6 +51,12 @@ const RETRY_WITHIN: Duration = Duration::from_secs(10);
 /// it has nothing to take it again into); a peer that lost what it had
 /// received (it answers that the snapshot does not match) gets the snapshot
 /// again from the start, up to [`CHUNK_RETRIES`] times.
+///
+/// A peer that cannot be reached at all (the first chunk was not sent) fails
+/// the sending at once: openraft tries again after its backoff with the
+/// snapshot that is newest then. Tried again here, the snapshot taken before
+/// the peer came back went first, and the peer then needed the newer one
+/// as well (one stream of 77 MB before the one of 117 MB it needed).
 pub async fn send_snapshot<N: RaftNetwork<TypeConfig> + ?Sized>(
     net: &mut N,
     target: NodeId,
@@ -116,6 +122,7 @@ pub async fn send_snapshot<N: RaftNetwork<TypeConfig> + ?Sized>(
             },
             Err(RPCError::PayloadTooLarge(e)) => return Err(NetworkError::new(&e).into()),
             Err(RPCError::Timeout(e)) => StreamingError::Timeout(e),
+            Err(RPCError::Unreachable(e)) if offset == 0 => return Err(StreamingError::Unreachable(e)),
             Err(RPCError::Unreachable(e)) => StreamingError::Unreachable(e),
             Err(RPCError::Network(e)) => StreamingError::Network(e),
         };
@@ -172,7 +179,7 @@ mod tests {
     use std::collections::BTreeMap;
     use std::io::Write;
 
-    use openraft::error::{NetworkError, SnapshotMismatch};
+    use openraft::error::{NetworkError, SnapshotMismatch, Unreachable};
     use openraft::raft::{
         AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotResponse, VoteRequest, VoteResponse,
     };
@@ -186,6 +193,8 @@ mod tests {
         Ok,
         /// A network error: the chunk never arrived.
         Lost,
+        /// The peer could not be reached: the chunk was not sent.
+        Unreachable,
         /// A network error after 11 s.
         Stuck,
         /// It lost what it had received.
@@ -235,6 +244,9 @@ mod tests {
             let vote = req.vote;
             match answer {
                 Answer::Lost => Err(network_error("lost")),
+                Answer::Unreachable => {
+                    Err(RPCError::Unreachable(Unreachable::new(&std::io::Error::other("connection refused"))))
+                }
                 Answer::Stuck => {
                     tokio::time::sleep(Duration::from_secs(11)).await;
                     Err(network_error("stuck"))
@@ -337,6 +349,19 @@ mod tests {
         let (peer, _, res) = send(vec![Answer::Ok, Answer::Stuck]).await;
         assert!(res.expect_err("given up").contains("stuck"));
         assert_eq!(peer.calls, 2);
+    }
+
+    #[tokio::test]
+    async fn a_peer_unreachable_at_the_first_chunk_fails_the_sending_at_once_and_later_chunks_are_sent_again() {
+        // openraft begins again with the snapshot newest by then.
+        let (peer, _, res) = send(vec![Answer::Unreachable, Answer::Ok]).await;
+        assert!(res.expect_err("given up").contains("connection refused"));
+        assert_eq!(peer.calls, 1);
+        // Once the peer has chunks of this snapshot, it is worth finishing.
+        let (peer, bytes, res) = send(vec![Answer::Ok, Answer::Unreachable]).await;
+        assert!(res.is_ok(), "{res:?}");
+        assert_eq!(peer.received, bytes);
+        assert_eq!(peer.calls, 4);
     }
 
     #[tokio::test]
