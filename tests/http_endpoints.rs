@@ -7,36 +7,16 @@ mod support;
 use std::time::Duration;
 
 use support::{put, TestCluster};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Sends `GET path` over HTTP/1.1 and returns the status code and body.
 async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    conn.write_all(req.as_bytes()).await.expect("send");
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut raw))
-        .await
-        .expect("answer in time")
-        .expect("read");
-    let raw = String::from_utf8(raw).expect("utf-8");
-    let status = raw.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status line");
-    // The body may come chunked: keep the lines that are not chunk sizes.
-    let body = raw.split("\r\n\r\n").nth(1).unwrap_or_default();
-    let body = body.lines().filter(|l| u64::from_str_radix(l.trim(), 16).is_err()).collect::<Vec<_>>().join("\n");
-    (status, body.trim().to_string())
+    support::http_get(addr, path).await.unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"))
 }
 
 fn value(metrics: &str, name: &str) -> f64 {
-    let line = metrics
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .unwrap_or_else(|| panic!("no {name} in\n{metrics}"));
-    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number")
+    support::metric_value(metrics, name).unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
 }
 
-/// Checks that histogram `name` has at least `least` observations, in
-/// cumulative buckets that end with its count, and a sum to match.
 fn check_histogram(metrics: &str, name: &str, least: f64) {
     let count = value(metrics, &format!("{name}_count"));
     assert!(count >= least, "{name}: {count} observations, expected {least} or more");

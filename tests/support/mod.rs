@@ -18,6 +18,35 @@ use kvd::config::Config;
 use kvd::server::{start_on, ServerHandle};
 use tokio::net::{TcpListener, TcpSocket};
 
+/// GET `path` from `addr` over HTTP/1.1: the status and the body (a
+/// chunked body with its chunk sizes left out).
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    conn.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut raw))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10 s"))??;
+    let raw = String::from_utf8(raw).map_err(std::io::Error::other)?;
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line in {raw:?}")))?;
+    // The body may come chunked: keep the lines that are not chunk sizes.
+    let body = raw.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let body = body.lines().filter(|l| u64::from_str_radix(l.trim(), 16).is_err()).collect::<Vec<_>>().join("\n");
+    Ok((status, body.trim().to_string()))
+}
+
+/// The value of the gauge or counter `name` in Prometheus text `metrics`.
+pub fn metric_value(metrics: &str, name: &str) -> Option<f64> {
+    let line = metrics.lines().find(|l| l.split_whitespace().next() == Some(name))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// How long tests wait for a condition before failing.
 pub const WAIT: Duration = Duration::from_secs(30);
 

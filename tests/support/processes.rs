@@ -92,16 +92,9 @@ impl ProcessCluster {
     /// The value of the gauge or counter `name` in member `i`'s `/metrics`,
     /// if it answers and has it.
     pub async fn metric(&self, i: usize, name: &str) -> Option<f64> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr = format!("127.0.0.1:{}", self.client_ports[i]);
-        let mut conn = tokio::net::TcpStream::connect(&addr).await.ok()?;
-        let ask = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        conn.write_all(ask.as_bytes()).await.ok()?;
-        let mut raw = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut raw)).await.ok()?.ok()?;
-        let raw = String::from_utf8_lossy(&raw);
-        let line = raw.lines().find(|l| l.split_whitespace().next() == Some(name))?;
-        line.split_whitespace().nth(1)?.parse().ok()
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.client_ports[i]));
+        let (_, metrics) = super::http_get(addr, "/metrics").await.ok()?;
+        super::metric_value(&metrics, name)
     }
 
     /// Member `i`'s process id, while it runs.
