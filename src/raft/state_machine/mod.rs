@@ -319,11 +319,12 @@ impl StateMachine {
     }
 
     /// Waits, holding neither the state lock nor a thread, while the commit
-    /// thread is busy (with a snapshot's copy, say) and the writes gathered
+    /// thread is busy (with a defragment, say) and the writes gathered
     /// meanwhile have reached their bound. Applying would otherwise wait for
     /// it under the state lock, and every reader with it, each holding one
     /// of the runtime's threads: a snapshot at 1,000,000 keys that took the
-    /// commit thread 2.5 s stalled members long enough to lose their leader.
+    /// commit thread 2.5 s, when it made the copy itself, stalled members
+    /// long enough to lose their leader.
     async fn room_to_apply(&self) -> Result<(), Error> {
         let gathered = self.shared.read().unflushed.full();
         if gathered {
