@@ -155,13 +155,14 @@ fn purging_past_the_end_starts_a_fresh_segment() {
 async fn what_one_append_entries_carries_is_bounded_in_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = LogStore::open(dir.path()).unwrap();
-    // Entries of 1 MiB: four fit in a message's share, and the rest wait
-    // for the next one.
-    let big = |index: u64| Entry {
+    // Entries of a quarter of the share: three fit in a message (the
+    // fourth's record would pass it), and the rest wait for the next one.
+    let quarter = (REPLICATION_BATCH_BYTES / 4) as usize;
+    let sized = |index: u64, len: usize| Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(super::super::Request(vec![7u8; 1 << 20])),
+        payload: EntryPayload::Normal(super::super::Request(vec![7u8; len])),
     };
-    store.write_entries((1..=10).map(big)).unwrap();
+    store.write_entries((1..=10).map(|i| sized(i, quarter))).unwrap();
     let first = store.limited_get_log_entries(1, 11).await.unwrap();
     let got: Vec<u64> = first.iter().map(|e| e.log_id.index).collect();
     assert_eq!(got, vec![1, 2, 3]);
@@ -170,11 +171,7 @@ async fn what_one_append_entries_carries_is_bounded_in_bytes() {
     // It goes on from where the last ended, to the end of the range.
     assert_eq!(store.limited_get_log_entries(9, 11).await.unwrap().len(), 2);
     // One entry larger than the share still goes, alone.
-    let huge = Entry {
-        log_id: LogId::new(CommittedLeaderId::new(1, 1), 11),
-        payload: EntryPayload::Normal(super::super::Request(vec![1u8; 5 << 20])),
-    };
-    store.write_entries([huge]).unwrap();
+    store.write_entries([sized(11, 5 * REPLICATION_BATCH_BYTES as usize)]).unwrap();
     let alone = store.limited_get_log_entries(11, 12).await.unwrap();
     assert_eq!(alone.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![11]);
     assert_eq!(store.limited_get_log_entries(10, 12).await.unwrap().len(), 1);
