@@ -228,6 +228,9 @@ pub async fn start_on(
     let wal_fsync = log_store.fsync_histogram();
     log_store.import_from_sled(&db).map_err(|e| data_err(e.into()))?;
     let mut state_machine = StateMachine::open(&db, &cfg.data_dir).map_err(data_err)?;
+    // A quarter of the heartbeat interval, which is how long the leader
+    // waits for an AppendEntries answer.
+    log_store.pace_by(state_machine.applied_index(), cfg.heartbeat / 4);
     let snapshot_due = state_machine.snapshot_every(cfg.config.snapshot_count);
     let shared = state_machine.shared();
     let listed = shared.was_listed();

@@ -40,11 +40,12 @@ use std::fs::{File, OpenOptions};
 use std::ops::{Bound, RangeBounds};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader, StorageIOError, Vote};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::{decode, encode, CodecError, Entry, LogId, NodeId, StorageError, TypeConfig, WritesInFlight};
 use crate::error::Error;
@@ -64,6 +65,10 @@ use files::{check_record, create_segment, preallocate, read_small_file, scan_seg
 /// 95,000 puts of 256 bytes peaked at 139-153 MB, against 174-183 MB with
 /// 4 MiB.
 pub const REPLICATION_BATCH_BYTES: u64 = 1024 * 1024;
+
+/// Bytes of committed log records that may wait to be applied before an
+/// append waits for applying (see [`LogStore::pace_by`]).
+pub const APPLY_BACKLOG_BYTES: u64 = 4 * 1024 * 1024;
 
 /// A segment grows to about this size before the next one starts.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -123,6 +128,21 @@ impl SharedLog {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Bytes of the records of the entries after index `after` up to
+    /// `upto`, counted until they pass [`APPLY_BACKLOG_BYTES`].
+    fn records_between(&self, after: u64, upto: u64) -> u64 {
+        let inner = self.lock();
+        let from = inner.locs.partition_point(|l| l.log_id.index <= after);
+        let mut bytes = 0u64;
+        for loc in inner.locs.range(from..) {
+            if loc.log_id.index > upto || bytes > APPLY_BACKLOG_BYTES {
+                break;
+            }
+            bytes += HEADER_BYTES + u64::from(loc.len);
+        }
+        bytes
+    }
 }
 
 /// The Raft log of one member; clones share it (and read it concurrently).
@@ -133,6 +153,17 @@ pub struct LogStore {
     writes: WritesInFlight,
     /// How long each sync of appended entries took.
     fsync: Arc<Histogram>,
+    /// The last index openraft reported committed.
+    committed: Arc<AtomicU64>,
+    /// What appends wait on while applying lags, once set.
+    pace: Option<Pace>,
+}
+
+/// See [`LogStore::pace_by`].
+#[derive(Clone)]
+struct Pace {
+    applied: watch::Receiver<u64>,
+    longest: std::time::Duration,
 }
 
 /// What can go wrong with the Raft log on disk. Every variant is a failure
@@ -218,7 +249,54 @@ impl LogStore {
             .name("kvd-log-flush".into())
             .spawn(move || flush_loop(pending, &timed))
             .map_err(|e| io_err("start the log flusher", e))?;
-        Ok(LogStore { shared, flusher, writes: WritesInFlight::default(), fsync })
+        Ok(LogStore {
+            shared,
+            flusher,
+            writes: WritesInFlight::default(),
+            fsync,
+            committed: Arc::default(),
+            pace: None,
+        })
+    }
+
+    /// Has each append first wait, for at most `longest`, while the
+    /// entries committed but not yet applied (by `applied`, the state
+    /// machine's last applied index) hold more than [`APPLY_BACKLOG_BYTES`]
+    /// of records.
+    ///
+    /// openraft acknowledges entries once they are in the log and hands
+    /// every committed entry to the state machine at once, read back and
+    /// decoded; it does not wait for applying. A member catching up by the
+    /// log appends faster than it applies, and every entry between was held
+    /// in memory: replaying 300,000 puts of 256 bytes, a member peaked at
+    /// 220 MB without this wait and 186-191 MB with it (the others held
+    /// 103-106 MB).
+    ///
+    /// Holding the append back holds back its acknowledgement, and so the
+    /// leader's next AppendEntries. `longest` must stay well inside the
+    /// leader's AppendEntries timeout (its heartbeat interval): past it the
+    /// append goes on, so a state machine that cannot apply (a defragment
+    /// holds its commit thread) slows appends but never stops them.
+    pub fn pace_by(&mut self, applied: watch::Receiver<u64>, longest: std::time::Duration) {
+        self.pace = Some(Pace { applied, longest });
+    }
+
+    /// Waits as [`LogStore::pace_by`] says.
+    async fn let_applying_catch_up(&mut self) {
+        let Some(pace) = self.pace.as_mut() else { return };
+        let committed = self.committed.load(Ordering::Acquire);
+        let deadline = tokio::time::Instant::now() + pace.longest;
+        loop {
+            let applied = *pace.applied.borrow_and_update();
+            if committed <= applied || self.shared.records_between(applied, committed) <= APPLY_BACKLOG_BYTES {
+                return;
+            }
+            match tokio::time::timeout_at(deadline, pace.applied.changed()).await {
+                Ok(Ok(())) => {}
+                // Out of time, or the state machine is gone.
+                Ok(Err(_)) | Err(_) => return,
+            }
+        }
     }
 
     /// Where to purge the log so that of its entries up to `upto` (those a
@@ -555,6 +633,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        self.let_applying_catch_up().await;
         let file = self.write_entries(entries).map_err(write_err)?;
         // openraft waits for this flush before its next log write, so an
         // inline sync never overtakes one queued to the flusher.
@@ -565,6 +644,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if let Err(mpsc::error::SendError((file, callback))) = self.flusher.send((file, callback)) {
             // The flusher thread is gone: sync here.
             callback.log_io_completed(timed_sync(&file, &self.fsync));
+        }
+        Ok(())
+    }
+
+    /// Only kept in memory, for [`LogStore::pace_by`]: openraft works
+    /// without it after a restart.
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        if let Some(c) = committed {
+            self.committed.fetch_max(c.index, Ordering::Release);
         }
         Ok(())
     }

@@ -179,6 +179,54 @@ async fn what_one_append_entries_carries_is_bounded_in_bytes() {
     assert_eq!(store.try_get_log_entries(1..12).await.unwrap().len(), 11);
 }
 
+#[tokio::test]
+async fn an_append_waits_while_more_than_the_backlog_of_committed_entries_waits_to_be_applied() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = LogStore::open(dir.path()).unwrap();
+    // Entries of just under 1 MiB, record and all.
+    let mib = |index: u64| Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(super::super::Request(vec![3u8; (1 << 20) - 1024])),
+    };
+    // Not paced yet: nothing waits.
+    store.write_entries((1..=8).map(mib)).unwrap();
+    store.save_committed(Some(mib(8).log_id)).await.unwrap();
+    let soon = Duration::from_secs(10);
+    tokio::time::timeout(soon, store.let_applying_catch_up()).await.expect("an unpaced append waits for nothing");
+
+    let (applied, rx) = watch::channel(0u64);
+    store.pace_by(rx, Duration::from_secs(600));
+    // Eight such entries committed, none applied: the append waits.
+    let brief = Duration::from_millis(300);
+    assert!(tokio::time::timeout(brief, store.let_applying_catch_up()).await.is_err(), "8 MiB wait to be applied");
+    // Five left (5 MiB) are still more than the backlog; four are not.
+    applied.send_replace(3);
+    assert!(tokio::time::timeout(brief, store.let_applying_catch_up()).await.is_err(), "5 MiB wait to be applied");
+    let mut waiting = store.clone();
+    let append = tokio::spawn(async move { waiting.let_applying_catch_up().await });
+    applied.send_replace(4);
+    tokio::time::timeout(soon, append).await.expect("4 MiB left: the append goes on").unwrap();
+    // Entries appended but not committed never hold an append back.
+    applied.send_replace(8);
+    store.write_entries((9..=16).map(mib)).unwrap();
+    tokio::time::timeout(soon, store.let_applying_catch_up()).await.expect("nothing committed waits");
+
+    // A state machine that does not apply holds an append back for at most
+    // the time given.
+    store.save_committed(Some(mib(16).log_id)).await.unwrap();
+    let (_stuck, rx) = watch::channel(8u64);
+    store.pace_by(rx, Duration::from_millis(50));
+    let start = std::time::Instant::now();
+    tokio::time::timeout(soon, store.let_applying_catch_up()).await.expect("the wait is bounded");
+    assert!(start.elapsed() >= Duration::from_millis(50), "{:?}", start.elapsed());
+    // Nor does a state machine that is gone.
+    let (gone, rx) = watch::channel(8u64);
+    store.pace_by(rx, Duration::from_secs(600));
+    drop(gone);
+    tokio::time::timeout(soon, store.let_applying_catch_up()).await.expect("no state machine to wait for");
+}
+
 #[test]
 fn the_purge_point_keeps_at_most_so_many_entries_and_bytes_of_those_a_snapshot_covers() {
     let dir = tempfile::tempdir().unwrap();

@@ -196,6 +196,9 @@ pub struct StateMachine {
     /// Counts client commands toward a snapshot (see
     /// [`StateMachine::snapshot_every`]).
     due: SnapshotDue,
+    /// The index of the last entry applied, for the log store to pace
+    /// appends by (see [`StateMachine::applied_index`]).
+    applied_index: watch::Sender<u64>,
 }
 
 /// Commands applied since the last snapshot was begun, and the count at
@@ -288,6 +291,7 @@ impl StateMachine {
             membership,
             snapshot_file: Arc::new(std::sync::Mutex::new(on_disk)),
             due,
+            applied_index: watch::channel(last_applied.map_or(0, |l| l.index)).0,
         })
     }
 
@@ -311,6 +315,18 @@ impl StateMachine {
     /// The last log id applied.
     pub fn last_applied(&self) -> Option<LogId> {
         self.last_applied
+    }
+
+    /// The index of the last entry applied, as it moves: the log store
+    /// holds appends back while applying lags far behind what is
+    /// committed (see [`crate::raft::log_store::LogStore::pace_by`]).
+    pub fn applied_index(&self) -> watch::Receiver<u64> {
+        self.applied_index.subscribe()
+    }
+
+    fn publish_applied(&self) {
+        let index = self.last_applied.map_or(0, |l| l.index);
+        self.applied_index.send_if_modified(|at| std::mem::replace(at, index) != index);
     }
 
     /// The state that request handlers read.
@@ -427,7 +443,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         self.room_to_apply().await.map_err(|e| StorageError::from(StorageIOError::apply(self.last(), &e)))?;
-        self.apply_entries(entries)
+        let applied = self.apply_entries(entries);
+        self.publish_applied();
+        applied
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -529,6 +547,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let bytes = installed.map_err(fail)?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
+        self.publish_applied();
         tracing::info!(snapshot = %meta.snapshot_id, bytes, "installed snapshot");
         Ok(())
     }
