@@ -59,6 +59,9 @@ pub struct Committer {
 struct Progress {
     /// A group is being committed.
     busy: bool,
+    /// What it does is not a group's commit: a defragment's copy, say,
+    /// which holds it for seconds.
+    other_work: bool,
     /// Why a commit failed; the state machine cannot go on after that.
     failed: Option<String>,
 }
@@ -109,6 +112,7 @@ impl Committer {
                     let (lock, done) = &*theirs;
                     let mut progress = lock.lock().unwrap_or_else(|p| p.into_inner());
                     progress.busy = false;
+                    progress.other_work = false;
                     if let Err(e) = result {
                         progress.failed = Some(e.to_string());
                     }
@@ -131,6 +135,13 @@ impl Committer {
         let progress = self.lock();
         check(&progress)?;
         Ok(!progress.busy)
+    }
+
+    /// Whether it is busy with something other than a group's commit (see
+    /// [`Committer::run`]), which may hold it for seconds.
+    pub fn is_held(&self) -> bool {
+        let progress = self.lock();
+        progress.busy && progress.other_work
     }
 
     /// Waits until no group is being committed. An error if a commit failed.
@@ -195,11 +206,13 @@ impl Committer {
         if progress.busy {
             return Err(CommitError::OutOfOrder.into());
         }
+        let other_work = !matches!(job, Job::Commit(_));
         if self.tx.as_ref().is_none_or(|tx| tx.send(job).is_err()) {
             progress.failed = Some("the commit thread is gone".into());
             return check(&progress);
         }
         progress.busy = true;
+        progress.other_work = other_work;
         Ok(())
     }
 

@@ -12,23 +12,27 @@ use crate::mvcc::{Batch, MvccStore};
 /// many (8,192, when the commit still held the state lock, made p99 latency
 /// jump).
 pub const MAX_UNFLUSHED_WRITES: usize = 1024;
-/// While the committer is busy, applied writes go on gathering up to this
-/// many, or [`MAX_GATHERED_BYTES`] of keys and values; then the next apply
-/// waits for it before it takes the state lock (see
-/// [`super::StateMachine::room_to_apply`]). When the committer still copied
-/// the store for a snapshot (2.4 s at 900,000 keys of 1 KiB), room for
-/// 8,192 writes let puts stop for most of that copy, and 65,536 or 32 MiB
-/// took the longest put of a 1,000,000-key load from 1.7 s to 0.3 s. The
-/// copy now goes beside it (see [`super::copies`]), and a member catching
-/// up by the log, whose committer is always busy, held two such groups and
-/// sled's copy of one: replaying 95,000 puts of 256 bytes it peaked at
-/// 197-229 MB against 72-95 MB for the others, and at 174-183 MB with room
-/// for 8,192 writes or 8 MiB. The 1,000,000-key load was no slower with it
-/// (longest put 57 and 62 ms against 64 and 66 ms). A defragment still
-/// holds the committer; writes stop sooner during one.
+/// While the committer is busy committing groups, applied writes go on
+/// gathering up to this many, or [`MAX_GATHERED_BYTES`] of keys and values;
+/// then the next apply waits for it before it takes the state lock (see
+/// [`super::StateMachine::room_to_apply`]). A member catching up by the log,
+/// whose committer is always busy, held two such groups and sled's copy of
+/// one: with room for 65,536 writes or 32 MiB, replaying 95,000 puts of 256
+/// bytes it peaked at 197-229 MB against 72-95 MB for the others, and at
+/// 174-183 MB with room for 8,192 writes or 8 MiB.
 pub(super) const MAX_GATHERED_WRITES: usize = 8 * MAX_UNFLUSHED_WRITES;
 /// See [`MAX_GATHERED_WRITES`].
 pub(super) const MAX_GATHERED_BYTES: usize = 8 << 20;
+/// The room while the committer does other work (see
+/// [`Committer::is_held`]): a defragment holds it for seconds, and with
+/// room for 8,192 writes puts at the leader stopped for the rest of one
+/// (longest put 1.5 and 2.0 s, against 0.24 and 0.30 s with this room, in
+/// a defragment of 200,000 keys of 1 KiB under puts from 64 clients). When
+/// a snapshot's copy still held it, this room took the longest put of a
+/// 1,000,000-key load from 1.7 s to 0.3 s.
+pub(super) const HELD_GATHERED_WRITES: usize = 64 * MAX_UNFLUSHED_WRITES;
+/// See [`HELD_GATHERED_WRITES`].
+pub(super) const HELD_GATHERED_BYTES: usize = 32 << 20;
 /// ... or this many writes of lease records, which a commit cannot split
 /// (see [`crate::mvcc::Batch::into_sled_chunks`]): sled keeps a copy
 /// of each tree node a batch changes until the whole batch is applied, so
@@ -69,15 +73,17 @@ impl Group {
 
     /// Whether the writes gathered have reached `factor` times the bounds
     /// in writes and bytes on what waits for a busy committer.
-    pub(super) fn gathered(&self, factor: usize) -> bool {
-        self.batch.len() >= factor * MAX_GATHERED_WRITES || self.batch.bytes() >= factor * MAX_GATHERED_BYTES
+    pub(super) fn gathered(&self, factor: usize, held: bool) -> bool {
+        let (writes, bytes) =
+            if held { (HELD_GATHERED_WRITES, HELD_GATHERED_BYTES) } else { (MAX_GATHERED_WRITES, MAX_GATHERED_BYTES) };
+        self.batch.len() >= factor * writes || self.batch.bytes() >= factor * bytes
     }
 
     /// Whether the next apply waits for a busy committer before it takes
     /// the state lock: the writes gathered have reached a bound, in writes,
-    /// bytes or lease writes.
-    pub(super) fn full(&self) -> bool {
-        self.gathered(1) || self.batch.lease_writes() >= MAX_GATHERED_LEASE_WRITES
+    /// bytes or lease writes; `held` when the committer does other work.
+    pub(super) fn full(&self, held: bool) -> bool {
+        self.gathered(1, held) || self.batch.lease_writes() >= MAX_GATHERED_LEASE_WRITES
     }
 
     /// Whether it is time to commit.
@@ -104,7 +110,7 @@ impl Group {
     /// apply waits for fewer without the lock.
     pub(super) fn hand_off(&mut self, store: &mut MvccStore, committer: &Committer) -> Result<(), Error> {
         if !committer.is_idle()? {
-            if !self.gathered(HELD_FACTOR) {
+            if !self.gathered(HELD_FACTOR, committer.is_held()) {
                 return Ok(());
             }
             committer.wait_idle()?;
@@ -138,19 +144,26 @@ mod tests {
         for i in 0..MAX_GATHERED_WRITES - 1 {
             small.batch.insert(history(i), "v");
         }
-        assert!(!small.gathered(1) && !small.full());
+        assert!(!small.gathered(1, false) && !small.full(false));
         small.batch.insert(history(MAX_GATHERED_WRITES), "v");
-        assert!(small.gathered(1) && small.full(), "a count of small writes");
-        assert!(!small.gathered(HELD_FACTOR));
+        assert!(small.gathered(1, false) && small.full(false), "a count of small writes");
+        assert!(!small.gathered(HELD_FACTOR, false));
+        // A committer held by other work leaves more room.
+        assert!(!small.gathered(1, true) && !small.full(true));
 
         let mut large = Group::default();
         let value = vec![0u8; 1 << 20];
         for i in 0..MAX_GATHERED_BYTES >> 20 {
-            assert!(!large.gathered(1), "{i} MiB");
+            assert!(!large.gathered(1, false), "{i} MiB");
             large.batch.insert(format!("k{i}"), &value);
         }
-        assert!(large.gathered(1), "a few large writes");
-        assert!(!large.gathered(HELD_FACTOR));
+        assert!(large.gathered(1, false), "a few large writes");
+        assert!(!large.gathered(HELD_FACTOR, false));
+        assert!(!large.gathered(1, true));
+        for i in MAX_GATHERED_BYTES >> 20..HELD_GATHERED_BYTES >> 20 {
+            large.batch.insert(format!("k{i}"), &value);
+        }
+        assert!(large.gathered(1, true), "the room of a held committer");
     }
 
     #[test]
@@ -161,15 +174,15 @@ mod tests {
             group.batch.remove(lease(i));
             group.batch.insert([&[crate::mvcc::keys::HIST][..], &lease(i)].concat(), "tombstone");
         }
-        assert!(!group.full());
+        assert!(!group.full(false));
         group.batch.remove(lease(MAX_GATHERED_LEASE_WRITES));
-        assert!(group.full(), "a count of lease writes");
+        assert!(group.full(false) && group.full(true), "a count of lease writes");
         // However many there are, they never make an apply wait with the
         // state lock held.
         for i in 0..HELD_FACTOR * MAX_GATHERED_LEASE_WRITES {
             group.batch.insert(lease(i), "ttl");
         }
         assert!(group.batch.lease_writes() >= HELD_FACTOR * MAX_GATHERED_LEASE_WRITES);
-        assert!(!group.gathered(HELD_FACTOR));
+        assert!(!group.gathered(HELD_FACTOR, false));
     }
 }

@@ -342,7 +342,8 @@ impl StateMachine {
     /// commit thread 2.5 s, when it made the copy itself, stalled members
     /// long enough to lose their leader.
     async fn room_to_apply(&self) -> Result<(), Error> {
-        let gathered = self.shared.read().unflushed.full();
+        let held = self.shared.committer.is_held();
+        let gathered = self.shared.read().unflushed.full(held);
         if gathered {
             self.shared.committer.idle().await?;
         }
