@@ -137,9 +137,9 @@ impl Committer {
         Ok(!progress.busy)
     }
 
-    /// Whether it is busy with something other than a group's commit (see
-    /// [`Committer::run`]), which may hold it for seconds.
-    pub fn is_held(&self) -> bool {
+    /// Whether it is busy with a job other than a group's commit (see
+    /// [`Committer::run`]), which may take it for seconds.
+    pub fn on_long_job(&self) -> bool {
         let progress = self.lock();
         progress.busy && progress.other_work
     }

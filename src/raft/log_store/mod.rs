@@ -129,19 +129,19 @@ impl SharedLog {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Bytes of the records of the entries after index `after` up to
-    /// `upto`, counted until they pass [`APPLY_BACKLOG_BYTES`].
-    fn records_between(&self, after: u64, upto: u64) -> u64 {
+    /// Whether the records of the entries after index `after` up to `upto`
+    /// hold more than `limit` bytes.
+    fn records_over(&self, after: u64, upto: u64, limit: u64) -> bool {
         let inner = self.lock();
         let from = inner.locs.partition_point(|l| l.log_id.index <= after);
         let mut bytes = 0u64;
-        for loc in inner.locs.range(from..) {
-            if loc.log_id.index > upto || bytes > APPLY_BACKLOG_BYTES {
-                break;
-            }
+        for loc in inner.locs.range(from..).take_while(|l| l.log_id.index <= upto) {
             bytes += HEADER_BYTES + u64::from(loc.len);
+            if bytes > limit {
+                return true;
+            }
         }
-        bytes
+        false
     }
 }
 
@@ -288,7 +288,7 @@ impl LogStore {
         let deadline = tokio::time::Instant::now() + pace.longest;
         loop {
             let applied = *pace.applied.borrow_and_update();
-            if committed <= applied || self.shared.records_between(applied, committed) <= APPLY_BACKLOG_BYTES {
+            if committed <= applied || !self.shared.records_over(applied, committed, APPLY_BACKLOG_BYTES) {
                 return;
             }
             match tokio::time::timeout_at(deadline, pace.applied.changed()).await {

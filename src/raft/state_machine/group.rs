@@ -23,16 +23,16 @@ pub const MAX_UNFLUSHED_WRITES: usize = 1024;
 pub(super) const MAX_GATHERED_WRITES: usize = 8 * MAX_UNFLUSHED_WRITES;
 /// See [`MAX_GATHERED_WRITES`].
 pub(super) const MAX_GATHERED_BYTES: usize = 8 << 20;
-/// The room while the committer does other work (see
-/// [`Committer::is_held`]): a defragment holds it for seconds, and with
+/// The room while the committer is on another job (see
+/// [`Committer::on_long_job`]): a defragment holds it for seconds, and with
 /// room for 8,192 writes puts at the leader stopped for the rest of one
 /// (longest put 1.5 and 2.0 s, against 0.24 and 0.30 s with this room, in
 /// a defragment of 200,000 keys of 1 KiB under puts from 64 clients). When
 /// a snapshot's copy still held it, this room took the longest put of a
 /// 1,000,000-key load from 1.7 s to 0.3 s.
-pub(super) const HELD_GATHERED_WRITES: usize = 64 * MAX_UNFLUSHED_WRITES;
-/// See [`HELD_GATHERED_WRITES`].
-pub(super) const HELD_GATHERED_BYTES: usize = 32 << 20;
+pub(super) const LONG_JOB_GATHERED_WRITES: usize = 64 * MAX_UNFLUSHED_WRITES;
+/// See [`LONG_JOB_GATHERED_WRITES`].
+pub(super) const LONG_JOB_GATHERED_BYTES: usize = 32 << 20;
 /// ... or this many writes of lease records, which a commit cannot split
 /// (see [`crate::mvcc::Batch::into_sled_chunks`]): sled keeps a copy
 /// of each tree node a batch changes until the whole batch is applied, so
@@ -73,17 +73,21 @@ impl Group {
 
     /// Whether the writes gathered have reached `factor` times the bounds
     /// in writes and bytes on what waits for a busy committer.
-    pub(super) fn gathered(&self, factor: usize, held: bool) -> bool {
-        let (writes, bytes) =
-            if held { (HELD_GATHERED_WRITES, HELD_GATHERED_BYTES) } else { (MAX_GATHERED_WRITES, MAX_GATHERED_BYTES) };
+    pub(super) fn gathered(&self, factor: usize, long_job: bool) -> bool {
+        let (writes, bytes) = if long_job {
+            (LONG_JOB_GATHERED_WRITES, LONG_JOB_GATHERED_BYTES)
+        } else {
+            (MAX_GATHERED_WRITES, MAX_GATHERED_BYTES)
+        };
         self.batch.len() >= factor * writes || self.batch.bytes() >= factor * bytes
     }
 
     /// Whether the next apply waits for a busy committer before it takes
     /// the state lock: the writes gathered have reached a bound, in writes,
-    /// bytes or lease writes; `held` when the committer does other work.
-    pub(super) fn full(&self, held: bool) -> bool {
-        self.gathered(1, held) || self.batch.lease_writes() >= MAX_GATHERED_LEASE_WRITES
+    /// bytes or lease writes; `long_job` when the committer is on a job
+    /// other than a group's commit.
+    pub(super) fn full(&self, long_job: bool) -> bool {
+        self.gathered(1, long_job) || self.batch.lease_writes() >= MAX_GATHERED_LEASE_WRITES
     }
 
     /// Whether it is time to commit.
@@ -110,7 +114,7 @@ impl Group {
     /// apply waits for fewer without the lock.
     pub(super) fn hand_off(&mut self, store: &mut MvccStore, committer: &Committer) -> Result<(), Error> {
         if !committer.is_idle()? {
-            if !self.gathered(HELD_FACTOR, committer.is_held()) {
+            if !self.gathered(HELD_FACTOR, committer.on_long_job()) {
                 return Ok(());
             }
             committer.wait_idle()?;
@@ -148,7 +152,7 @@ mod tests {
         small.batch.insert(history(MAX_GATHERED_WRITES), "v");
         assert!(small.gathered(1, false) && small.full(false), "a count of small writes");
         assert!(!small.gathered(HELD_FACTOR, false));
-        // A committer held by other work leaves more room.
+        // A committer on a long job leaves more room.
         assert!(!small.gathered(1, true) && !small.full(true));
 
         let mut large = Group::default();
@@ -160,10 +164,10 @@ mod tests {
         assert!(large.gathered(1, false), "a few large writes");
         assert!(!large.gathered(HELD_FACTOR, false));
         assert!(!large.gathered(1, true));
-        for i in MAX_GATHERED_BYTES >> 20..HELD_GATHERED_BYTES >> 20 {
+        for i in MAX_GATHERED_BYTES >> 20..LONG_JOB_GATHERED_BYTES >> 20 {
             large.batch.insert(format!("k{i}"), &value);
         }
-        assert!(large.gathered(1, true), "the room of a held committer");
+        assert!(large.gathered(1, true), "the room beside a long job");
     }
 
     #[test]

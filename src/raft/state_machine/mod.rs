@@ -197,7 +197,9 @@ pub struct StateMachine {
     /// [`StateMachine::snapshot_every`]).
     due: SnapshotDue,
     /// The index of the last entry applied, for the log store to pace
-    /// appends by (see [`StateMachine::applied_index`]).
+    /// appends by (see [`StateMachine::applied_index`]). openraft's own
+    /// metrics would not do: they learn of an apply from its core, which is
+    /// the task waiting in the append.
     applied_index: watch::Sender<u64>,
 }
 
@@ -342,8 +344,8 @@ impl StateMachine {
     /// commit thread 2.5 s, when it made the copy itself, stalled members
     /// long enough to lose their leader.
     async fn room_to_apply(&self) -> Result<(), Error> {
-        let held = self.shared.committer.is_held();
-        let gathered = self.shared.read().unflushed.full(held);
+        let long_job = self.shared.committer.on_long_job();
+        let gathered = self.shared.read().unflushed.full(long_job);
         if gathered {
             self.shared.committer.idle().await?;
         }

@@ -138,7 +138,7 @@ async fn applying_waits_for_a_busy_commit_thread_without_holding_the_state_lock(
         shared.committer.run(hold).expect("hold the commit thread");
     }
     let puts =
-        |from: usize| (from..from + group::HELD_GATHERED_WRITES).map(|i| put(&format!("k{i:06}"), "v")).collect();
+        |from: usize| (from..from + group::LONG_JOB_GATHERED_WRITES).map(|i| put(&format!("k{i:06}"), "v")).collect();
     // Writes gather while it is busy, up to the bound (on a task of its
     // own, so that an apply that blocks its thread fails the test rather
     // than hangs it)...
@@ -150,7 +150,7 @@ async fn applying_waits_for_a_busy_commit_thread_without_holding_the_state_lock(
     let mut sm = first.expect("an apply within the bound does not wait").expect("join");
     // ...then the next apply waits, holding no lock: readers go on.
     let next = tokio::spawn(async move {
-        sm.apply(vec![batch(2, puts(group::HELD_GATHERED_WRITES))]).await.expect("apply");
+        sm.apply(vec![batch(2, puts(group::LONG_JOB_GATHERED_WRITES))]).await.expect("apply");
         sm
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -159,7 +159,7 @@ async fn applying_waits_for_a_busy_commit_thread_without_holding_the_state_lock(
     release.send(()).expect("release");
     let sm = tokio::time::timeout(Duration::from_secs(30), next).await.expect("applied once released").expect("join");
     assert_eq!(sm.last_applied().map(|l| l.index), Some(2));
-    assert_eq!(shared.read().store.len(), 2 * group::HELD_GATHERED_WRITES);
+    assert_eq!(shared.read().store.len(), 2 * group::LONG_JOB_GATHERED_WRITES);
 }
 
 #[tokio::test]
