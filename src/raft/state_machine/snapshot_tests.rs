@@ -142,22 +142,34 @@ async fn applying_waits_for_a_busy_commit_thread_without_holding_the_state_lock(
     // Writes gather while it is busy, up to the bound (on a task of its
     // own, so that an apply that blocks its thread fails the test rather
     // than hangs it)...
-    let first = tokio::spawn(async move {
+    //
+    // A failure is told only once the commit thread is let go and the
+    // apply has ended, so that the state machine is dropped here: dropped by
+    // the runtime as it shuts down, sled's flush of its last tree never
+    // returned, and a failing run hung instead of failing.
+    let mut first = tokio::spawn(async move {
         sm.apply(vec![batch(1, puts(0))]).await.expect("apply");
         sm
     });
-    let first = tokio::time::timeout(Duration::from_secs(30), first).await;
-    let mut sm = first.expect("an apply within the bound does not wait").expect("join");
+    let waited = tokio::time::timeout(Duration::from_secs(30), &mut first).await;
+    if waited.is_err() {
+        drop(release);
+        drop(first.await);
+        panic!("an apply within the bound waited for the busy commit thread");
+    }
+    let mut sm = waited.expect("within the bound").expect("join");
     // ...then the next apply waits, holding no lock: readers go on.
     let next = tokio::spawn(async move {
         sm.apply(vec![batch(2, puts(group::LONG_JOB_GATHERED_WRITES))]).await.expect("apply");
         sm
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!next.is_finished(), "the apply waits for the commit thread");
-    assert!(shared.state.try_read().is_ok(), "the state lock is free while it waits");
+    let waits = !next.is_finished();
+    let readable = shared.state.try_read().is_ok();
     release.send(()).expect("release");
     let sm = tokio::time::timeout(Duration::from_secs(30), next).await.expect("applied once released").expect("join");
+    assert!(waits, "the apply waits for the commit thread");
+    assert!(readable, "the state lock is free while it waits");
     assert_eq!(sm.last_applied().map(|l| l.index), Some(2));
     assert_eq!(shared.read().store.len(), 2 * group::LONG_JOB_GATHERED_WRITES);
 }
