@@ -183,6 +183,21 @@ impl MvccStore {
     }
 
     fn from_rebuild(files: Files, rebuild: Rebuild, revision: i64) -> Result<Self> {
+        // Values are synced before the records that point at them are
+        // written, so a file shorter than the records say lost its end (or
+        // is not the store's): refused here, instead of a member that
+        // serves an internal error for each value it lost.
+        let held = files.values.len();
+        if rebuild.values_end > held {
+            return Err(StoreError::corrupt(format!(
+                "value file {}: it holds {held} bytes, but the store's records point at values up to byte {}: \
+                 it was cut short, removed or replaced. Remove this member, clear its data directory and add it \
+                 again to have it catch up from the others",
+                files.values.path().display(),
+                rebuild.values_end
+            ))
+            .into());
+        }
         let compacted = read_meta_i64(&files.tree, "compacted")?.unwrap_or(0);
         // An older kvd removed history at once, and wrote no such record.
         let physical = read_meta_i64(&files.tree, "physical")?.unwrap_or(compacted);

@@ -25,6 +25,9 @@ pub struct Rebuild {
     /// Whether the records hold a store of an older kvd's layout, which
     /// only [`super::MvccStore::open`] upgrades.
     pub(super) old_layout: bool,
+    /// The end of the last value the records point at in the value file:
+    /// the file must hold at least that much.
+    pub(super) values_end: u64,
 }
 
 impl Rebuild {
@@ -35,7 +38,13 @@ impl Rebuild {
         match rec.first().copied() {
             // The key-value without its value: a value kept apart is not
             // read.
-            Some(keys::HIST) => self.version(record_bytes(rec, value)?, &Stored::decode(value)?.kv),
+            Some(keys::HIST) => {
+                let stored = Stored::decode(value)?;
+                if let Some(at) = &stored.apart {
+                    self.values_end = self.values_end.max(at.end());
+                }
+                self.version(record_bytes(rec, value)?, &stored.kv);
+            }
             Some(changes::RUNS) => self.in_use += (rec.len() + value.len()) as u64,
             Some(keys::LEASE) => {
                 let id: [u8; 8] = rec

@@ -217,33 +217,75 @@ fn records_of_a_group_cut_short_are_not_rebuilt_into_the_store() {
     assert_eq!(rebuilt.len(), 3000, "the deletion never happened");
 }
 
-#[test]
-fn opening_a_store_reads_no_value_kept_apart() {
+/// A store with `n` keys `k00`, `k01`, ... set to `value` (kept apart if
+/// large), committed to its files.
+fn committed_large_values(n: usize, value: &[u8]) -> (Files, tempfile::TempDir, MvccStore) {
     let (files, dir) = temp_files();
     let mut store = MvccStore::open(files.clone()).expect("open");
-    let big = vec![b'x'; values::SEPARATE_FROM * 4];
     let mut batch = Batch::default();
-    for i in 0..20 {
+    for i in 0..n {
         let mut w = store.write();
-        w.put(format!("k{i:02}").as_bytes(), big.clone(), 0);
+        w.put(format!("k{i:02}").as_bytes(), value.to_vec(), 0);
         batch.append(w.finish().0);
     }
     store.seal(&mut batch);
     commit_to(&files, batch);
+    (files, dir, store)
+}
+
+#[test]
+fn opening_a_store_reads_no_value_kept_apart() {
+    let big = vec![b'x'; values::SEPARATE_FROM * 4];
+    let (files, dir, store) = committed_large_values(20, &big);
     assert_eq!(files.values.len(), 20 * big.len() as u64);
-    // The index is rebuilt from the tree alone: with the value file gone,
-    // the store still opens whole, and only a read of a value fails, with
-    // an error rather than a panic.
-    let empty = ValueLog::create(&dir.path().join("elsewhere"), 2).expect("empty value file");
-    let reopened = MvccStore::open(Files { tree: files.tree.clone(), values: Arc::new(empty) }).expect("reopen");
+    // The index is rebuilt from the tree alone: over a value file of the
+    // same length whose bytes are all wrong, the store opens whole, and
+    // only a read of a value fails, with an error rather than a panic.
+    let path = dir.path().join("elsewhere");
+    std::fs::write(&path, vec![0u8; files.values.len() as usize]).expect("a file of zeros");
+    let zeros = ValueLog::open(&path, 2).expect("value file of zeros");
+    let reopened = MvccStore::open(Files { tree: files.tree.clone(), values: Arc::new(zeros) }).expect("reopen");
     assert_eq!((reopened.len(), reopened.revision(), reopened.bytes_in_use()), (20, 21, store.bytes_in_use()));
     let meta = *reopened.get(b"k07").expect("live");
     let e = reopened.load(b"k07", &meta).expect_err("no value file");
-    assert!(e.to_string().contains("corrupt value"), "{e}");
+    assert!(e.to_string().contains("checksum mismatch"), "{e}");
     // With its value file, every value reads back.
     let reopened = MvccStore::open(files).expect("reopen");
     let all = reopened.current_kvs(b"k", &keys::RangeEnd::Before(b"l".to_vec())).expect("read");
     assert!(all.len() == 20 && all.iter().all(|kv| kv.value == big));
+}
+
+#[test]
+fn a_value_file_shorter_than_its_records_say_is_refused_at_open() {
+    let big = vec![b'x'; values::SEPARATE_FROM];
+    let (files, dir, _) = committed_large_values(10, &big);
+    let held = files.values.len();
+    assert_eq!(held, 10 * big.len() as u64);
+    let path = dir.path().join("values");
+    let open_with = |len: Option<u64>| {
+        match len {
+            Some(len) => std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(len)).expect("cut"),
+            None => std::fs::remove_file(&path).expect("remove"),
+        }
+        // Opened as a member opens its files: a missing file is created.
+        let values = ValueLog::open(&path, 1).expect("value file");
+        MvccStore::open(Files { tree: files.tree.clone(), values: Arc::new(values) })
+    };
+    // Bytes after the last value (what a crash leaves) are no harm.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"torn"))
+        .expect("append");
+    assert_eq!(open_with(Some(held + 4)).expect("a longer file opens").len(), 10);
+    assert_eq!(open_with(Some(held)).expect("the file as written opens").len(), 10);
+    for (len, what) in [(Some(held - 1), "one byte short"), (Some(held / 2), "half"), (None, "removed")] {
+        let e = open_with(len).map(|_| ()).expect_err(what);
+        let text = e.to_string();
+        let holds = std::fs::metadata(&path).expect("file").len();
+        assert!(text.contains(&format!("value file {}: it holds {holds} bytes", path.display())), "{what}: {text}");
+        assert!(text.contains(&format!("up to byte {held}")), "{what}: {text}");
+    }
 }
 
 #[test]

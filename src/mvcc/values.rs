@@ -63,6 +63,11 @@ pub struct Pointer {
 }
 
 impl Pointer {
+    /// The byte of the value file just past the value.
+    pub fn end(&self) -> u64 {
+        self.offset.saturating_add(u64::from(self.len))
+    }
+
     /// The pointer in the header of a separated record.
     fn of(stored: &[u8]) -> Result<Pointer> {
         let header = stored.get(..HEADER).ok_or_else(|| StoreError::corrupt("separated record header"))?;
@@ -259,6 +264,11 @@ impl ValueLog {
     /// What names this file (see [`ValueLog`]).
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Where the file is.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Appends `values`, gathered into writes of about [`WRITE_BYTES`],
