@@ -215,6 +215,61 @@ fn cluster_scripts_and_kvctl_survive_a_kill_and_a_full_restart() {
 }
 
 #[test]
+fn a_member_whose_value_file_was_cut_refuses_to_start_and_says_why() {
+    let c = Cluster::new();
+    let up = c.script("start.sh");
+    assert!(up.status.success(), "start.sh: {}", text(&up));
+    let third = format!("127.0.0.1:{}", c.client_ports[2]);
+    // A value of 1 KiB is kept in the value file, not in sled's pages.
+    let big = "v".repeat(1024);
+    let put = c.kvctl(&c.endpoints(), &["put", "big", &big]);
+    assert!(put.status.success(), "{}", text(&put));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while String::from_utf8_lossy(&c.kvctl(&third, &["get", "big", "--consistency", "s"]).stdout).lines().count() != 2 {
+        assert!(std::time::Instant::now() < deadline, "n3 did not apply the put");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // n3 stops as an operator stops it, and its value file loses its end.
+    let pid = c.pid("n3");
+    assert!(Command::new("kill").arg(pid.to_string()).status().unwrap().success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(std::time::Instant::now() < deadline, "n3 did not stop on SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let values = value_files(&c.dir.path().join("n3.data"));
+    let file =
+        values.iter().find(|f| std::fs::metadata(f).unwrap().len() >= 1024).expect("a value file with the value");
+    let len = std::fs::metadata(file).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(file).unwrap().set_len(len / 2).unwrap();
+
+    // It refuses to start, with one line that names the file and the way
+    // back; start.sh reports it.
+    let again = c.script("start.sh");
+    assert!(!again.status.success(), "{}", text(&again));
+    assert!(text(&again).contains("member n3 exited"), "{}", text(&again));
+    let log = std::fs::read_to_string(c.dir.path().join("n3.log")).unwrap();
+    let line = log.lines().find(|l| l.contains("kvd: error: cannot open data dir")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains(&format!("value file {}: it holds {} bytes", file.display(), len / 2)), "{line}");
+    assert!(line.contains("Remove this member, clear its data directory and add it again"), "{line}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+/// The value files under a member's data directory.
+fn value_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(value_files(&path));
+        } else if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("values-")) {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[test]
 fn kvd_rejects_bad_flags_and_a_locked_data_dir_with_one_line() {
     let bad = Command::new(env!("CARGO_BIN_EXE_kvd")).args(["--listen-peer-urls", "nonsense"]).output().unwrap();
     assert!(!bad.status.success());
