@@ -33,6 +33,7 @@ pub mod error;
 pub mod grpc;
 pub mod join;
 pub mod lease;
+pub mod logging;
 pub mod metrics;
 pub mod mvcc;
 pub mod node;

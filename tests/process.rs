@@ -150,6 +150,15 @@ fn cluster_scripts_and_kvctl_survive_a_kill_and_a_full_restart() {
     }
     let count = c.kvctl(&eps, &["get", "after-kill-", "--prefix", "--count-only"]);
     assert_eq!(String::from_utf8_lossy(&count.stdout).trim(), "20", "{}", text(&count));
+    // The member down is reported once by each of the others, not on every
+    // try to reach it (openraft logs four lines per try, ten tries a second).
+    for (i, n) in ["n1", "n2", "n3"].iter().enumerate().filter(|(i, _)| *i != leader_at) {
+        let log = std::fs::read_to_string(c.dir.path().join(format!("{n}.log"))).unwrap();
+        let about: Vec<&str> =
+            log.lines().filter(|l| l.contains("Unreachable node") || l.contains("backoff")).collect();
+        assert!(about.len() <= 2, "member {i}: {about:#?}");
+        assert!(about.iter().all(|l| l.contains("kvd::raft::network: peer unreachable")), "member {i}: {about:#?}");
+    }
 
     // start.sh starts the killed member alone; it catches up on its data.
     let name = format!("n{}", leader_at + 1);

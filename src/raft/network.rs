@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -109,7 +109,22 @@ pub struct Network {
     /// Peers whose last answer was that this member is not a member of
     /// their cluster (see [`Network::disowned_by`]).
     disowned: Arc<Mutex<HashSet<NodeId>>>,
+    /// Peers openraft could not reach at its last call, and since when
+    /// (see [`Network::note_unreachable`]).
+    unreachable: Arc<Mutex<HashMap<NodeId, Down>>>,
 }
+
+/// A peer that openraft's calls do not reach.
+struct Down {
+    since: Instant,
+    reported: Instant,
+    failed: u64,
+}
+
+/// How often a peer that stays unreachable is reported again. openraft
+/// tries it every [`MAX_BACKOFF`] and logs each failure; those lines are
+/// left out of kvd's log (see `kvd::logging`) for these.
+pub const REPORT_UNREACHABLE_EVERY: Duration = Duration::from_secs(30);
 
 /// The two reasons a peer gets nothing, kept apart so that healing a test's
 /// partition does not end a hand-over, and one lock covers both.
@@ -267,6 +282,61 @@ impl Network {
     fn is_blocked(&self, id: NodeId) -> bool {
         let cut = self.cut.lock().unwrap_or_else(|p| p.into_inner());
         cut.blocked.contains(&id) || cut.silenced.contains(&id)
+    }
+
+    /// openraft's call to peer `id` at `addr` did not reach it: logged when
+    /// the peer becomes unreachable, and again every
+    /// [`REPORT_UNREACHABLE_EVERY`] while it stays so, instead of once per
+    /// try. A peer this member cuts off itself is not reported.
+    fn note_unreachable(&self, id: NodeId, addr: &str, cause: &dyn std::fmt::Display) {
+        if self.is_blocked(id) {
+            return;
+        }
+        let now = Instant::now();
+        let mut down = self.unreachable.lock().unwrap_or_else(|p| p.into_inner());
+        match down.get_mut(&id) {
+            None => {
+                down.insert(id, Down { since: now, reported: now, failed: 1 });
+                tracing::warn!(
+                    peer = %format!("{id:x}"),
+                    %addr,
+                    "peer unreachable: {cause} (reported again every {} s while it stays so)",
+                    REPORT_UNREACHABLE_EVERY.as_secs()
+                );
+            }
+            Some(d) => {
+                d.failed += 1;
+                if now.duration_since(d.reported) >= REPORT_UNREACHABLE_EVERY {
+                    d.reported = now;
+                    tracing::warn!(
+                        peer = %format!("{id:x}"),
+                        %addr,
+                        "peer still unreachable after {} s ({} failed calls): {cause}",
+                        now.duration_since(d.since).as_secs(),
+                        d.failed
+                    );
+                }
+            }
+        }
+    }
+
+    /// openraft's call to peer `id` at `addr` had an answer.
+    fn note_reached(&self, id: NodeId, addr: &str) {
+        let was = self.unreachable.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        if let Some(d) = was {
+            tracing::info!(
+                peer = %format!("{id:x}"),
+                %addr,
+                "peer reachable again after {:.1} s ({} failed calls)",
+                d.since.elapsed().as_secs_f64(),
+                d.failed
+            );
+        }
+    }
+
+    /// The peers openraft's last call did not reach.
+    pub fn unreachable_peers(&self) -> HashSet<NodeId> {
+        self.unreachable.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
     }
 
     /// Sends nothing to `ids` until [`Network::unsilence`]: a leader that
@@ -532,6 +602,51 @@ impl PeerConnection {
         self.answer(&bytes)
     }
 
+    /// AppendEntries on a stream, or a unary call to a peer without one.
+    async fn send_append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        let timeout = option.hard_ttl();
+        let payload = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if self.net.limit > 0 && payload.len() > self.net.limit && rpc.entries.len() > 1 {
+            // The peer would refuse it: openraft sends fewer entries.
+            let fit = (rpc.entries.len() as u64 * self.net.limit as u64 / payload.len() as u64 / 2).max(1);
+            return Err(RPCError::PayloadTooLarge(openraft::error::PayloadTooLarge::new_entries_hint(fit)));
+        }
+        if self.net.unary(self.target, &self.addr) {
+            return self.raft_call(Rpc::AppendEntries, &rpc, timeout).await;
+        }
+        match tokio::time::timeout(timeout, self.stream_call(payload)).await {
+            Ok(Ok(Some(bytes))) => self.answer(&bytes),
+            Ok(Ok(None)) => {
+                tracing::info!(peer = %format!("{:x}", self.target), "peer serves no AppendEntries stream; using unary calls");
+                self.net.set_unary(self.target, &self.addr);
+                self.raft_call(Rpc::AppendEntries, &rpc, timeout).await
+            }
+            // A stream that failed or timed out is dropped (see
+            // `stream_call`): it may still carry an answer to this request.
+            Ok(Err(e)) => Err(rpc_error(e)),
+            Err(_) => Err(rpc_error(CallError::Unknown(format!(
+                "AppendEntries to {:x} timed out after {timeout:?}",
+                self.target
+            )))),
+        }
+    }
+
+    /// Notes whether the call that gave `result` reached the peer.
+    // openraft's RPCError is large by design; the trait fixes the error type.
+    #[allow(clippy::result_large_err)]
+    fn noted<T, E: std::error::Error>(&self, result: RpcResult<T, E>) -> RpcResult<T, E> {
+        match &result {
+            Ok(_) | Err(RPCError::RemoteError(_)) => self.net.note_reached(self.target, &self.addr),
+            Err(RPCError::Unreachable(e)) => self.net.note_unreachable(self.target, &self.addr, e),
+            Err(_) => {}
+        }
+        result
+    }
+
     // openraft's RPCError is large by design; the trait fixes the error type.
     #[allow(clippy::result_large_err)]
     fn answer<Resp, E>(&self, bytes: &[u8]) -> RpcResult<Resp, E>
@@ -594,31 +709,8 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        let timeout = option.hard_ttl();
-        let payload = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        if self.net.limit > 0 && payload.len() > self.net.limit && rpc.entries.len() > 1 {
-            // The peer would refuse it: openraft sends fewer entries.
-            let fit = (rpc.entries.len() as u64 * self.net.limit as u64 / payload.len() as u64 / 2).max(1);
-            return Err(RPCError::PayloadTooLarge(openraft::error::PayloadTooLarge::new_entries_hint(fit)));
-        }
-        if self.net.unary(self.target, &self.addr) {
-            return self.raft_call(Rpc::AppendEntries, &rpc, timeout).await;
-        }
-        match tokio::time::timeout(timeout, self.stream_call(payload)).await {
-            Ok(Ok(Some(bytes))) => self.answer(&bytes),
-            Ok(Ok(None)) => {
-                tracing::info!(peer = %format!("{:x}", self.target), "peer serves no AppendEntries stream; using unary calls");
-                self.net.set_unary(self.target, &self.addr);
-                self.raft_call(Rpc::AppendEntries, &rpc, timeout).await
-            }
-            // A stream that failed or timed out is dropped (see
-            // `stream_call`): it may still carry an answer to this request.
-            Ok(Err(e)) => Err(rpc_error(e)),
-            Err(_) => Err(rpc_error(CallError::Unknown(format!(
-                "AppendEntries to {:x} timed out after {timeout:?}",
-                self.target
-            )))),
-        }
+        let result = self.send_append_entries(rpc, option).await;
+        self.noted(result)
     }
 
     async fn install_snapshot(
@@ -626,7 +718,8 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.raft_call(Rpc::InstallSnapshot, &ChunkOut::of(&rpc), option.hard_ttl()).await
+        let result = self.raft_call(Rpc::InstallSnapshot, &ChunkOut::of(&rpc), option.hard_ttl()).await;
+        self.noted(result)
     }
 
     async fn full_snapshot(
@@ -648,7 +741,8 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
-        self.raft_call(Rpc::Vote, &rpc, option.hard_ttl()).await
+        let result = self.raft_call(Rpc::Vote, &rpc, option.hard_ttl()).await;
+        self.noted(result)
     }
 }
 
@@ -891,6 +985,41 @@ mod tests {
         assert!(net.with_forward_streams(2, &addr, |s| s.unary()));
         assert_eq!(idle_forward_streams(&net, &addr), 0);
         server.abort();
+    }
+
+    #[test]
+    fn an_unreachable_peer_is_logged_when_it_goes_every_30_s_and_when_it_is_back() {
+        let lines = crate::logging::captured::Lines::default();
+        let everything = tracing_subscriber::filter::LevelFilter::INFO;
+        let net = Network::default();
+        let back = |d: Duration| Instant::now().checked_sub(d).expect("the clock is past that");
+        tracing::subscriber::with_default(lines.subscriber(everything), || {
+            for _ in 0..3 {
+                net.note_unreachable(7, "http://a:2380", &"connection refused");
+            }
+            assert_eq!(net.unreachable_peers(), HashSet::from([7]));
+            // Until REPORT_UNREACHABLE_EVERY has passed, the tries are counted.
+            if let Some(d) = net.unreachable.lock().unwrap().get_mut(&7) {
+                (d.since, d.reported) = (back(Duration::from_secs(45)), back(REPORT_UNREACHABLE_EVERY));
+            }
+            net.note_unreachable(7, "http://a:2380", &"connection refused");
+            net.note_unreachable(7, "http://a:2380", &"connection refused");
+            net.note_reached(7, "http://a:2380");
+            net.note_reached(7, "http://a:2380");
+            assert!(net.unreachable_peers().is_empty());
+            // A peer this member cut off itself is not reported.
+            net.block(8);
+            net.note_unreachable(8, "http://b:2380", &"peer 8 is cut off");
+            assert!(net.unreachable_peers().is_empty());
+        });
+        let text = lines.text();
+        let logged: Vec<&str> = text.lines().collect();
+        assert_eq!(logged.len(), 3, "{text}");
+        assert!(logged[0].contains("WARN") && logged[0].contains("peer unreachable: connection refused"), "{text}");
+        assert!(logged[0].contains("peer=7") && logged[0].contains("addr=http://a:2380"), "{text}");
+        assert!(logged[1].contains("peer still unreachable after 45 s (4 failed calls): connection refused"), "{text}");
+        assert!(logged[2].contains("INFO") && logged[2].contains("peer reachable again after 45."), "{text}");
+        assert!(logged[2].contains("(5 failed calls)"), "{text}");
     }
 
     #[test]

@@ -1,0 +1,130 @@
+//! What the `kvd` binary logs.
+//!
+//! openraft logs each failed call to a peer it cannot reach: four lines
+//! (one of them an error) every [`crate::raft::network::MAX_BACKOFF`], some
+//! forty a second for as long as a member is down. kvd reports such a peer
+//! itself, once when it becomes unreachable, every
+//! [`crate::raft::network::REPORT_UNREACHABLE_EVERY`] while it stays so, and
+//! once when it answers again; [`PeerNoise`] leaves openraft's lines about
+//! it out. Every other line of openraft's is kept.
+
+use std::fmt::Write as _;
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Metadata};
+use tracing_subscriber::layer::{Context, Filter};
+
+/// What `kvd` logs unless `RUST_LOG` says otherwise. openraft's core warns
+/// of every vote or replication answer that arrives after its term or
+/// membership moved on, which happens at every start and election and needs
+/// nothing from an operator: those are left out; its errors are kept.
+pub const DEFAULT_LOG: &str = "info,openraft=warn,openraft::core::raft_core=error,sled=warn";
+
+/// Leaves out openraft's lines about a call to a peer that did not reach
+/// it, and about waiting to try that peer again.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PeerNoise;
+
+impl<S> Filter<S> for PeerNoise {
+    fn enabled(&self, _: &Metadata<'_>, _: &Context<'_, S>) -> bool {
+        true
+    }
+
+    fn event_enabled(&self, event: &Event<'_>, _: &Context<'_, S>) -> bool {
+        !is_peer_noise(event)
+    }
+}
+
+/// Whether `event` is openraft's about a peer it cannot reach.
+fn is_peer_noise(event: &Event<'_>) -> bool {
+    if !event.metadata().target().starts_with("openraft") {
+        return false;
+    }
+    let mut text = Text(String::new());
+    event.record(&mut text);
+    // openraft's `Unreachable` error, in a field or in the message itself,
+    // and the wait that follows it.
+    text.0.contains("Unreachable node") || text.0.contains("backoff mode")
+}
+
+/// An event's fields, written out one after the other.
+struct Text(String);
+
+impl Visit for Text {
+    fn record_debug(&mut self, _: &Field, value: &dyn std::fmt::Debug) {
+        let _ = write!(self.0, "{value:?} ");
+    }
+
+    fn record_str(&mut self, _: &Field, value: &str) {
+        self.0.push_str(value);
+        self.0.push(' ');
+    }
+}
+
+/// What a test logs, kept to look at.
+#[cfg(test)]
+pub(crate) mod captured {
+    use std::sync::{Arc, Mutex};
+
+    /// Lines written, shared with the test.
+    #[derive(Clone, Default)]
+    pub(crate) struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Lines {
+        pub(crate) fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+        }
+
+        /// A subscriber that writes every line here, through `filter`.
+        pub(crate) fn subscriber(
+            &self,
+            filter: impl tracing_subscriber::layer::Filter<tracing_subscriber::Registry> + Send + Sync + 'static,
+        ) -> impl tracing::Subscriber {
+            use tracing_subscriber::layer::SubscriberExt;
+            use tracing_subscriber::Layer;
+            let out = self.clone();
+            let layer = tracing_subscriber::fmt::layer().with_writer(move || out.clone()).with_ansi(false);
+            tracing_subscriber::registry().with(layer.with_filter(filter))
+        }
+    }
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openraft_lines_about_an_unreachable_peer_are_left_out_and_no_others() {
+        let lines = captured::Lines::default();
+        let subscriber = lines.subscriber(PeerNoise);
+        let unreachable = "Unreachable node: kvd::raft::network::CallError: not sent: tcp connect error";
+        tracing::subscriber::with_default(subscriber, || {
+            // As openraft 0.9 logs a call that did not reach the peer.
+            tracing::warn!(target: "openraft::replication", error = %unreachable, "error replication to target=7");
+            tracing::error!(target: "openraft::replication", err = %unreachable, "RPCError");
+            tracing::warn!(target: "openraft::replication", "backoff_drain_events backoff mode: drain events");
+            tracing::warn!(target: "openraft::engine::handler::replication_handler", "heartbeat error: {unreachable}");
+            tracing::error!(target: "openraft::core::raft_core", error = %unreachable, "while requesting vote");
+            // Kept: openraft's other lines, and kvd's own about the peer.
+            tracing::error!(target: "openraft::replication", error = "io error", "error replication to target=7");
+            tracing::error!(target: "openraft::replication", err = "Timeout: after 1s", "RPCError");
+            tracing::warn!(target: "kvd::raft::network", "peer unreachable: {unreachable}");
+        });
+        let text = lines.text();
+        let kept: Vec<&str> = text.lines().collect();
+        assert_eq!(kept.len(), 3, "{text}");
+        assert!(kept[0].contains("io error") && kept[1].contains("Timeout"), "{text}");
+        assert!(kept[2].contains("kvd::raft::network") && kept[2].contains("peer unreachable"), "{text}");
+    }
+}
