@@ -430,6 +430,12 @@ pub async fn start_on(
 /// holds a membership.
 async fn form(raft: &Raft, members: BTreeMap<u64, BasicNode>) -> Result<(), String> {
     let n = members.len();
+    // A member restarted on its data with the flags it was first started
+    // with (as etcd members are) is formed already: openraft would refuse,
+    // and log the refusal as an error, on every such restart.
+    if raft.is_initialized().await.map_err(|e| e.to_string())? {
+        return Ok(());
+    }
     match raft.initialize(members).await {
         Ok(()) => {
             tracing::info!(members = n, "formed a new cluster");

@@ -221,6 +221,14 @@ fn cluster_scripts_and_kvctl_survive_a_kill_and_a_full_restart() {
     assert_eq!(String::from_utf8_lossy(&members.stdout).lines().count(), 3, "{}", text(&members));
     let health = c.kvctl(&eps, &["endpoint", "health"]);
     assert!(health.status.success(), "{}", text(&health));
+    // Restarts with the flags of the first start (`--initial-cluster-state
+    // new`, as start.sh gives them) are no cause for openraft to log an
+    // error on each.
+    for n in ["n1", "n2", "n3"] {
+        let log = std::fs::read_to_string(c.dir.path().join(format!("{n}.log"))).unwrap();
+        let errors: Vec<&str> = log.lines().filter(|l| l.contains("Can not initialize")).collect();
+        assert!(errors.is_empty(), "{n}: {errors:#?}");
+    }
 }
 
 #[test]
