@@ -11,8 +11,8 @@
 use std::fmt::Write as _;
 
 use tracing::field::{Field, Visit};
-use tracing::{Event, Metadata};
-use tracing_subscriber::layer::{Context, Filter};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::layer::{Context, Layer};
 
 /// What `kvd` logs unless `RUST_LOG` says otherwise. openraft's core warns
 /// of every vote or replication answer that arrives after its term or
@@ -21,16 +21,13 @@ use tracing_subscriber::layer::{Context, Filter};
 pub const DEFAULT_LOG: &str = "info,openraft=warn,openraft::core::raft_core=error,sled=warn";
 
 /// Leaves out openraft's lines about a call to a peer that did not reach
-/// it, and about waiting to try that peer again.
+/// it, and about waiting to try that peer again: a layer that turns such
+/// events off for the whole subscriber (kvd writes its log through one).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PeerNoise;
 
-impl<S> Filter<S> for PeerNoise {
-    fn enabled(&self, _: &Metadata<'_>, _: &Context<'_, S>) -> bool {
-        true
-    }
-
-    fn event_enabled(&self, event: &Event<'_>, _: &Context<'_, S>) -> bool {
+impl<S: Subscriber> Layer<S> for PeerNoise {
+    fn event_enabled(&self, event: &Event<'_>, _: Context<'_, S>) -> bool {
         !is_peer_noise(event)
     }
 }
@@ -75,16 +72,16 @@ pub(crate) mod captured {
             String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
         }
 
-        /// A subscriber that writes every line here, through `filter`.
-        pub(crate) fn subscriber(
-            &self,
-            filter: impl tracing_subscriber::layer::Filter<tracing_subscriber::Registry> + Send + Sync + 'static,
-        ) -> impl tracing::Subscriber {
+        /// A subscriber that writes here every line at INFO or above,
+        /// but for those `PeerNoise` leaves out if `quiet`.
+        pub(crate) fn subscriber(&self, quiet: bool) -> impl tracing::Subscriber {
             use tracing_subscriber::layer::SubscriberExt;
-            use tracing_subscriber::Layer;
             let out = self.clone();
             let layer = tracing_subscriber::fmt::layer().with_writer(move || out.clone()).with_ansi(false);
-            tracing_subscriber::registry().with(layer.with_filter(filter))
+            tracing_subscriber::registry()
+                .with(tracing_subscriber::filter::LevelFilter::INFO)
+                .with(quiet.then_some(super::PeerNoise))
+                .with(layer)
         }
     }
 
@@ -107,7 +104,7 @@ mod tests {
     #[test]
     fn openraft_lines_about_an_unreachable_peer_are_left_out_and_no_others() {
         let lines = captured::Lines::default();
-        let subscriber = lines.subscriber(PeerNoise);
+        let subscriber = lines.subscriber(true);
         let unreachable = "Unreachable node: kvd::raft::network::CallError: not sent: tcp connect error";
         tracing::subscriber::with_default(subscriber, || {
             // As openraft 0.9 logs a call that did not reach the peer.

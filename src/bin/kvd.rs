@@ -20,18 +20,18 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[export_name = "_rjem_malloc_conf"]
 pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 
-/// What `kvd` logs unless `RUST_LOG` says otherwise. openraft's core warns
-/// of every vote or replication answer that arrives after its term or
-/// membership moved on, which happens at every start and election and needs
-/// nothing from an operator: those are left out; its errors are kept.
-const DEFAULT_LOG: &str = "info,openraft=warn,openraft::core::raft_core=error,sled=warn";
-
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG)))
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // RUST_LOG, when set, says what to log, and nothing is left out.
+    let (filter, quiet) = match EnvFilter::try_from_default_env() {
+        Ok(filter) => (filter, None),
+        Err(_) => (EnvFilter::new(kvd::logging::DEFAULT_LOG), Some(kvd::logging::PeerNoise)),
+    };
+    tracing_subscriber::registry().with(filter).with(quiet).with(fmt).init();
     let config = Config::try_parse().unwrap_or_else(|e| bad_flags(e));
     let validated = config.validate().unwrap_or_else(|e| fail(e.into()));
     let mut runtime = tokio::runtime::Builder::new_multi_thread();

@@ -990,10 +990,9 @@ mod tests {
     #[test]
     fn an_unreachable_peer_is_logged_when_it_goes_every_30_s_and_when_it_is_back() {
         let lines = crate::logging::captured::Lines::default();
-        let everything = tracing_subscriber::filter::LevelFilter::INFO;
         let net = Network::default();
         let back = |d: Duration| Instant::now().checked_sub(d).expect("the clock is past that");
-        tracing::subscriber::with_default(lines.subscriber(everything), || {
+        tracing::subscriber::with_default(lines.subscriber(false), || {
             for _ in 0..3 {
                 net.note_unreachable(7, "http://a:2380", &"connection refused");
             }
