@@ -144,6 +144,14 @@ impl Committer {
         progress.busy && progress.other_work
     }
 
+    /// None if it is idle; else whether it is on a long job (see
+    /// [`Committer::on_long_job`]): both read under one lock.
+    pub fn busy(&self) -> Result<Option<bool>, Error> {
+        let progress = self.lock();
+        check(&progress)?;
+        Ok(progress.busy.then_some(progress.other_work))
+    }
+
     /// Waits until no group is being committed. An error if a commit failed.
     pub fn wait_idle(&self) -> Result<(), Error> {
         let (_, done) = &*self.progress;

@@ -113,8 +113,8 @@ impl Group {
     /// wait, with the state lock held, which holds up every reader; the next
     /// apply waits for fewer without the lock.
     pub(super) fn hand_off(&mut self, store: &mut MvccStore, committer: &Committer) -> Result<(), Error> {
-        if !committer.is_idle()? {
-            if !self.gathered(HELD_FACTOR, committer.on_long_job()) {
+        if let Some(long_job) = committer.busy()? {
+            if !self.gathered(HELD_FACTOR, long_job) {
                 return Ok(());
             }
             committer.wait_idle()?;
