@@ -96,7 +96,7 @@ async fn save(client: &Client, file: &Path) -> anyhow::Result<()> {
         bail!("snapshot must be requested to one selected node, not multiple {:?}", client.endpoints());
     }
     let part = PathBuf::from(format!("{}.part", file.display()));
-    let result = receive(client, &part).await;
+    let result = receive(client, &part, file).await;
     if let Err(e) = result {
         let _ = std::fs::remove_file(&part);
         return Err(e);
@@ -106,12 +106,28 @@ async fn save(client: &Client, file: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn receive(client: &Client, part: &Path) -> anyhow::Result<()> {
+/// Receives the snapshot into `part`, to become `file`.
+async fn receive(client: &Client, part: &Path, file: &Path) -> anyhow::Result<()> {
     let mut out = std::fs::File::create(part).with_context(|| format!("cannot create {}", part.display()))?;
     let mut stream = client.snapshot_of(0).await?;
     let mut hasher = Sha256::new();
     let (mut data_done, mut digest) = (false, None);
-    while let Some(msg) = stream.message().await? {
+    let mut received = 0u64;
+    let endpoint = client.endpoints().first().cloned().unwrap_or_default();
+    let broke = |e: tonic::Status, received: u64| {
+        anyhow!(
+            "the snapshot stream from {endpoint} broke after {received} bytes ({}); {} was not written",
+            e.message(),
+            file.display()
+        )
+    };
+    // A refusal before any data is the server's answer, which the caller
+    // explains as it explains any other.
+    while let Some(msg) = stream.message().await.map_err(|e| match received {
+        0 => anyhow::Error::from(e),
+        _ => broke(e, received),
+    })? {
+        received += msg.blob.len() as u64;
         if digest.is_some() {
             bail!("the snapshot stream went on after its digest");
         }
