@@ -272,6 +272,42 @@ fn a_member_whose_value_file_was_cut_refuses_to_start_and_says_why() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
+#[test]
+fn a_snapshot_save_cut_off_midway_names_the_member_and_leaves_no_file() {
+    let c = Cluster::new();
+    let up = c.script("start.sh");
+    assert!(up.status.success(), "start.sh: {}", text(&up));
+    // About 40 MB of values, so that the stream lasts long enough to cut.
+    let fill = c.kvctl(
+        &c.endpoints(),
+        &["bench", "put", "--conns", "4", "--clients", "16", "--total", "400", "--val-size", "100000", "--quiet"],
+    );
+    assert!(fill.status.success(), "{}", text(&fill));
+    let third = format!("127.0.0.1:{}", c.client_ports[2]);
+    let file = c.dir.path().join("cut.snap");
+    let part = c.dir.path().join("cut.snap.part");
+    let save = Command::new(env!("CARGO_BIN_EXE_kvctl"))
+        .args(["--endpoints", &third, "--command-timeout", "120s", "snapshot", "save"])
+        .arg(&file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kvctl");
+    // Once a first MiB is in, the member that sends it is killed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::metadata(&part).map_or(0, |m| m.len()) < 1 << 20 {
+        assert!(std::time::Instant::now() < deadline, "no snapshot data arrived");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert!(Command::new("kill").args(["-9", &c.pid("n3").to_string()]).status().unwrap().success());
+    let out = save.wait_with_output().expect("kvctl ends");
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with(&format!("Error: the snapshot stream from {third} broke after ")), "{err}");
+    assert!(err.trim_end().ends_with(&format!("{} was not written", file.display())), "{err}");
+    assert!(!file.exists() && !part.exists(), "a file is left behind");
+}
+
 /// The value files under a member's data directory.
 fn value_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
