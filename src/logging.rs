@@ -2,7 +2,9 @@
 //!
 //! openraft logs each failed call to a peer it cannot reach: four lines
 //! (one of them an error) every [`crate::raft::network::MAX_BACKOFF`], some
-//! forty a second for as long as a member is down. kvd reports such a peer
+//! forty a second for as long as a member is down; and as many for a peer
+//! that takes calls but does not answer them in time (paused, or its disk
+//! stalled). kvd reports such a peer
 //! itself, once when it becomes unreachable, every
 //! [`crate::raft::network::REPORT_UNREACHABLE_EVERY`] while it stays so, and
 //! once when it answers again; [`PeerNoise`] leaves openraft's lines about
@@ -40,8 +42,9 @@ fn is_peer_noise(event: &Event<'_>) -> bool {
     let mut text = Text(String::new());
     event.record(&mut text);
     // openraft's `Unreachable` error, in a field or in the message itself,
-    // and the wait that follows it.
-    text.0.contains("Unreachable node") || text.0.contains("backoff mode")
+    // the wait that follows it, and a call that had no answer in time.
+    let timed_out = text.0.contains("CallError: no answer") && text.0.contains(crate::raft::network::TIMED_OUT);
+    text.0.contains("Unreachable node") || text.0.contains("backoff mode") || timed_out
 }
 
 /// An event's fields, written out one after the other.
@@ -113,15 +116,21 @@ mod tests {
             tracing::warn!(target: "openraft::replication", "backoff_drain_events backoff mode: drain events");
             tracing::warn!(target: "openraft::engine::handler::replication_handler", "heartbeat error: {unreachable}");
             tracing::error!(target: "openraft::core::raft_core", error = %unreachable, "while requesting vote");
+            let late =
+                "NetworkError: kvd::raft::network::CallError: no answer: AppendEntries to 7 timed out after 150ms";
+            tracing::error!(target: "openraft::replication", err = %late, "RPCError");
+            tracing::warn!(target: "openraft::engine::handler::replication_handler", "heartbeat error: {late}");
             // Kept: openraft's other lines, and kvd's own about the peer.
             tracing::error!(target: "openraft::replication", error = "io error", "error replication to target=7");
             tracing::error!(target: "openraft::replication", err = "Timeout: after 1s", "RPCError");
+            tracing::error!(target: "openraft::replication", err = "NetworkError: CallError: no answer: reset", "RPCError");
             tracing::warn!(target: "kvd::raft::network", "peer unreachable: {unreachable}");
         });
         let text = lines.text();
         let kept: Vec<&str> = text.lines().collect();
-        assert_eq!(kept.len(), 3, "{text}");
+        assert_eq!(kept.len(), 4, "{text}");
         assert!(kept[0].contains("io error") && kept[1].contains("Timeout"), "{text}");
-        assert!(kept[2].contains("kvd::raft::network") && kept[2].contains("peer unreachable"), "{text}");
+        assert!(kept[2].contains("no answer: reset"), "{text}");
+        assert!(kept[3].contains("kvd::raft::network") && kept[3].contains("peer unreachable"), "{text}");
     }
 }

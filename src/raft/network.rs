@@ -435,7 +435,7 @@ impl Network {
                     unsent
                 }
                 Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(CallError::Unknown(format!("{rpc:?} to {id:x} timed out after {timeout:?}"))),
+                Err(_) => return Err(CallError::Unknown(format!("{rpc:?} to {id:x} {TIMED_OUT} {timeout:?}"))),
             }
         } else {
             payload
@@ -458,7 +458,7 @@ impl Network {
             }
         };
         match tokio::time::timeout(timeout, fut).await {
-            Err(_) => Err(CallError::Unknown(format!("{rpc:?} to {id:x} timed out after {timeout:?}"))),
+            Err(_) => Err(CallError::Unknown(format!("{rpc:?} to {id:x} {TIMED_OUT} {timeout:?}"))),
             Ok(Err(s)) => {
                 self.note_answer(id, Some(&s));
                 Err(call_error(s))
@@ -629,7 +629,7 @@ impl PeerConnection {
             // `stream_call`): it may still carry an answer to this request.
             Ok(Err(e)) => Err(rpc_error(e)),
             Err(_) => Err(rpc_error(CallError::Unknown(format!(
-                "AppendEntries to {:x} timed out after {timeout:?}",
+                "AppendEntries to {:x} {TIMED_OUT} {timeout:?}",
                 self.target
             )))),
         }
@@ -642,6 +642,9 @@ impl PeerConnection {
         match &result {
             Ok(_) | Err(RPCError::RemoteError(_)) => self.net.note_reached(self.target, &self.addr),
             Err(RPCError::Unreachable(e)) => self.net.note_unreachable(self.target, &self.addr, e),
+            // A peer that takes the call and does not answer in time (paused,
+            // or its disk stalled) is reported the same way.
+            Err(RPCError::Network(e)) if is_timeout(e) => self.net.note_unreachable(self.target, &self.addr, e),
             Err(_) => {}
         }
         result
@@ -685,6 +688,14 @@ impl PeerConnection {
         Ok(Some(answer))
     }
 }
+
+/// Whether `e` is a call that had no answer in time (see [`TIMED_OUT`]).
+fn is_timeout(e: &NetworkError) -> bool {
+    e.to_string().contains(TIMED_OUT)
+}
+
+/// What the error of a peer call that had no answer in time says.
+pub const TIMED_OUT: &str = "timed out after";
 
 /// The openraft error for a failed peer call. Unreachable makes openraft wait
 /// (see `backoff`) before it tries this peer again; after any other error it
@@ -1019,6 +1030,23 @@ mod tests {
         assert!(logged[1].contains("peer still unreachable after 45 s (4 failed calls): connection refused"), "{text}");
         assert!(logged[2].contains("INFO") && logged[2].contains("peer reachable again after 45."), "{text}");
         assert!(logged[2].contains("(5 failed calls)"), "{text}");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn a_call_unreached_or_unanswered_in_time_marks_the_peer_down_and_an_answer_up() {
+        let conn = PeerConnection::new(Network::default(), 7, "http://a:2380".into());
+        type R = RpcResult<(), openraft::error::Infallible>;
+        let failed = |e: CallError| -> R { Err(rpc_error(e)) };
+        let down = || conn.net.unreachable_peers().contains(&7);
+        let _ = conn.noted(failed(CallError::Unknown("the peer answered: permission denied".into())));
+        assert!(!down(), "an answer that is an error is an answer");
+        let _ = conn.noted(failed(CallError::Unknown(format!("AppendEntries to 7 {TIMED_OUT} 150ms"))));
+        assert!(down(), "no answer in time");
+        let _ = conn.noted(Ok(()) as R);
+        assert!(!down());
+        let _ = conn.noted(failed(CallError::NotSent("tcp connect error".into())));
+        assert!(down(), "not reached");
     }
 
     #[test]
