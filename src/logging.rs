@@ -10,8 +10,6 @@
 //! once when it answers again; [`PeerNoise`] leaves openraft's lines about
 //! it out. Every other line of openraft's is kept.
 
-use std::fmt::Write as _;
-
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
@@ -34,30 +32,40 @@ impl<S: Subscriber> Layer<S> for PeerNoise {
     }
 }
 
+/// How openraft's lines about a call that failed begin, in one of their
+/// fields, for the errors kvd counts as a peer it cannot reach (see
+/// `PeerConnection::failed` in [`crate::raft::network`]): one not sent or
+/// cut off under the call (openraft's `Unreachable`), and one with no answer
+/// in time. A field that only holds such text further on (a peer's own
+/// message, quoted) does not count.
+const NOISE: [&str; 2] =
+    ["Unreachable node: kvd::raft::network::CallError: ", "NetworkError: kvd::raft::network::CallError: timed out: "];
+
 /// Whether `event` is openraft's about a peer it cannot reach.
 fn is_peer_noise(event: &Event<'_>) -> bool {
     if !event.metadata().target().starts_with("openraft") {
         return false;
     }
-    let mut text = Text(String::new());
-    event.record(&mut text);
-    // openraft's `Unreachable` error, in a field or in the message itself,
-    // the wait that follows it, and a call that had no answer in time.
-    let timed_out = text.0.contains("CallError: no answer") && text.0.contains(crate::raft::network::TIMED_OUT);
-    text.0.contains("Unreachable node") || text.0.contains("backoff mode") || timed_out
+    let mut fields = Fields(Vec::new());
+    event.record(&mut fields);
+    fields.0.iter().any(|(name, value)| {
+        // openraft writes a heartbeat's error into its message.
+        let value = value.strip_prefix("heartbeat error: ").unwrap_or(value);
+        NOISE.iter().any(|noise| value.starts_with(noise))
+            || (*name == "message" && value.contains("backoff mode: drain events"))
+    })
 }
 
-/// An event's fields, written out one after the other.
-struct Text(String);
+/// An event's fields, each written out.
+struct Fields(Vec<(&'static str, String)>);
 
-impl Visit for Text {
-    fn record_debug(&mut self, _: &Field, value: &dyn std::fmt::Debug) {
-        let _ = write!(self.0, "{value:?} ");
+impl Visit for Fields {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0.push((field.name(), format!("{value:?}")));
     }
 
-    fn record_str(&mut self, _: &Field, value: &str) {
-        self.0.push_str(value);
-        self.0.push(' ');
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.push((field.name(), value.to_string()));
     }
 }
 
@@ -116,21 +124,23 @@ mod tests {
             tracing::warn!(target: "openraft::replication", "backoff_drain_events backoff mode: drain events");
             tracing::warn!(target: "openraft::engine::handler::replication_handler", "heartbeat error: {unreachable}");
             tracing::error!(target: "openraft::core::raft_core", error = %unreachable, "while requesting vote");
-            let late =
-                "NetworkError: kvd::raft::network::CallError: no answer: AppendEntries to 7 timed out after 150ms";
+            let late = "NetworkError: kvd::raft::network::CallError: timed out: AppendEntries to 7 after 150ms";
             tracing::error!(target: "openraft::replication", err = %late, "RPCError");
             tracing::warn!(target: "openraft::engine::handler::replication_handler", "heartbeat error: {late}");
             // Kept: openraft's other lines, and kvd's own about the peer.
             tracing::error!(target: "openraft::replication", error = "io error", "error replication to target=7");
             tracing::error!(target: "openraft::replication", err = "Timeout: after 1s", "RPCError");
             tracing::error!(target: "openraft::replication", err = "NetworkError: CallError: no answer: reset", "RPCError");
+            let quoted = format!("NetworkError: kvd::raft::network::CallError: no answer: message: \"{unreachable}\"");
+            tracing::error!(target: "openraft::replication", err = %quoted, "RPCError");
             tracing::warn!(target: "kvd::raft::network", "peer unreachable: {unreachable}");
         });
         let text = lines.text();
         let kept: Vec<&str> = text.lines().collect();
-        assert_eq!(kept.len(), 4, "{text}");
+        assert_eq!(kept.len(), 5, "{text}");
         assert!(kept[0].contains("io error") && kept[1].contains("Timeout"), "{text}");
         assert!(kept[2].contains("no answer: reset"), "{text}");
-        assert!(kept[3].contains("kvd::raft::network") && kept[3].contains("peer unreachable"), "{text}");
+        assert!(kept[3].contains("no answer: message"), "a peer's text quoted is kept: {text}");
+        assert!(kept[4].contains("kvd::raft::network") && kept[4].contains("peer unreachable"), "{text}");
     }
 }

@@ -132,9 +132,7 @@ impl Committer {
 
     /// Whether no group is being committed. An error if a commit failed.
     pub fn is_idle(&self) -> Result<bool, Error> {
-        let progress = self.lock();
-        check(&progress)?;
-        Ok(!progress.busy)
+        Ok(self.busy()?.is_none())
     }
 
     /// Whether it is busy with a job other than a group's commit (see

@@ -108,7 +108,7 @@ pub async fn ask_leader<T: serde::de::DeserializeOwned>(
     match network.call(leader, &node.addr, rpc, payload, timeout).await {
         Ok(bytes) => Ok(Some(decode(&bytes)?)),
         Err(CallError::NotSent(_)) => Ok(None),
-        Err(CallError::Unknown(m) | CallError::Broken(m)) => {
+        Err(CallError::Unknown(m) | CallError::Broken(m) | CallError::TimedOut(m)) => {
             tracing::debug!(leader, ?rpc, "request to the leader failed: {m}");
             Err(Error::Timeout)
         }

@@ -210,6 +210,10 @@ pub enum CallError {
     /// The request may have reached the peer; its effect is unknown.
     #[error("no answer: {0}")]
     Unknown(String),
+    /// The request went out and no answer came in time (a peer paused, or
+    /// whose disk stalled): its effect is unknown.
+    #[error("timed out: {0}")]
+    TimedOut(String),
     /// The connection failed under the request: its effect is unknown, and
     /// the peer is not reachable through it for now (it reset or dropped
     /// the connection, as a peer that is stopping or cut off does).
@@ -334,11 +338,6 @@ impl Network {
         }
     }
 
-    /// The peers openraft's last call did not reach.
-    pub fn unreachable_peers(&self) -> HashSet<NodeId> {
-        self.unreachable.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
-    }
-
     /// Sends nothing to `ids` until [`Network::unsilence`]: a leader that
     /// hands over its leadership lets the others' leases run out.
     pub fn silence(&self, ids: &[NodeId]) {
@@ -435,7 +434,7 @@ impl Network {
                     unsent
                 }
                 Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(CallError::Unknown(format!("{rpc:?} to {id:x} {TIMED_OUT} {timeout:?}"))),
+                Err(_) => return Err(CallError::TimedOut(format!("{rpc:?} to {id:x} after {timeout:?}"))),
             }
         } else {
             payload
@@ -458,7 +457,7 @@ impl Network {
             }
         };
         match tokio::time::timeout(timeout, fut).await {
-            Err(_) => Err(CallError::Unknown(format!("{rpc:?} to {id:x} {TIMED_OUT} {timeout:?}"))),
+            Err(_) => Err(CallError::TimedOut(format!("{rpc:?} to {id:x} after {timeout:?}"))),
             Ok(Err(s)) => {
                 self.note_answer(id, Some(&s));
                 Err(call_error(s))
@@ -598,56 +597,23 @@ impl PeerConnection {
         E: std::error::Error + DeserializeOwned,
     {
         let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let bytes = self.net.call(self.target, &self.addr, rpc, payload, timeout).await.map_err(rpc_error)?;
+        let bytes = self.net.call(self.target, &self.addr, rpc, payload, timeout).await.map_err(|e| self.failed(e))?;
         self.answer(&bytes)
     }
 
-    /// AppendEntries on a stream, or a unary call to a peer without one.
-    async fn send_append_entries(
-        &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
-        option: RPCOption,
-    ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        let timeout = option.hard_ttl();
-        let payload = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        if self.net.limit > 0 && payload.len() > self.net.limit && rpc.entries.len() > 1 {
-            // The peer would refuse it: openraft sends fewer entries.
-            let fit = (rpc.entries.len() as u64 * self.net.limit as u64 / payload.len() as u64 / 2).max(1);
-            return Err(RPCError::PayloadTooLarge(openraft::error::PayloadTooLarge::new_entries_hint(fit)));
-        }
-        if self.net.unary(self.target, &self.addr) {
-            return self.raft_call(Rpc::AppendEntries, &rpc, timeout).await;
-        }
-        match tokio::time::timeout(timeout, self.stream_call(payload)).await {
-            Ok(Ok(Some(bytes))) => self.answer(&bytes),
-            Ok(Ok(None)) => {
-                tracing::info!(peer = %format!("{:x}", self.target), "peer serves no AppendEntries stream; using unary calls");
-                self.net.set_unary(self.target, &self.addr);
-                self.raft_call(Rpc::AppendEntries, &rpc, timeout).await
-            }
-            // A stream that failed or timed out is dropped (see
-            // `stream_call`): it may still carry an answer to this request.
-            Ok(Err(e)) => Err(rpc_error(e)),
-            Err(_) => Err(rpc_error(CallError::Unknown(format!(
-                "AppendEntries to {:x} {TIMED_OUT} {timeout:?}",
-                self.target
-            )))),
-        }
-    }
-
-    /// Notes whether the call that gave `result` reached the peer.
+    /// The openraft error for a call to this peer that failed (see
+    /// [`rpc_error`]); one that did not reach the peer, or had no answer in
+    /// time, marks the peer unreachable (see [`Network::note_unreachable`]).
     // openraft's RPCError is large by design; the trait fixes the error type.
     #[allow(clippy::result_large_err)]
-    fn noted<T, E: std::error::Error>(&self, result: RpcResult<T, E>) -> RpcResult<T, E> {
-        match &result {
-            Ok(_) | Err(RPCError::RemoteError(_)) => self.net.note_reached(self.target, &self.addr),
-            Err(RPCError::Unreachable(e)) => self.net.note_unreachable(self.target, &self.addr, e),
-            // A peer that takes the call and does not answer in time (paused,
-            // or its disk stalled) is reported the same way.
-            Err(RPCError::Network(e)) if is_timeout(e) => self.net.note_unreachable(self.target, &self.addr, e),
-            Err(_) => {}
+    fn failed<E: std::error::Error>(&self, e: CallError) -> RPCError<NodeId, Node, RaftError<NodeId, E>> {
+        match &e {
+            CallError::NotSent(_) | CallError::Broken(_) | CallError::TimedOut(_) => {
+                self.net.note_unreachable(self.target, &self.addr, &e)
+            }
+            CallError::Unknown(_) => {}
         }
-        result
+        rpc_error(e)
     }
 
     // openraft's RPCError is large by design; the trait fixes the error type.
@@ -657,6 +623,7 @@ impl PeerConnection {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
+        self.net.note_reached(self.target, &self.addr);
         let answer: Result<Resp, RaftError<NodeId, E>> =
             decode(bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -689,14 +656,6 @@ impl PeerConnection {
     }
 }
 
-/// Whether `e` is a call that had no answer in time (see [`TIMED_OUT`]).
-fn is_timeout(e: &NetworkError) -> bool {
-    e.to_string().contains(TIMED_OUT)
-}
-
-/// What the error of a peer call that had no answer in time says.
-pub const TIMED_OUT: &str = "timed out after";
-
 /// The openraft error for a failed peer call. Unreachable makes openraft wait
 /// (see `backoff`) before it tries this peer again; after any other error it
 /// retries with the next entry or heartbeat, which against a peer that resets
@@ -704,7 +663,7 @@ pub const TIMED_OUT: &str = "timed out after";
 fn rpc_error<E: std::error::Error>(e: CallError) -> RPCError<NodeId, Node, RaftError<NodeId, E>> {
     match e {
         CallError::NotSent(_) | CallError::Broken(_) => RPCError::Unreachable(Unreachable::new(&e)),
-        CallError::Unknown(_) => RPCError::Network(NetworkError::new(&e)),
+        CallError::Unknown(_) | CallError::TimedOut(_) => RPCError::Network(NetworkError::new(&e)),
     }
 }
 
@@ -720,8 +679,30 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        let result = self.send_append_entries(rpc, option).await;
-        self.noted(result)
+        let timeout = option.hard_ttl();
+        let payload = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if self.net.limit > 0 && payload.len() > self.net.limit && rpc.entries.len() > 1 {
+            // The peer would refuse it: openraft sends fewer entries.
+            let fit = (rpc.entries.len() as u64 * self.net.limit as u64 / payload.len() as u64 / 2).max(1);
+            return Err(RPCError::PayloadTooLarge(openraft::error::PayloadTooLarge::new_entries_hint(fit)));
+        }
+        if self.net.unary(self.target, &self.addr) {
+            return self.raft_call(Rpc::AppendEntries, &rpc, timeout).await;
+        }
+        match tokio::time::timeout(timeout, self.stream_call(payload)).await {
+            Ok(Ok(Some(bytes))) => self.answer(&bytes),
+            Ok(Ok(None)) => {
+                tracing::info!(peer = %format!("{:x}", self.target), "peer serves no AppendEntries stream; using unary calls");
+                self.net.set_unary(self.target, &self.addr);
+                self.raft_call(Rpc::AppendEntries, &rpc, timeout).await
+            }
+            // A stream that failed or timed out is dropped (see
+            // `stream_call`): it may still carry an answer to this request.
+            Ok(Err(e)) => Err(self.failed(e)),
+            Err(_) => {
+                Err(self.failed(CallError::TimedOut(format!("AppendEntries to {:x} after {timeout:?}", self.target))))
+            }
+        }
     }
 
     async fn install_snapshot(
@@ -729,8 +710,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        let result = self.raft_call(Rpc::InstallSnapshot, &ChunkOut::of(&rpc), option.hard_ttl()).await;
-        self.noted(result)
+        self.raft_call(Rpc::InstallSnapshot, &ChunkOut::of(&rpc), option.hard_ttl()).await
     }
 
     async fn full_snapshot(
@@ -752,8 +732,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
-        let result = self.raft_call(Rpc::Vote, &rpc, option.hard_ttl()).await;
-        self.noted(result)
+        self.raft_call(Rpc::Vote, &rpc, option.hard_ttl()).await
     }
 }
 
@@ -1007,20 +986,20 @@ mod tests {
             for _ in 0..3 {
                 net.note_unreachable(7, "http://a:2380", &"connection refused");
             }
-            assert_eq!(net.unreachable_peers(), HashSet::from([7]));
+            assert!(is_down(&net, 7));
             // Until REPORT_UNREACHABLE_EVERY has passed, the tries are counted.
-            if let Some(d) = net.unreachable.lock().unwrap().get_mut(&7) {
+            if let Some(d) = net.unreachable.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&7) {
                 (d.since, d.reported) = (back(Duration::from_secs(45)), back(REPORT_UNREACHABLE_EVERY));
             }
             net.note_unreachable(7, "http://a:2380", &"connection refused");
             net.note_unreachable(7, "http://a:2380", &"connection refused");
             net.note_reached(7, "http://a:2380");
             net.note_reached(7, "http://a:2380");
-            assert!(net.unreachable_peers().is_empty());
+            assert!(!is_down(&net, 7));
             // A peer this member cut off itself is not reported.
             net.block(8);
             net.note_unreachable(8, "http://b:2380", &"peer 8 is cut off");
-            assert!(net.unreachable_peers().is_empty());
+            assert!(!is_down(&net, 8));
         });
         let text = lines.text();
         let logged: Vec<&str> = text.lines().collect();
@@ -1032,21 +1011,26 @@ mod tests {
         assert!(logged[2].contains("(5 failed calls)"), "{text}");
     }
 
+    /// Whether `net` holds peer `id` for unreachable.
+    fn is_down(net: &Network, id: NodeId) -> bool {
+        net.unreachable.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&id)
+    }
+
     #[test]
-    #[allow(clippy::result_large_err)]
     fn a_call_unreached_or_unanswered_in_time_marks_the_peer_down_and_an_answer_up() {
         let conn = PeerConnection::new(Network::default(), 7, "http://a:2380".into());
-        type R = RpcResult<(), openraft::error::Infallible>;
-        let failed = |e: CallError| -> R { Err(rpc_error(e)) };
-        let down = || conn.net.unreachable_peers().contains(&7);
-        let _ = conn.noted(failed(CallError::Unknown("the peer answered: permission denied".into())));
-        assert!(!down(), "an answer that is an error is an answer");
-        let _ = conn.noted(failed(CallError::Unknown(format!("AppendEntries to 7 {TIMED_OUT} 150ms"))));
-        assert!(down(), "no answer in time");
-        let _ = conn.noted(Ok(()) as R);
-        assert!(!down());
-        let _ = conn.noted(failed(CallError::NotSent("tcp connect error".into())));
-        assert!(down(), "not reached");
+        let failed = |e: CallError| drop(conn.failed::<openraft::error::Infallible>(e));
+        failed(CallError::Unknown("the peer answered: permission denied".into()));
+        assert!(!is_down(&conn.net, 7), "an answer that is an error is an answer");
+        failed(CallError::TimedOut("AppendEntries to 7 after 150ms".into()));
+        assert!(is_down(&conn.net, 7), "no answer in time");
+        let answer = encode(&Ok::<(), RaftError<NodeId, openraft::error::Infallible>>(())).expect("encode");
+        conn.answer::<(), openraft::error::Infallible>(&answer).expect("an answer");
+        assert!(!is_down(&conn.net, 7));
+        failed(CallError::NotSent("tcp connect error".into()));
+        assert!(is_down(&conn.net, 7), "not reached");
+        failed(CallError::Broken("the peer ended the stream".into()));
+        assert!(is_down(&conn.net, 7), "cut off under the call");
     }
 
     #[test]
