@@ -173,6 +173,39 @@ impl PeerService {
         Status::failed_precondition(why.to_string())
     }
 
+    /// Answers each message of a stream a member opened on its clients'
+    /// behalf with `answer` (of this member, the sender and the message's
+    /// bytes), in turn. The sender is checked when the stream opens and
+    /// again for each message, so a member removed meanwhile gets nothing
+    /// more on it. Ends when the sender closes the stream, on a message that
+    /// cannot be read, or when this member stops.
+    async fn answer_each<F, A>(
+        &self,
+        req: Request<Streaming<RaftPayload>>,
+        answer: F,
+    ) -> Result<Response<AnswerStream>, Status>
+    where
+        F: Fn(Arc<Member>, NodeId, Vec<u8>) -> A + Clone + Send + 'static,
+        A: std::future::Future<Output = Result<Vec<u8>, Status>> + Send,
+    {
+        self.ready().await?;
+        let from = self.sender(&req).await?;
+        let who = format!("member {from:x}");
+        let service = Arc::new(self.clone());
+        let stopping = self.member.clone();
+        let answers = req.into_inner().then(move |request| {
+            let (service, who, answer) = (service.clone(), who.clone(), answer.clone());
+            async move {
+                let request = request?;
+                service.still_member(from, &who).await?;
+                let data = answer(service.member.clone(), from, request.data).await?;
+                Ok(RaftPayload { data })
+            }
+        });
+        let until_stop = async move { stopping.stopped().await };
+        Ok(Response::new(Box::pin(answers.take_until(until_stop))))
+    }
+
     /// Checks that a Raft message from `from` carries `from`'s own vote.
     fn own_vote(&self, from: NodeId, vote: &openraft::Vote<NodeId>) -> Result<(), Status> {
         match vote.leader_id().voted_for() {
@@ -214,6 +247,7 @@ async fn serve_forwarded(member: &Member, from: NodeId, list: &[u8]) -> Result<V
 impl Peer for PeerService {
     type AppendEntriesStreamStream = AnswerStream;
     type ForwardStreamStream = AnswerStream;
+    type ReadIndexStreamStream = AnswerStream;
 
     /// Hands each request to openraft in turn and answers it before taking
     /// the next. Ends when the leader closes the stream, on a request that
@@ -311,27 +345,9 @@ impl Peer for PeerService {
     }
 
     /// Answers each message in turn, as [`PeerService::forward_batch`]
-    /// would. The sender is checked when the stream opens and again for each
-    /// message, so a member removed meanwhile forwards nothing more on it.
-    /// Ends when the follower closes the stream, on a message that cannot be
-    /// read, or when this member stops.
+    /// would (see [`PeerService::answer_each`]).
     async fn forward_stream(&self, req: Request<Streaming<RaftPayload>>) -> Result<Response<AnswerStream>, Status> {
-        self.ready().await?;
-        let from = self.sender(&req).await?;
-        let who = format!("member {from:x}");
-        let service = Arc::new(self.clone());
-        let stopping = self.member.clone();
-        let answers = req.into_inner().then(move |request| {
-            let (service, who) = (service.clone(), who.clone());
-            async move {
-                let request = request?;
-                service.still_member(from, &who).await?;
-                let data = serve_forwarded(&service.member, from, &request.data).await?;
-                Ok(RaftPayload { data })
-            }
-        });
-        let until_stop = async move { stopping.stopped().await };
-        Ok(Response::new(Box::pin(answers.take_until(until_stop))))
+        self.answer_each(req, |member, from, data| async move { serve_forwarded(&member, from, &data).await }).await
     }
 
     async fn lease(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
@@ -354,6 +370,13 @@ impl Peer for PeerService {
         self.sender(&req).await?;
         let answer = self.member.serve_read_index().await;
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
+    }
+
+    /// Answers each message with a read index, as
+    /// [`PeerService::read_index`] would, before reading the next (see
+    /// [`PeerService::answer_each`]).
+    async fn read_index_stream(&self, req: Request<Streaming<RaftPayload>>) -> Result<Response<AnswerStream>, Status> {
+        self.answer_each(req, |member, _, _| async move { Ok(encode_answer(&member.serve_read_index().await)) }).await
     }
 
     async fn membership(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {

@@ -101,6 +101,8 @@ pub struct Network {
     streams: Arc<Mutex<HashMap<NodeId, Streams>>>,
     /// Idle streams of forwarded writes, by leader (see [`Network::call`]).
     forward_streams: Arc<Mutex<HashMap<NodeId, Streams>>>,
+    /// Idle streams of read index requests, by leader.
+    read_index_streams: Arc<Mutex<HashMap<NodeId, Streams>>>,
     identity: Identity,
     /// The largest message a peer accepts; see [`message_limit`].
     limit: usize,
@@ -195,6 +197,26 @@ impl Streams {
 /// Idle streams kept per peer: one for replication and one for read index
 /// rounds, with room to spare.
 const MAX_IDLE_STREAMS: usize = 4;
+
+/// The requests a follower makes of its leader on its clients' behalf that
+/// go on streams of their own kind (see [`Network::call`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asking {
+    /// `ForwardBatch`, on `ForwardStream`.
+    Forward,
+    /// `ReadIndex`, on `ReadIndexStream`.
+    ReadIndex,
+}
+
+impl Asking {
+    fn of(rpc: Rpc) -> Option<Asking> {
+        match rpc {
+            Rpc::ForwardBatch => Some(Asking::Forward),
+            Rpc::ReadIndex => Some(Asking::ReadIndex),
+            _ => None,
+        }
+    }
+}
 
 /// How long a peer found to serve no AppendEntries stream gets unary calls
 /// before a stream is tried again (it may have been upgraded meanwhile).
@@ -360,6 +382,14 @@ impl Network {
         Streams::of(&self.forward_streams, id, addr, f)
     }
 
+    /// [`Network::with_streams`] for the streams of `kind`'s requests.
+    fn with_asking_streams<T>(&self, kind: Asking, id: NodeId, addr: &str, f: impl FnOnce(&mut Streams) -> T) -> T {
+        match kind {
+            Asking::Forward => self.with_forward_streams(id, addr, f),
+            Asking::ReadIndex => Streams::of(&self.read_index_streams, id, addr, f),
+        }
+    }
+
     fn take_stream(&self, id: NodeId, addr: &str) -> Option<AppendStream> {
         self.with_streams(id, addr, |s| s.take_open())
     }
@@ -371,6 +401,7 @@ impl Network {
     fn drop_streams(&self, id: NodeId, addr: &str) {
         self.with_streams(id, addr, |s| s.idle.clear());
         self.with_forward_streams(id, addr, |s| s.idle.clear());
+        self.with_asking_streams(Asking::ReadIndex, id, addr, |s| s.idle.clear());
     }
 
     /// Whether AppendEntries to peer `id` go in unary calls for now.
@@ -411,13 +442,14 @@ impl Network {
 
     /// Sends `payload` to peer `id` at `addr` and returns the answer's bytes.
     ///
-    /// Forwarded writes (`ForwardBatch`) go on long-lived streams, as
-    /// AppendEntries do: a unary call costs a new HTTP/2 stream with its
-    /// headers and a task on both members, for every write a lone client
-    /// makes through a follower. A stream is taken for one call and given
-    /// back once its answer is in; one that fails or times out is dropped,
-    /// since a late answer on it would be read as the next call's. A leader
-    /// without the stream (an older kvd) gets unary calls.
+    /// Forwarded writes (`ForwardBatch`) and read index requests go on
+    /// long-lived streams, as AppendEntries do: a unary call costs a new
+    /// HTTP/2 stream with its headers and a task on both members, for every
+    /// write a lone client makes through a follower, and for every round of
+    /// linearizable reads a follower serves. A stream is taken for one call
+    /// and given back once its answer is in; one that fails or times out is
+    /// dropped, since a late answer on it would be read as the next call's.
+    /// A leader without the stream (an older kvd) gets unary calls.
     pub async fn call(
         &self,
         id: NodeId,
@@ -426,18 +458,18 @@ impl Network {
         payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, CallError> {
-        let payload = if matches!(rpc, Rpc::ForwardBatch) && !self.with_forward_streams(id, addr, |s| s.unary()) {
-            match tokio::time::timeout(timeout, self.forward_on_stream(id, addr, payload)).await {
+        let kind = Asking::of(rpc).filter(|k| !self.with_asking_streams(*k, id, addr, |s| s.unary()));
+        let payload = match kind {
+            Some(kind) => match tokio::time::timeout(timeout, self.ask_on_stream(kind, id, addr, payload)).await {
                 Ok(Ok(Ok(answer))) => return Ok(answer),
                 Ok(Ok(Err(unsent))) => {
-                    self.with_forward_streams(id, addr, |s| s.unary_since = Some(std::time::Instant::now()));
+                    self.with_asking_streams(kind, id, addr, |s| s.unary_since = Some(std::time::Instant::now()));
                     unsent
                 }
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Err(CallError::TimedOut(format!("{rpc:?} to {id:x} after {timeout:?}"))),
-            }
-        } else {
-            payload
+            },
+            None => payload,
         };
         let mut client = self.client(id, addr)?;
         let req = self.request(id, RaftPayload { data: payload });
@@ -469,25 +501,31 @@ impl Network {
         }
     }
 
-    /// Sends forwarded writes on an idle stream to leader `id`, or a new one.
-    /// If the leader serves no such stream the payload comes back unsent
-    /// (`Ok(Err)`), for a unary call: it is never copied.
-    async fn forward_on_stream(
+    /// Sends a request of `kind` on an idle stream to leader `id`, or a new
+    /// one. If the leader serves no such stream the payload comes back
+    /// unsent (`Ok(Err)`), for a unary call: it is never copied.
+    async fn ask_on_stream(
         &self,
+        kind: Asking,
         id: NodeId,
         addr: &str,
         payload: Vec<u8>,
     ) -> Result<Result<Vec<u8>, Vec<u8>>, CallError> {
         if self.is_blocked(id) {
-            self.with_forward_streams(id, addr, |s| s.idle.clear());
+            self.with_asking_streams(kind, id, addr, |s| s.idle.clear());
             return Err(CallError::NotSent(format!("peer {id:x} is cut off")));
         }
-        let mut stream = match self.with_forward_streams(id, addr, |s| s.take_open()) {
+        let mut stream = match self.with_asking_streams(kind, id, addr, |s| s.take_open()) {
             Some(stream) => stream,
             None => {
                 let mut client = self.client(id, addr)?;
                 let (requests, outgoing) = mpsc::channel(1);
-                match client.forward_stream(self.request(id, ReceiverStream::new(outgoing))).await {
+                let outgoing = self.request(id, ReceiverStream::new(outgoing));
+                let opened = match kind {
+                    Asking::Forward => client.forward_stream(outgoing).await,
+                    Asking::ReadIndex => client.read_index_stream(outgoing).await,
+                };
+                match opened {
                     Ok(answers) => AppendStream { requests, answers: answers.into_inner() },
                     Err(s) if s.code() == tonic::Code::Unimplemented => return Ok(Err(payload)),
                     Err(s) => {
@@ -502,7 +540,7 @@ impl Network {
         };
         let answer = stream.call(payload).await?;
         self.note_answer(id, None);
-        self.with_forward_streams(id, addr, |s| s.give_back(stream));
+        self.with_asking_streams(kind, id, addr, |s| s.give_back(stream));
         Ok(Ok(answer))
     }
 
@@ -786,12 +824,53 @@ mod tests {
 
     /// A peer whose AppendEntries stream answers a request with a previous
     /// log id only after a long wait, with a conflict, and any other at once,
-    /// with success. Forwarded writes come back as they went, after "unary"
-    /// for a ForwardBatch call; with `forward_streams` the peer serves
-    /// ForwardStream too, and counts the streams opened.
+    /// with success. Forwarded writes and read index requests come back as
+    /// they went, after "unary" for a unary call; with `streams` the peer
+    /// serves ForwardStream and ReadIndexStream too, and counts the streams
+    /// opened of each.
     #[derive(Default)]
     struct SlowPeer {
-        forward_streams: Option<Arc<std::sync::atomic::AtomicUsize>>,
+        streams: Option<Arc<Opened>>,
+    }
+
+    /// Streams a [`SlowPeer`] opened, of each kind.
+    #[derive(Default)]
+    struct Opened {
+        forward: std::sync::atomic::AtomicUsize,
+        read_index: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Opened {
+        fn count(&self, kind: Asking) -> &std::sync::atomic::AtomicUsize {
+            match kind {
+                Asking::Forward => &self.forward,
+                Asking::ReadIndex => &self.read_index,
+            }
+        }
+
+        fn of(&self, kind: Asking) -> usize {
+            self.count(kind).load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    impl SlowPeer {
+        /// Answers a stream of `kind` with its own messages, if it serves one.
+        fn echo(
+            &self,
+            kind: Asking,
+            req: tonic::Request<tonic::Streaming<RaftPayload>>,
+        ) -> Result<tonic::Response<Answers>, tonic::Status> {
+            let Some(opened) = &self.streams else {
+                return Err(tonic::Status::unimplemented("not in this test"));
+            };
+            opened.count(kind).fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(tonic::Response::new(Box::pin(req.into_inner())))
+        }
+    }
+
+    fn unary_echo(req: tonic::Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+        let data = [b"unary".as_slice(), &req.into_inner().data].concat();
+        Ok(tonic::Response::new(RaftPayload { data }))
     }
 
     type Answers = std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftPayload, tonic::Status>> + Send>>;
@@ -804,16 +883,20 @@ mod tests {
     impl crate::proto::kvdpb::peer_server::Peer for SlowPeer {
         type AppendEntriesStreamStream = Answers;
         type ForwardStreamStream = Answers;
+        type ReadIndexStreamStream = Answers;
 
         async fn forward_stream(
             &self,
             req: tonic::Request<tonic::Streaming<RaftPayload>>,
         ) -> Result<tonic::Response<Answers>, tonic::Status> {
-            let Some(opened) = &self.forward_streams else {
-                return Err(tonic::Status::unimplemented("not in this test"));
-            };
-            opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Ok(tonic::Response::new(Box::pin(req.into_inner())))
+            self.echo(Asking::Forward, req)
+        }
+
+        async fn read_index_stream(
+            &self,
+            req: tonic::Request<tonic::Streaming<RaftPayload>>,
+        ) -> Result<tonic::Response<Answers>, tonic::Status> {
+            self.echo(Asking::ReadIndex, req)
         }
 
         async fn append_entries_stream(
@@ -857,14 +940,13 @@ mod tests {
             &self,
             req: tonic::Request<RaftPayload>,
         ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
-            let data = [b"unary".as_slice(), &req.into_inner().data].concat();
-            Ok(tonic::Response::new(RaftPayload { data }))
+            unary_echo(req)
         }
         async fn read_index(
             &self,
-            _: tonic::Request<RaftPayload>,
+            req: tonic::Request<RaftPayload>,
         ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
-            unimplemented()
+            unary_echo(req)
         }
         async fn lease(&self, _: tonic::Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
             unimplemented()
@@ -943,37 +1025,46 @@ mod tests {
         (format!("http://{addr}"), tokio::spawn(server))
     }
 
-    fn idle_forward_streams(net: &Network, addr: &str) -> usize {
-        net.with_forward_streams(2, addr, |s| s.idle.len())
+    fn idle_asking_streams(net: &Network, kind: Asking, addr: &str) -> usize {
+        net.with_asking_streams(kind, 2, addr, |s| s.idle.len())
     }
 
     #[tokio::test]
-    async fn forwarded_writes_reuse_one_stream_and_a_leader_without_it_gets_unary_calls() {
+    async fn requests_to_the_leader_reuse_a_stream_of_their_kind_and_a_leader_without_it_gets_unary_calls() {
         let timeout = Duration::from_secs(5);
-        let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (addr, server) = serve(SlowPeer { forward_streams: Some(opened.clone()) }).await;
+        let opened = Arc::new(Opened::default());
+        let (addr, server) = serve(SlowPeer { streams: Some(opened.clone()) }).await;
         let net = Network::default();
-        for write in [b"first".to_vec(), b"second".to_vec(), b"third".to_vec()] {
-            let answer = net.call(2, &addr, Rpc::ForwardBatch, write.clone(), timeout).await.expect("answered");
-            assert_eq!(answer, write, "answered on the stream, in order");
-            assert_eq!(idle_forward_streams(&net, &addr), 1);
+        for (rpc, kind, other) in [
+            (Rpc::ForwardBatch, Asking::Forward, Asking::ReadIndex),
+            (Rpc::ReadIndex, Asking::ReadIndex, Asking::Forward),
+        ] {
+            let others = idle_asking_streams(&net, other, &addr);
+            for request in [b"first".to_vec(), b"second".to_vec(), b"third".to_vec()] {
+                let answer = net.call(2, &addr, rpc, request.clone(), timeout).await.expect("answered");
+                assert_eq!(answer, request, "{rpc:?} answered on the stream, in order");
+                assert_eq!(idle_asking_streams(&net, kind, &addr), 1, "{rpc:?}");
+            }
+            assert_eq!(opened.of(kind), 1, "one {kind:?} stream for all three");
+            assert_eq!(idle_asking_streams(&net, other, &addr), others, "{rpc:?} took no {other:?} stream");
+            // Calls under way at once each take a stream of their own.
+            let (a, b) = tokio::join!(
+                net.call(2, &addr, rpc, b"a".to_vec(), timeout),
+                net.call(2, &addr, rpc, b"b".to_vec(), timeout)
+            );
+            assert_eq!((a.expect("a"), b.expect("b")), (b"a".to_vec(), b"b".to_vec()));
+            assert_eq!(idle_asking_streams(&net, kind, &addr), 2, "{rpc:?}");
         }
-        assert_eq!(opened.load(std::sync::atomic::Ordering::SeqCst), 1, "one stream for all three");
-        // Calls under way at once each take a stream of their own.
-        let (a, b) = tokio::join!(
-            net.call(2, &addr, Rpc::ForwardBatch, b"a".to_vec(), timeout),
-            net.call(2, &addr, Rpc::ForwardBatch, b"b".to_vec(), timeout)
-        );
-        assert_eq!((a.expect("a"), b.expect("b")), (b"a".to_vec(), b"b".to_vec()));
-        assert_eq!(idle_forward_streams(&net, &addr), 2);
         server.abort();
 
-        // An older leader answers the stream Unimplemented: unary calls.
+        // An older leader answers the streams Unimplemented: unary calls.
         let (addr, server) = serve(SlowPeer::default()).await;
-        let answer = net.call(2, &addr, Rpc::ForwardBatch, b"w".to_vec(), timeout).await.expect("answered");
-        assert_eq!(answer, b"unaryw");
-        assert!(net.with_forward_streams(2, &addr, |s| s.unary()));
-        assert_eq!(idle_forward_streams(&net, &addr), 0);
+        for (rpc, kind) in [(Rpc::ForwardBatch, Asking::Forward), (Rpc::ReadIndex, Asking::ReadIndex)] {
+            let answer = net.call(2, &addr, rpc, b"w".to_vec(), timeout).await.expect("answered");
+            assert_eq!(answer, b"unaryw", "{rpc:?}");
+            assert!(net.with_asking_streams(kind, 2, &addr, |s| s.unary()), "{rpc:?}");
+            assert_eq!(idle_asking_streams(&net, kind, &addr), 0, "{rpc:?}");
+        }
         server.abort();
     }
 
