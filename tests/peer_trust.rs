@@ -88,6 +88,8 @@ async fn every_rpc_refused(c: &TestCluster, i: usize, ids: [Option<u64>; 3], why
     assert!(status.message().contains(why), "ForwardStream: {status:?}");
     let status = p.read_index_stream(stream_req(RaftPayload::default())).await.map(drop).expect_err("ReadIndexStream");
     assert!(status.message().contains(why), "ReadIndexStream: {status:?}");
+    let status = p.lease_renewals_stream(stream_req(renewals)).await.map(drop).expect_err("LeaseRenewalsStream");
+    assert!(status.message().contains(why), "LeaseRenewalsStream: {status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -278,10 +280,10 @@ async fn a_foreign_cluster_pointed_at_a_member_disturbs_nobody() {
     c.shutdown().await;
 }
 
-/// A follower's streams of forwarded writes and of read index requests are
-/// checked when they open and again for each message: once its member is
-/// removed, the next write on the open stream is refused and not made, and
-/// the next read index request refused.
+/// A follower's streams of forwarded writes, of read index requests and of
+/// keep-alives are checked when they open and again for each message: once
+/// its member is removed, the next write on the open stream is refused and
+/// not made, and the next read index request or keep-alive refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forward_stream_of_a_removed_member_is_refused_write_by_write() {
     let c = TestCluster::start(3, |_| {}).await;
@@ -304,18 +306,30 @@ async fn a_forward_stream_of_a_removed_member_is_refused_write_by_write() {
     let answer: Vec<Forwarded<Response>> = decode(&answer.data).unwrap();
     assert!(matches!(answer.as_slice(), [Forwarded::Done(_)]), "{answer:?}");
 
+    let as_member = |rx| {
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        for (name, value) in [(CLUSTER_HEADER, cluster), (FROM_HEADER, from), (TO_HEADER, to)] {
+            req.metadata_mut().insert(name, format!("{value:x}").parse().unwrap());
+        }
+        req
+    };
     let (ask, asked) = tokio::sync::mpsc::channel(1);
-    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(asked));
-    for (name, value) in [(CLUSTER_HEADER, cluster), (FROM_HEADER, from), (TO_HEADER, to)] {
-        req.metadata_mut().insert(name, format!("{value:x}").parse().unwrap());
-    }
-    let mut reads = peer(&c, leader).await.read_index_stream(req).await.expect("a member's stream opens").into_inner();
+    let mut reads = peer(&c, leader).await.read_index_stream(as_member(asked)).await.expect("it opens").into_inner();
     for _ in 0..2 {
         ask.send(RaftPayload::default()).await.unwrap();
         let answer = reads.message().await.expect("answered").expect("an answer");
         let answer: Forwarded<Option<u64>> = decode(&answer.data).unwrap();
         assert!(matches!(answer, Forwarded::Done(Some(i)) if i > 0), "{answer:?}");
     }
+    let lease = c.client(leader).lease_grant(60, 0).await.unwrap().id;
+    let renewal = RaftPayload { data: encode(&vec![lease]).unwrap() };
+    let (renew, renewals) = tokio::sync::mpsc::channel(1);
+    let mut renewed =
+        peer(&c, leader).await.lease_renewals_stream(as_member(renewals)).await.expect("it opens").into_inner();
+    renew.send(renewal.clone()).await.unwrap();
+    let answer = renewed.message().await.expect("answered").expect("an answer");
+    let answer: Forwarded<Vec<i64>> = decode(&answer.data).unwrap();
+    assert!(matches!(answer, Forwarded::Done(ref ttls) if ttls == &[60]), "{answer:?}");
 
     c.client(leader).member_remove(from).await.unwrap();
     tx.send(write("after")).await.unwrap();
@@ -323,6 +337,9 @@ async fn a_forward_stream_of_a_removed_member_is_refused_write_by_write() {
     assert!(refused.message().contains("is not a member of this cluster"), "{refused:?}");
     ask.send(RaftPayload::default()).await.unwrap();
     let refused = reads.message().await.expect_err("refused once removed");
+    assert!(refused.message().contains("is not a member of this cluster"), "{refused:?}");
+    renew.send(renewal).await.unwrap();
+    let refused = renewed.message().await.expect_err("refused once removed");
     assert!(refused.message().contains("is not a member of this cluster"), "{refused:?}");
     let client = c.client(leader);
     for (key, made) in [("before", 1), ("after", 0)] {

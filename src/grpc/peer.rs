@@ -248,6 +248,7 @@ impl Peer for PeerService {
     type AppendEntriesStreamStream = AnswerStream;
     type ForwardStreamStream = AnswerStream;
     type ReadIndexStreamStream = AnswerStream;
+    type LeaseRenewalsStreamStream = AnswerStream;
 
     /// Hands each request to openraft in turn and answers it before taking
     /// the next. Ends when the leader closes the stream, on a request that
@@ -363,6 +364,19 @@ impl Peer for PeerService {
         let ids: Vec<i64> = input(req)?;
         let answer = self.member.serve_renewals(&ids).await;
         Ok(Response::new(RaftPayload { data: encode_answer(&answer) }))
+    }
+
+    /// Answers each message in turn, as [`PeerService::lease_renewals`]
+    /// would (see [`PeerService::answer_each`]).
+    async fn lease_renewals_stream(
+        &self,
+        req: Request<Streaming<RaftPayload>>,
+    ) -> Result<Response<AnswerStream>, Status> {
+        self.answer_each(req, |member, _, data| async move {
+            let ids: Vec<i64> = decode(&data)?;
+            Ok(encode_answer(&member.serve_renewals(&ids).await))
+        })
+        .await
     }
 
     async fn read_index(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {

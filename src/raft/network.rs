@@ -103,6 +103,8 @@ pub struct Network {
     forward_streams: Arc<Mutex<HashMap<NodeId, Streams>>>,
     /// Idle streams of read index requests, by leader.
     read_index_streams: Arc<Mutex<HashMap<NodeId, Streams>>>,
+    /// Idle streams of keep-alives gathered for the leader, by leader.
+    renewal_streams: Arc<Mutex<HashMap<NodeId, Streams>>>,
     identity: Identity,
     /// The largest message a peer accepts; see [`message_limit`].
     limit: usize,
@@ -206,6 +208,8 @@ enum Asking {
     Forward,
     /// `ReadIndex`, on `ReadIndexStream`.
     ReadIndex,
+    /// `LeaseRenewals`, on `LeaseRenewalsStream`.
+    LeaseRenewals,
 }
 
 impl Asking {
@@ -213,6 +217,7 @@ impl Asking {
         match rpc {
             Rpc::ForwardBatch => Some(Asking::Forward),
             Rpc::ReadIndex => Some(Asking::ReadIndex),
+            Rpc::LeaseRenewals => Some(Asking::LeaseRenewals),
             _ => None,
         }
     }
@@ -387,6 +392,7 @@ impl Network {
         match kind {
             Asking::Forward => self.with_forward_streams(id, addr, f),
             Asking::ReadIndex => Streams::of(&self.read_index_streams, id, addr, f),
+            Asking::LeaseRenewals => Streams::of(&self.renewal_streams, id, addr, f),
         }
     }
 
@@ -402,6 +408,7 @@ impl Network {
         self.with_streams(id, addr, |s| s.idle.clear());
         self.with_forward_streams(id, addr, |s| s.idle.clear());
         self.with_asking_streams(Asking::ReadIndex, id, addr, |s| s.idle.clear());
+        self.with_asking_streams(Asking::LeaseRenewals, id, addr, |s| s.idle.clear());
     }
 
     /// Whether AppendEntries to peer `id` go in unary calls for now.
@@ -442,11 +449,12 @@ impl Network {
 
     /// Sends `payload` to peer `id` at `addr` and returns the answer's bytes.
     ///
-    /// Forwarded writes (`ForwardBatch`) and read index requests go on
-    /// long-lived streams, as AppendEntries do: a unary call costs a new
-    /// HTTP/2 stream with its headers and a task on both members, for every
-    /// write a lone client makes through a follower, and for every round of
-    /// linearizable reads a follower serves. A stream is taken for one call
+    /// Forwarded writes (`ForwardBatch`), read index requests and gathered
+    /// keep-alives go on long-lived streams, as AppendEntries do: a unary
+    /// call costs a new HTTP/2 stream with its headers and a task on both
+    /// members, for every write a lone client makes through a follower, and
+    /// for every round of linearizable reads or keep-alives a follower
+    /// serves. A stream is taken for one call
     /// and given back once its answer is in; one that fails or times out is
     /// dropped, since a late answer on it would be read as the next call's.
     /// A leader without the stream (an older kvd) gets unary calls.
@@ -524,6 +532,7 @@ impl Network {
                 let opened = match kind {
                     Asking::Forward => client.forward_stream(outgoing).await,
                     Asking::ReadIndex => client.read_index_stream(outgoing).await,
+                    Asking::LeaseRenewals => client.lease_renewals_stream(outgoing).await,
                 };
                 match opened {
                     Ok(answers) => AppendStream { requests, answers: answers.into_inner() },
@@ -838,6 +847,7 @@ mod tests {
     struct Opened {
         forward: std::sync::atomic::AtomicUsize,
         read_index: std::sync::atomic::AtomicUsize,
+        renewals: std::sync::atomic::AtomicUsize,
     }
 
     impl Opened {
@@ -845,6 +855,7 @@ mod tests {
             match kind {
                 Asking::Forward => &self.forward,
                 Asking::ReadIndex => &self.read_index,
+                Asking::LeaseRenewals => &self.renewals,
             }
         }
 
@@ -884,6 +895,7 @@ mod tests {
         type AppendEntriesStreamStream = Answers;
         type ForwardStreamStream = Answers;
         type ReadIndexStreamStream = Answers;
+        type LeaseRenewalsStreamStream = Answers;
 
         async fn forward_stream(
             &self,
@@ -897,6 +909,13 @@ mod tests {
             req: tonic::Request<tonic::Streaming<RaftPayload>>,
         ) -> Result<tonic::Response<Answers>, tonic::Status> {
             self.echo(Asking::ReadIndex, req)
+        }
+
+        async fn lease_renewals_stream(
+            &self,
+            req: tonic::Request<tonic::Streaming<RaftPayload>>,
+        ) -> Result<tonic::Response<Answers>, tonic::Status> {
+            self.echo(Asking::LeaseRenewals, req)
         }
 
         async fn append_entries_stream(
@@ -953,9 +972,9 @@ mod tests {
         }
         async fn lease_renewals(
             &self,
-            _: tonic::Request<RaftPayload>,
+            req: tonic::Request<RaftPayload>,
         ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
-            unimplemented()
+            unary_echo(req)
         }
         async fn probe(&self, _: tonic::Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
             unimplemented()
@@ -1035,18 +1054,24 @@ mod tests {
         let opened = Arc::new(Opened::default());
         let (addr, server) = serve(SlowPeer { streams: Some(opened.clone()) }).await;
         let net = Network::default();
-        for (rpc, kind, other) in [
-            (Rpc::ForwardBatch, Asking::Forward, Asking::ReadIndex),
-            (Rpc::ReadIndex, Asking::ReadIndex, Asking::Forward),
-        ] {
-            let others = idle_asking_streams(&net, other, &addr);
+        let kinds = [
+            (Rpc::ForwardBatch, Asking::Forward),
+            (Rpc::ReadIndex, Asking::ReadIndex),
+            (Rpc::LeaseRenewals, Asking::LeaseRenewals),
+        ];
+        for (rpc, kind) in kinds {
+            let idle_others = || {
+                let others = kinds.iter().filter(|(_, k)| *k != kind);
+                others.map(|(_, k)| idle_asking_streams(&net, *k, &addr)).collect::<Vec<_>>()
+            };
+            let others = idle_others();
             for request in [b"first".to_vec(), b"second".to_vec(), b"third".to_vec()] {
                 let answer = net.call(2, &addr, rpc, request.clone(), timeout).await.expect("answered");
                 assert_eq!(answer, request, "{rpc:?} answered on the stream, in order");
                 assert_eq!(idle_asking_streams(&net, kind, &addr), 1, "{rpc:?}");
             }
             assert_eq!(opened.of(kind), 1, "one {kind:?} stream for all three");
-            assert_eq!(idle_asking_streams(&net, other, &addr), others, "{rpc:?} took no {other:?} stream");
+            assert_eq!(idle_others(), others, "{rpc:?} took no stream of another kind");
             // Calls under way at once each take a stream of their own.
             let (a, b) = tokio::join!(
                 net.call(2, &addr, rpc, b"a".to_vec(), timeout),
@@ -1059,7 +1084,7 @@ mod tests {
 
         // An older leader answers the streams Unimplemented: unary calls.
         let (addr, server) = serve(SlowPeer::default()).await;
-        for (rpc, kind) in [(Rpc::ForwardBatch, Asking::Forward), (Rpc::ReadIndex, Asking::ReadIndex)] {
+        for (rpc, kind) in kinds {
             let answer = net.call(2, &addr, rpc, b"w".to_vec(), timeout).await.expect("answered");
             assert_eq!(answer, b"unaryw", "{rpc:?}");
             assert!(net.with_asking_streams(kind, 2, &addr, |s| s.unary()), "{rpc:?}");
