@@ -15,6 +15,9 @@
 //!   confirmed this member's leadership, for linearizable reads (its own
 //!   and its followers') and keep-alives; keep-alives share one for a
 //!   quarter of an election timeout.
+//! - `kvd_server_slow_requests_total`: Range, Put, DeleteRange and Txn
+//!   requests this member took longer than [`SLOW_REQUEST`] to answer,
+//!   each also logged (see [`SlowRequests`]).
 //!
 //! The names, labels and buckets are etcd 3.4's, so that dashboards and
 //! alerts written for etcd read kvd unchanged.
@@ -22,8 +25,8 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Upper bounds of the histogram buckets, in seconds: 1 ms doubling to
 /// 8.192 s, as etcd's disk histograms.
@@ -145,6 +148,19 @@ const METHODS: &[(&str, &str)] = &[
     ("/v3electionpb.Election/Resign", "unary"),
 ];
 
+/// Whether the method at `index` of [`METHODS`] is timed for
+/// [`SlowRequests`]: Range, Put, DeleteRange and Txn, the requests etcd
+/// warns of when they take too long. Others wait by design (a lock, a
+/// campaign, a defragment, a compaction with `physical`) or stream.
+pub fn is_timed(index: usize) -> bool {
+    METHODS.get(index).is_some_and(|(path, _)| {
+        matches!(
+            *path,
+            "/etcdserverpb.KV/Range" | "/etcdserverpb.KV/Put" | "/etcdserverpb.KV/DeleteRange" | "/etcdserverpb.KV/Txn"
+        )
+    })
+}
+
 /// Started and handled counts of each of [`METHODS`].
 pub struct GrpcCounters {
     index: HashMap<&'static str, usize>,
@@ -232,6 +248,57 @@ pub struct Metrics {
     pub lease_renewal_batches: AtomicU64,
     /// Heartbeat rounds that confirmed this member's leadership.
     pub leadership_rounds: Arc<AtomicU64>,
+    /// Key-value requests answered slowly.
+    pub slow: SlowRequests,
+}
+
+/// A key-value request answered later than this is logged and counted, as
+/// etcd warns of a request that took longer than 100 ms.
+pub const SLOW_REQUEST: Duration = Duration::from_millis(100);
+
+/// At most one line about slow requests per this, with a count of those
+/// not logged since: a member that is overloaded, or whose disk stalls,
+/// answers thousands late at once.
+const SLOW_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Key-value requests answered later than [`SLOW_REQUEST`]: counted, and
+/// logged at most once per [`SLOW_LOG_EVERY`].
+#[derive(Default)]
+pub struct SlowRequests {
+    count: AtomicU64,
+    /// When a line was last logged, and how many slow requests were not
+    /// logged since.
+    logged: Mutex<(Option<Instant>, u64)>,
+}
+
+impl SlowRequests {
+    /// Notes a request to `method` (its gRPC path) that took `took`.
+    pub fn note(&self, method: &str, took: Duration) {
+        self.note_at(Instant::now(), method, took)
+    }
+
+    fn note_at(&self, now: Instant, method: &str, took: Duration) {
+        if took < SLOW_REQUEST {
+            return;
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, unlogged) = &mut *logged;
+        if last.is_some_and(|at| now.saturating_duration_since(at) < SLOW_LOG_EVERY) {
+            *unlogged += 1;
+            return;
+        }
+        let others = std::mem::take(unlogged);
+        *last = Some(now);
+        drop(logged);
+        tracing::warn!(
+            method,
+            took_ms = took.as_millis() as u64,
+            expected_ms = SLOW_REQUEST.as_millis() as u64,
+            others_since_last_line = others,
+            "request took too long"
+        );
+    }
 }
 
 impl Metrics {
@@ -275,6 +342,13 @@ impl Metrics {
             "The number of heartbeat rounds that confirmed this member's leadership, for reads and keep-alives.",
             self.leadership_rounds.load(Ordering::Relaxed) as f64,
         );
+        write_one(
+            out,
+            "kvd_server_slow_requests_total",
+            "counter",
+            "The number of Range, Put, DeleteRange and Txn requests answered later than 100 ms.",
+            self.slow.count.load(Ordering::Relaxed) as f64,
+        );
         self.grpc.render(out);
     }
 }
@@ -288,6 +362,39 @@ pub fn write_one(out: &mut String, name: &str, kind: &str, help: &str, value: f6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slow_request_is_counted_and_logged_at_most_once_a_second() {
+        let lines = crate::logging::captured::Lines::default();
+        let slow = SlowRequests::default();
+        let start = Instant::now();
+        let put = "/etcdserverpb.KV/Put";
+        tracing::subscriber::with_default(lines.subscriber(false), || {
+            slow.note_at(start, put, Duration::from_millis(99));
+            slow.note_at(start, put, Duration::from_millis(250));
+            slow.note_at(start + Duration::from_millis(10), put, Duration::from_millis(100));
+            slow.note_at(start + Duration::from_millis(900), "/etcdserverpb.KV/Range", Duration::from_secs(2));
+            slow.note_at(start + Duration::from_millis(1000), "/etcdserverpb.KV/Txn", Duration::from_millis(120));
+        });
+        let text = lines.text();
+        let logged: Vec<&str> = text.lines().collect();
+        assert_eq!(logged.len(), 2, "{text}");
+        assert!(logged[0].contains("WARN") && logged[0].contains("request took too long"), "{text}");
+        assert!(logged[0].contains("method=\"/etcdserverpb.KV/Put\" took_ms=250 expected_ms=100"), "{text}");
+        assert!(logged[0].contains("others_since_last_line=0"), "{text}");
+        assert!(logged[1].contains("/etcdserverpb.KV/Txn") && logged[1].contains("took_ms=120"), "{text}");
+        assert!(logged[1].contains("others_since_last_line=2"), "{text}");
+        let mut out = String::new();
+        Metrics { slow, ..Default::default() }.render(&mut out);
+        assert!(out.contains("\nkvd_server_slow_requests_total 4\n"), "{out}");
+        // Only the key-value requests are timed: a lock or a campaign
+        // waits by design, and a stream's answer is never whole.
+        let timed: Vec<&str> = (0..METHODS.len()).filter(|&i| is_timed(i)).map(|i| METHODS[i].0).collect();
+        assert_eq!(
+            timed,
+            ["/etcdserverpb.KV/Range", "/etcdserverpb.KV/Put", "/etcdserverpb.KV/DeleteRange", "/etcdserverpb.KV/Txn"]
+        );
+    }
 
     fn rendered(h: &Histogram) -> String {
         let mut out = String::new();

@@ -90,6 +90,23 @@ async fn metrics_and_health_answer_over_http_beside_grpc() {
     };
     check_histogram(&metrics, "etcd_disk_backend_commit_duration_seconds", 1.0);
 
+    // A put held up past 100 ms, here by the leader's peers being cut off
+    // for a moment, is counted and logged.
+    let logs = support::logs();
+    let slow_before = value(&metrics, "kvd_server_slow_requests_total");
+    let ids: Vec<u64> = (0..3).map(|i| c.member(i).member.id).collect();
+    for o in (0..3).filter(|&o| o != leader) {
+        c.member(leader).member.network.block(ids[o]);
+    }
+    let other = c.client(leader);
+    let held = tokio::spawn(async move { other.put(put("held", "v")).await.map(drop) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.member(leader).member.network.heal();
+    held.await.expect("the put's task").expect("the put, once the peers are back");
+    let (_, metrics) = get(c.client_addrs[leader], "/metrics").await;
+    assert!(value(&metrics, "kvd_server_slow_requests_total") > slow_before, "{metrics}");
+    logs.wait_for(&["request took too long", "method=\"/etcdserverpb.KV/Put\"", "expected_ms=100"]).await;
+
     let follower = (leader + 1) % 3;
     let (_, metrics) = get(c.client_addrs[follower], "/metrics").await;
     assert_eq!(value(&metrics, "etcd_server_is_leader"), 0.0);

@@ -20,7 +20,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::http_access::HttpAccess;
 use crate::auth::{Credentials, CREDENTIALS};
@@ -102,9 +102,14 @@ where
             }));
         };
         let handled = Handled { metrics: self.member.metrics.clone(), method, done: false };
+        // A unary call's answer is whole once it is ready.
+        let started = metrics::is_timed(method).then(Instant::now);
         let answer = self.inner.call(req);
         Box::pin(CREDENTIALS.scope(credentials, async move {
             let mut resp = answer.await?;
+            if let Some(started) = started {
+                handled.metrics.slow.note(&path, started.elapsed());
+            }
             super::name_unimplemented(&path, resp.headers_mut());
             Ok(counted(resp, handled))
         }))
