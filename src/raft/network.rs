@@ -99,12 +99,9 @@ pub struct Network {
     cut: Arc<Mutex<Cut>>,
     source: Option<IpAddr>,
     streams: Arc<Mutex<HashMap<NodeId, Streams>>>,
-    /// Idle streams of forwarded writes, by leader (see [`Network::call`]).
-    forward_streams: Arc<Mutex<HashMap<NodeId, Streams>>>,
-    /// Idle streams of read index requests, by leader.
-    read_index_streams: Arc<Mutex<HashMap<NodeId, Streams>>>,
-    /// Idle streams of keep-alives gathered for the leader, by leader.
-    renewal_streams: Arc<Mutex<HashMap<NodeId, Streams>>>,
+    /// Idle streams of requests made of the leader, by kind and leader
+    /// (see [`Network::call`]).
+    asking_streams: Arc<Mutex<HashMap<(Asking, NodeId), Streams>>>,
     identity: Identity,
     /// The largest message a peer accepts; see [`message_limit`].
     limit: usize,
@@ -166,7 +163,12 @@ struct Streams {
 impl Streams {
     /// Runs `f` on the streams in `all` to peer `id` at `addr`, forgetting
     /// those to another address.
-    fn of<T>(all: &Mutex<HashMap<NodeId, Streams>>, id: NodeId, addr: &str, f: impl FnOnce(&mut Streams) -> T) -> T {
+    fn of<K: std::hash::Hash + Eq, T>(
+        all: &Mutex<HashMap<K, Streams>>,
+        id: K,
+        addr: &str,
+        f: impl FnOnce(&mut Streams) -> T,
+    ) -> T {
         let mut all = all.lock().unwrap_or_else(|p| p.into_inner());
         let streams = all.entry(id).or_default();
         if streams.addr != addr {
@@ -202,7 +204,7 @@ const MAX_IDLE_STREAMS: usize = 4;
 
 /// The requests a follower makes of its leader on its clients' behalf that
 /// go on streams of their own kind (see [`Network::call`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Asking {
     /// `ForwardBatch`, on `ForwardStream`.
     Forward,
@@ -213,6 +215,8 @@ enum Asking {
 }
 
 impl Asking {
+    const ALL: [Asking; 3] = [Asking::Forward, Asking::ReadIndex, Asking::LeaseRenewals];
+
     fn of(rpc: Rpc) -> Option<Asking> {
         match rpc {
             Rpc::ForwardBatch => Some(Asking::Forward),
@@ -382,18 +386,9 @@ impl Network {
         Streams::of(&self.streams, id, addr, f)
     }
 
-    /// [`Network::with_streams`] for the streams of forwarded writes.
-    fn with_forward_streams<T>(&self, id: NodeId, addr: &str, f: impl FnOnce(&mut Streams) -> T) -> T {
-        Streams::of(&self.forward_streams, id, addr, f)
-    }
-
     /// [`Network::with_streams`] for the streams of `kind`'s requests.
     fn with_asking_streams<T>(&self, kind: Asking, id: NodeId, addr: &str, f: impl FnOnce(&mut Streams) -> T) -> T {
-        match kind {
-            Asking::Forward => self.with_forward_streams(id, addr, f),
-            Asking::ReadIndex => Streams::of(&self.read_index_streams, id, addr, f),
-            Asking::LeaseRenewals => Streams::of(&self.renewal_streams, id, addr, f),
-        }
+        Streams::of(&self.asking_streams, (kind, id), addr, f)
     }
 
     fn take_stream(&self, id: NodeId, addr: &str) -> Option<AppendStream> {
@@ -406,9 +401,9 @@ impl Network {
 
     fn drop_streams(&self, id: NodeId, addr: &str) {
         self.with_streams(id, addr, |s| s.idle.clear());
-        self.with_forward_streams(id, addr, |s| s.idle.clear());
-        self.with_asking_streams(Asking::ReadIndex, id, addr, |s| s.idle.clear());
-        self.with_asking_streams(Asking::LeaseRenewals, id, addr, |s| s.idle.clear());
+        for kind in Asking::ALL {
+            self.with_asking_streams(kind, id, addr, |s| s.idle.clear());
+        }
     }
 
     /// Whether AppendEntries to peer `id` go in unary calls for now.
@@ -454,10 +449,10 @@ impl Network {
     /// call costs a new HTTP/2 stream with its headers and a task on both
     /// members, for every write a lone client makes through a follower, and
     /// for every round of linearizable reads or keep-alives a follower
-    /// serves. A stream is taken for one call
-    /// and given back once its answer is in; one that fails or times out is
-    /// dropped, since a late answer on it would be read as the next call's.
-    /// A leader without the stream (an older kvd) gets unary calls.
+    /// serves. A stream is taken for one call and given back once its
+    /// answer is in; one that fails or times out is dropped, since a late
+    /// answer on it would be read as the next call's. A leader without the
+    /// stream (an older kvd) gets unary calls, per kind.
     pub async fn call(
         &self,
         id: NodeId,
@@ -833,10 +828,10 @@ mod tests {
 
     /// A peer whose AppendEntries stream answers a request with a previous
     /// log id only after a long wait, with a conflict, and any other at once,
-    /// with success. Forwarded writes and read index requests come back as
-    /// they went, after "unary" for a unary call; with `streams` the peer
-    /// serves ForwardStream and ReadIndexStream too, and counts the streams
-    /// opened of each.
+    /// with success. Forwarded writes, read index requests and keep-alives
+    /// come back as they went, after "unary" for a unary call; with
+    /// `streams` the peer serves ForwardStream, ReadIndexStream and
+    /// LeaseRenewalsStream too, and counts the streams opened of each.
     #[derive(Default)]
     struct SlowPeer {
         streams: Option<Arc<Opened>>,
