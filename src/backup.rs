@@ -285,5 +285,17 @@ mod tests {
         let fresh = dir.path().join("fresh");
         assert!(restore(&path, &fresh).is_err());
         assert!(!fresh.exists());
+        // A record of a kind this kvd does not know, as a newer kvd with
+        // another storage layout might write: refused, not skipped.
+        let mut records = 1u64.to_le_bytes().to_vec();
+        for part in [&b"v1"[..], b"versions"] {
+            records.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            records.extend_from_slice(part);
+        }
+        std::fs::write(&path, file_of(&records)).unwrap();
+        let err = restore(&path, &fresh).unwrap_err().to_string();
+        assert!(err.contains("a record of a kind this kvd does not know"), "{err}");
+        assert!(!fresh.exists());
+        assert!(status(&path).is_err());
     }
 }

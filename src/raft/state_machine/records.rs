@@ -13,9 +13,10 @@ use super::group::Group;
 use super::snapshot::SnapshotFileError;
 use super::view::State;
 use super::{ALARMS, APPLIED, ATTRS, MEMBERSHIP, STATE_TREES};
+use crate::auth::AUTH;
 use crate::error::Error;
-use crate::mvcc::changes::RUNS;
-use crate::mvcc::keys::{meta_key, HIST};
+use crate::mvcc::changes::{OLD_CHANGES, RUNS};
+use crate::mvcc::keys::{meta_key, HIST, LEASE, META};
 use crate::mvcc::values::{decode_whole, whole_len, whole_record};
 use crate::mvcc::Batch;
 use crate::mvcc::{Files, MvccStore, Rebuild};
@@ -32,6 +33,10 @@ pub(super) type EachRecord<'a> = &'a mut dyn FnMut(&[u8], &[u8]) -> Result<(), E
 /// [`load_records`]) instead of a pass over the tree.
 pub(super) fn load_state(files: &Files, rebuilt: Option<Rebuild>) -> Result<Loaded, Error> {
     let tree = &files.tree;
+    // Records loaded from snapshot data were checked as they were read.
+    if rebuilt.is_none() {
+        refuse_unknown_kinds(tree)?;
+    }
     let read = |name: &str| tree.get(meta_key(name));
     let last_applied = match read(APPLIED)? {
         Some(v) => decode(&v)?,
@@ -303,9 +308,67 @@ pub(super) fn read_records<R: Read>(
             r.read_exact(part).map_err(|e| damaged(e.to_string()))?;
             at = end;
         }
+        known_kind(&key)?;
         each(&key, &value)?;
     }
     Ok((count, at))
+}
+
+/// The first byte of each kind of record a state tree holds, in byte order:
+/// alarms, auth, members' attributes, history, leases, metadata, the
+/// per-change records of an older kvd, and runs of revision order.
+const KINDS: [u8; 8] = [ALARMS, AUTH, ATTRS, HIST, LEASE, META, OLD_CHANGES, RUNS];
+
+/// Refuses a record of a kind this kvd does not know. Such a record comes
+/// from a newer kvd, whose layout this one cannot read: loaded, or skipped,
+/// it would leave a store that lacks what the record holds and serves as
+/// if it were whole.
+fn known_kind(key: &[u8]) -> Result<(), Error> {
+    match key.first() {
+        Some(kind) if KINDS.contains(kind) => Ok(()),
+        _ => Err(Error::internal(format!(
+            "snapshot data holds a record of a kind this kvd does not know ({}): it was written by a newer \
+             kvd, whose storage layout this version cannot read; use that version or a newer one",
+            kind_name(key)
+        ))),
+    }
+}
+
+fn kind_name(key: &[u8]) -> String {
+    match key.first() {
+        Some(b) => format!("its key begins with byte 0x{b:02x}"),
+        None => "its key is empty".into(),
+    }
+}
+
+/// Refuses a state tree that holds a record of a kind this kvd does not
+/// know (see [`known_kind`]): a data directory a newer kvd wrote. It looks
+/// only between and around the known kinds, a few lookups whatever the
+/// tree's size.
+pub(super) fn refuse_unknown_kinds(tree: &sled::Tree) -> Result<(), Error> {
+    let mut from: Vec<u8> = Vec::new();
+    let mut found = None;
+    for kind in KINDS {
+        if let Some(item) = tree.range(from.as_slice()..&[kind][..]).next() {
+            found = Some(item?.0);
+            break;
+        }
+        from = vec![kind + 1];
+    }
+    if found.is_none() {
+        if let Some(item) = tree.range(from.as_slice()..).next() {
+            found = Some(item?.0);
+        }
+    }
+    match found {
+        None => Ok(()),
+        Some(key) => Err(Error::internal(format!(
+            "the data directory holds a record of a kind this kvd does not know ({}): it was written by a \
+             newer kvd, whose storage layout this version cannot read; run the version that wrote it, or a \
+             newer one",
+            kind_name(&key)
+        ))),
+    }
 }
 
 /// Copies `len` bytes of snapshot data from `from` to `to`, checking as it

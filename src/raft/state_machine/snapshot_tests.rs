@@ -234,6 +234,75 @@ async fn a_damaged_snapshot_received_replaces_nothing_and_leaves_no_part_behind(
     assert!(parts.is_empty(), "parts left: {parts:?}");
 }
 
+/// A record of a kind no kvd of this version writes, as a newer kvd with
+/// another storage layout might.
+const NEWER_KIND: &[u8] = b"v\x00\x00\x00\x00\x00\x00\x00\x01";
+
+#[tokio::test]
+async fn a_snapshot_of_a_newer_layout_is_refused_and_replaces_nothing() {
+    let (_dir, _db, sm) = loaded().await;
+    sm.shared().read().store.tree().insert(NEWER_KIND, &b"versions"[..]).expect("insert");
+    let whole = whole_data(&sm.shared());
+    let (dir2, _db2, mut sm2) = empty_member();
+    sm2.apply(vec![batch(1, vec![put("old", "1")])]).await.expect("apply");
+    let built = sm2.get_snapshot_builder().await.build_snapshot().await.expect("build");
+    let meta = Meta {
+        last_log_id: Some(openraft::testing::log_id(9, 1, 99)),
+        snapshot_id: "9-99".into(),
+        ..built.meta.clone()
+    };
+    // Received at once, and in chunks that a loader follows as they land.
+    for chunk in [whole.len(), 7000] {
+        let mut received = sm2.begin_receiving_snapshot().await.expect("receive");
+        receive(&mut received, &whole, chunk).await;
+        let err = bounded(sm2.install_snapshot(&meta, received)).await.expect_err("a newer layout");
+        assert!(err.to_string().contains("a record of a kind this kvd does not know"), "{err}");
+        assert!(err.to_string().contains("begins with byte 0x76"), "{err}");
+        let current = sm2.get_current_snapshot().await.expect("current").expect("a snapshot");
+        assert_eq!(current.meta.last_log_id, built.meta.last_log_id);
+        let state = sm2.shared();
+        let state = state.read();
+        assert_eq!(state.store.len(), 1);
+        assert!(state.store.get(b"old").is_some());
+        let parts = parts_left(dir2.path());
+        assert!(parts.is_empty(), "parts left: {parts:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_data_dir_with_records_of_a_newer_layout_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+        let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+        load(&mut sm).await;
+        let shared = sm.shared();
+        let tree = shared.read().store.tree();
+        // Before, between and after the kinds it knows.
+        tree.insert(b"0", &b""[..]).expect("insert");
+        let reopen = || {
+            db.flush().expect("flush");
+            StateMachine::open(&db, dir.path())
+        };
+        let err = reopen().err().expect("refused");
+        assert!(err.to_string().contains("the data directory holds a record of a kind"), "{err}");
+        assert!(err.to_string().contains("0x30"), "{err}");
+        tree.remove(b"0").expect("remove");
+        tree.insert(b"n", &b""[..]).expect("insert");
+        let err = reopen().err().expect("refused");
+        assert!(err.to_string().contains("0x6e"), "{err}");
+        tree.remove(b"n").expect("remove");
+        tree.insert(NEWER_KIND, &b""[..]).expect("insert");
+        let err = reopen().err().expect("refused");
+        assert!(err.to_string().contains("0x76"), "{err}");
+        tree.remove(NEWER_KIND).expect("remove");
+        db.flush().expect("flush");
+    }
+    let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+    let sm = StateMachine::open(&db, dir.path()).expect("the kinds it knows only");
+    assert_eq!(sm.shared().read().store.len(), 600);
+}
+
 /// A member with no data in a temporary data dir.
 fn empty_member() -> (tempfile::TempDir, sled::Db, StateMachine) {
     let dir = tempfile::tempdir().expect("tempdir");
