@@ -326,19 +326,21 @@ const KINDS: [u8; 8] = [ALARMS, AUTH, ATTRS, HIST, LEASE, META, OLD_CHANGES, RUN
 fn known_kind(key: &[u8]) -> Result<(), Error> {
     match key.first() {
         Some(kind) if KINDS.contains(kind) => Ok(()),
-        _ => Err(Error::internal(format!(
-            "snapshot data holds a record of a kind this kvd does not know ({}): it was written by a newer \
-             kvd, whose storage layout this version cannot read; use that version or a newer one",
-            kind_name(key)
-        ))),
+        _ => Err(newer_layout("snapshot data holds", key, "use that version or a newer one")),
     }
 }
 
-fn kind_name(key: &[u8]) -> String {
-    match key.first() {
+/// The error for a record of a kind this kvd does not know, found where
+/// `found` says; `then` says what to do.
+fn newer_layout(found: &str, key: &[u8], then: &str) -> Error {
+    let kind = match key.first() {
         Some(b) => format!("its key begins with byte 0x{b:02x}"),
         None => "its key is empty".into(),
-    }
+    };
+    Error::internal(format!(
+        "{found} a record of a kind this kvd does not know ({kind}): it was written by a newer kvd, whose \
+         storage layout this version cannot read; {then}"
+    ))
 }
 
 /// Refuses a state tree that holds a record of a kind this kvd does not
@@ -362,12 +364,9 @@ pub(super) fn refuse_unknown_kinds(tree: &sled::Tree) -> Result<(), Error> {
     }
     match found {
         None => Ok(()),
-        Some(key) => Err(Error::internal(format!(
-            "the data directory holds a record of a kind this kvd does not know ({}): it was written by a \
-             newer kvd, whose storage layout this version cannot read; run the version that wrote it, or a \
-             newer one",
-            kind_name(&key)
-        ))),
+        Some(key) => {
+            Err(newer_layout("the data directory holds", &key, "run the version that wrote it, or a newer one"))
+        }
     }
 }
 
