@@ -316,7 +316,9 @@ pub(super) fn read_records<R: Read>(
 
 /// The first byte of each kind of record a state tree holds, in byte order:
 /// alarms, auth, members' attributes, history, leases, metadata, the
-/// per-change records of an older kvd, and runs of revision order.
+/// per-change records of an older kvd, and runs of revision order. A new
+/// kind of record goes here in the same change that writes it, or a
+/// member refuses its own data directory at its next start.
 const KINDS: [u8; 8] = [ALARMS, AUTH, ATTRS, HIST, LEASE, META, OLD_CHANGES, RUNS];
 
 /// Refuses a record of a kind this kvd does not know. Such a record comes
