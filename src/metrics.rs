@@ -346,7 +346,10 @@ impl Metrics {
             out,
             "kvd_server_slow_requests_total",
             "counter",
-            "The number of Range, Put, DeleteRange and Txn requests answered later than 100 ms.",
+            &format!(
+                "The number of Range, Put, DeleteRange and Txn requests answered later than {} ms.",
+                SLOW_REQUEST.as_millis()
+            ),
             self.slow.count.load(Ordering::Relaxed) as f64,
         );
         self.grpc.render(out);
@@ -387,6 +390,7 @@ mod tests {
         let mut out = String::new();
         Metrics { slow, ..Default::default() }.render(&mut out);
         assert!(out.contains("\nkvd_server_slow_requests_total 4\n"), "{out}");
+        assert!(out.contains("requests answered later than 100 ms.\n"), "{out}");
         // Only the key-value requests are timed: a lock or a campaign
         // waits by design, and a stream's answer is never whole.
         let timed: Vec<&str> = (0..METHODS.len()).filter(|&i| is_timed(i)).map(|i| METHODS[i].0).collect();
