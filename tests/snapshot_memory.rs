@@ -1,16 +1,19 @@
-//! A member that catches up by a snapshot several times larger than a fixed
-//! memory budget installs it within the budget: snapshots are written, sent,
-//! received and loaded in chunks, never held whole. Measured from /proc on
-//! real `kvd` processes: the installing member's peak resident memory
-//! against the resident memory of the members that hold the same data and
-//! installed nothing. (A member's steady memory grows with the data it has
-//! written through sled and the allocator, install or not; what the
-//! install may add on top of it is the budget.)
+//! A member that catches up by a snapshot, or by the log, several times
+//! larger than a fixed memory budget does so within the budget: snapshots are
+//! written, sent, received and loaded in chunks, never held whole, and the
+//! entries of a log being replayed are appended and applied in bounded
+//! steps, never held in memory all at once. Measured from /proc on real
+//! `kvd` processes: the catching-up member's peak resident memory against
+//! the resident memory of the members that hold the same data and caught up
+//! on nothing. (A member's steady memory grows with the data it has written
+//! through sled and the allocator, catch-up or not; what the catch-up may add
+//! on top of it is the budget.)
 
 mod support;
 
 use std::time::{Duration, Instant};
 
+use kvd::client::Client;
 use kvd_testkit::Cluster;
 use support::processes::ProcessCluster;
 
@@ -30,16 +33,9 @@ fn status_kib(pid: u32, field: &str) -> u64 {
     line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number of kB")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_member_installs_a_snapshot_three_times_its_memory_budget_within_it() {
-    let mut c =
-        ProcessCluster::start_with(3, &["--snapshot-count", "100", "--quota-backend-bytes", "8589934592"]).await;
-    let leader = c.leader().await;
-    let away = (leader + 1) % 3;
-    let client = c.client(leader);
-    client.put(support::put("before", "1")).await.unwrap();
-    c.kill(away).await;
-    // Values of random bytes, so that nothing on the way compresses them.
+/// Puts [`DATA_MIB`] of values of [`VALUE_BYTES`] random bytes (so that
+/// nothing on the way compresses them) at `big/<n>`; returns how many.
+async fn put_big_values(client: &Client) -> u64 {
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut value = vec![0u8; VALUE_BYTES];
     let puts = DATA_MIB * 1024 * 1024 / VALUE_BYTES as u64;
@@ -57,6 +53,57 @@ async fn a_member_installs_a_snapshot_three_times_its_memory_budget_within_it() 
         };
         client.put(put).await.unwrap();
     }
+    puts
+}
+
+/// Waits until member `away` has applied index `wanted`; past 240 s, fails
+/// with the end of the leader's and the member's logs.
+async fn wait_until_applied(c: &ProcessCluster, leader: usize, away: usize, wanted: u64) {
+    let back = c.client(away);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        match back.status_of(0).await {
+            Ok(s) if s.raft_applied_index >= wanted => return,
+            _ => {
+                if Instant::now() > deadline {
+                    let log = std::fs::read_to_string(c.log(leader)).unwrap_or_default()
+                        + "\n-- away --\n"
+                        + &std::fs::read_to_string(c.log(away)).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                    panic!(
+                        "the member did not catch up; its log ends:\n{}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// Member `away`'s peak resident memory, and the largest resident memory of
+/// the others, in MiB.
+fn peak_and_steady(c: &ProcessCluster, away: usize) -> (u64, u64) {
+    let peak = status_kib(c.pid(away).expect("running"), "VmHWM:") / 1024;
+    let steady = (0..c.size())
+        .filter(|i| *i != away)
+        .filter_map(|i| c.pid(i))
+        .map(|p| status_kib(p, "VmRSS:") / 1024)
+        .max()
+        .expect("the other members run");
+    (peak, steady)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_installs_a_snapshot_three_times_its_memory_budget_within_it() {
+    let mut c =
+        ProcessCluster::start_with(3, &["--snapshot-count", "100", "--quota-backend-bytes", "8589934592"]).await;
+    let leader = c.leader().await;
+    let away = (leader + 1) % 3;
+    let client = c.client(leader);
+    client.put(support::put("before", "1")).await.unwrap();
+    c.kill(away).await;
+    let puts = put_big_values(&client).await;
     let written = client.status_of(0).await.unwrap().raft_applied_index;
     // Enough small writes past the last snapshot that the log the away
     // member needs is purged.
@@ -76,39 +123,14 @@ async fn a_member_installs_a_snapshot_three_times_its_memory_budget_within_it() 
     let wanted = client.status_of(0).await.unwrap().raft_applied_index;
 
     c.restart(away).await;
-    let pid = c.pid(away).expect("running");
     let back = c.client(away);
-    let deadline = Instant::now() + Duration::from_secs(240);
-    loop {
-        match back.status_of(0).await {
-            Ok(s) if s.raft_applied_index >= wanted => break,
-            _ => {
-                if Instant::now() > deadline {
-                    let log = std::fs::read_to_string(c.log(leader)).unwrap_or_default()
-                        + "\n-- away --\n"
-                        + &std::fs::read_to_string(c.log(away)).unwrap_or_default();
-                    let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                    panic!(
-                        "the member did not catch up; its log ends:\n{}",
-                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
+    wait_until_applied(&c, leader, away, wanted).await;
     let log = std::fs::read_to_string(c.log(away)).expect("log");
     assert!(log.contains("installed snapshot"), "it caught up by a snapshot");
     let got = back.range(support::get_local(&format!("big/{:06}", puts - 1))).await.unwrap();
     assert_eq!(got.kvs.len(), 1);
     assert_eq!(got.kvs[0].value.len(), VALUE_BYTES);
-    let peak = status_kib(pid, "VmHWM:") / 1024;
-    let steady = (0..3)
-        .filter(|i| *i != away)
-        .filter_map(|i| c.pid(i))
-        .map(|p| status_kib(p, "VmRSS:") / 1024)
-        .max()
-        .expect("the other members run");
+    let (peak, steady) = peak_and_steady(&c, away);
     // A snapshot stream the leader began while the member was down is sent
     // first once it is back, and the latest snapshot after it: the largest
     // install is the one measured.
@@ -135,5 +157,46 @@ async fn a_member_installs_a_snapshot_three_times_its_memory_budget_within_it() 
         peak <= steady + BUDGET_MIB,
         "the member peaked at {peak} MiB installing a {snapshot_mib} MiB snapshot; members that installed \
          nothing hold {steady} MiB"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_replays_a_log_three_times_its_memory_budget_within_it() {
+    // No snapshot is taken while the member is away, so the leader keeps
+    // every entry it missed and sends it the log.
+    let mut c =
+        ProcessCluster::start_with(3, &["--snapshot-count", "1000000", "--quota-backend-bytes", "8589934592"]).await;
+    let leader = c.leader().await;
+    let away = (leader + 1) % 3;
+    let client = c.client(leader);
+    client.put(support::put("before", "1")).await.unwrap();
+    c.kill(away).await;
+    let puts = put_big_values(&client).await;
+    let wanted = client.status_of(0).await.unwrap().raft_applied_index;
+    let leader_pid = c.pid(leader).expect("the leader runs");
+    let leader_before = status_kib(leader_pid, "VmHWM:") / 1024;
+
+    c.restart(away).await;
+    wait_until_applied(&c, leader, away, wanted).await;
+    let log = std::fs::read_to_string(c.log(away)).expect("log");
+    assert!(!log.contains("installed snapshot"), "it caught up by the log, not by a snapshot");
+    let got = c.client(away).range(support::get_local(&format!("big/{:06}", puts - 1))).await.unwrap();
+    assert_eq!(got.kvs.len(), 1);
+    assert_eq!(got.kvs[0].value.len(), VALUE_BYTES);
+    let (peak, steady) = peak_and_steady(&c, away);
+    let leader_after = status_kib(leader_pid, "VmHWM:") / 1024;
+    eprintln!(
+        "{DATA_MIB} MiB of log replayed; the member peaked at {peak} MiB; the others hold {steady} MiB; \
+         the leader peaked at {leader_before} MiB before and {leader_after} MiB after sending it; budget \
+         {BUDGET_MIB} MiB"
+    );
+    assert!(
+        peak <= steady + BUDGET_MIB,
+        "the member peaked at {peak} MiB replaying {DATA_MIB} MiB of log; members that replayed nothing hold \
+         {steady} MiB"
+    );
+    assert!(
+        leader_after <= leader_before + BUDGET_MIB,
+        "the leader peaked at {leader_after} MiB sending {DATA_MIB} MiB of log, {leader_before} MiB before"
     );
 }
