@@ -21,10 +21,10 @@ pub const MAX_UNFLUSHED_WRITES: usize = 1024;
 /// bytes it peaked at 197-229 MB against 72-95 MB for the others, and at
 /// 174-183 MB with room for 8,192 writes or 8 MiB. Replaying 300,000 puts
 /// of 384 bytes, it peaked at 171-178 MB with that room and at 153-155 MB
-/// with room for 2,048 writes or 2 MiB (others 75-81 MB); puts from 256
-/// clients, whose followers' committers are always busy, went from a mean
-/// of 14,750/s to 16,002/s in six alternating pairs (64 clients: 10,579
-/// and 10,889/s): a smaller sled batch costs less per write.
+/// with room for 2,048 writes or 2 MiB (others 74-81 MB). Puts were level:
+/// in eight alternating pairs, 16,525/s against 15,871/s from 256 clients
+/// and 11,220/s against 11,154/s from 64 (means; pairs moved by a quarter
+/// between rounds).
 pub(super) const MAX_GATHERED_WRITES: usize = 2 * MAX_UNFLUSHED_WRITES;
 /// See [`MAX_GATHERED_WRITES`].
 pub(super) const MAX_GATHERED_BYTES: usize = 2 << 20;
