@@ -81,6 +81,45 @@ async fn wait_until_applied(c: &ProcessCluster, leader: usize, away: usize, want
     }
 }
 
+/// A cluster of three with one member, `away`, killed while [`DATA_MIB`] of
+/// values were put at the leader (see [`put_big_values`]).
+struct Away {
+    c: ProcessCluster,
+    leader: usize,
+    away: usize,
+    client: Client,
+    puts: u64,
+}
+
+/// Starts three members with `--snapshot-count snapshot_count`, kills one
+/// follower and puts the values while it is down.
+async fn member_away_while_values_are_written(snapshot_count: &str) -> Away {
+    let mut c =
+        ProcessCluster::start_with(3, &["--snapshot-count", snapshot_count, "--quota-backend-bytes", "8589934592"])
+            .await;
+    let leader = c.leader().await;
+    let away = (leader + 1) % 3;
+    let client = c.client(leader);
+    client.put(support::put("before", "1")).await.unwrap();
+    c.kill(away).await;
+    let puts = put_big_values(&client).await;
+    Away { c, leader, away, client, puts }
+}
+
+impl Away {
+    /// Restarts the member, waits until it has applied index `wanted`,
+    /// checks that it serves the last value whole, and returns its log.
+    async fn back_and_caught_up(&mut self, wanted: u64) -> String {
+        self.c.restart(self.away).await;
+        wait_until_applied(&self.c, self.leader, self.away, wanted).await;
+        let last = format!("big/{:06}", self.puts - 1);
+        let got = self.c.client(self.away).range(support::get_local(&last)).await.unwrap();
+        assert_eq!(got.kvs.len(), 1);
+        assert_eq!(got.kvs[0].value.len(), VALUE_BYTES);
+        std::fs::read_to_string(self.c.log(self.away)).expect("log")
+    }
+}
+
 /// Member `away`'s peak resident memory, and the largest resident memory of
 /// the others, in MiB.
 fn peak_and_steady(c: &ProcessCluster, away: usize) -> (u64, u64) {
@@ -96,14 +135,8 @@ fn peak_and_steady(c: &ProcessCluster, away: usize) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_installs_a_snapshot_three_times_its_memory_budget_within_it() {
-    let mut c =
-        ProcessCluster::start_with(3, &["--snapshot-count", "100", "--quota-backend-bytes", "8589934592"]).await;
-    let leader = c.leader().await;
-    let away = (leader + 1) % 3;
-    let client = c.client(leader);
-    client.put(support::put("before", "1")).await.unwrap();
-    c.kill(away).await;
-    let puts = put_big_values(&client).await;
+    let mut a = member_away_while_values_are_written("100").await;
+    let (c, leader, client) = (&a.c, a.leader, &a.client);
     let written = client.status_of(0).await.unwrap().raft_applied_index;
     // Enough small writes past the last snapshot that the log the away
     // member needs is purged.
@@ -122,15 +155,10 @@ async fn a_member_installs_a_snapshot_three_times_its_memory_budget_within_it() 
     }
     let wanted = client.status_of(0).await.unwrap().raft_applied_index;
 
-    c.restart(away).await;
-    let back = c.client(away);
-    wait_until_applied(&c, leader, away, wanted).await;
-    let log = std::fs::read_to_string(c.log(away)).expect("log");
+    let log = a.back_and_caught_up(wanted).await;
     assert!(log.contains("installed snapshot"), "it caught up by a snapshot");
-    let got = back.range(support::get_local(&format!("big/{:06}", puts - 1))).await.unwrap();
-    assert_eq!(got.kvs.len(), 1);
-    assert_eq!(got.kvs[0].value.len(), VALUE_BYTES);
-    let (peak, steady) = peak_and_steady(&c, away);
+    let (c, away) = (&a.c, a.away);
+    let (peak, steady) = peak_and_steady(c, away);
     // A snapshot stream the leader began while the member was down is sent
     // first once it is back, and the latest snapshot after it: the largest
     // install is the one measured.
@@ -164,26 +192,19 @@ async fn a_member_installs_a_snapshot_three_times_its_memory_budget_within_it() 
 async fn a_member_replays_a_log_three_times_its_memory_budget_within_it() {
     // No snapshot is taken while the member is away, so the leader keeps
     // every entry it missed and sends it the log.
-    let mut c =
-        ProcessCluster::start_with(3, &["--snapshot-count", "1000000", "--quota-backend-bytes", "8589934592"]).await;
-    let leader = c.leader().await;
-    let away = (leader + 1) % 3;
-    let client = c.client(leader);
-    client.put(support::put("before", "1")).await.unwrap();
-    c.kill(away).await;
-    let puts = put_big_values(&client).await;
-    let wanted = client.status_of(0).await.unwrap().raft_applied_index;
-    let leader_pid = c.pid(leader).expect("the leader runs");
+    let mut a = member_away_while_values_are_written("1000000").await;
+    let wanted = a.client.status_of(0).await.unwrap().raft_applied_index;
+    let leader_pid = a.c.pid(a.leader).expect("the leader runs");
     let leader_before = status_kib(leader_pid, "VmHWM:") / 1024;
 
-    c.restart(away).await;
-    wait_until_applied(&c, leader, away, wanted).await;
-    let log = std::fs::read_to_string(c.log(away)).expect("log");
+    let log = a.back_and_caught_up(wanted).await;
+    let (c, leader, away) = (&a.c, a.leader, a.away);
     assert!(!log.contains("installed snapshot"), "it caught up by the log, not by a snapshot");
-    let got = c.client(away).range(support::get_local(&format!("big/{:06}", puts - 1))).await.unwrap();
-    assert_eq!(got.kvs.len(), 1);
-    assert_eq!(got.kvs[0].value.len(), VALUE_BYTES);
-    let (peak, steady) = peak_and_steady(&c, away);
+    for i in [leader, away] {
+        let index = c.metric(i, "kvd_raft_snapshot_index").await;
+        assert_eq!(index, Some(0.0), "member {i} has taken or installed no snapshot");
+    }
+    let (peak, steady) = peak_and_steady(c, away);
     let leader_after = status_kib(leader_pid, "VmHWM:") / 1024;
     eprintln!(
         "{DATA_MIB} MiB of log replayed; the member peaked at {peak} MiB; the others hold {steady} MiB; \

@@ -20,7 +20,7 @@ pub const MAX_UNFLUSHED_WRITES: usize = 1024;
 /// one: with room for 65,536 writes or 32 MiB, replaying 95,000 puts of 256
 /// bytes it peaked at 197-229 MB against 72-95 MB for the others, and at
 /// 174-183 MB with room for 8,192 writes or 8 MiB. Replaying 300,000 puts
-/// of 384 bytes, it peaked at 171-178 MB with that room and at 153-155 MB
+/// of 384 bytes, it peaked at 171-178 MB with that room and at 150-155 MB
 /// with room for 2,048 writes or 2 MiB (others 74-81 MB). Puts were level:
 /// in eight alternating pairs, 16,525/s against 15,871/s from 256 clients
 /// and 11,220/s against 11,154/s from 64 (means; pairs moved by a quarter
