@@ -112,13 +112,11 @@ pub fn walk(tree: &sled::Tree, from: i64, to: i64, mut f: impl FnMut(i64, &[u8])
 /// history record of each change it lists (see
 /// [`super::Batch::into_sled_chunks`]). Returns how many records it removed.
 pub fn remove_after(tree: &sled::Tree, rev: i64) -> Result<usize> {
-    let from = run_key(rev.saturating_add(1), 0);
     let mut removed = 0;
-    for item in tree.range(from.to_vec()..vec![RUNS + 1]) {
-        let (run, value) = item?;
+    each_run_after(tree, rev, |run, _, changes| {
         // In small batches (sled's memory grows with a batch), the run
         // last: a start cut short again finds what is left.
-        for changes in parse(&value)?.chunks(1024) {
+        for changes in changes.chunks(1024) {
             let mut batch = sled::Batch::default();
             for (r, key) in changes {
                 batch.remove(super::keys::hist_key(key, *r));
@@ -128,8 +126,26 @@ pub fn remove_after(tree: &sled::Tree, rev: i64) -> Result<usize> {
         }
         tree.remove(run)?;
         removed += 1;
-    }
+        Ok(())
+    })?;
     Ok(removed)
+}
+
+/// Calls `f` with each run of changes after revision `rev`, in order: its
+/// record key and value, and the revision and key of each change it lists.
+/// Runs never span two groups, so after `rev`, the last revision of a group,
+/// these are exactly the groups committed since.
+pub fn each_run_after(
+    tree: &sled::Tree,
+    rev: i64,
+    mut f: impl FnMut(&[u8], &[u8], &[(i64, &[u8])]) -> Result<()>,
+) -> Result<()> {
+    let from = run_key(rev.saturating_add(1), 0);
+    for item in tree.range(from.to_vec()..vec![RUNS + 1]) {
+        let (run, value) = item?;
+        f(&run, &value, &parse(&value)?)?;
+    }
+    Ok(())
 }
 
 /// Where compaction of runs begins.

@@ -86,16 +86,21 @@ impl Copies {
         Waiting { inner: self.inner.clone() }
     }
 
-    /// Whether any copy is under way.
-    pub(super) fn any(&self) -> bool {
-        *self.inner.under_way.lock().unwrap_or_else(|p| p.into_inner()) > 0
+    /// How many copies are under way.
+    pub(super) fn under_way(&self) -> usize {
+        *self.inner.under_way.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Waits until no copy is under way.
     pub(super) fn wait_none(&self) {
-        let mut n = self.inner.under_way.lock().unwrap_or_else(|p| p.into_inner());
-        while *n > 0 {
-            n = self.inner.ended.wait(n).unwrap_or_else(|p| p.into_inner());
+        self.wait_at_most(0)
+    }
+
+    /// Waits until at most `n` copies are under way.
+    pub(super) fn wait_at_most(&self, n: usize) {
+        let mut under_way = self.inner.under_way.lock().unwrap_or_else(|p| p.into_inner());
+        while *under_way > n {
+            under_way = self.inner.ended.wait(under_way).unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -187,11 +192,11 @@ mod tests {
     #[test]
     fn a_wait_ends_when_the_last_copy_ends_and_a_stop_ends_copies_early() {
         let copies = Copies::default();
-        assert!(!copies.any());
+        assert_eq!(copies.under_way(), 0);
         copies.wait_none();
         let first = copies.begin();
         let second = copies.begin();
-        assert!(copies.any());
+        assert_eq!(copies.under_way(), 2);
         let (tx, rx) = std::sync::mpsc::channel();
         let stopping = second.stop_check();
         second.run_beside(move || {
@@ -201,7 +206,8 @@ mod tests {
             let _ = tx.send(());
         });
         drop(first);
-        assert!(copies.any(), "the copy beside is still under way");
+        assert_eq!(copies.under_way(), 1, "the copy beside is still under way");
+        copies.wait_at_most(1);
         // Stopped from a thread of its own, so that a stop that never
         // reaches the copy fails the test rather than hangs it.
         let copies = Arc::new(copies);
@@ -211,7 +217,7 @@ mod tests {
         };
         rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the copy beside saw the stop");
         stopper.join().expect("stop");
-        assert!(!copies.any());
+        assert_eq!(copies.under_way(), 0);
     }
 
     #[tokio::test]
@@ -226,8 +232,8 @@ mod tests {
         drop(waiting);
         tokio::time::timeout(std::time::Duration::from_secs(10), copies.wait_your_turn()).await.expect("its turn");
         let backup = copies.begin_unless_waited_for().expect("nothing waits");
-        assert!(copies.any());
+        assert_eq!(copies.under_way(), 1);
         drop(backup);
-        assert!(!copies.any());
+        assert_eq!(copies.under_way(), 0);
     }
 }

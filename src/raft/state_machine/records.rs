@@ -182,6 +182,33 @@ fn each_record(
 /// (see [`super::copies`]).
 const BY_REVISION: [u8; 2] = [HIST, RUNS];
 
+/// Whether `k` is a history or revision-order record: one that never
+/// changes once written.
+pub(super) fn is_by_revision(k: &[u8]) -> bool {
+    k.first().is_some_and(|p| BY_REVISION.contains(p))
+}
+
+/// Hands `each` every record of `tree` that a commit may change (those
+/// outside [`BY_REVISION`]'s prefixes), in key order.
+pub(super) fn each_changeable_record(
+    tree: &sled::Tree,
+    mut each: impl FnMut(sled::IVec, sled::IVec) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let mut from: Vec<u8> = Vec::new();
+    for p in BY_REVISION {
+        for item in tree.range(from.as_slice()..&[p][..]) {
+            let (k, v) = item?;
+            each(k, v)?;
+        }
+        from = vec![p + 1];
+    }
+    for item in tree.range(from.as_slice()..) {
+        let (k, v) = item?;
+        each(k, v)?;
+    }
+    Ok(())
+}
+
 /// The revision a record of one of [`BY_REVISION`]'s prefixes was written
 /// at: the last eight bytes of a history record's key, the eight after the
 /// prefix of a run's (its first change; a run holds one committed group).
@@ -213,21 +240,20 @@ impl AsOf {
     /// member stops meanwhile.
     pub(super) fn take(tree: &sled::Tree, rev: i64, copying: &super::copies::Copying) -> Result<AsOf, Error> {
         let mut fixed = Vec::new();
-        let mut from: Vec<u8> = Vec::new();
-        for p in BY_REVISION {
-            for item in tree.range(from.as_slice()..&[p][..]) {
-                fixed.push(item?);
-            }
-            from = vec![p + 1];
-        }
-        for item in tree.range(from.as_slice()..) {
-            fixed.push(item?);
-        }
+        each_changeable_record(tree, |k, v| {
+            fixed.push((k, v));
+            Ok(())
+        })?;
         Ok(AsOf { rev, fixed, stopping: Box::new(copying.stop_check()) })
     }
 
+    /// The revision it stands at.
+    pub(super) fn rev(&self) -> i64 {
+        self.rev
+    }
+
     /// Hands `each` every record of `tree` as it stood, in key order.
-    fn for_each(
+    pub(super) fn for_each(
         &self,
         tree: &sled::Tree,
         mut each: impl FnMut(&[u8], &[u8]) -> Result<(), Error>,

@@ -571,7 +571,7 @@ async fn a_copy_is_of_the_tree_as_it_stood_though_later_groups_are_committed() {
     }
     assert!(out == before, "the copy holds what the tree held when it began, and only that");
     drop(copying);
-    assert!(!shared.copies.any());
+    assert_eq!(shared.copies.under_way(), 0);
 }
 
 /// A snapshot built while entries are applied is of the state as of its
@@ -625,7 +625,7 @@ async fn a_backup_waits_for_the_copy_of_the_one_before() {
         tokio::spawn(async move { shared.backup().await.map(|(rev, _)| rev) })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!waiting.is_finished() && !shared.copies.any(), "a backup began its copy beside another");
+    assert!(!waiting.is_finished() && shared.copies.under_way() == 0, "a backup began its copy beside another");
     drop(held);
     let rev =
         tokio::time::timeout(Duration::from_secs(30), waiting).await.expect("once the other ended").expect("join");

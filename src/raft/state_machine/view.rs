@@ -186,14 +186,20 @@ impl Shared {
     /// queued on the commit thread under it runs before any copy begins.
     /// Waits without the lock, so applying goes on meanwhile.
     pub(super) fn write_without_copies(&self) -> RwLockWriteGuard<'_, State> {
+        self.write_without_other_copies(0)
+    }
+
+    /// [`Shared::write_without_copies`] for work that holds `ours` copies
+    /// under way itself: waits until no other is.
+    pub(super) fn write_without_other_copies(&self, ours: usize) -> RwLockWriteGuard<'_, State> {
         let _waiting = self.copies.waiting();
         loop {
             let state = self.write();
-            if !self.copies.any() {
+            if self.copies.under_way() <= ours {
                 return state;
             }
             drop(state);
-            self.copies.wait_none();
+            self.copies.wait_at_most(ours);
         }
     }
 
