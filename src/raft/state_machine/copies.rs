@@ -13,7 +13,8 @@
 //! What removes or replaces such records waits until no copy is under way,
 //! and queues its work on the commit thread under the state lock, where a
 //! copy begins ([`super::Shared::write_without_copies`]): a step of
-//! physical compaction, a defragment, and the switch to a snapshot
+//! physical compaction, a defragment's switch to the database it copied
+//! (the defragment's own copy aside), and the switch to a snapshot
 //! installed. Each job queued before a copy began runs before the copy's
 //! records are taken; none queued after runs until the copy ends. While
 //! such work waits, no backup begins a copy: `snapshot save` called back to
@@ -25,7 +26,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use tokio::sync::oneshot;
 
-use super::records::AsOf;
+use super::records::{AsOf, Part};
 use crate::error::Error;
 use crate::mvcc::Files;
 
@@ -137,18 +138,19 @@ impl Copying {
     }
 
     /// On the commit thread, between two groups: takes the records of
-    /// `files` a commit may change, as of `rev` (see [`AsOf`]), and runs
-    /// `copy` of the rest beside the commit thread; what it comes to goes to
-    /// `done`.
+    /// `files` a commit may change, as of `rev`, if `part` holds them (see
+    /// [`AsOf`]), and runs `copy` of the rest beside the commit thread; what
+    /// it comes to goes to `done`.
     pub(super) fn copy_as_of<T: Send + 'static>(
         self,
         files: &Files,
         rev: i64,
+        part: Part,
         done: oneshot::Sender<Result<T, Error>>,
         copy: impl FnOnce(&Files, &AsOf) -> Result<T, Error> + Send + 'static,
     ) {
         let files = files.clone();
-        match AsOf::take(&files.tree, rev, &self) {
+        match AsOf::take(&files.tree, rev, part, &self) {
             Ok(as_of) => self.run_beside(move || {
                 let _ = done.send(copy(&files, &as_of));
             }),

@@ -18,7 +18,7 @@ use std::path::Path;
 
 use super::super::committer::CommitError;
 use super::super::db_dir::{db_dirs, open_db_at, remove_unused, set_in_use};
-use super::records::{each_changeable_record, is_by_revision, AsOf, Batches};
+use super::records::{each_changeable_record, AsOf, Batches, Part};
 use super::view::{Shared, State};
 use super::{open_files_in, CURRENT_TREE, INSTALLING, STATE_TREES, VALUES_ID};
 use crate::error::Error;
@@ -163,7 +163,7 @@ impl Shared {
             let State { store, unflushed, .. } = &mut *state;
             let (rev, copying) = (store.revision(), self.copies.begin());
             unflushed.commit(store, &self.committer)?;
-            self.committer.run(move |files| copying.copy_as_of(files, rev, tx, copy))?;
+            self.committer.run(move |files| copying.copy_as_of(files, rev, Part::History, tx, copy))?;
         }
         let rev = rx.blocking_recv().map_err(|_| Error::from(CommitError::Gone("before the copy")))??;
         Ok((to, rev))
@@ -181,15 +181,12 @@ fn copy_outside_state(old: &sled::Db, new: &sled::Db) -> Result<(), Error> {
     Ok(())
 }
 
-/// Copies the history and revision-order records of `files` as of `as_of`
-/// into `to`; the records a commit may change are taken at the switch, as
-/// they are then (see [`catch_up`]).
+/// Copies the history and revision-order records of `files` as of `as_of`,
+/// a [`Part::History`], into `to`; the records a commit may change are
+/// taken at the switch, as they are then (see [`catch_up`]).
 fn copy_history(files: &Files, as_of: &AsOf, to: &Files) -> Result<(), Error> {
     let mut batch = Batches::new(to)?;
-    as_of.for_each(&files.tree, |k, v| match is_by_revision(k) {
-        true => insert(&mut batch, files, k, v),
-        false => Ok(()),
-    })?;
+    as_of.for_each(&files.tree, |k, v| insert(&mut batch, files, k, v))?;
     batch.finish()
 }
 
@@ -273,7 +270,7 @@ mod tests {
         }
         // The copy beside the commit thread.
         let copies = super::super::copies::Copies::default();
-        let as_of = AsOf::take(&from.tree, store.revision(), &copies.begin()).expect("take");
+        let as_of = AsOf::take(&from.tree, store.revision(), Part::History, &copies.begin()).expect("take");
         copy_history(&from, &as_of, &to).expect("copy");
         // Committed meanwhile: new keys and versions, a delete, a lease
         // revoked with its key, a record a commit may change removed.

@@ -29,10 +29,12 @@ pub(super) const MAX_GATHERED_WRITES: usize = 2 * MAX_UNFLUSHED_WRITES;
 /// See [`MAX_GATHERED_WRITES`].
 pub(super) const MAX_GATHERED_BYTES: usize = 2 << 20;
 /// The room while the committer is on another job (see
-/// [`Committer::on_long_job`]): a defragment holds it for seconds, and with
-/// room for 8,192 writes puts at the leader stopped for the rest of one
-/// (longest put 1.5 and 2.0 s, against 0.24 and 0.30 s with this room, in
-/// a defragment of 200,000 keys of 1 KiB under puts from 64 clients). When
+/// [`Committer::on_long_job`]): the last step of a defragment, which copies
+/// what was committed during its copy. When a defragment's whole copy was
+/// one such job, with room for 8,192 writes puts at the leader stopped for
+/// the rest of it (longest put 1.5 and 2.0 s, against 0.24 and 0.30 s with
+/// this room, in a defragment of 200,000 keys of 1 KiB under puts from 64
+/// clients). When
 /// a snapshot's copy still held it, this room took the longest put of a
 /// 1,000,000-key load from 1.7 s to 0.3 s.
 pub(super) const LONG_JOB_GATHERED_WRITES: usize = 64 * MAX_UNFLUSHED_WRITES;

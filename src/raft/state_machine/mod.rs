@@ -473,7 +473,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // The commit thread takes what a commit may change; the rest is
             // copied beside it (see `copies`).
             let copy = move |files: &Files| {
-                copying.copy_as_of(files, rev, tx, move |files, as_of| build_file(files, Some(as_of), &path, &for_copy))
+                copying.copy_as_of(files, rev, Part::Whole, tx, move |files, as_of| {
+                    build_file(files, Some(as_of), &path, &for_copy)
+                })
             };
             unflushed.commit(store, committer).and_then(|()| committer.run(copy))
         };

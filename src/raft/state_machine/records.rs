@@ -182,12 +182,6 @@ fn each_record(
 /// (see [`super::copies`]).
 const BY_REVISION: [u8; 2] = [HIST, RUNS];
 
-/// Whether `k` is a history or revision-order record: one that never
-/// changes once written.
-pub(super) fn is_by_revision(k: &[u8]) -> bool {
-    k.first().is_some_and(|p| BY_REVISION.contains(p))
-}
-
 /// Hands `each` every record of `tree` that a commit may change (those
 /// outside [`BY_REVISION`]'s prefixes), in key order.
 pub(super) fn each_changeable_record(
@@ -228,22 +222,40 @@ fn written_at(k: &[u8]) -> Option<i64> {
 /// then, past which history and revision-order records are left out.
 pub(super) struct AsOf {
     rev: i64,
+    /// Empty for a copy of history alone ([`Part::History`]).
     fixed: Vec<(sled::IVec, sled::IVec)>,
     /// Whether the copy should end early.
     stopping: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
+/// What a copy as of a revision holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Part {
+    /// Every record: a snapshot or a backup.
+    Whole,
+    /// History and revision-order records only: a defragment, which takes
+    /// the records a commit may change at its switch.
+    History,
+}
+
 impl AsOf {
-    /// Takes the records a commit may change. On the commit thread, between
-    /// two groups: `rev` is the store's revision once the last group
-    /// committed is applied. The copy ends early, with an error, if the
-    /// member stops meanwhile.
-    pub(super) fn take(tree: &sled::Tree, rev: i64, copying: &super::copies::Copying) -> Result<AsOf, Error> {
+    /// Takes the records a commit may change, if `part` holds them. On the
+    /// commit thread, between two groups: `rev` is the store's revision once
+    /// the last group committed is applied. The copy ends early, with an
+    /// error, if the member stops meanwhile.
+    pub(super) fn take(
+        tree: &sled::Tree,
+        rev: i64,
+        part: Part,
+        copying: &super::copies::Copying,
+    ) -> Result<AsOf, Error> {
         let mut fixed = Vec::new();
-        each_changeable_record(tree, |k, v| {
-            fixed.push((k, v));
-            Ok(())
-        })?;
+        if part == Part::Whole {
+            each_changeable_record(tree, |k, v| {
+                fixed.push((k, v));
+                Ok(())
+            })?;
+        }
         Ok(AsOf { rev, fixed, stopping: Box::new(copying.stop_check()) })
     }
 
@@ -252,7 +264,8 @@ impl AsOf {
         self.rev
     }
 
-    /// Hands `each` every record of `tree` as it stood, in key order.
+    /// Hands `each` every record of `tree` as it stood (of its [`Part`]),
+    /// in key order.
     pub(super) fn for_each(
         &self,
         tree: &sled::Tree,

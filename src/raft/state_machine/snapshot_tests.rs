@@ -543,7 +543,7 @@ async fn a_copy_is_of_the_tree_as_it_stood_though_later_groups_are_committed() {
         (state.store.files(), state.store.revision())
     };
     let copying = shared.copies.begin();
-    let as_of = AsOf::take(&files.tree, rev, &copying).expect("take");
+    let as_of = AsOf::take(&files.tree, rev, Part::Whole, &copying).expect("take");
     sm.apply(later_writes(4)).await.expect("apply");
     commit_all(&shared);
     assert!(whole_data(&shared) != before, "the later writes are in the tree");

@@ -10,7 +10,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 use super::super::committer::{CommitError, Committer};
 use super::super::NodeId;
 use super::group::Group;
-use super::records::{write_records, AsOf};
+use super::records::{write_records, AsOf, Part};
 use super::BACKUP_PREFIX;
 use super::COMPACTION_STEP;
 use crate::error::Error;
@@ -250,7 +250,7 @@ impl Shared {
             // The commit thread takes what a commit may change; the rest is
             // copied beside it (see `copies`).
             self.committer.run(move |files| {
-                copying.copy_as_of(files, rev, tx, move |files, as_of| {
+                copying.copy_as_of(files, rev, Part::Whole, tx, move |files, as_of| {
                     let copied = write_backup(files, as_of, &path);
                     drop(one_at_a_time);
                     copied
