@@ -209,7 +209,14 @@ mod tests {
     }
 
     fn answer(cfg: &Validated, knows_you: bool, members: Vec<u64>) -> Answer {
-        let a = ProbeAnswer { cluster_id: cfg.cluster_id, member_id: 7, members, knows_you, peers: Vec::new() };
+        let a = ProbeAnswer {
+            cluster_id: cfg.cluster_id,
+            member_id: 7,
+            members,
+            knows_you,
+            peers: Vec::new(),
+            membership_index: 1,
+        };
         ("b".into(), 7, Ok(a))
     }
 

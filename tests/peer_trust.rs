@@ -348,3 +348,33 @@ async fn a_forward_stream_of_a_removed_member_is_refused_write_by_write() {
     }
     c.shutdown().await;
 }
+
+/// A member that has applied a member's removal refuses it, even while a
+/// member that has not yet heard of the removal still lists it: only a
+/// membership newer than its own can vouch for a sender it does not list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removed_member_is_refused_while_a_member_behind_still_lists_it() {
+    let c = TestCluster::start(4, |_| {}).await;
+    let leader = c.wait_leader().await;
+    let others: Vec<usize> = (0..4).filter(|i| *i != leader).collect();
+    let (gone, behind, asked) = (others[0], others[1], others[2]);
+    let id = |i: usize| c.member(i).member.id;
+    let lists = |i: usize, member: NodeId| {
+        c.member(i).member.raft.metrics().borrow().membership_config.membership().nodes().any(|(n, _)| *n == member)
+    };
+    // The member behind hears nothing more from the leader.
+    c.member(leader).member.network.block(id(behind));
+    c.client(leader).member_remove(id(gone)).await.expect("member remove");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while lists(asked, id(gone)) {
+        assert!(std::time::Instant::now() < deadline, "the removal never reached member {asked}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(lists(behind, id(gone)), "the member behind heard of the removal");
+    let cluster = c.member(0).member.cluster_id;
+    every_rpc_refused(&c, asked, [Some(cluster), Some(id(gone)), Some(id(asked))], "is not a member of this cluster")
+        .await;
+    assert!(lists(behind, id(gone)), "the member behind heard of the removal before the end");
+    c.member(leader).member.network.heal();
+    c.shutdown().await;
+}

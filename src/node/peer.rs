@@ -39,6 +39,10 @@ pub struct ProbeAnswer {
     /// Each member's id and peer URL: a member that was added (`member
     /// add`) finds its id here by its peer URL.
     pub peers: Vec<(NodeId, String)>,
+    /// The log index of the membership `members` comes from (0 before
+    /// any): a member that asks whether a sender is a member believes only
+    /// a membership newer than its own.
+    pub membership_index: u64,
 }
 
 impl Member {
@@ -106,8 +110,24 @@ impl Member {
             members,
             knows_you: published || replicated,
             peers,
+            membership_index: membership_index(&metrics),
         }
     }
+}
+
+/// The log index of the membership a member knows (0 before any).
+fn membership_index(metrics: &openraft::RaftMetrics<NodeId, openraft::BasicNode>) -> u64 {
+    metrics.membership_config.log_id().map_or(0, |l| l.index)
+}
+
+/// Whether a member's answer vouches for `from` to a member whose own
+/// membership, at log index `own`, does not list it. Only a newer
+/// membership counts: one as old as the asker's, or older, lists members
+/// since removed (ids are never reused), and a member that has not yet
+/// applied a removal, or was removed itself and never heard, would
+/// otherwise vouch for the removed member.
+fn vouches(answer: &ProbeAnswer, cluster_id: u64, from: NodeId, own: u64) -> bool {
+    answer.cluster_id == cluster_id && answer.membership_index > own && answer.members.contains(&from)
 }
 
 /// How long a member trusts what the others said of a sender its own
@@ -136,8 +156,10 @@ fn vouch_of(answers: &[Option<bool>]) -> (bool, std::time::Duration) {
 /// What the members this member knows said of senders it does not know
 /// (see [`Member::vouched_for`]).
 pub struct Vouches {
-    /// Until when each answer holds, and the answer.
-    said: std::sync::Mutex<std::collections::HashMap<NodeId, (std::time::Instant, bool)>>,
+    /// Until when each answer holds, the answer, and the log index of the
+    /// membership this member knew when it was given: a new membership
+    /// (a removal) ends it.
+    said: std::sync::Mutex<std::collections::HashMap<NodeId, (std::time::Instant, bool, u64)>>,
     /// One round of asking at a time: a stranger that makes up ids cannot
     /// make this member flood the others; callers that wait longer than two
     /// rounds are refused.
@@ -163,27 +185,36 @@ impl Member {
     /// it. A member that fell behind (restarted after being down, or joined
     /// from an older snapshot) does not know members added since, and one
     /// of them may be the leader that must catch it up. Strangers are not
-    /// listed by anyone. Answers are kept for [`VOUCH_FOR`], or for
-    /// [`UNSURE_FOR`] a refusal that not every member asked gave.
+    /// listed by anyone, and a removed member only by memberships as old as
+    /// this member's or older, which do not count (see [`vouches`]).
+    /// Answers are kept for [`VOUCH_FOR`], or for [`UNSURE_FOR`] a refusal
+    /// that not every member asked gave, while this member's membership
+    /// stays the same.
     pub async fn vouched_for(&self, from: NodeId) -> bool {
-        let said = |v: &Vouches| v.said.lock().unwrap_or_else(|p| p.into_inner()).get(&from).copied();
-        if let Some((until, ok)) = said(&self.vouches) {
-            if std::time::Instant::now() < until {
-                return ok;
-            }
+        let own = || membership_index(&self.raft.metrics().borrow());
+        let said = |v: &Vouches| {
+            let said = v.said.lock().unwrap_or_else(|p| p.into_inner()).get(&from).copied();
+            said.filter(|(until, _, index)| std::time::Instant::now() < *until && *index == own()).map(|(_, ok, _)| ok)
+        };
+        if let Some(ok) = said(&self.vouches) {
+            return ok;
         }
         // Callers wait for a round under way, and find its answer after.
         let asking = tokio::time::timeout(2 * VOUCH_TIMEOUT, self.vouches.asking.acquire()).await;
         let Ok(Ok(_asking)) = asking else { return false };
-        if let Some((until, ok)) = said(&self.vouches) {
-            if std::time::Instant::now() < until {
-                return ok;
-            }
+        if let Some(ok) = said(&self.vouches) {
+            return ok;
         }
-        let nodes: Vec<(NodeId, String)> = {
+        let (nodes, index): (Vec<(NodeId, String)>, u64) = {
             let metrics = self.raft.metrics();
             let m = metrics.borrow();
-            m.membership_config.nodes().filter(|(id, _)| **id != self.id).map(|(id, n)| (*id, n.addr.clone())).collect()
+            let nodes = m
+                .membership_config
+                .nodes()
+                .filter(|(id, _)| **id != self.id)
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect();
+            (nodes, membership_index(&m))
         };
         let request = ProbeRequest { cluster_id: self.cluster_id, from: self.id };
         let Ok(payload) = crate::raft::encode(&request) else { return false };
@@ -192,7 +223,7 @@ impl Member {
             async move {
                 let bytes = self.network.call(*id, addr, Rpc::Probe, payload, VOUCH_TIMEOUT).await.ok()?;
                 let answer = crate::raft::decode::<ProbeAnswer>(&bytes).ok()?;
-                Some(answer.cluster_id == self.cluster_id && answer.members.contains(&from))
+                Some(vouches(&answer, self.cluster_id, from, index))
             }
         });
         let (ok, kept) = vouch_of(&futures::future::join_all(asks).await);
@@ -200,9 +231,9 @@ impl Member {
         let until = now + kept;
         let mut said = self.vouches.said.lock().unwrap_or_else(|p| p.into_inner());
         if said.len() > 1024 {
-            said.retain(|_, (until, _)| now < *until);
+            said.retain(|_, (until, _, _)| now < *until);
         }
-        said.insert(from, (until, ok));
+        said.insert(from, (until, ok, index));
         if ok {
             tracing::info!(member = %format!("{from:x}"), "a member this member's membership does not list yet is vouched for by the others");
         }
@@ -223,5 +254,24 @@ mod tests {
         assert_eq!(vouch_of(&[Some(false), None]), (false, UNSURE_FOR));
         // No one to ask (the membership is not known yet).
         assert_eq!(vouch_of(&[]), (false, UNSURE_FOR));
+    }
+
+    #[test]
+    fn only_a_membership_newer_than_the_askers_vouches() {
+        let answer = |members: Vec<NodeId>, membership_index| ProbeAnswer {
+            cluster_id: 9,
+            member_id: 2,
+            members,
+            knows_you: false,
+            peers: Vec::new(),
+            membership_index,
+        };
+        // Added since the asker's membership (index 10): a leader it must follow.
+        assert!(vouches(&answer(vec![1, 2, 7], 12), 9, 7, 10));
+        // Listed only by a membership as old as the asker's, or older: removed since.
+        assert!(!vouches(&answer(vec![1, 2, 7], 10), 9, 7, 10));
+        assert!(!vouches(&answer(vec![1, 2, 7], 4), 9, 7, 10));
+        assert!(!vouches(&answer(vec![1, 2], 12), 9, 7, 10));
+        assert!(!vouches(&answer(vec![1, 2, 7], 12), 8, 7, 10));
     }
 }
