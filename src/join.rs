@@ -21,7 +21,7 @@ use std::time::Duration;
 use crate::config::{ClusterState, Validated};
 use crate::node::peer::{ProbeAnswer, ProbeRequest};
 use crate::raft::network::{Network, Rpc};
-use crate::raft::{decode, encode};
+use crate::raft::encode;
 
 /// The file that marks a data directory whose member has not yet been let in.
 pub const MARKER: &str = "joining";
@@ -107,7 +107,7 @@ pub async fn probe_all(network: &Network, cfg: &Validated) -> Vec<Answer> {
                 Err(e) => Err(e.to_string()),
                 Ok(payload) => match network.call(m.id, &m.peer_url, Rpc::Probe, payload, PROBE_TIMEOUT).await {
                     Err(e) => Err(e.to_string()),
-                    Ok(bytes) => decode::<ProbeAnswer>(&bytes).map_err(|e| e.to_string()),
+                    Ok(bytes) => ProbeAnswer::decode(&bytes).map_err(|e| e.to_string()),
                 },
             };
             (m.name.clone(), m.id, answer)
@@ -215,7 +215,8 @@ mod tests {
             members,
             knows_you,
             peers: Vec::new(),
-            membership_index: 1,
+            membership_index: Some(1),
+            defragmenting: false,
         };
         ("b".into(), 7, Ok(a))
     }

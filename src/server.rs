@@ -341,6 +341,14 @@ pub async fn start_on(
         vouches: crate::node::peer::Vouches::new(),
     });
     member.tokens().set_ttl(Duration::from_secs(cfg.config.auth_token_ttl));
+    // A defragment this member makes by itself waits while another
+    // member's is under way. The compaction thread asks (not a task of the
+    // runtime, so it may block on one).
+    let (asker, runtime) = (Arc::downgrade(&member), tokio::runtime::Handle::current());
+    member.state.on_defragment_turn(move || {
+        let asking = asker.upgrade().filter(|member| !*member.stop.borrow());
+        asking.is_none_or(|member| runtime.block_on(member.defragment_turn()))
+    });
     // Not among `tasks`: it ends when the member stops, with nothing to
     // finish gracefully.
     tokio::spawn(crate::node::lease::run_renewals(Arc::downgrade(&member), renewal_queue, stop_rx.clone()));

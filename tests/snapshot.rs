@@ -246,3 +246,33 @@ async fn defrag_gives_back_the_space_of_deleted_keys_and_keeps_every_write() {
     assert_eq!(value_of.kvs[0].value, value.as_bytes());
     c.shutdown().await;
 }
+
+/// Every member applies the same compactions, so the value files of all
+/// grow mostly removed at once; a member begins the defragment it makes by
+/// itself only when no other member it can reach has one under way or
+/// about to begin. A member's own claim does not hold it back, and a member
+/// that is down holds back no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_defragments_by_itself_only_while_no_other_member_does() {
+    let mut c = TestCluster::start(3, |_| {}).await;
+    c.wait_leader().await;
+    for i in 0..3 {
+        assert!(c.member(i).member.defragment_turn().await, "member {i}: no defragment anywhere");
+    }
+    let claim = c.member(1).member.state.claim_defragment();
+    assert!(!c.member(0).member.defragment_turn().await, "member 1 claimed");
+    assert!(!c.member(2).member.defragment_turn().await, "member 1 claimed");
+    assert!(c.member(1).member.defragment_turn().await, "a member's own claim");
+    // Two members that claim at the same moment each see the other's.
+    let other = c.member(2).member.state.claim_defragment();
+    assert!(!c.member(1).member.defragment_turn().await);
+    assert!(!c.member(2).member.defragment_turn().await);
+    drop((claim, other));
+    assert!(c.member(0).member.defragment_turn().await, "the claims were dropped");
+    let held = c.member(2).member.state.claim_defragment();
+    c.stop(1).await;
+    assert!(!c.member(0).member.defragment_turn().await, "member 2 claimed, member 1 is down");
+    drop(held);
+    assert!(c.member(0).member.defragment_turn().await, "a member that is down holds back no one");
+    c.shutdown().await;
+}

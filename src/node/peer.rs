@@ -41,8 +41,43 @@ pub struct ProbeAnswer {
     pub peers: Vec<(NodeId, String)>,
     /// The log index of the membership `members` comes from (0 before
     /// any): a member that asks whether a sender is a member believes only
-    /// a membership newer than its own.
-    pub membership_index: u64,
+    /// a membership newer than its own. `None` from a kvd that does not
+    /// say (see [`ProbeAnswer::decode`]).
+    pub membership_index: Option<u64>,
+    /// Whether this member has a defragment under way, or about to begin:
+    /// a member waits for it before it begins one by itself.
+    pub defragmenting: bool,
+}
+
+/// A [`ProbeAnswer`] as kvd versions before its last two fields send it.
+#[derive(Deserialize)]
+struct EarlierProbeAnswer {
+    cluster_id: u64,
+    member_id: NodeId,
+    members: Vec<NodeId>,
+    knows_you: bool,
+    peers: Vec<(NodeId, String)>,
+}
+
+impl ProbeAnswer {
+    /// Decodes an answer, also one from a kvd that sends fewer fields (a
+    /// cluster being upgraded a member at a time): what it does not say is
+    /// `None` or false. (Earlier versions read this version's answers:
+    /// they ignore the bytes after the fields they know.)
+    pub fn decode(bytes: &[u8]) -> Result<ProbeAnswer, crate::raft::CodecError> {
+        crate::raft::decode::<ProbeAnswer>(bytes).or_else(|e| {
+            let earlier = crate::raft::decode::<EarlierProbeAnswer>(bytes).map_err(|_| e)?;
+            Ok(ProbeAnswer {
+                cluster_id: earlier.cluster_id,
+                member_id: earlier.member_id,
+                members: earlier.members,
+                knows_you: earlier.knows_you,
+                peers: earlier.peers,
+                membership_index: None,
+                defragmenting: false,
+            })
+        })
+    }
 }
 
 impl Member {
@@ -110,8 +145,32 @@ impl Member {
             members,
             knows_you: published || replicated,
             peers,
-            membership_index: membership_index(&metrics),
+            membership_index: Some(membership_index(&metrics)),
+            defragmenting: self.state.defragmenting(),
         }
+    }
+
+    /// Whether this member may begin a defragment by itself: no other
+    /// member it knows answers that one is under way there, or about to
+    /// begin. A member that does not answer is not waited for (it may be
+    /// down for long).
+    pub async fn defragment_turn(&self) -> bool {
+        let nodes: Vec<(NodeId, String)> = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            m.membership_config.nodes().filter(|(id, _)| **id != self.id).map(|(id, n)| (*id, n.addr.clone())).collect()
+        };
+        let request = ProbeRequest { cluster_id: self.cluster_id, from: self.id };
+        let Ok(payload) = crate::raft::encode(&request) else { return true };
+        let asks = nodes.iter().map(|(id, addr)| {
+            let payload = payload.clone();
+            async move {
+                let bytes = self.network.call(*id, addr, Rpc::Probe, payload, VOUCH_TIMEOUT).await.ok()?;
+                let answer = ProbeAnswer::decode(&bytes).ok()?;
+                Some(answer.cluster_id == self.cluster_id && answer.defragmenting)
+            }
+        });
+        !futures::future::join_all(asks).await.contains(&Some(true))
     }
 }
 
@@ -125,9 +184,13 @@ fn membership_index(metrics: &openraft::RaftMetrics<NodeId, openraft::BasicNode>
 /// membership counts: one as old as the asker's, or older, lists members
 /// since removed (ids are never reused), and a member that has not yet
 /// applied a removal, or was removed itself and never heard, would
-/// otherwise vouch for the removed member.
+/// otherwise vouch for the removed member. A kvd that does not say how new
+/// its membership is (an earlier version, while a cluster is upgraded) is
+/// taken at its word, as before.
 fn vouches(answer: &ProbeAnswer, cluster_id: u64, from: NodeId, own: u64) -> bool {
-    answer.cluster_id == cluster_id && answer.membership_index > own && answer.members.contains(&from)
+    answer.cluster_id == cluster_id
+        && answer.membership_index.is_none_or(|index| index > own)
+        && answer.members.contains(&from)
 }
 
 /// How long a member trusts what the others said of a sender its own
@@ -222,7 +285,7 @@ impl Member {
             let payload = payload.clone();
             async move {
                 let bytes = self.network.call(*id, addr, Rpc::Probe, payload, VOUCH_TIMEOUT).await.ok()?;
-                let answer = crate::raft::decode::<ProbeAnswer>(&bytes).ok()?;
+                let answer = ProbeAnswer::decode(&bytes).ok()?;
                 Some(vouches(&answer, self.cluster_id, from, index))
             }
         });
@@ -258,13 +321,14 @@ mod tests {
 
     #[test]
     fn only_a_membership_newer_than_the_askers_vouches() {
-        let answer = |members: Vec<NodeId>, membership_index| ProbeAnswer {
+        let answer = |members: Vec<NodeId>, index: u64| ProbeAnswer {
             cluster_id: 9,
             member_id: 2,
             members,
             knows_you: false,
             peers: Vec::new(),
-            membership_index,
+            membership_index: Some(index),
+            defragmenting: false,
         };
         // Added since the asker's membership (index 10): a leader it must follow.
         assert!(vouches(&answer(vec![1, 2, 7], 12), 9, 7, 10));
@@ -273,5 +337,36 @@ mod tests {
         assert!(!vouches(&answer(vec![1, 2, 7], 4), 9, 7, 10));
         assert!(!vouches(&answer(vec![1, 2], 12), 9, 7, 10));
         assert!(!vouches(&answer(vec![1, 2, 7], 12), 8, 7, 10));
+    }
+
+    #[test]
+    fn an_answer_of_an_earlier_kvd_is_read_and_this_ones_by_an_earlier_kvd() {
+        #[derive(Serialize)]
+        struct Earlier {
+            cluster_id: u64,
+            member_id: NodeId,
+            members: Vec<NodeId>,
+            knows_you: bool,
+            peers: Vec<(NodeId, String)>,
+        }
+        let earlier = Earlier {
+            cluster_id: 9,
+            member_id: 2,
+            members: vec![1, 2, 7],
+            knows_you: true,
+            peers: vec![(1, "http://a:1".into())],
+        };
+        let read = ProbeAnswer::decode(&crate::raft::encode(&earlier).unwrap()).expect("read");
+        assert_eq!((read.cluster_id, read.member_id, &read.members[..], read.knows_you), (9, 2, &[1, 2, 7][..], true));
+        assert_eq!(read.peers, earlier.peers);
+        assert_eq!((read.membership_index, read.defragmenting), (None, false));
+        // Taken at its word, as before.
+        assert!(vouches(&read, 9, 7, 10));
+        let now = ProbeAnswer { membership_index: Some(12), defragmenting: true, ..read };
+        let bytes = crate::raft::encode(&now).unwrap();
+        assert_eq!(ProbeAnswer::decode(&bytes).expect("read"), now);
+        let by_earlier: EarlierProbeAnswer = crate::raft::decode(&bytes).expect("an earlier kvd reads it");
+        assert_eq!((by_earlier.cluster_id, by_earlier.members), (9, vec![1, 2, 7]));
+        assert!(ProbeAnswer::decode(&bytes[..bytes.len() - 12]).is_err(), "cut short");
     }
 }

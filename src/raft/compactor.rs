@@ -16,10 +16,13 @@
 //! After each round it also gives back the space of removed large values:
 //! they stay in the value file (see [`crate::mvcc::values`]) until a
 //! defragment copies the live ones into a new file, so once most of the
-//! file is removed values, it defragments.
+//! file is removed values, it defragments, when no other member is
+//! defragmenting (see [`Shared::on_defragment_turn`]); until then it asks
+//! again every second or two.
 
 use std::sync::mpsc;
 use std::sync::Weak;
+use std::time::Duration;
 
 use super::committer::CommitError;
 use super::state_machine::Shared;
@@ -40,9 +43,26 @@ pub fn start(shared: Weak<Shared>, woken: mpsc::Receiver<()>) -> Result<(), Erro
 /// defragment copies every live record, so it is not done for less.
 const RECLAIM_FLOOR_BYTES: u64 = 64 * 1024 * 1024;
 
-fn reclaim_values(shared: &Shared) {
+/// How long a member whose turn to defragment has not come waits before it
+/// asks again, at least: a random part of up to as much again keeps two
+/// members that asked at the same moment (and each saw the other's claim)
+/// from asking together again.
+const TURN_RETRY: Duration = Duration::from_secs(1);
+
+/// Defragments if the value file is mostly removed values and no other
+/// member is defragmenting. Returns whether a defragment waits for its turn
+/// (`waiting`: it already did, and said so).
+fn reclaim_values(shared: &Shared, waiting: bool) -> bool {
     if !shared.values_worth_reclaiming(RECLAIM_FLOOR_BYTES) {
-        return;
+        return false;
+    }
+    // Claimed before asking (see `Shared::claim_defragment`).
+    let _claim = shared.claim_defragment();
+    if !shared.defragment_turn() {
+        if !waiting {
+            tracing::info!("the value file is mostly removed values, but another member is defragmenting: this member's defragment waits its turn");
+        }
+        return true;
     }
     tracing::info!("the value file is mostly removed values: defragmenting to give their space back");
     match shared.defragment_now() {
@@ -50,13 +70,22 @@ fn reclaim_values(shared: &Shared) {
         // Tried again after the next compaction.
         Err(e) => tracing::warn!(error = %e, "defragment to give back the space of removed values failed"),
     }
+    false
 }
 
 fn run(shared: Weak<Shared>, woken: mpsc::Receiver<()>) {
     // A round per wake; wakes that came meanwhile are served by the same
-    // round.
+    // round. While a defragment waits its turn, a round also runs each
+    // time the wait for it ends.
+    let mut waiting = false;
     loop {
-        if woken.recv().is_err() {
+        let woke = if waiting {
+            let again = TURN_RETRY + TURN_RETRY.mul_f64(rand::random::<f64>());
+            !matches!(woken.recv_timeout(again), Err(mpsc::RecvTimeoutError::Disconnected))
+        } else {
+            woken.recv().is_ok()
+        };
+        if !woke {
             return;
         }
         while woken.try_recv().is_ok() {}
@@ -65,7 +94,7 @@ fn run(shared: Weak<Shared>, woken: mpsc::Receiver<()>) {
             match shared.compaction_step() {
                 Ok(true) => {}
                 Ok(false) => {
-                    reclaim_values(&shared);
+                    waiting = reclaim_values(&shared, waiting);
                     break;
                 }
                 Err(e) => {

@@ -12,6 +12,7 @@
 //! reached their bound and then waited, and a defragment of 100,000 keys
 //! of 1 KiB under puts held one for 816 ms.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use std::path::Path;
@@ -37,7 +38,52 @@ pub struct Defragmented {
     pub after: u64,
 }
 
+/// Asks the other members whether this one may begin a defragment by
+/// itself (see [`Shared::on_defragment_turn`]).
+pub(super) type Turn = Box<dyn Fn() -> bool + Send + Sync>;
+
+/// A defragment under way, or about to begin, on this member, until
+/// dropped: the other members see it when they ask (see
+/// [`Shared::defragmenting`]).
+pub struct DefragmentClaim(Arc<AtomicUsize>);
+
+impl Drop for DefragmentClaim {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Shared {
+    /// Marks a defragment under way on this member until the claim is
+    /// dropped. A member that means to defragment by itself claims before
+    /// it asks the others, so that of two members asking at once each sees
+    /// the other's claim.
+    pub fn claim_defragment(&self) -> DefragmentClaim {
+        self.defragments.fetch_add(1, Ordering::SeqCst);
+        DefragmentClaim(self.defragments.clone())
+    }
+
+    /// Whether a defragment is under way on this member, or about to begin.
+    pub fn defragmenting(&self) -> bool {
+        self.defragments.load(Ordering::SeqCst) > 0
+    }
+
+    /// Sets how this member learns whether it may begin a defragment by
+    /// itself: `turn` answers false while another member has one under way
+    /// or about to begin. Every member applies the same compactions, so
+    /// the value files of all grow mostly removed at about the same moment;
+    /// defragmenting one at a time leaves the others a quorum that is not
+    /// copying. It runs on the compaction thread, and may block. Set once;
+    /// later calls change nothing.
+    pub fn on_defragment_turn(&self, turn: impl Fn() -> bool + Send + Sync + 'static) {
+        let _ = self.defragment_turn.set(Box::new(turn));
+    }
+
+    /// Whether this member may begin a defragment by itself now.
+    pub(in crate::raft) fn defragment_turn(&self) -> bool {
+        self.defragment_turn.get().is_none_or(|turn| turn())
+    }
+
     /// Rewrites the member's database with only what is live, and switches
     /// to it:
     /// - the records outside the state tree (the member's identity and what
@@ -64,6 +110,7 @@ impl Shared {
     }
 
     pub(in crate::raft) fn defragment_now(&self) -> Result<Defragmented, Error> {
+        let _claim = self.claim_defragment();
         let _changing = self.changing_db();
         let before = self.size_on_disk();
         let old = self.db();

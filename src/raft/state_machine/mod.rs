@@ -40,7 +40,7 @@ mod view;
 
 pub use apply::{alarm_name, reads_history, refused_by_alarm, txn_puts, txn_reads_history};
 pub use data::SnapshotData;
-pub use defrag::Defragmented;
+pub use defrag::{DefragmentClaim, Defragmented};
 pub use group::{MAX_UNFLUSHED_AGE, MAX_UNFLUSHED_WRITES};
 pub use records::load_backup;
 pub use snapshot::SnapshotBuilder;
@@ -283,6 +283,8 @@ impl StateMachine {
             physical: watch::channel(physical).0,
             snapshot_wanted: Arc::new(tokio::sync::Notify::new()),
             preloads: Default::default(),
+            defragments: Default::default(),
+            defragment_turn: Default::default(),
         });
         compactor::start(Arc::downgrade(&shared), woken)?;
         let due = SnapshotDue::new(shared.snapshot_wanted.clone());

@@ -519,6 +519,17 @@ async fn the_space_of_removed_large_values_comes_back_after_compaction() {
         sm.apply(vec![entry(i, put("k", &value))]).await.expect("apply");
     }
     let shared = sm.shared();
+    // The other members answer twice that one of them is defragmenting,
+    // then that none is. Each time it asks, this member has claimed its
+    // own defragment (so that one asking at the same moment waits).
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (answers, weak) = (asked.clone(), Arc::downgrade(&shared));
+    shared.on_defragment_turn(move || {
+        let claimed = weak.upgrade().is_some_and(|shared| shared.defragmenting());
+        let mut asked = answers.lock().unwrap();
+        asked.push(claimed);
+        asked.len() > 2
+    });
     let file = |shared: &Shared| shared.read().store.files().values.len();
     drop(shared.read_committed().expect("committed"));
     assert!(file(&shared) >= 80 << 20, "{} bytes", file(&shared));
@@ -526,10 +537,18 @@ async fn the_space_of_removed_large_values_comes_back_after_compaction() {
     let compact = CompactionRequest { revision: rev, physical: false };
     sm.apply(vec![entry(81, Command { op: Some(command::Op::Compact(compact)), stamp: None })]).await.expect("compact");
     physical(&shared, rev).await;
-    // The compaction thread then defragments: the file holds the live value.
+    // The compaction thread then defragments, once its turn comes, with
+    // no compaction after: the file holds the live value.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while file(&shared) > 2 << 20 {
         assert!(std::time::Instant::now() < deadline, "the value file still holds {} bytes", file(&shared));
+        assert!(asked.lock().unwrap().len() <= 3, "asked again after its turn came");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(*asked.lock().unwrap(), vec![true, true, true], "asked before its turn, claimed each time");
+    // The claim ends with the defragment, after the switch.
+    while shared.defragmenting() {
+        assert!(std::time::Instant::now() < deadline, "the claim outlived the defragment");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let kvs = shared.read().store.current_kvs(b"k", &crate::mvcc::keys::RangeEnd::Single).expect("read");

@@ -108,6 +108,12 @@ pub struct Shared {
     pub(super) snapshot_wanted: Arc<tokio::sync::Notify>,
     /// Loads of snapshots as they arrive (see [`super::preload`]).
     pub(super) preloads: super::preload::Preloads,
+    /// Defragments under way on this member, or about to begin (see
+    /// [`Shared::claim_defragment`]).
+    pub(super) defragments: Arc<std::sync::atomic::AtomicUsize>,
+    /// Whether this member may begin a defragment by itself now (see
+    /// [`Shared::on_defragment_turn`]); without it, always.
+    pub(super) defragment_turn: std::sync::OnceLock<super::defrag::Turn>,
 }
 
 impl Drop for Shared {
