@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use crate::config::{ClusterState, Validated};
 use crate::node::peer::{ProbeAnswer, ProbeRequest};
-use crate::raft::network::{Network, Rpc};
 use crate::raft::encode;
+use crate::raft::network::{Network, Rpc};
 
 /// The file that marks a data directory whose member has not yet been let in.
 pub const MARKER: &str = "joining";

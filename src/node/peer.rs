@@ -155,22 +155,29 @@ impl Member {
     /// begin. A member that does not answer is not waited for (it may be
     /// down for long).
     pub async fn defragment_turn(&self) -> bool {
+        let answers = self.probe_the_others().await;
+        !answers.iter().flatten().any(|a| a.cluster_id == self.cluster_id && a.defragmenting)
+    }
+
+    /// Asks every other member of this member's membership a
+    /// [`ProbeRequest`], each for at most [`VOUCH_TIMEOUT`]: their answers,
+    /// `None` for one that did not answer.
+    async fn probe_the_others(&self) -> Vec<Option<ProbeAnswer>> {
         let nodes: Vec<(NodeId, String)> = {
             let metrics = self.raft.metrics();
             let m = metrics.borrow();
             m.membership_config.nodes().filter(|(id, _)| **id != self.id).map(|(id, n)| (*id, n.addr.clone())).collect()
         };
         let request = ProbeRequest { cluster_id: self.cluster_id, from: self.id };
-        let Ok(payload) = crate::raft::encode(&request) else { return true };
+        let Ok(payload) = crate::raft::encode(&request) else { return vec![None; nodes.len()] };
         let asks = nodes.iter().map(|(id, addr)| {
             let payload = payload.clone();
             async move {
                 let bytes = self.network.call(*id, addr, Rpc::Probe, payload, VOUCH_TIMEOUT).await.ok()?;
-                let answer = ProbeAnswer::decode(&bytes).ok()?;
-                Some(answer.cluster_id == self.cluster_id && answer.defragmenting)
+                ProbeAnswer::decode(&bytes).ok()
             }
         });
-        !futures::future::join_all(asks).await.contains(&Some(true))
+        futures::future::join_all(asks).await
     }
 }
 
@@ -268,28 +275,16 @@ impl Member {
         if let Some(ok) = said(&self.vouches) {
             return ok;
         }
-        let (nodes, index): (Vec<(NodeId, String)>, u64) = {
-            let metrics = self.raft.metrics();
-            let m = metrics.borrow();
-            let nodes = m
-                .membership_config
-                .nodes()
-                .filter(|(id, _)| **id != self.id)
-                .map(|(id, n)| (*id, n.addr.clone()))
-                .collect();
-            (nodes, membership_index(&m))
-        };
-        let request = ProbeRequest { cluster_id: self.cluster_id, from: self.id };
-        let Ok(payload) = crate::raft::encode(&request) else { return false };
-        let asks = nodes.iter().map(|(id, addr)| {
-            let payload = payload.clone();
-            async move {
-                let bytes = self.network.call(*id, addr, Rpc::Probe, payload, VOUCH_TIMEOUT).await.ok()?;
-                let answer = ProbeAnswer::decode(&bytes).ok()?;
-                Some(vouches(&answer, self.cluster_id, from, index))
-            }
-        });
-        let (ok, kept) = vouch_of(&futures::future::join_all(asks).await);
+        let index = membership_index(&self.raft.metrics().borrow());
+        let answers = self.probe_the_others().await;
+        if membership_index(&self.raft.metrics().borrow()) != index {
+            // The answers may be older than this member's membership now:
+            // refused this time, asked again next.
+            return false;
+        }
+        let answers: Vec<Option<bool>> =
+            answers.iter().map(|a| a.as_ref().map(|a| vouches(a, self.cluster_id, from, index))).collect();
+        let (ok, kept) = vouch_of(&answers);
         let now = std::time::Instant::now();
         let until = now + kept;
         let mut said = self.vouches.said.lock().unwrap_or_else(|p| p.into_inner());
