@@ -18,11 +18,11 @@
 //! defragment copies the live ones into a new file, so once most of the
 //! file is removed values, it defragments, when no other member is
 //! defragmenting (see [`Shared::on_defragment_turn`]); until then it asks
-//! again every second or two.
+//! again every second or two, for ten minutes at most.
 
 use std::sync::mpsc;
 use std::sync::Weak;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::committer::CommitError;
 use super::state_machine::Shared;
@@ -49,37 +49,57 @@ const RECLAIM_FLOOR_BYTES: u64 = 64 * 1024 * 1024;
 /// from asking together again.
 const TURN_RETRY: Duration = Duration::from_secs(1);
 
+/// How long a member waits for its turn at most: a defragment of another
+/// member that never ends (a stuck disk) must not leave this member's value
+/// file growing without end.
+const MAX_TURN_WAIT: Duration = Duration::from_secs(600);
+
+/// Whether a defragment that has waited `waited` for its turn waits on,
+/// given whether its turn came (`turn`).
+fn waits_on(turn: bool, waited: Duration) -> bool {
+    !turn && waited < MAX_TURN_WAIT
+}
+
 /// Defragments if the value file is mostly removed values and no other
-/// member is defragmenting. Returns whether a defragment waits for its turn
-/// (`waiting`: it already did, and said so).
-fn reclaim_values(shared: &Shared, waiting: bool) -> bool {
+/// member is defragmenting. Returns since when a defragment waits for its
+/// turn, if it does (`waiting`: since when it already did, and said so).
+fn reclaim_values(shared: &Shared, waiting: Option<Instant>) -> Option<Instant> {
     if !shared.values_worth_reclaiming(RECLAIM_FLOOR_BYTES) {
-        return false;
+        return None;
     }
     // Claimed before asking (see `Shared::claim_defragment`).
     let _claim = shared.claim_defragment();
-    if !shared.defragment_turn() {
-        if !waiting {
+    let since = waiting.unwrap_or_else(Instant::now);
+    let turn = shared.defragment_turn();
+    if waits_on(turn, since.elapsed()) {
+        if waiting.is_none() {
             tracing::info!("the value file is mostly removed values, but another member is defragmenting: this member's defragment waits its turn");
         }
-        return true;
+        return Some(since);
     }
-    tracing::info!("the value file is mostly removed values: defragmenting to give their space back");
+    if turn {
+        tracing::info!("the value file is mostly removed values: defragmenting to give their space back");
+    } else {
+        tracing::warn!(
+            waited_s = since.elapsed().as_secs(),
+            "the value file is mostly removed values, and another member has been defragmenting for as long as this member waits at most: defragmenting all the same"
+        );
+    }
     match shared.defragment_now() {
         Ok(_) => shared.want_snapshot(),
         // Tried again after the next compaction.
         Err(e) => tracing::warn!(error = %e, "defragment to give back the space of removed values failed"),
     }
-    false
+    None
 }
 
 fn run(shared: Weak<Shared>, woken: mpsc::Receiver<()>) {
     // A round per wake; wakes that came meanwhile are served by the same
     // round. While a defragment waits its turn, a round also runs each
     // time the wait for it ends.
-    let mut waiting = false;
+    let mut waiting = None;
     loop {
-        let woke = if waiting {
+        let woke = if waiting.is_some() {
             let again = TURN_RETRY + TURN_RETRY.mul_f64(rand::random::<f64>());
             !matches!(woken.recv_timeout(again), Err(mpsc::RecvTimeoutError::Disconnected))
         } else {
@@ -106,4 +126,14 @@ fn run(shared: Weak<Shared>, woken: mpsc::Receiver<()>) {
             }
         }
     }
+}
+
+#[cfg(test)]
+#[test]
+fn a_defragment_waits_for_its_turn_ten_minutes_at_most() {
+    assert!(waits_on(false, Duration::ZERO));
+    assert!(waits_on(false, MAX_TURN_WAIT - Duration::from_secs(1)));
+    assert!(!waits_on(false, MAX_TURN_WAIT), "a member stuck defragmenting holds the others back for ever");
+    assert!(!waits_on(true, Duration::ZERO));
+    assert_eq!(MAX_TURN_WAIT, Duration::from_secs(600), "the docs say ten minutes");
 }
