@@ -120,7 +120,9 @@ impl Shared {
         let new = open_db_at(&path)?;
         // Holds history as it is until the switch.
         let holding = self.copies.begin();
+        let began = std::time::Instant::now();
         let copied = copy_outside_state(&old, &new).and_then(|()| self.copy_history_beside(&new, &path));
+        let beside = began.elapsed();
         let (to, rev) = match copied {
             Ok(copied) => copied,
             Err(e) => {
@@ -132,14 +134,15 @@ impl Shared {
         let (tx, rx) = std::sync::mpsc::channel();
         let (cell, dir) = (self.db.clone(), self.dir.clone());
         let work = move |files: &Files| {
+            let began = std::time::Instant::now();
             let moved = catch_up(files, &to, rev)
-                .and_then(|()| {
+                .and_then(|caught_up| {
                     new.insert(CURRENT_TREE, STATE_TREES[0].as_bytes())?;
                     new.flush()?;
-                    Ok(())
+                    Ok(caught_up)
                 })
-                .and_then(|()| match set_in_use(&dir, other) {
-                    Ok(()) => Ok(to),
+                .and_then(|caught_up| match set_in_use(&dir, other) {
+                    Ok(()) => Ok((to, caught_up)),
                     Err(e) => {
                         // The rename may have happened before the failure.
                         let _ = set_in_use(&dir, in_use);
@@ -147,9 +150,9 @@ impl Shared {
                     }
                 });
             match moved {
-                Ok(to) => {
+                Ok((to, caught_up)) => {
                     *cell.write().unwrap_or_else(|p| p.into_inner()) = new;
-                    let _ = tx.send(Ok(()));
+                    let _ = tx.send(Ok((caught_up, began.elapsed())));
                     Some(to)
                 }
                 Err(e) => {
@@ -172,12 +175,15 @@ impl Shared {
         // when the job ends.
         let idle = self.committer.wait_idle();
         drop(holding);
-        if let Err(e) = moved {
-            if matches!(db_dirs(&self.dir), Ok((dir, _)) if dir == in_use) {
-                let _ = std::fs::remove_dir_all(&path);
+        let (caught_up, switch) = match moved {
+            Ok(done) => done,
+            Err(e) => {
+                if matches!(db_dirs(&self.dir), Ok((dir, _)) if dir == in_use) {
+                    let _ = std::fs::remove_dir_all(&path);
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         idle?;
         drop(old);
         if let Err(e) = remove_unused(&self.dir) {
@@ -185,7 +191,15 @@ impl Shared {
             tracing::warn!(error = %e, "the database replaced by a defragment is still on disk");
         }
         let after = self.size_on_disk();
-        tracing::info!(before, after, "defragmented");
+        // How long writes waited for the commit thread: `switch_ms`.
+        tracing::info!(
+            before,
+            after,
+            copied_beside_ms = beside.as_millis() as u64,
+            caught_up,
+            switch_ms = switch.as_millis() as u64,
+            "defragmented"
+        );
         Ok(Defragmented { before, after })
     }
 
@@ -252,9 +266,11 @@ fn insert(batch: &mut Batches<'_>, files: &Files, k: &[u8], v: &[u8]) -> Result<
 /// commit may change, as they are now. On the commit thread, between two
 /// groups; what compaction removes waits meanwhile, so nothing copied has
 /// gone since.
-fn catch_up(files: &Files, to: &Files, rev: i64) -> Result<(), Error> {
+fn catch_up(files: &Files, to: &Files, rev: i64) -> Result<u64, Error> {
     let mut batch = Batches::new(to)?;
+    let mut records = 0u64;
     changes::each_run_after(&files.tree, rev, |run, value, changes| {
+        records += 1 + changes.len() as u64;
         for (r, key) in changes {
             let k = hist_key(key, *r);
             let v = files.tree.get(&k)?.ok_or_else(|| {
@@ -264,8 +280,11 @@ fn catch_up(files: &Files, to: &Files, rev: i64) -> Result<(), Error> {
         }
         batch.insert(run, value)
     })?;
-    each_changeable_record(&files.tree, |k, v| batch.insert(&k, &v))?;
-    batch.finish()
+    each_changeable_record(&files.tree, |k, v| {
+        records += 1;
+        batch.insert(&k, &v)
+    })?;
+    batch.finish().map(|()| records)
 }
 
 #[cfg(test)]
