@@ -41,8 +41,8 @@ pub struct ProbeAnswer {
     pub peers: Vec<(NodeId, String)>,
     /// The log index of the membership `members` comes from (0 before
     /// any): a member that asks whether a sender is a member believes only
-    /// a membership newer than its own. `None` from a kvd that does not
-    /// say (see [`ProbeAnswer::decode`]).
+    /// a membership at least as new as the last it applied. `None` from a
+    /// kvd that does not say (see [`ProbeAnswer::decode`]).
     pub membership_index: Option<u64>,
     /// Whether this member has a defragment under way, or about to begin:
     /// a member waits for it before it begins one by itself.
@@ -186,17 +186,20 @@ fn membership_index(metrics: &openraft::RaftMetrics<NodeId, openraft::BasicNode>
     metrics.membership_config.log_id().map_or(0, |l| l.index)
 }
 
-/// Whether a member's answer vouches for `from` to a member whose own
-/// membership, at log index `own`, does not list it. Only a newer
-/// membership counts: one as old as the asker's, or older, lists members
-/// since removed (ids are never reused), and a member that has not yet
-/// applied a removal, or was removed itself and never heard, would
-/// otherwise vouch for the removed member. A kvd that does not say how new
-/// its membership is (an earlier version, while a cluster is upgraded) is
-/// taken at its word, as before.
-fn vouches(answer: &ProbeAnswer, cluster_id: u64, from: NodeId, own: u64) -> bool {
+/// Whether a member's answer vouches for `from` to a member whose
+/// membership does not list it, and which last applied a membership at log
+/// index `applied`. Only a membership at least as new as that counts: an
+/// older one lists members removed since (ids are never reused), and a
+/// member that has not yet applied a removal, or was removed itself and
+/// never heard, would otherwise vouch for the removed member. Not the
+/// asker's own membership, which may be appended and not committed: a
+/// removal that a new leader then drops must not leave the asker refusing
+/// that leader, the member it meant to remove, whose membership is older.
+/// A kvd that does not say how new its membership is (an earlier version,
+/// while a cluster is upgraded) is taken at its word, as before.
+fn vouches(answer: &ProbeAnswer, cluster_id: u64, from: NodeId, applied: u64) -> bool {
     answer.cluster_id == cluster_id
-        && answer.membership_index.is_none_or(|index| index > own)
+        && answer.membership_index.is_none_or(|index| index >= applied)
         && answer.members.contains(&from)
 }
 
@@ -227,8 +230,8 @@ fn vouch_of(answers: &[Option<bool>]) -> (bool, std::time::Duration) {
 /// (see [`Member::vouched_for`]).
 pub struct Vouches {
     /// Until when each answer holds, the answer, and the log index of the
-    /// membership this member knew when it was given: a new membership
-    /// (a removal) ends it.
+    /// membership this member had applied when it was given: a new one (a
+    /// removal) ends it.
     said: std::sync::Mutex<std::collections::HashMap<NodeId, (std::time::Instant, bool, u64)>>,
     /// One round of asking at a time: a stranger that makes up ids cannot
     /// make this member flood the others; callers that wait longer than two
@@ -255,13 +258,13 @@ impl Member {
     /// it. A member that fell behind (restarted after being down, or joined
     /// from an older snapshot) does not know members added since, and one
     /// of them may be the leader that must catch it up. Strangers are not
-    /// listed by anyone, and a removed member only by memberships as old as
-    /// this member's or older, which do not count (see [`vouches`]).
-    /// Answers are kept for [`VOUCH_FOR`], or for [`UNSURE_FOR`] a refusal
-    /// that not every member asked gave, while this member's membership
-    /// stays the same.
+    /// listed by anyone, and a removed member only by memberships older
+    /// than the one this member applied, which do not count (see
+    /// [`vouches`]). Answers are kept for [`VOUCH_FOR`], or for
+    /// [`UNSURE_FOR`] a refusal that not every member asked gave, while
+    /// the membership this member applied stays the same.
     pub async fn vouched_for(&self, from: NodeId) -> bool {
-        let own = || membership_index(&self.raft.metrics().borrow());
+        let own = || self.state.applied_membership_index();
         let said = |v: &Vouches| {
             let said = v.said.lock().unwrap_or_else(|p| p.into_inner()).get(&from).copied();
             said.filter(|(until, _, index)| std::time::Instant::now() < *until && *index == own()).map(|(_, ok, _)| ok)
@@ -275,11 +278,11 @@ impl Member {
         if let Some(ok) = said(&self.vouches) {
             return ok;
         }
-        let index = membership_index(&self.raft.metrics().borrow());
+        let index = own();
         let answers = self.probe_the_others().await;
-        if membership_index(&self.raft.metrics().borrow()) != index {
-            // The answers may be older than this member's membership now:
-            // refused this time, asked again next.
+        if own() != index {
+            // The answers may be older than the membership this member
+            // applied meanwhile: refused this time, asked again next.
             return false;
         }
         let answers: Vec<Option<bool>> =
@@ -315,7 +318,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_membership_newer_than_the_askers_vouches() {
+    fn only_a_membership_as_new_as_the_one_the_asker_applied_vouches() {
         let answer = |members: Vec<NodeId>, index: u64| ProbeAnswer {
             cluster_id: 9,
             member_id: 2,
@@ -325,10 +328,14 @@ mod tests {
             membership_index: Some(index),
             defragmenting: false,
         };
-        // Added since the asker's membership (index 10): a leader it must follow.
+        // Added since the membership the asker applied (index 10): a
+        // leader it must follow.
         assert!(vouches(&answer(vec![1, 2, 7], 12), 9, 7, 10));
-        // Listed only by a membership as old as the asker's, or older: removed since.
-        assert!(!vouches(&answer(vec![1, 2, 7], 10), 9, 7, 10));
+        // The asker appended a membership without 7 that was never
+        // committed; 7 leads with the membership the asker applied.
+        assert!(vouches(&answer(vec![1, 2, 7], 10), 9, 7, 10));
+        // Listed only by an older membership: removed since.
+        assert!(!vouches(&answer(vec![1, 2, 7], 9), 9, 7, 10));
         assert!(!vouches(&answer(vec![1, 2, 7], 4), 9, 7, 10));
         assert!(!vouches(&answer(vec![1, 2], 12), 9, 7, 10));
         assert!(!vouches(&answer(vec![1, 2, 7], 12), 8, 7, 10));

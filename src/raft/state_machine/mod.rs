@@ -285,6 +285,7 @@ impl StateMachine {
             preloads: Default::default(),
             defragments: Default::default(),
             defragment_turn: Default::default(),
+            membership_index: membership.log_id().map_or(0, |l| l.index).into(),
         });
         compactor::start(Arc::downgrade(&shared), woken)?;
         let due = SnapshotDue::new(shared.snapshot_wanted.clone());
@@ -412,6 +413,7 @@ impl StateMachine {
                 },
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                    self.shared.note_membership(&self.membership);
                     let encoded = encode(&self.membership).map_err(|e| fail(entry.log_id, e.into()))?;
                     group.batch.insert(meta_key(MEMBERSHIP), encoded);
                     Response(Ok(Default::default()))
@@ -554,6 +556,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let bytes = installed.map_err(fail)?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
+        self.shared.note_membership(&self.membership);
         self.publish_applied();
         tracing::info!(snapshot = %meta.snapshot_id, bytes, "installed snapshot");
         Ok(())

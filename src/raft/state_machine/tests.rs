@@ -555,3 +555,27 @@ async fn the_space_of_removed_large_values_comes_back_after_compaction() {
     assert_eq!(kvs[0].value, value.as_bytes());
     assert!(shared.size_on_disk() < 40 << 20, "{} bytes on disk", shared.size_on_disk());
 }
+
+#[tokio::test]
+async fn the_membership_applied_last_is_known_after_a_restart_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open = || {
+        let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+        StateMachine::open(&db, dir.path()).expect("state machine")
+    };
+    let membership = |ids: &[u64]| {
+        let nodes: std::collections::BTreeMap<u64, openraft::BasicNode> =
+            ids.iter().map(|id| (*id, openraft::BasicNode::new(format!("http://n{id}")))).collect();
+        EntryPayload::Membership(openraft::Membership::new(vec![nodes.keys().copied().collect()], nodes))
+    };
+    let mut sm = open();
+    assert_eq!(sm.shared().applied_membership_index(), 0, "before any");
+    sm.apply(vec![Entry { log_id: log_id(1, 1, 1), payload: membership(&[1, 2, 3]) }]).await.expect("apply");
+    sm.apply(vec![entry(2, put("k", "v"))]).await.expect("apply");
+    assert_eq!(sm.shared().applied_membership_index(), 1);
+    sm.apply(vec![Entry { log_id: log_id(1, 1, 3), payload: membership(&[1, 2]) }]).await.expect("apply");
+    assert_eq!(sm.shared().applied_membership_index(), 3, "a removal applied");
+    drop(sm.shared().read_committed().expect("committed"));
+    drop(sm);
+    assert_eq!(open().shared().applied_membership_index(), 3, "after a restart");
+}

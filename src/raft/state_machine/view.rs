@@ -114,6 +114,9 @@ pub struct Shared {
     /// Whether this member may begin a defragment by itself now (see
     /// [`Shared::on_defragment_turn`]); without it, always.
     pub(super) defragment_turn: std::sync::OnceLock<super::defrag::Turn>,
+    /// The log index of the last membership this member applied (0
+    /// before any); see [`Shared::applied_membership_index`].
+    pub(super) membership_index: std::sync::atomic::AtomicU64,
 }
 
 impl Drop for Shared {
@@ -148,6 +151,18 @@ impl Shared {
     /// that joins replays memberships from before it was added.
     pub fn was_listed(&self) -> bool {
         matches!(self.db().get(LISTED_KEY), Ok(Some(_)))
+    }
+
+    /// The log index of the last membership this member applied (0 before
+    /// any). Unlike openraft's membership, which may be one appended and
+    /// not yet committed, it only moves forward.
+    pub fn applied_membership_index(&self) -> u64 {
+        self.membership_index.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub(super) fn note_membership(&self, membership: &openraft::StoredMembership<NodeId, openraft::BasicNode>) {
+        let index = membership.log_id().map_or(0, |l| l.index);
+        self.membership_index.store(index, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Records that a membership this member applied lists it.
