@@ -145,7 +145,7 @@ impl Member {
             members,
             knows_you: published || replicated,
             peers,
-            membership_index: Some(membership_index(&metrics)),
+            membership_index: Some(crate::raft::state_machine::membership_index(&metrics.membership_config)),
             defragmenting: self.state.defragmenting(),
         }
     }
@@ -179,11 +179,6 @@ impl Member {
         });
         futures::future::join_all(asks).await
     }
-}
-
-/// The log index of the membership a member knows (0 before any).
-fn membership_index(metrics: &openraft::RaftMetrics<NodeId, openraft::BasicNode>) -> u64 {
-    metrics.membership_config.log_id().map_or(0, |l| l.index)
 }
 
 /// Whether a member's answer vouches for `from` to a member whose

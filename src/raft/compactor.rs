@@ -95,17 +95,22 @@ fn reclaim_values(shared: &Shared, waiting: Option<Instant>) -> Option<Instant> 
 
 fn run(shared: Weak<Shared>, woken: mpsc::Receiver<()>) {
     // A round per wake; wakes that came meanwhile are served by the same
-    // round. While a defragment waits its turn, a round also runs each
-    // time the wait for it ends.
+    // round. While a defragment waits its turn, it asks again each time the
+    // wait for a wake ends (no compaction step: nothing new to remove).
     let mut waiting = None;
     loop {
-        let woke = if waiting.is_some() {
+        if waiting.is_some() {
             let again = TURN_RETRY + TURN_RETRY.mul_f64(rand::random::<f64>());
-            !matches!(woken.recv_timeout(again), Err(mpsc::RecvTimeoutError::Disconnected))
-        } else {
-            woken.recv().is_ok()
-        };
-        if !woke {
+            match woken.recv_timeout(again) {
+                Ok(()) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let Some(shared) = shared.upgrade() else { return };
+                    waiting = reclaim_values(&shared, waiting);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        } else if woken.recv().is_err() {
             return;
         }
         while woken.try_recv().is_ok() {}

@@ -191,7 +191,8 @@ impl Shared {
             tracing::warn!(error = %e, "the database replaced by a defragment is still on disk");
         }
         let after = self.size_on_disk();
-        // How long writes waited for the commit thread: `switch_ms`.
+        // `switch_ms`: how long the switch held the commit thread (writes
+        // gather meanwhile, and wait only past their bound).
         tracing::info!(
             before,
             after,

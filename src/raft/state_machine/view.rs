@@ -78,6 +78,11 @@ pub(super) const WATCH_BUFFER: usize = 1024;
 /// Where [`Shared::note_listed`] records that a membership listed this member.
 const LISTED_KEY: &[u8] = b"listed_in_membership";
 
+/// The log index of the entry `membership` comes from (0 before any).
+pub fn membership_index(membership: &openraft::StoredMembership<NodeId, openraft::BasicNode>) -> u64 {
+    membership.log_id().map_or(0, |l| l.index)
+}
+
 /// The state shared between the state machine and the request handlers.
 pub struct Shared {
     /// The database in use; a defragment replaces it (see
@@ -161,8 +166,7 @@ impl Shared {
     }
 
     pub(super) fn note_membership(&self, membership: &openraft::StoredMembership<NodeId, openraft::BasicNode>) {
-        let index = membership.log_id().map_or(0, |l| l.index);
-        self.membership_index.store(index, std::sync::atomic::Ordering::SeqCst);
+        self.membership_index.store(membership_index(membership), std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Records that a membership this member applied lists it.
