@@ -217,6 +217,7 @@ mod tests {
             peers: Vec::new(),
             membership_index: Some(1),
             defragmenting: false,
+            membership_term: Some(1),
         };
         ("b".into(), 7, Ok(a))
     }

@@ -9,6 +9,7 @@ use super::Member;
 use crate::error::Error;
 use crate::raft::leader::{Forwarded, Proposal};
 use crate::raft::network::Rpc;
+use crate::raft::state_machine::{membership_at, MembershipAt};
 use crate::raft::{NodeId, Response};
 
 /// A starting member's question: what do you know of me?
@@ -47,9 +48,27 @@ pub struct ProbeAnswer {
     /// Whether this member has a defragment under way, or about to begin:
     /// a member waits for it before it begins one by itself.
     pub defragmenting: bool,
+    /// The term of the leader that appended the membership `members`
+    /// comes from (0 before any): with the index, where it is in the log
+    /// (see [`MembershipAt`]). `None` from a kvd that does not say.
+    pub membership_term: Option<u64>,
 }
 
-/// A [`ProbeAnswer`] as kvd versions before its last two fields send it.
+/// A [`ProbeAnswer`] as kvd versions that said where a membership is in the
+/// log by its index alone send it.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct IndexedProbeAnswer {
+    cluster_id: u64,
+    member_id: NodeId,
+    members: Vec<NodeId>,
+    knows_you: bool,
+    peers: Vec<(NodeId, String)>,
+    membership_index: Option<u64>,
+    defragmenting: bool,
+}
+
+/// A [`ProbeAnswer`] as kvd versions before its last three fields send it.
 #[derive(Deserialize)]
 struct EarlierProbeAnswer {
     cluster_id: u64,
@@ -65,17 +84,31 @@ impl ProbeAnswer {
     /// `None` or false. (Earlier versions read this version's answers:
     /// they ignore the bytes after the fields they know.)
     pub fn decode(bytes: &[u8]) -> Result<ProbeAnswer, crate::raft::CodecError> {
-        crate::raft::decode::<ProbeAnswer>(bytes).or_else(|e| {
-            let earlier = crate::raft::decode::<EarlierProbeAnswer>(bytes).map_err(|_| e)?;
-            Ok(ProbeAnswer {
-                cluster_id: earlier.cluster_id,
-                member_id: earlier.member_id,
-                members: earlier.members,
-                knows_you: earlier.knows_you,
-                peers: earlier.peers,
-                membership_index: None,
-                defragmenting: false,
-            })
+        use crate::raft::decode;
+        decode::<ProbeAnswer>(bytes).or_else(|e| match decode::<IndexedProbeAnswer>(bytes) {
+            Ok(a) => Ok(ProbeAnswer {
+                cluster_id: a.cluster_id,
+                member_id: a.member_id,
+                members: a.members,
+                knows_you: a.knows_you,
+                peers: a.peers,
+                membership_index: a.membership_index,
+                defragmenting: a.defragmenting,
+                membership_term: None,
+            }),
+            Err(_) => {
+                let a = decode::<EarlierProbeAnswer>(bytes).map_err(|_| e)?;
+                Ok(ProbeAnswer {
+                    cluster_id: a.cluster_id,
+                    member_id: a.member_id,
+                    members: a.members,
+                    knows_you: a.knows_you,
+                    peers: a.peers,
+                    membership_index: None,
+                    defragmenting: false,
+                    membership_term: None,
+                })
+            }
         })
     }
 }
@@ -139,14 +172,16 @@ impl Member {
             .as_ref()
             .and_then(|progress| progress.get(&probe.from))
             .is_some_and(|matched| matched.is_some());
+        let at = membership_at(&metrics.membership_config);
         ProbeAnswer {
             cluster_id: self.cluster_id,
             member_id: self.id,
             members,
             knows_you: published || replicated,
             peers,
-            membership_index: Some(crate::raft::state_machine::membership_index(&metrics.membership_config)),
+            membership_index: Some(at.index),
             defragmenting: self.state.defragmenting(),
+            membership_term: Some(at.term),
         }
     }
 
@@ -182,20 +217,26 @@ impl Member {
 }
 
 /// Whether a member's answer vouches for `from` to a member whose
-/// membership does not list it, and which last applied a membership at log
-/// index `applied`. Only a membership at least as new as that counts: an
-/// older one lists members removed since (ids are never reused), and a
-/// member that has not yet applied a removal, or was removed itself and
-/// never heard, would otherwise vouch for the removed member. Not the
+/// membership does not list it, and which last applied the membership at
+/// `applied` in the log. Only a membership at or after that one counts (in
+/// the order of [`MembershipAt`]): an older one lists members removed since
+/// (ids are never reused), and a member that has not yet applied a
+/// removal, or was removed itself and never heard, would otherwise vouch
+/// for the removed member; so would one that holds, at the same index or
+/// later, a deposed leader's membership that was never committed. Not the
 /// asker's own membership, which may be appended and not committed: a
 /// removal that a new leader then drops must not leave the asker refusing
 /// that leader, the member it meant to remove, whose membership is older.
-/// A kvd that does not say how new its membership is (an earlier version,
-/// while a cluster is upgraded) is taken at its word, as before.
-fn vouches(answer: &ProbeAnswer, cluster_id: u64, from: NodeId, applied: u64) -> bool {
-    answer.cluster_id == cluster_id
-        && answer.membership_index.is_none_or(|index| index >= applied)
-        && answer.members.contains(&from)
+/// A kvd that says only the index (an earlier version, while a cluster is
+/// upgraded) is compared by index; one that says nothing of where its
+/// membership is is taken at its word, as before.
+fn vouches(answer: &ProbeAnswer, cluster_id: u64, from: NodeId, applied: MembershipAt) -> bool {
+    let recent = match (answer.membership_term, answer.membership_index) {
+        (Some(term), Some(index)) => MembershipAt { term, index } >= applied,
+        (None, Some(index)) => index >= applied.index,
+        (_, None) => true,
+    };
+    answer.cluster_id == cluster_id && recent && answer.members.contains(&from)
 }
 
 /// How long a member trusts what the others said of a sender its own
@@ -224,10 +265,10 @@ fn vouch_of(answers: &[Option<bool>]) -> (bool, std::time::Duration) {
 /// What the members this member knows said of senders it does not know
 /// (see [`Member::vouched_for`]).
 pub struct Vouches {
-    /// Until when each answer holds, the answer, and the log index of the
-    /// membership this member had applied when it was given: a new one (a
-    /// removal) ends it.
-    said: std::sync::Mutex<std::collections::HashMap<NodeId, (std::time::Instant, bool, u64)>>,
+    /// Until when each answer holds, the answer, and where the membership
+    /// this member had applied when it was given is in the log: a new one
+    /// (a removal) ends it.
+    said: std::sync::Mutex<std::collections::HashMap<NodeId, (std::time::Instant, bool, MembershipAt)>>,
     /// One round of asking at a time: a stranger that makes up ids cannot
     /// make this member flood the others; callers that wait longer than two
     /// rounds are refused.
@@ -259,10 +300,10 @@ impl Member {
     /// [`UNSURE_FOR`] a refusal that not every member asked gave, while
     /// the membership this member applied stays the same.
     pub async fn vouched_for(&self, from: NodeId) -> bool {
-        let own = || self.state.applied_membership_index();
+        let own = || self.state.applied_membership();
         let said = |v: &Vouches| {
             let said = v.said.lock().unwrap_or_else(|p| p.into_inner()).get(&from).copied();
-            said.filter(|(until, _, index)| std::time::Instant::now() < *until && *index == own()).map(|(_, ok, _)| ok)
+            said.filter(|(until, _, at)| std::time::Instant::now() < *until && *at == own()).map(|(_, ok, _)| ok)
         };
         if let Some(ok) = said(&self.vouches) {
             return ok;
@@ -273,15 +314,15 @@ impl Member {
         if let Some(ok) = said(&self.vouches) {
             return ok;
         }
-        let index = own();
+        let applied = own();
         let answers = self.probe_the_others().await;
-        if own() != index {
+        if own() != applied {
             // The answers may be older than the membership this member
             // applied meanwhile: refused this time, asked again next.
             return false;
         }
         let answers: Vec<Option<bool>> =
-            answers.iter().map(|a| a.as_ref().map(|a| vouches(a, self.cluster_id, from, index))).collect();
+            answers.iter().map(|a| a.as_ref().map(|a| vouches(a, self.cluster_id, from, applied))).collect();
         let (ok, kept) = vouch_of(&answers);
         let now = std::time::Instant::now();
         let until = now + kept;
@@ -289,7 +330,7 @@ impl Member {
         if said.len() > 1024 {
             said.retain(|_, (until, _, _)| now < *until);
         }
-        said.insert(from, (until, ok, index));
+        said.insert(from, (until, ok, applied));
         if ok {
             tracing::info!(member = %format!("{from:x}"), "a member this member's membership does not list yet is vouched for by the others");
         }
@@ -312,58 +353,91 @@ mod tests {
         assert_eq!(vouch_of(&[]), (false, UNSURE_FOR));
     }
 
-    #[test]
-    fn only_a_membership_as_new_as_the_one_the_asker_applied_vouches() {
-        let answer = |members: Vec<NodeId>, index: u64| ProbeAnswer {
+    fn answer(members: Vec<NodeId>, term: Option<u64>, index: Option<u64>) -> ProbeAnswer {
+        ProbeAnswer {
             cluster_id: 9,
             member_id: 2,
             members,
             knows_you: false,
-            peers: Vec::new(),
-            membership_index: Some(index),
+            peers: vec![(1, "http://a:1".into())],
+            membership_index: index,
             defragmenting: false,
-        };
-        // Added since the membership the asker applied (index 10): a
-        // leader it must follow.
-        assert!(vouches(&answer(vec![1, 2, 7], 12), 9, 7, 10));
-        // The asker appended a membership without 7 that was never
-        // committed; 7 leads with the membership the asker applied.
-        assert!(vouches(&answer(vec![1, 2, 7], 10), 9, 7, 10));
-        // Listed only by an older membership: removed since.
-        assert!(!vouches(&answer(vec![1, 2, 7], 9), 9, 7, 10));
-        assert!(!vouches(&answer(vec![1, 2, 7], 4), 9, 7, 10));
-        assert!(!vouches(&answer(vec![1, 2], 12), 9, 7, 10));
-        assert!(!vouches(&answer(vec![1, 2, 7], 12), 8, 7, 10));
+            membership_term: term,
+        }
     }
 
     #[test]
-    fn an_answer_of_an_earlier_kvd_is_read_and_this_ones_by_an_earlier_kvd() {
+    fn only_a_membership_at_or_after_the_one_the_asker_applied_vouches() {
+        let at = |term, index| answer(vec![1, 2, 7], Some(term), Some(index));
+        // The asker applied the membership at index 10, appended in term 3.
+        let applied = MembershipAt { term: 3, index: 10 };
+        // Added since: a leader it must follow.
+        assert!(vouches(&at(3, 12), 9, 7, applied));
+        assert!(vouches(&at(5, 11), 9, 7, applied));
+        // The asker appended a membership without 7 that was never
+        // committed; 7 leads with the membership the asker applied.
+        assert!(vouches(&at(3, 10), 9, 7, applied));
+        // Listed only by an older membership: removed since.
+        assert!(!vouches(&at(3, 9), 9, 7, applied));
+        assert!(!vouches(&at(2, 4), 9, 7, applied));
+        // A deposed leader's membership, never committed, left on a member
+        // that fell behind: at the same index as the one applied, or later,
+        // but from an older term.
+        assert!(!vouches(&at(2, 10), 9, 7, applied));
+        assert!(!vouches(&at(2, 12), 9, 7, applied));
+        // Not listed, or another cluster.
+        assert!(!vouches(&answer(vec![1, 2], Some(3), Some(12)), 9, 7, applied));
+        assert!(!vouches(&at(3, 12), 8, 7, applied));
+    }
+
+    #[test]
+    fn answers_of_earlier_kvds_are_read_and_this_ones_by_earlier_kvds() {
         #[derive(Serialize)]
-        struct Earlier {
+        struct Earliest {
             cluster_id: u64,
             member_id: NodeId,
             members: Vec<NodeId>,
             knows_you: bool,
             peers: Vec<(NodeId, String)>,
         }
-        let earlier = Earlier {
+        let applied = MembershipAt { term: 3, index: 10 };
+        let earliest = Earliest {
             cluster_id: 9,
             member_id: 2,
             members: vec![1, 2, 7],
             knows_you: true,
             peers: vec![(1, "http://a:1".into())],
         };
-        let read = ProbeAnswer::decode(&crate::raft::encode(&earlier).unwrap()).expect("read");
+        let read = ProbeAnswer::decode(&crate::raft::encode(&earliest).unwrap()).expect("read");
         assert_eq!((read.cluster_id, read.member_id, &read.members[..], read.knows_you), (9, 2, &[1, 2, 7][..], true));
-        assert_eq!(read.peers, earlier.peers);
-        assert_eq!((read.membership_index, read.defragmenting), (None, false));
+        assert_eq!(read.peers, earliest.peers);
+        assert_eq!((read.membership_index, read.defragmenting, read.membership_term), (None, false, None));
         // Taken at its word, as before.
-        assert!(vouches(&read, 9, 7, 10));
-        let now = ProbeAnswer { membership_index: Some(12), defragmenting: true, ..read };
+        assert!(vouches(&read, 9, 7, applied));
+
+        let indexed = |index| IndexedProbeAnswer {
+            cluster_id: 9,
+            member_id: 2,
+            members: vec![1, 2, 7],
+            knows_you: false,
+            peers: vec![(1, "http://a:1".into())],
+            membership_index: Some(index),
+            defragmenting: true,
+        };
+        let read = ProbeAnswer::decode(&crate::raft::encode(&indexed(10)).unwrap()).expect("read");
+        assert_eq!((read.membership_index, read.defragmenting, read.membership_term), (Some(10), true, None));
+        // Compared by its index, as before.
+        assert!(vouches(&read, 9, 7, applied));
+        let read = ProbeAnswer::decode(&crate::raft::encode(&indexed(9)).unwrap()).expect("read");
+        assert!(!vouches(&read, 9, 7, applied));
+
+        let now = ProbeAnswer { defragmenting: true, ..answer(vec![1, 2, 7], Some(3), Some(12)) };
         let bytes = crate::raft::encode(&now).unwrap();
         assert_eq!(ProbeAnswer::decode(&bytes).expect("read"), now);
-        let by_earlier: EarlierProbeAnswer = crate::raft::decode(&bytes).expect("an earlier kvd reads it");
-        assert_eq!((by_earlier.cluster_id, by_earlier.members), (9, vec![1, 2, 7]));
-        assert!(ProbeAnswer::decode(&bytes[..bytes.len() - 12]).is_err(), "cut short");
+        let by_indexed: IndexedProbeAnswer = crate::raft::decode(&bytes).expect("the kvd before reads it");
+        assert_eq!((by_indexed.membership_index, by_indexed.defragmenting), (Some(12), true));
+        let by_earliest: EarlierProbeAnswer = crate::raft::decode(&bytes).expect("the earliest kvd reads it");
+        assert_eq!((by_earliest.cluster_id, by_earliest.members), (9, vec![1, 2, 7]));
+        assert!(ProbeAnswer::decode(&bytes[..bytes.len() - 24]).is_err(), "cut short");
     }
 }

@@ -45,7 +45,7 @@ pub use group::{MAX_UNFLUSHED_AGE, MAX_UNFLUSHED_WRITES};
 pub use records::load_backup;
 pub use snapshot::SnapshotBuilder;
 pub use view::BackupFile;
-pub use view::{membership_index, Applied, Committed, Shared, State};
+pub use view::{membership_at, Applied, Committed, MembershipAt, Shared, State};
 
 use self::apply::*;
 use self::records::*;
@@ -285,7 +285,7 @@ impl StateMachine {
             preloads: Default::default(),
             defragments: Default::default(),
             defragment_turn: Default::default(),
-            membership_index: membership_index(&membership).into(),
+            membership_at: membership_at(&membership).into(),
         });
         compactor::start(Arc::downgrade(&shared), woken)?;
         let due = SnapshotDue::new(shared.snapshot_wanted.clone());

@@ -569,13 +569,14 @@ async fn the_membership_applied_last_is_known_after_a_restart_too() {
         EntryPayload::Membership(openraft::Membership::new(vec![nodes.keys().copied().collect()], nodes))
     };
     let mut sm = open();
-    assert_eq!(sm.shared().applied_membership_index(), 0, "before any");
+    let at = |term, index| super::MembershipAt { term, index };
+    assert_eq!(sm.shared().applied_membership(), at(0, 0), "before any");
     sm.apply(vec![Entry { log_id: log_id(1, 1, 1), payload: membership(&[1, 2, 3]) }]).await.expect("apply");
     sm.apply(vec![entry(2, put("k", "v"))]).await.expect("apply");
-    assert_eq!(sm.shared().applied_membership_index(), 1);
-    sm.apply(vec![Entry { log_id: log_id(1, 1, 3), payload: membership(&[1, 2]) }]).await.expect("apply");
-    assert_eq!(sm.shared().applied_membership_index(), 3, "a removal applied");
+    assert_eq!(sm.shared().applied_membership(), at(1, 1));
+    sm.apply(vec![Entry { log_id: log_id(2, 1, 3), payload: membership(&[1, 2]) }]).await.expect("apply");
+    assert_eq!(sm.shared().applied_membership(), at(2, 3), "a removal applied by a leader of term 2");
     drop(sm.shared().read_committed().expect("committed"));
     drop(sm);
-    assert_eq!(open().shared().applied_membership_index(), 3, "after a restart");
+    assert_eq!(open().shared().applied_membership(), at(2, 3), "after a restart");
 }

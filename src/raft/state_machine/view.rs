@@ -78,9 +78,24 @@ pub(super) const WATCH_BUFFER: usize = 1024;
 /// Where [`Shared::note_listed`] records that a membership listed this member.
 const LISTED_KEY: &[u8] = b"listed_in_membership";
 
-/// The log index of the entry `membership` comes from (0 before any).
-pub fn membership_index(membership: &openraft::StoredMembership<NodeId, openraft::BasicNode>) -> u64 {
-    membership.log_id().map_or(0, |l| l.index)
+/// Where in the log a membership comes from: the term of the leader that
+/// appended its entry, then the entry's index (both 0 before any). Ordered
+/// as Raft orders log ids: a membership at or after the last one a member
+/// applied was appended by a leader that had that one committed, so it
+/// lists no member removed by it. Comparing indexes alone is not enough: a
+/// deposed leader's entry that was never committed may sit on a member that
+/// fell behind at the same index as the committed one, or later.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MembershipAt {
+    /// The term of the leader that appended the entry.
+    pub term: u64,
+    /// The entry's log index.
+    pub index: u64,
+}
+
+/// Where in the log `membership` comes from.
+pub fn membership_at(membership: &openraft::StoredMembership<NodeId, openraft::BasicNode>) -> MembershipAt {
+    membership.log_id().map_or(MembershipAt::default(), |l| MembershipAt { term: l.leader_id.term, index: l.index })
 }
 
 /// The state shared between the state machine and the request handlers.
@@ -119,9 +134,9 @@ pub struct Shared {
     /// Whether this member may begin a defragment by itself now (see
     /// [`Shared::on_defragment_turn`]); without it, always.
     pub(super) defragment_turn: std::sync::OnceLock<super::defrag::Turn>,
-    /// The log index of the last membership this member applied (0
-    /// before any); see [`Shared::applied_membership_index`].
-    pub(super) membership_index: std::sync::atomic::AtomicU64,
+    /// Where the last membership this member applied comes from; see
+    /// [`Shared::applied_membership`].
+    pub(super) membership_at: std::sync::Mutex<MembershipAt>,
 }
 
 impl Drop for Shared {
@@ -158,15 +173,15 @@ impl Shared {
         matches!(self.db().get(LISTED_KEY), Ok(Some(_)))
     }
 
-    /// The log index of the last membership this member applied (0 before
-    /// any). Unlike openraft's membership, which may be one appended and
-    /// not yet committed, it only moves forward.
-    pub fn applied_membership_index(&self) -> u64 {
-        self.membership_index.load(std::sync::atomic::Ordering::SeqCst)
+    /// Where in the log the last membership this member applied comes
+    /// from (0, 0 before any). Unlike openraft's membership, which may be
+    /// one appended and not yet committed, it only moves forward.
+    pub fn applied_membership(&self) -> MembershipAt {
+        *self.membership_at.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(super) fn note_membership(&self, membership: &openraft::StoredMembership<NodeId, openraft::BasicNode>) {
-        self.membership_index.store(membership_index(membership), std::sync::atomic::Ordering::SeqCst);
+        *self.membership_at.lock().unwrap_or_else(|p| p.into_inner()) = membership_at(membership);
     }
 
     /// Records that a membership this member applied lists it.
