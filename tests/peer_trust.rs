@@ -15,7 +15,7 @@ use kvd::proto::kvdpb::peer_client::PeerClient;
 use kvd::proto::kvdpb::{command, Command, MemberAttributes, RaftPayload};
 use kvd::raft::leader::{Forwarded, Proposal};
 use kvd::raft::network::{CLUSTER_HEADER, FROM_HEADER, TO_HEADER};
-use kvd::raft::{decode, encode, NodeId, Response};
+use kvd::raft::{decode, encode, NodeId, Request, Response};
 use openraft::raft::VoteRequest;
 use openraft::Vote;
 use prost::Message;
@@ -377,4 +377,114 @@ async fn a_removed_member_is_refused_while_a_member_behind_still_lists_it() {
     assert!(lists(behind, id(gone)), "the member behind heard of the removal before the end");
     c.member(leader).member.network.heal();
     c.shutdown().await;
+}
+
+/// A member that fell behind may hold a membership that a deposed leader
+/// appended and that was never committed: one that still lists a member
+/// removed since, at an index after the removal's. Its term is older than
+/// the removal's, so it vouches for no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deposed_leaders_membership_left_on_a_member_behind_vouches_for_no_one() {
+    // No member campaigns by itself while the test runs: only the one it
+    // makes campaign can win.
+    let c = TestCluster::start(5, |args| {
+        let at = args.iter().position(|a| a == "--election-timeout").expect("set");
+        args[at + 1] = "3000".into();
+    })
+    .await;
+    let old = c.wait_leader().await;
+    let others: Vec<usize> = (0..5).filter(|i| *i != old).collect();
+    let id = |i: usize| c.member(i).member.id;
+    let block = |from: usize, to: &[usize]| to.iter().for_each(|t| c.member(from).member.network.block(id(*t)));
+    let metrics = |i: usize| c.member(i).member.raft.metrics().borrow().clone();
+    let last = |i: usize| metrics(i).last_log_index;
+    // `behind` keeps the deposed leader's log. The old leader reaches only
+    // it from now on: writes, then a membership change, none of them
+    // committed, go there alone (straight to Raft, so that each is an entry
+    // of its own).
+    c.client(old).put(put("before", "v")).await.expect("put");
+    wait_until("every member has every entry", || (0..5).all(|i| last(i) == last(old))).await;
+    let behind = others[0];
+    block(old, &others[1..]);
+    // `next` leads next, so it has the longest log of the three left (an
+    // entry on its way when the old leader stopped sending may have reached
+    // some of them only); `gone` is removed by it, `asked` is sent the
+    // removed member's requests.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut rest = others[1..].to_vec();
+    rest.sort_by_key(|i| std::cmp::Reverse(last(*i)));
+    let (next, gone, asked) = (rest[0], rest[1], rest[2]);
+    let mut stray = Vec::new();
+    for _ in 0..6 {
+        let appended = last(old);
+        let raft = c.member(old).member.raft.clone();
+        stray.push(tokio::spawn(async move { raft.client_write(Request(command(stray_put()))).await.map(drop) }));
+        wait_until("the old leader appends the write", || last(old) > appended).await;
+    }
+    let raft = c.member(old).member.raft.clone();
+    let learner = tokio::spawn(async move {
+        raft.add_learner(0xfeed, openraft::BasicNode::new("http://127.0.0.1:9"), false).await.map(drop)
+    });
+    let lists = |i: usize, member: NodeId| metrics(i).membership_config.membership().nodes().any(|(n, _)| *n == member);
+    wait_until("the member behind appends the old leader's membership", || lists(behind, 0xfeed)).await;
+    let stale = metrics(behind).membership_config.log_id().expect("a membership");
+
+    // The member behind hears from no one from now on, and no one but
+    // `next` can win an election: the old leader is cut off, and the others
+    // reach only the member behind, which refuses them (its log is longer),
+    // and wait 3 s before they campaign.
+    block(old, &[behind]);
+    block(behind, &[old, next, gone, asked]);
+    block(next, &[behind]);
+    block(gone, &[old, next, asked, behind]);
+    block(asked, &[old, next, gone]);
+    let _ = c.member(next).member.raft.trigger().elect().await;
+    let elected = async {
+        while metrics(next).current_leader != Some(id(next)) {
+            let _ = c.member(next).member.raft.trigger().elect().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(30), elected).await.is_err() {
+        for i in 0..5 {
+            let m = metrics(i);
+            eprintln!("{i} {:?} vote {} leader {:?} last {:?}", m.state, m.vote, m.current_leader, m.last_log_index);
+        }
+        panic!("the next member leads within 30 s");
+    }
+    c.client(next).member_remove(id(gone)).await.expect("member remove");
+    wait_until("the member asked applies the removal", || {
+        let applied = c.member(asked).member.state.applied_membership().index;
+        !lists(asked, id(gone)) && metrics(asked).membership_config.log_id().map(|l| l.index) == Some(applied)
+    })
+    .await;
+    let removal = metrics(asked).membership_config.log_id().expect("a membership");
+    assert!(removal.leader_id.term > stale.leader_id.term, "{removal} after {stale}");
+    assert!(stale.index >= removal.index, "the stale membership {stale} comes after the removal {removal}");
+    assert!(
+        lists(behind, id(gone)) && *metrics(behind).membership_config.log_id() == Some(stale),
+        "the member behind moved"
+    );
+
+    let cluster = c.member(0).member.cluster_id;
+    every_rpc_refused(&c, asked, [Some(cluster), Some(id(gone)), Some(id(asked))], "is not a member of this cluster")
+        .await;
+    assert_eq!(*metrics(behind).membership_config.log_id(), Some(stale), "the member behind moved before the end");
+    for i in 0..5 {
+        c.member(i).member.network.heal();
+    }
+    learner.abort();
+    for s in stray {
+        s.abort();
+    }
+    c.shutdown().await;
+}
+
+/// Waits, up to 20 s, until `done`.
+async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}: not within 20 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
