@@ -438,7 +438,6 @@ async fn a_deposed_leaders_membership_left_on_a_member_behind_vouches_for_no_one
     block(next, &[behind]);
     block(gone, &[old, next, asked, behind]);
     block(asked, &[old, next, gone]);
-    let _ = c.member(next).member.raft.trigger().elect().await;
     let elected = async {
         while metrics(next).current_leader != Some(id(next)) {
             let _ = c.member(next).member.raft.trigger().elect().await;

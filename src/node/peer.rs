@@ -21,8 +21,9 @@ pub struct ProbeRequest {
     pub from: NodeId,
 }
 
-/// What a member knows of the caller of a [`ProbeRequest`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What a member knows of the caller of a [`ProbeRequest`] (read with
+/// [`ProbeAnswer::decode`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ProbeAnswer {
     /// The cluster this member belongs to.
     pub cluster_id: u64,
@@ -54,23 +55,22 @@ pub struct ProbeAnswer {
     pub membership_term: Option<u64>,
 }
 
-/// A [`ProbeAnswer`] as kvd versions that said where a membership is in the
-/// log by its index alone send it.
-#[derive(Deserialize)]
-#[cfg_attr(test, derive(Serialize))]
-struct IndexedProbeAnswer {
-    cluster_id: u64,
-    member_id: NodeId,
-    members: Vec<NodeId>,
-    knows_you: bool,
-    peers: Vec<(NodeId, String)>,
-    membership_index: Option<u64>,
-    defragmenting: bool,
+/// Decodes one value from the front of `rest` and moves `rest` past it.
+/// bincode's reader of a slice checks each length against the bytes there
+/// (its reader of a stream would allocate whatever length a malformed
+/// message claims), and a value has one encoding, so encoding it again
+/// says how many bytes it took.
+fn take<T: serde::de::DeserializeOwned + Serialize>(rest: &mut &[u8]) -> Result<T, crate::raft::CodecError> {
+    let value: T = crate::raft::decode(rest)?;
+    let used = bincode::serialized_size(&value).map_err(crate::raft::CodecError::Decode)?;
+    *rest = usize::try_from(used).ok().and_then(|used| rest.get(used..)).unwrap_or_default();
+    Ok(value)
 }
 
-/// A [`ProbeAnswer`] as kvd versions before its last three fields send it.
-#[derive(Deserialize)]
-struct EarlierProbeAnswer {
+/// The fields every kvd's [`ProbeAnswer`] begins with; later versions add
+/// fields after them, each read only if the sender sent it.
+#[derive(Serialize, Deserialize)]
+struct FirstFields {
     cluster_id: u64,
     member_id: NodeId,
     members: Vec<NodeId>,
@@ -81,34 +81,23 @@ struct EarlierProbeAnswer {
 impl ProbeAnswer {
     /// Decodes an answer, also one from a kvd that sends fewer fields (a
     /// cluster being upgraded a member at a time): what it does not say is
-    /// `None` or false. (Earlier versions read this version's answers:
-    /// they ignore the bytes after the fields they know.)
+    /// `None` or false. The fields come in the order they were added, so
+    /// each is read while bytes are left. (Earlier versions read this
+    /// version's answers: they ignore the bytes after the fields they know.)
     pub fn decode(bytes: &[u8]) -> Result<ProbeAnswer, crate::raft::CodecError> {
-        use crate::raft::decode;
-        decode::<ProbeAnswer>(bytes).or_else(|e| match decode::<IndexedProbeAnswer>(bytes) {
-            Ok(a) => Ok(ProbeAnswer {
-                cluster_id: a.cluster_id,
-                member_id: a.member_id,
-                members: a.members,
-                knows_you: a.knows_you,
-                peers: a.peers,
-                membership_index: a.membership_index,
-                defragmenting: a.defragmenting,
-                membership_term: None,
-            }),
-            Err(_) => {
-                let a = decode::<EarlierProbeAnswer>(bytes).map_err(|_| e)?;
-                Ok(ProbeAnswer {
-                    cluster_id: a.cluster_id,
-                    member_id: a.member_id,
-                    members: a.members,
-                    knows_you: a.knows_you,
-                    peers: a.peers,
-                    membership_index: None,
-                    defragmenting: false,
-                    membership_term: None,
-                })
-            }
+        let mut rest = bytes;
+        let first: FirstFields = take(&mut rest)?;
+        let (membership_index, defragmenting) = if rest.is_empty() { (None, false) } else { take(&mut rest)? };
+        let membership_term = if rest.is_empty() { None } else { take(&mut rest)? };
+        Ok(ProbeAnswer {
+            cluster_id: first.cluster_id,
+            member_id: first.member_id,
+            members: first.members,
+            knows_you: first.knows_you,
+            peers: first.peers,
+            membership_index,
+            defragmenting,
+            membership_term,
         })
     }
 }
@@ -392,52 +381,44 @@ mod tests {
 
     #[test]
     fn answers_of_earlier_kvds_are_read_and_this_ones_by_earlier_kvds() {
-        #[derive(Serialize)]
-        struct Earliest {
-            cluster_id: u64,
-            member_id: NodeId,
-            members: Vec<NodeId>,
-            knows_you: bool,
-            peers: Vec<(NodeId, String)>,
-        }
         let applied = MembershipAt { term: 3, index: 10 };
-        let earliest = Earliest {
+        let first = || FirstFields {
             cluster_id: 9,
             member_id: 2,
             members: vec![1, 2, 7],
             knows_you: true,
             peers: vec![(1, "http://a:1".into())],
         };
-        let read = ProbeAnswer::decode(&crate::raft::encode(&earliest).unwrap()).expect("read");
+        // The earliest kvd sends the first fields alone.
+        let read = ProbeAnswer::decode(&crate::raft::encode(&first()).unwrap()).expect("read");
         assert_eq!((read.cluster_id, read.member_id, &read.members[..], read.knows_you), (9, 2, &[1, 2, 7][..], true));
-        assert_eq!(read.peers, earliest.peers);
+        assert_eq!(read.peers, first().peers);
         assert_eq!((read.membership_index, read.defragmenting, read.membership_term), (None, false, None));
         // Taken at its word, as before.
         assert!(vouches(&read, 9, 7, applied));
 
-        let indexed = |index| IndexedProbeAnswer {
-            cluster_id: 9,
-            member_id: 2,
-            members: vec![1, 2, 7],
-            knows_you: false,
-            peers: vec![(1, "http://a:1".into())],
-            membership_index: Some(index),
-            defragmenting: true,
-        };
-        let read = ProbeAnswer::decode(&crate::raft::encode(&indexed(10)).unwrap()).expect("read");
+        // The kvd before sends the index and whether it defragments.
+        let indexed = |index: u64| crate::raft::encode(&(first(), Some(index), true)).unwrap();
+        let read = ProbeAnswer::decode(&indexed(10)).expect("read");
         assert_eq!((read.membership_index, read.defragmenting, read.membership_term), (Some(10), true, None));
         // Compared by its index, as before.
         assert!(vouches(&read, 9, 7, applied));
-        let read = ProbeAnswer::decode(&crate::raft::encode(&indexed(9)).unwrap()).expect("read");
-        assert!(!vouches(&read, 9, 7, applied));
+        assert!(!vouches(&ProbeAnswer::decode(&indexed(9)).expect("read"), 9, 7, applied));
 
         let now = ProbeAnswer { defragmenting: true, ..answer(vec![1, 2, 7], Some(3), Some(12)) };
         let bytes = crate::raft::encode(&now).unwrap();
         assert_eq!(ProbeAnswer::decode(&bytes).expect("read"), now);
-        let by_indexed: IndexedProbeAnswer = crate::raft::decode(&bytes).expect("the kvd before reads it");
-        assert_eq!((by_indexed.membership_index, by_indexed.defragmenting), (Some(12), true));
-        let by_earliest: EarlierProbeAnswer = crate::raft::decode(&bytes).expect("the earliest kvd reads it");
+        let (_, index, defragmenting): (FirstFields, Option<u64>, bool) =
+            crate::raft::decode(&bytes).expect("the kvd before reads it");
+        assert_eq!((index, defragmenting), (Some(12), true));
+        let by_earliest: FirstFields = crate::raft::decode(&bytes).expect("the earliest kvd reads it");
         assert_eq!((by_earliest.cluster_id, by_earliest.members), (9, vec![1, 2, 7]));
-        assert!(ProbeAnswer::decode(&bytes[..bytes.len() - 24]).is_err(), "cut short");
+        assert!(ProbeAnswer::decode(&bytes[..bytes.len() - 24]).is_err(), "cut in the first fields");
+        assert!(ProbeAnswer::decode(&bytes[..bytes.len() - 4]).is_err(), "cut in a later field");
+        assert!(ProbeAnswer::decode(&[]).is_err(), "empty");
+        // A length no answer has: refused, nothing of that size allocated.
+        let mut huge = bytes.clone();
+        huge[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(ProbeAnswer::decode(&huge).is_err(), "a list of 2^64 members");
     }
 }
