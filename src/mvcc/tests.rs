@@ -324,3 +324,61 @@ fn the_lease_mark_changes_with_each_lease_granted_or_revoked_and_between_stores(
     assert!(![m0, m1, m2].contains(&reopened.lease_log().mark()));
     assert!(reopened.lease_log().changed_since(m2).is_none());
 }
+
+#[test]
+fn a_put_over_a_live_key_keeps_its_creation_counts_its_version_and_moves_its_lease() {
+    use crate::proto::etcdserverpb::PutRequest;
+    let (files, _dir) = temp_files();
+    let mut store = MvccStore::open(files).expect("open");
+    let mut batch = Batch::default();
+    assert!(store.grant_lease(5, 10, &mut batch));
+    assert!(store.grant_lease(6, 10, &mut batch));
+    let put = |store: &mut MvccStore, req: PutRequest| {
+        let mut w = store.write();
+        let resp = super::ops::put_owned(&mut w, req).expect("put");
+        let (_, events) = w.finish();
+        (resp, events)
+    };
+    let req = |value: &str, lease: i64| PutRequest {
+        key: b"k".to_vec(),
+        value: value.as_bytes().to_vec(),
+        lease,
+        ..Default::default()
+    };
+    // Created under lease 5.
+    let (_, events) = put(&mut store, req("a", 5));
+    let created = store.revision();
+    assert_eq!(events.len(), 1);
+    assert_eq!(store.get(b"k").map(|m| (m.create_revision, m.version, m.lease)), Some((created, 1, 5)));
+    assert!(store.lease(5).expect("lease 5").keys.contains(b"k".as_ref()));
+    // Put again under lease 6: the plain path, no previous version asked.
+    let (resp, events) = put(&mut store, req("b", 6));
+    assert_eq!(resp.prev_kv, None);
+    let kv = events[0].kv.clone().expect("kv");
+    assert_eq!((kv.create_revision, kv.mod_revision, kv.version, kv.lease), (created, store.revision(), 2, 6));
+    assert_eq!(kv.value, b"b");
+    assert!(!store.lease(5).expect("lease 5").keys.contains(b"k".as_ref()));
+    assert!(store.lease(6).expect("lease 6").keys.contains(b"k".as_ref()));
+    // With the previous version asked for and the lease kept.
+    let before = store.revision();
+    let (resp, events) = put(&mut store, PutRequest { prev_kv: true, ignore_lease: true, ..req("c", 0) });
+    let prev = resp.prev_kv.expect("prev_kv");
+    assert_eq!((prev.value.as_slice(), prev.mod_revision, prev.version, prev.lease), (&b"b"[..], before, 2, 6));
+    let kv = events[0].kv.clone().expect("kv");
+    assert_eq!((kv.create_revision, kv.version, kv.lease, kv.value.as_slice()), (created, 3, 6, &b"c"[..]));
+    assert_eq!(
+        store.get(b"k").map(|m| (m.create_revision, m.mod_revision, m.version, m.lease)),
+        Some((created, store.revision(), 3, 6))
+    );
+    // A value kept while the lease goes back to none.
+    let (_, events) = put(&mut store, PutRequest { ignore_value: true, ..req("", 0) });
+    let kv = events[0].kv.clone().expect("kv");
+    assert_eq!((kv.version, kv.lease, kv.value.as_slice()), (4, 0, &b"c"[..]));
+    assert!(!store.lease(6).expect("lease 6").keys.contains(b"k".as_ref()));
+    // Deleted and put again: a new creation.
+    let mut w = store.write();
+    w.delete_range(b"k", &keys::RangeEnd::Single, false).expect("delete");
+    w.finish();
+    let (_, _) = put(&mut store, req("d", 0));
+    assert_eq!(store.get(b"k").map(|m| (m.create_revision, m.version)), Some((store.revision(), 1)));
+}

@@ -41,7 +41,21 @@ impl Writer<'_> {
     /// a watch that asks for one reads it from history
     /// ([`MvccStore::prev_version`]).
     pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> Option<Meta> {
-        let prev = self.store.index.get(key).copied();
+        // One walk of the index for a key that is live, the common case: the
+        // entry is changed where it is.
+        let rev = self.rev;
+        let (prev, meta) = match self.store.index.get_mut(key) {
+            Some(entry) => {
+                let prev = *entry;
+                *entry = Meta { mod_revision: rev, version: prev.version + 1, lease, ..prev };
+                (Some(prev), *entry)
+            }
+            None => {
+                let meta = Meta { create_revision: rev, mod_revision: rev, version: 1, lease };
+                self.store.index.insert(key.to_vec(), meta);
+                (None, meta)
+            }
+        };
         let old_lease = prev.as_ref().map_or(0, |p| p.lease);
         if old_lease != lease {
             self.detach(old_lease, key);
@@ -49,12 +63,14 @@ impl Writer<'_> {
                 l.keys.insert(key.to_vec());
             }
         }
-        let (create_revision, version) = match &prev {
-            Some(p) => (p.create_revision, p.version + 1),
-            None => (self.rev, 1),
+        let kv = KeyValue {
+            key: key.to_vec(),
+            create_revision: meta.create_revision,
+            mod_revision: rev,
+            version: meta.version,
+            value,
+            lease,
         };
-        let kv = KeyValue { key: key.to_vec(), create_revision, mod_revision: self.rev, version, value, lease };
-        self.store.index.insert(key.to_vec(), Meta::of(&kv));
         self.record(kv.clone());
         self.events.push(Event { r#type: EventType::Put as i32, kv: Some(kv), prev_kv: None });
         prev

@@ -133,7 +133,7 @@ pub(super) fn apply_command(
                 return refused(e);
             }
             let mut w = state.store.write();
-            let resp = ops::put(&mut w, &p)?;
+            let resp = ops::put_owned(&mut w, p)?;
             let batch;
             (batch, events) = w.finish();
             (batch, command_result::Result::Put(resp))
