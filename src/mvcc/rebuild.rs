@@ -16,7 +16,7 @@ use crate::proto::mvccpb::KeyValue;
 /// What the store's records say, taken one record at a time.
 #[derive(Default)]
 pub struct Rebuild {
-    pub(super) index: BTreeMap<Vec<u8>, Meta>,
+    pub(super) index: BTreeMap<super::IndexKey, Meta>,
     /// The newest version read of the key being read, without its value:
     /// the key's newest version once a record of another key comes.
     last: Option<(Vec<u8>, Meta)>,
@@ -84,7 +84,7 @@ impl Rebuild {
     /// A key's newest version goes into the index unless it is a deletion.
     fn keep(&mut self, key: Vec<u8>, newest: Meta) {
         if newest.version != 0 {
-            self.index.insert(key, newest);
+            self.index.insert(super::IndexKey::from_vec(key), newest);
         }
     }
 
@@ -101,7 +101,7 @@ impl Rebuild {
                 let lease = self.leases.get_mut(&meta.lease).ok_or_else(|| {
                     StoreError::inconsistent(format!("key attached to unknown lease {:x}", meta.lease))
                 })?;
-                lease.keys.insert(key.clone());
+                lease.keys.insert(key.to_vec());
             }
         }
         Ok(self)

@@ -382,3 +382,40 @@ fn a_put_over_a_live_key_keeps_its_creation_counts_its_version_and_moves_its_lea
     let (_, _) = put(&mut store, req("d", 0));
     assert_eq!(store.get(b"k").map(|m| (m.create_revision, m.version)), Some((store.revision(), 1)));
 }
+
+#[test]
+fn keys_held_in_the_index_and_apart_from_it_keep_one_order() {
+    let (files, _dir) = temp_files();
+    let mut store = MvccStore::open(files).expect("open");
+    // Either side of the 24 bytes the index holds inside its nodes, with
+    // long common prefixes, empty and high bytes.
+    let mut keys: Vec<Vec<u8>> = vec![
+        b"a".to_vec(),
+        vec![b'k'; 23],
+        vec![b'k'; 24],
+        vec![b'k'; 25],
+        [vec![b'k'; 24], vec![0]].concat(),
+        [vec![b'k'; 24], vec![0xff]].concat(),
+        [vec![b'k'; 23], vec![0xff]].concat(),
+        vec![0xff; 40],
+        vec![0],
+    ];
+    for (i, k) in keys.iter().enumerate() {
+        let mut w = store.write();
+        w.put(k, vec![i as u8], 0);
+        w.finish();
+    }
+    keys.sort();
+    let listed: Vec<Vec<u8>> = store.current(b"\0", &keys::RangeEnd::Unbounded).map(|(k, _)| k.to_vec()).collect();
+    assert_eq!(listed, keys);
+    for k in &keys {
+        assert!(store.get(k).is_some(), "{k:?} is found");
+        let single: Vec<_> = store.current(k, &keys::RangeEnd::Single).map(|(k, _)| k.to_vec()).collect();
+        assert_eq!(single, vec![k.clone()]);
+    }
+    let from: Vec<Vec<u8>> = store
+        .current(&[b'k'; 24], &keys::RangeEnd::Before([vec![b'k'; 24], vec![0xff]].concat()))
+        .map(|(k, _)| k.to_vec())
+        .collect();
+    assert_eq!(from, vec![vec![b'k'; 24], [vec![b'k'; 24], vec![0]].concat(), vec![b'k'; 25]]);
+}

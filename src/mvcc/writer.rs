@@ -52,7 +52,7 @@ impl Writer<'_> {
             }
             None => {
                 let meta = Meta { create_revision: rev, mod_revision: rev, version: 1, lease };
-                self.store.index.insert(key.to_vec(), meta);
+                self.store.index.insert(super::IndexKey::from_slice(key), meta);
                 (None, meta)
             }
         };
@@ -94,7 +94,7 @@ impl Writer<'_> {
             let tomb = KeyValue { key: k.clone(), mod_revision: self.rev, ..Default::default() };
             self.record(tomb.clone());
             self.detach(prev.lease, k);
-            self.store.index.remove(k);
+            self.store.index.remove(k.as_slice());
             self.events.push(Event { r#type: EventType::Delete as i32, kv: Some(tomb), prev_kv: None });
         }
     }
@@ -104,7 +104,7 @@ impl Writer<'_> {
     pub fn revoke_lease(&mut self, id: i64) -> bool {
         let Some(lease) = self.store.leases.get(&id) else { return false };
         let doomed: Vec<(Vec<u8>, Meta)> =
-            lease.keys.iter().filter_map(|k| self.store.index.get(k).map(|m| (k.clone(), *m))).collect();
+            lease.keys.iter().filter_map(|k| self.store.index.get(k.as_slice()).map(|m| (k.clone(), *m))).collect();
         self.delete(&doomed);
         self.store.leases.remove(&id);
         self.store.lease_log.record(id);
