@@ -74,8 +74,12 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 PY
 }
 
-read -r -a KVD_PORTS <<< "$(free_ports 6)"
-read -r -a ETCD_PORTS <<< "$(free_ports 6)"
+# Each system's ports are picked when it first starts, not all at once here:
+# a port picked free and let go can be taken (by a PostgreSQL of an earlier
+# case, or a connection's local port) before a member binds it, minutes
+# later.
+KVD_PORTS=()
+ETCD_PORTS=()
 ETCDCTL_API=3
 export ETCDCTL_API
 
@@ -139,11 +143,56 @@ if len(rows) == 3 and len(leaders) == 1 and 0 not in leaders:
   done
 }
 
+# Starts etcd's three members the first time, on ports picked now; should a
+# port be taken before its member binds it (the member exits at once), all
+# three start again on others, up to three times.
+etcd_first_start() {
+  local try i f deadline ready
+  for try in 1 2 3; do
+    read -r -a ETCD_PORTS <<< "$(free_ports 6)"
+    for i in 0 1 2; do etcd_start "$i"; done
+    deadline=$((SECONDS + 30))
+    while [ "$SECONDS" -lt "$deadline" ]; do
+      ready=0
+      for i in 0 1 2; do
+        if ! kill -0 "$(cat "$DIR/etcd/e$i.pid")" 2> /dev/null; then
+          ready=-1
+          break
+        fi
+        grep -q "ready to serve client requests" "$DIR/etcd/e$i.log" && ready=$((ready + 1))
+      done
+      [ "$ready" = 3 ] && return 0
+      [ "$ready" = -1 ] && break
+      sleep 0.2
+    done
+    if ! grep -q "address already in use" "$DIR"/etcd/e*.log; then
+      echo "etcd: its members did not start; logs in $DIR/etcd" >&2
+      return 1
+    fi
+    echo "etcd: a port was taken before its member bound it (try $try); starting again on others" >&2
+    for f in "$DIR"/etcd/e*.pid; do
+      kill "$(cat "$f")" 2> /dev/null || true
+    done
+    for f in "$DIR"/etcd/e*.pid; do
+      while kill -0 "$(cat "$f")" 2> /dev/null; do sleep 0.1; done
+    done
+    mkdir -p "$DIR/etcd-taken-$try"
+    mv "$DIR"/etcd/* "$DIR/etcd-taken-$try/"
+  done
+  echo "etcd: ports were taken on three tries; logs in $DIR" >&2
+  return 1
+}
+
 start_dcs() {
   if [ "$1" = kvd ]; then
+    [ "${#KVD_PORTS[@]}" -gt 0 ] || read -r -a KVD_PORTS <<< "$(free_ports 6)"
     kvd_env "$ROOT/cluster-scripts/start.sh" > /dev/null
   else
     local i
+    if [ "${#ETCD_PORTS[@]}" -eq 0 ]; then
+      etcd_first_start
+      return
+    fi
     for i in 0 1 2; do
       if [ -f "$DIR/etcd/e$i.pid" ] && kill -0 "$(cat "$DIR/etcd/e$i.pid")" 2> /dev/null; then continue; fi
       etcd_start "$i"
