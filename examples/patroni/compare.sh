@@ -151,7 +151,7 @@ etcd_first_start() {
   for try in 1 2 3; do
     read -r -a ETCD_PORTS <<< "$(free_ports 6)"
     for i in 0 1 2; do etcd_start "$i"; done
-    deadline=$((SECONDS + 30))
+    deadline=$((SECONDS + 60))
     while [ "$SECONDS" -lt "$deadline" ]; do
       ready=0
       for i in 0 1 2; do

@@ -154,22 +154,16 @@ pub fn check_put_applies(store: &MvccStore, req: &PutRequest) -> Result<()> {
 /// duplicate-key check rules this out), the request's own value and lease are
 /// used.
 pub fn put(w: &mut Writer<'_>, req: &PutRequest) -> Result<PutResponse> {
-    put_value(w, req, None)
+    put_owned(w, req.clone())
 }
 
 /// [`put`] of a request this write may take apart: its value is moved into
 /// the new version rather than copied.
 pub fn put_owned(w: &mut Writer<'_>, mut req: PutRequest) -> Result<PutResponse> {
-    let value = std::mem::take(&mut req.value);
-    put_value(w, &req, Some(value))
-}
-
-/// [`put`] with the request's value given apart, if it is.
-fn put_value(w: &mut Writer<'_>, req: &PutRequest, value: Option<Vec<u8>>) -> Result<PutResponse> {
     if !(req.prev_kv || req.ignore_value || req.ignore_lease) {
         // Nothing of the previous version is needed here: the writer finds
         // it in the same walk of the index that replaces it.
-        w.put(&req.key, value.unwrap_or_else(|| req.value.clone()), req.lease);
+        w.put(&req.key, std::mem::take(&mut req.value), req.lease);
         return Ok(PutResponse { header: rev_header(w.revision()), prev_kv: None });
     }
     let store = w.store();
@@ -180,7 +174,7 @@ fn put_value(w: &mut Writer<'_>, req: &PutRequest, value: Option<Vec<u8>>) -> Re
     };
     let value = match (&prev, req.ignore_value) {
         (Some(p), true) => p.value.clone(),
-        _ => value.unwrap_or_else(|| req.value.clone()),
+        _ => std::mem::take(&mut req.value),
     };
     let lease = match (&prev, req.ignore_lease) {
         (Some(p), true) => p.lease,
