@@ -29,5 +29,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .exclude([".etcdserverpb.ResponseHeader"])
         .build(&[".mvccpb", ".authpb", ".etcdserverpb", ".v3lockpb", ".v3electionpb"])?;
     println!("cargo:rerun-if-changed=proto");
+    // .cargo/config.toml sets it; a RUSTFLAGS of one's own replaces that.
+    if std::env::var_os("CARGO_CFG_TOKIO_UNSTABLE").is_none() {
+        println!(
+            "cargo:warning=built without `--cfg tokio_unstable` (see .cargo/config.toml): \
+             the members' runtime keeps tokio's LIFO slot, and puts from many clients run slower"
+        );
+    }
     Ok(())
 }

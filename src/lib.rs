@@ -40,5 +40,6 @@ pub mod node;
 pub mod proto;
 pub mod raft;
 pub mod read_index;
+pub mod runtime;
 pub mod server;
 pub mod tls;

@@ -34,11 +34,7 @@ fn main() {
     tracing_subscriber::registry().with(filter).with(quiet).with(fmt).init();
     let config = Config::try_parse().unwrap_or_else(|e| bad_flags(e));
     let validated = config.validate().unwrap_or_else(|e| fail(e.into()));
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = config.worker_threads {
-        runtime.worker_threads(n);
-    }
-    let runtime = runtime.enable_all().build().unwrap_or_else(|e| fail(e.into()));
+    let runtime = kvd::runtime::build(config.worker_threads).unwrap_or_else(|e| fail(e.into()));
     if let Err(e) = runtime.block_on(serve(validated)) {
         // Exits at once, without waiting for the runtime's tasks to wind down.
         fail(e);
