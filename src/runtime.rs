@@ -9,8 +9,9 @@
 //! every two requests' tasks, instead of all of them at once. With the slot
 //! off, the requests' tasks run in the order they were woken and the
 //! connection's task after them. Measured under puts from 64 clients over 8
-//! connections (docs/performance.md, "The runtime's LIFO slot"): 11–33% more
-//! puts per second and 12–26% less CPU per put; a lone client's put takes
+//! connections (docs/performance.md, "The runtime's LIFO slot"), in nine
+//! pairs against the same code with the slot on: 5–41% more puts per second
+//! (19% on average) and 11–33% less CPU per put; a lone client's put takes
 //! about 0.05 ms longer at the median.
 //!
 //! tokio offers the switch under `--cfg tokio_unstable`, which

@@ -143,6 +143,24 @@ if len(rows) == 3 and len(leaders) == 1 and 0 not in leaders:
   done
 }
 
+# Stops every etcd member this script started and waits until each is gone
+# (one still there after 10 s is killed).
+etcd_stop() {
+  local f tenths
+  for f in "$DIR"/etcd/e*.pid; do
+    [ -f "$f" ] && kill "$(cat "$f")" 2> /dev/null || true
+  done
+  for f in "$DIR"/etcd/e*.pid; do
+    [ -f "$f" ] || continue
+    tenths=0
+    while kill -0 "$(cat "$f")" 2> /dev/null; do
+      tenths=$((tenths + 1))
+      [ "$tenths" -lt 100 ] || { kill -9 "$(cat "$f")" 2> /dev/null || true; break; }
+      sleep 0.1
+    done
+  done
+}
+
 # Starts etcd's three members the first time, on ports picked now; should a
 # port be taken before its member binds it (the member exits at once), all
 # three start again on others, up to three times.
@@ -170,12 +188,7 @@ etcd_first_start() {
       return 1
     fi
     echo "etcd: a port was taken before its member bound it (try $try); starting again on others" >&2
-    for f in "$DIR"/etcd/e*.pid; do
-      kill "$(cat "$f")" 2> /dev/null || true
-    done
-    for f in "$DIR"/etcd/e*.pid; do
-      while kill -0 "$(cat "$f")" 2> /dev/null; do sleep 0.1; done
-    done
+    etcd_stop
     mkdir -p "$DIR/etcd-taken-$try"
     mv "$DIR"/etcd/* "$DIR/etcd-taken-$try/"
   done
@@ -206,9 +219,7 @@ stop_all() {
     [ -d "$d" ] && PATRONI_DIR="$d" "$HERE/run.sh" stop > /dev/null 2>&1 || true
   done
   [ -d "$DIR/kvd" ] && kvd_env "$ROOT/cluster-scripts/stop.sh" > /dev/null 2>&1 || true
-  for f in "$DIR"/etcd/e*.pid; do
-    [ -f "$f" ] && kill "$(cat "$f")" 2> /dev/null || true
-  done
+  etcd_stop
 }
 failed=1
 finish() {
