@@ -98,12 +98,15 @@ fn nth(i: u64, scattered: bool) -> u64 {
 }
 
 /// Bytes the store holds per key after `KEYS` puts of distinct keys, each
-/// with its own lease if `leased`.
-fn bytes_per_key(scattered: bool, leased: bool) -> f64 {
+/// with its own lease if `leased`; with `packed`, the places of the
+/// versions packed as a commit packs them (see `kvd::mvcc::packs`)
+/// included.
+fn bytes_per_key(scattered: bool, leased: bool, packed: bool) -> f64 {
     let dir = tempfile::tempdir().expect("tempdir");
     let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
     let values = ValueLog::create(&dir.path().join("values"), 1).expect("value file");
-    let mut store = MvccStore::open(Files { tree, values: Arc::new(values) }).expect("open");
+    let files = Files::new(tree, Arc::new(values));
+    let mut store = MvccStore::open(files.clone()).expect("open");
     let before = held();
     for first in (0..KEYS).step_by(GROUP as usize) {
         let mut group = Batch::default();
@@ -121,7 +124,12 @@ fn bytes_per_key(scattered: bool, leased: bool) -> f64 {
         }
         store.seal(&mut group);
         // The commit thread would take the group to sled; reads of these
-        // versions then go there.
+        // versions then go there. Packed, their places stay (sled itself,
+        // which allocates on this thread too, is left out).
+        if packed {
+            group.separate_values(&files.values).expect("values");
+            files.packs.add(group.pack_history());
+        }
         store.committed();
         drop(group);
     }
@@ -132,8 +140,8 @@ fn bytes_per_key(scattered: bool, leased: bool) -> f64 {
 #[test]
 fn the_key_index_holds_no_values_and_a_lease_of_one_key_holds_no_set() {
     for scattered in [false, true] {
-        let plain = bytes_per_key(scattered, false);
-        let leased = bytes_per_key(scattered, true);
+        let plain = bytes_per_key(scattered, false, false);
+        let leased = bytes_per_key(scattered, true, false);
         let order = if scattered { "scattered" } else { "in order" };
         println!(
             "{KEYS} keys of 16 bytes written {order}: {plain:.0} bytes per key; \
@@ -148,5 +156,23 @@ fn the_key_index_holds_no_values_and_a_lease_of_one_key_holds_no_set() {
         // `kvd::mvcc::LeaseKeys`): 96-122 bytes more, where a B-tree set of
         // one key made it 400-424.
         assert!(leased < plain + 200.0, "{leased:.0} bytes per leased key {order}, {plain:.0} without");
+    }
+}
+
+#[test]
+fn a_packed_version_costs_its_place_and_no_value() {
+    for scattered in [false, true] {
+        let plain = bytes_per_key(scattered, false, false);
+        let packed = bytes_per_key(scattered, false, true);
+        let order = if scattered { "scattered" } else { "in order" };
+        println!(
+            "{KEYS} keys of 16 bytes written {order}: {plain:.0} bytes per key; {packed:.0} with the place of its \
+             packed version"
+        );
+        // A place holds the history record's key (29 bytes here) and where
+        // the version is (16 bytes), in a B-tree; the value (1 KiB) is in
+        // the value file.
+        let place = packed - plain;
+        assert!((45.0..160.0).contains(&place), "{place:.0} bytes per place {order}");
     }
 }

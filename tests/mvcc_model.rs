@@ -177,10 +177,11 @@ fn value_of(v: u8) -> Vec<u8> {
 
 /// After compaction at `rev`, history below `rev` holds only each key's
 /// newest version, and only if that version is live.
-fn check_no_dead_history(tree: &sled::Tree, rev: i64) {
+fn check_no_dead_history(files: &Files, rev: i64) {
     let mut seen = std::collections::BTreeSet::new();
-    for item in tree.scan_prefix([kvd::mvcc::keys::HIST]) {
-        let (k, v) = item.unwrap();
+    for item in files.history().all() {
+        let version = item.unwrap();
+        let (k, v) = (version.rec, version.stored);
         let (key, r) = kvd::mvcc::keys::parse_hist_key(&k).expect("history key");
         if r < rev {
             let kv = kvd::mvcc::values::Stored::decode(v.as_ref()).unwrap().kv;
@@ -194,15 +195,16 @@ fn check_no_dead_history(tree: &sled::Tree, rev: i64) {
 /// records each, as the compaction thread does: straight to the tree, while
 /// later writes may wait in `unsaved`. Once a pass is complete, checks that
 /// it removed what it must.
-fn step(store: &mut MvccStore, tree: &sled::Tree, steps: usize, limit: usize) {
+fn step(store: &mut MvccStore, files: &Files, steps: usize, limit: usize) {
     for _ in 0..steps {
         let Some(step) = store.compaction_step() else { return };
-        let done = step.run(tree, limit).expect("step");
-        tree.apply_batch(done.batch.into_sled()).expect("commit step");
+        let done = step.run(files, limit).expect("step");
+        files.tree.apply_batch(done.batch.into_sled()).expect("commit step");
+        files.packs.forget(done.unpacked.iter().map(|r| &r[..]));
         store.freed(done.freed);
         if store.compaction_stepped(&step, done.next) {
             assert_eq!(store.physical(), step.rev);
-            check_no_dead_history(tree, step.rev);
+            check_no_dead_history(files, step.rev);
         }
     }
 }
@@ -213,23 +215,30 @@ fn commit(store: &mut MvccStore, files: &Files, unsaved: &mut kvd::mvcc::Batch) 
     let tree = &files.tree;
     let mut batch = std::mem::take(unsaved);
     store.seal(&mut batch);
-    batch.separate_values(&files.values).expect("values");
-    files.values.sync().expect("sync");
-    tree.apply_batch(batch.into_sled()).expect("commit");
+    // As the commit thread does: history packed, the oldest packs unpacked
+    // past the most kept.
+    files.commit(batch, 1000).expect("commit");
     store.committed();
     // With every write in the tree, the bytes the store counts are those of
-    // its history, revision-order and lease records there.
-    let on_disk: u64 = [b'h', b's', b'l']
-        .iter()
-        .flat_map(|prefix| tree.scan_prefix([*prefix]))
-        .map(|item| {
-            let (k, v) = item.expect("scan");
-            match k.first() {
-                Some(b'h') => kvd::mvcc::values::record_bytes(&k, &v).expect("history record"),
-                _ => (k.len() + v.len()) as u64,
-            }
-        })
+    // its history (packed or not), revision-order and lease records there.
+    let history: u64 = files
+        .history()
+        .all()
+        .map(|v| v.expect("history"))
+        .map(|v| kvd::mvcc::values::record_bytes(&v.rec, &v.stored).expect("history record"))
         .sum();
+    let on_disk: u64 = history
+        + [b's', b'l']
+            .iter()
+            .flat_map(|prefix| tree.scan_prefix([*prefix]))
+            .map(|item| {
+                let (k, v) = item.expect("scan");
+                match k.first() {
+                    Some(b'h') => kvd::mvcc::values::record_bytes(&k, &v).expect("history record"),
+                    _ => (k.len() + v.len()) as u64,
+                }
+            })
+            .sum::<u64>();
     assert_eq!(store.bytes_in_use(), on_disk);
 }
 
@@ -241,7 +250,10 @@ proptest! {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let values = kvd::mvcc::values::ValueLog::create(&dir.path().join("values"), 1).unwrap();
-        let files = Files { tree: db.open_tree("state").unwrap(), values: std::sync::Arc::new(values) };
+        // Few versions packed at most: packs are unpacked as history grows
+        // past them, as well as by compaction.
+        let packs = std::sync::Arc::new(kvd::mvcc::packs::Packs::with_max(24));
+        let files = Files { packs, ..Files::new(db.open_tree("state").unwrap(), std::sync::Arc::new(values)) };
         let mut store = MvccStore::open(files.clone()).unwrap();
         let mut model = Model { states: BTreeMap::from([(INITIAL_REVISION, State::new())]), events: BTreeMap::new(), compacted: 0 };
         let mut unsaved = kvd::mvcc::Batch::default();
@@ -328,7 +340,7 @@ proptest! {
                     store = MvccStore::open(files.clone()).unwrap();
                 }
                 Op::Commit => commit(&mut store, &files, &mut unsaved),
-                Op::Step(steps, limit) => step(&mut store, &files.tree, steps, limit),
+                Op::Step(steps, limit) => step(&mut store, &files, steps, limit),
             }
             // Reads of history read the tree alone: like the state machine,
             // they wait for what was written to be committed.
@@ -346,7 +358,7 @@ proptest! {
         let hash = |files: &Files, rev| kvd::mvcc::hash_history(files, compacted, rev).expect("hash");
         let before: Vec<u32> = (compacted.max(1)..=revision).map(|r| hash(&files, r)).collect();
         // Physical compaction always comes to an end, and reads agree after.
-        step(&mut store, &files.tree, usize::MAX, 3);
+        step(&mut store, &files, usize::MAX, 3);
         prop_assert!(store.compaction_step().is_none());
         prop_assert_eq!(store.physical(), model.compacted);
         check_all_reads(&store, &model, true);

@@ -2,6 +2,7 @@
 //! applied entries can be committed to sled at once (one `apply_batch` per
 //! group of entries instead of one per entry).
 
+use super::packs::{Loc, Packing, PACKED};
 use super::values::{Apart, ValueLog};
 use crate::error::Result;
 use crate::proto::mvccpb::KeyValue;
@@ -21,7 +22,7 @@ pub struct Batch {
 /// Whether a write to `key` is history or revision order, which a commit
 /// may split over several sled batches.
 fn is_bulk(key: &[u8]) -> bool {
-    matches!(key.first(), Some(&super::keys::HIST) | Some(&super::changes::RUNS))
+    matches!(key.first(), Some(&super::keys::HIST) | Some(&super::changes::RUNS) | Some(&PACKED))
 }
 
 fn is_lease(key: &[u8]) -> bool {
@@ -103,6 +104,37 @@ impl Batch {
             }
         }
         Ok(count)
+    }
+
+    /// Puts the history records it sets into packs (see [`super::packs`]),
+    /// once the values kept apart are separated ([`Batch::separate_values`]):
+    /// each record small enough goes into a pack, in the order written.
+    /// Returns where each packed version is, for the store's
+    /// [`super::packs::Packs`] once the batch is in the tree. A batch that
+    /// removes a history record, or writes one twice, packs nothing: a
+    /// pack holds each version once.
+    pub fn pack_history(&mut self) -> Vec<(Box<[u8]>, Loc)> {
+        let hist = |k: &[u8]| k.first() == Some(&super::keys::HIST);
+        let mut seen = std::collections::HashSet::new();
+        for (k, w) in &self.writes {
+            if hist(k) && (matches!(w, Write::Remove) || !seen.insert(&k[..])) {
+                return Vec::new();
+            }
+        }
+        drop(seen);
+        let mut packing = Packing::default();
+        self.writes.retain(|(k, w)| match w {
+            Write::Insert(v) if Packing::fits(k, v) => {
+                packing.push(k, v);
+                false
+            }
+            _ => true,
+        });
+        packing.close();
+        for (key, value) in packing.records {
+            self.writes.push((key.to_vec(), Write::Insert(value)));
+        }
+        packing.places
     }
 
     /// Adds `other`'s writes after these.

@@ -2,9 +2,13 @@
 //! the history no read can see any more is removed afterwards in steps, so
 //! that applying never waits for a whole pass.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
+
+use super::packs::{unpack, History, Version};
 use super::values::{record_bytes, Stored};
 use super::StoreError;
-use super::{changes, keys, Batch, MvccStore};
+use super::{changes, keys, Batch, Files, MvccStore};
 use crate::error::{Error, Result};
 
 /// Ids of passes of physical compaction, unique in the process, so that a
@@ -33,13 +37,13 @@ impl CompactionStep {
     /// The last step also records that history is compacted up to `rev`.
     /// Nothing but compaction changes the records it reads, so it may run
     /// while later revisions are applied.
-    pub fn run(&self, tree: &sled::Tree, limit: usize) -> Result<StepDone> {
+    pub fn run(&self, files: &Files, limit: usize) -> Result<StepDone> {
         let limit = limit.max(1);
         let mut done = StepDone::default();
         let mut read = 0;
         let mut from = self.from.clone();
         if from.first() == Some(&keys::HIST) {
-            match compact_history(tree, self.rev, &from, limit, &mut done)? {
+            match compact_history(files.history(), self.rev, &from, limit, &mut done)? {
                 (_, Some(next)) => {
                     done.next = Some(next);
                     return Ok(done);
@@ -49,7 +53,7 @@ impl CompactionStep {
             from = changes::first_run();
         }
         let left = limit.saturating_sub(read).max(1);
-        done.next = changes::compact(tree, self.rev, &from, left, &mut done.batch, &mut done.freed)?;
+        done.next = changes::compact(&files.tree, self.rev, &from, left, &mut done.batch, &mut done.freed)?;
         if done.next.is_none() {
             done.batch.insert(keys::meta_key("physical"), self.rev.to_be_bytes());
         }
@@ -66,14 +70,58 @@ pub struct StepDone {
     pub next: Option<Vec<u8>>,
     /// Bytes of the records it removes (see [`MvccStore::bytes_in_use`]).
     pub freed: u64,
+    /// The versions of the packs it unpacks, whose places are to be
+    /// forgotten ([`super::packs::Packs::forget`]) once the batch is in
+    /// the tree.
+    pub unpacked: Vec<sled::IVec>,
+}
+
+/// Packs a step unpacks: each pack, and which of its versions go.
+#[derive(Default)]
+struct Unpacking {
+    packs: BTreeMap<[u8; 13], (sled::IVec, BTreeSet<sled::IVec>)>,
+    /// Versions in those packs.
+    versions: usize,
+}
+
+impl Unpacking {
+    /// Marks `rec`, read from `pack`, as removed.
+    fn remove(&mut self, tree: &sled::Tree, pack: [u8; 13], rec: sled::IVec) -> Result<()> {
+        if !self.packs.contains_key(&pack) {
+            // Only compaction removes a pack, one step at a time.
+            let value = tree.get(pack)?.ok_or_else(|| StoreError::inconsistent("a pack being compacted is gone"))?;
+            self.versions += unpack(&value)?.len();
+            self.packs.insert(pack, (value, BTreeSet::new()));
+        }
+        if let Some((_, gone)) = self.packs.get_mut(&pack) {
+            gone.insert(rec);
+        }
+        Ok(())
+    }
+
+    /// Adds to `done` the removal of each pack, and a record of its own for
+    /// each of its versions that stays.
+    fn finish(self, done: &mut StepDone) -> Result<()> {
+        for (key, (pack, gone)) in self.packs {
+            for (rec, stored) in unpack(&pack)? {
+                if !gone.contains(&rec) {
+                    done.batch.insert(&rec, &stored);
+                }
+                done.unpacked.push(rec);
+            }
+            done.batch.remove(key);
+        }
+        Ok(())
+    }
 }
 
 /// Adds to `batch` the removal of every version older than `rev` that was
-/// replaced or deleted by revision `rev`, reading history records from
-/// `from` on, at most `limit` of them. Returns how many it read and the
-/// record key to go on from, `None` at the end of history.
+/// replaced or deleted by revision `rev`, reading history from `from` on,
+/// at most `limit` versions, those of the packs it unpacks included (see
+/// [`super::packs`]). Returns how many it read and the record key to go on
+/// from, `None` at the end of history.
 fn compact_history(
-    tree: &sled::Tree,
+    history: History<'_>,
     rev: i64,
     from: &[u8],
     limit: usize,
@@ -83,28 +131,38 @@ fn compact_history(
     // goes if the next record is a version of the same key at or before
     // `rev`, or if it is the newest such and a deletion. A step that stops
     // has decided every record before the one it stops at.
-    let mut records = tree.range(from.to_vec()..vec![keys::HIST + 1]).map(|item| -> Result<_> {
-        let (rec, value) = item?;
-        let (key, r) = keys::parse_hist_key(&rec).ok_or_else(|| StoreError::corrupt("history record key"))?;
-        Ok((rec, key, r, value))
-    });
-    let mut older: Option<(sled::IVec, Vec<u8>, sled::IVec)> = None;
+    let mut records =
+        history.range(Bound::Included(from.to_vec()), Bound::Excluded(vec![keys::HIST + 1])).map(|item| -> Result<_> {
+            let version = item?;
+            let (key, r) =
+                keys::parse_hist_key(&version.rec).ok_or_else(|| StoreError::corrupt("history record key"))?;
+            Ok((version, key, r))
+        });
+    let mut older: Option<(Version, Vec<u8>)> = None;
+    let mut unpacking = Unpacking::default();
     let mut read = 0;
     loop {
         let next = records.next().transpose()?;
-        if let Some((old_rec, old_key, old_value)) = older.take() {
-            if compacted_away(&old_key, &old_value, next.as_ref().map(|(_, key, r, _)| (key.as_slice(), *r)), rev)? {
-                done.freed += record_bytes(&old_rec, &old_value)?;
-                done.batch.remove(old_rec);
+        if let Some((old, old_key)) = older.take() {
+            if compacted_away(&old_key, &old.stored, next.as_ref().map(|(_, key, r)| (key.as_slice(), *r)), rev)? {
+                done.freed += record_bytes(&old.rec, &old.stored)?;
+                match old.pack {
+                    Some(pack) => unpacking.remove(history.tree, pack, old.rec)?,
+                    None => done.batch.remove(old.rec),
+                }
             }
         }
-        let Some((rec, key, r, value)) = next else { return Ok((read, None)) };
-        if read == limit {
-            return Ok((read, Some(rec.to_vec())));
+        let Some((version, key, r)) = next else {
+            unpacking.finish(done)?;
+            return Ok((read, None));
+        };
+        if read + unpacking.versions >= limit {
+            unpacking.finish(done)?;
+            return Ok((read, Some(version.rec.to_vec())));
         }
         read += 1;
         if r < rev {
-            older = Some((rec, key, value));
+            older = Some((version, key));
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::error::Result;
 /// member keeps the value. History records at or below `rev` must all be
 /// committed to `files`.
 pub fn hash_history(files: &Files, compacted: i64, rev: i64) -> Result<u32> {
-    let Files { tree, values } = files;
+    let values = &files.values;
     let mut hasher = crc32fast::Hasher::new();
     let mut add = |rec: &[u8], stored: &[u8]| -> Result<()> {
         let value = whole_record(stored, values)?;
@@ -30,8 +30,9 @@ pub fn hash_history(files: &Files, compacted: i64, rev: i64) -> Result<u32> {
     // The versions before `compacted` that compaction keeps (see
     // `compact_history`), decided once the record after each is read.
     let mut older: Option<(sled::IVec, Vec<u8>, sled::IVec)> = None;
-    for item in tree.range(vec![keys::HIST]..vec![keys::HIST + 1]) {
-        let (rec, value) = item?;
+    for item in files.history().all() {
+        let version = item?;
+        let (rec, value) = (version.rec, version.stored);
         let (key, r) = keys::parse_hist_key(&rec).ok_or_else(|| StoreError::corrupt("history record key"))?;
         if let Some((old_rec, old_key, old_value)) = older.take() {
             if !compacted_away(&old_key, &old_value, Some((&key, r)), compacted)? {

@@ -7,6 +7,9 @@
 //! - `h` + escaped key + revision: one version of a key (its history). The
 //!   escaping keeps byte order, so all versions of a key sit together, sorted
 //!   by revision, and key ranges map to tree ranges.
+//! - `p` + revision + part: history records packed together, the versions
+//!   one commit wrote (see [`super::packs`]); read as the `h` records they
+//!   stand for.
 //! - `s` + revision + sub-index: a run of changes in revision order, each
 //!   with the key it wrote, so that a watch can replay history by revision
 //!   (see [`super::changes`]).
@@ -78,6 +81,16 @@ pub fn hist_prefix(key: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(key.len() + 4);
     out.push(HIST);
     escape(key, &mut out);
+    out
+}
+
+/// The end (exclusive) of the history records of `key`: its prefix, with
+/// the terminator's last byte one higher.
+pub fn hist_prefix_end(key: &[u8]) -> Vec<u8> {
+    let mut out = hist_prefix(key);
+    if let Some(last) = out.last_mut() {
+        *last += 1;
+    }
     out
 }
 

@@ -22,6 +22,7 @@ pub mod keys;
 mod lease_keys;
 mod lease_log;
 pub mod ops;
+pub mod packs;
 mod rebuild;
 pub mod txn;
 pub mod values;
@@ -116,6 +117,49 @@ pub struct Files {
     pub tree: sled::Tree,
     /// The values kept apart.
     pub values: Arc<ValueLog>,
+    /// Where the packed versions of the tree's history are (see
+    /// [`packs`]): empty until [`MvccStore::open`] reads them.
+    pub packs: Arc<packs::Packs>,
+}
+
+impl Files {
+    /// The files of a store in `tree` and `values`.
+    pub fn new(tree: sled::Tree, values: Arc<ValueLog>) -> Files {
+        Files { tree, values, packs: Arc::default() }
+    }
+
+    /// The store's history, packed and not.
+    pub fn history(&self) -> packs::History<'_> {
+        packs::History { tree: &self.tree, packs: &self.packs }
+    }
+
+    /// Commits a group of writes: the values kept apart go to the value
+    /// file, which is synced, and then the records to the tree, the history
+    /// records in packs, in sled batches of about `limit` writes applied in
+    /// order (see [`Batch::into_sled_chunks`]); then the packed versions'
+    /// places are recorded, and the oldest packs unpacked if more versions
+    /// are packed than a store keeps ([`packs::MAX_PACKED`]).
+    pub fn commit(&self, mut batch: Batch, limit: usize) -> Result<()> {
+        if batch.separate_values(&self.values)? > 0 {
+            self.values.sync()?;
+        }
+        let packed = batch.pack_history();
+        let count = packed.len();
+        for chunk in batch.into_sled_chunks(limit) {
+            self.tree.apply_batch(chunk)?;
+        }
+        self.packs.add(packed);
+        // Past the most packed versions kept, the oldest are unpacked, a
+        // sled batch that writes their records and removes their packs.
+        let over = self.packs.over(count);
+        if over > 0 {
+            let mut unpacking = sled::Batch::default();
+            let unpacked = packs::unpack_oldest(&self.tree, over, &mut unpacking)?;
+            self.tree.apply_batch(unpacking)?;
+            self.packs.forget(unpacked.iter().map(|r| &r[..]));
+        }
+        Ok(())
+    }
 }
 
 /// The files a store lives in, shared with the thread that commits to
@@ -165,8 +209,13 @@ impl MvccStore {
         let tree = &files.tree;
         changes::upgrade(tree)?;
         let (revision, _) = revision_after_cut_short(tree)?;
+        files.packs.load(tree)?;
         let mut rebuild = Rebuild::default();
-        for prefix in [keys::HIST, changes::RUNS, keys::LEASE] {
+        for item in files.history().all() {
+            let version = item?;
+            rebuild.record(&version.rec, &version.stored)?;
+        }
+        for prefix in [changes::RUNS, keys::LEASE] {
             for item in tree.scan_prefix([prefix]) {
                 let (rec, value) = item?;
                 rebuild.record(&rec, &value)?;
@@ -298,8 +347,9 @@ impl MvccStore {
         }
         let mut out = Vec::new();
         let mut last = to;
-        let Files { tree, values } = self.files();
-        changes::walk(&tree, from, to, |rev, k| {
+        let files = self.files();
+        let (tree, values, history) = (&files.tree, &files.values, files.history());
+        changes::walk(tree, from, to, |rev, k| {
             if out.len() >= max_events && out.last().map(event_rev) != Some(rev) {
                 last = rev - 1;
                 return Ok(false);
@@ -307,8 +357,8 @@ impl MvccStore {
             if !end.contains(key, k) {
                 return Ok(true);
             }
-            let kv = match tree.get(keys::hist_key(k, rev))? {
-                Some(v) => load_kv(&v, &values)?,
+            let kv = match history.get(&keys::hist_key(k, rev))? {
+                Some(v) => load_kv(&v, values)?,
                 None => return Err(Error::Compacted),
             };
             let prev_kv = if with_prev { self.prev_version(k, rev)? } else { None };
@@ -338,9 +388,9 @@ impl MvccStore {
             }
         }
         let files = self.in_use_files();
-        match files.tree.range(from..to).next_back() {
-            Some(item) => {
-                let stored = Stored::decode(&item?.1)?;
+        match files.history().last_in(&from, &to)? {
+            Some((_, stored)) => {
+                let stored = Stored::decode(&stored)?;
                 match stored.kv.version {
                     0 => Ok(None),
                     _ => Ok(Some(stored.load(&files.values)?)),
@@ -357,7 +407,7 @@ impl MvccStore {
             return Ok(kv.clone());
         }
         let files = self.in_use_files();
-        match files.tree.get(&rec)? {
+        match files.history().get(&rec)? {
             Some(v) => load_kv(&v, &files.values),
             None => Err(StoreError::inconsistent(format!(
                 "the history record of a live key is missing (revision {})",
@@ -489,14 +539,17 @@ impl MvccStore {
     /// Key-values in `[key, end)` as they were at revision `rev`, in key order,
     /// read from history. `rev` must be at or above the compacted revision.
     pub fn at_revision(&self, key: &[u8], end: &RangeEnd, rev: i64) -> Result<Vec<KeyValue>> {
+        use std::ops::Bound::{Excluded, Included};
         let start = keys::hist_prefix(key);
-        let Files { tree, values } = self.files();
-        let iter = match end {
-            RangeEnd::Single => tree.scan_prefix(&start),
-            RangeEnd::Unbounded => tree.range(start..vec![keys::HIST + 1]),
+        let files = self.files();
+        let values = &files.values;
+        let to = match end {
+            RangeEnd::Single => keys::hist_prefix_end(key),
+            RangeEnd::Unbounded => vec![keys::HIST + 1],
             RangeEnd::Before(e) if e.as_slice() <= key => return Ok(Vec::new()),
-            RangeEnd::Before(e) => tree.range(start..keys::hist_prefix(e)),
+            RangeEnd::Before(e) => keys::hist_prefix(e),
         };
+        let iter = files.history().range(Included(start), Excluded(to)).map(|v| v.map(|v| (v.rec, v.stored)));
         let mut out = Vec::new();
         // The version each key had at `rev`; its value is read only once
         // it is known to be the one.
@@ -507,7 +560,7 @@ impl MvccStore {
             let (k, r) = keys::parse_hist_key(&rec).ok_or_else(|| StoreError::corrupt("history record key"))?;
             if current_key.as_deref() != Some(k.as_slice()) {
                 if let Some(stored) = candidate.take() {
-                    out.push(stored.load(&values)?);
+                    out.push(stored.load(values)?);
                 }
                 current_key = Some(k);
             }
@@ -517,7 +570,7 @@ impl MvccStore {
             }
         }
         if let Some(stored) = candidate {
-            out.push(stored.load(&values)?);
+            out.push(stored.load(values)?);
         }
         Ok(out)
     }
@@ -538,7 +591,7 @@ fn event_rev(e: &Event) -> i64 {
 /// after it are removed; and how many were.
 fn revision_after_cut_short(tree: &sled::Tree) -> Result<(i64, usize)> {
     let revision = read_meta_i64(tree, "revision")?.unwrap_or(INITIAL_REVISION);
-    let cut_short = changes::remove_after(tree, revision)?;
+    let cut_short = packs::remove_after(tree, revision)? + changes::remove_after(tree, revision)?;
     if cut_short > 0 {
         tracing::info!(records = cut_short, revision, "removed the records of a commit cut short");
     }
@@ -557,4 +610,4 @@ fn read_meta_i64(tree: &sled::Tree, name: &str) -> Result<Option<i64>> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -6,7 +6,7 @@ pub(crate) fn temp_files() -> (Files, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
     let values = ValueLog::create(&dir.path().join("values"), 1).expect("value file");
-    (Files { tree, values: Arc::new(values) }, dir)
+    (Files::new(tree, Arc::new(values)), dir)
 }
 
 /// Commits `batch` to `files` as the commit thread does: values kept apart
@@ -244,7 +244,7 @@ fn opening_a_store_reads_no_value_kept_apart() {
     let path = dir.path().join("elsewhere");
     std::fs::write(&path, vec![0u8; files.values.len() as usize]).expect("a file of zeros");
     let zeros = ValueLog::open(&path, 2).expect("value file of zeros");
-    let reopened = MvccStore::open(Files { tree: files.tree.clone(), values: Arc::new(zeros) }).expect("reopen");
+    let reopened = MvccStore::open(Files::new(files.tree.clone(), Arc::new(zeros))).expect("reopen");
     assert_eq!((reopened.len(), reopened.revision(), reopened.bytes_in_use()), (20, 21, store.bytes_in_use()));
     let meta = *reopened.get(b"k07").expect("live");
     let e = reopened.load(b"k07", &meta).expect_err("no value file");
@@ -269,7 +269,7 @@ fn a_value_file_shorter_than_its_records_say_is_refused_at_open() {
         }
         // Opened as a member opens its files: a missing file is created.
         let values = ValueLog::open(&path, 1).expect("value file");
-        MvccStore::open(Files { tree: files.tree.clone(), values: Arc::new(values) })
+        MvccStore::open(Files::new(files.tree.clone(), Arc::new(values)))
     };
     // Bytes after the last value (what a crash leaves) are no harm.
     std::fs::OpenOptions::new()

@@ -237,16 +237,12 @@ impl Drop for Committer {
 }
 
 /// Commits a group of writes to `files`: the values kept apart go to the
-/// value file, which is synced, and then the records to sled, in batches of
-/// at most [`SLED_BATCH_WRITES`] applied in order.
-pub fn commit_to(files: &Files, mut batch: Batch) -> Result<(), Error> {
-    if batch.separate_values(&files.values)? > 0 {
-        files.values.sync()?;
-    }
-    for chunk in batch.into_sled_chunks(SLED_BATCH_WRITES) {
-        files.tree.apply_batch(chunk)?;
-    }
-    Ok(())
+/// value file, which is synced, and then the records to sled, the history
+/// records in packs (see [`crate::mvcc::packs`]), in batches of at most
+/// [`SLED_BATCH_WRITES`] applied in order; then the packed versions' places
+/// are recorded.
+pub fn commit_to(files: &Files, batch: Batch) -> Result<(), Error> {
+    files.commit(batch, SLED_BATCH_WRITES)
 }
 
 fn check(progress: &Progress) -> Result<(), Error> {
@@ -304,7 +300,7 @@ mod tests {
         let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
         let values = crate::mvcc::values::ValueLog::create(&dir.path().join("v"), 1).expect("value file");
         let values = std::sync::Arc::new(values);
-        let cell = std::sync::Arc::new(std::sync::RwLock::new(Files { tree: tree.clone(), values: values.clone() }));
+        let cell = std::sync::Arc::new(std::sync::RwLock::new(Files::new(tree.clone(), values.clone())));
         let committer = Committer::start(cell).expect("start");
         assert!(committer.is_idle().expect("idle"));
         let big = crate::proto::mvccpb::KeyValue {

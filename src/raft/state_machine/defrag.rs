@@ -248,7 +248,7 @@ fn copy_outside_state(old: &sled::Db, new: &sled::Db) -> Result<(), Error> {
 /// taken at the switch, as they are then (see [`catch_up`]).
 fn copy_history(files: &Files, as_of: &AsOf, to: &Files) -> Result<(), Error> {
     let mut batch = Batches::new(to)?;
-    as_of.for_each(&files.tree, |k, v| insert(&mut batch, files, k, v))?;
+    as_of.for_each(files, |k, v| insert(&mut batch, files, k, v))?;
     batch.finish()
 }
 
@@ -274,7 +274,7 @@ fn catch_up(files: &Files, to: &Files, rev: i64) -> Result<u64, Error> {
         records += 1 + changes.len() as u64;
         for (r, key) in changes {
             let k = hist_key(key, *r);
-            let v = files.tree.get(&k)?.ok_or_else(|| {
+            let v = files.history().get(&k)?.ok_or_else(|| {
                 Error::internal(format!("the history record of revision {r} that a run lists is missing"))
             })?;
             insert(&mut batch, files, &k, &v)?;
@@ -300,16 +300,26 @@ mod tests {
         std::fs::create_dir_all(dir).expect("dir");
         let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
         let values = ValueLog::create(&dir.join("values"), 1).expect("value file");
-        Files { tree, values: Arc::new(values) }
+        Files::new(tree, Arc::new(values))
     }
 
-    /// Every record, a history record with its value wherever it is kept.
+    /// Every record, a history record with its value wherever it is kept,
+    /// and history as history records whether packed or not.
     fn records(files: &Files) -> Vec<(Vec<u8>, Vec<u8>)> {
         let whole = |k: &[u8], v: &[u8]| match k.first() {
             Some(&HIST) => load_kv(v, &files.values).expect("value").encode_to_vec(),
             _ => v.to_vec(),
         };
-        files.tree.iter().map(|item| item.expect("read")).map(|(k, v)| (k.to_vec(), whole(&k, &v))).collect()
+        let mut out: Vec<(Vec<u8>, Vec<u8>)> = files
+            .tree
+            .iter()
+            .map(|item| item.expect("read"))
+            .filter(|(k, _)| k.first() != Some(&HIST) && k.first() != Some(&crate::mvcc::packs::PACKED))
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect();
+        out.extend(files.history().all().map(|v| v.expect("read")).map(|v| (v.rec.to_vec(), whole(&v.rec, &v.stored))));
+        out.sort();
+        out
     }
 
     #[test]

@@ -134,7 +134,7 @@ fn open_files_in(db: &sled::Db, db_dir: &Path, name: &str) -> Result<Files, Erro
         None => new_values_id(db, name)?,
     };
     let values = ValueLog::open(&values_file(db_dir, name), id)?;
-    Ok(Files { tree: db.open_tree(name)?, values: Arc::new(values) })
+    Ok(Files::new(db.open_tree(name)?, Arc::new(values)))
 }
 
 /// An empty state tree, and value file, in place of the one not in use.
@@ -142,7 +142,7 @@ fn fresh_files(db: &sled::Db, data_dir: &Path, name: &str) -> Result<Files, Erro
     db.drop_tree(name)?;
     let id = new_values_id(db, name)?;
     let values = ValueLog::create(&values_path(data_dir, name)?, id)?;
-    Ok(Files { tree: db.open_tree(name)?, values: Arc::new(values) })
+    Ok(Files::new(db.open_tree(name)?, Arc::new(values)))
 }
 
 /// The record of `db` that holds the id of the value file of the state

@@ -17,6 +17,7 @@ use crate::auth::AUTH;
 use crate::error::Error;
 use crate::mvcc::changes::{OLD_CHANGES, RUNS};
 use crate::mvcc::keys::{meta_key, HIST, LEASE, META};
+use crate::mvcc::packs::PACKED;
 use crate::mvcc::values::{decode_whole, whole_len, whole_record};
 use crate::mvcc::Batch;
 use crate::mvcc::{Files, MvccStore, Rebuild};
@@ -164,9 +165,23 @@ fn each_record(
     mut each: impl FnMut(&[u8], &[u8]) -> Result<(), Error>,
 ) -> Result<(), Error> {
     match as_of {
-        Some(as_of) => as_of.for_each(&files.tree, each),
+        Some(as_of) => as_of.for_each(files, each),
         None => {
-            for item in files.tree.iter() {
+            // History as history records, packed or not; packs themselves
+            // are never copied.
+            for item in files.tree.range(..vec![HIST]) {
+                let (k, v) = item?;
+                each(&k, &v)?;
+            }
+            for item in files.history().all() {
+                let version = item?;
+                each(&version.rec, &version.stored)?;
+            }
+            for item in files.tree.range(vec![HIST + 1]..vec![PACKED]) {
+                let (k, v) = item?;
+                each(&k, &v)?;
+            }
+            for item in files.tree.range(vec![PACKED + 1]..) {
                 let (k, v) = item?;
                 each(&k, &v)?;
             }
@@ -176,11 +191,11 @@ fn each_record(
 }
 
 /// The prefixes of records that never change once written, each with the
-/// revision it was written at (history, and runs of revision order), in
-/// key order. Physical compaction removes them, and a defragment or an
-/// install replaces the tree; none of these runs while a copy is under way
-/// (see [`super::copies`]).
-const BY_REVISION: [u8; 2] = [HIST, RUNS];
+/// revision it was written at (history, packs of history and runs of
+/// revision order), in key order. Physical compaction removes them, and a
+/// defragment or an install replaces the tree; none of these runs while a
+/// copy is under way (see [`super::copies`]).
+const BY_REVISION: [u8; 3] = [HIST, PACKED, RUNS];
 
 /// Hands `each` every record of `tree` that a commit may change (those
 /// outside [`BY_REVISION`]'s prefixes), in key order.
@@ -209,7 +224,7 @@ pub(super) fn each_changeable_record(
 fn written_at(k: &[u8]) -> Option<i64> {
     let rev: &[u8] = match k.first() {
         Some(&HIST) => k.get(k.len().checked_sub(8)?..)?,
-        Some(&RUNS) => k.get(1..9)?,
+        Some(&RUNS) | Some(&PACKED) => k.get(1..9)?,
         _ => return None,
     };
     Some(u64::from_be_bytes(rev.try_into().ok()?) as i64)
@@ -266,9 +281,11 @@ impl AsOf {
 
     /// Hands `each` every record of `tree` as it stood (of its [`Part`]),
     /// in key order.
+    /// History goes as history records, packed or not: packs themselves
+    /// are never copied.
     pub(super) fn for_each(
         &self,
-        tree: &sled::Tree,
+        files: &Files,
         mut each: impl FnMut(&[u8], &[u8]) -> Result<(), Error>,
     ) -> Result<(), Error> {
         let mut fixed = self.fixed.iter().peekable();
@@ -276,7 +293,12 @@ impl AsOf {
             while let Some((k, v)) = fixed.next_if(|(k, _)| k.as_ref() < &[p][..]) {
                 each(k, v)?;
             }
-            for (n, item) in tree.scan_prefix([p]).enumerate() {
+            let records: Box<dyn Iterator<Item = Result<(sled::IVec, sled::IVec), Error>>> = match p {
+                HIST => Box::new(files.history().all().map(|v| v.map(|v| (v.rec, v.stored)))),
+                PACKED => continue,
+                _ => Box::new(files.tree.scan_prefix([p]).map(|item| item.map_err(Error::from))),
+            };
+            for (n, item) in records.enumerate() {
                 if n % 1024 == 0 && (self.stopping)() {
                     return Err(Error::Stopped);
                 }
@@ -358,7 +380,7 @@ pub(super) fn read_records<R: Read>(
 /// per-change records of an older kvd, and runs of revision order. A new
 /// kind of record goes here in the same change that writes it, or a
 /// member refuses its own data directory at its next start.
-const KINDS: [u8; 8] = [ALARMS, AUTH, ATTRS, HIST, LEASE, META, OLD_CHANGES, RUNS];
+const KINDS: [u8; 9] = [ALARMS, AUTH, ATTRS, HIST, LEASE, META, PACKED, OLD_CHANGES, RUNS];
 
 /// Refuses a record of a kind this kvd does not know. Such a record comes
 /// from a newer kvd, whose layout this one cannot read: loaded, or skipped,
@@ -366,7 +388,8 @@ const KINDS: [u8; 8] = [ALARMS, AUTH, ATTRS, HIST, LEASE, META, OLD_CHANGES, RUN
 /// if it were whole.
 fn known_kind(key: &[u8]) -> Result<(), Error> {
     match key.first() {
-        Some(kind) if KINDS.contains(kind) => Ok(()),
+        // Snapshot data holds history as history records, never packs.
+        Some(kind) if KINDS.contains(kind) && *kind != PACKED => Ok(()),
         _ => Err(newer_layout("snapshot data holds", key, "use that version or a newer one")),
     }
 }

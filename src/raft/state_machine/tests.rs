@@ -10,7 +10,7 @@ use openraft::testing::log_id;
 fn temp_files(dir: &Path) -> Files {
     let tree = sled::Config::new().temporary(true).open().expect("sled").open_tree("t").expect("tree");
     let values = ValueLog::create(&dir.join("values-t"), 1).expect("value file");
-    Files { tree, values: Arc::new(values) }
+    Files::new(tree, Arc::new(values))
 }
 
 pub(super) fn put(key: &str, value: &str) -> Command {
@@ -285,9 +285,11 @@ async fn an_install_cut_short_by_a_crash_is_finished_at_start() {
     assert_eq!(got, vec![(&b"a"[..], &b"1"[..]), (&b"b"[..], &b"2"[..])]);
 }
 
-/// The history records of `key` in the state tree.
-fn versions(tree: &sled::Tree, key: &[u8]) -> usize {
-    tree.scan_prefix(crate::mvcc::keys::hist_prefix(key)).count()
+/// The versions of `key` in the store's history, packed or not.
+fn versions(files: &crate::mvcc::Files, key: &[u8]) -> usize {
+    use std::ops::Bound::{Excluded, Included};
+    let (from, to) = (crate::mvcc::keys::hist_prefix(key), crate::mvcc::keys::hist_prefix_end(key));
+    files.history().range(Included(from), Excluded(to)).count()
 }
 
 async fn physical(shared: &Shared, rev: i64) {
@@ -317,7 +319,7 @@ async fn compacted_history_is_removed_in_steps_after_the_compaction_is_applied()
     let shared = sm.shared();
     physical(&shared, rev).await;
     assert_eq!(
-        versions(&sm.shared().read().store.tree(), b"k"),
+        versions(&sm.shared().read().store.files(), b"k"),
         1,
         "only the version at the compacted revision is left"
     );
@@ -352,13 +354,13 @@ async fn a_member_that_stopped_before_compacted_history_was_removed_removes_it_a
     // Nothing is removed until the member has accepted the data dir.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert_eq!(
-        versions(&sm.shared().read().store.tree(), b"k"),
+        versions(&sm.shared().read().store.files(), b"k"),
         100,
         "history removed before the data dir was accepted"
     );
     sm.resume_compaction();
     physical(&sm.shared(), rev).await;
-    assert_eq!(versions(&sm.shared().read().store.tree(), b"k"), 1);
+    assert_eq!(versions(&sm.shared().read().store.files(), b"k"), 1);
 }
 
 #[tokio::test]

@@ -346,8 +346,9 @@ impl Shared {
             let (tx, rx) = std::sync::mpsc::channel();
             let work = step.clone();
             self.committer.run(move |files| {
-                let done = work.run(&files.tree, COMPACTION_STEP).and_then(|done| {
+                let done = work.run(files, COMPACTION_STEP).and_then(|done| {
                     files.tree.apply_batch(done.batch.into_sled())?;
+                    files.packs.forget(done.unpacked.iter().map(|r| &r[..]));
                     Ok((done.next, done.freed))
                 });
                 let _ = tx.send(done);
