@@ -169,9 +169,10 @@ fn a_packed_version_costs_its_place_and_no_value() {
             "{KEYS} keys of 16 bytes written {order}: {plain:.0} bytes per key; {packed:.0} with the place of its \
              packed version"
         );
-        // A place holds the history record's key (29 bytes here) and where
-        // the version is (16 bytes), in a B-tree; the value (1 KiB) is in
-        // the value file.
+        // A place holds the history record's key (27 bytes here, inside
+        // the node) and where the version is (16 bytes), in a B-tree whose
+        // nodes fill half to whole; the value (1 KiB) is in the value
+        // file.
         let place = packed - plain;
         assert!((45.0..160.0).contains(&place), "{place:.0} bytes per place {order}");
     }

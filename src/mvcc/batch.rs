@@ -2,7 +2,7 @@
 //! applied entries can be committed to sled at once (one `apply_batch` per
 //! group of entries instead of one per entry).
 
-use super::packs::{Loc, Packing, PACKED};
+use super::packs::{Loc, Packing, PlaceKey, PACKED};
 use super::values::{Apart, ValueLog};
 use crate::error::Result;
 use crate::proto::mvccpb::KeyValue;
@@ -113,7 +113,7 @@ impl Batch {
     /// [`super::packs::Packs`] once the batch is in the tree. A batch that
     /// removes a history record, or writes one twice, packs nothing: a
     /// pack holds each version once.
-    pub fn pack_history(&mut self) -> Vec<(Box<[u8]>, Loc)> {
+    pub fn pack_history(&mut self) -> Vec<(PlaceKey, Loc)> {
         let hist = |k: &[u8]| k.first() == Some(&super::keys::HIST);
         let mut seen = std::collections::HashSet::new();
         for (k, w) in &self.writes {

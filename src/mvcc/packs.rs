@@ -62,6 +62,12 @@ pub fn pack_key(rev: i64, part: u32) -> [u8; 13] {
     out
 }
 
+/// A packed version's history record key as the places hold it: up to 32
+/// bytes (a key of up to 21) inside the B-tree's node, where a lookup
+/// compares it without following a pointer elsewhere in memory (see
+/// [`super::IndexKey`]).
+pub type PlaceKey = smallvec::SmallVec<[u8; 32]>;
+
 /// Where a packed version is: its pack, and the entry's offset in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Loc {
@@ -88,7 +94,7 @@ pub struct Packing {
     /// Finished packs: record key and value.
     pub records: Vec<([u8; 13], Vec<u8>)>,
     /// Each packed version's history record key and place.
-    pub places: Vec<(Box<[u8]>, Loc)>,
+    pub places: Vec<(PlaceKey, Loc)>,
     open: Option<(i64, Vec<u8>)>,
 }
 
@@ -110,7 +116,7 @@ impl Packing {
             buf.extend_from_slice(&(part.len() as u32).to_be_bytes());
             buf.extend_from_slice(part);
         }
-        self.places.push((rec.into(), Loc { rev: *first, part, at }));
+        self.places.push((PlaceKey::from_slice(rec), Loc { rev: *first, part, at }));
         if buf.len() >= PACK_BYTES {
             self.close();
         }
@@ -167,16 +173,18 @@ fn pack_rev(key: &[u8]) -> Result<(i64, u32)> {
     Ok((u64::from_be_bytes(rev) as i64, u32::from_be_bytes(part)))
 }
 
-/// Packed versions a store keeps at most. Each costs its place in memory
-/// (about 80 bytes for a key of 16 bytes, see docs/performance.md); past
-/// this many, each commit unpacks the oldest packs ([`Packs::over`]), so
-/// that memory stays bounded however long history grows uncompacted.
-pub const MAX_PACKED: usize = 1_000_000;
+/// Packed versions a store keeps at most. Each costs its place in memory:
+/// 82–110 bytes for a key of 16 bytes by `tests/index_bytes.rs`, about 200
+/// of a member's resident memory (docs/performance.md), so half a million
+/// of them take about 100 MB. Past this many, each commit unpacks the
+/// oldest packs ([`Packs::over`]): memory stays bounded however long
+/// history grows uncompacted.
+pub const MAX_PACKED: usize = 500_000;
 
 /// Where each packed version of a store is, by history record key.
 #[derive(Debug)]
 pub struct Packs {
-    places: RwLock<BTreeMap<Box<[u8]>, Loc>>,
+    places: RwLock<BTreeMap<PlaceKey, Loc>>,
     max: usize,
 }
 
@@ -203,11 +211,11 @@ impl Packs {
         self.len().saturating_sub(self.max).min(2 * packed + 1024)
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<Box<[u8]>, Loc>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<PlaceKey, Loc>> {
         self.places.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<Box<[u8]>, Loc>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<PlaceKey, Loc>> {
         self.places.write().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -218,7 +226,7 @@ impl Packs {
             let (key, pack) = item?;
             let (rev, part) = pack_rev(&key)?;
             for (at, rec, _) in entries(&pack)? {
-                places.insert(Box::from(&pack[rec]), Loc { rev, part, at });
+                places.insert(PlaceKey::from_slice(&pack[rec]), Loc { rev, part, at });
             }
         }
         *self.write() = places;
@@ -236,7 +244,7 @@ impl Packs {
     }
 
     /// Records the places of versions whose packs are now in the tree.
-    pub fn add(&self, places: Vec<(Box<[u8]>, Loc)>) {
+    pub fn add(&self, places: Vec<(PlaceKey, Loc)>) {
         if places.is_empty() {
             return;
         }
@@ -259,11 +267,11 @@ impl Packs {
     }
 
     /// Up to `n` places from `from` on, below `to`.
-    fn chunk(&self, from: Bound<&[u8]>, to: Bound<&[u8]>, n: usize) -> Vec<(Box<[u8]>, Loc)> {
+    fn chunk(&self, from: Bound<&[u8]>, to: Bound<&[u8]>, n: usize) -> Vec<(PlaceKey, Loc)> {
         self.read().range::<[u8], _>((from, to)).take(n).map(|(k, l)| (k.clone(), *l)).collect()
     }
 
-    fn last_in(&self, from: &[u8], to: &[u8]) -> Option<(Box<[u8]>, Loc)> {
+    fn last_in(&self, from: &[u8], to: &[u8]) -> Option<(PlaceKey, Loc)> {
         self.read()
             .range::<[u8], _>((Bound::Included(from), Bound::Excluded(to)))
             .next_back()
@@ -366,8 +374,8 @@ pub struct Range<'a> {
     /// Where the next chunk starts.
     from: Bound<Vec<u8>>,
     to: Bound<Vec<u8>>,
-    packed: std::vec::IntoIter<(Box<[u8]>, Loc)>,
-    next_packed: Option<(Box<[u8]>, Loc)>,
+    packed: std::vec::IntoIter<(PlaceKey, Loc)>,
+    next_packed: Option<(PlaceKey, Loc)>,
     records: Option<std::iter::Peekable<sled::Iter>>,
     /// The end of the chunk being read (inclusive), None once the chunk
     /// reaches `to`.
