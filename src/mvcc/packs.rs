@@ -174,12 +174,13 @@ fn pack_rev(key: &[u8]) -> Result<(i64, u32)> {
 }
 
 /// Packed versions a store keeps at most. Each costs its place in memory:
-/// 82–110 bytes for a key of 16 bytes by `tests/index_bytes.rs`, about 200
-/// of a member's resident memory (docs/performance.md), so half a million
-/// of them take about 100 MB. Past this many, each commit unpacks the
-/// oldest packs ([`Packs::over`]): memory stays bounded however long
-/// history grows uncompacted.
-pub const MAX_PACKED: usize = 500_000;
+/// 82–110 bytes for a key of 16 bytes by `tests/index_bytes.rs` (a
+/// member's resident memory grew by 40–210 bytes per place in the runs of
+/// docs/performance.md), so a million of them take about 100 MB. Past
+/// this many, each commit unpacks the oldest packs ([`Packs::over`]):
+/// memory stays bounded however long history grows uncompacted, and puts
+/// then cost a record per version again.
+pub const MAX_PACKED: usize = 1_000_000;
 
 /// Where each packed version of a store is, by history record key.
 #[derive(Debug)]
