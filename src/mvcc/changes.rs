@@ -25,11 +25,7 @@ const UPGRADE_RUN: usize = 1024;
 
 /// The record key of the run whose first change is the `sub`-th of `rev`.
 fn run_key(rev: i64, sub: u32) -> [u8; 13] {
-    let mut out = [0u8; 13];
-    out[0] = RUNS;
-    out[1..9].copy_from_slice(&(rev as u64).to_be_bytes());
-    out[9..].copy_from_slice(&sub.to_be_bytes());
-    out
+    super::keys::rev_key(RUNS, rev, sub)
 }
 
 /// Changes made since the last run was sealed.
@@ -186,10 +182,8 @@ pub fn upgrade(tree: &sled::Tree) -> Result<()> {
     let mut in_run = 0;
     for item in tree.scan_prefix([OLD_CHANGES]) {
         let (rec, key) = item?;
-        let corrupt = || StoreError::corrupt("revision record key");
-        let rev: [u8; 8] = rec.get(1..9).and_then(|b| b.try_into().ok()).ok_or_else(corrupt)?;
-        let sub: [u8; 4] = rec.get(9..13).and_then(|b| b.try_into().ok()).ok_or_else(corrupt)?;
-        run.push(u64::from_be_bytes(rev) as i64, u32::from_be_bytes(sub), &key);
+        let (rev, sub) = super::keys::parse_rev_key(&rec).ok_or_else(|| StoreError::corrupt("revision record key"))?;
+        run.push(rev, sub, &key);
         batch.remove(rec);
         in_run += 1;
         if in_run == UPGRADE_RUN {

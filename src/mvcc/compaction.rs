@@ -76,10 +76,13 @@ pub struct StepDone {
     pub unpacked: Vec<sled::IVec>,
 }
 
-/// Packs a step unpacks: each pack, and which of its versions go.
+/// A pack's versions (history record key and value), and which of them go.
+type Unpacked = (Vec<(sled::IVec, sled::IVec)>, BTreeSet<sled::IVec>);
+
+/// Packs a step unpacks, by record key.
 #[derive(Default)]
 struct Unpacking {
-    packs: BTreeMap<[u8; 13], (sled::IVec, BTreeSet<sled::IVec>)>,
+    packs: BTreeMap<[u8; 13], Unpacked>,
     /// Versions in those packs.
     versions: usize,
 }
@@ -90,8 +93,9 @@ impl Unpacking {
         if !self.packs.contains_key(&pack) {
             // Only compaction removes a pack, one step at a time.
             let value = tree.get(pack)?.ok_or_else(|| StoreError::inconsistent("a pack being compacted is gone"))?;
-            self.versions += unpack(&value)?.len();
-            self.packs.insert(pack, (value, BTreeSet::new()));
+            let versions = unpack(&value)?;
+            self.versions += versions.len();
+            self.packs.insert(pack, (versions, BTreeSet::new()));
         }
         if let Some((_, gone)) = self.packs.get_mut(&pack) {
             gone.insert(rec);
@@ -101,9 +105,9 @@ impl Unpacking {
 
     /// Adds to `done` the removal of each pack, and a record of its own for
     /// each of its versions that stays.
-    fn finish(self, done: &mut StepDone) -> Result<()> {
-        for (key, (pack, gone)) in self.packs {
-            for (rec, stored) in unpack(&pack)? {
+    fn finish(self, done: &mut StepDone) {
+        for (key, (versions, gone)) in self.packs {
+            for (rec, stored) in versions {
                 if !gone.contains(&rec) {
                     done.batch.insert(&rec, &stored);
                 }
@@ -111,7 +115,6 @@ impl Unpacking {
             }
             done.batch.remove(key);
         }
-        Ok(())
     }
 }
 
@@ -153,11 +156,11 @@ fn compact_history(
             }
         }
         let Some((version, key, r)) = next else {
-            unpacking.finish(done)?;
+            unpacking.finish(done);
             return Ok((read, None));
         };
         if read + unpacking.versions >= limit {
-            unpacking.finish(done)?;
+            unpacking.finish(done);
             return Ok((read, Some(version.rec.to_vec())));
         }
         read += 1;

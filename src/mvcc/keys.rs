@@ -67,6 +67,33 @@ pub fn unescape(buf: &[u8]) -> Option<(Vec<u8>, &[u8])> {
     None
 }
 
+/// A record key ordered by revision: `prefix`, the revision and a sub-index
+/// or part number, big-endian (runs of revision order, packs of history).
+pub fn rev_key(prefix: u8, rev: i64, sub: u32) -> [u8; 13] {
+    let mut out = [0u8; 13];
+    out[0] = prefix;
+    out[1..9].copy_from_slice(&(rev as u64).to_be_bytes());
+    out[9..].copy_from_slice(&sub.to_be_bytes());
+    out
+}
+
+/// The revision and sub-index of a key [`rev_key`] made; `None` if it is
+/// not 13 bytes long.
+pub fn parse_rev_key(key: &[u8]) -> Option<(i64, u32)> {
+    if key.len() != 13 {
+        return None;
+    }
+    let rev: [u8; 8] = key.get(1..9)?.try_into().ok()?;
+    let sub: [u8; 4] = key.get(9..13)?.try_into().ok()?;
+    Some((u64::from_be_bytes(rev) as i64, u32::from_be_bytes(sub)))
+}
+
+/// The revision a history record key ends with.
+pub fn hist_rev(rec: &[u8]) -> Option<i64> {
+    let tail: [u8; 8] = rec.get(rec.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(tail) as i64)
+}
+
 /// The history record key of `key` at revision `rev`.
 pub fn hist_key(key: &[u8], rev: i64) -> Vec<u8> {
     let mut out = Vec::with_capacity(key.len() + 12);

@@ -34,7 +34,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::RwLock;
 
-use super::keys::HIST;
+use super::keys::{hist_rev, parse_rev_key, HIST};
 use super::StoreError;
 use crate::error::Result;
 
@@ -55,11 +55,7 @@ pub const MAX_ENTRY: usize = 1024;
 /// The record key of the `part`-th pack of a group whose first packed
 /// version is at revision `rev`.
 pub fn pack_key(rev: i64, part: u32) -> [u8; 13] {
-    let mut out = [0u8; 13];
-    out[0] = PACKED;
-    out[1..9].copy_from_slice(&(rev as u64).to_be_bytes());
-    out[9..].copy_from_slice(&part.to_be_bytes());
-    out
+    super::keys::rev_key(PACKED, rev, part)
 }
 
 /// A packed version's history record key as the places hold it: up to 32
@@ -82,12 +78,6 @@ impl Loc {
     }
 }
 
-/// The revision a history record key ends with.
-fn rev_of(rec: &[u8]) -> Option<i64> {
-    let tail: [u8; 8] = rec.get(rec.len().checked_sub(8)?..)?.try_into().ok()?;
-    Some(u64::from_be_bytes(tail) as i64)
-}
-
 /// Packs being written: the records and where each version is in them.
 #[derive(Debug, Default)]
 pub struct Packing {
@@ -102,13 +92,13 @@ impl Packing {
     /// Whether a version's history record `rec` with value `stored` goes
     /// in a pack.
     pub fn fits(rec: &[u8], stored: &[u8]) -> bool {
-        rec.first() == Some(&HIST) && rec.len() + stored.len() <= MAX_ENTRY && rev_of(rec).is_some()
+        rec.first() == Some(&HIST) && rec.len() + stored.len() <= MAX_ENTRY && hist_rev(rec).is_some()
     }
 
     /// Adds a version (one that [`Packing::fits`]); versions come in the
     /// order of their revisions.
     pub fn push(&mut self, rec: &[u8], stored: &[u8]) {
-        let rev = rev_of(rec).unwrap_or_default();
+        let rev = hist_rev(rec).unwrap_or_default();
         let part = self.records.len() as u32;
         let (first, buf) = self.open.get_or_insert_with(|| (rev, Vec::with_capacity(PACK_BYTES + MAX_ENTRY)));
         let at = buf.len() as u32;
@@ -153,24 +143,14 @@ fn entries(pack: &[u8]) -> Result<Vec<Entry>> {
     let mut at = 0usize;
     while at < pack.len() {
         let (rec, stored) = entry_at(pack, at).ok_or_else(|| StoreError::corrupt("history pack"))?;
-        if pack.get(rec.start) != Some(&HIST) || rev_of(&pack[rec.clone()]).is_none() {
+        if pack.get(rec.start) != Some(&HIST) || hist_rev(&pack[rec.clone()]).is_none() {
             return Err(StoreError::corrupt("history pack entry").into());
         }
-        out.push((at as u32, rec, stored.clone()));
+        let offset = u32::try_from(at).map_err(|_| StoreError::corrupt("history pack longer than 4 GiB"))?;
+        out.push((offset, rec, stored.clone()));
         at = stored.end;
     }
     Ok(out)
-}
-
-/// The first revision a pack's record key names.
-fn pack_rev(key: &[u8]) -> Result<(i64, u32)> {
-    let corrupt = || StoreError::corrupt("history pack key");
-    let rev: [u8; 8] = key.get(1..9).and_then(|b| b.try_into().ok()).ok_or_else(corrupt)?;
-    let part: [u8; 4] = key.get(9..13).and_then(|b| b.try_into().ok()).ok_or_else(corrupt)?;
-    if key.len() != 13 {
-        return Err(corrupt().into());
-    }
-    Ok((u64::from_be_bytes(rev) as i64, u32::from_be_bytes(part)))
 }
 
 /// Packed versions a store keeps at most. Each costs its place in memory:
@@ -225,7 +205,7 @@ impl Packs {
         let mut places = BTreeMap::new();
         for item in tree.scan_prefix([PACKED]) {
             let (key, pack) = item?;
-            let (rev, part) = pack_rev(&key)?;
+            let (rev, part) = parse_rev_key(&key).ok_or_else(|| StoreError::corrupt("history pack key"))?;
             for (at, rec, _) in entries(&pack)? {
                 places.insert(PlaceKey::from_slice(&pack[rec]), Loc { rev, part, at });
             }
@@ -572,10 +552,37 @@ mod tests {
     /// as a kvd before packs did.
     fn commit_plain(files: &Files, store: &mut MvccStore, mut batch: Batch) {
         store.seal(&mut batch);
-        batch.separate_values(&files.values).expect("values");
-        files.values.sync().expect("sync");
-        files.tree.apply_batch(batch.into_sled()).expect("apply");
+        crate::mvcc::tests::commit_to(files, batch);
         store.committed();
+    }
+
+    /// Two stores given the same 30 groups of writes: the first packed
+    /// (at most `max` versions), the second with a record per version.
+    /// The directories last as long as the guards.
+    struct Twins {
+        packed: Files,
+        a: MvccStore,
+        plain: Files,
+        b: MvccStore,
+        _dirs: [tempfile::TempDir; 2],
+    }
+
+    fn twins(max: usize) -> Twins {
+        let ((packed, p), (plain, q)) = (temp_files(), temp_files());
+        let packed = Files { packs: std::sync::Arc::new(Packs::with_max(max)), ..packed };
+        let mut a = MvccStore::open(packed.clone()).expect("open");
+        let mut b = MvccStore::open(plain.clone()).expect("open");
+        write_groups(&packed, &mut a, 0..30, true);
+        write_groups(&plain, &mut b, 0..30, false);
+        Twins { packed, a, plain, b, _dirs: [p, q] }
+    }
+
+    /// The store in `files` opened again, as at a start: the places read
+    /// from the packs into places of their own, which keep at most `max`.
+    fn reopen(files: &Files, max: usize) -> (Files, MvccStore) {
+        let files = Files { packs: std::sync::Arc::new(Packs::with_max(max)), ..files.clone() };
+        let store = MvccStore::open(files.clone()).expect("reopen");
+        (files, store)
     }
 
     /// A value of `len` bytes that says which write it is.
@@ -667,11 +674,7 @@ mod tests {
 
     #[test]
     fn a_packed_store_reads_as_one_with_a_record_per_version() {
-        let ((packed, _p), (plain, _q)) = (temp_files(), temp_files());
-        let mut a = MvccStore::open(packed.clone()).expect("open");
-        let mut b = MvccStore::open(plain.clone()).expect("open");
-        write_groups(&packed, &mut a, 0..30, true);
-        write_groups(&plain, &mut b, 0..30, false);
+        let Twins { packed, a, plain, b, _dirs } = twins(MAX_PACKED);
         assert!(packed.packs.len() > 400, "{} versions packed", packed.packs.len());
         assert!(plain.packs.is_empty());
         assert!(packed.tree.len() < plain.tree.len() / 3, "{} records against {}", packed.tree.len(), plain.tree.len());
@@ -690,19 +693,14 @@ mod tests {
         }
         // Opened again, the places come from the packs.
         let places = packed.packs.len();
-        let reopened_files = Files::new(packed.tree.clone(), packed.values.clone());
-        let reopened = MvccStore::open(reopened_files.clone()).expect("reopen");
+        let (reopened_files, reopened) = reopen(&packed, MAX_PACKED);
         assert_eq!(reopened_files.packs.len(), places);
         same(reads(&reopened_files, &reopened), reads(&plain, &b));
     }
 
     #[test]
     fn compaction_unpacks_what_it_keeps_and_agrees_with_a_store_without_packs() {
-        let ((packed, _p), (plain, _q)) = (temp_files(), temp_files());
-        let mut a = MvccStore::open(packed.clone()).expect("open");
-        let mut b = MvccStore::open(plain.clone()).expect("open");
-        write_groups(&packed, &mut a, 0..30, true);
-        write_groups(&plain, &mut b, 0..30, false);
+        let Twins { packed, mut a, plain, mut b, _dirs } = twins(MAX_PACKED);
         let before = packed.packs.len();
         let rev = a.revision() - 200;
         // Steps of a few versions: packs unpacked across steps.
@@ -726,8 +724,7 @@ mod tests {
         compact(&packed, &mut a, rev, 1000);
         compact(&plain, &mut b, rev, 1000);
         same(reads(&packed, &a), reads(&plain, &b));
-        let reopened_files = Files::new(packed.tree.clone(), packed.values.clone());
-        let reopened = MvccStore::open(reopened_files.clone()).expect("reopen");
+        let (reopened_files, reopened) = reopen(&packed, MAX_PACKED);
         same(reads(&reopened_files, &reopened), reads(&plain, &b));
     }
 
@@ -754,8 +751,7 @@ mod tests {
             files.tree.apply_batch(c).expect("apply");
         }
         assert!(files.tree.scan_prefix([PACKED]).count() > 3);
-        let reopened_files = Files::new(files.tree.clone(), files.values.clone());
-        let reopened = MvccStore::open(reopened_files.clone()).expect("reopen");
+        let (reopened_files, reopened) = reopen(&files, MAX_PACKED);
         assert_eq!(reopened.revision(), rev);
         assert_eq!(reopened_files.packs.len(), places);
         assert!(reopened.current_kvs(b"n", &RangeEnd::Before(b"o".to_vec())).expect("read").is_empty());
@@ -766,20 +762,14 @@ mod tests {
 
     #[test]
     fn past_the_most_packed_versions_the_oldest_are_unpacked() {
-        let ((packed, _p), (plain, _q)) = (temp_files(), temp_files());
-        let packed = Files { packs: std::sync::Arc::new(Packs::with_max(150)), ..packed };
-        let mut a = MvccStore::open(packed.clone()).expect("open");
-        let mut b = MvccStore::open(plain.clone()).expect("open");
-        write_groups(&packed, &mut a, 0..30, true);
-        write_groups(&plain, &mut b, 0..30, false);
+        let Twins { packed, a, plain, b, _dirs } = twins(150);
         // A group packs at most 20 versions; the bound holds after each.
         assert!((100..=150).contains(&packed.packs.len()), "{} versions packed", packed.packs.len());
         same(reads(&packed, &a), reads(&plain, &b));
         // The newest groups are the ones still packed.
         let oldest = packed.packs.read().values().map(|l| l.rev).min().expect("packed");
         assert!(oldest > a.revision() - 400, "a pack from revision {oldest} of {}", a.revision());
-        let reopened_files = Files { packs: std::sync::Arc::new(Packs::with_max(150)), ..packed.clone() };
-        let reopened = MvccStore::open(reopened_files.clone()).expect("reopen");
+        let (reopened_files, reopened) = reopen(&packed, 150);
         same(reads(&reopened_files, &reopened), reads(&plain, &b));
     }
 

@@ -11,7 +11,7 @@ pub(crate) fn temp_files() -> (Files, tempfile::TempDir) {
 
 /// Commits `batch` to `files` as the commit thread does: values kept apart
 /// first, synced, then the records.
-fn commit_to(files: &Files, mut batch: Batch) {
+pub(crate) fn commit_to(files: &Files, mut batch: Batch) {
     batch.separate_values(&files.values).expect("values");
     files.values.sync().expect("sync");
     files.tree.apply_batch(batch.into_sled()).expect("apply");

@@ -16,7 +16,7 @@ use super::{ALARMS, APPLIED, ATTRS, MEMBERSHIP, STATE_TREES};
 use crate::auth::AUTH;
 use crate::error::Error;
 use crate::mvcc::changes::{OLD_CHANGES, RUNS};
-use crate::mvcc::keys::{meta_key, HIST, LEASE, META};
+use crate::mvcc::keys::{hist_rev, meta_key, parse_rev_key, HIST, LEASE, META};
 use crate::mvcc::packs::PACKED;
 use crate::mvcc::values::{decode_whole, whole_len, whole_record};
 use crate::mvcc::Batch;
@@ -222,12 +222,11 @@ pub(super) fn each_changeable_record(
 /// at: the last eight bytes of a history record's key, the eight after the
 /// prefix of a run's (its first change; a run holds one committed group).
 fn written_at(k: &[u8]) -> Option<i64> {
-    let rev: &[u8] = match k.first() {
-        Some(&HIST) => k.get(k.len().checked_sub(8)?..)?,
-        Some(&RUNS) | Some(&PACKED) => k.get(1..9)?,
-        _ => return None,
-    };
-    Some(u64::from_be_bytes(rev.try_into().ok()?) as i64)
+    match k.first() {
+        Some(&HIST) => hist_rev(k),
+        Some(&RUNS) | Some(&PACKED) => parse_rev_key(k).map(|(rev, _)| rev),
+        _ => None,
+    }
 }
 
 /// The state tree as it stood between two commits, for a copy made while
