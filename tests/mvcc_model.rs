@@ -175,18 +175,18 @@ fn value_of(v: u8) -> Vec<u8> {
     vec![v; if v % 2 == 1 { kvd::mvcc::values::SEPARATE_FROM } else { 1 }]
 }
 
-/// After compaction at `rev`, history below `rev` holds only each key's
-/// newest version, and only if that version is live.
+/// After compaction at `rev`, history at or below `rev` holds only each
+/// key's newest version, and only if that version is live.
 fn check_no_dead_history(files: &Files, rev: i64) {
     let mut seen = std::collections::BTreeSet::new();
     for item in files.history().all() {
         let version = item.unwrap();
         let (k, v) = (version.rec, version.stored);
         let (key, r) = kvd::mvcc::keys::parse_hist_key(&k).expect("history key");
-        if r < rev {
+        if r <= rev {
             let kv = kvd::mvcc::values::Stored::decode(v.as_ref()).unwrap().kv;
-            assert!(kv.version != 0, "a deleted version below the compacted revision survived: {key:?}@{r}");
-            assert!(seen.insert(key.clone()), "two versions of {key:?} below the compacted revision survived");
+            assert!(kv.version != 0, "a deleted version at or below the compacted revision survived: {key:?}@{r}");
+            assert!(seen.insert(key.clone()), "two versions of {key:?} at or below the compacted revision survived");
         }
     }
 }

@@ -118,7 +118,7 @@ impl Unpacking {
     }
 }
 
-/// Adds to `batch` the removal of every version older than `rev` that was
+/// Adds to `batch` the removal of every version at or below `rev` that was
 /// replaced or deleted by revision `rev`, reading history from `from` on,
 /// at most `limit` versions, those of the packs it unpacks included (see
 /// [`super::packs`]). Returns how many it read and the record key to go on
@@ -130,10 +130,12 @@ fn compact_history(
     limit: usize,
     done: &mut StepDone,
 ) -> Result<(usize, Option<Vec<u8>>)> {
-    // History is sorted by key, then revision: a version older than `rev`
+    // History is sorted by key, then revision: a version at or below `rev`
     // goes if the next record is a version of the same key at or before
-    // `rev`, or if it is the newest such and a deletion. A step that stops
-    // has decided every record before the one it stops at.
+    // `rev`, or if it is the newest such and a deletion (a deletion at
+    // `rev` itself included, as etcd removes it: its event is still
+    // replayed from the run at `rev`, see `MvccStore::history_events`). A
+    // step that stops has decided every record before the one it stops at.
     let mut records =
         history.range(Bound::Included(from.to_vec()), Bound::Excluded(vec![keys::HIST + 1])).map(|item| -> Result<_> {
             let version = item?;
@@ -164,15 +166,15 @@ fn compact_history(
             return Ok((read, Some(version.rec.to_vec())));
         }
         read += 1;
-        if r < rev {
+        if r <= rev {
             older = Some((version, key));
         }
     }
 }
 
-/// Whether compaction at `rev` removes `value`, a version of `key` older
-/// than `rev`, given the history record after it (its key and revision), if
-/// any: it does if that is a later version of the same key at or before
+/// Whether compaction at `rev` removes `value`, a version of `key` at or
+/// below `rev`, given the history record after it (its key and revision),
+/// if any: it does if that is a later version of the same key at or before
 /// `rev`, or if the version is a deletion.
 pub(super) fn compacted_away(key: &[u8], value: &[u8], next: Option<(&[u8], i64)>, rev: i64) -> Result<bool> {
     let superseded = next.is_some_and(|(k, r)| k == key && r <= rev);
@@ -182,10 +184,12 @@ pub(super) fn compacted_away(key: &[u8], value: &[u8], next: Option<(&[u8], i64)
 impl MvccStore {
     /// Compacts at `rev`: from now on, reads and watches below `rev` are
     /// refused. The history no read at or after `rev` can see (every version
-    /// older than `rev` that was replaced or deleted by revision `rev`) is
-    /// removed afterwards, in steps ([`MvccStore::compaction_step`]), so
-    /// that applying does not wait for it; until then it is left where no
-    /// read looks. Versions at `rev` itself are kept whole.
+    /// at or below `rev` that was replaced or deleted by revision `rev`,
+    /// the deletions at `rev` itself included) is removed afterwards, in
+    /// steps ([`MvccStore::compaction_step`]), so that applying does not
+    /// wait for it; until then it is left where no read looks. The
+    /// revision-order run at `rev` stays, so a watch from `rev` still
+    /// replays every event at `rev`.
     pub fn compact(&mut self, rev: i64, batch: &mut Batch) -> Result<()> {
         if rev <= self.compacted {
             return Err(Error::Compacted);

@@ -7,8 +7,8 @@ use super::{Files, StoreError};
 use crate::error::Result;
 
 /// A hash of the history that reads at revisions `compacted` to `rev` can
-/// see: every version from `compacted` to `rev`, and each key's newest
-/// version before `compacted` unless that is a deletion. That is what stays
+/// see: every version after `compacted` up to `rev`, and each key's newest
+/// version at or before `compacted` unless that is a deletion. That is what stays
 /// once compaction at `compacted` has removed what it removes, whether it has
 /// yet or not, so members that applied the same entries agree on it. CRC-32
 /// over each such history record's key and value, each preceded by its
@@ -27,7 +27,7 @@ pub fn hash_history(files: &Files, compacted: i64, rev: i64) -> Result<u32> {
         }
         Ok(())
     };
-    // The versions before `compacted` that compaction keeps (see
+    // The versions at or before `compacted` that compaction keeps (see
     // `compact_history`), decided once the record after each is read.
     let mut older: Option<(sled::IVec, Vec<u8>, sled::IVec)> = None;
     for item in files.history().all() {
@@ -39,7 +39,7 @@ pub fn hash_history(files: &Files, compacted: i64, rev: i64) -> Result<u32> {
                 add(&old_rec, &old_value)?;
             }
         }
-        if r < compacted {
+        if r <= compacted {
             older = Some((rec, key, value));
         } else if r <= rev {
             add(&rec, &value)?;

@@ -359,6 +359,11 @@ impl MvccStore {
             }
             let kv = match history.get(&keys::hist_key(k, rev))? {
                 Some(v) => load_kv(&v, values)?,
+                // Compaction at `rev` removes only the deletions at `rev`
+                // (a version written at the compacted revision is the
+                // newest there, and kept unless it is a deletion); the
+                // event is what the deletion wrote.
+                None if rev == self.compacted => KeyValue { key: k.to_vec(), mod_revision: rev, ..Default::default() },
                 None => return Err(Error::Compacted),
             };
             let prev_kv = if with_prev { self.prev_version(k, rev)? } else { None };

@@ -426,3 +426,74 @@ fn keys_held_in_the_index_and_apart_from_it_keep_one_order() {
         .collect();
     assert_eq!(from, vec![vec![b'k'; 24], [vec![b'k'; 24], vec![0]].concat(), vec![b'k'; 25]]);
 }
+
+#[test]
+fn deletions_at_the_compacted_revision_are_removed_and_still_replayed() {
+    use keys::RangeEnd;
+    let (files, _dir) = temp_files();
+    let mut store = MvccStore::open(files.clone()).expect("open");
+    let commit = |store: &mut MvccStore, mut batch: Batch| {
+        store.seal(&mut batch);
+        commit_to(&files, batch);
+    };
+    let mut w = store.write();
+    for k in ["a", "b", "c"] {
+        w.put(k.as_bytes(), b"1".to_vec(), 0);
+    }
+    let batch = w.finish().0;
+    commit(&mut store, batch);
+    let mut w = store.write();
+    w.put(b"b", b"2".to_vec(), 0);
+    let batch = w.finish().0;
+    commit(&mut store, batch);
+    // One revision deletes a and b and writes c again.
+    let mut w = store.write();
+    w.delete_range(b"a", &RangeEnd::Before(b"c".to_vec()), false).expect("delete");
+    w.put(b"c", b"3".to_vec(), 0);
+    let batch = w.finish().0;
+    commit(&mut store, batch);
+    let rev = store.revision();
+    let all = RangeEnd::Unbounded;
+    let replay = |store: &MvccStore| store.history_events(b"\0", &all, rev, rev, usize::MAX, true).expect("replay");
+    let mut batch = Batch::default();
+    store.compact(rev, &mut batch).expect("compact");
+    commit(&mut store, batch);
+    // Compacted, not yet removed: previous versions are out of sight.
+    let (before, _) = replay(&store);
+    assert_eq!(before.len(), 3, "{before:?}");
+    assert!(before.iter().all(|e| e.prev_kv.is_none()));
+    let hash = hash_history(&files, rev, rev).expect("hash");
+    while let Some(step) = store.compaction_step() {
+        let done = step.run(&files, 2).expect("step");
+        files.tree.apply_batch(done.batch.into_sled()).expect("apply");
+        store.freed(done.freed);
+        store.compaction_stepped(&step, done.next);
+    }
+    // Gone: a's first version and its tombstone, b's two versions and its
+    // tombstone, c's first version. What stays of history is c at `rev`;
+    // the run at `rev` stays too.
+    let left: Vec<_> =
+        files.history().all().map(|v| keys::parse_hist_key(&v.expect("version").rec).expect("key")).collect();
+    assert_eq!(left, vec![(b"c".to_vec(), rev)]);
+    let mut runs = Vec::new();
+    changes::walk(&files.tree, rev, rev, |r, k| {
+        runs.push((r, k.to_vec()));
+        Ok(true)
+    })
+    .expect("walk");
+    assert_eq!(runs.len(), 3, "the run at the compacted revision lists its three changes");
+    // Reads at the compacted revision, the hash and a watch from it are as
+    // before the records went.
+    assert_eq!(store.at_revision(b"\0", &all, rev).expect("read").len(), 1);
+    assert_eq!(hash_history(&files, rev, rev).expect("hash"), hash);
+    let (after, _) = replay(&store);
+    assert_eq!(after, before);
+    let deleted: Vec<_> = after
+        .iter()
+        .filter(|e| e.r#type == EventType::Delete as i32)
+        .map(|e| e.kv.as_ref().map(|kv| (kv.key.clone(), kv.mod_revision, kv.version)))
+        .collect();
+    assert_eq!(deleted, vec![Some((b"a".to_vec(), rev, 0)), Some((b"b".to_vec(), rev, 0))]);
+    // Below it, a watch is refused as before.
+    assert_eq!(store.history_events(b"\0", &all, rev - 1, rev, usize::MAX, false), Err(Error::Compacted));
+}
