@@ -85,8 +85,9 @@ fn reclaim_values(shared: &Shared, waiting: Option<Instant>) -> Option<Instant> 
             "the value file is mostly removed values, and another member has been defragmenting for as long as this member waits at most: defragmenting all the same"
         );
     }
-    match shared.defragment_now() {
-        Ok(_) => shared.want_snapshot(),
+    match shared.defragment_if(|s| s.values_worth_reclaiming(RECLAIM_FLOOR_BYTES)) {
+        Ok(Some(_)) => shared.want_snapshot(),
+        Ok(None) => tracing::info!("a defragment that ran meanwhile gave the space of removed values back"),
         // Tried again after the next compaction.
         Err(e) => tracing::warn!(error = %e, "defragment to give back the space of removed values failed"),
     }

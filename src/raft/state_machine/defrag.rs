@@ -112,6 +112,29 @@ impl Shared {
     pub(in crate::raft) fn defragment_now(&self) -> Result<Defragmented, Error> {
         let _claim = self.claim_defragment();
         let _changing = self.changing_db();
+        self.defragment_holding_the_db()
+    }
+
+    /// Defragments, as [`Shared::defragment_now`], if `still_worth` says so
+    /// once no other defragment of this member is under way; `None` if it
+    /// did not. A defragment decided while another ran (one an operator
+    /// asked for, say) may find its work done by the time it may begin:
+    /// at 1,000,000 keys a member's own defragment that followed one asked
+    /// for wrote a second database for nothing.
+    pub(in crate::raft) fn defragment_if(
+        &self,
+        still_worth: impl FnOnce(&Self) -> bool,
+    ) -> Result<Option<Defragmented>, Error> {
+        let _claim = self.claim_defragment();
+        let _changing = self.changing_db();
+        if !still_worth(self) {
+            return Ok(None);
+        }
+        self.defragment_holding_the_db().map(Some)
+    }
+
+    /// The defragment itself; the caller holds [`Shared::changing_db`].
+    fn defragment_holding_the_db(&self) -> Result<Defragmented, Error> {
         let before = self.size_on_disk();
         let old = self.db();
         let (in_use, other) = db_dirs(&self.dir)?;

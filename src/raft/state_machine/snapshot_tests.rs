@@ -672,3 +672,45 @@ async fn a_backup_waits_for_work_that_waits_for_the_copies() {
     bounded(backup).await.expect("join").expect("backup");
     assert_eq!((waiter_at.load(Ordering::SeqCst), backup_at.load(Ordering::SeqCst)), (1, 2));
 }
+
+#[tokio::test]
+async fn a_defragment_decided_while_another_ran_begins_only_if_still_worth_it() {
+    let (dir, _db, sm) = loaded().await;
+    let shared = sm.shared();
+    let all = |shared: &Shared| {
+        let end = crate::mvcc::keys::RangeEnd::Unbounded;
+        shared.read().store.current_kvs(b"\0", &end).expect("read")
+    };
+    let kvs = all(&shared);
+    assert_eq!(kvs.len(), 600);
+    let in_use = || db_dir::db_dirs(dir.path()).expect("dirs").0;
+    let before = in_use();
+    // Asked once no other defragment holds the database, and found not
+    // worth it any more: nothing is written.
+    let asked = {
+        let shared = shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut held = false;
+            let done = shared
+                .defragment_if(|s| {
+                    held = s.db_change.try_lock().is_err();
+                    false
+                })
+                .expect("defragment");
+            (done.is_none(), held)
+        })
+    };
+    let (skipped, held) = asked.await.expect("join");
+    assert!(skipped, "not worth it: no defragment");
+    assert!(held, "asked while holding the database");
+    assert_eq!(in_use(), before);
+    assert!(!dir.path().join(db_dir::DB_DIRS[1]).exists(), "no second database begun");
+    // Still worth it: it defragments.
+    let done = {
+        let shared = shared.clone();
+        tokio::task::spawn_blocking(move || shared.defragment_if(|_| true).expect("defragment"))
+    };
+    assert!(done.await.expect("join").is_some());
+    assert_ne!(in_use(), before);
+    assert_eq!(all(&shared), kvs);
+}
