@@ -2,8 +2,8 @@
 //!
 //! History records are sorted by key, so a watch that replays history needs a
 //! second order to walk revisions in. Changes are recorded in runs: one record
-//! per group of writes the state machine commits to sled together, not one per
-//! change. A sled insert costs about as much as a put's history record, and a
+//! per group of writes the state machine commits to sled together (or per
+//! [`RUN_BYTES`] of it), not one per change. A sled insert costs about as much as a put's history record, and a
 //! record per change took a seventh of each member's CPU under load.
 //!
 //! A run's record key is `s` + the revision and sub-index of its first change;
@@ -54,18 +54,22 @@ impl Run {
         self.encoded.extend_from_slice(&(key.len() as u32).to_be_bytes());
         self.encoded.extend_from_slice(key);
         if self.encoded.len() >= RUN_BYTES {
-            if let Some((rev, sub)) = self.first.take() {
-                self.cut.push((run_key(rev, sub), std::mem::take(&mut self.encoded)));
-            }
+            self.cut_here();
+        }
+    }
+
+    /// Ends the open run, if it holds any change: the next change starts
+    /// another.
+    fn cut_here(&mut self) {
+        if let Some((rev, sub)) = self.first.take() {
+            self.cut.push((run_key(rev, sub), std::mem::take(&mut self.encoded)));
         }
     }
 
     /// Adds the records of the runs made since the last call to `batch`, and
     /// starts a new run. Returns their bytes.
     pub fn seal(&mut self, batch: &mut Batch) -> u64 {
-        if let Some((rev, sub)) = self.first.take() {
-            self.cut.push((run_key(rev, sub), std::mem::take(&mut self.encoded)));
-        }
+        self.cut_here();
         let mut bytes = 0;
         for (key, value) in self.cut.drain(..) {
             bytes += (key.len() + value.len()) as u64;
@@ -285,10 +289,10 @@ mod tests {
         let runs: Vec<_> = tree.scan_prefix([RUNS]).map(|r| r.expect("run")).collect();
         assert!(runs.len() >= 5000 * 112 / RUN_BYTES, "{} runs", runs.len());
         assert!(runs.iter().all(|(_, v)| v.len() < RUN_BYTES + 112), "a run past its bound");
-        let want = |from: u32| (from..5000).map(|i| (3, key(i))).chain([(4, b"after".to_vec())]).collect::<Vec<_>>();
+        let want: Vec<_> = (0..5000).map(|i| (3, key(i))).chain([(4, b"after".to_vec())]).collect();
         // From the revision, from the one before, and through the runs.
-        assert_eq!(changes(&tree, 3, 4), want(0));
-        assert_eq!(changes(&tree, 2, 4)[1..], want(0)[..]);
+        assert_eq!(changes(&tree, 3, 4), want);
+        assert_eq!(changes(&tree, 2, 4)[1..], want[..]);
         assert_eq!(changes(&tree, 4, 9), vec![(4, b"after".to_vec())]);
         assert_eq!(changes(&tree, 3, 3).len(), 5000);
         // Compaction at 4 keeps what reaches 4, and removes the rest.

@@ -17,6 +17,13 @@ pub(crate) fn commit_to(files: &Files, mut batch: Batch) {
     files.tree.apply_batch(batch.into_sled()).expect("apply");
 }
 
+/// Seals `batch`'s run of changes and commits it to `files`, as the state
+/// machine does with a group.
+fn seal_and_commit(files: &Files, store: &mut MvccStore, mut batch: Batch) {
+    store.seal(&mut batch);
+    commit_to(files, batch);
+}
+
 fn write(store: &mut MvccStore, value: &str) -> Batch {
     let mut w = store.write();
     w.put(b"k", value.as_bytes().to_vec(), 0);
@@ -176,14 +183,10 @@ fn a_store_rebuilt_from_its_records_is_the_store_opened_from_its_tree() {
     use keys::RangeEnd;
     let (files, _dir) = temp_files();
     let mut store = MvccStore::open(files.clone()).expect("open");
-    let commit = |store: &mut MvccStore, mut batch: Batch| {
-        store.seal(&mut batch);
-        commit_to(&files, batch);
-    };
     let mut batch = Batch::default();
     assert!(store.grant_lease(7, 60, &mut batch));
     assert!(store.grant_lease(9, 30, &mut batch));
-    commit(&mut store, batch);
+    seal_and_commit(&files, &mut store, batch);
     for round in 0..3 {
         let mut w = store.write();
         for i in 0..50 {
@@ -193,20 +196,20 @@ fn a_store_rebuilt_from_its_records_is_the_store_opened_from_its_tree() {
             w.put(format!("k{i:02}").as_bytes(), value.into_bytes(), lease);
         }
         let (batch, _) = w.finish();
-        commit(&mut store, batch);
+        seal_and_commit(&files, &mut store, batch);
     }
     // Deleted keys, one of them written again, and history compacted.
     let mut w = store.write();
     w.delete_range(b"k1", &RangeEnd::Before(b"k2".to_vec()), false).expect("delete");
     let (batch, _) = w.finish();
-    commit(&mut store, batch);
+    seal_and_commit(&files, &mut store, batch);
     let mut w = store.write();
     w.put(b"k15", b"again".to_vec(), 9);
     let (batch, _) = w.finish();
-    commit(&mut store, batch);
+    seal_and_commit(&files, &mut store, batch);
     let mut batch = Batch::default();
     store.compact(store.revision() - 2, &mut batch).expect("compact");
-    commit(&mut store, batch);
+    seal_and_commit(&files, &mut store, batch);
     let (rebuilt, opened, _copy) = rebuilt_copy(&files);
     assert_same(&rebuilt, &opened);
     // And both are the store that wrote the records.
@@ -432,32 +435,28 @@ fn deletions_at_the_compacted_revision_are_removed_and_still_replayed() {
     use keys::RangeEnd;
     let (files, _dir) = temp_files();
     let mut store = MvccStore::open(files.clone()).expect("open");
-    let commit = |store: &mut MvccStore, mut batch: Batch| {
-        store.seal(&mut batch);
-        commit_to(&files, batch);
-    };
     let mut w = store.write();
     for k in ["a", "b", "c"] {
         w.put(k.as_bytes(), b"1".to_vec(), 0);
     }
     let batch = w.finish().0;
-    commit(&mut store, batch);
+    seal_and_commit(&files, &mut store, batch);
     let mut w = store.write();
     w.put(b"b", b"2".to_vec(), 0);
     let batch = w.finish().0;
-    commit(&mut store, batch);
+    seal_and_commit(&files, &mut store, batch);
     // One revision deletes a and b and writes c again.
     let mut w = store.write();
     w.delete_range(b"a", &RangeEnd::Before(b"c".to_vec()), false).expect("delete");
     w.put(b"c", b"3".to_vec(), 0);
     let batch = w.finish().0;
-    commit(&mut store, batch);
+    seal_and_commit(&files, &mut store, batch);
     let rev = store.revision();
     let all = RangeEnd::Unbounded;
     let replay = |store: &MvccStore| store.history_events(b"\0", &all, rev, rev, usize::MAX, true).expect("replay");
     let mut batch = Batch::default();
     store.compact(rev, &mut batch).expect("compact");
-    commit(&mut store, batch);
+    seal_and_commit(&files, &mut store, batch);
     // Compacted, not yet removed: previous versions are out of sight.
     let (before, _) = replay(&store);
     assert_eq!(before.len(), 3, "{before:?}");

@@ -220,7 +220,8 @@ pub(super) fn each_changeable_record(
 
 /// The revision a record of one of [`BY_REVISION`]'s prefixes was written
 /// at: the last eight bytes of a history record's key, the eight after the
-/// prefix of a run's (its first change; a run holds one committed group).
+/// prefix of a run's or a pack's (its first change or version; each holds
+/// changes or versions of one committed group only).
 fn written_at(k: &[u8]) -> Option<i64> {
     match k.first() {
         Some(&HIST) => hist_rev(k),
