@@ -30,8 +30,9 @@
 # with plotters) into SCALE_PLOTS; with SCALE_JSON, also writes every figure as
 # JSON lines.
 #
-#   cluster-scripts/scale-vs-etcd.sh --quick   # 10,000 and 50,000 keys; up to 10,000 leases and
-#                                              # watchers; 512 MiB of values in 256 MiB
+#   cluster-scripts/scale-vs-etcd.sh --quick   # 10,000 and 50,000 keys; up to 10,000 leases (kept
+#                                              # alive for 8 s) and watchers; leases of 10 s for
+#                                              # the storm; 512 MiB of values in 256 MiB
 #   cluster-scripts/scale-vs-etcd.sh           # 10,000, 100,000 and 1,000,000 keys; 4 GiB in 1 GiB
 #
 # Settings (environment):
@@ -51,8 +52,10 @@ SIZES=(10000 100000 1000000)
 LEASES=(1000 10000 100000)
 WATCHERS=(1000 10000 50000)
 BIG_MB=4096 BIG_LIMIT_MB=1024
+# Seconds the leases are kept alive for; the TTL of the leases that expire at once.
+LEASE_SECS=20 STORM_TTL=30
 if [ "${1:-}" = "--quick" ]; then SIZES=(10000 50000); LEASES=(1000 10000); WATCHERS=(1000 10000)
-  BIG_MB=512 BIG_LIMIT_MB=256
+  BIG_MB=512 BIG_LIMIT_MB=256 LEASE_SECS=8 STORM_TTL=10
 elif [ -n "${1:-}" ]; then
   echo "usage: $0 [--quick]" >&2; exit 2
 fi
@@ -62,8 +65,9 @@ BIG_MB=${SCALE_BIG_MB:-$BIG_MB} BIG_LIMIT_MB=${SCALE_BIG_LIMIT_MB:-$BIG_LIMIT_MB
 source "$ROOT/cluster-scripts/bench-lib.sh"
 command -v etcd > /dev/null || { echo "etcd is not installed; cluster-scripts/test.sh installs it" >&2; exit 1; }
 if [ -z "${KVD_BIN_DIR:-}" ]; then
+  # The plotter in the same build, which compiles it beside kvd.
   echo "building release binaries..." >&2
-  (cd "$ROOT" && cargo build --release --bins --quiet)
+  (cd "$ROOT" && cargo build --release --bins -p kvd -p kvd-scale-plot --quiet)
 fi
 for b in kvd kvctl; do
   [ -x "$BIN_DIR/$b" ] || { echo "$BIN_DIR/$b is not an executable (KVD_BIN_DIR must hold both kvd and kvctl)" >&2; exit 1; }
@@ -88,9 +92,19 @@ dir_kb() {
   { du -sk "$1" 2> /dev/null || true; } | cut -f1
 }
 
+# Stops every member of a cluster whose data goes next: KILL at once, as
+# nothing of it is measured any more. (On TERM etcd's members took about 7 s
+# to stop, handing leadership to members that were stopping too.)
+discard_all() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2> /dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2> /dev/null || true; done
+  PIDS=()
+}
+
 cleanup() {
   [ -z "${SAMPLER:-}" ] || kill "$SAMPLER" 2> /dev/null || true
-  stop_all 20
+  discard_all
   remove_cgroups
   rm -rf "$WORK"
 }
@@ -256,7 +270,7 @@ for a in range(0, end, 50000): print(json.dumps({'key':k(a),'range_end':k(min(a+
   "${KVCTL[@]}" --command-timeout 600s compaction --physical "$rev" > /dev/null
   "${KVCTL[@]}" --command-timeout 600s defrag > /dev/null
   for i in 0 1 2; do space+=("$(dir_kb "$WORK/$system-${NAMES[$i]}")"); done
-  stop_all 20
+  discard_all
   printf '{"system":"%s","keys":%s,"load":%s,"range":%s,"rss_kb":[%s],"disk_kb":[%s],"restart_ms":%s,"defrag_kb":[%s],"catchup_ms":%s,"catchup_peak_kb":%s}\n' \
     "$system" "$keys" "$load" "$range" "$(IFS=,; echo "${rss[*]}")" "$(IFS=,; echo "${disk[*]}")" "$restart_ms" \
     "$(IFS=,; echo "${space[*]}")" "$CATCHUP_MS" "$CATCHUP_PEAK_KB" >> "$RESULTS"
@@ -275,7 +289,7 @@ writers() {
       --key-size 16 --key-space-size 100000 --val-size 256 --quiet)
     printf '{"system":"%s","writers":%s,"put":%s}\n' "$system" "$clients" "$out" >> "$RESULTS"
   done
-  stop_all 20
+  discard_all
 }
 
 # The largest resident memory of a member, in KiB.
@@ -322,20 +336,20 @@ leases() {
     start "$system"
     echo "[$system] $n leases kept alive" >&2
     start_sampler "$WORK/samples-$system-$n"
-    if ! out=$("${KVCTL[@]}" -w json bench lease-keepalive --leases "$n" --lease-ttl 15 --duration 20s --keepalive-streams 64 \
+    if ! out=$("${KVCTL[@]}" -w json bench lease-keepalive --leases "$n" --lease-ttl 15 --duration "${LEASE_SECS}s" --keepalive-streams 64 \
       --conns 3 --clients 64 --quiet 2> "$WORK/bench.err"); then
       # A system that cannot keep them all alive is a result, not the end of the run.
       stop_sampler
       printf '{"system":"%s","leases":%s,"failed":%s}\n' "$system" "$n" \
         "$(tail -n 1 "$WORK/bench.err" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().strip()))')" >> "$RESULTS"
-      stop_all 20
+      discard_all
       continue
     fi
     stop_sampler
     printf '{"system":"%s","leases":%s,"keepalive":%s,%s}\n' "$system" "$n" "$out" \
       "$(sampled "$WORK/samples-$system-$n" "$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["keepalive_seconds"])')")" \
       >> "$RESULTS"
-    stop_all 20
+    discard_all
   done
 }
 
@@ -345,15 +359,16 @@ storm() {
   rm -rf "$WORK/$system"-*
   start "$system"
   echo "[$system] 10000 leases expiring at once" >&2
-  # The TTL leaves the grants (a lease and a key each) time on a busy machine.
-  if out=$("${KVCTL[@]}" -w json bench lease-expiry --leases 10000 --lease-ttl 30 --rate 200 --conns 3 \
+  # The bench keeps the leases alive while it grants them, so the TTL need
+  # not cover the grants.
+  if out=$("${KVCTL[@]}" -w json bench lease-expiry --leases 10000 --lease-ttl "$STORM_TTL" --rate 200 --conns 3 \
     --clients 64 --quiet 2> "$WORK/bench.err"); then
     printf '{"system":"%s","storm":%s}\n' "$system" "$out" >> "$RESULTS"
   else
     printf '{"system":"%s","storm_failed":%s}\n' "$system" \
       "$(tail -n 1 "$WORK/bench.err" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().strip()))')" >> "$RESULTS"
   fi
-  stop_all 20
+  discard_all
 }
 
 # system: the watchers curve, a fresh cluster per point.
@@ -369,7 +384,7 @@ watchers() {
     stop_sampler
     printf '{"system":"%s","watchers":%s,"watch":%s,%s}\n' "$system" "$n" "$out" \
       "$(sampled "$WORK/samples-$system-w$n" 1)" >> "$RESULTS"
-    stop_all 20
+    discard_all
   done
 }
 
@@ -406,7 +421,7 @@ bigdata() {
   MEM_LIMIT_MB=$BIG_LIMIT_MB
   if ! start "$system" soft; then
     printf '{"system":"%s","big_failed":"did not start within %s MiB"}\n' "$system" "$BIG_LIMIT_MB" >> "$RESULTS"
-    stop_all 20; remove_cgroups; MEM_LIMIT_MB=""
+    discard_all; remove_cgroups; MEM_LIMIT_MB=""
     return
   fi
   for step in 1 2 3 4; do
@@ -442,7 +457,7 @@ bigdata() {
       "$(IFS=,; echo "${hwm[*]}")" "$(IFS=,; echo "${disk[*]}")" "$alive" "$(oom_kills "$system")" "$restart_ms" >> "$RESULTS"
     [ "$alive" -eq 3 ] || break
   done
-  stop_all 20
+  discard_all
   remove_cgroups
   MEM_LIMIT_MB=""
 }
