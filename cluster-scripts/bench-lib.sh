@@ -91,6 +91,17 @@ stop_all() {
   PIDS=()
 }
 
+# Stops every member at once (KILL) and waits until each has exited: for a
+# cluster whose data goes next, where nothing of the stop is measured. On
+# TERM etcd's members take about 7 s to stop, each handing its leadership to
+# members that are stopping too.
+kill_all() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2> /dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2> /dev/null || true; done
+  PIDS=()
+}
+
 # The members' CPU time in clock ticks (user and system), summed.
 cpu_ticks() {
   local pid sum=0

@@ -92,19 +92,9 @@ dir_kb() {
   { du -sk "$1" 2> /dev/null || true; } | cut -f1
 }
 
-# Stops every member of a cluster whose data goes next: KILL at once, as
-# nothing of it is measured any more. (On TERM etcd's members took about 7 s
-# to stop, handing leadership to members that were stopping too.)
-discard_all() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2> /dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2> /dev/null || true; done
-  PIDS=()
-}
-
 cleanup() {
   [ -z "${SAMPLER:-}" ] || kill "$SAMPLER" 2> /dev/null || true
-  discard_all
+  kill_all
   remove_cgroups
   rm -rf "$WORK"
 }
@@ -270,7 +260,7 @@ for a in range(0, end, 50000): print(json.dumps({'key':k(a),'range_end':k(min(a+
   "${KVCTL[@]}" --command-timeout 600s compaction --physical "$rev" > /dev/null
   "${KVCTL[@]}" --command-timeout 600s defrag > /dev/null
   for i in 0 1 2; do space+=("$(dir_kb "$WORK/$system-${NAMES[$i]}")"); done
-  discard_all
+  kill_all
   printf '{"system":"%s","keys":%s,"load":%s,"range":%s,"rss_kb":[%s],"disk_kb":[%s],"restart_ms":%s,"defrag_kb":[%s],"catchup_ms":%s,"catchup_peak_kb":%s}\n' \
     "$system" "$keys" "$load" "$range" "$(IFS=,; echo "${rss[*]}")" "$(IFS=,; echo "${disk[*]}")" "$restart_ms" \
     "$(IFS=,; echo "${space[*]}")" "$CATCHUP_MS" "$CATCHUP_PEAK_KB" >> "$RESULTS"
@@ -289,7 +279,7 @@ writers() {
       --key-size 16 --key-space-size 100000 --val-size 256 --quiet)
     printf '{"system":"%s","writers":%s,"put":%s}\n' "$system" "$clients" "$out" >> "$RESULTS"
   done
-  discard_all
+  kill_all
 }
 
 # The largest resident memory of a member, in KiB.
@@ -342,14 +332,14 @@ leases() {
       stop_sampler
       printf '{"system":"%s","leases":%s,"failed":%s}\n' "$system" "$n" \
         "$(tail -n 1 "$WORK/bench.err" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().strip()))')" >> "$RESULTS"
-      discard_all
+      kill_all
       continue
     fi
     stop_sampler
     printf '{"system":"%s","leases":%s,"keepalive":%s,%s}\n' "$system" "$n" "$out" \
       "$(sampled "$WORK/samples-$system-$n" "$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["keepalive_seconds"])')")" \
       >> "$RESULTS"
-    discard_all
+    kill_all
   done
 }
 
@@ -368,7 +358,7 @@ storm() {
     printf '{"system":"%s","storm_failed":%s}\n' "$system" \
       "$(tail -n 1 "$WORK/bench.err" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().strip()))')" >> "$RESULTS"
   fi
-  discard_all
+  kill_all
 }
 
 # system: the watchers curve, a fresh cluster per point.
@@ -384,7 +374,7 @@ watchers() {
     stop_sampler
     printf '{"system":"%s","watchers":%s,"watch":%s,%s}\n' "$system" "$n" "$out" \
       "$(sampled "$WORK/samples-$system-w$n" 1)" >> "$RESULTS"
-    discard_all
+    kill_all
   done
 }
 
@@ -421,7 +411,7 @@ bigdata() {
   MEM_LIMIT_MB=$BIG_LIMIT_MB
   if ! start "$system" soft; then
     printf '{"system":"%s","big_failed":"did not start within %s MiB"}\n' "$system" "$BIG_LIMIT_MB" >> "$RESULTS"
-    discard_all; remove_cgroups; MEM_LIMIT_MB=""
+    kill_all; remove_cgroups; MEM_LIMIT_MB=""
     return
   fi
   for step in 1 2 3 4; do
@@ -457,7 +447,7 @@ bigdata() {
       "$(IFS=,; echo "${hwm[*]}")" "$(IFS=,; echo "${disk[*]}")" "$alive" "$(oom_kills "$system")" "$restart_ms" >> "$RESULTS"
     [ "$alive" -eq 3 ] || break
   done
-  discard_all
+  kill_all
   remove_cgroups
   MEM_LIMIT_MB=""
 }

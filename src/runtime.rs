@@ -1,4 +1,5 @@
-//! The tokio runtime a member runs on.
+//! The tokio runtime a member runs on, and `kvctl` too (its benchmarks send
+//! many clients' requests on each connection, as members answer them).
 //!
 //! tokio's multi-threaded scheduler runs the task woken last before every
 //! task already queued (its "LIFO slot"). That suits one request passed from
