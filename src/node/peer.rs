@@ -3,6 +3,10 @@
 //! [`super::lease`].) And what any member answers a member that starts on an
 //! empty data directory and asks whether the cluster already knows it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use openraft::error::RaftError;
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
 use serde::{Deserialize, Serialize};
 
 use super::Member;
@@ -10,7 +14,7 @@ use crate::error::Error;
 use crate::raft::leader::{Forwarded, Proposal};
 use crate::raft::network::Rpc;
 use crate::raft::state_machine::{membership_at, MembershipAt};
-use crate::raft::{NodeId, Response};
+use crate::raft::{NodeId, Response, TypeConfig};
 
 /// A starting member's question: what do you know of me?
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -102,7 +106,55 @@ impl ProbeAnswer {
     }
 }
 
+/// The heartbeat to hand a follower's Raft ahead of `rpc`, so that it
+/// applies what the leader committed without first syncing `rpc`'s entries.
+///
+/// openraft 0.9 writes and syncs a request's entries before it runs the rest
+/// of the request (its core waits for the sync), and the leader's commit
+/// index comes with the next entries. Under load a follower therefore
+/// applied entry N only after syncing the entries that came with N's
+/// commit, and a client's write through it, answered once this member has
+/// applied it too, waited for that sync. The heartbeat is what the leader
+/// itself sends between entries: its vote, `rpc`'s `prev_log_id`, no
+/// entries, and the commit index no further than `prev_log_id` (which the
+/// follower's log must hold to take `rpc` at all). So both requests are the
+/// leader's own word, and each keeps Raft's rules. None when `rpc` carries
+/// no entries (it is a heartbeat already) or tells no commit beyond `told`,
+/// which it raises to what `rpc` tells.
+fn commit_ahead(rpc: &AppendEntriesRequest<TypeConfig>, told: &AtomicU64) -> Option<AppendEntriesRequest<TypeConfig>> {
+    let upto = std::cmp::min(rpc.prev_log_id, rpc.leader_commit)?;
+    let before = told.fetch_max(upto.index, Ordering::Relaxed);
+    if rpc.entries.is_empty() || upto.index <= before {
+        return None;
+    }
+    Some(AppendEntriesRequest {
+        vote: rpc.vote,
+        prev_log_id: rpc.prev_log_id,
+        entries: Vec::new(),
+        leader_commit: Some(upto),
+    })
+}
+
 impl Member {
+    /// Hands an AppendEntries from the leader to this member's Raft, behind
+    /// the heartbeat [`commit_ahead`] makes of it, if any. `told` is the
+    /// commit index given on this stream so far.
+    pub async fn serve_append_entries(
+        &self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        told: &AtomicU64,
+    ) -> Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
+        let Some(heartbeat) = commit_ahead(&rpc, told) else {
+            return self.raft.append_entries(rpc).await;
+        };
+        // Raft's core takes requests in the order they are sent, and a call
+        // sends its request when first polled: the heartbeat's goes first.
+        let mut first = std::pin::pin!(self.raft.append_entries(heartbeat));
+        let _ = futures::poll!(first.as_mut());
+        let (_, answer) = tokio::join!(first, self.raft.append_entries(rpc));
+        answer
+    }
+
     /// Handles a proposal forwarded by member `from`. It is checked again
     /// here as the client port checks it (size, operations per Txn, keys and
     /// ranges): the peer port is no way around a limit. A member publishes
@@ -330,6 +382,57 @@ impl Member {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn at(index: u64) -> Option<crate::raft::LogId> {
+        Some(crate::raft::LogId::new(openraft::CommittedLeaderId::new(3, 1), index))
+    }
+
+    fn entries(prev: u64, commit: Option<u64>, count: u64) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: openraft::Vote::new_committed(3, 1),
+            prev_log_id: at(prev),
+            entries: (prev + 1..=prev + count)
+                .map(|i| openraft::Entry { log_id: at(i).expect("id"), payload: openraft::EntryPayload::Blank })
+                .collect(),
+            leader_commit: commit.and_then(at),
+        }
+    }
+
+    /// Entries 11..=12 come with the commit of entry 10: the heartbeat ahead
+    /// of them commits 10, with the leader's vote and `prev_log_id`. With
+    /// the commit past `prev_log_id` (the leader committed more than this
+    /// follower is known to hold) it commits only up to `prev_log_id`.
+    #[test]
+    fn a_heartbeat_ahead_of_entries_commits_no_further_than_prev_log_id() {
+        let told = AtomicU64::new(0);
+        let rpc = entries(10, Some(10), 2);
+        let heartbeat = commit_ahead(&rpc, &told).expect("a heartbeat ahead");
+        assert_eq!(heartbeat.vote, rpc.vote);
+        assert_eq!(heartbeat.prev_log_id, at(10));
+        assert!(heartbeat.entries.is_empty());
+        assert_eq!(heartbeat.leader_commit, at(10));
+        assert_eq!(told.load(Ordering::Relaxed), 10);
+
+        let rpc = entries(12, Some(20), 3);
+        assert_eq!(commit_ahead(&rpc, &told).expect("a heartbeat ahead").leader_commit, at(12));
+        assert_eq!(told.load(Ordering::Relaxed), 12);
+    }
+
+    /// No heartbeat when there is nothing for it to add: a request without
+    /// entries (a heartbeat itself, whose commit still counts as told), a
+    /// commit already told on the stream, or none at all.
+    #[test]
+    fn no_heartbeat_ahead_when_it_would_tell_nothing_new() {
+        let told = AtomicU64::new(0);
+        assert!(commit_ahead(&entries(10, Some(10), 0), &told).is_none());
+        assert_eq!(told.load(Ordering::Relaxed), 10, "a heartbeat's commit is told");
+        assert!(commit_ahead(&entries(10, Some(10), 2), &told).is_none());
+        assert!(commit_ahead(&entries(12, Some(9), 2), &told).is_none());
+        assert!(commit_ahead(&entries(12, None, 2), &told).is_none());
+        let from_start = AppendEntriesRequest { prev_log_id: None, ..entries(0, Some(4), 1) };
+        assert!(commit_ahead(&from_start, &told).is_none());
+        assert!(commit_ahead(&entries(12, Some(11), 2), &told).is_some());
+    }
 
     #[test]
     fn a_refusal_is_kept_long_only_when_every_member_asked_refused() {
