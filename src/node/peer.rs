@@ -149,8 +149,12 @@ impl Member {
         };
         // Raft's core takes requests in the order they are sent, and a call
         // sends its request when first polled: the heartbeat's goes first.
+        // Its answer may be in by then (or Raft stopped): a finished future
+        // is not polled again.
         let mut first = std::pin::pin!(self.raft.append_entries(heartbeat));
-        let _ = futures::poll!(first.as_mut());
+        if futures::poll!(first.as_mut()).is_ready() {
+            return self.raft.append_entries(rpc).await;
+        }
         let (_, answer) = tokio::join!(first, self.raft.append_entries(rpc));
         answer
     }
