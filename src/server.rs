@@ -339,6 +339,7 @@ pub async fn start_on(
             data_dir: cfg.data_dir.clone(),
         },
         vouches: crate::node::peer::Vouches::new(),
+        commit_told: Default::default(),
     });
     member.tokens().set_ttl(Duration::from_secs(cfg.config.auth_token_ttl));
     // A defragment this member makes by itself waits while another

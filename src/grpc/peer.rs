@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -262,9 +261,8 @@ impl Peer for PeerService {
         let from = self.sender(&req).await?;
         let member = self.member.clone();
         let stopping = self.member.clone();
-        let told = Arc::new(AtomicU64::new(0));
         let answers = req.into_inner().then(move |request| {
-            let (member, told) = (member.clone(), told.clone());
+            let member = member.clone();
             async move {
                 let rpc: AppendEntriesRequest<TypeConfig> = decode(&request?.data)?;
                 if rpc.vote.leader_id().voted_for() != Some(from) {
@@ -272,7 +270,7 @@ impl Peer for PeerService {
                         "member {from:x} sent entries with the vote of another member"
                     )));
                 }
-                let res: Result<_, RaftError<NodeId>> = member.serve_append_entries(rpc, &told).await;
+                let res: Result<_, RaftError<NodeId>> = member.serve_append_entries(rpc).await;
                 let data = encode(&res)?;
                 Ok(RaftPayload { data })
             }
@@ -286,7 +284,7 @@ impl Peer for PeerService {
         let from = self.sender(&req).await?;
         let rpc: AppendEntriesRequest<TypeConfig> = input(req)?;
         self.own_vote(from, &rpc.vote)?;
-        output(self.member.serve_append_entries(rpc, &AtomicU64::new(0)).await)
+        output(self.member.serve_append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {

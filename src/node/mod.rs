@@ -116,6 +116,11 @@ pub struct Member {
     pub vouches: peer::Vouches,
     /// The throttle on password checks, and the bcrypt cost.
     pub logins: auth::Logins,
+    /// The highest commit index the leader's AppendEntries have told this
+    /// member's Raft, as far as it is sent ahead of their entries (see
+    /// `Member::serve_append_entries`). Committed indexes only grow, under
+    /// any leader, so one count serves every stream and call.
+    pub commit_told: std::sync::atomic::AtomicU64,
 }
 
 /// A replicated write and the response applying it produces: the typed face

@@ -119,8 +119,8 @@ impl ProbeAnswer {
 /// entries, and the commit index no further than `prev_log_id` (which the
 /// follower's log must hold to take `rpc` at all). So both requests are the
 /// leader's own word, and each keeps Raft's rules. None when `rpc` carries
-/// no entries (it is a heartbeat already) or tells no commit beyond `told`,
-/// which it raises to what `rpc` tells.
+/// no entries (it is a heartbeat already) or tells no commit beyond `told`
+/// (the highest told so far, which it raises to what `rpc` tells).
 fn commit_ahead(rpc: &AppendEntriesRequest<TypeConfig>, told: &AtomicU64) -> Option<AppendEntriesRequest<TypeConfig>> {
     let upto = std::cmp::min(rpc.prev_log_id, rpc.leader_commit)?;
     let before = told.fetch_max(upto.index, Ordering::Relaxed);
@@ -137,14 +137,12 @@ fn commit_ahead(rpc: &AppendEntriesRequest<TypeConfig>, told: &AtomicU64) -> Opt
 
 impl Member {
     /// Hands an AppendEntries from the leader to this member's Raft, behind
-    /// the heartbeat [`commit_ahead`] makes of it, if any. `told` is the
-    /// commit index given on this stream so far.
+    /// the heartbeat [`commit_ahead`] makes of it, if any.
     pub async fn serve_append_entries(
         &self,
         rpc: AppendEntriesRequest<TypeConfig>,
-        told: &AtomicU64,
     ) -> Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
-        let Some(heartbeat) = commit_ahead(&rpc, told) else {
+        let Some(heartbeat) = commit_ahead(&rpc, &self.commit_told) else {
             return self.raft.append_entries(rpc).await;
         };
         // Raft's core takes requests in the order they are sent, and a call
@@ -424,7 +422,7 @@ mod tests {
 
     /// No heartbeat when there is nothing for it to add: a request without
     /// entries (a heartbeat itself, whose commit still counts as told), a
-    /// commit already told on the stream, or none at all.
+    /// commit already told, or none at all.
     #[test]
     fn no_heartbeat_ahead_when_it_would_tell_nothing_new() {
         let told = AtomicU64::new(0);
