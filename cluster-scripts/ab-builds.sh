@@ -23,28 +23,16 @@ if [ $# -lt 2 ]; then
   exit 2
 fi
 ROUNDS=$1; shift
-if [ -z "${KVCTL:-}" ]; then
-  (cd "$ROOT" && cargo build --release --bin kvctl --quiet)
-  KVCTL="$ROOT/target/release/kvctl"
-fi
-for b in "$@"; do
-  if [ "$b" = etcd ]; then
-    command -v etcd > /dev/null || { echo "etcd is not installed (cluster-scripts/test.sh installs it)" >&2; exit 1; }
-  elif [ ! -x "$b/kvd" ]; then
-    echo "$b/kvd is not an executable" >&2; exit 1
-  fi
-done
 # shellcheck source=cluster-scripts/bench-lib.sh
 source "$ROOT/cluster-scripts/bench-lib.sh"
+ab_setup "$ROOT" "$@"
 require_free_ports
 
 WORK="$(mktemp -d /tmp/kvd-ab.XXXXXX)"
 trap 'stop_all; rm -rf "$WORK"' EXIT
 
 start() {
-  local bin=$1
-  [ "$bin" = etcd ] || bin="$bin/kvd"
-  start_members "$bin" "$WORK/" ab
+  start_members "$(system_bin "$1")" "$WORK/" ab
   if ! wait_healthy "$1" "$KVCTL" 60; then trap - EXIT; stop_all; exit 1; fi
 }
 

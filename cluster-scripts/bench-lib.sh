@@ -102,6 +102,30 @@ kill_all() {
   PIDS=()
 }
 
+# root system...: for the A/B scripts. Sets KVCTL to the kvctl that drives
+# every run (built in root's target/release unless KVCTL is set), and exits
+# unless each system is "etcd" (installed) or a directory holding a kvd.
+ab_setup() {
+  local root=$1 b
+  shift
+  if [ -z "${KVCTL:-}" ]; then
+    (cd "$root" && cargo build --release --bin kvctl --quiet)
+    KVCTL="$root/target/release/kvctl"
+  fi
+  for b in "$@"; do
+    if [ "$b" = etcd ]; then
+      command -v etcd > /dev/null || { echo "etcd is not installed (cluster-scripts/test.sh installs it)" >&2; exit 1; }
+    elif [ ! -x "$b/kvd" ]; then
+      echo "$b/kvd is not an executable" >&2; exit 1
+    fi
+  done
+}
+
+# system: the binary start_members takes for it (etcd, or DIR/kvd).
+system_bin() {
+  if [ "$1" = etcd ]; then echo etcd; else echo "$1/kvd"; fi
+}
+
 # The members' CPU time in clock ticks (user and system), summed.
 cpu_ticks() {
   local pid sum=0
