@@ -16,10 +16,12 @@
 #
 # Settings (environment):
 #   KVCTL   the kvctl that drives every run (default: target/release/kvctl, built here)
+#   THREADS threads per member for both systems: GOMAXPROCS for etcd,
+#           --worker-threads for kvd (default: each system's own, one per CPU)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ $# -lt 2 ]; then
-  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 ROUNDS=$1; shift
@@ -32,7 +34,9 @@ WORK="$(mktemp -d /tmp/kvd-ab.XXXXXX)"
 trap 'stop_all; rm -rf "$WORK"' EXIT
 
 start() {
-  start_members "$(system_bin "$1")" "$WORK/" ab
+  LAUNCH=()
+  member_threads "$1" "${THREADS:-}"
+  start_members "$(system_bin "$1")" "$WORK/" ab "${THREAD_FLAGS[@]}"
   if ! wait_healthy "$1" "$KVCTL" 60; then trap - EXIT; stop_all; exit 1; fi
 }
 

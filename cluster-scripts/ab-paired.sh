@@ -20,10 +20,12 @@
 # Settings (environment):
 #   KVCTL   the kvctl that drives every run (default: target/release/kvctl, built here)
 #   TOTAL   puts per run (default: 10,000, or 2,000 for one client)
+#   THREADS threads per member for both systems: GOMAXPROCS for etcd,
+#           --worker-threads for kvd (default: each system's own, one per CPU)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ $# -ne 4 ]; then
-  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 PAIRS=$1 CLIENTS=$2
@@ -59,7 +61,9 @@ done
 for side in 0 1; do
   ports "$side"
   PIDS=()
-  start_members "$(system_bin "${SYSTEMS[side]}")" "$WORK/s$side-" "paired$side"
+  LAUNCH=()
+  member_threads "${SYSTEMS[side]}" "${THREADS:-}"
+  start_members "$(system_bin "${SYSTEMS[side]}")" "$WORK/s$side-" "paired$side" "${THREAD_FLAGS[@]}"
   EVERY+=("${PIDS[@]}")
   wait_healthy "${SYSTEMS[side]}" "$KVCTL" 60 || exit 1
   # kvctl spreads its connections over the endpoints in their order (8 over

@@ -78,15 +78,11 @@ fi
 # exits at start (a port already taken, for instance) ends the run: another
 # cluster must not be measured.
 start() {
-  local bin=etcd threads=()
+  local bin=etcd
   LAUNCH=()
-  if [ "$1" = kvd ]; then
-    bin="$BIN_DIR/kvd"
-    [ -z "${BENCH_THREADS:-}" ] || threads=(--worker-threads "$BENCH_THREADS")
-  else
-    [ -z "${BENCH_THREADS:-}" ] || LAUNCH=(env GOMAXPROCS="$BENCH_THREADS")
-  fi
-  start_members "$bin" "$WORK/$1-" bench "${threads[@]}"
+  [ "$1" != kvd ] || bin="$BIN_DIR/kvd"
+  member_threads "$bin" "${BENCH_THREADS:-}"
+  start_members "$bin" "$WORK/$1-" bench "${THREAD_FLAGS[@]}"
   wait_healthy "$1" "$BIN_DIR/kvctl" 60 || { KEEP=1; exit 1; }
 }
 
