@@ -128,14 +128,14 @@ system_bin() {
 
 # system [threads]: how each member of `system` ("etcd", or a kvd binary or
 # directory) is told to run `threads` threads for its work, the same for
-# both systems: GOMAXPROCS for etcd (into LAUNCH), --worker-threads for kvd
-# (into THREAD_FLAGS). With no threads, each system's own default, one per
-# CPU, and LAUNCH is left as it is.
+# both systems: GOMAXPROCS for etcd (added to the end of LAUNCH),
+# --worker-threads for kvd (into THREAD_FLAGS, emptied first). With no
+# threads, each system's own default, one per CPU.
 member_threads() {
   THREAD_FLAGS=()
   [ -n "${2:-}" ] || return 0
   case "$2" in *[!0-9]* | 0) echo "threads per member must be a number of at least 1, not '$2'" >&2; exit 2 ;; esac
-  if [ "$1" = etcd ]; then LAUNCH=(env GOMAXPROCS="$2"); else THREAD_FLAGS=(--worker-threads "$2"); fi
+  if [ "$1" = etcd ]; then LAUNCH+=(env GOMAXPROCS="$2"); else THREAD_FLAGS=(--worker-threads "$2"); fi
 }
 
 # The members' CPU time in clock ticks (user and system), summed.

@@ -42,6 +42,8 @@
 #                values, each member's memory limit in MiB, the value size in bytes
 #   SCALE_JSON   also write the results as JSON lines to this file
 #   SCALE_PLOTS  where the PNG plots go (default: target/scale-plots)
+#   SCALE_THREADS threads per member for both systems: GOMAXPROCS for etcd,
+#                --worker-threads for kvd (default: each system's own, one per CPU)
 #   KVD_BIN_DIR  where kvd and kvctl are (default: target/release, built here)
 # Needs etcd (cluster-scripts/test.sh installs Debian's etcd-server and
 # etcd-client) and the ports 2379/2380, 22379/22380, 32379/32380.
@@ -152,7 +154,8 @@ launch_member() {
   local bin=etcd
   [ "$1" = kvd ] && bin="$BIN_DIR/kvd"
   limit_launch "$1" "$2"
-  start_member "$bin" "$2" "$WORK/$1-${NAMES[$2]}" "$3" scale --quota-backend-bytes 8589934592
+  member_threads "$bin" "${SCALE_THREADS:-}"
+  start_member "$bin" "$2" "$WORK/$1-${NAMES[$2]}" "$3" scale --quota-backend-bytes 8589934592 "${THREAD_FLAGS[@]}"
 }
 
 # system [soft]: starts its three members on the data directories under
