@@ -218,28 +218,12 @@ impl Member {
 
     /// Waits until this member's store is at `rev` or later.
     async fn await_revision(&self, rev: i64, deadline: Instant) -> Result<(), Error> {
-        use tokio::sync::broadcast::error::RecvError;
-        // On the leader, and mostly on a follower too, it is there already:
-        // no receiver is made for that.
-        if self.state.read().store.revision() >= rev {
-            return Ok(());
-        }
-        let (mut applied, now) = self.state.subscribe();
-        if now >= rev {
-            return Ok(());
-        }
-        loop {
-            match tokio::time::timeout_at(deadline.into(), applied.recv()).await {
-                Err(_) => return Err(Error::Timeout),
-                Ok(Ok(a)) if a.rev >= rev => return Ok(()),
-                Ok(Ok(_)) => {}
-                Ok(Err(RecvError::Lagged(_))) => {
-                    if self.state.read().store.revision() >= rev {
-                        return Ok(());
-                    }
-                }
-                Ok(Err(RecvError::Closed)) => return Err(Error::Stopped),
-            }
+        // On the leader, and mostly on a follower too, it is there already.
+        let Some(reached) = self.state.revision_reached(rev) else { return Ok(()) };
+        match tokio::time::timeout_at(deadline.into(), reached).await {
+            Err(_) => Err(Error::Timeout),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Error::Stopped),
         }
     }
 

@@ -286,6 +286,7 @@ impl StateMachine {
             defragments: Default::default(),
             defragment_turn: Default::default(),
             membership_at: membership_at(&membership).into(),
+            revision_waiters: Default::default(),
         });
         compactor::start(Arc::downgrade(&shared), woken)?;
         let due = SnapshotDue::new(shared.snapshot_wanted.clone());
@@ -332,6 +333,7 @@ impl StateMachine {
     fn publish_applied(&self) {
         let index = self.last_applied.map_or(0, |l| l.index);
         self.applied_index.send_if_modified(|at| std::mem::replace(at, index) != index);
+        self.shared.wake_revision_waiters();
     }
 
     /// The state that request handlers read.

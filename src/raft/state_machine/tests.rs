@@ -73,6 +73,32 @@ async fn history_reads_see_every_earlier_entry_and_are_never_batched() {
 }
 
 #[tokio::test]
+async fn a_revision_waiter_is_answered_once_its_revision_is_applied_and_not_before() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+    let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+    let shared = sm.shared();
+    let now = shared.read().store.revision();
+    assert!(shared.revision_reached(now).is_none(), "the current revision is reached already");
+    let mut next = shared.revision_reached(now + 1).expect("a waiter for the next revision");
+    let mut later = shared.revision_reached(now + 2).expect("a waiter for the one after");
+    // A waiter that gives up is dropped; its place goes when its revision does.
+    drop(shared.revision_reached(now + 2).expect("a waiter that gives up"));
+    sm.apply(vec![entry(1, put("a", "1"))]).await.expect("apply");
+    assert_eq!(next.try_recv(), Ok(()), "revision {} was applied", now + 1);
+    assert_eq!(later.try_recv(), Err(oneshot::error::TryRecvError::Empty), "revision {} was not", now + 2);
+    sm.apply(vec![entry(2, put("a", "2"))]).await.expect("apply");
+    assert_eq!(later.try_recv(), Ok(()));
+    assert!(shared.revision_waiters.lock().expect("waiters").is_empty(), "a waiter was kept");
+    // One waiting when the member stops hears that it stopped.
+    let stopping = shared.revision_reached(now + 3).expect("a waiter");
+    drop(shared);
+    drop(sm);
+    let heard = tokio::time::timeout(std::time::Duration::from_secs(10), stopping).await;
+    assert!(matches!(heard, Ok(Err(_))), "the waiter did not hear of the stop: {heard:?}");
+}
+
+#[tokio::test]
 async fn handed_off_writes_are_read_from_memory_until_sled_has_them() {
     use crate::mvcc::keys::RangeEnd;
     let dir = tempfile::tempdir().expect("tempdir");

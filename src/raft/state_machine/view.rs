@@ -137,7 +137,16 @@ pub struct Shared {
     /// Where the last membership this member applied comes from; see
     /// [`Shared::applied_membership`].
     pub(super) membership_at: std::sync::Mutex<MembershipAt>,
+    /// Who waits for which revision (see [`Shared::revision_reached`]).
+    pub(super) revision_waiters: std::sync::Mutex<RevisionWaiters>,
 }
+
+/// Requests waiting until this member has applied a revision, by revision.
+pub(super) type RevisionWaiters = BTreeMap<i64, Vec<oneshot::Sender<()>>>;
+
+/// Revisions waited for at once past which the waiters that gave up are
+/// dropped when the next one comes.
+const PRUNE_WAITERS_AT: usize = 4096;
 
 impl Drop for Shared {
     /// Ends the copies under way beside the commit thread, which hold the
@@ -201,6 +210,53 @@ impl Shared {
     /// Holds off other changes of the database (see [`Shared::db_change`]).
     pub(super) fn changing_db(&self) -> std::sync::MutexGuard<'_, ()> {
         self.db_change.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `None` once this member has applied revision `rev`; until then, a
+    /// receiver that [`Shared::wake_revision_waiters`] answers when it has
+    /// (or that fails when the member stops).
+    ///
+    /// A write through a follower waits here for the follower's own apply.
+    /// Each waiter is woken once, when its revision is in: with every
+    /// applied revision sent to every waiter instead, a follower under puts
+    /// from 256 clients spent 5.6–6.9% of its CPU samples in waiters woken
+    /// for a revision not theirs yet.
+    pub fn revision_reached(&self, rev: i64) -> Option<oneshot::Receiver<()>> {
+        if self.read().store.revision() >= rev {
+            return None;
+        }
+        // The waiters' lock first, then the state's, here and where they are
+        // woken: a revision applied after the check below wakes this waiter.
+        let mut waiters = self.revision_waiters.lock().unwrap_or_else(|p| p.into_inner());
+        if self.read().store.revision() >= rev {
+            return None;
+        }
+        if waiters.len() >= PRUNE_WAITERS_AT {
+            waiters.retain(|_, list| {
+                list.retain(|w| !w.is_closed());
+                !list.is_empty()
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        waiters.entry(rev).or_default().push(tx);
+        Some(rx)
+    }
+
+    /// Answers every waiter whose revision this member has applied. Called
+    /// after applying, without the state lock.
+    pub(super) fn wake_revision_waiters(&self) {
+        let mut waiters = self.revision_waiters.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((&first, _)) = waiters.first_key_value() else { return };
+        let rev = self.read().store.revision();
+        if first > rev {
+            return;
+        }
+        let later = waiters.split_off(&rev.saturating_add(1));
+        let reached = std::mem::replace(&mut *waiters, later);
+        drop(waiters);
+        for w in reached.into_values().flatten() {
+            let _ = w.send(());
+        }
     }
 
     /// Subscribes to applied revisions. Also returns the current revision,
