@@ -134,7 +134,8 @@ system_bin() {
 member_threads() {
   THREAD_FLAGS=()
   [ -n "${2:-}" ] || return 0
-  case "$2" in *[!0-9]* | 0) echo "threads per member must be a number of at least 1, not '$2'" >&2; exit 2 ;; esac
+  case "$2" in *[!0-9]*) echo "threads per member must be a number of at least 1, not '$2'" >&2; exit 2 ;; esac
+  [ "$((10#$2))" -ge 1 ] || { echo "threads per member must be a number of at least 1, not '$2'" >&2; exit 2; }
   if [ "$1" = etcd ]; then LAUNCH+=(env GOMAXPROCS="$2"); else THREAD_FLAGS=(--worker-threads "$2"); fi
 }
 

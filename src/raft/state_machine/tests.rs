@@ -89,13 +89,34 @@ async fn a_revision_waiter_is_answered_once_its_revision_is_applied_and_not_befo
     assert_eq!(later.try_recv(), Err(oneshot::error::TryRecvError::Empty), "revision {} was not", now + 2);
     sm.apply(vec![entry(2, put("a", "2"))]).await.expect("apply");
     assert_eq!(later.try_recv(), Ok(()));
-    assert!(shared.revision_waiters.lock().expect("waiters").is_empty(), "a waiter was kept");
+    assert_eq!(shared.revision_waiters.lock().expect("waiters").len(), 0, "a waiter was kept");
     // One waiting when the member stops hears that it stopped.
     let stopping = shared.revision_reached(now + 3).expect("a waiter");
     drop(shared);
     drop(sm);
     let heard = tokio::time::timeout(std::time::Duration::from_secs(10), stopping).await;
     assert!(matches!(heard, Ok(Err(_))), "the waiter did not hear of the stop: {heard:?}");
+}
+
+/// Writes that gave up waiting (timed out) while applying stalled are
+/// dropped as more come, not kept until their revisions are applied; one
+/// still waiting is kept through every drop and answered.
+#[tokio::test]
+async fn revision_waiters_that_gave_up_are_dropped_while_applying_stalls() {
+    use super::view::PRUNE_WAITERS_AT;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("db"))).expect("sled");
+    let mut sm = StateMachine::open(&db, dir.path()).expect("state machine");
+    let shared = sm.shared();
+    let now = shared.read().store.revision();
+    let mut waiting = shared.revision_reached(now + 1).expect("a waiter");
+    for i in 0..3 * PRUNE_WAITERS_AT as i64 {
+        drop(shared.revision_reached(now + 2 + i).expect("a waiter that gives up"));
+        let kept = shared.revision_waiters.lock().expect("waiters").len();
+        assert!(kept <= PRUNE_WAITERS_AT, "{kept} waiters kept after {} gave up", i + 1);
+    }
+    sm.apply(vec![entry(1, put("a", "1"))]).await.expect("apply");
+    assert_eq!(waiting.try_recv(), Ok(()), "the write still waiting was not answered");
 }
 
 #[tokio::test]

@@ -142,11 +142,51 @@ pub struct Shared {
 }
 
 /// Requests waiting until this member has applied a revision, by revision.
-pub(super) type RevisionWaiters = BTreeMap<i64, Vec<oneshot::Sender<()>>>;
+#[derive(Default)]
+pub(super) struct RevisionWaiters {
+    by_rev: BTreeMap<i64, Vec<oneshot::Sender<()>>>,
+    /// The waiters in `by_rev`, those that gave up included.
+    count: usize,
+    /// The count at which those that gave up (timed out) are dropped: twice
+    /// what the last drop left, and at least [`PRUNE_WAITERS_AT`], so that
+    /// a member with many writes waiting for a stalled apply does not go
+    /// over all of them for each new one.
+    prune_at: usize,
+}
 
-/// Revisions waited for at once past which the waiters that gave up are
-/// dropped when the next one comes.
-const PRUNE_WAITERS_AT: usize = 4096;
+/// The fewest waiters at which those that gave up are dropped.
+pub(super) const PRUNE_WAITERS_AT: usize = 4096;
+
+impl RevisionWaiters {
+    fn add(&mut self, rev: i64, waiter: oneshot::Sender<()>) {
+        if self.count >= self.prune_at.max(PRUNE_WAITERS_AT) {
+            self.by_rev.retain(|_, list| {
+                list.retain(|w| !w.is_closed());
+                !list.is_empty()
+            });
+            self.count = self.by_rev.values().map(Vec::len).sum();
+            self.prune_at = self.count.saturating_mul(2);
+        }
+        self.by_rev.entry(rev).or_default().push(waiter);
+        self.count += 1;
+    }
+
+    /// Takes the waiters for `rev` and every revision before it.
+    fn take_upto(&mut self, rev: i64) -> Vec<oneshot::Sender<()>> {
+        if self.by_rev.first_key_value().is_none_or(|(&first, _)| first > rev) {
+            return Vec::new();
+        }
+        let later = self.by_rev.split_off(&rev.saturating_add(1));
+        let reached: Vec<_> = std::mem::replace(&mut self.by_rev, later).into_values().flatten().collect();
+        self.count -= reached.len();
+        reached
+    }
+
+    /// The waiters kept, those that gave up included.
+    pub(super) fn len(&self) -> usize {
+        self.count
+    }
+}
 
 impl Drop for Shared {
     /// Ends the copies under way beside the commit thread, which hold the
@@ -231,14 +271,8 @@ impl Shared {
         if self.read().store.revision() >= rev {
             return None;
         }
-        if waiters.len() >= PRUNE_WAITERS_AT {
-            waiters.retain(|_, list| {
-                list.retain(|w| !w.is_closed());
-                !list.is_empty()
-            });
-        }
         let (tx, rx) = oneshot::channel();
-        waiters.entry(rev).or_default().push(tx);
+        waiters.add(rev, tx);
         Some(rx)
     }
 
@@ -246,15 +280,12 @@ impl Shared {
     /// after applying, without the state lock.
     pub(super) fn wake_revision_waiters(&self) {
         let mut waiters = self.revision_waiters.lock().unwrap_or_else(|p| p.into_inner());
-        let Some((&first, _)) = waiters.first_key_value() else { return };
-        let rev = self.read().store.revision();
-        if first > rev {
+        if waiters.len() == 0 {
             return;
         }
-        let later = waiters.split_off(&rev.saturating_add(1));
-        let reached = std::mem::replace(&mut *waiters, later);
+        let reached = waiters.take_upto(self.read().store.revision());
         drop(waiters);
-        for w in reached.into_values().flatten() {
+        for w in reached {
             let _ = w.send(());
         }
     }
